@@ -1,0 +1,12 @@
+//! The Nix store as data: store paths and hashes, NAR archives, derivations, reference
+//! scanning, metadata canonicalisation, path locks and the SQLite validity database.
+//!
+//! Everything here agrees byte for byte with Nix 2.x's on-disk formats. This crate never
+//! forks or spawns processes and never prints; it reports failures as typed errors that
+//! name the file, path or byte offset at fault.
+
+pub mod hash;
+pub mod path;
+
+pub use hash::{Encoding, Hash, HashAlgo, Hasher};
+pub use path::{DerivedPath, StoreDir, StorePath};
