@@ -1,1 +1,47 @@
-fn main() {}
+//! `cargo xtask`: the project's own automation.
+//!
+//! ```text
+//! cargo xtask test        install what the suite needs (as root, on Debian), then run every test
+//! cargo xtask test-vm     boot a throw-away VM as root and run the VM suites inside it
+//! cargo xtask bench       benchmarks, side by side with real Nix and reference tools
+//! ```
+
+mod bench;
+mod deps;
+mod test;
+mod vm;
+
+use anyhow::{bail, Result};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match cmd.as_str() {
+        "test" => test::run(&rest),
+        "test-vm" => vm::run(&rest),
+        "bench" => bench::run(&rest),
+        "" | "help" | "--help" | "-h" => {
+            println!("{}", HELP);
+            Ok(())
+        }
+        other => bail!("unknown xtask '{other}'\n\n{HELP}"),
+    }
+}
+
+const HELP: &str = "\
+usage: cargo xtask <command>
+
+  test       install missing Debian packages (nix-bin, qemu-system-x86, linux-image-amd64,
+             busybox-static, ...) when root, then run the whole suite including test-vm
+  test-vm    build nixb and the VM test programs, boot a QEMU VM as root, run them inside
+  bench      run the benchmarks side by side with real Nix 2.8 and reference tools
+             (`cargo xtask bench NAME` runs one group)";
+
+/// Root of the workspace (xtask lives one level below it).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}

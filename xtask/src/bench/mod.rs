@@ -1,0 +1,24 @@
+//! `cargo xtask bench [GROUP...]`: each group measures nixb side by side with the reference
+//! tool in one run and prints ratios. Nothing here asserts a time.
+
+use anyhow::{bail, Result};
+
+type Group = (&'static str, fn() -> Result<()>);
+
+const GROUPS: &[Group] = &[];
+
+pub fn run(args: &[String]) -> Result<()> {
+    for a in args {
+        if !GROUPS.iter().any(|(n, _)| n == a) {
+            let names: Vec<_> = GROUPS.iter().map(|(n, _)| *n).collect();
+            bail!("unknown bench group '{a}' (known: {})", names.join(", "));
+        }
+    }
+    for (name, f) in GROUPS {
+        if args.is_empty() || args.iter().any(|a| a == name) {
+            eprintln!("== bench {name} ==");
+            f()?;
+        }
+    }
+    Ok(())
+}
