@@ -7,6 +7,7 @@
 //! ```
 
 mod bench;
+mod demo;
 mod deps;
 mod test;
 mod vm;
@@ -21,6 +22,7 @@ fn main() -> Result<()> {
         "test" => test::run(&rest),
         "test-vm" => vm::run(&rest),
         "bench" => bench::run(&rest),
+        "demo" => demo::run(&rest),
         "" | "help" | "--help" | "-h" => {
             println!("{}", HELP);
             Ok(())
@@ -31,6 +33,8 @@ fn main() -> Result<()> {
 
 const HELP: &str = "\
 usage: cargo xtask <command>
+
+  demo       build nixb, add the bundled example to ./demo-store and realise it
 
   test       install missing Debian packages (nix-bin, qemu-system-x86, linux-image-amd64,
              busybox-static, ...) when root, then run the whole suite including test-vm
@@ -44,4 +48,19 @@ pub fn workspace_root() -> std::path::PathBuf {
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
+}
+
+/// Builds the `nixb` binary (debug profile) and returns its path.
+pub fn build_nixb(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args(["build", "--quiet", "-p", "nixb-cli", "--bin", "nixb"])
+        .status()?;
+    if !status.success() {
+        anyhow::bail!("building nixb failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("debug/nixb"))
 }
