@@ -6,6 +6,7 @@
 //! name the file, path or byte offset at fault.
 
 pub mod hash;
+pub mod nar;
 pub mod path;
 
 pub use hash::{Encoding, Hash, HashAlgo, Hasher};
