@@ -64,3 +64,18 @@ pub fn build_nixb(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> 
         .unwrap_or_else(|| root.join("target"));
     Ok(target.join("debug/nixb"))
 }
+
+/// Builds the `nixb` binary with the release profile (for benchmarks) and returns its path.
+pub fn build_nixb_release(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args(["build", "--quiet", "--release", "-p", "nixb-cli", "--bin", "nixb"])
+        .status()?;
+    if !status.success() {
+        anyhow::bail!("building nixb (release) failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/nixb"))
+}

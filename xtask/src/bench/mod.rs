@@ -1,11 +1,13 @@
 //! `cargo xtask bench [GROUP...]`: each group measures nixb side by side with the reference
 //! tool in one run and prints ratios. Nothing here asserts a time.
 
+mod engine;
+
 use anyhow::{bail, Result};
 
 type Group = (&'static str, fn() -> Result<()>);
 
-const GROUPS: &[Group] = &[];
+const GROUPS: &[Group] = &[("engine", engine::run)];
 
 pub fn run(args: &[String]) -> Result<()> {
     for a in args {

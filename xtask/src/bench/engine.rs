@@ -1,0 +1,195 @@
+//! Bench group `engine`: realising graphs of trivial derivations, nixb vs `nix-store -r`
+//! (Nix 2.8), unsandboxed, `--max-jobs 2`, each on its own fresh private store made by
+//! `nix-instantiate` from the same expression. Also the no-op realise of the built graph,
+//! peak RSS, and the bare cost of fork+exec of the same builders for reference.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Trivial builders: one fork+exec of /bin/sh each, writing a small file.
+fn expr(shape: &str, n: usize) -> String {
+    let mk = r#"mk = name: deps: derivation {
+    inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "echo $name > $out" ]; };"#;
+    let body = match shape {
+        // d0 <- d1 <- ... <- d(n-1)
+        "chain" => format!(
+            "builtins.foldl' (prev: i: mk \"d${{toString i}}\" [ prev ]) (mk \"d0\" [ ]) (builtins.genList (i: i + 1) {})",
+            n - 1
+        ),
+        // n-1 leaves under one top
+        "leaves" => format!(
+            "mk \"top\" (builtins.genList (i: mk \"leaf${{toString i}}\" [ ]) {})",
+            n - 1
+        ),
+        // layers of 25, each node depending on 3 nodes of the layer below
+        "layered" => format!(
+            r#"let
+      mod = a: b: a - b * (builtins.div a b);
+      width = 25; layers = {} / width;
+      layer = l: if l == 0 then builtins.genList (i: mk "l0n${{toString i}}" [ ]) width
+        else let below = layer (l - 1); in
+          builtins.genList (i: mk "l${{toString l}}n${{toString i}}" [
+            (builtins.elemAt below i)
+            (builtins.elemAt below (mod (i * 7 + 3) width))
+            (builtins.elemAt below (mod (i * 13 + 5) width))
+          ]) width;
+    in mk "top" (layer (layers - 1))"#,
+            n
+        ),
+        _ => unreachable!("unknown shape"),
+    };
+    format!("let {mk} in {body}\n")
+}
+
+struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    fn new(tag: &str) -> Result<Store> {
+        let root = std::env::temp_dir().join(format!("nixb-bench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("etc"))?;
+        std::fs::write(root.join("etc/nix.conf"), "sandbox = false\nbuild-users-group =\nsubstituters =\n")?;
+        Ok(Store { root })
+    }
+
+    fn cmd(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        for (k, d) in [("NIX_STORE_DIR", "store"), ("NIX_STATE_DIR", "state"), ("NIX_LOG_DIR", "log"), ("NIX_CONF_DIR", "etc"), ("HOME", "home")] {
+            c.env(k, self.root.join(d));
+        }
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    }
+
+    fn instantiate(&self, expr: &str) -> Result<String> {
+        let f = self.root.join("graph.nix");
+        std::fs::write(&f, expr)?;
+        let out = self
+            .cmd(Path::new("nix-instantiate"))
+            .arg(&f)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .context("running nix-instantiate")?;
+        if !out.status.success() {
+            bail!("nix-instantiate failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Runs a command, returning wall time and the child's peak RSS in KiB.
+fn measure(mut cmd: Command) -> Result<(Duration, i64)> {
+    let t = Instant::now();
+    let child = cmd.spawn().context("spawning benchmark command")?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let wall = t.elapsed();
+    if r != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("benchmark command {:?} failed (wait status {status})", cmd);
+    }
+    Ok((wall, ru.ru_maxrss))
+}
+
+/// N sequential-ish fork+execs of the same trivial builder, 2 at a time.
+fn bare_fork_exec(n: usize) -> Result<Duration> {
+    let dir = tempfile_dir("bare")?;
+    let t = Instant::now();
+    let mut running = Vec::new();
+    for i in 0..n {
+        if running.len() == 2 {
+            let mut c: std::process::Child = running.remove(0);
+            c.wait()?;
+        }
+        running.push(
+            Command::new("/bin/sh")
+                .args(["-c", "echo $name > $out"])
+                .env("name", format!("d{i}"))
+                .env("out", dir.join(format!("o{i}")))
+                .spawn()?,
+        );
+    }
+    for mut c in running {
+        c.wait()?;
+    }
+    let wall = t.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(wall)
+}
+
+fn tempfile_dir(tag: &str) -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("nixb-bench-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+pub fn run() -> Result<()> {
+    let root = crate::workspace_root();
+    let nixb = crate::build_nixb_release(&root)?;
+    let sizes: Vec<usize> = std::env::var("NIXB_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![100, 1000]);
+    println!(
+        "{:<8} {:>6} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
+        "shape", "N", "nix ms", "nixb ms", "ratio", "nix/drv", "nixb/drv", "bare ms", "noop nix", "noop nixb", "RSS n/b MiB"
+    );
+    for shape in ["chain", "leaves", "layered"] {
+        for &n in &sizes {
+            let e = expr(shape, n);
+            let nix_store = Store::new("nix")?;
+            let nixb_store = Store::new("nixb")?;
+            let drv_a = nix_store.instantiate(&e)?;
+            let drv_b = nixb_store.instantiate(&e)?;
+            let mut c = nix_store.cmd(Path::new("nix-store"));
+            c.args(["-r", &drv_a, "--max-jobs", "2"]);
+            let (nix_t, nix_rss) = measure(c)?;
+            let mut c = nixb_store.cmd(&nixb);
+            c.args(["realise", &drv_b, "--max-jobs", "2"]);
+            let (nixb_t, nixb_rss) = measure(c)?;
+            let mut c = nix_store.cmd(Path::new("nix-store"));
+            c.args(["-r", &drv_a, "--max-jobs", "2"]);
+            let (nix_noop, _) = measure(c)?;
+            let mut c = nixb_store.cmd(&nixb);
+            c.args(["realise", &drv_b, "--max-jobs", "2"]);
+            let (nixb_noop, _) = measure(c)?;
+            let bare = bare_fork_exec(n)?;
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            println!(
+                "{:<8} {:>6} {:>10.0} {:>10.0} {:>6.1}x {:>8.2}ms {:>8.2}ms {:>10.0} {:>10.1} {:>9.1} {:>5.0}/{:<5.0}",
+                shape,
+                n,
+                ms(nix_t),
+                ms(nixb_t),
+                ms(nix_t) / ms(nixb_t),
+                ms(nix_t) / n as f64,
+                ms(nixb_t) / n as f64,
+                ms(bare),
+                ms(nix_noop),
+                ms(nixb_noop),
+                nix_rss as f64 / 1024.0,
+                nixb_rss as f64 / 1024.0,
+            );
+        }
+    }
+    Ok(())
+}
