@@ -485,8 +485,8 @@ pub fn check_store_permissions(store_dir: &Path, gid: u32) -> Result<(), UserPoo
         source,
     })?;
     let mode = md.mode();
-    let sticky = mode & libc::S_ISVTX as u32 != 0;
-    let group_rwx = mode & libc::S_IRWXG as u32 == libc::S_IRWXG as u32;
+    let sticky = mode & libc::S_ISVTX != 0;
+    let group_rwx = mode & libc::S_IRWXG == libc::S_IRWXG;
     if !sticky || !group_rwx || md.gid() != gid {
         return Err(UserPoolError::StorePermissions {
             path: store_dir.to_path_buf(),
