@@ -1,1 +1,546 @@
-//! placeholder until this crate lands
+//! Spawning a builder: plainly (fork/exec in a new session) or in a chroot inside new PID,
+//! mount, network, IPC and UTS namespaces.
+//!
+//! The caller prepares everything in a [`SandboxSpec`] (no nixb types: paths, strings, ids) and
+//! calls [`spawn`]. The parent turns the spec into a plan of syscalls ([`plan`]), clones, and
+//! the child walks that plan up to `execve`. A failing step is reported back through a
+//! close-on-exec pipe as (step index, errno), so the caller gets
+//! `SandboxError::Setup { step: "chdir to /tmp/nix-build-x-0", errno: ENOENT }` rather than an
+//! exit code. The returned [`Builder`] owns the child: a pidfd to poll for its exit, `kill`
+//! that takes everything in the sandbox with it, and `wait`/`try_wait`.
+//!
+//! What this crate does not do: allocate build users, create the build directory, move outputs
+//! out of the chroot, or read the log pipe. Those are the caller's.
+
+mod chroot;
+mod plan;
+
+use std::ffi::{CString, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+
+use nix::errno::Errno;
+pub use nix::unistd::Pid;
+
+pub use chroot::{BindMount, ChrootSpec, Network};
+use plan::{Exec, Kernel, Step, SETUP_FAILED_EXIT};
+
+/// Everything needed to start one builder.
+pub struct SandboxSpec {
+    /// Executed as is (no `PATH` search).
+    pub program: PathBuf,
+    /// `argv[1..]`; `argv[0]` is the program's base name, as Nix passes it.
+    pub args: Vec<OsString>,
+    /// The complete environment; nothing is inherited.
+    pub env: Vec<(OsString, OsString)>,
+    /// The working directory (inside the chroot in chroot mode).
+    pub cwd: PathBuf,
+    /// Write end of the log pipe; becomes stdout and stderr. Closed in the parent by `spawn`.
+    pub log_fd: OwnedFd,
+    /// Switch to this user (setgroups, setgid, setuid, each verified) before exec.
+    pub user: Option<BuildUserIds>,
+    pub personality: Personality,
+    pub isolation: Isolation,
+}
+
+/// Numeric ids of a build user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildUserIds {
+    pub uid: u32,
+    pub gid: u32,
+    pub supplementary: Vec<u32>,
+}
+
+/// Execution domain of the builder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Personality {
+    pub arch: Arch,
+    /// Report a 2.6 kernel in uname (`UNAME26`), for builds that look at the kernel version.
+    pub impersonate_linux_26: bool,
+    /// Turn off address space randomisation (`ADDR_NO_RANDOMIZE`), as Nix 2.x does, for
+    /// determinism.
+    pub disable_aslr: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arch {
+    #[default]
+    Native,
+    /// `PER_LINUX32`: a 32-bit build (i686 on x86_64, armv7l/armv6l on aarch64) sees a 32-bit
+    /// machine in uname.
+    Linux32,
+}
+
+const PER_LINUX32: libc::c_ulong = 0x0008;
+const UNAME26: libc::c_ulong = 0x0020000;
+const ADDR_NO_RANDOMIZE: libc::c_ulong = 0x0040000;
+
+impl Personality {
+    /// The personality Nix uses for a derivation of `platform` built on `host` (both Nix system
+    /// names such as `i686-linux`).
+    pub fn for_platform(platform: &str, host: &str, impersonate_linux_26: bool) -> Personality {
+        let linux32 = (platform == "i686-linux" && host == "x86_64-linux")
+            || ((platform == "armv7l-linux" || platform == "armv6l-linux")
+                && host == "aarch64-linux");
+        Personality {
+            arch: if linux32 { Arch::Linux32 } else { Arch::Native },
+            impersonate_linux_26: impersonate_linux_26
+                && (platform == "i686-linux" || platform == "x86_64-linux"),
+            disable_aslr: true,
+        }
+    }
+
+    fn steps(&self) -> Vec<Step> {
+        let mut steps = Vec::new();
+        if self.arch == Arch::Linux32 {
+            steps.push(Step::Personality(PER_LINUX32));
+        }
+        let mut flags = 0;
+        if self.impersonate_linux_26 {
+            flags |= UNAME26;
+        }
+        if self.disable_aslr {
+            flags |= ADDR_NO_RANDOMIZE;
+        }
+        if flags != 0 {
+            steps.push(Step::AddPersonality(flags));
+        }
+        steps
+    }
+}
+
+/// How much the builder is shut in.
+pub enum Isolation {
+    /// fork/exec in a new session; the builder sees the host file system.
+    Plain,
+    /// New PID, mount, IPC, UTS (and usually network) namespaces, a chroot holding only what
+    /// the spec lists, no capabilities and a seccomp filter.
+    Chroot(ChrootSpec),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A step in the child between clone and exec failed.
+    #[error("setting up the builder: {step}: {errno}")]
+    Setup { step: String, errno: Errno },
+    /// Preparing the sandbox in the parent (chroot tree, pipes) failed.
+    #[error("preparing the sandbox: {step}: {source}")]
+    Prepare {
+        step: String,
+        source: std::io::Error,
+    },
+    #[error("{step}: {errno}")]
+    Process { step: String, errno: Errno },
+    #[error("invalid sandbox spec: {0}")]
+    InvalidSpec(String),
+}
+
+fn cstring(what: &str, bytes: &[u8]) -> Result<CString, SandboxError> {
+    CString::new(bytes)
+        .map_err(|_| SandboxError::InvalidSpec(format!("{what} contains a NUL byte")))
+}
+
+fn path_cstring(what: &str, p: &Path) -> Result<CString, SandboxError> {
+    cstring(&format!("{what} {}", p.display()), p.as_os_str().as_bytes())
+}
+
+fn exec_step(spec: &SandboxSpec) -> Result<Step, SandboxError> {
+    let program = path_cstring("program", &spec.program)?;
+    let arg0 = spec
+        .program
+        .file_name()
+        .unwrap_or_else(|| spec.program.as_os_str());
+    let mut args = vec![cstring("argv[0]", arg0.as_bytes())?];
+    for (i, a) in spec.args.iter().enumerate() {
+        args.push(cstring(&format!("argument {}", i + 1), a.as_bytes())?);
+    }
+    let mut env = Vec::with_capacity(spec.env.len());
+    for (k, v) in &spec.env {
+        let name = k.to_string_lossy();
+        if k.is_empty() || k.as_bytes().contains(&b'=') {
+            return Err(SandboxError::InvalidSpec(format!(
+                "environment variable name '{name}' is empty or contains '='"
+            )));
+        }
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        env.push(cstring(&format!("environment variable {name}"), &kv)?);
+    }
+    Ok(Step::Exec(Exec::new(program, args, env)))
+}
+
+fn user_steps(user: &BuildUserIds) -> Vec<Step> {
+    // Supplementary groups first: once the gid or uid changed, setgroups needs a capability
+    // we may no longer hold. setgid before setuid for the same reason.
+    vec![
+        Step::SetGroups(user.supplementary.clone()),
+        Step::SetGid(user.gid),
+        Step::SetUid(user.uid),
+    ]
+}
+
+/// The steps from the new session to just before the user switch, common to both modes.
+fn stdio_steps(log_fd: RawFd, null_fd: RawFd, cwd: CString) -> Vec<Step> {
+    vec![
+        Step::Setsid,
+        Step::Dup2 {
+            from: log_fd,
+            to: 1,
+            what: "redirecting stdout to the log pipe",
+        },
+        Step::Dup2 {
+            from: log_fd,
+            to: 2,
+            what: "redirecting stderr to the log pipe",
+        },
+        Step::Dup2 {
+            from: null_fd,
+            to: 0,
+            what: "redirecting stdin to /dev/null",
+        },
+        Step::Chdir(cwd),
+        Step::CloseOtherFds,
+        Step::ResetSignals,
+    ]
+}
+
+/// Everything the child needs, kept alive in the parent until the child has exec'd or failed.
+struct Prepared {
+    plan: Vec<Step>,
+    clone_flags: libc::c_int,
+    // Held only so that the pointers and descriptors in `plan` stay valid.
+    _chroot: Option<chroot::Prepared>,
+}
+
+fn prepare(spec: &SandboxSpec, null_fd: RawFd) -> Result<Prepared, SandboxError> {
+    let cwd = path_cstring("working directory", &spec.cwd)?;
+    let log_fd = spec.log_fd.as_raw_fd();
+    match &spec.isolation {
+        Isolation::Plain => {
+            let mut plan = stdio_steps(log_fd, null_fd, cwd);
+            plan.extend(spec.personality.steps());
+            if let Some(u) = &spec.user {
+                plan.extend(user_steps(u));
+            }
+            plan.push(exec_step(spec)?);
+            Ok(Prepared {
+                plan,
+                clone_flags: 0,
+                _chroot: None,
+            })
+        }
+        Isolation::Chroot(c) => {
+            let prep = chroot::prepare(c, spec.user.as_ref())?;
+            let mut plan = prep.namespace_steps()?;
+            plan.extend(stdio_steps(log_fd, null_fd, cwd));
+            plan.extend(spec.personality.steps());
+            plan.extend(prep.privilege_steps(spec.user.as_ref().map(user_steps)));
+            plan.push(exec_step(spec)?);
+            Ok(Prepared {
+                plan,
+                clone_flags: prep.clone_flags(),
+                _chroot: Some(prep),
+            })
+        }
+    }
+}
+
+struct ChildArgs<'a> {
+    plan: &'a [Step],
+    err_fd: RawFd,
+}
+
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the ChildArgs on the parent's stack, which this child has its own
+    // copy of (clone without CLONE_VM copies the address space).
+    let args = unsafe { &*(arg as *const ChildArgs) };
+    let (index, errno) = match plan::run_plan(&mut Kernel, args.plan) {
+        Err(failure) => failure,
+        // The plan ends in an exec, so getting here means the plan was empty.
+        Ok(()) => (args.plan.len(), Errno::EINVAL),
+    };
+    let mut record = [0u8; 8];
+    record[..4].copy_from_slice(&(index as u32).to_le_bytes());
+    record[4..].copy_from_slice(&(errno as i32).to_le_bytes());
+    // SAFETY: plain write and _exit, both async-signal-safe.
+    unsafe {
+        libc::write(args.err_fd, record.as_ptr().cast(), record.len());
+        libc::_exit(SETUP_FAILED_EXIT)
+    }
+}
+
+fn sys_err(step: &str) -> SandboxError {
+    SandboxError::Process {
+        step: step.to_string(),
+        errno: Errno::last(),
+    }
+}
+
+fn pipe_cloexec() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
+        return Err(sys_err("creating the setup error pipe"));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads the child's (step, errno) record; `None` when the pipe closed empty (the exec worked).
+fn read_record(fd: &OwnedFd) -> Result<Option<(usize, Errno)>, SandboxError> {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reading into the unfilled tail of `buf`.
+        let n = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                buf[got..].as_mut_ptr().cast(),
+                buf.len() - got,
+            )
+        };
+        match n {
+            -1 if Errno::last() == Errno::EINTR => continue,
+            -1 => return Err(sys_err("reading the setup error pipe")),
+            0 => break,
+            n => got += n as usize,
+        }
+    }
+    match got {
+        0 => Ok(None),
+        8 => {
+            let index = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            let errno = Errno::from_raw(i32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]));
+            Ok(Some((index, errno)))
+        }
+        n => Err(SandboxError::Process {
+            step: format!("reading the setup error pipe: truncated record of {n} bytes"),
+            errno: Errno::EIO,
+        }),
+    }
+}
+
+/// Stack for the cloned child. It only runs the plan, which needs a few kilobytes.
+const CHILD_STACK: usize = 256 * 1024;
+
+/// Starts the builder described by `spec`. Returns once it has exec'd, or with the failing step.
+pub fn spawn(spec: SandboxSpec) -> Result<Builder, SandboxError> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|source| SandboxError::Prepare {
+            step: "opening /dev/null".into(),
+            source,
+        })?;
+    let prepared = prepare(&spec, null.as_raw_fd())?;
+    let (err_read, err_write) = pipe_cloexec()?;
+    let args = ChildArgs {
+        plan: &prepared.plan,
+        err_fd: err_write.as_raw_fd(),
+    };
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down on every architecture Linux runs nixb on; keep the top 16-aligned.
+    let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+    // SAFETY: child_main only makes async-signal-safe calls on data prepared above, on its own
+    // stack, and never returns into Rust code of the parent's.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top as *mut libc::c_void,
+            prepared.clone_flags | libc::SIGCHLD,
+            &args as *const ChildArgs as *mut libc::c_void,
+        )
+    };
+    if pid == -1 {
+        return Err(sys_err("cloning the builder process"));
+    }
+    let pid = Pid::from_raw(pid);
+    // Our copies of the write ends must go, or we would never see EOF on either pipe.
+    drop(err_write);
+    drop(spec.log_fd);
+    drop(null);
+
+    let pidfd = pidfd_open(pid);
+    let record = read_record(&err_read);
+    let own_pid_ns = prepared.clone_flags & libc::CLONE_NEWPID != 0;
+    let pidfd = match pidfd {
+        Ok(fd) => fd,
+        Err(e) => {
+            reap_after_failure(pid);
+            return Err(e);
+        }
+    };
+    let mut builder = Builder {
+        pid,
+        pidfd,
+        own_pid_ns,
+        status: None,
+    };
+    match record {
+        Ok(None) => Ok(builder),
+        Ok(Some((index, errno))) => {
+            let _ = builder.wait();
+            let step = prepared
+                .plan
+                .get(index)
+                .map(Step::describe)
+                .unwrap_or_else(|| format!("unknown setup step {index}"));
+            Err(SandboxError::Setup { step, errno })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn reap_after_failure(pid: Pid) {
+    // SAFETY: plain kill/waitpid on our own unreaped child.
+    unsafe {
+        libc::kill(pid.as_raw(), libc::SIGKILL);
+        libc::waitpid(pid.as_raw(), std::ptr::null_mut(), 0);
+    }
+}
+
+fn pidfd_open(pid: Pid) -> Result<OwnedFd, SandboxError> {
+    // SAFETY: pidfd_open returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd == -1 {
+        return Err(sys_err(&format!("opening a pidfd for process {pid}")));
+    }
+    // SAFETY: a fresh descriptor nobody else owns (pidfds are close-on-exec).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A running builder. Dropping it kills and reaps it, so that it cannot outlive its build.
+#[derive(Debug)]
+pub struct Builder {
+    pub pid: Pid,
+    pidfd: OwnedFd,
+    /// The builder is PID 1 of its own PID namespace: killing it kills everything inside.
+    own_pid_ns: bool,
+    status: Option<ExitStatus>,
+}
+
+impl AsFd for Builder {
+    /// The pidfd: readable (POLLIN) once the builder has exited.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+}
+
+impl Builder {
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// SIGKILLs everything in the sandbox: the PID namespace (through its init, the builder) in
+    /// chroot mode, the builder's process group in plain mode. A no-op once reaped.
+    pub fn kill(&mut self) -> Result<(), SandboxError> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        if !self.own_pid_ns {
+            self.kill_group();
+        }
+        // Through the pidfd, so that a recycled pid can never be hit.
+        // SAFETY: pidfd_send_signal on a descriptor we own.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r == -1 && Errno::last() != Errno::ESRCH {
+            return Err(sys_err(&format!("killing builder {}", self.pid)));
+        }
+        Ok(())
+    }
+
+    fn kill_group(&self) {
+        // The group id is the builder's pid (it called setsid). While the builder is unreaped
+        // that number cannot be reused, so this cannot hit a stranger. ESRCH is fine.
+        // SAFETY: kill(2) with a negative pid.
+        unsafe { libc::kill(-self.pid.as_raw(), libc::SIGKILL) };
+    }
+
+    /// Blocks until the builder exits and returns its status. In plain mode, what is left of
+    /// its process group is killed before it is reaped.
+    pub fn wait(&mut self) -> Result<ExitStatus, SandboxError> {
+        match self.wait_inner(0)? {
+            Some(s) => Ok(s),
+            None => Err(SandboxError::Process {
+                step: format!("waiting for builder {}", self.pid),
+                errno: Errno::ECHILD,
+            }),
+        }
+    }
+
+    /// The exit status if the builder has exited, without blocking.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, SandboxError> {
+        self.wait_inner(libc::WNOHANG)
+    }
+
+    fn wait_inner(&mut self, flags: libc::c_int) -> Result<Option<ExitStatus>, SandboxError> {
+        if let Some(s) = self.status {
+            return Ok(Some(s));
+        }
+        // Look first without reaping (WNOWAIT), so the group can be killed while its id is
+        // still pinned by the zombie leader.
+        loop {
+            // SAFETY: waitid fills a zeroed siginfo_t.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    self.pid.as_raw() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT | flags,
+                )
+            };
+            if r == -1 {
+                if Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                return Err(sys_err(&format!("waiting for builder {}", self.pid)));
+            }
+            // SAFETY: si_pid is valid for SIGCHLD-style siginfo from waitid.
+            if unsafe { info.si_pid() } == 0 {
+                return Ok(None); // WNOHANG and still running
+            }
+            break;
+        }
+        if !self.own_pid_ns {
+            self.kill_group();
+        }
+        let mut status = 0;
+        loop {
+            // SAFETY: reaping our own child, known to have exited.
+            let r = unsafe { libc::waitpid(self.pid.as_raw(), &mut status, 0) };
+            if r == -1 {
+                if Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                return Err(sys_err(&format!("reaping builder {}", self.pid)));
+            }
+            break;
+        }
+        let s = ExitStatus::from_raw(status);
+        self.status = Some(s);
+        Ok(Some(s))
+    }
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.kill();
+            let _ = self.wait();
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Plain mode: fork/exec in a new session, no namespaces.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nixb_sandbox::{spawn, Isolation, Personality, SandboxError, SandboxSpec};
+
+fn log_pipe() -> (std::fs::File, OwnedFd) {
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    (std::fs::File::from(r), w)
+}
+
+fn sh(script: &str, cwd: PathBuf, log: OwnedFd) -> SandboxSpec {
+    SandboxSpec {
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: vec![
+            ("FOO".into(), "bar baz".into()),
+            ("PATH".into(), "/usr/bin:/bin".into()),
+        ],
+        cwd,
+        log_fd: log,
+        user: None,
+        personality: Personality::default(),
+        isolation: Isolation::Plain,
+    }
+}
+
+fn read_all(mut f: std::fs::File) -> String {
+    let mut s = String::new();
+    f.read_to_string(&mut s).expect("read log");
+    s
+}
+
+#[test]
+fn env_cwd_argv0_and_both_streams_reach_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, w) = log_pipe();
+    let script = "echo \"foo=$FOO\"; echo \"pwd=$(pwd)\"; echo \"arg0=$0\"; \
+                  echo err >&2; env | grep -c . ; read x; echo \"stdin=$?\"";
+    let mut b = spawn(sh(script, dir.path().to_path_buf(), w)).expect("spawn");
+    let out = read_all(r);
+    let st = b.wait().unwrap();
+    assert!(st.success(), "{st:?} {out}");
+    let cwd = dir.path().canonicalize().unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "foo=bar baz");
+    assert_eq!(lines[1], format!("pwd={}", cwd.display()));
+    assert_eq!(lines[2], "arg0=sh");
+    assert_eq!(lines[3], "err");
+    // Only the two variables given (sh adds PWD, and OLDPWD/SHLVL depending on the shell):
+    // nothing of the test's own environment may leak in.
+    assert!(!out.contains("CARGO"), "{out}");
+    // stdin is /dev/null: read hits EOF at once and fails.
+    assert_eq!(*lines.last().unwrap(), "stdin=1");
+}
+
+#[test]
+fn exit_status_is_returned() {
+    let (r, w) = log_pipe();
+    let mut b = spawn(sh("exit 7", "/".into(), w)).unwrap();
+    drop(r);
+    assert_eq!(b.wait().unwrap().code(), Some(7));
+    // A second wait returns the same status rather than failing with ECHILD.
+    assert_eq!(b.wait().unwrap().code(), Some(7));
+}
+
+#[test]
+fn missing_cwd_names_the_chdir_step() {
+    let (_r, w) = log_pipe();
+    let err = spawn(sh("true", "/tmp/nix-build-nonexistent-0".into(), w)).unwrap_err();
+    match &err {
+        SandboxError::Setup { step, errno } => {
+            assert_eq!(step, "chdir to /tmp/nix-build-nonexistent-0");
+            assert_eq!(*errno, nix::errno::Errno::ENOENT);
+        }
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        "setting up the builder: chdir to /tmp/nix-build-nonexistent-0: \
+         ENOENT: No such file or directory"
+    );
+}
+
+#[test]
+fn missing_program_names_the_exec_step() {
+    let (_r, w) = log_pipe();
+    let mut spec = sh("true", "/".into(), w);
+    spec.program = "/nonexistent/builder".into();
+    match spawn(spec).unwrap_err() {
+        SandboxError::Setup { step, errno } => {
+            assert_eq!(step, "executing /nonexistent/builder");
+            assert_eq!(errno, nix::errno::Errno::ENOENT);
+        }
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+}
+
+#[test]
+fn nul_in_environment_is_rejected_before_forking() {
+    let (_r, w) = log_pipe();
+    let mut spec = sh("true", "/".into(), w);
+    spec.env.push(("BAD".into(), OsString::from("a\0b")));
+    let err = spawn(spec).unwrap_err();
+    assert!(matches!(err, SandboxError::InvalidSpec(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "invalid sandbox spec: environment variable BAD contains a NUL byte"
+    );
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); look at its state instead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn kill_takes_the_whole_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let (r, w) = log_pipe();
+    // A grandchild that would outlive the builder, then the builder itself blocks.
+    let script = format!(
+        "sleep 1000 & echo $! > {}; echo ready; wait",
+        pidfile.display()
+    );
+    let mut b = spawn(sh(&script, "/".into(), w)).unwrap();
+    let mut buf = [0u8; 6];
+    let mut r = r;
+    r.read_exact(&mut buf).unwrap();
+    let grandchild: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(grandchild));
+    b.kill().unwrap();
+    let st = b.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(grandchild) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!alive(grandchild), "grandchild {grandchild} survived kill");
+}
+
+#[test]
+fn pidfd_becomes_readable_on_exit() {
+    let (r, w) = log_pipe();
+    let mut b = spawn(sh("sleep 0.2", "/".into(), w)).unwrap();
+    drop(r);
+    let mut pfd = libc::pollfd {
+        fd: b.pidfd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    assert_eq!(n, 0, "pidfd readable while the builder runs");
+    assert!(b.try_wait().unwrap().is_none());
+    let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+    assert_eq!(n, 1);
+    assert!(b.try_wait().unwrap().unwrap().success());
+}
+
+#[test]
+fn builder_runs_as_the_given_user() {
+    let (r, w) = log_pipe();
+    let mut spec = sh("id -u; id -g; id -G", "/".into(), w);
+    spec.user = Some(nixb_sandbox::BuildUserIds {
+        uid: 65534,
+        gid: 65534,
+        supplementary: vec![65534],
+    });
+    let mut b = spawn(spec).unwrap();
+    let out = read_all(r);
+    assert!(b.wait().unwrap().success(), "{out}");
+    assert_eq!(out, "65534\n65534\n65534\n");
+}
+
+#[test]
+fn personality_uname26_and_linux32() {
+    let (r, w) = log_pipe();
+    let mut spec = sh("uname -r; uname -m", "/".into(), w);
+    spec.personality = Personality::for_platform("i686-linux", "x86_64-linux", true);
+    let mut b = spawn(spec).unwrap();
+    let out = read_all(r);
+    assert!(b.wait().unwrap().success(), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    // UNAME26 maps 6.x to 2.6.(40 + x) (kernel/sys.c override_release).
+    assert!(lines[0].starts_with("2.6."), "{out}");
+    if cfg!(target_arch = "x86_64") {
+        assert_eq!(lines[1], "i686");
+    }
+}
