@@ -5,6 +5,7 @@
 //! forks or spawns processes and never prints; it reports failures as typed errors that
 //! name the file, path or byte offset at fault.
 
+pub mod derivation;
 pub mod hash;
 pub mod nar;
 pub mod path;
