@@ -13,7 +13,9 @@
 //! out of the chroot, or read the log pipe. Those are the caller's.
 
 mod chroot;
+mod netns;
 mod plan;
+mod seccomp;
 
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -25,7 +27,8 @@ use std::process::ExitStatus;
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
 
-pub use chroot::{BindMount, ChrootSpec, Network};
+pub use chroot::{nix_etc_files, BindMount, ChrootSpec, Network};
+pub use netns::NetNsPool;
 use plan::{Exec, Kernel, Step, SETUP_FAILED_EXIT};
 
 /// Everything needed to start one builder.
@@ -234,15 +237,15 @@ fn prepare(spec: &SandboxSpec, null_fd: RawFd) -> Result<Prepared, SandboxError>
             })
         }
         Isolation::Chroot(c) => {
-            let prep = chroot::prepare(c, spec.user.as_ref())?;
-            let mut plan = prep.namespace_steps()?;
+            let mut prep = chroot::prepare(c, spec.user.as_ref())?;
+            let mut plan = std::mem::take(&mut prep.ns_steps);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
             plan.extend(prep.privilege_steps(spec.user.as_ref().map(user_steps)));
             plan.push(exec_step(spec)?);
             Ok(Prepared {
                 plan,
-                clone_flags: prep.clone_flags(),
+                clone_flags: prep.clone_flags,
                 _chroot: Some(prep),
             })
         }

@@ -79,10 +79,6 @@ pub(crate) enum Step {
     },
     /// `chdir(root); pivot_root(".", "."); umount2(".", MNT_DETACH); chdir("/")`.
     PivotRoot(CString),
-    Symlink {
-        target: CString,
-        link: CString,
-    },
     /// Own session and process group: no controlling terminal, no terminal signals, and the
     /// parent can kill the whole group.
     Setsid,
@@ -138,9 +134,6 @@ impl Step {
                 }
             }
             Step::PivotRoot(r) => format!("pivoting the root to {}", s(r)),
-            Step::Symlink { target, link } => {
-                format!("creating symlink {} -> {}", s(link), s(target))
-            }
             Step::Setsid => "creating a new session".into(),
             Step::Dup2 { what, .. } => (*what).into(),
             Step::Chdir(d) => format!("chdir to {}", s(d)),
@@ -225,9 +218,6 @@ impl Syscalls for Kernel {
                     check(libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int)?;
                     check(libc::umount2(dot, libc::MNT_DETACH))?;
                     check(libc::chdir(c"/".as_ptr()))
-                }
-                Step::Symlink { target, link } => {
-                    check(libc::symlink(target.as_ptr(), link.as_ptr()))
                 }
                 Step::Setsid => check(libc::setsid() as libc::c_int),
                 Step::Dup2 { from, to, .. } => check(libc::dup2(*from, *to)),
@@ -360,7 +350,7 @@ impl Syscalls for Kernel {
 }
 
 /// SIOCSIFFLAGS on `lo` through a throw-away datagram socket.
-unsafe fn loopback_up() -> Result<(), Errno> {
+pub(crate) unsafe fn loopback_up() -> Result<(), Errno> {
     let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
     if fd == -1 {
         return Err(Errno::last());

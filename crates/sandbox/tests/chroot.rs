@@ -1,0 +1,468 @@
+//! Chroot mode, run for real: these tests need root (namespaces, mounts). Without root they
+//! fail when CI is set and are skipped otherwise.
+//!
+//! Builders are `/bin/sh -c` scripts with /bin, /lib, /lib64 and /usr bound read-only.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use nixb_sandbox::{
+    spawn, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network, Personality,
+    SandboxError, SandboxSpec,
+};
+
+fn have_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "chroot sandbox tests need root (namespaces and mounts) and CI is set"
+    );
+    eprintln!("skipping: not root");
+    false
+}
+
+/// A temporary directory holding the chroot root, the build directory and a fake store.
+/// Refuses to delete anything if a mount under it is visible here: that would mean the
+/// sandbox's mounts leaked into our namespace, and deleting would recurse into /usr.
+struct Scratch {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            dir: Some(tempfile::tempdir().unwrap()),
+        }
+    }
+    fn path(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let dir = self.dir.take().unwrap();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let p = dir.path().display().to_string();
+        if mounts.contains(&p) {
+            let _ = dir.keep();
+            panic!("sandbox mounts under {p} leaked into the host namespace");
+        }
+    }
+}
+
+struct Case {
+    scratch: Scratch,
+    spec: ChrootSpec,
+    user: Option<BuildUserIds>,
+    cwd: PathBuf,
+}
+
+const STORE: &str = "/nix/store";
+
+fn nobody() -> Option<BuildUserIds> {
+    Some(BuildUserIds {
+        uid: 65534,
+        gid: 65534,
+        supplementary: vec![],
+    })
+}
+
+impl Case {
+    fn new() -> Case {
+        let scratch = Scratch::new();
+        let build = scratch.path().join("nix-build-test-0");
+        std::fs::create_dir(&build).unwrap();
+        // The build directory must be usable by the build user.
+        std::fs::set_permissions(&build, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let mut spec = ChrootSpec::new(
+            scratch.path().join("root"),
+            STORE.into(),
+            build.clone(),
+            65534,
+            65534,
+        );
+        for d in ["/bin", "/usr"] {
+            spec.binds.push(BindMount::same(d).read_only());
+        }
+        for d in ["/lib", "/lib64"] {
+            spec.binds.push(BindMount::same(d).read_only().optional());
+        }
+        Case {
+            scratch,
+            spec,
+            user: nobody(),
+            cwd: build,
+        }
+    }
+
+    /// A fake store path with one file, bound in at `/nix/store/<name>`.
+    fn input(&mut self, name: &str, contents: &str) -> PathBuf {
+        let host = self.scratch.path().join("store").join(name);
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("file"), contents).unwrap();
+        let inside = Path::new(STORE).join(name);
+        self.spec.binds.push(BindMount {
+            target: inside.clone(),
+            source: host,
+            optional: false,
+            read_only: false,
+        });
+        inside
+    }
+
+    fn spawn(self, script: &str) -> Result<(Running, std::fs::File), SandboxError> {
+        let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+        let spec = SandboxSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("HOME".into(), "/homeless-shelter".into()),
+            ],
+            cwd: self.cwd.clone(),
+            log_fd: w,
+            user: self.user.clone(),
+            personality: Personality::default(),
+            isolation: Isolation::Chroot(self.spec),
+        };
+        let root = match &spec.isolation {
+            Isolation::Chroot(c) => c.root.clone(),
+            Isolation::Plain => unreachable!(),
+        };
+        let b = spawn(spec)?;
+        Ok((
+            Running {
+                builder: b,
+                root,
+                _scratch: self.scratch,
+            },
+            std::fs::File::from(r),
+        ))
+    }
+
+    fn run(self, script: &str) -> (ExitStatus, String, PathBuf, Scratch) {
+        let (mut running, mut log) = self.spawn(script).expect("spawn");
+        let mut out = String::new();
+        log.read_to_string(&mut out).unwrap();
+        let st = running.builder.wait().unwrap();
+        (st, out, running.root, running._scratch)
+    }
+}
+
+struct Running {
+    builder: nixb_sandbox::Builder,
+    root: PathBuf,
+    _scratch: Scratch,
+}
+
+fn ok(case: Case, script: &str) -> String {
+    let (st, out, _, _s) = case.run(script);
+    assert!(st.success(), "builder failed ({st:?}):\n{out}");
+    out
+}
+
+#[test]
+fn builder_is_pid_1_and_sees_only_its_own_processes() {
+    if !have_root() {
+        return;
+    }
+    let out = ok(
+        Case::new(),
+        "echo $$; for p in /proc/[0-9]*; do echo ${p#/proc/}; done",
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("1"));
+    let pids: Vec<u32> = lines.map(|l| l.parse().unwrap()).collect();
+    // The shell itself and at most a subshell; the host has hundreds of processes.
+    assert!(pids.contains(&1), "{pids:?}");
+    assert!(pids.iter().all(|&p| p < 10), "{pids:?}");
+}
+
+#[test]
+fn hostname_domainname_and_only_loopback() {
+    if !have_root() {
+        return;
+    }
+    let out = ok(
+        Case::new(),
+        "cat /proc/sys/kernel/hostname /proc/sys/kernel/domainname; \
+         tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '",
+    );
+    assert_eq!(out, "localhost\n(none)\nlo\n");
+}
+
+#[test]
+fn no_capabilities_no_new_privs_and_seccomp_as_nobody() {
+    if !have_root() {
+        return;
+    }
+    let out = ok(
+        Case::new(),
+        "id -u; id -g; grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status",
+    );
+    let expected = "65534\n65534\n\
+        CapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n\
+        CapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\n";
+    assert_eq!(out, expected);
+}
+
+#[test]
+fn capabilities_are_dropped_even_without_a_build_user() {
+    if !have_root() {
+        return;
+    }
+    let mut c = Case::new();
+    c.user = None;
+    let out = ok(c, "id -u; grep -E '^Cap(Eff|Bnd)' /proc/self/status");
+    assert_eq!(
+        out,
+        "0\nCapEff:\t0000000000000000\nCapBnd:\t0000000000000000\n"
+    );
+}
+
+#[test]
+fn host_files_are_invisible_bound_paths_visible() {
+    if !have_root() {
+        return;
+    }
+    let mut c = Case::new();
+    let secret = c.scratch.path().join("secret");
+    std::fs::write(&secret, "host secret").unwrap();
+    let input = c.input("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-input", "input contents");
+    let script = format!(
+        "cat {input}/file; echo; \
+         if cat {secret} 2>/dev/null; then echo LEAK; fi; \
+         ls /; ls /etc; \
+         if ls /nix/store/../../root 2>/dev/null; then echo LEAK; fi; \
+         touch /usr/x 2>/dev/null && echo WRITABLE; true",
+        input = input.display(),
+        secret = secret.display()
+    );
+    let out = ok(c, &script);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("input contents"));
+    let rest: Vec<&str> = lines.collect();
+    assert!(!out.contains("LEAK") && !out.contains("WRITABLE"), "{out}");
+    // The root holds exactly what the spec made: no /home, /root, /var, /sys ...
+    let top: Vec<&str> = rest
+        .iter()
+        .take_while(|l| **l != "group")
+        .copied()
+        .collect();
+    assert_eq!(
+        top,
+        ["bin", "dev", "etc", "lib", "lib64", "nix", "proc", "tmp", "usr"],
+        "{out}"
+    );
+    assert_eq!(&rest[top.len()..], ["group", "hosts", "passwd"]);
+}
+
+#[test]
+fn minimal_dev() {
+    if !have_root() {
+        return;
+    }
+    let out = ok(
+        Case::new(),
+        "ls /dev; echo x > /dev/null; head -c 4 /dev/zero | wc -c; \
+         echo shm > /dev/shm/f && cat /dev/shm/f; test -c /dev/pts/ptmx && echo pts",
+    );
+    assert_eq!(
+        out,
+        "fd\nfull\nnull\nptmx\npts\nrandom\nshm\nstderr\nstdin\nstdout\ntty\nurandom\nzero\n4\nshm\npts\n"
+    );
+}
+
+#[test]
+fn kvm_is_bound_only_when_asked_for() {
+    if !have_root() {
+        return;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("no /dev/kvm on this host");
+        return;
+    }
+    let mut c = Case::new();
+    c.spec.kvm = true;
+    let out = ok(c, "test -c /dev/kvm && echo kvm");
+    assert_eq!(out, "kvm\n");
+}
+
+#[test]
+fn setuid_and_setgid_bits_are_refused_by_seccomp() {
+    if !have_root() {
+        return;
+    }
+    let out = ok(
+        Case::new(),
+        "touch f; chmod 755 f && echo plain-ok; \
+         chmod u+s f 2>&1 || echo suid-refused; chmod g+s f 2>&1 || echo sgid-refused; \
+         stat -c %a f",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "plain-ok");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(
+        out.contains("suid-refused") && out.contains("sgid-refused"),
+        "{out}"
+    );
+    assert_eq!(*lines.last().unwrap(), "755");
+}
+
+fn listener() -> (TcpListener, u16) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+fn connect_script(port: u16) -> String {
+    format!(
+        "if bash -c 'echo hi > /dev/tcp/127.0.0.1/{port}' 2>/tmp/err; then echo connected; \
+         else cat /tmp/err; fi"
+    )
+}
+
+#[test]
+fn private_network_cannot_reach_the_host_loopback() {
+    if !have_root() {
+        return;
+    }
+    let (_l, port) = listener();
+    let out = ok(Case::new(), &connect_script(port));
+    // Refused, not unreachable: lo is up, but nothing listens on it in the sandbox's netns.
+    assert!(out.contains("Connection refused"), "{out}");
+}
+
+#[test]
+fn pooled_network_namespace_is_just_as_private() {
+    if !have_root() {
+        return;
+    }
+    let pool = NetNsPool::new(2).unwrap();
+    pool.wait_ready(1);
+    let (_l, port) = listener();
+    let mut c = Case::new();
+    c.spec.network = Network::Prepared(pool.take().expect("a pooled namespace"));
+    let script = format!(
+        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; {}",
+        connect_script(port)
+    );
+    let out = ok(c, &script);
+    assert!(out.starts_with("lo\n"), "{out}");
+    assert!(out.contains("Connection refused"), "{out}");
+}
+
+#[test]
+fn fixed_output_mode_keeps_the_host_network() {
+    if !have_root() {
+        return;
+    }
+    let (l, port) = listener();
+    let accept = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).unwrap();
+        buf
+    });
+    let mut c = Case::new();
+    c.spec.network = Network::Host;
+    let out = ok(c, &connect_script(port));
+    assert_eq!(out, "connected\n");
+    assert_eq!(accept.join().unwrap(), "hi\n");
+}
+
+#[test]
+fn outputs_land_in_the_chroot_store() {
+    if !have_root() {
+        return;
+    }
+    let (st, out, root, _s) = Case::new().run(
+        "mkdir /nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out && \
+         echo built > /nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out/result",
+    );
+    assert!(st.success(), "{out}");
+    let result = root.join("nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out/result");
+    assert_eq!(std::fs::read_to_string(result).unwrap(), "built\n");
+}
+
+#[test]
+fn missing_cwd_inside_names_the_step() {
+    if !have_root() {
+        return;
+    }
+    let mut c = Case::new();
+    c.cwd = "/tmp/nix-build-missing-0".into();
+    match c.spawn("true") {
+        Err(SandboxError::Setup { step, errno }) => {
+            assert_eq!(step, "chdir to /tmp/nix-build-missing-0");
+            assert_eq!(errno, nix::errno::Errno::ENOENT);
+        }
+        Err(e) => panic!("expected a setup error, got {e}"),
+        Ok(_) => panic!("spawn succeeded with a missing cwd"),
+    }
+}
+
+#[test]
+fn missing_required_bind_source_is_reported_by_the_parent() {
+    if !have_root() {
+        return;
+    }
+    let mut c = Case::new();
+    c.spec.binds.push(BindMount::same("/no/such/input"));
+    let err = c.spawn("true").err().expect("missing source refused");
+    assert!(
+        err.to_string().starts_with(
+            "preparing the sandbox: getting attributes of bind source /no/such/input: "
+        ),
+        "{err}"
+    );
+}
+
+fn host_pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn kill_takes_everything_in_the_sandbox() {
+    if !have_root() {
+        return;
+    }
+    let (mut running, mut log) = Case::new()
+        .spawn("setsid sleep 1000 & sleep 1000 & echo ready; wait")
+        .unwrap();
+    let mut buf = [0u8; 6];
+    log.read_exact(&mut buf).unwrap();
+    let pid = running.builder.pid.as_raw();
+    // Every process in the sandbox's PID namespace, seen from here: all descendants of the
+    // builder, including the one that left its session.
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let victims: Vec<i32> = children
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(victims.len(), 2, "{children}");
+    running.builder.kill().unwrap();
+    let st = running.builder.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while victims.iter().any(|&v| host_pid_alive(v)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for v in victims {
+        assert!(!host_pid_alive(v), "process {v} survived the kill");
+    }
+}
