@@ -55,6 +55,8 @@ pub enum LogError {
     NotFound { drv: String, tried: Vec<PathBuf> },
     #[error("log writer thread for {path} panicked", path = .path.display())]
     WriterPanicked { path: PathBuf },
+    #[error("cannot write log file {path}: the writer stopped after an earlier error", path = .path.display())]
+    WriterStopped { path: PathBuf },
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {

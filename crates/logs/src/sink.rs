@@ -265,8 +265,11 @@ impl LogSink {
                             path: c.path.clone(),
                         },
                     },
+                    // The thread already stopped on an error, reported by `write`.
                     None => FinishingLog {
-                        state: Finishing::Done(Ok(())),
+                        state: Finishing::Done(Err(LogError::WriterStopped {
+                            path: c.path.clone(),
+                        })),
                     },
                 }
             }
@@ -376,7 +379,7 @@ impl Compressor {
                 Err(e) => Err(e),
                 Ok(()) => Err(LogError::WriterPanicked { path }),
             },
-            None => Err(LogError::WriterPanicked { path }),
+            None => Err(LogError::WriterStopped { path }),
         }
     }
 

@@ -308,7 +308,12 @@ fn full_disk_bz2_reported_with_path() {
         }
     }
     let e = match err {
-        Some(e) => e,
+        Some(e) => {
+            // A later finish must not claim success.
+            let again = sink.finish().unwrap_err().to_string();
+            assert!(again.contains("stopped after an earlier error"), "{again}");
+            e
+        }
         None => sink.finish().unwrap_err(),
     };
     let msg = e.to_string();
