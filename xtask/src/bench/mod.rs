@@ -2,12 +2,13 @@
 //! tool in one run and prints ratios. Nothing here asserts a time.
 
 mod engine;
+mod sandbox;
 
 use anyhow::{bail, Result};
 
 type Group = (&'static str, fn() -> Result<()>);
 
-const GROUPS: &[Group] = &[("engine", engine::run)];
+const GROUPS: &[Group] = &[("engine", engine::run), ("sandbox", sandbox::run)];
 
 pub fn run(args: &[String]) -> Result<()> {
     for a in args {

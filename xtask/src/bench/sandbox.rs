@@ -1,0 +1,293 @@
+//! Bench group `sandbox`: start-to-exit latency of a `/bin/true` builder with a 100-path input
+//! closure (100 directories standing in for store paths) plus /bin, /lib, /lib64, /usr bound
+//! read-only, nixb's chroot sandbox against `bwrap` doing the equivalent binds and namespaces,
+//! and a bare `unshare -p -m -n -i -u -f true`. Also nixb's own spawn-to-exec time (spawn()
+//! returns when the exec has happened), the cost of removing the chroot tree afterwards, and
+//! plain fork/exec as the floor. Needs root. Prints medians and means in ms, and ratios.
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nixb_sandbox::{
+    spawn, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network, Personality,
+    SandboxSpec,
+};
+
+const INPUTS: usize = 100;
+const STORE: &str = "/nix/store";
+
+struct Stats {
+    median: f64,
+    mean: f64,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Stats {
+        median: ms(v[v.len() / 2]),
+        mean: v.iter().map(|d| ms(*d)).sum::<f64>() / v.len() as f64,
+    }
+}
+
+struct Fixture {
+    dir: PathBuf,
+    inputs: Vec<(PathBuf, PathBuf)>, // (host dir, path inside)
+    build: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Result<Fixture> {
+        let dir = std::env::temp_dir().join(format!("nixb-bench-sandbox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut inputs = Vec::new();
+        for i in 0..INPUTS {
+            let name = format!("{:032}-input-{i}", i);
+            let host = dir.join("store").join(&name);
+            std::fs::create_dir_all(&host)?;
+            std::fs::write(host.join("file"), "x")?;
+            inputs.push((host, Path::new(STORE).join(name)));
+        }
+        let build = dir.join("nix-build-bench-0");
+        std::fs::create_dir_all(&build)?;
+        Ok(Fixture { dir, inputs, build })
+    }
+
+    fn chroot_spec(&self, root: PathBuf, network: Network) -> ChrootSpec {
+        let mut spec = ChrootSpec::new(root, STORE.into(), self.build.clone(), 65534, 65534);
+        for d in ["/bin", "/usr"] {
+            spec.binds.push(BindMount::same(d).read_only());
+        }
+        for d in ["/lib", "/lib64"] {
+            spec.binds.push(BindMount::same(d).read_only().optional());
+        }
+        for (host, inside) in &self.inputs {
+            spec.binds.push(BindMount {
+                target: inside.clone(),
+                source: host.clone(),
+                optional: false,
+                read_only: false,
+            });
+        }
+        spec.network = network;
+        spec
+    }
+
+    fn bwrap(&self) -> Command {
+        let mut c = Command::new("bwrap");
+        c.args([
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+        ]);
+        c.args(["--hostname", "localhost"]);
+        // Before the build directory's bind, which lives under /tmp and would be hidden.
+        c.args(["--tmpfs", "/tmp"]);
+        for d in ["/bin", "/usr", "/lib", "/lib64"] {
+            if Path::new(d).exists() {
+                c.args(["--ro-bind", d, d]);
+            }
+        }
+        for (host, inside) in &self.inputs {
+            c.arg("--bind").arg(host).arg(inside);
+        }
+        c.arg("--bind").arg(&self.build).arg(&self.build);
+        c.args(["--dev", "/dev", "--proc", "/proc"]);
+        // bwrap can only change uid inside a user namespace; as root it keeps uid 0 but drops
+        // every capability, the nearest equivalent of our switch to nobody.
+        c.args(["--cap-drop", "ALL"]);
+        c.arg("--chdir").arg(&self.build);
+        c.args(["--", "/bin/true"]);
+        c
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn log_pipe() -> Result<OwnedFd> {
+    let (r, w) = nix::unistd::pipe()?;
+    drop(r); // /bin/true writes nothing; a closed read end is fine
+    Ok(w)
+}
+
+fn spec(fx: &Fixture, isolation: Isolation) -> Result<SandboxSpec> {
+    Ok(SandboxSpec {
+        program: "/bin/true".into(),
+        args: Vec::<OsString>::new(),
+        env: vec![("PATH".into(), "/path-not-set".into())],
+        cwd: fx.build.clone(),
+        log_fd: log_pipe()?,
+        user: Some(BuildUserIds {
+            uid: 65534,
+            gid: 65534,
+            supplementary: vec![],
+        }),
+        personality: Personality::default(),
+        isolation,
+    })
+}
+
+/// (start-to-exec, start-to-exit, teardown) for one nixb chroot run.
+fn nixb_once(fx: &Fixture, i: usize, network: Network) -> Result<(Duration, Duration, Duration)> {
+    let root = fx.dir.join(format!("root-{i}"));
+    let s = spec(fx, Isolation::Chroot(fx.chroot_spec(root.clone(), network)))?;
+    let t0 = Instant::now();
+    let mut b = spawn(s)?;
+    let exec = t0.elapsed();
+    let st = b.wait()?;
+    let exit = t0.elapsed();
+    if !st.success() {
+        bail!("sandboxed /bin/true failed: {st:?}");
+    }
+    let t1 = Instant::now();
+    std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    Ok((exec, exit, t1.elapsed()))
+}
+
+fn command_once(mut c: Command) -> Result<Duration> {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let name = c.get_program().to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let out = c.output().with_context(|| format!("running {name}"))?;
+    let d = t0.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{name} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(d)
+}
+
+pub fn run() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bench sandbox needs root (namespaces, mounts, setuid to nobody)");
+    }
+    let iters: usize = std::env::var("NIXB_BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let fx = Fixture::new()?;
+    let pool = NetNsPool::new(8)?;
+
+    let mut plain = Vec::new();
+    let mut fork_exec = Vec::new();
+    let (mut priv_exec, mut priv_exit, mut teardown) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pool_exec, mut pool_exit) = (Vec::new(), Vec::new());
+    let (mut host_exec, mut host_exit) = (Vec::new(), Vec::new());
+    let mut bwrap = Vec::new();
+    let mut unshare = Vec::new();
+    let have_bwrap = Command::new("bwrap").arg("--version").output().is_ok();
+
+    // Interleaved, so that load from other processes on the machine hits every variant alike.
+    for i in 0..iters + 5 {
+        let warm = i >= 5;
+        let (e, x, t) = nixb_once(&fx, i, Network::Private)?;
+        if warm {
+            priv_exec.push(e);
+            priv_exit.push(x);
+            teardown.push(t);
+        }
+        // A pool that has fallen behind is measured as what it is: a fresh namespace.
+        pool.wait_ready(1);
+        let net = pool.take().map_or(Network::Private, Network::Prepared);
+        let (e, x, _) = nixb_once(&fx, iters + 10 + i, net)?;
+        if warm {
+            pool_exec.push(e);
+            pool_exit.push(x);
+        }
+        let (e, x, _) = nixb_once(&fx, 2 * iters + 20 + i, Network::Host)?;
+        if warm {
+            host_exec.push(e);
+            host_exit.push(x);
+        }
+        if have_bwrap {
+            let d = command_once(fx.bwrap())?;
+            if warm {
+                bwrap.push(d);
+            }
+        }
+        let mut u = Command::new("unshare");
+        u.args(["-p", "-m", "-n", "-i", "-u", "-f", "true"]);
+        let d = command_once(u)?;
+        if warm {
+            unshare.push(d);
+        }
+        let t0 = Instant::now();
+        let mut b = spawn(spec(&fx, Isolation::Plain)?)?;
+        b.wait()?;
+        if warm {
+            plain.push(t0.elapsed());
+        }
+        let d = command_once(Command::new("/bin/true"))?;
+        if warm {
+            fork_exec.push(d);
+        }
+    }
+    if let Some(e) = pool.error() {
+        eprintln!("note: network namespace pool failed: {e}");
+    }
+
+    let un = stats(unshare);
+    let bw = (!bwrap.is_empty()).then(|| stats(bwrap));
+    println!(
+        "sandbox: {INPUTS} input paths + /bin /lib /lib64 /usr read-only, /bin/true as uid 65534, {iters} runs (median / mean ms)"
+    );
+    let row = |name: &str, s: &Stats| {
+        let vs_bw = bw
+            .as_ref()
+            .map_or("-".to_string(), |b| format!("{:.2}", s.median / b.median));
+        println!(
+            "  {name:<44} {:>7.3} / {:>7.3}   x unshare {:>5.2}   x bwrap {vs_bw:>5}",
+            s.median,
+            s.mean,
+            s.median / un.median
+        );
+    };
+    row(
+        "nixb chroot, private netns: start-to-exec",
+        &stats(priv_exec),
+    );
+    row(
+        "nixb chroot, private netns: start-to-exit",
+        &stats(priv_exit),
+    );
+    row(
+        "nixb chroot, pooled netns:  start-to-exec",
+        &stats(pool_exec),
+    );
+    row(
+        "nixb chroot, pooled netns:  start-to-exit",
+        &stats(pool_exit),
+    );
+    row(
+        "nixb chroot, host net (FOD): start-to-exec",
+        &stats(host_exec),
+    );
+    row(
+        "nixb chroot, host net (FOD): start-to-exit",
+        &stats(host_exit),
+    );
+    row("nixb chroot tree removal (after exit)", &stats(teardown));
+    if let Some(b) = &bw {
+        row("bwrap, same binds + namespaces: start-to-exit", b);
+    } else {
+        println!("  bwrap not installed (apt-get install bubblewrap)");
+    }
+    row("unshare -p -m -n -i -u -f true", &un);
+    row("nixb plain spawn, start-to-exit", &stats(plain));
+    row("fork+exec /bin/true (std::process)", &stats(fork_exec));
+    Ok(())
+}
