@@ -151,8 +151,14 @@ impl Reader<'_> {
                 // 2.8 form so one parser decides what is valid.
                 let method_algo = match method {
                     None => algo.to_string(),
-                    Some("nar") if !algo.contains(':') => format!("r:{algo}"),
-                    Some("flat") if !algo.contains(':') => algo.to_string(),
+                    Some(_) if algo.contains(':') => {
+                        return Err(self.err(
+                            &format!("{field}.hashAlgo"),
+                            format!("'{algo}' must be a bare algorithm when 'method' is given"),
+                        ))
+                    }
+                    Some("nar") => format!("r:{algo}"),
+                    Some("flat") => algo.to_string(),
                     Some(m) => {
                         return Err(self.err(
                             &format!("{field}.method"),
