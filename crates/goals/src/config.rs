@@ -1,0 +1,97 @@
+//! The worker's settings, taken from the caller (the cli maps nix.conf and flags onto
+//! [`WorkerConfig`]); nothing here reads global state.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What `realise` does with outputs that are already valid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BuildMode {
+    /// Build what is missing.
+    #[default]
+    Normal,
+    /// Rebuild and compare with the registered outputs (`--check`).
+    Check,
+    /// Rebuild outputs in the closure that are missing or corrupt (`--repair`).
+    Repair,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Builds run at once (`max-jobs`). 0 means no local builds at all.
+    pub max_jobs: usize,
+    /// `NIX_BUILD_CORES` handed to builders (`cores`).
+    pub cores: usize,
+    /// Kill a builder that writes nothing for this long (`max-silent-time`).
+    pub max_silent_time: Option<Duration>,
+    /// Kill a builder that runs longer than this (`timeout`).
+    pub timeout: Option<Duration>,
+    /// Go on with other goals after a failure (`keep-going`).
+    pub keep_going: bool,
+    /// Keep the build directory of failed builds (`keep-failed`).
+    pub keep_failed: bool,
+    pub build_mode: BuildMode,
+    /// Remember failed derivations and refuse to rebuild them (`build-cache-failure`).
+    pub cache_failure: bool,
+    /// How often to retry an output lock held by another process (`build-poll-interval`).
+    pub build_poll_interval: Duration,
+    /// Build logs: where, compressed or not, kept or not, size limit.
+    pub log: nixb_logs::LogConfig,
+    /// Hard-link identical files after each build (`auto-optimise-store`).
+    pub auto_optimise: bool,
+    /// Try substitutes before building (`substitute`).
+    pub use_substitutes: bool,
+    /// The platform this machine builds for (`system`), e.g. `x86_64-linux`.
+    pub system: String,
+    /// Values of the caller's environment offered to fixed-output derivations that name
+    /// them in `impureEnvVars` (a missing name gets the empty string, as in Nix).
+    pub impure_env: BTreeMap<String, String>,
+    /// Where build directories `nix-build-<name>-<n>` are made (`TMPDIR`, default /tmp).
+    pub build_dir_root: PathBuf,
+    /// The `HOME` given to builders; an unsandboxed build refuses to start if it exists.
+    /// Always `/homeless-shelter` in use; a field so that tests can exercise the refusal.
+    pub homeless_shelter: PathBuf,
+}
+
+impl WorkerConfig {
+    /// Nix's defaults for a store whose logs go to `log_dir`.
+    pub fn new(log_dir: PathBuf) -> WorkerConfig {
+        WorkerConfig {
+            max_jobs: 1,
+            cores: 1,
+            max_silent_time: None,
+            timeout: None,
+            keep_going: false,
+            keep_failed: false,
+            build_mode: BuildMode::Normal,
+            cache_failure: false,
+            build_poll_interval: Duration::from_secs(5),
+            log: nixb_logs::LogConfig {
+                log_dir,
+                compress: true,
+                keep: true,
+                max_size: None,
+            },
+            auto_optimise: false,
+            use_substitutes: true,
+            system: default_system(),
+            impure_env: std::env::vars().collect(),
+            build_dir_root: std::env::var_os("TMPDIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/tmp")),
+            homeless_shelter: PathBuf::from(HOMELESS_SHELTER),
+        }
+    }
+}
+
+/// `HOME` for builders: a path that must not exist, so tools do not find settings there.
+pub const HOMELESS_SHELTER: &str = "/homeless-shelter";
+
+/// `<arch>-<os>` as Nix names this machine's platform.
+pub fn default_system() -> String {
+    let arch = std::env::consts::ARCH;
+    let os = std::env::consts::OS;
+    format!("{arch}-{os}")
+}

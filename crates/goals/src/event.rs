@@ -1,0 +1,97 @@
+//! What the worker reports while it runs. Goals never print: they hand [`Event`]s to the
+//! [`EventSink`] the caller gave [`crate::realise`], and the caller renders them (progress
+//! line, plain log lines, `@ build-started` trace lines, JSON ...).
+
+use std::path::PathBuf;
+
+use nixb_store::StorePath;
+
+use crate::config::BuildMode;
+
+/// Why a build failed, for renderers and for the exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The builder exited unsuccessfully or produced bad outputs.
+    BuilderFailed,
+    /// max-silent-time or timeout ran out.
+    TimedOut,
+    /// max-build-log-size was exceeded.
+    LogLimitExceeded,
+    /// A fixed-output derivation produced content with another hash.
+    HashMismatch,
+    /// `--check` found an output that differs from the registered one.
+    NotDeterministic,
+    /// The failed-path cache says this derivation failed before.
+    CachedFailure,
+    /// An input derivation could not be built.
+    DependencyFailed,
+    /// Setting up the build failed before the builder ran (tmp dir, env, spawn ...).
+    SetupFailed,
+}
+
+/// How loud a [`Event::Message`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A builder process was started for `drv`, producing `outputs`.
+    BuildStarted {
+        drv: StorePath,
+        outputs: Vec<StorePath>,
+        mode: BuildMode,
+        platform: String,
+        /// Where the build log goes, if it is kept.
+        log_file: Option<PathBuf>,
+    },
+    /// Bytes the builder wrote to stdout/stderr, in the order they arrived.
+    BuildLog { drv: StorePath, chunk: Vec<u8> },
+    /// The outputs of `drv` were built and registered (or checked, under `--check`).
+    BuildSucceeded { drv: StorePath },
+    /// A derivation goal failed. `permanent` is the original's "permanent failure": it
+    /// would fail again and is worth caching.
+    BuildFailed {
+        drv: StorePath,
+        kind: FailureKind,
+        reason: String,
+        permanent: bool,
+    },
+    /// Some goal is waiting for a lock held by another process or for a build slot.
+    WaitingForLocks,
+    /// Anything else worth telling the user (notes, warnings, corrupted paths ...).
+    Message { level: Level, text: String },
+}
+
+/// Receives the worker's events.
+pub trait EventSink {
+    fn event(&mut self, e: Event);
+}
+
+/// Collects events into a vector (handy for tests and for callers that render later).
+#[derive(Debug, Default)]
+pub struct VecSink(pub Vec<Event>);
+
+impl EventSink for VecSink {
+    fn event(&mut self, e: Event) {
+        self.0.push(e);
+    }
+}
+
+/// Drops every event.
+#[derive(Debug, Default)]
+pub struct NullSink;
+
+impl EventSink for NullSink {
+    fn event(&mut self, _e: Event) {}
+}
+
+impl<F: FnMut(Event)> EventSink for F {
+    fn event(&mut self, e: Event) {
+        self(e)
+    }
+}
