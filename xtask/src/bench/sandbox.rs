@@ -138,7 +138,17 @@ fn spec(fx: &Fixture, isolation: Isolation) -> Result<SandboxSpec> {
 
 /// (start-to-exec, start-to-exit, teardown) for one nixb chroot run.
 fn nixb_once(fx: &Fixture, i: usize, network: Network) -> Result<(Duration, Duration, Duration)> {
-    let root = fx.dir.join(format!("root-{i}"));
+    nixb_once_in(fx, &fx.dir, i, network)
+}
+
+/// As `nixb_once`, with the chroot root made under `base`.
+fn nixb_once_in(
+    fx: &Fixture,
+    base: &Path,
+    i: usize,
+    network: Network,
+) -> Result<(Duration, Duration, Duration)> {
+    let root = base.join(format!("root-{i}"));
     let s = spec(fx, Isolation::Chroot(fx.chroot_spec(root.clone(), network)))?;
     let t0 = Instant::now();
     let mut b = spawn(s)?;
@@ -189,6 +199,11 @@ pub fn run() -> Result<()> {
     let (mut host_exec, mut host_exit) = (Vec::new(), Vec::new());
     let mut bwrap = Vec::new();
     let mut unshare = Vec::new();
+    let (mut shm_exec, mut shm_exit, mut shm_teardown) = (Vec::new(), Vec::new(), Vec::new());
+    // The chroot tree is a hundred-odd mkdirs and mknods' worth of files: on a tmpfs that is
+    // microseconds, on a busy journaling file system it can dominate everything else.
+    let shm = Path::new("/dev/shm").join(format!("nixb-bench-sandbox-{}", std::process::id()));
+    std::fs::create_dir_all(&shm)?;
     let have_bwrap = Command::new("bwrap").arg("--version").output().is_ok();
 
     // Interleaved, so that load from other processes on the machine hits every variant alike.
@@ -207,6 +222,12 @@ pub fn run() -> Result<()> {
         if warm {
             pool_exec.push(e);
             pool_exit.push(x);
+        }
+        let (e, x, t) = nixb_once_in(&fx, &shm, i, Network::Private)?;
+        if warm {
+            shm_exec.push(e);
+            shm_exit.push(x);
+            shm_teardown.push(t);
         }
         let (e, x, _) = nixb_once(&fx, 2 * iters + 20 + i, Network::Host)?;
         if warm {
@@ -236,6 +257,7 @@ pub fn run() -> Result<()> {
             fork_exec.push(d);
         }
     }
+    let _ = std::fs::remove_dir_all(&shm);
     if let Some(e) = pool.error() {
         eprintln!("note: network namespace pool failed: {e}");
     }
@@ -281,6 +303,15 @@ pub fn run() -> Result<()> {
         &stats(host_exit),
     );
     row("nixb chroot tree removal (after exit)", &stats(teardown));
+    row(
+        "nixb chroot on tmpfs, private: start-to-exec",
+        &stats(shm_exec),
+    );
+    row(
+        "nixb chroot on tmpfs, private: start-to-exit",
+        &stats(shm_exit),
+    );
+    row("nixb chroot on tmpfs: tree removal", &stats(shm_teardown));
     if let Some(b) = &bw {
         row("bwrap, same binds + namespaces: start-to-exit", b);
     } else {
