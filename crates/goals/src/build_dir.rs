@@ -81,7 +81,11 @@ impl BuildDir {
         let mut lock_path = path.clone().into_os_string();
         lock_path.push(LOCK_SUFFIX);
         let lock_path = PathBuf::from(lock_path);
-        let tmp = root.join(format!(".nixb-lock-tmp-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let tmp = root.join(format!(
+            ".nixb-lock-tmp-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let file = File::create(&tmp).map_err(err("creating lock file", &tmp))?;
         if !try_flock(&file).map_err(err("locking", &tmp))? {
             let _ = fs::remove_file(&tmp);
@@ -146,12 +150,16 @@ pub fn clean_stale(root: &Path) -> Vec<PathBuf> {
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(dir_name) = name.strip_suffix(LOCK_SUFFIX) else { continue };
+        let Some(dir_name) = name.strip_suffix(LOCK_SUFFIX) else {
+            continue;
+        };
         if !dir_name.starts_with(PREFIX) {
             continue;
         }
         let lock_path = e.path();
-        let Ok(file) = File::options().write(true).open(&lock_path) else { continue };
+        let Ok(file) = File::options().write(true).open(&lock_path) else {
+            continue;
+        };
         if !matches!(try_flock(&file), Ok(true)) {
             continue; // a live worker holds it
         }
@@ -177,7 +185,10 @@ pub fn delete_path(path: &Path) -> io::Result<()> {
     };
     if meta.is_dir() {
         if meta.permissions().mode() & 0o700 != 0o700 {
-            fs::set_permissions(path, fs::Permissions::from_mode(meta.permissions().mode() | 0o700))?;
+            fs::set_permissions(
+                path,
+                fs::Permissions::from_mode(meta.permissions().mode() | 0o700),
+            )?;
         }
         for e in fs::read_dir(path)? {
             delete_path(&e?.path())?;
@@ -202,7 +213,13 @@ mod tests {
     fn live_dirs_survive_cleaning_and_dead_ones_do_not() {
         let root = tempfile::tempdir().unwrap();
         let live = BuildDir::create(root.path(), "a.drv").unwrap();
-        assert!(live.path().file_name().unwrap().to_str().unwrap().starts_with("nix-build-a.drv-"));
+        assert!(live
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("nix-build-a.drv-"));
         // A dead worker's directory: lock file present, nobody holds it.
         let dead = root.path().join("nix-build-b.drv-7");
         fs::create_dir(&dead).unwrap();
@@ -233,6 +250,10 @@ mod tests {
         fs::set_permissions(p.join("ro"), fs::Permissions::from_mode(0o500)).unwrap();
         d.remove().unwrap();
         assert!(!p.exists());
-        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 0, "lock file left behind");
+        assert_eq!(
+            fs::read_dir(root.path()).unwrap().count(),
+            0,
+            "lock file left behind"
+        );
     }
 }

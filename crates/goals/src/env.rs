@@ -33,7 +33,10 @@ pub struct EnvParams<'a> {
 }
 
 /// The complete environment of a builder for a derivation with variables `drv_env`.
-pub fn builder_env(drv_env: &BTreeMap<String, String>, p: &EnvParams<'_>) -> BTreeMap<String, String> {
+pub fn builder_env(
+    drv_env: &BTreeMap<String, String>,
+    p: &EnvParams<'_>,
+) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     let mut set = |k: &str, v: &str| {
         env.insert(k.to_string(), v.to_string());
@@ -89,12 +92,12 @@ pub fn references_graph_text(closure: &BTreeMap<String, BTreeSet<String>>) -> St
 /// number of words is odd.
 pub fn parse_export_references_graph(value: &str) -> Option<Vec<(String, String)>> {
     let words: Vec<&str> = value.split_ascii_whitespace().collect();
-    if words.len() % 2 != 0 {
+    let pairs = words.chunks_exact(2);
+    if !pairs.remainder().is_empty() {
         return None;
     }
     Some(
-        words
-            .chunks(2)
+        pairs
             .map(|c| (c[0].to_string(), c[1].to_string()))
             .collect(),
     )
@@ -116,10 +119,14 @@ mod tests {
 
     #[test]
     fn build_dir_variables_cannot_be_overridden_but_path_can() {
-        let drv: BTreeMap<String, String> = [("PATH", "/mine"), ("TMPDIR", "/evil"), ("out", "/s/store/o")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let drv: BTreeMap<String, String> = [
+            ("PATH", "/mine"),
+            ("TMPDIR", "/evil"),
+            ("out", "/s/store/o"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
         let env = builder_env(&drv, &params(false, &BTreeMap::new()));
         assert_eq!(env["PATH"], "/mine");
         assert_eq!(env["TMPDIR"], "/tmp/nix-build-x.drv-0");
@@ -149,7 +156,10 @@ mod tests {
         g.insert("/s/b".to_string(), BTreeSet::from(["/s/a".to_string()]));
         g.insert("/s/a".to_string(), BTreeSet::new());
         assert_eq!(references_graph_text(&g), "/s/a\n\n0\n/s/b\n\n1\n/s/a\n");
-        assert_eq!(parse_export_references_graph("a /s/x"), Some(vec![("a".into(), "/s/x".into())]));
+        assert_eq!(
+            parse_export_references_graph("a /s/x"),
+            Some(vec![("a".into(), "/s/x".into())])
+        );
         assert_eq!(parse_export_references_graph("a /s/x b"), None);
     }
 }

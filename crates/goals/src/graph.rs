@@ -370,7 +370,10 @@ mod tests {
         g.add_waitee(t1, shared);
         g.add_waitee(t2, shared);
         g.am_done(x, ExitCode::Failed);
-        assert!(g.collect_orphans().is_empty(), "t2 still waits for the shared goal");
+        assert!(
+            g.collect_orphans().is_empty(),
+            "t2 still waits for the shared goal"
+        );
         assert!(g.is_alive(shared));
     }
 

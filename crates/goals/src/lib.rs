@@ -4,14 +4,137 @@
 //! Everything runs on one thread. The worker calls awake goals, then waits in one `poll()`
 //! over its builders' log pipes and exit descriptors, with the timeout set to the nearest
 //! deadline (max-silent-time, timeout, lock polling). Goals never print: they report
-//! events to the caller's sink.
+//! [`Event`]s to the caller's [`EventSink`].
+//!
+//! ```no_run
+//! # use nixb_goals::*;
+//! # fn f(store: &dyn BuildStore, targets: &[nixb_store::DerivedPath], log_dir: std::path::PathBuf) -> Result<(), GoalsError> {
+//! let cfg = WorkerConfig::new(log_dir);
+//! let outcome = realise(store, targets, &cfg, &mut VecSink::default())?;
+//! assert_eq!(outcome.exit_status, 0);
+//! # Ok(()) }
+//! ```
 
+mod build;
 pub mod build_dir;
 pub mod config;
+mod derivation_goal;
 pub mod env;
+mod error;
 pub mod event;
 pub mod graph;
 pub mod refcheck;
+mod register;
+pub mod store;
+mod substitution_goal;
+mod worker;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use nixb_store::{DerivedPath, StorePath};
 
 pub use config::{BuildMode, WorkerConfig};
+pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
+pub use graph::ExitCode;
+pub use store::{BuildStore, NewOutput, PathInfo, StoreFault};
+pub use worker::Failure;
+
+/// What `realise` achieved.
+#[derive(Debug)]
+pub struct RealiseOutcome {
+    /// 0 when every target was realised; otherwise Nix 2.x's status: 100 for a permanent
+    /// build failure, plus 1 if a build timed out, 2 for a fixed-output hash mismatch, 4 for
+    /// a `--check` mismatch; 1 for any other failure.
+    pub exit_status: i32,
+    /// For each realised target, its output paths by output name (the wanted ones, or all).
+    /// A plain store path target maps the empty name to itself.
+    pub outputs: Vec<(DerivedPath, BTreeMap<String, StorePath>)>,
+    /// Every goal that failed, in the order they failed.
+    pub failures: Vec<Failure>,
+}
+
+/// Makes the `targets` valid: builds the wanted outputs of derivations (and everything they
+/// need), checks plain store paths. Failures of individual builds are reported through
+/// `sink` and in the outcome; `Err` means the worker itself could not go on.
+pub fn realise(
+    store: &dyn BuildStore,
+    targets: &[DerivedPath],
+    cfg: &WorkerConfig,
+    sink: &mut dyn EventSink,
+) -> Result<RealiseOutcome, GoalsError> {
+    // Builders of a worker that died (even by SIGKILL) left their directories behind.
+    for dir in build_dir::clean_stale(&cfg.build_dir_root) {
+        sink.event(Event::Message {
+            level: Level::Debug,
+            text: format!("removed stale build directory '{}'", dir.display()),
+        });
+    }
+
+    let mut w = worker::Worker::new(store, cfg, sink);
+    let mut top = Vec::new();
+    for t in targets {
+        let id = match t {
+            DerivedPath::Built { drv, outputs } => {
+                let wanted: BTreeSet<String> = outputs.iter().cloned().collect();
+                w.make_derivation_goal(drv, &wanted, cfg.build_mode)
+            }
+            DerivedPath::Opaque(p) => {
+                w.make_substitution_goal(p, cfg.build_mode == BuildMode::Repair)
+            }
+        };
+        top.push(id);
+    }
+    w.run(&top)?;
+
+    let mut outputs = Vec::new();
+    let mut failed = false;
+    for (t, id) in targets.iter().zip(&top) {
+        match (t, w.graph.exit_code(*id)) {
+            (
+                DerivedPath::Built {
+                    drv,
+                    outputs: wanted,
+                },
+                ExitCode::Success,
+            ) => {
+                let all = store.read_derivation(drv)?.output_paths();
+                let chosen = all
+                    .into_iter()
+                    .filter(|(name, _)| wanted.is_empty() || wanted.contains(name))
+                    .collect();
+                outputs.push((t.clone(), chosen));
+            }
+            (DerivedPath::Opaque(p), ExitCode::Success) => {
+                outputs.push((t.clone(), BTreeMap::from([(String::new(), p.clone())])));
+            }
+            (
+                DerivedPath::Opaque(p),
+                ExitCode::NoSubstituters | ExitCode::IncompleteClosure | ExitCode::Failed,
+            ) => {
+                failed = true;
+                let message = format!(
+                    "path '{}' does not exist and cannot be created",
+                    store.store_dir().print(p)
+                );
+                w.emit(Event::Message {
+                    level: Level::Error,
+                    text: message.clone(),
+                });
+                w.record_failure(Failure {
+                    path: p.clone(),
+                    kind: FailureKind::SetupFailed,
+                    message,
+                });
+            }
+            _ => failed = true,
+        }
+    }
+    let exit_status = if failed { w.failing_exit_status() } else { 0 };
+    let failures = std::mem::take(&mut w.failures);
+    Ok(RealiseOutcome {
+        exit_status,
+        outputs,
+        failures,
+    })
+}

@@ -35,10 +35,26 @@ pub struct Restriction {
 }
 
 pub const RESTRICTIONS: [Restriction; 4] = [
-    Restriction { var: "allowedReferences", allowed: true, recursive: false },
-    Restriction { var: "allowedRequisites", allowed: true, recursive: true },
-    Restriction { var: "disallowedReferences", allowed: false, recursive: false },
-    Restriction { var: "disallowedRequisites", allowed: false, recursive: true },
+    Restriction {
+        var: "allowedReferences",
+        allowed: true,
+        recursive: false,
+    },
+    Restriction {
+        var: "allowedRequisites",
+        allowed: true,
+        recursive: true,
+    },
+    Restriction {
+        var: "disallowedReferences",
+        allowed: false,
+        recursive: false,
+    },
+    Restriction {
+        var: "disallowedRequisites",
+        allowed: false,
+        recursive: true,
+    },
 ];
 
 /// Store paths named by a specifier list: absolute store paths or output names.
@@ -71,9 +87,15 @@ pub fn check_output(
     closure: &dyn Fn() -> BTreeSet<StorePath>,
 ) -> Result<(), RefCheckError> {
     for r in RESTRICTIONS {
-        let Some(value) = env.get(r.var) else { continue };
+        let Some(value) = env.get(r.var) else {
+            continue;
+        };
         let spec = parse_specifiers(store, value, outputs)?;
-        let used = if r.recursive { closure() } else { references.clone() };
+        let used = if r.recursive {
+            closure()
+        } else {
+            references.clone()
+        };
         let bad: Vec<String> = used
             .iter()
             .filter(|p| spec.contains(*p) != r.allowed)
@@ -92,7 +114,9 @@ pub fn check_output(
 /// Does the derivation restrict references at all (so the caller knows whether a closure
 /// may be needed)?
 pub fn needs_closure(env: &BTreeMap<String, String>) -> bool {
-    RESTRICTIONS.iter().any(|r| r.recursive && env.contains_key(r.var))
+    RESTRICTIONS
+        .iter()
+        .any(|r| r.recursive && env.contains_key(r.var))
 }
 
 #[cfg(test)]
@@ -120,7 +144,10 @@ mod tests {
         let e = check("allowedReferences", "out".into()).unwrap_err();
         assert_eq!(
             e.to_string(),
-            format!("output '{}' is not allowed to refer to the following paths:\n  {dep_s}", store.print(&out))
+            format!(
+                "output '{}' is not allowed to refer to the following paths:\n  {dep_s}",
+                store.print(&out)
+            )
         );
         // The closure holds `other` through dep: fine for references, not for requisites.
         assert!(check("allowedRequisites", format!("out {dep_s}")).is_err());

@@ -1,0 +1,406 @@
+//! Starting a builder (the original's `startBuilder`) and the state a running build keeps:
+//! its directory, its log, and the hash rewrites of an unsandboxed rebuild.
+//!
+//! Builds run unsandboxed ([`nixb_sandbox::Isolation::Plain`]): the builder sees the host
+//! file system, so outputs that are already valid cannot be rebuilt in place. As the
+//! original does, such outputs (every output under `--check`; corrupt ones under
+//! `--repair`) are *redirected*: the builder is told a different path of the same length,
+//! whose hash part is derived from the derivation and the path, and the result is rewritten
+//! back before it is checked or moved over the original.
+//!
+//! The spec handed to the sandbox crate is built by [`builder_spec`], the one place a
+//! chroot mode will change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+
+use nixb_logs::{LimitState, LogSink};
+use nixb_sandbox::{Isolation, Personality, SandboxSpec};
+use nixb_store::canon::InodesSeen;
+use nixb_store::{Encoding, Hash, HashAlgo, StoreDir, StorePath};
+
+use crate::build_dir::{delete_path, BuildDir};
+use crate::config::BuildMode;
+use crate::derivation_goal::{can_build_locally, DerivationGoal};
+use crate::env::{builder_env, parse_export_references_graph, references_graph_text, EnvParams};
+use crate::error::{quoted, BuildError};
+use crate::event::{Event, Level};
+use crate::graph::GoalId;
+use crate::register::Rejection;
+use crate::worker::Worker;
+
+/// What a started build holds until it is done.
+pub(crate) struct RunningBuild {
+    pub dir: Option<BuildDir>,
+    log: Option<LogSink>,
+    log_error: Option<String>,
+    /// Hash part of a real output → hash part of its redirected path.
+    pub rewrites_to_tmp: Vec<(String, String)>,
+    pub rewrites_from_tmp: Vec<(String, String)>,
+    /// Real output path → the path the builder was told instead.
+    pub redirected: BTreeMap<StorePath, StorePath>,
+    /// Corrupt outputs being repaired (their redirected result replaces them).
+    pub redirected_bad: BTreeSet<StorePath>,
+    pub inodes_seen: InodesSeen,
+    pub disk_full: bool,
+    store_dir: StoreDir,
+}
+
+impl RunningBuild {
+    /// Writes a chunk of builder output to the log; `Some(limit)` when it went over
+    /// max-build-log-size and the builder must die.
+    pub fn log_chunk(&mut self, chunk: &[u8]) -> Option<u64> {
+        let sink = self.log.as_mut()?;
+        match sink.write(chunk) {
+            Ok(LimitState::Within) => None,
+            Ok(LimitState::Exceeded { limit }) => Some(limit),
+            Err(e) => {
+                // A log that cannot be written is no reason to kill the build; say so once.
+                self.log_error.get_or_insert_with(|| e.to_string());
+                None
+            }
+        }
+    }
+
+    pub fn close_log(&mut self) -> Result<(), String> {
+        if let Some(sink) = self.log.take() {
+            sink.finish().map_err(|e| e.to_string())?;
+        }
+        match self.log_error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The error for a builder that exited unsuccessfully; notes whether the disk is (nearly)
+    /// full, since that makes the failure likely transient.
+    pub fn failure_error(
+        &mut self,
+        w: &Worker<'_>,
+        drv: &StorePath,
+        status: ExitStatus,
+    ) -> Rejection {
+        const REQUIRED: u64 = 8 * 1024 * 1024;
+        let low = |p: &Path| {
+            nix::sys::statvfs::statvfs(p)
+                .map(|st| st.blocks_available().saturating_mul(st.fragment_size()) < REQUIRED)
+                .unwrap_or(false)
+        };
+        self.disk_full =
+            low(w.store_dir().as_path()) || self.dir.as_ref().is_some_and(|d| low(d.path()));
+        Rejection::build(
+            crate::event::FailureKind::BuilderFailed,
+            format!(
+                "builder for {} {}",
+                quoted(w.store_dir(), drv),
+                status_to_string(status)
+            ),
+        )
+    }
+
+    /// A failed build: keep the directory with keep-failed, delete it otherwise.
+    pub fn abandon(mut self, w: &mut Worker<'_>, _normal_mode: bool) {
+        let _ = self.close_log();
+        if let Some(dir) = self.dir.take() {
+            if w.cfg.keep_failed {
+                match dir.keep() {
+                    Ok(p) => w.message(
+                        Level::Error,
+                        format!("note: keeping build directory '{}'", p.display()),
+                    ),
+                    Err(e) => w.message(Level::Warn, e.to_string()),
+                }
+            } else if let Err(e) = dir.remove() {
+                w.message(Level::Warn, e.to_string());
+            }
+        }
+        self.remove_redirected(w);
+    }
+
+    /// A successful build: delete the directory and redirected leftovers.
+    pub fn finish(mut self, w: &mut Worker<'_>) {
+        let _ = self.close_log();
+        if let Some(dir) = self.dir.take() {
+            if let Err(e) = dir.remove() {
+                w.message(Level::Warn, e.to_string());
+            }
+        }
+        self.remove_redirected(w);
+    }
+
+    fn remove_redirected(&mut self, w: &mut Worker<'_>) {
+        for tmp in self.redirected.values() {
+            let p = self.store_dir.to_path(tmp);
+            if let Err(e) = delete_path(&p) {
+                w.message(Level::Warn, format!("deleting '{}': {e}", p.display()));
+            }
+        }
+        self.redirected.clear();
+    }
+
+    /// Redirects output `path`: the builder is told another path of the same length.
+    fn add_hash_rewrite(
+        &mut self,
+        drv: &StorePath,
+        path: &StorePath,
+    ) -> Result<StorePath, BuildError> {
+        let sd = &self.store_dir;
+        let seed = format!("rewrite:{}:{}", sd.print(drv), sd.print(path));
+        let h = Hash::digest(HashAlgo::Sha256, seed.as_bytes()).encode(Encoding::Base32);
+        let h2 = &h[..nixb_store::path::HASH_CHARS];
+        let tmp = StorePath::from_base_name(&format!("{h2}-{}", path.name()))
+            .map_err(|e| BuildError::misc("making a temporary output path", e))?;
+        let real = sd.to_path(&tmp);
+        delete_path(&real)
+            .map_err(|e| BuildError::misc(format!("removing '{}'", real.display()), e))?;
+        self.rewrites_to_tmp
+            .push((path.hash_part().to_string(), h2.to_string()));
+        self.rewrites_from_tmp
+            .push((h2.to_string(), path.hash_part().to_string()));
+        self.redirected.insert(path.clone(), tmp.clone());
+        Ok(tmp)
+    }
+
+    pub fn rewriter(pairs: &[(String, String)]) -> Result<nixb_hashrewrite::Rewriter, BuildError> {
+        nixb_hashrewrite::Rewriter::new(
+            pairs
+                .iter()
+                .map(|(a, b)| (a.as_bytes().to_vec(), b.as_bytes().to_vec())),
+        )
+        .map_err(|e| BuildError::misc("preparing hash rewrites", e))
+    }
+}
+
+/// `failed with exit code N` / `failed due to signal N`, as Nix words it.
+fn status_to_string(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("failed with exit code {code}")
+    } else if let Some(sig) = status.signal() {
+        let name = nix::sys::signal::Signal::try_from(sig)
+            .map(|s| s.as_str())
+            .unwrap_or("unknown signal");
+        format!("failed due to signal {sig} ({name})")
+    } else {
+        "failed abnormally".into()
+    }
+}
+
+/// Everything `spawn` needs, prepared by the goal.
+pub(crate) struct BuilderInvocation {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub build_dir: PathBuf,
+    pub platform: String,
+    pub system: String,
+}
+
+/// The sandbox spec for an invocation. Plain (unsandboxed) for now; the chroot mode will
+/// add its isolation here.
+pub(crate) fn builder_spec(inv: BuilderInvocation, log_fd: OwnedFd) -> SandboxSpec {
+    SandboxSpec {
+        program: inv.program,
+        args: inv.args.into_iter().map(OsString::from).collect(),
+        env: inv
+            .env
+            .into_iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect(),
+        cwd: inv.build_dir,
+        log_fd,
+        user: None,
+        personality: Personality::for_platform(&inv.platform, &inv.system, false),
+        isolation: Isolation::Plain,
+    }
+}
+
+/// Prepares and starts the builder of `g`, registering it with the worker. A
+/// [`BuildError::Build`] is the derivation's fault (a permanent failure).
+pub(crate) fn start_builder(
+    g: &mut DerivationGoal,
+    id: GoalId,
+    w: &mut Worker<'_>,
+) -> Result<(), BuildError> {
+    let sd = w.store_dir().clone();
+    let drv = g
+        .drv
+        .as_ref()
+        .ok_or_else(|| BuildError::Misc("internal error: derivation not loaded".into()))?;
+    if !can_build_locally(&drv.platform, &w.cfg.system) {
+        return Err(BuildError::Build(format!(
+            "a '{}' is required to build {}, but I am a '{}'",
+            drv.platform,
+            quoted(&sd, &g.drv_path),
+            w.cfg.system
+        )));
+    }
+
+    let dir = BuildDir::create(&w.cfg.build_dir_root, g.drv_path.name())
+        .map_err(|e| BuildError::Misc(e.to_string()))?;
+    let build_dir = dir.path().to_path_buf();
+    let build_dir_str = build_dir
+        .to_str()
+        .ok_or_else(|| {
+            BuildError::Misc(format!(
+                "build directory '{}' is not valid UTF-8",
+                build_dir.display()
+            ))
+        })?
+        .to_string();
+    let mut build = RunningBuild {
+        dir: Some(dir),
+        log: None,
+        log_error: None,
+        rewrites_to_tmp: Vec::new(),
+        rewrites_from_tmp: Vec::new(),
+        redirected: BTreeMap::new(),
+        redirected_bad: BTreeSet::new(),
+        inodes_seen: InodesSeen::new(),
+        disk_full: false,
+        store_dir: sd.clone(),
+    };
+
+    let env = builder_env(
+        &drv.env,
+        &EnvParams {
+            store_dir: sd.as_str(),
+            cores: w.cfg.cores,
+            build_dir: &build_dir_str,
+            fixed_output: g.fixed_output,
+            impure_env: &w.cfg.impure_env,
+        },
+    );
+
+    if let Some(value) = drv.env.get("exportReferencesGraph") {
+        write_references_graphs(w, &build_dir, value)?;
+    }
+
+    // Unsandboxed, HOME is the host's file system: make sure the promise that it does not
+    // exist holds.
+    if w.cfg.homeless_shelter.exists() {
+        return Err(BuildError::Misc(format!(
+            "home directory '{}' exists; please remove it to assure purity of builds without sandboxing",
+            w.cfg.homeless_shelter.display()
+        )));
+    }
+
+    // Valid outputs cannot be overwritten in place: build them elsewhere (see module doc).
+    for p in g.valid_paths.clone() {
+        build.add_hash_rewrite(&g.drv_path, &p)?;
+    }
+    if g.mode == BuildMode::Repair {
+        for p in g.missing_paths.clone() {
+            if w.store.is_valid_path(&p)? && sd.to_path(&p).symlink_metadata().is_ok() {
+                build.add_hash_rewrite(&g.drv_path, &p)?;
+                build.redirected_bad.insert(p);
+            }
+        }
+    }
+    let to_tmp = RunningBuild::rewriter(&build.rewrites_to_tmp)?;
+    let rw = |s: &str| -> String {
+        String::from_utf8_lossy(&to_tmp.rewrite_all(s.as_bytes())).into_owned()
+    };
+    let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.clone(), rw(v))).collect();
+    let args: Vec<String> = drv.args.iter().map(|a| rw(a)).collect();
+
+    let sink = LogSink::create(&w.cfg.log, g.drv_path.base_name()).map_err(|e| {
+        BuildError::misc(
+            format!("creating the build log of {}", quoted(&sd, &g.drv_path)),
+            e,
+        )
+    })?;
+    let log_file = sink.path().map(Path::to_path_buf);
+    build.log = Some(sink);
+
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| BuildError::misc("creating the log pipe", e))?;
+    nix::fcntl::fcntl(
+        read.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| BuildError::misc("making the log pipe non-blocking", e))?;
+
+    let inv = BuilderInvocation {
+        program: PathBuf::from(&drv.builder),
+        args,
+        env,
+        build_dir: build_dir.clone(),
+        platform: drv.platform.clone(),
+        system: w.cfg.system.clone(),
+    };
+    let outputs: Vec<StorePath> = g.missing_paths.iter().cloned().collect();
+    let platform = drv.platform.clone();
+    let builder = match nixb_sandbox::spawn(builder_spec(inv, write)) {
+        Ok(b) => b,
+        Err(e) => {
+            let msg = format!(
+                "failed to set up the build environment for {}: {e}",
+                quoted(&sd, &g.drv_path)
+            );
+            build.abandon(w, true);
+            return Err(BuildError::Misc(msg));
+        }
+    };
+    w.child_started(id, builder, read, true);
+    g.build = Some(build);
+    w.emit(Event::BuildStarted {
+        drv: g.drv_path.clone(),
+        outputs,
+        mode: g.mode,
+        platform,
+        log_file,
+    });
+    Ok(())
+}
+
+/// Writes each `exportReferencesGraph` file into the build directory.
+fn write_references_graphs(
+    w: &Worker<'_>,
+    build_dir: &Path,
+    value: &str,
+) -> Result<(), BuildError> {
+    let sd = w.store_dir();
+    let pairs = parse_export_references_graph(value).ok_or_else(|| {
+        BuildError::Build(format!(
+            "odd number of tokens in 'exportReferencesGraph': '{value}'"
+        ))
+    })?;
+    for (file_name, path) in pairs {
+        nixb_store::path::validate_name(&file_name)
+            .map_err(|e| BuildError::Build(format!("'exportReferencesGraph': {e}")))?;
+        let sp = sd.parse_prefix(&path).map_err(|_| {
+            BuildError::Build(format!(
+                "'exportReferencesGraph' contains a non-store path '{path}'"
+            ))
+        })?;
+        if !w.store.is_valid_path(&sp)? {
+            return Err(BuildError::Build(format!(
+                "'exportReferencesGraph' contains an invalid path '{path}'"
+            )));
+        }
+        let mut closure = w.store.compute_closure(&BTreeSet::from([sp]))?;
+        // Derivations in the graph bring their outputs' closures along.
+        let mut outputs = BTreeSet::new();
+        for d in closure.iter().filter(|p| p.is_derivation()) {
+            for p in w.store.read_derivation(d)?.output_paths().into_values() {
+                if w.store.is_valid_path(&p)? {
+                    outputs.insert(p);
+                }
+            }
+        }
+        closure.extend(w.store.compute_closure(&outputs)?);
+        let mut graph = BTreeMap::new();
+        for p in &closure {
+            let refs = w.store.query_references(p)?;
+            graph.insert(sd.print(p), refs.iter().map(|r| sd.print(r)).collect());
+        }
+        let file = build_dir.join(&file_name);
+        std::fs::write(&file, references_graph_text(&graph))
+            .map_err(|e| BuildError::misc(format!("writing '{}'", file.display()), e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Errors of the build engine.
+//!
+//! Two kinds are kept apart. A [`GoalsError`] ends `realise` (the store cannot be read, no
+//! build can ever start). A failure of one derivation is not an error: it is reported as an
+//! event and in the outcome, and the worker goes on (or stops, without keep-going).
+
+use std::path::PathBuf;
+
+use nixb_store::StorePath;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GoalsError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreFault),
+    #[error(
+        "unable to start any build; either increase '--max-jobs' or enable distributed builds"
+    )]
+    NoBuildSlots,
+    #[error("waiting for builders: {0}")]
+    Poll(nix::errno::Errno),
+    #[error("{step} '{}': {source}", path.display())]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Why one goal failed; becomes an [`crate::Event::BuildFailed`] and a [`crate::Failure`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BuildError {
+    /// The build itself failed: the builder, its outputs, or the derivation's own rules.
+    #[error("{0}")]
+    Build(String),
+    /// Anything else on the way (store, file system, spawning).
+    #[error("{0}")]
+    Misc(String),
+}
+
+impl BuildError {
+    pub(crate) fn misc(context: impl std::fmt::Display, e: impl std::fmt::Display) -> BuildError {
+        BuildError::Misc(format!("{context}: {e}"))
+    }
+}
+
+impl From<crate::store::StoreFault> for BuildError {
+    fn from(e: crate::store::StoreFault) -> Self {
+        BuildError::Misc(e.to_string())
+    }
+}
+
+/// A path named in an error message.
+pub(crate) fn quoted(store: &nixb_store::StoreDir, p: &StorePath) -> String {
+    format!("'{}'", store.print(p))
+}

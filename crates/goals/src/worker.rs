@@ -1,0 +1,560 @@
+//! The worker: owns the goals and their builders, runs awake goals, and waits for builders
+//! in one `poll()`.
+//!
+//! ```text
+//! loop:
+//!   call every awake goal (a goal's call may wake others; repeat until none is awake)
+//!   stop when no top goal is left (or one failed without keep-going)
+//!   poll(log pipes + exit pidfds of all builders, timeout = nearest deadline of
+//!        max-silent-time / timeout / the next lock poll)
+//!   feed log chunks to their goals; a builder that exited ends its build (its pipe is
+//!   drained first); cancel builders past a deadline; wake lock pollers when due
+//! ```
+//!
+//! A build ends when its builder *process* exits, observed through a pidfd; end-of-file on
+//! the log pipe alone ends nothing (a builder may close stdout and go on), and a background
+//! process that keeps the pipe open does not keep the build alive.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nixb_store::{StoreDir, StorePath};
+
+use crate::config::{BuildMode, WorkerConfig};
+use crate::derivation_goal::DerivationGoal;
+use crate::error::GoalsError;
+use crate::event::{Event, EventSink, FailureKind, Level};
+use crate::graph::{ExitCode, GoalId, Graph};
+use crate::store::BuildStore;
+use crate::substitution_goal::SubstitutionGoal;
+
+pub(crate) enum Goal {
+    Derivation(Box<DerivationGoal>),
+    Substitution(SubstitutionGoal),
+}
+
+/// A running builder, owned by the worker so that destroying its goal kills it.
+pub(crate) struct Child {
+    pub builder: nixb_sandbox::Builder,
+    /// Read side of the log pipe (non-blocking); `None` after end-of-file.
+    pub log: Option<OwnedFd>,
+    pub respect_timeouts: bool,
+    pub in_build_slot: bool,
+    pub last_output: Instant,
+    pub started: Instant,
+}
+
+/// One failed goal, for the outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The derivation (or, for a missing source, the path) that failed.
+    pub path: StorePath,
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+pub(crate) struct Worker<'a> {
+    pub store: &'a dyn BuildStore,
+    pub cfg: &'a WorkerConfig,
+    sink: &'a mut dyn EventSink,
+    pub graph: Graph,
+    goals: Vec<Option<Goal>>,
+    derivation_goals: HashMap<StorePath, GoalId>,
+    substitution_goals: HashMap<StorePath, GoalId>,
+    children: BTreeMap<GoalId, Child>,
+    nr_local_builds: usize,
+    /// Output paths locked by goals of this worker (flock would block them too, but this
+    /// lets a goal sleep until another goal of ours finishes instead of polling).
+    locked_outputs: BTreeMap<GoalId, BTreeSet<StorePath>>,
+    last_woken_up: Option<Instant>,
+    pub failures: Vec<Failure>,
+    pub permanent_failure: bool,
+    pub timed_out: bool,
+    pub hash_mismatch: bool,
+    pub check_mismatch: bool,
+}
+
+impl<'a> Worker<'a> {
+    pub fn new(
+        store: &'a dyn BuildStore,
+        cfg: &'a WorkerConfig,
+        sink: &'a mut dyn EventSink,
+    ) -> Worker<'a> {
+        Worker {
+            store,
+            cfg,
+            sink,
+            graph: Graph::new(cfg.keep_going),
+            goals: Vec::new(),
+            derivation_goals: HashMap::new(),
+            substitution_goals: HashMap::new(),
+            children: BTreeMap::new(),
+            nr_local_builds: 0,
+            locked_outputs: BTreeMap::new(),
+            last_woken_up: None,
+            failures: Vec::new(),
+            permanent_failure: false,
+            timed_out: false,
+            hash_mismatch: false,
+            check_mismatch: false,
+        }
+    }
+
+    pub fn store_dir(&self) -> &StoreDir {
+        self.store.store_dir()
+    }
+
+    pub fn emit(&mut self, e: Event) {
+        self.sink.event(e);
+    }
+
+    pub fn message(&mut self, level: Level, text: String) {
+        self.sink.event(Event::Message { level, text });
+    }
+
+    fn insert_goal(&mut self, goal: Goal) -> GoalId {
+        let id = self.graph.add_goal();
+        debug_assert_eq!(id.0, self.goals.len());
+        self.goals.push(Some(goal));
+        id
+    }
+
+    /// The goal building `drv` (shared by everyone who needs it), wanting at least `wanted`
+    /// outputs (empty = all).
+    pub fn make_derivation_goal(
+        &mut self,
+        drv: &StorePath,
+        wanted: &BTreeSet<String>,
+        mode: BuildMode,
+    ) -> GoalId {
+        if let Some(&id) = self.derivation_goals.get(drv) {
+            if let Some(Some(Goal::Derivation(g))) = self.goals.get_mut(id.0) {
+                g.add_wanted_outputs(wanted);
+                return id;
+            }
+            // The goal is running right now (taken out of its slot): it is the caller
+            // itself, which cannot depend on itself; fall through to a fresh goal.
+        }
+        let id = self.insert_goal(Goal::Derivation(Box::new(DerivationGoal::new(
+            drv.clone(),
+            wanted.clone(),
+            mode,
+        ))));
+        self.derivation_goals.insert(drv.clone(), id);
+        id
+    }
+
+    pub fn make_substitution_goal(&mut self, path: &StorePath, repair: bool) -> GoalId {
+        if let Some(&id) = self.substitution_goals.get(path) {
+            return id;
+        }
+        let id = self.insert_goal(Goal::Substitution(SubstitutionGoal::new(
+            path.clone(),
+            repair,
+        )));
+        self.substitution_goals.insert(path.clone(), id);
+        id
+    }
+
+    /// Finishes goal `id`: tells its waiters and forgets it.
+    pub fn am_done(&mut self, id: GoalId, result: ExitCode) {
+        self.forget(id);
+        self.graph.am_done(id, result);
+    }
+
+    /// Drops everything the worker keeps for `id` except its goal value.
+    fn forget(&mut self, id: GoalId) {
+        self.derivation_goals.retain(|_, g| *g != id);
+        self.substitution_goals.retain(|_, g| *g != id);
+        self.locked_outputs.remove(&id);
+        self.child_terminated(id);
+    }
+
+    pub fn record_failure(&mut self, f: Failure) {
+        self.failures.push(f);
+    }
+
+    // --- build slots and sleeping -------------------------------------------------------
+
+    pub fn nr_local_builds(&self) -> usize {
+        self.nr_local_builds
+    }
+
+    pub fn wait_for_build_slot(&mut self, id: GoalId) {
+        if self.nr_local_builds < self.cfg.max_jobs {
+            self.graph.wake_up(id);
+        } else {
+            self.graph.wait_for_build_slot(id);
+        }
+    }
+
+    pub fn wait_for_any_goal(&mut self, id: GoalId) {
+        self.graph.wait_for_any_goal(id);
+    }
+
+    pub fn wait_for_a_while(&mut self, id: GoalId) {
+        self.graph.wait_for_a_while(id);
+    }
+
+    pub fn set_locked_outputs(&mut self, id: GoalId, paths: BTreeSet<StorePath>) {
+        self.locked_outputs.insert(id, paths);
+    }
+
+    pub fn clear_locked_outputs(&mut self, id: GoalId) {
+        self.locked_outputs.remove(&id);
+    }
+
+    pub fn is_locked_by_me(&self, path: &StorePath) -> bool {
+        self.locked_outputs.values().any(|s| s.contains(path))
+    }
+
+    // --- children -----------------------------------------------------------------------
+
+    pub fn child_started(
+        &mut self,
+        id: GoalId,
+        builder: nixb_sandbox::Builder,
+        log: OwnedFd,
+        in_build_slot: bool,
+    ) {
+        let now = Instant::now();
+        self.children.insert(
+            id,
+            Child {
+                builder,
+                log: Some(log),
+                respect_timeouts: true,
+                in_build_slot,
+                last_output: now,
+                started: now,
+            },
+        );
+        if in_build_slot {
+            self.nr_local_builds += 1;
+        }
+    }
+
+    /// Forgets the child of `id` (killing it if it still runs) and frees its build slot.
+    pub fn child_terminated(&mut self, id: GoalId) {
+        if let Some(mut child) = self.children.remove(&id) {
+            let _ = child.builder.kill();
+            let _ = child.builder.wait();
+            if child.in_build_slot {
+                self.nr_local_builds -= 1;
+            }
+            self.graph.wake_slot_waiters();
+        }
+    }
+
+    // --- the loop -----------------------------------------------------------------------
+
+    /// Runs until every top goal is done (or one failed without keep-going).
+    pub fn run(&mut self, top: &[GoalId]) -> Result<(), GoalsError> {
+        for &t in top {
+            self.graph.set_top(t);
+        }
+        loop {
+            while self.graph.has_awake() && self.graph.has_top_goals() {
+                for id in self.graph.take_awake() {
+                    self.work(id);
+                    self.destroy_orphans();
+                    if !self.graph.has_top_goals() {
+                        break;
+                    }
+                }
+            }
+            if !self.graph.has_top_goals() {
+                break;
+            }
+            if !self.children.is_empty() || self.graph.has_waiting_for_a_while() {
+                self.wait_for_input()?;
+            } else if !self.graph.has_awake() {
+                if self.cfg.max_jobs == 0 && self.graph.has_waiting_for_slot() {
+                    return Err(GoalsError::NoBuildSlots);
+                }
+                return Err(GoalsError::Internal("no goal can make progress".into()));
+            }
+        }
+        self.teardown();
+        Ok(())
+    }
+
+    /// Destroys every goal still alive (after a stop without keep-going), killing builders.
+    fn teardown(&mut self) {
+        self.graph.collect_orphans();
+        for id in self.graph.live_goals() {
+            self.forget(id);
+            self.goals[id.0] = None;
+        }
+        for id in self.children.keys().copied().collect::<Vec<_>>() {
+            self.child_terminated(id);
+        }
+        for slot in &mut self.goals {
+            *slot = None;
+        }
+    }
+
+    fn destroy_orphans(&mut self) {
+        for id in self.graph.collect_orphans() {
+            self.forget(id);
+            // Dropping the goal value deletes its build directory and closes its log.
+            self.goals[id.0] = None;
+        }
+    }
+
+    /// Takes goal `id` out of its slot, lets `f` act on it with the worker at hand, and
+    /// puts it back unless it finished.
+    fn with_goal(&mut self, id: GoalId, f: impl FnOnce(&mut Goal, &mut Worker<'a>)) {
+        let Some(mut goal) = self.goals.get_mut(id.0).and_then(Option::take) else {
+            return;
+        };
+        f(&mut goal, self);
+        if self.graph.is_alive(id) {
+            self.goals[id.0] = Some(goal);
+        }
+    }
+
+    fn work(&mut self, id: GoalId) {
+        self.with_goal(id, |goal, w| match goal {
+            Goal::Derivation(g) => g.work(id, w),
+            Goal::Substitution(g) => g.work(id, w),
+        });
+    }
+
+    fn handle_output(&mut self, id: GoalId, chunk: &[u8]) {
+        self.with_goal(id, |goal, w| {
+            if let Goal::Derivation(g) = goal {
+                g.handle_child_output(id, w, chunk);
+            }
+        });
+    }
+
+    fn child_exited(&mut self, id: GoalId, status: Result<ExitStatus, String>) {
+        self.child_terminated(id);
+        self.with_goal(id, |goal, w| {
+            if let Goal::Derivation(g) = goal {
+                g.child_exited(status);
+                w.graph.wake_up(id);
+            }
+        });
+    }
+
+    fn cancel(&mut self, id: GoalId, kind: FailureKind, reason: String) {
+        self.child_terminated(id);
+        self.with_goal(id, |goal, w| {
+            if let Goal::Derivation(g) = goal {
+                g.cancel(id, w, kind, reason);
+            }
+        });
+    }
+
+    fn nearest_deadline(&self, now: Instant) -> Option<Instant> {
+        let mut nearest: Option<Instant> = None;
+        let mut consider = |t: Instant| nearest = Some(nearest.map_or(t, |n| n.min(t)));
+        for c in self.children.values().filter(|c| c.respect_timeouts) {
+            if let Some(d) = self.cfg.max_silent_time {
+                consider(c.last_output + d);
+            }
+            if let Some(d) = self.cfg.timeout {
+                consider(c.started + d);
+            }
+        }
+        if self.graph.has_waiting_for_a_while() {
+            let last = self.last_woken_up.unwrap_or(now);
+            consider(last + self.cfg.build_poll_interval);
+        }
+        nearest
+    }
+
+    fn wait_for_input(&mut self) -> Result<(), GoalsError> {
+        let now = Instant::now();
+        if self.graph.has_waiting_for_a_while() {
+            if self.last_woken_up.is_none() {
+                self.emit(Event::WaitingForLocks);
+                self.last_woken_up = Some(now);
+            }
+        } else {
+            self.last_woken_up = None;
+        }
+        let timeout = match self.nearest_deadline(now) {
+            Some(t) => {
+                // Round up so that we do not wake a millisecond early and spin.
+                let ms = t.saturating_duration_since(now).as_millis() + 1;
+                PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+
+        // (goal, is exit fd) for each entry of `fds`.
+        let mut owners: Vec<(GoalId, bool)> = Vec::new();
+        let mut raw: Vec<i32> = Vec::new();
+        for (&id, c) in &self.children {
+            if let Some(log) = &c.log {
+                owners.push((id, false));
+                raw.push(log.as_raw_fd());
+            }
+            owners.push((id, true));
+            raw.push(c.builder.pidfd().as_raw_fd());
+        }
+        let ready: Vec<(GoalId, bool)> = {
+            let borrowed: Vec<_> = raw
+                .iter()
+                // SAFETY: each descriptor belongs to a child in `self.children`, which is not
+                // touched until `borrowed` is dropped at the end of this block.
+                .map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+                .collect();
+            let mut pfds: Vec<PollFd> = borrowed
+                .iter()
+                .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+                .collect();
+            match nix::poll::poll(&mut pfds, timeout) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => return Ok(()),
+                Err(e) => return Err(GoalsError::Poll(e)),
+            }
+            pfds.iter()
+                .zip(&owners)
+                .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
+                .map(|(_, o)| *o)
+                .collect()
+        };
+        let after = Instant::now();
+
+        // Log data first, so that a builder's last words reach its goal before its exit.
+        for &(id, is_exit) in &ready {
+            if !is_exit {
+                self.read_log(id, after);
+            }
+        }
+        for &(id, is_exit) in &ready {
+            if is_exit && self.children.contains_key(&id) {
+                self.reap(id);
+            }
+        }
+
+        let ids: Vec<GoalId> = self.children.keys().copied().collect();
+        for id in ids {
+            let Some(c) = self.children.get(&id) else {
+                continue;
+            };
+            if !c.respect_timeouts {
+                continue;
+            }
+            if let Some(d) = self.cfg.max_silent_time {
+                if after.duration_since(c.last_output) >= d {
+                    let msg = format!("timed out after {} seconds of silence", d.as_secs());
+                    self.cancel(id, FailureKind::TimedOut, msg);
+                    continue;
+                }
+            }
+            if let Some(d) = self.cfg.timeout {
+                if after.duration_since(c.started) >= d {
+                    let msg = format!("timed out after {} seconds", d.as_secs());
+                    self.cancel(id, FailureKind::TimedOut, msg);
+                }
+            }
+        }
+
+        if self.graph.has_waiting_for_a_while() {
+            let last = *self.last_woken_up.get_or_insert(after);
+            if last + self.cfg.build_poll_interval <= after {
+                self.last_woken_up = Some(after);
+                self.graph.wake_a_while_waiters();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what is available on `id`'s log pipe (one read), handing it to the goal.
+    fn read_log(&mut self, id: GoalId, now: Instant) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let Some(c) = self.children.get_mut(&id) else {
+            return;
+        };
+        let Some(log) = &c.log else { return };
+        match nix::unistd::read(log.as_raw_fd(), &mut buf) {
+            Ok(0) => c.log = None,
+            Ok(n) => {
+                c.last_output = now;
+                self.handle_output(id, &buf[..n]);
+            }
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+            Err(_) => c.log = None,
+        }
+    }
+
+    /// The builder of `id` exited: reap it (which kills what is left of its process group),
+    /// drain its log pipe and let the goal finish the build.
+    fn reap(&mut self, id: GoalId) {
+        let status = match self.children.get_mut(&id) {
+            Some(c) => c.builder.wait().map_err(|e| e.to_string()),
+            None => return,
+        };
+        self.drain_log(id);
+        self.child_exited(id, status);
+    }
+
+    fn drain_log(&mut self, id: GoalId) {
+        // The process group is dead, so the pipe reaches end-of-file as soon as the kernel
+        // has closed their descriptors. A process that left the group (setsid) may still
+        // hold it open; stop waiting once the pipe stays quiet for a moment.
+        const QUIET: Duration = Duration::from_millis(200);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let Some(c) = self.children.get_mut(&id) else {
+                return;
+            };
+            let Some(log) = &c.log else { return };
+            let mut pfd = [PollFd::new(log.as_fd(), PollFlags::POLLIN)];
+            match nix::poll::poll(
+                &mut pfd,
+                PollTimeout::try_from(QUIET.as_millis() as i32).unwrap_or(PollTimeout::ZERO),
+            ) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            match nix::unistd::read(log.as_raw_fd(), &mut buf) {
+                Ok(0) => {
+                    c.log = None;
+                    return;
+                }
+                Ok(n) => {
+                    c.last_output = Instant::now();
+                    self.handle_output(id, &buf[..n]);
+                }
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Nix 2.x's exit status for a run with failures: 100 plus bits for a timeout (1), a
+    /// fixed-output hash mismatch (2) and a `--check` mismatch (4); 1 for other failures.
+    pub fn failing_exit_status(&self) -> i32 {
+        let build_failure = self.permanent_failure || self.timed_out || self.hash_mismatch;
+        let mut mask = 0;
+        if build_failure {
+            mask |= 0x04;
+        }
+        if self.timed_out {
+            mask |= 0x01;
+        }
+        if self.hash_mismatch {
+            mask |= 0x02;
+        }
+        if self.check_mismatch {
+            mask |= 0x08;
+        }
+        if mask != 0 {
+            mask | 0x60
+        } else {
+            1
+        }
+    }
+}
