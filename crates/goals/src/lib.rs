@@ -27,6 +27,7 @@ pub mod refcheck;
 mod register;
 pub mod store;
 mod substitution_goal;
+mod watchdog;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -76,6 +76,9 @@ pub(crate) struct Worker<'a> {
     pub timed_out: bool,
     pub hash_mismatch: bool,
     pub check_mismatch: bool,
+    /// Kills the builders if this process dies; started with the first builder. Declared
+    /// last so that it is dropped after the children (all reaped by then).
+    watchdog: Option<crate::watchdog::Watchdog>,
 }
 
 impl<'a> Worker<'a> {
@@ -101,6 +104,7 @@ impl<'a> Worker<'a> {
             timed_out: false,
             hash_mismatch: false,
             check_mismatch: false,
+            watchdog: None,
         }
     }
 
@@ -222,6 +226,13 @@ impl<'a> Worker<'a> {
         in_build_slot: bool,
     ) {
         let now = Instant::now();
+        if self.watchdog.is_none() {
+            self.watchdog = crate::watchdog::Watchdog::start();
+        }
+        if let Some(wd) = self.watchdog.as_mut() {
+            // The builder leads its own process group (it called setsid).
+            wd.builder_started(builder.pid.as_raw());
+        }
         self.children.insert(
             id,
             Child {
@@ -243,6 +254,9 @@ impl<'a> Worker<'a> {
         if let Some(mut child) = self.children.remove(&id) {
             let _ = child.builder.kill();
             let _ = child.builder.wait();
+            if let Some(wd) = self.watchdog.as_mut() {
+                wd.builder_reaped(child.builder.pid.as_raw());
+            }
             if child.in_build_slot {
                 self.nr_local_builds -= 1;
             }
