@@ -203,6 +203,21 @@ fn live_processes_of(uid: u32) -> Vec<i32> {
     out
 }
 
+/// The child's exit status, or `None` if it is still running after 10 s (then it is killed,
+/// so that a failing test does not hang the VM until its timeout).
+fn wait_briefly(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 fn spawn_as(uid: u32, script: &str) -> Child {
     Command::new("/bin/sh")
         .args(["-c", script])
@@ -268,7 +283,8 @@ fn vm_kill_all_processes_of_a_user() {
     user.kill_all_processes().unwrap();
 
     kill_user(bystander).unwrap();
-    assert_eq!(other.wait().unwrap().signal(), Some(libc::SIGKILL));
+    let status = wait_briefly(&mut other).expect("bystander still running after kill_user");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
 }
 
 #[test]

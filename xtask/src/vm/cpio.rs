@@ -104,7 +104,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while self.buf.len() & 3 != 0 {
             self.buf.push(0);
         }
     }
@@ -134,7 +134,7 @@ mod tests {
         c.symlink("a/link", "b/hello.txt");
         c.file("odd", 0o755, b"12345");
         let bytes = c.finish();
-        assert_eq!(bytes.len() % 4, 0);
+        assert_eq!(bytes.len() & 3, 0);
         let dir = std::env::temp_dir().join(format!("xtask-cpio-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut child = std::process::Command::new("cpio")
