@@ -5,10 +5,13 @@
 //! forks or spawns processes and never prints; it reports failures as typed errors that
 //! name the file, path or byte offset at fault.
 
+pub mod canon;
 pub mod derivation;
 pub mod hash;
 pub mod nar;
+pub mod optimise;
 pub mod path;
+pub mod refscan;
 
 pub use hash::{Encoding, Hash, HashAlgo, Hasher};
 pub use path::{DerivedPath, StoreDir, StorePath};
