@@ -28,6 +28,15 @@ impl Holder {
     }
 }
 
+/// Taken by the tests that fork and the tests that re-take a lock they just dropped: a child
+/// forked by one test holds copies of every descriptor until it closes them, which keeps a
+/// `flock` that another test just released alive for that moment.
+static FORKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    FORKING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// In a forked test child: closes every inherited descriptor but `keep`. Other tests of this
 /// binary hold lock files open on other threads; a child keeping their descriptors would keep
 /// their `flock` (which belongs to the open file description) alive after they drop it.
@@ -200,6 +209,7 @@ fn lock_file_per_uid_with_mode_0600() {
 
 #[test]
 fn same_process_cannot_take_a_held_uid_twice() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let a = UidLock::try_acquire(dir.path(), 30001)
         .unwrap()
@@ -220,6 +230,7 @@ fn same_process_cannot_take_a_held_uid_twice() {
 
 #[test]
 fn other_processes_see_both_locks_until_drop() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let me = std::process::id() as libc::pid_t;
     let lock = UidLock::try_acquire(dir.path(), 30003)
@@ -241,6 +252,7 @@ fn other_processes_see_both_locks_until_drop() {
 
 #[test]
 fn a_uid_locked_by_another_process_is_skipped() {
+    let _serial = serial();
     for kind in [Kind::Fcntl, Kind::Flock] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("30004");
