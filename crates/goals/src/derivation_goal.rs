@@ -426,11 +426,13 @@ impl DerivationGoal {
                     Some(p) => {
                         roots.insert(p);
                     }
-                    None => return Err(BuildError::Build(format!(
+                    None => {
+                        return Err(BuildError::Build(format!(
                         "derivation {} requires non-existent output '{o}' from input derivation {}",
                         quoted(w.store_dir(), &self.drv_path),
                         quoted(w.store_dir(), in_drv_path)
-                    ))),
+                    )))
+                    }
                 }
             }
         }

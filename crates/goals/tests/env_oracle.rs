@@ -1,0 +1,207 @@
+//! The builder's exact environment, compared with what real Nix 2.8 gives the same
+//! builder (when `nix-store` is installed; required under CI=true).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+const SCRIPT: &str = "/usr/bin/env > $out";
+
+fn parse_env(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Our builder's environment for a derivation named `envdump`.
+fn nixb_env(t: &TestStore, fixed: bool) -> BTreeMap<String, String> {
+    let mut s = spec("envdump", SCRIPT).env("impureEnvVars", "FOO_IMPURE BAR_MISSING");
+    if fixed {
+        // The output is fixed ("x"); the environment goes to the build log.
+        s = spec("envdump", "/usr/bin/env >&2; echo -n x > $out")
+            .env("impureEnvVars", "FOO_IMPURE BAR_MISSING")
+            // As nix-instantiate puts them into the environment.
+            .env("outputHashMode", "flat")
+            .env("outputHashAlgo", "sha256")
+            .env(
+                "outputHash",
+                "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",
+            )
+            .fixed(
+                false,
+                nixb_store::Hash::digest(nixb_store::HashAlgo::Sha256, b"x"),
+            );
+    }
+    let drv = t.add_drv(s);
+    let mut cfg = t.cfg.clone();
+    cfg.cores = 3;
+    cfg.impure_env = BTreeMap::from([("FOO_IMPURE".to_string(), "xyz".to_string())]);
+    let (outcome, events) = t.realise_with(&[&drv], &cfg);
+    assert_eq!(outcome.exit_status, 0, "{:?}", outcome.failures);
+    if fixed {
+        parse_env(&log_of(&events, &drv))
+    } else {
+        parse_env(&std::fs::read_to_string(t.real(&t.out(&drv))).unwrap())
+    }
+}
+
+#[test]
+fn environment_is_exactly_the_documented_one() {
+    let t = TestStore::new();
+    let env = nixb_env(&t, false);
+    let keys: Vec<&str> = env.keys().map(String::as_str).collect();
+    // build.cc's startBuilder plus Nix 2.x's NIX_LOG_FD and TERM, and the derivation's own
+    // variables (name, builder, system, out, impureEnvVars).
+    assert_eq!(
+        keys,
+        [
+            "HOME",
+            "NIX_BUILD_CORES",
+            "NIX_BUILD_TOP",
+            "NIX_LOG_FD",
+            "NIX_STORE",
+            "PATH",
+            "PWD",
+            "TEMP",
+            "TEMPDIR",
+            "TERM",
+            "TMP",
+            "TMPDIR",
+            "builder",
+            "impureEnvVars",
+            "name",
+            "out",
+            "system"
+        ]
+    );
+    assert_eq!(env["PATH"], "/path-not-set");
+    assert_eq!(env["HOME"], "/homeless-shelter");
+    assert_eq!(env["NIX_STORE"], t.dir().as_str());
+    assert_eq!(env["NIX_BUILD_CORES"], "3");
+    assert_eq!(env["NIX_LOG_FD"], "2");
+    let top = &env["NIX_BUILD_TOP"];
+    let prefix = format!("{}/nix-build-envdump.drv-", t.cfg.build_dir_root.display());
+    assert!(top.starts_with(&prefix), "{top}");
+    for k in ["TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        assert_eq!(&env[k], top, "{k}");
+    }
+
+    let t2 = TestStore::new();
+    let fixed = nixb_env(&t2, true);
+    assert_eq!(fixed["NIX_OUTPUT_CHECKED"], "1");
+    assert_eq!(fixed["FOO_IMPURE"], "xyz");
+    assert_eq!(fixed["BAR_MISSING"], "");
+}
+
+fn have_nix() -> bool {
+    Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs real Nix on the same derivation in a private store and returns the environment its
+/// builder saw, with that store's dir and Nix's build dir.
+fn nix_env(root: &Path, fixed: bool) -> (BTreeMap<String, String>, String) {
+    let store = root.join("store");
+    let etc = root.join("etc");
+    let tmp = root.join("tmp");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(
+        etc.join("nix.conf"),
+        "sandbox = false\nbuild-users-group =\nsubstituters =\ncores = 3\n",
+    )
+    .unwrap();
+    let expr = if fixed {
+        r#"derivation { name = "envdump"; system = builtins.currentSystem; builder = "/bin/sh";
+           args = ["-c" "/usr/bin/env >&2; echo -n x > $out"]; impureEnvVars = ["FOO_IMPURE" "BAR_MISSING"];
+           outputHashMode = "flat"; outputHashAlgo = "sha256";
+           outputHash = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"; }"#
+    } else {
+        r#"derivation { name = "envdump"; system = builtins.currentSystem; builder = "/bin/sh";
+           args = ["-c" "/usr/bin/env > $out"]; impureEnvVars = ["FOO_IMPURE" "BAR_MISSING"]; }"#
+    };
+    let file = root.join("e.nix");
+    std::fs::write(&file, expr).unwrap();
+    let nix = |cmd: &str, args: &[&str]| {
+        let o = Command::new(cmd)
+            .args(args)
+            .env("NIX_STORE_DIR", &store)
+            .env("NIX_STATE_DIR", root.join("state"))
+            .env("NIX_LOG_DIR", root.join("log"))
+            .env("NIX_CONF_DIR", &etc)
+            .env("TMPDIR", &tmp)
+            .env("FOO_IMPURE", "xyz")
+            .env_remove("BAR_MISSING")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let drv = nix("nix-instantiate", &[file.to_str().unwrap()]);
+    let out = nix("nix-store", &["-r", &drv]);
+    let text = if fixed {
+        nix("nix-store", &["-l", &drv])
+    } else {
+        std::fs::read_to_string(out).unwrap()
+    };
+    (parse_env(&text), store.display().to_string())
+}
+
+#[test]
+fn environment_matches_real_nix() {
+    if !have_nix() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nix-store is required for this test under CI=true"
+        );
+        eprintln!("skipping: nix-store not installed");
+        return;
+    }
+    for fixed in [false, true] {
+        let oracle_dir = tempfile::tempdir().unwrap();
+        let (theirs, their_store) = nix_env(oracle_dir.path(), fixed);
+        let t = TestStore::new();
+        let ours = nixb_env(&t, fixed);
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>(),
+            "fixed-output: {fixed}"
+        );
+        for (k, v) in &theirs {
+            // Values differ only where they name the store or the build directory.
+            let norm_theirs = v
+                .replace(&their_store, "@store")
+                .replace("nix-build-envdump.drv-0", "@build");
+            let norm_ours = ours[k].replace(t.dir().as_str(), "@store");
+            let norm_ours = match norm_ours.rfind("nix-build-envdump.drv-") {
+                Some(_) if k != "out" => "@build".to_string(),
+                _ => norm_ours,
+            };
+            let norm_theirs = if norm_theirs.ends_with("@build") {
+                "@build".to_string()
+            } else {
+                norm_theirs
+            };
+            if k == "out" {
+                // Output paths depend on the store dir; check the shape only.
+                assert!(norm_ours.starts_with("@store/") && norm_theirs.starts_with("@store/"));
+                continue;
+            }
+            assert_eq!(
+                norm_ours, norm_theirs,
+                "variable {k} (fixed-output: {fixed})"
+            );
+        }
+    }
+}
