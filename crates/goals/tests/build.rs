@@ -235,3 +235,66 @@ fn builder_that_closes_its_output_early_still_finishes() {
     assert_eq!(outcome.exit_status, 0, "{:?}", outcome.failures);
     assert!(t.store.is_valid_path(&t.out(&drv)).unwrap());
 }
+
+#[test]
+fn a_builder_that_cannot_be_executed_fails_the_goal() {
+    let t = TestStore::new();
+    let drv = t.add_drv(spec("nobuilder", "").builder("/nonexistent/builder"));
+    let (outcome, events) = t.realise(&[&drv]);
+    assert_eq!(outcome.exit_status, 1);
+    let msg = &outcome.failures[0].message;
+    assert!(
+        msg.starts_with(&format!(
+            "failed to set up the build environment for '{}'",
+            t.print(&drv)
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("No such file or directory") || msg.contains("ENOENT"),
+        "{msg}"
+    );
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, Event::BuildSucceeded { .. })));
+    assert_eq!(std::fs::read_dir(&t.cfg.build_dir_root).unwrap().count(), 0);
+}
+
+#[test]
+fn two_targets_wanting_different_outputs_share_one_build() {
+    let t = TestStore::new();
+    let counter = t.root().join("runs");
+    let drv = t.add_drv(
+        spec(
+            "split",
+            &format!(
+                "echo run >> {}; echo > $out; echo > $dev",
+                counter.display()
+            ),
+        )
+        .outputs(&["out", "dev"]),
+    );
+    let targets = [
+        nixb_store::DerivedPath::Built {
+            drv: drv.clone(),
+            outputs: vec!["out".into()],
+        },
+        nixb_store::DerivedPath::Built {
+            drv: drv.clone(),
+            outputs: vec!["dev".into()],
+        },
+    ];
+    let mut sink = nixb_goals::VecSink::default();
+    let outcome = nixb_goals::realise(&t.store, &targets, &t.cfg, &mut sink).unwrap();
+    assert_eq!(outcome.exit_status, 0, "{:?}", outcome.failures);
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "run\n");
+    let outs = t.outputs(&drv);
+    assert_eq!(
+        outcome.outputs[0].1,
+        std::collections::BTreeMap::from([("out".to_string(), outs["out"].clone())])
+    );
+    assert_eq!(
+        outcome.outputs[1].1,
+        std::collections::BTreeMap::from([("dev".to_string(), outs["dev"].clone())])
+    );
+}

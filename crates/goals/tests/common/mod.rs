@@ -158,6 +158,7 @@ pub struct DrvSpec {
     pub input_srcs: Vec<StorePath>,
     pub env: Vec<(String, String)>,
     pub fixed: Option<FixedOutputHash>,
+    pub builder: String,
 }
 
 pub fn spec(name: &str, script: &str) -> DrvSpec {
@@ -169,6 +170,7 @@ pub fn spec(name: &str, script: &str) -> DrvSpec {
         input_srcs: vec![],
         env: vec![],
         fixed: None,
+        builder: "/bin/sh".into(),
     }
 }
 
@@ -188,6 +190,10 @@ impl DrvSpec {
     }
     pub fn outputs(mut self, outs: &[&str]) -> Self {
         self.outputs = outs.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn builder(mut self, program: &str) -> Self {
+        self.builder = program.into();
         self
     }
     pub fn fixed(mut self, recursive: bool, hash: nixb_store::Hash) -> Self {
@@ -235,7 +241,7 @@ impl TestStore {
     pub fn add_drv(&self, s: DrvSpec) -> StorePath {
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         env.insert("name".into(), s.name.clone());
-        env.insert("builder".into(), "/bin/sh".into());
+        env.insert("builder".into(), s.builder.clone());
         env.insert("system".into(), self.cfg.system.clone());
         for (k, v) in s.env {
             env.insert(k, v);
@@ -260,7 +266,7 @@ impl TestStore {
                 .collect(),
             input_srcs: s.input_srcs.into_iter().collect(),
             platform: self.cfg.system.clone(),
-            builder: "/bin/sh".into(),
+            builder: s.builder,
             args: vec!["-c".into(), s.script],
             env,
         };
