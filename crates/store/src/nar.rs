@@ -459,10 +459,49 @@ fn creation_error(e: io::Error, place: &Place<'_>, path: &Path, step: &'static s
     }
 }
 
-/// One directory being filled: its fd and the last entry name, to enforce order.
+/// One directory being filled: the last entry name (to enforce order), its identity,
+/// and its fd while it is the innermost directory. Ancestors give up their fds so that
+/// deep archives cannot exhaust the descriptor table; on the way back up the parent is
+/// reopened through `..` of the child and must be the same inode.
 struct Frame {
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
+    dev_ino: (u64, u64),
     prev: Option<Vec<u8>>,
+}
+
+impl Frame {
+    fn new(fd: OwnedFd, path: &Path) -> Result<Frame, NarError> {
+        let dev_ino = fd_identity(&fd, path)?;
+        Ok(Frame {
+            fd: Some(fd),
+            dev_ino,
+            prev: None,
+        })
+    }
+}
+
+fn fd_identity(fd: &OwnedFd, path: &Path) -> Result<(u64, u64), NarError> {
+    // SAFETY: an all-zero stat is a valid value to be overwritten by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and a pointer to a properly sized stat buffer.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }).map_err(|e| NarError::io("getting attributes of", path, e))?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Reopens the parent of the directory `child` and checks it is the one we created.
+fn reopen_parent(child: &OwnedFd, want: (u64, u64), path: &Path) -> Result<OwnedFd, NarError> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: valid fd and C string literal.
+    let fd = owned(unsafe { libc::openat(child.as_raw_fd(), c"..".as_ptr(), flags) })
+        .map_err(|e| NarError::io("reopening directory", path, e))?;
+    if fd_identity(&fd, path)? != want {
+        return Err(NarError::io(
+            "reopening directory",
+            path,
+            io::Error::other("directory was moved while being restored"),
+        ));
+    }
+    Ok(fd)
 }
 
 /// Restores a NAR from `input` into `dest`, which must not exist yet; the input must end
@@ -526,7 +565,7 @@ fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), N
 
     // Parse the root node, then loop over directory entries until the stack is empty.
     if let Some(fd) = restore_node(r, Place::Root(dest), &path)? {
-        stack.push(Frame { fd, prev: None });
+        stack.push(Frame::new(fd, &path)?);
     }
     while !stack.is_empty() {
         let depth = stack.len();
@@ -534,10 +573,11 @@ fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), N
         match tag.as_slice() {
             b")" => {
                 // End of this directory; unless it is the root, its entry closes too.
-                stack.pop();
-                if !stack.is_empty() {
-                    r.expect(")", &path)?;
+                let done = stack.pop();
+                if let (Some(parent), Some(Frame { fd: Some(fd), .. })) = (stack.last_mut(), done) {
                     path.pop();
+                    parent.fd = Some(reopen_parent(&fd, parent.dev_ino, &path)?);
+                    r.expect(")", &path)?;
                 }
             }
             b"entry" => {
@@ -562,13 +602,21 @@ fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), N
                     }
                 }
                 r.expect("node", &path)?;
-                let Some(top) = stack.last_mut() else { break };
+                let Some(top) = stack.last_mut() else { return Err(no_open_dir(&path)) };
                 path.push(OsStr::from_bytes(&name));
                 let name_c = cstring(&name, &path)?;
                 top.prev = Some(name);
-                let parent = top.fd.as_raw_fd();
+                let Some(parent) = top.fd.as_ref().map(|f| f.as_raw_fd()) else {
+                    return Err(no_open_dir(&path));
+                };
                 match restore_node(r, Place::At(parent, &name_c), &path)? {
-                    Some(fd) => stack.push(Frame { fd, prev: None }),
+                    Some(fd) => {
+                        let frame = Frame::new(fd, &path)?;
+                        if let Some(top) = stack.last_mut() {
+                            top.fd = None;
+                        }
+                        stack.push(frame);
+                    }
                     None => {
                         r.expect(")", &path)?;
                         path.pop();
@@ -585,6 +633,12 @@ fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), N
         }
     }
     Ok(())
+}
+
+// Unreachable by construction (the innermost frame always holds its fd); an error rather
+// than a panic all the same.
+fn no_open_dir(path: &Path) -> NarError {
+    NarError::io("restoring", path, io::Error::other("internal error: no open directory"))
 }
 
 /// Why `name` may not be a directory entry, if it may not.
