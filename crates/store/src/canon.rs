@@ -135,8 +135,6 @@ fn canonicalise(path: &Path, expected_uid: Option<u32>, seen: &mut InodesSeen) -
     if !ft.is_dir() && seen.contains(st.dev(), st.ino()) {
         return Ok(());
     }
-    let c = cpath(path)?;
-    remove_xattrs(&c, path)?;
     if let Some(uid) = expected_uid {
         if st.uid() != uid {
             return Err(CanonError::WrongOwnership {
@@ -147,6 +145,9 @@ fn canonicalise(path: &Path, expected_uid: Option<u32>, seen: &mut InodesSeen) -
         }
     }
     seen.insert(st.dev(), st.ino());
+    // Only after the ownership check: a foreign file must be left exactly as it was.
+    let c = cpath(path)?;
+    remove_xattrs(&c, path)?;
 
     if !ft.is_symlink() {
         let mode = st.mode() & 0o7777;
