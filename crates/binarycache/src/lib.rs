@@ -1,0 +1,17 @@
+//! Nix binary caches: the `file://` and `http(s)://` caches that `nix copy --to` writes and
+//! Nix substitutes from.
+//!
+//! - [`narinfo`]: the `.narinfo` and `nix-cache-info` formats (strict parser, Nix's printer)
+//! - [`signing`]: ed25519 keys in Nix's `name:base64` form, narinfo fingerprints and signatures
+//! - [`cache`]: reading a cache, streaming a NAR through decompression and hashing into place
+//!
+//! This crate never prints (it logs through `tracing`) and never spawns processes; the
+//! substituter protocol side reads and writes the streams it is given.
+
+pub mod cache;
+pub mod narinfo;
+pub mod signing;
+
+pub use cache::{BinaryCache, CacheError, CacheOptions};
+pub use narinfo::{CacheInfo, Compression, NarInfo, NarInfoError};
+pub use signing::{KeyError, PublicKey, SecretKey, TrustedKeys};
