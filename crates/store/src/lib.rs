@@ -6,8 +6,11 @@
 //! name the file, path or byte offset at fault.
 
 pub mod canon;
+pub mod db;
 pub mod derivation;
 pub mod hash;
+pub mod local_store;
+pub mod locks;
 pub mod nar;
 pub mod optimise;
 pub mod path;

@@ -1,0 +1,485 @@
+//! The SQLite validity database, `$NIX_STATE_DIR/db/db.sqlite`, in Nix 2.x's schema
+//! version 10 (the number in the neighbouring `db/schema` file):
+//!
+//! ```text
+//! ValidPaths(id, path unique, hash, registrationTime, deriver, narSize, ultimate, sigs, ca)
+//!     path      absolute store path
+//!     hash      narHash as "sha256:<base16>"
+//!     deriver   absolute .drv path or null
+//!     narSize   bytes of the NAR or null
+//!     ultimate  1 when built here, else null
+//!     sigs      space-separated "key:base64", null when none
+//!     ca        "fixed:r:sha256:<base32>", "text:sha256:<base32>" ... or null
+//! Refs(referrer -> ValidPaths.id on delete cascade, reference -> ValidPaths.id on delete restrict)
+//! DerivationOutputs(drv -> ValidPaths.id on delete cascade, id = output name, path)
+//! FailedPaths(path, time)         nixb's own: the failed-build cache of Nix 1.x
+//! ```
+//!
+//! This module is the SQL and nothing else: it speaks in absolute path strings and row
+//! ids, and leaves store semantics (closure checks, parsing derivations) to
+//! [`LocalStore`](crate::local_store::LocalStore). Every write runs inside
+//! [`Db::transaction`], which takes SQLite's write lock up front and retries while
+//! another process (nixb or Nix) holds it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+/// The schema version Nix 2.x (2.0 through 2.8 and later) writes to `db/schema`.
+pub const SCHEMA_VERSION: u32 = 10;
+
+/// How long one statement waits on a lock held by another process before SQLite gives
+/// up with `SQLITE_BUSY`. Nix waits an hour; builds legitimately hold the lock for the
+/// length of a registration, never long, so a long wait only hides a stuck process.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+/// The tables and indices of schema 10. Column names, types, keys and cascade rules are
+/// what Nix reads and writes; the `DeleteSelfRefs` trigger lets a path that refers to
+/// itself be deleted despite the `restrict` rule on `Refs.reference`.
+const SCHEMA: &str = "
+create table if not exists ValidPaths (
+    id               integer primary key autoincrement not null,
+    path             text unique not null,
+    hash             text not null,
+    registrationTime integer not null,
+    deriver          text,
+    narSize          integer,
+    ultimate         integer,
+    sigs             text,
+    ca               text
+);
+create table if not exists Refs (
+    referrer  integer not null,
+    reference integer not null,
+    primary key (referrer, reference),
+    foreign key (referrer) references ValidPaths(id) on delete cascade,
+    foreign key (reference) references ValidPaths(id) on delete restrict
+);
+create index if not exists IndexReferrer on Refs(referrer);
+create index if not exists IndexReference on Refs(reference);
+create trigger if not exists DeleteSelfRefs before delete on ValidPaths
+  begin
+    delete from Refs where referrer = old.id and reference = old.id;
+  end;
+create table if not exists DerivationOutputs (
+    drv  integer not null,
+    id   text not null,
+    path text not null,
+    primary key (drv, id),
+    foreign key (drv) references ValidPaths(id) on delete cascade
+);
+create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
+";
+
+/// nixb's own table. Created on every open (not only with the schema) so that a store
+/// made by Nix gains it the first time nixb opens it; Nix ignores tables it does not know.
+const NIXB_TABLES: &str = "
+create table if not exists FailedPaths (
+    path text primary key not null,
+    time integer not null
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+#[error("database {db}: {step}: {source}")]
+pub struct DbError {
+    pub db: PathBuf,
+    pub step: String,
+    #[source]
+    pub source: rusqlite::Error,
+}
+
+/// One row of `ValidPaths`, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathRow {
+    pub id: i64,
+    pub path: String,
+    pub hash: String,
+    pub registration_time: i64,
+    pub deriver: Option<String>,
+    pub nar_size: Option<i64>,
+    pub ultimate: bool,
+    pub sigs: Option<String>,
+    pub ca: Option<String>,
+}
+
+/// An open validity database.
+pub struct Db {
+    conn: Connection,
+    file: PathBuf,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("file", &self.file).finish()
+    }
+}
+
+impl Db {
+    /// Opens `file`, creating it with the schema when `create` is set. The connection is
+    /// set up as Nix sets up its own, so that the two can share the file: write-ahead
+    /// log, foreign keys enforced, `synchronous = normal`, a long busy timeout.
+    pub fn open(file: &Path, create: bool) -> Result<Db, DbError> {
+        let err = |step: &str| {
+            let db = file.to_path_buf();
+            let step = step.to_string();
+            move |source| DbError { db, step, source }
+        };
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if create {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let conn = Connection::open_with_flags(file, flags).map_err(err("opening"))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err("setting busy timeout"))?;
+        conn.execute_batch("pragma foreign_keys = 1; pragma synchronous = normal;")
+            .map_err(err("setting pragmas"))?;
+        // The page size only takes effect before the first table exists; Nix uses 4096.
+        if create {
+            conn.execute_batch("pragma main.page_size = 4096;")
+                .map_err(err("setting page size"))?;
+        }
+        let mode: String = conn
+            .query_row("pragma main.journal_mode", [], |r| r.get(0))
+            .map_err(err("reading journal mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            let _: String = conn
+                .query_row("pragma main.journal_mode = wal", [], |r| r.get(0))
+                .map_err(err("switching to write-ahead log"))?;
+        }
+        // Checkpoint less often than SQLite's default, as Nix does: registering a large
+        // closure writes many pages and the checkpoints dominate otherwise.
+        conn.execute_batch("pragma wal_autocheckpoint = 40000;")
+            .map_err(err("setting wal autocheckpoint"))?;
+        let db = Db {
+            conn,
+            file: file.to_path_buf(),
+        };
+        if create {
+            db.transaction("creating schema", |db| db.exec(SCHEMA, "creating schema"))?;
+        }
+        db.transaction("creating nixb tables", |db| db.exec(NIXB_TABLES, "creating nixb tables"))?;
+        Ok(db)
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    fn wrap(&self, step: &str) -> impl FnOnce(rusqlite::Error) -> DbError {
+        let db = self.file.clone();
+        let step = step.to_string();
+        move |source| DbError { db, step, source }
+    }
+
+    fn exec(&self, sql: &str, step: &str) -> Result<(), DbError> {
+        self.conn.execute_batch(sql).map_err(self.wrap(step))
+    }
+
+    /// Runs `f` in one write transaction: everything it did is committed together, or
+    /// rolled back when it returns an error. `begin immediate` takes the write lock at
+    /// once, so two writers never deadlock trying to upgrade read locks; when the lock is
+    /// still busy after the busy timeout (or SQLite reports busy without waiting, which
+    /// it does in some WAL situations), the whole transaction is retried.
+    pub fn transaction<T, E>(&self, what: &str, mut f: impl FnMut(&Db) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<DbError>,
+    {
+        let started = Instant::now();
+        loop {
+            match self.conn.execute_batch("begin immediate") {
+                Ok(()) => {}
+                Err(e) if is_busy(&e) && started.elapsed() < BUSY_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(e) => return Err(self.wrap(&format!("{what}: beginning transaction"))(e).into()),
+            }
+            match f(self) {
+                Ok(v) => match self.conn.execute_batch("commit") {
+                    Ok(()) => return Ok(v),
+                    Err(e) => {
+                        let _ = self.conn.execute_batch("rollback");
+                        if is_busy(&e) && started.elapsed() < BUSY_TIMEOUT {
+                            continue;
+                        }
+                        return Err(self.wrap(&format!("{what}: committing"))(e).into());
+                    }
+                },
+                Err(e) => {
+                    let _ = self.conn.execute_batch("rollback");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    pub fn path_id(&self, path: &str) -> Result<Option<i64>, DbError> {
+        self.conn
+            .prepare_cached("select id from ValidPaths where path = ?1")
+            .and_then(|mut s| s.query_row([path], |r| r.get(0)).optional())
+            .map_err(self.wrap(&format!("looking up {path}")))
+    }
+
+    pub fn path_row(&self, path: &str) -> Result<Option<PathRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "select id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca \
+                 from ValidPaths where path = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([path], |r| {
+                    Ok(PathRow {
+                        id: r.get(0)?,
+                        path: r.get(1)?,
+                        hash: r.get(2)?,
+                        registration_time: r.get(3)?,
+                        deriver: r.get(4)?,
+                        nar_size: r.get(5)?,
+                        ultimate: r.get::<_, Option<i64>>(6)?.unwrap_or(0) != 0,
+                        sigs: r.get(7)?,
+                        ca: r.get(8)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(self.wrap(&format!("reading path info of {path}")))
+    }
+
+    /// Inserts a new row (the `id` of `row` is ignored) and returns its id.
+    pub fn insert_path(&self, row: &PathRow) -> Result<i64, DbError> {
+        self.conn
+            .prepare_cached(
+                "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) \
+                 values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    row.path,
+                    row.hash,
+                    row.registration_time,
+                    row.deriver,
+                    row.nar_size,
+                    row.ultimate.then_some(1i64),
+                    row.sigs,
+                    row.ca
+                ])
+            })
+            .map_err(self.wrap(&format!("registering {}", row.path)))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Overwrites what can change when a valid path is registered again (Nix keeps the
+    /// original registration time and deriver).
+    pub fn update_path(&self, row: &PathRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "update ValidPaths set narSize = ?1, hash = ?2, ultimate = ?3, sigs = ?4, ca = ?5 where path = ?6",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    row.nar_size,
+                    row.hash,
+                    row.ultimate.then_some(1i64),
+                    row.sigs,
+                    row.ca,
+                    row.path
+                ])
+            })
+            .map(|_| ())
+            .map_err(self.wrap(&format!("updating path info of {}", row.path)))
+    }
+
+    pub fn add_reference(&self, referrer: i64, reference: i64) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("insert or replace into Refs (referrer, reference) values (?1, ?2)")
+            .and_then(|mut s| s.execute(params![referrer, reference]))
+            .map(|_| ())
+            .map_err(self.wrap("adding reference"))
+    }
+
+    /// Paths that the path with row id `id` refers to.
+    pub fn references(&self, id: i64) -> Result<Vec<String>, DbError> {
+        self.strings(
+            "select path from Refs join ValidPaths on reference = id where referrer = ?1",
+            params![id],
+            "querying references",
+        )
+    }
+
+    /// Paths that refer to `path`.
+    pub fn referrers(&self, path: &str) -> Result<Vec<String>, DbError> {
+        self.strings(
+            "select path from Refs join ValidPaths on referrer = id \
+             where reference = (select id from ValidPaths where path = ?1)",
+            params![path],
+            &format!("querying referrers of {path}"),
+        )
+    }
+
+    pub fn add_derivation_output(&self, drv: i64, output: &str, path: &str) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("insert or replace into DerivationOutputs (drv, id, path) values (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![drv, output, path]))
+            .map(|_| ())
+            .map_err(self.wrap(&format!("recording output {output} = {path}")))
+    }
+
+    /// `(output name, path)` of the derivation with row id `drv`.
+    pub fn derivation_outputs(&self, drv: i64) -> Result<Vec<(String, String)>, DbError> {
+        let mut s = self
+            .conn
+            .prepare_cached("select id, path from DerivationOutputs where drv = ?1")
+            .map_err(self.wrap("querying derivation outputs"))?;
+        let rows = s
+            .query_map([drv], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(self.wrap("querying derivation outputs"))?;
+        Ok(rows)
+    }
+
+    /// Valid derivations that list `path` as one of their outputs.
+    pub fn valid_derivers(&self, path: &str) -> Result<Vec<String>, DbError> {
+        self.strings(
+            "select v.path from DerivationOutputs d join ValidPaths v on d.drv = v.id where d.path = ?1",
+            params![path],
+            &format!("querying derivers of {path}"),
+        )
+    }
+
+    /// Deletes a path's row; its references and derivation outputs go with it (cascade).
+    /// Fails with a foreign key error while another path still refers to it.
+    pub fn delete_path(&self, id: i64) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("delete from ValidPaths where id = ?1")
+            .and_then(|mut s| s.execute([id]))
+            .map(|_| ())
+            .map_err(self.wrap("invalidating path"))
+    }
+
+    /// Every valid path.
+    pub fn all_paths(&self) -> Result<Vec<String>, DbError> {
+        self.strings("select path from ValidPaths", [], "listing valid paths")
+    }
+
+    pub fn has_failed(&self, path: &str) -> Result<bool, DbError> {
+        self.conn
+            .prepare_cached("select 1 from FailedPaths where path = ?1")
+            .and_then(|mut s| s.exists([path]))
+            .map_err(self.wrap(&format!("querying failure of {path}")))
+    }
+
+    pub fn add_failed(&self, path: &str, time: i64) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("insert or replace into FailedPaths (path, time) values (?1, ?2)")
+            .and_then(|mut s| s.execute(params![path, time]))
+            .map(|_| ())
+            .map_err(self.wrap(&format!("recording failure of {path}")))
+    }
+
+    pub fn clear_failed(&self, path: &str) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("delete from FailedPaths where path = ?1")
+            .and_then(|mut s| s.execute([path]))
+            .map(|_| ())
+            .map_err(self.wrap(&format!("clearing failure of {path}")))
+    }
+
+    fn strings(&self, sql: &str, p: impl rusqlite::Params, step: &str) -> Result<Vec<String>, DbError> {
+        let mut s = self.conn.prepare_cached(sql).map_err(self.wrap(step))?;
+        let rows = s
+            .query_map(p, |r| r.get(0))
+            .and_then(|it| it.collect::<Result<Vec<String>, _>>())
+            .map_err(self.wrap(step))?;
+        Ok(rows)
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(path: &str) -> PathRow {
+        PathRow {
+            id: 0,
+            path: path.into(),
+            hash: format!("sha256:{}", "0".repeat(64)),
+            registration_time: 1,
+            deriver: None,
+            nar_size: Some(120),
+            ultimate: false,
+            sigs: None,
+            ca: None,
+        }
+    }
+
+    #[test]
+    fn schema_has_nix_tables_and_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("db.sqlite");
+        let db = Db::open(&f, true).unwrap();
+        let mode: String = db.conn.query_row("pragma journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        let names: Vec<String> = db
+            .strings("select name from sqlite_master where type in ('table','index','trigger') order by name", [], "x")
+            .unwrap();
+        for n in [
+            "DeleteSelfRefs",
+            "DerivationOutputs",
+            "FailedPaths",
+            "IndexDerivationOutputs",
+            "IndexReference",
+            "IndexReferrer",
+            "Refs",
+            "ValidPaths",
+        ] {
+            assert!(names.iter().any(|x| x == n), "missing {n} in {names:?}");
+        }
+        // Opening again without `create` works and keeps the data.
+        let id = db.insert_path(&row("/s/a")).unwrap();
+        drop(db);
+        let db = Db::open(&f, false).unwrap();
+        assert_eq!(db.path_id("/s/a").unwrap(), Some(id));
+        assert!(Db::open(&dir.path().join("absent.sqlite"), false).is_err());
+    }
+
+    #[test]
+    fn foreign_keys_protect_referenced_rows_and_cascade() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db.sqlite"), true).unwrap();
+        let a = db.insert_path(&row("/s/a")).unwrap();
+        let b = db.insert_path(&row("/s/b")).unwrap();
+        db.add_reference(b, a).unwrap();
+        db.add_reference(b, b).unwrap();
+        db.add_derivation_output(b, "out", "/s/o").unwrap();
+        assert!(db.delete_path(a).is_err(), "deleted a path that is still referenced");
+        db.delete_path(b).unwrap(); // self reference removed by the trigger
+        let refs: i64 = db.conn.query_row("select count(*) from Refs", [], |r| r.get(0)).unwrap();
+        let outs: i64 = db.conn.query_row("select count(*) from DerivationOutputs", [], |r| r.get(0)).unwrap();
+        assert_eq!((refs, outs), (0, 0));
+        db.delete_path(a).unwrap();
+    }
+
+    #[test]
+    fn failed_transaction_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db.sqlite"), true).unwrap();
+        let r: Result<(), DbError> = db.transaction("test", |db| {
+            db.insert_path(&row("/s/a"))?;
+            // Duplicate path: violates the unique constraint.
+            db.insert_path(&row("/s/a"))?;
+            Ok(())
+        });
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("registering /s/a"), "{e}");
+        assert_eq!(db.path_id("/s/a").unwrap(), None);
+    }
+}
