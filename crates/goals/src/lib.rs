@@ -23,6 +23,7 @@ pub mod env;
 mod error;
 pub mod event;
 pub mod graph;
+mod local;
 pub mod refcheck;
 mod register;
 pub mod store;
