@@ -14,6 +14,7 @@ pub mod client;
 pub mod error;
 pub mod import;
 pub mod proto;
+pub mod transport;
 pub mod wire;
 
 pub use client::ServeClient;
