@@ -1,1 +1,106 @@
-fn main() {}
+//! `nixb`: a Nix-compatible build engine.
+//!
+//! The cli owns everything user-facing: it reads `nix.conf` and flags, maps them onto each
+//! crate's own config struct, runs the command, and renders what happens. Only this crate
+//! prints.
+
+mod commands;
+mod render;
+mod settings;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// A Nix-compatible build engine: realise derivations into a Nix store that real Nix can share.
+///
+/// Locations come from the environment, as for Nix: NIX_STORE_DIR (default /nix/store),
+/// NIX_STATE_DIR (/nix/var/nix), NIX_LOG_DIR (/nix/var/log/nix), NIX_CONF_DIR (/etc/nix;
+/// settings are read from its nix.conf).
+#[derive(Parser)]
+#[command(name = "nixb", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Say more about what happens (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only print errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Override a setting from nix.conf (may be repeated)
+    #[arg(long = "option", global = true, num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
+    pub options: Vec<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Build or fetch derivation outputs and print their paths
+    #[command(after_help = "\
+Examples:
+  nixb realise /nix/store/…-hello.drv            build every output of hello
+  nixb realise '/nix/store/…-hello.drv!out,dev'  build only out and dev
+  nixb realise --max-jobs 4 --keep-going A.drv B.drv
+  nixb realise --check /nix/store/…-hello.drv    rebuild and compare with the registered outputs
+
+Exit status: 0 success, 100 a build failed (+1 timed out, +2 fixed-output hash mismatch,
++4 not deterministic under --check), 1 any other error.")]
+    Realise(commands::realise::RealiseArgs),
+    /// Query the validity database
+    #[command(after_help = "\
+Examples:
+  nixb query --outputs /nix/store/…-hello.drv
+  nixb query --requisites /nix/store/…-hello-2.12
+  nixb query --hash /nix/store/…-hello-2.12")]
+    Query(commands::query::QueryArgs),
+    /// Print the build log of a derivation or of an output path (decompressed)
+    #[command(after_help = "Example:\n  nixb log /nix/store/…-hello.drv")]
+    Log(commands::log::LogArgs),
+    /// Add files or directories to the store, as `nix-store --add`, and print their paths
+    #[command(after_help = "Example:\n  nixb add ./builder.sh ./src")]
+    Add(commands::add::AddArgs),
+    /// Write derivations into the store, or show them as JSON
+    #[command(subcommand)]
+    Derivation(commands::derivation::DerivationCommand),
+    /// Write the NAR serialisation of a path to stdout
+    #[command(after_help = "Example:\n  nixb dump /nix/store/…-hello-2.12 > hello.nar")]
+    Dump(commands::nar::DumpArgs),
+    /// Unpack a NAR from stdin into DEST (which must not exist)
+    #[command(after_help = "Example:\n  nixb restore ./unpacked < hello.nar")]
+    Restore(commands::nar::RestoreArgs),
+    /// Hash a path (its NAR serialisation) or a file (its contents)
+    #[command(subcommand)]
+    Hash(commands::hash::HashCommand),
+    /// Check the validity database against the store
+    #[command(after_help = "Example:\n  nixb verify --check-contents")]
+    Verify(commands::verify::VerifyArgs),
+}
+
+/// Flags shared by commands that print hashes.
+#[derive(Args, Clone, Copy)]
+pub struct HashFormat {
+    /// Print in base16
+    #[arg(long, group = "fmt")]
+    pub base16: bool,
+    /// Print in Nix's base32
+    #[arg(long, group = "fmt")]
+    pub base32: bool,
+    /// Print in base64
+    #[arg(long, group = "fmt")]
+    pub base64: bool,
+    /// Print as an SRI hash (the default)
+    #[arg(long, group = "fmt")]
+    pub sri: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    render::init(cli.verbose, cli.quiet);
+    match commands::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            render::error(&e);
+            ExitCode::from(1)
+        }
+    }
+}

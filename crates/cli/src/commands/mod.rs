@@ -1,0 +1,67 @@
+//! One module per subcommand; `run` opens what the command needs and dispatches.
+
+pub mod add;
+pub mod derivation;
+pub mod hash;
+pub mod log;
+pub mod nar;
+pub mod query;
+pub mod realise;
+pub mod verify;
+
+use anyhow::{Context, Result};
+use nixb_store::local_store::{LocalStore, StoreConfig};
+
+use crate::settings::Settings;
+use crate::{render, Cli, Command};
+
+/// Settings from nix.conf with `--option` overrides applied.
+pub fn settings(options: &[String]) -> Result<Settings> {
+    let mut s = Settings::load()?;
+    for pair in options.chunks(2) {
+        if let [name, value] = pair {
+            s.set(name, value, "--option")?;
+        }
+    }
+    for w in &s.warnings {
+        render::warn(w);
+    }
+    Ok(s)
+}
+
+/// Opens the store named by NIX_STORE_DIR / NIX_STATE_DIR / NIX_LOG_DIR.
+pub fn open_store() -> Result<LocalStore> {
+    let cfg = StoreConfig::from_env().context("reading the store location from the environment")?;
+    let state = cfg.state_dir.display().to_string();
+    LocalStore::open(cfg).with_context(|| format!("opening the Nix store database under {state}"))
+}
+
+pub fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Realise(a) => realise::run(a, &cli.options),
+        Command::Query(a) => query::run(a),
+        Command::Log(a) => log::run(a),
+        Command::Add(a) => add::run(a),
+        Command::Derivation(c) => derivation::run(c),
+        Command::Dump(a) => nar::dump(a),
+        Command::Restore(a) => nar::restore(a),
+        Command::Hash(c) => hash::run(c),
+        Command::Verify(a) => verify::run(a),
+    }
+}
+
+/// Parses a command-line argument as a store path, following a symlink into the store
+/// (as Nix does for `./result`) when it is not one literally.
+pub fn parse_store_path(store: &LocalStore, arg: &str) -> Result<nixb_store::StorePath> {
+    let dir = store.store_dir();
+    if let Ok(p) = dir.parse(arg) {
+        return Ok(p);
+    }
+    if let Ok(target) = std::fs::canonicalize(arg) {
+        if let Ok(p) = dir.parse_prefix(&target.to_string_lossy()) {
+            return Ok(p);
+        }
+    }
+    dir.parse_prefix(arg)
+        .with_context(|| format!("'{arg}' is not a path in the store {}", dir.as_str()))
+}

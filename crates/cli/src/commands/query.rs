@@ -1,0 +1,123 @@
+//! `nixb query`: one question about each path, answered from the validity database.
+
+use std::collections::BTreeSet;
+
+use anyhow::{bail, Context, Result};
+use clap::{ArgGroup, Args};
+use nixb_store::StorePath;
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("what").required(true).multiple(false)))]
+pub struct QueryArgs {
+    /// Output paths of a derivation (a non-derivation path stands for itself)
+    #[arg(long, group = "what")]
+    pub outputs: bool,
+    /// Paths each path refers to directly
+    #[arg(long, group = "what")]
+    pub references: bool,
+    /// Valid paths that refer to each path
+    #[arg(long, group = "what")]
+    pub referrers: bool,
+    /// The closure: each path and everything it refers to, transitively
+    #[arg(long, group = "what")]
+    pub requisites: bool,
+    /// The NAR hash, as `sha256:<base32>`
+    #[arg(long, group = "what")]
+    pub hash: bool,
+    /// The NAR size in bytes
+    #[arg(long, group = "what")]
+    pub size: bool,
+    /// The derivation that produced each path (`unknown-deriver` if none is recorded)
+    #[arg(long, group = "what")]
+    pub deriver: bool,
+    /// Print the paths that are valid; fail naming those that are not
+    #[arg(long, group = "what")]
+    pub valid: bool,
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+}
+
+pub fn run(args: QueryArgs) -> Result<u8> {
+    let store = super::open_store()?;
+    let dir = store.store_dir().clone();
+    let paths: Vec<StorePath> = args
+        .paths
+        .iter()
+        .map(|p| super::parse_store_path(&store, p))
+        .collect::<Result<_>>()?;
+    let print_set = |set: BTreeSet<StorePath>| {
+        for p in set {
+            println!("{}", dir.print(&p));
+        }
+    };
+
+    if args.valid {
+        let mut invalid = Vec::new();
+        for p in &paths {
+            if store.is_valid_path(p)? {
+                println!("{}", dir.print(p));
+            } else {
+                invalid.push(dir.print(p));
+            }
+        }
+        if !invalid.is_empty() {
+            bail!("not valid: {}", invalid.join(", "));
+        }
+        return Ok(0);
+    }
+    if args.outputs {
+        for p in &paths {
+            if p.is_derivation() {
+                let drv = store
+                    .read_derivation(p)
+                    .with_context(|| format!("reading derivation {}", dir.print(p)))?;
+                for out in drv.outputs.values() {
+                    match &out.path {
+                        Some(o) => println!("{}", dir.print(o)),
+                        None => bail!("derivation {} has an output without a path", dir.print(p)),
+                    }
+                }
+            } else {
+                println!("{}", dir.print(p));
+            }
+        }
+        return Ok(0);
+    }
+    if args.requisites {
+        let set: BTreeSet<StorePath> = paths.iter().cloned().collect();
+        for p in &set {
+            ensure_valid(&store, p)?;
+        }
+        print_set(store.compute_closure(&set)?);
+        return Ok(0);
+    }
+    for p in &paths {
+        if args.referrers {
+            print_set(store.query_referrers(p)?);
+            continue;
+        }
+        let info = store
+            .query_path_info(p)?
+            .with_context(|| format!("path '{}' is not valid", dir.print(p)))?;
+        if args.references {
+            print_set(info.references);
+        } else if args.hash {
+            println!("{}", info.nar_hash.to_base32_typed());
+        } else if args.size {
+            println!("{}", info.nar_size);
+        } else if args.deriver {
+            match &info.deriver {
+                Some(d) => println!("{}", dir.print(d)),
+                None => println!("unknown-deriver"),
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn ensure_valid(store: &nixb_store::local_store::LocalStore, p: &StorePath) -> Result<()> {
+    if !store.is_valid_path(p)? {
+        bail!("path '{}' is not valid", store.store_dir().print(p));
+    }
+    Ok(())
+}

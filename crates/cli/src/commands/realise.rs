@@ -1,0 +1,131 @@
+//! `nixb realise`: build (or find valid) the outputs of derivations and print their paths.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use nixb_goals::{BuildMode, WorkerConfig};
+use nixb_store::DerivedPath;
+
+use crate::render::{EventRenderer, RenderMode};
+use crate::settings::Settings;
+
+#[derive(Args)]
+pub struct RealiseArgs {
+    /// Derivations (`DRV` or `DRV!OUT,OUT`) or store paths to realise
+    #[arg(required = true)]
+    pub targets: Vec<String>,
+    /// Builds to run at once (setting `max-jobs`)
+    #[arg(long, short = 'j')]
+    pub max_jobs: Option<usize>,
+    /// Cores each builder may use, as NIX_BUILD_CORES (setting `cores`; 0 = all)
+    #[arg(long)]
+    pub cores: Option<usize>,
+    /// Keep building other derivations after one fails (setting `keep-going`)
+    #[arg(long, short = 'k')]
+    pub keep_going: bool,
+    /// Keep the build directory of failed builds (setting `keep-failed`)
+    #[arg(long, short = 'K')]
+    pub keep_failed: bool,
+    /// Rebuild and compare with the registered outputs
+    #[arg(long, conflicts_with = "repair")]
+    pub check: bool,
+    /// Rebuild outputs in the closure that are missing or corrupt
+    #[arg(long)]
+    pub repair: bool,
+    /// Kill a builder that writes nothing for SECS seconds (setting `max-silent-time`)
+    #[arg(long, value_name = "SECS")]
+    pub max_silent_time: Option<u64>,
+    /// Kill a builder that runs longer than SECS seconds (setting `timeout`)
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Print `@ build-started` / `@ build-succeeded` / `@ build-failed` lines on stderr
+    #[arg(long)]
+    pub print_build_trace: bool,
+    /// Report progress as one JSON object a line on stderr, for tools
+    #[arg(long, conflicts_with = "print_build_trace")]
+    pub json: bool,
+}
+
+pub fn run(args: RealiseArgs, options: &[String]) -> Result<u8> {
+    let mut settings = super::settings(options)?;
+    apply_flags(&mut settings, &args)?;
+    let store = super::open_store()?;
+    let dir = store.store_dir().clone();
+    let targets: Vec<DerivedPath> = args
+        .targets
+        .iter()
+        .map(|t| DerivedPath::parse(&dir, t).with_context(|| format!("argument '{t}'")))
+        .collect::<Result<_>>()?;
+
+    let cfg = worker_config(&settings, &store, &args);
+    let mode = if args.json {
+        RenderMode::Json
+    } else if args.print_build_trace {
+        RenderMode::Trace
+    } else {
+        RenderMode::Human
+    };
+    let mut renderer = EventRenderer::new(mode, dir.clone());
+    let outcome = nixb_goals::realise(&store, &targets, &cfg, &mut renderer)?;
+    renderer.finish();
+    for (_, outputs) in &outcome.outputs {
+        for p in outputs.values() {
+            println!("{}", dir.print(p));
+        }
+    }
+    Ok(u8::try_from(outcome.exit_status).unwrap_or(1))
+}
+
+fn apply_flags(s: &mut Settings, a: &RealiseArgs) -> Result<()> {
+    if let Some(n) = a.max_jobs {
+        s.max_jobs = n;
+    }
+    if let Some(n) = a.cores {
+        s.cores = n;
+    }
+    if a.keep_going {
+        s.keep_going = true;
+    }
+    if a.keep_failed {
+        s.keep_failed = true;
+    }
+    if let Some(t) = a.max_silent_time {
+        s.max_silent_time = (t > 0).then(|| Duration::from_secs(t));
+    }
+    if let Some(t) = a.timeout {
+        s.timeout = (t > 0).then(|| Duration::from_secs(t));
+    }
+    Ok(())
+}
+
+/// Maps the settings the worker cares about onto its own config struct.
+fn worker_config(s: &Settings, store: &nixb_store::local_store::LocalStore, a: &RealiseArgs) -> WorkerConfig {
+    let mut cfg = WorkerConfig::new(store.config().log_dir.clone());
+    cfg.max_jobs = s.max_jobs;
+    cfg.cores = if s.cores == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        s.cores
+    };
+    cfg.max_silent_time = s.max_silent_time;
+    cfg.timeout = s.timeout;
+    cfg.keep_going = s.keep_going;
+    cfg.keep_failed = s.keep_failed;
+    cfg.cache_failure = s.cache_failure;
+    cfg.build_poll_interval = s.build_poll_interval;
+    cfg.log.compress = s.compress_build_log;
+    cfg.log.keep = s.keep_build_log;
+    cfg.log.max_size = s.max_build_log_size;
+    cfg.auto_optimise = s.auto_optimise_store;
+    cfg.use_substitutes = s.use_substitutes;
+    cfg.system = s.system.clone();
+    cfg.build_mode = if a.check {
+        BuildMode::Check
+    } else if a.repair {
+        BuildMode::Repair
+    } else {
+        BuildMode::Normal
+    };
+    cfg
+}

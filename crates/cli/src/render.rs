@@ -1,0 +1,286 @@
+//! Everything nixb prints on stderr: diagnostics now, the worker's events in `realise`.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+static VERBOSITY: AtomicU8 = AtomicU8::new(1);
+
+/// 0 = quiet (errors only), 1 = normal, 2+ = verbose.
+pub fn init(verbose: u8, quiet: bool) {
+    VERBOSITY.store(if quiet { 0 } else { 1 + verbose }, Ordering::Relaxed);
+}
+
+pub fn verbosity() -> u8 {
+    VERBOSITY.load(Ordering::Relaxed)
+}
+
+/// `error: <message>: <cause>: <cause>` on one line, as Nix does.
+pub fn error(e: &anyhow::Error) {
+    eprintln!("error: {e:#}");
+}
+
+pub fn warn(msg: &str) {
+    if verbosity() >= 1 {
+        eprintln!("warning: {msg}");
+    }
+}
+
+pub fn info(msg: &str) {
+    if verbosity() >= 2 {
+        eprintln!("{msg}");
+    }
+}
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use nixb_goals::{Event, EventSink, FailureKind, Level};
+use nixb_store::{StoreDir, StorePath};
+
+/// How `realise` shows what the worker does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenderMode {
+    /// A progress line on a terminal, plain lines otherwise; builder output echoed.
+    Human,
+    /// As Human, plus the original engine's `@ build-…` lines.
+    Trace,
+    /// One JSON object a line, for tools.
+    Json,
+}
+
+/// Renders the worker's events on stderr.
+pub struct EventRenderer {
+    mode: RenderMode,
+    dir: StoreDir,
+    bar: Option<ProgressBar>,
+    start: Instant,
+    running: Vec<StorePath>,
+    done: usize,
+    failed: usize,
+    /// Builder output not yet ended by a newline, per derivation, so that lines of
+    /// concurrent builds do not interleave mid-line.
+    partial: HashMap<StorePath, Vec<u8>>,
+}
+
+impl EventRenderer {
+    pub fn new(mode: RenderMode, dir: StoreDir) -> EventRenderer {
+        let tty = std::io::stderr().is_terminal() && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
+        let bar = (mode == RenderMode::Human && tty && verbosity() >= 1).then(|| {
+            let pb = ProgressBar::new_spinner();
+            pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            pb.enable_steady_tick(std::time::Duration::from_millis(120));
+            pb
+        });
+        EventRenderer {
+            mode,
+            dir,
+            bar,
+            start: Instant::now(),
+            running: Vec::new(),
+            done: 0,
+            failed: 0,
+            partial: HashMap::new(),
+        }
+    }
+
+    pub fn finish(&mut self) {
+        let drvs: Vec<StorePath> = self.partial.keys().cloned().collect();
+        for d in drvs {
+            if let Some(rest) = self.partial.remove(&d) {
+                if !rest.is_empty() {
+                    self.line(&d, &rest);
+                }
+            }
+        }
+        if let Some(pb) = self.bar.take() {
+            pb.finish_and_clear();
+        }
+        if self.mode != RenderMode::Json && verbosity() >= 2 {
+            eprintln!(
+                "{} built, {} failed in {:.1}s",
+                self.done,
+                self.failed,
+                self.start.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    fn say(&self, text: &str) {
+        match &self.bar {
+            Some(pb) => pb.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn update_bar(&self) {
+        if let Some(pb) = &self.bar {
+            let names: Vec<&str> = self.running.iter().map(|p| p.name()).collect();
+            pb.set_message(format!(
+                "{} done, {} failed, {} running: {}",
+                self.done,
+                self.failed,
+                self.running.len(),
+                names.join(", ")
+            ));
+        }
+    }
+
+    fn json(&self, v: serde_json::Value) {
+        eprintln!("{v}");
+    }
+
+    /// One complete line of builder output.
+    fn line(&self, drv: &StorePath, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        match self.mode {
+            RenderMode::Json => self.json(serde_json::json!({
+                "event": "log", "drv": self.dir.print(drv), "line": text,
+            })),
+            _ if verbosity() == 0 => {}
+            _ => match &self.bar {
+                Some(pb) => pb.println(format!("{}> {}", drv_name(drv), text)),
+                None => {
+                    let mut err = std::io::stderr().lock();
+                    let _ = err.write_all(line);
+                    let _ = err.write_all(b"\n");
+                }
+            },
+        }
+    }
+}
+
+/// `hello-2.12` for `/nix/store/…-hello-2.12.drv`.
+fn drv_name(drv: &StorePath) -> &str {
+    drv.name().strip_suffix(".drv").unwrap_or(drv.name())
+}
+
+fn kind_name(k: FailureKind) -> &'static str {
+    match k {
+        FailureKind::BuilderFailed => "builder-failed",
+        FailureKind::TimedOut => "timed-out",
+        FailureKind::LogLimitExceeded => "log-limit-exceeded",
+        FailureKind::HashMismatch => "hash-mismatch",
+        FailureKind::NotDeterministic => "not-deterministic",
+        FailureKind::CachedFailure => "cached-failure",
+        FailureKind::DependencyFailed => "dependency-failed",
+        FailureKind::SetupFailed => "setup-failed",
+    }
+}
+
+impl EventSink for EventRenderer {
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::BuildStarted { drv, outputs, platform, log_file, .. } => {
+                let d = self.dir.print(&drv);
+                match self.mode {
+                    RenderMode::Json => self.json(serde_json::json!({
+                        "event": "build-started", "drv": d, "platform": platform,
+                        "outputs": outputs.iter().map(|o| self.dir.print(o)).collect::<Vec<_>>(),
+                        "log": log_file.as_ref().map(|p| p.display().to_string()),
+                    })),
+                    mode => {
+                        if verbosity() >= 1 && self.bar.is_none() {
+                            self.say(&format!("building '{d}'..."));
+                        }
+                        if mode == RenderMode::Trace {
+                            let log = log_file.map(|p| p.display().to_string()).unwrap_or_default();
+                            self.say(&format!("@ build-started {d} - {platform} {log}"));
+                        }
+                    }
+                }
+                self.running.push(drv);
+                self.update_bar();
+            }
+            Event::BuildLog { drv, chunk } => {
+                let mut buf = self.partial.remove(&drv).unwrap_or_default();
+                buf.extend_from_slice(&chunk);
+                let mut start = 0;
+                while let Some(nl) = memchr(b'\n', &buf[start..]) {
+                    self.line(&drv, &buf[start..start + nl]);
+                    start += nl + 1;
+                }
+                buf.drain(..start);
+                if !buf.is_empty() {
+                    self.partial.insert(drv, buf);
+                }
+            }
+            Event::BuildSucceeded { drv } => {
+                if let Some(rest) = self.partial.remove(&drv).filter(|r| !r.is_empty()) {
+                    self.line(&drv, &rest);
+                }
+                self.running.retain(|p| p != &drv);
+                self.done += 1;
+                let d = self.dir.print(&drv);
+                match self.mode {
+                    RenderMode::Json => self.json(serde_json::json!({"event": "build-succeeded", "drv": d})),
+                    RenderMode::Trace => self.say(&format!("@ build-succeeded {d} -")),
+                    RenderMode::Human => {}
+                }
+                self.update_bar();
+            }
+            Event::BuildFailed { drv, kind, reason, permanent } => {
+                if let Some(rest) = self.partial.remove(&drv).filter(|r| !r.is_empty()) {
+                    self.line(&drv, &rest);
+                }
+                self.running.retain(|p| p != &drv);
+                self.failed += 1;
+                let d = self.dir.print(&drv);
+                match self.mode {
+                    RenderMode::Json => self.json(serde_json::json!({
+                        "event": "build-failed", "drv": d, "kind": kind_name(kind),
+                        "reason": reason, "permanent": permanent,
+                    })),
+                    mode => {
+                        self.say(&format!("error: {reason}"));
+                        if mode == RenderMode::Trace {
+                            let status = match kind {
+                                FailureKind::TimedOut => "timeout".to_string(),
+                                FailureKind::CachedFailure => "cached".to_string(),
+                                FailureKind::SetupFailed => format!("0 {reason}"),
+                                _ => format!("1 {reason}"),
+                            };
+                            self.say(&format!("@ build-failed {d} - {status}"));
+                        }
+                    }
+                }
+                self.update_bar();
+            }
+            Event::WaitingForLocks => {
+                if self.mode == RenderMode::Json {
+                    self.json(serde_json::json!({"event": "waiting-for-locks"}));
+                }
+            }
+            Event::Message { level, text } => {
+                if self.mode == RenderMode::Json {
+                    let l = match level {
+                        Level::Error => "error",
+                        Level::Warn => "warn",
+                        Level::Info => "info",
+                        Level::Debug => "debug",
+                    };
+                    self.json(serde_json::json!({"event": "message", "level": l, "text": text}));
+                    return;
+                }
+                let show = match level {
+                    Level::Error => true,
+                    Level::Warn => verbosity() >= 1,
+                    Level::Info => verbosity() >= 1,
+                    Level::Debug => verbosity() >= 3,
+                };
+                if show {
+                    let prefix = match level {
+                        Level::Error => "error: ",
+                        Level::Warn => "warning: ",
+                        _ => "",
+                    };
+                    self.say(&format!("{prefix}{text}"));
+                }
+            }
+        }
+    }
+}
+
+fn memchr(b: u8, s: &[u8]) -> Option<usize> {
+    s.iter().position(|&c| c == b)
+}
