@@ -32,10 +32,12 @@ pub enum CacheError {
     Open { cache: String, reason: String },
     #[error("cache '{cache}' is for store '{theirs}', but this store is '{ours}'")]
     StoreDirMismatch { cache: String, theirs: String, ours: String },
-    #[error("cache '{cache}': fetching '{url}' failed after {attempts} attempt(s): {reason}")]
+    #[error("cache '{cache}': fetching '{url}'{} failed after {attempts} attempt(s): {reason}", for_path.as_ref().map(|p| format!(" (nar of '{p}')")).unwrap_or_default())]
     Transfer {
         cache: String,
         url: String,
+        /// The store path whose NAR this was, if any.
+        for_path: Option<String>,
         attempts: u32,
         reason: String,
     },
@@ -311,7 +313,7 @@ impl BinaryCache {
 
     /// Runs `attempt` until it succeeds, fails for good, or the attempts run out, sleeping
     /// initial_backoff, 2x, 4x ... between tries.
-    fn retrying<T>(&self, rel: &str, mut attempt: impl FnMut() -> Attempt<T>) -> Result<T, CacheError> {
+    fn retrying<T>(&self, rel: &str, for_path: Option<&str>, mut attempt: impl FnMut() -> Attempt<T>) -> Result<T, CacheError> {
         let mut delay = self.opts.initial_backoff;
         let attempts = self.opts.attempts.max(1);
         let mut last = String::new();
@@ -332,6 +334,7 @@ impl BinaryCache {
         Err(CacheError::Transfer {
             cache: self.url.clone(),
             url: self.full_url(rel),
+            for_path: for_path.map(String::from),
             attempts,
             reason: last,
         })
@@ -385,7 +388,7 @@ impl BinaryCache {
     fn get_text(&self, rel: &str) -> Result<Option<String>, CacheError> {
         // Anything this large is not a narinfo; refuse rather than fill memory.
         const MAX: u64 = 16 << 20;
-        self.retrying(rel, || match self.request(rel) {
+        self.retrying(rel, None, || match self.request(rel) {
             Attempt::Done(None) => Attempt::Done(None),
             Attempt::Done(Some(body)) => {
                 let mut buf = Vec::new();
@@ -469,7 +472,7 @@ impl BinaryCache {
             expected,
             got,
         };
-        let outcome = self.retrying(&info.url, || {
+        let outcome = self.retrying(&info.url, Some(&path_str), || {
             let body = match self.request(&info.url) {
                 Attempt::Done(Some(b)) => b,
                 Attempt::Done(None) => {

@@ -243,8 +243,9 @@ pub fn substitute_closure(
     let (job_tx, job_rx) = mpsc::channel::<StorePath>();
     let job_rx = Arc::new(Mutex::new(job_rx));
     let (done_tx, done_rx) = mpsc::channel::<(StorePath, Result<Outcome, SubstituteError>)>();
+    let workers = jobs.clamp(1, total.max(1));
     std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, total.max(1)) {
+        for _ in 0..workers {
             let job_rx = job_rx.clone();
             let done_tx = done_tx.clone();
             let infos = &infos;
@@ -265,13 +266,13 @@ pub fn substitute_closure(
         }
         drop(done_tx);
         loop {
-            if first_error.is_none() {
-                while let Some(p) = ready.pop_front() {
-                    if job_tx.send(p).is_err() {
-                        break;
-                    }
-                    in_flight += 1;
+            // At most one job per worker is queued, so after a failure nothing more starts.
+            while first_error.is_none() && in_flight < workers {
+                let Some(p) = ready.pop_front() else { break };
+                if job_tx.send(p).is_err() {
+                    break;
                 }
+                in_flight += 1;
             }
             if in_flight == 0 {
                 break;
