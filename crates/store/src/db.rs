@@ -131,7 +131,8 @@ impl Db {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
         let conn = Connection::open_with_flags(file, flags).map_err(err("opening"))?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(err("setting busy timeout"))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(err("setting busy timeout"))?;
         conn.execute_batch("pragma foreign_keys = 1; pragma synchronous = normal;")
             .map_err(err("setting pragmas"))?;
         // The page size only takes effect before the first table exists; Nix uses 4096.
@@ -158,7 +159,9 @@ impl Db {
         if create {
             db.transaction("creating schema", |db| db.exec(SCHEMA, "creating schema"))?;
         }
-        db.transaction("creating nixb tables", |db| db.exec(NIXB_TABLES, "creating nixb tables"))?;
+        db.transaction("creating nixb tables", |db| {
+            db.exec(NIXB_TABLES, "creating nixb tables")
+        })?;
         Ok(db)
     }
 
@@ -181,7 +184,11 @@ impl Db {
     /// once, so two writers never deadlock trying to upgrade read locks; when the lock is
     /// still busy after the busy timeout (or SQLite reports busy without waiting, which
     /// it does in some WAL situations), the whole transaction is retried.
-    pub fn transaction<T, E>(&self, what: &str, mut f: impl FnMut(&Db) -> Result<T, E>) -> Result<T, E>
+    pub fn transaction<T, E>(
+        &self,
+        what: &str,
+        mut f: impl FnMut(&Db) -> Result<T, E>,
+    ) -> Result<T, E>
     where
         E: From<DbError>,
     {
@@ -193,7 +200,9 @@ impl Db {
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
-                Err(e) => return Err(self.wrap(&format!("{what}: beginning transaction"))(e).into()),
+                Err(e) => {
+                    return Err(self.wrap(&format!("{what}: beginning transaction"))(e).into())
+                }
             }
             match f(self) {
                 Ok(v) => match self.conn.execute_batch("commit") {
@@ -319,7 +328,9 @@ impl Db {
 
     pub fn add_derivation_output(&self, drv: i64, output: &str, path: &str) -> Result<(), DbError> {
         self.conn
-            .prepare_cached("insert or replace into DerivationOutputs (drv, id, path) values (?1, ?2, ?3)")
+            .prepare_cached(
+                "insert or replace into DerivationOutputs (drv, id, path) values (?1, ?2, ?3)",
+            )
             .and_then(|mut s| s.execute(params![drv, output, path]))
             .map(|_| ())
             .map_err(self.wrap(&format!("recording output {output} = {path}")))
@@ -385,7 +396,12 @@ impl Db {
             .map_err(self.wrap(&format!("clearing failure of {path}")))
     }
 
-    fn strings(&self, sql: &str, p: impl rusqlite::Params, step: &str) -> Result<Vec<String>, DbError> {
+    fn strings(
+        &self,
+        sql: &str,
+        p: impl rusqlite::Params,
+        step: &str,
+    ) -> Result<Vec<String>, DbError> {
         let mut s = self.conn.prepare_cached(sql).map_err(self.wrap(step))?;
         let rows = s
             .query_map(p, |r| r.get(0))
@@ -426,7 +442,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("db.sqlite");
         let db = Db::open(&f, true).unwrap();
-        let mode: String = db.conn.query_row("pragma journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = db
+            .conn
+            .query_row("pragma journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
         let names: Vec<String> = db
             .strings("select name from sqlite_master where type in ('table','index','trigger') order by name", [], "x")
@@ -460,10 +479,19 @@ mod tests {
         db.add_reference(b, a).unwrap();
         db.add_reference(b, b).unwrap();
         db.add_derivation_output(b, "out", "/s/o").unwrap();
-        assert!(db.delete_path(a).is_err(), "deleted a path that is still referenced");
+        assert!(
+            db.delete_path(a).is_err(),
+            "deleted a path that is still referenced"
+        );
         db.delete_path(b).unwrap(); // self reference removed by the trigger
-        let refs: i64 = db.conn.query_row("select count(*) from Refs", [], |r| r.get(0)).unwrap();
-        let outs: i64 = db.conn.query_row("select count(*) from DerivationOutputs", [], |r| r.get(0)).unwrap();
+        let refs: i64 = db
+            .conn
+            .query_row("select count(*) from Refs", [], |r| r.get(0))
+            .unwrap();
+        let outs: i64 = db
+            .conn
+            .query_row("select count(*) from DerivationOutputs", [], |r| r.get(0))
+            .unwrap();
         assert_eq!((refs, outs), (0, 0));
         db.delete_path(a).unwrap();
     }

@@ -68,7 +68,9 @@ impl StoreConfig {
             None => StoreDir::default(),
         };
         let dir = |name: &'static str, default: &str| -> Result<PathBuf, StoreError> {
-            let p = var(name).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(default));
+            let p = var(name)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(default));
             if !p.is_absolute() {
                 return Err(StoreError::Setting {
                     setting: name,
@@ -154,7 +156,10 @@ impl VerifyReport {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("setting {setting}: {reason}")]
-    Setting { setting: &'static str, reason: String },
+    Setting {
+        setting: &'static str,
+        reason: String,
+    },
     #[error("{step} '{}': {source}", path.display())]
     Io {
         step: &'static str,
@@ -177,7 +182,11 @@ pub enum StoreError {
     #[error("schema file {}: {reason}", file.display())]
     Schema { file: PathBuf, reason: String },
     #[error("database {}: row of {path}: {reason}", db.display())]
-    Corrupt { db: PathBuf, path: String, reason: String },
+    Corrupt {
+        db: PathBuf,
+        path: String,
+        reason: String,
+    },
     #[error("path '{0}' is not valid")]
     NotValid(String),
     #[error("cannot register '{path}': it refers to '{reference}', which is neither valid nor being registered")]
@@ -185,8 +194,13 @@ pub enum StoreError {
     #[error("cannot register '{0}': its references form a cycle")]
     Cycle(String),
     #[error("cannot invalidate '{path}': still referenced by {}", referrers.join(", "))]
-    HasReferrers { path: String, referrers: Vec<String> },
-    #[error("derivation '{drv}' has incorrect output '{output}' ({found}), should be '{expected}'")]
+    HasReferrers {
+        path: String,
+        referrers: Vec<String>,
+    },
+    #[error(
+        "derivation '{drv}' has incorrect output '{output}' ({found}), should be '{expected}'"
+    )]
     WrongOutput {
         drv: String,
         output: String,
@@ -227,7 +241,9 @@ pub struct LocalStore {
 
 impl std::fmt::Debug for LocalStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalStore").field("config", &self.config).finish()
+        f.debug_struct("LocalStore")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -254,7 +270,10 @@ impl LocalStore {
             source: io::ErrorKind::NotFound.into(),
         })?;
         if !lock_file(&big_lock, LockType::Read, false)? {
-            tracing::info!("waiting for the big nix store lock ({})...", big_lock_path.display());
+            tracing::info!(
+                "waiting for the big nix store lock ({})...",
+                big_lock_path.display()
+            );
             lock_file(&big_lock, LockType::Read, true)?;
         }
 
@@ -317,12 +336,21 @@ impl LocalStore {
         self.config.store_dir.print(p)
     }
 
-    fn parse_stored(&self, db: &Db, row_path: &str, s: &str, what: &str) -> Result<StorePath, StoreError> {
-        self.config.store_dir.parse(s).map_err(|e| StoreError::Corrupt {
-            db: db.file().to_path_buf(),
-            path: row_path.to_string(),
-            reason: format!("{what} '{s}': {e}"),
-        })
+    fn parse_stored(
+        &self,
+        db: &Db,
+        row_path: &str,
+        s: &str,
+        what: &str,
+    ) -> Result<StorePath, StoreError> {
+        self.config
+            .store_dir
+            .parse(s)
+            .map_err(|e| StoreError::Corrupt {
+                db: db.file().to_path_buf(),
+                path: row_path.to_string(),
+                reason: format!("{what} '{s}': {e}"),
+            })
     }
 
     pub fn is_valid_path(&self, p: &StorePath) -> Result<bool, StoreError> {
@@ -340,8 +368,8 @@ impl LocalStore {
             path: printed.clone(),
             reason,
         };
-        let nar_hash =
-            Hash::parse_typed(&row.hash).map_err(|e| corrupt(format!("hash '{}': {e}", row.hash)))?;
+        let nar_hash = Hash::parse_typed(&row.hash)
+            .map_err(|e| corrupt(format!("hash '{}': {e}", row.hash)))?;
         let deriver = match &row.deriver {
             Some(d) if !d.is_empty() => Some(self.parse_stored(&db, &printed, d, "deriver")?),
             _ => None,
@@ -401,7 +429,10 @@ impl LocalStore {
 
     /// The closure of `paths` under references (Nix's "requisites"), including `paths`
     /// themselves; an error when any path in it is not valid.
-    pub fn compute_closure(&self, paths: &BTreeSet<StorePath>) -> Result<BTreeSet<StorePath>, StoreError> {
+    pub fn compute_closure(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, StoreError> {
         let db = self.db();
         let mut closure = BTreeSet::new();
         let mut todo: Vec<StorePath> = paths.iter().cloned().collect();
@@ -423,13 +454,21 @@ impl LocalStore {
     }
 
     /// Output name to path, as recorded when the derivation was registered.
-    pub fn query_derivation_outputs(&self, drv: &StorePath) -> Result<BTreeMap<String, StorePath>, StoreError> {
+    pub fn query_derivation_outputs(
+        &self,
+        drv: &StorePath,
+    ) -> Result<BTreeMap<String, StorePath>, StoreError> {
         let db = self.db();
         let id = self.require_id(&db, drv)?;
         let printed = self.print(drv);
         db.derivation_outputs(id)?
             .into_iter()
-            .map(|(name, p)| Ok((name, self.parse_stored(&db, &printed, &p, "derivation output")?)))
+            .map(|(name, p)| {
+                Ok((
+                    name,
+                    self.parse_stored(&db, &printed, &p, "derivation output")?,
+                ))
+            })
             .collect()
     }
 
@@ -480,10 +519,12 @@ impl LocalStore {
                     let to = self.print(r);
                     let to_id = match ids.get(&to) {
                         Some(id) => *id,
-                        None => db.path_id(&to)?.ok_or_else(|| StoreError::DanglingReference {
-                            path: from.clone(),
-                            reference: to.clone(),
-                        })?,
+                        None => db
+                            .path_id(&to)?
+                            .ok_or_else(|| StoreError::DanglingReference {
+                                path: from.clone(),
+                                reference: to.clone(),
+                            })?,
                     };
                     db.add_reference(from_id, to_id)?;
                 }
@@ -519,15 +560,20 @@ impl LocalStore {
     /// Nix's `checkDerivationOutputs`: a fixed output must sit where its hash puts it, and
     /// every other output where `hashDerivationModulo` puts it. Outputs without a path
     /// (deferred) are not checked.
-    fn check_derivation_outputs(&self, drv_path: &StorePath, drv: &Derivation) -> Result<(), StoreError> {
+    fn check_derivation_outputs(
+        &self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+    ) -> Result<(), StoreError> {
         let store = &self.config.store_dir;
         let name = drv.name()?.into_owned();
-        let wrong = |output: &str, found: &StorePath, expected: &StorePath| StoreError::WrongOutput {
-            drv: store.print(drv_path),
-            output: output.to_string(),
-            found: store.print(found),
-            expected: store.print(expected),
-        };
+        let wrong =
+            |output: &str, found: &StorePath, expected: &StorePath| StoreError::WrongOutput {
+                drv: store.print(drv_path),
+                output: output.to_string(),
+                found: store.print(found),
+                expected: store.print(expected),
+            };
         if let Some(f) = drv.fixed_output()? {
             let expected = store.make_fixed_output_path(f.recursive, &f.hash, &name)?;
             if let Some(found) = drv.outputs.get("out").and_then(|o| o.path.as_ref()) {
@@ -563,7 +609,11 @@ impl LocalStore {
             let Some(id) = db.path_id(&printed)? else {
                 return Ok(());
             };
-            let referrers: Vec<String> = db.referrers(&printed)?.into_iter().filter(|r| *r != printed).collect();
+            let referrers: Vec<String> = db
+                .referrers(&printed)?
+                .into_iter()
+                .filter(|r| *r != printed)
+                .collect();
             if !referrers.is_empty() {
                 return Err(StoreError::HasReferrers {
                     path: printed.clone(),
@@ -605,13 +655,16 @@ impl LocalStore {
                 .to_string(),
         };
         let (nar_hash, nar_size) = hash_path(src, HashAlgo::Sha256)?;
-        let path = self.config.store_dir.make_fixed_output_path(true, &nar_hash, &name)?;
+        let path = self
+            .config
+            .store_dir
+            .make_fixed_output_path(true, &nar_hash, &name)?;
         if self.is_valid_path(&path)? {
             return Ok(path);
         }
         self.add_temp_root(&path)?;
         let dest = self.config.store_dir.to_path(&path);
-        let Some(mut locks) = PathLocks::lock(&[dest.clone()], true, None)? else {
+        let Some(mut locks) = PathLocks::lock(std::slice::from_ref(&dest), true, None)? else {
             return Err(StoreError::Io {
                 step: "locking",
                 path: dest,
@@ -651,7 +704,7 @@ impl LocalStore {
         }
         self.add_temp_root(&path)?;
         let dest = store.to_path(&path);
-        let Some(mut locks) = PathLocks::lock(&[dest.clone()], true, None)? else {
+        let Some(mut locks) = PathLocks::lock(std::slice::from_ref(&dest), true, None)? else {
             return Err(StoreError::Io {
                 step: "locking",
                 path: dest,
@@ -743,11 +796,14 @@ impl LocalStore {
                 }
             }
         }
-        let file = roots.as_mut().ok_or_else(|| StoreError::NotValid(printed.clone()))?;
+        let file = roots
+            .as_mut()
+            .ok_or_else(|| StoreError::NotValid(printed.clone()))?;
         let roots_path = self.temp_roots_path();
         let mut record = printed.into_bytes();
         record.push(0);
-        file.write_all(&record).map_err(io_err("writing temporary root to", &roots_path))?;
+        file.write_all(&record)
+            .map_err(io_err("writing temporary root to", &roots_path))?;
         // Dropping `gc_lock` releases the shared lock.
         Ok(())
     }
@@ -819,7 +875,9 @@ impl LocalStore {
             if check_contents {
                 let (h, size) = hash_path(&file, info.nar_hash.algo())?;
                 if h != info.nar_hash {
-                    report.hash_mismatches.push((p.clone(), info.nar_hash.clone(), h));
+                    report
+                        .hash_mismatches
+                        .push((p.clone(), info.nar_hash.clone(), h));
                 }
                 if info.nar_size != 0 && size != info.nar_size {
                     report.size_mismatches.push((p, info.nar_size, size));
@@ -833,10 +891,14 @@ impl LocalStore {
 fn read_schema(file: &Path) -> Result<Option<u32>, StoreError> {
     match std::fs::read_to_string(file) {
         Ok(s) if s.trim().is_empty() => Ok(None),
-        Ok(s) => s.trim().parse::<u32>().map(Some).map_err(|_| StoreError::Schema {
-            file: file.to_path_buf(),
-            reason: format!("'{}' is not a schema version number", s.trim()),
-        }),
+        Ok(s) => s
+            .trim()
+            .parse::<u32>()
+            .map(Some)
+            .map_err(|_| StoreError::Schema {
+                file: file.to_path_buf(),
+                reason: format!("'{}' is not a schema version number", s.trim()),
+            }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err("reading", file)(e)),
     }
@@ -867,7 +929,11 @@ fn write_atomically(file: &Path, contents: &[u8]) -> Result<(), StoreError> {
 /// referring to itself is fine); Nix refuses those too, as no order of building could
 /// have produced them.
 fn check_acyclic(infos: &[ValidPathInfo], store: &StoreDir) -> Result<(), StoreError> {
-    let index: HashMap<&StorePath, usize> = infos.iter().enumerate().map(|(i, x)| (&x.path, i)).collect();
+    let index: HashMap<&StorePath, usize> = infos
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (&x.path, i))
+        .collect();
     // 0 = unvisited, 1 = on the current DFS path, 2 = done.
     let mut state = vec![0u8; infos.len()];
     for start in 0..infos.len() {
@@ -887,7 +953,9 @@ fn check_acyclic(infos: &[ValidPathInfo], store: &StoreDir) -> Result<(), StoreE
         stack.push((start, edges(start)));
         while let Some((node, next)) = stack.last_mut() {
             match next.pop() {
-                Some(n) if state[n] == 1 => return Err(StoreError::Cycle(store.print(&infos[n].path))),
+                Some(n) if state[n] == 1 => {
+                    return Err(StoreError::Cycle(store.print(&infos[n].path)))
+                }
                 Some(n) if state[n] == 0 => {
                     state[n] = 1;
                     let e = edges(n);
@@ -909,7 +977,8 @@ fn send_to_collector(socket: &Path, path: &str) -> Result<(), String> {
     s.write_all(format!("{path}\n").as_bytes())
         .map_err(|e| format!("sending root: {e}"))?;
     let mut ack = [0u8; 1];
-    s.read_exact(&mut ack).map_err(|e| format!("reading acknowledgement: {e}"))?;
+    s.read_exact(&mut ack)
+        .map_err(|e| format!("reading acknowledgement: {e}"))?;
     if ack[0] != b'1' {
         return Err(format!("unexpected acknowledgement byte {}", ack[0]));
     }
@@ -980,15 +1049,18 @@ fn copy_via_nar(src: &Path, dest: &Path) -> Result<(Hash, u64), StoreError> {
     std::thread::scope(|scope| {
         let dumper = scope.spawn(move || {
             dump_to_sink(src, &mut |b| {
-                tx.send(b.to_vec())
-                    .map_err(|_| NarError::Sink(io::Error::new(io::ErrorKind::BrokenPipe, "restore stopped")))
+                tx.send(b.to_vec()).map_err(|_| {
+                    NarError::Sink(io::Error::new(io::ErrorKind::BrokenPipe, "restore stopped"))
+                })
             })
         });
         let restored = restore_path(&mut reader, dest);
         // Unblock the dumper if restore stopped early.
         drop(reader.rx);
         let dumped = dumper.join().unwrap_or_else(|_| {
-            Err(NarError::Sink(io::Error::other("archiving thread panicked")))
+            Err(NarError::Sink(io::Error::other(
+                "archiving thread panicked",
+            )))
         });
         // A dump error explains a restore error (a truncated stream), so report it first.
         dumped?;

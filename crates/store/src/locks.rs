@@ -26,9 +26,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("opening lock file {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("statting lock file {path}: {source}")]
-    Stat { path: PathBuf, source: std::io::Error },
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{what} lock on file descriptor {fd}: {source}")]
     Lock {
         what: &'static str,
@@ -143,7 +149,11 @@ impl PathLocks {
     /// locking overlapping sets cannot deadlock. With `wait` false, returns `Ok(None)`
     /// (holding nothing) as soon as one lock is taken by someone else. With `wait` true,
     /// blocks, logging `wait_msg` once per contended path.
-    pub fn lock(paths: &[PathBuf], wait: bool, wait_msg: Option<&str>) -> Result<Option<PathLocks>, LockError> {
+    pub fn lock(
+        paths: &[PathBuf],
+        wait: bool,
+        wait_msg: Option<&str>,
+    ) -> Result<Option<PathLocks>, LockError> {
         let sorted: BTreeSet<&PathBuf> = paths.iter().collect();
         // Built up one lock at a time so that an early return drops (releases) exactly
         // what was acquired so far.
@@ -249,9 +259,14 @@ mod tests {
 
     fn child(test: &str, mode: &str, path: &Path) -> Command {
         let mut c = Command::new(std::env::current_exe().unwrap());
-        c.args(["--exact", &format!("locks::tests::{test}"), "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, mode)
-            .env(CHILD_PATH, path);
+        c.args([
+            "--exact",
+            &format!("locks::tests::{test}"),
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, mode)
+        .env(CHILD_PATH, path);
         c
     }
 
@@ -261,7 +276,9 @@ mod tests {
         let t = "lock_held_here_blocks_another_process";
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out");
-        let locks = PathLocks::lock(&[p.clone()], false, None).unwrap().unwrap();
+        let locks = PathLocks::lock(std::slice::from_ref(&p), false, None)
+            .unwrap()
+            .unwrap();
         assert!(dir.path().join("out.lock").exists());
         let st = child(t, "try", &p).status().unwrap();
         assert_eq!(st.code(), Some(3), "child got a lock the parent holds");
@@ -274,7 +291,9 @@ mod tests {
     fn same_process_second_attempt_fails() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x");
-        let _a = PathLocks::lock(&[p.clone()], false, None).unwrap().unwrap();
+        let _a = PathLocks::lock(std::slice::from_ref(&p), false, None)
+            .unwrap()
+            .unwrap();
         assert!(PathLocks::lock(&[p], false, None).unwrap().is_none());
     }
 
@@ -282,8 +301,12 @@ mod tests {
     fn failed_set_releases_what_it_took() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let _hold_b = PathLocks::lock(&[b.clone()], false, None).unwrap().unwrap();
-        assert!(PathLocks::lock(&[b.clone(), a.clone()], false, None).unwrap().is_none());
+        let _hold_b = PathLocks::lock(std::slice::from_ref(&b), false, None)
+            .unwrap()
+            .unwrap();
+        assert!(PathLocks::lock(&[b.clone(), a.clone()], false, None)
+            .unwrap()
+            .is_none());
         // `a` sorts first and was taken before `b` failed; it must be free again.
         assert!(PathLocks::lock(&[a], false, None).unwrap().is_some());
     }
@@ -294,7 +317,11 @@ mod tests {
         let t = "waiter_survives_deletion_by_holder";
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out");
-        let mut holder = child(t, "hold", &p).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut holder = child(t, "hold", &p)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
         let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
         // The test harness prints its own lines first.
         let mut seen = String::new();
@@ -314,14 +341,22 @@ mod tests {
             move || PathLocks::lock(&[p], true, None).unwrap().unwrap()
         });
         std::thread::sleep(Duration::from_millis(300));
-        assert!(!waiter.is_finished(), "waiter got the lock while the child held it");
+        assert!(
+            !waiter.is_finished(),
+            "waiter got the lock while the child held it"
+        );
         drop(holder.stdin.take());
         assert!(holder.wait().unwrap().success());
         let got = waiter.join().unwrap();
         // The waiter must hold a lock on a file that still has the name, not on the
         // deleted (stale) one: another process must be unable to take it.
         assert!(dir.path().join("out.lock").exists());
-        assert_eq!(std::fs::metadata(dir.path().join("out.lock")).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("out.lock"))
+                .unwrap()
+                .len(),
+            0
+        );
         assert_eq!(child(t, "try", &p).status().unwrap().code(), Some(3));
         drop(got);
     }
@@ -330,13 +365,19 @@ mod tests {
     fn deletion_removes_lock_file_and_marks_it() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("y");
-        let mut l = PathLocks::lock(&[p.clone()], false, None).unwrap().unwrap();
+        let mut l = PathLocks::lock(std::slice::from_ref(&p), false, None)
+            .unwrap()
+            .unwrap();
         let lf = dir.path().join("y.lock");
         let keep = File::open(&lf).unwrap();
         l.set_deletion(true);
         drop(l);
         assert!(!lf.exists());
-        assert_eq!(keep.metadata().unwrap().len(), 1, "stale marker byte missing");
+        assert_eq!(
+            keep.metadata().unwrap().len(),
+            1,
+            "stale marker byte missing"
+        );
     }
 
     #[test]
@@ -351,6 +392,8 @@ mod tests {
         assert!(lock_file(&a, LockType::None, false).unwrap());
         assert!(lock_file(&b, LockType::Write, false).unwrap());
         assert!(!lock_file(&a, LockType::Read, false).unwrap());
-        assert!(open_lock_file(&dir.path().join("missing"), false).unwrap().is_none());
+        assert!(open_lock_file(&dir.path().join("missing"), false)
+            .unwrap()
+            .is_none());
     }
 }

@@ -31,7 +31,11 @@ fn fake(n: u8, name: &str) -> StorePath {
 }
 
 fn info(p: &StorePath, refs: &[&StorePath]) -> ValidPathInfo {
-    let mut i = ValidPathInfo::new(p.clone(), Hash::digest(HashAlgo::Sha256, p.base_name()), 100 + p.name().len() as u64);
+    let mut i = ValidPathInfo::new(
+        p.clone(),
+        Hash::digest(HashAlgo::Sha256, p.base_name()),
+        100 + p.name().len() as u64,
+    );
     i.references = refs.iter().map(|r| (*r).clone()).collect();
     i
 }
@@ -49,14 +53,28 @@ fn open_creates_nix_layout() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
     assert!(dir.path().join("store").is_dir());
-    for d in ["state/db", "state/temproots", "state/gcroots", "state/profiles"] {
+    for d in [
+        "state/db",
+        "state/temproots",
+        "state/gcroots",
+        "state/profiles",
+    ] {
         assert!(dir.path().join(d).is_dir(), "{d} missing");
     }
-    assert_eq!(std::fs::read_to_string(dir.path().join("state/db/schema")).unwrap(), "10");
-    let mode: String = raw_db(dir.path()).query_row("pragma journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("state/db/schema")).unwrap(),
+        "10"
+    );
+    let mode: String = raw_db(dir.path())
+        .query_row("pragma journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
     // While open, the big lock is held shared: another shared lock works, an exclusive not.
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(dir.path().join("state/db/big-lock")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("state/db/big-lock"))
+        .unwrap();
     assert!(!lock_file(&f, LockType::Write, false).unwrap());
     assert!(lock_file(&f, LockType::Read, false).unwrap());
     lock_file(&f, LockType::None, false).unwrap();
@@ -90,7 +108,8 @@ fn register_and_query() {
     ic.sigs = vec!["k1:AAAA".into(), "k2:BBBB".into()];
     ic.ca = Some("fixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s".into());
     ic.registration_time = 1234;
-    s.register_valid_paths(&[info(&a, &[]), info(&b, &[&a]), ic.clone(), info(&d, &[])]).unwrap();
+    s.register_valid_paths(&[info(&a, &[]), info(&b, &[&a]), ic.clone(), info(&d, &[])])
+        .unwrap();
 
     assert!(s.is_valid_path(&a).unwrap());
     assert!(!s.is_valid_path(&fake(5, "a")).unwrap());
@@ -100,8 +119,14 @@ fn register_and_query() {
     assert_eq!(s.query_referrers(&a).unwrap(), set(&[&b]));
     assert_eq!(s.query_referrers(&c).unwrap(), set(&[&c]));
     assert_eq!(s.compute_closure(&set(&[&c])).unwrap(), set(&[&a, &b, &c]));
-    assert_eq!(s.compute_closure(&set(&[&b, &d])).unwrap(), set(&[&a, &b, &d]));
-    assert!(matches!(s.query_references(&fake(5, "a")), Err(StoreError::NotValid(_))));
+    assert_eq!(
+        s.compute_closure(&set(&[&b, &d])).unwrap(),
+        set(&[&a, &b, &d])
+    );
+    assert!(matches!(
+        s.query_references(&fake(5, "a")),
+        Err(StoreError::NotValid(_))
+    ));
 
     // What is on disk is in Nix's format: read the row back with plain SQL.
     let (hash, time, deriver, size, ultimate, sigs): (String, i64, String, i64, i64, String) = raw_db(dir.path())
@@ -111,24 +136,34 @@ fn register_and_query() {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .unwrap();
-    assert_eq!(hash, format!("sha256:{}", Hash::digest(HashAlgo::Sha256, c.base_name()).to_hex()));
+    assert_eq!(
+        hash,
+        format!(
+            "sha256:{}",
+            Hash::digest(HashAlgo::Sha256, c.base_name()).to_hex()
+        )
+    );
     assert_eq!(time, 1234);
     assert_eq!(deriver, s.store_dir().print(&drv));
     assert_eq!(size, 100 + 1);
     assert_eq!(ultimate, 1);
     assert_eq!(sigs, "k1:AAAA k2:BBBB");
     // Unset optional columns are NULL, as Nix leaves them.
-    let (u, sg, ca, dv): (Option<i64>, Option<String>, Option<String>, Option<String>) = raw_db(dir.path())
-        .query_row(
-            "select ultimate, sigs, ca, deriver from ValidPaths where path = ?1",
-            [s.store_dir().print(&a)],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .unwrap();
+    let (u, sg, ca, dv): (Option<i64>, Option<String>, Option<String>, Option<String>) =
+        raw_db(dir.path())
+            .query_row(
+                "select ultimate, sigs, ca, deriver from ValidPaths where path = ?1",
+                [s.store_dir().print(&a)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
     assert_eq!((u, sg, ca, dv), (None, None, None, None));
     // Registration time 0 means now.
     let t = s.query_path_info(&a).unwrap().unwrap().registration_time;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     assert!((now - t).abs() < 60, "registration time {t} vs now {now}");
 }
 
@@ -142,17 +177,29 @@ fn dangling_reference_refused_and_nothing_written() {
         .unwrap_err();
     match &e {
         StoreError::DanglingReference { path, reference } => {
-            assert!(path.ends_with("-b") && reference.ends_with("-missing"), "{e}");
+            assert!(
+                path.ends_with("-b") && reference.ends_with("-missing"),
+                "{e}"
+            );
         }
         other => panic!("unexpected {other}"),
     }
-    assert!(!s.is_valid_path(&a).unwrap(), "a was written although the transaction failed");
-    let n: i64 = raw_db(dir.path()).query_row("select count(*) from ValidPaths", [], |r| r.get(0)).unwrap();
+    assert!(
+        !s.is_valid_path(&a).unwrap(),
+        "a was written although the transaction failed"
+    );
+    let n: i64 = raw_db(dir.path())
+        .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 0);
     // Registered in the right order (or together) the same paths are fine.
     s.register_valid_paths(&[info(&missing, &[])]).unwrap();
-    s.register_valid_paths(&[info(&b, &[&a, &missing]), info(&a, &[])]).unwrap();
-    assert_eq!(s.compute_closure(&set(&[&b])).unwrap(), set(&[&a, &b, &missing]));
+    s.register_valid_paths(&[info(&b, &[&a, &missing]), info(&a, &[])])
+        .unwrap();
+    assert_eq!(
+        s.compute_closure(&set(&[&b])).unwrap(),
+        set(&[&a, &b, &missing])
+    );
 }
 
 #[test]
@@ -182,10 +229,15 @@ fn reregistering_updates_in_place() {
     j.registration_time = 60;
     s.register_valid_paths(&[j.clone()]).unwrap();
     let got = s.query_path_info(&a).unwrap().unwrap();
-    assert_eq!((got.nar_hash, got.nar_size, got.ultimate), (j.nar_hash, 999, true));
+    assert_eq!(
+        (got.nar_hash, got.nar_size, got.ultimate),
+        (j.nar_hash, 999, true)
+    );
     // The original registration time stays, as in Nix.
     assert_eq!(got.registration_time, 50);
-    let n: i64 = raw_db(dir.path()).query_row("select count(*) from ValidPaths", [], |r| r.get(0)).unwrap();
+    let n: i64 = raw_db(dir.path())
+        .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 1);
 }
 
@@ -194,14 +246,17 @@ fn invalidate_only_without_referrers() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
     let (a, b) = (fake(1, "a"), fake(2, "b"));
-    s.register_valid_paths(&[info(&a, &[&a]), info(&b, &[&a, &b])]).unwrap();
+    s.register_valid_paths(&[info(&a, &[&a]), info(&b, &[&a, &b])])
+        .unwrap();
     let e = s.invalidate_path(&a).unwrap_err();
     assert!(matches!(e, StoreError::HasReferrers { .. }), "{e}");
     assert!(s.is_valid_path(&a).unwrap());
     s.invalidate_path(&b).unwrap();
     s.invalidate_path(&a).unwrap();
     assert!(!s.is_valid_path(&a).unwrap() && !s.is_valid_path(&b).unwrap());
-    let n: i64 = raw_db(dir.path()).query_row("select count(*) from Refs", [], |r| r.get(0)).unwrap();
+    let n: i64 = raw_db(dir.path())
+        .query_row("select count(*) from Refs", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 0);
 }
 
@@ -251,7 +306,9 @@ fn hello_drv(store: &StoreDir, src: &StorePath) -> Derivation {
 fn derivations_record_their_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let src = s.add_text_to_store("builder.sh", b"echo hi\n", &BTreeSet::new()).unwrap();
+    let src = s
+        .add_text_to_store("builder.sh", b"echo hi\n", &BTreeSet::new())
+        .unwrap();
     let drv = hello_drv(s.store_dir(), &src);
     let drv_path = s.add_derivation(&drv).unwrap();
     assert_eq!(drv_path, drv.drv_path(s.store_dir()).unwrap());
@@ -261,12 +318,18 @@ fn derivations_record_their_outputs() {
     assert_eq!(outs, drv.output_paths());
     assert_eq!(outs.len(), 2);
     assert!(outs["dev"].name().ends_with("hello-dev"));
-    assert_eq!(s.query_valid_derivers(&outs["out"]).unwrap(), vec![drv_path.clone()]);
+    assert_eq!(
+        s.query_valid_derivers(&outs["out"]).unwrap(),
+        vec![drv_path.clone()]
+    );
     assert!(s.query_valid_derivers(&src).unwrap().is_empty());
     // Content address of a text path: text:sha256:<base32 of the contents' sha256>.
     let ca = s.query_path_info(&drv_path).unwrap().unwrap().ca.unwrap();
     let aterm = std::fs::read(s.store_dir().to_path(&drv_path)).unwrap();
-    assert_eq!(ca, format!("text:{}", Hash::digest(HashAlgo::Sha256, &aterm)));
+    assert_eq!(
+        ca,
+        format!("text:{}", Hash::digest(HashAlgo::Sha256, &aterm))
+    );
     // Invalidating the .drv drops its DerivationOutputs rows.
     s.invalidate_path(&drv_path).unwrap();
     assert!(s.query_valid_derivers(&outs["out"]).unwrap().is_empty());
@@ -276,7 +339,9 @@ fn derivations_record_their_outputs() {
 fn derivation_with_wrong_output_path_refused() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let src = s.add_text_to_store("builder.sh", b"echo hi\n", &BTreeSet::new()).unwrap();
+    let src = s
+        .add_text_to_store("builder.sh", b"echo hi\n", &BTreeSet::new())
+        .unwrap();
     let mut drv = hello_drv(s.store_dir(), &src);
     let bogus = fake(3, "hello");
     drv.outputs.get_mut("out").unwrap().path = Some(bogus.clone());
@@ -311,14 +376,33 @@ fn add_to_store_copies_canonically() {
     assert_eq!(p.name(), "src");
     let dest = s.store_dir().to_path(&p);
     assert_eq!(std::fs::read(dest.join("sub/f")).unwrap(), b"data");
-    assert_eq!(std::fs::read_link(dest.join("link")).unwrap(), Path::new("sub/f"));
-    let mode = |f: &str| std::fs::symlink_metadata(dest.join(f)).unwrap().permissions().mode() & 0o7777;
-    assert_eq!((mode("run"), mode("sub/f"), mode("sub")), (0o555, 0o444, 0o555));
+    assert_eq!(
+        std::fs::read_link(dest.join("link")).unwrap(),
+        Path::new("sub/f")
+    );
+    let mode = |f: &str| {
+        std::fs::symlink_metadata(dest.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(
+        (mode("run"), mode("sub/f"), mode("sub")),
+        (0o555, 0o444, 0o555)
+    );
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(dest.join("sub/f")).unwrap().mtime(), 1);
     let i = s.query_path_info(&p).unwrap().unwrap();
-    assert_eq!(i.ca.as_deref(), Some(format!("fixed:r:{}", i.nar_hash).as_str()));
-    assert!(!dir.path().join("store").join(format!("{}.lock", p.base_name())).exists());
+    assert_eq!(
+        i.ca.as_deref(),
+        Some(format!("fixed:r:{}", i.nar_hash).as_str())
+    );
+    assert!(!dir
+        .path()
+        .join("store")
+        .join(format!("{}.lock", p.base_name()))
+        .exists());
     // Adding again is a no-op returning the same path; a different name gives another.
     assert_eq!(s.add_to_store(&src, None).unwrap(), p);
     assert_ne!(s.add_to_store(&src, Some("other")).unwrap(), p);
@@ -332,7 +416,10 @@ fn temp_roots_file_as_nix_writes_it() {
     let (a, b) = (fake(1, "a"), fake(2, "b"));
     s.add_temp_root(&a).unwrap();
     s.add_temp_root(&b).unwrap();
-    let f = dir.path().join("state/temproots").join(std::process::id().to_string());
+    let f = dir
+        .path()
+        .join("state/temproots")
+        .join(std::process::id().to_string());
     let expected = format!("{}\0{}\0", s.store_dir().print(&a), s.store_dir().print(&b));
     assert_eq!(std::fs::read_to_string(&f).unwrap(), expected);
     // Locked exclusively while the store is open, so a collector knows we are alive.
@@ -346,9 +433,15 @@ fn temp_roots_file_as_nix_writes_it() {
 fn verify_reports_missing_and_corrupt_paths() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let good = s.add_text_to_store("good", b"fine", &BTreeSet::new()).unwrap();
-    let bad = s.add_text_to_store("bad", b"original", &BTreeSet::new()).unwrap();
-    let gone = s.add_text_to_store("gone", b"soon", &BTreeSet::new()).unwrap();
+    let good = s
+        .add_text_to_store("good", b"fine", &BTreeSet::new())
+        .unwrap();
+    let bad = s
+        .add_text_to_store("bad", b"original", &BTreeSet::new())
+        .unwrap();
+    let gone = s
+        .add_text_to_store("gone", b"soon", &BTreeSet::new())
+        .unwrap();
     assert!(s.verify(true).unwrap().is_clean());
     let bad_file = s.store_dir().to_path(&bad);
     std::fs::set_permissions(&bad_file, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -356,7 +449,10 @@ fn verify_reports_missing_and_corrupt_paths() {
     std::fs::remove_file(s.store_dir().to_path(&gone)).unwrap();
     let r = s.verify(false).unwrap();
     assert_eq!(r.missing, vec![gone.clone()]);
-    assert!(r.hash_mismatches.is_empty(), "contents checked without check_contents");
+    assert!(
+        r.hash_mismatches.is_empty(),
+        "contents checked without check_contents"
+    );
     let r = s.verify(true).unwrap();
     assert_eq!(r.checked, 3);
     assert_eq!(r.missing, vec![gone]);
@@ -378,7 +474,8 @@ fn concurrent_writers_share_the_database() {
                 for i in 0..25u8 {
                     let base = fake(t * 50 + i + 1, &format!("p{t}-{i}"));
                     let dep = fake(t * 50 + i + 26, &format!("d{t}-{i}"));
-                    s.register_valid_paths(&[info(&dep, &[]), info(&base, &[&dep])]).unwrap();
+                    s.register_valid_paths(&[info(&dep, &[]), info(&base, &[&dep])])
+                        .unwrap();
                     s.register_failed_path(&base).unwrap();
                 }
             })
@@ -387,9 +484,13 @@ fn concurrent_writers_share_the_database() {
     for t in threads {
         t.join().unwrap();
     }
-    let n: i64 = raw_db(dir.path()).query_row("select count(*) from ValidPaths", [], |r| r.get(0)).unwrap();
+    let n: i64 = raw_db(dir.path())
+        .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 200);
-    let r: i64 = raw_db(dir.path()).query_row("select count(*) from Refs", [], |r| r.get(0)).unwrap();
+    let r: i64 = raw_db(dir.path())
+        .query_row("select count(*) from Refs", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(r, 100);
 }
 

@@ -10,12 +10,17 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nixb_store::derivation::{compute_output_paths, Derivation, DerivationOutput, DrvError, DrvHashCache};
+use nixb_store::derivation::{
+    compute_output_paths, Derivation, DerivationOutput, DrvError, DrvHashCache,
+};
 use nixb_store::local_store::{LocalStore, StoreConfig, ValidPathInfo};
 use nixb_store::{HashAlgo, StoreDir, StorePath};
 
 fn have_nix() -> bool {
-    let ok = Command::new("nix-store").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         if std::env::var_os("CI").is_some_and(|v| v == "true") {
             panic!("nix-store (Nix 2.8) is required for this test under CI=true but was not found");
@@ -68,7 +73,11 @@ impl Env {
         let o = self.cmd(prog).args(args).output().unwrap();
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(o.status.success(), "{prog} {args:?} failed ({}):\n{err}", o.status);
+        assert!(
+            o.status.success(),
+            "{prog} {args:?} failed ({}):\n{err}",
+            o.status
+        );
         (out, err)
     }
 
@@ -113,7 +122,10 @@ fn add_to_store_matches_nix_store_add() {
     }
     drop(store);
     let (_, err) = env.run("nix-store", &["--verify", "--check-contents"]);
-    assert!(!err.contains("modified") && !err.contains("disappeared"), "nix-store --verify complained:\n{err}");
+    assert!(
+        !err.contains("modified") && !err.contains("disappeared"),
+        "nix-store --verify complained:\n{err}"
+    );
 
     // And the other way round in a fresh store: Nix first, nixb must find the same paths
     // already valid (so it computes the same path from the same hash).
@@ -143,7 +155,8 @@ fn drv_with(store: &StoreDir, name: &str, srcs: &[&StorePath]) -> Derivation {
             ("system".to_string(), "x86_64-linux".to_string()),
         ]),
     };
-    let mut none = |p: &StorePath| -> Result<Derivation, DrvError> { panic!("unexpected input {p}") };
+    let mut none =
+        |p: &StorePath| -> Result<Derivation, DrvError> { panic!("unexpected input {p}") };
     compute_output_paths(store, &mut drv, &mut none, &mut DrvHashCache::new()).unwrap();
     drv
 }
@@ -156,10 +169,14 @@ fn nix_accepts_what_nixb_registered() {
     let env = Env::new();
     let store = LocalStore::open(env.config()).unwrap();
     let sd = store.store_dir().clone();
-    let a = store.add_text_to_store("a.txt", b"leaf\n", &BTreeSet::new()).unwrap();
+    let a = store
+        .add_text_to_store("a.txt", b"leaf\n", &BTreeSet::new())
+        .unwrap();
     // b's contents mention a, as a real reference would.
     let b_text = format!("uses {}\n", sd.print(&a));
-    let b = store.add_text_to_store("b.txt", b_text.as_bytes(), &BTreeSet::from([a.clone()])).unwrap();
+    let b = store
+        .add_text_to_store("b.txt", b_text.as_bytes(), &BTreeSet::from([a.clone()]))
+        .unwrap();
     let drv = drv_with(&sd, "thing", &[&b]);
     let drv_path = store.add_derivation(&drv).unwrap();
 
@@ -167,7 +184,10 @@ fn nix_accepts_what_nixb_registered() {
     let out = drv.outputs["out"].path.clone().unwrap();
     let doc = drv.outputs["doc"].path.clone().unwrap();
     let mut infos = Vec::new();
-    for (p, text) in [(&out, format!("{}\n", sd.print(&b))), (&doc, "docs\n".to_string())] {
+    for (p, text) in [
+        (&out, format!("{}\n", sd.print(&b))),
+        (&doc, "docs\n".to_string()),
+    ] {
         let f = sd.to_path(p);
         std::fs::write(&f, text).unwrap();
         let mut seen = nixb_store::canon::InodesSeen::new();
@@ -198,11 +218,20 @@ fn nix_accepts_what_nixb_registered() {
     outs.sort();
     assert_eq!(env.q("--outputs", &pr(&drv_path)), outs);
     // Nix prints the hash in base32 with its algorithm; ours is stored in base16.
-    assert_eq!(env.q("--hash", &pr(&out)), vec![info_out.nar_hash.to_string()]);
-    assert_eq!(env.q("--size", &pr(&out)), vec![info_out.nar_size.to_string()]);
+    assert_eq!(
+        env.q("--hash", &pr(&out)),
+        vec![info_out.nar_hash.to_string()]
+    );
+    assert_eq!(
+        env.q("--size", &pr(&out)),
+        vec![info_out.nar_size.to_string()]
+    );
     // Nix computes the NAR hash itself from the file: it must equal ours.
     let (dumped, _) = env.run("nix-hash", &["--type", "sha256", "--base32", &pr(&out)]);
-    assert_eq!(format!("sha256:{}", dumped.trim()), info_out.nar_hash.to_string());
+    assert_eq!(
+        format!("sha256:{}", dumped.trim()),
+        info_out.nar_hash.to_string()
+    );
     let (_, err) = env.run("nix-store", &["--verify", "--check-contents"]);
     assert!(
         !err.contains("modified") && !err.contains("disappeared") && !err.contains("error"),
@@ -211,11 +240,23 @@ fn nix_accepts_what_nixb_registered() {
     // Nix also reads the derivation nixb wrote, and finds its outputs valid.
     let (shown, _) = env.run(
         "nix",
-        &["--extra-experimental-features", "nix-command", "show-derivation", &pr(&drv_path)],
+        &[
+            "--extra-experimental-features",
+            "nix-command",
+            "show-derivation",
+            &pr(&drv_path),
+        ],
     );
     assert!(shown.contains(&pr(&doc)), "{shown}");
-    let (built, _) = env.run("nix-store", &["--realise", &format!("{}!out", pr(&drv_path))]);
-    assert_eq!(built.trim(), pr(&out), "nix-store --realise rebuilt or disagreed");
+    let (built, _) = env.run(
+        "nix-store",
+        &["--realise", &format!("{}!out", pr(&drv_path))],
+    );
+    assert_eq!(
+        built.trim(),
+        pr(&out),
+        "nix-store --realise rebuilt or disagreed"
+    );
 }
 
 #[test]
@@ -251,13 +292,28 @@ in derivation {{ name = "top"; system = "x86_64-linux"; builder = "/bin/sh"; out
     all.extend(built.iter().cloned());
     for printed in &all {
         let p = sd.parse(printed).unwrap();
-        let info = store.query_path_info(&p).unwrap().unwrap_or_else(|| panic!("{printed} not valid to nixb"));
-        assert_eq!(env.q("--hash", printed), vec![info.nar_hash.to_string()], "{printed}");
-        assert_eq!(env.q("--size", printed), vec![info.nar_size.to_string()], "{printed}");
+        let info = store
+            .query_path_info(&p)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{printed} not valid to nixb"));
+        assert_eq!(
+            env.q("--hash", printed),
+            vec![info.nar_hash.to_string()],
+            "{printed}"
+        );
+        assert_eq!(
+            env.q("--size", printed),
+            vec![info.nar_size.to_string()],
+            "{printed}"
+        );
         let refs: Vec<String> = info.references.iter().map(|r| sd.print(r)).collect();
         assert_eq!(env.q("--references", printed), refs, "{printed}");
         let deriver = env.q("--deriver", printed);
-        let ours = info.deriver.as_ref().map(|d| sd.print(d)).unwrap_or_else(|| "unknown-deriver".into());
+        let ours = info
+            .deriver
+            .as_ref()
+            .map(|d| sd.print(d))
+            .unwrap_or_else(|| "unknown-deriver".into());
         assert_eq!(deriver, vec![ours], "{printed}");
     }
     // The built outputs reference the dependency's output, found by Nix's scanner.
@@ -265,11 +321,19 @@ in derivation {{ name = "top"; system = "x86_64-linux"; builder = "/bin/sh"; out
     let mut ours: Vec<String> = outs.values().map(|p| sd.print(p)).collect();
     ours.sort();
     assert_eq!(env.q("--outputs", &drv_printed), ours);
-    assert_eq!(store.query_valid_derivers(&outs["lib"]).unwrap(), vec![drv_path.clone()]);
-    let closure = store.compute_closure(&BTreeSet::from([outs["out"].clone()])).unwrap();
+    assert_eq!(
+        store.query_valid_derivers(&outs["lib"]).unwrap(),
+        vec![drv_path.clone()]
+    );
+    let closure = store
+        .compute_closure(&BTreeSet::from([outs["out"].clone()]))
+        .unwrap();
     let mut theirs = env.q("--requisites", &sd.print(&outs["out"]));
     theirs.sort();
-    assert_eq!(closure.iter().map(|p| sd.print(p)).collect::<Vec<_>>(), theirs);
+    assert_eq!(
+        closure.iter().map(|p| sd.print(p)).collect::<Vec<_>>(),
+        theirs
+    );
     // The derivation parses, and a fresh add_to_store of the same tree is the same path.
     assert_eq!(store.read_derivation(&drv_path).unwrap().outputs.len(), 2);
     assert_eq!(sd.print(&store.add_to_store(&src, None).unwrap()), added);
