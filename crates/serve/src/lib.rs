@@ -14,6 +14,8 @@ pub mod client;
 pub mod error;
 pub mod import;
 pub mod proto;
+pub mod server;
+pub mod testing;
 pub mod transport;
 pub mod wire;
 

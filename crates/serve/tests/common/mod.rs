@@ -178,3 +178,78 @@ pub fn nar_of(path: &Path) -> Vec<u8> {
     nixb_store::nar::dump_path(path, &mut v).unwrap();
     v
 }
+
+impl World {
+    /// The command running nixb's test server (`nixb-serve-test --write`) for remote
+    /// `name`, in its own mount namespace as for real Nix.
+    pub fn nixb_serve_command(&self, name: &str) -> Command {
+        let phys = self.remote_phys(name);
+        std::fs::create_dir_all(&phys).unwrap();
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"]);
+        c.arg(r#"mount --bind "$1" "$2" && exec "$3" --write"#);
+        c.arg("sh")
+            .arg(&phys)
+            .arg(self.store_dir.as_str())
+            .arg(env!("CARGO_BIN_EXE_nixb-serve-test"));
+        self.nix_env(&mut c, name);
+        c
+    }
+
+    pub fn connect_nixb(&self, name: &str) -> (ChildClient, ServeChild, Log) {
+        let log = Log::default();
+        let (c, h) = spawn_serving(
+            self.nixb_serve_command(name),
+            &format!("nixb serve ({name})"),
+            self.store_dir.clone(),
+            Box::new(log.clone()),
+        )
+        .unwrap();
+        (c, h, log)
+    }
+
+    /// A fake `ssh` in `<root>/bin` that ignores host and options and runs nixb's test
+    /// server for remote `name`: lets real Nix's `ssh://` client talk to our server.
+    pub fn fake_ssh_to_nixb(&self, name: &str) -> PathBuf {
+        let bin = self.path("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let phys = self.remote_phys(name);
+        std::fs::create_dir_all(&phys).unwrap();
+        let script = format!(
+            "#!/bin/sh\necho \"fake ssh $*\" >> {log}\nexport NIX_STORE_DIR={store} NIX_STATE_DIR={state} NIX_LOG_DIR={logdir}\nexec unshare --mount --propagation private sh -c 'mount --bind \"$1\" \"$2\" && exec \"$3\" --write' sh {phys} {store} {exe}\n",
+            log = self.path("ssh.log").display(),
+            store = self.store_dir.as_str(),
+            state = self.path(&format!("{name}/state")).display(),
+            logdir = self.path(&format!("{name}/log")).display(),
+            phys = phys.display(),
+            exe = env!("CARGO_BIN_EXE_nixb-serve-test"),
+        );
+        let p = bin.join("ssh");
+        std::fs::write(&p, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    /// Runs a real Nix command as a *client* whose own store is `<root>/<name>/phys`
+    /// (mounted over the logical store dir), with `extra_path` first in PATH.
+    pub fn nix_client(&self, name: &str, extra_path: &Path, cmd: &str, args: &[&str]) -> std::process::Output {
+        let phys = self.remote_phys(name);
+        let etc = self.path(&format!("{name}/etc"));
+        std::fs::create_dir_all(&phys).unwrap();
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            etc.join("nix.conf"),
+            "sandbox = false\nbuild-users-group =\nsubstituters =\nexperimental-features = nix-command\n",
+        )
+        .unwrap();
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"]);
+        c.arg(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#);
+        c.arg("sh").arg(&phys).arg(self.store_dir.as_str()).arg(cmd).args(args);
+        self.nix_env(&mut c, name);
+        let path = format!("{}:{}", extra_path.display(), std::env::var("PATH").unwrap_or_default());
+        c.env("PATH", path);
+        c.output().unwrap()
+    }
+}
