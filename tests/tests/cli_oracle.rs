@@ -121,17 +121,22 @@ fn derivation_add_from_nix_json_reproduces_nix_instantiate() {
     let json = run_ok(nix_side.nix("nix").args(["show-derivation", "-r"]).arg(&drv), None);
     let all: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&json).unwrap();
 
-    // nixb, on the same store: add each derivation (dependencies first) from Nix's JSON.
-    // The toFile source is already valid there (nix-instantiate registered it).
+    // Let real Nix forget the derivations (the toFile source stays valid), then have nixb
+    // add each one again (dependencies first) from Nix's JSON.
+    let expected: std::collections::BTreeMap<String, Vec<u8>> =
+        all.keys().map(|k| (k.clone(), std::fs::read(k).unwrap())).collect();
+    run_ok(nix_side.nix("nix-store").arg("--delete").args(all.keys()), None);
+    for k in all.keys() {
+        assert!(!std::path::Path::new(k).exists(), "{k} survived nix-store --delete");
+    }
     let mut order: Vec<&String> = all.keys().collect();
     order.sort_by_key(|k| !k.ends_with("-dep.drv")); // dep before top
     for key in order {
-        let expected_bytes = std::fs::read(key).unwrap();
-        std::fs::remove_file(key).ok(); // nixb must write it again
+        let expected_bytes = &expected[key];
         let one = serde_json::json!({ key.clone(): all[key].clone() });
         let printed = run_str(nix_side.nixb().args(["derivation", "add"]), Some(one.to_string().as_bytes()));
         assert_eq!(&printed, key, "nixb derivation add gives another path than nix-instantiate");
-        assert!(std::fs::read(key).unwrap() == expected_bytes, "{key}: bytes differ from nix-instantiate's");
+        assert!(&std::fs::read(key).unwrap() == expected_bytes, "{key}: bytes differ from nix-instantiate's");
         let shown = run_ok(nix_side.nixb().args(["derivation", "show"]).arg(key), None);
         let shown: serde_json::Value = serde_json::from_slice(&shown).unwrap();
         assert_eq!(shown[key.as_str()], all[key], "nixb derivation show differs from nix show-derivation");
