@@ -5,6 +5,7 @@
 //! - [`signing`]: ed25519 keys in Nix's `name:base64` form, narinfo fingerprints and signatures
 //! - [`cache`]: reading a cache, streaming a NAR through decompression and hashing into place
 //! - [`substitute`]: making paths and closures valid in a `LocalStore` from caches
+//! - [`protocol`]: the Nix 1.x external substituter protocol (`--query`, `--substitute`)
 //! - [`write`]: writing a `file://` cache as `nix copy --to` does
 //!
 //! This crate never prints (it logs through `tracing`) and never spawns processes; the
@@ -12,6 +13,7 @@
 
 pub mod cache;
 pub mod narinfo;
+pub mod protocol;
 pub mod signing;
 pub mod substitute;
 pub mod write;
