@@ -510,3 +510,85 @@ fn config_from_env_defaults() {
     }
     assert_eq!(c.db_dir(), Path::new("/nix/var/nix/db"));
 }
+
+/// While a collector runs it holds `gc.lock` exclusively and takes new temporary roots
+/// on `gc-socket/socket`: one absolute path and a newline per root, answered by "1".
+/// Play the collector and check the root arrives there and in the roots file.
+#[test]
+fn temp_root_goes_to_a_running_collector() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let state = dir.path().join("state");
+    let gc_lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(state.join("gc.lock"))
+        .unwrap();
+    assert!(lock_file(&gc_lock, LockType::Write, false).unwrap());
+    std::fs::create_dir_all(state.join("gc-socket")).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(state.join("gc-socket/socket")).unwrap();
+    let collector = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&conn).read_line(&mut line).unwrap();
+        (&conn).write_all(b"1").unwrap();
+        line
+    });
+    let a = fake(1, "a");
+    s.add_temp_root(&a).unwrap();
+    let got = collector.join().unwrap();
+    assert_eq!(got, format!("{}\n", s.store_dir().print(&a)));
+    let f = state.join("temproots").join(std::process::id().to_string());
+    assert_eq!(
+        std::fs::read_to_string(f).unwrap(),
+        format!("{}\0", s.store_dir().print(&a))
+    );
+}
+
+/// The output locks are BSD flock locks, the kind Nix 2.x takes: util-linux's flock(1)
+/// (an independent process using flock(2)) must conflict with them both ways.
+#[test]
+fn path_locks_conflict_with_flock_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("out");
+    let lf = dir.path().join("out.lock");
+    let held = nixb_store::locks::PathLocks::lock(std::slice::from_ref(&p), false, None)
+        .unwrap()
+        .unwrap();
+    let st = std::process::Command::new("flock")
+        .args(["-n", "-E", "7"])
+        .arg(&lf)
+        .arg("true")
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(7), "flock(1) got a lock nixb holds");
+    drop(held);
+    let mut child = std::process::Command::new("flock")
+        .arg(&lf)
+        .args(["sh", "-c", "echo ready; sleep 2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // flock(1) runs the command only once it holds the lock.
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    assert!(
+        nixb_store::locks::PathLocks::lock(std::slice::from_ref(&p), false, None)
+            .unwrap()
+            .is_none()
+    );
+    child.wait().unwrap();
+    assert!(
+        nixb_store::locks::PathLocks::lock(std::slice::from_ref(&p), false, None)
+            .unwrap()
+            .is_some()
+    );
+}

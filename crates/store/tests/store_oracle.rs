@@ -339,3 +339,48 @@ in derivation {{ name = "top"; system = "x86_64-linux"; builder = "/bin/sh"; out
     assert_eq!(sd.print(&store.add_to_store(&src, None).unwrap()), added);
     assert!(store.verify(true).unwrap().is_clean());
 }
+
+#[test]
+fn nix_waits_for_an_output_lock_held_by_nixb() {
+    if !have_nix() {
+        return;
+    }
+    let env = Env::new();
+    let store = LocalStore::open(env.config()).unwrap();
+    let sd = store.store_dir().clone();
+    let mut drv = drv_with(&sd, "locked", &[]);
+    drv.outputs.remove("doc");
+    drv.env.remove("doc");
+    let mut none =
+        |p: &StorePath| -> Result<Derivation, DrvError> { panic!("unexpected input {p}") };
+    for o in drv.outputs.values_mut() {
+        o.path = None;
+    }
+    drv.env.remove("out");
+    compute_output_paths(&sd, &mut drv, &mut none, &mut DrvHashCache::new()).unwrap();
+    let drv_path = store.add_derivation(&drv).unwrap();
+    let out = drv.outputs["out"].path.clone().unwrap();
+
+    let locks = nixb_store::locks::PathLocks::lock(&[sd.to_path(&out)], false, None)
+        .unwrap()
+        .expect("output lock free at first");
+    let mut nix = env
+        .cmd("nix-store")
+        .args(["--realise", &sd.print(&drv_path)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    let early = nix.try_wait().unwrap();
+    assert!(
+        early.is_none(),
+        "nix-store finished ({early:?}) while nixb held the output lock"
+    );
+    assert!(!store.is_valid_path(&out).unwrap());
+    drop(locks);
+    let o = nix.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), sd.print(&out));
+    assert!(store.is_valid_path(&out).unwrap());
+}
