@@ -31,7 +31,11 @@ pub enum CacheError {
     #[error("cache '{cache}': {reason}")]
     Open { cache: String, reason: String },
     #[error("cache '{cache}' is for store '{theirs}', but this store is '{ours}'")]
-    StoreDirMismatch { cache: String, theirs: String, ours: String },
+    StoreDirMismatch {
+        cache: String,
+        theirs: String,
+        ours: String,
+    },
     #[error("cache '{cache}': fetching '{url}'{} failed after {attempts} attempt(s): {reason}", for_path.as_ref().map(|p| format!(" (nar of '{p}')")).unwrap_or_default())]
     Transfer {
         cache: String,
@@ -42,13 +46,25 @@ pub enum CacheError {
         reason: String,
     },
     #[error("cache '{cache}': fetching '{url}': {reason}")]
-    Http { cache: String, url: String, reason: String },
+    Http {
+        cache: String,
+        url: String,
+        reason: String,
+    },
     #[error(transparent)]
     NarInfo(#[from] NarInfoError),
     #[error("cache '{cache}': narinfo for '{asked}' describes '{got}'")]
-    WrongPath { cache: String, asked: String, got: String },
+    WrongPath {
+        cache: String,
+        asked: String,
+        got: String,
+    },
     #[error("cache '{cache}': nar of '{path}' ('{url}') is missing")]
-    NarMissing { cache: String, path: String, url: String },
+    NarMissing {
+        cache: String,
+        path: String,
+        url: String,
+    },
     #[error("cache '{cache}': unpacking nar of '{path}': {source}")]
     Unpack {
         cache: String,
@@ -65,7 +81,11 @@ pub enum CacheError {
         got: String,
     },
     #[error("cache '{cache}': refusing '{path}': {reason}")]
-    Untrusted { cache: String, path: String, reason: String },
+    Untrusted {
+        cache: String,
+        path: String,
+        reason: String,
+    },
     #[error("{step} '{path}': {source}")]
     Io {
         step: &'static str,
@@ -199,7 +219,11 @@ pub fn delete_path(path: &Path) -> Result<(), CacheError> {
     use std::os::unix::fs::PermissionsExt;
     let io_err = |step, p: &Path| {
         let p = p.to_path_buf();
-        move |source| CacheError::Io { step, path: p, source }
+        move |source| CacheError::Io {
+            step,
+            path: p,
+            source,
+        }
     };
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -208,7 +232,8 @@ pub fn delete_path(path: &Path) -> Result<(), CacheError> {
     };
     if meta.is_dir() {
         if meta.permissions().mode() & 0o700 != 0o700 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(io_err("making writable", path))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err("making writable", path))?;
         }
         for entry in std::fs::read_dir(path).map_err(io_err("reading directory", path))? {
             let entry = entry.map_err(io_err("reading directory", path))?;
@@ -224,7 +249,11 @@ impl BinaryCache {
     /// Opens the cache at `url` (`file:///dir`, `http://host[:port]/prefix`, `https://...`)
     /// and reads its `nix-cache-info`, refusing a cache made for another store directory:
     /// its paths and references would mean nothing here.
-    pub fn open(url: &str, store_dir: &StoreDir, opts: CacheOptions) -> Result<BinaryCache, CacheError> {
+    pub fn open(
+        url: &str,
+        store_dir: &StoreDir,
+        opts: CacheOptions,
+    ) -> Result<BinaryCache, CacheError> {
         let url = url.trim_end_matches('/').to_string();
         let transport = if let Some(dir) = url.strip_prefix("file://") {
             if !dir.starts_with('/') {
@@ -262,10 +291,12 @@ impl BinaryCache {
             opts,
         };
         let whence = format!("{}/nix-cache-info", cache.url);
-        let text = cache.get_text("nix-cache-info")?.ok_or_else(|| CacheError::Open {
-            cache: cache.url.clone(),
-            reason: "no nix-cache-info (is this a binary cache?)".into(),
-        })?;
+        let text = cache
+            .get_text("nix-cache-info")?
+            .ok_or_else(|| CacheError::Open {
+                cache: cache.url.clone(),
+                reason: "no nix-cache-info (is this a binary cache?)".into(),
+            })?;
         let info = CacheInfo::parse(&text, &whence)?;
         if info.store_dir != store_dir.as_str() {
             return Err(CacheError::StoreDirMismatch {
@@ -296,7 +327,9 @@ impl BinaryCache {
 
     /// Checks a relative URL from a narinfo: it must stay inside the cache.
     fn check_rel(&self, rel: &str) -> Result<(), CacheError> {
-        let escapes = rel.starts_with('/') || rel.split('/').any(|c| c == ".." || c == ".") || rel.contains('\\');
+        let escapes = rel.starts_with('/')
+            || rel.split('/').any(|c| c == ".." || c == ".")
+            || rel.contains('\\');
         if escapes || rel.contains("://") || rel.contains('?') || rel.contains('#') {
             return Err(CacheError::Http {
                 cache: self.url.clone(),
@@ -313,7 +346,12 @@ impl BinaryCache {
 
     /// Runs `attempt` until it succeeds, fails for good, or the attempts run out, sleeping
     /// initial_backoff, 2x, 4x ... between tries.
-    fn retrying<T>(&self, rel: &str, for_path: Option<&str>, mut attempt: impl FnMut() -> Attempt<T>) -> Result<T, CacheError> {
+    fn retrying<T>(
+        &self,
+        rel: &str,
+        for_path: Option<&str>,
+        mut attempt: impl FnMut() -> Attempt<T>,
+    ) -> Result<T, CacheError> {
         let mut delay = self.opts.initial_backoff;
         let attempts = self.opts.attempts.max(1);
         let mut last = String::new();
@@ -322,7 +360,11 @@ impl BinaryCache {
                 Attempt::Done(v) => return Ok(v),
                 Attempt::Fatal(e) => return Err(e),
                 Attempt::Transient(why) => {
-                    tracing::warn!("cache '{}': fetching '{}' (attempt {n} of {attempts}): {why}", self.url, rel);
+                    tracing::warn!(
+                        "cache '{}': fetching '{}' (attempt {n} of {attempts}): {why}",
+                        self.url,
+                        rel
+                    );
                     last = why;
                     if n < attempts {
                         std::thread::sleep(delay);
@@ -361,7 +403,9 @@ impl BinaryCache {
                     Ok(resp) => Attempt::Done(Some(Box::new(resp.into_reader()))),
                     // Nix treats 403 like 404: S3 answers 403 for a missing key.
                     Err(ureq::Error::Status(404 | 403 | 410, _)) => Attempt::Done(None),
-                    Err(ureq::Error::Status(code, resp)) if code >= 500 || code == 429 || code == 408 => {
+                    Err(ureq::Error::Status(code, resp))
+                        if code >= 500 || code == 429 || code == 408 =>
+                    {
                         Attempt::Transient(format!("HTTP {code} {}", resp.status_text()))
                     }
                     Err(ureq::Error::Status(code, resp)) => Attempt::Fatal(CacheError::Http {
@@ -370,13 +414,13 @@ impl BinaryCache {
                         reason: format!("HTTP {code} {}", resp.status_text()),
                     }),
                     Err(ureq::Error::Transport(t)) => match t.kind() {
-                        ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme | ureq::ErrorKind::InvalidProxyUrl => {
-                            Attempt::Fatal(CacheError::Http {
-                                cache: self.url.clone(),
-                                url,
-                                reason: t.to_string(),
-                            })
-                        }
+                        ureq::ErrorKind::InvalidUrl
+                        | ureq::ErrorKind::UnknownScheme
+                        | ureq::ErrorKind::InvalidProxyUrl => Attempt::Fatal(CacheError::Http {
+                            cache: self.url.clone(),
+                            url,
+                            reason: t.to_string(),
+                        }),
                         _ => Attempt::Transient(t.to_string()),
                     },
                 }
@@ -406,7 +450,9 @@ impl BinaryCache {
                             reason: "file is not UTF-8 text".into(),
                         }),
                     },
-                    Err(e) if matches!(self.transport, Transport::Http { .. }) => Attempt::Transient(e.to_string()),
+                    Err(e) if matches!(self.transport, Transport::Http { .. }) => {
+                        Attempt::Transient(e.to_string())
+                    }
                     Err(source) => Attempt::Fatal(CacheError::Io {
                         step: "reading",
                         path: PathBuf::from(self.full_url(rel)),
@@ -447,10 +493,21 @@ impl BinaryCache {
             reason,
         };
         if info.sigs.is_empty() {
-            return Err(refuse("it is not signed (set require-sigs = false to accept unsigned paths)".into()));
+            return Err(refuse(
+                "it is not signed (set require-sigs = false to accept unsigned paths)".into(),
+            ));
         }
-        if self.opts.trusted_keys.count_valid(&info.fingerprint(&self.store_dir), &info.sigs) == 0 {
-            let names: Vec<&str> = info.sigs.iter().map(|s| s.split(':').next().unwrap_or("")).collect();
+        if self
+            .opts
+            .trusted_keys
+            .count_valid(&info.fingerprint(&self.store_dir), &info.sigs)
+            == 0
+        {
+            let names: Vec<&str> = info
+                .sigs
+                .iter()
+                .map(|s| s.split(':').next().unwrap_or(""))
+                .collect();
             return Err(refuse(format!(
                 "no valid signature by a trusted key (signed by: {}; check trusted-public-keys)",
                 names.join(", ")
@@ -494,7 +551,11 @@ impl BinaryCache {
             };
             let mut file = HashingReader::new(flagged, info.file_hash.is_some());
             let res = (|| {
-                let decoder = decompressor(info.compression, &mut file).map_err(|e| NarError::Read { offset: 0, source: e })?;
+                let decoder =
+                    decompressor(info.compression, &mut file).map_err(|e| NarError::Read {
+                        offset: 0,
+                        source: e,
+                    })?;
                 let mut nar = HashingReader::new(decoder, true);
                 nar::restore_path(&mut nar, dest)?;
                 Ok::<_, NarError>((nar.hasher, nar.count))
@@ -521,7 +582,11 @@ impl BinaryCache {
                 // The connection broke mid-body: restore_path already removed what it
                 // made, so the next attempt starts from nothing.
                 Err(_) if failed.load(Ordering::SeqCst) => {
-                    let why = error.lock().ok().and_then(|g| g.clone()).unwrap_or_default();
+                    let why = error
+                        .lock()
+                        .ok()
+                        .and_then(|g| g.clone())
+                        .unwrap_or_default();
                     Attempt::Transient(format!("connection failed while downloading: {why}"))
                 }
                 Err(source) => Attempt::Fatal(CacheError::Unpack {
@@ -534,10 +599,18 @@ impl BinaryCache {
         let (nar_hash, nar_size, file_hash, file_size) = outcome?;
         let check = || -> Result<(), CacheError> {
             let Some(nar_hash) = nar_hash.clone() else {
-                return Err(mismatch("NarHash", info.nar_hash.to_base32_typed(), "nothing".into()));
+                return Err(mismatch(
+                    "NarHash",
+                    info.nar_hash.to_base32_typed(),
+                    "nothing".into(),
+                ));
             };
             if nar_size != info.nar_size {
-                return Err(mismatch("NarSize", info.nar_size.to_string(), nar_size.to_string()));
+                return Err(mismatch(
+                    "NarSize",
+                    info.nar_size.to_string(),
+                    nar_size.to_string(),
+                ));
             }
             if nar_hash != info.nar_hash {
                 return Err(mismatch(
@@ -548,7 +621,11 @@ impl BinaryCache {
             }
             if let Some(expected) = info.file_size {
                 if expected != file_size {
-                    return Err(mismatch("FileSize", expected.to_string(), file_size.to_string()));
+                    return Err(mismatch(
+                        "FileSize",
+                        expected.to_string(),
+                        file_size.to_string(),
+                    ));
                 }
             }
             if let (Some(expected), Some(got)) = (&info.file_hash, &file_hash) {

@@ -21,5 +21,7 @@ pub mod write;
 pub use cache::{BinaryCache, CacheError, CacheOptions};
 pub use narinfo::{CacheInfo, Compression, NarInfo, NarInfoError};
 pub use signing::{KeyError, PublicKey, SecretKey, TrustedKeys};
-pub use substitute::{substitute, substitute_closure, substitute_from, ClosureReport, Outcome, SubstituteError};
+pub use substitute::{
+    substitute, substitute_closure, substitute_from, ClosureReport, Outcome, SubstituteError,
+};
 pub use write::{copy_to_file_cache, WriteError, WriteOptions};

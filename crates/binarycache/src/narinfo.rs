@@ -36,7 +36,11 @@ use nixb_store::{StoreDir, StorePath};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NarInfoError {
     #[error("{whence}, line {line}: {reason}")]
-    Line { whence: String, line: usize, reason: String },
+    Line {
+        whence: String,
+        line: usize,
+        reason: String,
+    },
     #[error("{whence}: {reason}")]
     File { whence: String, reason: String },
 }
@@ -108,27 +112,39 @@ pub struct NarInfo {
 }
 
 /// Splits `text` into `(line number, key, value)`, refusing malformed lines.
-fn fields<'a>(text: &'a str, whence: &'a str) -> impl Iterator<Item = Result<(usize, &'a str, &'a str), NarInfoError>> + 'a {
+fn fields<'a>(
+    text: &'a str,
+    whence: &'a str,
+) -> impl Iterator<Item = Result<(usize, &'a str, &'a str), NarInfoError>> + 'a {
     let ends_in_newline = text.is_empty() || text.ends_with('\n');
     let nlines = text.split_terminator('\n').count();
-    text.split_terminator('\n').enumerate().map(move |(i, line)| {
-        let n = i + 1;
-        let bad = |reason: String| NarInfoError::Line {
-            whence: whence.to_string(),
-            line: n,
-            reason,
-        };
-        if n == nlines && !ends_in_newline {
-            return Err(bad("last line is not terminated by a newline (truncated file?)".into()));
-        }
-        match line.split_once(':') {
-            Some((key, rest)) if !key.is_empty() && (rest.is_empty() || rest.starts_with(' ')) => {
-                // "References: " with nothing after the space is how Nix writes no references.
-                Ok((n, key, rest.strip_prefix(' ').unwrap_or(rest)))
+    text.split_terminator('\n')
+        .enumerate()
+        .map(move |(i, line)| {
+            let n = i + 1;
+            let bad = |reason: String| NarInfoError::Line {
+                whence: whence.to_string(),
+                line: n,
+                reason,
+            };
+            if n == nlines && !ends_in_newline {
+                return Err(bad(
+                    "last line is not terminated by a newline (truncated file?)".into(),
+                ));
             }
-            _ => Err(bad(format!("expected 'Key: value', got '{}'", truncate(line)))),
-        }
-    })
+            match line.split_once(':') {
+                Some((key, rest))
+                    if !key.is_empty() && (rest.is_empty() || rest.starts_with(' ')) =>
+                {
+                    // "References: " with nothing after the space is how Nix writes no references.
+                    Ok((n, key, rest.strip_prefix(' ').unwrap_or(rest)))
+                }
+                _ => Err(bad(format!(
+                    "expected 'Key: value', got '{}'",
+                    truncate(line)
+                ))),
+            }
+        })
 }
 
 fn truncate(s: &str) -> String {
@@ -165,24 +181,33 @@ impl NarInfo {
             };
             // Each single-valued key may appear once: a second one would let a cache show
             // one value to a signature check and another to the fetcher.
-            fn once<T>(slot: &mut Option<T>, v: T, key: &str, bad: &dyn Fn(String) -> NarInfoError) -> Result<(), NarInfoError> {
+            fn once<T>(
+                slot: &mut Option<T>,
+                v: T,
+                key: &str,
+                bad: &dyn Fn(String) -> NarInfoError,
+            ) -> Result<(), NarInfoError> {
                 if slot.is_some() {
                     return Err(bad(format!("'{key}' given twice")));
                 }
                 *slot = Some(v);
                 Ok(())
             }
-            let base_name = |s: &str| StorePath::from_base_name(s).map_err(|e| bad(format!("{key}: {e}")));
+            let base_name =
+                |s: &str| StorePath::from_base_name(s).map_err(|e| bad(format!("{key}: {e}")));
             let decimal = |s: &str| {
                 if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(bad(format!("{key}: '{s}' is not a decimal number")));
                 }
-                s.parse::<u64>().map_err(|e| bad(format!("{key}: '{s}': {e}")))
+                s.parse::<u64>()
+                    .map_err(|e| bad(format!("{key}: '{s}': {e}")))
             };
             let hash = |s: &str| Hash::parse_typed(s).map_err(|e| bad(format!("{key}: {e}")));
             match key {
                 "StorePath" => {
-                    let p = store_dir.parse(value).map_err(|e| bad(format!("StorePath: {e}")))?;
+                    let p = store_dir
+                        .parse(value)
+                        .map_err(|e| bad(format!("StorePath: {e}")))?;
                     once(&mut store_path, p, key, &bad)?
                 }
                 "URL" => {
@@ -192,8 +217,11 @@ impl NarInfo {
                     once(&mut url, value.to_string(), key, &bad)?
                 }
                 "Compression" => {
-                    let c = Compression::parse(value)
-                        .ok_or_else(|| bad(format!("unknown compression '{value}' (expected none, xz, bzip2 or zstd)")))?;
+                    let c = Compression::parse(value).ok_or_else(|| {
+                        bad(format!(
+                            "unknown compression '{value}' (expected none, xz, bzip2 or zstd)"
+                        ))
+                    })?;
                     once(&mut compression, c, key, &bad)?
                 }
                 "FileHash" => once(&mut file_hash, hash(value)?, key, &bad)?,
@@ -220,13 +248,19 @@ impl NarInfo {
                     once(&mut references, refs, key, &bad)?
                 }
                 "Deriver" => {
-                    let d = if value == "unknown-deriver" { None } else { Some(base_name(value)?) };
+                    let d = if value == "unknown-deriver" {
+                        None
+                    } else {
+                        Some(base_name(value)?)
+                    };
                     once(&mut deriver, d, key, &bad)?
                 }
                 "Sig" => {
                     match value.split_once(':') {
                         Some((name, sig)) if !name.is_empty() && !sig.is_empty() => {}
-                        _ => return Err(bad(format!("Sig '{value}' is not '<key name>:<base64>'"))),
+                        _ => {
+                            return Err(bad(format!("Sig '{value}' is not '<key name>:<base64>'")))
+                        }
                     }
                     sigs.push(value.to_string());
                 }
@@ -292,12 +326,24 @@ impl NarInfo {
     /// What signatures sign: `1;<store path>;<narHash>;<narSize>;<refs>`, the NAR hash as
     /// `sha256:<base32>` and the references as full paths joined by commas.
     pub fn fingerprint(&self, store_dir: &StoreDir) -> String {
-        fingerprint(store_dir, &self.store_path, &self.nar_hash, self.nar_size, &self.references)
+        fingerprint(
+            store_dir,
+            &self.store_path,
+            &self.nar_hash,
+            self.nar_size,
+            &self.references,
+        )
     }
 }
 
 /// The signed fingerprint of a path's metadata (see [`NarInfo::fingerprint`]).
-pub fn fingerprint(store_dir: &StoreDir, path: &StorePath, nar_hash: &Hash, nar_size: u64, references: &BTreeSet<StorePath>) -> String {
+pub fn fingerprint(
+    store_dir: &StoreDir,
+    path: &StorePath,
+    nar_hash: &Hash,
+    nar_size: u64,
+    references: &BTreeSet<StorePath>,
+) -> String {
     let refs: Vec<String> = references.iter().map(|r| store_dir.print(r)).collect();
     format!(
         "1;{};{};{};{}",
@@ -339,15 +385,18 @@ impl CacheInfo {
                     want_mass_query = match value {
                         "1" => true,
                         "0" => false,
-                        _ => return Err(bad(format!("WantMassQuery: expected 0 or 1, got '{value}'"))),
+                        _ => {
+                            return Err(bad(format!(
+                                "WantMassQuery: expected 0 or 1, got '{value}'"
+                            )))
+                        }
                     }
                 }
                 "Priority" => {
-                    priority = Some(
-                        value
-                            .parse::<u64>()
-                            .map_err(|_| bad(format!("Priority: '{value}' is not a decimal number")))?,
-                    )
+                    priority =
+                        Some(value.parse::<u64>().map_err(|_| {
+                            bad(format!("Priority: '{value}' is not a decimal number"))
+                        })?)
                 }
                 _ => {}
             }
@@ -417,8 +466,14 @@ Sig: test-1:9J3r9mUzNtS437NF+i8hAJGm8OGq+IPVx9b3KAEj41/dTLF08nc0bgNiqWb4vNOIVNKd
         assert_eq!(ni.nar_size, 952);
         assert_eq!(ni.compression, Compression::Xz);
         assert_eq!(ni.references.len(), 1);
-        assert_eq!(ni.deriver.unwrap().base_name(), "hg55j8sa04rmzlwzf3f0686hcbq6dwgc-b.drv");
-        assert!(NarInfo::parse(REAL_NO_REFS, &sd(), "x").unwrap().references.is_empty());
+        assert_eq!(
+            ni.deriver.unwrap().base_name(),
+            "hg55j8sa04rmzlwzf3f0686hcbq6dwgc-b.drv"
+        );
+        assert!(NarInfo::parse(REAL_NO_REFS, &sd(), "x")
+            .unwrap()
+            .references
+            .is_empty());
     }
 
     #[test]
@@ -432,13 +487,17 @@ Sig: test-1:9J3r9mUzNtS437NF+i8hAJGm8OGq+IPVx9b3KAEj41/dTLF08nc0bgNiqWb4vNOIVNKd
 
     #[test]
     fn missing_compression_means_bzip2_and_unknown_keys_are_ignored() {
-        let text = REAL.replace("Compression: xz\n", "").replace("FileSize: 280\n", "FileSize: 280\nFoo: bar\n");
+        let text = REAL
+            .replace("Compression: xz\n", "")
+            .replace("FileSize: 280\n", "FileSize: 280\nFoo: bar\n");
         let ni = NarInfo::parse(&text, &sd(), "x").unwrap();
         assert_eq!(ni.compression, Compression::Bzip2);
     }
 
     fn err(text: &str) -> String {
-        NarInfo::parse(text, &sd(), "file:///c/abc.narinfo").unwrap_err().to_string()
+        NarInfo::parse(text, &sd(), "file:///c/abc.narinfo")
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -454,20 +513,32 @@ Sig: test-1:9J3r9mUzNtS437NF+i8hAJGm8OGq+IPVx9b3KAEj41/dTLF08nc0bgNiqWb4vNOIVNKd
         assert_eq!(err(&REAL.replace("URL: nar", "URLnar")), "file:///c/abc.narinfo, line 2: expected 'Key: value', got 'URLnar/0v6zs586djgnim04iv15ysiqfb02rg4w5qg7if3jhb191b8czbdl.nar.xz'");
         assert!(err(&format!("{REAL}NarSize: 1\n")).contains("line 11: 'NarSize' given twice"));
         assert!(err(REAL.trim_end()).contains("line 10: last line is not terminated"));
-        assert!(err(&REAL.replace("NarSize: 952\n", "")).ends_with("required field 'NarSize' is missing"));
-        assert!(err(&REAL.replace("NarHash: sha256:", "NarHash: md5:")).contains("line 6: NarHash:"));
-        assert!(err(&REAL.replace("/tmp/h/t/store/3ay", "/nix/store/3ay")).contains("line 1: StorePath:"));
-        assert!(err(&REAL.replace("References: kd8p", "References: kd8p/")).contains("line 8: References:"));
+        assert!(err(&REAL.replace("NarSize: 952\n", ""))
+            .ends_with("required field 'NarSize' is missing"));
+        assert!(
+            err(&REAL.replace("NarHash: sha256:", "NarHash: md5:")).contains("line 6: NarHash:")
+        );
+        assert!(err(&REAL.replace("/tmp/h/t/store/3ay", "/nix/store/3ay"))
+            .contains("line 1: StorePath:"));
+        assert!(err(&REAL.replace("References: kd8p", "References: kd8p/"))
+            .contains("line 8: References:"));
         assert!(err(&REAL.replace("Sig: test-1:", "Sig: test-1")).contains("line 10: Sig"));
     }
 
     #[test]
     fn cache_info() {
-        let ci = CacheInfo::parse("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n", "nix-cache-info").unwrap();
+        let ci = CacheInfo::parse(
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
+            "nix-cache-info",
+        )
+        .unwrap();
         assert_eq!(ci.store_dir, "/nix/store");
         assert!(ci.want_mass_query);
         assert_eq!(ci.priority, Some(40));
-        assert_eq!(ci.to_text(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n");
+        assert_eq!(
+            ci.to_text(),
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+        );
         // Byte-identical to what `nix copy --to file://` wrote.
         let plain = CacheInfo::parse("StoreDir: /tmp/h/t/store\n", "n").unwrap();
         assert_eq!(plain.to_text(), "StoreDir: /tmp/h/t/store\n");
@@ -475,6 +546,9 @@ Sig: test-1:9J3r9mUzNtS437NF+i8hAJGm8OGq+IPVx9b3KAEj41/dTLF08nc0bgNiqWb4vNOIVNKd
             .unwrap_err()
             .to_string()
             .contains("c/nix-cache-info: required field 'StoreDir'"));
-        assert!(CacheInfo::parse("StoreDir: /a\nPriority: x\n", "c").unwrap_err().to_string().contains("line 2"));
+        assert!(CacheInfo::parse("StoreDir: /a\nPriority: x\n", "c")
+            .unwrap_err()
+            .to_string()
+            .contains("line 2"));
     }
 }

@@ -62,8 +62,14 @@ fn parse_path(caches: &[BinaryCache], s: &str) -> Result<StorePath, ProtocolErro
 }
 
 /// `--query`: answers `have` and `info` commands from `input` until it ends.
-pub fn run_query(caches: &[BinaryCache], input: &mut dyn BufRead, out: &mut dyn Write) -> Result<(), ProtocolError> {
-    out.write_all(b"\n").and_then(|()| out.flush()).map_err(w("writing the startup line"))?;
+pub fn run_query(
+    caches: &[BinaryCache],
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> Result<(), ProtocolError> {
+    out.write_all(b"\n")
+        .and_then(|()| out.flush())
+        .map_err(w("writing the startup line"))?;
     let mut line = String::new();
     loop {
         line.clear();
@@ -72,7 +78,9 @@ pub fn run_query(caches: &[BinaryCache], input: &mut dyn BufRead, out: &mut dyn 
         }
         let mut words = line.split_whitespace();
         let Some(cmd) = words.next() else { continue };
-        let paths: Vec<StorePath> = words.map(|p| parse_path(caches, p)).collect::<Result<_, _>>()?;
+        let paths: Vec<StorePath> = words
+            .map(|p| parse_path(caches, p))
+            .collect::<Result<_, _>>()?;
         let mut reply = String::new();
         match cmd {
             "have" => {
@@ -85,15 +93,27 @@ pub fn run_query(caches: &[BinaryCache], input: &mut dyn BufRead, out: &mut dyn 
             }
             "info" => {
                 for p in &paths {
-                    let Ok((cache, info)) = find_info(caches, p) else { continue };
+                    let Ok((cache, info)) = find_info(caches, p) else {
+                        continue;
+                    };
                     let sd = cache.store_dir();
                     reply.push_str(&format!("{}\n", sd.print(p)));
-                    reply.push_str(&format!("{}\n", info.deriver.as_ref().map(|d| sd.print(d)).unwrap_or_default()));
+                    reply.push_str(&format!(
+                        "{}\n",
+                        info.deriver
+                            .as_ref()
+                            .map(|d| sd.print(d))
+                            .unwrap_or_default()
+                    ));
                     reply.push_str(&format!("{}\n", info.references.len()));
                     for r in &info.references {
                         reply.push_str(&format!("{}\n", sd.print(r)));
                     }
-                    reply.push_str(&format!("{}\n{}\n", info.file_size.unwrap_or(0), info.nar_size));
+                    reply.push_str(&format!(
+                        "{}\n{}\n",
+                        info.file_size.unwrap_or(0),
+                        info.nar_size
+                    ));
                 }
             }
             other => return Err(ProtocolError::UnknownCommand(other.to_string())),
@@ -113,12 +133,16 @@ pub fn run_substitute(
     out: &mut dyn Write,
     log: &mut dyn Write,
 ) -> Result<(), ProtocolError> {
-    out.write_all(b"\n").and_then(|()| out.flush()).map_err(w("writing the startup line"))?;
+    out.write_all(b"\n")
+        .and_then(|()| out.flush())
+        .map_err(w("writing the startup line"))?;
     let sp = parse_path(caches, path)?;
     let (cache, info) = find_info(caches, &sp)?;
     // The log is the engine's build log; failing to write it is no reason to fail.
     let _ = writeln!(log, "fetching path '{path}' from '{}'...", cache.url());
-    let (hash, _) = cache.fetch_into(&info, dest).map_err(SubstituteError::from)?;
+    let (hash, _) = cache
+        .fetch_into(&info, dest)
+        .map_err(SubstituteError::from)?;
     out.write_all(format!("{}\n", hash.to_base32_typed()).as_bytes())
         .and_then(|()| out.flush())
         .map_err(w("writing the expected hash"))

@@ -69,7 +69,8 @@ impl SecretKey {
             .map_err(|_| bad(format!("secret key has {} bytes, expected 64", bytes.len())))?;
         // The second half must be the public key of the first: a mismatch means a
         // corrupted file, and signing with it would produce signatures nobody can verify.
-        let key = SigningKey::from_keypair_bytes(&arr).map_err(|_| bad("public half does not match the secret seed".into()))?;
+        let key = SigningKey::from_keypair_bytes(&arr)
+            .map_err(|_| bad("public half does not match the secret seed".into()))?;
         Ok(SecretKey {
             name: name.to_string(),
             key,
@@ -115,7 +116,11 @@ impl SecretKey {
 
     /// The secret key file's text (no newline, as Nix writes it).
     pub fn to_text(&self) -> String {
-        format!("{}:{}", self.name, BASE64.encode(&self.key.to_keypair_bytes()))
+        format!(
+            "{}:{}",
+            self.name,
+            BASE64.encode(&self.key.to_keypair_bytes())
+        )
     }
 }
 
@@ -137,7 +142,8 @@ impl PublicKey {
             .as_slice()
             .try_into()
             .map_err(|_| bad(format!("public key has {} bytes, expected 32", bytes.len())))?;
-        let key = VerifyingKey::from_bytes(&arr).map_err(|_| bad("not a valid ed25519 point".into()))?;
+        let key =
+            VerifyingKey::from_bytes(&arr).map_err(|_| bad("not a valid ed25519 point".into()))?;
         Ok(PublicKey {
             name: name.to_string(),
             key,
@@ -251,13 +257,19 @@ mod tests {
 
     #[test]
     fn bad_keys_are_refused_without_leaking_material() {
-        assert!(matches!(SecretKey::parse("nocolon"), Err(KeyError::Syntax { .. })));
+        assert!(matches!(
+            SecretKey::parse("nocolon"),
+            Err(KeyError::Syntax { .. })
+        ));
         let e = SecretKey::parse(PK).unwrap_err().to_string();
         assert_eq!(e, "key 'test-1': secret key has 32 bytes, expected 64");
         let mut bytes = BASE64.decode(&SK.as_bytes()[7..]).unwrap();
         bytes[40] ^= 1;
         let e = SecretKey::parse(&format!("test-1:{}", BASE64.encode(&bytes))).unwrap_err();
         assert!(e.to_string().contains("public half does not match"), "{e}");
-        assert!(PublicKey::parse("k:!!!").unwrap_err().to_string().contains("invalid base64"));
+        assert!(PublicKey::parse("k:!!!")
+            .unwrap_err()
+            .to_string()
+            .contains("invalid base64"));
     }
 }

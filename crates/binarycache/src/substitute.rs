@@ -49,7 +49,10 @@ pub enum Outcome {
 /// The first cache (in order) that has `path` with an acceptable signature, and its
 /// narinfo. Errors of earlier caches are passed over, as Nix tries the next substituter;
 /// they are reported only when no cache could provide the path.
-pub fn find_info<'c>(caches: &'c [BinaryCache], path: &StorePath) -> Result<(&'c BinaryCache, NarInfo), SubstituteError> {
+pub fn find_info<'c>(
+    caches: &'c [BinaryCache],
+    path: &StorePath,
+) -> Result<(&'c BinaryCache, NarInfo), SubstituteError> {
     let mut tried = Vec::new();
     for cache in caches {
         match cache.query_info(path) {
@@ -65,10 +68,15 @@ pub fn find_info<'c>(caches: &'c [BinaryCache], path: &StorePath) -> Result<(&'c
         .first()
         .map(|c| c.store_dir().print(path))
         .unwrap_or_else(|| path.to_string());
-    Err(SubstituteError::NoSubstitute { path: printed, tried })
+    Err(SubstituteError::NoSubstitute {
+        path: printed,
+        tried,
+    })
 }
 
-fn store_err(path: &str) -> impl FnOnce(nixb_store::local_store::StoreError) -> SubstituteError + '_ {
+fn store_err(
+    path: &str,
+) -> impl FnOnce(nixb_store::local_store::StoreError) -> SubstituteError + '_ {
     move |e| SubstituteError::Store {
         path: path.to_string(),
         reason: e.to_string(),
@@ -76,7 +84,11 @@ fn store_err(path: &str) -> impl FnOnce(nixb_store::local_store::StoreError) -> 
 }
 
 /// Substitutes one path whose narinfo `cache` gave. Its references must be valid.
-pub fn substitute_from(store: &LocalStore, cache: &BinaryCache, info: &NarInfo) -> Result<Outcome, SubstituteError> {
+pub fn substitute_from(
+    store: &LocalStore,
+    cache: &BinaryCache,
+    info: &NarInfo,
+) -> Result<Outcome, SubstituteError> {
     let sd = store.store_dir();
     let path = &info.store_path;
     let printed = sd.print(path);
@@ -116,9 +128,11 @@ pub fn substitute_from(store: &LocalStore, cache: &BinaryCache, info: &NarInfo) 
     let (nar_hash, nar_size) = cache.fetch_into(info, &dest)?;
 
     let finish = || -> Result<(), SubstituteError> {
-        canonicalise_path_metadata(&dest, None, &mut InodesSeen::new()).map_err(|e| SubstituteError::Store {
-            path: printed.clone(),
-            reason: e.to_string(),
+        canonicalise_path_metadata(&dest, None, &mut InodesSeen::new()).map_err(|e| {
+            SubstituteError::Store {
+                path: printed.clone(),
+                reason: e.to_string(),
+            }
         })?;
         let vpi = ValidPathInfo {
             path: path.clone(),
@@ -131,7 +145,9 @@ pub fn substitute_from(store: &LocalStore, cache: &BinaryCache, info: &NarInfo) 
             sigs: info.sigs.clone(),
             ca: info.ca.clone(),
         };
-        store.register_valid_paths(&[vpi]).map_err(store_err(&printed))
+        store
+            .register_valid_paths(&[vpi])
+            .map_err(store_err(&printed))
     };
     if let Err(e) = finish() {
         // Nothing unregistered may stay behind under a store path's name.
@@ -146,8 +162,15 @@ pub fn substitute_from(store: &LocalStore, cache: &BinaryCache, info: &NarInfo) 
 }
 
 /// Substitutes `path` from the first cache that has it. Its references must be valid.
-pub fn substitute(store: &LocalStore, caches: &[BinaryCache], path: &StorePath) -> Result<Outcome, SubstituteError> {
-    if store.is_valid_path(path).map_err(store_err(&store.store_dir().print(path)))? {
+pub fn substitute(
+    store: &LocalStore,
+    caches: &[BinaryCache],
+    path: &StorePath,
+) -> Result<Outcome, SubstituteError> {
+    if store
+        .is_valid_path(path)
+        .map_err(store_err(&store.store_dir().print(path)))?
+    {
         return Ok(Outcome::AlreadyValid);
     }
     let (cache, info) = find_info(caches, path)?;
@@ -155,7 +178,11 @@ pub fn substitute(store: &LocalStore, caches: &[BinaryCache], path: &StorePath) 
 }
 
 /// Runs `f` over `items` on up to `jobs` threads; results in input order.
-pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], jobs: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+pub(crate) fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
     std::thread::scope(|s| {
@@ -170,7 +197,12 @@ pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], jobs: usize, f: impl Fn(&T)
             });
         }
     });
-    results.into_inner().unwrap_or_default().into_iter().flatten().collect()
+    results
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// What [`substitute_closure`] did.
@@ -219,7 +251,12 @@ pub fn substitute_closure(
         });
         for r in found {
             let (idx, info) = r?;
-            frontier.extend(info.references.iter().filter(|r| !seen.contains(*r)).cloned());
+            frontier.extend(
+                info.references
+                    .iter()
+                    .filter(|r| !seen.contains(*r))
+                    .cloned(),
+            );
             infos.insert(info.store_path.clone(), (idx, info));
         }
     }
@@ -228,13 +265,21 @@ pub fn substitute_closure(
     let mut waiting: BTreeMap<StorePath, usize> = BTreeMap::new();
     let mut dependents: BTreeMap<StorePath, Vec<StorePath>> = BTreeMap::new();
     for (p, (_, info)) in &infos {
-        let pending: Vec<&StorePath> = info.references.iter().filter(|r| *r != p && infos.contains_key(*r)).collect();
+        let pending: Vec<&StorePath> = info
+            .references
+            .iter()
+            .filter(|r| *r != p && infos.contains_key(*r))
+            .collect();
         waiting.insert(p.clone(), pending.len());
         for r in pending {
             dependents.entry(r.clone()).or_default().push(p.clone());
         }
     }
-    let mut ready: VecDeque<StorePath> = waiting.iter().filter(|(_, n)| **n == 0).map(|(p, _)| p.clone()).collect();
+    let mut ready: VecDeque<StorePath> = waiting
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(p, _)| p.clone())
+        .collect();
     let total = infos.len();
     let mut finished = 0usize;
     let mut in_flight = 0usize;
@@ -317,4 +362,3 @@ pub fn substitute_closure(
     }
     Ok(report)
 }
-

@@ -89,7 +89,9 @@ impl<W: Write> Encoder<W> {
         Ok(match c {
             Compression::None => Encoder::None(w),
             Compression::Xz => Encoder::Xz(xz2::write::XzEncoder::new(w, 6)),
-            Compression::Bzip2 => Encoder::Bzip2(bzip2::write::BzEncoder::new(w, bzip2::Compression::best())),
+            Compression::Bzip2 => {
+                Encoder::Bzip2(bzip2::write::BzEncoder::new(w, bzip2::Compression::best()))
+            }
             Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(w, 3)?),
         })
     }
@@ -185,7 +187,8 @@ pub fn copy_to_file_cache(
     let info_file = dir.join("nix-cache-info");
     match std::fs::read_to_string(&info_file) {
         Ok(text) => {
-            let ci = CacheInfo::parse(&text, &format!("{dname}/nix-cache-info")).map_err(CacheError::from)?;
+            let ci = CacheInfo::parse(&text, &format!("{dname}/nix-cache-info"))
+                .map_err(CacheError::from)?;
             if ci.store_dir != sd.as_str() {
                 return Err(CacheError::StoreDirMismatch {
                     cache: dname,
@@ -238,7 +241,11 @@ pub fn copy_to_file_cache(
             .get(p)
             .map(|i| i.references.iter().filter(|r| *r != p).cloned().collect())
             .unwrap_or_default();
-        let l = refs.iter().map(|r| depth(r, infos, level, guard + 1) + 1).max().unwrap_or(0);
+        let l = refs
+            .iter()
+            .map(|r| depth(r, infos, level, guard + 1) + 1)
+            .max()
+            .unwrap_or(0);
         level.insert(p.clone(), l);
         l
     }
@@ -251,9 +258,14 @@ pub fn copy_to_file_cache(
     for l in 0..=max_level {
         let todo: Vec<&StorePath> = closure
             .iter()
-            .filter(|p| level.get(*p) == Some(&l) && !dir.join(format!("{}.narinfo", p.hash_part())).exists())
+            .filter(|p| {
+                level.get(*p) == Some(&l)
+                    && !dir.join(format!("{}.narinfo", p.hash_part())).exists()
+            })
             .collect();
-        let results = par_map(&todo, opts.jobs, |p| write_one(store, dir, &dname, &infos[*p], opts));
+        let results = par_map(&todo, opts.jobs, |p| {
+            write_one(store, dir, &dname, &infos[*p], opts)
+        });
         for (p, r) in todo.iter().zip(results) {
             r?;
             written.push((*p).clone());
@@ -290,7 +302,8 @@ fn write_one(
             hasher: Hasher::new(HashAlgo::Sha256),
             count: 0,
         };
-        let mut enc = Encoder::new(opts.compression, file).map_err(io_err("starting compression into", &tmp))?;
+        let mut enc = Encoder::new(opts.compression, file)
+            .map_err(io_err("starting compression into", &tmp))?;
         let mut nar_hasher = Hasher::new(HashAlgo::Sha256);
         let mut nar_size = 0u64;
         nar::dump_to_sink(&sd.to_path(&info.path), &mut |chunk| {
@@ -315,7 +328,11 @@ fn write_one(
             return Err(WriteError::Corrupt {
                 dir: dname.to_string(),
                 path: printed.clone(),
-                expected: format!("{} ({} bytes)", info.nar_hash.to_base32_typed(), info.nar_size),
+                expected: format!(
+                    "{} ({} bytes)",
+                    info.nar_hash.to_base32_typed(),
+                    info.nar_size
+                ),
                 got: format!("{} ({} bytes)", nar_hash.to_base32_typed(), nar_size),
             });
         }

@@ -56,20 +56,35 @@ fn handle(mut conn: TcpStream, root: &std::path::Path, mode: Mode, count: &Atomi
             break;
         }
     }
-    let path = request.split(' ').nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+    let path = request
+        .split(' ')
+        .nth(1)
+        .unwrap_or("/")
+        .trim_start_matches('/')
+        .to_string();
     let is_nar = path.starts_with("nar/");
-    let n = if is_nar { count.fetch_add(1, Ordering::SeqCst) + 1 } else { 0 };
+    let n = if is_nar {
+        count.fetch_add(1, Ordering::SeqCst) + 1
+    } else {
+        0
+    };
     if is_nar && mode == Mode::Stall {
         std::thread::sleep(Duration::from_secs(5));
         return;
     }
     if is_nar && mode == Mode::Flaky && n <= 2 {
-        let _ = conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = conn.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
         return;
     }
     match std::fs::read(root.join(&path)) {
         Ok(body) => {
-            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
             if is_nar && mode == Mode::Die {
                 let _ = conn.write_all(&body[..body.len() / 2]);
                 let _ = conn.flush();
@@ -78,7 +93,9 @@ fn handle(mut conn: TcpStream, root: &std::path::Path, mode: Mode, count: &Atomi
             let _ = conn.write_all(&body);
         }
         Err(_) => {
-            let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = conn.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
         }
     }
 }
@@ -108,7 +125,8 @@ fn http_cache_good_flaky_stalled_and_dying() {
         let srv = serve(dir.clone(), mode);
         let store = o.open_store();
         let cache = o.open_cache(&format!("http://127.0.0.1:{}", srv.port), fast_retry(&o));
-        let report = substitute_closure(&store, std::slice::from_ref(&cache), &o.top_set(), 3).unwrap();
+        let report =
+            substitute_closure(&store, std::slice::from_ref(&cache), &o.top_set(), 3).unwrap();
         assert_eq!(report.substituted.len(), 6);
         drop(store);
         o.assert_closure_matches();
@@ -118,7 +136,10 @@ fn http_cache_good_flaky_stalled_and_dying() {
         }
     }
 
-    for (mode, expect) in [(Mode::Stall, "timed out"), (Mode::Die, "connection failed while downloading")] {
+    for (mode, expect) in [
+        (Mode::Stall, "timed out"),
+        (Mode::Die, "connection failed while downloading"),
+    ] {
         o.wipe_store();
         let srv = serve(dir.clone(), mode);
         let store = o.open_store();
@@ -130,13 +151,34 @@ fn http_cache_good_flaky_stalled_and_dying() {
             .to_string();
         // One path was tried three times, then the closure gave up.
         assert_eq!(srv.nar_requests.load(Ordering::SeqCst), 3, "{err}");
-        assert!(err.contains(&format!("cache '{url}'")) && err.contains("failed after 3 attempt(s)"), "{err}");
-        assert!(err.to_lowercase().contains(expect), "expected '{expect}' in: {err}");
-        assert!(o.closure.iter().any(|p| err.contains(&format!("nar of '{p}'"))), "names the path: {err}");
-        assert!(started.elapsed() < Duration::from_secs(4), "gave up in time");
-        assert!(o.store_entries().is_empty(), "nothing left: {:?}", o.store_entries());
+        assert!(
+            err.contains(&format!("cache '{url}'")) && err.contains("failed after 3 attempt(s)"),
+            "{err}"
+        );
+        assert!(
+            err.to_lowercase().contains(expect),
+            "expected '{expect}' in: {err}"
+        );
+        assert!(
+            o.closure
+                .iter()
+                .any(|p| err.contains(&format!("nar of '{p}'"))),
+            "names the path: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "gave up in time"
+        );
+        assert!(
+            o.store_entries().is_empty(),
+            "nothing left: {:?}",
+            o.store_entries()
+        );
         for p in &o.closure {
-            let sp = nixb_store::StoreDir::new(o.store_dir()).unwrap().parse(p).unwrap();
+            let sp = nixb_store::StoreDir::new(o.store_dir())
+                .unwrap()
+                .parse(p)
+                .unwrap();
             assert!(!store.is_valid_path(&sp).unwrap());
         }
     }

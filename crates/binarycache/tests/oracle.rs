@@ -5,8 +5,8 @@ mod common;
 
 use common::{have_nix, Oracle};
 use nixb_binarycache::{
-    copy_to_file_cache, substitute, substitute_closure, BinaryCache, CacheOptions, Compression, SecretKey, SubstituteError,
-    TrustedKeys, WriteOptions,
+    copy_to_file_cache, substitute, substitute_closure, BinaryCache, CacheOptions, Compression,
+    SecretKey, SubstituteError, TrustedKeys, WriteOptions,
 };
 
 #[test]
@@ -21,19 +21,35 @@ fn substitutes_nix_made_caches_in_every_compression() {
     for c in ["xz", "bzip2", "zstd", "none"] {
         o.wipe_store();
         let store = o.open_store();
-        let cache = o.open_cache(&format!("file://{}/cache-{c}", o.root.display()), o.options());
+        let cache = o.open_cache(
+            &format!("file://{}/cache-{c}", o.root.display()),
+            o.options(),
+        );
         let report = substitute_closure(&store, std::slice::from_ref(&cache), &o.top_set(), 4)
             .unwrap_or_else(|e| panic!("{c}: {e}"));
         assert_eq!(report.substituted.len(), 6, "{c}: all six paths fetched");
         // References were registered before their referrers.
-        let pos = |p: &str| report.substituted.iter().position(|x| x.name() == p).unwrap();
-        assert!(pos("a") < pos("b") && pos("b") < pos("d") && pos("d") < pos("top"), "{c}: order");
+        let pos = |p: &str| {
+            report
+                .substituted
+                .iter()
+                .position(|x| x.name() == p)
+                .unwrap()
+        };
+        assert!(
+            pos("a") < pos("b") && pos("b") < pos("d") && pos("d") < pos("top"),
+            "{c}: order"
+        );
         drop(store);
         o.assert_closure_matches();
         // Again: nothing left to do (a valid top path implies a valid closure).
         let store = o.open_store();
-        let again = substitute_closure(&store, std::slice::from_ref(&cache), &o.top_set(), 4).unwrap();
-        assert!(again.substituted.is_empty() && again.already_valid == 1, "{c}: {again:?}");
+        let again =
+            substitute_closure(&store, std::slice::from_ref(&cache), &o.top_set(), 4).unwrap();
+        assert!(
+            again.substituted.is_empty() && again.already_valid == 1,
+            "{c}: {again:?}"
+        );
     }
 }
 
@@ -43,21 +59,35 @@ fn substitutes_nix_made_caches_in_every_compression() {
 fn assert_refused(o: &Oracle, cache_dir: &std::path::Path, opts: CacheOptions, expect: &str) {
     o.wipe_store();
     let store = o.open_store();
-    let good = o.open_cache(&format!("file://{}/cache-none", o.root.display()), o.options());
+    let good = o.open_cache(
+        &format!("file://{}/cache-none", o.root.display()),
+        o.options(),
+    );
     let top = o.top_path();
     let refs: std::collections::BTreeSet<_> = good.query_info(&top).unwrap().unwrap().references;
     substitute_closure(&store, std::slice::from_ref(&good), &refs, 2).unwrap();
     let before = o.store_entries();
     let bad = o.open_cache(&format!("file://{}", cache_dir.display()), opts);
-    let err = substitute(&store, std::slice::from_ref(&bad), &top).unwrap_err().to_string();
+    let err = substitute(&store, std::slice::from_ref(&bad), &top)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(expect), "expected '{expect}' in: {err}");
     assert!(err.contains(&o.top), "error names the path: {err}");
     assert!(!store.is_valid_path(&top).unwrap(), "nothing registered");
-    assert_eq!(o.store_entries(), before, "nothing left in the store directory");
+    assert_eq!(
+        o.store_entries(),
+        before,
+        "nothing left in the store directory"
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    let st = std::process::Command::new("cp").arg("-r").arg(from).arg(to).status().unwrap();
+    let st = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -71,14 +101,21 @@ fn tampered_or_unsigned_paths_are_refused() {
     o.copy_to(&base, "none");
     let top_hash = &o.top[o.store_dir().len() + 1..][..32];
     let narinfo_text = std::fs::read_to_string(base.join(format!("{top_hash}.narinfo"))).unwrap();
-    let nar_rel = narinfo_text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_string();
+    let nar_rel = narinfo_text
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
 
     // A tampered NAR: same length, one byte of file content changed.
     let tampered = o.root.join("tampered");
     copy_dir(&base, &tampered);
     let nar_path = tampered.join(&nar_rel);
     let mut nar = std::fs::read(&nar_path).unwrap();
-    let at = nar.windows(4).position(|w| w == b"top\n").expect("file content in nar");
+    let at = nar
+        .windows(4)
+        .position(|w| w == b"top\n")
+        .expect("file content in nar");
     nar[at] = b'T';
     std::fs::write(&nar_path, nar).unwrap();
     assert_refused(&o, &tampered, o.options(), "NarHash mismatch");
@@ -90,10 +127,21 @@ fn tampered_or_unsigned_paths_are_refused() {
     let bogus = "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
     let text: String = narinfo_text
         .lines()
-        .map(|l| if l.starts_with("NarHash: ") { format!("NarHash: {bogus}\n") } else { format!("{l}\n") })
+        .map(|l| {
+            if l.starts_with("NarHash: ") {
+                format!("NarHash: {bogus}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
         .collect();
     std::fs::write(&ni, &text).unwrap();
-    assert_refused(&o, &wrong, o.options(), "no valid signature by a trusted key");
+    assert_refused(
+        &o,
+        &wrong,
+        o.options(),
+        "no valid signature by a trusted key",
+    );
     // ... and without signature checks, the content check catches it.
     let lax = CacheOptions {
         require_sigs: false,
@@ -104,7 +152,11 @@ fn tampered_or_unsigned_paths_are_refused() {
     // No signature at all.
     let unsigned = o.root.join("unsigned");
     copy_dir(&base, &unsigned);
-    let text: String = narinfo_text.lines().filter(|l| !l.starts_with("Sig: ")).map(|l| format!("{l}\n")).collect();
+    let text: String = narinfo_text
+        .lines()
+        .filter(|l| !l.starts_with("Sig: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(unsigned.join(format!("{top_hash}.narinfo")), text).unwrap();
     assert_refused(&o, &unsigned, o.options(), "it is not signed");
 
@@ -123,7 +175,12 @@ fn tampered_or_unsigned_paths_are_refused() {
         })
         .collect();
     std::fs::write(badsig.join(format!("{top_hash}.narinfo")), text).unwrap();
-    assert_refused(&o, &badsig, o.options(), "no valid signature by a trusted key");
+    assert_refused(
+        &o,
+        &badsig,
+        o.options(),
+        "no valid signature by a trusted key",
+    );
 
     // Correctly signed, by a key we do not trust.
     let other = SecretKey::from_seed("oracle-1", &[7; 32]).to_public();
@@ -147,7 +204,10 @@ fn refuses_a_cache_for_another_store_dir() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("is for store '/nix/store', but this store is '/other/store'"), "{err}");
+    assert!(
+        err.contains("is for store '/nix/store', but this store is '/other/store'"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -177,11 +237,19 @@ fn real_nix_substitutes_from_nixb_written_caches() {
     // Make the closure valid in nixb's store by substituting it, then publish it again.
     o.wipe_store();
     let store = o.open_store();
-    let cache = o.open_cache(&format!("file://{}/nix-none", o.root.display()), o.options());
+    let cache = o.open_cache(
+        &format!("file://{}/nix-none", o.root.display()),
+        o.options(),
+    );
     substitute_closure(&store, std::slice::from_ref(&cache), &o.top_set(), 4).unwrap();
     let sk = SecretKey::parse(&o.secret_key).unwrap();
     let own = SecretKey::from_seed("nixb-test-1", &[42; 32]);
-    for c in [Compression::None, Compression::Xz, Compression::Bzip2, Compression::Zstd] {
+    for c in [
+        Compression::None,
+        Compression::Xz,
+        Compression::Bzip2,
+        Compression::Zstd,
+    ] {
         let dir = o.root.join(format!("nixb-{c}"));
         let opts = WriteOptions {
             compression: c,
@@ -190,8 +258,16 @@ fn real_nix_substitutes_from_nixb_written_caches() {
         };
         let written = copy_to_file_cache(&store, &dir, &o.top_set(), &opts).unwrap();
         assert_eq!(written.len(), 6);
-        assert!(copy_to_file_cache(&store, &dir, &o.top_set(), &opts).unwrap().is_empty(), "second copy skips");
-        assert_eq!(std::fs::read_to_string(dir.join("nix-cache-info")).unwrap(), format!("StoreDir: {}\n", o.store_dir()));
+        assert!(
+            copy_to_file_cache(&store, &dir, &o.top_set(), &opts)
+                .unwrap()
+                .is_empty(),
+            "second copy skips"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("nix-cache-info")).unwrap(),
+            format!("StoreDir: {}\n", o.store_dir())
+        );
         for sub in ["nar", "log", "realisations"] {
             assert!(dir.join(sub).is_dir());
         }
@@ -202,7 +278,11 @@ fn real_nix_substitutes_from_nixb_written_caches() {
         let h = &p[o.store_dir().len() + 1..][..32];
         let theirs = std::fs::read_to_string(o.root.join(format!("nix-none/{h}.narinfo"))).unwrap();
         let ours = std::fs::read_to_string(o.root.join(format!("nixb-none/{h}.narinfo"))).unwrap();
-        let ours: String = ours.lines().filter(|l| !l.starts_with("Sig: nixb-test-1:")).map(|l| format!("{l}\n")).collect();
+        let ours: String = ours
+            .lines()
+            .filter(|l| !l.starts_with("Sig: nixb-test-1:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         assert_eq!(ours, theirs, "narinfo of {p}");
     }
     drop(store);
@@ -212,12 +292,24 @@ fn real_nix_substitutes_from_nixb_written_caches() {
         let url = format!("file://{}/nixb-{c}", o.root.display());
         let out = o
             .nix("nix-store")
-            .args(["-r", &o.top, "--option", "substituters", &url, "--option", "trusted-public-keys"])
+            .args([
+                "-r",
+                &o.top,
+                "--option",
+                "substituters",
+                &url,
+                "--option",
+                "trusted-public-keys",
+            ])
             .arg(own.to_public().to_text())
             .args(["--option", "require-sigs", "true", "-j0"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{c}: real nix-store -r failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{c}: real nix-store -r failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         o.assert_closure_matches();
     }
 }

@@ -6,7 +6,10 @@ use std::collections::BTreeSet;
 use std::io::Cursor;
 
 use nixb_binarycache::protocol::{run_query, run_substitute};
-use nixb_binarycache::{copy_to_file_cache, BinaryCache, CacheOptions, Compression, SecretKey, TrustedKeys, WriteOptions};
+use nixb_binarycache::{
+    copy_to_file_cache, BinaryCache, CacheOptions, Compression, SecretKey, TrustedKeys,
+    WriteOptions,
+};
 use nixb_store::local_store::{LocalStore, StoreConfig};
 use nixb_store::StoreDir;
 
@@ -31,10 +34,14 @@ fn query_and_substitute() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let st = store(root);
-    let dep = st.add_text_to_store("dep", b"hello\n", &BTreeSet::new()).unwrap();
+    let dep = st
+        .add_text_to_store("dep", b"hello\n", &BTreeSet::new())
+        .unwrap();
     let refs: BTreeSet<_> = [dep.clone()].into_iter().collect();
     let contents = format!("uses {}/store/{}\n", root.display(), dep);
-    let top = st.add_text_to_store("top", contents.as_bytes(), &refs).unwrap();
+    let top = st
+        .add_text_to_store("top", contents.as_bytes(), &refs)
+        .unwrap();
     let key = SecretKey::from_seed("proto-1", &[3; 32]);
     let cache_dir = root.join("cache");
     let opts = WriteOptions {
@@ -45,7 +52,10 @@ fn query_and_substitute() {
     copy_to_file_cache(&st, &cache_dir, &[top.clone()].into_iter().collect(), &opts).unwrap();
     drop(st);
     std::fs::remove_dir_all(root.join("state")).unwrap();
-    let _ = std::process::Command::new("chmod").args(["-R", "u+w"]).arg(root.join("store")).status();
+    let _ = std::process::Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(root.join("store"))
+        .status();
     std::fs::remove_dir_all(root.join("store")).unwrap();
 
     let sd = StoreDir::new(format!("{}/store", root.display())).unwrap();
@@ -62,7 +72,10 @@ fn query_and_substitute() {
     .unwrap();
     let caches = [cache];
     let (ptop, pdep) = (sd.print(&top), sd.print(&dep));
-    let missing = format!("{}/store/00000000000000000000000000000000-nope", root.display());
+    let missing = format!(
+        "{}/store/00000000000000000000000000000000-nope",
+        root.display()
+    );
 
     let input = format!("have {ptop} {missing} {pdep}\ninfo {ptop} {missing}\ninfo\n");
     let mut out = Vec::new();
@@ -80,7 +93,10 @@ fn query_and_substitute() {
     assert_eq!(out, expected);
 
     let err = run_query(&caches, &mut Cursor::new("frobnicate\n"), &mut Vec::new()).unwrap_err();
-    assert_eq!(err.to_string(), "substituter protocol: unknown command 'frobnicate' (expected 'have' or 'info')");
+    assert_eq!(
+        err.to_string(),
+        "substituter protocol: unknown command 'frobnicate' (expected 'have' or 'info')"
+    );
 
     // --substitute into a scratch destination, as the engine asks (e.g. `<path>.tmp` in repair mode).
     let dest = root.join("dest");
@@ -93,9 +109,22 @@ fn query_and_substitute() {
     // Independently: the NAR hash of that file, as the engine computes it.
     let (h, _) = nixb_store::nar::hash_path(&dest, nixb_store::HashAlgo::Sha256).unwrap();
     assert_eq!(hash, format!("{}\n", h.to_base32_typed()));
-    assert!(String::from_utf8(log).unwrap().contains(&format!("fetching path '{pdep}'")));
+    assert!(String::from_utf8(log)
+        .unwrap()
+        .contains(&format!("fetching path '{pdep}'")));
 
-    let err = run_substitute(&caches, &missing, &root.join("d2"), &mut Vec::new(), &mut Vec::new()).unwrap_err();
-    assert!(err.to_string().starts_with(&format!("no cache has '{missing}'")), "{err}");
+    let err = run_substitute(
+        &caches,
+        &missing,
+        &root.join("d2"),
+        &mut Vec::new(),
+        &mut Vec::new(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("no cache has '{missing}'")),
+        "{err}"
+    );
     assert!(!root.join("d2").exists());
 }

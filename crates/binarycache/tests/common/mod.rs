@@ -13,12 +13,17 @@ use nixb_store::{StoreDir, StorePath};
 /// Real Nix is needed. Under CI=true its absence is a failure; otherwise the test is
 /// skipped with a note on stderr.
 pub fn have_nix() -> bool {
-    let ok = Command::new("nix-store").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("nix-store (Nix 2.8) is required for this oracle test under CI=true but was not found on PATH");
         }
-        eprintln!("skipping: nix-store not found (install Debian's nix-bin; required when CI=true)");
+        eprintln!(
+            "skipping: nix-store not found (install Debian's nix-bin; required when CI=true)"
+        );
     }
     ok
 }
@@ -103,13 +108,34 @@ impl Oracle {
             closure: vec![],
             hashes: vec![],
         };
-        o.secret_key = o.run("nix", &["--extra-experimental-features", "nix-command", "key", "generate-secret", "--key-name", "oracle-1"]);
+        o.secret_key = o.run(
+            "nix",
+            &[
+                "--extra-experimental-features",
+                "nix-command",
+                "key",
+                "generate-secret",
+                "--key-name",
+                "oracle-1",
+            ],
+        );
         let mut c = o.nix("nix");
-        c.args(["--extra-experimental-features", "nix-command", "key", "convert-secret-to-public"]);
-        c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        c.args([
+            "--extra-experimental-features",
+            "nix-command",
+            "key",
+            "convert-secret-to-public",
+        ]);
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
         let mut child = c.spawn().unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(o.secret_key.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(o.secret_key.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         o.public_key = String::from_utf8(out.stdout).unwrap().trim().to_string();
         std::fs::write(root.join("sk"), &o.secret_key).unwrap();
@@ -122,18 +148,39 @@ impl Oracle {
         )
         .unwrap();
         std::fs::write(root.join("graph.nix"), GRAPH).unwrap();
-        let drv = o.run("nix-instantiate", &[root.join("graph.nix").to_str().unwrap()]);
+        let drv = o.run(
+            "nix-instantiate",
+            &[root.join("graph.nix").to_str().unwrap()],
+        );
         o.top = o.run("nix-store", &["-r", drv.trim()]).trim().to_string();
-        o.closure = o.run("nix-store", &["-q", "--requisites", &o.top]).lines().map(String::from).collect();
+        o.closure = o
+            .run("nix-store", &["-q", "--requisites", &o.top])
+            .lines()
+            .map(String::from)
+            .collect();
         assert_eq!(o.closure.len(), 6, "the graph has six outputs");
-        o.hashes = o.closure.iter().map(|p| o.run("nix-store", &["-q", "--hash", p]).trim().to_string()).collect();
+        o.hashes = o
+            .closure
+            .iter()
+            .map(|p| o.run("nix-store", &["-q", "--hash", p]).trim().to_string())
+            .collect();
         o
     }
 
     /// `nix copy --to file://DIR?compression=C` of the top path's closure.
     pub fn copy_to(&self, dir: &Path, compression: &str) {
         let url = format!("file://{}?compression={compression}", dir.display());
-        self.run("nix", &["--extra-experimental-features", "nix-command", "copy", "--to", &url, &self.top]);
+        self.run(
+            "nix",
+            &[
+                "--extra-experimental-features",
+                "nix-command",
+                "copy",
+                "--to",
+                &url,
+                &self.top,
+            ],
+        );
     }
 
     /// Removes the store and its state so that the next test sees an empty store at the
@@ -172,11 +219,15 @@ impl Oracle {
     }
 
     pub fn open_cache(&self, url: &str, opts: CacheOptions) -> BinaryCache {
-        BinaryCache::open(url, &StoreDir::new(self.store_dir()).unwrap(), opts).expect("opening cache")
+        BinaryCache::open(url, &StoreDir::new(self.store_dir()).unwrap(), opts)
+            .expect("opening cache")
     }
 
     pub fn top_path(&self) -> StorePath {
-        StoreDir::new(self.store_dir()).unwrap().parse(&self.top).unwrap()
+        StoreDir::new(self.store_dir())
+            .unwrap()
+            .parse(&self.top)
+            .unwrap()
     }
 
     pub fn top_set(&self) -> BTreeSet<StorePath> {
@@ -187,12 +238,23 @@ impl Oracle {
     /// original build had.
     pub fn assert_closure_matches(&self) {
         for (p, h) in self.closure.iter().zip(&self.hashes) {
-            assert_eq!(self.run("nix-store", &["-q", "--hash", p]).trim(), h, "NAR hash of {p}");
+            assert_eq!(
+                self.run("nix-store", &["-q", "--hash", p]).trim(),
+                h,
+                "NAR hash of {p}"
+            );
         }
-        let out = self.nix("nix-store").args(["--verify", "--check-contents"]).output().unwrap();
+        let out = self
+            .nix("nix-store")
+            .args(["--verify", "--check-contents"])
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "nix-store --verify failed: {stderr}");
-        assert!(!stderr.contains("modified") && !stderr.contains("invalid"), "nix-store --verify complained: {stderr}");
+        assert!(
+            !stderr.contains("modified") && !stderr.contains("invalid"),
+            "nix-store --verify complained: {stderr}"
+        );
         let refs = self.run("nix-store", &["-q", "--requisites", &self.top]);
         let mut got: Vec<&str> = refs.lines().collect();
         let mut want: Vec<&str> = self.closure.iter().map(String::as_str).collect();
@@ -204,7 +266,11 @@ impl Oracle {
     /// Names in the store directory other than the ones nixb's store creates for itself.
     pub fn store_entries(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.root.join("store"))
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         v.retain(|n| n != ".links");
         v.sort();
