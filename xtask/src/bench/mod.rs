@@ -3,12 +3,13 @@
 
 mod engine;
 mod sandbox;
+mod substitute;
 
 use anyhow::{bail, Result};
 
 type Group = (&'static str, fn() -> Result<()>);
 
-const GROUPS: &[Group] = &[("engine", engine::run), ("sandbox", sandbox::run)];
+const GROUPS: &[Group] = &[("engine", engine::run), ("sandbox", sandbox::run), ("substitute", substitute::run)];
 
 pub fn run(args: &[String]) -> Result<()> {
     for a in args {
