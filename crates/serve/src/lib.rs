@@ -13,6 +13,7 @@
 pub mod client;
 pub mod error;
 pub mod import;
+pub mod machines;
 pub mod proto;
 pub mod server;
 pub mod testing;
