@@ -50,7 +50,7 @@ const AUDIT_ARCH_AARCH64: u32 = 0xc000_00b7;
 const AUDIT_ARCH_ARM: u32 = 0x4000_0028;
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
-const SUID_SGID: u32 = (libc::S_ISUID | libc::S_ISGID) as u32;
+const SUID_SGID: u32 = libc::S_ISUID | libc::S_ISGID;
 
 /// Syscall numbers of one architecture.
 struct ArchTable {
