@@ -47,7 +47,11 @@ pub enum CanonError {
     #[error("file '{0}' has an unsupported type (only regular files, directories and symlinks may be in the store)")]
     UnsupportedType(PathBuf),
     #[error("wrong ownership of '{}' (owned by uid {found}, expected uid {expected})", path.display())]
-    WrongOwnership { path: PathBuf, found: u32, expected: u32 },
+    WrongOwnership {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
     #[error("suspicious ownership or permission on '{}' ({reason}); rejecting this build output", path.display())]
     Suspicious { path: PathBuf, reason: String },
 }
@@ -124,7 +128,11 @@ pub fn canonicalise_path_metadata(
     Ok(())
 }
 
-fn canonicalise(path: &Path, expected_uid: Option<u32>, seen: &mut InodesSeen) -> Result<(), CanonError> {
+fn canonicalise(
+    path: &Path,
+    expected_uid: Option<u32>,
+    seen: &mut InodesSeen,
+) -> Result<(), CanonError> {
     let st = std::fs::symlink_metadata(path).map_err(io_err("getting attributes of", path))?;
     let ft = st.file_type();
     if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
@@ -152,9 +160,14 @@ fn canonicalise(path: &Path, expected_uid: Option<u32>, seen: &mut InodesSeen) -
     if !ft.is_symlink() {
         let mode = st.mode() & 0o7777;
         if mode != 0o444 && mode != 0o555 {
-            let new = if mode & libc::S_IXUSR != 0 { 0o555 } else { 0o444 };
+            let new = if mode & libc::S_IXUSR != 0 {
+                0o555
+            } else {
+                0o444
+            };
             // SAFETY: valid C string; `path` is not a symlink (lstat above), so chmod does not follow one.
-            check(unsafe { libc::chmod(c.as_ptr(), new) }).map_err(io_err("changing mode of", path))?;
+            check(unsafe { libc::chmod(c.as_ptr(), new) })
+                .map_err(io_err("changing mode of", path))?;
         }
     }
     if st.mtime() != MTIME_STORE {
@@ -169,14 +182,22 @@ fn canonicalise(path: &Path, expected_uid: Option<u32>, seen: &mut InodesSeen) -
             },
         ];
         // SAFETY: valid C string and a two-element timespec array, as utimensat requires.
-        check(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
-            .map_err(io_err("setting modification time of", path))?;
+        check(unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map_err(io_err("setting modification time of", path))?;
     }
     // SAFETY: plain getters.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     if st.uid() != euid || st.gid() != egid {
         // SAFETY: valid C string; lchown never follows a symlink.
-        check(unsafe { libc::lchown(c.as_ptr(), euid, egid) }).map_err(io_err("changing owner of", path))?;
+        check(unsafe { libc::lchown(c.as_ptr(), euid, egid) })
+            .map_err(io_err("changing owner of", path))?;
     }
 
     if ft.is_dir() {
@@ -210,7 +231,9 @@ fn remove_xattrs(c: &CString, path: &Path) -> Result<(), CanonError> {
     // SAFETY: buf has exactly the size passed.
     let got = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if got < 0 {
-        return Err(io_err("listing extended attributes of", path)(io::Error::last_os_error()));
+        return Err(io_err("listing extended attributes of", path)(
+            io::Error::last_os_error(),
+        ));
     }
     buf.truncate(got as usize);
     for name in buf.split(|&b| b == 0).filter(|n| !n.is_empty()) {
@@ -235,11 +258,17 @@ pub fn check_suspicious(path: &Path, build_uid: Option<u32>) -> Result<(), Canon
         reason,
     };
     if !st.file_type().is_symlink() && st.mode() & (libc::S_IWGRP | libc::S_IWOTH) != 0 {
-        return Err(suspicious(format!("mode {:o} is group- or world-writable", st.mode() & 0o7777)));
+        return Err(suspicious(format!(
+            "mode {:o} is group- or world-writable",
+            st.mode() & 0o7777
+        )));
     }
     if let Some(uid) = build_uid {
         if st.uid() != uid {
-            return Err(suspicious(format!("owned by uid {}, not the build user {uid}", st.uid())));
+            return Err(suspicious(format!(
+                "owned by uid {}, not the build user {uid}",
+                st.uid()
+            )));
         }
     }
     Ok(())

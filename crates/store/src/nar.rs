@@ -68,7 +68,11 @@ pub enum NarError {
     #[error("file '{path}' has an unsupported type (only regular files, directories and symlinks can be archived)")]
     UnsupportedType { path: PathBuf },
     #[error("file '{path}' shrank from {expected} to {got} bytes while being archived")]
-    Shrank { path: PathBuf, expected: u64, got: u64 },
+    Shrank {
+        path: PathBuf,
+        expected: u64,
+        got: u64,
+    },
     /// The consumer of a dump failed.
     #[error("writing nar: {0}")]
     Sink(#[source] io::Error),
@@ -81,7 +85,11 @@ pub enum NarError {
     #[error("nar ends early at byte {offset} (while reading {what})")]
     Truncated { offset: u64, what: &'static str },
     #[error("malformed nar at byte {offset} (restoring '{}'): {reason}", path.display())]
-    Malformed { offset: u64, path: PathBuf, reason: String },
+    Malformed {
+        offset: u64,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("restore destination '{0}' already exists")]
     DestExists(PathBuf),
 }
@@ -183,7 +191,10 @@ fn padding_len(len: u64) -> usize {
 
 /// Serialises the tree at `path` as a NAR, handing the bytes to `sink` in blocks of up to
 /// a few hundred KiB. Never holds a whole file in memory.
-pub fn dump_to_sink(path: &Path, sink: &mut dyn FnMut(&[u8]) -> Result<(), NarError>) -> Result<(), NarError> {
+pub fn dump_to_sink(
+    path: &Path,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), NarError>,
+) -> Result<(), NarError> {
     let mut out = Out {
         sink,
         buf: Vec::with_capacity(CHUNK),
@@ -194,7 +205,8 @@ pub fn dump_to_sink(path: &Path, sink: &mut dyn FnMut(&[u8]) -> Result<(), NarEr
 }
 
 fn dump_node(path: &Path, out: &mut Out<'_>) -> Result<(), NarError> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| NarError::io("getting attributes of", path, e))?;
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| NarError::io("getting attributes of", path, e))?;
     out.str(b"(")?;
     out.str(b"type")?;
     let ft = meta.file_type();
@@ -206,7 +218,9 @@ fn dump_node(path: &Path, out: &mut Out<'_>) -> Result<(), NarError> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| NarError::io("opening file", path, e))?;
-        let meta = file.metadata().map_err(|e| NarError::io("getting attributes of", path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| NarError::io("getting attributes of", path, e))?;
         if !meta.file_type().is_file() {
             return Err(NarError::UnsupportedType { path: path.into() });
         }
@@ -218,14 +232,17 @@ fn dump_node(path: &Path, out: &mut Out<'_>) -> Result<(), NarError> {
         out.str(b"contents")?;
         out.contents(&mut file, meta.len(), path)?;
     } else if ft.is_symlink() {
-        let target = std::fs::read_link(path).map_err(|e| NarError::io("reading symlink", path, e))?;
+        let target =
+            std::fs::read_link(path).map_err(|e| NarError::io("reading symlink", path, e))?;
         out.str(b"symlink")?;
         out.str(b"target")?;
         out.str(target.as_os_str().as_bytes())?;
     } else if ft.is_dir() {
         out.str(b"directory")?;
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(path).map_err(|e| NarError::io("reading directory", path, e))? {
+        for entry in
+            std::fs::read_dir(path).map_err(|e| NarError::io("reading directory", path, e))?
+        {
             let entry = entry.map_err(|e| NarError::io("reading directory", path, e))?;
             names.push(entry.file_name());
         }
@@ -356,7 +373,11 @@ impl<R: Read> NarReader<'_, R> {
         let start = self.offset;
         let len = self.u64("a tag")?;
         if len > MAX_TAG_LEN as u64 {
-            return Err(malformed(start, path, format!("expected a tag, found a string of {len} bytes")));
+            return Err(malformed(
+                start,
+                path,
+                format!("expected a tag, found a string of {len} bytes"),
+            ));
         }
         let mut v = vec![0u8; len as usize];
         self.fill(&mut v, "a tag")?;
@@ -370,7 +391,10 @@ impl<R: Read> NarReader<'_, R> {
             return Err(malformed(
                 at,
                 path,
-                format!("expected '{want}', found '{}'", String::from_utf8_lossy(&got).escape_default()),
+                format!(
+                    "expected '{want}', found '{}'",
+                    String::from_utf8_lossy(&got).escape_default()
+                ),
             ));
         }
         Ok(())
@@ -393,7 +417,13 @@ enum Place<'a> {
 }
 
 fn cstring(p: &[u8], path: &Path) -> Result<CString, NarError> {
-    CString::new(p).map_err(|_| NarError::io("restoring", path, io::Error::from_raw_os_error(libc::EINVAL)))
+    CString::new(p).map_err(|_| {
+        NarError::io(
+            "restoring",
+            path,
+            io::Error::from_raw_os_error(libc::EINVAL),
+        )
+    })
 }
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -428,7 +458,9 @@ fn create_file(place: &Place<'_>, path: &Path) -> Result<File, NarError> {
     let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     // SAFETY: `name` is a valid NUL-terminated string; the mode argument is required with O_CREAT.
     let fd = unsafe { libc::openat(at_fd(place), name.as_ptr(), flags, 0o666 as libc::c_uint) };
-    owned(fd).map(File::from).map_err(|e| creation_error(e, place, path, "creating file"))
+    owned(fd)
+        .map(File::from)
+        .map_err(|e| creation_error(e, place, path, "creating file"))
 }
 
 fn create_dir(place: &Place<'_>, path: &Path) -> Result<OwnedFd, NarError> {
@@ -484,7 +516,8 @@ fn fd_identity(fd: &OwnedFd, path: &Path) -> Result<(u64, u64), NarError> {
     // SAFETY: an all-zero stat is a valid value to be overwritten by fstat.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and a pointer to a properly sized stat buffer.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }).map_err(|e| NarError::io("getting attributes of", path, e))?;
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })
+        .map_err(|e| NarError::io("getting attributes of", path, e))?;
     Ok((st.st_dev, st.st_ino))
 }
 
@@ -507,13 +540,22 @@ fn reopen_parent(child: &OwnedFd, want: (u64, u64), path: &Path) -> Result<Owned
 /// Restores a NAR from `input` into `dest`, which must not exist yet; the input must end
 /// right after the archive. On error, whatever was created under `dest` is removed again.
 pub fn restore_path(input: &mut impl Read, dest: &Path) -> Result<(), NarError> {
-    let mut r = NarReader { r: input, offset: 0 };
+    let mut r = NarReader {
+        r: input,
+        offset: 0,
+    };
     let res = restore_inner(&mut r, dest).and_then(|()| {
         let mut b = [0u8; 1];
         loop {
             match r.r.read(&mut b) {
                 Ok(0) => return Ok(()),
-                Ok(_) => return Err(malformed(r.offset, dest, "trailing data after the archive".into())),
+                Ok(_) => {
+                    return Err(malformed(
+                        r.offset,
+                        dest,
+                        "trailing data after the archive".into(),
+                    ))
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     return Err(NarError::Read {
@@ -530,7 +572,10 @@ pub fn restore_path(input: &mut impl Read, dest: &Path) -> Result<(), NarError> 
 /// Like [`restore_path`], but stops right after the archive and leaves the rest of
 /// `input` unread (for NARs embedded in a larger stream, e.g. `nix-store --export`).
 pub fn restore_path_prefix(input: &mut impl Read, dest: &Path) -> Result<(), NarError> {
-    let mut r = NarReader { r: input, offset: 0 };
+    let mut r = NarReader {
+        r: input,
+        offset: 0,
+    };
     let res = restore_inner(&mut r, dest);
     cleanup_on_error(res, dest)
 }
@@ -552,7 +597,9 @@ fn cleanup_on_error(res: Result<(), NarError>, dest: &Path) -> Result<(), NarErr
 
 fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), NarError> {
     let (at, magic) = r.tag(dest).map_err(|e| match e {
-        NarError::Malformed { offset, path, .. } => malformed(offset, &path, "not a nar (bad magic)".into()),
+        NarError::Malformed { offset, path, .. } => {
+            malformed(offset, &path, "not a nar (bad magic)".into())
+        }
         e => e,
     })?;
     if magic != NAR_MAGIC.as_bytes() {
@@ -582,7 +629,11 @@ fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), N
             }
             b"entry" => {
                 if depth > MAX_DEPTH {
-                    return Err(malformed(at, &path, format!("directories nested more than {MAX_DEPTH} deep")));
+                    return Err(malformed(
+                        at,
+                        &path,
+                        format!("directories nested more than {MAX_DEPTH} deep"),
+                    ));
                 }
                 r.expect("(", &path)?;
                 r.expect("name", &path)?;
@@ -593,16 +644,25 @@ fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), N
                 }
                 if let Some(prev) = stack.last().and_then(|f| f.prev.as_ref()) {
                     if name.as_slice() <= prev.as_slice() {
-                        let what = if name == *prev { "duplicate" } else { "unsorted" };
+                        let what = if name == *prev {
+                            "duplicate"
+                        } else {
+                            "unsorted"
+                        };
                         return Err(malformed(
                             name_at,
                             &path,
-                            format!("{what} entry name '{}'", String::from_utf8_lossy(&name).escape_default()),
+                            format!(
+                                "{what} entry name '{}'",
+                                String::from_utf8_lossy(&name).escape_default()
+                            ),
                         ));
                     }
                 }
                 r.expect("node", &path)?;
-                let Some(top) = stack.last_mut() else { return Err(no_open_dir(&path)) };
+                let Some(top) = stack.last_mut() else {
+                    return Err(no_open_dir(&path));
+                };
                 path.push(OsStr::from_bytes(&name));
                 let name_c = cstring(&name, &path)?;
                 top.prev = Some(name);
@@ -627,7 +687,10 @@ fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), N
                 return Err(malformed(
                     at,
                     &path,
-                    format!("expected 'entry' or ')', found '{}'", String::from_utf8_lossy(other).escape_default()),
+                    format!(
+                        "expected 'entry' or ')', found '{}'",
+                        String::from_utf8_lossy(other).escape_default()
+                    ),
                 ))
             }
         }
@@ -638,7 +701,11 @@ fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), N
 // Unreachable by construction (the innermost frame always holds its fd); an error rather
 // than a panic all the same.
 fn no_open_dir(path: &Path) -> NarError {
-    NarError::io("restoring", path, io::Error::other("internal error: no open directory"))
+    NarError::io(
+        "restoring",
+        path,
+        io::Error::other("internal error: no open directory"),
+    )
 }
 
 /// Why `name` may not be a directory entry, if it may not.
@@ -646,7 +713,10 @@ fn bad_name(name: &[u8]) -> Option<String> {
     if name.is_empty() {
         Some("empty entry name".into())
     } else if name == b"." || name == b".." {
-        Some(format!("entry name '{}' is not allowed", String::from_utf8_lossy(name)))
+        Some(format!(
+            "entry name '{}' is not allowed",
+            String::from_utf8_lossy(name)
+        ))
     } else if name.contains(&b'/') || name.contains(&0) {
         Some(format!(
             "entry name '{}' contains '/' or NUL",
@@ -659,7 +729,11 @@ fn bad_name(name: &[u8]) -> Option<String> {
 
 /// Reads `( type ...` and creates the node. Regular files and symlinks are read through
 /// their closing `)`; for a directory the open fd is returned and its entries follow.
-fn restore_node<R: Read>(r: &mut NarReader<'_, R>, place: Place<'_>, path: &Path) -> Result<Option<OwnedFd>, NarError> {
+fn restore_node<R: Read>(
+    r: &mut NarReader<'_, R>,
+    place: Place<'_>,
+    path: &Path,
+) -> Result<Option<OwnedFd>, NarError> {
     r.expect("(", path)?;
     r.expect("type", path)?;
     let (at, ty) = r.tag(path)?;
@@ -670,7 +744,11 @@ fn restore_node<R: Read>(r: &mut NarReader<'_, R>, place: Place<'_>, path: &Path
             if executable {
                 let (at, v) = r.tag(path)?;
                 if !v.is_empty() {
-                    return Err(malformed(at, path, "executable marker has a non-empty value".into()));
+                    return Err(malformed(
+                        at,
+                        path,
+                        "executable marker has a non-empty value".into(),
+                    ));
                 }
                 tag = r.tag(path)?.1;
             }
@@ -678,7 +756,10 @@ fn restore_node<R: Read>(r: &mut NarReader<'_, R>, place: Place<'_>, path: &Path
                 return Err(malformed(
                     at,
                     path,
-                    format!("expected 'contents', found '{}'", String::from_utf8_lossy(&tag).escape_default()),
+                    format!(
+                        "expected 'contents', found '{}'",
+                        String::from_utf8_lossy(&tag).escape_default()
+                    ),
                 ));
             }
             let mut file = create_file(&place, path)?;
@@ -688,7 +769,8 @@ fn restore_node<R: Read>(r: &mut NarReader<'_, R>, place: Place<'_>, path: &Path
             while left > 0 {
                 let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
                 r.fill(&mut buf[..n], "file contents")?;
-                file.write_all(&buf[..n]).map_err(|e| NarError::io("writing file", path, e))?;
+                file.write_all(&buf[..n])
+                    .map_err(|e| NarError::io("writing file", path, e))?;
                 left -= n as u64;
             }
             r.padding(len, path)?;
@@ -710,7 +792,11 @@ fn restore_node<R: Read>(r: &mut NarReader<'_, R>, place: Place<'_>, path: &Path
             let target_at = r.offset;
             let target = r.str(MAX_TARGET_LEN, "symlink target", path)?;
             if target.is_empty() || target.contains(&0) {
-                return Err(malformed(target_at, path, "symlink target is empty or contains NUL".into()));
+                return Err(malformed(
+                    target_at,
+                    path,
+                    "symlink target is empty or contains NUL".into(),
+                ));
             }
             create_symlink(&place, &target, path)?;
             r.expect(")", path)?;
@@ -720,7 +806,10 @@ fn restore_node<R: Read>(r: &mut NarReader<'_, R>, place: Place<'_>, path: &Path
         other => Err(malformed(
             at,
             path,
-            format!("unknown file type '{}'", String::from_utf8_lossy(other).escape_default()),
+            format!(
+                "unknown file type '{}'",
+                String::from_utf8_lossy(other).escape_default()
+            ),
         )),
     }
 }

@@ -86,7 +86,9 @@ pub fn load_links_inodes(store_dir: &Path) -> Result<InodesSeen, OptimiseError> 
     };
     for e in rd {
         let e = e.map_err(io_err("reading directory", &dir))?;
-        let m = e.metadata().map_err(io_err("getting attributes of", &e.path()))?;
+        let m = e
+            .metadata()
+            .map_err(io_err("getting attributes of", &e.path()))?;
         seen.insert(m.dev(), m.ino());
     }
     Ok(seen)
@@ -95,7 +97,11 @@ pub fn load_links_inodes(store_dir: &Path) -> Result<InodesSeen, OptimiseError> 
 /// Hard-links the regular files under `path` (a store path in `store_dir`) to their
 /// shared copies in `.links`. `seen` holds inodes known to be in `.links` already (see
 /// [`load_links_inodes`]); files linked here are added to it.
-pub fn optimise_path(store_dir: &Path, path: &Path, seen: &mut InodesSeen) -> Result<OptimiseStats, OptimiseError> {
+pub fn optimise_path(
+    store_dir: &Path,
+    path: &Path,
+    seen: &mut InodesSeen,
+) -> Result<OptimiseStats, OptimiseError> {
     let links = links_dir(store_dir);
     match std::fs::create_dir(&links) {
         Ok(()) => {}
@@ -150,7 +156,10 @@ fn optimise_node(
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             // .links is full (e.g. ext4's per-directory limit): the file stays unshared.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EMLINK) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOSPC)
+                    || e.raw_os_error() == Some(libc::EMLINK) =>
+            {
                 return Ok(())
             }
             Err(e) => return Err(io_err("linking into", &link)(e)),
@@ -240,7 +249,9 @@ impl MakeWritable {
 
 impl Drop for MakeWritable {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(self.mode)) {
+        if let Err(e) =
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(self.mode))
+        {
             tracing::warn!("restoring the mode of '{}': {e}", self.dir.display());
         }
     }

@@ -74,8 +74,16 @@ fn modes_and_times_become_canonical() {
     }
     assert_eq!(mode(&out), 0o555);
     assert_eq!(mode(&out.join("sub")), 0o555);
-    assert_eq!(mode(&out.join("link")), link_mode_before, "symlink modes are left alone");
-    assert_eq!(mtime(&out.join("link")), 1, "symlinks get mtime 1 too (lutimes)");
+    assert_eq!(
+        mode(&out.join("link")),
+        link_mode_before,
+        "symlink modes are left alone"
+    );
+    assert_eq!(
+        mtime(&out.join("link")),
+        1,
+        "symlinks get mtime 1 too (lutimes)"
+    );
     assert_eq!(mtime(&out), 1);
     assert_eq!(mtime(&out.join("sub")), 1);
     // out, sub, link and the nine files
@@ -93,7 +101,10 @@ fn unsupported_file_types_are_refused() {
     // SAFETY: valid C string.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     let err = canonicalise_path_metadata(&out, None, &mut InodesSeen::new()).unwrap_err();
-    assert!(matches!(err, CanonError::UnsupportedType(ref p) if p.ends_with("fifo")), "{err}");
+    assert!(
+        matches!(err, CanonError::UnsupportedType(ref p) if p.ends_with("fifo")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -120,9 +131,13 @@ fn ownership_is_checked_and_changed() {
     let secret = tmp.path().join("secret");
     write_mode(&secret, b"s", 0o600);
     fs::hard_link(&secret, out2.join("stolen")).unwrap();
-    let err = canonicalise_path_metadata(&out2, Some(BUILD_UID), &mut InodesSeen::new()).unwrap_err();
+    let err =
+        canonicalise_path_metadata(&out2, Some(BUILD_UID), &mut InodesSeen::new()).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.starts_with("wrong ownership of '") && msg.contains("stolen"), "{msg}");
+    assert!(
+        msg.starts_with("wrong ownership of '") && msg.contains("stolen"),
+        "{msg}"
+    );
     assert_eq!(mode(&secret), 0o600, "the foreign file was modified");
 }
 
@@ -170,7 +185,11 @@ fn suspicious_outputs_are_refused_before_canonicalisation() {
     fs::create_dir(&out).unwrap();
     fs::set_permissions(&out, fs::Permissions::from_mode(0o775)).unwrap();
     let err = check_suspicious(&out, None).unwrap_err();
-    assert!(err.to_string().starts_with("suspicious ownership or permission on '"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("suspicious ownership or permission on '"),
+        "{err}"
+    );
     fs::set_permissions(&out, fs::Permissions::from_mode(0o757)).unwrap();
     assert!(check_suspicious(&out, None).is_err());
     fs::set_permissions(&out, fs::Permissions::from_mode(0o755)).unwrap();
@@ -211,8 +230,16 @@ fn optimise_links_identical_files() {
     let ino = |p: &Path| fs::metadata(p).unwrap().ino();
     assert_eq!(ino(&a.join("same")), ino(&b.join("same")));
     assert_eq!(ino(&a.join("same-but-exec")), ino(&b.join("same-but-exec")));
-    assert_ne!(ino(&a.join("same")), ino(&a.join("same-but-exec")), "the executable bit keeps them apart");
-    assert_ne!(ino(&a.join("writable")), ino(&b.join("writable")), "writable files are left alone");
+    assert_ne!(
+        ino(&a.join("same")),
+        ino(&a.join("same-but-exec")),
+        "the executable bit keeps them apart"
+    );
+    assert_ne!(
+        ino(&a.join("writable")),
+        ino(&b.join("writable")),
+        "writable files are left alone"
+    );
     // The directories got their read-only mode back.
     assert_eq!(mode(&b), 0o555);
 
@@ -221,11 +248,18 @@ fn optimise_links_identical_files() {
     let link = store.join(".links").join(h.encode(Encoding::Base32));
     assert_eq!(ino(&link), ino(&a.join("unique")));
     assert_eq!(fs::read_dir(store.join(".links")).unwrap().count(), 3);
-    assert!(fs::read_dir(&store).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".tmp-link")));
+    assert!(fs::read_dir(&store).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".tmp-link")));
 
     // A second run finds nothing more to do, also starting from a fresh inode set.
     let mut seen = load_links_inodes(&store).unwrap();
-    assert_eq!(optimise_path(&store, &b, &mut seen).unwrap(), OptimiseStats::default());
+    assert_eq!(
+        optimise_path(&store, &b, &mut seen).unwrap(),
+        OptimiseStats::default()
+    );
 }
 
 #[test]
@@ -240,5 +274,8 @@ fn optimise_replaces_a_corrupt_link() {
     fs::write(&link, b"short").unwrap();
     optimise_path(&store, &p, &mut InodesSeen::new()).unwrap();
     assert_eq!(fs::read(&link).unwrap(), b"the real contents");
-    assert_eq!(fs::metadata(&link).unwrap().ino(), fs::metadata(&p).unwrap().ino());
+    assert_eq!(
+        fs::metadata(&link).unwrap().ino(),
+        fs::metadata(&p).unwrap().ino()
+    );
 }

@@ -14,11 +14,18 @@ use nixb_store::nar::{dump_path, hash_path, restore_path};
 use nixb_store::{Encoding, Hash, HashAlgo};
 
 fn fixture_dir(kind: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(kind)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(kind)
 }
 
 fn pattern(n: usize) -> Vec<u8> {
-    b"0123456789abcdef".iter().copied().cycle().take(n).collect()
+    b"0123456789abcdef"
+        .iter()
+        .copied()
+        .cycle()
+        .take(n)
+        .collect()
 }
 
 fn write_mode(p: &Path, contents: &[u8], mode: u32) {
@@ -89,7 +96,12 @@ fn check_fixture(name: &str) {
     build(name, &tree);
     let mut ours = Vec::new();
     dump_path(&tree, &mut ours).unwrap();
-    assert!(ours == golden, "{name}: dump differs from nix-store --dump ({} vs {} bytes)", ours.len(), golden.len());
+    assert!(
+        ours == golden,
+        "{name}: dump differs from nix-store --dump ({} vs {} bytes)",
+        ours.len(),
+        golden.len()
+    );
 
     // Size and hash from the streaming hasher agree with hashing Nix's bytes.
     let (h, size) = hash_path(&tree, HashAlgo::Sha256).unwrap();
@@ -100,7 +112,10 @@ fn check_fixture(name: &str) {
     restore_path(&mut golden.as_slice(), &restored).unwrap();
     let mut again = Vec::new();
     dump_path(&restored, &mut again).unwrap();
-    assert!(again == golden, "{name}: restore + dump differs from the golden nar");
+    assert!(
+        again == golden,
+        "{name}: restore + dump differs from the golden nar"
+    );
 }
 
 macro_rules! golden {
@@ -160,7 +175,11 @@ fn hash_encodings_match_nix() {
         assert_eq!(h.encode(Encoding::Base64), f[4], "{line}");
         assert_eq!(h.encode(Encoding::Sri), f[5], "{line}");
         for digits in &f[2..5] {
-            assert_eq!(Hash::parse_typed(&format!("{algo}:{digits}")).unwrap(), h, "{line}");
+            assert_eq!(
+                Hash::parse_typed(&format!("{algo}:{digits}")).unwrap(),
+                h,
+                "{line}"
+            );
             assert_eq!(Hash::parse_with_algo(digits, algo).unwrap(), h, "{line}");
         }
         assert_eq!(Hash::parse_typed(f[5]).unwrap(), h, "{line}");

@@ -21,7 +21,10 @@ struct Oracle {
 
 impl Oracle {
     fn new() -> Option<Oracle> {
-        let found = Command::new("nix-store").arg("--version").output().is_ok_and(|o| o.status.success());
+        let found = Command::new("nix-store")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
         if !found {
             if std::env::var_os("CI").is_some_and(|v| v == "true") {
                 panic!("nix-store (Nix 2.8) is required for the oracle tests under CI=true but was not found on PATH");
@@ -31,7 +34,11 @@ impl Oracle {
         }
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join("etc")).unwrap();
-        fs::write(dir.path().join("etc/nix.conf"), "sandbox = false\nbuild-users-group =\n").unwrap();
+        fs::write(
+            dir.path().join("etc/nix.conf"),
+            "sandbox = false\nbuild-users-group =\n",
+        )
+        .unwrap();
         Some(Oracle { dir })
     }
 
@@ -97,9 +104,14 @@ impl Rng {
         loop {
             let len = 1 + self.below(12) as usize;
             let n: Vec<u8> = if self.below(3) == 0 {
-                self.bytes(len).into_iter().filter(|&b| b != b'/' && b != 0).collect()
+                self.bytes(len)
+                    .into_iter()
+                    .filter(|&b| b != b'/' && b != 0)
+                    .collect()
             } else {
-                (0..len).map(|_| b"abcXYZ019 ._-"[self.below(13) as usize]).collect()
+                (0..len)
+                    .map(|_| b"abcXYZ019 ._-"[self.below(13) as usize])
+                    .collect()
             };
             if !n.is_empty() && n != b"." && n != b".." {
                 return n;
@@ -110,7 +122,11 @@ impl Rng {
 
 fn random_tree(rng: &mut Rng, p: &Path, depth: u32) {
     // Depth 0 is a leaf; above it a directory is as likely as a leaf.
-    let kind = if depth == 0 { rng.below(3) } else { rng.below(5) };
+    let kind = if depth == 0 {
+        rng.below(3)
+    } else {
+        rng.below(5)
+    };
     match kind {
         0 | 1 => {
             let sizes = [0, 1, 7, 8, 9, 100, 4095, 4096, 4097, 70_000];
@@ -146,20 +162,33 @@ fn dump_and_hash_agree_with_nix_on_random_trees() {
         let theirs = nix.dump(&root);
         let mut ours = Vec::new();
         dump_path(&root, &mut ours).unwrap();
-        assert!(ours == theirs, "tree {i}: dump differs from nix-store --dump");
+        assert!(
+            ours == theirs,
+            "tree {i}: dump differs from nix-store --dump"
+        );
 
         for algo in [HashAlgo::Sha256, HashAlgo::Sha1, HashAlgo::Sha512] {
             let (h, size) = hash_path(&root, algo).unwrap();
             assert_eq!(size, theirs.len() as u64, "tree {i}");
-            assert_eq!(h.encode(Encoding::Base32), nix.hash("path", algo, &root), "tree {i} {algo}");
+            assert_eq!(
+                h.encode(Encoding::Base32),
+                nix.hash("path", algo, &root),
+                "tree {i} {algo}"
+            );
         }
         // `nix-store --dump | sha256sum` equivalent, computed on Nix's bytes.
-        assert_eq!(hash_path(&root, HashAlgo::Sha256).unwrap().0, Hash::digest(HashAlgo::Sha256, &theirs));
+        assert_eq!(
+            hash_path(&root, HashAlgo::Sha256).unwrap().0,
+            Hash::digest(HashAlgo::Sha256, &theirs)
+        );
 
         // Nix's archive restored by us dumps back (through Nix) to the same bytes.
         let back = work.path().join(format!("r{i}"));
         restore_path(&mut theirs.as_slice(), &back).unwrap();
-        assert!(nix.dump(&back) == theirs, "tree {i}: nix disagrees with our restore");
+        assert!(
+            nix.dump(&back) == theirs,
+            "tree {i}: nix disagrees with our restore"
+        );
     }
 }
 
@@ -173,7 +202,11 @@ fn flat_file_hash_agrees_with_nix() {
         fs::write(&f, rng.bytes(n)).unwrap();
         for algo in HashAlgo::ALL {
             let h = hash_file_flat(&f, algo).unwrap();
-            assert_eq!(h.encode(Encoding::Base32), nix.hash("file", algo, &f), "{n} bytes {algo}");
+            assert_eq!(
+                h.encode(Encoding::Base32),
+                nix.hash("file", algo, &f),
+                "{n} bytes {algo}"
+            );
         }
     }
 }
@@ -190,7 +223,11 @@ fn scan_path_agrees_with_nix_nar_hash_and_size() {
     let c = StorePath::from_base_name("1b8m03r63zqhnjf7l5wnldhh7c134ap5-c").unwrap();
     let root = work.path().join("out");
     fs::create_dir(&root).unwrap();
-    fs::write(root.join("uses-a"), format!("#!/bin/sh\nexec /nix/store/{a}/bin/x\n")).unwrap();
+    fs::write(
+        root.join("uses-a"),
+        format!("#!/bin/sh\nexec /nix/store/{a}/bin/x\n"),
+    )
+    .unwrap();
     symlink(format!("/nix/store/{b}"), root.join("to-b")).unwrap();
     fs::write(root.join("no-refs"), "1b8m03r63zqhnjf7l5wnldhh7c134ap").unwrap(); // c minus one char
     let cands: BTreeSet<StorePath> = [a.clone(), b.clone(), c].into_iter().collect();
@@ -198,5 +235,8 @@ fn scan_path_agrees_with_nix_nar_hash_and_size() {
     assert_eq!(r.references, [a, b].into_iter().collect());
     let theirs = nix.dump(&root);
     assert_eq!(r.nar_size, theirs.len() as u64);
-    assert_eq!(r.nar_hash.encode(Encoding::Base32), nix.hash("path", HashAlgo::Sha256, &root));
+    assert_eq!(
+        r.nar_hash.encode(Encoding::Base32),
+        nix.hash("path", HashAlgo::Sha256, &root)
+    );
 }

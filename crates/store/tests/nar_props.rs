@@ -24,7 +24,7 @@ enum Node {
 fn model_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s);
-    while out.len() % 8 != 0 {
+    while out.len() & 7 != 0 {
         out.push(0);
     }
 }
@@ -75,7 +75,11 @@ fn materialise(n: &Node, p: &Path) {
     match n {
         Node::File { exec, contents } => {
             fs::write(p, contents).unwrap();
-            fs::set_permissions(p, fs::Permissions::from_mode(if *exec { 0o755 } else { 0o644 })).unwrap();
+            fs::set_permissions(
+                p,
+                fs::Permissions::from_mode(if *exec { 0o755 } else { 0o644 }),
+            )
+            .unwrap();
         }
         Node::Link(t) => symlink(std::ffi::OsStr::from_bytes(t), p).unwrap(),
         Node::Dir(entries) => {
@@ -91,14 +95,20 @@ fn name_strategy() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         "[a-zA-Z0-9._ -]{1,10}".prop_map(|s| s.into_bytes()),
         // arbitrary bytes except '/' and NUL
-        proptest::collection::vec(1u8..=255, 1..8).prop_map(|v| v.into_iter().filter(|&b| b != b'/').collect()),
+        proptest::collection::vec(1u8..=255, 1..8)
+            .prop_map(|v| v.into_iter().filter(|&b| b != b'/').collect()),
     ]
-    .prop_filter("valid entry name", |n: &Vec<u8>| !n.is_empty() && n != b"." && n != b"..")
+    .prop_filter("valid entry name", |n: &Vec<u8>| {
+        !n.is_empty() && n != b"." && n != b".."
+    })
 }
 
 fn tree_strategy() -> impl Strategy<Value = Node> {
     let leaf = prop_oneof![
-        (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..600))
+        (
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..600)
+        )
             .prop_map(|(exec, contents)| Node::File { exec, contents }),
         proptest::collection::vec(1u8..=255, 1..60).prop_map(Node::Link),
     ];
@@ -125,7 +135,10 @@ fn restore_contained(nar: &[u8]) -> Result<(), NarError> {
             assert_eq!(names, [b"dest".to_vec(), b"sentinel".to_vec()]);
             let mut again = Vec::new();
             dump_path(&dest, &mut again).unwrap();
-            assert!(again == nar, "accepted a nar that does not re-dump to itself");
+            assert!(
+                again == nar,
+                "accepted a nar that does not re-dump to itself"
+            );
         }
         // A failed restore removes what it made.
         Err(_) => assert_eq!(names, [b"sentinel".to_vec()]),
@@ -231,11 +244,15 @@ impl Nar {
         self
     }
     fn entry_file(&mut self, name: &[u8], contents: &[u8]) -> &mut Nar {
-        self.tags(&["entry", "(", "name"]).s(name).tags(&["node", "(", "type", "regular", "contents"]);
+        self.tags(&["entry", "(", "name"])
+            .s(name)
+            .tags(&["node", "(", "type", "regular", "contents"]);
         self.s(contents).tags(&[")", ")"])
     }
     fn entry_link(&mut self, name: &[u8], target: &[u8]) -> &mut Nar {
-        self.tags(&["entry", "(", "name"]).s(name).tags(&["node", "(", "type", "symlink", "target"]);
+        self.tags(&["entry", "(", "name"])
+            .s(name)
+            .tags(&["node", "(", "type", "symlink", "target"]);
         self.s(target).tags(&[")", ")"])
     }
     fn dir(&mut self) -> &mut Nar {
@@ -246,7 +263,10 @@ impl Nar {
 fn refused(nar: &[u8], needle: &str) {
     let err = restore_contained(nar).expect_err("hostile archive was accepted");
     let msg = err.to_string();
-    assert!(msg.contains(needle), "error '{msg}' does not mention '{needle}'");
+    assert!(
+        msg.contains(needle),
+        "error '{msg}' does not mention '{needle}'"
+    );
 }
 
 #[test]
@@ -270,24 +290,37 @@ fn refuses_duplicate_and_unsorted_entries() {
     // A symlink named "l" pointing outside, then a directory "l": must never write through it.
     let outside = tempfile::tempdir().unwrap();
     let mut n = Nar::new();
-    n.dir().entry_link(b"l", outside.path().as_os_str().as_bytes());
-    n.tags(&["entry", "(", "name", "l", "node"]).dir().entry_file(b"pwned", b"x").tags(&[")", ")", ")"]);
+    n.dir()
+        .entry_link(b"l", outside.path().as_os_str().as_bytes());
+    n.tags(&["entry", "(", "name", "l", "node"])
+        .dir()
+        .entry_file(b"pwned", b"x")
+        .tags(&[")", ")", ")"]);
     refused(&n.0, "duplicate entry name 'l'");
     assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
 
     let mut n = Nar::new();
-    n.dir().entry_file(b"b", b"1").entry_file(b"a", b"2").tags(&[")"]);
+    n.dir()
+        .entry_file(b"b", b"1")
+        .entry_file(b"a", b"2")
+        .tags(&[")"]);
     refused(&n.0, "unsorted entry name 'a'");
 }
 
 #[test]
 fn refuses_truncation_at_every_byte() {
     let mut n = Nar::new();
-    n.dir().entry_file(b"f", b"hello world").entry_link(b"l", b"f").tags(&[")"]);
+    n.dir()
+        .entry_file(b"f", b"hello world")
+        .entry_link(b"l", b"f")
+        .tags(&[")"]);
     restore_contained(&n.0).unwrap();
     for cut in 0..n.0.len() {
         let err = restore_contained(&n.0[..cut]).expect_err("truncated nar accepted");
-        assert!(matches!(err, NarError::Truncated { .. }), "cut {cut}: {err}");
+        assert!(
+            matches!(err, NarError::Truncated { .. }),
+            "cut {cut}: {err}"
+        );
     }
 }
 
@@ -306,7 +339,9 @@ fn refuses_absurd_lengths_without_allocating() {
     refused(&n.0, "more than the 255 allowed");
     // A symlink target longer than PATH_MAX.
     let mut n = Nar::new();
-    n.tags(&["(", "type", "symlink", "target"]).s(&[b'a'; 5000]).tags(&[")"]);
+    n.tags(&["(", "type", "symlink", "target"])
+        .s(&[b'a'; 5000])
+        .tags(&[")"]);
     refused(&n.0, "symlink target is 5000 bytes long");
 }
 
@@ -325,7 +360,9 @@ fn refuses_unknown_tags_bad_padding_and_trailing_data() {
     refused(&bad_magic.0, "not a nar");
 
     let mut n = Nar::new();
-    n.tags(&["(", "type", "regular", "contents"]).s(b"abc").tags(&[")"]);
+    n.tags(&["(", "type", "regular", "contents"])
+        .s(b"abc")
+        .tags(&[")"]);
     restore_contained(&n.0).unwrap();
     let pad_at = n.0.len() - 16 - 5 + 3; // first padding byte after "abc"
     let mut bad = n.0.clone();
@@ -336,7 +373,16 @@ fn refuses_unknown_tags_bad_padding_and_trailing_data() {
     refused(&trailing, "trailing data");
 
     let mut n = Nar::new();
-    n.tags(&["(", "type", "regular", "executable", "x", "contents", "", ")"]);
+    n.tags(&[
+        "(",
+        "type",
+        "regular",
+        "executable",
+        "x",
+        "contents",
+        "",
+        ")",
+    ]);
     refused(&n.0, "executable marker");
 }
 
@@ -357,11 +403,19 @@ fn dest_that_is_a_symlink_is_not_followed() {
     let dest = work.path().join("dest");
     symlink(&outside, &dest).unwrap();
     let mut n = Nar::new();
-    n.tags(&["(", "type", "regular", "contents"]).s(b"x").tags(&[")"]);
+    n.tags(&["(", "type", "regular", "contents"])
+        .s(b"x")
+        .tags(&[")"]);
     let err = restore_path(&mut n.0.as_slice(), &dest).unwrap_err();
     assert!(matches!(err, NarError::DestExists(_)), "{err}");
     assert!(!outside.exists());
-    assert!(fs::symlink_metadata(&dest).unwrap().file_type().is_symlink(), "dest symlink was removed");
+    assert!(
+        fs::symlink_metadata(&dest)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "dest symlink was removed"
+    );
 }
 
 #[test]
@@ -369,7 +423,19 @@ fn restored_modes_follow_nix() {
     let work = tempfile::tempdir().unwrap();
     let mut n = Nar::new();
     n.dir();
-    n.tags(&["entry", "(", "name", "x", "node", "(", "type", "regular", "executable", "", "contents"]);
+    n.tags(&[
+        "entry",
+        "(",
+        "name",
+        "x",
+        "node",
+        "(",
+        "type",
+        "regular",
+        "executable",
+        "",
+        "contents",
+    ]);
     n.s(b"#!").tags(&[")", ")"]);
     n.entry_file(b"y", b"data").tags(&[")"]);
     let dest = work.path().join("d");
@@ -383,5 +449,8 @@ fn restored_modes_follow_nix() {
     let mode = |p: &str| fs::metadata(dest.join(p)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode("x"), (0o666 & !umask) | 0o111);
     assert_eq!(mode("y"), 0o666 & !umask);
-    assert_eq!(fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o777 & !umask);
+    assert_eq!(
+        fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+        0o777 & !umask
+    );
 }
