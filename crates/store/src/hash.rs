@@ -166,7 +166,8 @@ impl Hash {
         self.encode(Encoding::Base16)
     }
 
-    /// `sha256:<base32>`, the form the validity database stores.
+    /// `sha256:<base32>`, the form `nix-store -q --hash` prints (the database itself stores
+    /// `sha256:<base16>`).
     pub fn to_base32_typed(&self) -> String {
         self.to_typed(Encoding::Base32)
     }
