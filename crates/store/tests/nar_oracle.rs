@@ -240,3 +240,78 @@ fn scan_path_agrees_with_nix_nar_hash_and_size() {
         nix.hash("path", HashAlgo::Sha256, &root)
     );
 }
+
+/// Canonicalisation against a real Nix build: a builder leaves files with assorted modes
+/// (only owner, group or other execute bits, sticky, world-writable ...), and our
+/// canonicalisation of the same tree must end with the same modes, mtimes and NAR hash
+/// as Nix's output path. (setuid/setgid are left out: Nix's builder seccomp filter makes
+/// such chmods fail, so the builder could not create them.)
+#[test]
+fn canonicalisation_agrees_with_a_nix_build() {
+    use nixb_store::canon::{canonicalise_path_metadata, InodesSeen};
+    use std::os::unix::fs::MetadataExt;
+
+    let Some(nix) = Oracle::new() else { return };
+    let modes = [
+        "0644", "0755", "0700", "0601", "0611", "1644", "0666", "0444", "0070", "0100", "0010",
+    ];
+    let conf = nix.dir.path().join("etc/nix.conf");
+    fs::write(
+        &conf,
+        "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+    )
+    .unwrap();
+    let script = format!(
+        "PATH=/bin:/usr/bin; mkdir $out; for m in {}; do echo $m > $out/m$m; chmod $m $out/m$m; done; \
+         mkdir $out/d; chmod 1777 $out/d; ln -s m0644 $out/l",
+        modes.join(" ")
+    );
+    let expr = nix.dir.path().join("modes.nix");
+    fs::write(
+        &expr,
+        format!(
+            "derivation {{ name = \"modes\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
+             args = [ \"-c\" \"{script}\" ]; }}"
+        ),
+    )
+    .unwrap();
+    let out = nix.run("nix-build", &["--no-out-link".as_ref(), expr.as_os_str()]);
+    let theirs = PathBuf::from(String::from_utf8(out).unwrap().trim());
+
+    let work = tempfile::tempdir().unwrap();
+    let ours = work.path().join("out");
+    fs::create_dir(&ours).unwrap();
+    for m in modes {
+        let p = ours.join(format!("m{m}"));
+        fs::write(&p, format!("{m}\n")).unwrap();
+        fs::set_permissions(
+            &p,
+            fs::Permissions::from_mode(u32::from_str_radix(m, 8).unwrap()),
+        )
+        .unwrap();
+    }
+    fs::create_dir(ours.join("d")).unwrap();
+    fs::set_permissions(ours.join("d"), fs::Permissions::from_mode(0o1777)).unwrap();
+    symlink("m0644", ours.join("l")).unwrap();
+    canonicalise_path_metadata(&ours, None, &mut InodesSeen::new()).unwrap();
+
+    let mut names: Vec<String> = modes.iter().map(|m| format!("m{m}")).collect();
+    names.extend(["d".to_string(), "l".to_string(), String::new()]);
+    for n in &names {
+        let (a, b) = (
+            fs::symlink_metadata(theirs.join(n)).unwrap(),
+            fs::symlink_metadata(ours.join(n)).unwrap(),
+        );
+        assert_eq!(b.mode() & 0o7777, a.mode() & 0o7777, "mode of '{n}'");
+        assert_eq!(b.mtime(), a.mtime(), "mtime of '{n}'");
+    }
+    let nar_hash = nix.run(
+        "nix-store",
+        &["-q".as_ref(), "--hash".as_ref(), theirs.as_os_str()],
+    );
+    let (h, _) = hash_path(&ours, HashAlgo::Sha256).unwrap();
+    assert_eq!(
+        h.to_typed(Encoding::Base32),
+        String::from_utf8(nar_hash).unwrap().trim()
+    );
+}
