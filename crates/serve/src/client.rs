@@ -18,9 +18,9 @@ use nixb_store::{StoreDir, StorePath};
 use crate::error::ServeError;
 use crate::import::{add_nar_to_store, dump_nar, export_paths, import_paths, topo_sort};
 use crate::proto::{
-    nar_hash_base16, protocol_major, protocol_minor, read_path_info, read_paths, write_basic_derivation,
-    write_paths, BuildOptions, BuildResult, BuildStatus, Command, MIN_PROTOCOL_VERSION, SERVE_MAGIC_1,
-    SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION,
+    nar_hash_base16, protocol_major, protocol_minor, read_path_info, read_paths,
+    write_basic_derivation, write_paths, BuildOptions, BuildResult, BuildStatus, Command,
+    MIN_PROTOCOL_VERSION, SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION,
 };
 use crate::wire::{WireError, WireReader, WireWriter};
 
@@ -39,7 +39,12 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     /// standard input): exchanges the greeting and checks the remote speaks 2.x, at
     /// least 2.4. `peer` names the remote in every error; `store_dir` is the store
     /// directory both sides share (paths are the same string on both).
-    pub fn new(reader: R, writer: W, store_dir: StoreDir, peer: &str) -> Result<ServeClient<R, W>, ServeError> {
+    pub fn new(
+        reader: R,
+        writer: W,
+        store_dir: StoreDir,
+        peer: &str,
+    ) -> Result<ServeClient<R, W>, ServeError> {
         let mut c = ServeClient {
             r: WireReader::new(reader),
             w: WireWriter::new(writer),
@@ -54,11 +59,16 @@ impl<R: Read, W: Write> ServeClient<R, W> {
 
     fn handshake(&mut self) -> Result<(), ServeError> {
         self.w.write_u64(SERVE_MAGIC_1, "magic")?;
-        self.w.write_u64(SERVE_PROTOCOL_VERSION, "protocol version")?;
+        self.w
+            .write_u64(SERVE_PROTOCOL_VERSION, "protocol version")?;
         self.w.flush()?;
         let magic = match self.r.read_u64("magic") {
             Ok(m) => m,
-            Err(WireError::Eof { .. }) => return Err(ServeError::HandshakeEof { stderr: String::new() }),
+            Err(WireError::Eof { .. }) => {
+                return Err(ServeError::HandshakeEof {
+                    stderr: String::new(),
+                })
+            }
             Err(e) => return Err(e.into()),
         };
         if magic != SERVE_MAGIC_2 {
@@ -103,7 +113,8 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         substitute: bool,
     ) -> Result<BTreeSet<StorePath>, ServeError> {
         let res = (|| {
-            self.w.write_u64(Command::QueryValidPaths as u64, "command")?;
+            self.w
+                .write_u64(Command::QueryValidPaths as u64, "command")?;
             self.w.write_bool(lock, "lock flag")?;
             self.w.write_bool(substitute, "substitute flag")?;
             write_paths(&mut self.w, &self.store_dir, paths, "paths")?;
@@ -119,7 +130,8 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         paths: &BTreeSet<StorePath>,
     ) -> Result<BTreeMap<StorePath, ValidPathInfo>, ServeError> {
         let res = (|| {
-            self.w.write_u64(Command::QueryPathInfos as u64, "command")?;
+            self.w
+                .write_u64(Command::QueryPathInfos as u64, "command")?;
             write_paths(&mut self.w, &self.store_dir, paths, "paths")?;
             self.w.flush()?;
             let mut out = BTreeMap::new();
@@ -150,13 +162,24 @@ impl<R: Read, W: Write> ServeClient<R, W> {
 
     /// Sends one valid local path with `AddToStoreNar`; its references must already be
     /// valid on the remote.
-    pub fn add_to_store_nar(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<(), ServeError> {
+    pub fn add_to_store_nar(
+        &mut self,
+        store: &LocalStore,
+        info: &ValidPathInfo,
+    ) -> Result<(), ServeError> {
         let dir = store.store_dir().clone();
         let res = (|| {
             let w = &mut self.w;
             w.write_u64(Command::AddToStoreNar as u64, "command")?;
             w.write_str(&dir.print(&info.path), "path")?;
-            w.write_str(&info.deriver.as_ref().map(|d| dir.print(d)).unwrap_or_default(), "deriver")?;
+            w.write_str(
+                &info
+                    .deriver
+                    .as_ref()
+                    .map(|d| dir.print(d))
+                    .unwrap_or_default(),
+                "deriver",
+            )?;
             w.write_str(&nar_hash_base16(&info.nar_hash), "nar hash")?;
             write_paths(w, &dir, &info.references, "references")?;
             w.write_u64(info.registration_time.max(0) as u64, "registration time")?;
@@ -181,7 +204,11 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     /// Sends valid local paths as one `ImportPaths` export stream (the pre-2.5 way of
     /// copying, kept for old peers); references must be valid on the remote or among
     /// `paths`.
-    pub fn import_paths(&mut self, store: &LocalStore, paths: &BTreeSet<StorePath>) -> Result<(), ServeError> {
+    pub fn import_paths(
+        &mut self,
+        store: &LocalStore,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<(), ServeError> {
         let res = (|| {
             self.w.write_u64(Command::ImportPaths as u64, "command")?;
             export_paths(store, paths, &mut self.w)?;
@@ -217,7 +244,9 @@ impl<R: Read, W: Write> ServeClient<R, W> {
                 .ok_or_else(|| ServeError::NotValid(store.store_dir().print(p)))?;
             infos.insert(p.clone(), info);
         }
-        let order = topo_sort(store.store_dir(), &missing, |p| Ok(infos[p].references.clone()))?;
+        let order = topo_sort(store.store_dir(), &missing, |p| {
+            Ok(infos[p].references.clone())
+        })?;
         if protocol_minor(self.version) >= 5 {
             for p in &order {
                 self.add_to_store_nar(store, &infos[p])?;
@@ -229,7 +258,11 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     }
 
     /// Streams the NAR of a remote path into `sink`.
-    pub fn dump_store_path(&mut self, path: &StorePath, sink: &mut impl Write) -> Result<(), ServeError> {
+    pub fn dump_store_path(
+        &mut self,
+        path: &StorePath,
+        sink: &mut impl Write,
+    ) -> Result<(), ServeError> {
         let dir = self.store_dir.clone();
         let res = (|| {
             self.w.write_u64(Command::DumpStorePath as u64, "command")?;
@@ -238,8 +271,10 @@ impl<R: Read, W: Write> ServeClient<R, W> {
             // The NAR is not length-prefixed: restore it to learn where it ends.
             let tmp = tempdir_in_store(&dir)?;
             let dest = tmp.join("nar");
-            nixb_store::nar::restore_path_prefix(&mut self.r, &dest).map_err(ServeError::nar(dir.print(path)))?;
-            let res = nixb_store::nar::dump_path(&dest, sink).map_err(ServeError::nar(dir.print(path)));
+            nixb_store::nar::restore_path_prefix(&mut self.r, &dest)
+                .map_err(ServeError::nar(dir.print(path)))?;
+            let res =
+                nixb_store::nar::dump_path(&dest, sink).map_err(ServeError::nar(dir.print(path)));
             let _ = crate::import::remove_tree(&tmp);
             res
         })();
@@ -249,7 +284,11 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     /// Copies `paths` and whatever they reference from the remote into `store`: infos
     /// first (so the closure is known and each NAR can be verified), then one
     /// `DumpStorePath` per missing path, in dependency order. Returns the paths added.
-    pub fn copy_paths_from(&mut self, store: &LocalStore, paths: &BTreeSet<StorePath>) -> Result<Vec<StorePath>, ServeError> {
+    pub fn copy_paths_from(
+        &mut self,
+        store: &LocalStore,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Vec<StorePath>, ServeError> {
         let mut infos: BTreeMap<StorePath, ValidPathInfo> = BTreeMap::new();
         let mut todo: BTreeSet<StorePath> = BTreeSet::new();
         for p in paths {
@@ -261,7 +300,10 @@ impl<R: Read, W: Write> ServeClient<R, W> {
             let got = self.query_path_infos(&todo)?;
             for p in &todo {
                 if !got.contains_key(p) {
-                    return Err(ServeError::peer(&self.peer, ServeError::NotValid(self.store_dir.print(p))));
+                    return Err(ServeError::peer(
+                        &self.peer,
+                        ServeError::NotValid(self.store_dir.print(p)),
+                    ));
                 }
             }
             let mut next = BTreeSet::new();
@@ -277,7 +319,9 @@ impl<R: Read, W: Write> ServeClient<R, W> {
             todo = next;
         }
         let wanted: BTreeSet<StorePath> = infos.keys().cloned().collect();
-        let order = topo_sort(&self.store_dir, &wanted, |p| Ok(infos[p].references.clone()))?;
+        let order = topo_sort(&self.store_dir, &wanted, |p| {
+            Ok(infos[p].references.clone())
+        })?;
         let mut added = Vec::new();
         for p in order {
             let dir = self.store_dir.clone();
@@ -296,7 +340,11 @@ impl<R: Read, W: Write> ServeClient<R, W> {
 
     /// Fetches `paths` (with everything they reference that `store` lacks) with one
     /// `ExportPaths` request, adding them as they arrive.
-    pub fn export_paths_into(&mut self, store: &LocalStore, paths: &BTreeSet<StorePath>) -> Result<Vec<StorePath>, ServeError> {
+    pub fn export_paths_into(
+        &mut self,
+        store: &LocalStore,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Vec<StorePath>, ServeError> {
         let res = (|| {
             self.w.write_u64(Command::ExportPaths as u64, "command")?;
             self.w.write_u64(0, "obsolete flag")?;
@@ -320,7 +368,8 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         let dir = self.store_dir.clone();
         let version = self.version;
         let res = (|| {
-            self.w.write_u64(Command::BuildDerivation as u64, "command")?;
+            self.w
+                .write_u64(Command::BuildDerivation as u64, "command")?;
             self.w.write_str(&dir.print(drv_path), "derivation path")?;
             write_basic_derivation(&mut self.w, &dir, drv)?;
             options.write(&mut self.w, version)?;
@@ -333,11 +382,16 @@ impl<R: Read, W: Write> ServeClient<R, W> {
 
     /// Builds `paths` (`<drv>!<out>,...` or plain store paths) with the remote's own
     /// derivations; `Ok` with the failure status and message when the build failed.
-    pub fn build_paths(&mut self, paths: &[String], options: &BuildOptions) -> Result<Result<(), (BuildStatus, String)>, ServeError> {
+    pub fn build_paths(
+        &mut self,
+        paths: &[String],
+        options: &BuildOptions,
+    ) -> Result<Result<(), (BuildStatus, String)>, ServeError> {
         let version = self.version;
         let res = (|| {
             self.w.write_u64(Command::BuildPaths as u64, "command")?;
-            self.w.write_strings(paths.iter().map(|s| s.as_str()), "paths")?;
+            self.w
+                .write_strings(paths.iter().map(|s| s.as_str()), "paths")?;
             options.write(&mut self.w, version)?;
             self.w.flush()?;
             let status = self.r.read_u64("build status")?;
@@ -353,7 +407,9 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     /// Ends the session: closes our side so the remote sees end of input and exits.
     pub fn close(self) -> Result<(R, W), ServeError> {
         let ServeClient { r, w, peer, .. } = self;
-        let w = w.into_inner().map_err(|e| ServeError::peer(&peer, e.into()))?;
+        let w = w
+            .into_inner()
+            .map_err(|e| ServeError::peer(&peer, e.into()))?;
         Ok((r.into_inner(), w))
     }
 }

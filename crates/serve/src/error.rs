@@ -19,9 +19,15 @@ pub enum ServeError {
         source: Box<ServeError>,
     },
     #[error("'nix-store --serve' protocol mismatch: expected magic {expected:#x}, got {got:#x}{}", stderr_note(.stderr))]
-    BadMagic { expected: u64, got: u64, stderr: String },
+    BadMagic {
+        expected: u64,
+        got: u64,
+        stderr: String,
+    },
     #[error("peer closed the connection during the handshake{}", stderr_note(.stderr))]
     HandshakeEof { stderr: String },
+    #[error("handshake failed: {reason}{}", stderr_note(.stderr))]
+    HandshakeFailed { reason: String, stderr: String },
     #[error("unsupported 'nix-store --serve' protocol version {0:#x} (need 2.x, at least 2.4)")]
     Version(u64),
     #[error("bad store path '{value}' in {what}: {source}")]
@@ -47,9 +53,17 @@ pub enum ServeError {
         source: NarError,
     },
     #[error("nar of '{path}' has hash {got}, expected {expected}; nothing registered")]
-    HashMismatch { path: String, expected: String, got: String },
+    HashMismatch {
+        path: String,
+        expected: String,
+        got: String,
+    },
     #[error("nar of '{path}' is {got} bytes, expected {expected}; nothing registered")]
-    SizeMismatch { path: String, expected: u64, got: u64 },
+    SizeMismatch {
+        path: String,
+        expected: u64,
+        got: u64,
+    },
     #[error("cannot import '{path}': it refers to '{reference}', which is neither valid nor imported before it")]
     MissingReference { path: String, reference: String },
     #[error("path '{0}' is not valid")]

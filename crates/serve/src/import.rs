@@ -49,7 +49,11 @@ impl<R: Read> Read for HashingReader<'_, R> {
 }
 
 /// Restores the NAR at the head of `input` to `dest`, returning its sha256 and size.
-fn restore_hashed(input: &mut impl Read, dest: &Path, what: &str) -> Result<(Hash, u64), ServeError> {
+fn restore_hashed(
+    input: &mut impl Read,
+    dest: &Path,
+    what: &str,
+) -> Result<(Hash, u64), ServeError> {
     let mut hr = HashingReader {
         inner: input,
         hasher: Hasher::new(HashAlgo::Sha256),
@@ -74,7 +78,8 @@ pub(crate) fn remove_tree(path: &Path) -> Result<(), ServeError> {
         Err(e) => return Err(io("examining")(e)),
     };
     if meta.is_dir() {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(io("making writable"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("making writable"))?;
         for entry in std::fs::read_dir(path).map_err(io("reading directory"))? {
             remove_tree(&entry.map_err(io("reading directory"))?.path())?;
         }
@@ -90,7 +95,9 @@ pub(crate) fn remove_tree(path: &Path) -> Result<(), ServeError> {
 fn scratch_path(store: &StoreDir) -> std::path::PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    store.as_path().join(format!(".nixb-import-{}-{n}", std::process::id()))
+    store
+        .as_path()
+        .join(format!(".nixb-import-{}-{n}", std::process::id()))
 }
 
 fn check_references(store: &LocalStore, info: &ValidPathInfo) -> Result<(), ServeError> {
@@ -117,7 +124,11 @@ fn skip_nar(store: &LocalStore, nar: &mut impl Read, what: &str) -> Result<(), S
 /// already (the NAR is consumed either way). The NAR must hash to `info.nar_hash` and
 /// be `info.nar_size` bytes long; every reference must be valid. Returns whether the
 /// path was added.
-pub fn add_nar_to_store(store: &LocalStore, info: &ValidPathInfo, nar: &mut impl Read) -> Result<bool, ServeError> {
+pub fn add_nar_to_store(
+    store: &LocalStore,
+    info: &ValidPathInfo,
+    nar: &mut impl Read,
+) -> Result<bool, ServeError> {
     let dir = store.store_dir();
     let printed = dir.print(&info.path);
     if store.is_valid_path(&info.path)? {
@@ -127,11 +138,12 @@ pub fn add_nar_to_store(store: &LocalStore, info: &ValidPathInfo, nar: &mut impl
     check_references(store, info)?;
     store.add_temp_root(&info.path)?;
     let dest = dir.to_path(&info.path);
-    let Some(mut locks) = PathLocks::lock(std::slice::from_ref(&dest), true, None).map_err(|e| ServeError::Io {
-        step: "locking",
-        path: printed.clone(),
-        source: io::Error::other(e.to_string()),
-    })?
+    let Some(mut locks) =
+        PathLocks::lock(std::slice::from_ref(&dest), true, None).map_err(|e| ServeError::Io {
+            step: "locking",
+            path: printed.clone(),
+            source: io::Error::other(e.to_string()),
+        })?
     else {
         return Err(ServeError::Io {
             step: "locking",
@@ -175,7 +187,12 @@ pub fn add_nar_to_store(store: &LocalStore, info: &ValidPathInfo, nar: &mut impl
     Ok(true)
 }
 
-fn verify_nar(info: &ValidPathInfo, printed: &str, hash: &Hash, size: u64) -> Result<(), ServeError> {
+fn verify_nar(
+    info: &ValidPathInfo,
+    printed: &str,
+    hash: &Hash,
+    size: u64,
+) -> Result<(), ServeError> {
     if size != info.nar_size {
         return Err(ServeError::SizeMismatch {
             path: printed.to_string(),
@@ -255,7 +272,9 @@ pub fn export_paths<W: Write>(
     let dir = store.store_dir();
     let mut infos = BTreeMap::new();
     for p in paths {
-        let info = store.query_path_info(p)?.ok_or_else(|| ServeError::NotValid(dir.print(p)))?;
+        let info = store
+            .query_path_info(p)?
+            .ok_or_else(|| ServeError::NotValid(dir.print(p)))?;
         infos.insert(p.clone(), info);
     }
     let order = topo_sort(dir, paths, |p| Ok(infos[p].references.clone()))?;
@@ -266,7 +285,14 @@ pub fn export_paths<W: Write>(
         w.write_u64(EXPORT_MAGIC, "export magic")?;
         w.write_str(&dir.print(p), "path")?;
         write_paths(w, dir, &info.references, "references")?;
-        w.write_str(&info.deriver.as_ref().map(|d| dir.print(d)).unwrap_or_default(), "deriver")?;
+        w.write_str(
+            &info
+                .deriver
+                .as_ref()
+                .map(|d| dir.print(d))
+                .unwrap_or_default(),
+            "deriver",
+        )?;
         // No signature: Nix 2.x neither writes nor checks this legacy field.
         w.write_u64(0, "signature flag")?;
     }
@@ -277,12 +303,16 @@ pub fn export_paths<W: Write>(
 /// Writes the NAR of valid path `p`.
 pub fn dump_nar(store: &LocalStore, p: &StorePath, w: &mut impl Write) -> Result<(), ServeError> {
     let real = store.store_dir().to_path(p);
-    dump_to_sink(&real, &mut |b| w.write_all(b).map_err(NarError::Sink)).map_err(ServeError::nar(store.store_dir().print(p)))
+    dump_to_sink(&real, &mut |b| w.write_all(b).map_err(NarError::Sink))
+        .map_err(ServeError::nar(store.store_dir().print(p)))
 }
 
 /// Reads an export stream and adds every path in it (in stream order, each with the hash
 /// of the NAR as received); returns the paths in that order.
-pub fn import_paths<R: Read>(store: &LocalStore, r: &mut WireReader<R>) -> Result<Vec<StorePath>, ServeError> {
+pub fn import_paths<R: Read>(
+    store: &LocalStore,
+    r: &mut WireReader<R>,
+) -> Result<Vec<StorePath>, ServeError> {
     let dir = store.store_dir();
     let mut imported = Vec::new();
     loop {
@@ -293,7 +323,9 @@ pub fn import_paths<R: Read>(store: &LocalStore, r: &mut WireReader<R>) -> Resul
             n => {
                 return Err(ServeError::Export {
                     offset: at,
-                    reason: format!("expected 0 or 1 before an item, got {n} (not made by 'nix-store --export'?)"),
+                    reason: format!(
+                    "expected 0 or 1 before an item, got {n} (not made by 'nix-store --export'?)"
+                ),
                 })
             }
         }
@@ -305,7 +337,11 @@ pub fn import_paths<R: Read>(store: &LocalStore, r: &mut WireReader<R>) -> Resul
     }
 }
 
-fn import_one<R: Read>(store: &LocalStore, r: &mut WireReader<R>, scratch: &Path) -> Result<StorePath, ServeError> {
+fn import_one<R: Read>(
+    store: &LocalStore,
+    r: &mut WireReader<R>,
+    scratch: &Path,
+) -> Result<StorePath, ServeError> {
     let dir = store.store_dir();
     let nar_at = r.offset();
     let (hash, size) = restore_hashed(r, scratch, &format!("export item at byte {nar_at}"))?;

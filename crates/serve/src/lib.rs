@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod error;
+pub mod hook;
 pub mod import;
 pub mod machines;
 pub mod proto;

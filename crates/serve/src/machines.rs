@@ -101,7 +101,12 @@ pub fn parse_machines(spec: &str, this_system: &str) -> Result<Vec<Machine>, Mac
     Ok(out)
 }
 
-fn expand(spec: &str, this_system: &str, including: &mut Vec<PathBuf>, out: &mut Vec<Machine>) -> Result<(), MachinesError> {
+fn expand(
+    spec: &str,
+    this_system: &str,
+    including: &mut Vec<PathBuf>,
+    out: &mut Vec<Machine>,
+) -> Result<(), MachinesError> {
     for entry in spec.split(['\n', ';']) {
         let entry = entry.split('#').next().unwrap_or("").trim();
         if entry.is_empty() {
@@ -137,25 +142,38 @@ fn parse_line(line: &str, this_system: &str) -> Result<Machine, MachinesError> {
     let field = |i: usize| t.get(i).copied().filter(|s| !s.is_empty() && *s != "-");
     let list = |i: usize| -> BTreeSet<String> {
         field(i)
-            .map(|s| s.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect())
+            .map(|s| {
+                s.split(',')
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let number = |i: usize, what: &str| -> Result<u32, MachinesError> {
         match field(i) {
             None => Ok(1),
-            Some(s) => s
-                .parse::<u32>()
-                .map_err(|_| bad(format!("{what} (column {}) '{s}' is not an unsigned integer", i + 1))),
+            Some(s) => s.parse::<u32>().map_err(|_| {
+                bad(format!(
+                    "{what} (column {}) '{s}' is not an unsigned integer",
+                    i + 1
+                ))
+            }),
         }
     };
     let uri = field(0).ok_or_else(|| bad("no store uri in the first column".into()))?;
-    let store_uri = if uri.contains("://") || uri.contains('/') || ["auto", "daemon", "local"].contains(&uri) {
-        uri.to_string()
-    } else {
-        format!("ssh://{uri}")
-    };
+    let store_uri =
+        if uri.contains("://") || uri.contains('/') || ["auto", "daemon", "local"].contains(&uri) {
+            uri.to_string()
+        } else {
+            format!("ssh://{uri}")
+        };
     let systems = match field(1) {
-        Some(s) => s.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect(),
+        Some(s) => s
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .collect(),
         None => vec![this_system.to_string()],
     };
     let public_host_key = match field(7) {
@@ -245,10 +263,11 @@ pub fn choose_machine(
                 })?
             } else {
                 // Probe without keeping a second slot: try, and let go at once.
-                let g = lock_file(&file, LockType::Write, false).map_err(|e| MachinesError::Slot {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+                let g =
+                    lock_file(&file, LockType::Write, false).map_err(|e| MachinesError::Slot {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
                 if g {
                     let _ = lock_file(&file, LockType::None, false);
                 }
@@ -268,7 +287,10 @@ pub fn choose_machine(
                 // Compare load/speed without floating point: a/s < b/t <=> a*t < b*s.
                 let lhs = u64::from(load) * u64::from(b.speed_factor);
                 let rhs = u64::from(*bload) * u64::from(m.speed_factor);
-                lhs < rhs || (lhs == rhs && (m.speed_factor > b.speed_factor || (m.speed_factor == b.speed_factor && load < *bload)))
+                lhs < rhs
+                    || (lhs == rhs
+                        && (m.speed_factor > b.speed_factor
+                            || (m.speed_factor == b.speed_factor && load < *bload)))
             }
         };
         if better {
@@ -324,7 +346,10 @@ mod tests {
         );
         let e = parse_machines("host - - 1 1 - - not*base64", "x").unwrap_err();
         assert!(e.to_string().contains("not base64"), "{e}");
-        assert_eq!(parse_machines("host - - 1 0", "x").unwrap()[0].speed_factor, 1);
+        assert_eq!(
+            parse_machines("host - - 1 0", "x").unwrap()[0].speed_factor,
+            1
+        );
     }
 
     #[test]
@@ -332,7 +357,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let inner = d.path().join("inner");
         std::fs::write(&inner, "a\nb x86_64-linux\n").unwrap();
-        let spec = format!("@{}; c ; @{}/does-not-exist", inner.display(), d.path().display());
+        let spec = format!(
+            "@{}; c ; @{}/does-not-exist",
+            inner.display(),
+            d.path().display()
+        );
         let ms = parse_machines(&spec, "s").unwrap();
         let uris: Vec<_> = ms.iter().map(|m| m.store_uri.as_str()).collect();
         assert_eq!(uris, ["ssh://a", "ssh://b", "ssh://c"]);
@@ -359,17 +388,33 @@ mod tests {
     #[test]
     fn slots_load_and_speed_pick_the_machine() {
         let d = tempfile::tempdir().unwrap();
-        let ms = parse_machines("slow x86_64-linux - 2 1; fast x86_64-linux - 1 4; other aarch64-linux", "s").unwrap();
+        let ms = parse_machines(
+            "slow x86_64-linux - 2 1; fast x86_64-linux - 1 4; other aarch64-linux",
+            "s",
+        )
+        .unwrap();
         let none: BTreeSet<usize> = BTreeSet::new();
-        let pick = |ex: &BTreeSet<usize>| choose_machine(&ms, "x86_64-linux", &feats(&[]), d.path(), ex).unwrap();
+        let pick = |ex: &BTreeSet<usize>| {
+            choose_machine(&ms, "x86_64-linux", &feats(&[]), d.path(), ex).unwrap()
+        };
         // Both idle: equal load ratio, the faster wins.
-        let Choice::Machine(first, s1) = pick(&none) else { panic!() };
+        let Choice::Machine(first, s1) = pick(&none) else {
+            panic!()
+        };
         assert_eq!(first, 1);
-        assert!(s1.path.ends_with("current-load/ssh:__fast-0"), "{}", s1.path.display());
+        assert!(
+            s1.path.ends_with("current-load/ssh:__fast-0"),
+            "{}",
+            s1.path.display()
+        );
         // fast is full now: slow takes the next two builds, then everything is busy.
-        let Choice::Machine(second, s2) = pick(&none) else { panic!() };
+        let Choice::Machine(second, s2) = pick(&none) else {
+            panic!()
+        };
         assert_eq!(second, 0);
-        let Choice::Machine(third, s3) = pick(&none) else { panic!() };
+        let Choice::Machine(third, s3) = pick(&none) else {
+            panic!()
+        };
         assert_eq!(third, 0);
         assert_ne!(s2.path, s3.path);
         assert!(matches!(pick(&none), Choice::AllBusy));

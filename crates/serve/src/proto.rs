@@ -296,7 +296,11 @@ pub fn parse_path(store: &StoreDir, s: &str, what: &'static str) -> Result<Store
     })
 }
 
-pub fn read_path<R: Read>(r: &mut WireReader<R>, store: &StoreDir, what: &'static str) -> Result<StorePath, ServeError> {
+pub fn read_path<R: Read>(
+    r: &mut WireReader<R>,
+    store: &StoreDir,
+    what: &'static str,
+) -> Result<StorePath, ServeError> {
     let s = r.read_string(what)?;
     parse_path(store, &s, what)
 }
@@ -320,7 +324,10 @@ pub fn read_paths<R: Read>(
     store: &StoreDir,
     what: &'static str,
 ) -> Result<BTreeSet<StorePath>, ServeError> {
-    r.read_strings(what)?.iter().map(|s| parse_path(store, s, what)).collect()
+    r.read_strings(what)?
+        .iter()
+        .map(|s| parse_path(store, s, what))
+        .collect()
 }
 
 pub fn write_paths<'a, W: Write>(
@@ -342,7 +349,14 @@ pub fn write_path_info<W: Write>(
     version: u64,
 ) -> Result<(), ServeError> {
     w.write_str(&store.print(&info.path), "path")?;
-    w.write_str(&info.deriver.as_ref().map(|d| store.print(d)).unwrap_or_default(), "deriver")?;
+    w.write_str(
+        &info
+            .deriver
+            .as_ref()
+            .map(|d| store.print(d))
+            .unwrap_or_default(),
+        "deriver",
+    )?;
     write_paths(w, store, &info.references, "references")?;
     // No compression on this protocol: the download size is the NAR size.
     w.write_u64(info.nar_size, "download size")?;
@@ -405,7 +419,13 @@ pub fn write_basic_derivation<W: Write>(
     w.write_u64(drv.outputs.len() as u64, "outputs")?;
     for (name, out) in &drv.outputs {
         w.write_str(name, "output name")?;
-        w.write_str(&out.path.as_ref().map(|p| store.print(p)).unwrap_or_default(), "output path")?;
+        w.write_str(
+            &out.path
+                .as_ref()
+                .map(|p| store.print(p))
+                .unwrap_or_default(),
+            "output path",
+        )?;
         match &out.fixed {
             Some(f) => {
                 w.write_str(&f.method_algo(), "output hash algorithm")?;
@@ -448,9 +468,15 @@ pub fn read_basic_derivation<R: Read>(
         let fixed = if algo.is_empty() && hash.is_empty() {
             None
         } else {
-            Some(FixedOutputHash::parse(&algo, &hash).map_err(|e| bad(format!("output '{name}': {e}")))?)
+            Some(
+                FixedOutputHash::parse(&algo, &hash)
+                    .map_err(|e| bad(format!("output '{name}': {e}")))?,
+            )
         };
-        if outputs.insert(name.clone(), DerivationOutput { path, fixed }).is_some() {
+        if outputs
+            .insert(name.clone(), DerivationOutput { path, fixed })
+            .is_some()
+        {
             return Err(bad(format!("output '{name}' listed twice")));
         }
     }

@@ -19,9 +19,9 @@ use nixb_store::{DerivedPath, StorePath};
 use crate::error::ServeError;
 use crate::import::{add_nar_to_store, dump_nar, export_paths, import_paths};
 use crate::proto::{
-    parse_nar_hash, parse_path, protocol_major, read_basic_derivation, read_opt_path, read_path, read_paths,
-    write_path_info, write_paths, BuildOptions, BuildResult, BuildStatus, Command, SERVE_MAGIC_1, SERVE_MAGIC_2,
-    SERVE_PROTOCOL_VERSION,
+    parse_nar_hash, parse_path, protocol_major, read_basic_derivation, read_opt_path, read_path,
+    read_paths, write_path_info, write_paths, BuildOptions, BuildResult, BuildStatus, Command,
+    SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION,
 };
 use crate::wire::{WireReader, WireWriter};
 
@@ -166,11 +166,13 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                 let raw = self.r.read_strings("paths to build")?;
                 let mut paths = Vec::new();
                 for s in &raw {
-                    paths.push(DerivedPath::parse(&dir, s).map_err(|source| ServeError::Path {
-                        what: "paths to build",
-                        value: s.clone(),
-                        source,
-                    })?);
+                    paths.push(
+                        DerivedPath::parse(&dir, s).map_err(|source| ServeError::Path {
+                            what: "paths to build",
+                            value: s.clone(),
+                            source,
+                        })?,
+                    );
                 }
                 let options = BuildOptions::read(&mut self.r, self.version)?;
                 match self.builder.build_paths(self.store, &paths, &options) {
@@ -191,7 +193,9 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                 let drv_path = read_path(&mut self.r, &dir, "derivation path")?;
                 let drv = read_basic_derivation(&mut self.r, &dir, &drv_path)?;
                 let options = BuildOptions::read(&mut self.r, self.version)?;
-                let result = self.builder.build_derivation(self.store, &drv_path, &drv, &options);
+                let result = self
+                    .builder
+                    .build_derivation(self.store, &drv_path, &drv, &options);
                 result.write(&mut self.w, self.version)?;
             }
             Command::QueryClosure => {

@@ -31,17 +31,32 @@ pub struct UnsandboxedBuilder {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl UnsandboxedBuilder {
-    fn run(&mut self, store: &LocalStore, drv_path: &StorePath, drv: &Derivation) -> Result<(), (BuildStatus, String)> {
+    fn run(
+        &mut self,
+        store: &LocalStore,
+        drv_path: &StorePath,
+        drv: &Derivation,
+    ) -> Result<(), (BuildStatus, String)> {
         let dir = store.store_dir();
         let fail = |s: BuildStatus| move |e: String| (s, e);
         let drv_name = dir.print(drv_path);
         for p in &drv.input_srcs {
-            if !store.is_valid_path(p).map_err(|e| e.to_string()).map_err(fail(BuildStatus::MiscFailure))? {
-                return Err((BuildStatus::MiscFailure, format!("input '{}' of '{drv_name}' is not valid", dir.print(p))));
+            if !store
+                .is_valid_path(p)
+                .map_err(|e| e.to_string())
+                .map_err(fail(BuildStatus::MiscFailure))?
+            {
+                return Err((
+                    BuildStatus::MiscFailure,
+                    format!("input '{}' of '{drv_name}' is not valid", dir.print(p)),
+                ));
             }
         }
         let outputs: Vec<(String, StorePath)> = drv
@@ -49,11 +64,18 @@ impl UnsandboxedBuilder {
             .iter()
             .map(|(n, o)| o.path.clone().map(|p| (n.clone(), p)))
             .collect::<Option<_>>()
-            .ok_or((BuildStatus::MiscFailure, format!("'{drv_name}' has outputs without paths")))?;
+            .ok_or((
+                BuildStatus::MiscFailure,
+                format!("'{drv_name}' has outputs without paths"),
+            ))?;
         for (_, p) in &outputs {
             remove_tree(&dir.to_path(p)).map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?;
         }
-        let tmp = std::env::temp_dir().join(format!("nixb-test-build-{}-{}", std::process::id(), drv_path.hash_part()));
+        let tmp = std::env::temp_dir().join(format!(
+            "nixb-test-build-{}-{}",
+            std::process::id(),
+            drv_path.hash_part()
+        ));
         let _ = remove_tree(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?;
         let mut child = Command::new(&drv.builder)
@@ -75,7 +97,12 @@ impl UnsandboxedBuilder {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| (BuildStatus::MiscFailure, format!("executing '{}': {e}", drv.builder)))?;
+            .map_err(|e| {
+                (
+                    BuildStatus::MiscFailure,
+                    format!("executing '{}': {e}", drv.builder),
+                )
+            })?;
         // Both streams into the one log (stderr after stdout: a test log needs no
         // interleaving).
         let mut out = child.stdout.take();
@@ -95,12 +122,17 @@ impl UnsandboxedBuilder {
         let _ = self.log.write_all(&buf);
         let _ = self.log.write_all(&errbuf);
         let _ = self.log.flush();
-        let status = child.wait().map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?;
+        let status = child
+            .wait()
+            .map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?;
         let _ = remove_tree(&tmp);
         if !status.success() {
             return Err((
                 BuildStatus::PermanentFailure,
-                format!("builder for '{drv_name}' failed with exit code {}", status.code().unwrap_or(-1)),
+                format!(
+                    "builder for '{drv_name}' failed with exit code {}",
+                    status.code().unwrap_or(-1)
+                ),
             ));
         }
         let inputs = store
@@ -114,12 +146,16 @@ impl UnsandboxedBuilder {
             if std::fs::symlink_metadata(&real).is_err() {
                 return Err((
                     BuildStatus::PermanentFailure,
-                    format!("builder for '{drv_name}' failed to produce output '{name}' at '{}'", dir.print(p)),
+                    format!(
+                        "builder for '{drv_name}' failed to produce output '{name}' at '{}'",
+                        dir.print(p)
+                    ),
                 ));
             }
             canonicalise_path_metadata(&real, None, &mut InodesSeen::new())
                 .map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?;
-            let scan = scan_path(&real, &candidates).map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?;
+            let scan = scan_path(&real, &candidates)
+                .map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?;
             let mut info = ValidPathInfo::new(p.clone(), scan.nar_hash, scan.nar_size);
             info.references = scan.references;
             info.deriver = Some(drv_path.clone());
@@ -160,14 +196,25 @@ impl RemoteBuilder for UnsandboxedBuilder {
         for p in paths {
             match p {
                 DerivedPath::Opaque(p) => {
-                    if !store.is_valid_path(p).map_err(|e| (BuildStatus::MiscFailure, e.to_string()))? {
-                        return Err((BuildStatus::MiscFailure, format!("path '{}' is not valid", store.store_dir().print(p))));
+                    if !store
+                        .is_valid_path(p)
+                        .map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?
+                    {
+                        return Err((
+                            BuildStatus::MiscFailure,
+                            format!("path '{}' is not valid", store.store_dir().print(p)),
+                        ));
                     }
                 }
                 DerivedPath::Built { drv, .. } => {
-                    let d = store.read_derivation(drv).map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?;
+                    let d = store
+                        .read_derivation(drv)
+                        .map_err(|e| (BuildStatus::MiscFailure, e.to_string()))?;
                     if !d.input_drvs.is_empty() {
-                        return Err((BuildStatus::MiscFailure, "the test builder builds no dependency graphs".into()));
+                        return Err((
+                            BuildStatus::MiscFailure,
+                            "the test builder builds no dependency graphs".into(),
+                        ));
                     }
                     let all_valid = d
                         .output_paths()

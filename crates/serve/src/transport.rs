@@ -97,7 +97,9 @@ pub fn spawn_serving(
     log: Box<dyn Write + Send>,
 ) -> Result<(ChildClient, ServeChild), ServeError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|source| {
         ServeError::peer(
             peer,
@@ -108,7 +110,10 @@ pub fn spawn_serving(
         )
     })?;
     let tail = Arc::new(Mutex::new(Vec::new()));
-    let stderr_thread = child.stderr.take().map(|e| drain_stderr(e, log, tail.clone()));
+    let stderr_thread = child
+        .stderr
+        .take()
+        .map(|e| drain_stderr(e, log, tail.clone()));
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         let _ = child.kill();
         return Err(ServeError::peer(
@@ -128,8 +133,16 @@ pub fn spawn_serving(
     match ServeClient::new(stdout, stdin, store_dir, peer) {
         Ok(c) => Ok((c, handle)),
         Err(e) => {
-            // The child most likely died (ssh could not connect); wait for it so that
-            // everything it said is in the tail.
+            // The child most likely died (ssh could not connect). Our ends of its pipes
+            // are closed now; give it a moment to exit on its own so that everything it
+            // said is in the tail, then make sure it is gone.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                match handle.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
             let _ = handle.child.kill();
             let _ = handle.child.wait();
             if let Some(t) = handle.stderr_thread.take() {
@@ -153,7 +166,11 @@ fn attach_stderr(e: ServeError, said: String) -> ServeError {
             got,
             stderr: said,
         },
-        e => e,
+        e if said.trim().is_empty() => e,
+        e => ServeError::HandshakeFailed {
+            reason: e.to_string(),
+            stderr: said,
+        },
     }
 }
 
@@ -216,7 +233,10 @@ impl SshTarget {
         store_dir: StoreDir,
         log: Box<dyn Write + Send>,
     ) -> Result<(ChildClient, ServeChild, Option<tempfile_lite::TempFile>), ServeError> {
-        let peer = format!("ssh://{}", self.host);
+        let peer = match self.port {
+            Some(p) => format!("ssh://{}:{p}", self.host),
+            None => format!("ssh://{}", self.host),
+        };
         let known = match &self.public_host_key {
             Some(k) => {
                 let host = self.host.rsplit('@').next().unwrap_or(&self.host);
@@ -224,13 +244,16 @@ impl SshTarget {
                     Some(p) => format!("[{host}]:{p}"),
                     None => host.to_string(),
                 };
-                Some(tempfile_lite::TempFile::with_contents(format!("{host} {}\n", k.trim()).as_bytes()).map_err(
-                    |source| ServeError::Io {
+                Some(
+                    tempfile_lite::TempFile::with_contents(
+                        format!("{host} {}\n", k.trim()).as_bytes(),
+                    )
+                    .map_err(|source| ServeError::Io {
                         step: "writing known hosts file for",
                         path: peer.clone(),
                         source,
-                    },
-                )?)
+                    })?,
+                )
             }
             None => None,
         };
@@ -253,8 +276,12 @@ pub mod tempfile_lite {
             use std::sync::atomic::{AtomicU64, Ordering};
             static N: AtomicU64 = AtomicU64::new(0);
             let n = N.fetch_add(1, Ordering::Relaxed);
-            let p = std::env::temp_dir().join(format!("nixb-known-hosts-{}-{n}", std::process::id()));
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&p)?;
+            let p =
+                std::env::temp_dir().join(format!("nixb-known-hosts-{}-{n}", std::process::id()));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)?;
             f.write_all(data)?;
             Ok(TempFile(p))
         }

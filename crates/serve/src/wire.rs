@@ -160,7 +160,10 @@ impl<R: Read> WireReader<R> {
         let pad_at = self.offset;
         self.fill(&mut p[..pad], what)?;
         if p[..pad].iter().any(|&b| b != 0) {
-            return Err(WireError::Padding { what, offset: pad_at });
+            return Err(WireError::Padding {
+                what,
+                offset: pad_at,
+            });
         }
         Ok(v)
     }
@@ -174,7 +177,10 @@ impl<R: Read> WireReader<R> {
     pub fn read_string(&mut self, what: &'static str) -> Result<String, WireError> {
         let start = self.offset;
         let b = self.read_bytes(what)?;
-        String::from_utf8(b).map_err(|_| WireError::Utf8 { what, offset: start })
+        String::from_utf8(b).map_err(|_| WireError::Utf8 {
+            what,
+            offset: start,
+        })
     }
 
     pub fn read_strings(&mut self, what: &'static str) -> Result<Vec<String>, WireError> {
@@ -222,7 +228,9 @@ impl<W: Write> WireWriter<W> {
     }
 
     fn put(&mut self, b: &[u8], what: &'static str) -> Result<(), WireError> {
-        self.inner.write_all(b).map_err(|source| WireError::Write { what, source })
+        self.inner
+            .write_all(b)
+            .map_err(|source| WireError::Write { what, source })
     }
 
     pub fn write_u64(&mut self, n: u64, what: &'static str) -> Result<(), WireError> {
@@ -307,7 +315,10 @@ mod tests {
     #[test]
     fn strings_round_trip_at_every_padding_length() {
         let items: Vec<String> = (0..17).map(|n| "x".repeat(n)).collect();
-        let v = encode(|w| w.write_strings(items.iter().map(|s| s.as_str()), "l").unwrap());
+        let v = encode(|w| {
+            w.write_strings(items.iter().map(|s| s.as_str()), "l")
+                .unwrap()
+        });
         let mut r = WireReader::new(&v[..]);
         assert_eq!(r.read_strings("l").unwrap(), items);
         assert_eq!(r.offset(), v.len() as u64);
@@ -316,13 +327,22 @@ mod tests {
     #[test]
     fn errors_name_field_and_offset() {
         let mut bad = b"\x03\0\0\0\0\0\0\0abc\0\x01\0\0\0".to_vec();
-        let e = WireReader::new(&bad[..]).read_string("deriver").unwrap_err();
+        let e = WireReader::new(&bad[..])
+            .read_string("deriver")
+            .unwrap_err();
         assert_eq!(e.to_string(), "non-zero padding after deriver at byte 11");
         bad.truncate(10);
-        let e = WireReader::new(&bad[..]).read_string("deriver").unwrap_err();
-        assert_eq!(e.to_string(), "stream ends at byte 10 while reading deriver");
+        let e = WireReader::new(&bad[..])
+            .read_string("deriver")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "stream ends at byte 10 while reading deriver"
+        );
         let huge = (MAX_STRING_LEN + 1).to_le_bytes();
-        let e = WireReader::new(&huge[..]).read_string("env value").unwrap_err();
+        let e = WireReader::new(&huge[..])
+            .read_string("env value")
+            .unwrap_err();
         assert!(matches!(e, WireError::TooLong { offset: 0, .. }), "{e}");
         let e = WireReader::new(&b"\x01\0\0\0\0\0\0\0\xff\0\0\0\0\0\0\0"[..])
             .read_string("path")
@@ -332,8 +352,15 @@ mod tests {
 
     #[test]
     fn eof_before_a_command_is_clean() {
-        assert_eq!(WireReader::new(&b""[..]).read_u64_or_eof("command").unwrap(), None);
-        let e = WireReader::new(&b"\x01\0"[..]).read_u64_or_eof("command").unwrap_err();
+        assert_eq!(
+            WireReader::new(&b""[..])
+                .read_u64_or_eof("command")
+                .unwrap(),
+            None
+        );
+        let e = WireReader::new(&b"\x01\0"[..])
+            .read_u64_or_eof("command")
+            .unwrap_err();
         assert!(matches!(e, WireError::Eof { offset: 2, .. }), "{e}");
     }
 }

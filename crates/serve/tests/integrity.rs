@@ -24,13 +24,19 @@ fn sample(w: &World, name: &str) -> (ValidPathInfo, Vec<u8>) {
     std::fs::write(src.join("d/f"), format!("contents of {name}\n")).unwrap();
     let nar = nar_of(&src);
     let hash = Hash::digest(HashAlgo::Sha256, &nar);
-    let path = w.store_dir.make_fixed_output_path(true, &hash, name).unwrap();
+    let path = w
+        .store_dir
+        .make_fixed_output_path(true, &hash, name)
+        .unwrap();
     (ValidPathInfo::new(path, hash, nar.len() as u64), nar)
 }
 
 fn assert_absent(w: &World, store: &nixb_store::local_store::LocalStore, p: &StorePath) {
     assert!(!store.is_valid_path(p).unwrap());
-    assert!(std::fs::symlink_metadata(w.store_dir.to_path(p)).is_err(), "{p} left on disk");
+    assert!(
+        std::fs::symlink_metadata(w.store_dir.to_path(p)).is_err(),
+        "{p} left on disk"
+    );
 }
 
 #[test]
@@ -39,8 +45,14 @@ fn a_correct_nar_is_added_once() {
     let store = w.local("l");
     let (info, nar) = sample(&w, "good");
     assert!(add_nar_to_store(&store, &info, &mut &nar[..]).unwrap());
-    assert!(!add_nar_to_store(&store, &info, &mut &nar[..]).unwrap(), "second add is a no-op");
-    assert_eq!(store.query_path_info(&info.path).unwrap().unwrap().nar_hash, info.nar_hash);
+    assert!(
+        !add_nar_to_store(&store, &info, &mut &nar[..]).unwrap(),
+        "second add is a no-op"
+    );
+    assert_eq!(
+        store.query_path_info(&info.path).unwrap().unwrap().nar_hash,
+        info.nar_hash
+    );
     assert_eq!(nar_of(&w.store_dir.to_path(&info.path)), nar);
 }
 
@@ -52,7 +64,10 @@ fn wrong_hash_is_refused_and_nothing_stays() {
     info.nar_hash = Hash::digest(HashAlgo::Sha256, b"something else");
     let e = add_nar_to_store(&store, &info, &mut &nar[..]).unwrap_err();
     assert!(matches!(e, ServeError::HashMismatch { .. }), "{e}");
-    assert!(e.to_string().contains(&w.store_dir.print(&info.path)), "{e}");
+    assert!(
+        e.to_string().contains(&w.store_dir.print(&info.path)),
+        "{e}"
+    );
     assert_absent(&w, &store, &info.path);
 }
 
@@ -145,10 +160,15 @@ fn a_lying_peer_is_caught_by_the_client() {
         wr.flush().unwrap();
     });
     let mut c = ServeClient::new(&ours, &ours, w.store_dir.clone(), "liar").unwrap();
-    let e = c.copy_paths_from(&store, &BTreeSet::from([info.path.clone()])).unwrap_err();
+    let e = c
+        .copy_paths_from(&store, &BTreeSet::from([info.path.clone()]))
+        .unwrap_err();
     let msg = e.to_string();
     assert!(msg.starts_with("liar: nar of '"), "{msg}");
-    assert!(matches!(e, ServeError::Peer { ref source, .. } if matches!(**source, ServeError::SizeMismatch { .. } | ServeError::HashMismatch { .. })), "{msg}");
+    assert!(
+        matches!(e, ServeError::Peer { ref source, .. } if matches!(**source, ServeError::SizeMismatch { .. } | ServeError::HashMismatch { .. })),
+        "{msg}"
+    );
     assert_absent(&w, &store, &info.path);
     peer.join().unwrap();
 }
@@ -161,30 +181,46 @@ fn server_without_write_refuses_imports_and_builds() {
     let (a, _) = add_sources(&w, &client_store, "ro");
     let (ours, theirs) = UnixStream::pair().unwrap();
     let handle = std::thread::spawn(move || {
-        let mut b = UnsandboxedBuilder { log: Box::new(std::io::sink()) };
+        let mut b = UnsandboxedBuilder {
+            log: Box::new(std::io::sink()),
+        };
         let res = serve(&theirs, &theirs, &server_store, &mut b, false);
         drop(theirs);
         res
     });
     let mut c = ServeClient::new(&ours, &ours, w.store_dir.clone(), "read-only").unwrap();
     // Queries work.
-    assert!(c.query_valid_paths(&BTreeSet::from([a.clone()]), false, false).unwrap().is_empty());
+    assert!(c
+        .query_valid_paths(&BTreeSet::from([a.clone()]), false, false)
+        .unwrap()
+        .is_empty());
     let info = client_store.query_path_info(&a).unwrap().unwrap();
     assert!(c.add_to_store_nar(&client_store, &info).is_err());
     drop(c);
     drop(ours);
     let e = handle.join().unwrap().unwrap_err();
-    assert_eq!(e.to_string(), "importing paths is not allowed (the server was started without --write)");
+    assert_eq!(
+        e.to_string(),
+        "importing paths is not allowed (the server was started without --write)"
+    );
 }
 
 #[test]
 fn unreachable_peer_is_named_with_what_it_said() {
     let w = World::new();
     let mut cmd = std::process::Command::new("sh");
-    cmd.args(["-c", "echo 'ssh: connect to host nowhere port 22: Connection refused' >&2; exit 255"]);
-    let e = nixb_serve::transport::spawn_serving(cmd, "ssh://nowhere", w.store_dir.clone(), Box::new(std::io::sink()))
-        .err()
-        .unwrap();
+    cmd.args([
+        "-c",
+        "echo 'ssh: connect to host nowhere port 22: Connection refused' >&2; exit 255",
+    ]);
+    let e = nixb_serve::transport::spawn_serving(
+        cmd,
+        "ssh://nowhere",
+        w.store_dir.clone(),
+        Box::new(std::io::sink()),
+    )
+    .err()
+    .unwrap();
     let msg = e.to_string();
     assert!(msg.starts_with("ssh://nowhere: "), "{msg}");
     assert!(msg.contains("Connection refused"), "{msg}");

@@ -34,7 +34,9 @@ fn closure_goes_over_and_real_nix_agrees_on_hashes() {
     let both = BTreeSet::from([a.clone(), b.clone()]);
     assert!(c.query_valid_paths(&both, false, false).unwrap().is_empty());
     // Asking for the script alone must send its reference first.
-    let sent = c.copy_closure_to(&local, &BTreeSet::from([b.clone()]), false).unwrap();
+    let sent = c
+        .copy_closure_to(&local, &BTreeSet::from([b.clone()]), false)
+        .unwrap();
     assert_eq!(sent, vec![a.clone(), b.clone()]);
     assert_eq!(c.query_valid_paths(&both, false, false).unwrap(), both);
     // A second copy sends nothing.
@@ -48,7 +50,11 @@ fn closure_goes_over_and_real_nix_agrees_on_hashes() {
         assert_eq!(theirs.nar_size, mine.nar_size, "{p}");
         assert_eq!(theirs.references, mine.references, "{p}");
     }
-    assert_eq!(c.query_closure(&BTreeSet::from([b.clone()]), false).unwrap(), both);
+    assert_eq!(
+        c.query_closure(&BTreeSet::from([b.clone()]), false)
+            .unwrap(),
+        both
+    );
     c.close().unwrap();
     assert!(h.wait().unwrap().success(), "{}", log.text());
 
@@ -83,9 +89,19 @@ fn remote_build_and_outputs_copied_back() {
 
     let (mut c, h, log) = w.connect_nix("remote");
     c.copy_closure_to(&local, &basic.input_srcs, false).unwrap();
-    let res = c.build_derivation(&drv_path, &basic, &BuildOptions::default()).unwrap();
-    assert_eq!(res.status, BuildStatus::Built, "{res:?}\nlog: {}", log.text());
-    assert!(res.stop_time >= res.start_time && res.start_time > 0, "{res:?}");
+    let res = c
+        .build_derivation(&drv_path, &basic, &BuildOptions::default())
+        .unwrap();
+    assert_eq!(
+        res.status,
+        BuildStatus::Built,
+        "{res:?}\nlog: {}",
+        log.text()
+    );
+    assert!(
+        res.stop_time >= res.start_time && res.start_time > 0,
+        "{res:?}"
+    );
 
     let outs: BTreeSet<_> = drv.output_paths().into_values().collect();
     let remote_infos = c.query_path_infos(&outs).unwrap();
@@ -94,9 +110,13 @@ fn remote_build_and_outputs_copied_back() {
     // export stream.
     let out = &drv.output_paths()["out"];
     let dev = &drv.output_paths()["dev"];
-    let added = c.copy_paths_from(&local, &BTreeSet::from([out.clone()])).unwrap();
+    let added = c
+        .copy_paths_from(&local, &BTreeSet::from([out.clone()]))
+        .unwrap();
     assert_eq!(added, vec![out.clone()]);
-    let added = c.export_paths_into(&local, &BTreeSet::from([dev.clone()])).unwrap();
+    let added = c
+        .export_paths_into(&local, &BTreeSet::from([dev.clone()]))
+        .unwrap();
     assert_eq!(added, vec![dev.clone()]);
     for p in &outs {
         let mine = local.query_path_info(p).unwrap().unwrap();
@@ -109,11 +129,22 @@ fn remote_build_and_outputs_copied_back() {
         format!("payload y from {}\n", w.store_dir.print(&b))
     );
     // The dev output refers to input a, which real Nix found by scanning.
-    assert_eq!(local.query_references(dev).unwrap(), BTreeSet::from([a.clone()]));
+    assert_eq!(
+        local.query_references(dev).unwrap(),
+        BTreeSet::from([a.clone()])
+    );
 
     // Real nix-store's own view of the remote build result.
     let hash = w.nix_store("remote", &["-q", "--hash", &w.store_dir.print(out)]);
-    assert_eq!(hash.trim(), local.query_path_info(out).unwrap().unwrap().nar_hash.to_base32_typed());
+    assert_eq!(
+        hash.trim(),
+        local
+            .query_path_info(out)
+            .unwrap()
+            .unwrap()
+            .nar_hash
+            .to_base32_typed()
+    );
     c.close().unwrap();
     assert!(h.wait().unwrap().success());
 }
@@ -125,18 +156,33 @@ fn a_failing_remote_build_is_a_build_failure_with_its_log() {
     }
     let w = World::new();
     let local = w.local("local");
-    let drv = make_drv(&w, "broken", "echo this-build-is-doomed >&2; exit 3", &[], &["out"]);
+    let drv = make_drv(
+        &w,
+        "broken",
+        "echo this-build-is-doomed >&2; exit 3",
+        &[],
+        &["out"],
+    );
     let drv_path = local.add_derivation(&drv).unwrap();
     let (mut c, h, log) = w.connect_nix("remote");
-    let res = c.build_derivation(&drv_path, &drv, &BuildOptions::default()).unwrap();
+    let res = c
+        .build_derivation(&drv_path, &drv, &BuildOptions::default())
+        .unwrap();
     assert_eq!(res.status, BuildStatus::PermanentFailure, "{res:?}");
     assert!(!res.status.is_success());
     assert!(res.error_msg.contains("exit code 3"), "{}", res.error_msg);
     // The session is still usable after a failed build.
-    assert!(c.query_valid_paths(&drv.output_paths().into_values().collect(), false, false).unwrap().is_empty());
+    assert!(c
+        .query_valid_paths(&drv.output_paths().into_values().collect(), false, false)
+        .unwrap()
+        .is_empty());
     c.close().unwrap();
     h.wait().unwrap();
-    assert!(log.text().contains("this-build-is-doomed"), "log: {}", log.text());
+    assert!(
+        log.text().contains("this-build-is-doomed"),
+        "log: {}",
+        log.text()
+    );
 }
 
 #[test]
@@ -171,9 +217,15 @@ fn import_stream_and_dump_interoperate_with_real_nix() {
     let (a, b) = add_sources(&w, &local, "z");
     let (mut c, h, log) = w.connect_nix("remote");
     // ImportPaths: our export stream, read by real Nix.
-    c.import_paths(&local, &BTreeSet::from([a.clone(), b.clone()])).unwrap();
-    let infos = c.query_path_infos(&BTreeSet::from([a.clone(), b.clone()])).unwrap();
-    assert_eq!(infos[&b].nar_hash, local.query_path_info(&b).unwrap().unwrap().nar_hash);
+    c.import_paths(&local, &BTreeSet::from([a.clone(), b.clone()]))
+        .unwrap();
+    let infos = c
+        .query_path_infos(&BTreeSet::from([a.clone(), b.clone()]))
+        .unwrap();
+    assert_eq!(
+        infos[&b].nar_hash,
+        local.query_path_info(&b).unwrap().unwrap().nar_hash
+    );
 
     let mut dumped = Vec::new();
     c.dump_store_path(&b, &mut dumped).unwrap();

@@ -25,42 +25,68 @@ fn client_and_server_copy_build_and_copy_back() {
     let drv_path = local.add_derivation(&drv).unwrap();
     let (mut c, h, log) = w.connect_nixb("server");
     assert_eq!(c.remote_version(), 0x207);
-    let sent = c.copy_closure_to(&local, &BTreeSet::from([b.clone()]), false).unwrap();
+    let sent = c
+        .copy_closure_to(&local, &BTreeSet::from([b.clone()]), false)
+        .unwrap();
     assert_eq!(sent, vec![a.clone(), b.clone()]);
     // What the server registered equals what we have, and the bytes really moved.
-    let infos = c.query_path_infos(&BTreeSet::from([a.clone(), b.clone()])).unwrap();
+    let infos = c
+        .query_path_infos(&BTreeSet::from([a.clone(), b.clone()]))
+        .unwrap();
     assert_eq!(infos[&b], {
         let mut i = local.query_path_info(&b).unwrap().unwrap();
         i.registration_time = 0;
         i
     });
-    assert_eq!(nar_of(&w.remote_phys("server").join(a.base_name())), nar_of(&w.store_dir.to_path(&a)));
     assert_eq!(
-        c.query_closure(&BTreeSet::from([b.clone()]), false).unwrap(),
+        nar_of(&w.remote_phys("server").join(a.base_name())),
+        nar_of(&w.store_dir.to_path(&a))
+    );
+    assert_eq!(
+        c.query_closure(&BTreeSet::from([b.clone()]), false)
+            .unwrap(),
         BTreeSet::from([a.clone(), b.clone()])
     );
 
-    let res = c.build_derivation(&drv_path, &drv, &BuildOptions::default()).unwrap();
+    let res = c
+        .build_derivation(&drv_path, &drv, &BuildOptions::default())
+        .unwrap();
     assert_eq!(res.status, BuildStatus::Built, "{res:?} {}", log.text());
     let out = drv.output_paths()["out"].clone();
-    let added = c.copy_paths_from(&local, &BTreeSet::from([out.clone()])).unwrap();
+    let added = c
+        .copy_paths_from(&local, &BTreeSet::from([out.clone()]))
+        .unwrap();
     assert_eq!(added, vec![out.clone()]);
     assert_eq!(
         std::fs::read_to_string(w.store_dir.to_path(&out)).unwrap(),
         format!("payload s from {}\n", w.store_dir.print(&b))
     );
-    assert_eq!(local.query_references(&out).unwrap(), BTreeSet::from([b.clone()]));
+    assert_eq!(
+        local.query_references(&out).unwrap(),
+        BTreeSet::from([b.clone()])
+    );
 
     // A failing build is a failure status, and its log comes back on stderr.
-    let bad = make_drv(&w, "served-bad", "echo served-doom >&2; exit 7", &[], &["out"]);
+    let bad = make_drv(
+        &w,
+        "served-bad",
+        "echo served-doom >&2; exit 7",
+        &[],
+        &["out"],
+    );
     let bad_path = local.add_derivation(&bad).unwrap();
-    let res = c.build_derivation(&bad_path, &bad, &BuildOptions::default()).unwrap();
+    let res = c
+        .build_derivation(&bad_path, &bad, &BuildOptions::default())
+        .unwrap();
     assert_eq!(res.status, BuildStatus::PermanentFailure);
     assert!(res.error_msg.contains("exit code 7"), "{}", res.error_msg);
     c.close().unwrap();
     assert!(h.wait().unwrap().success(), "{}", log.text());
     let text = log.text();
-    assert!(text.contains("served-build-log") && text.contains("served-doom"), "{text}");
+    assert!(
+        text.contains("served-build-log") && text.contains("served-doom"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -73,23 +99,38 @@ fn build_paths_and_export_stream_against_the_server() {
     let (mut c, h, log) = w.connect_nixb("server");
     // The .drv and its inputs go over (as an export stream), then the server builds
     // from its own copy of the derivation.
-    let closure = local.compute_closure(&BTreeSet::from([drv_path.clone()])).unwrap();
+    let closure = local
+        .compute_closure(&BTreeSet::from([drv_path.clone()]))
+        .unwrap();
     c.import_paths(&local, &closure).unwrap();
-    assert_eq!(c.query_valid_paths(&closure, false, false).unwrap(), closure);
+    assert_eq!(
+        c.query_valid_paths(&closure, false, false).unwrap(),
+        closure
+    );
     let r = c
-        .build_paths(&[format!("{}!out", w.store_dir.print(&drv_path))], &BuildOptions::default())
+        .build_paths(
+            &[format!("{}!out", w.store_dir.print(&drv_path))],
+            &BuildOptions::default(),
+        )
         .unwrap();
     assert_eq!(r, Ok(()), "{}", log.text());
     let out = drv.output_paths()["out"].clone();
     // Back through the server's export stream.
-    let got = c.export_paths_into(&local, &BTreeSet::from([out.clone()])).unwrap();
+    let got = c
+        .export_paths_into(&local, &BTreeSet::from([out.clone()]))
+        .unwrap();
     assert_eq!(got, vec![out.clone()]);
     let info = local.query_path_info(&out).unwrap().unwrap();
     assert_eq!(info.references, BTreeSet::from([a.clone()]));
     assert_eq!(info.deriver, Some(drv_path.clone()));
     // The closure with outputs, as the server sees it.
-    let with_outs = c.query_closure(&BTreeSet::from([drv_path.clone()]), true).unwrap();
-    assert!(with_outs.contains(&out) && with_outs.contains(&a), "{with_outs:?}");
+    let with_outs = c
+        .query_closure(&BTreeSet::from([drv_path.clone()]), true)
+        .unwrap();
+    assert!(
+        with_outs.contains(&out) && with_outs.contains(&a),
+        "{with_outs:?}"
+    );
     c.close().unwrap();
     assert!(h.wait().unwrap().success(), "{}", log.text());
 }
@@ -114,9 +155,15 @@ fn server_outputs_are_identical_to_real_nix_outputs() {
     let out = drv.output_paths()["out"].clone();
     let mut infos = Vec::new();
     for nixb in [false, true] {
-        let (mut c, h, log) = if nixb { w.connect_nixb("n") } else { w.connect_nix("r") };
+        let (mut c, h, log) = if nixb {
+            w.connect_nixb("n")
+        } else {
+            w.connect_nix("r")
+        };
         c.copy_closure_to(&local, &basic.input_srcs, false).unwrap();
-        let res = c.build_derivation(&drv_path, &basic, &BuildOptions::default()).unwrap();
+        let res = c
+            .build_derivation(&drv_path, &basic, &BuildOptions::default())
+            .unwrap();
         assert_eq!(res.status, BuildStatus::Built, "{res:?} {}", log.text());
         infos.push(c.query_path_infos(&BTreeSet::from([out.clone()])).unwrap()[&out].clone());
         c.close().unwrap();
@@ -138,7 +185,12 @@ fn real_nix_copies_to_the_nixb_server_over_its_ssh_store() {
     // A path in real Nix's own store (the client), with a reference.
     let dep = w.path("dep.txt");
     std::fs::write(&dep, "dependency\n").unwrap();
-    let o = w.nix_client("client", &bin, "nix-store", &["--add", dep.to_str().unwrap()]);
+    let o = w.nix_client(
+        "client",
+        &bin,
+        "nix-store",
+        &["--add", dep.to_str().unwrap()],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let dep_path = String::from_utf8(o.stdout).unwrap().trim().to_string();
     let expr = format!(
@@ -154,22 +206,40 @@ fn real_nix_copies_to_the_nixb_server_over_its_ssh_store() {
         "client",
         &bin,
         "nix",
-        &["--extra-experimental-features", "nix-command", "copy", "--to", "ssh://fakehost", &top],
+        &[
+            "--extra-experimental-features",
+            "nix-command",
+            "copy",
+            "--to",
+            "ssh://fakehost",
+            &top,
+        ],
     );
-    assert!(o.status.success(), "nix copy: {}", String::from_utf8_lossy(&o.stderr));
-    assert!(std::fs::read_to_string(w.path("ssh.log")).unwrap().contains("nix-store --serve --write"));
+    assert!(
+        o.status.success(),
+        "nix copy: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(std::fs::read_to_string(w.path("ssh.log"))
+        .unwrap()
+        .contains("nix-store --serve --write"));
 
     // Ask the server (through our client) what it has now, and compare with real Nix's
     // own records on the client side.
     let (mut c, h, _log) = w.connect_nixb("server");
     let top_p = w.store_dir.parse(&top).unwrap();
     let dep_p = w.store_dir.parse(&dep_path).unwrap();
-    let infos = c.query_path_infos(&BTreeSet::from([top_p.clone(), dep_p.clone()])).unwrap();
+    let infos = c
+        .query_path_infos(&BTreeSet::from([top_p.clone(), dep_p.clone()]))
+        .unwrap();
     assert_eq!(infos.len(), 2, "{infos:?}");
     assert_eq!(infos[&top_p].references, BTreeSet::from([dep_p.clone()]));
     for (p, printed) in [(&top_p, &top), (&dep_p, &dep_path)] {
         let o = w.nix_client("client", &bin, "nix-store", &["-q", "--hash", printed]);
-        assert_eq!(String::from_utf8(o.stdout).unwrap().trim(), infos[p].nar_hash.to_base32_typed());
+        assert_eq!(
+            String::from_utf8(o.stdout).unwrap().trim(),
+            infos[p].nar_hash.to_base32_typed()
+        );
     }
     c.close().unwrap();
     h.wait().unwrap();
@@ -187,15 +257,31 @@ fn real_nix_build_hook_builds_on_the_nixb_server() {
         "client",
         &bin,
         "nix-build",
-        &["--no-out-link", "--max-jobs", "0", "--builders", "ssh://fakehost x86_64-linux", "-E", expr],
+        &[
+            "--no-out-link",
+            "--max-jobs",
+            "0",
+            "--builders",
+            "ssh://fakehost x86_64-linux",
+            "-E",
+            expr,
+        ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "nix-build via hook: {err}");
     let out = String::from_utf8(o.stdout).unwrap().trim().to_string();
-    assert!(std::fs::read_to_string(w.path("ssh.log")).unwrap().contains("nix-store --serve --write"));
+    assert!(std::fs::read_to_string(w.path("ssh.log"))
+        .unwrap()
+        .contains("nix-store --serve --write"));
     // Built on the server: the output is in the server's physical store, and real Nix
     // copied it back (and verified it) into its own.
     let name = std::path::Path::new(&out).file_name().unwrap();
-    assert_eq!(std::fs::read_to_string(w.remote_phys("server").join(name)).unwrap(), "remote\n");
-    assert_eq!(std::fs::read_to_string(w.remote_phys("client").join(name)).unwrap(), "remote\n");
+    assert_eq!(
+        std::fs::read_to_string(w.remote_phys("server").join(name)).unwrap(),
+        "remote\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.remote_phys("client").join(name)).unwrap(),
+        "remote\n"
+    );
 }

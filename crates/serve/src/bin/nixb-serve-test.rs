@@ -33,7 +33,13 @@ fn main() -> ExitCode {
     let mut builder = UnsandboxedBuilder {
         log: Box::new(std::io::stderr()),
     };
-    match serve(std::io::stdin().lock(), std::io::stdout().lock(), &store, &mut builder, write) {
+    match serve(
+        std::io::stdin().lock(),
+        std::io::stdout().lock(),
+        &store,
+        &mut builder,
+        write,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -19,7 +19,11 @@ use nixb_store::{StoreDir, StorePath};
 /// Whether real Nix is here. Without it the live tests fail under CI=true and are
 /// skipped (with a message) otherwise.
 pub fn have_nix() -> bool {
-    let ok = Command::new("nix-store").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !ok {
         if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
             panic!("nix-store (Nix 2.8) is required for this test when CI=true, but it is not installed");
@@ -64,7 +68,11 @@ impl World {
         let etc = self.path(&format!("{name}/etc"));
         std::fs::create_dir_all(&phys).unwrap();
         std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(etc.join("nix.conf"), "sandbox = false\nbuild-users-group =\nsubstituters =\n").unwrap();
+        std::fs::write(
+            etc.join("nix.conf"),
+            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+        )
+        .unwrap();
         let mut c = Command::new("unshare");
         c.args(["--mount", "--propagation", "private", "sh", "-c"]);
         c.arg(r#"mount --bind "$1" "$2" && exec nix-store --serve --write"#);
@@ -90,10 +98,17 @@ impl World {
         let mut c = Command::new("unshare");
         c.args(["--mount", "--propagation", "private", "sh", "-c"]);
         c.arg(r#"mount --bind "$1" "$2" && shift 2 && exec nix-store "$@""#);
-        c.arg("sh").arg(self.remote_phys(name)).arg(self.store_dir.as_str()).args(args);
+        c.arg("sh")
+            .arg(self.remote_phys(name))
+            .arg(self.store_dir.as_str())
+            .args(args);
         self.nix_env(&mut c, name);
         let o = c.output().unwrap();
-        assert!(o.status.success(), "nix-store {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "nix-store {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8(o.stdout).unwrap()
     }
 
@@ -137,16 +152,28 @@ pub fn add_sources(w: &World, store: &LocalStore, tag: &str) -> (StorePath, Stor
     std::fs::write(src.join("data"), format!("payload {tag}\n")).unwrap();
     std::fs::create_dir_all(src.join("sub")).unwrap();
     std::os::unix::fs::symlink("../data", src.join("sub/link")).unwrap();
-    let a = store.add_to_store(&src, Some(&format!("input-{tag}"))).unwrap();
+    let a = store
+        .add_to_store(&src, Some(&format!("input-{tag}")))
+        .unwrap();
     let text = format!("cat {}/data\n", w.store_dir.print(&a));
     let b = store
-        .add_text_to_store(&format!("script-{tag}"), text.as_bytes(), &BTreeSet::from([a.clone()]))
+        .add_text_to_store(
+            &format!("script-{tag}"),
+            text.as_bytes(),
+            &BTreeSet::from([a.clone()]),
+        )
         .unwrap();
     (a, b)
 }
 
 /// A derivation running `script` with /bin/sh, with `inputs` as input sources.
-pub fn make_drv(w: &World, name: &str, script: &str, inputs: &[&StorePath], outputs: &[&str]) -> Derivation {
+pub fn make_drv(
+    w: &World,
+    name: &str,
+    script: &str,
+    inputs: &[&StorePath],
+    outputs: &[&str],
+) -> Derivation {
     let mut env = BTreeMap::new();
     env.insert("name".to_string(), name.to_string());
     env.insert("system".to_string(), "x86_64-linux".to_string());
@@ -155,7 +182,10 @@ pub fn make_drv(w: &World, name: &str, script: &str, inputs: &[&StorePath], outp
         env.insert(format!("in{i}"), w.store_dir.print(p));
     }
     let mut drv = Derivation {
-        outputs: outputs.iter().map(|o| (o.to_string(), DerivationOutput::default())).collect(),
+        outputs: outputs
+            .iter()
+            .map(|o| (o.to_string(), DerivationOutput::default()))
+            .collect(),
         input_drvs: BTreeMap::new(),
         input_srcs: inputs.iter().map(|p| (*p).clone()).collect(),
         platform: "x86_64-linux".into(),
@@ -233,7 +263,13 @@ impl World {
 
     /// Runs a real Nix command as a *client* whose own store is `<root>/<name>/phys`
     /// (mounted over the logical store dir), with `extra_path` first in PATH.
-    pub fn nix_client(&self, name: &str, extra_path: &Path, cmd: &str, args: &[&str]) -> std::process::Output {
+    pub fn nix_client(
+        &self,
+        name: &str,
+        extra_path: &Path,
+        cmd: &str,
+        args: &[&str],
+    ) -> std::process::Output {
         let phys = self.remote_phys(name);
         let etc = self.path(&format!("{name}/etc"));
         std::fs::create_dir_all(&phys).unwrap();
@@ -246,9 +282,17 @@ impl World {
         let mut c = Command::new("unshare");
         c.args(["--mount", "--propagation", "private", "sh", "-c"]);
         c.arg(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#);
-        c.arg("sh").arg(&phys).arg(self.store_dir.as_str()).arg(cmd).args(args);
+        c.arg("sh")
+            .arg(&phys)
+            .arg(self.store_dir.as_str())
+            .arg(cmd)
+            .args(args);
         self.nix_env(&mut c, name);
-        let path = format!("{}:{}", extra_path.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            extra_path.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         c.env("PATH", path);
         c.output().unwrap()
     }
