@@ -191,6 +191,8 @@ pub trait Connector {
 
 /// Connects with `ssh` as Nix does (see [`SshTarget`]).
 pub struct SshConnector {
+    /// The store directory, the same on every machine.
+    pub store_dir: nixb_store::StoreDir,
     /// Options for every ssh invocation (e.g. `-F config` in tests).
     pub extra_args: Vec<String>,
     /// Pinned known-hosts files live as long as the connector.
@@ -198,8 +200,9 @@ pub struct SshConnector {
 }
 
 impl SshConnector {
-    pub fn new(extra_args: Vec<String>) -> SshConnector {
+    pub fn new(store_dir: nixb_store::StoreDir, extra_args: Vec<String>) -> SshConnector {
         SshConnector {
+            store_dir,
             extra_args,
             known_hosts: Vec::new(),
         }
@@ -212,11 +215,6 @@ impl Connector for SshConnector {
         m: &Machine,
         log: Box<dyn Write + Send>,
     ) -> Result<(ChildClient, ServeChild), ServeError> {
-        let store_dir = nixb_store::StoreDir::from_env().map_err(|source| ServeError::Path {
-            what: "NIX_STORE_DIR",
-            value: std::env::var("NIX_STORE_DIR").unwrap_or_default(),
-            source,
-        })?;
         let (host, port) = m.ssh_host().ok_or_else(|| {
             ServeError::peer(
                 &m.store_uri,
@@ -252,7 +250,7 @@ impl Connector for SshConnector {
                 })?;
             t.public_host_key = Some(decoded);
         }
-        let (c, h, known) = t.connect(store_dir, log)?;
+        let (c, h, known) = t.connect(self.store_dir.clone(), log)?;
         self.known_hosts.extend(known);
         Ok((c, h))
     }

@@ -66,7 +66,7 @@ fn run_hook(w: &World, machines: Vec<Machine>, input: String) -> Run {
     let mut mk_log = move || -> Box<dyn Write + Send> { Box::new(log2.clone()) };
     let mut conn = TestConnector {
         world: w,
-        ssh: SshConnector::new(vec!["-oConnectTimeout=5".into()]),
+        ssh: SshConnector::new(w.store_dir.clone(), vec!["-oConnectTimeout=5".into()]),
         connects: Vec::new(),
     };
     let mut replies = Vec::new();
