@@ -1,15 +1,16 @@
 //! Starting a builder (the original's `startBuilder`) and the state a running build keeps:
 //! its directory, its log, and the hash rewrites of an unsandboxed rebuild.
 //!
-//! Builds run unsandboxed ([`nixb_sandbox::Isolation::Plain`]): the builder sees the host
-//! file system, so outputs that are already valid cannot be rebuilt in place. As the
+//! Builds run unsandboxed ([`nixb_sandbox::Isolation::Plain`]), or with `sandbox` in a
+//! chroot ([`crate::sandboxing`]), as a build user when `build-users-group` is set. Either
+//! way, outputs that are already valid cannot be rebuilt in place (unsandboxed the builder
+//! would overwrite them; in the chroot they could not be moved out over them). As the
 //! original does, such outputs (every output under `--check`; corrupt ones under
 //! `--repair`) are *redirected*: the builder is told a different path of the same length,
 //! whose hash part is derived from the derivation and the path, and the result is rewritten
 //! back before it is checked or moved over the original.
 //!
-//! The spec handed to the sandbox crate is built by [`builder_spec`], the one place a
-//! chroot mode will change.
+//! The spec handed to the sandbox crate is built by [`builder_spec`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
 use nixb_logs::{LimitState, LogSink};
-use nixb_sandbox::{Isolation, Personality, SandboxSpec};
+use nixb_sandbox::{BuildUserIds, Isolation, Personality, SandboxSpec};
 use nixb_store::canon::InodesSeen;
 use nixb_store::{Encoding, Hash, HashAlgo, StoreDir, StorePath};
 
@@ -30,6 +31,7 @@ use crate::error::{quoted, BuildError};
 use crate::event::{Event, Level};
 use crate::graph::GoalId;
 use crate::register::Rejection;
+use crate::sandboxing::{self, Extraction, HeldUser};
 use crate::worker::Worker;
 
 /// What a started build holds until it is done.
@@ -47,6 +49,13 @@ pub(crate) struct RunningBuild {
     pub inodes_seen: InodesSeen,
     pub disk_full: bool,
     store_dir: StoreDir,
+    /// The chroot directory, when the build runs in one.
+    chroot: Option<PathBuf>,
+    /// The build user; dropping it kills the user's processes and releases it.
+    user: Option<HeldUser>,
+    extraction: Extraction,
+    /// The output paths the builder was told to create (redirected ones included).
+    builder_outputs: Vec<StorePath>,
 }
 
 impl RunningBuild {
@@ -101,9 +110,66 @@ impl RunningBuild {
         )
     }
 
+    /// The builder has exited: kill whatever its user left running (unsandboxed builds can
+    /// leave daemons; in the chroot the PID namespace died with the builder).
+    pub fn kill_leftovers(&mut self, w: &mut Worker<'_>) {
+        if let Some(u) = &self.user {
+            if let Err(e) = u.kill_all_processes() {
+                w.message(Level::Warn, e.to_string());
+            }
+        }
+    }
+
+    /// Takes the outputs out of the build (chroot and/or build user) into the store,
+    /// checked and, where a descriptor could be held outside, copied (see
+    /// [`crate::sandboxing`]).
+    pub fn extract_outputs(&mut self) -> Result<(), Rejection> {
+        if self.chroot.is_none() && self.extraction == Extraction::Move && self.user.is_none() {
+            return Ok(()); // unsandboxed as the caller: outputs are where the builder wrote them
+        }
+        let uid = self.user.as_ref().map(HeldUser::uid);
+        for p in &self.builder_outputs {
+            sandboxing::extract_output(
+                &self.store_dir,
+                self.chroot.as_deref(),
+                p,
+                self.extraction,
+                Some(uid),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn remove_chroot(&mut self, w: &mut Worker<'_>) {
+        if let Some(root) = self.chroot.take() {
+            if let Err(e) = delete_path(&root) {
+                w.message(
+                    Level::Warn,
+                    format!("deleting chroot directory '{}': {e}", root.display()),
+                );
+            }
+        }
+    }
+
     /// A failed build: keep the directory with keep-failed, delete it otherwise.
     pub fn abandon(mut self, w: &mut Worker<'_>, _normal_mode: bool) {
         let _ = self.close_log();
+        self.kill_leftovers(w);
+        if w.cfg.keep_failed {
+            // Unchecked and not registered: the outputs are only there to look at.
+            for p in &self.builder_outputs {
+                if let Err(e) = sandboxing::extract_output(
+                    &self.store_dir,
+                    self.chroot.as_deref(),
+                    p,
+                    Extraction::Move,
+                    None,
+                ) {
+                    w.message(Level::Warn, e.message);
+                }
+            }
+        }
+        self.remove_chroot(w);
         if let Some(dir) = self.dir.take() {
             if w.cfg.keep_failed {
                 match dir.keep() {
@@ -123,6 +189,7 @@ impl RunningBuild {
     /// A successful build: delete the directory and redirected leftovers.
     pub fn finish(mut self, w: &mut Worker<'_>) {
         let _ = self.close_log();
+        self.remove_chroot(w);
         if let Some(dir) = self.dir.take() {
             if let Err(e) = dir.remove() {
                 w.message(Level::Warn, e.to_string());
@@ -197,10 +264,12 @@ pub(crate) struct BuilderInvocation {
     pub build_dir: PathBuf,
     pub platform: String,
     pub system: String,
+    pub impersonate_linux_26: bool,
+    pub user: Option<BuildUserIds>,
+    pub isolation: Isolation,
 }
 
-/// The sandbox spec for an invocation. Plain (unsandboxed) for now; the chroot mode will
-/// add its isolation here.
+/// The sandbox spec for an invocation.
 pub(crate) fn builder_spec(inv: BuilderInvocation, log_fd: OwnedFd) -> SandboxSpec {
     SandboxSpec {
         program: inv.program,
@@ -212,9 +281,13 @@ pub(crate) fn builder_spec(inv: BuilderInvocation, log_fd: OwnedFd) -> SandboxSp
             .collect(),
         cwd: inv.build_dir,
         log_fd,
-        user: None,
-        personality: Personality::for_platform(&inv.platform, &inv.system, false),
-        isolation: Isolation::Plain,
+        user: inv.user,
+        personality: Personality::for_platform(
+            &inv.platform,
+            &inv.system,
+            inv.impersonate_linux_26,
+        ),
+        isolation: inv.isolation,
     }
 }
 
@@ -224,6 +297,7 @@ pub(crate) fn start_builder(
     g: &mut DerivationGoal,
     id: GoalId,
     w: &mut Worker<'_>,
+    user: Option<HeldUser>,
 ) -> Result<(), BuildError> {
     let sd = w.store_dir().clone();
     let drv = g
@@ -239,8 +313,17 @@ pub(crate) fn start_builder(
         )));
     }
 
+    let chroot = sandboxing::use_chroot(
+        w.cfg.sandbox,
+        drv.env.get("__noChroot").is_some_and(|v| v == "1"),
+        &sd.print(&g.drv_path),
+    )?;
+
     let dir = BuildDir::create(&w.cfg.build_dir_root, g.drv_path.name())
         .map_err(|e| BuildError::Misc(e.to_string()))?;
+    if let Some(u) = &user {
+        sandboxing::prepare_for_user(u, sd.as_path(), dir.path())?;
+    }
     let build_dir = dir.path().to_path_buf();
     let build_dir_str = build_dir
         .to_str()
@@ -262,6 +345,10 @@ pub(crate) fn start_builder(
         inodes_seen: InodesSeen::new(),
         disk_full: false,
         store_dir: sd.clone(),
+        chroot: None,
+        extraction: sandboxing::extraction_for(chroot, g.fixed_output, user.is_some()),
+        user,
+        builder_outputs: Vec::new(),
     };
 
     let env = builder_env(
@@ -281,7 +368,7 @@ pub(crate) fn start_builder(
 
     // Unsandboxed, HOME is the host's file system: make sure the promise that it does not
     // exist holds.
-    if w.cfg.homeless_shelter.exists() {
+    if !chroot && w.cfg.homeless_shelter.exists() {
         return Err(BuildError::Misc(format!(
             "home directory '{}' exists; please remove it to assure purity of builds without sandboxing",
             w.cfg.homeless_shelter.display()
@@ -324,6 +411,45 @@ pub(crate) fn start_builder(
     )
     .map_err(|e| BuildError::misc("making the log pipe non-blocking", e))?;
 
+    build.builder_outputs = g
+        .missing_paths
+        .iter()
+        .map(|p| build.redirected.get(p).unwrap_or(p).clone())
+        .collect();
+
+    let isolation = if chroot {
+        let root = sandboxing::chroot_root(&sd, &g.drv_path);
+        let (uid, gid) = match &build.user {
+            Some(u) => (u.user().uid, u.user().gid),
+            None => (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
+        };
+        let netns = if g.fixed_output {
+            None
+        } else {
+            w.prepared_netns()
+        };
+        let spec = sandboxing::chroot_spec(
+            sandboxing::ChrootPlan {
+                root: root.clone(),
+                build_dir: &build_dir,
+                inputs: &g.input_paths,
+                fixed_output: g.fixed_output,
+                netns,
+                uid,
+                gid,
+            },
+            w.cfg,
+            w.store,
+        )?;
+        build.chroot = Some(root);
+        Isolation::Chroot(spec)
+    } else {
+        Isolation::Plain
+    };
+
     let inv = BuilderInvocation {
         program: PathBuf::from(&drv.builder),
         args,
@@ -331,6 +457,9 @@ pub(crate) fn start_builder(
         build_dir: build_dir.clone(),
         platform: drv.platform.clone(),
         system: w.cfg.system.clone(),
+        impersonate_linux_26: w.cfg.impersonate_linux_26,
+        user: build.user.as_ref().map(HeldUser::ids),
+        isolation,
     };
     let outputs: Vec<StorePath> = g.missing_paths.iter().cloned().collect();
     let platform = drv.platform.clone();

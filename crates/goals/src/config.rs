@@ -17,6 +17,18 @@ pub enum BuildMode {
     Repair,
 }
 
+/// `sandbox = false | true | relaxed` (1.x: `build-use-chroot`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// Builders see the host file system.
+    #[default]
+    Off,
+    /// Every build runs in a chroot inside new namespaces; `__noChroot` is an error.
+    On,
+    /// Like `On`, but a derivation with `__noChroot = "1"` is built outside the chroot.
+    Relaxed,
+}
+
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     /// Builds run at once (`max-jobs`). 0 means no local builds at all.
@@ -52,6 +64,18 @@ pub struct WorkerConfig {
     /// The `HOME` given to builders; an unsandboxed build refuses to start if it exists.
     /// Always `/homeless-shelter` in use; a field so that tests can exercise the refusal.
     pub homeless_shelter: PathBuf,
+    /// `sandbox`.
+    pub sandbox: SandboxMode,
+    /// `sandbox-paths`: `target=source`, `path` (same inside) or either with a trailing `?`
+    /// (skipped when the source is missing). Store paths bring their closure along.
+    pub sandbox_paths: Vec<String>,
+    /// `build-users-group`: when set and the worker runs as root, every builder runs as a
+    /// member of this group, one build per user.
+    pub build_users_group: Option<String>,
+    /// `impersonate-linux-26`: builders see a 2.6 kernel in uname.
+    pub impersonate_linux_26: bool,
+    /// `NIX_STATE_DIR`: the build users' lock files live in `<state_dir>/userpool/`.
+    pub state_dir: PathBuf,
 }
 
 impl WorkerConfig {
@@ -82,6 +106,14 @@ impl WorkerConfig {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/tmp")),
             homeless_shelter: PathBuf::from(HOMELESS_SHELTER),
+            sandbox: SandboxMode::Off,
+            sandbox_paths: Vec::new(),
+            build_users_group: None,
+            impersonate_linux_26: false,
+            state_dir: std::env::var_os("NIX_STATE_DIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/nix/var/nix")),
         }
     }
 }

@@ -67,6 +67,8 @@ pub(crate) struct DerivationGoal {
     pub missing_paths: BTreeSet<StorePath>,
     pub build: Option<RunningBuild>,
     exit: Option<Result<ExitStatus, String>>,
+    /// Told the user once that every build user is busy.
+    reported_users_busy: bool,
 }
 
 impl DerivationGoal {
@@ -88,6 +90,7 @@ impl DerivationGoal {
             missing_paths: BTreeSet::new(),
             build: None,
             exit: None,
+            reported_users_busy: false,
         }
     }
 
@@ -504,9 +507,26 @@ impl DerivationGoal {
             return Ok(());
         }
 
+        let user = match crate::sandboxing::acquire_build_user(w.cfg)? {
+            crate::sandboxing::UserSlot::NotNeeded => None,
+            crate::sandboxing::UserSlot::Got(u) => Some(u),
+            crate::sandboxing::UserSlot::Busy(msg) => {
+                // The original failed here; waiting (as Nix 2.x does) lets more builds run
+                // than there are users. Say why once, in the original's words, then poll
+                // without holding the output locks.
+                if !self.reported_users_busy {
+                    self.reported_users_busy = true;
+                    w.message(Level::Error, msg);
+                }
+                drop(locks);
+                w.wait_for_a_while(id);
+                return Ok(());
+            }
+        };
+
         w.set_locked_outputs(id, self.outputs.values().cloned().collect());
         self.output_locks = Some(locks);
-        match crate::build::start_builder(self, id, w) {
+        match crate::build::start_builder(self, id, w, user) {
             Ok(()) => {
                 self.state = State::BuildDone;
                 Ok(())
@@ -549,8 +569,11 @@ impl DerivationGoal {
         if let Err(e) = build.close_log() {
             w.message(Level::Warn, format!("closing the build log: {e}"));
         }
+        build.kill_leftovers(w);
         let result = match status {
-            Ok(s) if s.success() => crate::register::register_outputs(self, &mut build, w),
+            Ok(s) if s.success() => build
+                .extract_outputs()
+                .and_then(|()| crate::register::register_outputs(self, &mut build, w)),
             Ok(s) => Err(build.failure_error(w, &self.drv_path, s)),
             Err(e) => Err(crate::register::Rejection::misc(format!(
                 "waiting for the builder of {}: {e}",

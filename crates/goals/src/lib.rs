@@ -26,6 +26,7 @@ pub mod graph;
 mod local;
 pub mod refcheck;
 mod register;
+pub mod sandboxing;
 pub mod store;
 mod substitution_goal;
 mod watchdog;
@@ -35,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use nixb_store::{DerivedPath, StorePath};
 
-pub use config::{BuildMode, WorkerConfig};
+pub use config::{BuildMode, SandboxMode, WorkerConfig};
 pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
 pub use graph::ExitCode;

@@ -76,6 +76,9 @@ pub(crate) struct Worker<'a> {
     pub timed_out: bool,
     pub hash_mismatch: bool,
     pub check_mismatch: bool,
+    /// Fresh network namespaces made ahead of time for sandboxed builds; started with the
+    /// first one.
+    netns_pool: Option<nixb_sandbox::NetNsPool>,
     /// Kills the builders if this process dies; started with the first builder. Declared
     /// last so that it is dropped after the children (all reaped by then).
     watchdog: Option<crate::watchdog::Watchdog>,
@@ -104,6 +107,7 @@ impl<'a> Worker<'a> {
             timed_out: false,
             hash_mismatch: false,
             check_mismatch: false,
+            netns_pool: None,
             watchdog: None,
         }
     }
@@ -214,6 +218,19 @@ impl<'a> Worker<'a> {
 
     pub fn is_locked_by_me(&self, path: &StorePath) -> bool {
         self.locked_outputs.values().any(|s| s.contains(path))
+    }
+
+    /// A never-used network namespace for a sandboxed build, or `None` when none is ready
+    /// (the clone then creates one). Creating a network namespace is the dearest step of a
+    /// sandbox start; the pool takes it off the build's critical path without sharing a
+    /// namespace between builds.
+    pub fn prepared_netns(&mut self) -> Option<OwnedFd> {
+        if self.netns_pool.is_none() {
+            // Enough for every build slot plus the next wave.
+            let target = self.cfg.max_jobs.clamp(1, 16) * 2;
+            self.netns_pool = nixb_sandbox::NetNsPool::new(target).ok();
+        }
+        self.netns_pool.as_ref().and_then(|p| p.take())
     }
 
     // --- children -----------------------------------------------------------------------

@@ -120,6 +120,15 @@ fn worker_config(s: &Settings, store: &nixb_store::local_store::LocalStore, a: &
     cfg.auto_optimise = s.auto_optimise_store;
     cfg.use_substitutes = s.use_substitutes;
     cfg.system = s.system.clone();
+    cfg.sandbox = match s.sandbox {
+        crate::settings::SandboxMode::Off => nixb_goals::SandboxMode::Off,
+        crate::settings::SandboxMode::On => nixb_goals::SandboxMode::On,
+        crate::settings::SandboxMode::Relaxed => nixb_goals::SandboxMode::Relaxed,
+    };
+    cfg.sandbox_paths = s.sandbox_paths.clone();
+    cfg.build_users_group = Some(s.build_users_group.clone()).filter(|g| !g.is_empty());
+    cfg.impersonate_linux_26 = s.impersonate_linux_26;
+    cfg.state_dir = store.config().state_dir.clone();
     cfg.build_mode = if a.check {
         BuildMode::Check
     } else if a.repair {

@@ -1,0 +1,489 @@
+//! Isolation of a build: the chroot the builder runs in (`sandbox`), the build user it runs
+//! as (`build-users-group`), and getting its outputs out of both safely.
+//!
+//! ```text
+//! sandbox-paths entry = target "=" source [ "?" ]     source bound at target inside
+//!                     | path [ "?" ]                  bound at the same place
+//!                     ("?": skipped when the source does not exist)
+//! ```
+//!
+//! A build in the chroot sees: its input closure (read-only), the `sandbox-paths` and the
+//! closures of those that are store paths (as Nix ≥ 1.9), its build directory, a writable
+//! store directory in which it creates its outputs, and what the sandbox crate adds (`/dev`,
+//! `/proc`, `/tmp`, `/etc/{passwd,group,hosts}`). The chroot itself is
+//! `<store>/<drv>.chroot`, on the store's file system, so that outputs can be renamed out of
+//! it. Fixed-output derivations run in the chroot too, but in the host's network namespace.
+//!
+//! # Getting outputs out (CVE-2024-27297)
+//!
+//! A builder may hand a descriptor of an output file to a process outside the build (over a
+//! unix socket), which could then write through it after the output was checked and
+//! registered. Where that is possible, outputs are *copied* into fresh inodes (NAR dump into
+//! NAR restore, so no hard link, special file or permission bit comes along) before anything
+//! is checked, and the builder's own files are deleted; a descriptor held outside then points
+//! at an unlinked inode. Where it is not possible, outputs are renamed:
+//!
+//! - fixed-output builds share the host's network namespace, so abstract unix sockets reach
+//!   any process on the host: always copied;
+//! - unsandboxed builds as a build user can reach the host's unix sockets: copied;
+//! - other sandboxed builds have a private network namespace (abstract sockets reach only the
+//!   sandbox), see no socket of the host's file system, and every process of theirs is dead
+//!   once the builder (PID 1 of its namespace) has been reaped: nothing outside can hold a
+//!   descriptor, so a rename is enough;
+//! - unsandboxed builds without build users run as the caller, who can write to the store
+//!   anyway: a copy would protect nothing, so renamed (nothing to move, in fact).
+//!
+//! Ownership and permissions are checked on the builder's files *before* they are copied
+//! (a copy would be owned by us and hide a foreign file, e.g. a hard link to `/etc/shadow`).
+
+use std::collections::BTreeSet;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use nixb_sandbox::{BindMount, BuildUserIds, ChrootSpec, Network};
+use nixb_store::canon::InodesSeen;
+use nixb_store::{StoreDir, StorePath};
+use nixb_userpool::{BuildUser, UserPoolConfig};
+
+use crate::build_dir::delete_path;
+use crate::config::{SandboxMode, WorkerConfig};
+use crate::error::BuildError;
+use crate::event::FailureKind;
+use crate::register::Rejection;
+use crate::store::BuildStore;
+
+/// One parsed `sandbox-paths` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxPath {
+    pub target: PathBuf,
+    pub source: PathBuf,
+    pub optional: bool,
+}
+
+/// Parses `sandbox-paths` entries (see the module doc for the grammar).
+pub fn parse_sandbox_paths(entries: &[String]) -> Result<Vec<SandboxPath>, String> {
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let (body, optional) = match e.strip_suffix('?') {
+            Some(b) => (b, true),
+            None => (e.as_str(), false),
+        };
+        let (target, source) = match body.split_once('=') {
+            Some((t, s)) => (t, s),
+            None => (body, body),
+        };
+        if target.is_empty() || source.is_empty() {
+            return Err(format!("sandbox-paths entry '{e}': empty path"));
+        }
+        for p in [target, source] {
+            if !p.starts_with('/') {
+                return Err(format!(
+                    "sandbox-paths entry '{e}': '{p}' is not an absolute path"
+                ));
+            }
+        }
+        out.push(SandboxPath {
+            target: PathBuf::from(target),
+            source: PathBuf::from(source),
+            optional,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether the build of a derivation with environment `env` runs in the chroot. `Err` for
+/// `__noChroot` under `sandbox = true`, the derivation's fault.
+pub(crate) fn use_chroot(
+    mode: SandboxMode,
+    no_chroot: bool,
+    drv_name: &str,
+) -> Result<bool, BuildError> {
+    match mode {
+        SandboxMode::Off => Ok(false),
+        SandboxMode::Relaxed => Ok(!no_chroot),
+        SandboxMode::On if no_chroot => Err(BuildError::Build(format!(
+            "derivation '{drv_name}' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'"
+        ))),
+        SandboxMode::On => Ok(true),
+    }
+}
+
+/// A build user held for one build. Every process of the user is killed when it is let go,
+/// so nothing a builder started survives its build on any path out (success, failure,
+/// cancellation, a dropped goal); the lock is released after that.
+#[derive(Debug)]
+pub(crate) struct HeldUser(BuildUser);
+
+impl HeldUser {
+    pub fn user(&self) -> &BuildUser {
+        &self.0
+    }
+
+    pub fn uid(&self) -> u32 {
+        self.0.uid
+    }
+
+    pub fn ids(&self) -> BuildUserIds {
+        BuildUserIds {
+            uid: self.0.uid,
+            gid: self.0.gid,
+            supplementary: self.0.supplementary_gids.clone(),
+        }
+    }
+
+    pub fn kill_all_processes(&self) -> Result<(), BuildError> {
+        self.0
+            .kill_all_processes()
+            .map_err(|e| BuildError::misc(format!("build user '{}'", self.0.name), e))
+    }
+}
+
+impl Drop for HeldUser {
+    fn drop(&mut self) {
+        let _ = self.0.kill_all_processes();
+    }
+}
+
+/// The outcome of asking for a build user.
+pub(crate) enum UserSlot {
+    /// No `build-users-group`, or not root: the builder runs as the caller.
+    NotNeeded,
+    Got(HeldUser),
+    /// Every member of the group is building; the message says so in the original's words.
+    Busy(String),
+}
+
+/// Takes a free build user when builds run under build users (a group is set and we are
+/// root, as in the original).
+pub(crate) fn acquire_build_user(cfg: &WorkerConfig) -> Result<UserSlot, BuildError> {
+    let Some(group) = cfg.build_users_group.as_ref().filter(|g| !g.is_empty()) else {
+        return Ok(UserSlot::NotNeeded);
+    };
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(UserSlot::NotNeeded);
+    }
+    let pool = UserPoolConfig {
+        group: group.clone(),
+        state_dir: cfg.state_dir.clone(),
+    };
+    match nixb_userpool::acquire(&pool) {
+        Ok(Some(u)) => Ok(UserSlot::Got(HeldUser(u))),
+        Ok(None) => Ok(UserSlot::Busy(
+            nixb_userpool::UserPoolError::AllInUse {
+                group: group.clone(),
+            }
+            .to_string(),
+        )),
+        Err(e) => Err(BuildError::misc("acquiring a build user", e)),
+    }
+}
+
+/// Prepares the build directory and store for `user`: the store directory must let the
+/// build users' group create outputs (and only that), no process of the user may be left
+/// from before, and the build directory becomes theirs.
+pub(crate) fn prepare_for_user(
+    user: &HeldUser,
+    store_dir: &Path,
+    build_dir: &Path,
+) -> Result<(), BuildError> {
+    nixb_userpool::check_store_permissions(store_dir, user.user().gid)
+        .map_err(|e| BuildError::Misc(e.to_string()))?;
+    user.kill_all_processes()?;
+    nixb_userpool::chown_tmp_dir(build_dir, user.user())
+        .map_err(|e| BuildError::Misc(e.to_string()))?;
+    Ok(())
+}
+
+/// The chroot directory of a build of `drv`: next to the store paths, so that outputs can be
+/// renamed out of it.
+pub(crate) fn chroot_root(sd: &StoreDir, drv: &StorePath) -> PathBuf {
+    sd.as_path().join(format!("{}.chroot", drv.base_name()))
+}
+
+/// Everything the chroot of one build holds, for the sandbox crate.
+pub(crate) struct ChrootPlan<'a> {
+    pub root: PathBuf,
+    pub build_dir: &'a Path,
+    pub inputs: &'a BTreeSet<StorePath>,
+    pub fixed_output: bool,
+    /// A prepared network namespace, for a build that gets a private one.
+    pub netns: Option<std::os::fd::OwnedFd>,
+    /// uid/gid written into the chroot's `/etc/passwd` and `/etc/group`.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub(crate) fn chroot_spec(
+    plan: ChrootPlan<'_>,
+    cfg: &WorkerConfig,
+    store: &dyn BuildStore,
+) -> Result<ChrootSpec, BuildError> {
+    let sd = store.store_dir();
+    // A chroot left by a crashed build would make the sandbox refuse to start.
+    delete_path(&plan.root).map_err(|e| {
+        BuildError::misc(
+            format!("removing old chroot directory '{}'", plan.root.display()),
+            e,
+        )
+    })?;
+    let mut spec = ChrootSpec::new(
+        plan.root,
+        sd.as_path().to_path_buf(),
+        plan.build_dir.to_path_buf(),
+        plan.uid,
+        plan.gid,
+    );
+    // Inputs read-only: unlike Nix (which relies on the store's ownership alone), this also
+    // holds for a builder that runs as root without build users.
+    let mut store_paths: BTreeSet<StorePath> = plan.inputs.clone();
+    let extra = parse_sandbox_paths(&cfg.sandbox_paths).map_err(BuildError::Misc)?;
+    let mut extra_roots = BTreeSet::new();
+    for p in &extra {
+        if let Some(s) = p.source.to_str() {
+            if let Ok(sp) = sd.parse_prefix(s) {
+                if store.is_valid_path(&sp)? {
+                    extra_roots.insert(sp);
+                }
+            }
+        }
+        spec.binds.push(BindMount {
+            target: p.target.clone(),
+            source: p.source.clone(),
+            optional: p.optional,
+            read_only: false,
+        });
+    }
+    if !extra_roots.is_empty() {
+        store_paths.extend(store.compute_closure(&extra_roots)?);
+    }
+    for p in &store_paths {
+        spec.binds.push(BindMount::same(sd.to_path(p)).read_only());
+    }
+    spec.network = if plan.fixed_output {
+        Network::Host
+    } else {
+        match plan.netns {
+            Some(fd) => Network::Prepared(fd),
+            None => Network::Private,
+        }
+    };
+    Ok(spec)
+}
+
+/// Where a builder's output `p` lies once the builder is gone.
+pub(crate) fn built_location(sd: &StoreDir, chroot: Option<&Path>, p: &StorePath) -> PathBuf {
+    match chroot {
+        Some(root) => {
+            let inner = sd.to_path(p);
+            let rel = inner.strip_prefix("/").unwrap_or(&inner);
+            root.join(rel)
+        }
+        None => sd.to_path(p),
+    }
+}
+
+/// How outputs leave the build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Extraction {
+    /// Rename (out of the chroot), or leave in place when there is no chroot.
+    Move,
+    /// Copy into fresh inodes; see the module doc.
+    Copy,
+}
+
+pub(crate) fn extraction_for(chroot: bool, fixed_output: bool, build_user: bool) -> Extraction {
+    if fixed_output || (!chroot && build_user) {
+        Extraction::Copy
+    } else {
+        Extraction::Move
+    }
+}
+
+fn reject(e: impl std::fmt::Display) -> Rejection {
+    Rejection::build(FailureKind::BuilderFailed, e.to_string())
+}
+
+/// Takes the output `p` out of the build to its place in the store. With `check`, the
+/// builder's files are first checked (not group/world-writable, owned by `uid`) and
+/// canonicalised; without it (a failed build, kept for debugging) they are only moved.
+pub(crate) fn extract_output(
+    sd: &StoreDir,
+    chroot: Option<&Path>,
+    p: &StorePath,
+    how: Extraction,
+    check: Option<Option<u32>>,
+) -> Result<(), Rejection> {
+    let src = built_location(sd, chroot, p);
+    let dest = sd.to_path(p);
+    if src.symlink_metadata().is_err() {
+        return Ok(()); // not produced; registration reports it
+    }
+    if let Some(uid) = check {
+        nixb_store::canon::check_suspicious(&src, uid).map_err(reject)?;
+        nixb_store::canon::canonicalise_path_metadata(&src, uid, &mut InodesSeen::new())
+            .map_err(reject)?;
+    }
+    let how = if check.is_none() {
+        Extraction::Move
+    } else {
+        how
+    };
+    match how {
+        Extraction::Move => {
+            if src != dest {
+                rename_over(&src, &dest)?;
+            }
+        }
+        Extraction::Copy => {
+            let mut tmp = dest.clone().into_os_string();
+            tmp.push(format!(".nixb-copy-{}", std::process::id()));
+            let tmp = PathBuf::from(tmp);
+            delete_path(&tmp)
+                .map_err(|e| Rejection::misc(format!("removing '{}': {e}", tmp.display())))?;
+            copy_fresh(&src, &tmp)?;
+            // The builder's inodes go: a descriptor held outside now points at nothing
+            // reachable from the store.
+            delete_path(&src)
+                .map_err(|e| Rejection::misc(format!("removing '{}': {e}", src.display())))?;
+            rename_over(&tmp, &dest)?;
+        }
+    }
+    Ok(())
+}
+
+fn rename_over(src: &Path, dest: &Path) -> Result<(), Rejection> {
+    delete_path(dest)
+        .map_err(|e| Rejection::misc(format!("removing '{}': {e}", dest.display())))?;
+    std::fs::rename(src, dest).map_err(|e| {
+        Rejection::misc(format!(
+            "moving '{}' to '{}': {e}",
+            src.display(),
+            dest.display()
+        ))
+    })
+}
+
+/// Copies the tree at `src` to `dest` (which must not exist) as a NAR stream: fresh inodes,
+/// only regular files (with the executable bit), directories and symlinks.
+pub(crate) fn copy_fresh(src: &Path, dest: &Path) -> Result<(), Rejection> {
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
+        Rejection::misc(format!("creating a pipe to copy '{}': {e}", src.display()))
+    })?;
+    let from = src.to_path_buf();
+    let dumper = std::thread::Builder::new()
+        .name("nixb-copy-output".into())
+        .spawn(move || -> Result<(), String> {
+            let mut w = BufWriter::with_capacity(256 * 1024, std::fs::File::from(wr));
+            nixb_store::nar::dump_path(&from, &mut w).map_err(|e| e.to_string())?;
+            w.flush().map_err(|e| e.to_string())
+        })
+        .map_err(|e| Rejection::misc(format!("starting the copy of '{}': {e}", src.display())))?;
+    let mut r = BufReader::with_capacity(256 * 1024, std::fs::File::from(rd));
+    let restored = nixb_store::nar::restore_path(&mut r, dest);
+    // Closing the read end makes a dumper stuck on a full pipe fail instead of hang.
+    drop(r);
+    let dumped = dumper
+        .join()
+        .unwrap_or_else(|_| Err("the copying thread panicked".into()));
+    if let Err(e) = dumped {
+        let _ = delete_path(dest);
+        return Err(Rejection::misc(format!(
+            "copying '{}' out of the build: {e}",
+            src.display()
+        )));
+    }
+    restored.map_err(|e| {
+        Rejection::misc(format!(
+            "copying '{}' to '{}': {e}",
+            src.display(),
+            dest.display()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_paths_grammar() {
+        let got = parse_sandbox_paths(&[
+            "/bin/sh=/bin/busybox".into(),
+            "/usr".into(),
+            "/opt/x?".into(),
+            "/a=/b?".into(),
+        ])
+        .unwrap();
+        let sp = |t: &str, s: &str, o| SandboxPath {
+            target: t.into(),
+            source: s.into(),
+            optional: o,
+        };
+        assert_eq!(
+            got,
+            [
+                sp("/bin/sh", "/bin/busybox", false),
+                sp("/usr", "/usr", false),
+                sp("/opt/x", "/opt/x", true),
+                sp("/a", "/b", true),
+            ]
+        );
+        assert!(parse_sandbox_paths(&["relative".into()])
+            .unwrap_err()
+            .contains("'relative' is not an absolute path"));
+        assert!(parse_sandbox_paths(&["/x=".into()])
+            .unwrap_err()
+            .contains("empty path"));
+    }
+
+    #[test]
+    fn no_chroot_rules() {
+        assert!(!use_chroot(SandboxMode::Off, false, "d").unwrap());
+        assert!(!use_chroot(SandboxMode::Off, true, "d").unwrap());
+        assert!(use_chroot(SandboxMode::On, false, "d").unwrap());
+        assert!(use_chroot(SandboxMode::Relaxed, false, "d").unwrap());
+        assert!(!use_chroot(SandboxMode::Relaxed, true, "d").unwrap());
+        let e = use_chroot(SandboxMode::On, true, "/s/x.drv").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "derivation '/s/x.drv' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'"
+        );
+    }
+
+    #[test]
+    fn extraction_choice() {
+        assert_eq!(extraction_for(true, true, true), Extraction::Copy);
+        assert_eq!(extraction_for(true, true, false), Extraction::Copy);
+        assert_eq!(extraction_for(false, true, false), Extraction::Copy);
+        assert_eq!(extraction_for(false, false, true), Extraction::Copy);
+        assert_eq!(extraction_for(true, false, true), Extraction::Move);
+        assert_eq!(extraction_for(false, false, false), Extraction::Move);
+    }
+
+    #[test]
+    fn copy_makes_fresh_inodes_with_the_same_nar() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("f"), b"hello").unwrap();
+        std::os::unix::fs::symlink("f", src.join("l")).unwrap();
+        std::fs::create_dir(src.join("d")).unwrap();
+        std::fs::write(src.join("d/g"), b"x").unwrap();
+        let before = nixb_store::nar::hash_path(&src, nixb_store::HashAlgo::Sha256).unwrap();
+        let ino = std::fs::metadata(src.join("f")).unwrap().ino();
+        // A descriptor held on the source, as an attacker outside the sandbox would.
+        let mut held = std::fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("f"))
+            .unwrap();
+        let dest = t.path().join("dest");
+        copy_fresh(&src, &dest).unwrap();
+        assert_ne!(std::fs::metadata(dest.join("f")).unwrap().ino(), ino);
+        held.write_all(b"EVIL").unwrap();
+        drop(held);
+        let after = nixb_store::nar::hash_path(&dest, nixb_store::HashAlgo::Sha256).unwrap();
+        assert_eq!(before, after);
+        assert_eq!(std::fs::read(dest.join("f")).unwrap(), b"hello");
+    }
+}
