@@ -257,7 +257,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         Ok(order)
     }
 
-    /// Streams the NAR of a remote path into `sink`.
+    /// Streams the NAR of a remote path into `sink`, as it arrives.
     pub fn dump_store_path(
         &mut self,
         path: &StorePath,
@@ -268,14 +268,16 @@ impl<R: Read, W: Write> ServeClient<R, W> {
             self.w.write_u64(Command::DumpStorePath as u64, "command")?;
             self.w.write_str(&dir.print(path), "path")?;
             self.w.flush()?;
-            // The NAR is not length-prefixed: restore it to learn where it ends.
-            let tmp = tempdir_in_store(&dir)?;
-            let dest = tmp.join("nar");
-            nixb_store::nar::restore_path_prefix(&mut self.r, &dest)
-                .map_err(ServeError::nar(dir.print(path)))?;
-            let res =
-                nixb_store::nar::dump_path(&dest, sink).map_err(ServeError::nar(dir.print(path)));
-            let _ = crate::import::remove_tree(&tmp);
+            // The NAR is not length-prefixed: only parsing it tells where it ends, so it
+            // is unpacked into a scratch directory while being passed on.
+            let scratch = scratch_dir()?;
+            let mut tee = TeeReader {
+                inner: &mut self.r,
+                sink,
+            };
+            let res = nixb_store::nar::restore_path_prefix(&mut tee, &scratch.join("nar"))
+                .map_err(ServeError::nar(dir.print(path)));
+            let _ = crate::import::remove_tree(&scratch);
             res
         })();
         self.ctx(res)
@@ -414,11 +416,24 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     }
 }
 
-fn tempdir_in_store(dir: &StoreDir) -> Result<std::path::PathBuf, ServeError> {
+/// Passes everything read through to a sink.
+struct TeeReader<'a, R: Read, W: Write> {
+    inner: &'a mut R,
+    sink: &'a mut W,
+}
+
+impl<R: Read, W: Write> Read for TeeReader<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sink.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+fn scratch_dir() -> Result<std::path::PathBuf, ServeError> {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let p = std::env::temp_dir().join(format!("nixb-serve-dump-{}-{n}", std::process::id()));
-    let _ = dir;
     std::fs::create_dir_all(&p).map_err(|source| ServeError::Io {
         step: "creating directory",
         path: p.display().to_string(),

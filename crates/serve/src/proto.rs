@@ -263,8 +263,8 @@ impl BuildResult {
         Ok(())
     }
 
-    /// `peer_sends_outputs`: whether the map of built outputs follows (true for a 2.8
-    /// server and for nixb, whatever the version; for other peers, minor >= 6).
+    /// Reads a result in dialect `version`; the map of built outputs is read from
+    /// minor 6 on (a client talking to Nix 2.8 passes at least 2.6, see the module doc).
     pub fn read<R: Read>(r: &mut WireReader<R>, version: u64) -> Result<BuildResult, ServeError> {
         let mut res = BuildResult::new(
             BuildStatus::from_u64(r.read_u64("build status")?),
