@@ -118,26 +118,21 @@ impl RefScanner {
         'outer: while i + W <= n {
             // Check the window back to front: a byte outside the alphabet at offset j rules
             // out every window starting at or before i + j.
-            let mut j = W;
-            while j > 0 {
-                j -= 1;
-                if !IS_BASE32[s[i + j] as usize] {
-                    i += j + 1;
+            if let Some(j) = s[i..i + W].iter().rposition(|&b| !IS_BASE32[b as usize]) {
+                i += j + 1;
+                continue;
+            }
+            // s[i..i+W] is all alphabet; slide one byte at a time while the next byte is.
+            self.check(&s[i..i + W]);
+            for (k, &b) in s[i + W..].iter().enumerate() {
+                if !IS_BASE32[b as usize] {
+                    i += W + k + 1;
                     continue 'outer;
                 }
+                let start = i + k + 1;
+                self.check(&s[start..start + W]);
             }
-            // s[i..i+W] is all alphabet; slide one byte at a time while the new last byte is.
-            loop {
-                self.check(&s[i..i + W]);
-                i += 1;
-                if i + W > n {
-                    break 'outer;
-                }
-                if !IS_BASE32[s[i + W - 1] as usize] {
-                    i += W;
-                    continue 'outer;
-                }
-            }
+            break;
         }
     }
 
@@ -147,6 +142,12 @@ impl RefScanner {
         if self.filter[f / 64] & (1 << (f % 64)) == 0 {
             return;
         }
+        self.check_set(window);
+    }
+
+    // Kept out of line: the filter rejects almost every window, so the hot loop stays small.
+    #[inline(never)]
+    fn check_set(&mut self, window: &[u8]) {
         let mut k = [0u8; W];
         k.copy_from_slice(window);
         if self.pending.remove(&k) {
