@@ -54,6 +54,8 @@ pub const MAX_DEPTH: usize = 2048;
 // Tags are short; anything longer is garbage and is refused before it is read.
 const MAX_TAG_LEN: usize = 16;
 const CHUNK: usize = 256 * 1024;
+// Files at least this big are read on a helper thread (see `Out::contents_threaded`).
+const THREADED_READ_MIN: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NarError {
@@ -111,26 +113,30 @@ impl NarError {
 /// so a tree of many small files costs few sink calls.
 struct Out<'a> {
     sink: &'a mut dyn FnMut(&[u8]) -> Result<(), NarError>,
-    buf: Vec<u8>,
+    // A fixed buffer and a fill level rather than a Vec: file reads land in the spare
+    // part directly, without zero-filling it first.
+    buf: Box<[u8]>,
+    len: usize,
 }
 
 impl Out<'_> {
     fn flush(&mut self) -> Result<(), NarError> {
-        if !self.buf.is_empty() {
-            (self.sink)(&self.buf)?;
-            self.buf.clear();
+        if self.len > 0 {
+            (self.sink)(&self.buf[..self.len])?;
+            self.len = 0;
         }
         Ok(())
     }
 
     fn bytes(&mut self, b: &[u8]) -> Result<(), NarError> {
-        if self.buf.len() + b.len() > CHUNK {
+        if self.len + b.len() > self.buf.len() {
             self.flush()?;
         }
-        if b.len() >= CHUNK {
+        if b.len() >= self.buf.len() {
             (self.sink)(b)
         } else {
-            self.buf.extend_from_slice(b);
+            self.buf[self.len..self.len + b.len()].copy_from_slice(b);
+            self.len += b.len();
             Ok(())
         }
     }
@@ -153,25 +159,23 @@ impl Out<'_> {
     /// Streams `size` bytes of `file` straight into the buffer.
     fn contents(&mut self, file: &mut File, size: u64, path: &Path) -> Result<(), NarError> {
         self.u64(size)?;
+        if size >= THREADED_READ_MIN {
+            self.contents_threaded(file, size, path)?;
+            return self.padding(size);
+        }
         let mut left = size;
         while left > 0 {
-            if self.buf.len() == CHUNK {
+            if self.len == self.buf.len() {
                 self.flush()?;
             }
-            let start = self.buf.len();
-            let want = (CHUNK - start).min(usize::try_from(left).unwrap_or(usize::MAX));
-            self.buf.resize(start + want, 0);
+            let want = (self.buf.len() - self.len).min(usize::try_from(left).unwrap_or(usize::MAX));
             let n = loop {
-                match file.read(&mut self.buf[start..]) {
+                match file.read(&mut self.buf[self.len..self.len + want]) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        self.buf.truncate(start);
-                        return Err(NarError::io("reading file", path, e));
-                    }
+                    Err(e) => return Err(NarError::io("reading file", path, e)),
                 }
             };
-            self.buf.truncate(start + n);
             if n == 0 {
                 return Err(NarError::Shrank {
                     path: path.to_path_buf(),
@@ -179,9 +183,74 @@ impl Out<'_> {
                     got: size - left,
                 });
             }
+            self.len += n;
             left -= n as u64;
         }
         self.padding(size)
+    }
+
+    /// For big files: a reader thread fills buffers while this thread hands the previous
+    /// ones to the sink, so the copy out of the page cache overlaps the hashing.
+    fn contents_threaded(
+        &mut self,
+        file: &mut File,
+        size: u64,
+        path: &Path,
+    ) -> Result<(), NarError> {
+        use std::sync::mpsc::sync_channel;
+        self.flush()?;
+        let (full_tx, full_rx) = sync_channel::<Result<(Vec<u8>, usize), io::Error>>(2);
+        let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(3);
+        for _ in 0..3 {
+            // Cannot fail: the receiver is alive and there is room for three.
+            let _ = empty_tx.send(vec![0u8; CHUNK]);
+        }
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let mut left = size;
+                while left > 0 {
+                    // The consumer hung up (sink error or done): stop quietly.
+                    let Ok(mut buf) = empty_rx.recv() else { return };
+                    let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let res = loop {
+                        match file.read(&mut buf[..want]) {
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            r => break r,
+                        }
+                    };
+                    let stop = !matches!(res, Ok(n) if n > 0);
+                    if let Ok(n) = res {
+                        left -= n as u64;
+                    }
+                    if full_tx.send(res.map(|n| (buf, n))).is_err() || stop {
+                        return;
+                    }
+                }
+            });
+            // Owned by this closure so that an early return drops them before the scope
+            // joins the reader, which then sees a hung-up channel instead of waiting forever.
+            let (full_rx, empty_tx) = (full_rx, empty_tx);
+            let mut got = 0u64;
+            while got < size {
+                let (buf, n) = match full_rx.recv() {
+                    Ok(Ok(x)) => x,
+                    Ok(Err(e)) => return Err(NarError::io("reading file", path, e)),
+                    // The reader stopped without a result: treat as end of file.
+                    Err(_) => (Vec::new(), 0),
+                };
+                if n == 0 {
+                    return Err(NarError::Shrank {
+                        path: path.to_path_buf(),
+                        expected: size,
+                        got,
+                    });
+                }
+                (self.sink)(&buf[..n])?;
+                got += n as u64;
+                let _ = empty_tx.send(buf);
+            }
+            Ok(())
+        })
     }
 }
 
@@ -197,7 +266,8 @@ pub fn dump_to_sink(
 ) -> Result<(), NarError> {
     let mut out = Out {
         sink,
-        buf: Vec::with_capacity(CHUNK),
+        buf: vec![0u8; CHUNK].into_boxed_slice(),
+        len: 0,
     };
     out.str(NAR_MAGIC.as_bytes())?;
     dump_node(path, &mut out)?;
@@ -841,6 +911,40 @@ mod tests {
         assert_eq!(got, want);
         // 13-byte magic padded to 16, six more strings of at most 8 bytes: 8 + 8 each.
         assert_eq!(got.len(), 24 + 6 * 16);
+    }
+
+    /// Big files go through the reader thread: the bytes must be the same, and a failing
+    /// sink must end the dump (not hang waiting for the reader).
+    #[test]
+    fn threaded_read_of_big_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("big");
+        let data: Vec<u8> = (0..(THREADED_READ_MIN as usize) * 3 + 12345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        std::fs::write(&f, &data).unwrap();
+        let mut got = Vec::new();
+        dump_path(&f, &mut got).unwrap();
+        let mut want = Vec::new();
+        for t in ["nix-archive-1", "(", "type", "regular", "contents"] {
+            s(&mut want, t.as_bytes());
+        }
+        s(&mut want, &data);
+        s(&mut want, b")");
+        assert!(got == want);
+
+        let mut calls = 0;
+        let err = dump_to_sink(&f, &mut |_| {
+            calls += 1;
+            if calls == 3 {
+                Err(NarError::Sink(io::Error::other("disk full")))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!(calls, 3);
     }
 
     #[test]
