@@ -246,6 +246,63 @@ impl EventSink for EventRenderer {
                 }
                 self.update_bar();
             }
+            Event::SubstituterStarted { path, substituter } => {
+                let p = self.dir.print(&path);
+                match self.mode {
+                    RenderMode::Json => self.json(serde_json::json!({
+                        "event": "substituter-started", "path": p, "substituter": substituter,
+                    })),
+                    RenderMode::Trace => self.say(&format!("@ substituter-started {p} {substituter}")),
+                    RenderMode::Human => {}
+                }
+            }
+            Event::SubstituterLog { path, chunk } => match self.mode {
+                RenderMode::Json => self.json(serde_json::json!({
+                    "event": "substituter-log", "path": self.dir.print(&path),
+                    "text": String::from_utf8_lossy(&chunk),
+                })),
+                _ => {
+                    if verbosity() >= 1 {
+                        for l in String::from_utf8_lossy(&chunk).lines() {
+                            self.say(l);
+                        }
+                    }
+                }
+            },
+            Event::SubstituterSucceeded { path } => {
+                let p = self.dir.print(&path);
+                match self.mode {
+                    RenderMode::Json => self.json(serde_json::json!({"event": "substituter-succeeded", "path": p})),
+                    RenderMode::Trace => self.say(&format!("@ substituter-succeeded {p}")),
+                    RenderMode::Human => {}
+                }
+            }
+            Event::SubstituterFailed { path, status, message } => {
+                let p = self.dir.print(&path);
+                match self.mode {
+                    RenderMode::Json => self.json(serde_json::json!({
+                        "event": "substituter-failed", "path": p, "status": status, "message": message,
+                    })),
+                    RenderMode::Trace => self.say(&format!("@ substituter-failed {p} {status} {message}")),
+                    RenderMode::Human => {}
+                }
+            }
+            Event::HookOutput { drv, text } => match self.mode {
+                RenderMode::Json => self.json(serde_json::json!({
+                    "event": "hook-output", "drv": self.dir.print(&drv), "text": text,
+                })),
+                _ => self.say(&text),
+            },
+            Event::HookFailed { drv, status, message } => {
+                let d = self.dir.print(&drv);
+                match self.mode {
+                    RenderMode::Json => self.json(serde_json::json!({
+                        "event": "hook-failed", "drv": d, "status": status, "message": message,
+                    })),
+                    RenderMode::Trace => self.say(&format!("@ hook-failed {d} - {status} {message}")),
+                    RenderMode::Human => {}
+                }
+            }
             Event::WaitingForLocks => {
                 if self.mode == RenderMode::Json {
                     self.json(serde_json::json!({"event": "waiting-for-locks"}));

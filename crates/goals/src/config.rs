@@ -76,6 +76,32 @@ pub struct WorkerConfig {
     pub impersonate_linux_26: bool,
     /// `NIX_STATE_DIR`: the build users' lock files live in `<state_dir>/userpool/`.
     pub state_dir: PathBuf,
+    /// `substituters`, in order of preference: programs speaking the original's external
+    /// protocol (the cli maps binary cache URLs onto `nixb substitute`).
+    pub substituters: Vec<SubstituterCommand>,
+    /// `fallback`: build a derivation whose output substitutes failed, instead of failing.
+    pub fallback: bool,
+    /// `build-hook` / `NIX_BUILD_HOOK`: the program offered every build that may go
+    /// elsewhere. `None`: every build is local.
+    pub build_hook: Option<HookCommand>,
+}
+
+/// One substituter: run as `program args... --query` and `program args... --substitute
+/// PATH DEST`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubstituterCommand {
+    /// How traces and messages name it (the program, or the cache URL it serves).
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// The build hook: run as `program args... <system> <max silent time> <print build trace>
+/// <timeout>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
 }
 
 impl WorkerConfig {
@@ -114,6 +140,9 @@ impl WorkerConfig {
                 .filter(|d| !d.is_empty())
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/nix/var/nix")),
+            substituters: Vec::new(),
+            fallback: false,
+            build_hook: None,
         }
     }
 }

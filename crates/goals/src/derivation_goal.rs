@@ -66,6 +66,8 @@ pub(crate) struct DerivationGoal {
     /// Outputs to build (all of them under --check).
     pub missing_paths: BTreeSet<StorePath>,
     pub build: Option<RunningBuild>,
+    /// The build hook took this build (its process is the goal's child).
+    pub hook_build: Option<crate::hook::HookBuild>,
     exit: Option<Result<ExitStatus, String>>,
     /// Told the user once that every build user is busy.
     reported_users_busy: bool,
@@ -89,6 +91,7 @@ impl DerivationGoal {
             valid_paths: BTreeSet::new(),
             missing_paths: BTreeSet::new(),
             build: None,
+            hook_build: None,
             exit: None,
             reported_users_busy: false,
         }
@@ -279,9 +282,12 @@ impl DerivationGoal {
 
     fn outputs_substituted(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
         let counts = w.graph.waitee_counts(id);
-        if counts.failed > 0 && counts.failed > counts.no_substituters + counts.incomplete_closure {
+        if counts.failed > 0
+            && counts.failed > counts.no_substituters + counts.incomplete_closure
+            && !w.cfg.fallback
+        {
             return Err(BuildError::Misc(format!(
-                "some substitutes for the outputs of derivation {} failed",
+                "some substitutes for the outputs of derivation {} failed (usually happens due to networking issues); try '--fallback' to build derivation from source",
                 quoted(w.store_dir(), &self.drv_path)
             )));
         }
@@ -498,7 +504,25 @@ impl DerivationGoal {
             }
         }
 
+        // Check and repair builds are local only, as are preferLocalBuild derivations.
         let build_locally = self.mode != BuildMode::Normal || self.will_build_locally(w)?;
+        if !build_locally {
+            match crate::hook::try_build_hook(self, id, w)? {
+                crate::hook::HookReply::Accept => {
+                    w.set_locked_outputs(id, self.outputs.values().cloned().collect());
+                    self.output_locks = Some(locks);
+                    self.state = State::BuildDone;
+                    return Ok(());
+                }
+                crate::hook::HookReply::Postpone => {
+                    // Not now: retry after a while, without holding the locks.
+                    drop(locks);
+                    w.wait_for_a_while(id);
+                    return Ok(());
+                }
+                crate::hook::HookReply::Decline => {}
+            }
+        }
         let cur = w.nr_local_builds();
         if cur >= w.cfg.max_jobs && !(build_locally && cur == 0) {
             // Wait for a slot without holding the locks, so that other processes may go on.
@@ -540,6 +564,19 @@ impl DerivationGoal {
     }
 
     pub fn handle_child_output(&mut self, id: GoalId, w: &mut Worker<'_>, chunk: &[u8]) {
+        if let Some(h) = self.hook_build.as_mut() {
+            h.drain_messages(w, &self.drv_path, false);
+            w.emit(Event::BuildLog {
+                drv: self.drv_path.clone(),
+                chunk: chunk.to_vec(),
+            });
+            if let Some(limit) = h.log_chunk(chunk) {
+                w.child_terminated(id);
+                let reason = format!("killed after writing more than {limit} bytes of log output");
+                self.cancel(id, w, FailureKind::LogLimitExceeded, reason);
+            }
+            return;
+        }
         let Some(b) = self.build.as_mut() else { return };
         w.emit(Event::BuildLog {
             drv: self.drv_path.clone(),
@@ -561,6 +598,9 @@ impl DerivationGoal {
             .exit
             .take()
             .unwrap_or_else(|| Err("builder status unknown".into()));
+        if let Some(hb) = self.hook_build.take() {
+            return crate::hook::build_done(self, id, w, hb, status);
+        }
         let Some(mut build) = self.build.take() else {
             return Err(BuildError::Misc(
                 "internal error: no build to finish".into(),

@@ -61,6 +61,32 @@ pub enum Event {
         reason: String,
         permanent: bool,
     },
+    /// A substituter was started to fetch `path` (`@ substituter-started PATH SUB`).
+    SubstituterStarted {
+        path: StorePath,
+        substituter: String,
+    },
+    /// Bytes a substituter wrote to its standard error.
+    SubstituterLog { path: StorePath, chunk: Vec<u8> },
+    /// `path` was substituted and registered (`@ substituter-succeeded PATH`).
+    SubstituterSucceeded { path: StorePath },
+    /// A substituter failed to provide `path`; the next one is tried
+    /// (`@ substituter-failed PATH STATUS MSG`). `status` is the raw wait status, or
+    /// `timeout`.
+    SubstituterFailed {
+        path: StorePath,
+        status: String,
+        message: String,
+    },
+    /// A line the build hook wrote on its standard error (messages, not the build log).
+    HookOutput { drv: StorePath, text: String },
+    /// The build hook itself failed (not the remote build: that is `BuildFailed`),
+    /// `@ hook-failed DRV - STATUS MSG`.
+    HookFailed {
+        drv: StorePath,
+        status: String,
+        message: String,
+    },
     /// Some goal is waiting for a lock held by another process or for a build slot.
     WaitingForLocks,
     /// Anything else worth telling the user (notes, warnings, corrupted paths ...).

@@ -9,7 +9,7 @@
 //!                                     when a waitee failed and keep-going is off
 //! top goals                           what the caller asked for; the run ends when none is left
 //! awake                               goals to call next, in FIFO order, each at most once
-//! wanting to build                    woken when a build slot frees up (a child terminates)
+//! wanting to build                    FIFO; the worker wakes as many as there are free slots
 //! waiting for any goal                woken when any goal finishes (an output lock of ours)
 //! waiting for a while                 woken every build-poll-interval (a lock of another process)
 //! ```
@@ -47,6 +47,11 @@ struct Node {
     top: bool,
     /// Destroyed (done or orphaned): ignore any reference to it.
     dead: bool,
+    /// In the awake queue (the queue may also hold stale entries of goals no longer awake;
+    /// this flag is what counts).
+    awake: bool,
+    /// In the build slot queue (same convention as `awake`).
+    wants_slot: bool,
 }
 
 /// Failure counters of a goal's finished waitees since they were last reset.
@@ -57,16 +62,29 @@ pub struct WaiteeCounts {
     pub incomplete_closure: u32,
 }
 
+/// Every operation the worker performs per event is O(log n) or O(what changed), never a
+/// scan of all goals: with ten thousand goals a scan per event makes the run quadratic.
+/// Queues therefore hold goal ids with a flag on the node saying whether the entry is
+/// still meant; entries whose flag is off are skipped when they come up.
 #[derive(Debug)]
 pub struct Graph {
     nodes: Vec<Node>,
     keep_going: bool,
     awake: VecDeque<GoalId>,
-    wanting_to_build: BTreeSet<GoalId>,
+    /// Goals waiting for a build slot, first come first served.
+    wanting_to_build: VecDeque<GoalId>,
+    nr_wanting_to_build: usize,
     waiting_for_any: BTreeSet<GoalId>,
     waiting_for_a_while: BTreeSet<GoalId>,
+    /// Live top goals.
+    nr_live_top: usize,
+    /// Goals that may have become orphans since the last `collect_orphans` (new goals,
+    /// goals that lost a waiter); checked, not trusted.
+    orphan_candidates: Vec<GoalId>,
     /// Set once a top goal failed without keep-going: every goal is to stop.
     stopped: bool,
+    /// `stopped` has been acted on: every live goal was made an orphan candidate.
+    stop_collected: bool,
 }
 
 impl Graph {
@@ -75,10 +93,14 @@ impl Graph {
             nodes: Vec::new(),
             keep_going,
             awake: VecDeque::new(),
-            wanting_to_build: BTreeSet::new(),
+            wanting_to_build: VecDeque::new(),
+            nr_wanting_to_build: 0,
             waiting_for_any: BTreeSet::new(),
             waiting_for_a_while: BTreeSet::new(),
+            nr_live_top: 0,
+            orphan_candidates: Vec::new(),
             stopped: false,
+            stop_collected: false,
         }
     }
 
@@ -89,12 +111,18 @@ impl Graph {
             exit: Some(ExitCode::Busy),
             ..Node::default()
         });
+        // Nobody waits for it yet: an orphan unless someone does by the next collection.
+        self.orphan_candidates.push(id);
         self.wake_up(id);
         id
     }
 
     pub fn set_top(&mut self, id: GoalId) {
-        self.nodes[id.0].top = true;
+        let n = &mut self.nodes[id.0];
+        if !n.top && !n.dead {
+            self.nr_live_top += 1;
+        }
+        n.top = true;
     }
 
     pub fn is_alive(&self, id: GoalId) -> bool {
@@ -107,7 +135,7 @@ impl Graph {
 
     /// True while some top goal is unfinished and no top goal failed without keep-going.
     pub fn has_top_goals(&self) -> bool {
-        !self.stopped && self.nodes.iter().any(|n| n.top && !n.dead)
+        !self.stopped && self.nr_live_top > 0
     }
 
     pub fn waitee_counts(&self, id: GoalId) -> WaiteeCounts {
@@ -162,6 +190,14 @@ impl Graph {
         }
     }
 
+    /// `waitee` no longer counts `waiter` among its waiters.
+    fn drop_waiter(&mut self, waitee: GoalId, waiter: GoalId) {
+        let n = &mut self.nodes[waitee.0];
+        if n.waiters.remove(&waiter) && n.waiters.is_empty() {
+            self.orphan_candidates.push(waitee);
+        }
+    }
+
     fn waitee_done(&mut self, waiter: GoalId, waitee: GoalId, result: ExitCode) {
         if !self.is_alive(waiter) || !self.nodes[waiter.0].waitees.remove(&waitee) {
             return;
@@ -173,7 +209,7 @@ impl Graph {
             // rest, which may leave some of them orphaned.
             let rest = std::mem::take(&mut self.nodes[waiter.0].waitees);
             for w in rest {
-                self.nodes[w.0].waiters.remove(&waiter);
+                self.drop_waiter(w, waiter);
             }
             self.wake_up(waiter);
         }
@@ -202,37 +238,48 @@ impl Graph {
 
     fn remove(&mut self, id: GoalId) {
         let n = &mut self.nodes[id.0];
+        if n.dead {
+            return;
+        }
         n.dead = true;
+        n.awake = false;
+        if n.top {
+            self.nr_live_top -= 1;
+        }
+        if std::mem::take(&mut n.wants_slot) {
+            self.nr_wanting_to_build -= 1;
+        }
         let waitees = std::mem::take(&mut n.waitees);
         for w in waitees {
-            self.nodes[w.0].waiters.remove(&id);
+            self.drop_waiter(w, id);
         }
-        self.awake.retain(|g| *g != id);
-        self.wanting_to_build.remove(&id);
         self.waiting_for_any.remove(&id);
         self.waiting_for_a_while.remove(&id);
+    }
+
+    fn is_orphan(&self, g: GoalId) -> bool {
+        let n = &self.nodes[g.0];
+        !n.dead && (!n.top || self.stopped) && n.waiters.is_empty()
     }
 
     /// Live goals nobody needs any more (not top, no waiters), found transitively: each is
     /// removed from the graph and returned so the worker can destroy its value.
     pub fn collect_orphans(&mut self) -> Vec<GoalId> {
+        if self.stopped && !self.stop_collected {
+            // Top goals count as orphans from now on; look at every goal once.
+            self.stop_collected = true;
+            self.orphan_candidates
+                .extend((0..self.nodes.len()).map(GoalId));
+        }
         let mut out = Vec::new();
-        loop {
-            let found: Vec<GoalId> = (0..self.nodes.len())
-                .map(GoalId)
-                .filter(|&g| {
-                    let n = &self.nodes[g.0];
-                    !n.dead && (!n.top || self.stopped) && n.waiters.is_empty()
-                })
-                .collect();
-            if found.is_empty() {
-                return out;
-            }
-            for g in found {
+        while let Some(g) = self.orphan_candidates.pop() {
+            if self.is_orphan(g) {
+                // Removing it may make its own waitees candidates.
                 self.remove(g);
                 out.push(g);
             }
         }
+        out
     }
 
     /// Every live goal, for tearing the worker down.
@@ -244,29 +291,65 @@ impl Graph {
     }
 
     pub fn wake_up(&mut self, id: GoalId) {
-        if self.is_alive(id) && !self.awake.contains(&id) {
-            self.awake.push_back(id);
+        if let Some(n) = self.nodes.get_mut(id.0) {
+            if !n.dead && !n.awake {
+                n.awake = true;
+                self.awake.push_back(id);
+            }
         }
     }
 
     /// The goals to call now; goals woken while they run are returned by the next call.
     pub fn take_awake(&mut self) -> Vec<GoalId> {
-        self.awake.drain(..).collect()
+        let mut out = Vec::with_capacity(self.awake.len());
+        for id in self.awake.drain(..) {
+            let n = &mut self.nodes[id.0];
+            if n.awake {
+                n.awake = false;
+                out.push(id);
+            }
+        }
+        out
     }
 
     pub fn has_awake(&self) -> bool {
+        // Stale entries are only left by dead goals; `take_awake` skips them.
         !self.awake.is_empty()
     }
 
     pub fn wait_for_build_slot(&mut self, id: GoalId) {
-        self.wanting_to_build.insert(id);
+        let n = &mut self.nodes[id.0];
+        if !n.dead && !n.wants_slot {
+            n.wants_slot = true;
+            self.nr_wanting_to_build += 1;
+            self.wanting_to_build.push_back(id);
+        }
     }
 
-    /// A build slot is free: everyone wanting one gets to try again.
-    pub fn wake_slot_waiters(&mut self) {
-        for g in std::mem::take(&mut self.wanting_to_build) {
-            self.wake_up(g);
+    /// Wakes up to `n` goals waiting for a build slot, longest waiting first; returns how
+    /// many were woken. Waking exactly as many goals as there are free slots (rather than
+    /// all of them, as the original does) keeps a freed slot from costing a lock attempt
+    /// and a database re-check by every waiting goal.
+    pub fn wake_slot_waiters_up_to(&mut self, n: usize) -> usize {
+        let mut woken = 0;
+        while woken < n {
+            let Some(id) = self.wanting_to_build.pop_front() else {
+                break;
+            };
+            let node = &mut self.nodes[id.0];
+            if !std::mem::take(&mut node.wants_slot) {
+                continue; // stale entry
+            }
+            self.nr_wanting_to_build -= 1;
+            self.wake_up(id);
+            woken += 1;
         }
+        woken
+    }
+
+    /// Wakes every goal waiting for a build slot.
+    pub fn wake_slot_waiters(&mut self) {
+        self.wake_slot_waiters_up_to(usize::MAX);
     }
 
     pub fn wait_for_any_goal(&mut self, id: GoalId) {
@@ -288,7 +371,7 @@ impl Graph {
     }
 
     pub fn has_waiting_for_slot(&self) -> bool {
-        !self.wanting_to_build.is_empty()
+        self.nr_wanting_to_build > 0
     }
 }
 
@@ -424,5 +507,84 @@ mod tests {
         g.add_waitee(t, done);
         assert_eq!(g.waitee_counts(t).failed, 1);
         assert!(!g.has_waitees(t));
+    }
+
+    #[test]
+    fn slots_go_to_the_longest_waiting_goal_one_per_free_slot() {
+        let mut g = Graph::new(false);
+        let ids: Vec<GoalId> = (0..5).map(|_| g.add_goal()).collect();
+        for &x in &ids {
+            g.set_top(x);
+        }
+        g.take_awake();
+        // Queue in an order that differs from id order: FIFO, not by id.
+        for &x in &[ids[3], ids[1], ids[4], ids[0]] {
+            g.wait_for_build_slot(x);
+        }
+        g.wait_for_build_slot(ids[1]); // already queued: no second entry
+        assert_eq!(g.wake_slot_waiters_up_to(1), 1);
+        assert_eq!(g.take_awake(), vec![ids[3]]);
+        // A queued goal that finishes meanwhile leaves a stale entry, which is skipped.
+        g.am_done(ids[1], ExitCode::Success);
+        assert_eq!(g.wake_slot_waiters_up_to(2), 2);
+        assert_eq!(g.take_awake(), vec![ids[4], ids[0]]);
+        assert!(!g.has_waiting_for_slot());
+        assert_eq!(g.wake_slot_waiters_up_to(3), 0);
+        // A goal can queue again after being woken.
+        g.wait_for_build_slot(ids[3]);
+        assert!(g.has_waiting_for_slot());
+        g.wake_slot_waiters();
+        assert_eq!(g.take_awake(), vec![ids[3]]);
+    }
+
+    #[test]
+    fn wake_up_is_idempotent_and_dead_goals_are_not_returned() {
+        let mut g = Graph::new(false);
+        let (t, a) = (g.add_goal(), g.add_goal());
+        g.set_top(t);
+        g.add_waitee(t, a);
+        g.take_awake();
+        g.wake_up(t);
+        g.wake_up(a);
+        g.wake_up(t);
+        g.am_done(a, ExitCode::Success); // wakes t again: still once
+        assert_eq!(g.take_awake(), vec![t]);
+    }
+
+    #[test]
+    fn top_goal_count_follows_set_top_and_completion() {
+        let mut g = Graph::new(true);
+        let (t1, t2) = (g.add_goal(), g.add_goal());
+        assert!(!g.has_top_goals());
+        g.set_top(t1);
+        g.set_top(t1);
+        g.set_top(t2);
+        g.am_done(t1, ExitCode::Failed);
+        assert!(g.has_top_goals(), "keep-going: t2 is still to do");
+        g.am_done(t2, ExitCode::Success);
+        assert!(!g.has_top_goals());
+    }
+
+    #[test]
+    fn orphans_are_found_through_chains_of_waitees_only() {
+        // t -> a -> b -> c, and d (also waited for by t2, which stays).
+        let mut g = Graph::new(false);
+        let (t, t2) = (g.add_goal(), g.add_goal());
+        g.set_top(t);
+        g.set_top(t2);
+        let (a, b, c, d) = (g.add_goal(), g.add_goal(), g.add_goal(), g.add_goal());
+        g.add_waitee(t, a);
+        g.add_waitee(a, b);
+        g.add_waitee(b, c);
+        g.add_waitee(a, d);
+        g.add_waitee(t2, d);
+        assert!(g.collect_orphans().is_empty());
+        // a fails for another reason and is destroyed: t stays, b and c go, d stays.
+        g.am_done(a, ExitCode::Failed);
+        let mut o = g.collect_orphans();
+        o.sort();
+        assert_eq!(o, vec![b, c]);
+        assert!(g.is_alive(d) && g.is_alive(t));
+        assert!(g.collect_orphans().is_empty());
     }
 }

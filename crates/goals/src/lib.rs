@@ -22,7 +22,9 @@ mod derivation_goal;
 pub mod env;
 mod error;
 pub mod event;
+mod external;
 pub mod graph;
+mod hook;
 mod local;
 pub mod refcheck;
 mod register;
@@ -36,11 +38,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use nixb_store::{DerivedPath, StorePath};
 
-pub use config::{BuildMode, SandboxMode, WorkerConfig};
+pub use config::{BuildMode, HookCommand, SandboxMode, SubstituterCommand, WorkerConfig};
 pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
 pub use graph::ExitCode;
-pub use store::{BuildStore, NewOutput, PathInfo, StoreFault};
+pub use store::{BuildStore, NewOutput, PathInfo, StoreFault, SubstitutedPath};
 pub use worker::Failure;
 
 /// What `realise` achieved.

@@ -6,7 +6,7 @@ use nixb_store::derivation::Derivation;
 use nixb_store::local_store::{LocalStore, ValidPathInfo};
 use nixb_store::{StoreDir, StorePath};
 
-use crate::store::{BuildStore, NewOutput, PathInfo, StoreFault};
+use crate::store::{BuildStore, NewOutput, PathInfo, StoreFault, SubstitutedPath};
 
 fn fault(e: nixb_store::local_store::StoreError) -> StoreFault {
     StoreFault::from_error(e)
@@ -80,5 +80,20 @@ impl BuildStore for LocalStore {
 
     fn add_temp_root(&self, p: &StorePath) -> Result<(), StoreFault> {
         LocalStore::add_temp_root(self, p).map_err(fault)
+    }
+
+    fn register_substitute(&self, info: &SubstitutedPath) -> Result<(), StoreFault> {
+        let v = ValidPathInfo {
+            path: info.path.clone(),
+            nar_hash: info.nar_hash.clone(),
+            nar_size: info.nar_size,
+            deriver: info.deriver.clone(),
+            references: info.references.clone(),
+            registration_time: 0,
+            ultimate: false,
+            sigs: Vec::new(),
+            ca: None,
+        };
+        LocalStore::register_valid_paths(self, &[v]).map_err(fault)
     }
 }

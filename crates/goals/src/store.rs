@@ -61,4 +61,22 @@ pub trait BuildStore {
     fn register_failed_path(&self, p: &StorePath) -> Result<(), StoreFault>;
     /// Protects `p` from the garbage collector while the worker runs.
     fn add_temp_root(&self, p: &StorePath) -> Result<(), StoreFault>;
+    /// Registers a path a substituter produced (not built here, so not "ultimate"); an
+    /// already valid path is replaced, as after a repair. Its references are valid.
+    fn register_substitute(&self, info: &SubstitutedPath) -> Result<(), StoreFault> {
+        Err(StoreFault(format!(
+            "this store cannot register substituted path '{}'",
+            self.store_dir().print(&info.path)
+        )))
+    }
+}
+
+/// A path a substituter produced, to register.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubstitutedPath {
+    pub path: StorePath,
+    pub nar_hash: Hash,
+    pub nar_size: u64,
+    pub references: BTreeSet<StorePath>,
+    pub deriver: Option<StorePath>,
 }

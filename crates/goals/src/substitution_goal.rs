@@ -1,42 +1,223 @@
-//! The substitution goal: make one store path valid without building it.
+//! The substitution goal: make one store path valid without building it, by running the
+//! external substituter programs of the original engine (`substituters`; the cli maps
+//! binary cache URLs onto `nixb substitute`).
 //!
-//! States as in the original: `init` (done if the path is valid) → `tryNext` (ask the next
-//! substituter; none left means `NoSubstituters`, which tells a waiting derivation goal to
-//! build instead). nixb has no substituters yet, so `tryNext` answers at once; the
-//! [`Substituters`] seam is where binary caches will plug in (query info, realise the
-//! references, then fetch under the path's lock, as the original's later states do).
+//! States, in the original's names:
+//!
+//! ```text
+//! init             done if the path is valid (and not being repaired)
+//! tryNext          ask the next substituter (`--query`, `info PATH`); none left means
+//!                  Failed if one had offered it, else NoSubstituters (the caller builds)
+//! referencesValid  the references were substituted first (closure invariant); if one
+//!                  could not be: IncompleteClosure (or Failed)
+//! tryToRun         a build slot (max(1, max-jobs): substitutes run even when max-jobs is
+//!                  0), the path's lock, a re-check, then `--substitute PATH DEST` as a
+//!                  child whose stderr is the log and whose stdout carries the hash
+//! finished         the child exited: verify the NAR hash of DEST against the one it
+//!                  printed, canonicalise, register; on any failure try the next one
+//! ```
+//!
+//! The `--query` programs run for the whole worker ([`QueryPool`]), one per substituter,
+//! and are asked synchronously, as in the original: their answers come from local
+//! metadata and are quick, whereas fetching runs in the background in a build slot.
 
-use nixb_store::StorePath;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 
+use nixb_store::locks::PathLocks;
+use nixb_store::{Hash, HashAlgo, StoreDir, StorePath};
+
+use crate::config::SubstituterCommand;
 use crate::error::quoted;
-use crate::event::{FailureKind, Level};
+use crate::event::{Event, FailureKind, Level};
+use crate::external::{raw_status, spawn_adopted, status_to_string};
 use crate::graph::{ExitCode, GoalId};
+use crate::store::SubstitutedPath;
 use crate::worker::{Failure, Worker};
 
-/// Where substitutes come from. None are configured yet.
-pub(crate) trait Substituters {
-    /// Whether some substituter could provide `path`.
-    fn has_substitute(&self, path: &StorePath) -> bool;
+/// What a substituter says about a path it can provide (`info`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SubstitutableInfo {
+    pub deriver: Option<StorePath>,
+    pub references: BTreeSet<StorePath>,
+    pub download_size: u64,
+    pub nar_size: u64,
 }
 
-/// The empty list of substituters.
-pub(crate) struct NoSubstituters;
+/// A substituter running in `--query` mode.
+struct QueryProcess {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
 
-impl Substituters for NoSubstituters {
-    fn has_substitute(&self, _path: &StorePath) -> bool {
-        false
+impl Drop for QueryProcess {
+    fn drop(&mut self) {
+        // Closing stdin ends a well-behaved program; one that hangs is killed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `--query` processes of all substituters, started on first use. A substituter whose
+/// query process failed is not asked again during this run.
+#[derive(Default)]
+pub(crate) struct QueryPool {
+    procs: Vec<Option<QueryProcess>>,
+    broken: BTreeSet<usize>,
+}
+
+impl QueryPool {
+    /// Asks substituter `idx` about `path`: `Ok(None)` when it cannot provide it.
+    pub fn query_info(
+        &mut self,
+        idx: usize,
+        sub: &SubstituterCommand,
+        dir: &StoreDir,
+        path: &StorePath,
+    ) -> Result<Option<SubstitutableInfo>, String> {
+        if self.broken.contains(&idx) {
+            return Ok(None);
+        }
+        if self.procs.len() <= idx {
+            self.procs.resize_with(idx + 1, || None);
+        }
+        if self.procs[idx].is_none() {
+            match start_query(sub) {
+                Ok(p) => self.procs[idx] = Some(p),
+                Err(e) => {
+                    self.broken.insert(idx);
+                    return Err(format!("substituter '{}': {e}", sub.name));
+                }
+            }
+        }
+        let Some(p) = self.procs[idx].as_mut() else {
+            return Ok(None);
+        };
+        match ask_info(p, dir, path) {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                self.procs[idx] = None;
+                self.broken.insert(idx);
+                Err(format!(
+                    "substituter '{}' (--query) about '{}': {e}",
+                    sub.name,
+                    dir.print(path)
+                ))
+            }
+        }
+    }
+}
+
+fn start_query(sub: &SubstituterCommand) -> Result<QueryProcess, String> {
+    let mut child = Command::new(&sub.program)
+        .args(&sub.args)
+        .arg("--query")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting '{}': {e}", sub.program.display()))?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("no pipes to the query process".into());
+    };
+    let mut p = QueryProcess {
+        child,
+        stdin,
+        stdout: BufReader::new(stdout),
+    };
+    // The program announces that it is alive with one empty line.
+    let line = read_line(&mut p.stdout)?;
+    if !line.is_empty() {
+        return Err(format!("expected an empty startup line, got '{line}'"));
+    }
+    Ok(p)
+}
+
+fn read_line(r: &mut impl BufRead) -> Result<String, String> {
+    let mut s = String::new();
+    match r.read_line(&mut s) {
+        Ok(0) => Err("unexpected end of output".into()),
+        Ok(_) => Ok(s.trim_end_matches('\n').to_string()),
+        Err(e) => Err(format!("reading its output: {e}")),
+    }
+}
+
+fn ask_info(
+    p: &mut QueryProcess,
+    dir: &StoreDir,
+    path: &StorePath,
+) -> Result<Option<SubstitutableInfo>, String> {
+    writeln!(p.stdin, "info {}", dir.print(path))
+        .and_then(|()| p.stdin.flush())
+        .map_err(|e| format!("writing the request: {e}"))?;
+    let parse = |s: &str, what: &str| {
+        dir.parse(s)
+            .map_err(|e| format!("bad {what} '{s}' in the reply: {e}"))
+    };
+    let num = |s: &str, what: &str| {
+        s.parse::<u64>()
+            .map_err(|_| format!("bad {what} '{s}' in the reply"))
+    };
+    let mut found = None;
+    loop {
+        let first = read_line(&mut p.stdout)?;
+        if first.is_empty() {
+            return Ok(found);
+        }
+        let p_path = parse(&first, "path")?;
+        let deriver = read_line(&mut p.stdout)?;
+        let deriver = if deriver.is_empty() {
+            None
+        } else {
+            Some(parse(&deriver, "deriver")?)
+        };
+        let n = num(&read_line(&mut p.stdout)?, "reference count")?;
+        let mut references = BTreeSet::new();
+        for _ in 0..n {
+            references.insert(parse(&read_line(&mut p.stdout)?, "reference")?);
+        }
+        let download_size = num(&read_line(&mut p.stdout)?, "download size")?;
+        let nar_size = num(&read_line(&mut p.stdout)?, "nar size")?;
+        if &p_path == path {
+            found = Some(SubstitutableInfo {
+                deriver,
+                references,
+                download_size,
+                nar_size,
+            });
+        }
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Init,
+    TryNext,
+    ReferencesValid,
+    TryToRun,
+    Finished,
 }
 
 pub(crate) struct SubstitutionGoal {
     path: StorePath,
     repair: bool,
     state: State,
+    /// Index of the next substituter to ask.
+    next_sub: usize,
+    /// The substituter being used and what it said about the path.
+    current: Option<(usize, SubstitutableInfo)>,
+    /// Some substituter offered the path (so running out of them is a failure).
+    has_substitute: bool,
+    lock: Option<PathLocks>,
+    /// Where the substituter unpacks: the path itself, or beside it when repairing.
+    dest: PathBuf,
+    stdout: Option<ChildStdout>,
+    exit: Option<Result<ExitStatus, String>>,
 }
 
 impl SubstitutionGoal {
@@ -45,13 +226,35 @@ impl SubstitutionGoal {
             path,
             repair,
             state: State::Init,
+            next_sub: 0,
+            current: None,
+            has_substitute: false,
+            lock: None,
+            dest: PathBuf::new(),
+            stdout: None,
+            exit: None,
         }
     }
 
     pub fn work(&mut self, id: GoalId, w: &mut Worker<'_>) {
         match self.state {
             State::Init => self.init(id, w),
+            State::TryNext => self.try_next(id, w),
+            State::ReferencesValid => self.references_valid(id, w),
+            State::TryToRun => self.try_to_run(id, w),
+            State::Finished => self.finished(id, w),
         }
+    }
+
+    fn fail_setup(&mut self, id: GoalId, w: &mut Worker<'_>, message: String) {
+        self.lock = None;
+        w.message(Level::Error, message.clone());
+        w.record_failure(Failure {
+            path: self.path.clone(),
+            kind: FailureKind::SetupFailed,
+            message,
+        });
+        w.am_done(id, ExitCode::Failed);
     }
 
     fn init(&mut self, id: GoalId, w: &mut Worker<'_>) {
@@ -64,26 +267,344 @@ impl SubstitutionGoal {
                     "checking validity of {}: {e}",
                     quoted(w.store_dir(), &self.path)
                 );
-                w.message(Level::Error, message.clone());
-                w.record_failure(Failure {
-                    path: self.path.clone(),
-                    kind: FailureKind::SetupFailed,
-                    message,
-                });
-                return w.am_done(id, ExitCode::Failed);
+                return self.fail_setup(id, w, message);
             }
         }
+        self.next_sub = 0;
         self.try_next(id, w);
     }
 
     fn try_next(&mut self, id: GoalId, w: &mut Worker<'_>) {
-        // With no substituter able to provide the path, report `NoSubstituters` rather than
-        // failure: a derivation goal waiting for its outputs then builds them. (The
-        // original's "hack", kept because it is what makes the fallback to building work.)
-        let subs = NoSubstituters;
-        if !w.cfg.use_substitutes || !subs.has_substitute(&self.path) {
-            return w.am_done(id, ExitCode::NoSubstituters);
+        self.current = None;
+        let subs = if w.cfg.use_substitutes {
+            w.cfg.substituters.as_slice()
+        } else {
+            &[]
+        };
+        while self.next_sub < subs.len() {
+            let idx = self.next_sub;
+            self.next_sub += 1;
+            let dir = w.store.store_dir().clone();
+            match w
+                .subst_queries
+                .query_info(idx, &subs[idx], &dir, &self.path)
+            {
+                Ok(Some(info)) => {
+                    self.current = Some((idx, info));
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => w.message(Level::Warn, e),
+            }
         }
+        let Some((_, info)) = &self.current else {
+            // None left. Without any offer at all this is not a failure: a derivation goal
+            // waiting for its outputs then builds them (the original's "hack", kept
+            // because it is what makes the fallback to building work).
+            let code = if self.has_substitute {
+                ExitCode::Failed
+            } else {
+                ExitCode::NoSubstituters
+            };
+            return w.am_done(id, code);
+        };
+        self.has_substitute = true;
+        // The closure invariant: references first (a self-reference is no dependency).
+        let refs: Vec<StorePath> = info
+            .references
+            .iter()
+            .filter(|r| **r != self.path)
+            .cloned()
+            .collect();
+        for r in refs {
+            let g = w.make_substitution_goal(&r, false);
+            w.graph.add_waitee(id, g);
+        }
+        self.state = State::ReferencesValid;
+        if !w.graph.has_waitees(id) {
+            self.references_valid(id, w);
+        }
+    }
+
+    fn references_valid(&mut self, id: GoalId, w: &mut Worker<'_>) {
+        let counts = w.graph.waitee_counts(id);
+        if counts.failed > 0 {
+            w.message(
+                Level::Debug,
+                format!(
+                    "some references of path {} could not be realised",
+                    quoted(w.store_dir(), &self.path)
+                ),
+            );
+            let code = if counts.no_substituters > 0 || counts.incomplete_closure > 0 {
+                ExitCode::IncompleteClosure
+            } else {
+                ExitCode::Failed
+            };
+            return w.am_done(id, code);
+        }
+        w.graph.reset_waitee_counts(id);
+        self.state = State::TryToRun;
+        w.graph.wake_up(id);
+    }
+
+    fn try_to_run(&mut self, id: GoalId, w: &mut Worker<'_>) {
+        // Substitutes cannot go to another machine through the hook, so one runs even
+        // when max-jobs is 0.
+        if w.nr_local_builds() >= w.cfg.max_jobs.max(1) {
+            return w.graph.wait_for_build_slot(id);
+        }
+        self.lock = None;
+        if w.is_locked_by_me(&self.path) {
+            return w.wait_for_any_goal(id);
+        }
+        let real = w.store_dir().to_path(&self.path);
+        let lock = match PathLocks::lock(std::slice::from_ref(&real), false, None) {
+            Ok(Some(l)) => l,
+            Ok(None) => return w.wait_for_a_while(id),
+            Err(e) => {
+                let message = format!("locking {}: {e}", quoted(w.store_dir(), &self.path));
+                return self.fail_setup(id, w, message);
+            }
+        };
+        self.lock = Some(lock);
+        match w.store.is_valid_path(&self.path) {
+            Ok(true) if !self.repair => {
+                if let Some(l) = self.lock.as_mut() {
+                    l.set_deletion(true);
+                }
+                self.lock = None;
+                return w.am_done(id, ExitCode::Success);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let message = format!(
+                    "checking validity of {}: {e}",
+                    quoted(w.store_dir(), &self.path)
+                );
+                return self.fail_setup(id, w, message);
+            }
+        }
+        let Some((idx, _)) = &self.current else {
+            return self.fail_setup(id, w, "internal error: no substituter chosen".into());
+        };
+        let sub = w.cfg.substituters[*idx].clone();
+        self.dest = if self.repair {
+            let mut d = real.clone().into_os_string();
+            d.push(".tmp");
+            PathBuf::from(d)
+        } else {
+            real.clone()
+        };
+        if std::fs::symlink_metadata(&self.dest).is_ok() {
+            if let Err(e) = crate::build_dir::delete_path(&self.dest) {
+                let message = format!("removing stale path '{}': {e}", self.dest.display());
+                return self.fail_setup(id, w, message);
+            }
+        }
+        w.message(
+            Level::Info,
+            format!("fetching path {}...", quoted(w.store_dir(), &self.path)),
+        );
+        match self.start(&sub, w.store_dir()) {
+            Ok((builder, log, stdout)) => {
+                self.stdout = Some(stdout);
+                w.set_locked_outputs(id, BTreeSet::from([self.path.clone()]));
+                w.child_started(id, builder, log, true);
+                self.state = State::Finished;
+                w.emit(Event::SubstituterStarted {
+                    path: self.path.clone(),
+                    substituter: sub.name.clone(),
+                });
+            }
+            Err(e) => {
+                // A program that cannot even start is that substituter failing.
+                let message = format!("substituter '{}': {e}", sub.name);
+                self.substituter_failed(id, w, "-1".into(), message);
+            }
+        }
+    }
+
+    fn start(
+        &self,
+        sub: &SubstituterCommand,
+        dir: &StoreDir,
+    ) -> std::io::Result<(nixb_sandbox::Builder, std::os::fd::OwnedFd, ChildStdout)> {
+        let (log_read, log_write) = crate::external::log_pipe()?;
+        let mut cmd = Command::new(&sub.program);
+        cmd.args(&sub.args)
+            .arg("--substitute")
+            .arg(dir.print(&self.path))
+            .arg(&self.dest)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_write));
+        let (builder, mut child) = spawn_adopted(&mut cmd)?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stdout pipe to the substituter"))?;
+        Ok((builder, log_read, stdout))
+    }
+
+    pub fn handle_child_output(&mut self, w: &mut Worker<'_>, chunk: &[u8]) {
+        w.emit(Event::SubstituterLog {
+            path: self.path.clone(),
+            chunk: chunk.to_vec(),
+        });
+    }
+
+    pub fn child_exited(&mut self, status: Result<ExitStatus, String>) {
+        self.exit = Some(status);
+    }
+
+    /// The worker killed the substituter (a timeout).
+    pub fn cancel(&mut self, id: GoalId, w: &mut Worker<'_>, reason: String) {
+        self.lock = None;
+        w.emit(Event::SubstituterFailed {
+            path: self.path.clone(),
+            status: "timeout".into(),
+            message: reason,
+        });
         w.am_done(id, ExitCode::Failed);
     }
+
+    fn substituter_failed(&mut self, id: GoalId, w: &mut Worker<'_>, status: String, msg: String) {
+        w.message(Level::Info, msg.clone());
+        w.emit(Event::SubstituterFailed {
+            path: self.path.clone(),
+            status,
+            message: msg,
+        });
+        self.lock = None;
+        w.clear_locked_outputs(id);
+        self.state = State::TryNext;
+        w.graph.wake_up(id);
+    }
+
+    fn finished(&mut self, id: GoalId, w: &mut Worker<'_>) {
+        let status = self
+            .exit
+            .take()
+            .unwrap_or_else(|| Err("substituter status unknown".into()));
+        // The child is gone, so its stdout reads to the end at once.
+        let mut out = String::new();
+        if let Some(mut s) = self.stdout.take() {
+            let _ = s.read_to_string(&mut out);
+        }
+        let raw = match &status {
+            Ok(s) => raw_status(s),
+            Err(_) => "-1".into(),
+        };
+        match self.check(w, &status, &out) {
+            Ok((hash, size)) => self.register(id, w, hash, size),
+            Err(msg) => self.substituter_failed(id, w, raw, msg),
+        }
+    }
+
+    /// Verifies what the substituter produced; the NAR hash and size of DEST.
+    fn check(
+        &self,
+        w: &Worker<'_>,
+        status: &Result<ExitStatus, String>,
+        out: &str,
+    ) -> Result<(Hash, u64), String> {
+        let shown = w.store_dir().print(&self.path);
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => return Err(format!("fetching path '{shown}' {}", status_to_string(s))),
+            Err(e) => return Err(format!("fetching path '{shown}': {e}")),
+        }
+        // First the startup line, then the expected hash (empty for none).
+        let mut lines = out.lines();
+        let _startup = lines.next();
+        let expected = lines.next().unwrap_or("").trim();
+        if std::fs::symlink_metadata(&self.dest).is_err() {
+            return Err(format!(
+                "substitute did not produce path '{}'",
+                self.dest.display()
+            ));
+        }
+        let (hash, size) = nixb_store::nar::hash_path(&self.dest, HashAlgo::Sha256)
+            .map_err(|e| format!("hashing '{}': {e}", self.dest.display()))?;
+        if !expected.is_empty() {
+            if !expected.contains(':') {
+                return Err(format!("bad hash from substituter: '{expected}'"));
+            }
+            let want = Hash::parse_typed(expected)
+                .map_err(|e| format!("bad hash from substituter: '{expected}': {e}"))?;
+            let got = if want.algo() == HashAlgo::Sha256 {
+                hash.clone()
+            } else {
+                nixb_store::nar::hash_path(&self.dest, want.algo())
+                    .map_err(|e| format!("hashing '{}': {e}", self.dest.display()))?
+                    .0
+            };
+            if want != got {
+                return Err(format!(
+                    "hash mismatch in downloaded path '{shown}': expected {}, got {}",
+                    want.to_base32_typed(),
+                    got.to_base32_typed()
+                ));
+            }
+        }
+        Ok((hash, size))
+    }
+
+    fn register(&mut self, id: GoalId, w: &mut Worker<'_>, hash: Hash, size: u64) {
+        let real = w.store_dir().to_path(&self.path);
+        if self.repair {
+            if let Err(e) = replace_valid_path(&real, &self.dest) {
+                return self.fail_setup(id, w, e);
+            }
+        }
+        let mut seen = nixb_store::canon::InodesSeen::new();
+        if let Err(e) = nixb_store::canon::canonicalise_path_metadata(&real, None, &mut seen) {
+            let message = format!("canonicalising '{}': {e}", real.display());
+            return self.fail_setup(id, w, message);
+        }
+        let Some((_, info)) = self.current.take() else {
+            return self.fail_setup(id, w, "internal error: no substituter info".into());
+        };
+        let entry = SubstitutedPath {
+            path: self.path.clone(),
+            nar_hash: hash,
+            nar_size: size,
+            references: info.references,
+            deriver: info.deriver,
+        };
+        if let Err(e) = w.store.register_substitute(&entry) {
+            let message = format!("registering {}: {e}", quoted(w.store_dir(), &self.path));
+            return self.fail_setup(id, w, message);
+        }
+        if let Some(l) = self.lock.as_mut() {
+            // Future lockers find the path valid and never need the file.
+            l.set_deletion(true);
+        }
+        self.lock = None;
+        w.emit(Event::SubstituterSucceeded {
+            path: self.path.clone(),
+        });
+        w.am_done(id, ExitCode::Success);
+    }
+}
+
+/// Repair: puts the fresh copy at `dest` in the place of the (corrupt) `real`, moving the
+/// old one aside first so that the path is never missing for longer than two renames.
+fn replace_valid_path(real: &Path, dest: &Path) -> Result<(), String> {
+    let mut old = real.to_path_buf().into_os_string();
+    old.push(format!(".old-{}", std::process::id()));
+    let old = PathBuf::from(old);
+    let had_old = std::fs::symlink_metadata(real).is_ok();
+    if had_old {
+        std::fs::rename(real, &old)
+            .map_err(|e| format!("moving '{}' aside: {e}", real.display()))?;
+    }
+    std::fs::rename(dest, real)
+        .map_err(|e| format!("moving '{}' to '{}': {e}", dest.display(), real.display()))?;
+    if had_old {
+        crate::build_dir::delete_path(&old)
+            .map_err(|e| format!("removing '{}': {e}", old.display()))?;
+    }
+    Ok(())
 }

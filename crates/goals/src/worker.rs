@@ -65,12 +65,17 @@ pub(crate) struct Worker<'a> {
     goals: Vec<Option<Goal>>,
     derivation_goals: HashMap<StorePath, GoalId>,
     substitution_goals: HashMap<StorePath, GoalId>,
+    /// For each goal id, the key it has in `derivation_goals` or `substitution_goals`
+    /// (`true` = derivation), so that forgetting a goal is a lookup, not a scan.
+    dedup_keys: Vec<Option<(bool, StorePath)>>,
     children: BTreeMap<GoalId, Child>,
     nr_local_builds: usize,
     /// Output paths locked by goals of this worker (flock would block them too, but this
     /// lets a goal sleep until another goal of ours finishes instead of polling).
     locked_outputs: BTreeMap<GoalId, BTreeSet<StorePath>>,
     last_woken_up: Option<Instant>,
+    /// Buffer for reading log pipes, allocated once.
+    read_buf: Vec<u8>,
     pub failures: Vec<Failure>,
     pub permanent_failure: bool,
     pub timed_out: bool,
@@ -79,6 +84,11 @@ pub(crate) struct Worker<'a> {
     /// Fresh network namespaces made ahead of time for sandboxed builds; started with the
     /// first one.
     netns_pool: Option<nixb_sandbox::NetNsPool>,
+    /// The substituters' `--query` processes, shared by all substitution goals.
+    pub subst_queries: crate::substitution_goal::QueryPool,
+    /// The build hook waiting for its next request (a goal whose build it accepted takes
+    /// it over, and the next request starts a fresh one).
+    pub hook: Option<crate::hook::HookInstance>,
     /// Kills the builders if this process dies; started with the first builder. Declared
     /// last so that it is dropped after the children (all reaped by then).
     watchdog: Option<crate::watchdog::Watchdog>,
@@ -98,16 +108,20 @@ impl<'a> Worker<'a> {
             goals: Vec::new(),
             derivation_goals: HashMap::new(),
             substitution_goals: HashMap::new(),
+            dedup_keys: Vec::new(),
             children: BTreeMap::new(),
             nr_local_builds: 0,
             locked_outputs: BTreeMap::new(),
             last_woken_up: None,
+            read_buf: Vec::new(),
             failures: Vec::new(),
             permanent_failure: false,
             timed_out: false,
             hash_mismatch: false,
             check_mismatch: false,
             netns_pool: None,
+            subst_queries: Default::default(),
+            hook: None,
             watchdog: None,
         }
     }
@@ -128,6 +142,7 @@ impl<'a> Worker<'a> {
         let id = self.graph.add_goal();
         debug_assert_eq!(id.0, self.goals.len());
         self.goals.push(Some(goal));
+        self.dedup_keys.push(None);
         id
     }
 
@@ -153,6 +168,7 @@ impl<'a> Worker<'a> {
             mode,
         ))));
         self.derivation_goals.insert(drv.clone(), id);
+        self.dedup_keys[id.0] = Some((true, drv.clone()));
         id
     }
 
@@ -165,6 +181,7 @@ impl<'a> Worker<'a> {
             repair,
         )));
         self.substitution_goals.insert(path.clone(), id);
+        self.dedup_keys[id.0] = Some((false, path.clone()));
         id
     }
 
@@ -176,8 +193,17 @@ impl<'a> Worker<'a> {
 
     /// Drops everything the worker keeps for `id` except its goal value.
     fn forget(&mut self, id: GoalId) {
-        self.derivation_goals.retain(|_, g| *g != id);
-        self.substitution_goals.retain(|_, g| *g != id);
+        if let Some((is_drv, key)) = self.dedup_keys.get_mut(id.0).and_then(Option::take) {
+            let map = if is_drv {
+                &mut self.derivation_goals
+            } else {
+                &mut self.substitution_goals
+            };
+            // A newer goal may have taken the key (see `make_derivation_goal`).
+            if map.get(&key) == Some(&id) {
+                map.remove(&key);
+            }
+        }
         self.locked_outputs.remove(&id);
         self.child_terminated(id);
     }
@@ -266,6 +292,14 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Builds done by the hook are watched by the hook itself: the worker must not apply
+    /// max-silent-time or timeout to the hook process.
+    pub fn set_respect_timeouts(&mut self, id: GoalId, respect: bool) {
+        if let Some(c) = self.children.get_mut(&id) {
+            c.respect_timeouts = respect;
+        }
+    }
+
     /// Forgets the child of `id` (killing it if it still runs) and frees its build slot.
     pub fn child_terminated(&mut self, id: GoalId) {
         if let Some(mut child) = self.children.remove(&id) {
@@ -276,8 +310,13 @@ impl<'a> Worker<'a> {
             }
             if child.in_build_slot {
                 self.nr_local_builds -= 1;
+                if self.nr_local_builds == 0 && self.cfg.max_jobs == 0 {
+                    // Only a preferLocalBuild goal can use the idle machine; which of the
+                    // waiters are such goals only they know.
+                    self.graph.wake_slot_waiters();
+                }
             }
-            self.graph.wake_slot_waiters();
+            // Otherwise the slot goes to the longest waiting goal: see `hand_out_slots`.
         }
     }
 
@@ -289,7 +328,10 @@ impl<'a> Worker<'a> {
             self.graph.set_top(t);
         }
         loop {
-            while self.graph.has_awake() && self.graph.has_top_goals() {
+            while self.graph.has_top_goals() {
+                if !self.graph.has_awake() && !self.hand_out_slots() {
+                    break;
+                }
                 for id in self.graph.take_awake() {
                     self.work(id);
                     self.destroy_orphans();
@@ -314,6 +356,16 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
+    /// Wakes as many goals waiting for a build slot as there are free slots; true if it
+    /// woke any. Called only when no goal is awake, so nobody else takes the slots before
+    /// the woken goals run; a woken goal that does not take its slot after all (its
+    /// outputs became valid, another process holds their lock) leaves it free for the
+    /// next call.
+    fn hand_out_slots(&mut self) -> bool {
+        let free = self.cfg.max_jobs.saturating_sub(self.nr_local_builds);
+        free > 0 && self.graph.wake_slot_waiters_up_to(free) > 0
+    }
+
     /// Destroys every goal still alive (after a stop without keep-going), killing builders.
     fn teardown(&mut self) {
         self.graph.collect_orphans();
@@ -327,6 +379,7 @@ impl<'a> Worker<'a> {
         for slot in &mut self.goals {
             *slot = None;
         }
+        self.hook = None;
     }
 
     fn destroy_orphans(&mut self) {
@@ -357,29 +410,28 @@ impl<'a> Worker<'a> {
     }
 
     fn handle_output(&mut self, id: GoalId, chunk: &[u8]) {
-        self.with_goal(id, |goal, w| {
-            if let Goal::Derivation(g) = goal {
-                g.handle_child_output(id, w, chunk);
-            }
+        self.with_goal(id, |goal, w| match goal {
+            Goal::Derivation(g) => g.handle_child_output(id, w, chunk),
+            Goal::Substitution(g) => g.handle_child_output(w, chunk),
         });
     }
 
     fn child_exited(&mut self, id: GoalId, status: Result<ExitStatus, String>) {
         self.child_terminated(id);
         self.with_goal(id, |goal, w| {
-            if let Goal::Derivation(g) = goal {
-                g.child_exited(status);
-                w.graph.wake_up(id);
+            match goal {
+                Goal::Derivation(g) => g.child_exited(status),
+                Goal::Substitution(g) => g.child_exited(status),
             }
+            w.graph.wake_up(id);
         });
     }
 
     fn cancel(&mut self, id: GoalId, kind: FailureKind, reason: String) {
         self.child_terminated(id);
-        self.with_goal(id, |goal, w| {
-            if let Goal::Derivation(g) = goal {
-                g.cancel(id, w, kind, reason);
-            }
+        self.with_goal(id, |goal, w| match goal {
+            Goal::Derivation(g) => g.cancel(id, w, kind, reason),
+            Goal::Substitution(g) => g.cancel(id, w, reason),
         });
     }
 
@@ -502,20 +554,22 @@ impl<'a> Worker<'a> {
 
     /// Reads what is available on `id`'s log pipe (one read), handing it to the goal.
     fn read_log(&mut self, id: GoalId, now: Instant) {
-        let mut buf = vec![0u8; 64 * 1024];
-        let Some(c) = self.children.get_mut(&id) else {
-            return;
-        };
-        let Some(log) = &c.log else { return };
-        match nix::unistd::read(log.as_raw_fd(), &mut buf) {
-            Ok(0) => c.log = None,
-            Ok(n) => {
-                c.last_output = now;
-                self.handle_output(id, &buf[..n]);
+        let mut buf = std::mem::take(&mut self.read_buf);
+        buf.resize(64 * 1024, 0);
+        if let Some(c) = self.children.get_mut(&id) {
+            if let Some(log) = &c.log {
+                match nix::unistd::read(log.as_raw_fd(), &mut buf) {
+                    Ok(0) => c.log = None,
+                    Ok(n) => {
+                        c.last_output = now;
+                        self.handle_output(id, &buf[..n]);
+                    }
+                    Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+                    Err(_) => c.log = None,
+                }
             }
-            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
-            Err(_) => c.log = None,
         }
+        self.read_buf = buf;
     }
 
     /// The builder of `id` exited: reap it (which kills what is left of its process group),
@@ -530,11 +584,17 @@ impl<'a> Worker<'a> {
     }
 
     fn drain_log(&mut self, id: GoalId) {
+        let mut buf = std::mem::take(&mut self.read_buf);
+        buf.resize(64 * 1024, 0);
+        self.drain_log_with(id, &mut buf);
+        self.read_buf = buf;
+    }
+
+    fn drain_log_with(&mut self, id: GoalId, buf: &mut [u8]) {
         // The process group is dead, so the pipe reaches end-of-file as soon as the kernel
         // has closed their descriptors. A process that left the group (setsid) may still
         // hold it open; stop waiting once the pipe stays quiet for a moment.
         const QUIET: Duration = Duration::from_millis(200);
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
             let Some(c) = self.children.get_mut(&id) else {
                 return;
@@ -550,7 +610,7 @@ impl<'a> Worker<'a> {
                 Err(Errno::EINTR) => continue,
                 Err(_) => return,
             }
-            match nix::unistd::read(log.as_raw_fd(), &mut buf) {
+            match nix::unistd::read(log.as_raw_fd(), buf) {
                 Ok(0) => {
                     c.log = None;
                     return;

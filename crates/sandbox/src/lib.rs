@@ -435,6 +435,20 @@ impl AsFd for Builder {
 }
 
 impl Builder {
+    /// Takes charge of a child this process started some other way (`std::process` with
+    /// `setsid` before exec, e.g. a substituter or build hook whose pipes the caller wires
+    /// itself): it is then polled, killed (with its process group) and reaped like a plain
+    /// builder. The caller must not wait for it elsewhere.
+    pub fn adopt(pid: Pid) -> Result<Builder, SandboxError> {
+        let pidfd = pidfd_open(pid)?;
+        Ok(Builder {
+            pid,
+            pidfd,
+            own_pid_ns: false,
+            status: None,
+        })
+    }
+
     pub fn pidfd(&self) -> BorrowedFd<'_> {
         self.pidfd.as_fd()
     }
