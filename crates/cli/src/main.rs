@@ -74,6 +74,27 @@ Examples:
     /// Check the validity database against the store
     #[command(after_help = "Example:\n  nixb verify --check-contents")]
     Verify(commands::verify::VerifyArgs),
+    /// A substituter for Nix binary caches, speaking the engine's external-program protocol
+    #[command(after_help = "\
+Examples:
+  nixb substitute --cache file:///srv/cache --query       then 'info /nix/store/…-hello' on stdin
+  nixb substitute --substitute /nix/store/…-hello /tmp/x  unpack, print the expected hash
+
+Without --cache, the file://, http:// and https:// entries of `substituters` are used.")]
+    Substitute(commands::substitute::SubstituteArgs),
+    /// Copy the closure of store paths into a file:// binary cache (signed with secret-key-files)
+    #[command(after_help = "Example:\n  nixb copy --to file:///srv/cache /nix/store/…-hello-2.12")]
+    Copy(commands::copy::CopyArgs),
+    /// Serve this store with the `nix-store --serve` protocol on stdin/stdout
+    #[command(after_help = "\
+Example (as the forced command of an SSH key, so that other machines can build here):
+  command=\"nixb serve --write\" ssh-ed25519 AAAA... builder@client")]
+    Serve(commands::serve::ServeArgs),
+    /// The build hook: offload builds to the machines of `builders` over SSH
+    #[command(after_help = "\
+The engine runs it itself when `builders` is set; by hand:
+  echo '1 x86_64-linux /nix/store/…-hello.drv ' | nixb build-remote x86_64-linux 0 0 0")]
+    BuildRemote(commands::build_remote::BuildRemoteArgs),
 }
 
 /// Flags shared by commands that print hashes.

@@ -1,12 +1,16 @@
 //! One module per subcommand; `run` opens what the command needs and dispatches.
 
 pub mod add;
+pub mod build_remote;
+pub mod copy;
 pub mod derivation;
 pub mod hash;
 pub mod log;
 pub mod nar;
 pub mod query;
 pub mod realise;
+pub mod serve;
+pub mod substitute;
 pub mod verify;
 
 use anyhow::{Context, Result};
@@ -47,6 +51,10 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Restore(a) => nar::restore(a),
         Command::Hash(c) => hash::run(c),
         Command::Verify(a) => verify::run(a),
+        Command::Substitute(a) => substitute::run(a, &cli.options),
+        Command::Copy(a) => copy::run(a, &cli.options),
+        Command::Serve(a) => serve::run(a, &cli.options),
+        Command::BuildRemote(a) => build_remote::run(a, &cli.options),
     }
 }
 

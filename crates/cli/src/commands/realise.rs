@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use nixb_goals::{BuildMode, WorkerConfig};
+use nixb_goals::{BuildMode, HookCommand, SubstituterCommand, WorkerConfig};
 use nixb_store::DerivedPath;
 
 use crate::render::{EventRenderer, RenderMode};
@@ -45,6 +45,9 @@ pub struct RealiseArgs {
     /// Report progress as one JSON object a line on stderr, for tools
     #[arg(long, conflicts_with = "print_build_trace")]
     pub json: bool,
+    /// Build from source when substituting a derivation's outputs fails (setting `fallback`)
+    #[arg(long)]
+    pub fallback: bool,
 }
 
 pub fn run(args: RealiseArgs, options: &[String]) -> Result<u8> {
@@ -96,11 +99,27 @@ fn apply_flags(s: &mut Settings, a: &RealiseArgs) -> Result<()> {
     if let Some(t) = a.timeout {
         s.timeout = (t > 0).then(|| Duration::from_secs(t));
     }
+    if a.fallback {
+        s.fallback = true;
+    }
     Ok(())
 }
 
 /// Maps the settings the worker cares about onto its own config struct.
 fn worker_config(s: &Settings, store: &nixb_store::local_store::LocalStore, a: &RealiseArgs) -> WorkerConfig {
+    let mut cfg = settings_worker_config(s, store);
+    cfg.build_mode = if a.check {
+        BuildMode::Check
+    } else if a.repair {
+        BuildMode::Repair
+    } else {
+        BuildMode::Normal
+    };
+    cfg
+}
+
+/// The worker config of the settings alone (`nixb serve` builds with it too).
+pub fn settings_worker_config(s: &Settings, store: &nixb_store::local_store::LocalStore) -> WorkerConfig {
     let mut cfg = WorkerConfig::new(store.config().log_dir.clone());
     cfg.max_jobs = s.max_jobs;
     cfg.cores = if s.cores == 0 {
@@ -129,12 +148,67 @@ fn worker_config(s: &Settings, store: &nixb_store::local_store::LocalStore, a: &
     cfg.build_users_group = Some(s.build_users_group.clone()).filter(|g| !g.is_empty());
     cfg.impersonate_linux_26 = s.impersonate_linux_26;
     cfg.state_dir = store.config().state_dir.clone();
-    cfg.build_mode = if a.check {
-        BuildMode::Check
-    } else if a.repair {
-        BuildMode::Repair
-    } else {
-        BuildMode::Normal
-    };
+    cfg.fallback = s.fallback;
+    cfg.substituters = substituter_commands(s);
+    cfg.build_hook = hook_command(s);
     cfg
+}
+
+/// `nixb` itself, to run as `nixb substitute` / `nixb build-remote`.
+fn self_exe() -> std::path::PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| "nixb".into())
+}
+
+/// `substituters`: cache URLs become `nixb substitute --cache URL` (with the signature
+/// settings passed on, so that `--option` overrides reach it); anything else is an
+/// external program speaking the original's protocol.
+fn substituter_commands(s: &Settings) -> Vec<SubstituterCommand> {
+    s.substituters
+        .iter()
+        .map(|sub| {
+            if super::substitute::is_cache_url(sub) {
+                SubstituterCommand {
+                    name: sub.clone(),
+                    program: self_exe(),
+                    args: vec![
+                        "substitute".into(),
+                        "--cache".into(),
+                        sub.clone(),
+                        "--option".into(),
+                        "trusted-public-keys".into(),
+                        s.trusted_public_keys.join(" "),
+                        "--option".into(),
+                        "require-sigs".into(),
+                        s.require_sigs.to_string(),
+                    ],
+                }
+            } else {
+                SubstituterCommand { name: sub.clone(), program: sub.into(), args: Vec::new() }
+            }
+        })
+        .collect()
+}
+
+/// `build-hook` (or NIX_BUILD_HOOK, as the original); otherwise `nixb build-remote` when
+/// `builders` names machines; otherwise none.
+fn hook_command(s: &Settings) -> Option<HookCommand> {
+    let explicit = s
+        .build_hook
+        .clone()
+        .or_else(|| std::env::var("NIX_BUILD_HOOK").ok().filter(|h| !h.is_empty()));
+    if let Some(h) = explicit {
+        return Some(HookCommand { program: h.into(), args: Vec::new() });
+    }
+    if s.builders.is_empty() {
+        return None;
+    }
+    Some(HookCommand {
+        program: self_exe(),
+        args: vec![
+            "build-remote".into(),
+            "--option".into(),
+            "builders".into(),
+            s.builders.join(" "),
+        ],
+    })
 }
