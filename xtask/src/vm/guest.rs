@@ -16,6 +16,17 @@ pub const EXIT_MARKER: &str = "@@NIXB-VM-EXIT=";
 /// PID 1. Reads `/xtask-vm/config` (from the payload) for the 9p shares and the modules.
 pub const INIT: &str = r#"#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=dumb
+# pivot_root(2) refuses to move the initramfs (rootfs has no parent mount), and every
+# sandbox (nixb's, real Nix's) pivots its root. So first move to a tmpfs that is a proper
+# mount and start again from there.
+if [ -z "$XTASK_VM_SWITCHED" ]; then
+  mkdir -p /newroot && mount -t tmpfs -o mode=0755 newroot /newroot
+  for d in /*; do
+    case "$d" in /newroot|/proc|/sys|/dev) mkdir -p "/newroot$d" ;; *) cp -a "$d" /newroot/ ;; esac
+  done
+  export XTASK_VM_SWITCHED=1
+  exec switch_root /newroot /init
+fi
 # The kernel passes cmdline words it does not know (e.g. nokaslr) to init as arguments.
 set --
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
