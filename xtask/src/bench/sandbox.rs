@@ -4,6 +4,10 @@
 //! and a bare `unshare -p -m -n -i -u -f true`. Also nixb's own spawn-to-exec time (spawn()
 //! returns when the exec has happened), the cost of removing the chroot tree afterwards, and
 //! plain fork/exec as the floor. Needs root. Prints medians and means in ms, and ratios.
+//!
+//! Then (`NIXB_BENCH_SANDBOX=builds` for this half only) the cost of creating a network
+//! namespace, and 1,000 trivial sandboxed derivations with `--max-jobs 2`, nixb against
+//! Nix 2.8 (`NIXB_BENCH_DRVS` to change the count).
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -185,6 +189,130 @@ pub fn run() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("bench sandbox needs root (namespaces, mounts, setuid to nobody)");
     }
+    // NIXB_BENCH_SANDBOX=spawn|builds picks one half; both by default.
+    let part = std::env::var("NIXB_BENCH_SANDBOX").unwrap_or_default();
+    if part != "builds" {
+        spawn_latency()?;
+    }
+    if part != "spawn" {
+        netns_cost()?;
+        sandboxed_builds()?;
+    }
+    Ok(())
+}
+
+/// What creating (and, in the background, tearing down) a network namespace costs: the step
+/// Nix 2.8 pays inside every sandboxed build, and that nixb's prepared pool moves off the
+/// build's path. Measured in a throw-away thread that `unshare`s a fresh one each time.
+fn netns_cost() -> Result<()> {
+    let n = 200;
+    let t = std::thread::spawn(move || -> std::io::Result<Vec<Duration>> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            // SAFETY: unshare affects only this thread, which exits afterwards.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            v.push(t.elapsed());
+        }
+        Ok(v)
+    });
+    let v = t
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+        .context("unshare(CLONE_NEWNET)")?;
+    let s = stats(v);
+    println!(
+        "network namespace creation (unshare CLONE_NEWNET, {n}x): median {:.3} ms, mean {:.3} ms",
+        s.median, s.mean
+    );
+    Ok(())
+}
+
+/// 1,000 trivial derivations (leaves under one top), `--max-jobs 2`, `sandbox = true` as root
+/// without build users: nixb against `nix-store -r` (Nix 2.8), each on a fresh private store.
+/// The builder is the host's static busybox, bound in as /bin/sh.
+fn sandboxed_builds() -> Result<()> {
+    let n: usize = std::env::var("NIXB_BENCH_DRVS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let busybox = ["/usr/bin/busybox", "/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("a static busybox is needed as the sandboxed /bin/sh")?;
+    let root = crate::workspace_root();
+    let nixb = crate::build_nixb_release(&root)?;
+    let expr = format!(
+        "let mk = name: deps: derivation {{ inherit name deps; system = builtins.currentSystem;          builder = \"/bin/sh\"; args = [ \"-c\" \"echo $name > $out\" ]; }}; \
+         in mk \"top\" (builtins.genList (i: mk \"leaf${{toString i}}\" [ ]) {})\n",
+        n - 1
+    );
+    let conf = format!(
+        "sandbox = true\nbuild-users-group =\nsubstituters =\nsandbox-paths = /bin/sh={busybox}\n"
+    );
+    let mut times = Vec::new();
+    for (tag, program) in [("nix", PathBuf::from("nix-store")), ("nixb", nixb.clone())] {
+        let dir = std::env::temp_dir().join(format!("nixb-bench-sbx-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("etc"))?;
+        std::fs::write(dir.join("etc/nix.conf"), &conf)?;
+        std::fs::write(dir.join("graph.nix"), &expr)?;
+        let env = |c: &mut Command| {
+            for (k, d) in [
+                ("NIX_STORE_DIR", "store"),
+                ("NIX_STATE_DIR", "state"),
+                ("NIX_LOG_DIR", "log"),
+                ("NIX_CONF_DIR", "etc"),
+                ("HOME", "home"),
+            ] {
+                c.env(k, dir.join(d));
+            }
+        };
+        let mut c = Command::new("nix-instantiate");
+        env(&mut c);
+        let out = c
+            .arg(dir.join("graph.nix"))
+            .stderr(Stdio::inherit())
+            .output()
+            .context("nix-instantiate")?;
+        if !out.status.success() {
+            bail!("nix-instantiate failed");
+        }
+        let drv = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let mut c = Command::new(&program);
+        env(&mut c);
+        if tag == "nix" {
+            c.args(["-r", &drv, "--max-jobs", "2"]);
+        } else {
+            c.args(["realise", &drv, "--max-jobs", "2"]);
+        }
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        let t = Instant::now();
+        let st = c
+            .status()
+            .with_context(|| format!("running {}", program.display()))?;
+        let wall = t.elapsed();
+        if !st.success() {
+            bail!("{tag}: sandboxed build of {n} derivations failed ({st})");
+        }
+        times.push(wall);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "sandboxed builds, {n} drvs, --max-jobs 2: nix {:.0} ms ({:.2} ms/drv), nixb {:.0} ms ({:.2} ms/drv), nix/nixb {:.1}x",
+        ms(times[0]),
+        ms(times[0]) / n as f64,
+        ms(times[1]),
+        ms(times[1]) / n as f64,
+        ms(times[0]) / ms(times[1])
+    );
+    Ok(())
+}
+
+fn spawn_latency() -> Result<()> {
     let iters: usize = std::env::var("NIXB_BENCH_ITERS")
         .ok()
         .and_then(|s| s.parse().ok())
