@@ -179,7 +179,7 @@ impl RunningBuild {
                     ),
                     Err(e) => w.message(Level::Warn, e.to_string()),
                 }
-            } else if let Err(e) = dir.remove() {
+            } else if let Err(e) = w.build_dirs.recycle(dir) {
                 w.message(Level::Warn, e.to_string());
             }
         }
@@ -191,7 +191,7 @@ impl RunningBuild {
         let _ = self.close_log();
         self.remove_chroot(w);
         if let Some(dir) = self.dir.take() {
-            if let Err(e) = dir.remove() {
+            if let Err(e) = w.build_dirs.recycle(dir) {
                 w.message(Level::Warn, e.to_string());
             }
         }
@@ -319,7 +319,9 @@ pub(crate) fn start_builder(
         &sd.print(&g.drv_path),
     )?;
 
-    let dir = BuildDir::create(&w.cfg.build_dir_root, g.drv_path.name())
+    let dir = w
+        .build_dirs
+        .create(g.drv_path.name())
         .map_err(|e| BuildError::Misc(e.to_string()))?;
     if let Some(u) = &user {
         sandboxing::prepare_for_user(u, sd.as_path(), dir.path())?;

@@ -74,6 +74,8 @@ pub(crate) struct Worker<'a> {
     /// lets a goal sleep until another goal of ours finishes instead of polling).
     locked_outputs: BTreeMap<GoalId, BTreeSet<StorePath>>,
     last_woken_up: Option<Instant>,
+    /// Build directories, with emptied ones kept for reuse.
+    pub build_dirs: crate::build_dir::BuildDirs,
     /// Buffer for reading log pipes, allocated once.
     read_buf: Vec<u8>,
     pub failures: Vec<Failure>,
@@ -114,6 +116,10 @@ impl<'a> Worker<'a> {
             locked_outputs: BTreeMap::new(),
             last_woken_up: None,
             read_buf: Vec::new(),
+            build_dirs: crate::build_dir::BuildDirs::new(
+                &cfg.build_dir_root,
+                cfg.max_jobs.clamp(1, 64),
+            ),
             failures: Vec::new(),
             permanent_failure: false,
             timed_out: false,
