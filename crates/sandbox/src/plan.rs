@@ -265,16 +265,21 @@ impl Syscalls for Kernel {
                     }
                     check(libc::personality(cur as libc::c_ulong | flags))
                 }
-                Step::SetGroups(g) => check(libc::setgroups(g.len(), g.as_ptr())),
+                // Raw syscalls, not glibc's wrappers: those broadcast the change to every
+                // thread glibc believes the process has (its list was copied from the
+                // multi-threaded parent) and wait on a futex for answers that never come.
+                Step::SetGroups(g) => {
+                    check(libc::syscall(libc::SYS_setgroups, g.len(), g.as_ptr()) as libc::c_int)
+                }
                 Step::SetGid(gid) => {
-                    check(libc::setgid(*gid))?;
+                    check(libc::syscall(libc::SYS_setgid, *gid) as libc::c_int)?;
                     if libc::getgid() != *gid || libc::getegid() != *gid {
                         return Err(Errno::EPERM);
                     }
                     Ok(())
                 }
                 Step::SetUid(uid) => {
-                    check(libc::setuid(*uid))?;
+                    check(libc::syscall(libc::SYS_setuid, *uid) as libc::c_int)?;
                     if libc::getuid() != *uid || libc::geteuid() != *uid {
                         return Err(Errno::EPERM);
                     }
