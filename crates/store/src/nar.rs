@@ -120,6 +120,20 @@ struct Out<'a> {
 }
 
 impl Out<'_> {
+    /// Grows the buffer (up to `CHUNK`) so that `need` more bytes fit. It starts small:
+    /// zero-filling a whole chunk for every dump cost more than hashing the NAR of a small
+    /// output (the engine dumps every output it registers).
+    fn grow_for(&mut self, need: usize) {
+        let want = self.len.saturating_add(need);
+        if want <= self.buf.len() || self.buf.len() >= CHUNK {
+            return;
+        }
+        let size = want.next_power_of_two().min(CHUNK);
+        let mut bigger = vec![0u8; size].into_boxed_slice();
+        bigger[..self.len].copy_from_slice(&self.buf[..self.len]);
+        self.buf = bigger;
+    }
+
     fn flush(&mut self) -> Result<(), NarError> {
         if self.len > 0 {
             (self.sink)(&self.buf[..self.len])?;
@@ -129,6 +143,7 @@ impl Out<'_> {
     }
 
     fn bytes(&mut self, b: &[u8]) -> Result<(), NarError> {
+        self.grow_for(b.len());
         if self.len + b.len() > self.buf.len() {
             self.flush()?;
         }
@@ -165,6 +180,7 @@ impl Out<'_> {
         }
         let mut left = size;
         while left > 0 {
+            self.grow_for(usize::try_from(left).unwrap_or(usize::MAX));
             if self.len == self.buf.len() {
                 self.flush()?;
             }
@@ -266,7 +282,7 @@ pub fn dump_to_sink(
 ) -> Result<(), NarError> {
     let mut out = Out {
         sink,
-        buf: vec![0u8; CHUNK].into_boxed_slice(),
+        buf: vec![0u8; 4096].into_boxed_slice(),
         len: 0,
     };
     out.str(NAR_MAGIC.as_bytes())?;
