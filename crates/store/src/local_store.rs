@@ -225,6 +225,14 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// This process's temporary roots: the file, the open `gc.lock`, and what is recorded.
+#[derive(Default)]
+struct TempRoots {
+    file: Option<File>,
+    gc_lock: Option<File>,
+    added: std::collections::HashSet<String>,
+}
+
 /// An open local store. One per process is the intended use; it is `Send` and `Sync`
 /// (the database connection sits behind a mutex).
 pub struct LocalStore {
@@ -233,7 +241,7 @@ pub struct LocalStore {
     /// Held with a shared lock for as long as the store is open (see the module doc).
     _big_lock: File,
     /// This process's temporary roots file, created on first use.
-    temp_roots: Mutex<Option<File>>,
+    temp_roots: Mutex<TempRoots>,
     /// `hashDerivationModulo` of derivations checked at registration, so registering a
     /// chain of derivations reads each input once.
     drv_hashes: Mutex<DrvHashCache>,
@@ -313,7 +321,7 @@ impl LocalStore {
             config,
             db: Mutex::new(db),
             _big_lock: big_lock,
-            temp_roots: Mutex::new(None),
+            temp_roots: Mutex::new(TempRoots::default()),
             drv_hashes: Mutex::new(DrvHashCache::new()),
         })
     }
@@ -771,19 +779,42 @@ impl LocalStore {
     /// root is also sent there and acknowledged before this returns.
     pub fn add_temp_root(&self, p: &StorePath) -> Result<(), StoreError> {
         let mut roots = self.temp_roots.lock().unwrap_or_else(|e| e.into_inner());
-        if roots.is_none() {
-            *roots = Some(self.create_temp_roots_file()?);
-        }
         let printed = self.print(p);
+        // A root stays in the file until the process exits, and any collector that starts
+        // later reads the file: recording a path once is enough.
+        if roots.added.contains(&printed) {
+            return Ok(());
+        }
+        if roots.file.is_none() {
+            roots.file = Some(self.create_temp_roots_file()?);
+        }
         let gc_lock_path = self.config.state_dir.join("gc.lock");
-        let gc_lock = open_lock_file(&gc_lock_path, true)?.ok_or_else(|| StoreError::Io {
-            step: "opening",
-            path: gc_lock_path.clone(),
-            source: io::ErrorKind::NotFound.into(),
-        })?;
+        if roots.gc_lock.is_none() {
+            // Kept open (as Nix keeps it) rather than opened for every root.
+            roots.gc_lock = Some(open_lock_file(&gc_lock_path, true)?.ok_or_else(|| {
+                StoreError::Io {
+                    step: "opening",
+                    path: gc_lock_path.clone(),
+                    source: io::ErrorKind::NotFound.into(),
+                }
+            })?);
+        }
+        let TempRoots {
+            file,
+            gc_lock,
+            added,
+        } = &mut *roots;
+        let (Some(file), Some(gc_lock)) = (file.as_mut(), gc_lock.as_ref()) else {
+            return Err(StoreError::NotValid(printed));
+        };
         let socket = self.config.state_dir.join("gc-socket").join("socket");
         let mut attempts = 0u32;
-        while !lock_file(&gc_lock, LockType::Read, false)? {
+        let mut locked = false;
+        while !locked {
+            if lock_file(gc_lock, LockType::Read, false)? {
+                locked = true;
+                continue;
+            }
             match send_to_collector(&socket, &printed) {
                 Ok(()) => break,
                 // The collector may be starting up or just finishing: try the lock again.
@@ -796,15 +827,17 @@ impl LocalStore {
                 }
             }
         }
-        let file = roots
-            .as_mut()
-            .ok_or_else(|| StoreError::NotValid(printed.clone()))?;
         let roots_path = self.temp_roots_path();
-        let mut record = printed.into_bytes();
+        let mut record = printed.clone().into_bytes();
         record.push(0);
-        file.write_all(&record)
-            .map_err(io_err("writing temporary root to", &roots_path))?;
-        // Dropping `gc_lock` releases the shared lock.
+        let written = file
+            .write_all(&record)
+            .map_err(io_err("writing temporary root to", &roots_path));
+        if locked {
+            lock_file(gc_lock, LockType::None, false)?;
+        }
+        written?;
+        added.insert(printed);
         Ok(())
     }
 

@@ -422,6 +422,18 @@ fn temp_roots_file_as_nix_writes_it() {
         .join(std::process::id().to_string());
     let expected = format!("{}\0{}\0", s.store_dir().print(&a), s.store_dir().print(&b));
     assert_eq!(std::fs::read_to_string(&f).unwrap(), expected);
+    // A path already recorded is not written again.
+    s.add_temp_root(&a).unwrap();
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), expected);
+    // The store keeps gc.lock open between roots but never leaves it locked: a collector
+    // can take it exclusively right away.
+    let gc = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("state/gc.lock"))
+        .unwrap();
+    assert!(lock_file(&gc, LockType::Write, false).unwrap());
+    lock_file(&gc, LockType::None, false).unwrap();
     // Locked exclusively while the store is open, so a collector knows we are alive.
     let other = std::fs::File::open(&f).unwrap();
     assert!(!lock_file(&other, LockType::Read, false).unwrap());
