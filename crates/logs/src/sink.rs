@@ -8,7 +8,9 @@
 //! far slower than a builder can print, so compressing on the loop's thread
 //! would stall every other build (and their timeouts). Each compressed sink
 //! therefore owns a thread that runs the encoder; [`LogSink::write`] only
-//! hands the chunk over.
+//! hands the chunk over. The thread and the encoder start with the first byte
+//! of output: a builder that prints nothing gets the 14-byte empty stream,
+//! written directly, and costs no thread and no 8 MB encoder.
 //!
 //! Dropping log data is wrong and blocking the loop is wrong, so when the
 //! compressor falls behind the backlog has to live somewhere. It lives in
@@ -95,7 +97,18 @@ enum Output {
     None,
     Plain(File),
     Compressed(Compressor),
+    /// A compressed log nothing was written to yet. The encoder (about 8 MB at level 9)
+    /// and its thread start with the first byte, so a quiet builder costs neither.
+    CompressedIdle {
+        file: File,
+        cap: u64,
+    },
 }
+
+/// What a level-9 bzip2 encoder writes for empty input: the stream header `BZh9` and the
+/// end-of-stream marker with a combined CRC of zero. Written directly for a log that
+/// stayed empty.
+const EMPTY_BZIP2: &[u8] = b"BZh9\x17\x72\x45\x38\x50\x90\x00\x00\x00\x00";
 
 enum Item {
     Data(Vec<u8>),
@@ -165,7 +178,7 @@ impl LogSink {
             source,
         })?;
         let out = if cfg.compress {
-            Output::Compressed(Compressor::start(file, path.clone(), cap)?)
+            Output::CompressedIdle { file, cap }
         } else {
             Output::Plain(file)
         };
@@ -194,8 +207,11 @@ impl LogSink {
         if chunk.is_empty() {
             return Ok(LimitState::Within);
         }
+        if matches!(self.out, Output::CompressedIdle { .. }) {
+            self.start_compressor()?;
+        }
         match &mut self.out {
-            Output::None => {}
+            Output::None | Output::CompressedIdle { .. } => {}
             Output::Plain(file) => {
                 file.write_all(chunk).map_err(|source| LogError::Write {
                     path: self.path.clone().unwrap_or_default(),
@@ -206,6 +222,16 @@ impl LogSink {
         }
         self.logged += chunk.len() as u64;
         Ok(LimitState::Within)
+    }
+
+    /// The first byte arrived: start the encoder thread for an idle compressed log.
+    fn start_compressor(&mut self) -> Result<(), LogError> {
+        if let Output::CompressedIdle { file, cap } = std::mem::replace(&mut self.out, Output::None)
+        {
+            let path = self.path.clone().unwrap_or_default();
+            self.out = Output::Compressed(Compressor::start(file, path, cap)?);
+        }
+        Ok(())
     }
 
     /// Bytes accepted into the log so far (not counting chunks refused for
@@ -253,6 +279,17 @@ impl LogSink {
                 drop(file);
                 FinishingLog {
                     state: Finishing::Done(Ok(())),
+                }
+            }
+            Output::CompressedIdle { mut file, .. } => {
+                let r = file
+                    .write_all(EMPTY_BZIP2)
+                    .map_err(|source| LogError::Write {
+                        path: self.path.clone().unwrap_or_default(),
+                        source,
+                    });
+                FinishingLog {
+                    state: Finishing::Done(r),
                 }
             }
             Output::Compressed(mut c) => {

@@ -444,3 +444,34 @@ fn nix_reads_our_logs() {
         }
     }
 }
+
+#[test]
+fn empty_compressed_log_is_the_empty_bzip2_stream() {
+    // A quiet builder's compressed log never starts an encoder; what is written instead
+    // must be exactly what the encoder would have written, and readable by bzip2 and Nix.
+    let dir = tempfile::tempdir().unwrap();
+    let sink = LogSink::create(&cfg(dir.path(), true), DRV).unwrap();
+    sink.finish().unwrap();
+    let path = log_path(dir.path(), DRV, true);
+    assert_eq!(fs::read(&path).unwrap(), bz2(b""));
+    assert_eq!(read_log(dir.path(), DRV).unwrap(), b"");
+    match Command::new("bzip2").arg("-dc").arg(&path).output() {
+        Ok(out) => {
+            assert!(out.status.success(), "bzip2 -dc rejected the empty log");
+            assert!(out.stdout.is_empty());
+        }
+        Err(e) => assert!(
+            std::env::var_os("CI").is_none(),
+            "bzip2 tool missing under CI: {e}"
+        ),
+    }
+    if let Some(out) = nix_store_log(dir.path(), DRV) {
+        assert!(out.is_empty());
+    }
+    // An empty write does not start the encoder either; a later byte does.
+    let mut sink = LogSink::create(&cfg(dir.path(), true), DRV).unwrap();
+    sink.write(b"").unwrap();
+    sink.write(b"late\n").unwrap();
+    sink.finish().unwrap();
+    assert_eq!(read_log(dir.path(), DRV).unwrap(), b"late\n");
+}
