@@ -74,9 +74,11 @@ impl RunningBuild {
         }
     }
 
-    pub fn close_log(&mut self) -> Result<(), String> {
+    /// Ends the log. A compressed log finishes on its writer thread while the worker goes
+    /// on (see [`Worker::finish_log_later`]); errors of earlier writes are returned here.
+    pub fn close_log(&mut self, w: &mut Worker<'_>) -> Result<(), String> {
         if let Some(sink) = self.log.take() {
-            sink.finish().map_err(|e| e.to_string())?;
+            w.finish_log_later(sink.finish_in_background());
         }
         match self.log_error.take() {
             Some(e) => Err(e),
@@ -153,7 +155,7 @@ impl RunningBuild {
 
     /// A failed build: keep the directory with keep-failed, delete it otherwise.
     pub fn abandon(mut self, w: &mut Worker<'_>, _normal_mode: bool) {
-        let _ = self.close_log();
+        let _ = self.close_log(w);
         self.kill_leftovers(w);
         if w.cfg.keep_failed {
             // Unchecked and not registered: the outputs are only there to look at.
@@ -188,7 +190,7 @@ impl RunningBuild {
 
     /// A successful build: delete the directory and redirected leftovers.
     pub fn finish(mut self, w: &mut Worker<'_>) {
-        let _ = self.close_log();
+        let _ = self.close_log(w);
         self.remove_chroot(w);
         if let Some(dir) = self.dir.take() {
             if let Err(e) = w.build_dirs.recycle(dir) {

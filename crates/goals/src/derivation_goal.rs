@@ -606,7 +606,7 @@ impl DerivationGoal {
                 "internal error: no build to finish".into(),
             ));
         };
-        if let Err(e) = build.close_log() {
+        if let Err(e) = build.close_log(w) {
             w.message(Level::Warn, format!("closing the build log: {e}"));
         }
         build.kill_leftovers(w);

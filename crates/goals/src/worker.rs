@@ -74,6 +74,8 @@ pub(crate) struct Worker<'a> {
     /// lets a goal sleep until another goal of ours finishes instead of polling).
     locked_outputs: BTreeMap<GoalId, BTreeSet<StorePath>>,
     last_woken_up: Option<Instant>,
+    /// Compressed logs of finished builds whose writer threads are still finishing.
+    finishing_logs: std::collections::VecDeque<nixb_logs::FinishingLog>,
     /// Build directories, with emptied ones kept for reuse.
     pub build_dirs: crate::build_dir::BuildDirs,
     /// Buffer for reading log pipes, allocated once.
@@ -116,6 +118,7 @@ impl<'a> Worker<'a> {
             locked_outputs: BTreeMap::new(),
             last_woken_up: None,
             read_buf: Vec::new(),
+            finishing_logs: std::collections::VecDeque::new(),
             build_dirs: crate::build_dir::BuildDirs::new(
                 &cfg.build_dir_root,
                 cfg.max_jobs.clamp(1, 64),
@@ -326,6 +329,36 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Lets a finished build's log complete on its writer thread instead of waiting for
+    /// bzip2 here: a chatty build's backlog would otherwise stall every other build. All
+    /// logs are complete when `run` returns. Past a few logs in flight the oldest is
+    /// waited for, which bounds their memory.
+    pub fn finish_log_later(&mut self, log: nixb_logs::FinishingLog) {
+        self.finishing_logs.push_back(log);
+        let limit = 2 * self.cfg.max_jobs.max(1);
+        while let Some(front) = self.finishing_logs.front() {
+            if !front.is_done() && self.finishing_logs.len() <= limit {
+                break;
+            }
+            if let Some(done) = self.finishing_logs.pop_front() {
+                self.log_finished(done);
+            }
+        }
+    }
+
+    fn log_finished(&mut self, log: nixb_logs::FinishingLog) {
+        if let Err(e) = log.wait() {
+            self.message(Level::Warn, format!("closing the build log: {e}"));
+        }
+    }
+
+    /// Waits for every log still being finished.
+    fn finish_all_logs(&mut self) {
+        while let Some(log) = self.finishing_logs.pop_front() {
+            self.log_finished(log);
+        }
+    }
+
     // --- the loop -----------------------------------------------------------------------
 
     /// Runs until every top goal is done (or one failed without keep-going).
@@ -386,6 +419,7 @@ impl<'a> Worker<'a> {
             *slot = None;
         }
         self.hook = None;
+        self.finish_all_logs();
     }
 
     fn destroy_orphans(&mut self) {
@@ -652,6 +686,15 @@ impl<'a> Worker<'a> {
             mask | 0x60
         } else {
             1
+        }
+    }
+}
+
+impl Drop for Worker<'_> {
+    fn drop(&mut self) {
+        // After an error `run` did not tear down: still leave complete logs behind.
+        for log in self.finishing_logs.drain(..) {
+            let _ = log.wait();
         }
     }
 }
