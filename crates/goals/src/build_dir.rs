@@ -461,7 +461,10 @@ mod tests {
         assert_eq!(ino(b.path()), a_ino, "the directory was not reused");
         assert_eq!(fs::read_dir(b.path()).unwrap().count(), 0, "not emptied");
         // Exactly the new directory and its lock file are left under root.
-        assert_eq!(names(root.path()), vec![b_name.clone(), format!("{b_name}.nixb-lock")]);
+        assert_eq!(
+            names(root.path()),
+            vec![b_name.clone(), format!("{b_name}.nixb-lock")]
+        );
         // The lock is still held: a cleaner (another worker) must leave it alone.
         assert!(clean_stale(root.path()).is_empty());
         assert!(b.path().exists());

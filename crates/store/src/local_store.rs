@@ -791,13 +791,14 @@ impl LocalStore {
         let gc_lock_path = self.config.state_dir.join("gc.lock");
         if roots.gc_lock.is_none() {
             // Kept open (as Nix keeps it) rather than opened for every root.
-            roots.gc_lock = Some(open_lock_file(&gc_lock_path, true)?.ok_or_else(|| {
-                StoreError::Io {
-                    step: "opening",
-                    path: gc_lock_path.clone(),
-                    source: io::ErrorKind::NotFound.into(),
-                }
-            })?);
+            roots.gc_lock =
+                Some(
+                    open_lock_file(&gc_lock_path, true)?.ok_or_else(|| StoreError::Io {
+                        step: "opening",
+                        path: gc_lock_path.clone(),
+                        source: io::ErrorKind::NotFound.into(),
+                    })?,
+                );
         }
         let TempRoots {
             file,
