@@ -453,6 +453,8 @@ impl Hook<'_> {
         if outputs.is_empty() {
             outputs = drv.output_paths().into_values().collect();
         }
+        // The engine holds the outputs' locks while we run.
+        crate::import::assume_locks_held(outputs.iter().map(|p| dir.to_path(p)));
         client.copy_paths_from(store, &outputs)?;
         client.close()?;
         child.wait()?;

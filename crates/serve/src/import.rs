@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nixb_store::canon::{canonicalise_path_metadata, InodesSeen};
@@ -120,6 +120,25 @@ fn skip_nar(store: &LocalStore, nar: &mut impl Read, what: &str) -> Result<(), S
     res.map(drop)
 }
 
+/// Output paths whose locks the process that started us holds (the engine, while its build
+/// hook imports the outputs it asked for): locking them again would wait for ever on our
+/// own parent. Nix 2.x's `locksHeld`, filled by its build hook the same way.
+static LOCKS_HELD: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// Marks `paths` as locked by our parent (see [`LOCKS_HELD`]).
+pub fn assume_locks_held(paths: impl IntoIterator<Item = PathBuf>) {
+    if let Ok(mut held) = LOCKS_HELD.lock() {
+        held.extend(paths);
+    }
+}
+
+fn lock_unless_held(dest: &std::path::Path) -> Result<Option<Option<PathLocks>>, nixb_store::locks::LockError> {
+    if LOCKS_HELD.lock().map(|h| h.contains(dest)).unwrap_or(false) {
+        return Ok(Some(None));
+    }
+    Ok(PathLocks::lock(&[dest.to_path_buf()], true, None)?.map(Some))
+}
+
 /// Adds `info.path` with the NAR at the head of `nar` to the store, unless it is valid
 /// already (the NAR is consumed either way). The NAR must hash to `info.nar_hash` and
 /// be `info.nar_size` bytes long; every reference must be valid. Returns whether the
@@ -139,7 +158,7 @@ pub fn add_nar_to_store(
     store.add_temp_root(&info.path)?;
     let dest = dir.to_path(&info.path);
     let Some(mut locks) =
-        PathLocks::lock(std::slice::from_ref(&dest), true, None).map_err(|e| ServeError::Io {
+        lock_unless_held(&dest).map_err(|e| ServeError::Io {
             step: "locking",
             path: printed.clone(),
             source: io::Error::other(e.to_string()),
@@ -183,7 +202,9 @@ pub fn add_nar_to_store(
         let _ = remove_tree(&dest);
         return Err(e);
     }
-    locks.set_deletion(true);
+    if let Some(l) = locks.as_mut() {
+        l.set_deletion(true);
+    }
     Ok(true)
 }
 
@@ -377,7 +398,7 @@ fn import_one<R: Read>(
     store.add_temp_root(&path)?;
     let dest = dir.to_path(&path);
     let printed = dir.print(&path);
-    let mut locks = PathLocks::lock(std::slice::from_ref(&dest), true, None)
+    let mut locks = lock_unless_held(&dest)
         .map_err(|e| ServeError::Io {
             step: "locking",
             path: printed.clone(),
@@ -408,6 +429,8 @@ fn import_one<R: Read>(
         let _ = remove_tree(&dest);
         return Err(e);
     }
-    locks.set_deletion(true);
+    if let Some(l) = locks.as_mut() {
+        l.set_deletion(true);
+    }
     Ok(path)
 }
