@@ -1,0 +1,501 @@
+//! Substitutes and remote builds through `nixb realise`, with real Nix 2.8 as the oracle:
+//! external substituter programs tried in order, a binary cache written by real
+//! `nix copy`, a dying HTTP cache with and without `--fallback`, and builds sent by the
+//! build hook to a real `nix-store --serve` host and to a `nixb serve` host (each in a
+//! private mount namespace behind a fake `ssh`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nixb_tests::{have_nix, nixb_binary, run, run_ok, run_str, TestStore};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn write_exe(path: &Path, body: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, body).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Removes a store directory real Nix made read-only.
+fn remove_tree(p: &Path) {
+    if p.exists() {
+        let _ = Command::new("chmod").arg("-R").arg("u+w").arg(p).status();
+        std::fs::remove_dir_all(p).unwrap();
+    }
+}
+
+/// The trace lines (`@ ...`) of a run's stderr.
+fn trace_lines(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("@ "))
+        .map(str::to_string)
+        .collect()
+}
+
+// --- external substituter programs ------------------------------------------------------
+
+#[test]
+fn external_substituters_are_tried_in_order_and_checked() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::new();
+    let dir = t.root.path().to_path_buf();
+    // Real Nix makes the path (and tells us its NAR and hash), then deletes it, so that the
+    // only way back is through a substituter.
+    let src = t.file("payload.txt", "substituted contents\n");
+    let p = run_str(t.nix("nix-store").arg("--add").arg(&src), None);
+    let nar = dir.join("payload.nar");
+    let nar_bytes = run_ok(t.nix("nix-store").arg("--dump").arg(&p), None);
+    std::fs::write(&nar, &nar_bytes).unwrap();
+    let hash = run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(&p), None);
+    run_ok(t.nix("nix-store").arg("--delete").arg(&p), None);
+    assert!(!Path::new(&p).exists());
+    let other = t.file("other.txt", "not what was asked for\n");
+    let other_hash = run_str(t.nix("nix").args(["hash", "path", "--type", "sha256", "--base32"]).arg(&other), None);
+
+    let calls = dir.join("calls.log");
+    // Each program answers --query with the same info and differs in --substitute.
+    let query = format!(
+        "if [ \"$1\" = --query ]; then\n  echo\n  while read cmd paths; do\n    case \"$cmd\" in\n      have) echo {p};;\n      info) printf '%s\\n\\n0\\n0\\n%s\\n' {p} {size};;\n    esac\n    echo\n  done\n  exit 0\nfi\n",
+        size = nar_bytes.len()
+    );
+    let fail = dir.join("subs/fail");
+    write_exe(
+        &fail,
+        &format!("#!/bin/sh\n{query}echo fail \"$2\" >> {calls}\necho\necho 'no luck today' >&2\nexit 1\n", calls = calls.display()),
+    );
+    let liar = dir.join("subs/liar");
+    write_exe(
+        &liar,
+        &format!(
+            "#!/bin/sh\n{query}echo liar \"$2\" >> {calls}\necho\nnix-store --restore \"$3\" < {nar}\necho sha256:{other}\n",
+            calls = calls.display(),
+            nar = nar.display(),
+            other = other_hash
+        ),
+    );
+    let good = dir.join("subs/good");
+    write_exe(
+        &good,
+        &format!(
+            "#!/bin/sh\n{query}echo good \"$2\" >> {calls}\necho\nnix-store --restore \"$3\" < {nar}\necho {hash}\n",
+            calls = calls.display(),
+            nar = nar.display()
+        ),
+    );
+    let subs = format!("{} {} {}", fail.display(), liar.display(), good.display());
+    let out = run(
+        t.nixb()
+            .args(["realise", "--print-build-trace", "--option", "substituters", &subs])
+            .arg(&p),
+        None,
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "nixb realise failed: {err}");
+    assert_eq!(text(&out.stdout).trim(), p);
+
+    // In order: the failing one, the liar, the good one.
+    let called = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(called, format!("fail {p}\nliar {p}\ngood {p}\n"));
+    let trace = trace_lines(&err);
+    assert_eq!(trace.len(), 6, "{err}");
+    assert_eq!(trace[0], format!("@ substituter-started {p} {}", fail.display()));
+    // 256 = exit code 1 as a raw wait status, as the original prints it.
+    assert!(trace[1].starts_with(&format!("@ substituter-failed {p} 256 fetching path '{p}' failed with exit code 1")), "{}", trace[1]);
+    assert_eq!(trace[2], format!("@ substituter-started {p} {}", liar.display()));
+    assert!(trace[3].starts_with(&format!("@ substituter-failed {p} 0 hash mismatch in downloaded path '{p}'")), "{}", trace[3]);
+    assert_eq!(trace[4], format!("@ substituter-started {p} {}", good.display()));
+    assert_eq!(trace[5], format!("@ substituter-succeeded {p}"));
+
+    // Real Nix agrees: valid, same hash, contents intact, and not "ultimate".
+    assert_eq!(run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(&p), None), hash);
+    run_ok(t.nix("nix-store").args(["--verify-path"]).arg(&p), None);
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), "substituted contents\n");
+}
+
+#[test]
+fn only_lying_and_failing_substituters_leave_the_path_invalid() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::new();
+    let dir = t.root.path().to_path_buf();
+    let src = t.file("payload.txt", "x\n");
+    let p = run_str(t.nix("nix-store").arg("--add").arg(&src), None);
+    let nar = dir.join("payload.nar");
+    std::fs::write(&nar, run_ok(t.nix("nix-store").arg("--dump").arg(&p), None)).unwrap();
+    run_ok(t.nix("nix-store").arg("--delete").arg(&p), None);
+    let liar = dir.join("subs/liar");
+    write_exe(
+        &liar,
+        &format!(
+            "#!/bin/sh\nif [ \"$1\" = --query ]; then echo; while read c x; do [ $c = info ] && printf '%s\\n\\n0\\n0\\n0\\n' {p}; echo; done; exit 0; fi\necho\nnix-store --restore \"$3\" < {nar}\necho sha256:{zeros}\n",
+            nar = nar.display(),
+            zeros = "0".repeat(52)
+        ),
+    );
+    let out = run(
+        t.nixb().args(["realise", "--option", "substituters"]).arg(&liar).arg(&p),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&format!("path '{p}' does not exist and cannot be created")));
+    let valid = run(t.nix("nix-store").args(["-q", "--hash"]).arg(&p), None);
+    assert!(!valid.status.success(), "a path whose hash was a lie got registered");
+}
+
+// --- a cache written by real Nix ------------------------------------------------------------
+
+const GRAPH: &str = r#"
+let
+  mk = name: deps: builtins.derivation {
+    inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "echo ${name} > $out; for d in $deps; do echo $d >> $out; while read -r l; do echo \"$l\" >> $out; done < $d; done" ];
+  };
+  a = mk "a" [];
+  b = mk "b" [ a ];
+  c = mk "c" [ a ];
+in mk "top" [ b c ]
+"#;
+
+fn nix_key(t: &TestStore) -> (PathBuf, String) {
+    let sk = t.root.path().join("cache.sk");
+    let secret = run_ok(t.nix("nix").args(["key", "generate-secret", "--key-name", "test-cache-1"]), None);
+    std::fs::write(&sk, &secret).unwrap();
+    let public = run_str(t.nix("nix").args(["key", "convert-secret-to-public"]), Some(&secret));
+    (sk, public)
+}
+
+#[test]
+fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+    let expr = t.file("graph.nix", GRAPH);
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let out = run_str(t.nix("nix-store").arg("-r").arg(&drv), None);
+    let closure: Vec<String> = run_str(t.nix("nix-store").args(["-qR"]).arg(&drv).arg(&out), None)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let hashes: BTreeMap<String, String> = closure
+        .iter()
+        .map(|p| (p.clone(), run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None)))
+        .collect();
+    let (sk, pk) = nix_key(&t);
+    let cache = t.root.path().join("cache");
+    let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
+    run_ok(t.nix("nix").args(["copy", "--to", &to, "--derivation"]).arg(&drv), None);
+    run_ok(t.nix("nix").args(["copy", "--to", &to]).arg(&out), None);
+
+    // A fresh store with the same store directory.
+    remove_tree(&t.store_dir());
+    remove_tree(&t.state_dir());
+    let url = format!("file://{}", cache.display());
+    let res = run(
+        t.nixb()
+            .args(["realise", "--print-build-trace", "--option", "substituters", &url])
+            .args(["--option", "trusted-public-keys", &pk])
+            .arg(&drv),
+        None,
+    );
+    let err = text(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert_eq!(text(&res.stdout).trim(), out);
+    assert!(!err.contains("@ build-started"), "something was built: {err}");
+    for p in &closure {
+        assert!(err.contains(&format!("@ substituter-succeeded {p}")), "{p} not substituted: {err}");
+        // Real Nix reads nixb's registration: same NAR hash, and the contents match it.
+        assert_eq!(&run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None), &hashes[p]);
+    }
+    run_ok(t.nix("nix-store").args(["--verify", "--check-contents"]), None);
+
+    // Unsigned (no trusted key): refused, nothing registered, the build is not tried
+    // either since the derivation itself cannot be had.
+    remove_tree(&t.store_dir());
+    remove_tree(&t.state_dir());
+    let res = run(
+        t.nixb().args(["realise", "--option", "substituters", &url]).arg(&out),
+        None,
+    );
+    assert_eq!(res.status.code(), Some(1), "{}", text(&res.stderr));
+    let valid = run(t.nix("nix-store").args(["-q", "--hash"]).arg(&out), None);
+    assert!(!valid.status.success());
+}
+
+// --- a dying HTTP cache -----------------------------------------------------------------
+
+/// Serves a cache that has `out` (by its narinfo) but dies in the middle of every NAR.
+fn dying_cache(store_dir: &str, out: &str) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let nar_requests = Arc::new(AtomicUsize::new(0));
+    let counter = nar_requests.clone();
+    let hash_part = Path::new(out).file_name().unwrap().to_str().unwrap()[..32].to_string();
+    let narinfo = format!(
+        "StorePath: {out}\nURL: nar/dying.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: 4096\nReferences: \n",
+        "0".repeat(52)
+    );
+    let info = format!("StoreDir: {store_dir}\nWantMassQuery: 1\nPriority: 40\n");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let mut line = String::new();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let reply = |s: &mut std::net::TcpStream, body: &str| {
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            };
+            if path == "/nix-cache-info" {
+                reply(&mut s, &info);
+            } else if path == format!("/{hash_part}.narinfo") {
+                reply(&mut s, &narinfo);
+            } else if path.starts_with("/nar/") {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 4096\r\nConnection: close\r\n\r\n");
+                // A correct start of a NAR (the magic string, length-prefixed and padded)...
+                let mut head = 13u64.to_le_bytes().to_vec();
+                head.extend_from_slice(b"nix-archive-1\0\0\0");
+                let _ = s.write_all(&head);
+                // ... and the connection dies.
+            } else {
+                let _ = write!(s, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        }
+    });
+    (format!("http://127.0.0.1:{port}"), nar_requests)
+}
+
+#[test]
+fn a_dying_http_cache_is_retried_then_fallback_builds() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::new();
+    let expr = t.file(
+        "one.nix",
+        r#"builtins.derivation { name = "one"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo built here > $out" ]; }"#,
+    );
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let out = run_str(t.nix("nix-store").args(["-q", "--outputs"]).arg(&drv), None);
+    let (url, nar_requests) = dying_cache(t.store_dir().to_str().unwrap(), &out);
+    let base = |c: &mut Command| {
+        c.args(["realise", "--print-build-trace", "--option", "substituters", &url])
+            .args(["--option", "require-sigs", "false"]);
+    };
+
+    let mut c = t.nixb();
+    base(&mut c);
+    let res = run(c.arg(&drv), None);
+    let err = text(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(err.contains("try '--fallback'"), "{err}");
+    assert!(err.contains(&format!("@ substituter-failed {out} 256")), "{err}");
+    assert!(!err.contains("@ build-started"), "{err}");
+    // Retried: more than one attempt at the NAR.
+    assert!(nar_requests.load(Ordering::SeqCst) > 1, "the NAR was not retried: {err}");
+
+    let mut c = t.nixb();
+    base(&mut c);
+    let res = run(c.arg("--fallback").arg(&drv), None);
+    let err = text(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(err.contains(&format!("@ substituter-failed {out}")), "{err}");
+    assert!(err.contains(&format!("@ build-started {drv}")), "{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "built here\n");
+}
+
+// --- remote builds ----------------------------------------------------------------------
+
+/// Remote hosts behind a fake `ssh`: `nixhost` runs real `nix-store --serve --write`,
+/// `nixbhost` runs `nixb serve --write`, each on its own physical store mounted over the
+/// client's store directory in a private mount namespace; `deadhost` refuses connections.
+struct Hosts {
+    bin: PathBuf,
+    log: PathBuf,
+}
+
+fn hosts(t: &TestStore) -> Hosts {
+    let root = t.root.path().join("hosts");
+    let store = t.store_dir();
+    std::fs::create_dir_all(&store).unwrap();
+    for h in ["nixhost", "nixbhost"] {
+        std::fs::create_dir_all(root.join(h).join("phys")).unwrap();
+        std::fs::create_dir_all(root.join(h).join("etc")).unwrap();
+        std::fs::write(
+            root.join(h).join("etc/nix.conf"),
+            "sandbox = false\nbuild-users-group =\nsubstituters =\nsystem-features = onnix onnixb\n",
+        )
+        .unwrap();
+    }
+    let bin = root.join("bin");
+    let log = root.join("ssh.log");
+    write_exe(
+        &bin.join("ssh"),
+        &format!(
+            r#"#!/bin/sh
+host=
+for a; do case "$a" in nixhost|nixbhost|deadhost) host=$a;; esac; done
+echo "$host" >> {log}
+case "$host" in
+  deadhost) echo "ssh: connect to host deadhost port 22: Connection refused" >&2; exit 255;;
+  nixhost) set -- nix-store --serve --write;;
+  nixbhost) set -- {nixb} serve --write;;
+  *) echo "fake ssh: unknown host" >&2; exit 255;;
+esac
+export NIX_STORE_DIR={store} NIX_STATE_DIR={root}/$host/state NIX_LOG_DIR={root}/$host/log NIX_CONF_DIR={root}/$host/etc
+exec unshare --mount --propagation private sh -c 'mount --bind "$1" "$2" && shift 2 && exec "$@"' sh {root}/$host/phys {store} "$@"
+"#,
+            log = log.display(),
+            nixb = nixb_binary().display(),
+            store = store.display(),
+            root = root.display()
+        ),
+    );
+    Hosts { bin, log }
+}
+
+impl Hosts {
+    fn nixb(&self, t: &TestStore, builders: &str) -> Command {
+        let mut c = t.nixb();
+        let path = format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap_or_default());
+        c.env("PATH", path)
+            .args(["realise", "--print-build-trace", "--option", "builders", builders]);
+        c
+    }
+
+    fn contacted(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+const REMOTE_GRAPH: &str = r#"
+let
+  mk = name: feature: deps: builtins.derivation {
+    inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+    requiredSystemFeatures = [ feature ];
+    args = [ "-c" "echo ${name} > $out; for d in $deps; do echo $d >> $out; while read -r l; do echo \"$l\" >> $out; done < $d; done" ];
+  };
+  a = mk "a" "onnix" [];
+  b = mk "b" "onnixb" [ a ];
+in mk "top" "onnix" [ a b ]
+"#;
+
+const TWO_HOSTS: &str = "ssh://nixhost x86_64-linux - 1 1 onnix ; ssh://nixbhost x86_64-linux - 1 1 onnixb";
+
+#[test]
+fn builds_go_to_a_real_nix_host_and_a_nixb_host() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\nsystem-features = onnix onnixb\n");
+    let h = hosts(&t);
+    let expr = t.file("graph.nix", REMOTE_GRAPH);
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    // No local builds at all: everything must go through the hook.
+    let res = run(h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0"]).arg(&drv), None);
+    let err = text(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    let out = text(&res.stdout).trim().to_string();
+    let contacted = h.contacted();
+    assert!(contacted.contains("nixhost") && contacted.contains("nixbhost"), "{contacted}");
+    assert!(err.contains("on 'ssh://nixbhost'"), "{err}");
+    // Real Nix rebuilds every output locally and finds them identical.
+    let closure = run_str(t.nix("nix-store").args(["-qR"]).arg(&out), None);
+    assert_eq!(closure.lines().count(), 3, "{closure}");
+    run_ok(
+        t.nix("nix-store").args(["--realise", "--check", "--max-jobs", "1", "--option", "builders", ""]).arg(&drv),
+        None,
+    );
+    run_ok(t.nix("nix-store").args(["--verify", "--check-contents"]), None);
+}
+
+#[test]
+fn a_remote_build_failure_is_a_build_failure() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::new();
+    let h = hosts(&t);
+    let expr = t.file(
+        "bad.nix",
+        r#"builtins.derivation { name = "bad"; system = builtins.currentSystem; builder = "/bin/sh"; requiredSystemFeatures = [ "onnix" ]; args = [ "-c" "echo going down; exit 3" ]; }"#,
+    );
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let res = run(h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0"]).arg(&drv), None);
+    let err = text(&res.stderr);
+    assert_eq!(res.status.code(), Some(100), "{err}");
+    assert!(err.contains(&format!("@ build-failed {drv}")), "{err}");
+    assert!(!err.contains("@ hook-failed"), "{err}");
+    // The remote builder's output reached us.
+    assert!(err.contains("going down"), "{err}");
+}
+
+#[test]
+fn an_unreachable_host_is_named_and_the_build_done_locally() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::new();
+    let h = hosts(&t);
+    let expr = t.file(
+        "one.nix",
+        r#"builtins.derivation { name = "one"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo local > $out" ]; }"#,
+    );
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let res = run(h.nixb(&t, "ssh://deadhost x86_64-linux - 1 1").args(["--max-jobs", "1"]).arg(&drv), None);
+    let err = text(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(h.contacted().contains("deadhost"));
+    assert!(err.contains("cannot build on 'ssh://deadhost'"), "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+    let out = text(&res.stdout).trim().to_string();
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "local\n");
+}
+
+#[test]
+fn a_remote_timeout_is_honoured() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::new();
+    let h = hosts(&t);
+    let expr = t.file(
+        "slow.nix",
+        r#"builtins.derivation { name = "slow"; system = builtins.currentSystem; builder = "/bin/sh"; requiredSystemFeatures = [ "onnix" ]; args = [ "-c" "while true; do :; done" ]; }"#,
+    );
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let start = Instant::now();
+    let res = run(
+        h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0", "--timeout", "2"]).arg(&drv),
+        None,
+    );
+    let took = start.elapsed();
+    let err = text(&res.stderr);
+    assert_eq!(res.status.code(), Some(100), "{err}");
+    assert!(took < Duration::from_secs(40), "took {took:?}: the timeout was not passed on");
+    assert!(err.contains("timed out"), "{err}");
+    assert!(h.contacted().contains("nixhost"));
+}
