@@ -129,8 +129,24 @@ fn build_example(root: &Path) -> Result<PathBuf> {
     Ok(target.join("release/examples/substitute_closure"))
 }
 
+/// The release `nixb` binary, for `nixb realise` substituting through the engine.
+fn build_nixb(root: &Path) -> Result<PathBuf> {
+    let status = Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args(["build", "--quiet", "--release", "-p", "nixb-cli", "--bin", "nixb"])
+        .status()?;
+    if !status.success() {
+        bail!("building nixb failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/nixb"))
+}
+
 pub fn run() -> Result<()> {
     let bin = build_example(&crate::workspace_root())?;
+    let nixb = build_nixb(&crate::workspace_root())?;
     let env = Env {
         root: std::env::temp_dir().join(format!("nixb-bench-substitute-{}", std::process::id())),
     };
@@ -236,6 +252,31 @@ pub fn run() -> Result<()> {
         }
         println!(
             "  ratio nix/nixb (best of 2, -j{jobs}): {:.2}x",
+            ms(nix_t) / ms(best)
+        );
+    }
+    // The engine: SubstitutionGoals running `nixb substitute` children in build slots
+    // (max(1, max-jobs) at once, as the original and Nix 2.8), each hash verified by the
+    // worker. -j0 is what nix-store -r ran with above.
+    for jobs in [0usize, 4] {
+        let mut best = Duration::MAX;
+        for _ in 0..2 {
+            env.wipe_store()?;
+            let mut c = env.cmd(&nixb);
+            c.args(["realise", "--max-jobs", &jobs.to_string(), "--option", "substituters", &cache])
+                .args(["--option", "trusted-public-keys", &pk, &top]);
+            let (t, rss) = measure(c)?;
+            best = best.min(t);
+            println!(
+                "{:<26} {:>6} {:>10.0} {:>10.1}",
+                format!("nixb realise -j{jobs}"),
+                n,
+                ms(t),
+                rss as f64 / 1024.0
+            );
+        }
+        println!(
+            "  ratio nix/nixb realise (best of 2, -j{jobs}): {:.2}x",
             ms(nix_t) / ms(best)
         );
     }
