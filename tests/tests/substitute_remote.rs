@@ -63,7 +63,12 @@ fn external_substituters_are_tried_in_order_and_checked() {
     run_ok(t.nix("nix-store").arg("--delete").arg(&p), None);
     assert!(!Path::new(&p).exists());
     let other = t.file("other.txt", "not what was asked for\n");
-    let other_hash = run_str(t.nix("nix").args(["hash", "path", "--type", "sha256", "--base32"]).arg(&other), None);
+    let other_hash = run_str(
+        t.nix("nix")
+            .args(["hash", "path", "--type", "sha256", "--base32"])
+            .arg(&other),
+        None,
+    );
 
     let calls = dir.join("calls.log");
     // Each program answers --query with the same info and differs in --substitute.
@@ -98,7 +103,13 @@ fn external_substituters_are_tried_in_order_and_checked() {
     let subs = format!("{} {} {}", fail.display(), liar.display(), good.display());
     let out = run(
         t.nixb()
-            .args(["realise", "--print-build-trace", "--option", "substituters", &subs])
+            .args([
+                "realise",
+                "--print-build-trace",
+                "--option",
+                "substituters",
+                &subs,
+            ])
             .arg(&p),
         None,
     );
@@ -111,18 +122,45 @@ fn external_substituters_are_tried_in_order_and_checked() {
     assert_eq!(called, format!("fail {p}\nliar {p}\ngood {p}\n"));
     let trace = trace_lines(&err);
     assert_eq!(trace.len(), 6, "{err}");
-    assert_eq!(trace[0], format!("@ substituter-started {p} {}", fail.display()));
+    assert_eq!(
+        trace[0],
+        format!("@ substituter-started {p} {}", fail.display())
+    );
     // 256 = exit code 1 as a raw wait status, as the original prints it.
-    assert!(trace[1].starts_with(&format!("@ substituter-failed {p} 256 fetching path '{p}' failed with exit code 1")), "{}", trace[1]);
-    assert_eq!(trace[2], format!("@ substituter-started {p} {}", liar.display()));
-    assert!(trace[3].starts_with(&format!("@ substituter-failed {p} 0 hash mismatch in downloaded path '{p}'")), "{}", trace[3]);
-    assert_eq!(trace[4], format!("@ substituter-started {p} {}", good.display()));
+    assert!(
+        trace[1].starts_with(&format!(
+            "@ substituter-failed {p} 256 fetching path '{p}' failed with exit code 1"
+        )),
+        "{}",
+        trace[1]
+    );
+    assert_eq!(
+        trace[2],
+        format!("@ substituter-started {p} {}", liar.display())
+    );
+    assert!(
+        trace[3].starts_with(&format!(
+            "@ substituter-failed {p} 0 hash mismatch in downloaded path '{p}'"
+        )),
+        "{}",
+        trace[3]
+    );
+    assert_eq!(
+        trace[4],
+        format!("@ substituter-started {p} {}", good.display())
+    );
     assert_eq!(trace[5], format!("@ substituter-succeeded {p}"));
 
     // Real Nix agrees: valid, same hash, contents intact, and not "ultimate".
-    assert_eq!(run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(&p), None), hash);
+    assert_eq!(
+        run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(&p), None),
+        hash
+    );
     run_ok(t.nix("nix-store").args(["--verify-path"]).arg(&p), None);
-    assert_eq!(std::fs::read_to_string(&p).unwrap(), "substituted contents\n");
+    assert_eq!(
+        std::fs::read_to_string(&p).unwrap(),
+        "substituted contents\n"
+    );
 }
 
 #[test]
@@ -147,13 +185,19 @@ fn only_lying_and_failing_substituters_leave_the_path_invalid() {
         ),
     );
     let out = run(
-        t.nixb().args(["realise", "--option", "substituters"]).arg(&liar).arg(&p),
+        t.nixb()
+            .args(["realise", "--option", "substituters"])
+            .arg(&liar)
+            .arg(&p),
         None,
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&format!("path '{p}' does not exist and cannot be created")));
     let valid = run(t.nix("nix-store").args(["-q", "--hash"]).arg(&p), None);
-    assert!(!valid.status.success(), "a path whose hash was a lie got registered");
+    assert!(
+        !valid.status.success(),
+        "a path whose hash was a lie got registered"
+    );
 }
 
 // --- a cache written by real Nix ------------------------------------------------------------
@@ -172,9 +216,16 @@ in mk "top" [ b c ]
 
 fn nix_key(t: &TestStore) -> (PathBuf, String) {
     let sk = t.root.path().join("cache.sk");
-    let secret = run_ok(t.nix("nix").args(["key", "generate-secret", "--key-name", "test-cache-1"]), None);
+    let secret = run_ok(
+        t.nix("nix")
+            .args(["key", "generate-secret", "--key-name", "test-cache-1"]),
+        None,
+    );
     std::fs::write(&sk, &secret).unwrap();
-    let public = run_str(t.nix("nix").args(["key", "convert-secret-to-public"]), Some(&secret));
+    let public = run_str(
+        t.nix("nix").args(["key", "convert-secret-to-public"]),
+        Some(&secret),
+    );
     (sk, public)
 }
 
@@ -193,12 +244,22 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
         .collect();
     let hashes: BTreeMap<String, String> = closure
         .iter()
-        .map(|p| (p.clone(), run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None)))
+        .map(|p| {
+            (
+                p.clone(),
+                run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None),
+            )
+        })
         .collect();
     let (sk, pk) = nix_key(&t);
     let cache = t.root.path().join("cache");
     let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
-    run_ok(t.nix("nix").args(["copy", "--to", &to, "--derivation"]).arg(&drv), None);
+    run_ok(
+        t.nix("nix")
+            .args(["copy", "--to", &to, "--derivation"])
+            .arg(&drv),
+        None,
+    );
     run_ok(t.nix("nix").args(["copy", "--to", &to]).arg(&out), None);
 
     // A fresh store with the same store directory.
@@ -207,7 +268,13 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
     let url = format!("file://{}", cache.display());
     let res = run(
         t.nixb()
-            .args(["realise", "--print-build-trace", "--option", "substituters", &url])
+            .args([
+                "realise",
+                "--print-build-trace",
+                "--option",
+                "substituters",
+                &url,
+            ])
             .args(["--option", "trusted-public-keys", &pk])
             .arg(&drv),
         None,
@@ -215,20 +282,34 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
     let err = text(&res.stderr);
     assert!(res.status.success(), "{err}");
     assert_eq!(text(&res.stdout).trim(), out);
-    assert!(!err.contains("@ build-started"), "something was built: {err}");
+    assert!(
+        !err.contains("@ build-started"),
+        "something was built: {err}"
+    );
     for p in &closure {
-        assert!(err.contains(&format!("@ substituter-succeeded {p}")), "{p} not substituted: {err}");
+        assert!(
+            err.contains(&format!("@ substituter-succeeded {p}")),
+            "{p} not substituted: {err}"
+        );
         // Real Nix reads nixb's registration: same NAR hash, and the contents match it.
-        assert_eq!(&run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None), &hashes[p]);
+        assert_eq!(
+            &run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None),
+            &hashes[p]
+        );
     }
-    run_ok(t.nix("nix-store").args(["--verify", "--check-contents"]), None);
+    run_ok(
+        t.nix("nix-store").args(["--verify", "--check-contents"]),
+        None,
+    );
 
     // Unsigned (no trusted key): refused, nothing registered, the build is not tried
     // either since the derivation itself cannot be had.
     remove_tree(&t.store_dir());
     remove_tree(&t.state_dir());
     let res = run(
-        t.nixb().args(["realise", "--option", "substituters", &url]).arg(&out),
+        t.nixb()
+            .args(["realise", "--option", "substituters", &url])
+            .arg(&out),
         None,
     );
     assert_eq!(res.status.code(), Some(1), "{}", text(&res.stderr));
@@ -266,7 +347,11 @@ fn dying_cache(store_dir: &str, out: &str) -> (String, Arc<AtomicUsize>) {
             }
             let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
             let reply = |s: &mut std::net::TcpStream, body: &str| {
-                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
             };
             if path == "/nix-cache-info" {
                 reply(&mut s, &info);
@@ -274,14 +359,20 @@ fn dying_cache(store_dir: &str, out: &str) -> (String, Arc<AtomicUsize>) {
                 reply(&mut s, &narinfo);
             } else if path.starts_with("/nar/") {
                 counter.fetch_add(1, Ordering::SeqCst);
-                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 4096\r\nConnection: close\r\n\r\n");
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: 4096\r\nConnection: close\r\n\r\n"
+                );
                 // A correct start of a NAR (the magic string, length-prefixed and padded)...
                 let mut head = 13u64.to_le_bytes().to_vec();
                 head.extend_from_slice(b"nix-archive-1\0\0\0");
                 let _ = s.write_all(&head);
                 // ... and the connection dies.
             } else {
-                let _ = write!(s, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
             }
         }
     });
@@ -302,8 +393,14 @@ fn a_dying_http_cache_is_retried_then_fallback_builds() {
     let out = run_str(t.nix("nix-store").args(["-q", "--outputs"]).arg(&drv), None);
     let (url, nar_requests) = dying_cache(t.store_dir().to_str().unwrap(), &out);
     let base = |c: &mut Command| {
-        c.args(["realise", "--print-build-trace", "--option", "substituters", &url])
-            .args(["--option", "require-sigs", "false"]);
+        c.args([
+            "realise",
+            "--print-build-trace",
+            "--option",
+            "substituters",
+            &url,
+        ])
+        .args(["--option", "require-sigs", "false"]);
     };
 
     let mut c = t.nixb();
@@ -312,17 +409,26 @@ fn a_dying_http_cache_is_retried_then_fallback_builds() {
     let err = text(&res.stderr);
     assert_eq!(res.status.code(), Some(1), "{err}");
     assert!(err.contains("try '--fallback'"), "{err}");
-    assert!(err.contains(&format!("@ substituter-failed {out} 256")), "{err}");
+    assert!(
+        err.contains(&format!("@ substituter-failed {out} 256")),
+        "{err}"
+    );
     assert!(!err.contains("@ build-started"), "{err}");
     // Retried: more than one attempt at the NAR.
-    assert!(nar_requests.load(Ordering::SeqCst) > 1, "the NAR was not retried: {err}");
+    assert!(
+        nar_requests.load(Ordering::SeqCst) > 1,
+        "the NAR was not retried: {err}"
+    );
 
     let mut c = t.nixb();
     base(&mut c);
     let res = run(c.arg("--fallback").arg(&drv), None);
     let err = text(&res.stderr);
     assert!(res.status.success(), "{err}");
-    assert!(err.contains(&format!("@ substituter-failed {out}")), "{err}");
+    assert!(
+        err.contains(&format!("@ substituter-failed {out}")),
+        "{err}"
+    );
     assert!(err.contains(&format!("@ build-started {drv}")), "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "built here\n");
 }
@@ -380,9 +486,18 @@ exec unshare --mount --propagation private sh -c 'mount --bind "$1" "$2" && shif
 impl Hosts {
     fn nixb(&self, t: &TestStore, builders: &str) -> Command {
         let mut c = t.nixb();
-        let path = format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap_or_default());
-        c.env("PATH", path)
-            .args(["realise", "--print-build-trace", "--option", "builders", builders]);
+        let path = format!(
+            "{}:{}",
+            self.bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        c.env("PATH", path).args([
+            "realise",
+            "--print-build-trace",
+            "--option",
+            "builders",
+            builders,
+        ]);
         c
     }
 
@@ -403,33 +518,55 @@ let
 in mk "top" "onnix" [ a b ]
 "#;
 
-const TWO_HOSTS: &str = "ssh://nixhost x86_64-linux - 1 1 onnix ; ssh://nixbhost x86_64-linux - 1 1 onnixb";
+const TWO_HOSTS: &str =
+    "ssh://nixhost x86_64-linux - 1 1 onnix ; ssh://nixbhost x86_64-linux - 1 1 onnixb";
 
 #[test]
 fn builds_go_to_a_real_nix_host_and_a_nixb_host() {
     if !have_nix() {
         return;
     }
-    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\nsystem-features = onnix onnixb\n");
+    let t = TestStore::with_conf(
+        "sandbox = false\nbuild-users-group =\nsubstituters =\nsystem-features = onnix onnixb\n",
+    );
     let h = hosts(&t);
     let expr = t.file("graph.nix", REMOTE_GRAPH);
     let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
     // No local builds at all: everything must go through the hook.
-    let res = run(h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0"]).arg(&drv), None);
+    let res = run(
+        h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0"]).arg(&drv),
+        None,
+    );
     let err = text(&res.stderr);
     assert!(res.status.success(), "{err}");
     let out = text(&res.stdout).trim().to_string();
     let contacted = h.contacted();
-    assert!(contacted.contains("nixhost") && contacted.contains("nixbhost"), "{contacted}");
+    assert!(
+        contacted.contains("nixhost") && contacted.contains("nixbhost"),
+        "{contacted}"
+    );
     assert!(err.contains("on 'ssh://nixbhost'"), "{err}");
     // Real Nix rebuilds every output locally and finds them identical.
     let closure = run_str(t.nix("nix-store").args(["-qR"]).arg(&out), None);
     assert_eq!(closure.lines().count(), 3, "{closure}");
     run_ok(
-        t.nix("nix-store").args(["--realise", "--check", "--max-jobs", "1", "--option", "builders", ""]).arg(&drv),
+        t.nix("nix-store")
+            .args([
+                "--realise",
+                "--check",
+                "--max-jobs",
+                "1",
+                "--option",
+                "builders",
+                "",
+            ])
+            .arg(&drv),
         None,
     );
-    run_ok(t.nix("nix-store").args(["--verify", "--check-contents"]), None);
+    run_ok(
+        t.nix("nix-store").args(["--verify", "--check-contents"]),
+        None,
+    );
 }
 
 #[test]
@@ -444,7 +581,10 @@ fn a_remote_build_failure_is_a_build_failure() {
         r#"builtins.derivation { name = "bad"; system = builtins.currentSystem; builder = "/bin/sh"; requiredSystemFeatures = [ "onnix" ]; args = [ "-c" "echo going down; exit 3" ]; }"#,
     );
     let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
-    let res = run(h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0"]).arg(&drv), None);
+    let res = run(
+        h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0"]).arg(&drv),
+        None,
+    );
     let err = text(&res.stderr);
     assert_eq!(res.status.code(), Some(100), "{err}");
     assert!(err.contains(&format!("@ build-failed {drv}")), "{err}");
@@ -465,7 +605,12 @@ fn an_unreachable_host_is_named_and_the_build_done_locally() {
         r#"builtins.derivation { name = "one"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo local > $out" ]; }"#,
     );
     let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
-    let res = run(h.nixb(&t, "ssh://deadhost x86_64-linux - 1 1").args(["--max-jobs", "1"]).arg(&drv), None);
+    let res = run(
+        h.nixb(&t, "ssh://deadhost x86_64-linux - 1 1")
+            .args(["--max-jobs", "1"])
+            .arg(&drv),
+        None,
+    );
     let err = text(&res.stderr);
     assert!(res.status.success(), "{err}");
     assert!(h.contacted().contains("deadhost"));
@@ -489,13 +634,18 @@ fn a_remote_timeout_is_honoured() {
     let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
     let start = Instant::now();
     let res = run(
-        h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0", "--timeout", "2"]).arg(&drv),
+        h.nixb(&t, TWO_HOSTS)
+            .args(["--max-jobs", "0", "--timeout", "2"])
+            .arg(&drv),
         None,
     );
     let took = start.elapsed();
     let err = text(&res.stderr);
     assert_eq!(res.status.code(), Some(100), "{err}");
-    assert!(took < Duration::from_secs(40), "took {took:?}: the timeout was not passed on");
+    assert!(
+        took < Duration::from_secs(40),
+        "took {took:?}: the timeout was not passed on"
+    );
     assert!(err.contains("timed out"), "{err}");
     assert!(h.contacted().contains("nixhost"));
 }

@@ -132,7 +132,9 @@ pub fn assume_locks_held(paths: impl IntoIterator<Item = PathBuf>) {
     }
 }
 
-fn lock_unless_held(dest: &std::path::Path) -> Result<Option<Option<PathLocks>>, nixb_store::locks::LockError> {
+fn lock_unless_held(
+    dest: &std::path::Path,
+) -> Result<Option<Option<PathLocks>>, nixb_store::locks::LockError> {
     if LOCKS_HELD.lock().map(|h| h.contains(dest)).unwrap_or(false) {
         return Ok(Some(None));
     }
@@ -157,12 +159,11 @@ pub fn add_nar_to_store(
     check_references(store, info)?;
     store.add_temp_root(&info.path)?;
     let dest = dir.to_path(&info.path);
-    let Some(mut locks) =
-        lock_unless_held(&dest).map_err(|e| ServeError::Io {
-            step: "locking",
-            path: printed.clone(),
-            source: io::Error::other(e.to_string()),
-        })?
+    let Some(mut locks) = lock_unless_held(&dest).map_err(|e| ServeError::Io {
+        step: "locking",
+        path: printed.clone(),
+        source: io::Error::other(e.to_string()),
+    })?
     else {
         return Err(ServeError::Io {
             step: "locking",

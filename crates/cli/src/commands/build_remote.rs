@@ -23,7 +23,9 @@ pub struct BuildRemoteArgs {
 /// The builders spec: the setting, or Nix's default machines file.
 pub fn builders_spec(s: &crate::settings::Settings) -> String {
     if s.builders.is_empty() {
-        let conf = std::env::var_os("NIX_CONF_DIR").filter(|d| !d.is_empty()).unwrap_or_else(|| "/etc/nix".into());
+        let conf = std::env::var_os("NIX_CONF_DIR")
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "/etc/nix".into());
         format!("@{}/machines", std::path::Path::new(&conf).display())
     } else {
         s.builders.join(" ")

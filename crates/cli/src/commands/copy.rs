@@ -35,7 +35,10 @@ pub fn run(args: CopyArgs, options: &[String]) -> Result<u8> {
     let secret_keys = settings
         .secret_key_files
         .iter()
-        .map(|f| SecretKey::from_file(&PathBuf::from(f)).with_context(|| format!("setting 'secret-key-files': {f}")))
+        .map(|f| {
+            SecretKey::from_file(&PathBuf::from(f))
+                .with_context(|| format!("setting 'secret-key-files': {f}"))
+        })
         .collect::<Result<Vec<_>>>()?;
     let store = super::open_store()?;
     let paths = args
@@ -43,8 +46,14 @@ pub fn run(args: CopyArgs, options: &[String]) -> Result<u8> {
         .iter()
         .map(|p| super::parse_store_path(&store, p))
         .collect::<Result<BTreeSet<_>>>()?;
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let opts = WriteOptions { compression, secret_keys, jobs };
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let opts = WriteOptions {
+        compression,
+        secret_keys,
+        jobs,
+    };
     let written = nixb_binarycache::copy_to_file_cache(&store, &PathBuf::from(dir), &paths, &opts)?;
     for p in &written {
         crate::render::info(&format!("copied '{}'", store.store_dir().print(p)));

@@ -8,7 +8,10 @@ use std::io::Write;
 
 use anyhow::Result;
 use clap::Args;
-use nixb_goals::{BuildStore, Event, EventSink, FailureKind, Level, NewOutput, PathInfo, StoreFault, SubstitutedPath};
+use nixb_goals::{
+    BuildStore, Event, EventSink, FailureKind, Level, NewOutput, PathInfo, StoreFault,
+    SubstitutedPath,
+};
 use nixb_serve::proto::{BuildOptions, BuildResult, BuildStatus};
 use nixb_serve::server::RemoteBuilder;
 use nixb_store::derivation::Derivation;
@@ -31,7 +34,13 @@ pub fn run(args: ServeArgs, options: &[String]) -> Result<u8> {
     let settings = super::settings(options)?;
     let store = super::open_store()?;
     let mut builder = EngineBuilder { settings };
-    nixb_serve::server::serve(std::io::stdin().lock(), std::io::stdout().lock(), &store, &mut builder, args.write)?;
+    nixb_serve::server::serve(
+        std::io::stdin().lock(),
+        std::io::stdout().lock(),
+        &store,
+        &mut builder,
+        args.write,
+    )?;
     Ok(0)
 }
 
@@ -49,7 +58,10 @@ impl EventSink for StderrSink {
         let mut err = std::io::stderr().lock();
         let _ = match e {
             Event::BuildLog { chunk, .. } => err.write_all(&chunk),
-            Event::Message { level: Level::Error, text } => writeln!(err, "error: {text}"),
+            Event::Message {
+                level: Level::Error,
+                text,
+            } => writeln!(err, "error: {text}"),
             Event::HookOutput { text, .. } => writeln!(err, "{text}"),
             Event::BuildFailed { reason, .. } => writeln!(err, "error: {reason}"),
             _ => Ok(()),
@@ -58,7 +70,10 @@ impl EventSink for StderrSink {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl EngineBuilder {
@@ -92,7 +107,10 @@ impl EngineBuilder {
             return Ok(());
         }
         let Some(f) = outcome.failures.first() else {
-            return Err((BuildStatus::MiscFailure, format!("build failed with status {}", outcome.exit_status)));
+            return Err((
+                BuildStatus::MiscFailure,
+                format!("build failed with status {}", outcome.exit_status),
+            ));
         };
         let status = match f.kind {
             FailureKind::BuilderFailed => BuildStatus::PermanentFailure,
@@ -118,8 +136,15 @@ impl RemoteBuilder for EngineBuilder {
     ) -> BuildResult {
         let start = now();
         let cfg = self.config(store, options);
-        let wire = WireDrvStore { inner: store, drv_path: drv_path.clone(), drv: drv.clone() };
-        let targets = [DerivedPath::Built { drv: drv_path.clone(), outputs: Vec::new() }];
+        let wire = WireDrvStore {
+            inner: store,
+            drv_path: drv_path.clone(),
+            drv: drv.clone(),
+        };
+        let targets = [DerivedPath::Built {
+            drv: drv_path.clone(),
+            outputs: Vec::new(),
+        }];
         let mut res = match self.realise(&wire, &targets, &cfg) {
             Ok(()) => BuildResult::new(BuildStatus::Built, ""),
             Err((s, msg)) => BuildResult::new(s, msg),
@@ -166,7 +191,10 @@ impl BuildStore for WireDrvStore<'_> {
     fn query_references(&self, p: &StorePath) -> Result<BTreeSet<StorePath>, StoreFault> {
         BuildStore::query_references(self.inner, p)
     }
-    fn compute_closure(&self, paths: &BTreeSet<StorePath>) -> Result<BTreeSet<StorePath>, StoreFault> {
+    fn compute_closure(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, StoreFault> {
         // The wire derivation is not in the database: its closure is itself plus its
         // input sources' closures.
         let mut roots = paths.clone();

@@ -48,7 +48,12 @@ pub fn run(args: SubstituteArgs, options: &[String]) -> Result<u8> {
     let settings = super::settings(options)?;
     let dir = StoreDir::from_env().context("reading NIX_STORE_DIR")?;
     let urls: Vec<String> = if args.caches.is_empty() {
-        settings.substituters.iter().filter(|s| is_cache_url(s)).cloned().collect()
+        settings
+            .substituters
+            .iter()
+            .filter(|s| is_cache_url(s))
+            .cloned()
+            .collect()
     } else {
         args.caches.clone()
     };
@@ -85,7 +90,13 @@ pub fn run(args: SubstituteArgs, options: &[String]) -> Result<u8> {
     }
     let mut out = stdout.lock();
     let mut log = std::io::stderr().lock();
-    nixb_binarycache::protocol::run_substitute(&caches, path, &PathBuf::from(dest), &mut out, &mut log)?;
+    nixb_binarycache::protocol::run_substitute(
+        &caches,
+        path,
+        &PathBuf::from(dest),
+        &mut out,
+        &mut log,
+    )?;
     Ok(0)
 }
 
