@@ -270,14 +270,11 @@ pub(crate) fn chroot_spec(
     Ok(spec)
 }
 
-/// Where a builder's output `p` lies once the builder is gone.
+/// Where a builder's output `p` lies once the builder is gone: in the chroot's store
+/// directory on disk (see [`nixb_sandbox::chroot_store_dir`]), or in place.
 pub(crate) fn built_location(sd: &StoreDir, chroot: Option<&Path>, p: &StorePath) -> PathBuf {
     match chroot {
-        Some(root) => {
-            let inner = sd.to_path(p);
-            let rel = inner.strip_prefix("/").unwrap_or(&inner);
-            root.join(rel)
-        }
+        Some(root) => nixb_sandbox::chroot_store_dir(root).join(p.base_name()),
         None => sd.to_path(p),
     }
 }

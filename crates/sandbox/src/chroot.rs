@@ -1,33 +1,65 @@
-//! Chroot mode: the builder's root directory, prepared by the parent, and the namespace part
-//! of the child's plan.
+//! Chroot mode: the builder's root, and the namespace part of the child's plan.
 //!
-//! The parent creates `<root>` with `/tmp` (1777), `/etc` (the given files), the store
-//! directory, `/dev` (symlinks and empty mount points), `/proc`, and one mount point per bind.
-//! The child, already in its new namespaces, then mounts in this order:
+//! Almost nothing of the sandbox is on disk. The parent creates only
+//!
+//! ```text
+//! <root>/            0700, so that no other local user can look into a build in progress
+//! <root>/store/      the builder's store directory: its outputs end up here (1775 root:<gid>)
+//! <root>/work/       overlayfs work directory, only in overlay mode (see below)
+//! ```
+//!
+//! The child, already in its new namespaces, builds the rest in a
+//! tmpfs mounted over `<root>`, which nobody outside its mount namespace can see and which the
+//! kernel frees with the namespace, so there is nothing to delete afterwards but the two or three
+//! directories above:
 //!
 //! ```text
 //! 1. / recursively private         nothing below may propagate back to the host
 //! 2. lo up / setns to a pooled ns  (not for Network::Host)
 //! 3. hostname, domain name         UTS namespace is private now
-//! 4. <root> onto itself            pivot_root needs the new root to be a mount point
-//! 5. binds, sorted by target       a parent directory is mounted before what lies inside it;
-//!                                  read-only ones remounted at once, keeping nosuid/nodev/noexec
-//! 6. tmpfs on /dev/shm, devpts     fresh, so nothing is shared with the host or other builds
-//! 7. proc on /proc                 after the PID namespace exists (clone made it): shows only
+//! 4. chdir <root>, tmpfs on <root>  the new root; it hides <root>/store, but the working
+//!                                  directory still is the directory below, where `store`
+//!                                  (and `work`) are found by relative paths
+//! 5. skeleton in the tmpfs         /tmp 1777, /etc files, /dev entries, /proc, and a mount
+//!                                  point for every bind and for the store directory
+//! 6. the store directory and the   sorted by target, so a parent directory is mounted before
+//!    binds                         what lies inside it; read-only binds made read-only
+//! 7. tmpfs on /dev/shm, devpts     fresh, so nothing is shared with the host or other builds
+//! 8. proc on /proc                 after the PID namespace exists (clone made it): shows only
 //!                                  the sandbox's processes
-//! 8. pivot_root, detach old root   last: every source path above is a host path
+//! 9. pivot_root, detach old root   last: every source path above is a host path
 //! ```
+//!
+//! The store directory inside is mounted in one of two ways:
+//!
+//! - *bind mode*: `<root>/store` is bound at the store directory. The mount points of the
+//!   input paths must then exist in it, on disk: the parent creates them (one inode each).
+//! - *overlay mode*, when there are many inputs: the input mount points are made in the tmpfs
+//!   (at the store directory's own place in it, microseconds each) and an overlayfs with that
+//!   directory as its lower layer and `<root>/store` as its upper layer is mounted over it. The
+//!   builder's writes (its outputs) go to `<root>/store` on disk, as in bind mode. The kernel
+//!   re-creates `<root>/work/work` on each such mount, which costs about as much as a few
+//!   on-disk mount points, hence the threshold. If the overlay mount fails (no overlay module,
+//!   an upper file system it does not support) the build is set up again in bind mode, and the
+//!   process does not try overlays again.
+//!
+//! Read-only input binds under the store directory are made read-only with two
+//! `mount_setattr` calls for all of them (recursive set, then clear on the store directory's
+//! own mount) instead of one remount each; other read-only binds are remounted one by one,
+//! keeping the source's nosuid/nodev/noexec.
 //!
 //! Non-directory inputs are bind-mounted onto empty files rather than hard-linked as Nix 1.x
 //! did: a bind works across file systems, has no link-count limit (no EMLINK/EXDEV fallback
 //! to copy), can be read-only, and disappears with the mount namespace.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::plan::{Mount, Step};
 use crate::seccomp::Filter;
@@ -35,13 +67,14 @@ use crate::{BuildUserIds, SandboxError};
 
 /// What the builder's root holds and how its namespaces are set up.
 pub struct ChrootSpec {
-    /// Directory to create (it must not exist yet) and populate as the builder's `/`. Left in
-    /// place afterwards: moving outputs out of it and removing it are the caller's job. Once
-    /// the sandbox is gone it holds only plain directories and files (the mounts lived in the
-    /// builder's mount namespace).
+    /// Directory to create (it must not exist yet) on the store's file system. The builder's
+    /// store directory lives in it, at [`chroot_store_dir`]: outputs can be renamed from there
+    /// into the store. Left in place afterwards: moving outputs out and removing the directory
+    /// are the caller's job. Once the sandbox is gone it holds only plain directories and
+    /// files (every mount lived in the builder's mount namespace).
     pub root: PathBuf,
-    /// The store directory as the builder sees it, e.g. `/nix/store`; created writable so that
-    /// the builder can create its outputs there.
+    /// The store directory as the builder sees it, e.g. `/nix/store`; writable (sticky) so
+    /// that the builder can create its outputs there.
     pub store_dir: PathBuf,
     /// The build directory, bound read-write at the same path inside.
     pub build_dir: PathBuf,
@@ -50,7 +83,7 @@ pub struct ChrootSpec {
     pub binds: Vec<BindMount>,
     pub hostname: String,
     pub network: Network,
-    /// Files written under `<root>/etc/` (name relative to `/etc`, contents).
+    /// Files written under `/etc/` in the sandbox (name relative to `/etc`, contents).
     pub etc_files: Vec<(PathBuf, Vec<u8>)>,
     /// Bind `/dev/kvm` when the host has it.
     pub kvm: bool,
@@ -71,6 +104,13 @@ impl ChrootSpec {
             kvm: false,
         }
     }
+}
+
+/// The directory under a [`ChrootSpec::root`] that the builder sees as its store directory:
+/// an output `<store_dir>/<name>` of the builder is at `chroot_store_dir(root)/<name>` on the
+/// host once the builder is gone.
+pub fn chroot_store_dir(root: &Path) -> PathBuf {
+    root.join("store")
 }
 
 /// `/etc/passwd` (the build user as `nixbld`, and `nobody`), `/etc/group` and `/etc/hosts`
@@ -141,9 +181,33 @@ pub enum Network {
 /// Device nodes of the minimal `/dev` (Nix's list).
 const DEV_NODES: &[&str] = &["full", "null", "random", "tty", "urandom", "zero"];
 
+/// From this many mount points under the store directory on, overlay mode is cheaper than
+/// creating them on disk (see the module doc; measured on ext4, `cargo xtask bench sandbox`).
+pub(crate) const OVERLAY_MIN_INPUTS: usize = 8;
+
+/// Set once an overlay mount failed in this process: no overlay is tried again.
+static OVERLAY_BROKEN: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn overlay_failed() {
+    OVERLAY_BROKEN.store(true, Ordering::Relaxed);
+}
+
+/// How the store directory inside is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StoreMode {
+    /// Overlay when worthwhile and not known to fail, else bind.
+    Auto,
+    Bind,
+    /// Overlay whatever the number of inputs (tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Overlay,
+}
+
 pub(crate) struct Prepared {
     pub ns_steps: Vec<Step>,
     pub clone_flags: libc::c_int,
+    /// Index of the overlay mount in `ns_steps`, in overlay mode.
+    pub overlay_step: Option<usize>,
     filter: Filter,
 }
 
@@ -170,6 +234,10 @@ fn prep_err(step: String) -> impl FnOnce(std::io::Error) -> SandboxError {
 fn cpath(p: &Path) -> Result<CString, SandboxError> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| SandboxError::InvalidSpec(format!("path {} contains a NUL byte", p.display())))
+}
+
+fn cstr(what: &str, s: &str) -> Result<CString, SandboxError> {
+    CString::new(s).map_err(|_| SandboxError::InvalidSpec(format!("{what} contains a NUL byte")))
 }
 
 /// `inner` (absolute, no `..`) as a path under `root`.
@@ -199,16 +267,6 @@ fn under(root: &Path, inner: &Path, what: &str) -> Result<PathBuf, SandboxError>
 
 fn mkdir_all(p: &Path) -> Result<(), SandboxError> {
     fs::create_dir_all(p).map_err(prep_err(format!("creating directory {}", p.display())))
-}
-
-fn chmod(p: &Path, mode: u32) -> Result<(), SandboxError> {
-    fs::set_permissions(p, fs::Permissions::from_mode(mode))
-        .map_err(prep_err(format!("changing the mode of {}", p.display())))
-}
-
-fn chown_group(p: &Path, gid: u32) -> Result<(), SandboxError> {
-    std::os::unix::fs::chown(p, Some(0), Some(gid))
-        .map_err(prep_err(format!("changing the owner of {}", p.display())))
 }
 
 /// Mount flags of the file system holding `p` that a read-only remount must keep (the kernel
@@ -245,23 +303,82 @@ fn mount(
     flags: libc::c_ulong,
     data: Option<&str>,
 ) -> Result<Step, SandboxError> {
-    let c = |s: Option<&str>| s.map(|s| CString::new(s).unwrap_or_default());
+    let c = |s: Option<&str>| s.map(|s| cstr(what, s)).transpose();
     Ok(Step::Mount {
         mount: Mount {
-            source: c(source),
+            source: c(source)?,
             target: cpath(target)?,
-            fstype: c(fstype),
+            fstype: c(fstype)?,
             flags,
-            data: c(data),
+            data: c(data)?,
         },
         what,
     })
 }
 
-/// Creates the root tree and returns the namespace steps.
+/// An entry of the skeleton the child makes in its tmpfs.
+enum Node {
+    Dir(libc::mode_t),
+    /// Mount point for a non-directory.
+    File,
+    Symlink(&'static str),
+    Contents(Vec<u8>),
+}
+
+/// The skeleton, keyed by the path inside; `Path` orders component-wise, so a directory comes
+/// before everything in it.
+#[derive(Default)]
+struct Skeleton(BTreeMap<PathBuf, Node>);
+
+impl Skeleton {
+    /// Adds `inside` (absolute, checked) and the directories above it.
+    fn add(&mut self, inside: &Path, node: Node) {
+        for a in inside.ancestors().skip(1) {
+            if a.parent().is_none() {
+                break; // "/" is the tmpfs itself
+            }
+            self.0.entry(a.to_path_buf()).or_insert(Node::Dir(0o755));
+        }
+        self.0.insert(inside.to_path_buf(), node);
+    }
+
+    fn steps(self, root: &Path) -> Result<Vec<Step>, SandboxError> {
+        let mut steps = Vec::with_capacity(self.0.len());
+        for (inside, node) in self.0 {
+            let path = cpath(&under(root, &inside, "sandbox path")?)?;
+            steps.push(match node {
+                Node::Dir(mode) => Step::MkDir { path, mode },
+                Node::File => Step::MkFile(path),
+                Node::Symlink(to) => Step::Symlink {
+                    target: cstr("symlink target", to)?,
+                    link: path,
+                },
+                Node::Contents(contents) => Step::WriteFile { path, contents },
+            });
+        }
+        Ok(steps)
+    }
+}
+
+/// A bind whose source exists, and what it is.
+struct Bind<'a> {
+    b: &'a BindMount,
+    is_dir: bool,
+}
+
+/// Characters overlayfs takes as separators or escapes in its mount options.
+fn overlay_safe(p: &Path) -> bool {
+    !p.as_os_str()
+        .as_bytes()
+        .iter()
+        .any(|c| matches!(c, b',' | b':' | b'\\'))
+}
+
+/// Creates the on-disk part of the root and returns the namespace steps.
 pub(crate) fn prepare(
     spec: &ChrootSpec,
     user: Option<&BuildUserIds>,
+    mode: StoreMode,
 ) -> Result<Prepared, SandboxError> {
     let root = &spec.root;
     if !root.is_absolute() {
@@ -270,45 +387,14 @@ pub(crate) fn prepare(
             root.display()
         )));
     }
-    fs::create_dir(root).map_err(prep_err(format!(
-        "creating chroot directory {}",
-        root.display()
-    )))?;
-    // Only root and the build user's group may enter: other local users have no business
-    // looking at (or racing with) a build in progress.
-    match user {
-        Some(u) => {
-            chmod(root, 0o750)?;
-            chown_group(root, u.gid)?;
-        }
-        None => chmod(root, 0o755)?,
+    // Validated before anything is created on disk.
+    under(root, &spec.store_dir, "store directory")?;
+    if spec.store_dir.parent().is_none() {
+        return Err(SandboxError::InvalidSpec(
+            "store directory / is not allowed".into(),
+        ));
     }
-
-    // Many builders need a writable /tmp, even when the build directory is elsewhere.
-    let tmp = root.join("tmp");
-    mkdir_all(&tmp)?;
-    chmod(&tmp, 0o1777)?;
-
-    let etc = root.join("etc");
-    mkdir_all(&etc)?;
-    for (name, contents) in &spec.etc_files {
-        let p = under(&etc, &Path::new("/").join(name), "/etc file")?;
-        if let Some(dir) = p.parent() {
-            mkdir_all(dir)?;
-        }
-        fs::write(&p, contents).map_err(prep_err(format!("writing {}", p.display())))?;
-    }
-
-    // The builder creates its outputs here; sticky so builders cannot remove each other's.
-    let store = under(root, &spec.store_dir, "store directory")?;
-    mkdir_all(&store)?;
-    match user {
-        Some(u) => {
-            chown_group(&store, u.gid)?;
-            chmod(&store, 0o1775)?;
-        }
-        None => chmod(&store, 0o1777)?,
-    }
+    let hostname = cstr("host name", &spec.hostname)?;
 
     let mut binds = spec.binds.clone();
     binds.push(BindMount::same(&spec.build_dir));
@@ -330,6 +416,141 @@ pub(crate) fn prepare(
     binds.sort_by(|a, b| a.target.cmp(&b.target));
     binds.dedup_by(|later, earlier| later.target == earlier.target);
 
+    let mut present = Vec::with_capacity(binds.len());
+    for b in &binds {
+        under(root, &b.target, "bind target")?;
+        if b.target == spec.store_dir {
+            return Err(SandboxError::InvalidSpec(format!(
+                "bind target {} would hide the store directory",
+                b.target.display()
+            )));
+        }
+        let meta = match fs::metadata(&b.source) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && b.optional => continue,
+            Err(e) => {
+                return Err(SandboxError::Prepare {
+                    step: format!("getting attributes of bind source {}", b.source.display()),
+                    source: e,
+                })
+            }
+        };
+        present.push(Bind {
+            b,
+            is_dir: meta.is_dir(),
+        });
+    }
+    let in_store = |b: &BindMount| b.target.starts_with(&spec.store_dir);
+    let store_binds = present.iter().filter(|p| in_store(p.b)).count();
+    let overlay = match mode {
+        StoreMode::Bind => false,
+        StoreMode::Overlay => true,
+        StoreMode::Auto => {
+            store_binds >= OVERLAY_MIN_INPUTS && !OVERLAY_BROKEN.load(Ordering::Relaxed)
+        }
+    } && overlay_safe(root)
+        && overlay_safe(&spec.store_dir);
+
+    // The on-disk part: <root> (0700), <root>/store, and <root>/work for an overlay.
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(root)
+        .map_err(prep_err(format!(
+            "creating chroot directory {}",
+            root.display()
+        )))?;
+    let disk_store = chroot_store_dir(root);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&disk_store)
+        .map_err(prep_err(format!(
+            "creating directory {}",
+            disk_store.display()
+        )))?;
+    // Sticky, so that builders cannot remove each other's files (or our mount points).
+    let store_mode = match user {
+        Some(u) => {
+            std::os::unix::fs::chown(&disk_store, Some(0), Some(u.gid)).map_err(prep_err(
+                format!("changing the owner of {}", disk_store.display()),
+            ))?;
+            0o1775
+        }
+        None => 0o1777,
+    };
+    fs::set_permissions(&disk_store, fs::Permissions::from_mode(store_mode)).map_err(prep_err(
+        format!("changing the mode of {}", disk_store.display()),
+    ))?;
+    if overlay {
+        let work = root.join("work");
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&work)
+            .map_err(prep_err(format!("creating directory {}", work.display())))?;
+    }
+    let root_c = cpath(root)?;
+
+    // The skeleton in the tmpfs.
+    let mut skel = Skeleton::default();
+    skel.add(Path::new("/tmp"), Node::Dir(0o1777));
+    skel.add(Path::new("/etc"), Node::Dir(0o755));
+    for (name, contents) in &spec.etc_files {
+        let p = under(Path::new("/etc"), &Path::new("/").join(name), "/etc file")?;
+        skel.add(&p, Node::Contents(contents.clone()));
+    }
+    skel.add(&spec.store_dir, Node::Dir(0o755));
+    skel.add(Path::new("/proc"), Node::Dir(0o555));
+    for p in &present {
+        if in_store(p.b) && !overlay {
+            // On disk, in the directory bound at the store directory.
+            let rel =
+                p.b.target
+                    .strip_prefix(&spec.store_dir)
+                    .unwrap_or(&p.b.target);
+            let target = disk_store.join(rel);
+            if p.is_dir {
+                mkdir_all(&target)?;
+            } else {
+                if let Some(dir) = target.parent() {
+                    mkdir_all(dir)?;
+                }
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&target)
+                    .map_err(prep_err(format!(
+                        "creating mount point {}",
+                        target.display()
+                    )))?;
+            }
+        } else {
+            skel.add(
+                &p.b.target,
+                if p.is_dir {
+                    Node::Dir(0o755)
+                } else {
+                    Node::File
+                },
+            );
+        }
+    }
+    let have_pts = !host_dev && Path::new("/dev/pts/ptmx").exists();
+    if !host_dev {
+        for (name, to) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ] {
+            skel.add(&Path::new("/dev").join(name), Node::Symlink(to));
+        }
+        skel.add(Path::new("/dev/shm"), Node::Dir(0o755));
+        if have_pts {
+            skel.add(Path::new("/dev/pts"), Node::Dir(0o755));
+            skel.add(Path::new("/dev/ptmx"), Node::Symlink("pts/ptmx"));
+        }
+    }
+
     let mut steps = vec![Step::MakeMountsPrivate];
     let mut clone_flags =
         libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
@@ -341,49 +562,64 @@ pub(crate) fn prepare(
         Network::Prepared(fd) => steps.push(Step::JoinNetNs(fd.as_raw_fd())),
         Network::Host => {}
     }
-    let hostname = CString::new(spec.hostname.as_bytes())
-        .map_err(|_| SandboxError::InvalidSpec("host name contains a NUL byte".into()))?;
     steps.push(Step::SetHostname(hostname));
     steps.push(Step::SetDomainname(CString::from(c"(none)")));
-
-    let root_str = root.to_string_lossy();
+    // The working directory keeps pointing at the directory on disk once the tmpfs covers
+    // it: the store directory's mount below finds `store` and `work` relative to it.
+    steps.push(Step::Chdir(root_c.clone()));
     steps.push(mount(
-        "bind mounting the chroot onto itself:",
-        Some(&root_str),
+        "mounting the sandbox's root tmpfs on",
+        Some("none"),
         root,
-        None,
-        libc::MS_BIND,
-        None,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
     )?);
+    steps.extend(skel.steps(root)?);
 
-    for b in &binds {
-        let target = under(root, &b.target, "bind target")?;
-        let meta = match fs::metadata(&b.source) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && b.optional => continue,
-            Err(e) => {
-                return Err(SandboxError::Prepare {
-                    step: format!("getting attributes of bind source {}", b.source.display()),
-                    source: e,
-                })
-            }
-        };
-        if meta.is_dir() {
-            mkdir_all(&target)?;
+    // The store directory, then the binds, in target order (a bind of an ancestor of the
+    // store directory, say /nix, must come first or it would hide the store directory).
+    let store_inside = under(root, &spec.store_dir, "store directory")?;
+    let batch_ro = crate::plan::have_mount_setattr();
+    let mut overlay_step = None;
+    let mut store_mounted = false;
+    let mut any_batched = false;
+    let mut writable_in_store = Vec::new();
+    let mut mount_store = |steps: &mut Vec<Step>| -> Result<(), SandboxError> {
+        if overlay {
+            let lower = store_inside.to_string_lossy();
+            let data = format!(
+                "lowerdir={lower},upperdir=store,workdir=work,index=off,metacopy=off,redirect_dir=off"
+            );
+            overlay_step = Some(steps.len());
+            steps.push(mount(
+                "mounting the store directory overlay on",
+                Some("overlay"),
+                &store_inside,
+                Some("overlay"),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some(&data),
+            )?);
         } else {
-            if let Some(dir) = target.parent() {
-                mkdir_all(dir)?;
-            }
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&target)
-                .map_err(prep_err(format!(
-                    "creating mount point {}",
-                    target.display()
-                )))?;
+            steps.push(mount(
+                "bind mounting the chroot directory's",
+                Some("store"),
+                &store_inside,
+                None,
+                libc::MS_BIND,
+                None,
+            )?);
         }
+        Ok(())
+    };
+    for p in &present {
+        let b = p.b;
+        // Ancestors of the store directory sort before it, everything in it after it.
+        if !store_mounted && b.target > spec.store_dir {
+            mount_store(&mut steps)?;
+            store_mounted = true;
+        }
+        let target = under(root, &b.target, "bind target")?;
         steps.push(Step::Mount {
             mount: Mount {
                 source: Some(cpath(&b.source)?),
@@ -394,7 +630,10 @@ pub(crate) fn prepare(
             },
             what: "bind mounting",
         });
-        if b.read_only {
+        let batched = batch_ro && in_store(b);
+        if b.read_only && batched {
+            any_batched = true;
+        } else if b.read_only {
             let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | kept_flags(&b.source)?;
             steps.push(mount(
                 "remounting read-only",
@@ -404,66 +643,70 @@ pub(crate) fn prepare(
                 flags,
                 None,
             )?);
+        } else if batched {
+            writable_in_store.push(cpath(&target)?);
+        }
+    }
+    if !store_mounted {
+        mount_store(&mut steps)?;
+    }
+    if any_batched {
+        let store_c = cpath(&store_inside)?;
+        steps.push(Step::SetReadOnly {
+            path: store_c.clone(),
+            read_only: true,
+            recursive: true,
+        });
+        steps.push(Step::SetReadOnly {
+            path: store_c,
+            read_only: false,
+            recursive: false,
+        });
+        for path in writable_in_store {
+            steps.push(Step::SetReadOnly {
+                path,
+                read_only: false,
+                recursive: false,
+            });
         }
     }
 
     if !host_dev {
-        let dev = root.join("dev");
-        mkdir_all(&dev)?;
-        for (name, to) in [
-            ("fd", "/proc/self/fd"),
-            ("stdin", "/proc/self/fd/0"),
-            ("stdout", "/proc/self/fd/1"),
-            ("stderr", "/proc/self/fd/2"),
-        ] {
-            let link = dev.join(name);
-            symlink(to, &link).map_err(prep_err(format!("creating symlink {}", link.display())))?;
-        }
         // A fresh tmpfs: whatever the builder leaves in /dev/shm goes away with it.
-        let shm = dev.join("shm");
-        mkdir_all(&shm)?;
         steps.push(mount(
             "mounting tmpfs on",
             Some("none"),
-            &shm,
+            &root.join("dev/shm"),
             Some("tmpfs"),
             libc::MS_NOSUID | libc::MS_NODEV,
             Some("mode=1777"),
         )?);
         // A private devpts instance, so the builder can open ptys without seeing the host's.
-        if Path::new("/dev/pts/ptmx").exists() {
-            let pts = dev.join("pts");
-            mkdir_all(&pts)?;
+        if have_pts {
             steps.push(mount(
                 "mounting devpts on",
                 Some("none"),
-                &pts,
+                &root.join("dev/pts"),
                 Some("devpts"),
                 libc::MS_NOSUID | libc::MS_NOEXEC,
                 Some("newinstance,ptmxmode=0666,mode=0620"),
             )?);
-            let ptmx = dev.join("ptmx");
-            symlink("pts/ptmx", &ptmx)
-                .map_err(prep_err(format!("creating symlink {}", ptmx.display())))?;
         }
     }
-
-    let proc_dir = root.join("proc");
-    mkdir_all(&proc_dir)?;
     steps.push(mount(
         "mounting proc on",
         Some("none"),
-        &proc_dir,
+        &root.join("proc"),
         Some("proc"),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         None,
     )?);
-
-    steps.push(Step::PivotRoot(cpath(root)?));
+    steps.push(Step::PivotRoot(root_c));
 
     Ok(Prepared {
         ns_steps: steps,
         clone_flags,
+        overlay_step,
         filter: Filter::new()?,
     })
 }
@@ -474,7 +717,7 @@ mod tests {
 
     fn spec(dir: &Path) -> ChrootSpec {
         let build = dir.join("build");
-        fs::create_dir(&build).unwrap();
+        fs::create_dir_all(&build).unwrap();
         let mut s = ChrootSpec::new(dir.join("root"), "/nix/store".into(), build, 1000, 100);
         s.binds = vec![
             BindMount::same("/usr").read_only(),
@@ -482,6 +725,28 @@ mod tests {
             BindMount::same("/no/such/path").optional(),
         ];
         s
+    }
+
+    /// Adds `n` fake store paths (directories, and one file) as read-only inputs.
+    fn with_inputs(dir: &Path, s: &mut ChrootSpec, n: usize) {
+        for i in 0..n {
+            let host = dir.join(format!("store/{i:032}-in"));
+            fs::create_dir_all(&host).unwrap();
+            s.binds.push(BindMount {
+                target: format!("/nix/store/{i:032}-in").into(),
+                source: host,
+                optional: false,
+                read_only: true,
+            });
+        }
+        let file = dir.join("store/ffffffffffffffffffffffffffffffff-file");
+        fs::write(&file, "x").unwrap();
+        s.binds.push(BindMount {
+            target: "/nix/store/ffffffffffffffffffffffffffffffff-file".into(),
+            source: file,
+            optional: false,
+            read_only: false,
+        });
     }
 
     fn describe(p: &Prepared) -> Vec<String> {
@@ -495,29 +760,84 @@ mod tests {
             .unwrap_or_else(|| panic!("no step containing {needle:?} in {steps:#?}"))
     }
 
+    fn dir_mode(p: &Prepared, path: &Path) -> libc::mode_t {
+        let want = path.as_os_str().as_bytes();
+        p.ns_steps
+            .iter()
+            .find_map(|s| match s {
+                Step::MkDir { path, mode } if path.as_bytes() == want => Some(*mode),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no mkdir of {}", path.display()))
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn plan_order() {
         let dir = tempfile::tempdir().unwrap();
         let s = spec(dir.path());
-        let p = prepare(&s, None).unwrap();
+        let p = prepare(&s, None, StoreMode::Bind).unwrap();
         let steps = describe(&p);
         let root = s.root.display().to_string();
         assert_eq!(steps[0], "making all mounts private");
         assert_eq!(steps[1], "bringing up the loopback interface");
         assert_eq!(steps[2], "setting the host name to localhost");
         assert_eq!(steps[3], "setting the domain name to (none)");
+        assert_eq!(steps[4], format!("chdir to {root}"));
         assert_eq!(
-            steps[4],
-            format!("bind mounting the chroot onto itself: {root} on {root}")
+            steps[5],
+            format!("mounting the sandbox's root tmpfs on {root}")
         );
+        // The skeleton comes before any bind, parents before children.
+        let first_bind = position(&steps, "bind mounting");
+        for made in [
+            "etc",
+            "etc/passwd",
+            "tmp",
+            "dev",
+            "dev/null",
+            "dev/stderr",
+            "nix/store",
+            "proc",
+            "usr",
+        ] {
+            let i = steps
+                .iter()
+                .position(|st| st.ends_with(&format!("{root}/{made}")) && !st.starts_with("bind"))
+                .unwrap_or_else(|| panic!("{made} not created: {steps:#?}"));
+            assert!(i < first_bind, "{made} created after the first bind");
+        }
+        assert!(
+            position(&steps, &format!("directory {root}/nix"))
+                < position(&steps, &format!("directory {root}/nix/store"))
+        );
+        assert_eq!(dir_mode(&p, &s.root.join("tmp")), 0o1777);
+        assert_eq!(dir_mode(&p, &s.root.join("etc")), 0o755);
         let bin = position(&steps, &format!("bind mounting /bin on {root}/bin"));
         let usr = position(&steps, &format!("bind mounting /usr on {root}/usr"));
         assert!(bin < usr, "binds are sorted by target");
         assert_eq!(steps[bin + 1], format!("remounting read-only {root}/bin"));
+        let store = position(
+            &steps,
+            &format!("bind mounting the chroot directory's store on {root}/nix/store"),
+        );
+        assert_eq!(steps[4], format!("chdir to {root}"));
         let build = position(&steps, &format!("bind mounting {}", s.build_dir.display()));
         let null = position(
             &steps,
             &format!("bind mounting /dev/null on {root}/dev/null"),
+        );
+        assert!(
+            null < store && store < usr,
+            "the store directory in target order"
         );
         let proc_ = position(&steps, "mounting proc on");
         let shm = position(&steps, &format!("mounting tmpfs on {root}/dev/shm"));
@@ -532,28 +852,133 @@ mod tests {
             &format!("pivoting the root to {root}")
         );
         assert!(!steps.iter().any(|s| s.contains("/no/such/path")));
+        assert!(!steps.iter().any(|s| s.contains("overlay")));
         assert_eq!(
             p.clone_flags & libc::CLONE_NEWNET,
             libc::CLONE_NEWNET,
             "private network by default"
         );
+        let passwd = p
+            .ns_steps
+            .iter()
+            .find_map(|st| match st {
+                Step::WriteFile { path, contents } if path.as_bytes().ends_with(b"/etc/passwd") => {
+                    Some(contents.clone())
+                }
+                _ => None,
+            })
+            .expect("/etc/passwd written");
+        assert_eq!(
+            passwd,
+            b"nixbld:x:1000:100:Nix build user:/:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n"
+        );
 
-        // The tree the parent made.
-        let mode = |p: &str| fs::metadata(s.root.join(p)).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode("tmp"), 0o1777);
-        assert_eq!(mode("nix/store"), 0o1777);
-        assert!(s.root.join("usr").is_dir());
-        assert!(
-            s.root.join("dev/null").is_file(),
-            "file mount point for a device node"
+        // On disk: only the root and the store directory.
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(names(&s.root), ["store"]);
+        assert_eq!(mode(&s.root), 0o700);
+        assert_eq!(mode(&chroot_store_dir(&s.root)), 0o1777);
+        assert!(names(&chroot_store_dir(&s.root)).is_empty());
+    }
+
+    #[test]
+    fn bind_mode_makes_store_mount_points_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path());
+        with_inputs(dir.path(), &mut s, 3);
+        let p = prepare(&s, None, StoreMode::Bind).unwrap();
+        let disk = chroot_store_dir(&s.root);
+        assert_eq!(names(&disk).len(), 4);
+        assert!(disk.join(format!("{:032}-in", 2)).is_dir());
+        assert!(disk.join("ffffffffffffffffffffffffffffffff-file").is_file());
+        let steps = describe(&p);
+        let root = s.root.display().to_string();
+        let store = position(&steps, "bind mounting the chroot directory's store");
+        let input = position(&steps, &format!("on {root}/nix/store/{:032}-in", 0));
+        assert!(store < input);
+        assert!(!steps
+            .iter()
+            .any(|st| st.contains(&format!("directory {root}/nix/store/"))));
+    }
+
+    #[test]
+    fn overlay_mode_makes_store_mount_points_in_the_tmpfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path());
+        with_inputs(dir.path(), &mut s, 3);
+        let p = prepare(&s, None, StoreMode::Overlay).unwrap();
+        // Nothing but the upper and work directories on disk.
+        assert_eq!(names(&s.root), ["store", "work"]);
+        assert!(names(&chroot_store_dir(&s.root)).is_empty());
+        let steps = describe(&p);
+        let root = s.root.display().to_string();
+        let lower = position(
+            &steps,
+            &format!("creating directory {root}/nix/store/{:032}-in", 1),
         );
-        assert_eq!(
-            fs::read_link(s.root.join("dev/stderr")).unwrap(),
-            Path::new("/proc/self/fd/2")
+        let file = position(
+            &steps,
+            &format!("creating mount point {root}/nix/store/ffffffffffffffffffffffffffffffff-file"),
         );
+        let ov = p.overlay_step.expect("overlay step");
         assert_eq!(
-            fs::read_to_string(s.root.join("etc/passwd")).unwrap(),
-            "nixbld:x:1000:100:Nix build user:/:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n"
+            steps[ov],
+            format!("mounting the store directory overlay on {root}/nix/store")
+        );
+        match &p.ns_steps[ov] {
+            Step::Mount { mount, .. } => {
+                let data = mount.data.as_ref().unwrap().to_string_lossy().into_owned();
+                assert!(
+                    data.starts_with(&format!(
+                        "lowerdir={root}/nix/store,upperdir=store,workdir=work,"
+                    )),
+                    "{data}"
+                );
+            }
+            _ => panic!("overlay step is not a mount"),
+        }
+        let input = position(
+            &steps,
+            &format!("bind mounting {}", dir.path().join("store").display()),
+        );
+        assert!(lower < ov && file < ov && ov < input);
+        if crate::plan::have_mount_setattr() {
+            // Read-only inputs in the store: one recursive set, then the store's own mount and
+            // the writable input cleared; no remount per input.
+            assert!(!steps
+                .iter()
+                .any(|st| st.contains("remounting read-only") && st.contains("/nix/store/")));
+            let set = position(
+                &steps,
+                &format!("making {root}/nix/store and the mounts below it read-only"),
+            );
+            assert_eq!(steps[set + 1], format!("making {root}/nix/store writable"));
+            assert_eq!(
+                steps[set + 2],
+                format!("making {root}/nix/store/ffffffffffffffffffffffffffffffff-file writable")
+            );
+            let last_bind = steps
+                .iter()
+                .rposition(|s| s.starts_with("bind mounting"))
+                .unwrap();
+            assert!(last_bind < set);
+        }
+    }
+
+    #[test]
+    fn auto_mode_picks_an_overlay_only_for_many_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path());
+        with_inputs(dir.path(), &mut s, OVERLAY_MIN_INPUTS - 2);
+        let p = prepare(&s, None, StoreMode::Auto).unwrap();
+        assert!(p.overlay_step.is_none());
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut s = spec(dir2.path());
+        with_inputs(dir2.path(), &mut s, OVERLAY_MIN_INPUTS);
+        let p = prepare(&s, None, StoreMode::Auto).unwrap();
+        assert_eq!(
+            p.overlay_step.is_some(),
+            !OVERLAY_BROKEN.load(Ordering::Relaxed)
         );
     }
 
@@ -561,7 +986,7 @@ mod tests {
     fn user_switch_sits_between_bounding_set_and_seccomp() {
         let dir = tempfile::tempdir().unwrap();
         let s = spec(dir.path());
-        let p = prepare(&s, None).unwrap();
+        let p = prepare(&s, None, StoreMode::Bind).unwrap();
         let user = crate::BuildUserIds {
             uid: 1,
             gid: 2,
@@ -591,7 +1016,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = spec(dir.path());
         s.network = Network::Host;
-        let p = prepare(&s, None).unwrap();
+        let p = prepare(&s, None, StoreMode::Bind).unwrap();
         assert_eq!(p.clone_flags & libc::CLONE_NEWNET, 0);
         let steps = describe(&p);
         assert!(!steps.iter().any(|s| s.contains("loopback")));
@@ -601,7 +1026,7 @@ mod tests {
     }
 
     #[test]
-    fn escaping_targets_and_existing_roots_are_refused() {
+    fn escaping_targets_hidden_stores_and_existing_roots_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = spec(dir.path());
         s.binds.push(BindMount {
@@ -610,30 +1035,37 @@ mod tests {
             optional: false,
             read_only: false,
         });
-        let e = prepare(&s, None).err().expect("'..' refused");
+        let e = prepare(&s, None, StoreMode::Bind)
+            .err()
+            .expect("'..' refused");
         assert_eq!(
             e.to_string(),
             "invalid sandbox spec: bind target /../../etc must not contain '..'"
         );
-        // The root now exists from the attempt above: a second prepare must not reuse it.
-        let s2 = spec_again(dir.path());
-        let e = prepare(&s2, None).err().expect("existing root refused");
+        assert!(!s.root.exists(), "nothing created for an invalid spec");
+
+        let mut s = spec(dir.path());
+        s.binds.push(BindMount::same("/nix/store/"));
+        let e = prepare(&s, None, StoreMode::Bind)
+            .err()
+            .expect("store target refused");
+        assert_eq!(
+            e.to_string(),
+            "invalid sandbox spec: bind target /nix/store/ would hide the store directory"
+        );
+
+        let s = spec(dir.path());
+        prepare(&s, None, StoreMode::Bind).unwrap();
+        // The root now exists: a second prepare must not reuse it.
+        let e = prepare(&s, None, StoreMode::Bind)
+            .err()
+            .expect("existing root refused");
         assert!(
             e.to_string().starts_with(&format!(
                 "preparing the sandbox: creating chroot directory {}:",
-                s2.root.display()
+                s.root.display()
             )),
             "{e}"
         );
-    }
-
-    fn spec_again(dir: &Path) -> ChrootSpec {
-        ChrootSpec::new(
-            dir.join("root"),
-            "/nix/store".into(),
-            dir.join("build"),
-            1,
-            1,
-        )
     }
 }

@@ -27,7 +27,7 @@ use std::process::ExitStatus;
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
 
-pub use chroot::{nix_etc_files, BindMount, ChrootSpec, Network};
+pub use chroot::{chroot_store_dir, nix_etc_files, BindMount, ChrootSpec, Network};
 pub use netns::NetNsPool;
 use plan::{Exec, Kernel, Step, SETUP_FAILED_EXIT};
 
@@ -215,11 +215,17 @@ fn stdio_steps(log_fd: RawFd, null_fd: RawFd, cwd: CString) -> Vec<Step> {
 struct Prepared {
     plan: Vec<Step>,
     clone_flags: libc::c_int,
+    /// Index in `plan` of the overlay mount, when the chroot uses one.
+    overlay_step: Option<usize>,
     // Held only so that the pointers and descriptors in `plan` stay valid.
     _chroot: Option<chroot::Prepared>,
 }
 
-fn prepare(spec: &SandboxSpec, null_fd: RawFd) -> Result<Prepared, SandboxError> {
+fn prepare(
+    spec: &SandboxSpec,
+    null_fd: RawFd,
+    store_mode: chroot::StoreMode,
+) -> Result<Prepared, SandboxError> {
     let cwd = path_cstring("working directory", &spec.cwd)?;
     let log_fd = spec.log_fd.as_raw_fd();
     match &spec.isolation {
@@ -233,11 +239,12 @@ fn prepare(spec: &SandboxSpec, null_fd: RawFd) -> Result<Prepared, SandboxError>
             Ok(Prepared {
                 plan,
                 clone_flags: 0,
+                overlay_step: None,
                 _chroot: None,
             })
         }
         Isolation::Chroot(c) => {
-            let mut prep = chroot::prepare(c, spec.user.as_ref())?;
+            let mut prep = chroot::prepare(c, spec.user.as_ref(), store_mode)?;
             let mut plan = std::mem::take(&mut prep.ns_steps);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
@@ -246,6 +253,7 @@ fn prepare(spec: &SandboxSpec, null_fd: RawFd) -> Result<Prepared, SandboxError>
             Ok(Prepared {
                 plan,
                 clone_flags: prep.clone_flags,
+                overlay_step: prep.overlay_step,
                 _chroot: Some(prep),
             })
         }
@@ -332,6 +340,10 @@ const CHILD_STACK: usize = 256 * 1024;
 
 /// Starts the builder described by `spec`. Returns once it has exec'd, or with the failing step.
 pub fn spawn(spec: SandboxSpec) -> Result<Builder, SandboxError> {
+    spawn_with(spec, chroot::StoreMode::Auto)
+}
+
+fn spawn_with(spec: SandboxSpec, mode: chroot::StoreMode) -> Result<Builder, SandboxError> {
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -340,8 +352,35 @@ pub fn spawn(spec: SandboxSpec) -> Result<Builder, SandboxError> {
             step: "opening /dev/null".into(),
             source,
         })?;
-    let prepared = prepare(&spec, null.as_raw_fd())?;
-    let (err_read, err_write) = pipe_cloexec()?;
+    let prepared = prepare(&spec, null.as_raw_fd(), mode)?;
+    match spawn_prepared(&prepared) {
+        Err((index, e)) if index.is_some() && index == prepared.overlay_step => {
+            // This kernel or file system cannot do the overlay: set the build up again with
+            // the store directory bound, and do not try overlays again.
+            chroot::overlay_failed();
+            drop(prepared);
+            if let Isolation::Chroot(c) = &spec.isolation {
+                std::fs::remove_dir_all(&c.root).map_err(|source| SandboxError::Prepare {
+                    step: format!(
+                        "removing {} after a failed overlay mount ({e})",
+                        c.root.display()
+                    ),
+                    source,
+                })?;
+            }
+            spawn_with(spec, chroot::StoreMode::Bind)
+        }
+        Err((_, e)) => Err(e),
+        // Our copies of the log pipe's write end and /dev/null go when `spec` and `null` are
+        // dropped here: the caller must see EOF once the builder is gone.
+        Ok(b) => Ok(b),
+    }
+}
+
+/// Clones the child that runs `prepared.plan`. A failure in the child comes with the index of
+/// its step.
+fn spawn_prepared(prepared: &Prepared) -> Result<Builder, (Option<usize>, SandboxError)> {
+    let (err_read, err_write) = pipe_cloexec().map_err(|e| (None, e))?;
     let args = ChildArgs {
         plan: &prepared.plan,
         err_fd: err_write.as_raw_fd(),
@@ -360,13 +399,11 @@ pub fn spawn(spec: SandboxSpec) -> Result<Builder, SandboxError> {
         )
     };
     if pid == -1 {
-        return Err(sys_err("cloning the builder process"));
+        return Err((None, sys_err("cloning the builder process")));
     }
     let pid = Pid::from_raw(pid);
-    // Our copies of the write ends must go, or we would never see EOF on either pipe.
+    // Our copy of the write end must go, or we would never see EOF.
     drop(err_write);
-    drop(spec.log_fd);
-    drop(null);
 
     let pidfd = pidfd_open(pid);
     let record = read_record(&err_read);
@@ -375,7 +412,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Builder, SandboxError> {
         Ok(fd) => fd,
         Err(e) => {
             reap_after_failure(pid);
-            return Err(e);
+            return Err((None, e));
         }
     };
     let mut builder = Builder {
@@ -393,9 +430,9 @@ pub fn spawn(spec: SandboxSpec) -> Result<Builder, SandboxError> {
                 .get(index)
                 .map(Step::describe)
                 .unwrap_or_else(|| format!("unknown setup step {index}"));
-            Err(SandboxError::Setup { step, errno })
+            Err((Some(index), SandboxError::Setup { step, errno }))
         }
-        Err(e) => Err(e),
+        Err(e) => Err((None, e)),
     }
 }
 

@@ -77,6 +77,31 @@ pub(crate) enum Step {
         mount: Mount,
         what: &'static str,
     },
+    /// `mkdir`, then `chmod` to `mode` (the inherited umask must not decide the modes of the
+    /// sandbox's `/tmp` or `/etc`).
+    MkDir {
+        path: CString,
+        mode: libc::mode_t,
+    },
+    /// An empty file to bind a non-directory onto.
+    MkFile(CString),
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    /// A new file (mode 0644) with these contents, e.g. `/etc/passwd`.
+    WriteFile {
+        path: CString,
+        contents: Vec<u8>,
+    },
+    /// `mount_setattr`: set (or clear) the read-only flag of the mount at `path`, and with
+    /// `recursive` of every mount below it. Other mount flags (nosuid, nodev, noexec) stay as
+    /// they are, which a `MS_REMOUNT` would have to be told about.
+    SetReadOnly {
+        path: CString,
+        read_only: bool,
+        recursive: bool,
+    },
     /// `chdir(root); pivot_root(".", "."); umount2(".", MNT_DETACH); chdir("/")`.
     PivotRoot(CString),
     /// Own session and process group: no controlling terminal, no terminal signals, and the
@@ -133,6 +158,24 @@ impl Step {
                     _ => format!("{what} {target}"),
                 }
             }
+            Step::MkDir { path, .. } => format!("creating directory {}", s(path)),
+            Step::MkFile(p) => format!("creating mount point {}", s(p)),
+            Step::Symlink { link, .. } => format!("creating symlink {}", s(link)),
+            Step::WriteFile { path, .. } => format!("writing {}", s(path)),
+            Step::SetReadOnly {
+                path,
+                read_only,
+                recursive,
+            } => format!(
+                "making {}{} {}",
+                s(path),
+                if *recursive {
+                    " and the mounts below it"
+                } else {
+                    ""
+                },
+                if *read_only { "read-only" } else { "writable" }
+            ),
             Step::PivotRoot(r) => format!("pivoting the root to {}", s(r)),
             Step::Setsid => "creating a new session".into(),
             Step::Dup2 { what, .. } => (*what).into(),
@@ -208,6 +251,50 @@ impl Syscalls for Kernel {
                     m.flags,
                     opt_ptr(&m.data) as *const libc::c_void,
                 )),
+                Step::MkDir { path, mode } => {
+                    check(libc::mkdir(path.as_ptr(), 0o700))?;
+                    check(libc::chmod(path.as_ptr(), *mode))
+                }
+                Step::MkFile(path) => {
+                    let fd = libc::open(
+                        path.as_ptr(),
+                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o444 as libc::c_uint,
+                    );
+                    check(fd)?;
+                    libc::close(fd);
+                    Ok(())
+                }
+                Step::Symlink { target, link } => {
+                    check(libc::symlink(target.as_ptr(), link.as_ptr()))
+                }
+                Step::WriteFile { path, contents } => write_file(path, contents),
+                Step::SetReadOnly {
+                    path,
+                    read_only,
+                    recursive,
+                } => {
+                    let mut attr = MountAttr {
+                        attr_set: 0,
+                        attr_clr: 0,
+                        propagation: 0,
+                        userns_fd: 0,
+                    };
+                    if *read_only {
+                        attr.attr_set = MOUNT_ATTR_RDONLY;
+                    } else {
+                        attr.attr_clr = MOUNT_ATTR_RDONLY;
+                    }
+                    let flags = if *recursive { AT_RECURSIVE } else { 0 };
+                    check(libc::syscall(
+                        libc::SYS_mount_setattr,
+                        libc::AT_FDCWD,
+                        path.as_ptr(),
+                        flags,
+                        &attr as *const MountAttr,
+                        std::mem::size_of::<MountAttr>(),
+                    ) as libc::c_int)
+                }
                 Step::PivotRoot(root) => {
                     // pivot_root(".", ".") stacks the old root on top of the new one; detaching
                     // it then leaves only the new root, with no path back to the host tree
@@ -352,6 +439,63 @@ impl Syscalls for Kernel {
             }
         }
     }
+}
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: libc::c_int = 0x8000;
+
+/// Whether this kernel has `mount_setattr` (Linux 5.12). Probed with a call that can only fail:
+/// ENOSYS means no, any other error (EBADF here) means yes.
+pub(crate) fn have_mount_setattr() -> bool {
+    static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAVE.get_or_init(|| {
+        // SAFETY: an invalid descriptor and a null attribute pointer; the kernel rejects the
+        // call before touching either.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                -1,
+                c"".as_ptr(),
+                0,
+                std::ptr::null::<MountAttr>(),
+                0usize,
+            )
+        };
+        !(r == -1 && Errno::last() == Errno::ENOSYS)
+    })
+}
+
+/// Creates `path` (which must not exist) holding `contents`, mode 0644 whatever the umask.
+unsafe fn write_file(path: &CString, contents: &[u8]) -> Result<(), Errno> {
+    let fd = libc::open(
+        path.as_ptr(),
+        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        0o644 as libc::c_uint,
+    );
+    check(fd)?;
+    let mut result = check(libc::fchmod(fd, 0o644));
+    let mut done = 0;
+    while result.is_ok() && done < contents.len() {
+        let n = libc::write(fd, contents[done..].as_ptr().cast(), contents.len() - done);
+        if n == -1 {
+            if Errno::last() != Errno::EINTR {
+                result = Err(Errno::last());
+            }
+        } else {
+            done += n as usize;
+        }
+    }
+    libc::close(fd);
+    result
 }
 
 /// SIOCSIFFLAGS on `lo` through a throw-away datagram socket.

@@ -118,6 +118,15 @@ impl Case {
         inside
     }
 
+    /// As [`Case::input`], bound read-only.
+    fn input_ro(&mut self, name: &str, contents: &str) -> PathBuf {
+        let inside = self.input(name, contents);
+        if let Some(b) = self.spec.binds.last_mut() {
+            b.read_only = true;
+        }
+        inside
+    }
+
     fn spawn(self, script: &str) -> Result<(Running, std::fs::File), SandboxError> {
         let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
         let spec = SandboxSpec {
@@ -389,7 +398,8 @@ fn outputs_land_in_the_chroot_store() {
          echo built > /nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out/result",
     );
     assert!(st.success(), "{out}");
-    let result = root.join("nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out/result");
+    let result =
+        nixb_sandbox::chroot_store_dir(&root).join("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out/result");
     assert_eq!(std::fs::read_to_string(result).unwrap(), "built\n");
 }
 
@@ -465,4 +475,123 @@ fn kill_takes_everything_in_the_sandbox() {
     for v in victims {
         assert!(!host_pid_alive(v), "process {v} survived the kill");
     }
+}
+
+/// Many read-only inputs (overlay mode where the kernel has overlayfs, else bind mode) and
+/// few (bind mode): the same view from inside, the same outputs outside, and on disk nothing
+/// but the outputs in the store directory.
+fn store_view(n_inputs: usize) {
+    let mut c = Case::new();
+    let mut inputs = Vec::new();
+    for i in 0..n_inputs {
+        inputs.push(c.input_ro(&format!("{i:032}-ro"), &format!("ro {i}")));
+    }
+    let rw = c.input("wwwwwwwwwwwwwwwwwwwwwwwwwwwwwwww-rw", "rw");
+    // Writable for the build user (nobody) as far as permissions go: only the mount decides.
+    std::fs::set_permissions(
+        c.scratch
+            .path()
+            .join("store/wwwwwwwwwwwwwwwwwwwwwwwwwwwwwwww-rw"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    for i in 0..n_inputs {
+        std::fs::set_permissions(
+            c.scratch.path().join(format!("store/{i:032}-ro")),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+    }
+    let undeclared = c
+        .scratch
+        .path()
+        .join("store/uuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuu-undeclared");
+    std::fs::create_dir_all(&undeclared).unwrap();
+    let script = format!(
+        "cat {first}/file; echo; cat {last}/file; echo; \
+         touch {first}/new 2>/dev/null && echo RO-WRITABLE; \
+         touch {last}/new 2>/dev/null && echo RO-WRITABLE; \
+         rm -rf {last} 2>/dev/null; test -d {last} || echo REMOVED; \
+         touch {rw}/new && echo rw-writable; \
+         ls /nix/store | grep -c ro$; \
+         test -e /nix/store/uuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuu-undeclared && echo LEAK; \
+         touch / 2>/dev/null; touch /new 2>/dev/null && echo ROOT-WRITABLE; \
+         touch /tmp/t && echo tmp-writable; \
+         mkdir /nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out && \
+         echo built > /nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out/result && \
+         echo out > /nix/store/cccccccccccccccccccccccccccccccc-file",
+        first = inputs[0].display(),
+        last = inputs[n_inputs - 1].display(),
+        rw = rw.display(),
+    );
+    let (st, out, root, _s) = c.run(&script);
+    assert!(st.success(), "{out}");
+    assert_eq!(
+        out,
+        format!(
+            "ro 0\nro {}\nrw-writable\n{n_inputs}\ntmp-writable\n",
+            n_inputs - 1
+        )
+    );
+    let store = nixb_sandbox::chroot_store_dir(&root);
+    let mut names: Vec<String> = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut expected = vec![
+        "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out".to_string(),
+        "cccccccccccccccccccccccccccccccc-file".to_string(),
+    ];
+    let overlay = root.join("work").exists();
+    let kernel_has_overlay = std::fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .lines()
+        .any(|l| l.ends_with("\toverlay"));
+    assert_eq!(
+        overlay,
+        n_inputs >= 8 && kernel_has_overlay,
+        "overlay mode for many inputs when the kernel has overlayfs"
+    );
+    if !overlay {
+        // Bind mode: the inputs' mount points are on disk, next to the outputs.
+        expected.extend((0..n_inputs).map(|i| format!("{i:032}-ro")));
+        expected.push("wwwwwwwwwwwwwwwwwwwwwwwwwwwwwwww-rw".into());
+        expected.sort();
+    }
+    assert_eq!(names, expected);
+    assert_eq!(
+        std::fs::read_to_string(store.join("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out/result")).unwrap(),
+        "built\n"
+    );
+    // Output files belong to the builder (nobody), not to root.
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(store.join("cccccccccccccccccccccccccccccccc-file")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (65534, 65534));
+    // The writable input was written through to the host.
+    assert!(c_input_host(&root, "wwwwwwwwwwwwwwwwwwwwwwwwwwwwwwww-rw")
+        .join("new")
+        .exists());
+}
+
+/// The host directory of a `Case::input` (scratch/store/<name>), from the chroot root
+/// (scratch/root).
+fn c_input_host(root: &Path, name: &str) -> PathBuf {
+    root.parent().unwrap().join("store").join(name)
+}
+
+#[test]
+fn many_read_only_inputs() {
+    if !have_root() {
+        return;
+    }
+    store_view(40);
+}
+
+#[test]
+fn few_read_only_inputs() {
+    if !have_root() {
+        return;
+    }
+    store_view(3);
 }
