@@ -649,3 +649,83 @@ fn a_remote_timeout_is_honoured() {
     assert!(err.contains("timed out"), "{err}");
     assert!(h.contacted().contains("nixhost"));
 }
+
+// --- nixb as a cache producer -----------------------------------------------------------
+
+#[test]
+fn nixb_copy_writes_a_signed_cache_that_real_nix_substitutes_from() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+    let (sk, pk) = nix_key(&t);
+    let dep = t.file("dep.txt", "a dependency\n");
+    let dep_path = run_str(t.nixb().arg("add").arg(&dep), None);
+    // An input-addressed output (built by nixb) referring to the source: real Nix only
+    // trusts such a path with a good signature.
+    let expr = t.file(
+        "top.nix",
+        &format!(
+            r#"builtins.derivation {{ name = "top"; system = builtins.currentSystem; builder = "/bin/sh"; dep = {dep_path}; args = [ "-c" "echo $dep > $out" ]; }}"#
+        ),
+    );
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let top_path = run_str(t.nixb().arg("realise").arg(&drv), None);
+    let cache = t.root.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let sk_s = sk.display().to_string();
+    run_ok(
+        t.nixb()
+            .args(["copy", "--to", &url, "--option", "secret-key-files", &sk_s])
+            .arg(&dep_path)
+            .arg(&top_path),
+        None,
+    );
+    let hashes: Vec<String> = [&dep_path, &top_path]
+        .iter()
+        .map(|p| run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None))
+        .collect();
+    remove_tree(&t.store_dir());
+    remove_tree(&t.state_dir());
+    // Real Nix, requiring signatures by our key, takes both paths from the cache.
+    run_ok(
+        t.nix("nix-store")
+            .args(["-r", "--option", "substituters", &url])
+            .args(["--option", "trusted-public-keys", &pk])
+            .arg(&dep_path)
+            .arg(&top_path),
+        None,
+    );
+    for (p, h) in [&dep_path, &top_path].iter().zip(&hashes) {
+        assert_eq!(
+            &run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None),
+            h
+        );
+    }
+    // The signatures themselves: real Nix checks them against our key, and finds none
+    // from a key we do not hold. (The paths are content-addressed, which real Nix would
+    // accept unsigned, so substitution alone proves nothing about them.)
+    let verify = |key: &str| {
+        run(
+            t.nix("nix")
+                .args(["store", "verify", "--store", &url, "--sigs-needed", "1"])
+                .args(["--option", "trusted-public-keys", key])
+                .arg(&dep_path)
+                .arg(&top_path),
+            None,
+        )
+    };
+    let good = verify(&pk);
+    assert!(good.status.success(), "{}", text(&good.stderr));
+    let other = format!("other-key-1:{}", data_encoding_base64_of_zeros());
+    let bad = verify(&other);
+    assert!(
+        !bad.status.success(),
+        "real Nix accepted signatures of an untrusted key"
+    );
+}
+
+/// A syntactically valid ed25519 public key nobody holds the secret of (32 zero bytes).
+fn data_encoding_base64_of_zeros() -> String {
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string()
+}
