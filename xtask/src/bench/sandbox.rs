@@ -69,12 +69,13 @@ impl Fixture {
         for d in ["/lib", "/lib64"] {
             spec.binds.push(BindMount::same(d).read_only().optional());
         }
+        // Read-only, as the engine binds input paths.
         for (host, inside) in &self.inputs {
             spec.binds.push(BindMount {
                 target: inside.clone(),
                 source: host.clone(),
                 optional: false,
-                read_only: false,
+                read_only: true,
             });
         }
         spec.network = network;
@@ -98,7 +99,7 @@ impl Fixture {
             }
         }
         for (host, inside) in &self.inputs {
-            c.arg("--bind").arg(host).arg(inside);
+            c.arg("--ro-bind").arg(host).arg(inside);
         }
         c.arg("--bind").arg(&self.build).arg(&self.build);
         c.args(["--dev", "/dev", "--proc", "/proc"]);
