@@ -262,10 +262,19 @@ impl EventSink for EventRenderer {
                     "text": String::from_utf8_lossy(&chunk),
                 })),
                 _ => {
-                    if verbosity() >= 1 {
-                        for l in String::from_utf8_lossy(&chunk).lines() {
-                            self.say(l);
+                    // Whole lines only: a chunk may end mid-line.
+                    let mut buf = self.partial.remove(&path).unwrap_or_default();
+                    buf.extend_from_slice(&chunk);
+                    let mut start = 0;
+                    while let Some(nl) = memchr(b'\n', &buf[start..]) {
+                        if verbosity() >= 1 {
+                            self.say(&String::from_utf8_lossy(&buf[start..start + nl]));
                         }
+                        start += nl + 1;
+                    }
+                    buf.drain(..start);
+                    if !buf.is_empty() {
+                        self.partial.insert(path, buf);
                     }
                 }
             },
