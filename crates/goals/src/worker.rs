@@ -324,8 +324,14 @@ impl<'a> Worker<'a> {
                     // waiters are such goals only they know.
                     self.graph.wake_slot_waiters();
                 }
+                // Otherwise the local slot goes to the longest waiting goal: see
+                // `hand_out_slots`.
+            } else {
+                // A remote build ended: a machine of the build hook may have room now,
+                // and only the hook can tell which waiting goal it would take, so every
+                // waiter asks again (as in the original).
+                self.graph.wake_slot_waiters();
             }
-            // Otherwise the slot goes to the longest waiting goal: see `hand_out_slots`.
         }
     }
 

@@ -54,13 +54,22 @@ impl Store {
         let root = std::env::temp_dir().join(format!("nixb-bench-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join("etc"))?;
-        std::fs::write(root.join("etc/nix.conf"), "sandbox = false\nbuild-users-group =\nsubstituters =\n")?;
+        std::fs::write(
+            root.join("etc/nix.conf"),
+            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+        )?;
         Ok(Store { root })
     }
 
     fn cmd(&self, program: &Path) -> Command {
         let mut c = Command::new(program);
-        for (k, d) in [("NIX_STORE_DIR", "store"), ("NIX_STATE_DIR", "state"), ("NIX_LOG_DIR", "log"), ("NIX_CONF_DIR", "etc"), ("HOME", "home")] {
+        for (k, d) in [
+            ("NIX_STORE_DIR", "store"),
+            ("NIX_STATE_DIR", "state"),
+            ("NIX_LOG_DIR", "log"),
+            ("NIX_CONF_DIR", "etc"),
+            ("HOME", "home"),
+        ] {
             c.env(k, self.root.join(d));
         }
         c.stdout(Stdio::null()).stderr(Stdio::null());
@@ -78,7 +87,10 @@ impl Store {
             .output()
             .context("running nix-instantiate")?;
         if !out.status.success() {
-            bail!("nix-instantiate failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "nix-instantiate failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
@@ -151,9 +163,29 @@ pub fn run() -> Result<()> {
         .unwrap_or_else(|| vec![100, 1000]);
     println!(
         "{:<8} {:>6} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
-        "shape", "N", "nix ms", "nixb ms", "ratio", "nix/drv", "nixb/drv", "bare ms", "noop nix", "noop nixb", "RSS n/b MiB"
+        "shape",
+        "N",
+        "nix ms",
+        "nixb ms",
+        "ratio",
+        "nix/drv",
+        "nixb/drv",
+        "bare ms",
+        "noop nix",
+        "noop nixb",
+        "RSS n/b MiB"
     );
-    for shape in ["chain", "leaves", "layered"] {
+    // NIXB_BENCH_SHAPES=chain,leaves picks shapes (Nix takes many minutes for 10,000 leaves).
+    let shapes: Vec<String> = std::env::var("NIXB_BENCH_SHAPES")
+        .ok()
+        .map(|s| {
+            s.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| ["chain", "leaves", "layered"].contains(&x.as_str()))
+                .collect()
+        })
+        .unwrap_or_else(|| vec!["chain".into(), "leaves".into(), "layered".into()]);
+    for shape in shapes.iter().map(String::as_str) {
         for &n in &sizes {
             let e = expr(shape, n);
             let nix_store = Store::new("nix")?;
