@@ -49,6 +49,10 @@ fn success_prints_outputs_and_trace_lines() {
     assert!(words[5].starts_with(&t.log_dir().display().to_string()), "{started}");
     assert!(stderr.contains(&format!("@ build-succeeded {drv} -")), "{stderr}");
     assert!(stderr.contains("hello from the builder"), "build output echoed: {stderr}");
+    // A relative path to the .drv works too (resolved as Nix does).
+    let rel = format!("store/{}", drv.rsplit('/').next().unwrap());
+    let by_rel = run_str(t.nixb().args(["realise", &rel]).current_dir(t.root.path()), None);
+    assert_eq!(by_rel, outpath);
     // `nixb log` by drv and by output path.
     assert_eq!(run_str(t.nixb().args(["log", &drv]), None), "hello from the builder");
     assert_eq!(run_str(t.nixb().args(["log", outpath]), None), "hello from the builder");
@@ -77,6 +81,7 @@ fn failure_exits_100_with_trace_and_json() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}")))
         .collect();
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert!(kinds.contains(&"build-planned"), "{kinds:?}");
     assert!(kinds.contains(&"build-started"), "{kinds:?}");
     assert!(kinds.contains(&"build-failed"), "{kinds:?}");
     let failed = events.iter().find(|e| e["event"] == "build-failed").unwrap();

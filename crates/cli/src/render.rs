@@ -58,6 +58,8 @@ pub struct EventRenderer {
     running: Vec<StorePath>,
     done: usize,
     failed: usize,
+    /// Builds the worker has said it will run, so far (the total grows as it explores).
+    planned: usize,
     /// Builder output not yet ended by a newline, per derivation, so that lines of
     /// concurrent builds do not interleave mid-line.
     partial: HashMap<StorePath, Vec<u8>>,
@@ -80,6 +82,7 @@ impl EventRenderer {
             running: Vec::new(),
             done: 0,
             failed: 0,
+            planned: 0,
             partial: HashMap::new(),
         }
     }
@@ -115,12 +118,15 @@ impl EventRenderer {
 
     fn update_bar(&self) {
         if let Some(pb) = &self.bar {
-            let names: Vec<&str> = self.running.iter().map(|p| p.name()).collect();
+            let names: Vec<&str> = self.running.iter().map(|p| drv_name(p)).collect();
+            let total = self.planned.max(self.done + self.failed + self.running.len());
+            let failed = if self.failed > 0 { format!(", {} failed", self.failed) } else { String::new() };
             pb.set_message(format!(
-                "{} done, {} failed, {} running: {}",
+                "[{}/{} built{}] {}{}",
                 self.done,
-                self.failed,
-                self.running.len(),
+                total,
+                failed,
+                if names.is_empty() { "" } else { "building " },
                 names.join(", ")
             ));
         }
@@ -311,6 +317,13 @@ impl EventSink for EventRenderer {
                     RenderMode::Trace => self.say(&format!("@ hook-failed {d} - {status} {message}")),
                     RenderMode::Human => {}
                 }
+            }
+            Event::BuildPlanned { drv } => {
+                self.planned += 1;
+                if self.mode == RenderMode::Json {
+                    self.json(serde_json::json!({"event": "build-planned", "drv": self.dir.print(&drv)}));
+                }
+                self.update_bar();
             }
             Event::WaitingForLocks => {
                 if self.mode == RenderMode::Json {

@@ -324,6 +324,9 @@ impl DerivationGoal {
 
         // Building now: from here on every output counts.
         self.wanted.clear();
+        w.emit(Event::BuildPlanned {
+            drv: self.drv_path.clone(),
+        });
         let drv = self.drv()?;
         let input_drvs: Vec<(StorePath, BTreeSet<String>)> = drv
             .input_drvs

@@ -87,6 +87,10 @@ pub enum Event {
         status: String,
         message: String,
     },
+    /// A derivation goal found outputs that neither are valid nor could be substituted:
+    /// `drv` will be built (here or through the hook). Counting these gives a progress
+    /// display its total; it grows as the worker discovers the graph.
+    BuildPlanned { drv: StorePath },
     /// Some goal is waiting for a lock held by another process or for a build slot.
     WaitingForLocks,
     /// Anything else worth telling the user (notes, warnings, corrupted paths ...).

@@ -65,6 +65,12 @@ pub fn parse_store_path(store: &LocalStore, arg: &str) -> Result<nixb_store::Sto
     if let Ok(p) = dir.parse(arg) {
         return Ok(p);
     }
+    // A relative path, or a symlink into the store such as `./result`.
+    if let Ok(abs) = std::path::absolute(arg) {
+        if let Ok(p) = dir.parse(&abs.to_string_lossy()) {
+            return Ok(p);
+        }
+    }
     if let Ok(target) = std::fs::canonicalize(arg) {
         if let Ok(p) = dir.parse_prefix(&target.to_string_lossy()) {
             return Ok(p);

@@ -58,7 +58,19 @@ pub fn run(args: RealiseArgs, options: &[String]) -> Result<u8> {
     let targets: Vec<DerivedPath> = args
         .targets
         .iter()
-        .map(|t| DerivedPath::parse(&dir, t).with_context(|| format!("argument '{t}'")))
+        .map(|t| {
+            // `./result` or a relative .drv path stand for the store path they lead to.
+            let (path, outputs) = match t.split_once('!') {
+                Some((p, o)) => (p, Some(o)),
+                None => (t.as_str(), None),
+            };
+            let p = super::parse_store_path(&store, path)?;
+            let full = match outputs {
+                Some(o) => format!("{}!{o}", dir.print(&p)),
+                None => dir.print(&p),
+            };
+            DerivedPath::parse(&dir, &full).with_context(|| format!("argument '{t}'"))
+        })
         .collect::<Result<_>>()?;
 
     let cfg = worker_config(&settings, &store, &args);
