@@ -77,8 +77,15 @@ pub struct WorkerConfig {
     /// `NIX_STATE_DIR`: the build users' lock files live in `<state_dir>/userpool/`.
     pub state_dir: PathBuf,
     /// `substituters`, in order of preference: programs speaking the original's external
-    /// protocol (the cli maps binary cache URLs onto `nixb substitute`).
-    pub substituters: Vec<SubstituterCommand>,
+    /// protocol, and binary caches read in-process by the built-in substituter.
+    pub substituters: Vec<Substituter>,
+    /// How the built-in substituter reads binary caches: `trusted-public-keys`,
+    /// `require-sigs`, timeouts and retries.
+    pub cache_options: nixb_binarycache::CacheOptions,
+    /// Threads of the built-in substituter: how many narinfo queries and NAR downloads run
+    /// at once. Unlike external substituters, these take no build slot (so `max-jobs = 0`
+    /// does not serialise them, as in Nix 2.13's `max-substitution-jobs`).
+    pub substitution_jobs: usize,
     /// `fallback`: build a derivation whose output substitutes failed, instead of failing.
     pub fallback: bool,
     /// `build-hook` / `NIX_BUILD_HOOK`: the program offered every build that may go
@@ -86,7 +93,30 @@ pub struct WorkerConfig {
     pub build_hook: Option<HookCommand>,
 }
 
-/// One substituter: run as `program args... --query` and `program args... --substitute
+/// One entry of `substituters`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Substituter {
+    /// A program speaking the original's external protocol.
+    External(SubstituterCommand),
+    /// A binary cache (`file://DIR`, `http(s)://HOST/PREFIX`), read in-process by the
+    /// built-in substituter's threads.
+    BinaryCache {
+        /// The cache URL, as written in `substituters`; traces name the substituter by it.
+        url: String,
+    },
+}
+
+impl Substituter {
+    /// How traces and messages name it.
+    pub fn name(&self) -> &str {
+        match self {
+            Substituter::External(c) => &c.name,
+            Substituter::BinaryCache { url } => url,
+        }
+    }
+}
+
+/// One external substituter: run as `program args... --query` and `program args... --substitute
 /// PATH DEST`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubstituterCommand {
@@ -141,10 +171,22 @@ impl WorkerConfig {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/nix/var/nix")),
             substituters: Vec::new(),
+            cache_options: nixb_binarycache::CacheOptions::default(),
+            substitution_jobs: default_substitution_jobs(),
             fallback: false,
             build_hook: None,
         }
     }
+}
+
+/// Threads for the built-in substituter when the caller does not say: two per core, at
+/// least 4 and at most 16. Fetching is part CPU (decompression, sha256, many small file
+/// writes) and part waiting (network round trips, one per narinfo and NAR), so two threads
+/// a core keep the cores busy while the others wait; the cap keeps the number of
+/// connections to one cache modest (Nix's `http-connections` defaults to 25).
+pub fn default_substitution_jobs() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cores).clamp(4, 16)
 }
 
 /// `HOME` for builders: a path that must not exist, so tools do not find settings there.

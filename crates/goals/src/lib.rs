@@ -17,6 +17,7 @@
 
 mod build;
 pub mod build_dir;
+mod builtin_substituter;
 pub mod config;
 mod derivation_goal;
 pub mod env;
@@ -38,7 +39,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use nixb_store::{DerivedPath, StorePath};
 
-pub use config::{BuildMode, HookCommand, SandboxMode, SubstituterCommand, WorkerConfig};
+pub use config::{
+    BuildMode, HookCommand, SandboxMode, Substituter, SubstituterCommand, WorkerConfig,
+};
 pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
 pub use graph::ExitCode;

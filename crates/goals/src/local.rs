@@ -91,8 +91,8 @@ impl BuildStore for LocalStore {
             references: info.references.clone(),
             registration_time: 0,
             ultimate: false,
-            sigs: Vec::new(),
-            ca: None,
+            sigs: info.sigs.clone(),
+            ca: info.ca.clone(),
         };
         LocalStore::register_valid_paths(self, &[v]).map_err(fault)
     }

@@ -79,4 +79,8 @@ pub struct SubstitutedPath {
     pub nar_size: u64,
     pub references: BTreeSet<StorePath>,
     pub deriver: Option<StorePath>,
+    /// Signatures the binary cache had for it (`keyname:base64`), kept as Nix does.
+    pub sigs: Vec<String>,
+    /// Its content address, if the cache gave one.
+    pub ca: Option<String>,
 }

@@ -1,6 +1,6 @@
-//! The substitution goal: make one store path valid without building it, by running the
-//! external substituter programs of the original engine (`substituters`; the cli maps
-//! binary cache URLs onto `nixb substitute`).
+//! The substitution goal: make one store path valid without building it, from the
+//! `substituters`: external programs speaking the original engine's protocol, and binary
+//! caches read in-process by the built-in substituter (`builtin_substituter`).
 //!
 //! States, in the original's names:
 //!
@@ -20,16 +20,28 @@
 //! The `--query` programs run for the whole worker ([`QueryPool`]), one per substituter,
 //! and are asked synchronously, as in the original: their answers come from local
 //! metadata and are quick, whereas fetching runs in the background in a build slot.
+//!
+//! A binary cache goes the same way with two asynchronous steps, since reading a narinfo
+//! may take a network round trip: `tryNext` hands the query to the built-in substituter's
+//! threads and waits (`querying`); `tryToRun` takes no build slot, locks and re-checks as
+//! above, and hands the fetch to a thread together with the lock (`fetching`). The thread
+//! verifies NarHash and NarSize while unpacking and canonicalises; the goal registers with
+//! the hash it computed (no second pass over the files), the narinfo's signatures and
+//! content address. A failure is that substituter failing: the next one is tried.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use nixb_binarycache::NarInfo;
 use nixb_store::locks::PathLocks;
 use nixb_store::{Hash, HashAlgo, StoreDir, StorePath};
 
-use crate::config::SubstituterCommand;
+use crate::builtin_substituter::{Completion, Fetched};
+use crate::config::{Substituter, SubstituterCommand};
 use crate::error::quoted;
 use crate::event::{Event, FailureKind, Level};
 use crate::external::{raw_status, spawn_adopted, status_to_string};
@@ -44,7 +56,26 @@ pub(crate) struct SubstitutableInfo {
     pub references: BTreeSet<StorePath>,
     pub download_size: u64,
     pub nar_size: u64,
+    /// The whole narinfo, when a binary cache offered the path.
+    pub narinfo: Option<Box<NarInfo>>,
 }
+
+impl SubstitutableInfo {
+    fn from_narinfo(info: NarInfo) -> SubstitutableInfo {
+        SubstitutableInfo {
+            deriver: info.deriver.clone(),
+            references: info.references.clone(),
+            download_size: info.file_size.unwrap_or(0),
+            nar_size: info.nar_size,
+            narinfo: Some(Box::new(info)),
+        }
+    }
+}
+
+/// The wait status shown in `@ substituter-failed` for a failure of the built-in
+/// substituter: that of a program exiting with 1, which is what `nixb substitute` (which
+/// served caches before) would have shown, so tools reading traces see the same lines.
+const BUILTIN_FAILURE_STATUS: &str = "256";
 
 /// A substituter running in `--query` mode.
 struct QueryProcess {
@@ -189,6 +220,7 @@ fn ask_info(
                 references,
                 download_size,
                 nar_size,
+                narinfo: None,
             });
         }
     }
@@ -198,9 +230,13 @@ fn ask_info(
 enum State {
     Init,
     TryNext,
+    /// Waiting for the built-in substituter's answer about the path.
+    Querying,
     ReferencesValid,
     TryToRun,
     Finished,
+    /// Waiting for the built-in substituter to fetch the path.
+    Fetching,
 }
 
 pub(crate) struct SubstitutionGoal {
@@ -218,6 +254,16 @@ pub(crate) struct SubstitutionGoal {
     dest: PathBuf,
     stdout: Option<ChildStdout>,
     exit: Option<Result<ExitStatus, String>>,
+    /// What the built-in substituter reported for this goal.
+    completion: Option<Completion>,
+    /// Set when the goal is destroyed, so that its queued fetch is skipped.
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Drop for SubstitutionGoal {
+    fn drop(&mut self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
 }
 
 impl SubstitutionGoal {
@@ -233,6 +279,8 @@ impl SubstitutionGoal {
             dest: PathBuf::new(),
             stdout: None,
             exit: None,
+            completion: None,
+            cancelled: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -240,10 +288,17 @@ impl SubstitutionGoal {
         match self.state {
             State::Init => self.init(id, w),
             State::TryNext => self.try_next(id, w),
+            State::Querying => self.query_answered(id, w),
             State::ReferencesValid => self.references_valid(id, w),
             State::TryToRun => self.try_to_run(id, w),
             State::Finished => self.finished(id, w),
+            State::Fetching => self.fetched(id, w),
         }
+    }
+
+    /// The built-in substituter finished a job of this goal.
+    pub fn builtin_completed(&mut self, c: Completion) {
+        self.completion = Some(c);
     }
 
     fn fail_setup(&mut self, id: GoalId, w: &mut Worker<'_>, message: String) {
@@ -276,27 +331,70 @@ impl SubstitutionGoal {
 
     fn try_next(&mut self, id: GoalId, w: &mut Worker<'_>) {
         self.current = None;
-        let subs = if w.cfg.use_substitutes {
-            w.cfg.substituters.as_slice()
+        let cfg = w.cfg;
+        let subs = if cfg.use_substitutes {
+            cfg.substituters.as_slice()
         } else {
             &[]
         };
         while self.next_sub < subs.len() {
             let idx = self.next_sub;
             self.next_sub += 1;
-            let dir = w.store.store_dir().clone();
-            match w
-                .subst_queries
-                .query_info(idx, &subs[idx], &dir, &self.path)
-            {
+            match &subs[idx] {
+                Substituter::External(sub) => {
+                    let dir = w.store.store_dir().clone();
+                    match w.subst_queries.query_info(idx, sub, &dir, &self.path) {
+                        Ok(Some(info)) => {
+                            self.current = Some((idx, info));
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => w.message(Level::Warn, e),
+                    }
+                }
+                Substituter::BinaryCache { .. } => {
+                    match w.builtin_subst.query(id, idx, self.path.clone()) {
+                        Ok(()) => {
+                            self.state = State::Querying;
+                            return;
+                        }
+                        Err(e) => w.message(Level::Warn, e),
+                    }
+                }
+            }
+        }
+        self.have_answer(id, w);
+    }
+
+    /// The built-in substituter answered the query of `substituters[next_sub - 1]`.
+    fn query_answered(&mut self, id: GoalId, w: &mut Worker<'_>) {
+        match self.completion.take() {
+            Some(Completion::Query { result, .. }) => match result {
                 Ok(Some(info)) => {
-                    self.current = Some((idx, info));
-                    break;
+                    self.current = Some((
+                        self.next_sub.saturating_sub(1),
+                        SubstitutableInfo::from_narinfo(info),
+                    ));
+                    return self.have_answer(id, w);
                 }
                 Ok(None) => {}
                 Err(e) => w.message(Level::Warn, e),
-            }
+            },
+            // Woken for another reason: keep waiting for the answer.
+            None => return,
+            Some(Completion::Fetch { .. }) => w.message(
+                Level::Warn,
+                format!(
+                    "internal error: unexpected fetch result for {}",
+                    quoted(w.store_dir(), &self.path)
+                ),
+            ),
         }
+        self.try_next(id, w);
+    }
+
+    /// Asking substituters ended: `current` is the one offering the path, if any.
+    fn have_answer(&mut self, id: GoalId, w: &mut Worker<'_>) {
         let Some((_, info)) = &self.current else {
             // None left. Without any offer at all this is not a failure: a derivation goal
             // waiting for its outputs then builds them (the original's "hack", kept
@@ -349,9 +447,20 @@ impl SubstitutionGoal {
     }
 
     fn try_to_run(&mut self, id: GoalId, w: &mut Worker<'_>) {
+        let Some(idx) = self.current.as_ref().map(|(idx, _)| *idx) else {
+            return self.fail_setup(id, w, "internal error: no substituter chosen".into());
+        };
+        let cfg = w.cfg;
+        let sub = match cfg.substituters.get(idx) {
+            Some(Substituter::External(sub)) => Some(sub),
+            Some(Substituter::BinaryCache { .. }) => None,
+            None => {
+                return self.fail_setup(id, w, "internal error: no such substituter".into());
+            }
+        };
         // Substitutes cannot go to another machine through the hook, so one runs even
-        // when max-jobs is 0.
-        if w.nr_local_builds() >= w.cfg.max_jobs.max(1) {
+        // when max-jobs is 0. The built-in substituter's threads are its own limit.
+        if sub.is_some() && w.nr_local_builds() >= cfg.max_jobs.max(1) {
             return w.graph.wait_for_build_slot(id);
         }
         self.lock = None;
@@ -385,10 +494,6 @@ impl SubstitutionGoal {
                 return self.fail_setup(id, w, message);
             }
         }
-        let Some((idx, _)) = &self.current else {
-            return self.fail_setup(id, w, "internal error: no substituter chosen".into());
-        };
-        let sub = w.cfg.substituters[*idx].clone();
         self.dest = if self.repair {
             let mut d = real.clone().into_os_string();
             d.push(".tmp");
@@ -406,7 +511,10 @@ impl SubstitutionGoal {
             Level::Info,
             format!("fetching path {}...", quoted(w.store_dir(), &self.path)),
         );
-        match self.start(&sub, w.store_dir()) {
+        let Some(sub) = sub else {
+            return self.start_builtin(id, w, idx);
+        };
+        match self.start(sub, w.store_dir()) {
             Ok((builder, log, stdout)) => {
                 self.stdout = Some(stdout);
                 w.set_locked_outputs(id, BTreeSet::from([self.path.clone()]));
@@ -423,6 +531,79 @@ impl SubstitutionGoal {
                 self.substituter_failed(id, w, "-1".into(), message);
             }
         }
+    }
+
+    /// Hands the fetch, with the path lock, to the built-in substituter.
+    fn start_builtin(&mut self, id: GoalId, w: &mut Worker<'_>, idx: usize) {
+        let narinfo = self
+            .current
+            .as_ref()
+            .and_then(|(_, info)| info.narinfo.as_deref())
+            .cloned();
+        let (Some(narinfo), Some(lock)) = (narinfo, self.lock.take()) else {
+            return self.fail_setup(id, w, "internal error: no narinfo or lock".into());
+        };
+        let name = w.cfg.substituters[idx].name().to_string();
+        match w.builtin_subst.fetch(
+            id,
+            idx,
+            narinfo,
+            self.dest.clone(),
+            lock,
+            self.cancelled.clone(),
+        ) {
+            Ok(()) => {
+                w.set_locked_outputs(id, BTreeSet::from([self.path.clone()]));
+                self.state = State::Fetching;
+                w.emit(Event::SubstituterStarted {
+                    path: self.path.clone(),
+                    substituter: name,
+                });
+            }
+            Err((e, lock)) => {
+                self.lock = lock;
+                self.substituter_failed(id, w, BUILTIN_FAILURE_STATUS.into(), e);
+            }
+        }
+    }
+
+    /// The built-in substituter finished fetching: register, or try the next substituter.
+    fn fetched(&mut self, id: GoalId, w: &mut Worker<'_>) {
+        let (result, lock) = match self.completion.take() {
+            Some(Completion::Fetch { result, lock, .. }) => (result, lock),
+            // Woken for another reason: keep waiting.
+            None => return,
+            Some(Completion::Query { .. }) => {
+                return self.fail_setup(id, w, "internal error: unexpected query result".into())
+            }
+        };
+        self.lock = Some(lock);
+        let fetched = match result {
+            Ok(f) => f,
+            Err(msg) => {
+                return self.substituter_failed(id, w, BUILTIN_FAILURE_STATUS.into(), msg)
+            }
+        };
+        // The thread compared what it hashed while unpacking with the narinfo; the goal
+        // checks the pair it is about to register against the offer once more (a cheap
+        // comparison, not a second pass over the files).
+        let offered = self
+            .current
+            .as_ref()
+            .and_then(|(_, info)| info.narinfo.as_deref())
+            .map(|n| (n.nar_hash.clone(), n.nar_size));
+        if offered.as_ref() != Some(&(fetched.nar_hash.clone(), fetched.nar_size)) {
+            let msg = format!(
+                "hash mismatch in downloaded path '{}': expected {}, got {}",
+                w.store_dir().print(&self.path),
+                offered.map_or_else(|| "nothing".into(), |(h, _)| h.to_base32_typed()),
+                fetched.nar_hash.to_base32_typed()
+            );
+            drop(fetched);
+            return self.substituter_failed(id, w, BUILTIN_FAILURE_STATUS.into(), msg);
+        }
+        let (hash, size) = (fetched.nar_hash.clone(), fetched.nar_size);
+        self.register(id, w, hash, size, Some(fetched));
     }
 
     fn start(
@@ -497,7 +678,7 @@ impl SubstitutionGoal {
             Err(_) => "-1".into(),
         };
         match self.check(w, &status, &out) {
-            Ok((hash, size)) => self.register(id, w, hash, size),
+            Ok((hash, size)) => self.register(id, w, hash, size, None),
             Err(msg) => self.substituter_failed(id, w, raw, msg),
         }
     }
@@ -551,30 +732,19 @@ impl SubstitutionGoal {
         Ok((hash, size))
     }
 
-    fn register(&mut self, id: GoalId, w: &mut Worker<'_>, hash: Hash, size: u64) {
-        let real = w.store_dir().to_path(&self.path);
-        if self.repair {
-            if let Err(e) = replace_valid_path(&real, &self.dest) {
-                return self.fail_setup(id, w, e);
-            }
-        }
-        let mut seen = nixb_store::canon::InodesSeen::new();
-        if let Err(e) = nixb_store::canon::canonicalise_path_metadata(&real, None, &mut seen) {
-            let message = format!("canonicalising '{}': {e}", real.display());
-            return self.fail_setup(id, w, message);
-        }
-        let Some((_, info)) = self.current.take() else {
-            return self.fail_setup(id, w, "internal error: no substituter info".into());
-        };
-        let entry = SubstitutedPath {
-            path: self.path.clone(),
-            nar_hash: hash,
-            nar_size: size,
-            references: info.references,
-            deriver: info.deriver,
-        };
-        if let Err(e) = w.store.register_substitute(&entry) {
-            let message = format!("registering {}: {e}", quoted(w.store_dir(), &self.path));
+    /// Registers the path at `dest` with `hash` and `size`. `fetched` is what the built-in
+    /// substituter unpacked (already canonicalised); it is deleted unless registered.
+    fn register(
+        &mut self,
+        id: GoalId,
+        w: &mut Worker<'_>,
+        hash: Hash,
+        size: u64,
+        fetched: Option<Fetched>,
+    ) {
+        // `try_register` consumes `fetched`, so on failure what was unpacked is gone
+        // before `fail_setup` releases the lock.
+        if let Err(message) = self.try_register(w, hash, size, fetched) {
             return self.fail_setup(id, w, message);
         }
         if let Some(l) = self.lock.as_mut() {
@@ -586,6 +756,47 @@ impl SubstitutionGoal {
             path: self.path.clone(),
         });
         w.am_done(id, ExitCode::Success);
+    }
+
+    fn try_register(
+        &mut self,
+        w: &mut Worker<'_>,
+        hash: Hash,
+        size: u64,
+        fetched: Option<Fetched>,
+    ) -> Result<(), String> {
+        let real = w.store_dir().to_path(&self.path);
+        if self.repair {
+            replace_valid_path(&real, &self.dest)?;
+        }
+        if fetched.is_none() {
+            let mut seen = nixb_store::canon::InodesSeen::new();
+            nixb_store::canon::canonicalise_path_metadata(&real, None, &mut seen)
+                .map_err(|e| format!("canonicalising '{}': {e}", real.display()))?;
+        }
+        let Some((_, info)) = self.current.take() else {
+            return Err("internal error: no substituter info".into());
+        };
+        let (sigs, ca) = match info.narinfo {
+            Some(n) => (n.sigs, n.ca),
+            None => (Vec::new(), None),
+        };
+        let entry = SubstitutedPath {
+            path: self.path.clone(),
+            nar_hash: hash,
+            nar_size: size,
+            references: info.references,
+            deriver: info.deriver,
+            sigs,
+            ca,
+        };
+        w.store
+            .register_substitute(&entry)
+            .map_err(|e| format!("registering {}: {e}", quoted(w.store_dir(), &self.path)))?;
+        if let Some(f) = fetched {
+            f.keep();
+        }
+        Ok(())
     }
 }
 

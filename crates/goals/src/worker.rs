@@ -90,6 +90,9 @@ pub(crate) struct Worker<'a> {
     netns_pool: Option<nixb_sandbox::NetNsPool>,
     /// The substituters' `--query` processes, shared by all substitution goals.
     pub subst_queries: crate::substitution_goal::QueryPool,
+    /// The threads reading binary caches for substitution goals; its wake-up pipe is
+    /// polled with the children's.
+    pub builtin_subst: crate::builtin_substituter::BuiltinSubstituter,
     /// The build hook waiting for its next request (a goal whose build it accepted takes
     /// it over, and the next request starts a fresh one).
     pub hook: Option<crate::hook::HookInstance>,
@@ -130,6 +133,10 @@ impl<'a> Worker<'a> {
             check_mismatch: false,
             netns_pool: None,
             subst_queries: Default::default(),
+            builtin_subst: crate::builtin_substituter::BuiltinSubstituter::new(
+                cfg,
+                store.store_dir().clone(),
+            ),
             hook: None,
             watchdog: None,
         }
@@ -388,7 +395,10 @@ impl<'a> Worker<'a> {
             if !self.graph.has_top_goals() {
                 break;
             }
-            if !self.children.is_empty() || self.graph.has_waiting_for_a_while() {
+            if !self.children.is_empty()
+                || self.graph.has_waiting_for_a_while()
+                || self.builtin_subst.busy()
+            {
                 self.wait_for_input()?;
             } else if !self.graph.has_awake() {
                 if self.cfg.max_jobs == 0 && self.graph.has_waiting_for_slot() {
@@ -540,6 +550,10 @@ impl<'a> Worker<'a> {
                 .iter()
                 .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
                 .collect();
+            // Last: the built-in substituter's wake-up pipe, when it has jobs out.
+            if let Some(fd) = self.builtin_subst.wake_fd() {
+                pfds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
             match nix::poll::poll(&mut pfds, timeout) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => return Ok(()),
@@ -552,6 +566,7 @@ impl<'a> Worker<'a> {
                 .collect()
         };
         let after = Instant::now();
+        self.deliver_substitutions();
 
         // Log data first, so that a builder's last words reach its goal before its exit.
         for &(id, is_exit) in &ready {
@@ -596,6 +611,20 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Hands the built-in substituter's finished jobs to their goals. A goal that is gone
+    /// drops its result, which deletes what was unpacked for it and releases its lock.
+    fn deliver_substitutions(&mut self) {
+        for c in self.builtin_subst.take_completions() {
+            let id = c.goal();
+            self.with_goal(id, |goal, w| {
+                if let Goal::Substitution(g) = goal {
+                    g.builtin_completed(c);
+                    w.graph.wake_up(id);
+                }
+            });
+        }
     }
 
     /// Reads what is available on `id`'s log pipe (one read), handing it to the goal.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use nixb_goals::{BuildMode, HookCommand, SubstituterCommand, WorkerConfig};
+use nixb_goals::{BuildMode, HookCommand, Substituter, SubstituterCommand, WorkerConfig};
 use nixb_store::DerivedPath;
 
 use crate::render::{EventRenderer, RenderMode};
@@ -161,7 +161,17 @@ pub fn settings_worker_config(s: &Settings, store: &nixb_store::local_store::Loc
     cfg.impersonate_linux_26 = s.impersonate_linux_26;
     cfg.state_dir = store.config().state_dir.clone();
     cfg.fallback = s.fallback;
-    cfg.substituters = substituter_commands(s);
+    cfg.substituters = substituters(s);
+    cfg.cache_options = match super::substitute::cache_options(s) {
+        Ok(o) => o,
+        Err(e) => {
+            // Fail closed: with no trusted key, every signed path is refused too.
+            crate::render::warn(&format!("{e:#}; no binary cache path will be trusted"));
+            nixb_binarycache::CacheOptions { require_sigs: true, ..Default::default() }
+        }
+    };
+    // The built-in substituter's threads: at least as many as builds may run.
+    cfg.substitution_jobs = cfg.substitution_jobs.max(s.max_jobs);
     cfg.build_hook = hook_command(s);
     cfg
 }
@@ -171,31 +181,21 @@ fn self_exe() -> std::path::PathBuf {
     std::env::current_exe().unwrap_or_else(|_| "nixb".into())
 }
 
-/// `substituters`: cache URLs become `nixb substitute --cache URL` (with the signature
-/// settings passed on, so that `--option` overrides reach it); anything else is an
+/// `substituters`: cache URLs are read in-process by the worker's built-in substituter
+/// (with `trusted-public-keys` and `require-sigs` in `cache_options`); anything else is an
 /// external program speaking the original's protocol.
-fn substituter_commands(s: &Settings) -> Vec<SubstituterCommand> {
+fn substituters(s: &Settings) -> Vec<Substituter> {
     s.substituters
         .iter()
         .map(|sub| {
             if super::substitute::is_cache_url(sub) {
-                SubstituterCommand {
-                    name: sub.clone(),
-                    program: self_exe(),
-                    args: vec![
-                        "substitute".into(),
-                        "--cache".into(),
-                        sub.clone(),
-                        "--option".into(),
-                        "trusted-public-keys".into(),
-                        s.trusted_public_keys.join(" "),
-                        "--option".into(),
-                        "require-sigs".into(),
-                        s.require_sigs.to_string(),
-                    ],
-                }
+                Substituter::BinaryCache { url: sub.clone() }
             } else {
-                SubstituterCommand { name: sub.clone(), program: sub.into(), args: Vec::new() }
+                Substituter::External(SubstituterCommand {
+                    name: sub.clone(),
+                    program: sub.into(),
+                    args: Vec::new(),
+                })
             }
         })
         .collect()
