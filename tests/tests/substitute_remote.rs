@@ -301,6 +301,31 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
         t.nix("nix-store").args(["--verify", "--check-contents"]),
         None,
     );
+    // The built-in substituter (not a `nixb substitute` child, which registers no
+    // signatures) kept each narinfo's signature, as real Nix does when it substitutes; real
+    // Nix finds them valid for our key in nixb's registration.
+    let info = run_str(
+        t.nix("nix")
+            .args(["path-info", "--json"])
+            .args(closure.iter()),
+        None,
+    );
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    for entry in info.as_array().unwrap() {
+        let sigs = entry["signatures"].as_array().cloned().unwrap_or_default();
+        assert!(
+            sigs.iter()
+                .any(|s| s.as_str().unwrap_or("").starts_with("test-cache-1:")),
+            "no signature registered: {entry}"
+        );
+    }
+    run_ok(
+        t.nix("nix")
+            .args(["store", "verify", "--sigs-needed", "1"])
+            .args(["--option", "trusted-public-keys", &pk])
+            .args(closure.iter()),
+        None,
+    );
 
     // Unsigned (no trusted key): refused, nothing registered, the build is not tried
     // either since the derivation itself cannot be had.
@@ -313,8 +338,104 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
         None,
     );
     assert_eq!(res.status.code(), Some(1), "{}", text(&res.stderr));
+    // Refused with a message naming the reason, before anything is downloaded.
+    assert!(
+        text(&res.stderr).contains("no valid signature by a trusted key (signed by: test-cache-1"),
+        "{}",
+        text(&res.stderr)
+    );
     let valid = run(t.nix("nix-store").args(["-q", "--hash"]).arg(&out), None);
     assert!(!valid.status.success());
+}
+
+#[test]
+fn a_tampered_nar_is_refused_by_the_builtin_substituter_and_nothing_registered() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+    let expr = t.file("graph.nix", GRAPH);
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let out = run_str(t.nix("nix-store").arg("-r").arg(&drv), None);
+    let closure: Vec<String> = run_str(t.nix("nix-store").args(["-qR"]).arg(&out), None)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // The leaf "a": its output holds the text "a\n".
+    let a = closure
+        .iter()
+        .find(|p| p.ends_with("-a"))
+        .unwrap()
+        .clone();
+    let (sk, pk) = nix_key(&t);
+    let cache = t.root.path().join("cache");
+    // Uncompressed, so that one byte of the file's contents can be changed in place and
+    // the archive stays well-formed: only its hash tells.
+    let to = format!(
+        "file://{}?secret-key={}&compression=none",
+        cache.display(),
+        sk.display()
+    );
+    run_ok(t.nix("nix").args(["copy", "--to", &to]).arg(&out), None);
+    let hash_part = &Path::new(&a).file_name().unwrap().to_str().unwrap()[..32];
+    let narinfo = std::fs::read_to_string(cache.join(format!("{hash_part}.narinfo"))).unwrap();
+    let nar_url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+    let nar_file = cache.join(&nar_url);
+    let mut nar = std::fs::read(&nar_file).unwrap();
+    // "contents", its 8-byte length, then the bytes of the file.
+    let at = nar.windows(8).position(|w| w == b"contents").unwrap() + 16;
+    assert_eq!(nar[at], b'a', "unexpected NAR layout");
+    nar[at] = b'A';
+    std::fs::write(&nar_file, &nar).unwrap();
+
+    remove_tree(&t.store_dir());
+    remove_tree(&t.state_dir());
+    let url = format!("file://{}", cache.display());
+    let res = run(
+        t.nixb()
+            .args([
+                "realise",
+                "--print-build-trace",
+                "--option",
+                "substituters",
+                &url,
+            ])
+            .args(["--option", "trusted-public-keys", &pk])
+            .arg(&out),
+        None,
+    );
+    let err = text(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("@ substituter-started {a} {url}")),
+        "{err}"
+    );
+    let failed = trace_lines(&err)
+        .into_iter()
+        .find(|l| l.starts_with(&format!("@ substituter-failed {a} ")))
+        .unwrap_or_else(|| panic!("no failure traced for {a}: {err}"));
+    assert!(
+        failed.contains("NarHash mismatch") && failed.contains(&a),
+        "{failed}"
+    );
+    assert!(
+        !err.contains(&format!("@ substituter-succeeded {a}")),
+        "{err}"
+    );
+    // Nothing of it is left, neither in the database nor on disk, and nothing that
+    // refers to it was registered (the closure invariant).
+    assert!(
+        std::fs::symlink_metadata(&a).is_err(),
+        "the tampered contents were left at {a}"
+    );
+    for p in &closure {
+        let valid = run(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None);
+        assert!(!valid.status.success(), "{p} was registered");
+    }
 }
 
 // --- a dying HTTP cache -----------------------------------------------------------------
