@@ -362,11 +362,7 @@ fn a_tampered_nar_is_refused_by_the_builtin_substituter_and_nothing_registered()
         .map(str::to_string)
         .collect();
     // The leaf "a": its output holds the text "a\n".
-    let a = closure
-        .iter()
-        .find(|p| p.ends_with("-a"))
-        .unwrap()
-        .clone();
+    let a = closure.iter().find(|p| p.ends_with("-a")).unwrap().clone();
     let (sk, pk) = nix_key(&t);
     let cache = t.root.path().join("cache");
     // Uncompressed, so that one byte of the file's contents can be changed in place and

@@ -50,7 +50,7 @@ use crate::graph::GoalId;
 /// What a query found: the narinfo of a path the cache offers with an acceptable
 /// signature, `None` when it does not have it, or a message to warn with (the cache could
 /// not be read, or its narinfo was refused) before the next substituter is asked.
-pub(crate) type QueryResult = Result<Option<NarInfo>, String>;
+pub(crate) type QueryResult = Result<Option<Box<NarInfo>>, String>;
 
 /// What a thread unpacked at `dest`: deleted when dropped unless [`Fetched::keep`] was
 /// called, so that nothing unregistered stays under a store path's name.
@@ -390,7 +390,7 @@ fn thread_main(shared: &Shared) {
 
 /// The open cache of `substituters[idx]`, or why there is none (`Ok(None)`: it failed to
 /// open and that was reported already).
-fn cache<'s>(shared: &'s Shared, idx: usize) -> Result<Option<&'s BinaryCache>, String> {
+fn cache(shared: &Shared, idx: usize) -> Result<Option<&BinaryCache>, String> {
     let Some(Some(slot)) = shared.caches.get(idx) else {
         return Err(format!(
             "internal error: substituter {idx} is not a binary cache"
@@ -414,7 +414,11 @@ fn cache<'s>(shared: &'s Shared, idx: usize) -> Result<Option<&'s BinaryCache>, 
 
 fn run_job(shared: &Shared, job: Job) -> Option<Completion> {
     match job {
-        Job::Query { goal, cache: idx, path } => {
+        Job::Query {
+            goal,
+            cache: idx,
+            path,
+        } => {
             let result = cache(shared, idx).and_then(|c| match c {
                 None => Ok(None),
                 Some(c) => query(c, &path),
@@ -453,7 +457,7 @@ fn query(cache: &BinaryCache, path: &StorePath) -> QueryResult {
     };
     // Refused before anything is downloaded, as Nix does ("ignoring substitute ...").
     cache.check_signatures(&info).map_err(|e| e.to_string())?;
-    Ok(Some(info))
+    Ok(Some(Box::new(info)))
 }
 
 /// Streams the NAR of `info` into `dest` and canonicalises it there. Canonicalising here

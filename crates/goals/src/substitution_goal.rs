@@ -61,13 +61,13 @@ pub(crate) struct SubstitutableInfo {
 }
 
 impl SubstitutableInfo {
-    fn from_narinfo(info: NarInfo) -> SubstitutableInfo {
+    fn from_narinfo(info: Box<NarInfo>) -> SubstitutableInfo {
         SubstitutableInfo {
             deriver: info.deriver.clone(),
             references: info.references.clone(),
             download_size: info.file_size.unwrap_or(0),
             nar_size: info.nar_size,
-            narinfo: Some(Box::new(info)),
+            narinfo: Some(info),
         }
     }
 }
@@ -255,7 +255,7 @@ pub(crate) struct SubstitutionGoal {
     stdout: Option<ChildStdout>,
     exit: Option<Result<ExitStatus, String>>,
     /// What the built-in substituter reported for this goal.
-    completion: Option<Completion>,
+    completion: Option<Box<Completion>>,
     /// Set when the goal is destroyed, so that its queued fetch is skipped.
     cancelled: Arc<AtomicBool>,
 }
@@ -298,7 +298,7 @@ impl SubstitutionGoal {
 
     /// The built-in substituter finished a job of this goal.
     pub fn builtin_completed(&mut self, c: Completion) {
-        self.completion = Some(c);
+        self.completion = Some(Box::new(c));
     }
 
     fn fail_setup(&mut self, id: GoalId, w: &mut Worker<'_>, message: String) {
@@ -368,7 +368,7 @@ impl SubstitutionGoal {
 
     /// The built-in substituter answered the query of `substituters[next_sub - 1]`.
     fn query_answered(&mut self, id: GoalId, w: &mut Worker<'_>) {
-        match self.completion.take() {
+        match self.completion.take().map(|c| *c) {
             Some(Completion::Query { result, .. }) => match result {
                 Ok(Some(info)) => {
                     self.current = Some((
@@ -569,7 +569,7 @@ impl SubstitutionGoal {
 
     /// The built-in substituter finished fetching: register, or try the next substituter.
     fn fetched(&mut self, id: GoalId, w: &mut Worker<'_>) {
-        let (result, lock) = match self.completion.take() {
+        let (result, lock) = match self.completion.take().map(|c| *c) {
             Some(Completion::Fetch { result, lock, .. }) => (result, lock),
             // Woken for another reason: keep waiting.
             None => return,
@@ -580,9 +580,7 @@ impl SubstitutionGoal {
         self.lock = Some(lock);
         let fetched = match result {
             Ok(f) => f,
-            Err(msg) => {
-                return self.substituter_failed(id, w, BUILTIN_FAILURE_STATUS.into(), msg)
-            }
+            Err(msg) => return self.substituter_failed(id, w, BUILTIN_FAILURE_STATUS.into(), msg),
         };
         // The thread compared what it hashed while unpacking with the narinfo; the goal
         // checks the pair it is about to register against the offer once more (a cheap

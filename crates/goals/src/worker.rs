@@ -34,7 +34,7 @@ use crate::substitution_goal::SubstitutionGoal;
 
 pub(crate) enum Goal {
     Derivation(Box<DerivationGoal>),
-    Substitution(SubstitutionGoal),
+    Substitution(Box<SubstitutionGoal>),
 }
 
 /// A running builder, owned by the worker so that destroying its goal kills it.
@@ -192,10 +192,10 @@ impl<'a> Worker<'a> {
         if let Some(&id) = self.substitution_goals.get(path) {
             return id;
         }
-        let id = self.insert_goal(Goal::Substitution(SubstitutionGoal::new(
+        let id = self.insert_goal(Goal::Substitution(Box::new(SubstitutionGoal::new(
             path.clone(),
             repair,
-        )));
+        ))));
         self.substitution_goals.insert(path.clone(), id);
         self.dedup_keys[id.0] = Some((false, path.clone()));
         id
