@@ -349,3 +349,46 @@ fn a_fetch_in_flight_when_the_worker_stops_leaves_nothing_behind() {
     let lock = PathLocks::lock(std::slice::from_ref(&real), false, None).unwrap();
     assert!(lock.is_some(), "the path lock is still held");
 }
+
+#[test]
+fn repair_fetches_a_corrupt_path_again_from_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (dep, _top, hashes) = published(root);
+    let store = open(root);
+    let mut cfg = config(root, &[format!("file://{}", root.join("cache").display())]);
+    let outcome = realise(
+        &store,
+        &[DerivedPath::Opaque(dep.clone())],
+        &cfg,
+        &mut VecSink::default(),
+    )
+    .unwrap();
+    assert_eq!(outcome.exit_status, 0);
+    let real = store.store_dir().to_path(&dep);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&real, "corrupted\n").unwrap();
+
+    cfg.build_mode = nixb_goals::BuildMode::Repair;
+    let mut sink = VecSink::default();
+    let outcome = realise(&store, &[DerivedPath::Opaque(dep.clone())], &cfg, &mut sink).unwrap();
+    assert_eq!(outcome.exit_status, 0, "{:#?}", sink.0);
+    assert!(sink
+        .0
+        .iter()
+        .any(|e| matches!(e, Event::SubstituterSucceeded { path } if *path == dep)));
+    assert_eq!(
+        std::fs::read_to_string(&real).unwrap(),
+        "dependency contents\n"
+    );
+    let (h, _) = nixb_store::nar::hash_path(&real, HashAlgo::Sha256).unwrap();
+    assert_eq!(h, hashes[&dep]);
+    assert_eq!(store.query_path_info(&dep).unwrap().unwrap().nar_hash, h);
+    // Canonical again: read-only, and nothing left beside it.
+    let mode = std::fs::metadata(&real).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o444);
+    let mut tmp_name = real.clone().into_os_string();
+    tmp_name.push(".tmp");
+    assert!(std::fs::symlink_metadata(PathBuf::from(tmp_name)).is_err());
+}

@@ -3,7 +3,9 @@
 //! `nix copy --to file://` (xz, signed); then, each on a fresh empty store at the same
 //! store directory, real `nix-store -r` substituting from that cache vs nixb's
 //! `substitute_closure` (the library, run as the `substitute_closure` example binary of
-//! nixb-binarycache, release build). Prints wall times, their ratio and peak RSS.
+//! nixb-binarycache, release build) and `nixb realise` (the engine: substitution goals and
+//! the built-in substituter's threads) at -j0 and -j4. Prints wall times, their ratio and
+//! peak RSS.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -255,9 +257,9 @@ pub fn run() -> Result<()> {
             ms(nix_t) / ms(best)
         );
     }
-    // The engine: SubstitutionGoals running `nixb substitute` children in build slots
-    // (max(1, max-jobs) at once, as the original and Nix 2.8), each hash verified by the
-    // worker. -j0 is what nix-store -r ran with above.
+    // The engine: SubstitutionGoals handing the cache to the built-in substituter's
+    // threads (substitution_jobs, not build slots, so -j0 runs them in parallel too).
+    // -j0 is what nix-store -r ran with above.
     for jobs in [0usize, 4] {
         let mut best = Duration::MAX;
         for _ in 0..2 {
