@@ -67,10 +67,14 @@ pub struct EventRenderer {
 
 impl EventRenderer {
     pub fn new(mode: RenderMode, dir: StoreDir) -> EventRenderer {
-        let tty = std::io::stderr().is_terminal() && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
+        let tty = std::io::stderr().is_terminal()
+            && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
         let bar = (mode == RenderMode::Human && tty && verbosity() >= 1).then(|| {
             let pb = ProgressBar::new_spinner();
-            pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            pb.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
             pb.enable_steady_tick(std::time::Duration::from_millis(120));
             pb
         });
@@ -118,9 +122,15 @@ impl EventRenderer {
 
     fn update_bar(&self) {
         if let Some(pb) = &self.bar {
-            let names: Vec<&str> = self.running.iter().map(|p| drv_name(p)).collect();
-            let total = self.planned.max(self.done + self.failed + self.running.len());
-            let failed = if self.failed > 0 { format!(", {} failed", self.failed) } else { String::new() };
+            let names: Vec<&str> = self.running.iter().map(drv_name).collect();
+            let total = self
+                .planned
+                .max(self.done + self.failed + self.running.len());
+            let failed = if self.failed > 0 {
+                format!(", {} failed", self.failed)
+            } else {
+                String::new()
+            };
             pb.set_message(format!(
                 "[{}/{} built{}] {}{}",
                 self.done,
@@ -177,7 +187,13 @@ fn kind_name(k: FailureKind) -> &'static str {
 impl EventSink for EventRenderer {
     fn event(&mut self, e: Event) {
         match e {
-            Event::BuildStarted { drv, outputs, platform, log_file, .. } => {
+            Event::BuildStarted {
+                drv,
+                outputs,
+                platform,
+                log_file,
+                ..
+            } => {
                 let d = self.dir.print(&drv);
                 match self.mode {
                     RenderMode::Json => self.json(serde_json::json!({
@@ -190,7 +206,9 @@ impl EventSink for EventRenderer {
                             self.say(&format!("building '{d}'..."));
                         }
                         if mode == RenderMode::Trace {
-                            let log = log_file.map(|p| p.display().to_string()).unwrap_or_default();
+                            let log = log_file
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default();
                             self.say(&format!("@ build-started {d} - {platform} {log}"));
                         }
                     }
@@ -219,13 +237,20 @@ impl EventSink for EventRenderer {
                 self.done += 1;
                 let d = self.dir.print(&drv);
                 match self.mode {
-                    RenderMode::Json => self.json(serde_json::json!({"event": "build-succeeded", "drv": d})),
+                    RenderMode::Json => {
+                        self.json(serde_json::json!({"event": "build-succeeded", "drv": d}))
+                    }
                     RenderMode::Trace => self.say(&format!("@ build-succeeded {d} -")),
                     RenderMode::Human => {}
                 }
                 self.update_bar();
             }
-            Event::BuildFailed { drv, kind, reason, permanent } => {
+            Event::BuildFailed {
+                drv,
+                kind,
+                reason,
+                permanent,
+            } => {
                 if let Some(rest) = self.partial.remove(&drv).filter(|r| !r.is_empty()) {
                     self.line(&drv, &rest);
                 }
@@ -258,7 +283,9 @@ impl EventSink for EventRenderer {
                     RenderMode::Json => self.json(serde_json::json!({
                         "event": "substituter-started", "path": p, "substituter": substituter,
                     })),
-                    RenderMode::Trace => self.say(&format!("@ substituter-started {p} {substituter}")),
+                    RenderMode::Trace => {
+                        self.say(&format!("@ substituter-started {p} {substituter}"))
+                    }
                     RenderMode::Human => {}
                 }
             }
@@ -287,12 +314,18 @@ impl EventSink for EventRenderer {
             Event::SubstituterSucceeded { path } => {
                 let p = self.dir.print(&path);
                 match self.mode {
-                    RenderMode::Json => self.json(serde_json::json!({"event": "substituter-succeeded", "path": p})),
+                    RenderMode::Json => {
+                        self.json(serde_json::json!({"event": "substituter-succeeded", "path": p}))
+                    }
                     RenderMode::Trace => self.say(&format!("@ substituter-succeeded {p}")),
                     RenderMode::Human => {}
                 }
             }
-            Event::SubstituterFailed { path, status, message } => {
+            Event::SubstituterFailed {
+                path,
+                status,
+                message,
+            } => {
                 let p = self.dir.print(&path);
                 match self.mode {
                     RenderMode::Json => self.json(serde_json::json!({
@@ -308,20 +341,28 @@ impl EventSink for EventRenderer {
                 })),
                 _ => self.say(&text),
             },
-            Event::HookFailed { drv, status, message } => {
+            Event::HookFailed {
+                drv,
+                status,
+                message,
+            } => {
                 let d = self.dir.print(&drv);
                 match self.mode {
                     RenderMode::Json => self.json(serde_json::json!({
                         "event": "hook-failed", "drv": d, "status": status, "message": message,
                     })),
-                    RenderMode::Trace => self.say(&format!("@ hook-failed {d} - {status} {message}")),
+                    RenderMode::Trace => {
+                        self.say(&format!("@ hook-failed {d} - {status} {message}"))
+                    }
                     RenderMode::Human => {}
                 }
             }
             Event::BuildPlanned { drv } => {
                 self.planned += 1;
                 if self.mode == RenderMode::Json {
-                    self.json(serde_json::json!({"event": "build-planned", "drv": self.dir.print(&drv)}));
+                    self.json(
+                        serde_json::json!({"event": "build-planned", "drv": self.dir.print(&drv)}),
+                    );
                 }
                 self.update_bar();
             }

@@ -165,9 +165,13 @@ impl Settings {
     /// Reads one configuration file (and what it includes).
     pub fn load_file(&mut self, file: &Path, depth: usize) -> Result<()> {
         if depth > 16 {
-            bail!("{}: includes nested too deeply (an include loop?)", file.display());
+            bail!(
+                "{}: includes nested too deeply (an include loop?)",
+                file.display()
+            );
         }
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         self.load_str(&text, file, depth)
     }
 
@@ -211,7 +215,12 @@ impl Settings {
             _ => (false, canonical),
         };
         let ctx = || format!("{origin}: setting '{name}'");
-        let list = || value.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        let list = || {
+            value
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
         let set_list = |target: &mut Vec<String>| {
             if append {
                 target.extend(list());
@@ -225,13 +234,18 @@ impl Settings {
                     "true" => SandboxMode::On,
                     "false" => SandboxMode::Off,
                     "relaxed" => SandboxMode::Relaxed,
-                    _ => bail!("{}: expected 'true', 'false' or 'relaxed', got '{value}'", ctx()),
+                    _ => bail!(
+                        "{}: expected 'true', 'false' or 'relaxed', got '{value}'",
+                        ctx()
+                    ),
                 }
             }
             "sandbox-paths" => set_list(&mut self.sandbox_paths),
             "max-jobs" => {
                 self.max_jobs = if value == "auto" {
-                    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
                 } else {
                     parse_num(value).with_context(ctx)?
                 }
@@ -247,24 +261,34 @@ impl Settings {
             "keep-failed" => self.keep_failed = parse_bool(value).with_context(ctx)?,
             "keep-going" => self.keep_going = parse_bool(value).with_context(ctx)?,
             "keep-build-log" => self.keep_build_log = parse_bool(value).with_context(ctx)?,
-            "compress-build-log" => self.compress_build_log = parse_bool(value).with_context(ctx)?,
+            "compress-build-log" => {
+                self.compress_build_log = parse_bool(value).with_context(ctx)?
+            }
             "cache-failure" => self.cache_failure = parse_bool(value).with_context(ctx)?,
             "build-poll-interval" => {
                 self.build_poll_interval = Duration::from_secs(parse_num(value).with_context(ctx)?)
             }
-            "auto-optimise-store" => self.auto_optimise_store = parse_bool(value).with_context(ctx)?,
+            "auto-optimise-store" => {
+                self.auto_optimise_store = parse_bool(value).with_context(ctx)?
+            }
             "substituters" => set_list(&mut self.substituters),
             "trusted-public-keys" => set_list(&mut self.trusted_public_keys),
             "require-sigs" => self.require_sigs = parse_bool(value).with_context(ctx)?,
-            "use-substitutes" | "substitute" => self.use_substitutes = parse_bool(value).with_context(ctx)?,
+            "use-substitutes" | "substitute" => {
+                self.use_substitutes = parse_bool(value).with_context(ctx)?
+            }
             "fallback" => self.fallback = parse_bool(value).with_context(ctx)?,
-            "impersonate-linux-26" => self.impersonate_linux_26 = parse_bool(value).with_context(ctx)?,
+            "impersonate-linux-26" => {
+                self.impersonate_linux_26 = parse_bool(value).with_context(ctx)?
+            }
             "system" => self.system = value.to_string(),
             "build-hook" => self.build_hook = (!value.is_empty()).then(|| value.to_string()),
             "builders" => set_list(&mut self.builders),
             "secret-key-files" => set_list(&mut self.secret_key_files),
             k if KNOWN_IGNORED.contains(&k) => {}
-            _ => self.warnings.push(format!("{origin}: unknown setting '{name}'")),
+            _ => self
+                .warnings
+                .push(format!("{origin}: unknown setting '{name}'")),
         }
         Ok(())
     }
@@ -286,7 +310,8 @@ fn parse_bool(v: &str) -> Result<bool> {
 }
 
 fn parse_num<T: std::str::FromStr>(v: &str) -> Result<T> {
-    v.parse().map_err(|_| anyhow::anyhow!("expected a non-negative integer, got '{v}'"))
+    v.parse()
+        .map_err(|_| anyhow::anyhow!("expected a non-negative integer, got '{v}'"))
 }
 
 /// Seconds, where 0 means "no limit".
@@ -307,7 +332,10 @@ mod tests {
 
     #[test]
     fn new_names_and_old_aliases_mean_the_same() {
-        let a = parse("sandbox = true\nmax-jobs = 4\nmax-silent-time = 30\nsandbox-paths = /bin/sh=/x /usr").unwrap();
+        let a = parse(
+            "sandbox = true\nmax-jobs = 4\nmax-silent-time = 30\nsandbox-paths = /bin/sh=/x /usr",
+        )
+        .unwrap();
         let b = parse("build-use-chroot = true\nbuild-max-jobs = 4\nbuild-max-silent-time = 30\nbuild-chroot-dirs = /bin/sh=/x /usr").unwrap();
         for s in [&a, &b] {
             assert_eq!(s.sandbox, SandboxMode::On);
@@ -358,6 +386,8 @@ mod tests {
         assert_eq!(s.cores, 3);
         assert!(s.keep_going);
         std::fs::write(dir.path().join("nix.conf"), "include missing.conf\n").unwrap();
-        assert!(Settings::default().load_file(&dir.path().join("nix.conf"), 0).is_err());
+        assert!(Settings::default()
+            .load_file(&dir.path().join("nix.conf"), 0)
+            .is_err());
     }
 }

@@ -51,7 +51,10 @@ fn add() -> Result<u8> {
     // Either { "/nix/store/…drv": {…} , …} or a bare derivation object.
     let entries: Vec<(Option<String>, Value)> = match &value {
         Value::Object(m) if m.contains_key("outputs") => vec![(None, value.clone())],
-        Value::Object(m) => m.iter().map(|(k, v)| (Some(k.clone()), v.clone())).collect(),
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| (Some(k.clone()), v.clone()))
+            .collect(),
         _ => bail!("derivation JSON on stdin: expected an object"),
     };
     if entries.is_empty() {
@@ -64,7 +67,9 @@ fn add() -> Result<u8> {
         let mut resolve = |p: &nixb_store::StorePath| Derivation::read(&dir, &dir.to_path(p));
         nixb_store::derivation::compute_output_paths(&dir, &mut drv, &mut resolve, &mut cache)
             .with_context(|| format!("computing output paths of {origin}"))?;
-        let path = store.add_derivation(&drv).with_context(|| format!("adding {origin}"))?;
+        let path = store
+            .add_derivation(&drv)
+            .with_context(|| format!("adding {origin}"))?;
         let printed = dir.print(&path);
         if let Some(k) = key {
             if k != printed {

@@ -30,7 +30,8 @@ pub struct HashArgs {
 }
 
 fn parse_algo(s: &str) -> Result<HashAlgo, String> {
-    s.parse().map_err(|e: nixb_store::hash::HashError| e.to_string())
+    s.parse()
+        .map_err(|e: nixb_store::hash::HashError| e.to_string())
 }
 
 impl HashFormat {

@@ -19,12 +19,17 @@ pub fn run(args: LogArgs) -> Result<u8> {
         let info = store
             .query_path_info(&p)?
             .with_context(|| format!("path '{}' is not valid", dir.print(&p)))?;
-        p = info
-            .deriver
-            .with_context(|| format!("path '{}' has no known deriver, so no build log", dir.print(&p)))?;
+        p = info.deriver.with_context(|| {
+            format!(
+                "path '{}' has no known deriver, so no build log",
+                dir.print(&p)
+            )
+        })?;
     }
     let log = nixb_logs::read_log(&store.config().log_dir, p.base_name())
         .with_context(|| format!("reading the build log of {}", dir.print(&p)))?;
-    std::io::stdout().write_all(&log).context("writing the log to stdout")?;
+    std::io::stdout()
+        .write_all(&log)
+        .context("writing the log to stdout")?;
     Ok(0)
 }

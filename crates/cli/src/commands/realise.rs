@@ -118,7 +118,11 @@ fn apply_flags(s: &mut Settings, a: &RealiseArgs) -> Result<()> {
 }
 
 /// Maps the settings the worker cares about onto its own config struct.
-fn worker_config(s: &Settings, store: &nixb_store::local_store::LocalStore, a: &RealiseArgs) -> WorkerConfig {
+fn worker_config(
+    s: &Settings,
+    store: &nixb_store::local_store::LocalStore,
+    a: &RealiseArgs,
+) -> WorkerConfig {
     let mut cfg = settings_worker_config(s, store);
     cfg.build_mode = if a.check {
         BuildMode::Check
@@ -131,11 +135,16 @@ fn worker_config(s: &Settings, store: &nixb_store::local_store::LocalStore, a: &
 }
 
 /// The worker config of the settings alone (`nixb serve` builds with it too).
-pub fn settings_worker_config(s: &Settings, store: &nixb_store::local_store::LocalStore) -> WorkerConfig {
+pub fn settings_worker_config(
+    s: &Settings,
+    store: &nixb_store::local_store::LocalStore,
+) -> WorkerConfig {
     let mut cfg = WorkerConfig::new(store.config().log_dir.clone());
     cfg.max_jobs = s.max_jobs;
     cfg.cores = if s.cores == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         s.cores
     };
@@ -167,7 +176,10 @@ pub fn settings_worker_config(s: &Settings, store: &nixb_store::local_store::Loc
         Err(e) => {
             // Fail closed: with no trusted key, every signed path is refused too.
             crate::render::warn(&format!("{e:#}; no binary cache path will be trusted"));
-            nixb_binarycache::CacheOptions { require_sigs: true, ..Default::default() }
+            nixb_binarycache::CacheOptions {
+                require_sigs: true,
+                ..Default::default()
+            }
         }
     };
     // The built-in substituter's threads: at least as many as builds may run.
@@ -204,12 +216,16 @@ fn substituters(s: &Settings) -> Vec<Substituter> {
 /// `build-hook` (or NIX_BUILD_HOOK, as the original); otherwise `nixb build-remote` when
 /// `builders` names machines; otherwise none.
 fn hook_command(s: &Settings) -> Option<HookCommand> {
-    let explicit = s
-        .build_hook
-        .clone()
-        .or_else(|| std::env::var("NIX_BUILD_HOOK").ok().filter(|h| !h.is_empty()));
+    let explicit = s.build_hook.clone().or_else(|| {
+        std::env::var("NIX_BUILD_HOOK")
+            .ok()
+            .filter(|h| !h.is_empty())
+    });
     if let Some(h) = explicit {
-        return Some(HookCommand { program: h.into(), args: Vec::new() });
+        return Some(HookCommand {
+            program: h.into(),
+            args: Vec::new(),
+        });
     }
     if s.builders.is_empty() {
         return None;

@@ -16,7 +16,10 @@ pub fn run(args: VerifyArgs) -> Result<u8> {
     let report = store.verify(args.check_contents)?;
     let mut problems = Vec::new();
     for p in &report.missing {
-        problems.push(format!("path '{}' is registered as valid but missing", dir.print(p)));
+        problems.push(format!(
+            "path '{}' is registered as valid but missing",
+            dir.print(p)
+        ));
     }
     for (p, db, actual) in &report.hash_mismatches {
         problems.push(format!(
@@ -27,10 +30,17 @@ pub fn run(args: VerifyArgs) -> Result<u8> {
         ));
     }
     for (p, db, actual) in &report.size_mismatches {
-        problems.push(format!("path '{}' has NAR size {actual}, but {db} is registered", dir.print(p)));
+        problems.push(format!(
+            "path '{}' has NAR size {actual}, but {db} is registered",
+            dir.print(p)
+        ));
     }
     for (p, r) in &report.broken_references {
-        problems.push(format!("path '{}' refers to '{}', which is not valid", dir.print(p), dir.print(r)));
+        problems.push(format!(
+            "path '{}' refers to '{}', which is not valid",
+            dir.print(p),
+            dir.print(r)
+        ));
     }
     for (row, why) in &report.unreadable {
         problems.push(format!("database row '{row}' is unreadable: {why}"));
@@ -39,7 +49,10 @@ pub fn run(args: VerifyArgs) -> Result<u8> {
         eprintln!("error: {p}");
     }
     if problems.is_empty() {
-        crate::render::info(&format!("{} valid paths checked, no problems", report.checked));
+        crate::render::info(&format!(
+            "{} valid paths checked, no problems",
+            report.checked
+        ));
         Ok(0)
     } else {
         eprintln!("error: {} problem(s) found in the store", problems.len());
