@@ -12,5 +12,14 @@ pub fn run(_args: &[String]) -> Result<()> {
     if !status.success() {
         bail!("cargo test failed");
     }
+    // xtask's own unit tests (cpio writer, kernel extraction, exit marker): a separate
+    // harness binary, so building it does not replace the running xtask.
+    let status = Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["test", "-p", "xtask", "--bins"])
+        .status()?;
+    if !status.success() {
+        bail!("cargo test -p xtask failed");
+    }
     crate::vm::run(&[])
 }
