@@ -69,7 +69,15 @@ pub fn build_nixb(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> 
 pub fn build_nixb_release(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let status = std::process::Command::new(env!("CARGO"))
         .current_dir(root)
-        .args(["build", "--quiet", "--release", "-p", "nixb-cli", "--bin", "nixb"])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "nixb-cli",
+            "--bin",
+            "nixb",
+        ])
         .status()?;
     if !status.success() {
         anyhow::bail!("building nixb (release) failed");

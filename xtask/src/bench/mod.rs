@@ -3,14 +3,19 @@
 
 mod engine;
 mod sandbox;
-mod substitute;
 mod store;
+mod substitute;
 
 use anyhow::{bail, Result};
 
 type Group = (&'static str, fn() -> Result<()>);
 
-const GROUPS: &[Group] = &[("engine", engine::run), ("sandbox", sandbox::run), ("store", store::run), ("substitute", substitute::run)];
+const GROUPS: &[Group] = &[
+    ("engine", engine::run),
+    ("sandbox", sandbox::run),
+    ("store", store::run),
+    ("substitute", substitute::run),
+];
 
 pub fn run(args: &[String]) -> Result<()> {
     for a in args {
