@@ -51,7 +51,10 @@ pub enum HashError {
         len: usize,
     },
     #[error("hash '{hash}' is not valid {encoding}")]
-    BadDigits { hash: String, encoding: &'static str },
+    BadDigits {
+        hash: String,
+        encoding: &'static str,
+    },
     #[error("hash '{hash}' says {found} but {expected} was expected")]
     AlgoMismatch {
         hash: String,
@@ -61,7 +64,12 @@ pub enum HashError {
 }
 
 impl HashAlgo {
-    pub const ALL: [HashAlgo; 4] = [HashAlgo::Md5, HashAlgo::Sha1, HashAlgo::Sha256, HashAlgo::Sha512];
+    pub const ALL: [HashAlgo; 4] = [
+        HashAlgo::Md5,
+        HashAlgo::Sha1,
+        HashAlgo::Sha256,
+        HashAlgo::Sha512,
+    ];
 
     /// Digest size in bytes.
     pub const fn size(self) -> usize {
@@ -149,7 +157,11 @@ impl Hash {
             Encoding::Base16 => data_encoding::HEXLOWER.encode(&self.bytes),
             Encoding::Base32 => nix_base32::to_nix_base32(&self.bytes),
             Encoding::Base64 => data_encoding::BASE64.encode(&self.bytes),
-            Encoding::Sri => format!("{}-{}", self.algo, data_encoding::BASE64.encode(&self.bytes)),
+            Encoding::Sri => format!(
+                "{}-{}",
+                self.algo,
+                data_encoding::BASE64.encode(&self.bytes)
+            ),
         }
     }
 
@@ -185,7 +197,10 @@ impl Hash {
     fn parse_inner(s: &str, want: Option<HashAlgo>) -> Result<Hash, HashError> {
         let (algo, digits, sri) = if let Some((a, rest)) = s.split_once(':') {
             (a.parse::<HashAlgo>()?, rest, false)
-        } else if let Some((a, rest)) = s.split_once('-').filter(|(a, _)| a.parse::<HashAlgo>().is_ok()) {
+        } else if let Some((a, rest)) = s
+            .split_once('-')
+            .filter(|(a, _)| a.parse::<HashAlgo>().is_ok())
+        {
             (a.parse::<HashAlgo>()?, rest, true)
         } else {
             match want {
@@ -208,7 +223,9 @@ impl Hash {
         };
         let len = digits.len();
         let bytes = if sri {
-            let b = data_encoding::BASE64.decode(digits.as_bytes()).map_err(|_| bad("base64"))?;
+            let b = data_encoding::BASE64
+                .decode(digits.as_bytes())
+                .map_err(|_| bad("base64"))?;
             if b.len() != algo.size() {
                 return Err(HashError::BadLength {
                     hash: s.to_string(),
@@ -229,7 +246,9 @@ impl Hash {
             }
             b
         } else if len == algo.encoded_len(Encoding::Base64) {
-            data_encoding::BASE64.decode(digits.as_bytes()).map_err(|_| bad("base64"))?
+            data_encoding::BASE64
+                .decode(digits.as_bytes())
+                .map_err(|_| bad("base64"))?
         } else {
             return Err(HashError::BadLength {
                 hash: s.to_string(),
@@ -345,28 +364,48 @@ mod tests {
     fn every_encoding_parses_back() {
         for algo in HashAlgo::ALL {
             let h = Hash::digest(algo, "hello");
-            for enc in [Encoding::Base16, Encoding::Base32, Encoding::Base64, Encoding::Sri] {
+            for enc in [
+                Encoding::Base16,
+                Encoding::Base32,
+                Encoding::Base64,
+                Encoding::Sri,
+            ] {
                 let s = h.to_typed(enc);
                 assert_eq!(Hash::parse_typed(&s).unwrap(), h, "{s}");
-                assert_eq!(h.encode(enc).len(), if enc == Encoding::Sri {
-                    algo.name().len() + 1 + algo.encoded_len(enc)
-                } else {
-                    algo.encoded_len(enc)
-                });
+                assert_eq!(
+                    h.encode(enc).len(),
+                    if enc == Encoding::Sri {
+                        algo.name().len() + 1 + algo.encoded_len(enc)
+                    } else {
+                        algo.encoded_len(enc)
+                    }
+                );
             }
         }
     }
 
     #[test]
     fn errors_name_the_problem() {
-        assert!(matches!(Hash::parse_typed("sha256:abc"), Err(HashError::BadLength { .. })));
-        assert!(matches!(Hash::parse_typed("whirlpool:abc"), Err(HashError::UnknownAlgo(_))));
-        assert!(matches!(Hash::parse_typed(ABC_SHA256), Err(HashError::MissingAlgo(_))));
+        assert!(matches!(
+            Hash::parse_typed("sha256:abc"),
+            Err(HashError::BadLength { .. })
+        ));
+        assert!(matches!(
+            Hash::parse_typed("whirlpool:abc"),
+            Err(HashError::UnknownAlgo(_))
+        ));
+        assert!(matches!(
+            Hash::parse_typed(ABC_SHA256),
+            Err(HashError::MissingAlgo(_))
+        ));
         assert!(matches!(
             Hash::parse_with_algo(&format!("md5:{ABC_MD5}"), HashAlgo::Sha256),
             Err(HashError::AlgoMismatch { .. })
         ));
         let bad32 = format!("sha256:{}", "e".repeat(52));
-        assert!(matches!(Hash::parse_typed(&bad32), Err(HashError::BadDigits { .. })));
+        assert!(matches!(
+            Hash::parse_typed(&bad32),
+            Err(HashError::BadDigits { .. })
+        ));
     }
 }

@@ -47,7 +47,9 @@ pub fn validate_name(name: &str) -> Result<(), PathError> {
         return Err(bad("name is empty".into()));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(bad(format!("name is longer than {MAX_NAME_LEN} characters")));
+        return Err(bad(format!(
+            "name is longer than {MAX_NAME_LEN} characters"
+        )));
     }
     if name.starts_with('.') {
         return Err(bad("name must not begin with a period".into()));
@@ -199,7 +201,12 @@ impl StoreDir {
 
     /// `makeStorePath`: the store path whose fingerprint is
     /// `<ty>:sha256:<hex of inner>:<store dir>:<name>`.
-    pub fn make_store_path(&self, ty: &str, inner: &Hash, name: &str) -> Result<StorePath, PathError> {
+    pub fn make_store_path(
+        &self,
+        ty: &str,
+        inner: &Hash,
+        name: &str,
+    ) -> Result<StorePath, PathError> {
         validate_name(name)?;
         let fingerprint = format!("{ty}:{}:{}:{}:{name}", inner.algo(), inner.to_hex(), self.0);
         let digest = Hash::digest(HashAlgo::Sha256, fingerprint.as_bytes());
@@ -212,7 +219,12 @@ impl StoreDir {
     /// The path of an input-addressed output `output` of a derivation whose
     /// `hashDerivationModulo` is `drv_hash`. Outputs other than `out` get `-<output>`
     /// appended to the name.
-    pub fn make_output_path(&self, output: &str, drv_hash: &Hash, drv_name: &str) -> Result<StorePath, PathError> {
+    pub fn make_output_path(
+        &self,
+        output: &str,
+        drv_hash: &Hash,
+        drv_name: &str,
+    ) -> Result<StorePath, PathError> {
         let name = output_path_name(drv_name, output);
         self.make_store_path(&format!("output:{output}"), drv_hash, &name)
     }
@@ -226,7 +238,11 @@ impl StoreDir {
         references: impl IntoIterator<Item = &'a StorePath>,
     ) -> Result<StorePath, PathError> {
         let inner = Hash::digest(HashAlgo::Sha256, contents);
-        self.make_store_path(&self.type_with_refs("text", references, false), &inner, name)
+        self.make_store_path(
+            &self.type_with_refs("text", references, false),
+            &inner,
+            name,
+        )
     }
 
     /// Where `nix-store --add` puts a path whose NAR sha256 is `nar_hash`.
@@ -237,7 +253,11 @@ impl StoreDir {
         references: impl IntoIterator<Item = &'a StorePath>,
         self_reference: bool,
     ) -> Result<StorePath, PathError> {
-        self.make_store_path(&self.type_with_refs("source", references, self_reference), nar_hash, name)
+        self.make_store_path(
+            &self.type_with_refs("source", references, self_reference),
+            nar_hash,
+            name,
+        )
     }
 
     /// `makeFixedOutputPath`: recursive sha256 outputs share the layout of source paths;
@@ -298,7 +318,10 @@ pub fn output_path_name(drv_name: &str, output: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DerivedPath {
     Opaque(StorePath),
-    Built { drv: StorePath, outputs: Vec<String> },
+    Built {
+        drv: StorePath,
+        outputs: Vec<String>,
+    },
 }
 
 impl DerivedPath {
@@ -356,11 +379,19 @@ mod tests {
         let p = sd.parse(good).unwrap();
         assert_eq!(p.name(), "net-tools-1.60_p20170221182432");
         assert_eq!(sd.print(&p), good);
-        assert!(sd.parse("/nix/store2/00bgd045z0d4icpbc2yyz4gx48ak44la-x").is_err());
-        assert!(sd.parse("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-x/bin").is_err());
-        assert!(sd.parse("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44le-x").is_err()); // 'e'
+        assert!(sd
+            .parse("/nix/store2/00bgd045z0d4icpbc2yyz4gx48ak44la-x")
+            .is_err());
+        assert!(sd
+            .parse("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-x/bin")
+            .is_err());
+        assert!(sd
+            .parse("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44le-x")
+            .is_err()); // 'e'
         assert_eq!(
-            sd.parse_prefix("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-x/bin/x").unwrap().name(),
+            sd.parse_prefix("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-x/bin/x")
+                .unwrap()
+                .name(),
             "x"
         );
         assert!(StoreDir::new("relative").is_err());
@@ -375,7 +406,9 @@ mod tests {
             DerivedPath::Built { outputs, .. } => assert_eq!(outputs, ["out", "dev"]),
             x => panic!("{x:?}"),
         }
-        assert!(matches!(DerivedPath::parse(&sd, d).unwrap(), DerivedPath::Built { outputs, .. } if outputs.is_empty()));
+        assert!(
+            matches!(DerivedPath::parse(&sd, d).unwrap(), DerivedPath::Built { outputs, .. } if outputs.is_empty())
+        );
         assert!(DerivedPath::parse(&sd, &format!("{d}!")).is_err());
     }
 }
