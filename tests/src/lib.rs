@@ -101,15 +101,24 @@ pub fn run_ok(cmd: &mut Command, stdin: Option<&[u8]>) -> Vec<u8> {
 
 /// Runs `cmd` and returns its trimmed stdout as a string, asserting success.
 pub fn run_str(cmd: &mut Command, stdin: Option<&[u8]>) -> String {
-    String::from_utf8(run_ok(cmd, stdin)).unwrap().trim().to_string()
+    String::from_utf8(run_ok(cmd, stdin))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 pub fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Output {
     use std::io::Write;
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     if let Some(data) = stdin {
         let mut w = child.stdin.take().unwrap();
         let data = data.to_vec();

@@ -11,7 +11,11 @@ fn make_tree(t: &TestStore) -> std::path::PathBuf {
     std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
     std::fs::write(root.join("a file"), "hello\n").unwrap();
     std::fs::write(root.join("sub/run.sh"), "#!/bin/sh\necho hi\n").unwrap();
-    std::fs::set_permissions(root.join("sub/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        root.join("sub/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::write(root.join("sub/deeper/empty"), "").unwrap();
     std::os::unix::fs::symlink("../a file", root.join("sub/link")).unwrap();
     std::os::unix::fs::symlink("/does/not/exist", root.join("dangling")).unwrap();
@@ -27,7 +31,12 @@ fn dump_is_byte_identical_to_nix_store_dump() {
     let tree = make_tree(&t);
     let ours = run_ok(t.nixb().arg("dump").arg(&tree), None);
     let theirs = run_ok(t.nix("nix-store").arg("--dump").arg(&tree), None);
-    assert!(ours == theirs, "nixb dump differs from nix-store --dump ({} vs {} bytes)", ours.len(), theirs.len());
+    assert!(
+        ours == theirs,
+        "nixb dump differs from nix-store --dump ({} vs {} bytes)",
+        ours.len(),
+        theirs.len()
+    );
     // And it restores to a tree that dumps the same.
     let dest = t.root.path().join("restored");
     run_ok(t.nixb().arg("restore").arg(&dest), Some(&theirs));
@@ -41,16 +50,34 @@ fn hash_path_agrees_with_nix_hash_path_in_every_encoding() {
     }
     let t = TestStore::new();
     let tree = make_tree(&t);
-    for (flag, nixflag) in [("--sri", "--sri"), ("--base32", "--base32"), ("--base16", "--base16"), ("--base64", "--base64")] {
+    for (flag, nixflag) in [
+        ("--sri", "--sri"),
+        ("--base32", "--base32"),
+        ("--base16", "--base16"),
+        ("--base64", "--base64"),
+    ] {
         for algo in ["sha256", "sha1", "sha512", "md5"] {
-            let ours = run_str(t.nixb().args(["hash", "path", "--type", algo, flag]).arg(&tree), None);
-            let theirs = run_str(t.nix("nix").args(["hash", "path", "--type", algo, nixflag]).arg(&tree), None);
+            let ours = run_str(
+                t.nixb()
+                    .args(["hash", "path", "--type", algo, flag])
+                    .arg(&tree),
+                None,
+            );
+            let theirs = run_str(
+                t.nix("nix")
+                    .args(["hash", "path", "--type", algo, nixflag])
+                    .arg(&tree),
+                None,
+            );
             assert_eq!(ours, theirs, "{algo} {flag}");
         }
     }
     let file = tree.join("a file");
     let ours = run_str(t.nixb().args(["hash", "file", "--base32"]).arg(&file), None);
-    let theirs = run_str(t.nix("nix").args(["hash", "file", "--base32"]).arg(&file), None);
+    let theirs = run_str(
+        t.nix("nix").args(["hash", "file", "--base32"]).arg(&file),
+        None,
+    );
     assert_eq!(ours, theirs);
 }
 
@@ -72,15 +99,33 @@ fn add_gives_the_path_nix_store_add_gives_and_nix_accepts_it() {
         let base = |p: &str| p.rsplit('/').next().unwrap().to_string();
         assert_ne!(base(&ours), "");
         let theirs_in_ours = run_str(ours_store.nix("nix-store").arg("--add").arg(src), None);
-        assert_eq!(ours, theirs_in_ours, "nix-store --add into the same store gives another path");
+        assert_eq!(
+            ours, theirs_in_ours,
+            "nix-store --add into the same store gives another path"
+        );
         assert_eq!(base(&ours).len(), base(&theirs).len());
         // Real Nix reads what nixb registered.
-        let h = run_str(ours_store.nix("nix-store").args(["-q", "--hash"]).arg(&ours), None);
+        let h = run_str(
+            ours_store
+                .nix("nix-store")
+                .args(["-q", "--hash"])
+                .arg(&ours),
+            None,
+        );
         let h_ours = run_str(ours_store.nixb().args(["query", "--hash"]).arg(&ours), None);
         assert_eq!(h, h_ours);
     }
-    let verify = run(ours_store.nix("nix-store").args(["--verify", "--check-contents"]), None);
-    assert!(verify.status.success(), "nix-store --verify failed: {}", String::from_utf8_lossy(&verify.stderr));
+    let verify = run(
+        ours_store
+            .nix("nix-store")
+            .args(["--verify", "--check-contents"]),
+        None,
+    );
+    assert!(
+        verify.status.success(),
+        "nix-store --verify failed: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
     assert!(
         !String::from_utf8_lossy(&verify.stderr).contains("error"),
         "nix-store --verify complained: {}",
@@ -118,46 +163,97 @@ fn derivation_add_from_nix_json_reproduces_nix_instantiate() {
     let expr = nix_side.file("top.nix", NIX_EXPR);
     let drv = run_str(nix_side.nix("nix-instantiate").arg(&expr), None);
     let drv = drv.lines().last().unwrap().to_string();
-    let json = run_ok(nix_side.nix("nix").args(["show-derivation", "-r"]).arg(&drv), None);
+    let json = run_ok(
+        nix_side
+            .nix("nix")
+            .args(["show-derivation", "-r"])
+            .arg(&drv),
+        None,
+    );
     let all: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&json).unwrap();
 
     // Let real Nix forget the derivations (the toFile source stays valid), then have nixb
     // add each one again (dependencies first) from Nix's JSON.
-    let expected: std::collections::BTreeMap<String, Vec<u8>> =
-        all.keys().map(|k| (k.clone(), std::fs::read(k).unwrap())).collect();
-    run_ok(nix_side.nix("nix-store").arg("--delete").args(all.keys()), None);
+    let expected: std::collections::BTreeMap<String, Vec<u8>> = all
+        .keys()
+        .map(|k| (k.clone(), std::fs::read(k).unwrap()))
+        .collect();
+    run_ok(
+        nix_side.nix("nix-store").arg("--delete").args(all.keys()),
+        None,
+    );
     for k in all.keys() {
-        assert!(!std::path::Path::new(k).exists(), "{k} survived nix-store --delete");
+        assert!(
+            !std::path::Path::new(k).exists(),
+            "{k} survived nix-store --delete"
+        );
     }
     let mut order: Vec<&String> = all.keys().collect();
     order.sort_by_key(|k| !k.ends_with("-dep.drv")); // dep before top
     for key in order {
         let expected_bytes = &expected[key];
         let one = serde_json::json!({ key.clone(): all[key].clone() });
-        let printed = run_str(nix_side.nixb().args(["derivation", "add"]), Some(one.to_string().as_bytes()));
-        assert_eq!(&printed, key, "nixb derivation add gives another path than nix-instantiate");
-        assert!(&std::fs::read(key).unwrap() == expected_bytes, "{key}: bytes differ from nix-instantiate's");
+        let printed = run_str(
+            nix_side.nixb().args(["derivation", "add"]),
+            Some(one.to_string().as_bytes()),
+        );
+        assert_eq!(
+            &printed, key,
+            "nixb derivation add gives another path than nix-instantiate"
+        );
+        assert!(
+            &std::fs::read(key).unwrap() == expected_bytes,
+            "{key}: bytes differ from nix-instantiate's"
+        );
         let shown = run_ok(nix_side.nixb().args(["derivation", "show"]).arg(key), None);
         let shown: serde_json::Value = serde_json::from_slice(&shown).unwrap();
-        assert_eq!(shown[key.as_str()], all[key], "nixb derivation show differs from nix show-derivation");
+        assert_eq!(
+            shown[key.as_str()],
+            all[key],
+            "nixb derivation show differs from nix show-derivation"
+        );
     }
     // Real Nix still sees a consistent store and the drv's outputs through nixb.
     let ours = run_str(nix_side.nixb().args(["query", "--outputs"]).arg(&drv), None);
-    let theirs = run_str(nix_side.nix("nix-store").args(["-q", "--outputs"]).arg(&drv), None);
+    let theirs = run_str(
+        nix_side
+            .nix("nix-store")
+            .args(["-q", "--outputs"])
+            .arg(&drv),
+        None,
+    );
     let mut a: Vec<_> = ours.lines().collect();
     let mut b: Vec<_> = theirs.lines().collect();
     a.sort();
     b.sort();
     assert_eq!(a, b);
-    let refs = run_str(nix_side.nix("nix-store").args(["-q", "--references"]).arg(&drv), None);
-    let refs_ours = run_str(nix_side.nixb().args(["query", "--references"]).arg(&drv), None);
+    let refs = run_str(
+        nix_side
+            .nix("nix-store")
+            .args(["-q", "--references"])
+            .arg(&drv),
+        None,
+    );
+    let refs_ours = run_str(
+        nix_side.nixb().args(["query", "--references"]).arg(&drv),
+        None,
+    );
     let mut a: Vec<_> = refs.lines().collect();
     let mut b: Vec<_> = refs_ours.lines().collect();
     a.sort();
     b.sort();
     assert_eq!(a, b);
-    let verify = run(nix_side.nix("nix-store").args(["--verify", "--check-contents"]), None);
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let verify = run(
+        nix_side
+            .nix("nix-store")
+            .args(["--verify", "--check-contents"]),
+        None,
+    );
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }
 
 #[test]
@@ -168,19 +264,32 @@ fn nixb_reads_what_real_nix_registered() {
     let t = TestStore::new();
     let tree = make_tree(&t);
     let p = run_str(t.nix("nix-store").arg("--add").arg(&tree), None);
-    for q in ["--hash", "--size", "--references", "--requisites", "--deriver"] {
+    for q in [
+        "--hash",
+        "--size",
+        "--references",
+        "--requisites",
+        "--deriver",
+    ] {
         let ours = run_str(t.nixb().args(["query", q]).arg(&p), None);
         let theirs = run_str(t.nix("nix-store").args(["-q", q]).arg(&p), None);
         assert_eq!(ours, theirs, "query {q}");
     }
     let ok = run(t.nixb().args(["verify", "--check-contents"]), None);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
 
 #[test]
 fn errors_are_clear_and_exit_1() {
     let t = TestStore::new();
-    let out = run(t.nixb().args(["query", "--hash", "/not/in/the/store"]), None);
+    let out = run(
+        t.nixb().args(["query", "--hash", "/not/in/the/store"]),
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: "), "{err}");

@@ -24,7 +24,10 @@ fn add_drv(t: &TestStore, name: &str, script: &str, extra_env: &[(&str, &str)]) 
         "args": ["-c", script],
         "env": env,
     });
-    run_str(t.nixb().args(["derivation", "add"]), Some(drv.to_string().as_bytes()))
+    run_str(
+        t.nixb().args(["derivation", "add"]),
+        Some(drv.to_string().as_bytes()),
+    )
 }
 
 fn system() -> String {
@@ -34,30 +37,74 @@ fn system() -> String {
 #[test]
 fn success_prints_outputs_and_trace_lines() {
     let t = TestStore::new();
-    let drv = add_drv(&t, "ok", "echo hello from the builder; echo done > $out", &[]);
-    let out = run(t.nixb().args(["realise", "--print-build-trace", &drv]), None);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let drv = add_drv(
+        &t,
+        "ok",
+        "echo hello from the builder; echo done > $out",
+        &[],
+    );
+    let out = run(
+        t.nixb().args(["realise", "--print-build-trace", &drv]),
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let outpath = stdout.trim();
-    assert!(outpath.starts_with(&t.store_dir().display().to_string()), "{stdout}");
+    assert!(
+        outpath.starts_with(&t.store_dir().display().to_string()),
+        "{stdout}"
+    );
     assert_eq!(std::fs::read_to_string(outpath).unwrap(), "done\n");
     // The original's trace format: `@ build-started DRV - PLATFORM LOGFILE`, `@ build-succeeded DRV -`.
-    let started = stderr.lines().find(|l| l.starts_with("@ build-started ")).unwrap_or_else(|| panic!("{stderr}"));
+    let started = stderr
+        .lines()
+        .find(|l| l.starts_with("@ build-started "))
+        .unwrap_or_else(|| panic!("{stderr}"));
     let words: Vec<&str> = started.split(' ').collect();
-    assert_eq!(&words[..5], ["@", "build-started", drv.as_str(), "-", system().as_str()], "{started}");
-    assert!(words[5].starts_with(&t.log_dir().display().to_string()), "{started}");
-    assert!(stderr.contains(&format!("@ build-succeeded {drv} -")), "{stderr}");
-    assert!(stderr.contains("hello from the builder"), "build output echoed: {stderr}");
+    assert_eq!(
+        &words[..5],
+        ["@", "build-started", drv.as_str(), "-", system().as_str()],
+        "{started}"
+    );
+    assert!(
+        words[5].starts_with(&t.log_dir().display().to_string()),
+        "{started}"
+    );
+    assert!(
+        stderr.contains(&format!("@ build-succeeded {drv} -")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("hello from the builder"),
+        "build output echoed: {stderr}"
+    );
     // A relative path to the .drv works too (resolved as Nix does).
     let rel = format!("store/{}", drv.rsplit('/').next().unwrap());
-    let by_rel = run_str(t.nixb().args(["realise", &rel]).current_dir(t.root.path()), None);
+    let by_rel = run_str(
+        t.nixb().args(["realise", &rel]).current_dir(t.root.path()),
+        None,
+    );
     assert_eq!(by_rel, outpath);
     // `nixb log` by drv and by output path.
-    assert_eq!(run_str(t.nixb().args(["log", &drv]), None), "hello from the builder");
-    assert_eq!(run_str(t.nixb().args(["log", outpath]), None), "hello from the builder");
+    assert_eq!(
+        run_str(t.nixb().args(["log", &drv]), None),
+        "hello from the builder"
+    );
+    assert_eq!(
+        run_str(t.nixb().args(["log", outpath]), None),
+        "hello from the builder"
+    );
     // A second realise is a no-op that prints the same path.
-    let again = run(t.nixb().args(["realise", "--print-build-trace", &drv]), None);
+    let again = run(
+        t.nixb().args(["realise", "--print-build-trace", &drv]),
+        None,
+    );
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), outpath);
     assert!(!String::from_utf8_lossy(&again.stderr).contains("@ build-started"));
 }
@@ -66,12 +113,21 @@ fn success_prints_outputs_and_trace_lines() {
 fn failure_exits_100_with_trace_and_json() {
     let t = TestStore::new();
     let drv = add_drv(&t, "bad", "echo about to fail; exit 3", &[]);
-    let out = run(t.nixb().args(["realise", "--print-build-trace", &drv]), None);
+    let out = run(
+        t.nixb().args(["realise", "--print-build-trace", &drv]),
+        None,
+    );
     assert_eq!(out.status.code(), Some(100));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("@ build-failed {drv} - 1 ")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("@ build-failed {drv} - 1 ")),
+        "{stderr}"
+    );
     assert!(stderr.contains("about to fail"), "{stderr}");
-    assert!(out.stdout.is_empty(), "no output path printed for a failed build");
+    assert!(
+        out.stdout.is_empty(),
+        "no output path printed for a failed build"
+    );
 
     let out = run(t.nixb().args(["realise", "--json", &drv]), None);
     assert_eq!(out.status.code(), Some(100));
@@ -84,10 +140,15 @@ fn failure_exits_100_with_trace_and_json() {
     assert!(kinds.contains(&"build-planned"), "{kinds:?}");
     assert!(kinds.contains(&"build-started"), "{kinds:?}");
     assert!(kinds.contains(&"build-failed"), "{kinds:?}");
-    let failed = events.iter().find(|e| e["event"] == "build-failed").unwrap();
+    let failed = events
+        .iter()
+        .find(|e| e["event"] == "build-failed")
+        .unwrap();
     assert_eq!(failed["drv"], json!(drv));
     assert_eq!(failed["kind"], json!("builder-failed"));
-    assert!(events.iter().any(|e| e["event"] == "log" && e["line"] == "about to fail"));
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "log" && e["line"] == "about to fail"));
 }
 
 #[test]
@@ -97,14 +158,35 @@ fn timeouts_from_flags_options_and_nix_conf_exit_101() {
     let drv = add_drv(&t, "silent", "/bin/sleep 30; echo > $out", &[]);
     let start = std::time::Instant::now();
     let out = run(t.nixb().args(["realise", &drv]), None);
-    assert_eq!(out.status.code(), Some(101), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(start.elapsed() < std::time::Duration::from_secs(20), "the builder was not killed");
+    assert_eq!(
+        out.status.code(),
+        Some(101),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(20),
+        "the builder was not killed"
+    );
 
     // From --option and from the flag.
     let t = TestStore::new();
-    let drv = add_drv(&t, "slow", "while true; do echo tick; /bin/sleep 0.2; done", &[]);
-    let out = run(t.nixb().args(["realise", "--option", "timeout", "1", &drv]), None);
-    assert_eq!(out.status.code(), Some(101), "{}", String::from_utf8_lossy(&out.stderr));
+    let drv = add_drv(
+        &t,
+        "slow",
+        "while true; do echo tick; /bin/sleep 0.2; done",
+        &[],
+    );
+    let out = run(
+        t.nixb().args(["realise", "--option", "timeout", "1", &drv]),
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(101),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(t.nixb().args(["realise", "--timeout", "1", &drv]), None);
     assert_eq!(out.status.code(), Some(101));
 }
@@ -115,12 +197,21 @@ fn keep_going_builds_what_it_can() {
     let bad = add_drv(&t, "bad", "exit 1", &[]);
     let good = add_drv(&t, "good", "/bin/sleep 0.5; echo > $out", &[]);
     // Without keep-going the good build may be stopped; with it, it completes.
-    let out = run(t.nixb().args(["realise", "--keep-going", "--max-jobs", "1", &bad, &good]), None);
+    let out = run(
+        t.nixb()
+            .args(["realise", "--keep-going", "--max-jobs", "1", &bad, &good]),
+        None,
+    );
     assert_eq!(out.status.code(), Some(100));
     let printed = String::from_utf8_lossy(&out.stdout);
     let good_out = run_str(t.nixb().args(["query", "--outputs", &good]), None);
-    assert!(printed.contains(&good_out), "keep-going still prints the good output: {printed}");
-    assert!(run(t.nixb().args(["query", "--valid", &good_out]), None).status.success());
+    assert!(
+        printed.contains(&good_out),
+        "keep-going still prints the good output: {printed}"
+    );
+    assert!(run(t.nixb().args(["query", "--valid", &good_out]), None)
+        .status
+        .success());
 }
 
 #[test]
@@ -130,21 +221,41 @@ fn bad_settings_and_arguments_are_named() {
     let out = run(t.nixb().args(["realise", &drv]), None);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("nix.conf:1") && err.contains("max-jobs") && err.contains("'many'"), "{err}");
+    assert!(
+        err.contains("nix.conf:1") && err.contains("max-jobs") && err.contains("'many'"),
+        "{err}"
+    );
 
     let t = TestStore::new();
-    let out = run(t.nixb().args(["realise", "--option", "sandbox", "perhaps", "/nix/store/x.drv"]), None);
+    let out = run(
+        t.nixb().args([
+            "realise",
+            "--option",
+            "sandbox",
+            "perhaps",
+            "/nix/store/x.drv",
+        ]),
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--option") && err.contains("sandbox") && err.contains("perhaps"), "{err}");
+    assert!(
+        err.contains("--option") && err.contains("sandbox") && err.contains("perhaps"),
+        "{err}"
+    );
 
-    let missing = format!("{}/00000000000000000000000000000000-missing.drv", t.store_dir().display());
+    let missing = format!(
+        "{}/00000000000000000000000000000000-missing.drv",
+        t.store_dir().display()
+    );
     let out = run(t.nixb().args(["realise", &missing]), None);
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.drv"));
 
     // A malformed .drv file: the error names the file and the byte offset.
-    let bogus = t.store_dir().join("00000000000000000000000000000000-bogus.drv");
+    let bogus = t
+        .store_dir()
+        .join("00000000000000000000000000000000-bogus.drv");
     std::fs::create_dir_all(t.store_dir()).unwrap();
     std::fs::write(&bogus, "Derive([(\"out\",").unwrap();
     let out = run(t.nixb().args(["derivation", "show"]).arg(&bogus), None);
@@ -164,8 +275,19 @@ fn hostile_nar_restore_is_refused_and_names_the_destination() {
     }
     let mut nar = Vec::new();
     for w in [
-        &b"nix-archive-1"[..], b"(", b"type", b"directory", b"entry", b"(", b"name", b"..", b"node", b"(", b"type",
-        b"regular", b"contents",
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"directory",
+        b"entry",
+        b"(",
+        b"name",
+        b"..",
+        b"node",
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
     ] {
         s(&mut nar, w);
     }

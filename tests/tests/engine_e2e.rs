@@ -49,7 +49,12 @@ fn instantiate(t: &TestStore, expr: &str) -> String {
 /// Every derivation in the closure of `drv`, by name, with the output paths.
 fn outputs_by_name(t: &TestStore, drv: &str) -> BTreeMap<String, Vec<String>> {
     let mut m = BTreeMap::new();
-    for d in run_str(t.nix("nix-store").args(["-q", "--requisites"]).arg(drv), None).lines() {
+    for d in run_str(
+        t.nix("nix-store").args(["-q", "--requisites"]).arg(drv),
+        None,
+    )
+    .lines()
+    {
         if d.ends_with(".drv") {
             let outs = run_str(t.nix("nix-store").args(["-q", "--outputs"]).arg(d), None);
             m.insert(d.to_string(), outs.lines().map(str::to_string).collect());
@@ -62,7 +67,11 @@ fn builds_of(marker: &Path, name: &str) -> usize {
     std::fs::read_dir(marker)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}.")))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}."))
+        })
         .count()
 }
 
@@ -93,8 +102,15 @@ fn same_results_as_nix_store_r_and_nix_accepts_the_store() {
             ours.insert(p.clone(), (hash, refs));
         }
     }
-    let verify = run(t.nix("nix-store").args(["--verify", "--check-contents"]), None);
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let verify = run(
+        t.nix("nix-store").args(["--verify", "--check-contents"]),
+        None,
+    );
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
     assert!(!String::from_utf8_lossy(&verify.stderr).contains("error"));
     // Real Nix prints nixb's (bzip2) logs.
     let log = run_str(t.nix("nix-store").arg("-l").arg(&drv), None);
@@ -104,7 +120,10 @@ fn same_results_as_nix_store_r_and_nix_accepts_the_store() {
     let all: Vec<&String> = outs.values().flatten().collect();
     run_ok(t.nix("nix-store").arg("--delete").args(&all), None);
     for p in &all {
-        assert!(!Path::new(p).exists(), "{p} still there after nix-store --delete");
+        assert!(
+            !Path::new(p).exists(),
+            "{p} still there after nix-store --delete"
+        );
     }
     run_ok(t.nix("nix-store").args(["-r", &drv]), None);
     for (p, (hash, refs)) in &ours {
@@ -124,28 +143,45 @@ fn concurrent_processes_build_each_derivation_once() {
     let marker = t.root.path().join("marker");
     std::fs::create_dir_all(&marker).unwrap();
     let drv = instantiate(&t, &graph_expr(&marker, "0.3"));
-    let left = run_str(t.nix("nix-store").args(["-q", "--references"]).arg(&drv), None)
-        .lines()
-        .find(|l| l.ends_with("-left.drv"))
-        .unwrap()
-        .to_string();
+    let left = run_str(
+        t.nix("nix-store").args(["-q", "--references"]).arg(&drv),
+        None,
+    )
+    .lines()
+    .find(|l| l.ends_with("-left.drv"))
+    .unwrap()
+    .to_string();
     // Three processes on overlapping targets.
     let children: Vec<_> = [&drv, &left, &drv]
         .iter()
         .map(|target| {
             let mut c = t.nixb();
-            c.args(["realise", target.as_str(), "--option", "build-poll-interval", "1"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped());
+            c.args([
+                "realise",
+                target.as_str(),
+                "--option",
+                "build-poll-interval",
+                "1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
             c.spawn().unwrap()
         })
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for name in ["base", "left", "right", "top"] {
-        assert_eq!(builds_of(&marker, name), 1, "{name} built exactly once across processes");
+        assert_eq!(
+            builds_of(&marker, name),
+            1,
+            "{name} built exactly once across processes"
+        );
     }
 }
 
@@ -183,17 +219,25 @@ fn kill_9_never_leaves_half_registered_paths_or_builders() {
             .spawn()
             .unwrap();
         std::thread::sleep(delay);
-        let _ = Command::new("kill").args(["-9", &child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-9", &child.id().to_string()])
+            .status();
         let _ = child.wait();
         std::thread::sleep(Duration::from_millis(300));
         // No builder (nor its children) survives nixb.
         for e in std::fs::read_dir(&marker).unwrap().flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let pid: i32 = name.rsplit('.').next().unwrap().parse().unwrap();
-            assert!(!pid_alive(pid), "round {round}: builder {name} survived kill -9 of nixb");
+            assert!(
+                !pid_alive(pid),
+                "round {round}: builder {name} survived kill -9 of nixb"
+            );
         }
         // The store is consistent: every valid path is complete.
-        let verify = run(t.nix("nix-store").args(["--verify", "--check-contents"]), None);
+        let verify = run(
+            t.nix("nix-store").args(["--verify", "--check-contents"]),
+            None,
+        );
         assert!(
             verify.status.success() && !String::from_utf8_lossy(&verify.stderr).contains("error"),
             "round {round}: {}",
@@ -205,17 +249,28 @@ fn kill_9_never_leaves_half_registered_paths_or_builders() {
     let valid_before: Vec<String> = outputs_by_name(&t, &drv)
         .values()
         .flatten()
-        .filter(|p| run(t.nixb().args(["query", "--valid"]).arg(p), None).status.success())
+        .filter(|p| {
+            run(t.nixb().args(["query", "--valid"]).arg(p), None)
+                .status
+                .success()
+        })
         .cloned()
         .collect();
-    run_ok(t.nixb().args(["realise", &drv]).env("TMPDIR", &build_tmp), None);
+    run_ok(
+        t.nixb().args(["realise", &drv]).env("TMPDIR", &build_tmp),
+        None,
+    );
     let after: usize = std::fs::read_dir(&marker).unwrap().count();
     let drvs = outputs_by_name(&t, &drv);
     let missing_drvs = drvs
         .values()
         .filter(|outs| outs.iter().any(|o| !valid_before.contains(o)))
         .count();
-    assert_eq!(after - before, missing_drvs, "rerun builds exactly the derivations with missing outputs");
+    assert_eq!(
+        after - before,
+        missing_drvs,
+        "rerun builds exactly the derivations with missing outputs"
+    );
     // Stale build directories of the killed runs are gone after the rerun.
     let leftovers: Vec<String> = std::fs::read_dir(&build_tmp)
         .unwrap()
@@ -223,5 +278,8 @@ fn kill_9_never_leaves_half_registered_paths_or_builders() {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .filter(|n| n.starts_with("nix-build-"))
         .collect();
-    assert!(leftovers.is_empty(), "stale build directories left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "stale build directories left behind: {leftovers:?}"
+    );
 }

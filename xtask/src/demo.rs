@@ -18,8 +18,13 @@ pub fn run(_args: &[String]) -> Result<()> {
     }
 
     let ex = root.join("examples/hello");
-    let builder = env.nixb(&nixb, &["add", &ex.join("builder.sh").display().to_string()], None)?;
-    let greeting_json = std::fs::read_to_string(ex.join("greeting.drv.json"))?.replace("@builder@", &builder);
+    let builder = env.nixb(
+        &nixb,
+        &["add", &ex.join("builder.sh").display().to_string()],
+        None,
+    )?;
+    let greeting_json =
+        std::fs::read_to_string(ex.join("greeting.drv.json"))?.replace("@builder@", &builder);
     let greeting_drv = env.nixb(&nixb, &["derivation", "add"], Some(&greeting_json))?;
     let greeting_out = env.nixb(&nixb, &["query", "--outputs", &greeting_drv], None)?;
     let hello_json = std::fs::read_to_string(ex.join("hello.drv.json"))?
@@ -46,7 +51,10 @@ impl Env {
         std::fs::create_dir_all(&conf).with_context(|| format!("creating {}", conf.display()))?;
         let nix_conf = conf.join("nix.conf");
         if !nix_conf.exists() {
-            std::fs::write(&nix_conf, "# demo store settings\nsandbox = false\nbuild-users-group =\n")?;
+            std::fs::write(
+                &nix_conf,
+                "# demo store settings\nsandbox = false\nbuild-users-group =\n",
+            )?;
         }
         let p = |s: &str| demo.join(s).display().to_string();
         Ok(Env {
@@ -65,15 +73,29 @@ impl Env {
 
     /// Runs nixb, echoing the command; returns its trimmed stdout (also echoed).
     fn nixb(&self, nixb: &PathBuf, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        eprintln!("+ nixb {}{}", args.join(" "), if stdin.is_some() { " < <json>" } else { "" });
+        eprintln!(
+            "+ nixb {}{}",
+            args.join(" "),
+            if stdin.is_some() { " < <json>" } else { "" }
+        );
         let mut cmd = Command::new(nixb);
         cmd.args(args).envs(self.vars.iter().map(|(k, v)| (k, v)));
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         cmd.stdout(Stdio::piped());
-        let mut child = cmd.spawn().with_context(|| format!("running {}", nixb.display()))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("running {}", nixb.display()))?;
         if let Some(text) = stdin {
             use std::io::Write;
-            child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+            child
+                .stdin
+                .take()
+                .context("stdin")?
+                .write_all(text.as_bytes())?;
         }
         let out = child.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();

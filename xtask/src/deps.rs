@@ -24,13 +24,20 @@ fn have(cmd: &str) -> bool {
 
 fn have_kernel() -> bool {
     std::fs::read_dir("/boot")
-        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+        })
         .unwrap_or(false)
 }
 
 /// Installs whatever is missing when running as root; otherwise says what is missing.
 pub fn ensure() -> Result<()> {
-    let mut missing: Vec<&str> = PACKAGES.iter().filter(|(_, c)| !have(c)).map(|(p, _)| *p).collect();
+    let mut missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, c)| !have(c))
+        .map(|(p, _)| *p)
+        .collect();
     if !have_kernel() {
         missing.push("linux-image-amd64");
     }
@@ -38,10 +45,17 @@ pub fn ensure() -> Result<()> {
         return Ok(());
     }
     if !nix::unistd::geteuid().is_root() {
-        bail!("missing Debian packages: {} (run as root to install them, or install them yourself)", missing.join(" "));
+        bail!(
+            "missing Debian packages: {} (run as root to install them, or install them yourself)",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
-    let ok = Command::new("apt-get").arg("update").arg("-qq").status().context("running apt-get update")?;
+    let ok = Command::new("apt-get")
+        .arg("update")
+        .arg("-qq")
+        .status()
+        .context("running apt-get update")?;
     if !ok.success() {
         bail!("apt-get update failed");
     }

@@ -135,7 +135,15 @@ fn build_example(root: &Path) -> Result<PathBuf> {
 fn build_nixb(root: &Path) -> Result<PathBuf> {
     let status = Command::new(env!("CARGO"))
         .current_dir(root)
-        .args(["build", "--quiet", "--release", "-p", "nixb-cli", "--bin", "nixb"])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "nixb-cli",
+            "--bin",
+            "nixb",
+        ])
         .status()?;
     if !status.success() {
         bail!("building nixb failed");
@@ -265,8 +273,15 @@ pub fn run() -> Result<()> {
         for _ in 0..2 {
             env.wipe_store()?;
             let mut c = env.cmd(&nixb);
-            c.args(["realise", "--max-jobs", &jobs.to_string(), "--option", "substituters", &cache])
-                .args(["--option", "trusted-public-keys", &pk, &top]);
+            c.args([
+                "realise",
+                "--max-jobs",
+                &jobs.to_string(),
+                "--option",
+                "substituters",
+                &cache,
+            ])
+            .args(["--option", "trusted-public-keys", &pk, &top]);
             let (t, rss) = measure(c)?;
             best = best.min(t);
             println!(
