@@ -26,7 +26,9 @@ use nixb_store::{Encoding, Hash, HashAlgo, StoreDir, StorePath};
 use crate::build_dir::{delete_path, BuildDir};
 use crate::config::BuildMode;
 use crate::derivation_goal::{can_build_locally, DerivationGoal};
-use crate::env::{builder_env, parse_export_references_graph, references_graph_text, EnvParams};
+use crate::env::{
+    build_dir_files, builder_env, parse_export_references_graph, references_graph_text, EnvParams,
+};
 use crate::error::{quoted, BuildError};
 use crate::event::{Event, Level};
 use crate::graph::GoalId;
@@ -397,6 +399,19 @@ pub(crate) fn start_builder(
     };
     let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.clone(), rw(v))).collect();
     let args: Vec<String> = drv.args.iter().map(|a| rw(a)).collect();
+    // passAsFile and structured attributes: written like the variables, rewritten alike.
+    let outputs = drv
+        .output_paths()
+        .into_iter()
+        .map(|(n, p)| (n, sd.print(&p)))
+        .collect();
+    let files = build_dir_files(&drv.env, &outputs)
+        .map_err(|e| BuildError::Build(format!("{}: {e}", quoted(&sd, &g.drv_path))))?;
+    for f in files {
+        let file = build_dir.join(&f.name);
+        std::fs::write(&file, rw(&f.contents))
+            .map_err(|e| BuildError::misc(format!("writing '{}'", file.display()), e))?;
+    }
 
     let sink = LogSink::create(&w.cfg.log, g.drv_path.base_name()).map_err(|e| {
         BuildError::misc(

@@ -10,6 +10,28 @@
 //! NIX_LOG_FD=2  TERM=xterm-256color                        (as Nix 2.x adds them)
 //! ```
 //!
+//! With `passAsFile = "a b"` each listed variable of the derivation is left out and written
+//! to `<build dir>/.attr-<nix-base32 sha256 of its name>` instead, and `<name>Path` names
+//! that file (listed names the derivation lacks are ignored).
+//!
+//! A derivation with `__json` (`__structuredAttrs = true`) exports none of its variables:
+//! the builder gets `<build dir>/.attrs.json` (the object with `outputs` replaced by
+//! output name -> path) and `<build dir>/.attrs.sh`, named by `NIX_ATTRS_JSON_FILE` and
+//! `NIX_ATTRS_SH_FILE`. `.attrs.json` is compact JSON with keys in byte order and no final
+//! newline; `.attrs.sh` has one line per top-level key matching `[A-Za-z_][A-Za-z0-9_]*`:
+//!
+//! ```text
+//! declare <k>=<simple>                       string, number, bool or null
+//! declare -a <k>=(<simple> " ")*)            array of simple values only
+//! declare -A <k>=(("[" <quoted key> "]=" <simple> " ")*)   object of simple values only
+//! simple: string -> single-quoted ('\'' for ');  true -> 1;  false -> empty;  null -> ''
+//!         number -> its value as a 32-bit C int when a float32 holds it as a whole number
+//!                   (so 3000000000 wraps to -1294967296, 1.5 makes the key skipped)
+//! ```
+//!
+//! Keys with other values (nested arrays or objects, fractional numbers) are left out.
+//! These are the bytes Nix 2.8 writes, established by dumping its files from a builder.
+//!
 //! `exportReferencesGraph` files use the validity-registration format with no hashes and
 //! empty derivers, one block per path of the closure in sorted order:
 //!
@@ -19,7 +41,51 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use nixb_store::hash::{Encoding, Hash, HashAlgo};
+use serde_json::Value;
+
 use crate::config::HOMELESS_SHELTER;
+
+/// The name Nix gives the file holding a structured derivation's attributes as JSON.
+pub const ATTRS_JSON: &str = ".attrs.json";
+/// The name of the file holding them as bash declarations.
+pub const ATTRS_SH: &str = ".attrs.sh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    #[error("parsing the derivation's '__json': {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the derivation's '__json' is not a JSON object")]
+    NotObject,
+}
+
+/// A file written into the build directory before the builder starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildDirFile {
+    /// Name inside the build directory.
+    pub name: String,
+    pub contents: String,
+}
+
+/// Whether the derivation passes its attributes as files instead of variables.
+pub fn is_structured(drv_env: &BTreeMap<String, String>) -> bool {
+    drv_env.contains_key("__json")
+}
+
+/// The file name under which `passAsFile` hands over variable `name`.
+pub fn pass_as_file_name(name: &str) -> String {
+    format!(
+        ".attr-{}",
+        Hash::digest(HashAlgo::Sha256, name.as_bytes()).encode(Encoding::Base32)
+    )
+}
+
+fn pass_as_file_set(drv_env: &BTreeMap<String, String>) -> BTreeSet<&str> {
+    drv_env
+        .get("passAsFile")
+        .map(|v| v.split_ascii_whitespace().collect())
+        .unwrap_or_default()
+}
 
 /// What the environment depends on besides the derivation's own variables.
 pub struct EnvParams<'a> {
@@ -48,8 +114,19 @@ pub fn builder_env(
     set("HOME", HOMELESS_SHELTER);
     set("NIX_STORE", p.store_dir);
     set("NIX_BUILD_CORES", &p.cores.to_string());
-    for (k, v) in drv_env {
-        set(k, v);
+    let structured = is_structured(drv_env);
+    if !structured {
+        let as_file = pass_as_file_set(drv_env);
+        // In key order, so a variable of the derivation named `<name>Path` still wins over
+        // the one passAsFile makes, as in Nix.
+        for (k, v) in drv_env {
+            if as_file.contains(k.as_str()) {
+                let path = format!("{}/{}", p.build_dir, pass_as_file_name(k));
+                set(&format!("{k}Path"), &path);
+            } else {
+                set(k, v);
+            }
+        }
     }
     for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
         set(k, p.build_dir);
@@ -68,7 +145,189 @@ pub fn builder_env(
     }
     set("NIX_LOG_FD", "2");
     set("TERM", "xterm-256color");
+    if structured {
+        set(
+            "NIX_ATTRS_JSON_FILE",
+            &format!("{}/{ATTRS_JSON}", p.build_dir),
+        );
+        set("NIX_ATTRS_SH_FILE", &format!("{}/{ATTRS_SH}", p.build_dir));
+    }
     env
+}
+
+/// The files [`builder_env`] promises the builder: `passAsFile` contents, or `.attrs.json`
+/// and `.attrs.sh` for a structured derivation whose outputs are at `outputs` (name ->
+/// printed path). The caller applies any path rewriting to the contents.
+pub fn build_dir_files(
+    drv_env: &BTreeMap<String, String>,
+    outputs: &BTreeMap<String, String>,
+) -> Result<Vec<BuildDirFile>, EnvError> {
+    if let Some(json) = drv_env.get("__json") {
+        let Value::Object(mut attrs) = serde_json::from_str::<Value>(json)? else {
+            return Err(EnvError::NotObject);
+        };
+        let outs = outputs
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        attrs.insert("outputs".to_string(), Value::Object(outs));
+        let attrs = Value::Object(attrs);
+        let mut json_text = String::new();
+        write_json(&mut json_text, &attrs);
+        return Ok(vec![
+            BuildDirFile {
+                name: ATTRS_JSON.to_string(),
+                contents: json_text,
+            },
+            BuildDirFile {
+                name: ATTRS_SH.to_string(),
+                contents: attrs_sh(&attrs),
+            },
+        ]);
+    }
+    let as_file = pass_as_file_set(drv_env);
+    Ok(drv_env
+        .iter()
+        .filter(|(k, _)| as_file.contains(k.as_str()))
+        .map(|(k, v)| BuildDirFile {
+            name: pass_as_file_name(k),
+            contents: v.clone(),
+        })
+        .collect())
+}
+
+fn sorted(map: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+    // The workspace's serde_json keeps insertion order; Nix's JSON objects are sorted.
+    let mut v: Vec<_> = map.iter().collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v
+}
+
+/// Compact JSON as Nix's JSON library prints it: keys sorted, only `"`, `\\` and control
+/// characters escaped.
+fn write_json(out: &mut String, v: &Value) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => write_json_string(out, s),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, e) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(out, e);
+            }
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, e)) in sorted(m).into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json_string(out, k);
+                out.push(':');
+                write_json(out, e);
+            }
+            out.push('}');
+        }
+    }
+}
+
+fn write_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A number as `.attrs.sh` shows it, `None` when it is not whole as a float32.
+fn sh_number(n: &serde_json::Number) -> Option<String> {
+    let as_f32 = n.as_f64()? as f32;
+    if as_f32.ceil() != as_f32 {
+        return None;
+    }
+    // Integers are truncated to 32 bits (two's complement); a whole float out of the int
+    // range converts as x86's cvttsd2si does, to INT_MIN.
+    let i = if let Some(i) = n.as_i64() {
+        i as i32
+    } else if let Some(u) = n.as_u64() {
+        u as i32
+    } else {
+        let f = n.as_f64()?;
+        if f >= -2147483648.0 && f < 2147483648.0 {
+            f as i32
+        } else {
+            i32::MIN
+        }
+    };
+    Some(i.to_string())
+}
+
+fn sh_simple(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(shell_quote(s)),
+        Value::Number(n) => sh_number(n),
+        Value::Null => Some("''".to_string()),
+        Value::Bool(b) => Some(if *b { "1" } else { "" }.to_string()),
+        Value::Array(_) | Value::Object(_) => None,
+    }
+}
+
+fn is_shell_name(k: &str) -> bool {
+    let mut chars = k.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The bash declarations of `.attrs.sh` for the attribute object `attrs`.
+fn attrs_sh(attrs: &Value) -> String {
+    let Value::Object(m) = attrs else {
+        return String::new();
+    };
+    let mut sh = String::new();
+    for (k, v) in sorted(m) {
+        if !is_shell_name(k) {
+            continue;
+        }
+        let line = match v {
+            Value::Array(a) => a
+                .iter()
+                .map(|e| sh_simple(e).map(|s| s + " "))
+                .collect::<Option<String>>()
+                .map(|items| format!("declare -a {k}=({items})")),
+            Value::Object(o) => sorted(o)
+                .into_iter()
+                .map(|(k2, e)| sh_simple(e).map(|s| format!("[{}]={s} ", shell_quote(k2))))
+                .collect::<Option<String>>()
+                .map(|items| format!("declare -A {k}=({items})")),
+            simple => sh_simple(simple).map(|s| format!("declare {k}={s}")),
+        };
+        if let Some(line) = line {
+            sh.push_str(&line);
+            sh.push('\n');
+        }
+    }
+    sh
 }
 
 /// The closure of one `exportReferencesGraph` entry as the builder reads it: `refs` gives
