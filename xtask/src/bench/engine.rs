@@ -13,7 +13,12 @@ use anyhow::{bail, Context, Result};
 fn expr(shape: &str, n: usize) -> String {
     let mk = r#"mk = name: deps: derivation {
     inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
-    args = [ "-c" "echo $name > $out" ]; };"#;
+    args = [ "-c" "echo $name > $out" ]; };
+  # The same, with its deps handed over in a file: thousands of store paths in one
+  # variable exceed exec's limit (E2BIG).
+  mkf = name: deps: derivation {
+    inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+    passAsFile = [ "deps" ]; args = [ "-c" "echo $name > $out" ]; };"#;
     let body = match shape {
         // d0 <- d1 <- ... <- d(n-1)
         "chain" => format!(
@@ -22,7 +27,7 @@ fn expr(shape: &str, n: usize) -> String {
         ),
         // n-1 leaves under one top
         "leaves" => format!(
-            "mk \"top\" (builtins.genList (i: mk \"leaf${{toString i}}\" [ ]) {})",
+            "mkf \"top\" (builtins.genList (i: mk \"leaf${{toString i}}\" [ ]) {})",
             n - 1
         ),
         // layers of 25, each node depending on 3 nodes of the layer below
