@@ -1,4 +1,4 @@
-//! Spawning a builder: plainly (fork/exec in a new session) or in a chroot inside new PID,
+//! Spawning a builder: plainly (vfork-style clone and exec in a new session) or in a chroot inside new PID,
 //! mount, network, IPC and UTS namespaces.
 //!
 //! The caller prepares everything in a [`SandboxSpec`] (no nixb types: paths, strings, ids) and
@@ -117,7 +117,9 @@ impl Personality {
 
 /// How much the builder is shut in.
 pub enum Isolation {
-    /// fork/exec in a new session; the builder sees the host file system.
+    /// clone(CLONE_VM | CLONE_VFORK)/exec in a new session (no copy of the caller's page
+    /// tables, so the cost does not grow with its size); the builder sees the host file
+    /// system.
     Plain,
     /// New PID, mount, IPC, UTS (and usually network) namespaces, a chroot holding only what
     /// the spec lists, no capabilities and a seccomp filter.
@@ -215,6 +217,9 @@ fn stdio_steps(log_fd: RawFd, null_fd: RawFd, cwd: CString) -> Vec<Step> {
 struct Prepared {
     plan: Vec<Step>,
     clone_flags: libc::c_int,
+    /// Start the child with `CLONE_VM | CLONE_VFORK` (see [`spawn_prepared`]): only for plans
+    /// whose steps are plain syscalls on data the parent keeps alive, with no namespaces.
+    share_vm: bool,
     /// Index in `plan` of the overlay mount, when the chroot uses one.
     overlay_step: Option<usize>,
     // Held only so that the pointers and descriptors in `plan` stay valid.
@@ -239,6 +244,7 @@ fn prepare(
             Ok(Prepared {
                 plan,
                 clone_flags: 0,
+                share_vm: true,
                 overlay_step: None,
                 _chroot: None,
             })
@@ -253,6 +259,10 @@ fn prepare(
             Ok(Prepared {
                 plan,
                 clone_flags: prep.clone_flags,
+                // Namespace setup runs far longer than a fork costs, and the chroot steps
+                // (writing files, the seccomp filter) are more than a suspended parent should
+                // lend its memory to; a copied address space keeps them apart.
+                share_vm: false,
                 overlay_step: prep.overlay_step,
                 _chroot: Some(prep),
             })
@@ -266,8 +276,10 @@ struct ChildArgs<'a> {
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` points at the ChildArgs on the parent's stack, which this child has its own
-    // copy of (clone without CLONE_VM copies the address space).
+    // SAFETY: `arg` points at the ChildArgs on the parent's stack. Without CLONE_VM this child
+    // has its own copy of it; with CLONE_VM | CLONE_VFORK the parent thread is suspended in
+    // clone(2) until this child execs or exits, so its frame (and everything the plan points
+    // into) stays alive and unchanged while the child only reads it.
     let args = unsafe { &*(arg as *const ChildArgs) };
     let (index, errno) = match plan::run_plan(&mut Kernel, args.plan) {
         Err(failure) => failure,
@@ -388,19 +400,58 @@ fn spawn_prepared(prepared: &Prepared) -> Result<Builder, (Option<usize>, Sandbo
     let mut stack = vec![0u8; CHILD_STACK];
     // The stack grows down on every architecture Linux runs nixb on; keep the top 16-aligned.
     let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
-    // SAFETY: child_main only makes async-signal-safe calls on data prepared above, on its own
-    // stack, and never returns into Rust code of the parent's.
-    let pid = unsafe {
-        libc::clone(
-            child_main,
-            top as *mut libc::c_void,
-            prepared.clone_flags | libc::SIGCHLD,
-            &args as *const ChildArgs as *mut libc::c_void,
-        )
+    let pid = if prepared.share_vm {
+        // A fork copies the page tables of the whole worker and then takes a copy-on-write
+        // fault for every page either side touches, a cost that grows with the worker's
+        // size. Sharing the address space copies nothing; CLONE_VFORK suspends this thread
+        // until the child has exec'd or exited, so the child's stack, `args` and the plan
+        // stay put. The child must then not run any code of ours that could touch shared
+        // state (allocator, locks, signal handlers): the plan makes raw syscalls only, and
+        // all signals stay blocked from here until its ResetSignals step has put every
+        // disposition back to the default, so no handler of the parent's can run on the
+        // child's stack in our memory.
+        let blocked = block_all_signals().map_err(|e| (None, e))?;
+        // SAFETY: as above; child_main never returns into the parent's code (it execs or
+        // _exits), and `stack` outlives the child's use of it thanks to CLONE_VFORK.
+        let pid = unsafe {
+            libc::clone(
+                child_main,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                &args as *const ChildArgs as *mut libc::c_void,
+            )
+        };
+        let clone_errno = Errno::last();
+        restore_signal_mask(blocked);
+        if pid == -1 {
+            return Err((
+                None,
+                SandboxError::Process {
+                    step: "cloning the builder process".into(),
+                    errno: clone_errno,
+                },
+            ));
+        }
+        pid
+    } else {
+        // SAFETY: child_main only makes async-signal-safe calls on data prepared above, on its
+        // own stack, and never returns into Rust code of the parent's.
+        let pid = unsafe {
+            libc::clone(
+                child_main,
+                top as *mut libc::c_void,
+                prepared.clone_flags | libc::SIGCHLD,
+                &args as *const ChildArgs as *mut libc::c_void,
+            )
+        };
+        if pid == -1 {
+            return Err((None, sys_err("cloning the builder process")));
+        }
+        pid
     };
-    if pid == -1 {
-        return Err((None, sys_err("cloning the builder process")));
-    }
+    // The child is done with its stack: it has exec'd (or exited) under CLONE_VFORK, or has
+    // its own copy of the address space.
+    drop(stack);
     let pid = Pid::from_raw(pid);
     // Our copy of the write end must go, or we would never see EOF.
     drop(err_write);
@@ -433,6 +484,45 @@ fn spawn_prepared(prepared: &Prepared) -> Result<Builder, (Option<usize>, Sandbo
             Err((Some(index), SandboxError::Setup { step, errno }))
         }
         Err(e) => Err((None, e)),
+    }
+}
+
+/// The kernel's signal set as `rt_sigprocmask(2)` takes it: one bit per signal, 64 signals.
+type KernelSigset = u64;
+
+/// Blocks every signal in the calling thread and returns the previous mask. This is the raw
+/// syscall, not `pthread_sigmask`, because glibc's wrapper refuses to block the two signals
+/// it keeps for itself, and nothing at all may run a handler in a child sharing our memory.
+fn block_all_signals() -> Result<KernelSigset, SandboxError> {
+    let all: KernelSigset = !0;
+    let mut old: KernelSigset = 0;
+    // SAFETY: both sets are 8 bytes, the size passed; SIGKILL and SIGSTOP are silently
+    // left unblocked by the kernel.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const KernelSigset,
+            &mut old as *mut KernelSigset,
+            std::mem::size_of::<KernelSigset>(),
+        )
+    };
+    if r == -1 {
+        return Err(sys_err("blocking signals around clone"));
+    }
+    Ok(old)
+}
+
+fn restore_signal_mask(old: KernelSigset) {
+    // SAFETY: as in block_all_signals. Setting a mask we read back before cannot fail.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &old as *const KernelSigset,
+            std::ptr::null_mut::<KernelSigset>(),
+            std::mem::size_of::<KernelSigset>(),
+        );
     }
 }
 

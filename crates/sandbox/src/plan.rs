@@ -3,8 +3,10 @@
 //! Everything the child will do between `clone` and `execve` is written down by the parent as a
 //! list of [`Step`]s, with every path, C string and argument array already allocated. The child
 //! then walks the list making one or two syscalls per step, and nothing else: no allocation, no
-//! locks, no formatting (the parent may be multi-threaded, and after `clone` without `CLONE_VM`
-//! only async-signal-safe work is sound). When a step fails the child sends its *index* and the
+//! locks, no formatting (the parent may be multi-threaded, so after `clone` only
+//! async-signal-safe work is sound; and a plain builder is cloned with `CLONE_VM`, sharing the
+//! parent's memory until it execs, where any write outside its own stack would be the
+//! parent's). When a step fails the child sends its *index* and the
 //! errno to the parent, which turns the index back into a sentence with [`Step::describe`].
 //!
 //! Keeping the plan as data also lets the tests check the order (private propagation before the
@@ -118,7 +120,8 @@ pub(crate) enum Step {
     /// close-on-exec and keeps working until the exec.
     CloseOtherFds,
     /// Back to default dispositions for ignored signals (Rust's runtime ignores SIGPIPE, and
-    /// ignored signals survive exec) and an empty signal mask.
+    /// ignored signals survive exec) and caught ones (a child sharing the parent's memory must
+    /// not run its handlers), then an empty signal mask.
     ResetSignals,
     Personality(libc::c_ulong),
     /// Keep the current personality and add these flags to it.
@@ -331,18 +334,35 @@ impl Syscalls for Kernel {
                     Ok(())
                 }
                 Step::ResetSignals => {
-                    for sig in 1..32 {
-                        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                            libc::signal(sig, libc::SIG_DFL);
-                        }
+                    // Every signal, real-time ones included: a plain builder shares the
+                    // parent's memory until it execs, so no handler of the parent's may stay
+                    // installed once the mask is emptied below. The raw syscall, because
+                    // glibc's wrappers refuse its two internal signals, which may well arrive
+                    // ignored from whoever started us. Errors (SIGKILL, SIGSTOP) are expected.
+                    let dfl = KernelSigaction {
+                        handler: libc::SIG_DFL,
+                        flags: 0,
+                        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+                        restorer: 0,
+                        mask: 0,
+                    };
+                    for sig in 1..=64 {
+                        libc::syscall(
+                            libc::SYS_rt_sigaction,
+                            sig,
+                            &dfl as *const KernelSigaction,
+                            std::ptr::null_mut::<KernelSigaction>(),
+                            8usize,
+                        );
                     }
-                    let mut set: libc::sigset_t = std::mem::zeroed();
-                    libc::sigemptyset(&mut set);
-                    check(libc::sigprocmask(
+                    let empty: u64 = 0;
+                    check(libc::syscall(
+                        libc::SYS_rt_sigprocmask,
                         libc::SIG_SETMASK,
-                        &set,
-                        std::ptr::null_mut(),
-                    ))
+                        &empty as *const u64,
+                        std::ptr::null_mut::<u64>(),
+                        8usize,
+                    ) as libc::c_int)
                 }
                 Step::Personality(p) => check(libc::personality(*p)),
                 Step::AddPersonality(flags) => {
@@ -439,6 +459,17 @@ impl Syscalls for Kernel {
             }
         }
     }
+}
+
+/// The kernel's `struct sigaction` for `rt_sigaction(2)` (not libc's, whose mask is 128
+/// bytes): the restorer field exists where the architecture has `SA_RESTORER`.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    restorer: usize,
+    mask: u64,
 }
 
 /// `struct mount_attr` of `mount_setattr(2)`.
