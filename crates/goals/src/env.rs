@@ -409,6 +409,96 @@ mod tests {
     }
 
     #[test]
+    fn pass_as_file_names_and_variables() {
+        // File names observed from Nix 2.8 for passAsFile = ["foo" "bar"].
+        assert_eq!(
+            pass_as_file_name("foo"),
+            ".attr-1bp7cri8hplaz6hbz0v4f0nl44rl84q1sg25kgwqzipzd1mv89ic"
+        );
+        assert_eq!(
+            pass_as_file_name("bar"),
+            ".attr-1fcgpy7vc4ammr7s17j2xq88scswkgz23dqzc04g8sx5vcp2pppw"
+        );
+        let drv: BTreeMap<String, String> = [
+            ("foo", "x y"),
+            ("baz", "keep"),
+            ("passAsFile", "foo  missing"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let env = builder_env(&drv, &params(false, &BTreeMap::new()));
+        assert_eq!(
+            env["fooPath"],
+            "/tmp/nix-build-x.drv-0/.attr-1bp7cri8hplaz6hbz0v4f0nl44rl84q1sg25kgwqzipzd1mv89ic"
+        );
+        assert!(!env.contains_key("foo") && !env.contains_key("missingPath"));
+        assert_eq!(env["baz"], "keep");
+        let files = build_dir_files(&drv, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            files,
+            [BuildDirFile {
+                name: pass_as_file_name("foo"),
+                contents: "x y".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn structured_attrs_files_as_nix_writes_them() {
+        // The __json Nix 2.8 wrote into a derivation (keys in insertion order here, to show
+        // they get sorted), and the two files it then gave the builder.
+        let json = r#"{"s":"it's \"q\" \\ \n\ttab é","a":{"x":"1","b":false,"y z":2},
+            "an":{"x":{"y":1}},"bad-name":"v","big":3000000000,"ea":{},"el":[],"f":1.5,
+            "fa":false,"fw":2,"i":42,"l":["a",1,true],"ln":["a",[1]],"n":null,"neg":-7,
+            "outputs":["out"],"t":true,"ctl":"\rx01\u0001"}"#;
+        let drv: BTreeMap<String, String> = [("__json", json), ("out", "/s/o"), ("x", "y")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = builder_env(&drv, &params(false, &BTreeMap::new()));
+        assert!(!env.contains_key("out") && !env.contains_key("x") && !env.contains_key("__json"));
+        assert_eq!(env["NIX_ATTRS_SH_FILE"], "/tmp/nix-build-x.drv-0/.attrs.sh");
+        assert_eq!(
+            env["NIX_ATTRS_JSON_FILE"],
+            "/tmp/nix-build-x.drv-0/.attrs.json"
+        );
+        let outputs = BTreeMap::from([("out".to_string(), "/s/o".to_string())]);
+        let files = build_dir_files(&drv, &outputs).unwrap();
+        assert_eq!(files[0].name, ".attrs.json");
+        assert_eq!(
+            files[0].contents,
+            r#"{"a":{"b":false,"x":"1","y z":2},"an":{"x":{"y":1}},"bad-name":"v","big":3000000000,"ctl":"\rx01\u0001","ea":{},"el":[],"f":1.5,"fa":false,"fw":2,"i":42,"l":["a",1,true],"ln":["a",[1]],"n":null,"neg":-7,"outputs":{"out":"/s/o"},"s":"it's \"q\" \\ \n\ttab é","t":true}"#
+        );
+        assert_eq!(files[1].name, ".attrs.sh");
+        assert_eq!(
+            files[1].contents,
+            "declare -A a=(['b']= ['x']='1' ['y z']=2 )\n\
+             declare big=-1294967296\n\
+             declare ctl='\rx01\u{1}'\n\
+             declare -A ea=()\n\
+             declare -a el=()\n\
+             declare fa=\n\
+             declare fw=2\n\
+             declare i=42\n\
+             declare -a l=('a' 1 1 )\n\
+             declare n=''\n\
+             declare neg=-7\n\
+             declare -A outputs=(['out']='/s/o' )\n\
+             declare s='it'\\''s \"q\" \\ \n\ttab é'\n\
+             declare t=1\n"
+        );
+        let bad: BTreeMap<String, String> = [("__json", "[1]")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert!(matches!(
+            build_dir_files(&bad, &outputs),
+            Err(EnvError::NotObject)
+        ));
+    }
+
+    #[test]
     fn references_graph_matches_nix_layout() {
         // Layout observed from Nix 2.8's exportReferencesGraph output.
         let mut g = BTreeMap::new();
