@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitStatus;
+use std::sync::Arc;
 
 use nixb_store::derivation::Derivation;
 use nixb_store::locks::PathLocks;
@@ -52,7 +53,7 @@ pub(crate) struct DerivationGoal {
     retry_substitution: bool,
     pub mode: BuildMode,
     state: State,
-    pub drv: Option<Derivation>,
+    pub drv: Option<Arc<Derivation>>,
     /// Output name → path, from the derivation.
     pub outputs: BTreeMap<String, StorePath>,
     pub fixed_output: bool,
@@ -178,7 +179,7 @@ impl DerivationGoal {
 
     fn drv(&self) -> Result<&Derivation, BuildError> {
         self.drv
-            .as_ref()
+            .as_deref()
             .ok_or_else(|| BuildError::Misc("internal error: derivation not loaded".into()))
     }
 
@@ -229,7 +230,7 @@ impl DerivationGoal {
         w.graph.reset_waitee_counts(id);
         let _ = w.store.add_temp_root(&self.drv_path);
         if self.drv.is_none() {
-            let drv = w.store.read_derivation(&self.drv_path)?;
+            let drv = w.derivation(&self.drv_path)?;
             self.fixed_output = drv.is_fixed_output();
             for (name, out) in &drv.outputs {
                 let path = out.path.clone().ok_or_else(|| {
@@ -368,7 +369,7 @@ impl DerivationGoal {
             .store
             .compute_closure(&BTreeSet::from([self.drv_path.clone()]))?;
         for d in input_closure.iter().filter(|p| p.is_derivation()) {
-            let drv = w.store.read_derivation(d)?;
+            let drv = w.derivation(d)?;
             for p in drv.output_paths().into_values() {
                 outputs_to_drv.insert(p, d.clone());
             }
@@ -432,7 +433,7 @@ impl DerivationGoal {
         let drv = self.drv()?;
         let mut roots = BTreeSet::new();
         for (in_drv_path, wanted) in &drv.input_drvs {
-            let in_drv = w.store.read_derivation(in_drv_path)?;
+            let in_drv = w.derivation(in_drv_path)?;
             for o in wanted {
                 match in_drv.outputs.get(o).and_then(|x| x.path.clone()) {
                     Some(p) => {
@@ -476,8 +477,24 @@ impl DerivationGoal {
             return Ok(());
         };
         // Now that we hold the locks nobody else can be building these outputs; another
-        // process may have finished them while we waited.
-        self.valid_paths = self.check_path_validity(w, true, self.mode == BuildMode::Repair)?;
+        // process may have finished them while we waited. One database query per output
+        // serves both this check and the removal of invalid leftovers below: with the locks
+        // held, nothing can register an output in between.
+        let mut valid_now = BTreeSet::new();
+        for p in self.outputs.values() {
+            if w.store.is_valid_path(p)? {
+                valid_now.insert(p.clone());
+            }
+        }
+        self.valid_paths = BTreeSet::new();
+        for (name, path) in &self.outputs {
+            if self.wants(name)
+                && valid_now.contains(path)
+                && (self.mode != BuildMode::Repair || path_contents_good(w, path)?)
+            {
+                self.valid_paths.insert(path.clone());
+            }
+        }
         if self.mode != BuildMode::Check && self.valid_paths.len() == self.outputs.len() {
             locks.set_deletion(true);
             drop(locks);
@@ -492,7 +509,7 @@ impl DerivationGoal {
         }
         // Invalid leftovers (an interrupted build) would be in the builder's way.
         for p in self.outputs.values() {
-            if w.store.is_valid_path(p)? {
+            if valid_now.contains(p) {
                 continue;
             }
             let real = w.store_dir().to_path(p);

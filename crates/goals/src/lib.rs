@@ -106,7 +106,7 @@ pub fn realise(
                 },
                 ExitCode::Success,
             ) => {
-                let all = store.read_derivation(drv)?.output_paths();
+                let all = w.derivation(drv)?.output_paths();
                 let chosen = all
                     .into_iter()
                     .filter(|(name, _)| wanted.is_empty() || wanted.contains(name))

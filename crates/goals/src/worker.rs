@@ -18,10 +18,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nixb_store::derivation::Derivation;
 use nixb_store::{StoreDir, StorePath};
 
 use crate::config::{BuildMode, WorkerConfig};
@@ -29,7 +31,7 @@ use crate::derivation_goal::DerivationGoal;
 use crate::error::GoalsError;
 use crate::event::{Event, EventSink, FailureKind, Level};
 use crate::graph::{ExitCode, GoalId, Graph};
-use crate::store::BuildStore;
+use crate::store::{BuildStore, StoreFault};
 use crate::substitution_goal::SubstitutionGoal;
 
 pub(crate) enum Goal {
@@ -68,6 +70,8 @@ pub(crate) struct Worker<'a> {
     /// For each goal id, the key it has in `derivation_goals` or `substitution_goals`
     /// (`true` = derivation), so that forgetting a goal is a lookup, not a scan.
     dedup_keys: Vec<Option<(bool, StorePath)>>,
+    /// Derivations parsed so far, by path (see [`Worker::derivation`]).
+    drv_cache: HashMap<StorePath, Arc<Derivation>>,
     children: BTreeMap<GoalId, Child>,
     nr_local_builds: usize,
     /// Output paths locked by goals of this worker (flock would block them too, but this
@@ -116,6 +120,7 @@ impl<'a> Worker<'a> {
             derivation_goals: HashMap::new(),
             substitution_goals: HashMap::new(),
             dedup_keys: Vec::new(),
+            drv_cache: HashMap::new(),
             children: BTreeMap::new(),
             nr_local_builds: 0,
             locked_outputs: BTreeMap::new(),
@@ -140,6 +145,19 @@ impl<'a> Worker<'a> {
             hook: None,
             watchdog: None,
         }
+    }
+
+    /// The derivation at `drv`, read and parsed once per worker. A `.drv` cannot change once
+    /// valid (its path is its contents' hash), while the graph names each one several times:
+    /// its own goal, and every dependent working out its input closure. Failures are not
+    /// remembered, since a substitution goal may make the derivation valid later.
+    pub fn derivation(&mut self, drv: &StorePath) -> Result<Arc<Derivation>, StoreFault> {
+        if let Some(d) = self.drv_cache.get(drv) {
+            return Ok(Arc::clone(d));
+        }
+        let d = Arc::new(self.store.read_derivation(drv)?);
+        self.drv_cache.insert(drv.clone(), Arc::clone(&d));
+        Ok(d)
     }
 
     pub fn store_dir(&self) -> &StoreDir {

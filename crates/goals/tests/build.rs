@@ -98,6 +98,41 @@ fn chain_and_diamond_build_each_derivation_once() {
     assert_eq!(refs, BTreeSet::from([t.out(&left), t.out(&right)]));
 }
 
+/// A `.drv` never changes once valid, so the worker parses each one once although the graph
+/// names it several times (base: its own goal, and both dependents' input closures; top: its
+/// goal and the outcome's output list).
+#[test]
+fn each_derivation_is_read_from_the_store_once() {
+    let t = TestStore::new();
+    let base = t.add_drv(spec("base", "echo base > $out"));
+    let mut mid = Vec::new();
+    for name in ["left", "right"] {
+        mid.push(
+            t.add_drv(
+                spec(name, "read x < $base; echo $x > $out")
+                    .input(&base, &["out"])
+                    .env("base", &t.print(&t.out(&base))),
+            ),
+        );
+    }
+    let top = t.add_drv(
+        spec("top", "read a < $l; read b < $r; echo $a $b > $out")
+            .input(&mid[0], &["out"])
+            .input(&mid[1], &["out"])
+            .env("l", &t.print(&t.out(&mid[0])))
+            .env("r", &t.print(&t.out(&mid[1]))),
+    );
+    t.store.take_drv_reads();
+    let (outcome, _) = t.realise(&[&top]);
+    assert_eq!(outcome.exit_status, 0, "{:?}", outcome.failures);
+    let reads = t.store.take_drv_reads();
+    let expected: std::collections::BTreeMap<_, _> = [&base, &mid[0], &mid[1], &top]
+        .into_iter()
+        .map(|d| (d.clone(), 1))
+        .collect();
+    assert_eq!(reads, expected);
+}
+
 #[test]
 fn multiple_outputs_and_wanted_subsets() {
     let t = TestStore::new();

@@ -26,6 +26,8 @@ pub struct MemStore {
     dir: StoreDir,
     valid: Mutex<BTreeMap<StorePath, (PathInfo, Option<String>)>>,
     failed: Mutex<BTreeSet<StorePath>>,
+    /// How often each derivation was read through `read_derivation`.
+    drv_reads: Mutex<BTreeMap<StorePath, usize>>,
 }
 
 fn fault(e: impl std::fmt::Display) -> StoreFault {
@@ -39,7 +41,13 @@ impl MemStore {
             dir,
             valid: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeSet::new()),
+            drv_reads: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The `read_derivation` calls per derivation since the last call of this.
+    pub fn take_drv_reads(&self) -> BTreeMap<StorePath, usize> {
+        std::mem::take(&mut *self.drv_reads.lock().unwrap())
     }
 
     /// The content address registered for `p`.
@@ -116,6 +124,12 @@ impl BuildStore for MemStore {
         Ok(seen)
     }
     fn read_derivation(&self, drv: &StorePath) -> Result<Derivation, StoreFault> {
+        *self
+            .drv_reads
+            .lock()
+            .unwrap()
+            .entry(drv.clone())
+            .or_default() += 1;
         Derivation::read(&self.dir, &self.dir.to_path(drv)).map_err(fault)
     }
     fn register_outputs(&self, outputs: &[NewOutput]) -> Result<(), StoreFault> {
