@@ -272,7 +272,7 @@ fn sh_number(n: &serde_json::Number) -> Option<String> {
         u as i32
     } else {
         let f = n.as_f64()?;
-        if f >= -2147483648.0 && f < 2147483648.0 {
+        if (-2147483648.0..2147483648.0).contains(&f) {
             f as i32
         } else {
             i32::MIN
