@@ -22,7 +22,7 @@
 //!
 //! ```text
 //! declare <k>=<simple>                       string, number, bool or null
-//! declare -a <k>=(<simple> " ")*)            array of simple values only
+//! declare -a <k>=((<simple> " ")*)           array of simple values only
 //! declare -A <k>=(("[" <quoted key> "]=" <simple> " ")*)   object of simple values only
 //! simple: string -> single-quoted ('\'' for ');  true -> 1;  false -> empty;  null -> ''
 //!         number -> its value as a 32-bit C int when a float32 holds it as a whole number
