@@ -186,11 +186,18 @@ pub fn run() -> Result<()> {
         .map(|s| {
             s.split(',')
                 .map(|x| x.trim().to_string())
-                .filter(|x| ["chain", "leaves", "layered"].contains(&x.as_str()))
+                .filter(|x| ["chain", "leaves", "layered", "chatty"].contains(&x.as_str()))
                 .collect()
         })
-        .unwrap_or_else(|| vec!["chain".into(), "leaves".into(), "layered".into()]);
-    for shape in shapes.iter().map(String::as_str) {
+        .unwrap_or_else(|| {
+            vec![
+                "chain".into(),
+                "leaves".into(),
+                "layered".into(),
+                "chatty".into(),
+            ]
+        });
+    for shape in shapes.iter().map(String::as_str).filter(|s| *s != "chatty") {
         for &n in &sizes {
             let e = expr(shape, n);
             let nix_store = Store::new("nix")?;
@@ -227,6 +234,82 @@ pub fn run() -> Result<()> {
                 nixb_rss as f64 / 1024.0,
             );
         }
+    }
+    if shapes.iter().any(|s| s == "chatty") {
+        chatty(&nixb)?;
+    }
+    Ok(())
+}
+
+/// A chatty builder (about 86 MiB of base64 on stdout, which bzip2 compresses at only a few
+/// MB/s here) next to a chain of 100 trivial builds, `--max-jobs 2`. The chain's finish time
+/// is taken from the `--json` event stream as it arrives. If compression ran on the worker's
+/// loop, the chain would wait for it; with compression on its own thread the chain finishes
+/// as fast as with `compress-build-log = false`.
+pub fn chatty(nixb: &Path) -> Result<()> {
+    let e = r#"let
+  mk = name: deps: derivation {
+    inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "echo $name > $out" ]; };
+  chatty = derivation {
+    name = "chatty"; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "/usr/bin/head -c 67108864 /dev/urandom | /usr/bin/base64; echo > $out" ]; };
+  chain = builtins.foldl' (prev: i: mk "c${toString i}" [ prev ]) (mk "c0" [ ]) (builtins.genList (i: i + 1) 99);
+in [ chatty chain ]
+"#;
+    println!();
+    println!("chatty builder (86 MiB of log) beside a chain of 100 trivial builds, --max-jobs 2:");
+    println!(
+        "{:<22} {:>14} {:>14} {:>12}",
+        "compress-build-log", "chain done ms", "chatty done ms", "total ms"
+    );
+    for compress in ["false", "true"] {
+        let store = Store::new(&format!("chatty-{compress}"))?;
+        let drvs = store.instantiate(e)?;
+        let drvs: Vec<&str> = drvs.lines().collect();
+        let mut c = store.cmd(nixb);
+        c.args([
+            "realise",
+            "--json",
+            "--max-jobs",
+            "2",
+            "--option",
+            "compress-build-log",
+            compress,
+        ])
+        .args(&drvs)
+        .stderr(Stdio::piped());
+        let t = Instant::now();
+        let mut child = c.spawn().context("spawning nixb realise")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (mut chain_done, mut chatty_done) = (None, None);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let line = line?;
+            if !line.contains("\"build-succeeded\"") {
+                continue;
+            }
+            if line.contains("-c99.drv") {
+                chain_done = Some(t.elapsed());
+            } else if line.contains("-chatty.drv") {
+                chatty_done = Some(t.elapsed());
+            }
+        }
+        let status = child.wait()?;
+        let total = t.elapsed();
+        if !status.success() {
+            bail!("nixb realise of the chatty graph failed ({status})");
+        }
+        let ms = |d: Option<Duration>| {
+            d.map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+                .unwrap_or("-".into())
+        };
+        println!(
+            "{:<22} {:>14} {:>14} {:>12.0}",
+            compress,
+            ms(chain_done),
+            ms(chatty_done),
+            total.as_secs_f64() * 1000.0
+        );
     }
     Ok(())
 }
