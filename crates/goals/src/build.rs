@@ -64,16 +64,7 @@ impl RunningBuild {
     /// Writes a chunk of builder output to the log; `Some(limit)` when it went over
     /// max-build-log-size and the builder must die.
     pub fn log_chunk(&mut self, chunk: &[u8]) -> Option<u64> {
-        let sink = self.log.as_mut()?;
-        match sink.write(chunk) {
-            Ok(LimitState::Within) => None,
-            Ok(LimitState::Exceeded { limit }) => Some(limit),
-            Err(e) => {
-                // A log that cannot be written is no reason to kill the build; say so once.
-                self.log_error.get_or_insert_with(|| e.to_string());
-                None
-            }
-        }
+        write_log_chunk(&mut self.log, &mut self.log_error, chunk)
     }
 
     /// Ends the log. A compressed log finishes on its writer thread while the worker goes
@@ -551,4 +542,22 @@ fn write_references_graphs(
             .map_err(|e| BuildError::misc(format!("writing '{}'", file.display()), e))?;
     }
     Ok(())
+}
+
+/// Writes a chunk of build output to `log` (if it is kept); `Some(limit)` when it went over
+/// max-build-log-size and the build must die. A log that cannot be written is no reason to
+/// kill the build: the first error is kept in `log_error` and reported when the log ends.
+pub(crate) fn write_log_chunk(
+    log: &mut Option<LogSink>,
+    log_error: &mut Option<String>,
+    chunk: &[u8],
+) -> Option<u64> {
+    match log.as_mut()?.write(chunk) {
+        Ok(LimitState::Within) => None,
+        Ok(LimitState::Exceeded { limit }) => Some(limit),
+        Err(e) => {
+            log_error.get_or_insert_with(|| e.to_string());
+            None
+        }
+    }
 }

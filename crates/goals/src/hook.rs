@@ -28,7 +28,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{ChildStdin, Command, ExitStatus, Stdio};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nixb_logs::{LimitState, LogSink};
+use nixb_logs::LogSink;
 use nixb_store::StorePath;
 
 use crate::config::{BuildMode, HookCommand, WorkerConfig};
@@ -113,15 +113,7 @@ pub(crate) struct HookBuild {
 impl HookBuild {
     /// A chunk of the build log (fd 4); `Some(limit)` when max-build-log-size is exceeded.
     pub fn log_chunk(&mut self, chunk: &[u8]) -> Option<u64> {
-        let sink = self.log.as_mut()?;
-        match sink.write(chunk) {
-            Ok(LimitState::Within) => None,
-            Ok(LimitState::Exceeded { limit }) => Some(limit),
-            Err(e) => {
-                self.log_error.get_or_insert_with(|| e.to_string());
-                None
-            }
-        }
+        crate::build::write_log_chunk(&mut self.log, &mut self.log_error, chunk)
     }
 
     /// Passes on what the hook said since the last call, line by line.
