@@ -131,32 +131,9 @@ fn build_example(root: &Path) -> Result<PathBuf> {
     Ok(target.join("release/examples/substitute_closure"))
 }
 
-/// The release `nixb` binary, for `nixb realise` substituting through the engine.
-fn build_nixb(root: &Path) -> Result<PathBuf> {
-    let status = Command::new(env!("CARGO"))
-        .current_dir(root)
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "nixb-cli",
-            "--bin",
-            "nixb",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("building nixb failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/nixb"))
-}
-
 pub fn run() -> Result<()> {
     let bin = build_example(&crate::workspace_root())?;
-    let nixb = build_nixb(&crate::workspace_root())?;
+    let nixb = crate::build_nixb_release(&crate::workspace_root())?;
     let env = Env {
         root: std::env::temp_dir().join(format!("nixb-bench-substitute-{}", std::process::id())),
     };
