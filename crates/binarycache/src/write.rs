@@ -124,20 +124,26 @@ fn tmp_name(dir: &Path) -> PathBuf {
     ))
 }
 
+/// The error for a failed I/O `step` on `path` while writing the cache `dir`.
+fn io_error(
+    dir: &str,
+    step: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> WriteError {
+    let (dir, path) = (dir.to_string(), path.to_path_buf());
+    move |source| WriteError::Io {
+        dir,
+        step,
+        path,
+        source,
+    }
+}
+
 /// Writes `text` to `dest` atomically (temporary file, then rename).
 fn write_atomic(dir_name: &str, dest: &Path, text: &[u8]) -> Result<(), WriteError> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     let tmp = tmp_name(parent);
-    let io_err = |step, p: &Path| {
-        let p = p.to_path_buf();
-        let dir = dir_name.to_string();
-        move |source| WriteError::Io {
-            dir,
-            step,
-            path: p,
-            source,
-        }
-    };
+    let io_err = |step, p: &Path| io_error(dir_name, step, p);
     std::fs::write(&tmp, text).map_err(io_err("writing", &tmp))?;
     std::fs::rename(&tmp, dest).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -165,16 +171,7 @@ pub fn copy_to_file_cache(
 ) -> Result<Vec<StorePath>, WriteError> {
     let dname = format!("file://{}", dir.display());
     let sd = store.store_dir();
-    let io_err = |step, p: &Path| {
-        let p = p.to_path_buf();
-        let dir = dname.clone();
-        move |source| WriteError::Io {
-            dir,
-            step,
-            path: p,
-            source,
-        }
-    };
+    let io_err = |step, p: &Path| io_error(&dname, step, p);
     let store_err = |e: nixb_store::local_store::StoreError| WriteError::Store {
         dir: dname.clone(),
         reason: e.to_string(),
@@ -285,16 +282,7 @@ fn write_one(
     let printed = sd.print(&info.path);
     let nar_dir = dir.join("nar");
     let tmp = tmp_name(&nar_dir);
-    let io_err = |step, p: &Path| {
-        let p = p.to_path_buf();
-        let dir = dname.to_string();
-        move |source| WriteError::Io {
-            dir,
-            step,
-            path: p,
-            source,
-        }
-    };
+    let io_err = |step, p: &Path| io_error(dname, step, p);
     let result = (|| {
         let file = std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
         let file = HashingWriter {
