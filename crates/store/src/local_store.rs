@@ -239,12 +239,20 @@ pub struct LocalStore {
     config: StoreConfig,
     db: Mutex<Db>,
     /// Held with a shared lock for as long as the store is open (see the module doc).
-    _big_lock: File,
+    big_lock: File,
     /// This process's temporary roots file, created on first use.
     temp_roots: Mutex<TempRoots>,
     /// `hashDerivationModulo` of derivations checked at registration, so registering a
     /// chain of derivations reads each input once.
     drv_hashes: Mutex<DrvHashCache>,
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        // As for path locks: release the shared big lock now, not when the last copy of
+        // the descriptor (possibly in a child forked by another thread) is closed.
+        let _ = lock_file(&self.big_lock, LockType::None, false);
+    }
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -320,7 +328,7 @@ impl LocalStore {
         Ok(LocalStore {
             config,
             db: Mutex::new(db),
-            _big_lock: big_lock,
+            big_lock,
             temp_roots: Mutex::new(TempRoots::default()),
             drv_hashes: Mutex::new(DrvHashCache::new()),
         })

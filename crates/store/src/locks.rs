@@ -208,7 +208,10 @@ impl PathLocks {
             if self.delete {
                 delete_lock_file(&path, &file);
             }
-            // Closing the last descriptor releases the flock.
+            // Unlock explicitly: closing our descriptor alone would leave the flock held
+            // while a child forked by another thread still has a copy of it (until its
+            // exec closes the close-on-exec descriptor).
+            let _ = lock_file(&file, LockType::None, false);
             drop(file);
         }
     }
