@@ -252,6 +252,10 @@ impl Drop for LocalStore {
         // As for path locks: release the shared big lock now, not when the last copy of
         // the descriptor (possibly in a child forked by another thread) is closed.
         let _ = lock_file(&self.big_lock, LockType::None, false);
+        let roots = self.temp_roots.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(file) = &roots.file {
+            let _ = lock_file(file, LockType::None, false);
+        }
     }
 }
 
