@@ -165,7 +165,13 @@ impl Drop for UidLock {
     fn drop(&mut self) {
         // Close first: once the path leaves the set another thread may open the file, and
         // must find it unlocked by us rather than share our (per-process) fcntl lock.
-        drop(self.fd.take());
+        if let Some(fd) = self.fd.take() {
+            // Unlock the flock explicitly: a child forked by another thread shares the open
+            // file description until its exec closes it, and would keep the lock held.
+            // SAFETY: `fd` is an open descriptor we own; LOCK_UN has no memory effects.
+            unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_UN) };
+            drop(fd);
+        }
         locked_set().remove(&self.path);
     }
 }
