@@ -24,19 +24,17 @@ use nixb_store::{HashAlgo, StorePath};
 
 const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
-struct Rng(u64);
+/// Seeded, so a failing case reproduces.
+struct Rng(fastrand::Rng);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.u64(..)
     }
 }
 
 fn candidates(n: usize) -> Vec<String> {
-    let mut rng = Rng(7);
+    let mut rng = Rng(fastrand::Rng::with_seed(7));
     (0..n)
         .map(|_| {
             (0..32)
@@ -71,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "scan-mem" => {
             let mib: usize = arg(1)?.parse()?;
             let total: usize = arg(2)?.parse()?;
-            let mut rng = Rng(99);
+            let mut rng = Rng(fastrand::Rng::with_seed(99));
             let mut buf = vec![0u8; mib << 20];
             match arg(3)? {
                 "binary" => buf.iter_mut().for_each(|b| *b = rng.next() as u8),
