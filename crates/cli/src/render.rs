@@ -63,6 +63,9 @@ pub struct EventRenderer {
     /// Builder output not yet ended by a newline, per derivation, so that lines of
     /// concurrent builds do not interleave mid-line.
     partial: HashMap<StorePath, Vec<u8>>,
+    /// Derivations whose hook failed: the original prints `@ hook-failed` *instead of*
+    /// `@ build-failed` for them.
+    hook_failed: std::collections::HashSet<StorePath>,
 }
 
 impl EventRenderer {
@@ -88,6 +91,7 @@ impl EventRenderer {
             failed: 0,
             planned: 0,
             partial: HashMap::new(),
+            hook_failed: Default::default(),
         }
     }
 
@@ -205,7 +209,7 @@ impl EventSink for EventRenderer {
                         if verbosity() >= 1 && self.bar.is_none() {
                             self.say(&format!("building '{d}'..."));
                         }
-                        if mode == RenderMode::Trace {
+                        if mode == RenderMode::Trace && !self.hook_failed.contains(&drv) {
                             let log = log_file
                                 .map(|p| p.display().to_string())
                                 .unwrap_or_default();
@@ -352,7 +356,8 @@ impl EventSink for EventRenderer {
                         "event": "hook-failed", "drv": d, "status": status, "message": message,
                     })),
                     RenderMode::Trace => {
-                        self.say(&format!("@ hook-failed {d} - {status} {message}"))
+                        self.say(&format!("@ hook-failed {d} - {status} {message}"));
+                        self.hook_failed.insert(drv);
                     }
                     RenderMode::Human => {}
                 }

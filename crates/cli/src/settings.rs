@@ -51,6 +51,8 @@ pub struct Settings {
     pub system: String,
     pub build_hook: Option<String>,
     pub builders: Vec<String>,
+    /// `builders-use-substitutes`: remote builders fetch inputs from their own substituters.
+    pub builders_use_substitutes: bool,
     pub secret_key_files: Vec<String>,
     /// Warnings collected while loading (unknown names), for the cli to print.
     pub warnings: Vec<String>,
@@ -83,6 +85,7 @@ impl Default for Settings {
             system: default_system().to_string(),
             build_hook: None,
             builders: Vec::new(),
+            builders_use_substitutes: false,
             secret_key_files: Vec::new(),
             warnings: Vec::new(),
         }
@@ -284,6 +287,9 @@ impl Settings {
             "system" => self.system = value.to_string(),
             "build-hook" => self.build_hook = (!value.is_empty()).then(|| value.to_string()),
             "builders" => set_list(&mut self.builders),
+            "builders-use-substitutes" => {
+                self.builders_use_substitutes = parse_bool(value).with_context(ctx)?
+            }
             "secret-key-files" => set_list(&mut self.secret_key_files),
             k if KNOWN_IGNORED.contains(&k) => {}
             _ => self

@@ -10,7 +10,8 @@
 //! stderr   passed on to the user
 //! fd 4     the build log (the remote builder's output)
 //! exit     0 built (outputs imported and valid here), 100 the remote build failed,
-//!          anything else: the hook itself failed
+//!          101 it timed out there, anything else: the hook itself failed (reported with
+//!          an `@ hook-failed` trace line in place of `@ build-failed`)
 //! ```
 //!
 //! One hook process serves requests until it accepts one; the accepting goal takes the
@@ -41,6 +42,9 @@ use crate::worker::Worker;
 
 /// The exit status of a hook whose remote build failed (as opposed to the hook failing).
 pub const REMOTE_BUILD_FAILED: i32 = 100;
+/// The exit status of a hook whose remote build ran out of `timeout` or `max-silent-time`
+/// (the original's `@ build-failed DRV - timeout`; the run then exits with the timeout bit).
+pub const REMOTE_BUILD_TIMED_OUT: i32 = 101;
 
 /// A running hook process waiting for (or answering) requests.
 pub(crate) struct HookInstance {
@@ -358,6 +362,13 @@ pub(crate) fn build_done(
             message: message.clone(),
         });
         g.fail(id, w, FailureKind::SetupFailed, message, false);
+        return Ok(());
+    }
+    if status.code() == Some(REMOTE_BUILD_TIMED_OUT) {
+        // Like a local timeout: not permanent, never cached as a failure.
+        w.timed_out = true;
+        let message = format!("remote build of {shown} timed out");
+        g.fail(id, w, FailureKind::TimedOut, message, false);
         return Ok(());
     }
     if status.code() == Some(REMOTE_BUILD_FAILED) {

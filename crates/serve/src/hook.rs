@@ -10,7 +10,9 @@
 //! after "# accept", two lines on stdin:
 //!   inputs  = { <store path> " " } "\n"     (the input closure, derivations included)
 //!   outputs = { <store path> " " } "\n"     (the outputs to bring back)
-//! exit      = 0 built, 100 the remote build failed, anything else a hook failure
+//! exit      = 0 built, 100 the remote build failed, 101 it timed out there (as the
+//!             original's Perl hook; the engine then sets its timeout bit), anything
+//!             else a hook failure
 //! ```
 //!
 //! A hook process answers requests until it accepts one (declined and postponed ones
@@ -271,6 +273,8 @@ pub enum HookOutcome {
         machine: String,
         drv: String,
         message: String,
+        /// It failed because `timeout` or `max-silent-time` ran out over there.
+        timed_out: bool,
     },
 }
 
@@ -278,6 +282,9 @@ impl HookOutcome {
     pub fn exit_code(&self) -> i32 {
         match self {
             HookOutcome::NoneAccepted | HookOutcome::Built { .. } => 0,
+            HookOutcome::BuildFailed {
+                timed_out: true, ..
+            } => 101,
             HookOutcome::BuildFailed { .. } => 100,
         }
     }
@@ -310,6 +317,9 @@ pub struct Hook<'a> {
     /// Where `current-load/` (the slot lock files) lives: the engine's state directory.
     pub state_dir: PathBuf,
     pub store: &'a LocalStore,
+    /// `builders-use-substitutes`: let the machine fetch the inputs it lacks from its own
+    /// substituters before they are copied from here.
+    pub use_substitutes: bool,
     pub connector: &'a mut dyn Connector,
     /// Makes a sink for a remote's standard error (the build log, fd 4 in the hook).
     pub log: &'a mut dyn FnMut() -> Box<dyn Write + Send>,
@@ -429,7 +439,7 @@ impl Hook<'_> {
             ..BuildOptions::default()
         };
         let _ = writeln!(replies, "building '{}' on '{uri}'", req.drv_path);
-        client.copy_closure_to(store, &basic.input_srcs, false)?;
+        client.copy_closure_to(store, &basic.input_srcs, self.use_substitutes)?;
         let result = client.build_derivation(&drv_path, &basic, &options)?;
         if !result.status.is_success() {
             let message = strip_ansi(&result.error_msg);
@@ -444,6 +454,7 @@ impl Hook<'_> {
                 machine: uri,
                 drv: req.drv_path.clone(),
                 message,
+                timed_out: result.status == crate::proto::BuildStatus::TimedOut,
             });
         }
         let mut outputs: BTreeSet<StorePath> = BTreeSet::new();

@@ -48,6 +48,14 @@ pub trait RemoteBuilder {
         paths: &[DerivedPath],
         options: &BuildOptions,
     ) -> Result<(), (BuildStatus, String)>;
+
+    /// Tries to make `paths` (invalid here, no derivations among them) valid from this
+    /// machine's own substituters, for a client that asked for it
+    /// (`builders-use-substitutes`). Best effort, as in Nix: what cannot be substituted
+    /// is simply still missing, and the client copies it. The default does nothing.
+    fn substitute_paths(&mut self, store: &LocalStore, paths: &BTreeSet<StorePath>) {
+        let _ = (store, paths);
+    }
 }
 
 /// Serves one session on `reader`/`writer` until the client closes it. `write_allowed`
@@ -119,10 +127,21 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         match command {
             Command::QueryValidPaths => {
                 let lock = self.r.read_bool("lock flag")?;
-                // Substituting is the engine's business; this server answers with what
-                // it has, which a client must handle anyway.
-                let _substitute = self.r.read_bool("substitute flag")?;
+                let substitute = self.r.read_bool("substitute flag")?;
                 let paths = read_paths(&mut self.r, &dir, "paths")?;
+                if substitute && self.write_allowed {
+                    // Only plain paths: a derivation asked about here is one the client
+                    // will copy, never one to build.
+                    let mut wanted = BTreeSet::new();
+                    for p in &paths {
+                        if !p.is_derivation() && !self.store.is_valid_path(p)? {
+                            wanted.insert(p.clone());
+                        }
+                    }
+                    if !wanted.is_empty() {
+                        self.builder.substitute_paths(self.store, &wanted);
+                    }
+                }
                 let mut valid = BTreeSet::new();
                 for p in paths {
                     if self.store.is_valid_path(&p)? {

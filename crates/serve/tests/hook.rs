@@ -75,6 +75,7 @@ fn run_hook(w: &World, machines: Vec<Machine>, input: String) -> Run {
         machines,
         state_dir: w.path("local/state"),
         store: &store,
+        use_substitutes: false,
         connector: &mut conn,
         log: &mut mk_log,
     }

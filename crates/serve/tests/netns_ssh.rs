@@ -221,6 +221,7 @@ fn hook_builds_on_real_nix_over_real_ssh_in_a_network_namespace() {
         machines,
         state_dir: w.path("local/state"),
         store: &store,
+        use_substitutes: false,
         connector: &mut conn,
         log: &mut mk_log,
     }

@@ -3,7 +3,9 @@
 //! `nix-store --serve` to them (see `nixb_serve::hook` for the line protocol). The engine
 //! starts it with the hook's four arguments; requests come on stdin, replies and messages
 //! go to stderr, the remote build log to file descriptor 4 (stderr when that is closed).
-//! `NIX_SSHOPTS` adds options to every ssh command, as for Nix.
+//! `NIX_SSHOPTS` adds options to every ssh command, as for Nix. With
+//! `builders-use-substitutes` the machine is asked to fetch missing inputs from its own
+//! substituters before anything is copied from here.
 
 use std::fs::File;
 use std::io::Write;
@@ -63,6 +65,7 @@ pub fn run(args: BuildRemoteArgs, options: &[String]) -> Result<u8> {
         machines,
         state_dir: store.config().state_dir.clone(),
         store: &store,
+        use_substitutes: settings.builders_use_substitutes,
         connector: &mut connector,
         log: &mut log,
     };

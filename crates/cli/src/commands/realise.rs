@@ -237,6 +237,9 @@ fn hook_command(s: &Settings) -> Option<HookCommand> {
             "--option".into(),
             "builders".into(),
             s.builders.join(" "),
+            "--option".into(),
+            "builders-use-substitutes".into(),
+            s.builders_use_substitutes.to_string(),
         ],
     })
 }

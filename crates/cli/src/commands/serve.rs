@@ -164,6 +164,19 @@ impl RemoteBuilder for EngineBuilder {
         let cfg = self.config(store, options);
         self.realise(store, paths, &cfg)
     }
+
+    /// The worker substitutes plain paths from this machine's `substituters`; a path
+    /// none of them has stays missing (the client then sends it), so failures are only
+    /// warnings, as in `nix-store --serve`.
+    fn substitute_paths(&mut self, store: &LocalStore, paths: &BTreeSet<StorePath>) {
+        let mut cfg = self.config(store, &BuildOptions::default());
+        // One path nobody has must not stop the others.
+        cfg.keep_going = true;
+        let targets: Vec<DerivedPath> = paths.iter().cloned().map(DerivedPath::Opaque).collect();
+        if let Err((_, msg)) = self.realise(store, &targets, &cfg) {
+            eprintln!("warning: substituting inputs: {msg}");
+        }
+    }
 }
 
 /// The store as the worker sees it while building a derivation received over the wire:
