@@ -11,6 +11,9 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("xz-utils", "xz"),
     ("bubblewrap", "bwrap"),
     ("iproute2", "ip"),
+    // Remote-build tests start sshd in network namespaces and reach it with ssh.
+    ("openssh-server", "/usr/sbin/sshd"),
+    ("openssh-client", "ssh-keygen"),
 ];
 
 fn have(cmd: &str) -> bool {

@@ -209,7 +209,7 @@ impl EventSink for EventRenderer {
                         if verbosity() >= 1 && self.bar.is_none() {
                             self.say(&format!("building '{d}'..."));
                         }
-                        if mode == RenderMode::Trace && !self.hook_failed.contains(&drv) {
+                        if mode == RenderMode::Trace {
                             let log = log_file
                                 .map(|p| p.display().to_string())
                                 .unwrap_or_default();
@@ -268,7 +268,7 @@ impl EventSink for EventRenderer {
                     })),
                     mode => {
                         self.say(&format!("error: {reason}"));
-                        if mode == RenderMode::Trace {
+                        if mode == RenderMode::Trace && !self.hook_failed.contains(&drv) {
                             let status = match kind {
                                 FailureKind::TimedOut => "timeout".to_string(),
                                 FailureKind::CachedFailure => "cached".to_string(),
