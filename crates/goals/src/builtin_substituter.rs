@@ -27,9 +27,14 @@
 //! thread unpacked for a goal that is gone is deleted before its lock is released
 //! ([`Fetched`] deletes its destination unless the goal keeps it).
 //!
-//! Threads are not killed: a fetch runs to its end or to the cache's own timeouts, so
-//! `max-silent-time` and `timeout` (which kill processes) do not apply here. Dropping the
-//! pool discards queued jobs and waits for the ones in flight.
+//! Threads are not killed: a fetch runs to its end or to the cache's own timeouts.
+//! `max-silent-time`, which for a substituter process means "no output for that long",
+//! becomes the longest wait for any single read from the cache (when shorter than the
+//! cache's own read timeout): a stalled cache fails the attempt, retries included, and
+//! the goal moves on to the next substituter or `--fallback`. `timeout` (a bound on the
+//! whole run of a process) has no equivalent for a thread, and a slow but live download
+//! is not cut short. Dropping the pool discards queued jobs and waits for the ones in
+//! flight.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -165,9 +170,13 @@ pub(crate) struct BuiltinSubstituter {
 
 impl BuiltinSubstituter {
     pub fn new(cfg: &WorkerConfig, store_dir: StoreDir) -> BuiltinSubstituter {
+        let mut opts = cfg.cache_options.clone();
+        if let Some(silent) = cfg.max_silent_time.filter(|d| !d.is_zero()) {
+            opts.read_timeout = opts.read_timeout.min(silent);
+        }
         BuiltinSubstituter {
             store_dir,
-            opts: cfg.cache_options.clone(),
+            opts,
             urls: cfg
                 .substituters
                 .iter()
