@@ -436,8 +436,9 @@ fn a_tampered_nar_is_refused_by_the_builtin_substituter_and_nothing_registered()
 
 // --- a dying HTTP cache -----------------------------------------------------------------
 
-/// Serves a cache that has `out` (by its narinfo) but dies in the middle of every NAR.
-fn dying_cache(store_dir: &str, out: &str) -> (String, Arc<AtomicUsize>) {
+/// Serves a cache that has `out` (by its narinfo) but dies in the middle of every NAR,
+/// or with `stall`, stops sending in the middle of it and keeps the connection open.
+fn dying_cache(store_dir: &str, out: &str, stall: bool) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let nar_requests = Arc::new(AtomicUsize::new(0));
@@ -484,6 +485,14 @@ fn dying_cache(store_dir: &str, out: &str) -> (String, Arc<AtomicUsize>) {
                 let mut head = 13u64.to_le_bytes().to_vec();
                 head.extend_from_slice(b"nix-archive-1\0\0\0");
                 let _ = s.write_all(&head);
+                if stall {
+                    // ... and nothing more, on a connection left open.
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_secs(600));
+                        drop(s);
+                    });
+                    continue;
+                }
                 // ... and the connection dies.
             } else {
                 let _ = write!(
@@ -508,7 +517,7 @@ fn a_dying_http_cache_is_retried_then_fallback_builds() {
     );
     let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
     let out = run_str(t.nix("nix-store").args(["-q", "--outputs"]).arg(&drv), None);
-    let (url, nar_requests) = dying_cache(t.store_dir().to_str().unwrap(), &out);
+    let (url, nar_requests) = dying_cache(t.store_dir().to_str().unwrap(), &out, false);
     let base = |c: &mut Command| {
         c.args([
             "realise",
@@ -546,6 +555,41 @@ fn a_dying_http_cache_is_retried_then_fallback_builds() {
         err.contains(&format!("@ substituter-failed {out}")),
         "{err}"
     );
+    assert!(err.contains(&format!("@ build-started {drv}")), "{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "built here\n");
+}
+
+#[test]
+fn max_silent_time_gives_up_on_a_stalled_cache_then_fallback_builds() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::new();
+    let expr = t.file(
+        "one.nix",
+        r#"builtins.derivation { name = "one"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo built here > $out" ]; }"#,
+    );
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let out = run_str(t.nix("nix-store").args(["-q", "--outputs"]).arg(&drv), None);
+    let (url, nar_requests) = dying_cache(t.store_dir().to_str().unwrap(), &out, true);
+    let start = Instant::now();
+    let res = run(
+        t.nixb()
+            .args(["realise", "--print-build-trace", "--fallback"])
+            .args(["--max-silent-time", "1"])
+            .args(["--option", "substituters", &url])
+            .args(["--option", "require-sigs", "false"])
+            .arg(&drv),
+        None,
+    );
+    let took = start.elapsed();
+    let err = text(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    // Each of the 5 attempts waits 1 s for a byte, plus 3.75 s of backoff; without the
+    // bound, one attempt alone would wait the cache's 30 s read timeout.
+    assert!(took < Duration::from_secs(29), "took {took:?}\n{err}");
+    assert!(nar_requests.load(Ordering::SeqCst) >= 1, "{err}");
+    assert!(err.contains(&format!("@ substituter-failed {out}")), "{err}");
     assert!(err.contains(&format!("@ build-started {drv}")), "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "built here\n");
 }
