@@ -126,9 +126,12 @@ const HOST_CONF: &str =
 fn realise(t: &TestStore, machines: &[String]) -> std::process::Command {
     let file = t.file("machines", &(machines.join("\n") + "\n"));
     let mut c = t.nixb();
-    c.env("NIX_SSHOPTS", "-F /dev/null -oConnectTimeout=10 -oIdentitiesOnly=yes")
-        .args(["realise", "--print-build-trace", "--option", "builders"])
-        .arg(format!("@{}", file.display()));
+    c.env(
+        "NIX_SSHOPTS",
+        "-F /dev/null -oConnectTimeout=10 -oIdentitiesOnly=yes",
+    )
+    .args(["realise", "--print-build-trace", "--option", "builders"])
+    .arg(format!("@{}", file.display()));
     c
 }
 
@@ -321,10 +324,7 @@ fn an_unreachable_host_is_named_and_another_host_or_the_local_machine_builds() {
     assert!(err.contains(&format!("cannot build on '{dead}'")), "{err}");
     assert!(err.contains("Connection refused"), "{err}");
     assert!(
-        err.contains(&format!(
-            "building '{for_nix}' on '{}'",
-            nixhost.host.uri()
-        )),
+        err.contains(&format!("building '{for_nix}' on '{}'", nixhost.host.uri())),
         "{err}"
     );
     let out = text(&res.stdout).trim().to_string();
@@ -383,7 +383,10 @@ fn a_remote_timeout_is_honoured_and_reported_as_a_timeout() {
         "took {took:?}: the timeout was not passed on"
     );
     for d in [&d1, &d2] {
-        assert!(err.contains(&format!("@ build-failed {d} - timeout")), "{err}");
+        assert!(
+            err.contains(&format!("@ build-failed {d} - timeout")),
+            "{err}"
+        );
     }
     assert!(err.contains("started for-nix\n"), "{err}");
     assert!(err.contains("started for-nixb\n"), "{err}");
@@ -482,10 +485,7 @@ fn builders_use_substitutes_lets_each_host_fetch_inputs_from_its_own_cache() {
         }
         let outs = text(&res.stdout);
         for (o, i) in outs.lines().zip([first, first + 1]) {
-            assert_eq!(
-                std::fs::read_to_string(o).unwrap(),
-                format!("input {i}\n")
-            );
+            assert_eq!(std::fs::read_to_string(o).unwrap(), format!("input {i}\n"));
         }
     }
 }

@@ -589,7 +589,10 @@ fn max_silent_time_gives_up_on_a_stalled_cache_then_fallback_builds() {
     // bound, one attempt alone would wait the cache's 30 s read timeout.
     assert!(took < Duration::from_secs(29), "took {took:?}\n{err}");
     assert!(nar_requests.load(Ordering::SeqCst) >= 1, "{err}");
-    assert!(err.contains(&format!("@ substituter-failed {out}")), "{err}");
+    assert!(
+        err.contains(&format!("@ substituter-failed {out}")),
+        "{err}"
+    );
     assert!(err.contains(&format!("@ build-started {drv}")), "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "built here\n");
 }
@@ -804,7 +807,10 @@ fn a_remote_timeout_is_honoured() {
     let err = text(&res.stderr);
     // The hook exits 101 and the run carries Nix's timeout bit, as a local timeout.
     assert_eq!(res.status.code(), Some(101), "{err}");
-    assert!(err.contains(&format!("@ build-failed {drv} - timeout")), "{err}");
+    assert!(
+        err.contains(&format!("@ build-failed {drv} - timeout")),
+        "{err}"
+    );
     assert!(
         took < Duration::from_secs(40),
         "took {took:?}: the timeout was not passed on"

@@ -114,7 +114,10 @@ impl SshHost {
         let pid = std::process::id();
         let ns = format!("nixb-t{pid}-{n}");
         let net = format!("10.232.{}", pid % 250);
-        let (host_ip, ip) = (format!("{net}.{}", 4 * n + 1), format!("{net}.{}", 4 * n + 2));
+        let (host_ip, ip) = (
+            format!("{net}.{}", 4 * n + 1),
+            format!("{net}.{}", 4 * n + 2),
+        );
         // Interface names have at most 15 bytes.
         let (veth_host, veth_ns) = (
             format!("nx{}-{n}h", pid % 100_000),
@@ -137,7 +140,15 @@ impl SshHost {
         run(Command::new("ip").args(["link", "set", &veth_ns, "netns", &ns]));
         run(Command::new("ip").args(["addr", "add", &format!("{host_ip}/30"), "dev", &veth_host]));
         run(Command::new("ip").args(["link", "set", &veth_host, "up"]));
-        run(Command::new("ip").args(["-n", &ns, "addr", "add", &format!("{ip}/30"), "dev", &veth_ns]));
+        run(Command::new("ip").args([
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/30"),
+            "dev",
+            &veth_ns,
+        ]));
         run(Command::new("ip").args(["-n", &ns, "link", "set", &veth_ns, "up"]));
         run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
 
@@ -201,7 +212,13 @@ impl SshHost {
     }
 
     /// A machines-file line for this host: its key and pinned host key.
-    pub fn machines_line(&self, systems: &str, max_jobs: u32, speed: u32, features: &str) -> String {
+    pub fn machines_line(
+        &self,
+        systems: &str,
+        max_jobs: u32,
+        speed: u32,
+        features: &str,
+    ) -> String {
         format!(
             "{} {systems} {} {max_jobs} {speed} {features} - {}",
             self.uri(),
