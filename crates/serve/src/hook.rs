@@ -541,6 +541,20 @@ mod tests {
     }
 
     #[test]
+    fn exit_codes_follow_the_original_hook() {
+        let failed = |timed_out| HookOutcome::BuildFailed {
+            machine: "ssh://m".into(),
+            drv: "/s/x.drv".into(),
+            message: String::new(),
+            timed_out,
+        };
+        // 100: the build failed there; 101: it timed out there (the engine's timeout bit).
+        assert_eq!(failed(false).exit_code(), 100);
+        assert_eq!(failed(true).exit_code(), 101);
+        assert_eq!(HookOutcome::NoneAccepted.exit_code(), 0);
+    }
+
+    #[test]
     fn ansi_sequences_are_removed() {
         assert_eq!(
             strip_ansi("\u{1b}[0mbuilder for '\u{1b}[35;1m/s/x.drv\u{1b}[0m' failed"),

@@ -285,3 +285,95 @@ fn real_nix_build_hook_builds_on_the_nixb_server() {
         "remote\n"
     );
 }
+
+/// Records what the server asks it to substitute; builds nothing.
+struct SubstituteRecorder(Vec<BTreeSet<nixb_store::StorePath>>);
+
+impl nixb_serve::server::RemoteBuilder for SubstituteRecorder {
+    fn build_derivation(
+        &mut self,
+        _: &nixb_store::local_store::LocalStore,
+        _: &nixb_store::StorePath,
+        _: &nixb_store::derivation::Derivation,
+        _: &BuildOptions,
+    ) -> nixb_serve::BuildResult {
+        nixb_serve::BuildResult::new(BuildStatus::MiscFailure, "this builder builds nothing")
+    }
+
+    fn build_paths(
+        &mut self,
+        _: &nixb_store::local_store::LocalStore,
+        _: &[nixb_store::DerivedPath],
+        _: &BuildOptions,
+    ) -> Result<(), (BuildStatus, String)> {
+        Err((
+            BuildStatus::MiscFailure,
+            "this builder builds nothing".into(),
+        ))
+    }
+
+    fn substitute_paths(
+        &mut self,
+        _: &nixb_store::local_store::LocalStore,
+        paths: &BTreeSet<nixb_store::StorePath>,
+    ) {
+        self.0.push(paths.clone());
+    }
+}
+
+/// One in-process session: `queries` are (paths, substitute flag); returns the valid
+/// sets answered and what the builder was asked to substitute.
+fn substitute_session(
+    w: &World,
+    write: bool,
+    queries: &[(BTreeSet<nixb_store::StorePath>, bool)],
+) -> (
+    Vec<BTreeSet<nixb_store::StorePath>>,
+    Vec<BTreeSet<nixb_store::StorePath>>,
+) {
+    let server_store = w.local("server");
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut rec = SubstituteRecorder(Vec::new());
+    let answers = std::thread::scope(|s| {
+        let server = s.spawn(|| {
+            let r = theirs.try_clone().unwrap();
+            nixb_serve::server::serve(r, theirs, &server_store, &mut rec, write)
+        });
+        let mut c =
+            nixb_serve::ServeClient::new(ours.try_clone().unwrap(), ours, w.store_dir.clone(), "t")
+                .unwrap();
+        let answers: Vec<_> = queries
+            .iter()
+            .map(|(p, sub)| c.query_valid_paths(p, false, *sub).unwrap())
+            .collect();
+        c.close().unwrap();
+        server.join().unwrap().unwrap();
+        answers
+    });
+    (answers, rec.0)
+}
+
+#[test]
+fn the_substitute_flag_asks_for_missing_plain_paths_only_and_only_with_write() {
+    let w = World::new();
+    let local = w.local("local");
+    let (a, b) = add_sources(&w, &local, "sub");
+    let drv = make_drv(&w, "not-substituted", "exit 0", &[&a], &["out"]);
+    let drv_path = local.add_derivation(&drv).unwrap();
+    // The server already has a (b refers to it); b and the derivation it lacks.
+    let server = w.local("server");
+    server
+        .register_valid_paths(&[local.query_path_info(&a).unwrap().unwrap()])
+        .unwrap();
+    drop(server);
+    let all = BTreeSet::from([a.clone(), b.clone(), drv_path.clone()]);
+    let (answers, asked) =
+        substitute_session(&w, true, &[(all.clone(), false), (all.clone(), true)]);
+    // Without the flag nothing is asked; with it, only the missing non-derivation path.
+    // The recorder substitutes nothing, so the answer stays what the store has.
+    assert_eq!(asked, vec![BTreeSet::from([b.clone()])]);
+    assert_eq!(answers, vec![BTreeSet::from([a.clone()]); 2]);
+    // A read-only server never substitutes.
+    let (_, asked) = substitute_session(&w, false, &[(all, true)]);
+    assert!(asked.is_empty(), "{asked:?}");
+}
