@@ -216,7 +216,7 @@ impl Prepared {
     /// before setuid), the user switch, then the remaining capability sets, no_new_privs and
     /// the seccomp filter (installing it unprivileged requires no_new_privs).
     pub fn privilege_steps(&self, user: Option<Vec<Step>>) -> Vec<Step> {
-        let mut steps = vec![Step::DropBoundingSet(63)];
+        let mut steps = vec![Step::DropBoundingSet(last_capability())];
         steps.extend(user.unwrap_or_default());
         steps.extend([
             Step::ClearCapabilities,
@@ -225,6 +225,20 @@ impl Prepared {
         ]);
         steps
     }
+}
+
+/// The highest capability number this kernel knows (`/proc/sys/kernel/cap_last_cap`), so that
+/// the child does not make a failing prctl for each of the numbers above it; 63 (every
+/// possible one) when the file cannot be read.
+fn last_capability() -> u32 {
+    static LAST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *LAST.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|n| *n <= 63)
+            .unwrap_or(63)
+    })
 }
 
 fn prep_err(step: String) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -325,27 +339,57 @@ enum Node {
     Contents(Vec<u8>),
 }
 
-/// The skeleton, keyed by the path inside; `Path` orders component-wise, so a directory comes
-/// before everything in it.
+/// `inside` (absolute, already checked for `..`) as bytes in one spelling: `/` followed by
+/// its normal components joined by `/`, so that `/usr/`, `/usr/.` and `//usr` are one key.
+fn inside_key(inside: &Path) -> Vec<u8> {
+    let mut key = Vec::with_capacity(inside.as_os_str().len() + 1);
+    for c in inside.components() {
+        if let Component::Normal(n) = c {
+            key.push(b'/');
+            key.extend_from_slice(n.as_bytes());
+        }
+    }
+    if key.is_empty() {
+        key.push(b'/');
+    }
+    key
+}
+
+/// The skeleton, keyed by the path inside as an [`inside_key`]. In byte order a directory
+/// comes before everything in it (it is a prefix of their keys), which is all the child
+/// needs; comparing bytes is several times cheaper than `Path`'s component-wise order, and a
+/// prepare compares a few thousand keys.
 #[derive(Default)]
-struct Skeleton(BTreeMap<PathBuf, Node>);
+struct Skeleton(BTreeMap<Vec<u8>, Node>);
 
 impl Skeleton {
     /// Adds `inside` (absolute, checked) and the directories above it.
     fn add(&mut self, inside: &Path, node: Node) {
-        for a in inside.ancestors().skip(1) {
-            if a.parent().is_none() {
-                break; // "/" is the tmpfs itself
+        let key = inside_key(inside);
+        // Every `/` after the first ends an ancestor ("/" itself is the tmpfs).
+        for (i, _) in key.iter().enumerate().skip(1).filter(|(_, c)| **c == b'/') {
+            if !self.0.contains_key(&key[..i]) {
+                self.0.insert(key[..i].to_vec(), Node::Dir(0o755));
             }
-            self.0.entry(a.to_path_buf()).or_insert(Node::Dir(0o755));
         }
-        self.0.insert(inside.to_path_buf(), node);
+        if key != b"/" {
+            self.0.insert(key, node);
+        }
     }
 
     fn steps(self, root: &Path) -> Result<Vec<Step>, SandboxError> {
+        let root = root_bytes(root);
         let mut steps = Vec::with_capacity(self.0.len());
         for (inside, node) in self.0 {
-            let path = cpath(&under(root, &inside, "sandbox path")?)?;
+            let mut full = Vec::with_capacity(root.len() + inside.len() + 1);
+            full.extend_from_slice(root);
+            full.extend_from_slice(&inside);
+            let path = CString::new(full).map_err(|_| {
+                SandboxError::InvalidSpec(format!(
+                    "sandbox path {} contains a NUL byte",
+                    String::from_utf8_lossy(&inside)
+                ))
+            })?;
             steps.push(match node {
                 Node::Dir(mode) => Step::MkDir { path, mode },
                 Node::File => Step::MkFile(path),
@@ -358,6 +402,13 @@ impl Skeleton {
         }
         Ok(steps)
     }
+}
+
+/// `root` without trailing slashes, for joining [`inside_key`]s to it.
+fn root_bytes(root: &Path) -> &[u8] {
+    let b = root.as_os_str().as_bytes();
+    let end = b.iter().rposition(|c| *c != b'/').map_or(0, |i| i + 1);
+    &b[..end]
 }
 
 /// A bind whose source exists, and what it is.
@@ -412,9 +463,15 @@ pub(crate) fn prepare(
             binds.push(BindMount::same("/dev/kvm"));
         }
     }
-    // Path order is component-wise, so a directory sorts before anything inside it.
-    binds.sort_by(|a, b| a.target.cmp(&b.target));
-    binds.dedup_by(|later, earlier| later.target == earlier.target);
+    // By inside_key: a directory sorts before anything inside it (see Skeleton).
+    let mut keyed: Vec<(Vec<u8>, BindMount)> = binds
+        .into_iter()
+        .map(|b| (inside_key(&b.target), b))
+        .collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    keyed.dedup_by(|later, earlier| later.0 == earlier.0);
+    let store_key = inside_key(&spec.store_dir);
+    let binds: Vec<BindMount> = keyed.into_iter().map(|(_, b)| b).collect();
 
     let mut present = Vec::with_capacity(binds.len());
     for b in &binds {
@@ -575,7 +632,9 @@ pub(crate) fn prepare(
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("mode=0755"),
     )?);
+    steps.push(Step::ClearUmask);
     steps.extend(skel.steps(root)?);
+    steps.push(Step::RestoreUmask);
 
     // The store directory, then the binds, in target order (a bind of an ancestor of the
     // store directory, say /nix, must come first or it would hide the store directory).
@@ -615,7 +674,7 @@ pub(crate) fn prepare(
     for p in &present {
         let b = p.b;
         // Ancestors of the store directory sort before it, everything in it after it.
-        if !store_mounted && b.target > spec.store_dir {
+        if !store_mounted && inside_key(&b.target) > store_key {
             mount_store(&mut steps)?;
             store_mounted = true;
         }

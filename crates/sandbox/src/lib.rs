@@ -23,6 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::time::Duration;
 
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
@@ -216,10 +217,8 @@ fn stdio_steps(log_fd: RawFd, null_fd: RawFd, cwd: CString) -> Vec<Step> {
 /// Everything the child needs, kept alive in the parent until the child has exec'd or failed.
 struct Prepared {
     plan: Vec<Step>,
+    /// Namespace flags for the clone (`CLONE_VM | CLONE_VFORK` are always added).
     clone_flags: libc::c_int,
-    /// Start the child with `CLONE_VM | CLONE_VFORK` (see [`spawn_prepared`]): only for plans
-    /// whose steps are plain syscalls on data the parent keeps alive, with no namespaces.
-    share_vm: bool,
     /// Index in `plan` of the overlay mount, when the chroot uses one.
     overlay_step: Option<usize>,
     // Held only so that the pointers and descriptors in `plan` stay valid.
@@ -244,7 +243,6 @@ fn prepare(
             Ok(Prepared {
                 plan,
                 clone_flags: 0,
-                share_vm: true,
                 overlay_step: None,
                 _chroot: None,
             })
@@ -259,10 +257,6 @@ fn prepare(
             Ok(Prepared {
                 plan,
                 clone_flags: prep.clone_flags,
-                // Namespace setup runs far longer than a fork costs, and the chroot steps
-                // (writing files, the seccomp filter) are more than a suspended parent should
-                // lend its memory to; a copied address space keeps them apart.
-                share_vm: false,
                 overlay_step: prep.overlay_step,
                 _chroot: Some(prep),
             })
@@ -273,15 +267,55 @@ fn prepare(
 struct ChildArgs<'a> {
     plan: &'a [Step],
     err_fd: RawFd,
+    /// Shared memory for [`spawn_traced`]'s time stamps, or null.
+    trace: *mut u64,
+}
+
+/// Runs each step through `inner` and stores the CLOCK_MONOTONIC time after step `i` in
+/// `slots[i + 1]` (shared memory the parent reads back): no allocation, so it is as safe in
+/// the child as the steps themselves.
+struct Traced<S> {
+    inner: S,
+    slots: *mut u64,
+    next: usize,
+}
+
+impl<S: plan::Syscalls> plan::Syscalls for Traced<S> {
+    fn run(&mut self, step: &Step) -> Result<(), Errno> {
+        let r = self.inner.run(step);
+        self.next += 1;
+        // SAFETY: the parent sized the mapping for one slot per step plus one.
+        unsafe { self.slots.add(self.next).write_volatile(monotonic_ns()) };
+        r
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime fills the zeroed timespec; async-signal-safe.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` points at the ChildArgs on the parent's stack. Without CLONE_VM this child
-    // has its own copy of it; with CLONE_VM | CLONE_VFORK the parent thread is suspended in
-    // clone(2) until this child execs or exits, so its frame (and everything the plan points
-    // into) stays alive and unchanged while the child only reads it.
+    // SAFETY: `arg` points at the ChildArgs on the parent's stack. The child shares the
+    // parent's memory (CLONE_VM | CLONE_VFORK), and the parent thread is suspended in clone(2)
+    // until this child execs or exits, so its frame (and everything the plan points into)
+    // stays alive and unchanged while the child only reads it.
     let args = unsafe { &*(arg as *const ChildArgs) };
-    let (index, errno) = match plan::run_plan(&mut Kernel, args.plan) {
+    let result = if args.trace.is_null() {
+        plan::run_plan(&mut Kernel::default(), args.plan)
+    } else {
+        // SAFETY: slot 0 of the parent's mapping: when the child started running.
+        unsafe { args.trace.write_volatile(monotonic_ns()) };
+        let mut traced = Traced {
+            inner: Kernel::default(),
+            slots: args.trace,
+            next: 0,
+        };
+        plan::run_plan(&mut traced, args.plan)
+    };
+    let (index, errno) = match result {
         Err(failure) => failure,
         // The plan ends in an exec, so getting here means the plan was empty.
         Ok(()) => (args.plan.len(), Errno::EINVAL),
@@ -352,10 +386,33 @@ const CHILD_STACK: usize = 256 * 1024;
 
 /// Starts the builder described by `spec`. Returns once it has exec'd, or with the failing step.
 pub fn spawn(spec: SandboxSpec) -> Result<Builder, SandboxError> {
-    spawn_with(spec, chroot::StoreMode::Auto)
+    spawn_with(spec, chroot::StoreMode::Auto, None)
 }
 
-fn spawn_with(spec: SandboxSpec, mode: chroot::StoreMode) -> Result<Builder, SandboxError> {
+/// How long each part of one [`spawn_traced`] took, in order.
+#[derive(Clone, Debug, Default)]
+pub struct SetupTrace {
+    /// `("preparing", ..)` (the parent's work before the clone), `("clone", ..)` (until the
+    /// child runs), one entry per setup step named as in [`SandboxError::Setup`], and
+    /// `("exec", ..)` (until the parent saw the error pipe close).
+    pub steps: Vec<(String, Duration)>,
+}
+
+/// [`spawn`], also timing every step between the call and the exec (for `cargo xtask bench
+/// sandbox`). The child writes a time stamp after each step into memory shared with the
+/// parent; otherwise it runs exactly as under `spawn`.
+pub fn spawn_traced(spec: SandboxSpec) -> Result<(Builder, SetupTrace), SandboxError> {
+    let mut trace = SetupTrace::default();
+    let b = spawn_with(spec, chroot::StoreMode::Auto, Some(&mut trace))?;
+    Ok((b, trace))
+}
+
+fn spawn_with(
+    spec: SandboxSpec,
+    mode: chroot::StoreMode,
+    mut trace: Option<&mut SetupTrace>,
+) -> Result<Builder, SandboxError> {
+    let t0 = monotonic_ns();
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -365,7 +422,16 @@ fn spawn_with(spec: SandboxSpec, mode: chroot::StoreMode) -> Result<Builder, San
             source,
         })?;
     let prepared = prepare(&spec, null.as_raw_fd(), mode)?;
-    match spawn_prepared(&prepared) {
+    let slots = match trace {
+        Some(_) => Some(TraceSlots::new(prepared.plan.len() + 1)?),
+        None => None,
+    };
+    let t1 = monotonic_ns();
+    let result = spawn_prepared(&prepared, slots.as_ref());
+    if let (Some(t), Some(slots)) = (trace.as_deref_mut(), &slots) {
+        t.steps = slots.collect(&prepared.plan, t0, t1, monotonic_ns());
+    }
+    match result {
         Err((index, e)) if index.is_some() && index == prepared.overlay_step => {
             // This kernel or file system cannot do the overlay: set the build up again with
             // the store directory bound, and do not try overlays again.
@@ -380,7 +446,7 @@ fn spawn_with(spec: SandboxSpec, mode: chroot::StoreMode) -> Result<Builder, San
                     source,
                 })?;
             }
-            spawn_with(spec, chroot::StoreMode::Bind)
+            spawn_with(spec, chroot::StoreMode::Bind, trace)
         }
         Err((_, e)) => Err(e),
         // Our copies of the log pipe's write end and /dev/null go when `spec` and `null` are
@@ -391,66 +457,56 @@ fn spawn_with(spec: SandboxSpec, mode: chroot::StoreMode) -> Result<Builder, San
 
 /// Clones the child that runs `prepared.plan`. A failure in the child comes with the index of
 /// its step.
-fn spawn_prepared(prepared: &Prepared) -> Result<Builder, (Option<usize>, SandboxError)> {
+fn spawn_prepared(
+    prepared: &Prepared,
+    trace: Option<&TraceSlots>,
+) -> Result<Builder, (Option<usize>, SandboxError)> {
     let (err_read, err_write) = pipe_cloexec().map_err(|e| (None, e))?;
     let args = ChildArgs {
         plan: &prepared.plan,
         err_fd: err_write.as_raw_fd(),
+        trace: trace.map_or(std::ptr::null_mut(), |t| t.ptr),
     };
     let mut stack = vec![0u8; CHILD_STACK];
     // The stack grows down on every architecture Linux runs nixb on; keep the top 16-aligned.
     let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
-    let pid = if prepared.share_vm {
-        // A fork copies the page tables of the whole worker and then takes a copy-on-write
-        // fault for every page either side touches, a cost that grows with the worker's
-        // size. Sharing the address space copies nothing; CLONE_VFORK suspends this thread
-        // until the child has exec'd or exited, so the child's stack, `args` and the plan
-        // stay put. The child must then not run any code of ours that could touch shared
-        // state (allocator, locks, signal handlers): the plan makes raw syscalls only, and
-        // all signals stay blocked from here until its ResetSignals step has put every
-        // disposition back to the default, so no handler of the parent's can run on the
-        // child's stack in our memory.
-        let blocked = block_all_signals().map_err(|e| (None, e))?;
-        // SAFETY: as above; child_main never returns into the parent's code (it execs or
-        // _exits), and `stack` outlives the child's use of it thanks to CLONE_VFORK.
-        let pid = unsafe {
-            libc::clone(
-                child_main,
-                top as *mut libc::c_void,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-                &args as *const ChildArgs as *mut libc::c_void,
-            )
-        };
-        let clone_errno = Errno::last();
-        restore_signal_mask(blocked);
-        if pid == -1 {
-            return Err((
-                None,
-                SandboxError::Process {
-                    step: "cloning the builder process".into(),
-                    errno: clone_errno,
-                },
-            ));
-        }
-        pid
-    } else {
-        // SAFETY: child_main only makes async-signal-safe calls on data prepared above, on its
-        // own stack, and never returns into Rust code of the parent's.
-        let pid = unsafe {
-            libc::clone(
-                child_main,
-                top as *mut libc::c_void,
-                prepared.clone_flags | libc::SIGCHLD,
-                &args as *const ChildArgs as *mut libc::c_void,
-            )
-        };
-        if pid == -1 {
-            return Err((None, sys_err("cloning the builder process")));
-        }
-        pid
+    // A fork copies the page tables of the whole worker and then takes a copy-on-write fault
+    // for every page either side touches until the child has exec'd, a cost that grows with
+    // the worker's size. Sharing the address space copies nothing; CLONE_VFORK suspends this
+    // thread until the child has exec'd or exited, so the child's stack, `args` and the plan
+    // stay put, and nothing of ours runs beside the child on the memory it writes (its stack,
+    // and this thread's errno, which the libc wrappers set on a failing call). The child must
+    // not run any code of ours that could touch shared state (allocator, locks, signal
+    // handlers): the plan makes syscalls only, on data prepared above, and all signals stay
+    // blocked from here until its ResetSignals step has put every disposition back to the
+    // default, so no handler of the parent's can run on the child's stack in our memory.
+    // Namespaces, mounts, the root, credentials, capabilities, the seccomp filter and the
+    // personality are per task (no CLONE_FS, CLONE_FILES, CLONE_SIGHAND or CLONE_THREAD), so
+    // none of the chroot steps reaches this process. Other threads of ours keep running;
+    // they never touch the child's stack or the plan, which this thread owns.
+    let blocked = block_all_signals().map_err(|e| (None, e))?;
+    // SAFETY: as above; child_main never returns into the parent's code (it execs or _exits),
+    // and `stack` outlives the child's use of it thanks to CLONE_VFORK.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top as *mut libc::c_void,
+            prepared.clone_flags | libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &args as *const ChildArgs as *mut libc::c_void,
+        )
     };
-    // The child is done with its stack: it has exec'd (or exited) under CLONE_VFORK, or has
-    // its own copy of the address space.
+    let clone_errno = Errno::last();
+    restore_signal_mask(blocked);
+    if pid == -1 {
+        return Err((
+            None,
+            SandboxError::Process {
+                step: "cloning the builder process".into(),
+                errno: clone_errno,
+            },
+        ));
+    }
+    // The child is done with its stack: it has exec'd (or exited) under CLONE_VFORK.
     drop(stack);
     let pid = Pid::from_raw(pid);
     // Our copy of the write end must go, or we would never see EOF.
@@ -484,6 +540,65 @@ fn spawn_prepared(prepared: &Prepared) -> Result<Builder, (Option<usize>, Sandbo
             Err((Some(index), SandboxError::Setup { step, errno }))
         }
         Err(e) => Err((None, e)),
+    }
+}
+
+/// Shared anonymous memory, one u64 time stamp per slot, written by the child of
+/// [`spawn_traced`] (slot 0 when it starts, slot i + 1 after step i).
+struct TraceSlots {
+    ptr: *mut u64,
+    len: usize,
+}
+
+impl TraceSlots {
+    fn new(len: usize) -> Result<TraceSlots, SandboxError> {
+        // SAFETY: a fresh anonymous shared mapping, zero-filled by the kernel.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(sys_err("mapping memory for the setup trace"));
+        }
+        Ok(TraceSlots { ptr: p.cast(), len })
+    }
+
+    /// Durations between consecutive stamps; steps the child never finished are left out.
+    fn collect(&self, plan: &[Step], start: u64, cloned: u64, end: u64) -> Vec<(String, Duration)> {
+        let ns = |a: u64, b: u64| Duration::from_nanos(b.saturating_sub(a));
+        // SAFETY: reads within the mapping; the child is done writing (it exec'd or exited).
+        let at = |i: usize| unsafe { self.ptr.add(i).read_volatile() };
+        let mut out = vec![("preparing".to_string(), ns(start, cloned))];
+        let child_start = at(0);
+        if child_start == 0 {
+            return out;
+        }
+        out.push(("clone".into(), ns(cloned, child_start)));
+        let mut last = child_start;
+        for (i, step) in plan.iter().enumerate().take(self.len - 1) {
+            let t = at(i + 1);
+            if t == 0 {
+                // The exec (or a failed step's exit) writes no stamp: the rest is its time.
+                out.push(("exec".into(), ns(last, end)));
+                break;
+            }
+            out.push((step.describe(), ns(last, t)));
+            last = t;
+        }
+        out
+    }
+}
+
+impl Drop for TraceSlots {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len * 8) };
     }
 }
 

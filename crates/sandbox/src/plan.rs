@@ -4,7 +4,7 @@
 //! list of [`Step`]s, with every path, C string and argument array already allocated. The child
 //! then walks the list making one or two syscalls per step, and nothing else: no allocation, no
 //! locks, no formatting (the parent may be multi-threaded, so after `clone` only
-//! async-signal-safe work is sound; and a plain builder is cloned with `CLONE_VM`, sharing the
+//! async-signal-safe work is sound; and every builder is cloned with `CLONE_VM`, sharing the
 //! parent's memory until it execs, where any write outside its own stack would be the
 //! parent's). When a step fails the child sends its *index* and the
 //! errno to the parent, which turns the index back into a sentence with [`Step::describe`].
@@ -79,8 +79,13 @@ pub(crate) enum Step {
         mount: Mount,
         what: &'static str,
     },
-    /// `mkdir`, then `chmod` to `mode` (the inherited umask must not decide the modes of the
-    /// sandbox's `/tmp` or `/etc`).
+    /// `umask(0)`, remembering the old mask for [`Step::RestoreUmask`]: the inherited umask
+    /// must not decide the modes of the sandbox's `/tmp` or `/etc`, and with a zero mask
+    /// `mkdir` and `open` create them with the exact mode in one call (no `chmod` after).
+    ClearUmask,
+    /// Back to the umask [`Step::ClearUmask`] found: the builder inherits the caller's.
+    RestoreUmask,
+    /// `mkdir` with exactly `mode` (sticky bit included); only after [`Step::ClearUmask`].
     MkDir {
         path: CString,
         mode: libc::mode_t,
@@ -161,6 +166,8 @@ impl Step {
                     _ => format!("{what} {target}"),
                 }
             }
+            Step::ClearUmask => "clearing the umask".into(),
+            Step::RestoreUmask => "restoring the umask".into(),
             Step::MkDir { path, .. } => format!("creating directory {}", s(path)),
             Step::MkFile(p) => format!("creating mount point {}", s(p)),
             Step::Symlink { link, .. } => format!("creating symlink {}", s(link)),
@@ -214,7 +221,11 @@ pub(crate) fn run_plan(sys: &mut impl Syscalls, plan: &[Step]) -> Result<(), (us
 }
 
 /// The real thing. Only called in the cloned child.
-pub(crate) struct Kernel;
+#[derive(Default)]
+pub(crate) struct Kernel {
+    /// The umask [`Step::ClearUmask`] replaced.
+    saved_umask: Option<libc::mode_t>,
+}
 
 fn check(r: libc::c_int) -> Result<(), Errno> {
     if r == -1 {
@@ -254,10 +265,17 @@ impl Syscalls for Kernel {
                     m.flags,
                     opt_ptr(&m.data) as *const libc::c_void,
                 )),
-                Step::MkDir { path, mode } => {
-                    check(libc::mkdir(path.as_ptr(), 0o700))?;
-                    check(libc::chmod(path.as_ptr(), *mode))
+                Step::ClearUmask => {
+                    self.saved_umask = Some(libc::umask(0));
+                    Ok(())
                 }
+                Step::RestoreUmask => {
+                    if let Some(m) = self.saved_umask.take() {
+                        libc::umask(m);
+                    }
+                    Ok(())
+                }
+                Step::MkDir { path, mode } => check(libc::mkdir(path.as_ptr(), *mode)),
                 Step::MkFile(path) => {
                     let fd = libc::open(
                         path.as_ptr(),
@@ -505,7 +523,8 @@ pub(crate) fn have_mount_setattr() -> bool {
     })
 }
 
-/// Creates `path` (which must not exist) holding `contents`, mode 0644 whatever the umask.
+/// Creates `path` (which must not exist) holding `contents`, mode 0644 (the umask is 0 here,
+/// see [`Step::ClearUmask`]).
 unsafe fn write_file(path: &CString, contents: &[u8]) -> Result<(), Errno> {
     let fd = libc::open(
         path.as_ptr(),
@@ -513,7 +532,7 @@ unsafe fn write_file(path: &CString, contents: &[u8]) -> Result<(), Errno> {
         0o644 as libc::c_uint,
     );
     check(fd)?;
-    let mut result = check(libc::fchmod(fd, 0o644));
+    let mut result = Ok(());
     let mut done = 0;
     while result.is_ok() && done < contents.len() {
         let n = libc::write(fd, contents[done..].as_ptr().cast(), contents.len() - done);

@@ -595,3 +595,90 @@ fn few_read_only_inputs() {
     }
     store_view(3);
 }
+
+/// This process's umask, from /proc/self/status (reading it with umask(2) would change it
+/// for the other tests running in parallel).
+fn own_umask() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|s| s.trim().to_string())
+        .expect("Umask line in /proc/self/status")
+}
+
+#[test]
+fn skeleton_modes_are_exact_and_the_builder_keeps_the_callers_umask() {
+    if !have_root() {
+        return;
+    }
+    // The child creates the skeleton under a zero umask and puts the caller's back before
+    // the exec: the modes must not depend on the umask, and the builder must get ours.
+    let out = ok(
+        Case::new(),
+        "stat -c '%n %a' /tmp /etc /etc/passwd /etc/group /etc/hosts /proc /nix /nix/store; umask",
+    );
+    let mut lines: Vec<&str> = out.lines().collect();
+    let umask = lines.pop().unwrap_or_default().to_string();
+    assert_eq!(
+        lines,
+        [
+            "/tmp 1777",
+            "/etc 755",
+            "/etc/passwd 644",
+            "/etc/group 644",
+            "/etc/hosts 644",
+            "/proc 555",
+            "/nix 755",
+            // The store directory is bound from the chroot directory on disk (1775 root:gid).
+            "/nix/store 1775",
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        umask.trim_start_matches('0'),
+        own_umask().trim_start_matches('0'),
+        "{out}"
+    );
+}
+
+#[test]
+fn spawn_traced_times_every_step_up_to_the_exec() {
+    if !have_root() {
+        return;
+    }
+    let mut case = Case::new();
+    case.input_ro("00000000000000000000000000000000-traced", "x");
+    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+    drop(r);
+    let spec = SandboxSpec {
+        program: "/bin/true".into(),
+        args: vec![],
+        env: vec![],
+        cwd: case.cwd.clone(),
+        log_fd: w,
+        user: case.user.clone(),
+        personality: Personality::default(),
+        isolation: Isolation::Chroot(case.spec),
+    };
+    let (mut b, trace) = nixb_sandbox::spawn_traced(spec).expect("spawn_traced");
+    assert!(b.wait().unwrap().success());
+    let names: Vec<&str> = trace.steps.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names[..2], ["preparing", "clone"], "{names:#?}");
+    assert_eq!(names.last(), Some(&"exec"), "{names:#?}");
+    for want in [
+        "making all mounts private",
+        "installing the seccomp filter",
+        "setuid to 65534",
+    ] {
+        assert!(names.contains(&want), "{want} missing: {names:#?}");
+    }
+    assert!(names
+        .iter()
+        .any(|n| n.starts_with("bind mounting") && n.ends_with("-traced")));
+    let total: Duration = trace.steps.iter().map(|(_, d)| *d).sum();
+    assert!(
+        total > Duration::ZERO && total < Duration::from_secs(10),
+        "{total:?}"
+    );
+}

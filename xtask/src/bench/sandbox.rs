@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nixb_sandbox::{
-    spawn, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network, Personality,
-    SandboxSpec,
+    spawn, spawn_traced, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network,
+    Personality, SandboxSpec,
 };
 
 const INPUTS: usize = 100;
@@ -192,6 +192,9 @@ pub fn run() -> Result<()> {
     }
     // NIXB_BENCH_SANDBOX=spawn|builds picks one half; both by default.
     let part = std::env::var("NIXB_BENCH_SANDBOX").unwrap_or_default();
+    if part == "steps" {
+        return step_times();
+    }
     if part != "builds" {
         spawn_latency()?;
     }
@@ -449,5 +452,83 @@ fn spawn_latency() -> Result<()> {
     row("unshare -p -m -n -i -u -f true", &un);
     row("nixb plain spawn, start-to-exit", &stats(plain));
     row("fork+exec /bin/true (std::process)", &stats(fork_exec));
+    Ok(())
+}
+
+/// `NIXB_BENCH_SANDBOX=steps`: where the start-to-exec time of a pooled-netns chroot spawn
+/// goes, from [`spawn_traced`]. Steps of one kind (the 100-odd binds, the skeleton's mkdirs)
+/// are summed per run; the table shows the median of those sums.
+fn step_times() -> Result<()> {
+    let iters: usize = std::env::var("NIXB_BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let fx = Fixture::new()?;
+    let pool = NetNsPool::new(8)?;
+    // Kind of a step: its description up to the first path.
+    let kind = |d: &str| -> String {
+        let cut = d.find('/').unwrap_or(d.len());
+        d[..cut].trim_end().to_string()
+    };
+    let mut kinds: Vec<String> = Vec::new();
+    let mut per_kind: Vec<Vec<Duration>> = Vec::new();
+    let mut counts: Vec<usize> = Vec::new();
+    let mut totals = Vec::new();
+    for i in 0..iters + 5 {
+        pool.wait_ready(1);
+        let net = pool.take().map_or(Network::Private, Network::Prepared);
+        let root = fx.dir.join(format!("traced-{i}"));
+        let s = spec(&fx, Isolation::Chroot(fx.chroot_spec(root.clone(), net)))?;
+        let (mut b, trace) = spawn_traced(s)?;
+        let st = b.wait()?;
+        if !st.success() {
+            bail!("sandboxed /bin/true failed: {st:?}");
+        }
+        std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+        if i < 5 {
+            continue;
+        }
+        let mut sums: Vec<(Duration, usize)> = vec![(Duration::ZERO, 0); kinds.len()];
+        for (what, d) in &trace.steps {
+            let k = kind(what);
+            let idx = match kinds.iter().position(|x| *x == k) {
+                Some(i) => i,
+                None => {
+                    kinds.push(k);
+                    per_kind.push(Vec::new());
+                    counts.push(0);
+                    sums.push((Duration::ZERO, 0));
+                    kinds.len() - 1
+                }
+            };
+            sums[idx].0 += *d;
+            sums[idx].1 += 1;
+        }
+        for (idx, (d, n)) in sums.into_iter().enumerate() {
+            per_kind[idx].push(d);
+            counts[idx] = n;
+        }
+        totals.push(trace.steps.iter().map(|(_, d)| *d).sum::<Duration>());
+    }
+    println!(
+        "sandbox setup steps, pooled netns, {INPUTS} inputs, {iters} runs: median / 10th percentile ms per run (count per run)"
+    );
+    let p10 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 10].as_secs_f64() * 1000.0
+    };
+    for ((k, v), n) in kinds.iter().zip(per_kind).zip(counts) {
+        let low = p10(&v);
+        let s = stats(v);
+        println!("  {:<58} {:>7.3} / {:>7.3}  ({n})", k, s.median, low);
+    }
+    let low = p10(&totals);
+    println!(
+        "  {:<58} {:>7.3} / {:>7.3}",
+        "total (start-to-exec)",
+        stats(totals).median,
+        low
+    );
     Ok(())
 }
