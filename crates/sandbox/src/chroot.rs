@@ -192,6 +192,18 @@ pub(crate) fn overlay_failed() {
     OVERLAY_BROKEN.store(true, Ordering::Relaxed);
 }
 
+/// Set once an overlay mount worked in this process: later builders with one may be started
+/// without waiting for their exec (a failure could no longer be retried in bind mode).
+static OVERLAY_PROVEN: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn overlay_worked() {
+    OVERLAY_PROVEN.store(true, Ordering::Relaxed);
+}
+
+pub(crate) fn overlay_proven() -> bool {
+    OVERLAY_PROVEN.load(Ordering::Relaxed)
+}
+
 /// How the store directory inside is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum StoreMode {

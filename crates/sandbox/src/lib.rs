@@ -16,6 +16,7 @@ mod chroot;
 mod netns;
 mod plan;
 mod seccomp;
+mod sys;
 
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -264,8 +265,11 @@ fn prepare(
     }
 }
 
-struct ChildArgs<'a> {
-    plan: &'a [Step],
+/// What the child gets: pointers into memory the parent keeps alive (and unchanged) until
+/// the child has exec'd or exited.
+struct ChildArgs {
+    plan: *const Step,
+    plan_len: usize,
     err_fd: RawFd,
     /// Shared memory for [`spawn_traced`]'s time stamps, or null.
     trace: *mut u64,
@@ -298,13 +302,15 @@ fn monotonic_ns() -> u64 {
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` points at the ChildArgs on the parent's stack. The child shares the
-    // parent's memory (CLONE_VM | CLONE_VFORK), and the parent thread is suspended in clone(2)
-    // until this child execs or exits, so its frame (and everything the plan points into)
-    // stays alive and unchanged while the child only reads it.
+    // SAFETY: `arg` points at a ChildArgs of the parent's. The child shares the parent's
+    // memory (CLONE_VM), and the parent keeps the ChildArgs, the plan and this stack alive and
+    // unchanged until this child has exec'd or exited: suspended in clone(2) with
+    // CLONE_VFORK, or owning them in the Builder's `Pending` otherwise.
     let args = unsafe { &*(arg as *const ChildArgs) };
+    // SAFETY: the parent's plan, alive and unchanged as said above.
+    let plan = unsafe { std::slice::from_raw_parts(args.plan, args.plan_len) };
     let result = if args.trace.is_null() {
-        plan::run_plan(&mut Kernel::default(), args.plan)
+        plan::run_plan(&mut Kernel::default(), plan)
     } else {
         // SAFETY: slot 0 of the parent's mapping: when the child started running.
         unsafe { args.trace.write_volatile(monotonic_ns()) };
@@ -313,19 +319,34 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             slots: args.trace,
             next: 0,
         };
-        plan::run_plan(&mut traced, args.plan)
+        plan::run_plan(&mut traced, plan)
     };
     let (index, errno) = match result {
         Err(failure) => failure,
         // The plan ends in an exec, so getting here means the plan was empty.
-        Ok(()) => (args.plan.len(), Errno::EINVAL),
+        Ok(()) => (plan.len(), Errno::EINVAL),
     };
     let mut record = [0u8; 8];
     record[..4].copy_from_slice(&(index as u32).to_le_bytes());
     record[4..].copy_from_slice(&(errno as i32).to_le_bytes());
-    // SAFETY: plain write and _exit, both async-signal-safe.
+    // SAFETY: raw write and exit_group (see the `sys` module: no errno), on our own buffer.
     unsafe {
-        libc::write(args.err_fd, record.as_ptr().cast(), record.len());
+        let _ = sys::sys(
+            libc::SYS_write,
+            [
+                sys::i(args.err_fd),
+                sys::p(record.as_ptr()),
+                record.len(),
+                0,
+                0,
+                0,
+            ],
+        );
+        sys::raw(
+            libc::SYS_exit_group,
+            [sys::i(SETUP_FAILED_EXIT), 0, 0, 0, 0, 0],
+        );
+        // exit_group does not return.
         libc::_exit(SETUP_FAILED_EXIT)
     }
 }
@@ -362,6 +383,8 @@ fn read_record(fd: &OwnedFd) -> Result<Option<(usize, Errno)>, SandboxError> {
         };
         match n {
             -1 if Errno::last() == Errno::EINTR => continue,
+            // Non-blocking (a started child, read after it exited): nothing was written.
+            -1 if Errno::last() == Errno::EAGAIN && got == 0 => break,
             -1 => return Err(sys_err("reading the setup error pipe")),
             0 => break,
             n => got += n as usize,
@@ -386,7 +409,20 @@ const CHILD_STACK: usize = 256 * 1024;
 
 /// Starts the builder described by `spec`. Returns once it has exec'd, or with the failing step.
 pub fn spawn(spec: SandboxSpec) -> Result<Builder, SandboxError> {
-    spawn_with(spec, chroot::StoreMode::Auto, None)
+    spawn_with(spec, chroot::StoreMode::Auto, None, true)
+}
+
+/// Starts the builder described by `spec` and returns as soon as the child is running, while it
+/// still sets up its sandbox: the caller goes on with other work instead of waiting about a
+/// millisecond or more per chroot build. A step that fails after the return makes the child
+/// exit (status 189) and is reported by [`Builder::wait`] / [`Builder::try_wait`] as
+/// [`SandboxError::Setup`] naming the step, exactly as `spawn` would have. Failures the parent
+/// finds itself (a missing bind source, an invalid spec) and any failure of a plain builder
+/// still come from `start`. Where the child cannot safely run beside the parent (no raw
+/// system calls for this architecture) or the first overlay mount of the process is still to
+/// be proven, this waits for the exec like `spawn`.
+pub fn start(spec: SandboxSpec) -> Result<Builder, SandboxError> {
+    spawn_with(spec, chroot::StoreMode::Auto, None, false)
 }
 
 /// How long each part of one [`spawn_traced`] took, in order.
@@ -403,7 +439,7 @@ pub struct SetupTrace {
 /// parent; otherwise it runs exactly as under `spawn`.
 pub fn spawn_traced(spec: SandboxSpec) -> Result<(Builder, SetupTrace), SandboxError> {
     let mut trace = SetupTrace::default();
-    let b = spawn_with(spec, chroot::StoreMode::Auto, Some(&mut trace))?;
+    let b = spawn_with(spec, chroot::StoreMode::Auto, Some(&mut trace), true)?;
     Ok((b, trace))
 }
 
@@ -411,6 +447,7 @@ fn spawn_with(
     spec: SandboxSpec,
     mode: chroot::StoreMode,
     mut trace: Option<&mut SetupTrace>,
+    wait_for_exec: bool,
 ) -> Result<Builder, SandboxError> {
     let t0 = monotonic_ns();
     let null = std::fs::OpenOptions::new()
@@ -421,18 +458,26 @@ fn spawn_with(
             step: "opening /dev/null".into(),
             source,
         })?;
-    let prepared = prepare(&spec, null.as_raw_fd(), mode)?;
+    let prepared = Box::new(prepare(&spec, null.as_raw_fd(), mode)?);
+    let overlay_step = prepared.overlay_step;
+    // Plain builders exec at once, so waiting costs nothing there; an overlay is only trusted
+    // once one has worked in this process, because a failed one is retried in bind mode.
+    let sync = wait_for_exec
+        || trace.is_some()
+        || !sys::AVAILABLE
+        || matches!(spec.isolation, Isolation::Plain)
+        || (overlay_step.is_some() && !chroot::overlay_proven());
     let slots = match trace {
         Some(_) => Some(TraceSlots::new(prepared.plan.len() + 1)?),
         None => None,
     };
     let t1 = monotonic_ns();
-    let result = spawn_prepared(&prepared, slots.as_ref());
-    if let (Some(t), Some(slots)) = (trace.as_deref_mut(), &slots) {
+    let (result, prepared) = spawn_prepared(prepared, slots.as_ref(), sync);
+    if let (Some(t), Some(slots), Some(prepared)) = (trace.as_deref_mut(), &slots, &prepared) {
         t.steps = slots.collect(&prepared.plan, t0, t1, monotonic_ns());
     }
     match result {
-        Err((index, e)) if index.is_some() && index == prepared.overlay_step => {
+        Err((index, e)) if index.is_some() && index == overlay_step => {
             // This kernel or file system cannot do the overlay: set the build up again with
             // the store directory bound, and do not try overlays again.
             chroot::overlay_failed();
@@ -446,80 +491,136 @@ fn spawn_with(
                     source,
                 })?;
             }
-            spawn_with(spec, chroot::StoreMode::Bind, trace)
+            spawn_with(spec, chroot::StoreMode::Bind, trace, wait_for_exec)
         }
         Err((_, e)) => Err(e),
         // Our copies of the log pipe's write end and /dev/null go when `spec` and `null` are
-        // dropped here: the caller must see EOF once the builder is gone.
-        Ok(b) => Ok(b),
+        // dropped here: the caller must see EOF once the builder is gone (the child has
+        // copies of its own).
+        Ok(b) => {
+            if sync && overlay_step.is_some() {
+                chroot::overlay_worked();
+            }
+            Ok(b)
+        }
     }
 }
 
-/// Clones the child that runs `prepared.plan`. A failure in the child comes with the index of
-/// its step.
-fn spawn_prepared(
-    prepared: &Prepared,
-    trace: Option<&TraceSlots>,
-) -> Result<Builder, (Option<usize>, SandboxError)> {
-    let (err_read, err_write) = pipe_cloexec().map_err(|e| (None, e))?;
-    let args = ChildArgs {
-        plan: &prepared.plan,
+/// What a child started by [`start`] still uses while it sets up its sandbox: it shares our
+/// memory and reads these until it has exec'd. Dropped only after the child has been reaped.
+struct Pending {
+    err_read: OwnedFd,
+    prepared: Box<Prepared>,
+    _args: Box<ChildArgs>,
+    _stack: Vec<u8>,
+}
+
+// SAFETY: the raw pointers in the plan and the ChildArgs point into memory this struct owns
+// (or into the filter it owns) and are only read, by the child; on our side only `failure`
+// looks at the plan, reading. So a Builder stays Send and Sync as it was.
+unsafe impl Send for Pending {}
+unsafe impl Sync for Pending {}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("steps", &self.prepared.plan.len())
+            .finish()
+    }
+}
+
+impl Pending {
+    /// The failed step's description, once the child has exited; `None` when it exec'd.
+    fn failure(&self) -> Result<Option<(String, Errno)>, SandboxError> {
+        Ok(read_record(&self.err_read)?.map(|(index, errno)| {
+            let step = self
+                .prepared
+                .plan
+                .get(index)
+                .map(Step::describe)
+                .unwrap_or_else(|| format!("unknown setup step {index}"));
+            (step, errno)
+        }))
+    }
+}
+
+/// The result of [`spawn_prepared`], and the plan back when the builder does not keep it.
+type Spawned = (
+    Result<Builder, (Option<usize>, SandboxError)>,
+    Option<Box<Prepared>>,
+);
+
+/// Clones the child that runs `prepared.plan`. With `sync`, waits for its exec (a failure in
+/// the child comes with the index of its step); otherwise the builder keeps the plan and its
+/// outcome comes with the exit status.
+fn spawn_prepared(prepared: Box<Prepared>, trace: Option<&TraceSlots>, sync: bool) -> Spawned {
+    let (err_read, err_write) = match pipe_cloexec() {
+        Ok(p) => p,
+        Err(e) => return (Err((None, e)), Some(prepared)),
+    };
+    if !sync {
+        // Read once the child has exited: whatever it wrote is there, and a write end kept
+        // open elsewhere (a descriptor leaked into a fork) must not block us.
+        if let Err(e) = set_nonblocking(&err_read) {
+            return (Err((None, e)), Some(prepared));
+        }
+    }
+    let args = Box::new(ChildArgs {
+        plan: prepared.plan.as_ptr(),
+        plan_len: prepared.plan.len(),
         err_fd: err_write.as_raw_fd(),
         trace: trace.map_or(std::ptr::null_mut(), |t| t.ptr),
-    };
+    });
     let mut stack = vec![0u8; CHILD_STACK];
     // The stack grows down on every architecture Linux runs nixb on; keep the top 16-aligned.
     let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
     // A fork copies the page tables of the whole worker and then takes a copy-on-write fault
     // for every page either side touches until the child has exec'd, a cost that grows with
-    // the worker's size. Sharing the address space copies nothing; CLONE_VFORK suspends this
-    // thread until the child has exec'd or exited, so the child's stack, `args` and the plan
-    // stay put, and nothing of ours runs beside the child on the memory it writes (its stack,
-    // and this thread's errno, which the libc wrappers set on a failing call). The child must
-    // not run any code of ours that could touch shared state (allocator, locks, signal
-    // handlers): the plan makes syscalls only, on data prepared above, and all signals stay
-    // blocked from here until its ResetSignals step has put every disposition back to the
-    // default, so no handler of the parent's can run on the child's stack in our memory.
-    // Namespaces, mounts, the root, credentials, capabilities, the seccomp filter and the
-    // personality are per task (no CLONE_FS, CLONE_FILES, CLONE_SIGHAND or CLONE_THREAD), so
-    // none of the chroot steps reaches this process. Other threads of ours keep running;
-    // they never touch the child's stack or the plan, which this thread owns.
-    let blocked = block_all_signals().map_err(|e| (None, e))?;
-    // SAFETY: as above; child_main never returns into the parent's code (it execs or _exits),
-    // and `stack` outlives the child's use of it thanks to CLONE_VFORK.
+    // the worker's size. Sharing the address space copies nothing. The child's stack, `args`
+    // and the plan must then stay put until it has exec'd or exited: with CLONE_VFORK this
+    // thread is suspended until then; without it (`start`), the Builder owns them until the
+    // child is reaped. Either way the child must not run any code of ours that could touch
+    // shared state: the plan makes raw system calls only (the `sys` module: not even errno,
+    // which it would share with this thread), on data prepared above, writing only its own
+    // stack and the trace mapping; and all signals stay blocked from here until its
+    // ResetSignals step has put every disposition back to the default, so no handler of the
+    // parent's can run on the child's stack in our memory. Namespaces, mounts, the root,
+    // credentials, capabilities, the seccomp filter and the personality are per task (no
+    // CLONE_FS, CLONE_FILES, CLONE_SIGHAND or CLONE_THREAD), so none of the chroot steps
+    // reaches this process; the child's descriptor table is a copy taken at the clone.
+    let blocked = match block_all_signals() {
+        Ok(b) => b,
+        Err(e) => return (Err((None, e)), Some(prepared)),
+    };
+    let vfork = if sync { libc::CLONE_VFORK } else { 0 };
+    // SAFETY: as above; child_main never returns into the parent's code (it execs or exits).
     let pid = unsafe {
         libc::clone(
             child_main,
             top as *mut libc::c_void,
-            prepared.clone_flags | libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &args as *const ChildArgs as *mut libc::c_void,
+            prepared.clone_flags | libc::CLONE_VM | vfork | libc::SIGCHLD,
+            &*args as *const ChildArgs as *mut libc::c_void,
         )
     };
     let clone_errno = Errno::last();
     restore_signal_mask(blocked);
     if pid == -1 {
-        return Err((
-            None,
-            SandboxError::Process {
-                step: "cloning the builder process".into(),
-                errno: clone_errno,
-            },
-        ));
+        let e = SandboxError::Process {
+            step: "cloning the builder process".into(),
+            errno: clone_errno,
+        };
+        return (Err((None, e)), Some(prepared));
     }
-    // The child is done with its stack: it has exec'd (or exited) under CLONE_VFORK.
-    drop(stack);
     let pid = Pid::from_raw(pid);
     // Our copy of the write end must go, or we would never see EOF.
     drop(err_write);
-
-    let pidfd = pidfd_open(pid);
-    let record = read_record(&err_read);
     let own_pid_ns = prepared.clone_flags & libc::CLONE_NEWPID != 0;
-    let pidfd = match pidfd {
+    let pidfd = match pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {
+            // Reaped before anything the child uses is freed (below, on return).
             reap_after_failure(pid);
-            return Err((None, e));
+            return (Err((None, e)), Some(prepared));
         }
     };
     let mut builder = Builder {
@@ -527,8 +628,21 @@ fn spawn_prepared(
         pidfd,
         own_pid_ns,
         status: None,
+        pending: None,
+        setup_error: None,
     };
-    match record {
+    if !sync {
+        builder.pending = Some(Box::new(Pending {
+            err_read,
+            prepared,
+            _args: args,
+            _stack: stack,
+        }));
+        return (Ok(builder), None);
+    }
+    // The child is done with its stack: it has exec'd (or exited) under CLONE_VFORK.
+    drop(stack);
+    let result = match read_record(&err_read) {
         Ok(None) => Ok(builder),
         Ok(Some((index, errno))) => {
             let _ = builder.wait();
@@ -540,7 +654,24 @@ fn spawn_prepared(
             Err((Some(index), SandboxError::Setup { step, errno }))
         }
         Err(e) => Err((None, e)),
+    };
+    (result, Some(prepared))
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), SandboxError> {
+    // SAFETY: fcntl on a descriptor we own.
+    let r = unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags == -1 {
+            -1
+        } else {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if r == -1 {
+        return Err(sys_err("making the setup error pipe non-blocking"));
     }
+    Ok(())
 }
 
 /// Shared anonymous memory, one u64 time stamp per slot, written by the child of
@@ -667,6 +798,10 @@ pub struct Builder {
     /// The builder is PID 1 of its own PID namespace: killing it kills everything inside.
     own_pid_ns: bool,
     status: Option<ExitStatus>,
+    /// A child from [`start`] that may still be setting up: what it uses, kept until reaped.
+    pending: Option<Box<Pending>>,
+    /// The step that failed in a child from [`start`], found when it was reaped.
+    setup_error: Option<(String, Errno)>,
 }
 
 impl AsFd for Builder {
@@ -688,6 +823,8 @@ impl Builder {
             pidfd,
             own_pid_ns: false,
             status: None,
+            pending: None,
+            setup_error: None,
         })
     }
 
@@ -729,7 +866,8 @@ impl Builder {
     }
 
     /// Blocks until the builder exits and returns its status. In plain mode, what is left of
-    /// its process group is killed before it is reaped.
+    /// its process group is killed before it is reaped. For a builder from [`start`] whose
+    /// setup failed, [`SandboxError::Setup`] naming the step (on every call).
     pub fn wait(&mut self) -> Result<ExitStatus, SandboxError> {
         match self.wait_inner(0)? {
             Some(s) => Ok(s),
@@ -740,14 +878,15 @@ impl Builder {
         }
     }
 
-    /// The exit status if the builder has exited, without blocking.
+    /// The exit status if the builder has exited, without blocking (or the setup failure, as
+    /// for [`Builder::wait`]).
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, SandboxError> {
         self.wait_inner(libc::WNOHANG)
     }
 
     fn wait_inner(&mut self, flags: libc::c_int) -> Result<Option<ExitStatus>, SandboxError> {
         if let Some(s) = self.status {
-            return Ok(Some(s));
+            return self.outcome(s);
         }
         // Look first without reaping (WNOWAIT), so the group can be killed while its id is
         // still pinned by the zombie leader.
@@ -791,7 +930,22 @@ impl Builder {
         }
         let s = ExitStatus::from_raw(status);
         self.status = Some(s);
-        Ok(Some(s))
+        // The child is gone, so nothing uses the plan or its stack any more, and the record
+        // of a failed step, if any, is in the pipe.
+        if let Some(p) = self.pending.take() {
+            self.setup_error = p.failure()?;
+        }
+        self.outcome(s)
+    }
+
+    fn outcome(&self, s: ExitStatus) -> Result<Option<ExitStatus>, SandboxError> {
+        match &self.setup_error {
+            Some((step, errno)) => Err(SandboxError::Setup {
+                step: step.clone(),
+                errno: *errno,
+            }),
+            None => Ok(Some(s)),
+        }
     }
 }
 

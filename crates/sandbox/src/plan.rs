@@ -18,6 +18,8 @@ use std::os::fd::RawFd;
 
 use nix::errno::Errno;
 
+use crate::sys::{i, p, sys};
+
 /// Exit status of a child whose setup failed (the same number Nix uses for `childSetupFailed`).
 pub(crate) const SETUP_FAILED_EXIT: i32 = 189;
 
@@ -227,68 +229,107 @@ pub(crate) struct Kernel {
     saved_umask: Option<libc::mode_t>,
 }
 
-fn check(r: libc::c_int) -> Result<(), Errno> {
-    if r == -1 {
-        Err(Errno::last())
-    } else {
-        Ok(())
-    }
+fn opt_ptr(c: &Option<CString>) -> usize {
+    c.as_ref().map_or(0, |c| p(c.as_ptr()))
 }
 
-fn opt_ptr(c: &Option<CString>) -> *const c_char {
-    c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
+/// `sys` with the result dropped.
+unsafe fn call(nr: libc::c_long, a: [usize; 6]) -> Result<(), Errno> {
+    // SAFETY: as the caller promised.
+    unsafe { sys(nr, a) }.map(|_| ())
 }
+
+/// Arguments: the first few given, the rest zero.
+fn a1(x: usize) -> [usize; 6] {
+    [x, 0, 0, 0, 0, 0]
+}
+fn a2(x: usize, y: usize) -> [usize; 6] {
+    [x, y, 0, 0, 0, 0]
+}
+fn a3(x: usize, y: usize, z: usize) -> [usize; 6] {
+    [x, y, z, 0, 0, 0]
+}
+fn a5(x: usize, y: usize, z: usize, u: usize, v: usize) -> [usize; 6] {
+    [x, y, z, u, v, 0]
+}
+
+const AT_FDCWD: usize = libc::AT_FDCWD as libc::c_long as usize;
 
 impl Syscalls for Kernel {
     fn run(&mut self, step: &Step) -> Result<(), Errno> {
+        // Every call goes through `sys` (see the `sys` module): the child shares the parent's
+        // memory, its errno included, while the parent goes on running.
         // SAFETY (whole block): every pointer passed below comes from a CString or Vec owned by
-        // the plan, which outlives the call; the calls themselves are async-signal-safe.
+        // the plan, which the parent keeps alive until this child has exec'd or exited, or
+        // from this function's own frame.
         unsafe {
             match step {
-                Step::MakeMountsPrivate => check(libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                )),
-                Step::JoinNetNs(fd) => check(libc::setns(*fd, libc::CLONE_NEWNET)),
-                Step::LoopbackUp => loopback_up(),
-                Step::SetHostname(h) => check(libc::sethostname(h.as_ptr(), h.as_bytes().len())),
-                Step::SetDomainname(d) => {
-                    check(libc::setdomainname(d.as_ptr(), d.as_bytes().len()))
+                Step::MakeMountsPrivate => call(
+                    libc::SYS_mount,
+                    a5(
+                        0,
+                        p(c"/".as_ptr()),
+                        0,
+                        (libc::MS_REC | libc::MS_PRIVATE) as usize,
+                        0,
+                    ),
+                ),
+                Step::JoinNetNs(fd) => {
+                    call(libc::SYS_setns, a2(i(*fd), libc::CLONE_NEWNET as usize))
                 }
-                Step::Mount { mount: m, .. } => check(libc::mount(
-                    opt_ptr(&m.source),
-                    m.target.as_ptr(),
-                    opt_ptr(&m.fstype),
-                    m.flags,
-                    opt_ptr(&m.data) as *const libc::c_void,
-                )),
+                Step::LoopbackUp => loopback_up(),
+                Step::SetHostname(h) => {
+                    call(libc::SYS_sethostname, a2(p(h.as_ptr()), h.as_bytes().len()))
+                }
+                Step::SetDomainname(d) => call(
+                    libc::SYS_setdomainname,
+                    a2(p(d.as_ptr()), d.as_bytes().len()),
+                ),
+                Step::Mount { mount: m, .. } => call(
+                    libc::SYS_mount,
+                    a5(
+                        opt_ptr(&m.source),
+                        p(m.target.as_ptr()),
+                        opt_ptr(&m.fstype),
+                        m.flags as usize,
+                        opt_ptr(&m.data),
+                    ),
+                ),
                 Step::ClearUmask => {
-                    self.saved_umask = Some(libc::umask(0));
+                    // umask cannot fail; it returns the old mask.
+                    let old = sys(libc::SYS_umask, a1(0))?;
+                    self.saved_umask = Some(old as libc::mode_t);
                     Ok(())
                 }
                 Step::RestoreUmask => {
                     if let Some(m) = self.saved_umask.take() {
-                        libc::umask(m);
+                        call(libc::SYS_umask, a1(m as usize))?;
                     }
                     Ok(())
                 }
-                Step::MkDir { path, mode } => check(libc::mkdir(path.as_ptr(), *mode)),
+                Step::MkDir { path, mode } => call(
+                    libc::SYS_mkdirat,
+                    a3(AT_FDCWD, p(path.as_ptr()), *mode as usize),
+                ),
                 Step::MkFile(path) => {
-                    let fd = libc::open(
-                        path.as_ptr(),
-                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
-                        0o444 as libc::c_uint,
-                    );
-                    check(fd)?;
-                    libc::close(fd);
+                    let fd = sys(
+                        libc::SYS_openat,
+                        [
+                            AT_FDCWD,
+                            p(path.as_ptr()),
+                            i(libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC),
+                            0o444,
+                            0,
+                            0,
+                        ],
+                    )?;
+                    let _ = sys(libc::SYS_close, a1(fd));
                     Ok(())
                 }
-                Step::Symlink { target, link } => {
-                    check(libc::symlink(target.as_ptr(), link.as_ptr()))
-                }
+                Step::Symlink { target, link } => call(
+                    libc::SYS_symlinkat,
+                    a3(p(target.as_ptr()), AT_FDCWD, p(link.as_ptr())),
+                ),
                 Step::WriteFile { path, contents } => write_file(path, contents),
                 Step::SetReadOnly {
                     path,
@@ -307,56 +348,81 @@ impl Syscalls for Kernel {
                         attr.attr_clr = MOUNT_ATTR_RDONLY;
                     }
                     let flags = if *recursive { AT_RECURSIVE } else { 0 };
-                    check(libc::syscall(
+                    call(
                         libc::SYS_mount_setattr,
-                        libc::AT_FDCWD,
-                        path.as_ptr(),
-                        flags,
-                        &attr as *const MountAttr,
-                        std::mem::size_of::<MountAttr>(),
-                    ) as libc::c_int)
+                        a5(
+                            AT_FDCWD,
+                            p(path.as_ptr()),
+                            i(flags),
+                            p(&attr as *const MountAttr),
+                            std::mem::size_of::<MountAttr>(),
+                        ),
+                    )
                 }
                 Step::PivotRoot(root) => {
                     // pivot_root(".", ".") stacks the old root on top of the new one; detaching
                     // it then leaves only the new root, with no path back to the host tree
                     // (which a plain chroot would keep reachable to anyone regaining
                     // CAP_SYS_CHROOT).
-                    check(libc::chdir(root.as_ptr()))?;
-                    let dot = c".".as_ptr();
-                    check(libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int)?;
-                    check(libc::umount2(dot, libc::MNT_DETACH))?;
-                    check(libc::chdir(c"/".as_ptr()))
+                    call(libc::SYS_chdir, a1(p(root.as_ptr())))?;
+                    let dot = p(c".".as_ptr());
+                    call(libc::SYS_pivot_root, a2(dot, dot))?;
+                    call(libc::SYS_umount2, a2(dot, i(libc::MNT_DETACH)))?;
+                    call(libc::SYS_chdir, a1(p(c"/".as_ptr())))
                 }
-                Step::Setsid => check(libc::setsid() as libc::c_int),
-                Step::Dup2 { from, to, .. } => check(libc::dup2(*from, *to)),
-                Step::Chdir(d) => check(libc::chdir(d.as_ptr())),
+                Step::Setsid => call(libc::SYS_setsid, [0; 6]),
+                Step::Dup2 { from, to, .. } => {
+                    if from == to {
+                        // dup2 would leave the descriptor as it is, close-on-exec flag
+                        // included; it must survive the exec.
+                        call(libc::SYS_fcntl, a3(i(*from), i(libc::F_SETFD), 0))
+                    } else {
+                        // dup3 exists everywhere (aarch64 has no dup2) and clears
+                        // close-on-exec on the copy.
+                        call(libc::SYS_dup3, a3(i(*from), i(*to), 0))
+                    }
+                }
+                Step::Chdir(d) => call(libc::SYS_chdir, a1(p(d.as_ptr()))),
                 Step::CloseOtherFds => {
-                    let r = libc::syscall(
+                    let r = sys(
                         libc::SYS_close_range,
-                        3u32,
-                        u32::MAX,
-                        libc::CLOSE_RANGE_CLOEXEC,
+                        a3(3, u32::MAX as usize, libc::CLOSE_RANGE_CLOEXEC as usize),
                     );
-                    if r == -1 {
+                    if r.is_err() {
                         // Kernels before 5.11: do it one descriptor at a time.
                         let mut rl: libc::rlimit = std::mem::zeroed();
-                        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
+                        let max = if sys(
+                            libc::SYS_prlimit64,
+                            [
+                                0,
+                                i(libc::RLIMIT_NOFILE as libc::c_int),
+                                0,
+                                p(&mut rl as *mut libc::rlimit),
+                                0,
+                                0,
+                            ],
+                        )
+                        .is_ok()
+                        {
                             rl.rlim_cur.min(65536) as libc::c_int
                         } else {
                             1024
                         };
                         for fd in 3..max {
-                            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                            let _ = sys(
+                                libc::SYS_fcntl,
+                                a3(i(fd), i(libc::F_SETFD), i(libc::FD_CLOEXEC)),
+                            );
                         }
                     }
                     Ok(())
                 }
                 Step::ResetSignals => {
-                    // Every signal, real-time ones included: a plain builder shares the
-                    // parent's memory until it execs, so no handler of the parent's may stay
-                    // installed once the mask is emptied below. The raw syscall, because
-                    // glibc's wrappers refuse its two internal signals, which may well arrive
-                    // ignored from whoever started us. Errors (SIGKILL, SIGSTOP) are expected.
+                    // Every signal, real-time ones included: the builder shares the parent's
+                    // memory until it execs, so no handler of the parent's may stay
+                    // installed once the mask is emptied below. The raw syscall also covers
+                    // glibc's two internal signals, which may well arrive ignored from
+                    // whoever started us. Errors (SIGKILL, SIGSTOP) are expected.
                     let dfl = KernelSigaction {
                         handler: libc::SIG_DFL,
                         flags: 0,
@@ -364,59 +430,52 @@ impl Syscalls for Kernel {
                         restorer: 0,
                         mask: 0,
                     };
-                    for sig in 1..=64 {
-                        libc::syscall(
+                    for sig in 1..=64usize {
+                        let _ = sys(
                             libc::SYS_rt_sigaction,
-                            sig,
-                            &dfl as *const KernelSigaction,
-                            std::ptr::null_mut::<KernelSigaction>(),
-                            8usize,
+                            [sig, p(&dfl as *const KernelSigaction), 0, 8, 0, 0],
                         );
                     }
                     let empty: u64 = 0;
-                    check(libc::syscall(
+                    call(
                         libc::SYS_rt_sigprocmask,
-                        libc::SIG_SETMASK,
-                        &empty as *const u64,
-                        std::ptr::null_mut::<u64>(),
-                        8usize,
-                    ) as libc::c_int)
+                        [i(libc::SIG_SETMASK), p(&empty as *const u64), 0, 8, 0, 0],
+                    )
                 }
-                Step::Personality(p) => check(libc::personality(*p)),
+                Step::Personality(per) => call(libc::SYS_personality, a1(*per as usize)),
                 Step::AddPersonality(flags) => {
-                    let cur = libc::personality(0xffff_ffff);
-                    if cur == -1 {
-                        return Err(Errno::last());
-                    }
-                    check(libc::personality(cur as libc::c_ulong | flags))
+                    // personality(0xffffffff) only reads the current one.
+                    let cur = sys(libc::SYS_personality, a1(0xffff_ffff))?;
+                    call(libc::SYS_personality, a1(cur | *flags as usize))
                 }
                 // Raw syscalls, not glibc's wrappers: those broadcast the change to every
-                // thread glibc believes the process has (its list was copied from the
-                // multi-threaded parent) and wait on a futex for answers that never come.
-                Step::SetGroups(g) => {
-                    check(libc::syscall(libc::SYS_setgroups, g.len(), g.as_ptr()) as libc::c_int)
-                }
+                // thread glibc believes the process has (its list is the multi-threaded
+                // parent's) and wait on a futex for answers that never come.
+                Step::SetGroups(g) => call(libc::SYS_setgroups, a2(g.len(), p(g.as_ptr()))),
                 Step::SetGid(gid) => {
-                    check(libc::syscall(libc::SYS_setgid, *gid) as libc::c_int)?;
-                    if libc::getgid() != *gid || libc::getegid() != *gid {
+                    call(libc::SYS_setgid, a1(*gid as usize))?;
+                    let real = sys(libc::SYS_getgid, [0; 6])?;
+                    let effective = sys(libc::SYS_getegid, [0; 6])?;
+                    if real != *gid as usize || effective != *gid as usize {
                         return Err(Errno::EPERM);
                     }
                     Ok(())
                 }
                 Step::SetUid(uid) => {
-                    check(libc::syscall(libc::SYS_setuid, *uid) as libc::c_int)?;
-                    if libc::getuid() != *uid || libc::geteuid() != *uid {
+                    call(libc::SYS_setuid, a1(*uid as usize))?;
+                    let real = sys(libc::SYS_getuid, [0; 6])?;
+                    let effective = sys(libc::SYS_geteuid, [0; 6])?;
+                    if real != *uid as usize || effective != *uid as usize {
                         return Err(Errno::EPERM);
                     }
                     Ok(())
                 }
                 Step::DropBoundingSet(last) => {
-                    for cap in 0..=*last {
+                    for cap in 0..=*last as usize {
                         // EINVAL: a capability this kernel does not know; nothing to drop.
-                        if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) == -1
-                            && Errno::last() != Errno::EINVAL
-                        {
-                            return Err(Errno::last());
+                        match sys(libc::SYS_prctl, a2(i(libc::PR_CAPBSET_DROP), cap)) {
+                            Ok(_) | Err(Errno::EINVAL) => {}
+                            Err(e) => return Err(e),
                         }
                     }
                     Ok(())
@@ -424,13 +483,13 @@ impl Syscalls for Kernel {
                 Step::ClearCapabilities => {
                     // The caps crate would allocate (it builds HashSets), so this is capset(2)
                     // by hand: version 3 header, two zeroed 32-bit data words.
-                    check(libc::prctl(
-                        libc::PR_CAP_AMBIENT,
-                        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-                        0,
-                        0,
-                        0,
-                    ))?;
+                    call(
+                        libc::SYS_prctl,
+                        a2(
+                            i(libc::PR_CAP_AMBIENT),
+                            libc::PR_CAP_AMBIENT_CLEAR_ALL as usize,
+                        ),
+                    )?;
                     #[repr(C)]
                     struct Header {
                         version: u32,
@@ -458,21 +517,27 @@ impl Syscalls for Kernel {
                             inheritable: 0,
                         },
                     ];
-                    check(
-                        libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr())
-                            as libc::c_int,
+                    call(
+                        libc::SYS_capset,
+                        a2(p(&mut hdr as *mut Header), p(data.as_ptr())),
                     )
                 }
-                Step::NoNewPrivs => check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)),
-                Step::Seccomp(prog) => {
-                    check(
-                        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, *prog)
-                            as libc::c_int,
-                    )
-                }
+                Step::NoNewPrivs => call(libc::SYS_prctl, a2(i(libc::PR_SET_NO_NEW_PRIVS), 1)),
+                Step::Seccomp(prog) => call(
+                    libc::SYS_seccomp,
+                    a3(libc::SECCOMP_SET_MODE_FILTER as usize, 0, p(*prog)),
+                ),
                 Step::Exec(e) => {
-                    libc::execve(e.program.as_ptr(), e.argv.as_ptr(), e.envp.as_ptr());
-                    Err(Errno::last())
+                    // Returns only on failure.
+                    call(
+                        libc::SYS_execve,
+                        a3(
+                            p(e.program.as_ptr()),
+                            p(e.argv.as_ptr()),
+                            p(e.envp.as_ptr()),
+                        ),
+                    )?;
+                    Err(Errno::ENOEXEC)
                 }
             }
         }
@@ -526,46 +591,70 @@ pub(crate) fn have_mount_setattr() -> bool {
 /// Creates `path` (which must not exist) holding `contents`, mode 0644 (the umask is 0 here,
 /// see [`Step::ClearUmask`]).
 unsafe fn write_file(path: &CString, contents: &[u8]) -> Result<(), Errno> {
-    let fd = libc::open(
-        path.as_ptr(),
-        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-        0o644 as libc::c_uint,
-    );
-    check(fd)?;
-    let mut result = Ok(());
-    let mut done = 0;
-    while result.is_ok() && done < contents.len() {
-        let n = libc::write(fd, contents[done..].as_ptr().cast(), contents.len() - done);
-        if n == -1 {
-            if Errno::last() != Errno::EINTR {
-                result = Err(Errno::last());
+    // SAFETY: `path` and `contents` outlive the calls; the descriptor is ours.
+    unsafe {
+        let fd = sys(
+            libc::SYS_openat,
+            [
+                AT_FDCWD,
+                p(path.as_ptr()),
+                i(libc::O_CREAT
+                    | libc::O_EXCL
+                    | libc::O_WRONLY
+                    | libc::O_CLOEXEC
+                    | libc::O_NOFOLLOW),
+                0o644,
+                0,
+                0,
+            ],
+        )?;
+        let mut result = Ok(());
+        let mut done = 0;
+        while done < contents.len() {
+            match sys(
+                libc::SYS_write,
+                a3(fd, p(contents[done..].as_ptr()), contents.len() - done),
+            ) {
+                Ok(n) => done += n,
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
-        } else {
-            done += n as usize;
         }
+        let _ = sys(libc::SYS_close, a1(fd));
+        result
     }
-    libc::close(fd);
-    result
 }
 
 /// SIOCSIFFLAGS on `lo` through a throw-away datagram socket.
 pub(crate) unsafe fn loopback_up() -> Result<(), Errno> {
-    let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-    if fd == -1 {
-        return Err(Errno::last());
-    }
-    let mut ifr: libc::ifreq = std::mem::zeroed();
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as c_char;
-    }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
-    let r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
-    let err = Errno::last();
-    libc::close(fd);
-    if r == -1 {
-        Err(err)
-    } else {
-        Ok(())
+    // SAFETY: `ifr` lives on this frame; the socket is ours.
+    unsafe {
+        let fd = sys(
+            libc::SYS_socket,
+            a3(
+                i(libc::AF_INET),
+                i(libc::SOCK_DGRAM | libc::SOCK_CLOEXEC),
+                0,
+            ),
+        )?;
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
+        let r = call(
+            libc::SYS_ioctl,
+            a3(
+                fd,
+                libc::SIOCSIFFLAGS as usize,
+                p(&ifr as *const libc::ifreq),
+            ),
+        );
+        let _ = sys(libc::SYS_close, a1(fd));
+        r
     }
 }
 

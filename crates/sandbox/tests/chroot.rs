@@ -11,7 +11,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nixb_sandbox::{
-    spawn, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network, Personality,
+    spawn, start, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network, Personality,
     SandboxError, SandboxSpec,
 };
 
@@ -62,6 +62,9 @@ struct Case {
     spec: ChrootSpec,
     user: Option<BuildUserIds>,
     cwd: PathBuf,
+    /// Start with `spawn` (returns after the exec) instead of `start` (returns at once, as
+    /// the engine does; setup failures come from `wait`).
+    sync: bool,
 }
 
 const STORE: &str = "/nix/store";
@@ -100,6 +103,7 @@ impl Case {
             spec,
             user: nobody(),
             cwd: build,
+            sync: false,
         }
     }
 
@@ -146,7 +150,11 @@ impl Case {
             Isolation::Chroot(c) => c.root.clone(),
             Isolation::Plain => unreachable!(),
         };
-        let b = spawn(spec)?;
+        let b = if self.sync {
+            spawn(spec)?
+        } else {
+            start(spec)?
+        };
         Ok((
             Running {
                 builder: b,
@@ -410,6 +418,7 @@ fn missing_cwd_inside_names_the_step() {
     }
     let mut c = Case::new();
     c.cwd = "/tmp/nix-build-missing-0".into();
+    c.sync = true;
     match c.spawn("true") {
         Err(SandboxError::Setup { step, errno }) => {
             assert_eq!(step, "chdir to /tmp/nix-build-missing-0");
@@ -418,6 +427,51 @@ fn missing_cwd_inside_names_the_step() {
         Err(e) => panic!("expected a setup error, got {e}"),
         Ok(_) => panic!("spawn succeeded with a missing cwd"),
     }
+}
+
+#[test]
+fn a_started_builder_reports_its_failed_step_when_waited_for() {
+    if !have_root() {
+        return;
+    }
+    let mut c = Case::new();
+    c.cwd = "/tmp/nix-build-missing-0".into();
+    let (mut running, mut log) = c.spawn("echo ran").expect("start returns before the setup");
+    let mut out = String::new();
+    log.read_to_string(&mut out).unwrap();
+    assert_eq!(out, "", "nothing ran");
+    for _ in 0..2 {
+        // On every call, not only the first.
+        match running.builder.wait() {
+            Err(SandboxError::Setup { step, errno }) => {
+                assert_eq!(step, "chdir to /tmp/nix-build-missing-0");
+                assert_eq!(errno, nix::errno::Errno::ENOENT);
+            }
+            other => panic!("expected a setup error, got {other:?}"),
+        }
+    }
+    // A failing exec is a setup step too.
+    let mut c = Case::new();
+    c.input("00000000000000000000000000000000-noexec", "x");
+    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+    drop(r);
+    let spec = SandboxSpec {
+        program: "/nix/store/00000000000000000000000000000000-noexec/file".into(),
+        args: vec![],
+        env: vec![],
+        cwd: c.cwd.clone(),
+        log_fd: w,
+        user: c.user.clone(),
+        personality: Personality::default(),
+        isolation: Isolation::Chroot(c.spec),
+    };
+    let mut b = start(spec).expect("start");
+    let e = b.wait().expect_err("exec of a non-executable file");
+    assert_eq!(
+        e.to_string(),
+        "setting up the builder: executing /nix/store/00000000000000000000000000000000-noexec/file: \
+         EACCES: Permission denied"
+    );
 }
 
 #[test]
@@ -681,4 +735,71 @@ fn spawn_traced_times_every_step_up_to_the_exec() {
         total > Duration::ZERO && total < Duration::from_secs(10),
         "{total:?}"
     );
+}
+
+#[test]
+fn started_builders_leave_the_parents_memory_and_errno_alone() {
+    if !have_root() {
+        return;
+    }
+    // A started child shares our memory, this thread's errno included, while it sets up its
+    // sandbox (where some calls fail on purpose: no handler can be reset for SIGKILL). Here the
+    // parent keeps making a failing call of its own and checks that errno stays its own, from
+    // several threads at once, with another thread allocating all the time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let v: Vec<u64> = (0..1000).map(|i| i * n).collect();
+                n = n.wrapping_add(v[999] % 7 + 1);
+            }
+            n
+        })
+    };
+    let workers: Vec<_> = (0..3)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..12 {
+                    let mut c = Case::new();
+                    if i % 4 == 3 {
+                        c.cwd = "/tmp/nix-build-missing-0".into();
+                    }
+                    let (mut running, mut log) = c
+                        .spawn(&format!("echo {t}-{i}; exit {}", i % 3))
+                        .expect("start");
+                    let mut checked = 0;
+                    loop {
+                        // SAFETY: close of a descriptor that cannot be open.
+                        let r = unsafe { libc::close(-1) };
+                        assert_eq!(r, -1);
+                        assert_eq!(nix::errno::Errno::last(), nix::errno::Errno::EBADF);
+                        checked += 1;
+                        if checked > 200 && running.builder.try_wait().is_ok_and(|s| s.is_some()) {
+                            break;
+                        }
+                        if checked > 200 && running.builder.try_wait().is_err() {
+                            break;
+                        }
+                    }
+                    let mut out = String::new();
+                    log.read_to_string(&mut out).unwrap();
+                    let st = running.builder.wait();
+                    if i % 4 == 3 {
+                        assert!(matches!(st, Err(SandboxError::Setup { .. })), "{st:?}");
+                        assert_eq!(out, "");
+                    } else {
+                        assert_eq!(out, format!("{t}-{i}\n"));
+                        assert_eq!(st.unwrap().code(), Some(i % 3));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("starting thread");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    churn.join().unwrap();
 }
