@@ -473,7 +473,10 @@ pub(crate) fn start_builder(
     };
     let outputs: Vec<StorePath> = g.missing_paths.iter().cloned().collect();
     let platform = drv.platform.clone();
-    let builder = match nixb_sandbox::spawn(builder_spec(inv, write)) {
+    // `start` returns while a chroot builder still sets up its sandbox, so the worker goes on
+    // meanwhile; a step that fails later comes back from the builder's wait as the error of
+    // its exit status, naming the step.
+    let builder = match nixb_sandbox::start(builder_spec(inv, write)) {
         Ok(b) => b,
         Err(e) => {
             let msg = format!(

@@ -398,3 +398,33 @@ fn a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output() {
     let (h, _) = nixb_store::nar::hash_path(&t.real(&out), HashAlgo::Sha256).unwrap();
     assert_eq!(info.nar_hash, h);
 }
+
+/// The builder is started without waiting for the sandbox's setup; a step that fails later
+/// (here the exec) must still fail the goal with a message naming it, and leave no chroot or
+/// build directory behind.
+#[test]
+fn a_setup_step_failing_after_the_start_names_the_step() {
+    if !have_root() {
+        return;
+    }
+    let t = TestStore::new();
+    let cfg = sandboxed(&t, SandboxMode::On);
+    let drv = t.add_drv(spec("nobuilder", "").builder("/nonexistent/builder"));
+    let (outcome, events) = t.realise_with(&[&drv], &cfg);
+    assert_eq!(outcome.exit_status, 1, "{:?}", outcome.failures);
+    let msg = &outcome.failures[0].message;
+    assert!(
+        msg.contains("setting up the builder: executing /nonexistent/builder: ENOENT"),
+        "{msg}"
+    );
+    assert!(msg.contains(&t.print(&drv)), "{msg}");
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, Event::BuildSucceeded { .. })));
+    let chroot = t
+        .dir()
+        .as_path()
+        .join(format!("{}.chroot", drv.base_name()));
+    assert!(!chroot.exists());
+    assert_eq!(std::fs::read_dir(&t.cfg.build_dir_root).unwrap().count(), 0);
+}
