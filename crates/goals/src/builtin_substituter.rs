@@ -9,17 +9,29 @@
 //!                                   <---   Completion::Query: offered / not / error
 //! lock, re-check validity,
 //! fetch(goal, cache, narinfo, dest) --->   stream the NAR: decompress, hash and restore
-//!   (the path lock travels along)          at dest, NarHash/NarSize/FileHash checked,
+//!   (the path lock travels along)          at dest, NarHash/NarSize/FileSize checked,
 //!                                          metadata canonicalised
 //!                                   <---   Completion::Fetch: hash and size, the lock
-//! register (poll loop)
+//! register (poll loop: every fetch finished
+//!   since the last poll, one transaction)
 //! ```
 //!
 //! The loop never waits for a thread: a finished job is queued and one byte is written to
 //! a non-blocking pipe whose read side the worker polls with its children's pipes, then
 //! drains the queue ([`BuiltinSubstituter::take_completions`]). Queries go before fetches,
 //! since each answer may reveal more paths to query (the closure is prefetched breadth
-//! first while earlier paths download).
+//! first while earlier paths download). Fetches go largest NAR first: the biggest path
+//! of a closure is the longest single job, so starting it last would leave one thread
+//! working alone at the end while the others idle.
+//!
+//! Fetched paths are registered by the loop as it drains the queue, all that finished
+//! since the last poll in one transaction ([`BuildStore::register_substitutes`]): one
+//! commit per path cost the loop more than the rest of a small path's bookkeeping, and
+//! the loop falling behind makes the batches larger, not the queue longer. Each path's
+//! references were valid before its fetch started (the goal waits for them), so the
+//! closure invariant holds inside the batch, and the transaction is atomic, so a crash
+//! leaves each path either registered with its references or not at all. If the batch
+//! fails, each goal registers its own path and reports its own error.
 //!
 //! The path lock of a fetch is held by the job, not by the goal, for as long as a thread
 //! writes at the destination: a goal destroyed meanwhile (a failure elsewhere without
@@ -36,7 +48,7 @@
 //! is not cut short. Dropping the pool discards queued jobs and waits for the ones in
 //! flight.
 
-use std::collections::VecDeque;
+use std::collections::{BinaryHeap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +63,7 @@ use nixb_store::{Hash, StoreDir, StorePath};
 
 use crate::config::{Substituter, WorkerConfig};
 use crate::graph::GoalId;
+use crate::store::{BuildStore, SubstitutedPath};
 
 /// What a query found: the narinfo of a path the cache offers with an acceptable
 /// signature, `None` when it does not have it, or a message to warn with (the cache could
@@ -63,6 +76,8 @@ pub(crate) struct Fetched {
     /// sha256 NAR hash, computed while the NAR streamed in and checked against the narinfo.
     pub nar_hash: Hash,
     pub nar_size: u64,
+    /// Registered already, in the batch of [`BuiltinSubstituter::take_completions`].
+    pub registered: bool,
     dest: PathBuf,
     kept: bool,
 }
@@ -116,10 +131,44 @@ enum Job {
         cache: usize,
         info: Box<NarInfo>,
         dest: PathBuf,
+        /// `dest` is the store path itself (not a repair's temporary beside it), so the
+        /// loop may register the path as soon as the fetch completes.
+        register: bool,
         lock: PathLocks,
         /// Set when the goal is destroyed: a job not started yet is skipped.
         cancelled: Arc<AtomicBool>,
     },
+}
+
+/// A fetch waiting for a thread, ordered by NAR size (then by submission, oldest first).
+struct QueuedFetch {
+    nar_size: u64,
+    /// Submission number, so equal sizes keep their order.
+    seq: u64,
+    job: Job,
+}
+
+impl PartialEq for QueuedFetch {
+    fn eq(&self, other: &Self) -> bool {
+        (self.nar_size, self.seq) == (other.nar_size, other.seq)
+    }
+}
+
+impl Eq for QueuedFetch {}
+
+impl PartialOrd for QueuedFetch {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for QueuedFetch {
+    /// The max-heap pops the largest NAR first; among equals, the lowest `seq`.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.nar_size
+            .cmp(&other.nar_size)
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
 }
 
 /// One `substituters` entry that is a binary cache, opened by the first thread that needs
@@ -133,8 +182,10 @@ struct CacheSlot {
 #[derive(Default)]
 struct Queues {
     queries: VecDeque<Job>,
-    fetches: VecDeque<Job>,
-    done: Vec<Completion>,
+    fetches: BinaryHeap<QueuedFetch>,
+    fetches_queued: u64,
+    /// Finished jobs, each with what the loop needs to register a fetched path.
+    done: Vec<(Completion, Option<SubstitutedPath>)>,
     stop: bool,
 }
 
@@ -272,7 +323,11 @@ impl BuiltinSubstituter {
         };
         match job {
             Job::Query { .. } => q.queries.push_back(job),
-            Job::Fetch { .. } => q.fetches.push_back(job),
+            Job::Fetch { ref info, .. } => {
+                let (nar_size, seq) = (info.nar_size, q.fetches_queued);
+                q.fetches_queued += 1;
+                q.fetches.push(QueuedFetch { nar_size, seq, job });
+            }
         }
         drop(q);
         shared.work.notify_one();
@@ -288,14 +343,18 @@ impl BuiltinSubstituter {
     }
 
     /// Fetches the path `info` describes into `dest` (which must not exist) while holding
-    /// its `lock`; the outcome and the lock come back as a [`Completion::Fetch`]. On error
-    /// the lock is handed back at once.
+    /// its `lock`; the outcome and the lock come back as a [`Completion::Fetch`]. When
+    /// `dest` is the store path itself (`register`), the path is registered before the
+    /// completion is handed out if it can be ([`Fetched::registered`]); its references
+    /// must be valid. On error the lock is handed back at once.
+    #[allow(clippy::too_many_arguments)]
     pub fn fetch(
         &mut self,
         goal: GoalId,
         cache: usize,
         info: NarInfo,
         dest: PathBuf,
+        register: bool,
         lock: PathLocks,
         cancelled: Arc<AtomicBool>,
     ) -> Result<(), (String, Option<PathLocks>)> {
@@ -304,13 +363,15 @@ impl BuiltinSubstituter {
             cache,
             info: Box::new(info),
             dest,
+            register,
             lock,
             cancelled,
         })
     }
 
-    /// The jobs finished since the last call (never blocks).
-    pub fn take_completions(&mut self) -> Vec<Completion> {
+    /// The jobs finished since the last call (never blocks). The paths fetched among
+    /// them are registered in `store` first, in one transaction (see the module doc).
+    pub fn take_completions(&mut self, store: &dyn BuildStore) -> Vec<Completion> {
         let Some(r) = &self.running else {
             return Vec::new();
         };
@@ -329,7 +390,7 @@ impl BuiltinSubstituter {
             Err(p) => std::mem::take(&mut p.into_inner().done),
         };
         self.outstanding = self.outstanding.saturating_sub(done.len());
-        done
+        register_batch(store, done)
     }
 }
 
@@ -356,7 +417,8 @@ impl Drop for BuiltinSubstituter {
         for t in r.threads {
             let _ = t.join();
         }
-        // Completions no goal took delete what they unpacked, then unlock.
+        // Completions no goal took delete what they unpacked, then unlock (none was
+        // registered: only take_completions registers).
         let left = match r.shared.queues.lock() {
             Ok(mut q) => std::mem::take(&mut q.done),
             Err(_) => Vec::new(),
@@ -376,7 +438,11 @@ fn thread_main(shared: &Shared) {
                 if q.stop {
                     return;
                 }
-                if let Some(j) = q.queries.pop_front().or_else(|| q.fetches.pop_front()) {
+                if let Some(j) = q
+                    .queries
+                    .pop_front()
+                    .or_else(|| q.fetches.pop().map(|f| f.job))
+                {
                     break j;
                 }
                 q = match shared.work.wait(q) {
@@ -421,7 +487,7 @@ fn cache(shared: &Shared, idx: usize) -> Result<Option<&BinaryCache>, String> {
     }
 }
 
-fn run_job(shared: &Shared, job: Job) -> Option<Completion> {
+fn run_job(shared: &Shared, job: Job) -> Option<(Completion, Option<SubstitutedPath>)> {
     match job {
         Job::Query {
             goal,
@@ -432,13 +498,14 @@ fn run_job(shared: &Shared, job: Job) -> Option<Completion> {
                 None => Ok(None),
                 Some(c) => query(c, &path),
             });
-            Some(Completion::Query { goal, result })
+            Some((Completion::Query { goal, result }, None))
         }
         Job::Fetch {
             goal,
             cache: idx,
             info,
             dest,
+            register,
             lock,
             cancelled,
         } => {
@@ -454,9 +521,45 @@ fn run_job(shared: &Shared, job: Job) -> Option<Completion> {
                 )),
                 Err(e) => Err(e),
             };
-            Some(Completion::Fetch { goal, result, lock })
+            // What the loop registers, if the fetch succeeded: the narinfo's
+            // metadata with the hash and size that were checked against it.
+            let entry = match &result {
+                Ok(f) if register => Some(SubstitutedPath {
+                    path: info.store_path.clone(),
+                    nar_hash: f.nar_hash.clone(),
+                    nar_size: f.nar_size,
+                    references: info.references.clone(),
+                    deriver: info.deriver.clone(),
+                    sigs: info.sigs.clone(),
+                    ca: info.ca.clone(),
+                }),
+                _ => None,
+            };
+            Some((Completion::Fetch { goal, result, lock }, entry))
         }
     }
+}
+
+/// Registers the paths fetched among `done` in one transaction and marks them so; if
+/// that fails, none is marked and each goal registers (and reports) its own.
+fn register_batch(
+    store: &dyn BuildStore,
+    done: Vec<(Completion, Option<SubstitutedPath>)>,
+) -> Vec<Completion> {
+    let batch: Vec<SubstitutedPath> = done.iter().filter_map(|(_, e)| e.clone()).collect();
+    let registered = !batch.is_empty() && store.register_substitutes(&batch).is_ok();
+    done.into_iter()
+        .map(|(mut c, entry)| {
+            if let (true, Some(_), Completion::Fetch { result: Ok(f), .. }) =
+                (registered, entry, &mut c)
+            {
+                f.registered = true;
+                // Valid now: it must outlive the completion whatever the goal does.
+                f.kept = true;
+            }
+            c
+        })
+        .collect()
 }
 
 /// The narinfo of `path` if `cache` has it signed as we require.
@@ -477,6 +580,7 @@ fn fetch(cache: &BinaryCache, info: &NarInfo, dest: &Path) -> Result<Fetched, St
     let fetched = Fetched {
         nar_hash,
         nar_size,
+        registered: false,
         dest: dest.to_path_buf(),
         kept: false,
     };
@@ -484,4 +588,220 @@ fn fetch(cache: &BinaryCache, info: &NarInfo, dest: &Path) -> Result<Fetched, St
     nixb_store::canon::canonicalise_path_metadata(dest, None, &mut seen)
         .map_err(|e| format!("canonicalising '{}': {e}", dest.display()))?;
     Ok(fetched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::BTreeSet;
+
+    use nixb_store::derivation::Derivation;
+    use nixb_store::HashAlgo;
+
+    use crate::store::{NewOutput, PathInfo, StoreFault};
+
+    fn sp(name: &str) -> StorePath {
+        StorePath::from_base_name(&format!("0123456789abcdfghijklmnpqrsvwxyz-{name}")).unwrap()
+    }
+
+    fn query_job(n: usize) -> Job {
+        Job::Query {
+            goal: GoalId(n),
+            cache: 0,
+            path: sp("q"),
+        }
+    }
+
+    #[test]
+    fn fetches_go_largest_nar_first_and_equal_sizes_in_submission_order() {
+        let mut heap = BinaryHeap::new();
+        for (seq, (goal, nar_size)) in [(0, 10), (1, 5000), (2, 10), (3, 70), (4, 5000)]
+            .into_iter()
+            .enumerate()
+        {
+            heap.push(QueuedFetch {
+                nar_size,
+                seq: seq as u64,
+                job: query_job(goal),
+            });
+        }
+        let order: Vec<usize> = std::iter::from_fn(|| heap.pop())
+            .map(|f| match f.job {
+                Job::Query { goal, .. } | Job::Fetch { goal, .. } => goal.0,
+            })
+            .collect();
+        assert_eq!(order, [1, 4, 3, 0, 2]);
+    }
+
+    /// Records the batches it is asked to register; fails them when `fail` is set.
+    struct RecordingStore {
+        dir: StoreDir,
+        fail: bool,
+        batches: RefCell<Vec<Vec<StorePath>>>,
+    }
+
+    fn unused<T>() -> Result<T, StoreFault> {
+        Err(StoreFault("not used by this test".into()))
+    }
+
+    impl BuildStore for RecordingStore {
+        fn store_dir(&self) -> &StoreDir {
+            &self.dir
+        }
+        fn is_valid_path(&self, _: &StorePath) -> Result<bool, StoreFault> {
+            unused()
+        }
+        fn query_path_info(&self, _: &StorePath) -> Result<Option<PathInfo>, StoreFault> {
+            unused()
+        }
+        fn query_references(&self, _: &StorePath) -> Result<BTreeSet<StorePath>, StoreFault> {
+            unused()
+        }
+        fn compute_closure(
+            &self,
+            _: &BTreeSet<StorePath>,
+        ) -> Result<BTreeSet<StorePath>, StoreFault> {
+            unused()
+        }
+        fn read_derivation(&self, _: &StorePath) -> Result<Derivation, StoreFault> {
+            unused()
+        }
+        fn register_outputs(&self, _: &[NewOutput]) -> Result<(), StoreFault> {
+            unused()
+        }
+        fn has_path_failed(&self, _: &StorePath) -> Result<bool, StoreFault> {
+            unused()
+        }
+        fn register_failed_path(&self, _: &StorePath) -> Result<(), StoreFault> {
+            unused()
+        }
+        fn add_temp_root(&self, _: &StorePath) -> Result<(), StoreFault> {
+            unused()
+        }
+        fn register_substitutes(&self, infos: &[SubstitutedPath]) -> Result<(), StoreFault> {
+            self.batches
+                .borrow_mut()
+                .push(infos.iter().map(|i| i.path.clone()).collect());
+            if self.fail {
+                return Err(StoreFault("disk full".into()));
+            }
+            Ok(())
+        }
+    }
+
+    /// A fetch of `name` that unpacked a file at `dir/name`, with its lock and what the
+    /// loop would register.
+    fn fetched(dir: &Path, goal: usize, name: &str) -> (Completion, Option<SubstitutedPath>) {
+        let dest = dir.join(name);
+        std::fs::write(&dest, name).unwrap();
+        let lock = PathLocks::lock(std::slice::from_ref(&dest), false, None)
+            .unwrap()
+            .unwrap();
+        let hash = Hash::parse_typed(&format!("sha256:{}", "0".repeat(52))).unwrap();
+        assert_eq!(hash.algo(), HashAlgo::Sha256);
+        let entry = SubstitutedPath {
+            path: sp(name),
+            nar_hash: hash.clone(),
+            nar_size: 1,
+            references: BTreeSet::new(),
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        let result = Ok(Fetched {
+            nar_hash: hash,
+            nar_size: 1,
+            registered: false,
+            dest,
+            kept: false,
+        });
+        (
+            Completion::Fetch {
+                goal: GoalId(goal),
+                result,
+                lock,
+            },
+            Some(entry),
+        )
+    }
+
+    fn registered_flags(done: &[Completion]) -> Vec<Option<bool>> {
+        done.iter()
+            .map(|c| match c {
+                Completion::Fetch { result: Ok(f), .. } => Some(f.registered),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fetched_paths_are_registered_in_one_batch_and_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = RecordingStore {
+            dir: StoreDir::new("/nix/store").unwrap(),
+            fail: false,
+            batches: RefCell::new(vec![]),
+        };
+        let failed = Completion::Fetch {
+            goal: GoalId(2),
+            result: Err("corrupt".into()),
+            lock: PathLocks::lock(&[tmp.path().join("c")], false, None)
+                .unwrap()
+                .unwrap(),
+        };
+        let done = vec![
+            fetched(tmp.path(), 0, "a"),
+            (
+                Completion::Query {
+                    goal: GoalId(1),
+                    result: Ok(None),
+                },
+                None,
+            ),
+            (failed, None),
+            fetched(tmp.path(), 3, "b"),
+        ];
+        let out = register_batch(&store, done);
+        assert_eq!(*store.batches.borrow(), vec![vec![sp("a"), sp("b")]]);
+        assert_eq!(registered_flags(&out), [Some(true), None, None, Some(true)]);
+        drop(out);
+        // Registered paths outlive their completions even when no goal takes them.
+        assert!(tmp.path().join("a").exists() && tmp.path().join("b").exists());
+    }
+
+    #[test]
+    fn a_failed_batch_leaves_registration_to_each_goal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = RecordingStore {
+            dir: StoreDir::new("/nix/store").unwrap(),
+            fail: true,
+            batches: RefCell::new(vec![]),
+        };
+        let done = vec![fetched(tmp.path(), 0, "a"), fetched(tmp.path(), 1, "b")];
+        let out = register_batch(&store, done);
+        assert_eq!(store.batches.borrow().len(), 1);
+        assert_eq!(registered_flags(&out), [Some(false), Some(false)]);
+        drop(out);
+        // Unregistered and untaken: deleted, as before batching.
+        assert!(!tmp.path().join("a").exists() && !tmp.path().join("b").exists());
+    }
+
+    #[test]
+    fn nothing_fetched_means_no_transaction() {
+        let store = RecordingStore {
+            dir: StoreDir::new("/nix/store").unwrap(),
+            fail: false,
+            batches: RefCell::new(vec![]),
+        };
+        let done = vec![(
+            Completion::Query {
+                goal: GoalId(0),
+                result: Ok(None),
+            },
+            None,
+        )];
+        assert_eq!(register_batch(&store, done).len(), 1);
+        assert!(store.batches.borrow().is_empty());
+    }
 }

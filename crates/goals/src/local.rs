@@ -83,17 +83,24 @@ impl BuildStore for LocalStore {
     }
 
     fn register_substitute(&self, info: &SubstitutedPath) -> Result<(), StoreFault> {
-        let v = ValidPathInfo {
-            path: info.path.clone(),
-            nar_hash: info.nar_hash.clone(),
-            nar_size: info.nar_size,
-            deriver: info.deriver.clone(),
-            references: info.references.clone(),
-            registration_time: 0,
-            ultimate: false,
-            sigs: info.sigs.clone(),
-            ca: info.ca.clone(),
-        };
-        LocalStore::register_valid_paths(self, &[v]).map_err(fault)
+        self.register_substitutes(std::slice::from_ref(info))
+    }
+
+    fn register_substitutes(&self, infos: &[SubstitutedPath]) -> Result<(), StoreFault> {
+        let infos: Vec<ValidPathInfo> = infos
+            .iter()
+            .map(|info| ValidPathInfo {
+                path: info.path.clone(),
+                nar_hash: info.nar_hash.clone(),
+                nar_size: info.nar_size,
+                deriver: info.deriver.clone(),
+                references: info.references.clone(),
+                registration_time: 0,
+                ultimate: false,
+                sigs: info.sigs.clone(),
+                ca: info.ca.clone(),
+            })
+            .collect();
+        LocalStore::register_valid_paths(self, &infos).map_err(fault)
     }
 }

@@ -69,6 +69,11 @@ pub trait BuildStore {
             self.store_dir().print(&info.path)
         )))
     }
+    /// Registers several substituted paths, all or none (one transaction where the store
+    /// has them). Each path's references are valid or in `infos`.
+    fn register_substitutes(&self, infos: &[SubstitutedPath]) -> Result<(), StoreFault> {
+        infos.iter().try_for_each(|i| self.register_substitute(i))
+    }
 }
 
 /// A path a substituter produced, to register.

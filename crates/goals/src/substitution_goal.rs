@@ -25,9 +25,11 @@
 //! may take a network round trip: `tryNext` hands the query to the built-in substituter's
 //! threads and waits (`querying`); `tryToRun` takes no build slot, locks and re-checks as
 //! above, and hands the fetch to a thread together with the lock (`fetching`). The thread
-//! verifies NarHash and NarSize while unpacking and canonicalises; the goal registers with
-//! the hash it computed (no second pass over the files), the narinfo's signatures and
-//! content address. A failure is that substituter failing: the next one is tried.
+//! verifies NarHash and NarSize while unpacking and canonicalises; the path is registered
+//! with the hash it computed (no second pass over the files), the narinfo's signatures and
+//! content address, by the loop together with the other fetches that finished since its
+//! last poll (or, when that batch fails or when repairing, by the goal itself). A failure
+//! is that substituter failing: the next one is tried.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -549,6 +551,7 @@ impl SubstitutionGoal {
             idx,
             narinfo,
             self.dest.clone(),
+            !self.repair,
             lock,
             self.cancelled.clone(),
         ) {
@@ -582,6 +585,11 @@ impl SubstitutionGoal {
             Ok(f) => f,
             Err(msg) => return self.substituter_failed(id, w, BUILTIN_FAILURE_STATUS.into(), msg),
         };
+        if fetched.registered {
+            // The loop registered it with the batch it arrived in.
+            fetched.keep();
+            return self.registered(id, w);
+        }
         // The thread compared what it hashed while unpacking with the narinfo; the goal
         // checks the pair it is about to register against the offer once more (a cheap
         // comparison, not a second pass over the files).
@@ -745,6 +753,11 @@ impl SubstitutionGoal {
         if let Err(message) = self.try_register(w, hash, size, fetched) {
             return self.fail_setup(id, w, message);
         }
+        self.registered(id, w);
+    }
+
+    /// The path is valid now: release it and report success.
+    fn registered(&mut self, id: GoalId, w: &mut Worker<'_>) {
         if let Some(l) = self.lock.as_mut() {
             // Future lockers find the path valid and never need the file.
             l.set_deletion(true);

@@ -634,7 +634,7 @@ impl<'a> Worker<'a> {
     /// Hands the built-in substituter's finished jobs to their goals. A goal that is gone
     /// drops its result, which deletes what was unpacked for it and releases its lock.
     fn deliver_substitutions(&mut self) {
-        for c in self.builtin_subst.take_completions() {
+        for c in self.builtin_subst.take_completions(self.store) {
             let id = c.goal();
             self.with_goal(id, |goal, w| {
                 if let Goal::Substitution(g) = goal {
