@@ -4,8 +4,22 @@
 //! store directory, real `nix-store -r` substituting from that cache vs nixb's
 //! `substitute_closure` (the library, run as the `substitute_closure` example binary of
 //! nixb-binarycache, release build) and `nixb realise` (the engine: substitution goals and
-//! the built-in substituter's threads) at -j0 and -j4. Prints wall times, their ratio and
-//! peak RSS.
+//! the built-in substituter's threads) at -j0 and -j4. Prints wall times, their ratio,
+//! CPU time (user + system) and peak RSS.
+//!
+//! Three rounds, interleaved (nix, then each nixb variant, then again), so that load from
+//! other processes drifting during the run hits all of them alike; ratios use the best
+//! wall time of each. Between runs the store is moved aside, not deleted, and the bench
+//! directory carries ext4's top-directory flag (`chattr +T`), which makes each fresh
+//! store directory land in a block group of its own. Both avoid one artifact: ext4
+//! without a journal (as this machine's root file system) makes every inode allocation
+//! step over inodes of its group freed in the last 60-360 seconds (`recently_deleted()`
+//! in `fs/ext4/ialloc.c`), each step a buffer-cache lookup. Deleting the previous run's
+//! ~600 inodes just before a run, or other processes deleting files in /tmp's group,
+//! added 50-150 ms to *each* engine's run (perf: `find_get_block_common` under
+//! `ext4_create`/`ext4_mkdir` at 40% of nixb's samples), a cost of the harness and the
+//! neighbours rather than of substitution, and the main reason earlier runs of this
+//! bench gave ratios anywhere from 2x to 3x.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,6 +48,8 @@ in derivation {{
 
 struct Env {
     root: PathBuf,
+    /// Stores of earlier runs, moved aside (see the module doc); deleted with `root`.
+    trash: std::cell::Cell<u32>,
 }
 
 impl Env {
@@ -67,12 +83,18 @@ impl Env {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Makes the next run start from an empty store: the last run's store and state are
+    /// renamed into `trash/N`, since deleting them would slow the next run's inode
+    /// allocations (see the module doc).
     fn wipe_store(&self) -> Result<()> {
+        let n = self.trash.get();
+        self.trash.set(n + 1);
+        let dir = self.root.join("trash").join(n.to_string());
+        std::fs::create_dir_all(&dir)?;
         for d in ["store", "state"] {
             let p = self.root.join(d);
             if p.exists() {
-                Command::new("chmod").args(["-R", "u+w"]).arg(&p).status()?;
-                std::fs::remove_dir_all(&p)?;
+                std::fs::rename(&p, dir.join(d))?;
             }
         }
         Ok(())
@@ -89,8 +111,39 @@ impl Drop for Env {
     }
 }
 
-/// Wall time and peak RSS (KiB) of a command run to success.
-fn measure(mut cmd: Command) -> Result<(Duration, i64)> {
+/// Sets ext4's top-directory flag (`chattr +T`) on `dir`, so that the block allocator
+/// spreads its subdirectories over block groups as it does for top-level directories.
+/// False where the file system has no such flag.
+fn set_topdir_flag(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    // <linux/fs.h>: FS_IOC_SETFLAGS = _IOW('f', 2, long); FS_TOPDIR_FL = 0x00020000.
+    const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+    const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
+    let Ok(f) = std::fs::File::open(dir) else {
+        return false;
+    };
+    let mut flags: libc::c_int = 0;
+    // SAFETY: both ioctls read or write one int through a valid pointer on an open fd.
+    unsafe {
+        if libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS as _, &mut flags) != 0 {
+            return false;
+        }
+        flags |= FS_TOPDIR_FL;
+        libc::ioctl(f.as_raw_fd(), FS_IOC_SETFLAGS as _, &flags) == 0
+    }
+}
+
+/// What one measured run took.
+struct Run {
+    wall: Duration,
+    /// User plus system CPU time of the process and its threads.
+    cpu: Duration,
+    /// Peak RSS, KiB.
+    rss: i64,
+}
+
+/// Wall time, CPU time and peak RSS of a command run to success.
+fn measure(mut cmd: Command) -> Result<Run> {
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let t = Instant::now();
     let child = cmd.spawn().context("spawning benchmark command")?;
@@ -106,7 +159,12 @@ fn measure(mut cmd: Command) -> Result<(Duration, i64)> {
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         bail!("benchmark command {cmd:?} failed (wait status {status})");
     }
-    Ok((wall, ru.ru_maxrss))
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok(Run {
+        wall,
+        cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+        rss: ru.ru_maxrss,
+    })
 }
 
 fn build_example(root: &Path) -> Result<PathBuf> {
@@ -136,9 +194,16 @@ pub fn run() -> Result<()> {
     let nixb = crate::build_nixb_release(&crate::workspace_root())?;
     let env = Env {
         root: std::env::temp_dir().join(format!("nixb-bench-substitute-{}", std::process::id())),
+        trash: std::cell::Cell::new(0),
     };
     let _ = std::fs::remove_dir_all(&env.root);
     std::fs::create_dir_all(env.root.join("etc"))?;
+    if !set_topdir_flag(&env.root) {
+        eprintln!(
+            "note: could not set the top-directory flag on {}",
+            env.root.display()
+        );
+    }
     let sk = env.output(
         "nix",
         &[
@@ -192,86 +257,72 @@ pub fn run() -> Result<()> {
         .count();
 
     println!(
-        "{:<26} {:>6} {:>10} {:>10}",
-        "substituter", "paths", "wall ms", "RSS MiB"
+        "{:<30} {:>6} {:>9} {:>9} {:>9}",
+        "substituter", "paths", "wall ms", "cpu ms", "RSS MiB"
     );
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let mut nix_t = Duration::ZERO;
-    for round in 0..2 {
-        env.wipe_store()?;
+    // nix-store -r at -j0 (what nixb realise -j0 is compared with), the library through
+    // the example binary, and the engine: SubstitutionGoals handing the cache to the
+    // built-in substituter's threads (substitution_jobs, not build slots, so -j0 runs
+    // them in parallel too).
+    let nix_cmd = || {
         let mut c = env.cmd(Path::new("nix-store"));
-        c.args([
-            "-r",
-            &top,
-            "-j0",
-            "--option",
-            "substituters",
-            &cache,
-            "--option",
-            "trusted-public-keys",
-            &pk,
-        ]);
-        let (t, rss) = measure(c)?;
-        nix_t = if round == 0 { t } else { nix_t.min(t) };
-        println!(
-            "{:<26} {:>6} {:>10.0} {:>10.1}",
-            "nix-store -r (Nix 2.8)",
-            n,
-            ms(t),
-            rss as f64 / 1024.0
-        );
-    }
-    for jobs in [1usize, 4] {
-        let mut best = Duration::MAX;
-        for _ in 0..2 {
-            env.wipe_store()?;
-            let mut c = env.cmd(&bin);
-            c.args([&cache, &pk, &jobs.to_string(), &top]);
-            let (t, rss) = measure(c)?;
-            best = best.min(t);
-            println!(
-                "{:<26} {:>6} {:>10.0} {:>10.1}",
-                format!("nixb substitute_closure -j{jobs}"),
-                n,
-                ms(t),
-                rss as f64 / 1024.0
-            );
-        }
-        println!(
-            "  ratio nix/nixb (best of 2, -j{jobs}): {:.2}x",
-            ms(nix_t) / ms(best)
-        );
-    }
-    // The engine: SubstitutionGoals handing the cache to the built-in substituter's
-    // threads (substitution_jobs, not build slots, so -j0 runs them in parallel too).
-    // -j0 is what nix-store -r ran with above.
-    for jobs in [0usize, 4] {
-        let mut best = Duration::MAX;
-        for _ in 0..2 {
-            env.wipe_store()?;
-            let mut c = env.cmd(&nixb);
-            c.args([
-                "realise",
-                "--max-jobs",
-                &jobs.to_string(),
-                "--option",
-                "substituters",
-                &cache,
-            ])
+        c.args(["-r", &top, "-j0", "--option", "substituters", &cache])
+            .args(["--option", "trusted-public-keys", &pk]);
+        c
+    };
+    let closure_cmd = |jobs: usize| {
+        let mut c = env.cmd(&bin);
+        c.args([&cache, &pk, &jobs.to_string(), &top]);
+        c
+    };
+    let realise_cmd = |jobs: usize| {
+        let mut c = env.cmd(&nixb);
+        c.args(["realise", "--max-jobs", &jobs.to_string()])
+            .args(["--option", "substituters", &cache])
             .args(["--option", "trusted-public-keys", &pk, &top]);
-            let (t, rss) = measure(c)?;
-            best = best.min(t);
+        c
+    };
+    const ROUNDS: usize = 3;
+    let names = [
+        "nix-store -r -j0 (Nix 2.8)",
+        "nixb substitute_closure -j1",
+        "nixb substitute_closure -j4",
+        "nixb realise -j0",
+        "nixb realise -j4",
+    ];
+    // Per variant: the best wall time and the least CPU time over the rounds.
+    let mut best = vec![(Duration::MAX, Duration::MAX); names.len()];
+    for _ in 0..ROUNDS {
+        for (i, name) in names.iter().enumerate() {
+            let cmd = match i {
+                0 => nix_cmd(),
+                1 => closure_cmd(1),
+                2 => closure_cmd(4),
+                3 => realise_cmd(0),
+                _ => realise_cmd(4),
+            };
+            env.wipe_store()?;
+            let run = measure(cmd)?;
             println!(
-                "{:<26} {:>6} {:>10.0} {:>10.1}",
-                format!("nixb realise -j{jobs}"),
+                "{:<30} {:>6} {:>9.0} {:>9.0} {:>9.1}",
+                name,
                 n,
-                ms(t),
-                rss as f64 / 1024.0
+                ms(run.wall),
+                ms(run.cpu),
+                run.rss as f64 / 1024.0
             );
+            best[i] = (best[i].0.min(run.wall), best[i].1.min(run.cpu));
         }
+    }
+    let (nix_wall, nix_cpu) = best[0];
+    println!("ratio nix-store -r -j0 / nixb, best of {ROUNDS} each:");
+    for (name, (wall, cpu)) in names.iter().zip(&best).skip(1) {
         println!(
-            "  ratio nix/nixb realise (best of 2, -j{jobs}): {:.2}x",
-            ms(nix_t) / ms(best)
+            "  {:<28} wall {:.2}x, cpu {:.2}x",
+            name,
+            ms(nix_wall) / ms(*wall),
+            ms(nix_cpu) / ms(*cpu)
         );
     }
     Ok(())
