@@ -481,10 +481,7 @@ impl SubstitutionGoal {
         self.lock = Some(lock);
         match w.store.is_valid_path(&self.path) {
             Ok(true) if !self.repair => {
-                if let Some(l) = self.lock.as_mut() {
-                    l.set_deletion(true);
-                }
-                self.lock = None;
+                self.release_valid(w);
                 return w.am_done(id, ExitCode::Success);
             }
             Ok(_) => {}
@@ -756,13 +753,18 @@ impl SubstitutionGoal {
         self.registered(id, w);
     }
 
+    /// Unlocks the path, which is valid: future lockers find it so and never need the
+    /// lock file, which is deleted when the worker is done (see `StaleLockFiles`).
+    fn release_valid(&mut self, w: &mut Worker<'_>) {
+        if self.lock.take().is_some() {
+            let real = w.store_dir().to_path(&self.path);
+            w.builtin_subst.stale_locks.defer(real);
+        }
+    }
+
     /// The path is valid now: release it and report success.
     fn registered(&mut self, id: GoalId, w: &mut Worker<'_>) {
-        if let Some(l) = self.lock.as_mut() {
-            // Future lockers find the path valid and never need the file.
-            l.set_deletion(true);
-        }
-        self.lock = None;
+        self.release_valid(w);
         w.emit(Event::SubstituterSucceeded {
             path: self.path.clone(),
         });

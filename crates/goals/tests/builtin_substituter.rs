@@ -194,6 +194,13 @@ fn a_corrupt_nar_in_the_first_cache_is_passed_over_for_the_next() {
         std::fs::read_to_string(&real).unwrap(),
         "dependency contents\n"
     );
+    // The lock files, kept until the worker finished, are gone.
+    let locks: Vec<_> = std::fs::read_dir(store.store_dir().as_str())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".lock"))
+        .collect();
+    assert!(locks.is_empty(), "{locks:?}");
 }
 
 /// Serves the files of `dir` over HTTP on 127.0.0.1, holding back the body of every
