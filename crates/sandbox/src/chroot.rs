@@ -106,11 +106,20 @@ impl ChrootSpec {
     }
 }
 
-/// The directory under a [`ChrootSpec::root`] that the builder sees as its store directory:
-/// an output `<store_dir>/<name>` of the builder is at `chroot_store_dir(root)/<name>` on the
-/// host once the builder is gone.
+/// Where the builder's store directory is on the host: [`ChrootSpec::root`] itself. An output
+/// `<store_dir>/<name>` of the builder is at `chroot_store_dir(root)/<name>` once the builder
+/// is gone.
 pub fn chroot_store_dir(root: &Path) -> PathBuf {
-    root.join("store")
+    root.to_path_buf()
+}
+
+/// The overlayfs work directory of a root in overlay mode: beside the root, since overlayfs
+/// wants it apart from its upper directory (the root itself), on the same file system. Made
+/// by `prepare`, removed when the builder has been reaped.
+pub(crate) fn overlay_work_dir(root: &Path) -> PathBuf {
+    let mut w = root.as_os_str().to_owned();
+    w.push(".work");
+    PathBuf::from(w)
 }
 
 /// `/etc/passwd` (the build user as `nixbld`, and `nobody`), `/etc/group` and `/etc/hosts`
@@ -220,6 +229,9 @@ pub(crate) struct Prepared {
     pub clone_flags: libc::c_int,
     /// Index of the overlay mount in `ns_steps`, in overlay mode.
     pub overlay_step: Option<usize>,
+    /// The overlay work directory made beside the root, in overlay mode: the builder's to
+    /// remove once it has been reaped.
+    pub work_dir: Option<PathBuf>,
     filter: Filter,
 }
 
@@ -517,10 +529,15 @@ pub(crate) fn prepare(
         StoreMode::Auto => {
             store_binds >= OVERLAY_MIN_INPUTS && !OVERLAY_BROKEN.load(Ordering::Relaxed)
         }
-    } && overlay_safe(root)
+    } && overlay_safe(&overlay_work_dir(root))
         && overlay_safe(&spec.store_dir);
 
-    // The on-disk part: <root> (0700), <root>/store, and <root>/work for an overlay.
+    // The on-disk part: <root> only, the builder's store directory (plus the work directory
+    // beside it in overlay mode). One directory, because on a busy file system every inode
+    // made and removed per build counts (ext4 without a journal scans past recently freed
+    // inodes on each allocation). Sticky, so that builders cannot remove each other's files
+    // (or our mount points); no access for others, so that no other local user can look into
+    // a build in progress.
     fs::DirBuilder::new()
         .mode(0o700)
         .create(root)
@@ -528,29 +545,28 @@ pub(crate) fn prepare(
             "creating chroot directory {}",
             root.display()
         )))?;
-    let disk_store = chroot_store_dir(root);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&disk_store)
-        .map_err(prep_err(format!(
-            "creating directory {}",
-            disk_store.display()
+    if let Some(u) = user {
+        std::os::unix::fs::chown(root, Some(0), Some(u.gid)).map_err(prep_err(format!(
+            "changing the owner of {}",
+            root.display()
         )))?;
-    // Sticky, so that builders cannot remove each other's files (or our mount points).
-    let store_mode = match user {
-        Some(u) => {
-            std::os::unix::fs::chown(&disk_store, Some(0), Some(u.gid)).map_err(prep_err(
-                format!("changing the owner of {}", disk_store.display()),
-            ))?;
-            0o1775
-        }
-        None => 0o1777,
-    };
-    fs::set_permissions(&disk_store, fs::Permissions::from_mode(store_mode)).map_err(prep_err(
-        format!("changing the mode of {}", disk_store.display()),
-    ))?;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o1770))
+            .map_err(prep_err(format!("changing the mode of {}", root.display())))?;
+    }
+    let disk_store = chroot_store_dir(root);
+    let work = overlay_work_dir(root);
     if overlay {
-        let work = root.join("work");
+        // A crashed build's work directory would make the mount fail.
+        match fs::remove_dir_all(&work) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(SandboxError::Prepare {
+                    step: format!("removing old overlay work directory {}", work.display()),
+                    source: e,
+                })
+            }
+        }
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&work)
@@ -658,9 +674,11 @@ pub(crate) fn prepare(
     let mut writable_in_store = Vec::new();
     let mut mount_store = |steps: &mut Vec<Step>| -> Result<(), SandboxError> {
         if overlay {
+            // The working directory is <root> on disk, under the tmpfs: the upper layer.
             let lower = store_inside.to_string_lossy();
+            let work = work.to_string_lossy();
             let data = format!(
-                "lowerdir={lower},upperdir=store,workdir=work,index=off,metacopy=off,redirect_dir=off"
+                "lowerdir={lower},upperdir=.,workdir={work},index=off,metacopy=off,redirect_dir=off"
             );
             overlay_step = Some(steps.len());
             steps.push(mount(
@@ -672,9 +690,10 @@ pub(crate) fn prepare(
                 Some(&data),
             )?);
         } else {
+            // "." is the working directory: <root> on disk, under the tmpfs.
             steps.push(mount(
-                "bind mounting the chroot directory's",
-                Some("store"),
+                "bind mounting the chroot directory on disk at",
+                Some("."),
                 &store_inside,
                 None,
                 libc::MS_BIND,
@@ -778,6 +797,7 @@ pub(crate) fn prepare(
         ns_steps: steps,
         clone_flags,
         overlay_step,
+        work_dir: overlay.then_some(work),
         filter: Filter::new()?,
     })
 }
@@ -898,7 +918,7 @@ mod tests {
         assert_eq!(steps[bin + 1], format!("remounting read-only {root}/bin"));
         let store = position(
             &steps,
-            &format!("bind mounting the chroot directory's store on {root}/nix/store"),
+            &format!("bind mounting the chroot directory on disk at {root}/nix/store"),
         );
         assert_eq!(steps[4], format!("chdir to {root}"));
         let build = position(&steps, &format!("bind mounting {}", s.build_dir.display()));
@@ -944,12 +964,31 @@ mod tests {
             b"nixbld:x:1000:100:Nix build user:/:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n"
         );
 
-        // On disk: only the root and the store directory.
+        // On disk: only the root, which is the builder's store directory; no access for others
+        // (without a build user the builder runs as its owner).
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(names(&s.root), ["store"]);
+        assert_eq!(chroot_store_dir(&s.root), s.root);
+        assert!(names(&s.root).is_empty());
         assert_eq!(mode(&s.root), 0o700);
-        assert_eq!(mode(&chroot_store_dir(&s.root)), 0o1777);
-        assert!(names(&chroot_store_dir(&s.root)).is_empty());
+        assert!(!overlay_work_dir(&s.root).exists());
+        assert!(p.work_dir.is_none());
+        // With a build user: sticky, the build group's, still closed to others.
+        let dir2 = tempfile::tempdir().unwrap();
+        let s2 = spec(dir2.path());
+        let gid = nix::unistd::getegid().as_raw();
+        let user = BuildUserIds {
+            uid: 1,
+            gid,
+            supplementary: vec![],
+        };
+        if nix::unistd::geteuid().is_root() {
+            prepare(&s2, Some(&user), StoreMode::Bind).unwrap();
+            assert_eq!(mode(&s2.root), 0o1770);
+            assert_eq!(
+                std::os::unix::fs::MetadataExt::gid(&fs::metadata(&s2.root).unwrap()),
+                gid
+            );
+        }
     }
 
     #[test]
@@ -964,7 +1003,7 @@ mod tests {
         assert!(disk.join("ffffffffffffffffffffffffffffffff-file").is_file());
         let steps = describe(&p);
         let root = s.root.display().to_string();
-        let store = position(&steps, "bind mounting the chroot directory's store");
+        let store = position(&steps, "bind mounting the chroot directory on disk");
         let input = position(&steps, &format!("on {root}/nix/store/{:032}-in", 0));
         assert!(store < input);
         assert!(!steps
@@ -978,9 +1017,11 @@ mod tests {
         let mut s = spec(dir.path());
         with_inputs(dir.path(), &mut s, 3);
         let p = prepare(&s, None, StoreMode::Overlay).unwrap();
-        // Nothing but the upper and work directories on disk.
-        assert_eq!(names(&s.root), ["store", "work"]);
-        assert!(names(&chroot_store_dir(&s.root)).is_empty());
+        // Nothing but the upper (the root) and the work directory beside it on disk.
+        assert!(names(&s.root).is_empty());
+        let work = overlay_work_dir(&s.root);
+        assert!(work.is_dir());
+        assert_eq!(p.work_dir.as_deref(), Some(work.as_path()));
         let steps = describe(&p);
         let root = s.root.display().to_string();
         let lower = position(
@@ -1001,7 +1042,7 @@ mod tests {
                 let data = mount.data.as_ref().unwrap().to_string_lossy().into_owned();
                 assert!(
                     data.starts_with(&format!(
-                        "lowerdir={root}/nix/store,upperdir=store,workdir=work,"
+                        "lowerdir={root}/nix/store,upperdir=.,workdir={root}.work,"
                     )),
                     "{data}"
                 );

@@ -630,6 +630,7 @@ fn spawn_prepared(prepared: Box<Prepared>, trace: Option<&TraceSlots>, sync: boo
         status: None,
         pending: None,
         setup_error: None,
+        work_dir: prepared._chroot.as_ref().and_then(|c| c.work_dir.clone()),
     };
     if !sync {
         builder.pending = Some(Box::new(Pending {
@@ -802,6 +803,8 @@ pub struct Builder {
     pending: Option<Box<Pending>>,
     /// The step that failed in a child from [`start`], found when it was reaped.
     setup_error: Option<(String, Errno)>,
+    /// The overlay work directory beside the chroot (overlay mode), removed once reaped.
+    work_dir: Option<PathBuf>,
 }
 
 impl AsFd for Builder {
@@ -825,6 +828,7 @@ impl Builder {
             status: None,
             pending: None,
             setup_error: None,
+            work_dir: None,
         })
     }
 
@@ -934,6 +938,12 @@ impl Builder {
         // of a failed step, if any, is in the pipe.
         if let Some(p) = self.pending.take() {
             self.setup_error = p.failure()?;
+        }
+        if let Some(w) = self.work_dir.take() {
+            // Only the kernel's empty work/work is left in it; the mount went with the
+            // namespace. A failure leaves a directory behind and costs nothing else (the next
+            // prepare of this root removes it), so it is not worth failing the build for.
+            let _ = std::fs::remove_dir_all(w);
         }
         self.outcome(s)
     }

@@ -162,7 +162,8 @@ impl Step {
             Step::Mount { mount, what } => {
                 let target = s(&mount.target);
                 match &mount.source {
-                    Some(src) if mount.flags & libc::MS_BIND != 0 => {
+                    // "." is the working directory, which `what` names.
+                    Some(src) if mount.flags & libc::MS_BIND != 0 && src.as_bytes() != b"." => {
                         format!("{what} {} on {target}", s(src))
                     }
                     _ => format!("{what} {target}"),

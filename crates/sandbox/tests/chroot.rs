@@ -597,7 +597,14 @@ fn store_view(n_inputs: usize) {
         "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out".to_string(),
         "cccccccccccccccccccccccccccccccc-file".to_string(),
     ];
-    let overlay = root.join("work").exists();
+    // Overlay mode leaves no input mount points on disk, bind mode one per input.
+    let overlay = !names.contains(&format!("{:032}-ro", 0));
+    let mut work = root.clone().into_os_string();
+    work.push(".work");
+    assert!(
+        !Path::new(&work).exists(),
+        "overlay work directory left after the builder was reaped"
+    );
     let kernel_has_overlay = std::fs::read_to_string("/proc/filesystems")
         .unwrap()
         .lines()
@@ -684,8 +691,9 @@ fn skeleton_modes_are_exact_and_the_builder_keeps_the_callers_umask() {
             "/etc/hosts 644",
             "/proc 555",
             "/nix 755",
-            // The store directory is bound from the chroot directory on disk (1775 root:gid).
-            "/nix/store 1775",
+            // The store directory is the chroot directory on disk (1770 root:gid: closed to
+            // other local users).
+            "/nix/store 1770",
         ],
         "{out}"
     );
