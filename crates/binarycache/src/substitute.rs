@@ -89,6 +89,41 @@ pub fn substitute_from(
     cache: &BinaryCache,
     info: &NarInfo,
 ) -> Result<Outcome, SubstituteError> {
+    substitute_one(store, cache, info, None)
+}
+
+/// Lock files of paths made valid, to delete once a whole closure is done rather than one
+/// by one: on ext4 without a journal every inode freed in the last minute or more slows
+/// each later creation in its block group (`recently_deleted()` in `fs/ext4/ialloc.c`),
+/// so deleting one lock file per path as it goes made a closure quadratic in its paths.
+/// Meanwhile each stays an empty, unlocked lock file, an ordinary one to other processes.
+#[derive(Default)]
+struct StaleLocks(Mutex<Vec<std::path::PathBuf>>);
+
+impl Drop for StaleLocks {
+    fn drop(&mut self) {
+        let paths = match self.0.get_mut() {
+            Ok(v) => std::mem::take(v),
+            Err(p) => std::mem::take(p.into_inner()),
+        };
+        for p in paths {
+            // The usual protocol: lock without waiting, mark stale, unlink; a lock another
+            // process holds is left to it.
+            if let Ok(Some(mut l)) = PathLocks::lock(std::slice::from_ref(&p), false, None) {
+                l.set_deletion(true);
+            }
+        }
+    }
+}
+
+/// [`substitute_from`]; with `stale`, the lock file of a path that ends up valid is left
+/// for `stale` to delete later instead of deleted at once.
+fn substitute_one(
+    store: &LocalStore,
+    cache: &BinaryCache,
+    info: &NarInfo,
+    stale: Option<&StaleLocks>,
+) -> Result<Outcome, SubstituteError> {
     let sd = store.store_dir();
     let path = &info.store_path;
     let printed = sd.print(path);
@@ -111,7 +146,18 @@ pub fn substitute_from(
     // Remove the lock file however this ends, so a failed attempt leaves nothing behind
     // in the store directory (the lock is marked stale first, so waiters start over).
     lock.set_deletion(true);
+    // A valid path's lock file may wait for `stale` instead.
+    let defer = |mut lock: PathLocks| {
+        if let Some(s) = stale {
+            lock.set_deletion(false);
+            match s.0.lock() {
+                Ok(mut v) => v.push(dest.clone()),
+                Err(p) => p.into_inner().push(dest.clone()),
+            }
+        }
+    };
     if store.is_valid_path(path).map_err(store_err(&printed))? {
+        defer(lock);
         return Ok(Outcome::AlreadyValid);
     }
     for r in info.references.iter().filter(|r| *r != path) {
@@ -154,7 +200,7 @@ pub fn substitute_from(
         let _ = delete_path(&dest);
         return Err(e);
     }
-    drop(lock);
+    defer(lock);
     Ok(Outcome::Substituted {
         cache: cache.url().to_string(),
         nar_size,
@@ -285,6 +331,8 @@ pub fn substitute_closure(
     let mut in_flight = 0usize;
     let mut first_error: Option<SubstituteError> = None;
 
+    // Declared before the threads' scope, so it outlives every job that fills it.
+    let stale = StaleLocks::default();
     let (job_tx, job_rx) = mpsc::channel::<StorePath>();
     let job_rx = Arc::new(Mutex::new(job_rx));
     let (done_tx, done_rx) = mpsc::channel::<(StorePath, Result<Outcome, SubstituteError>)>();
@@ -294,6 +342,7 @@ pub fn substitute_closure(
             let job_rx = job_rx.clone();
             let done_tx = done_tx.clone();
             let infos = &infos;
+            let stale = &stale;
             s.spawn(move || loop {
                 let next = match job_rx.lock() {
                     Ok(rx) => rx.recv(),
@@ -301,7 +350,7 @@ pub fn substitute_closure(
                 };
                 let Ok(p) = next else { break };
                 let res = match infos.get(&p) {
-                    Some((idx, info)) => substitute_from(store, &caches[*idx], info),
+                    Some((idx, info)) => substitute_one(store, &caches[*idx], info, Some(stale)),
                     None => Ok(Outcome::AlreadyValid),
                 };
                 if done_tx.send((p, res)).is_err() {

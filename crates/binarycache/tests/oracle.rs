@@ -42,6 +42,13 @@ fn substitutes_nix_made_caches_in_every_compression() {
         );
         drop(store);
         o.assert_closure_matches();
+        // Lock files, kept until the closure was done, are gone.
+        let locks: Vec<String> = o
+            .store_entries()
+            .into_iter()
+            .filter(|e| e.ends_with(".lock"))
+            .collect();
+        assert!(locks.is_empty(), "{c}: {locks:?}");
         // Again: nothing left to do (a valid top path implies a valid closure).
         let store = o.open_store();
         let again =
