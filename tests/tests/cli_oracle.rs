@@ -298,3 +298,58 @@ fn errors_are_clear_and_exit_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("JSON"));
 }
+
+/// `requiredSystemFeatures` against `system-features`, as real Nix 2.8 decides it: a missing
+/// feature is an error (exit 1, the same message), `extra-system-features` adds one, and
+/// `__structuredAttrs` derivations name their features as a list.
+#[test]
+fn required_system_features_are_checked_as_nix_checks_them() {
+    if !have_nix() {
+        return;
+    }
+    let t = TestStore::with_conf(
+        "sandbox = false\nbuild-users-group =\nsubstituters =\nsystem-features = benchmark\n",
+    );
+    let expr = t.file(
+        "features.nix",
+        r#"let mk = name: attrs: derivation ({
+             inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+             args = [ "-c" "echo ok > $out" ]; requiredSystemFeatures = [ "foo" "benchmark" ];
+           } // attrs);
+           in [ (mk "plain" {}) (mk "structured" {
+             __structuredAttrs = true; builder = "/bin/bash";
+             args = [ "-c" "source .attrs.sh; echo ok > \${outputs[out]}" ];
+           }) ]"#,
+    );
+    let drvs = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    for drv in drvs.lines() {
+        let theirs = run(t.nix("nix-store").args(["-r", drv]), None);
+        assert_eq!(theirs.status.code(), Some(1), "{theirs:?}");
+        let theirs_err = String::from_utf8_lossy(&theirs.stderr);
+        let expected = theirs_err
+            .lines()
+            .find_map(|l| l.strip_prefix("error: "))
+            .unwrap_or_else(|| panic!("no error line from nix-store -r: {theirs_err}"));
+        assert!(expected.contains("{benchmark, foo}"), "{expected}");
+        let ours = run(t.nixb().args(["realise", drv]), None);
+        let ours_err = String::from_utf8_lossy(&ours.stderr);
+        assert_eq!(ours.status.code(), Some(1), "{ours_err}");
+        assert!(
+            ours_err.contains(expected),
+            "nixb's error differs from Nix's\n  nix:  {expected}\n  nixb: {ours_err}"
+        );
+        let built = run(
+            t.nixb()
+                .args(["realise", "--option", "extra-system-features", "foo", drv]),
+            None,
+        );
+        assert_eq!(
+            built.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let out = String::from_utf8_lossy(&built.stdout);
+        assert_eq!(std::fs::read_to_string(out.trim()).unwrap(), "ok\n");
+    }
+}

@@ -49,6 +49,8 @@ pub struct Settings {
     pub fallback: bool,
     pub impersonate_linux_26: bool,
     pub system: String,
+    /// `system-features`: what `requiredSystemFeatures` this machine satisfies.
+    pub system_features: Vec<String>,
     pub build_hook: Option<String>,
     pub builders: Vec<String>,
     /// `builders-use-substitutes`: remote builders fetch inputs from their own substituters.
@@ -83,6 +85,9 @@ impl Default for Settings {
             fallback: false,
             impersonate_linux_26: false,
             system: default_system().to_string(),
+            system_features: nixb_goals::config::default_system_features()
+                .into_iter()
+                .collect(),
             build_hook: None,
             builders: Vec::new(),
             builders_use_substitutes: false,
@@ -285,6 +290,7 @@ impl Settings {
                 self.impersonate_linux_26 = parse_bool(value).with_context(ctx)?
             }
             "system" => self.system = value.to_string(),
+            "system-features" => set_list(&mut self.system_features),
             "build-hook" => self.build_hook = (!value.is_empty()).then(|| value.to_string()),
             "builders" => set_list(&mut self.builders),
             "builders-use-substitutes" => {
@@ -303,7 +309,12 @@ impl Settings {
 fn is_list(name: &str) -> bool {
     matches!(
         name,
-        "sandbox-paths" | "substituters" | "trusted-public-keys" | "builders" | "secret-key-files"
+        "sandbox-paths"
+            | "substituters"
+            | "trusted-public-keys"
+            | "builders"
+            | "secret-key-files"
+            | "system-features"
     )
 }
 

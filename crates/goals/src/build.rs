@@ -25,7 +25,7 @@ use nixb_store::{Encoding, Hash, HashAlgo, StoreDir, StorePath};
 
 use crate::build_dir::{delete_path, BuildDir};
 use crate::config::BuildMode;
-use crate::derivation_goal::{can_build_locally, DerivationGoal};
+use crate::derivation_goal::{can_build_locally, required_system_features, DerivationGoal};
 use crate::env::{
     build_dir_files, builder_env, parse_export_references_graph, references_graph_text, EnvParams,
 };
@@ -299,12 +299,26 @@ pub(crate) fn start_builder(
         .drv
         .as_ref()
         .ok_or_else(|| BuildError::Misc("internal error: derivation not loaded".into()))?;
+    // Not the derivation's fault but this machine's: like Nix, an error (exit 1) rather
+    // than a permanent build failure, and nothing goes into the failed-path cache.
+    let required = required_system_features(drv);
     if !can_build_locally(&drv.platform, &w.cfg.system) {
-        return Err(BuildError::Build(format!(
+        return Err(BuildError::Misc(format!(
             "a '{}' is required to build {}, but I am a '{}'",
             drv.platform,
             quoted(&sd, &g.drv_path),
             w.cfg.system
+        )));
+    }
+    if !required.is_subset(&w.cfg.system_features) {
+        let list = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+        return Err(BuildError::Misc(format!(
+            "a '{}' with features {{{}}} is required to build {}, but I am a '{}' with features {{{}}}",
+            drv.platform,
+            list(&required),
+            quoted(&sd, &g.drv_path),
+            w.cfg.system,
+            list(&w.cfg.system_features)
         )));
     }
 

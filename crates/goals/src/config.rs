@@ -1,7 +1,7 @@
 //! The worker's settings, taken from the caller (the cli maps nix.conf and flags onto
 //! [`WorkerConfig`]); nothing here reads global state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -56,6 +56,10 @@ pub struct WorkerConfig {
     pub use_substitutes: bool,
     /// The platform this machine builds for (`system`), e.g. `x86_64-linux`.
     pub system: String,
+    /// Features this machine offers to derivations that name them in
+    /// `requiredSystemFeatures` (`system-features`, Nix 2.x); a derivation needing one that is
+    /// missing is not built locally.
+    pub system_features: BTreeSet<String>,
     /// Values of the caller's environment offered to fixed-output derivations that name
     /// them in `impureEnvVars` (a missing name gets the empty string, as in Nix).
     pub impure_env: BTreeMap<String, String>,
@@ -156,6 +160,7 @@ impl WorkerConfig {
             auto_optimise: false,
             use_substitutes: true,
             system: default_system(),
+            system_features: default_system_features(),
             impure_env: std::env::vars().collect(),
             build_dir_root: std::env::var_os("TMPDIR")
                 .filter(|d| !d.is_empty())
@@ -193,6 +198,24 @@ pub fn default_substitution_jobs() -> usize {
 pub const HOMELESS_SHELTER: &str = "/homeless-shelter";
 
 /// `<arch>-<os>` as Nix names this machine's platform.
+/// Nix 2.8's default `system-features` on Linux: `benchmark big-parallel nixos-test`, plus
+/// `kvm` when `/dev/kvm` can be opened for reading and writing.
+pub fn default_system_features() -> BTreeSet<String> {
+    let mut f: BTreeSet<String> = ["benchmark", "big-parallel", "nixos-test"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if kvm {
+        f.insert("kvm".into());
+    }
+    f
+}
+
 pub fn default_system() -> String {
     let arch = std::env::consts::ARCH;
     let os = std::env::consts::OS;

@@ -469,7 +469,7 @@ impl DerivationGoal {
             .values()
             .map(|p| w.store_dir().to_path(p))
             .collect();
-        let locks = PathLocks::lock(&paths, false, None)
+        let locks = PathLocks::lock_with_pool(&paths, false, None, w.lock_pool.as_ref())
             .map_err(|e| BuildError::misc("locking output paths", e))?;
         let Some(mut locks) = locks else {
             // Another process builds them; poll until it is done.
@@ -707,6 +707,27 @@ impl DerivationGoal {
 }
 
 /// Whether this machine can run builders for `platform`.
+/// The features a derivation asks of the machine that builds it: `requiredSystemFeatures`,
+/// a space-separated string, or a list of strings under `__structuredAttrs`.
+pub(crate) fn required_system_features(drv: &Derivation) -> BTreeSet<String> {
+    const KEY: &str = "requiredSystemFeatures";
+    if let Some(json) = drv.env.get("__json") {
+        let parsed: Option<serde_json::Value> = serde_json::from_str(json).ok();
+        return match parsed.as_ref().and_then(|v| v.get(KEY)) {
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .filter_map(|i| i.as_str().map(String::from))
+                .collect(),
+            Some(serde_json::Value::String(s)) => s.split_whitespace().map(String::from).collect(),
+            _ => BTreeSet::new(),
+        };
+    }
+    drv.env
+        .get(KEY)
+        .map(|f| f.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 pub(crate) fn can_build_locally(platform: &str, system: &str) -> bool {
     platform == system || (platform == "i686-linux" && system == "x86_64-linux")
 }

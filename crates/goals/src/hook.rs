@@ -186,11 +186,9 @@ pub(crate) fn try_build_hook(
             "internal error: derivation not loaded".into(),
         ));
     };
-    let features: Vec<&str> = drv
-        .env
-        .get("requiredSystemFeatures")
-        .map(|f| f.split_whitespace().collect())
-        .unwrap_or_default();
+    let features: Vec<String> = crate::derivation_goal::required_system_features(drv)
+        .into_iter()
+        .collect();
     let am_willing = w.nr_local_builds() < w.cfg.max_jobs;
     let request = format!(
         "{} {} {} {}\n",

@@ -160,6 +160,7 @@ pub fn settings_worker_config(
     cfg.auto_optimise = s.auto_optimise_store;
     cfg.use_substitutes = s.use_substitutes;
     cfg.system = s.system.clone();
+    cfg.system_features = s.system_features.iter().cloned().collect();
     cfg.sandbox = match s.sandbox {
         crate::settings::SandboxMode::Off => nixb_goals::SandboxMode::Off,
         crate::settings::SandboxMode::On => nixb_goals::SandboxMode::On,
