@@ -84,6 +84,8 @@ pub(crate) struct Worker<'a> {
     pub build_dirs: crate::build_dir::BuildDirs,
     /// Buffer for reading log pipes, allocated once.
     read_buf: Vec<u8>,
+    /// The store's spare lock files, for output locks.
+    pub lock_pool: Option<Arc<nixb_store::locks::LockFilePool>>,
     pub failures: Vec<Failure>,
     pub permanent_failure: bool,
     pub timed_out: bool,
@@ -126,6 +128,7 @@ impl<'a> Worker<'a> {
             locked_outputs: BTreeMap::new(),
             last_woken_up: None,
             read_buf: Vec::new(),
+            lock_pool: store.lock_pool(),
             finishing_logs: std::collections::VecDeque::new(),
             build_dirs: crate::build_dir::BuildDirs::new(
                 &cfg.build_dir_root,

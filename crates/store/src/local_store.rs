@@ -16,6 +16,8 @@
 //!                                       paths, each followed by a NUL, exclusively locked
 //!                                       while the process lives
 //! $NIX_STATE_DIR/gcroots, profiles      created empty, as Nix does
+//! $NIX_STATE_DIR/nixb-lock-pool/        released `.lock` files kept for reuse (nixb's
+//!                                       own; see `locks::LockFilePool`)
 //! ```
 //!
 //! What a row holds is in [`ValidPathInfo`]. The invariant kept here is Nix's: a path is
@@ -37,7 +39,7 @@ use crate::canon::{canonicalise_path_metadata, CanonError, InodesSeen};
 use crate::db::{Db, DbError, PathRow, SCHEMA_VERSION};
 use crate::derivation::{hash_derivation_modulo, Derivation, DrvError, DrvHashCache};
 use crate::hash::{Encoding, Hash, HashAlgo, Hasher};
-use crate::locks::{lock_file, open_lock_file, LockError, LockType, PathLocks};
+use crate::locks::{lock_file, open_lock_file, LockError, LockFilePool, LockType, PathLocks};
 use crate::nar::{dump_to_sink, hash_path, restore_path, NarError};
 use crate::path::{PathError, StoreDir, StorePath};
 
@@ -245,6 +247,9 @@ pub struct LocalStore {
     /// `hashDerivationModulo` of derivations checked at registration, so registering a
     /// chain of derivations reads each input once.
     drv_hashes: Mutex<DrvHashCache>,
+    /// Spare lock files for the store's path locks (`None` when the state directory is
+    /// on another file system than the store).
+    lock_pool: Option<std::sync::Arc<LockFilePool>>,
 }
 
 impl Drop for LocalStore {
@@ -329,12 +334,17 @@ impl LocalStore {
             }
         };
 
+        let lock_pool = LockFilePool::new(
+            &config.state_dir.join("nixb-lock-pool"),
+            config.store_dir.as_path(),
+        );
         Ok(LocalStore {
             config,
             db: Mutex::new(db),
             big_lock,
             temp_roots: Mutex::new(TempRoots::default()),
             drv_hashes: Mutex::new(DrvHashCache::new()),
+            lock_pool,
         })
     }
 
@@ -344,6 +354,12 @@ impl LocalStore {
 
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    /// The pool to take path locks in this store with ([`PathLocks::lock_with_pool`]),
+    /// so that locking and deleting lock files frees and allocates no inodes.
+    pub fn lock_pool(&self) -> Option<&std::sync::Arc<LockFilePool>> {
+        self.lock_pool.as_ref()
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Db> {
@@ -684,7 +700,13 @@ impl LocalStore {
         }
         self.add_temp_root(&path)?;
         let dest = self.config.store_dir.to_path(&path);
-        let Some(mut locks) = PathLocks::lock(std::slice::from_ref(&dest), true, None)? else {
+        let Some(mut locks) = PathLocks::lock_with_pool(
+            std::slice::from_ref(&dest),
+            true,
+            None,
+            self.lock_pool.as_ref(),
+        )?
+        else {
             return Err(StoreError::Io {
                 step: "locking",
                 path: dest,
@@ -724,7 +746,13 @@ impl LocalStore {
         }
         self.add_temp_root(&path)?;
         let dest = store.to_path(&path);
-        let Some(mut locks) = PathLocks::lock(std::slice::from_ref(&dest), true, None)? else {
+        let Some(mut locks) = PathLocks::lock_with_pool(
+            std::slice::from_ref(&dest),
+            true,
+            None,
+            self.lock_pool.as_ref(),
+        )?
+        else {
             return Err(StoreError::Io {
                 step: "locking",
                 path: dest,
