@@ -467,7 +467,9 @@ impl BinaryCache {
         self.retrying(rel, None, || match self.request(rel) {
             Attempt::Done(None) => Attempt::Done(None),
             Attempt::Done(Some(body)) => {
-                let mut buf = Vec::new();
+                // Room for a typical narinfo, so it takes one read rather than a probing
+                // series of doubling reads starting at 32 bytes.
+                let mut buf = Vec::with_capacity(8 * 1024);
                 match body.take(MAX + 1).read_to_end(&mut buf) {
                     Ok(_) if buf.len() as u64 > MAX => Attempt::Fatal(CacheError::Http {
                         cache: self.url.clone(),
