@@ -965,5 +965,13 @@ impl Drop for Builder {
             let _ = self.kill();
             let _ = self.wait();
         }
+        if self.status.is_none() {
+            // Not reaped (waiting failed): a started child might still be running on the stack
+            // and plan in `pending`. Leaking them is the only safe thing left; freeing them
+            // could let the child write into memory handed out again.
+            if let Some(p) = self.pending.take() {
+                std::mem::forget(p);
+            }
+        }
     }
 }

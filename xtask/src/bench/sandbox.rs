@@ -2,8 +2,12 @@
 //! closure (100 directories standing in for store paths) plus /bin, /lib, /lib64, /usr bound
 //! read-only, nixb's chroot sandbox against `bwrap` doing the equivalent binds and namespaces,
 //! and a bare `unshare -p -m -n -i -u -f true`. Also nixb's own spawn-to-exec time (spawn()
-//! returns when the exec has happened), the cost of removing the chroot tree afterwards, and
-//! plain fork/exec as the floor. Needs root. Prints medians and means in ms, and ratios.
+//! returns when the exec has happened), how soon `start()` (the engine's call) returns, the cost
+//! of removing the chroot tree afterwards, and plain fork/exec as the floor. Needs root. Prints
+//! medians and means in ms, and ratios.
+//!
+//! `NIXB_BENCH_SANDBOX=steps`: where a pooled-netns spawn's start-to-exec time goes, step by
+//! step (`spawn_traced`).
 //!
 //! Then (`NIXB_BENCH_SANDBOX=builds` for this half only) the cost of creating a network
 //! namespace, and 1,000 trivial sandboxed derivations with `--max-jobs 2`, nixb against
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nixb_sandbox::{
-    spawn, spawn_traced, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network,
+    spawn, spawn_traced, start, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network,
     Personality, SandboxSpec,
 };
 
@@ -166,6 +170,23 @@ fn nixb_once_in(
     let t1 = Instant::now();
     std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     Ok((exec, exit, t1.elapsed()))
+}
+
+/// (call-to-return, call-to-exit) for one nixb chroot run started with `start`, as the engine
+/// does: it returns while the child still sets up its sandbox.
+fn nixb_started(fx: &Fixture, i: usize, network: Network) -> Result<(Duration, Duration)> {
+    let root = fx.dir.join(format!("started-{i}"));
+    let s = spec(fx, Isolation::Chroot(fx.chroot_spec(root.clone(), network)))?;
+    let t0 = Instant::now();
+    let mut b = start(s)?;
+    let returned = t0.elapsed();
+    let st = b.wait()?;
+    let exit = t0.elapsed();
+    if !st.success() {
+        bail!("sandboxed /bin/true failed: {st:?}");
+    }
+    std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    Ok((returned, exit))
 }
 
 fn command_once(mut c: Command) -> Result<Duration> {
@@ -328,6 +349,7 @@ fn spawn_latency() -> Result<()> {
     let mut fork_exec = Vec::new();
     let (mut priv_exec, mut priv_exit, mut teardown) = (Vec::new(), Vec::new(), Vec::new());
     let (mut pool_exec, mut pool_exit) = (Vec::new(), Vec::new());
+    let (mut started_ret, mut started_exit) = (Vec::new(), Vec::new());
     let (mut host_exec, mut host_exit) = (Vec::new(), Vec::new());
     let mut bwrap = Vec::new();
     let mut unshare = Vec::new();
@@ -354,6 +376,13 @@ fn spawn_latency() -> Result<()> {
         if warm {
             pool_exec.push(e);
             pool_exit.push(x);
+        }
+        pool.wait_ready(1);
+        let net = pool.take().map_or(Network::Private, Network::Prepared);
+        let (r, x) = nixb_started(&fx, i, net)?;
+        if warm {
+            started_ret.push(r);
+            started_exit.push(x);
         }
         let (e, x, t) = nixb_once_in(&fx, &shm, i, Network::Private)?;
         if warm {
@@ -425,6 +454,14 @@ fn spawn_latency() -> Result<()> {
     row(
         "nixb chroot, pooled netns:  start-to-exit",
         &stats(pool_exit),
+    );
+    row(
+        "nixb start(), pooled netns: call returns",
+        &stats(started_ret),
+    );
+    row(
+        "nixb start(), pooled netns: start-to-exit",
+        &stats(started_exit),
     );
     row(
         "nixb chroot, host net (FOD): start-to-exec",
