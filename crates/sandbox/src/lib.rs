@@ -190,10 +190,10 @@ fn user_steps(user: &BuildUserIds) -> Vec<Step> {
     ]
 }
 
-/// The steps from the new session to just before the user switch, common to both modes.
+/// The steps from the standard descriptors to just before the user switch, common to both
+/// modes (the new session comes first: see `prepare`).
 fn stdio_steps(log_fd: RawFd, null_fd: RawFd, cwd: CString) -> Vec<Step> {
     vec![
-        Step::Setsid,
         Step::Dup2 {
             from: log_fd,
             to: 1,
@@ -235,7 +235,8 @@ fn prepare(
     let log_fd = spec.log_fd.as_raw_fd();
     match &spec.isolation {
         Isolation::Plain => {
-            let mut plan = stdio_steps(log_fd, null_fd, cwd);
+            let mut plan = vec![Step::Setsid];
+            plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
             if let Some(u) = &spec.user {
                 plan.extend(user_steps(u));
@@ -250,7 +251,12 @@ fn prepare(
         }
         Isolation::Chroot(c) => {
             let mut prep = chroot::prepare(c, spec.user.as_ref(), store_mode)?;
-            let mut plan = std::mem::take(&mut prep.ns_steps);
+            // The new session first, as Nix's child does: besides detaching from any terminal
+            // it moves the child into a scheduling group of its own (autogroup) before the
+            // setup, instead of sharing the worker's while the worker goes on (`start`).
+            let mut plan = vec![Step::Setsid];
+            let ns_steps = std::mem::take(&mut prep.ns_steps);
+            plan.extend(ns_steps);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
             plan.extend(prep.privilege_steps(spec.user.as_ref().map(user_steps)));
@@ -258,7 +264,8 @@ fn prepare(
             Ok(Prepared {
                 plan,
                 clone_flags: prep.clone_flags,
-                overlay_step: prep.overlay_step,
+                // Shifted by the Setsid in front.
+                overlay_step: prep.overlay_step.map(|i| i + 1),
                 _chroot: Some(prep),
             })
         }
