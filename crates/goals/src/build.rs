@@ -181,14 +181,14 @@ impl RunningBuild {
         self.remove_redirected(w);
     }
 
-    /// A successful build: delete the directory and redirected leftovers.
+    /// A successful build: delete the directory and redirected leftovers. The directory
+    /// is emptied for reuse once the loop has nothing better to do (see
+    /// [`Worker::recycle_later`]).
     pub fn finish(mut self, w: &mut Worker<'_>) {
         let _ = self.close_log(w);
         self.remove_chroot(w);
         if let Some(dir) = self.dir.take() {
-            if let Err(e) = w.build_dirs.recycle(dir) {
-                w.message(Level::Warn, e.to_string());
-            }
+            w.recycle_later(dir);
         }
         self.remove_redirected(w);
     }
@@ -399,10 +399,20 @@ pub(crate) fn start_builder(
         }
     }
     let to_tmp = RunningBuild::rewriter(&build.rewrites_to_tmp)?;
+    // Nothing is redirected in the common case: then the environment is used as it is
+    // rather than copied string by string (allocations showed up per build).
+    let rewriting = !build.rewrites_to_tmp.is_empty();
     let rw = |s: &str| -> String {
+        if !rewriting {
+            return s.to_owned();
+        }
         String::from_utf8_lossy(&to_tmp.rewrite_all(s.as_bytes())).into_owned()
     };
-    let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.clone(), rw(v))).collect();
+    let env: BTreeMap<String, String> = if rewriting {
+        env.iter().map(|(k, v)| (k.clone(), rw(v))).collect()
+    } else {
+        env
+    };
     let args: Vec<String> = drv.args.iter().map(|a| rw(a)).collect();
     // passAsFile and structured attributes: written like the variables, rewritten alike.
     let outputs = drv

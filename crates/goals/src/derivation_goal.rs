@@ -72,6 +72,10 @@ pub(crate) struct DerivationGoal {
     exit: Option<Result<ExitStatus, String>>,
     /// Told the user once that every build user is busy.
     reported_users_busy: bool,
+    /// How many wanted outputs `haveDerivation` found invalid, when it goes straight on to
+    /// `outputsSubstituted` (no substitutes tried): nothing can have become valid in
+    /// between that `tryToBuild` would not see under the lock, so it is not asked again.
+    invalid_just_checked: Option<usize>,
 }
 
 impl DerivationGoal {
@@ -95,6 +99,7 @@ impl DerivationGoal {
             hook_build: None,
             exit: None,
             reported_users_busy: false,
+            invalid_just_checked: None,
         }
     }
 
@@ -276,12 +281,14 @@ impl DerivationGoal {
         }
         self.state = State::OutputsSubstituted;
         if !w.graph.has_waitees(id) {
+            self.invalid_just_checked = Some(invalid.len());
             return self.outputs_substituted(id, w);
         }
         Ok(())
     }
 
     fn outputs_substituted(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
+        let invalid_just_checked = self.invalid_just_checked.take();
         let counts = w.graph.waitee_counts(id);
         if counts.failed > 0
             && counts.failed > counts.no_substituters + counts.incomplete_closure
@@ -303,9 +310,12 @@ impl DerivationGoal {
             return self.have_derivation(id, w);
         }
 
-        let nr_invalid = self
-            .check_path_validity(w, false, self.mode == BuildMode::Repair)?
-            .len();
+        let nr_invalid = match invalid_just_checked {
+            Some(n) => n,
+            None => self
+                .check_path_validity(w, false, self.mode == BuildMode::Repair)?
+                .len(),
+        };
         match self.mode {
             BuildMode::Normal if nr_invalid == 0 => {
                 w.am_done(id, ExitCode::Success);
@@ -646,6 +656,7 @@ impl DerivationGoal {
                 if let Some(mut locks) = self.output_locks.take() {
                     // Future lockers will find the outputs valid and never need the files.
                     locks.set_deletion(true);
+                    w.release_later(locks);
                 }
                 w.clear_locked_outputs(id);
                 w.emit(Event::BuildSucceeded {

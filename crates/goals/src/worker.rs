@@ -86,6 +86,10 @@ pub(crate) struct Worker<'a> {
     read_buf: Vec<u8>,
     /// The store's spare lock files, for output locks.
     pub lock_pool: Option<Arc<nixb_store::locks::LockFilePool>>,
+    /// Output locks of finished builds and their emptied build directories, released and
+    /// recycled just before the loop waits (see [`Worker::release_later`]).
+    deferred_locks: Vec<nixb_store::locks::PathLocks>,
+    deferred_dirs: Vec<crate::build_dir::BuildDir>,
     pub failures: Vec<Failure>,
     pub permanent_failure: bool,
     pub timed_out: bool,
@@ -129,6 +133,8 @@ impl<'a> Worker<'a> {
             last_woken_up: None,
             read_buf: Vec::new(),
             lock_pool: store.lock_pool(),
+            deferred_locks: Vec::new(),
+            deferred_dirs: Vec::new(),
             finishing_logs: std::collections::VecDeque::new(),
             build_dirs: crate::build_dir::BuildDirs::new(
                 &cfg.build_dir_root,
@@ -386,6 +392,31 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Releases the output locks of a build whose outputs are registered, once the loop
+    /// has nothing else to do. Until then the outputs are valid and the locks only keep
+    /// others waiting a moment longer; meanwhile the goals this build woke start their
+    /// builders, so in a chain the release overlaps the next builder instead of delaying
+    /// it.
+    pub fn release_later(&mut self, locks: nixb_store::locks::PathLocks) {
+        self.deferred_locks.push(locks);
+    }
+
+    /// Empties a finished build's directory for reuse, likewise once the loop has nothing
+    /// else to do.
+    pub fn recycle_later(&mut self, dir: crate::build_dir::BuildDir) {
+        self.deferred_dirs.push(dir);
+    }
+
+    fn run_deferred(&mut self) {
+        // Dropping them releases the locks (deleting the lock files as set).
+        self.deferred_locks.clear();
+        for dir in std::mem::take(&mut self.deferred_dirs) {
+            if let Err(e) = self.build_dirs.recycle(dir) {
+                self.message(Level::Warn, e.to_string());
+            }
+        }
+    }
+
     /// Waits for every log still being finished.
     fn finish_all_logs(&mut self) {
         while let Some(log) = self.finishing_logs.pop_front() {
@@ -416,6 +447,7 @@ impl<'a> Worker<'a> {
             if !self.graph.has_top_goals() {
                 break;
             }
+            self.run_deferred();
             if !self.children.is_empty()
                 || self.graph.has_waiting_for_a_while()
                 || self.builtin_subst.busy()
@@ -456,6 +488,7 @@ impl<'a> Worker<'a> {
             *slot = None;
         }
         self.hook = None;
+        self.run_deferred();
         self.finish_all_logs();
     }
 

@@ -167,13 +167,22 @@ impl LogSink {
             });
         }
         let path = log_path(&cfg.log_dir, drv_base_name, cfg.compress);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|source| LogError::Create {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        // The directory (one of 1,024 `drvs/xx`) exists for most logs: try the file first
+        // and make the directory only when that fails, which saves a mkdir and a stat per
+        // build.
+        let file = match File::create(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    fs::create_dir_all(dir).map_err(|source| LogError::Create {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
+                }
+                File::create(&path)
+            }
+            r => r,
         }
-        let file = File::create(&path).map_err(|source| LogError::Create {
+        .map_err(|source| LogError::Create {
             path: path.clone(),
             source,
         })?;
