@@ -1,7 +1,14 @@
 //! Bench group `engine`: realising graphs of trivial derivations, nixb vs `nix-store -r`
 //! (Nix 2.8), unsandboxed, `--max-jobs 2`, each on its own fresh private store made by
 //! `nix-instantiate` from the same expression. Also the no-op realise of the built graph,
-//! peak RSS, and the bare cost of fork+exec of the same builders for reference.
+//! peak RSS, and the bare cost of fork+exec of the same builders for reference: two at a
+//! time (`bare`) and one at a time (`bare1`, the floor for a chain, whose builds cannot
+//! overlap).
+//!
+//! Stores are kept until the end of the run instead of being deleted after each row: on
+//! this ext4 without a journal, deleting thousands of files makes every file creation in
+//! the next minutes scan past the freed inodes, which would slow the rows that follow (Nix
+//! and nixb alike) by an amount that depends on the row order.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -126,13 +133,14 @@ fn measure(mut cmd: Command) -> Result<(Duration, i64)> {
     Ok((wall, ru.ru_maxrss))
 }
 
-/// N sequential-ish fork+execs of the same trivial builder, 2 at a time.
-fn bare_fork_exec(n: usize) -> Result<Duration> {
-    let dir = tempfile_dir("bare")?;
+/// N fork+execs of the same trivial builder, `parallel` at a time.
+fn bare_fork_exec(n: usize, parallel: usize, root: &Path) -> Result<Duration> {
+    let dir = root.join(format!("{parallel}-{n}"));
+    std::fs::create_dir_all(&dir)?;
     let t = Instant::now();
     let mut running = Vec::new();
     for i in 0..n {
-        if running.len() == 2 {
+        if running.len() == parallel {
             let mut c: std::process::Child = running.remove(0);
             c.wait()?;
         }
@@ -148,7 +156,7 @@ fn bare_fork_exec(n: usize) -> Result<Duration> {
         c.wait()?;
     }
     let wall = t.elapsed();
-    let _ = std::fs::remove_dir_all(&dir);
+    // Deleted with the stores at the end (see the module doc).
     Ok(wall)
 }
 
@@ -167,7 +175,7 @@ pub fn run() -> Result<()> {
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![100, 1000]);
     println!(
-        "{:<8} {:>6} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
+        "{:<8} {:>6} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9} {:>9}",
         "shape",
         "N",
         "nix ms",
@@ -176,10 +184,14 @@ pub fn run() -> Result<()> {
         "nix/drv",
         "nixb/drv",
         "bare ms",
+        "bare1 ms",
         "noop nix",
         "noop nixb",
         "RSS n/b MiB"
     );
+    // Every store made, deleted when the run is over (see the module doc).
+    let mut stores: Vec<Store> = Vec::new();
+    let bare_root = tempfile_dir("bare")?;
     // NIXB_BENCH_SHAPES=chain,leaves picks shapes (Nix takes many minutes for 10,000 leaves).
     let shapes: Vec<String> = std::env::var("NIXB_BENCH_SHAPES")
         .ok()
@@ -216,10 +228,13 @@ pub fn run() -> Result<()> {
             let mut c = nixb_store.cmd(&nixb);
             c.args(["realise", &drv_b, "--max-jobs", "2"]);
             let (nixb_noop, _) = measure(c)?;
-            let bare = bare_fork_exec(n)?;
+            let bare = bare_fork_exec(n, 2, &bare_root)?;
+            let bare1 = bare_fork_exec(n, 1, &bare_root)?;
+            stores.push(nix_store);
+            stores.push(nixb_store);
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
             println!(
-                "{:<8} {:>6} {:>10.0} {:>10.0} {:>6.1}x {:>8.2}ms {:>8.2}ms {:>10.0} {:>10.1} {:>9.1} {:>5.0}/{:<5.0}",
+                "{:<8} {:>6} {:>10.0} {:>10.0} {:>6.1}x {:>8.2}ms {:>8.2}ms {:>10.0} {:>10.0} {:>10.1} {:>9.1} {:>5.0}/{:<5.0}",
                 shape,
                 n,
                 ms(nix_t),
@@ -228,6 +243,7 @@ pub fn run() -> Result<()> {
                 ms(nix_t) / n as f64,
                 ms(nixb_t) / n as f64,
                 ms(bare),
+                ms(bare1),
                 ms(nix_noop),
                 ms(nixb_noop),
                 nix_rss as f64 / 1024.0,
@@ -238,6 +254,8 @@ pub fn run() -> Result<()> {
     if shapes.iter().any(|s| s == "chatty") {
         chatty(&nixb)?;
     }
+    drop(stores);
+    let _ = std::fs::remove_dir_all(&bare_root);
     Ok(())
 }
 
