@@ -474,6 +474,20 @@ impl DerivationGoal {
             w.wait_for_any_goal(id);
             return Ok(());
         }
+        // Without a build hook every build is local, so a goal that would find no free
+        // slot below waits for one before locking (with max-jobs 0 it goes on, to fail or
+        // find its outputs valid as before): the original locks first and unlocks
+        // again, which for a wide graph meant creating, locking and abandoning a lock file
+        // (and querying validity) once per waiting goal. Whether another process built the
+        // outputs meanwhile is still seen under the lock once a slot is free.
+        if w.cfg.build_hook.is_none() && w.cfg.max_jobs > 0 {
+            let build_locally = self.mode != BuildMode::Normal || self.will_build_locally(w)?;
+            let cur = w.nr_local_builds();
+            if cur >= w.cfg.max_jobs && !(build_locally && cur == 0) {
+                w.wait_for_build_slot(id);
+                return Ok(());
+            }
+        }
         let paths: Vec<_> = self
             .outputs
             .values()
