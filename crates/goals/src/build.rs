@@ -328,6 +328,10 @@ pub(crate) fn start_builder(
         &sd.print(&g.drv_path),
     )?;
 
+    // The log file is created on a helper thread while the directory and the environment
+    // are prepared here; any error creating it still stops the build before it starts.
+    let pending_log = LogSink::create_in_background(&w.cfg.log, g.drv_path.base_name());
+
     let dir = w
         .build_dirs
         .create(g.drv_path.name())
@@ -428,7 +432,7 @@ pub(crate) fn start_builder(
             .map_err(|e| BuildError::misc(format!("writing '{}'", file.display()), e))?;
     }
 
-    let sink = LogSink::create(&w.cfg.log, g.drv_path.base_name()).map_err(|e| {
+    let sink = pending_log.wait().map_err(|e| {
         BuildError::misc(
             format!("creating the build log of {}", quoted(&sd, &g.drv_path)),
             e,

@@ -22,8 +22,10 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+pub mod pending;
 pub mod sink;
 
+pub use pending::PendingLog;
 pub use sink::{FinishingLog, LimitState, LogSink, QueueStats, DEFAULT_MEMORY_CAP};
 
 /// Log settings, mapped by the caller from nix.conf.
@@ -57,6 +59,8 @@ pub enum LogError {
     WriterPanicked { path: PathBuf },
     #[error("cannot write log file {path}: the writer stopped after an earlier error", path = .path.display())]
     WriterStopped { path: PathBuf },
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {
