@@ -504,6 +504,7 @@ pub(crate) fn start_builder(
     // `start` returns while a chroot builder still sets up its sandbox, so the worker goes on
     // meanwhile; a step that fails later comes back from the builder's wait as the error of
     // its exit status, naming the step.
+    w.ensure_watchdog();
     let builder = match nixb_sandbox::start(builder_spec(inv, write)) {
         Ok(b) => b,
         Err(e) => {

@@ -304,6 +304,15 @@ impl<'a> Worker<'a> {
 
     // --- children -----------------------------------------------------------------------
 
+    /// Forks the watchdog if it is not running yet. Called before a builder is started, so
+    /// that the fork (milliseconds for a large worker) does not sit between the builder's
+    /// start and its registration: a worker killed in that window would leave it running.
+    pub fn ensure_watchdog(&mut self) {
+        if self.watchdog.is_none() {
+            self.watchdog = crate::watchdog::Watchdog::start();
+        }
+    }
+
     pub fn child_started(
         &mut self,
         id: GoalId,
@@ -312,9 +321,7 @@ impl<'a> Worker<'a> {
         in_build_slot: bool,
     ) {
         let now = Instant::now();
-        if self.watchdog.is_none() {
-            self.watchdog = crate::watchdog::Watchdog::start();
-        }
+        self.ensure_watchdog();
         if let Some(wd) = self.watchdog.as_mut() {
             // The builder leads its own process group (it called setsid).
             wd.builder_started(builder.pid.as_raw());
