@@ -700,19 +700,7 @@ impl LocalStore {
         }
         self.add_temp_root(&path)?;
         let dest = self.config.store_dir.to_path(&path);
-        let Some(mut locks) = PathLocks::lock_with_pool(
-            std::slice::from_ref(&dest),
-            true,
-            None,
-            self.lock_pool.as_ref(),
-        )?
-        else {
-            return Err(StoreError::Io {
-                step: "locking",
-                path: dest,
-                source: io::ErrorKind::WouldBlock.into(),
-            });
-        };
+        let mut locks = self.lock_for_adding(&dest)?;
         if !self.is_valid_path(&path)? {
             remove_tree(&dest)?;
             let (copied_hash, copied_size) = copy_via_nar(src, &dest)?;
@@ -731,6 +719,25 @@ impl LocalStore {
         Ok(path)
     }
 
+    /// Locks `dest` (waiting for another process that holds it) before a path is added.
+    fn lock_for_adding(&self, dest: &Path) -> Result<PathLocks, StoreError> {
+        let dest = dest.to_path_buf();
+        match PathLocks::lock_with_pool(
+            std::slice::from_ref(&dest),
+            true,
+            None,
+            self.lock_pool.as_ref(),
+        )? {
+            Some(locks) => Ok(locks),
+            // Only a non-waiting lock can come back empty; kept as an error, not a panic.
+            None => Err(StoreError::Io {
+                step: "locking",
+                path: dest,
+                source: io::ErrorKind::WouldBlock.into(),
+            }),
+        }
+    }
+
     /// Writes a text file (such as a `.drv`) into the store at its text path, with the
     /// given references, which must be valid.
     pub fn add_text_to_store(
@@ -746,19 +753,7 @@ impl LocalStore {
         }
         self.add_temp_root(&path)?;
         let dest = store.to_path(&path);
-        let Some(mut locks) = PathLocks::lock_with_pool(
-            std::slice::from_ref(&dest),
-            true,
-            None,
-            self.lock_pool.as_ref(),
-        )?
-        else {
-            return Err(StoreError::Io {
-                step: "locking",
-                path: dest,
-                source: io::ErrorKind::WouldBlock.into(),
-            });
-        };
+        let mut locks = self.lock_for_adding(&dest)?;
         if !self.is_valid_path(&path)? {
             remove_tree(&dest)?;
             let mut f = OpenOptions::new()
