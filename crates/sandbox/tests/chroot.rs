@@ -3,6 +3,8 @@
 //!
 //! Builders are `/bin/sh -c` scripts with /bin, /lib, /lib64 and /usr bound read-only.
 
+mod common;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
@@ -754,18 +756,7 @@ fn started_builders_leave_the_parents_memory_and_errno_alone() {
     // sandbox (where some calls fail on purpose: no handler can be reset for SIGKILL). Here the
     // parent keeps making a failing call of its own and checks that errno stays its own, from
     // several threads at once, with another thread allocating all the time.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let churn = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let v: Vec<u64> = (0..1000).map(|i| i * n).collect();
-                n = n.wrapping_add(v[999] % 7 + 1);
-            }
-            n
-        })
-    };
+    let churn = common::AllocationChurn::start();
     let workers: Vec<_> = (0..3)
         .map(|t| {
             std::thread::spawn(move || {
@@ -808,6 +799,5 @@ fn started_builders_leave_the_parents_memory_and_errno_alone() {
     for w in workers {
         w.join().expect("starting thread");
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    churn.join().unwrap();
+    drop(churn);
 }

@@ -1,5 +1,7 @@
 //! Plain mode: vfork-style clone and exec in a new session, no namespaces.
 
+mod common;
+
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -273,18 +275,7 @@ fn signal_mask_and_dispositions_are_reset_and_the_callers_mask_restored() {
 /// output and status, and setup failures must keep naming their step.
 #[test]
 fn concurrent_spawns_from_several_threads() {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let churn = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let v: Vec<u64> = (0..1000).map(|i| i * n).collect();
-                n = n.wrapping_add(v[999] % 7 + 1);
-            }
-            n
-        })
-    };
+    let churn = common::AllocationChurn::start();
     let workers: Vec<_> = (0..4)
         .map(|t| {
             std::thread::spawn(move || {
@@ -311,6 +302,5 @@ fn concurrent_spawns_from_several_threads() {
     for w in workers {
         w.join().expect("spawning thread");
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    churn.join().unwrap();
+    drop(churn);
 }
