@@ -27,7 +27,8 @@ use crate::build_dir::{delete_path, BuildDir};
 use crate::config::BuildMode;
 use crate::derivation_goal::{can_build_locally, required_system_features, DerivationGoal};
 use crate::env::{
-    build_dir_files, builder_env, parse_export_references_graph, references_graph_text, EnvParams,
+    build_dir_files, builder_env, export_references, parse_export_references_graph,
+    references_graph_text, EnvError, EnvParams,
 };
 use crate::error::{quoted, BuildError};
 use crate::event::{Event, Level};
@@ -424,8 +425,16 @@ pub(crate) fn start_builder(
         .into_iter()
         .map(|(n, p)| (n, sd.print(&p)))
         .collect();
-    let files = build_dir_files(&drv.env, &outputs)
-        .map_err(|e| BuildError::Build(format!("{}: {e}", quoted(&sd, &g.drv_path))))?;
+    let files = build_dir_files(&drv.env, &sd, &outputs, |roots| {
+        export_references(w.store, &g.input_paths, roots)
+    })
+    .map_err(|e| match e {
+        EnvError::Json(_) | EnvError::NotObject => {
+            BuildError::Build(format!("{}: {e}", quoted(&sd, &g.drv_path)))
+        }
+        e if e.rejects_derivation() => BuildError::Build(e.to_string()),
+        e => BuildError::Misc(e.to_string()),
+    })?;
     for f in files {
         let file = build_dir.join(&f.name);
         std::fs::write(&file, rw(&f.contents))

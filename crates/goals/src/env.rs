@@ -38,13 +38,37 @@
 //! ```text
 //! <path> "\n" "\n" <number of references> "\n" (<reference> "\n")*
 //! ```
+//!
+//! A structured derivation writes no such files. When its `exportReferencesGraph` is an
+//! object (any other value is left alone), each key `k` names a path, a list or an object of
+//! paths (only its values count; null counts as none), and `k` itself becomes a top-level
+//! attribute, replacing any of that name, holding the closure as a list in path order:
+//!
+//! ```text
+//! k: [ { ("ca": <content address>,)? "closureSize": <sum of narSize over the path's own
+//!        closure>, "narHash": "sha256:<base32>", "narSize": <n>, "path": <path>,
+//!        "references": [<path>, ...] }, ... ]
+//! ```
+//!
+//! The closure is that of the listed paths plus, for every derivation in it, the closures
+//! of its outputs. Each listed path is made canonical (`//`, `.`, `..` resolved lexically)
+//! and must then be a store path inside the derivation's input closure. Being a list of
+//! objects, `k` never appears in `.attrs.sh`. This is what Nix 2.8 does (its
+//! `prepareStructuredAttrs`), down to the messages of the errors, which come from Nix's JSON
+//! library where an element is not a string.
+//!
+//! Everything here is a pure function of its arguments except [`export_references`], which
+//! reads the closure through [`BuildStore`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use nixb_store::hash::{Encoding, Hash, HashAlgo};
-use serde_json::Value;
+use nixb_store::path::PathError;
+use nixb_store::{StoreDir, StorePath};
+use serde_json::{Map, Value};
 
 use crate::config::HOMELESS_SHELTER;
+use crate::store::{BuildStore, StoreFault};
 
 /// The name Nix gives the file holding a structured derivation's attributes as JSON.
 pub const ATTRS_JSON: &str = ".attrs.json";
@@ -57,6 +81,53 @@ pub enum EnvError {
     Json(#[from] serde_json::Error),
     #[error("the derivation's '__json' is not a JSON object")]
     NotObject,
+    /// A value of the wrong JSON type where Nix reads a string or an object; worded as Nix's
+    /// JSON library words it, since that is the message Nix gives.
+    #[error("[json.exception.type_error.302] type must be {expected}, but is {found}")]
+    JsonType {
+        expected: &'static str,
+        found: &'static str,
+    },
+    #[error("not an absolute path: '{0}'")]
+    NotAbsolute(String),
+    #[error("path '{0}' is not in the Nix store")]
+    NotInStore(String),
+    #[error("'{0}' is too short to be a valid store path")]
+    TooShort(String),
+    #[error("store path '{path}' contains illegal base-32 character '{c}'")]
+    IllegalBase32 { path: String, c: char },
+    #[error(transparent)]
+    BadStorePath(#[from] PathError),
+    #[error("cannot export references of path '{0}' because it is not in the input closure of the derivation")]
+    NotAnInput(String),
+    #[error("path '{0}' is not valid")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreFault),
+}
+
+impl EnvError {
+    /// Whether Nix counts this as the derivation's own fault, a permanent build failure
+    /// (exit status 100), rather than an error on the way (exit status 1).
+    pub fn rejects_derivation(&self) -> bool {
+        matches!(
+            self,
+            EnvError::Json(_) | EnvError::NotObject | EnvError::NotAnInput(_)
+        )
+    }
+}
+
+/// One path of an `exportReferencesGraph` closure as a structured derivation's attributes
+/// list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphPath {
+    pub path: StorePath,
+    pub nar_hash: Hash,
+    pub nar_size: u64,
+    pub references: BTreeSet<StorePath>,
+    pub ca: Option<String>,
+    /// The sum of `nar_size` over the closure of this path alone.
+    pub closure_size: u64,
 }
 
 /// A file written into the build directory before the builder starts.
@@ -157,10 +228,14 @@ pub fn builder_env(
 
 /// The files [`builder_env`] promises the builder: `passAsFile` contents, or `.attrs.json`
 /// and `.attrs.sh` for a structured derivation whose outputs are at `outputs` (name ->
-/// printed path). The caller applies any path rewriting to the contents.
+/// printed path). `export` gives the closure of the paths one `exportReferencesGraph` key
+/// lists (see [`export_references`]); paths are printed under `store_dir`. The caller
+/// applies any path rewriting to the contents.
 pub fn build_dir_files(
     drv_env: &BTreeMap<String, String>,
+    store_dir: &StoreDir,
     outputs: &BTreeMap<String, String>,
+    mut export: impl FnMut(&BTreeSet<StorePath>) -> Result<Vec<GraphPath>, EnvError>,
 ) -> Result<Vec<BuildDirFile>, EnvError> {
     if let Some(json) = drv_env.get("__json") {
         let Value::Object(mut attrs) = serde_json::from_str::<Value>(json)? else {
@@ -171,6 +246,22 @@ pub fn build_dir_files(
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect();
         attrs.insert("outputs".to_string(), Value::Object(outs));
+        // After `outputs`, as in Nix: a key named `outputs` replaces them, and then fails
+        // below unless it is an object.
+        // Key by key, each parsed then exported, so the first error is the one Nix meets.
+        if let Some(Value::Object(graphs)) = attrs.get("exportReferencesGraph").cloned() {
+            for (key, value) in sorted(&graphs) {
+                let roots = graph_roots(store_dir, value)?;
+                let graph = export(&roots)?;
+                attrs.insert(key.clone(), graph_json(store_dir, &graph));
+            }
+        }
+        if let Some(o) = attrs.get("outputs").filter(|o| !o.is_object()) {
+            return Err(EnvError::JsonType {
+                expected: "object",
+                found: json_type(o),
+            });
+        }
         let attrs = Value::Object(attrs);
         let mut json_text = String::new();
         write_json(&mut json_text, &attrs);
@@ -330,6 +421,175 @@ fn attrs_sh(attrs: &Value) -> String {
     sh
 }
 
+/// The name Nix's JSON library gives the type of `v` in its errors.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// The store paths one key of a structured `exportReferencesGraph` object lists. Nix
+/// iterates the value as its JSON library iterates any value: an array or an object yields
+/// its elements, null nothing, and a string (or any other scalar) itself.
+fn graph_roots(store_dir: &StoreDir, value: &Value) -> Result<BTreeSet<StorePath>, EnvError> {
+    let elements: Vec<&Value> = match value {
+        Value::Array(a) => a.iter().collect(),
+        Value::Object(o) => sorted(o).into_iter().map(|(_, v)| v).collect(),
+        Value::Null => Vec::new(),
+        scalar => vec![scalar],
+    };
+    elements
+        .into_iter()
+        .map(|e| match e {
+            Value::String(s) => parse_graph_path(store_dir, s),
+            other => Err(EnvError::JsonType {
+                expected: "string",
+                found: json_type(other),
+            }),
+        })
+        .collect()
+}
+
+/// The JSON list a structured derivation gets for one `exportReferencesGraph` key.
+fn graph_json(store_dir: &StoreDir, graph: &[GraphPath]) -> Value {
+    let mut sorted_graph: Vec<&GraphPath> = graph.iter().collect();
+    sorted_graph.sort_by(|a, b| a.path.cmp(&b.path));
+    let entries = sorted_graph
+        .into_iter()
+        .map(|p| {
+            let mut o = Map::new();
+            if let Some(ca) = &p.ca {
+                o.insert("ca".into(), Value::String(ca.clone()));
+            }
+            o.insert("closureSize".into(), Value::from(p.closure_size));
+            o.insert("narHash".into(), Value::String(p.nar_hash.to_string()));
+            o.insert("narSize".into(), Value::from(p.nar_size));
+            o.insert("path".into(), Value::String(store_dir.print(&p.path)));
+            let refs = p
+                .references
+                .iter()
+                .map(|r| Value::String(store_dir.print(r)))
+                .collect();
+            o.insert("references".into(), Value::Array(refs));
+            Value::Object(o)
+        })
+        .collect();
+    Value::Array(entries)
+}
+
+/// `path` with `//`, `.` and `..` resolved lexically, as Nix's `canonPath` does before it
+/// looks for the store path.
+fn canon_path(path: &str) -> Result<String, EnvError> {
+    // Nix asserts on an empty path (the process aborts); an error says the same more kindly.
+    if !path.starts_with('/') {
+        return Err(EnvError::NotAbsolute(path.to_string()));
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// Parses one path a structured `exportReferencesGraph` lists: exactly a store path once
+/// canonical (a path inside one is refused, unlike in the unstructured attribute).
+fn parse_graph_path(store_dir: &StoreDir, path: &str) -> Result<StorePath, EnvError> {
+    let canon = canon_path(path)?;
+    let (dir, base) = canon.rsplit_once('/').unwrap_or(("", &canon));
+    let dir = if dir.is_empty() { "/" } else { dir };
+    if dir != store_dir.as_str() {
+        return Err(EnvError::NotInStore(canon));
+    }
+    // Nix's own checks come first, for its messages; the name is then checked by ours.
+    if base.len() < 32 {
+        return Err(EnvError::TooShort(base.to_string()));
+    }
+    if let Some(c) = base[..32]
+        .chars()
+        .find(|c| !(c.is_ascii_digit() || c.is_ascii_lowercase()) || "eou".contains(*c))
+    {
+        return Err(EnvError::IllegalBase32 {
+            path: base.to_string(),
+            c,
+        });
+    }
+    Ok(StorePath::from_base_name(base)?)
+}
+
+/// The closure of the `roots` one structured `exportReferencesGraph` key lists, each of
+/// which must be in `inputs` (the derivation's input closure), with what the store knows of
+/// every path in it.
+pub fn export_references(
+    store: &dyn BuildStore,
+    inputs: &BTreeSet<StorePath>,
+    roots: &BTreeSet<StorePath>,
+) -> Result<Vec<GraphPath>, EnvError> {
+    let sd = store.store_dir();
+    if let Some(p) = roots.iter().find(|p| !inputs.contains(*p)) {
+        return Err(EnvError::NotAnInput(sd.print(p)));
+    }
+    let mut closure = store.compute_closure(roots)?;
+    // Derivations bring their outputs' closures along (the original's use: a NixOS image
+    // that wants every build-time dependency). An output that is not there is an error here,
+    // as in Nix 2.8, where the unstructured attribute skips it.
+    let drvs: Vec<StorePath> = closure
+        .iter()
+        .filter(|p| p.is_derivation())
+        .cloned()
+        .collect();
+    for d in drvs {
+        for out in store.read_derivation(&d)?.output_paths().into_values() {
+            if !store.is_valid_path(&out)? {
+                return Err(EnvError::Invalid(sd.print(&out)));
+            }
+            closure.extend(store.compute_closure(&BTreeSet::from([out]))?);
+        }
+    }
+    let mut infos = BTreeMap::new();
+    for p in &closure {
+        let info = store
+            .query_path_info(p)?
+            .ok_or_else(|| EnvError::Invalid(sd.print(p)))?;
+        infos.insert(p.clone(), info);
+    }
+    let mut graph = Vec::with_capacity(infos.len());
+    for (p, info) in &infos {
+        let mut closure_size = 0;
+        for q in store.compute_closure(&BTreeSet::from([p.clone()]))? {
+            closure_size += match infos.get(&q) {
+                Some(i) => i.nar_size,
+                // Unreachable while the closure above is closed; asked anyway, not assumed.
+                None => {
+                    store
+                        .query_path_info(&q)?
+                        .ok_or_else(|| EnvError::Invalid(sd.print(&q)))?
+                        .nar_size
+                }
+            };
+        }
+        graph.push(GraphPath {
+            path: p.clone(),
+            nar_hash: info.nar_hash.clone(),
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+            ca: info.ca.clone(),
+            closure_size,
+        });
+    }
+    Ok(graph)
+}
+
 /// The closure of one `exportReferencesGraph` entry as the builder reads it: `refs` gives
 /// each path's references.
 pub fn references_graph_text(closure: &BTreeMap<String, BTreeSet<String>>) -> String {
@@ -365,6 +625,14 @@ pub fn parse_export_references_graph(value: &str) -> Option<Vec<(String, String)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sd() -> StoreDir {
+        StoreDir::new("/s/store").unwrap()
+    }
+
+    fn no_graphs(_: &BTreeSet<StorePath>) -> Result<Vec<GraphPath>, EnvError> {
+        panic!("no exportReferencesGraph expected")
+    }
 
     fn params<'a>(fixed: bool, impure: &'a BTreeMap<String, String>) -> EnvParams<'a> {
         EnvParams {
@@ -434,7 +702,7 @@ mod tests {
         );
         assert!(!env.contains_key("foo") && !env.contains_key("missingPath"));
         assert_eq!(env["baz"], "keep");
-        let files = build_dir_files(&drv, &BTreeMap::new()).unwrap();
+        let files = build_dir_files(&drv, &sd(), &BTreeMap::new(), no_graphs).unwrap();
         assert_eq!(
             files,
             [BuildDirFile {
@@ -464,7 +732,7 @@ mod tests {
             "/tmp/nix-build-x.drv-0/.attrs.json"
         );
         let outputs = BTreeMap::from([("out".to_string(), "/s/o".to_string())]);
-        let files = build_dir_files(&drv, &outputs).unwrap();
+        let files = build_dir_files(&drv, &sd(), &outputs, no_graphs).unwrap();
         assert_eq!(files[0].name, ".attrs.json");
         assert_eq!(
             files[0].contents,
@@ -493,9 +761,157 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         assert!(matches!(
-            build_dir_files(&bad, &outputs),
+            build_dir_files(&bad, &sd(), &outputs, no_graphs),
             Err(EnvError::NotObject)
         ));
+    }
+
+    /// Store paths and hashes copied from Nix 2.8's `.attrs.json` for
+    /// `exportReferencesGraph = { g = [ src dep ]; graph = []; }` (store /tmp/xo/r/store).
+    const DEP: &str = "bp7qri8k3xd6s2lrfgncdfyfc8f2hibx-dep";
+    const SRC: &str = "ndvwwkv9nwsmqhrbzl1q7kalc7xwbczd-src.txt";
+
+    fn xo() -> StoreDir {
+        StoreDir::new("/tmp/xo/r/store").unwrap()
+    }
+
+    fn structured(json: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("__json".to_string(), json.to_string())])
+    }
+
+    fn sp(base: &str) -> StorePath {
+        StorePath::from_base_name(base).unwrap()
+    }
+
+    /// The closure Nix's store gave for [`DEP`], in an order other than the path order.
+    fn dep_closure(roots: &BTreeSet<StorePath>) -> Result<Vec<GraphPath>, EnvError> {
+        assert_eq!(roots, &BTreeSet::from([sp(SRC), sp(DEP)]));
+        let h = |s: &str| Hash::parse_typed(s).unwrap();
+        Ok(vec![
+            GraphPath {
+                path: sp(SRC),
+                nar_hash: h("sha256:0sg9f58l1jj88w6pdrfdpj5x9b1zrwszk84j81zvby36q9whhhqa"),
+                nar_size: 120,
+                references: BTreeSet::new(),
+                ca: Some("text:sha256:094qif9n4cq4fdg459qzbhg1c6wywawwaaivx0k0x8xhbyx4vwic".into()),
+                closure_size: 120,
+            },
+            GraphPath {
+                path: sp(DEP),
+                nar_hash: h("sha256:1i7ap39y48aly0yiqqn44yszvsy7wnb0ljxxnl71736q45ybasi2"),
+                nar_size: 176,
+                references: BTreeSet::from([sp(SRC)]),
+                ca: None,
+                closure_size: 296,
+            },
+        ])
+    }
+
+    #[test]
+    fn structured_references_graph_as_nix_writes_it() {
+        let json = format!(
+            r#"{{"exportReferencesGraph":{{"graph":[],"g":["/tmp/xo/r/store/{SRC}","/tmp/xo/r/store/{DEP}"]}},"name":"empty","outputs":["out"]}}"#
+        );
+        let outputs = BTreeMap::from([("out".to_string(), "/tmp/xo/r/store/o-empty".to_string())]);
+        let mut calls = 0;
+        let files = build_dir_files(&structured(&json), &xo(), &outputs, |roots| {
+            calls += 1;
+            if roots.is_empty() {
+                Ok(vec![])
+            } else {
+                dep_closure(roots)
+            }
+        })
+        .unwrap();
+        assert_eq!(calls, 2);
+        let expected = format!(
+            r#"{{"exportReferencesGraph":{{"g":["/tmp/xo/r/store/{SRC}","/tmp/xo/r/store/{DEP}"],"graph":[]}},"g":[{{"closureSize":296,"narHash":"sha256:1i7ap39y48aly0yiqqn44yszvsy7wnb0ljxxnl71736q45ybasi2","narSize":176,"path":"/tmp/xo/r/store/{DEP}","references":["/tmp/xo/r/store/{SRC}"]}},{{"ca":"text:sha256:094qif9n4cq4fdg459qzbhg1c6wywawwaaivx0k0x8xhbyx4vwic","closureSize":120,"narHash":"sha256:0sg9f58l1jj88w6pdrfdpj5x9b1zrwszk84j81zvby36q9whhhqa","narSize":120,"path":"/tmp/xo/r/store/{SRC}","references":[]}}],"graph":[],"name":"empty","outputs":{{"out":"/tmp/xo/r/store/o-empty"}}}}"#
+        );
+        assert_eq!(files[0].contents, expected);
+        // The graph is a list of objects, so only the empty one shows in .attrs.sh.
+        assert_eq!(
+            files[1].contents,
+            "declare -a graph=()\ndeclare name='empty'\ndeclare -A outputs=(['out']='/tmp/xo/r/store/o-empty' )\n"
+        );
+    }
+
+    #[test]
+    fn structured_references_graph_value_shapes() {
+        let roots = |v: &str| graph_roots(&xo(), &serde_json::from_str(v).unwrap());
+        let dep = format!("/tmp/xo/r/store/{DEP}");
+        // A string, an object's values, null: as Nix 2.8 iterated them.
+        assert_eq!(
+            roots(&format!("\"{dep}\"")).unwrap(),
+            BTreeSet::from([sp(DEP)])
+        );
+        assert_eq!(
+            roots(&format!("{{\"a\":\"{dep}\"}}")).unwrap(),
+            BTreeSet::from([sp(DEP)])
+        );
+        assert_eq!(roots("null").unwrap(), BTreeSet::new());
+        // Canonical first: a trailing slash, '//' and '..' are accepted.
+        let odd =
+            format!("[\"{dep}/\", \"/tmp/xo/r/store//{DEP}\", \"/tmp/xo/r/store/x/../{DEP}\"]");
+        assert_eq!(roots(&odd).unwrap(), BTreeSet::from([sp(DEP)]));
+        // Nix 2.8's messages for what it refuses.
+        let err = |v: &str| roots(v).unwrap_err().to_string();
+        assert_eq!(
+            err("[1]"),
+            "[json.exception.type_error.302] type must be string, but is number"
+        );
+        assert_eq!(
+            err("[true]"),
+            "[json.exception.type_error.302] type must be string, but is boolean"
+        );
+        assert_eq!(
+            err("[null]"),
+            "[json.exception.type_error.302] type must be string, but is null"
+        );
+        assert_eq!(
+            err("[[1]]"),
+            "[json.exception.type_error.302] type must be string, but is array"
+        );
+        assert_eq!(
+            err("[\"/tmp/foo\"]"),
+            "path '/tmp/foo' is not in the Nix store"
+        );
+        assert_eq!(
+            err("[\"/tmp/xo/r/store\"]"),
+            "path '/tmp/xo/r/store' is not in the Nix store"
+        );
+        assert_eq!(
+            err(&format!("[\"{dep}/x\"]")),
+            format!("path '{dep}/x' is not in the Nix store")
+        );
+        assert_eq!(err("[\"foo\"]"), "not an absolute path: 'foo'");
+        assert_eq!(
+            err("[\"/tmp/xo/r/store/foo\"]"),
+            "'foo' is too short to be a valid store path"
+        );
+        assert_eq!(
+            err("[\"/tmp/xo/r/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-x\"]"),
+            "store path 'eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-x' contains illegal base-32 character 'e'"
+        );
+    }
+
+    #[test]
+    fn structured_references_graph_replacing_outputs_fails_as_in_nix() {
+        let json =
+            format!(r#"{{"exportReferencesGraph":{{"outputs":["/tmp/xo/r/store/{DEP}"]}}}}"#);
+        let e = build_dir_files(&structured(&json), &xo(), &BTreeMap::new(), |_| Ok(vec![]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[json.exception.type_error.302] type must be object, but is array"
+        );
+        assert!(!e.rejects_derivation());
+        // Any other shape of exportReferencesGraph is an ordinary attribute.
+        let json = format!(r#"{{"exportReferencesGraph":["graph","/tmp/xo/r/store/{DEP}"]}}"#);
+        let files =
+            build_dir_files(&structured(&json), &xo(), &BTreeMap::new(), no_graphs).unwrap();
+        assert!(files[0]
+            .contents
+            .starts_with(r#"{"exportReferencesGraph":["graph","#));
     }
 
     #[test]

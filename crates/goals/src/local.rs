@@ -29,6 +29,7 @@ impl BuildStore for LocalStore {
                 nar_size: i.nar_size,
                 references: i.references,
                 deriver: i.deriver,
+                ca: i.ca,
             }))
     }
 

@@ -28,6 +28,8 @@ pub struct PathInfo {
     pub nar_size: u64,
     pub references: BTreeSet<StorePath>,
     pub deriver: Option<StorePath>,
+    /// Its content address (`text:sha256:…`, `fixed:[r:]<algo>:…`), if it has one.
+    pub ca: Option<String>,
 }
 
 /// A freshly built output to register.

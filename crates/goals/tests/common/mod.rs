@@ -24,7 +24,7 @@ use nixb_store::{DerivedPath, HashAlgo, StoreDir, StorePath};
 /// Valid paths and failed paths in memory; files in a real store directory.
 pub struct MemStore {
     dir: StoreDir,
-    valid: Mutex<BTreeMap<StorePath, (PathInfo, Option<String>)>>,
+    valid: Mutex<BTreeMap<StorePath, PathInfo>>,
     failed: Mutex<BTreeSet<StorePath>>,
     /// How often each derivation was read through `read_derivation`.
     drv_reads: Mutex<BTreeMap<StorePath, usize>>,
@@ -52,11 +52,7 @@ impl MemStore {
 
     /// The content address registered for `p`.
     pub fn ca(&self, p: &StorePath) -> Option<String> {
-        self.valid
-            .lock()
-            .unwrap()
-            .get(p)
-            .and_then(|(_, ca)| ca.clone())
+        self.valid.lock().unwrap().get(p).and_then(|i| i.ca.clone())
     }
 
     pub fn add_text_to_store(
@@ -80,8 +76,44 @@ impl MemStore {
             nar_size,
             references: refs.clone(),
             deriver: None,
+            // As Nix records a text path (builtins.toFile, a .drv).
+            ca: Some(format!(
+                "text:{}",
+                nixb_store::Hash::digest(HashAlgo::Sha256, contents)
+            )),
         };
-        self.valid.lock().unwrap().insert(p.clone(), (info, None));
+        self.valid.lock().unwrap().insert(p.clone(), info);
+        Ok(p)
+    }
+
+    /// Adds the file or directory `src` as `nix-store --add` does (a source path).
+    pub fn add_source(&self, name: &str, src: &Path) -> Result<StorePath, StoreFault> {
+        let (nar_hash, nar_size) =
+            nixb_store::nar::hash_path(src, HashAlgo::Sha256).map_err(fault)?;
+        let p = self
+            .dir
+            .make_source_path(name, &nar_hash, [], false)
+            .map_err(fault)?;
+        let real = self.dir.to_path(&p);
+        if !real.exists() {
+            let status = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(src)
+                .arg(&real)
+                .status()
+                .map_err(fault)?;
+            if !status.success() {
+                return Err(fault(format!("cp -a {} failed", src.display())));
+            }
+        }
+        let info = PathInfo {
+            ca: Some(format!("fixed:r:{nar_hash}")),
+            nar_hash,
+            nar_size,
+            references: BTreeSet::new(),
+            deriver: None,
+        };
+        self.valid.lock().unwrap().insert(p.clone(), info);
         Ok(p)
     }
 
@@ -99,7 +131,7 @@ impl BuildStore for MemStore {
         Ok(self.valid.lock().unwrap().contains_key(p))
     }
     fn query_path_info(&self, p: &StorePath) -> Result<Option<PathInfo>, StoreFault> {
-        Ok(self.valid.lock().unwrap().get(p).map(|(i, _)| i.clone()))
+        Ok(self.valid.lock().unwrap().get(p).cloned())
     }
     fn query_references(&self, p: &StorePath) -> Result<BTreeSet<StorePath>, StoreFault> {
         Ok(self
@@ -107,7 +139,7 @@ impl BuildStore for MemStore {
             .lock()
             .unwrap()
             .get(p)
-            .map(|(i, _)| i.references.clone())
+            .map(|i| i.references.clone())
             .unwrap_or_default())
     }
     fn compute_closure(
@@ -140,8 +172,9 @@ impl BuildStore for MemStore {
                 nar_size: o.nar_size,
                 references: o.references.clone(),
                 deriver: Some(o.deriver.clone()),
+                ca: o.ca.clone(),
             };
-            v.insert(o.path.clone(), (info, o.ca.clone()));
+            v.insert(o.path.clone(), info);
         }
         Ok(())
     }
