@@ -1,13 +1,11 @@
-//! `passAsFile` and `__structuredAttrs`: the files and variables our builder gets, compared
-//! byte for byte with what real Nix 2.8 gives the same builder (when `nix-store` is
-//! installed; required under CI=true).
+//! `passAsFile`, `__structuredAttrs` and `exportReferencesGraph` in a structured derivation:
+//! the files and variables our builder gets, and the errors, compared byte for byte with what
+//! real Nix 2.8 gives the same builder (when `nix-store` is installed; required under
+//! CI=true).
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
+use common::oracle::*;
 use common::*;
 
 const PAF_SCRIPT: &str = "/usr/bin/env > $out; echo @@ >> $out; /bin/cat $fooPath >> $out; \
@@ -18,96 +16,6 @@ const SA_SCRIPT: &str = ". $NIX_ATTRS_SH_FILE; /bin/mkdir ${outputs[out]}; \
      /bin/cp $NIX_ATTRS_JSON_FILE $NIX_ATTRS_SH_FILE ${outputs[out]}/; \
      /usr/bin/env > ${outputs[out]}/env; /bin/ls -a $NIX_BUILD_TOP > ${outputs[out]}/ls; \
      echo $s > ${outputs[dev]}";
-
-fn have_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "nix-store is required for this test under CI=true"
-        );
-        eprintln!("skipping: nix-store not installed");
-    }
-    ok
-}
-
-struct Nix {
-    root: PathBuf,
-}
-
-impl Nix {
-    fn new(root: &Path) -> Nix {
-        for d in ["etc", "tmp"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        std::fs::write(
-            root.join("etc/nix.conf"),
-            "sandbox = false\nbuild-users-group =\nsubstituters =\ncores = 3\n",
-        )
-        .unwrap();
-        Nix {
-            root: root.to_path_buf(),
-        }
-    }
-
-    fn store(&self) -> String {
-        self.root.join("store").display().to_string()
-    }
-
-    fn run(&self, cmd: &str, args: &[&str]) -> String {
-        let r = &self.root;
-        let o = Command::new(cmd)
-            .args(args)
-            .env("NIX_STORE_DIR", r.join("store"))
-            .env("NIX_STATE_DIR", r.join("state"))
-            .env("NIX_LOG_DIR", r.join("log"))
-            .env("NIX_CONF_DIR", r.join("etc"))
-            .env("TMPDIR", r.join("tmp"))
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap().trim().to_string()
-    }
-
-    /// Instantiates `expr` (which may read the script from `./script`) and returns the
-    /// derivation and its built outputs.
-    fn build(&self, expr: &str, script: &str) -> (String, Vec<String>) {
-        std::fs::write(self.root.join("script"), script).unwrap();
-        let file = self.root.join("e.nix");
-        std::fs::write(&file, expr).unwrap();
-        let drv = self.run("nix-instantiate", &[file.to_str().unwrap()]);
-        let outs = self.run("nix-store", &["-r", &drv]);
-        (drv, outs.lines().map(str::to_string).collect())
-    }
-}
-
-fn parse_env(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// Replaces the build directory of derivation `name` (whatever its number) by `@build`.
-fn norm_build(text: &str, build_root: &str, name: &str) -> String {
-    let prefix = format!("{build_root}/nix-build-{name}.drv-");
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(i) = rest.find(&prefix) {
-        out.push_str(&rest[..i]);
-        out.push_str("@build");
-        rest = rest[i + prefix.len()..].trim_start_matches(|c: char| c.is_ascii_digit());
-    }
-    out.push_str(rest);
-    out
-}
 
 #[test]
 fn pass_as_file_matches_real_nix() {
@@ -123,11 +31,7 @@ fn pass_as_file_matches_real_nix() {
         PAF_SCRIPT,
     );
     let theirs = std::fs::read_to_string(&outs[0]).unwrap();
-    let theirs = norm_build(
-        &theirs,
-        &oracle.path().join("tmp").display().to_string(),
-        "paf",
-    );
+    let theirs = norm_build(&theirs, &nix.build_root(), "paf");
 
     let t = TestStore::new();
     let drv = t.add_drv(
@@ -197,7 +101,7 @@ fn structured_attrs_match_real_nix() {
     let (dev, out): (Vec<&String>, Vec<&String>) =
         outs.iter().partition(|o| o.ends_with("-sa-dev"));
     let (their_out, their_dev) = (out[0], dev[0]);
-    let their_build = oracle.path().join("tmp").display().to_string();
+    let their_build = nix.build_root();
     let theirs = |f: &str| {
         let text = std::fs::read_to_string(format!("{their_out}/{f}")).unwrap();
         let text = text.replace(their_dev, "@dev").replace(their_out, "@out");
@@ -243,4 +147,193 @@ fn structured_attrs_match_real_nix() {
         std::fs::read_to_string(&our_dev).unwrap(),
         std::fs::read_to_string(their_dev).unwrap()
     );
+}
+
+// Exits on any failure (so an unset `outputs` cannot make it write outside its output), and
+// copies out the files it got and its build directory's listing.
+const GRAPH_SCRIPT: &str = "set -eu; . $NIX_ATTRS_SH_FILE; /bin/mkdir ${outputs[out]}; \
+     /bin/cp $NIX_ATTRS_JSON_FILE $NIX_ATTRS_SH_FILE ${outputs[out]}/; \
+     /bin/ls -a $NIX_BUILD_TOP > ${outputs[out]}/ls";
+
+/// Structured derivations with `exportReferencesGraph`: `ok` exports a multi-path closure of
+/// a derivation output, a text source and a directory source, a derivation (whose outputs,
+/// one of them a second output, come along), a string, an object and null, and replaces an
+/// ordinary attribute; the others are refused by Nix.
+const GRAPH_EXPR: &str = r#"
+let
+  sys = builtins.currentSystem;
+  src = builtins.toFile "src.txt" "hello";
+  data = ./data;
+  dep = derivation { name = "dep"; system = sys; builder = "/bin/sh";
+    args = ["-c" "echo ${src} > $out"]; };
+  dep2 = derivation { name = "dep2"; system = sys; builder = "/bin/sh";
+    args = ["-c" "/bin/mkdir $out; echo ${dep} ${data} > $out/x"]; };
+  multi = derivation { name = "multi"; system = sys; builder = "/bin/sh"; outputs = ["out" "lib"];
+    args = ["-c" "echo ${dep} > $out; echo lib > $lib"]; };
+  fresh = derivation { name = "fresh"; system = "none"; builder = "/bin/sh"; };
+  mk = name: attrs: derivation ({ inherit name; system = sys; builder = "/bin/bash";
+    __structuredAttrs = true; args = ["-c" (builtins.readFile ./script)]; } // attrs);
+in {
+  ok = mk "ok" { note = "replaced"; plain = "/tmp/not-a-store-path"; exportReferencesGraph = {
+    graph = [ dep2 ]; drvs = [ multi.drvPath ]; srcs = [ data src ]; str = "${dep}/";
+    obj = { a = multi.lib; }; none = null; note = [ src ]; }; };
+  nonstore = mk "nonstore" { exportReferencesGraph.g = [ "/tmp/foo" ]; };
+  inside = mk "inside" { exportReferencesGraph.g = [ "${dep2}/x" ]; };
+  number = mk "number" { exportReferencesGraph.g = [ "${dep}" 1 ]; };
+  notinput = mk "notinput" {
+    exportReferencesGraph.g = [ (builtins.unsafeDiscardStringContext "${dep}") ]; };
+  unbuilt = mk "unbuilt" {
+    exportReferencesGraph.g = [ (builtins.unsafeDiscardOutputDependency fresh.drvPath) ]; };
+  outputs = mk "outputs" { exportReferencesGraph.outputs = [ src ]; };
+}
+"#;
+
+const GRAPH_CASES: [&str; 7] = [
+    "ok", "nonstore", "inside", "number", "notinput", "unbuilt", "outputs",
+];
+
+/// Makes everything under `dir` writable (store paths are read-only) and removes it.
+fn remove_tree(dir: &std::path::Path) {
+    if !dir.exists() {
+        return;
+    }
+    let ok = std::process::Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(dir)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "chmod -R u+w {}", dir.display());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn structured_references_graph_matches_real_nix() {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use nixb_goals::BuildStore;
+    use nixb_store::derivation::Derivation;
+    use nixb_store::StorePath;
+
+    if !have_nix() {
+        return;
+    }
+    // Both engines use the same store directory, one after the other, so that paths, their
+    // order and every hash in the files can be compared as they are.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    std::fs::create_dir_all(root.join("data/sub")).unwrap();
+    std::fs::write(root.join("data/sub/f"), "data file\n").unwrap();
+    let nix = Nix::new(&root);
+    let mut drvs = Vec::new();
+    let mut theirs = BTreeMap::new();
+    for case in GRAPH_CASES {
+        let drv = nix.instantiate(GRAPH_EXPR, GRAPH_SCRIPT, Some(case));
+        let result = nix.realise(&drv).map(|outs| {
+            ["ls", ".attrs.json", ".attrs.sh"]
+                .map(|f| std::fs::read_to_string(format!("{}/{f}", outs[0])).unwrap())
+        });
+        theirs.insert(case, result);
+        drvs.push(drv);
+    }
+    // What the comparison relies on, checked on Nix's side alone.
+    let ok = theirs["ok"].as_ref().unwrap();
+    assert_eq!(ok[0], ".\n..\n.attrs.json\n.attrs.sh\n");
+    for key in ["graph", "drvs", "srcs", "str", "obj", "none", "note"] {
+        assert!(
+            ok[1].contains(&format!(r#","{key}":["#)),
+            "{key}: {}",
+            ok[1]
+        );
+    }
+    assert!(ok[1].contains(r#""ca":"fixed:r:sha256:"#) && ok[1].contains(r#""ca":"text:sha256:"#));
+    assert!(ok[1].contains("-multi-lib\"") && ok[1].contains("\"closureSize\":"));
+    assert!(!ok[2].contains("graph") && ok[2].contains("declare plain="));
+    let exit = |case: &str| theirs[case].as_ref().err().map(|e| e.0);
+    assert_eq!(exit("notinput"), Some(100));
+    for case in ["nonstore", "inside", "number", "unbuilt", "outputs"] {
+        assert_eq!(exit(case), Some(1), "{case}: {:?}", theirs[case]);
+    }
+
+    // Everything the derivations need, as Nix instantiated it, before its store goes.
+    let closure = nix.run(
+        "nix-store",
+        &[
+            &["-qR"][..],
+            &drvs.iter().map(String::as_str).collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    let store_dir = nixb_store::StoreDir::new(nix.store()).unwrap();
+    let mut texts = Vec::new();
+    let mut derivations = BTreeMap::new();
+    let mut sources = Vec::new();
+    for line in closure.lines() {
+        let p = store_dir.parse(line).unwrap();
+        if p.is_derivation() {
+            derivations.insert(
+                p.clone(),
+                Derivation::read(&store_dir, &store_dir.to_path(&p)).unwrap(),
+            );
+        } else if p.name() == "data" {
+            sources.push(p);
+        } else {
+            texts.push((p.clone(), std::fs::read(store_dir.to_path(&p)).unwrap()));
+        }
+    }
+    assert_eq!((sources.len(), texts.len()), (1, 1), "{closure}");
+    for d in ["store", "state", "log", "tmp"] {
+        remove_tree(&root.join(d));
+    }
+
+    let t = TestStore::at(tmp);
+    assert_eq!(t.dir().as_str(), store_dir.as_str());
+    for (p, contents) in &texts {
+        let added = t
+            .store
+            .add_text_to_store(p.name(), contents, &BTreeSet::new())
+            .unwrap();
+        assert_eq!(&added, p);
+    }
+    let added = t.store.add_source("data", &root.join("data")).unwrap();
+    assert_eq!(added, sources[0]);
+    // Derivations after their inputs; each must land where Nix put it.
+    let mut left = derivations;
+    while !left.is_empty() {
+        let ready: Vec<StorePath> = left
+            .iter()
+            .filter(|(_, d)| {
+                d.input_drvs
+                    .keys()
+                    .all(|i| t.store.is_valid_path(i).unwrap())
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        assert!(
+            !ready.is_empty(),
+            "derivations with unknown inputs: {:?}",
+            left.keys()
+        );
+        for p in ready {
+            let drv = left.remove(&p).unwrap();
+            assert_eq!(t.store.add_derivation(&drv).unwrap(), p);
+        }
+    }
+    for (case, drv) in GRAPH_CASES.iter().zip(&drvs) {
+        let drv = store_dir.parse(drv).unwrap();
+        let (outcome, _) = t.realise(&[&drv]);
+        let ours = if outcome.exit_status == 0 {
+            let out = t.print(&t.out(&drv));
+            Ok(["ls", ".attrs.json", ".attrs.sh"]
+                .map(|f| std::fs::read_to_string(format!("{out}/{f}")).unwrap()))
+        } else {
+            let failure = outcome
+                .failures
+                .iter()
+                .find(|f| f.path == drv)
+                .unwrap_or_else(|| panic!("{case}: {:?}", outcome.failures));
+            Err((outcome.exit_status, failure.message.clone()))
+        };
+        assert_eq!(&ours, &theirs[case], "case {case}");
+    }
 }

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod oracle;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
