@@ -192,21 +192,6 @@ const GRAPH_CASES: [&str; 7] = [
     "ok", "nonstore", "inside", "number", "notinput", "unbuilt", "outputs",
 ];
 
-/// Makes everything under `dir` writable (store paths are read-only) and removes it.
-fn remove_tree(dir: &std::path::Path) {
-    if !dir.exists() {
-        return;
-    }
-    let ok = std::process::Command::new("chmod")
-        .args(["-R", "u+w"])
-        .arg(dir)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "chmod -R u+w {}", dir.display());
-    std::fs::remove_dir_all(dir).unwrap();
-}
-
 #[test]
 fn structured_references_graph_matches_real_nix() {
     use std::collections::{BTreeMap, BTreeSet};

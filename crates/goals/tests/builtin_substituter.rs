@@ -3,6 +3,8 @@
 //! first cache is passed over for the next one; a fetch still running when the worker
 //! stops (a build failed without keep-going) leaves nothing behind and no lock held.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -11,33 +13,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{add_local_drv, local_store, remove_tree, spec, worker_config};
 use nixb_binarycache::write::{copy_to_file_cache, WriteOptions};
 use nixb_binarycache::{CacheOptions, Compression, SecretKey, TrustedKeys};
 use nixb_goals::{realise, Event, Substituter, VecSink, WorkerConfig};
-use nixb_store::derivation::{compute_output_paths, Derivation, DerivationOutput, DrvHashCache};
-use nixb_store::local_store::{LocalStore, StoreConfig};
+use nixb_store::local_store::LocalStore;
 use nixb_store::locks::PathLocks;
-use nixb_store::{DerivedPath, Hash, HashAlgo, StoreDir, StorePath};
-
-fn open(root: &Path) -> LocalStore {
-    LocalStore::open(StoreConfig {
-        store_dir: StoreDir::new(root.join("store").to_str().unwrap()).unwrap(),
-        state_dir: root.join("state"),
-        log_dir: root.join("log"),
-    })
-    .unwrap()
-}
+use nixb_store::{DerivedPath, Hash, HashAlgo, StorePath};
 
 fn key() -> SecretKey {
     SecretKey::from_seed("test-cache-1", &[7u8; 32])
 }
 
 fn config(root: &Path, caches: &[String]) -> WorkerConfig {
-    let mut cfg = WorkerConfig::new(root.join("log"));
-    cfg.build_dir_root = root.join("build");
-    std::fs::create_dir_all(&cfg.build_dir_root).unwrap();
-    cfg.impure_env = BTreeMap::new();
-    cfg.build_poll_interval = Duration::from_millis(100);
+    let mut cfg = worker_config(root);
     cfg.substituters = caches
         .iter()
         .map(|url| Substituter::BinaryCache { url: url.clone() })
@@ -57,7 +46,7 @@ fn config(root: &Path, caches: &[String]) -> WorkerConfig {
 /// `<root>/cache`; then the store is emptied. Returns (dep, top, NAR hash of each as
 /// the store crate computed it before publishing).
 fn published(root: &Path) -> (StorePath, StorePath, BTreeMap<StorePath, Hash>) {
-    let store = open(root);
+    let store = local_store(root);
     let dep = store
         .add_text_to_store("dep", b"dependency contents\n", &BTreeSet::new())
         .unwrap();
@@ -84,13 +73,7 @@ fn published(root: &Path) -> (StorePath, StorePath, BTreeMap<StorePath, Hash>) {
     .unwrap();
     drop(store);
     for d in ["store", "state"] {
-        let p = root.join(d);
-        std::process::Command::new("chmod")
-            .args(["-R", "u+w"])
-            .arg(&p)
-            .status()
-            .unwrap();
-        std::fs::remove_dir_all(&p).unwrap();
+        remove_tree(&root.join(d));
     }
     (dep, top, hashes)
 }
@@ -136,7 +119,7 @@ fn a_corrupt_nar_in_the_first_cache_is_passed_over_for_the_next() {
 
     let bad_url = format!("file://{}", bad.display());
     let good_url = format!("file://{}", root.join("cache").display());
-    let store = open(root);
+    let store = local_store(root);
     let cfg = config(root, &[bad_url.clone(), good_url.clone()]);
     let mut sink = VecSink::default();
     let outcome = realise(&store, &[DerivedPath::Opaque(top.clone())], &cfg, &mut sink).unwrap();
@@ -256,47 +239,7 @@ fn stalling_server(dir: PathBuf, stall: Duration) -> (String, Arc<AtomicUsize>) 
 }
 
 fn failing_drv(store: &LocalStore, system: &str) -> StorePath {
-    let script = "/bin/sleep 0.3; exit 1";
-    let mut env = BTreeMap::new();
-    for (k, v) in [
-        ("name", "fails"),
-        ("builder", "/bin/sh"),
-        ("system", system),
-        ("out", ""),
-    ] {
-        env.insert(k.to_string(), v.to_string());
-    }
-    let mut drv = Derivation {
-        outputs: BTreeMap::from([(
-            "out".to_string(),
-            DerivationOutput {
-                path: None,
-                fixed: None,
-            },
-        )]),
-        input_drvs: BTreeMap::new(),
-        input_srcs: BTreeSet::new(),
-        platform: system.into(),
-        builder: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
-        env,
-    };
-    let dir = store.store_dir().clone();
-    compute_output_paths(
-        &dir,
-        &mut drv,
-        &mut |p| {
-            store
-                .read_derivation(p)
-                .map_err(|e| nixb_store::derivation::DrvError::Invalid {
-                    drv: p.to_string(),
-                    msg: e.to_string(),
-                })
-        },
-        &mut DrvHashCache::new(),
-    )
-    .unwrap();
-    store.add_derivation(&drv).unwrap()
+    add_local_drv(store, spec("fails", "/bin/sleep 0.3; exit 1"), system)
 }
 
 #[test]
@@ -306,7 +249,7 @@ fn a_fetch_in_flight_when_the_worker_stops_leaves_nothing_behind() {
     let (dep, _top, _) = published(root);
     let stall = Duration::from_millis(1500);
     let (url, nar_requests) = stalling_server(root.join("cache"), stall);
-    let store = open(root);
+    let store = local_store(root);
     let mut cfg = config(root, &[url]);
     cfg.keep_going = false;
     // Only the build uses the build slot; the substitution runs beside it.
@@ -362,7 +305,7 @@ fn repair_fetches_a_corrupt_path_again_from_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let (dep, _top, hashes) = published(root);
-    let store = open(root);
+    let store = local_store(root);
     let mut cfg = config(root, &[format!("file://{}", root.join("cache").display())]);
     let outcome = realise(
         &store,

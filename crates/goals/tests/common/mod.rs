@@ -21,6 +21,7 @@ use nixb_goals::{
 use nixb_store::derivation::{
     compute_output_paths, Derivation, DerivationOutput, DrvHashCache, FixedOutputHash,
 };
+use nixb_store::local_store::{LocalStore, StoreConfig};
 use nixb_store::{DerivedPath, HashAlgo, StoreDir, StorePath};
 
 /// Valid paths and failed paths in memory; files in a real store directory.
@@ -249,6 +250,116 @@ impl DrvSpec {
         self.fixed = Some(FixedOutputHash { recursive, hash });
         self
     }
+
+    /// The derivation for `system`, its output paths computed; `store` gives the input
+    /// derivations.
+    pub fn derivation(self, store: &dyn BuildStore, system: &str) -> Derivation {
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert("name".into(), self.name.clone());
+        env.insert("builder".into(), self.builder.clone());
+        env.insert("system".into(), system.to_string());
+        for (k, v) in self.env {
+            env.insert(k, v);
+        }
+        let mut outputs = BTreeMap::new();
+        for o in &self.outputs {
+            env.insert(o.clone(), String::new());
+            outputs.insert(
+                o.clone(),
+                DerivationOutput {
+                    path: None,
+                    fixed: self.fixed.clone(),
+                },
+            );
+        }
+        let mut drv = Derivation {
+            outputs,
+            input_drvs: self
+                .input_drvs
+                .into_iter()
+                .map(|(p, o)| (p, o.into_iter().collect::<BTreeSet<_>>()))
+                .collect(),
+            input_srcs: self.input_srcs.into_iter().collect(),
+            platform: system.to_string(),
+            builder: self.builder,
+            args: vec!["-c".into(), self.script],
+            env,
+        };
+        compute_output_paths(
+            store.store_dir(),
+            &mut drv,
+            &mut |p| {
+                store
+                    .read_derivation(p)
+                    .map_err(|e| nixb_store::derivation::DrvError::Invalid {
+                        drv: p.to_string(),
+                        msg: e.to_string(),
+                    })
+            },
+            &mut DrvHashCache::new(),
+        )
+        .expect("compute output paths");
+        drv
+    }
+}
+
+/// The real SQLite store under `root` (`store`, `state`, `log`).
+pub fn local_store(root: &Path) -> LocalStore {
+    LocalStore::open(StoreConfig {
+        store_dir: StoreDir::new(root.join("store").to_str().unwrap()).unwrap(),
+        state_dir: root.join("state"),
+        log_dir: root.join("log"),
+    })
+    .unwrap()
+}
+
+/// Writes the derivation into the real store `store` and returns its path.
+pub fn add_local_drv(store: &LocalStore, s: DrvSpec, system: &str) -> StorePath {
+    store.add_derivation(&s.derivation(store, system)).unwrap()
+}
+
+/// The worker's settings for tests under `root`: logs in `log`, build directories in
+/// `build`, no impure environment, a quick poll for locks held elsewhere.
+pub fn worker_config(root: &Path) -> WorkerConfig {
+    let mut cfg = WorkerConfig::new(root.join("log"));
+    cfg.build_dir_root = root.join("build");
+    std::fs::create_dir_all(&cfg.build_dir_root).unwrap();
+    cfg.impure_env = BTreeMap::new();
+    cfg.build_poll_interval = Duration::from_millis(100);
+    cfg
+}
+
+/// Realises every output of each of `drvs` in `store`, with the events reported.
+pub fn realise_drvs(
+    store: &dyn BuildStore,
+    drvs: &[&StorePath],
+    cfg: &WorkerConfig,
+) -> (RealiseOutcome, Vec<Event>) {
+    let targets: Vec<DerivedPath> = drvs
+        .iter()
+        .map(|d| DerivedPath::Built {
+            drv: (*d).clone(),
+            outputs: vec![],
+        })
+        .collect();
+    let mut sink = VecSink::default();
+    let outcome = realise(store, &targets, cfg, &mut sink).expect("realise");
+    (outcome, sink.0)
+}
+
+/// Makes everything under `dir` writable (store paths are read-only) and removes it.
+pub fn remove_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    let ok = std::process::Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(dir)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "chmod -R u+w {}", dir.display());
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 impl TestStore {
@@ -261,11 +372,7 @@ impl TestStore {
         let root = tmp.path();
         let store_dir = StoreDir::new(root.join("store").to_str().unwrap()).unwrap();
         let store = MemStore::open(store_dir);
-        let mut cfg = WorkerConfig::new(root.join("log"));
-        cfg.build_dir_root = root.join("build");
-        std::fs::create_dir_all(&cfg.build_dir_root).unwrap();
-        cfg.impure_env = BTreeMap::new();
-        cfg.build_poll_interval = Duration::from_millis(100);
+        let cfg = worker_config(root);
         TestStore { tmp, store, cfg }
     }
 
@@ -288,52 +395,7 @@ impl TestStore {
 
     /// Writes the derivation into the store and returns its path.
     pub fn add_drv(&self, s: DrvSpec) -> StorePath {
-        let mut env: BTreeMap<String, String> = BTreeMap::new();
-        env.insert("name".into(), s.name.clone());
-        env.insert("builder".into(), s.builder.clone());
-        env.insert("system".into(), self.cfg.system.clone());
-        for (k, v) in s.env {
-            env.insert(k, v);
-        }
-        let mut outputs = BTreeMap::new();
-        for o in &s.outputs {
-            env.insert(o.clone(), String::new());
-            outputs.insert(
-                o.clone(),
-                DerivationOutput {
-                    path: None,
-                    fixed: s.fixed.clone(),
-                },
-            );
-        }
-        let mut drv = Derivation {
-            outputs,
-            input_drvs: s
-                .input_drvs
-                .into_iter()
-                .map(|(p, o)| (p, o.into_iter().collect::<BTreeSet<_>>()))
-                .collect(),
-            input_srcs: s.input_srcs.into_iter().collect(),
-            platform: self.cfg.system.clone(),
-            builder: s.builder,
-            args: vec!["-c".into(), s.script],
-            env,
-        };
-        let store = &self.store;
-        compute_output_paths(
-            self.dir(),
-            &mut drv,
-            &mut |p| {
-                store
-                    .read_derivation(p)
-                    .map_err(|e| nixb_store::derivation::DrvError::Invalid {
-                        drv: p.to_string(),
-                        msg: e.to_string(),
-                    })
-            },
-            &mut DrvHashCache::new(),
-        )
-        .expect("compute output paths");
+        let drv = s.derivation(&self.store, &self.cfg.system);
         self.store.add_derivation(&drv).expect("add derivation")
     }
 
@@ -360,16 +422,7 @@ impl TestStore {
         drvs: &[&StorePath],
         cfg: &WorkerConfig,
     ) -> (RealiseOutcome, Vec<Event>) {
-        let targets: Vec<DerivedPath> = drvs
-            .iter()
-            .map(|d| DerivedPath::Built {
-                drv: (*d).clone(),
-                outputs: vec![],
-            })
-            .collect();
-        let mut sink = VecSink::default();
-        let outcome = realise(&self.store, &targets, cfg, &mut sink).expect("realise");
-        (outcome, sink.0)
+        realise_drvs(&self.store, drvs, cfg)
     }
 }
 
