@@ -245,6 +245,26 @@ impl BuildResult {
         }
     }
 
+    /// The result of one build that `build` runs: `Built`, or the status and message it
+    /// failed with; timed in seconds since the epoch, as the client shows it.
+    pub fn of_build(build: impl FnOnce() -> Result<(), (BuildStatus, String)>) -> BuildResult {
+        fn now() -> u64 {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        }
+        let start_time = now();
+        let mut res = match build() {
+            Ok(()) => BuildResult::new(BuildStatus::Built, ""),
+            Err((status, msg)) => BuildResult::new(status, msg),
+        };
+        res.times_built = 1;
+        res.start_time = start_time;
+        res.stop_time = now();
+        res
+    }
+
     pub fn write<W: Write>(&self, w: &mut WireWriter<W>, version: u64) -> Result<(), ServeError> {
         w.write_u64(self.status.to_u64(), "build status")?;
         w.write_str(&self.error_msg, "build error message")?;

@@ -12,7 +12,6 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use nixb_store::canon::{canonicalise_path_metadata, InodesSeen};
 use nixb_store::derivation::Derivation;
@@ -28,13 +27,6 @@ use crate::server::RemoteBuilder;
 pub struct UnsandboxedBuilder {
     /// Where the builder's output goes.
     pub log: Box<dyn Write + Send>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl UnsandboxedBuilder {
@@ -176,15 +168,7 @@ impl RemoteBuilder for UnsandboxedBuilder {
         drv: &Derivation,
         _options: &BuildOptions,
     ) -> BuildResult {
-        let start = now();
-        let mut res = match self.run(store, drv_path, drv) {
-            Ok(()) => BuildResult::new(BuildStatus::Built, ""),
-            Err((s, msg)) => BuildResult::new(s, msg),
-        };
-        res.times_built = 1;
-        res.start_time = start;
-        res.stop_time = now();
-        res
+        BuildResult::of_build(|| self.run(store, drv_path, drv))
     }
 
     fn build_paths(
