@@ -43,6 +43,88 @@ fn trace_lines(stderr: &str) -> Vec<String> {
         .collect()
 }
 
+/// Writes `expr` to `file` and instantiates it with real Nix: the derivation's path.
+fn instantiate(t: &TestStore, file: &str, expr: &str) -> String {
+    let expr = t.file(file, expr);
+    run_str(t.nix("nix-instantiate").arg(&expr), None)
+}
+
+/// A derivation with one output, built by `/bin/sh -c script`, needing `features`.
+fn one_drv(name: &str, script: &str, features: &[&str]) -> String {
+    let required = match features {
+        [] => String::new(),
+        f => format!(
+            " requiredSystemFeatures = [ {} ];",
+            f.iter()
+                .map(|x| format!("\"{x}\""))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    };
+    format!(
+        r#"builtins.derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";{required} args = [ "-c" "{script}" ]; }}"#
+    )
+}
+
+/// The NAR hash real Nix has for `p`, or `None` when it does not hold `p` as valid.
+fn nix_hash(t: &TestStore, p: &str) -> Option<String> {
+    let out = run(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None);
+    out.status
+        .success()
+        .then(|| text(&out.stdout).trim().to_string())
+}
+
+/// Leaves the store empty, as on a fresh machine with the same store directory.
+fn empty_store(t: &TestStore) {
+    remove_tree(&t.store_dir());
+    remove_tree(&t.state_dir());
+}
+
+/// `nixb realise --print-build-trace` from the substituters `url`, with `options` (pairs
+/// of `--option NAME VALUE`).
+fn realise_from(t: &TestStore, url: &str, options: &[(&str, &str)]) -> Command {
+    let mut c = t.nixb();
+    c.args([
+        "realise",
+        "--print-build-trace",
+        "--option",
+        "substituters",
+        url,
+    ]);
+    for (name, value) in options {
+        c.args(["--option", name, value]);
+    }
+    c
+}
+
+/// A path real Nix added and then deleted, so that the only way back is a substituter.
+struct Deleted {
+    path: String,
+    /// Its NAR, as `nix-store --dump` wrote it.
+    nar: PathBuf,
+    nar_bytes: Vec<u8>,
+    /// Its NAR hash, as real Nix had it registered.
+    hash: String,
+}
+
+/// Adds a file with `contents` with real Nix, dumps it to `payload.nar`, then deletes it.
+fn added_then_deleted(t: &TestStore, contents: &str) -> Deleted {
+    let src = t.file("payload.txt", contents);
+    let path = run_str(t.nix("nix-store").arg("--add").arg(&src), None);
+    let nar = t.root.path().join("payload.nar");
+    let nar_bytes = run_ok(t.nix("nix-store").arg("--dump").arg(&path), None);
+    std::fs::write(&nar, &nar_bytes).unwrap();
+    let hash = nix_hash(t, &path).expect("valid after nix-store --add");
+    run_ok(t.nix("nix-store").arg("--delete").arg(&path), None);
+    assert!(!Path::new(&path).exists());
+    Deleted {
+        path,
+        nar,
+        nar_bytes,
+        hash,
+    }
+}
+
 // --- external substituter programs ------------------------------------------------------
 
 #[test]
@@ -54,14 +136,12 @@ fn external_substituters_are_tried_in_order_and_checked() {
     let dir = t.root.path().to_path_buf();
     // Real Nix makes the path (and tells us its NAR and hash), then deletes it, so that the
     // only way back is through a substituter.
-    let src = t.file("payload.txt", "substituted contents\n");
-    let p = run_str(t.nix("nix-store").arg("--add").arg(&src), None);
-    let nar = dir.join("payload.nar");
-    let nar_bytes = run_ok(t.nix("nix-store").arg("--dump").arg(&p), None);
-    std::fs::write(&nar, &nar_bytes).unwrap();
-    let hash = run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(&p), None);
-    run_ok(t.nix("nix-store").arg("--delete").arg(&p), None);
-    assert!(!Path::new(&p).exists());
+    let Deleted {
+        path: p,
+        nar,
+        nar_bytes,
+        hash,
+    } = added_then_deleted(&t, "substituted contents\n");
     let other = t.file("other.txt", "not what was asked for\n");
     let other_hash = run_str(
         t.nix("nix")
@@ -101,18 +181,7 @@ fn external_substituters_are_tried_in_order_and_checked() {
         ),
     );
     let subs = format!("{} {} {}", fail.display(), liar.display(), good.display());
-    let out = run(
-        t.nixb()
-            .args([
-                "realise",
-                "--print-build-trace",
-                "--option",
-                "substituters",
-                &subs,
-            ])
-            .arg(&p),
-        None,
-    );
+    let out = run(realise_from(&t, &subs, &[]).arg(&p), None);
     let err = text(&out.stderr);
     assert!(out.status.success(), "nixb realise failed: {err}");
     assert_eq!(text(&out.stdout).trim(), p);
@@ -120,42 +189,38 @@ fn external_substituters_are_tried_in_order_and_checked() {
     // In order: the failing one, the liar, the good one.
     let called = std::fs::read_to_string(&calls).unwrap();
     assert_eq!(called, format!("fail {p}\nliar {p}\ngood {p}\n"));
+    // Each traced as started, then failed (256 is exit code 1 as a raw wait status, as the
+    // original prints it) or succeeded.
+    let steps = [
+        (
+            &fail,
+            Some(format!("256 fetching path '{p}' failed with exit code 1")),
+        ),
+        (
+            &liar,
+            Some(format!("0 hash mismatch in downloaded path '{p}'")),
+        ),
+        (&good, None),
+    ];
     let trace = trace_lines(&err);
-    assert_eq!(trace.len(), 6, "{err}");
-    assert_eq!(
-        trace[0],
-        format!("@ substituter-started {p} {}", fail.display())
-    );
-    // 256 = exit code 1 as a raw wait status, as the original prints it.
-    assert!(
-        trace[1].starts_with(&format!(
-            "@ substituter-failed {p} 256 fetching path '{p}' failed with exit code 1"
-        )),
-        "{}",
-        trace[1]
-    );
-    assert_eq!(
-        trace[2],
-        format!("@ substituter-started {p} {}", liar.display())
-    );
-    assert!(
-        trace[3].starts_with(&format!(
-            "@ substituter-failed {p} 0 hash mismatch in downloaded path '{p}'"
-        )),
-        "{}",
-        trace[3]
-    );
-    assert_eq!(
-        trace[4],
-        format!("@ substituter-started {p} {}", good.display())
-    );
-    assert_eq!(trace[5], format!("@ substituter-succeeded {p}"));
+    assert_eq!(trace.len(), 2 * steps.len(), "{err}");
+    for (i, (program, failure)) in steps.iter().enumerate() {
+        let (started, ended) = (&trace[2 * i], &trace[2 * i + 1]);
+        assert_eq!(
+            started,
+            &format!("@ substituter-started {p} {}", program.display())
+        );
+        match failure {
+            Some(f) => assert!(
+                ended.starts_with(&format!("@ substituter-failed {p} {f}")),
+                "{ended}"
+            ),
+            None => assert_eq!(ended, &format!("@ substituter-succeeded {p}")),
+        }
+    }
 
     // Real Nix agrees: valid, same hash, contents intact, and not "ultimate".
-    assert_eq!(
-        run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(&p), None),
-        hash
-    );
+    assert_eq!(nix_hash(&t, &p), Some(hash));
     run_ok(t.nix("nix-store").args(["--verify-path"]).arg(&p), None);
     assert_eq!(
         std::fs::read_to_string(&p).unwrap(),
@@ -170,11 +235,7 @@ fn only_lying_and_failing_substituters_leave_the_path_invalid() {
     }
     let t = TestStore::new();
     let dir = t.root.path().to_path_buf();
-    let src = t.file("payload.txt", "x\n");
-    let p = run_str(t.nix("nix-store").arg("--add").arg(&src), None);
-    let nar = dir.join("payload.nar");
-    std::fs::write(&nar, run_ok(t.nix("nix-store").arg("--dump").arg(&p), None)).unwrap();
-    run_ok(t.nix("nix-store").arg("--delete").arg(&p), None);
+    let Deleted { path: p, nar, .. } = added_then_deleted(&t, "x\n");
     let liar = dir.join("subs/liar");
     write_exe(
         &liar,
@@ -193,9 +254,9 @@ fn only_lying_and_failing_substituters_leave_the_path_invalid() {
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&format!("path '{p}' does not exist and cannot be created")));
-    let valid = run(t.nix("nix-store").args(["-q", "--hash"]).arg(&p), None);
-    assert!(
-        !valid.status.success(),
+    assert_eq!(
+        nix_hash(&t, &p),
+        None,
         "a path whose hash was a lie got registered"
     );
 }
@@ -213,6 +274,15 @@ let
   c = mk "c" [ a ];
 in mk "top" [ b c ]
 "#;
+
+/// A store with no substituters in which real Nix has built [`GRAPH`]: the store, the
+/// derivation and its output.
+fn graph_built_by_nix() -> (TestStore, String, String) {
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+    let drv = instantiate(&t, "graph.nix", GRAPH);
+    let out = run_str(t.nix("nix-store").arg("-r").arg(&drv), None);
+    (t, drv, out)
+}
 
 fn nix_key(t: &TestStore) -> (PathBuf, String) {
     let sk = t.root.path().join("cache.sk");
@@ -234,22 +304,14 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
     if !have_nix() {
         return;
     }
-    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
-    let expr = t.file("graph.nix", GRAPH);
-    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
-    let out = run_str(t.nix("nix-store").arg("-r").arg(&drv), None);
+    let (t, drv, out) = graph_built_by_nix();
     let closure: Vec<String> = run_str(t.nix("nix-store").args(["-qR"]).arg(&drv).arg(&out), None)
         .lines()
         .map(str::to_string)
         .collect();
-    let hashes: BTreeMap<String, String> = closure
+    let hashes: BTreeMap<String, Option<String>> = closure
         .iter()
-        .map(|p| {
-            (
-                p.clone(),
-                run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None),
-            )
-        })
+        .map(|p| (p.clone(), nix_hash(&t, p)))
         .collect();
     let (sk, pk) = nix_key(&t);
     let cache = t.root.path().join("cache");
@@ -263,20 +325,10 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
     run_ok(t.nix("nix").args(["copy", "--to", &to]).arg(&out), None);
 
     // A fresh store with the same store directory.
-    remove_tree(&t.store_dir());
-    remove_tree(&t.state_dir());
+    empty_store(&t);
     let url = format!("file://{}", cache.display());
     let res = run(
-        t.nixb()
-            .args([
-                "realise",
-                "--print-build-trace",
-                "--option",
-                "substituters",
-                &url,
-            ])
-            .args(["--option", "trusted-public-keys", &pk])
-            .arg(&drv),
+        realise_from(&t, &url, &[("trusted-public-keys", &pk)]).arg(&drv),
         None,
     );
     let err = text(&res.stderr);
@@ -292,10 +344,8 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
             "{p} not substituted: {err}"
         );
         // Real Nix reads nixb's registration: same NAR hash, and the contents match it.
-        assert_eq!(
-            &run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None),
-            &hashes[p]
-        );
+        assert!(hashes[p].is_some(), "{p}");
+        assert_eq!(nix_hash(&t, p), hashes[p]);
     }
     run_ok(
         t.nix("nix-store").args(["--verify", "--check-contents"]),
@@ -329,8 +379,7 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
 
     // Unsigned (no trusted key): refused, nothing registered, the build is not tried
     // either since the derivation itself cannot be had.
-    remove_tree(&t.store_dir());
-    remove_tree(&t.state_dir());
+    empty_store(&t);
     let res = run(
         t.nixb()
             .args(["realise", "--option", "substituters", &url])
@@ -344,8 +393,7 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
         "{}",
         text(&res.stderr)
     );
-    let valid = run(t.nix("nix-store").args(["-q", "--hash"]).arg(&out), None);
-    assert!(!valid.status.success());
+    assert_eq!(nix_hash(&t, &out), None);
 }
 
 #[test]
@@ -353,10 +401,7 @@ fn a_tampered_nar_is_refused_by_the_builtin_substituter_and_nothing_registered()
     if !have_nix() {
         return;
     }
-    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
-    let expr = t.file("graph.nix", GRAPH);
-    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
-    let out = run_str(t.nix("nix-store").arg("-r").arg(&drv), None);
+    let (t, _drv, out) = graph_built_by_nix();
     let closure: Vec<String> = run_str(t.nix("nix-store").args(["-qR"]).arg(&out), None)
         .lines()
         .map(str::to_string)
@@ -388,20 +433,10 @@ fn a_tampered_nar_is_refused_by_the_builtin_substituter_and_nothing_registered()
     nar[at] = b'A';
     std::fs::write(&nar_file, &nar).unwrap();
 
-    remove_tree(&t.store_dir());
-    remove_tree(&t.state_dir());
+    empty_store(&t);
     let url = format!("file://{}", cache.display());
     let res = run(
-        t.nixb()
-            .args([
-                "realise",
-                "--print-build-trace",
-                "--option",
-                "substituters",
-                &url,
-            ])
-            .args(["--option", "trusted-public-keys", &pk])
-            .arg(&out),
+        realise_from(&t, &url, &[("trusted-public-keys", &pk)]).arg(&out),
         None,
     );
     let err = text(&res.stderr);
@@ -429,8 +464,7 @@ fn a_tampered_nar_is_refused_by_the_builtin_substituter_and_nothing_registered()
         "the tampered contents were left at {a}"
     );
     for p in &closure {
-        let valid = run(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None);
-        assert!(!valid.status.success(), "{p} was registered");
+        assert_eq!(nix_hash(&t, p), None, "{p} was registered");
     }
 }
 
@@ -505,33 +539,28 @@ fn dying_cache(store_dir: &str, out: &str, stall: bool) -> (String, Arc<AtomicUs
     (format!("http://127.0.0.1:{port}"), nar_requests)
 }
 
+/// A store where real Nix instantiated a derivation `one` (never built), and a cache from
+/// [`dying_cache`] for its output: (store, derivation, output, cache URL, NAR requests).
+fn one_behind_a_dying_cache(stall: bool) -> (TestStore, String, String, String, Arc<AtomicUsize>) {
+    let t = TestStore::new();
+    let drv = instantiate(
+        &t,
+        "one.nix",
+        &one_drv("one", "echo built here > $out", &[]),
+    );
+    let out = run_str(t.nix("nix-store").args(["-q", "--outputs"]).arg(&drv), None);
+    let (url, nar_requests) = dying_cache(t.store_dir().to_str().unwrap(), &out, stall);
+    (t, drv, out, url, nar_requests)
+}
+
 #[test]
 fn a_dying_http_cache_is_retried_then_fallback_builds() {
     if !have_nix() {
         return;
     }
-    let t = TestStore::new();
-    let expr = t.file(
-        "one.nix",
-        r#"builtins.derivation { name = "one"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo built here > $out" ]; }"#,
-    );
-    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
-    let out = run_str(t.nix("nix-store").args(["-q", "--outputs"]).arg(&drv), None);
-    let (url, nar_requests) = dying_cache(t.store_dir().to_str().unwrap(), &out, false);
-    let base = |c: &mut Command| {
-        c.args([
-            "realise",
-            "--print-build-trace",
-            "--option",
-            "substituters",
-            &url,
-        ])
-        .args(["--option", "require-sigs", "false"]);
-    };
-
-    let mut c = t.nixb();
-    base(&mut c);
-    let res = run(c.arg(&drv), None);
+    let (t, drv, out, url, nar_requests) = one_behind_a_dying_cache(false);
+    let unsigned = [("require-sigs", "false")];
+    let res = run(realise_from(&t, &url, &unsigned).arg(&drv), None);
     let err = text(&res.stderr);
     assert_eq!(res.status.code(), Some(1), "{err}");
     assert!(err.contains("try '--fallback'"), "{err}");
@@ -546,9 +575,12 @@ fn a_dying_http_cache_is_retried_then_fallback_builds() {
         "the NAR was not retried: {err}"
     );
 
-    let mut c = t.nixb();
-    base(&mut c);
-    let res = run(c.arg("--fallback").arg(&drv), None);
+    let res = run(
+        realise_from(&t, &url, &unsigned)
+            .arg("--fallback")
+            .arg(&drv),
+        None,
+    );
     let err = text(&res.stderr);
     assert!(res.status.success(), "{err}");
     assert!(
@@ -564,21 +596,11 @@ fn max_silent_time_gives_up_on_a_stalled_cache_then_fallback_builds() {
     if !have_nix() {
         return;
     }
-    let t = TestStore::new();
-    let expr = t.file(
-        "one.nix",
-        r#"builtins.derivation { name = "one"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo built here > $out" ]; }"#,
-    );
-    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
-    let out = run_str(t.nix("nix-store").args(["-q", "--outputs"]).arg(&drv), None);
-    let (url, nar_requests) = dying_cache(t.store_dir().to_str().unwrap(), &out, true);
+    let (t, drv, out, url, nar_requests) = one_behind_a_dying_cache(true);
     let start = Instant::now();
     let res = run(
-        t.nixb()
-            .args(["realise", "--print-build-trace", "--fallback"])
-            .args(["--max-silent-time", "1"])
-            .args(["--option", "substituters", &url])
-            .args(["--option", "require-sigs", "false"])
+        realise_from(&t, &url, &[("require-sigs", "false")])
+            .args(["--fallback", "--max-silent-time", "1"])
             .arg(&drv),
         None,
     );
@@ -668,6 +690,28 @@ impl Hosts {
     fn contacted(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Realises `drv` with `builders` and `args`: the run and its stderr.
+    fn realise(
+        &self,
+        t: &TestStore,
+        builders: &str,
+        args: &[&str],
+        drv: &str,
+    ) -> (std::process::Output, String) {
+        let res = run(self.nixb(t, builders).args(args).arg(drv), None);
+        let err = text(&res.stderr);
+        (res, err)
+    }
+}
+
+/// A store with the fake hosts, where real Nix instantiated [`one_drv`]`(name, script,
+/// features)`: the store, the hosts and the derivation.
+fn hosts_and_one(name: &str, script: &str, features: &[&str]) -> (TestStore, Hosts, String) {
+    let t = TestStore::new();
+    let h = hosts(&t);
+    let drv = instantiate(&t, &format!("{name}.nix"), &one_drv(name, script, features));
+    (t, h, drv)
 }
 
 const REMOTE_GRAPH: &str = r#"
@@ -694,14 +738,9 @@ fn builds_go_to_a_real_nix_host_and_a_nixb_host() {
         "sandbox = false\nbuild-users-group =\nsubstituters =\nsystem-features = onnix onnixb\n",
     );
     let h = hosts(&t);
-    let expr = t.file("graph.nix", REMOTE_GRAPH);
-    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let drv = instantiate(&t, "graph.nix", REMOTE_GRAPH);
     // No local builds at all: everything must go through the hook.
-    let res = run(
-        h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0"]).arg(&drv),
-        None,
-    );
-    let err = text(&res.stderr);
+    let (res, err) = h.realise(&t, TWO_HOSTS, &["--max-jobs", "0"], &drv);
     assert!(res.status.success(), "{err}");
     let out = text(&res.stdout).trim().to_string();
     let contacted = h.contacted();
@@ -738,18 +777,8 @@ fn a_remote_build_failure_is_a_build_failure() {
     if !have_nix() {
         return;
     }
-    let t = TestStore::new();
-    let h = hosts(&t);
-    let expr = t.file(
-        "bad.nix",
-        r#"builtins.derivation { name = "bad"; system = builtins.currentSystem; builder = "/bin/sh"; requiredSystemFeatures = [ "onnix" ]; args = [ "-c" "echo going down; exit 3" ]; }"#,
-    );
-    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
-    let res = run(
-        h.nixb(&t, TWO_HOSTS).args(["--max-jobs", "0"]).arg(&drv),
-        None,
-    );
-    let err = text(&res.stderr);
+    let (t, h, drv) = hosts_and_one("bad", "echo going down; exit 3", &["onnix"]);
+    let (res, err) = h.realise(&t, TWO_HOSTS, &["--max-jobs", "0"], &drv);
     assert_eq!(res.status.code(), Some(100), "{err}");
     assert!(err.contains(&format!("@ build-failed {drv}")), "{err}");
     assert!(!err.contains("@ hook-failed"), "{err}");
@@ -762,20 +791,9 @@ fn an_unreachable_host_is_named_and_the_build_done_locally() {
     if !have_nix() {
         return;
     }
-    let t = TestStore::new();
-    let h = hosts(&t);
-    let expr = t.file(
-        "one.nix",
-        r#"builtins.derivation { name = "one"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo local > $out" ]; }"#,
-    );
-    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
-    let res = run(
-        h.nixb(&t, "ssh://deadhost x86_64-linux - 1 1")
-            .args(["--max-jobs", "1"])
-            .arg(&drv),
-        None,
-    );
-    let err = text(&res.stderr);
+    let (t, h, drv) = hosts_and_one("one", "echo local > $out", &[]);
+    let dead = "ssh://deadhost x86_64-linux - 1 1";
+    let (res, err) = h.realise(&t, dead, &["--max-jobs", "1"], &drv);
     assert!(res.status.success(), "{err}");
     assert!(h.contacted().contains("deadhost"));
     assert!(err.contains("cannot build on 'ssh://deadhost'"), "{err}");
@@ -789,22 +807,10 @@ fn a_remote_timeout_is_honoured() {
     if !have_nix() {
         return;
     }
-    let t = TestStore::new();
-    let h = hosts(&t);
-    let expr = t.file(
-        "slow.nix",
-        r#"builtins.derivation { name = "slow"; system = builtins.currentSystem; builder = "/bin/sh"; requiredSystemFeatures = [ "onnix" ]; args = [ "-c" "while true; do :; done" ]; }"#,
-    );
-    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let (t, h, drv) = hosts_and_one("slow", "while true; do :; done", &["onnix"]);
     let start = Instant::now();
-    let res = run(
-        h.nixb(&t, TWO_HOSTS)
-            .args(["--max-jobs", "0", "--timeout", "2"])
-            .arg(&drv),
-        None,
-    );
+    let (res, err) = h.realise(&t, TWO_HOSTS, &["--max-jobs", "0", "--timeout", "2"], &drv);
     let took = start.elapsed();
-    let err = text(&res.stderr);
     // The hook exits 101 and the run carries Nix's timeout bit, as a local timeout.
     assert_eq!(res.status.code(), Some(101), "{err}");
     assert!(
@@ -832,13 +838,13 @@ fn nixb_copy_writes_a_signed_cache_that_real_nix_substitutes_from() {
     let dep_path = run_str(t.nixb().arg("add").arg(&dep), None);
     // An input-addressed output (built by nixb) referring to the source: real Nix only
     // trusts such a path with a good signature.
-    let expr = t.file(
+    let drv = instantiate(
+        &t,
         "top.nix",
         &format!(
             r#"builtins.derivation {{ name = "top"; system = builtins.currentSystem; builder = "/bin/sh"; dep = {dep_path}; args = [ "-c" "echo $dep > $out" ]; }}"#
         ),
     );
-    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
     let top_path = run_str(t.nixb().arg("realise").arg(&drv), None);
     let cache = t.root.path().join("cache");
     let url = format!("file://{}", cache.display());
@@ -850,12 +856,12 @@ fn nixb_copy_writes_a_signed_cache_that_real_nix_substitutes_from() {
             .arg(&top_path),
         None,
     );
-    let hashes: Vec<String> = [&dep_path, &top_path]
+    let hashes: Vec<Option<String>> = [&dep_path, &top_path]
         .iter()
-        .map(|p| run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None))
+        .map(|p| nix_hash(&t, p))
         .collect();
-    remove_tree(&t.store_dir());
-    remove_tree(&t.state_dir());
+    assert!(hashes.iter().all(Option::is_some), "{hashes:?}");
+    empty_store(&t);
     // Real Nix, requiring signatures by our key, takes both paths from the cache.
     run_ok(
         t.nix("nix-store")
@@ -866,10 +872,7 @@ fn nixb_copy_writes_a_signed_cache_that_real_nix_substitutes_from() {
         None,
     );
     for (p, h) in [&dep_path, &top_path].iter().zip(&hashes) {
-        assert_eq!(
-            &run_str(t.nix("nix-store").args(["-q", "--hash"]).arg(p), None),
-            h
-        );
+        assert_eq!(&nix_hash(&t, p), h);
     }
     // The signatures themselves: real Nix checks them against our key, and finds none
     // from a key we do not hold. (The paths are content-addressed, which real Nix would

@@ -69,13 +69,6 @@ impl EventSink for StderrSink {
     }
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl EngineBuilder {
     fn config(&self, store: &LocalStore, options: &BuildOptions) -> nixb_goals::WorkerConfig {
         let mut cfg = super::realise::settings_worker_config(&self.settings, store);
@@ -134,25 +127,19 @@ impl RemoteBuilder for EngineBuilder {
         drv: &Derivation,
         options: &BuildOptions,
     ) -> BuildResult {
-        let start = now();
-        let cfg = self.config(store, options);
-        let wire = WireDrvStore {
-            inner: store,
-            drv_path: drv_path.clone(),
-            drv: drv.clone(),
-        };
-        let targets = [DerivedPath::Built {
-            drv: drv_path.clone(),
-            outputs: Vec::new(),
-        }];
-        let mut res = match self.realise(&wire, &targets, &cfg) {
-            Ok(()) => BuildResult::new(BuildStatus::Built, ""),
-            Err((s, msg)) => BuildResult::new(s, msg),
-        };
-        res.times_built = 1;
-        res.start_time = start;
-        res.stop_time = now();
-        res
+        BuildResult::of_build(|| {
+            let cfg = self.config(store, options);
+            let wire = WireDrvStore {
+                inner: store,
+                drv_path: drv_path.clone(),
+                drv: drv.clone(),
+            };
+            let targets = [DerivedPath::Built {
+                drv: drv_path.clone(),
+                outputs: Vec::new(),
+            }];
+            self.realise(&wire, &targets, &cfg)
+        })
     }
 
     fn build_paths(
