@@ -52,14 +52,14 @@
 //! did: a bind works across file systems, has no link-count limit (no EMLINK/EXDEV fallback
 //! to copy), can be read-only, and disappears with the mount namespace.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::plan::{Mount, Step};
 use crate::seccomp::Filter;
@@ -197,31 +197,226 @@ pub(crate) const OVERLAY_MIN_INPUTS: usize = 8;
 /// Set once an overlay mount failed in this process: no overlay is tried again.
 static OVERLAY_BROKEN: AtomicBool = AtomicBool::new(false);
 
-pub(crate) fn overlay_failed() {
-    OVERLAY_BROKEN.store(true, Ordering::Relaxed);
+/// Set once an overlay over a detached lower layer failed (kernels before 6.15 refuse layers
+/// from a detached mount): from then on the child makes the lower layer itself.
+static DETACHED_LOWER_BROKEN: AtomicBool = AtomicBool::new(false);
+
+/// Set by [`crate::set_detached_lower`] (benchmarks, tests): the child makes the lower layer.
+static DETACHED_LOWER_DISABLED: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn disable_detached_lower(disabled: bool) {
+    DETACHED_LOWER_DISABLED.store(disabled, Ordering::Relaxed);
 }
 
-/// Set once an overlay mount worked in this process: later builders with one may be started
-/// without waiting for their exec (a failure could no longer be retried in bind mode).
+/// An overlay mount failed; `detached_lower`: its lower layer was a [`DetachedLower`]. Such
+/// a failure only rules out detached lower layers, the other kind rules out overlays.
+pub(crate) fn overlay_failed(detached_lower: bool) {
+    if detached_lower {
+        DETACHED_LOWER_BROKEN.store(true, Ordering::Relaxed);
+    } else {
+        OVERLAY_BROKEN.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Set once an overlay mount (of each kind: child-made or detached lower layer) worked in this
+/// process: later builders with one may be started without waiting for their exec (a failure
+/// could no longer be retried another way).
 static OVERLAY_PROVEN: AtomicBool = AtomicBool::new(false);
+static DETACHED_LOWER_PROVEN: AtomicBool = AtomicBool::new(false);
 
-pub(crate) fn overlay_worked() {
-    OVERLAY_PROVEN.store(true, Ordering::Relaxed);
+pub(crate) fn overlay_worked(detached_lower: bool) {
+    if detached_lower {
+        DETACHED_LOWER_PROVEN.store(true, Ordering::Relaxed);
+    } else {
+        OVERLAY_PROVEN.store(true, Ordering::Relaxed);
+    }
 }
 
-pub(crate) fn overlay_proven() -> bool {
-    OVERLAY_PROVEN.load(Ordering::Relaxed)
+pub(crate) fn overlay_proven(detached_lower: bool) -> bool {
+    if detached_lower {
+        DETACHED_LOWER_PROVEN.load(Ordering::Relaxed)
+    } else {
+        OVERLAY_PROVEN.load(Ordering::Relaxed)
+    }
 }
 
 /// How the store directory inside is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum StoreMode {
-    /// Overlay when worthwhile and not known to fail, else bind.
+    /// Overlay when worthwhile and not known to fail, else bind; the overlay's lower layer
+    /// detached and made by the parent unless that is known to fail.
     Auto,
     Bind,
-    /// Overlay whatever the number of inputs (tests).
+    /// Overlay whatever the number of inputs, lower layer as in `Auto` (tests).
     #[cfg_attr(not(test), allow(dead_code))]
     Overlay,
+    /// Overlay whatever the number of inputs, lower layer made by the child, as on kernels
+    /// that refuse a detached one (tests of that fallback).
+    #[cfg_attr(not(test), allow(dead_code))]
+    OverlayChildLower,
+}
+
+/// The overlay's lower layer when the parent makes it: a tmpfs mounted nowhere
+/// (`fsopen`/`fsmount`), in which the parent creates the store inputs' mount points after the
+/// clone, while the child sets up the rest of its sandbox on the other CPU; the child waits
+/// for them (a futex on `ready`) just before it mounts the overlay, naming this tmpfs as
+/// `/proc/self/fd/<n>` (it inherited the descriptor). About 100 of these mkdirs were the
+/// child's second-largest step (0.5 ms); the child's own steps before the overlay take about
+/// as long, so they now overlap.
+///
+/// No one else can reach this tmpfs: it is in no mount namespace, its descriptor is
+/// close-on-exec, and the parent closes its copy once the mount points exist. The overlay
+/// takes a private clone of it, which goes away with the sandbox's mount namespace.
+pub(crate) struct DetachedLower {
+    /// The detached tmpfs; `None` once the parent is done with it.
+    mount: Option<OwnedFd>,
+    /// Relative to the tmpfs root (the store directory), parents before what is inside them.
+    entries: Vec<(CString, LowerEntry)>,
+    /// 0 while the parent works, 1 when the mount points are there, 2 if making them failed.
+    ready: Box<AtomicU32>,
+    /// The store directory as the builder sees it, for error messages.
+    store_dir: PathBuf,
+}
+
+enum LowerEntry {
+    /// A mount point for a directory; its mode does not matter, the bind covers it.
+    MountDir,
+    /// A mount point for a non-directory.
+    MountFile,
+    /// A directory the builder sees (between the store directory and a nested mount point).
+    Dir(libc::mode_t),
+}
+
+const FSOPEN_CLOEXEC: usize = 1;
+const FSCONFIG_SET_STRING: usize = 1;
+const FSCONFIG_CMD_CREATE: usize = 6;
+const FSMOUNT_CLOEXEC: usize = 1;
+const MOUNT_ATTR_NOSUID: usize = 0x2;
+const MOUNT_ATTR_NODEV: usize = 0x4;
+const MOUNT_ATTR_NOEXEC: usize = 0x8;
+const FUTEX_WAKE_PRIVATE: libc::c_int = libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG;
+
+/// A fresh tmpfs mounted nowhere: `fsopen`, `fsconfig`, `fsmount` (Linux 5.2).
+fn detached_tmpfs() -> std::io::Result<OwnedFd> {
+    let call = |nr: libc::c_long, a: [usize; 5]| -> std::io::Result<libc::c_long> {
+        // SAFETY: the calls below pass valid C strings or null, and descriptors we own.
+        let r = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4]) };
+        if r == -1 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    let fs = call(
+        libc::SYS_fsopen,
+        [c"tmpfs".as_ptr() as usize, FSOPEN_CLOEXEC, 0, 0, 0],
+    )?;
+    // SAFETY: a descriptor fsopen just returned.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as RawFd) };
+    let fsfd = fs.as_raw_fd() as usize;
+    call(
+        libc::SYS_fsconfig,
+        [
+            fsfd,
+            FSCONFIG_SET_STRING,
+            c"mode".as_ptr() as usize,
+            c"0755".as_ptr() as usize,
+            0,
+        ],
+    )?;
+    call(libc::SYS_fsconfig, [fsfd, FSCONFIG_CMD_CREATE, 0, 0, 0])?;
+    let m = call(
+        libc::SYS_fsmount,
+        [
+            fsfd,
+            FSMOUNT_CLOEXEC,
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            0,
+            0,
+        ],
+    )?;
+    // SAFETY: a descriptor fsmount just returned.
+    Ok(unsafe { OwnedFd::from_raw_fd(m as RawFd) })
+}
+
+impl DetachedLower {
+    /// The word the child's [`Step::WaitForLower`] waits on.
+    pub fn ready_flag(&self) -> *const AtomicU32 {
+        &*self.ready
+    }
+
+    /// Makes the mount points (the parent, after the clone), then lets the child go on; on
+    /// failure the child is told to stop (it exits naming its waiting step, and the caller
+    /// reports this error instead).
+    pub fn populate(&mut self) -> Result<(), SandboxError> {
+        let r = self.make_entries();
+        self.release(r.is_ok());
+        r
+    }
+
+    fn make_entries(&self) -> Result<(), SandboxError> {
+        let Some(m) = &self.mount else {
+            return Ok(());
+        };
+        let fd = m.as_raw_fd();
+        for (rel, entry) in &self.entries {
+            // SAFETY: a C string we own, relative to a directory descriptor we own; libc's
+            // wrappers are fine here, this is the parent's own thread.
+            let r = unsafe {
+                match entry {
+                    LowerEntry::MountDir => libc::mkdirat(fd, rel.as_ptr(), 0o755),
+                    LowerEntry::MountFile => {
+                        libc::mknodat(fd, rel.as_ptr(), libc::S_IFREG | 0o444, 0)
+                    }
+                    LowerEntry::Dir(mode) => match libc::mkdirat(fd, rel.as_ptr(), *mode) {
+                        // Exactly `mode`, whatever our umask.
+                        0 => libc::fchmodat(fd, rel.as_ptr(), *mode, 0),
+                        e => e,
+                    },
+                }
+            };
+            if r == -1 {
+                let source = std::io::Error::last_os_error();
+                return Err(SandboxError::Prepare {
+                    step: format!(
+                        "creating mount point {}/{} in the overlay's lower layer",
+                        self.store_dir.display(),
+                        rel.to_string_lossy()
+                    ),
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Wakes the child's [`Step::WaitForLower`] (idempotent) and closes our descriptor of the
+    /// tmpfs: the child has its own, until its exec.
+    pub fn release(&mut self, ok: bool) {
+        if self.mount.take().is_none() {
+            return;
+        }
+        self.ready.store(if ok { 1 } else { 2 }, Ordering::Release);
+        // SAFETY: FUTEX_WAKE on a word we own; the child (same address space) may be waiting.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.ready_flag(),
+                FUTEX_WAKE_PRIVATE,
+                1,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<u32>(),
+                0,
+            );
+        }
+    }
+}
+
+impl Drop for DetachedLower {
+    fn drop(&mut self) {
+        // Never leave a child waiting forever (an error between the clone and `populate`).
+        self.release(false);
+    }
 }
 
 pub(crate) struct Prepared {
@@ -229,10 +424,12 @@ pub(crate) struct Prepared {
     pub clone_flags: libc::c_int,
     /// Index of the overlay mount in `ns_steps`, in overlay mode.
     pub overlay_step: Option<usize>,
+    /// The overlay's lower layer, when the parent makes it (see [`DetachedLower`]).
+    pub lower: Option<DetachedLower>,
     /// The overlay work directory made beside the root, in overlay mode: the builder's to
     /// remove once it has been reaped.
     pub work_dir: Option<PathBuf>,
-    filter: Filter,
+    filter: &'static Filter,
 }
 
 impl Prepared {
@@ -401,6 +598,44 @@ impl Skeleton {
         }
     }
 
+    /// Takes out everything strictly under the directory `dir` (an [`inside_key`]), as paths
+    /// relative to it, for a [`DetachedLower`]; `mount_points` are the bind targets' keys.
+    /// Symlinks and files with contents stay (none is ever under the store directory).
+    fn split_off_under(
+        &mut self,
+        dir: &[u8],
+        mount_points: &BTreeSet<Vec<u8>>,
+    ) -> Result<Vec<(CString, LowerEntry)>, SandboxError> {
+        let mut prefix = dir.to_vec();
+        prefix.push(b'/');
+        // The keys under `dir` are those from "<dir>/" up to "<dir>0" ('0' follows '/').
+        let mut end = dir.to_vec();
+        end.push(b'0');
+        let mut under = self.0.split_off(prefix.as_slice());
+        let mut after = under.split_off(end.as_slice());
+        self.0.append(&mut after);
+        let mut out = Vec::with_capacity(under.len());
+        for (key, node) in under {
+            let entry = match node {
+                Node::File => LowerEntry::MountFile,
+                Node::Dir(_) if mount_points.contains(&key) => LowerEntry::MountDir,
+                Node::Dir(mode) => LowerEntry::Dir(mode),
+                other => {
+                    self.0.insert(key, other);
+                    continue;
+                }
+            };
+            let rel = CString::new(&key[prefix.len()..]).map_err(|_| {
+                SandboxError::InvalidSpec(format!(
+                    "sandbox path {} contains a NUL byte",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
+            out.push((rel, entry));
+        }
+        Ok(out)
+    }
+
     fn steps(self, root: &Path) -> Result<Vec<Step>, SandboxError> {
         let root = root_bytes(root);
         let mut steps = Vec::with_capacity(self.0.len());
@@ -525,12 +760,16 @@ pub(crate) fn prepare(
     let store_binds = present.iter().filter(|p| in_store(p.b)).count();
     let overlay = match mode {
         StoreMode::Bind => false,
-        StoreMode::Overlay => true,
+        StoreMode::Overlay | StoreMode::OverlayChildLower => true,
         StoreMode::Auto => {
             store_binds >= OVERLAY_MIN_INPUTS && !OVERLAY_BROKEN.load(Ordering::Relaxed)
         }
     } && overlay_safe(&overlay_work_dir(root))
         && overlay_safe(&spec.store_dir);
+    let want_detached_lower = overlay
+        && mode != StoreMode::OverlayChildLower
+        && !DETACHED_LOWER_BROKEN.load(Ordering::Relaxed)
+        && !DETACHED_LOWER_DISABLED.load(Ordering::Relaxed);
 
     // The on-disk part: <root> only, the builder's store directory (plus the work directory
     // beside it in overlay mode). One directory, because on a busy file system every inode
@@ -573,8 +812,26 @@ pub(crate) fn prepare(
             .map_err(prep_err(format!("creating directory {}", work.display())))?;
     }
     let root_c = cpath(root)?;
+    let lower_mount = if want_detached_lower {
+        match detached_tmpfs() {
+            Ok(fd) => Some(fd),
+            Err(_) => {
+                // No new mount API (Linux < 5.2) or not allowed: the child makes the lower
+                // layer, as before; no point asking again.
+                DETACHED_LOWER_BROKEN.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     // The skeleton in the tmpfs.
+    let store_targets: BTreeSet<Vec<u8>> = present
+        .iter()
+        .filter(|p| in_store(p.b))
+        .map(|p| inside_key(&p.b.target))
+        .collect();
     let mut skel = Skeleton::default();
     skel.add(Path::new("/tmp"), Node::Dir(0o1777));
     skel.add(Path::new("/etc"), Node::Dir(0o755));
@@ -660,6 +917,15 @@ pub(crate) fn prepare(
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("mode=0755"),
     )?);
+    let lower = match lower_mount {
+        Some(m) => Some(DetachedLower {
+            mount: Some(m),
+            entries: skel.split_off_under(&store_key, &store_targets)?,
+            ready: Box::new(AtomicU32::new(0)),
+            store_dir: spec.store_dir.clone(),
+        }),
+        None => None,
+    };
     steps.push(Step::ClearUmask);
     steps.extend(skel.steps(root)?);
     steps.push(Step::RestoreUmask);
@@ -669,13 +935,22 @@ pub(crate) fn prepare(
     let store_inside = under(root, &spec.store_dir, "store directory")?;
     let batch_ro = crate::plan::have_mount_setattr();
     let mut overlay_step = None;
-    let mut store_mounted = false;
     let mut any_batched = false;
     let mut writable_in_store = Vec::new();
     let mut mount_store = |steps: &mut Vec<Step>| -> Result<(), SandboxError> {
         if overlay {
-            // The working directory is <root> on disk, under the tmpfs: the upper layer.
-            let lower = store_inside.to_string_lossy();
+            // The working directory is <root> on disk, under the tmpfs: the upper layer. The
+            // lower layer is the parent's detached tmpfs, through the descriptor we inherited
+            // (the host's /proc is still mounted here), or the store directory's place in our
+            // own tmpfs, where the skeleton made the mount points.
+            let lower = match &lower {
+                Some(l) => {
+                    steps.push(Step::WaitForLower(l.ready_flag()));
+                    let fd = l.mount.as_ref().map_or(-1, |m| m.as_raw_fd());
+                    format!("/proc/self/fd/{fd}")
+                }
+                None => store_inside.to_string_lossy().into_owned(),
+            };
             let work = work.to_string_lossy();
             let data = format!(
                 "lowerdir={lower},upperdir=.,workdir={work},index=off,metacopy=off,redirect_dir=off"
@@ -702,13 +977,7 @@ pub(crate) fn prepare(
         }
         Ok(())
     };
-    for p in &present {
-        let b = p.b;
-        // Ancestors of the store directory sort before it, everything in it after it.
-        if !store_mounted && inside_key(&b.target) > store_key {
-            mount_store(&mut steps)?;
-            store_mounted = true;
-        }
+    let mut push_bind = |steps: &mut Vec<Step>, b: &BindMount| -> Result<(), SandboxError> {
         let target = under(root, &b.target, "bind target")?;
         steps.push(Step::Mount {
             mount: Mount {
@@ -736,31 +1005,19 @@ pub(crate) fn prepare(
         } else if batched {
             writable_in_store.push(cpath(&target)?);
         }
+        Ok(())
+    };
+    // The binds outside the store directory first, in target order (a parent directory before
+    // what is inside it; an ancestor of the store directory, say /nix, before the store
+    // directory, which it would otherwise hide), then the store directory, then the binds in
+    // it. With a detached lower layer the first group runs while the parent still makes the
+    // mount points of the last.
+    for p in present.iter().filter(|p| !in_store(p.b)) {
+        push_bind(&mut steps, p.b)?;
     }
-    if !store_mounted {
-        mount_store(&mut steps)?;
-    }
-    if any_batched {
-        let store_c = cpath(&store_inside)?;
-        steps.push(Step::SetReadOnly {
-            path: store_c.clone(),
-            read_only: true,
-            recursive: true,
-        });
-        steps.push(Step::SetReadOnly {
-            path: store_c,
-            read_only: false,
-            recursive: false,
-        });
-        for path in writable_in_store {
-            steps.push(Step::SetReadOnly {
-                path,
-                read_only: false,
-                recursive: false,
-            });
-        }
-    }
-
+    // The file systems of the sandbox's own after the binds outside the store directory (as
+    // before, a bind below /dev or /proc would land under them), and before the store
+    // directory: they too need not wait for the parent.
     if !host_dev {
         // A fresh tmpfs: whatever the builder leaves in /dev/shm goes away with it.
         steps.push(mount(
@@ -791,14 +1048,40 @@ pub(crate) fn prepare(
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         None,
     )?);
+    mount_store(&mut steps)?;
+    for p in present.iter().filter(|p| in_store(p.b)) {
+        push_bind(&mut steps, p.b)?;
+    }
+    if any_batched {
+        let store_c = cpath(&store_inside)?;
+        steps.push(Step::SetReadOnly {
+            path: store_c.clone(),
+            read_only: true,
+            recursive: true,
+        });
+        steps.push(Step::SetReadOnly {
+            path: store_c,
+            read_only: false,
+            recursive: false,
+        });
+        for path in writable_in_store {
+            steps.push(Step::SetReadOnly {
+                path,
+                read_only: false,
+                recursive: false,
+            });
+        }
+    }
+
     steps.push(Step::PivotRoot(root_c));
 
     Ok(Prepared {
         ns_steps: steps,
         clone_flags,
         overlay_step,
+        lower,
         work_dir: overlay.then_some(work),
-        filter: Filter::new()?,
+        filter: crate::seccomp::filter()?,
     })
 }
 
@@ -926,18 +1209,22 @@ mod tests {
             &steps,
             &format!("bind mounting /dev/null on {root}/dev/null"),
         );
+        // The store directory after every bind outside it (so after an ancestor such as
+        // /nix, which would hide it), before every bind inside it.
         assert!(
-            null < store && store < usr,
-            "the store directory in target order"
+            null < store && usr < store && build < store,
+            "the store directory after the binds outside it"
         );
         let proc_ = position(&steps, "mounting proc on");
         let shm = position(&steps, &format!("mounting tmpfs on {root}/dev/shm"));
-        let last_bind = steps
+        // /dev/shm and /proc after every bind outside the store directory (a bind below them
+        // would be hidden), before the store directory (they need not wait for it).
+        let last_outside = steps
             .iter()
-            .rposition(|s| s.starts_with("bind mounting"))
+            .rposition(|st| st.starts_with("bind mounting") && !st.contains("/nix/store"))
             .unwrap();
         assert!(build < proc_ && null < proc_ && usr < proc_ && shm < proc_);
-        assert!(last_bind < shm);
+        assert!(last_outside < shm && proc_ < store);
         assert_eq!(
             steps.last().unwrap(),
             &format!("pivoting the root to {root}")
@@ -1016,7 +1303,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = spec(dir.path());
         with_inputs(dir.path(), &mut s, 3);
-        let p = prepare(&s, None, StoreMode::Overlay).unwrap();
+        let p = prepare(&s, None, StoreMode::OverlayChildLower).unwrap();
+        assert!(p.lower.is_none());
         // Nothing but the upper (the root) and the work directory beside it on disk.
         assert!(names(&s.root).is_empty());
         let work = overlay_work_dir(&s.root);
@@ -1074,6 +1362,87 @@ mod tests {
                 .rposition(|s| s.starts_with("bind mounting"))
                 .unwrap();
             assert!(last_bind < set);
+        }
+    }
+
+    #[test]
+    fn detached_lower_layer_holds_the_store_mount_points_and_the_child_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path());
+        with_inputs(dir.path(), &mut s, 3);
+        // A nested mount point: its parent is a directory the builder sees, mode 0755.
+        let nested = dir.path().join("nested-src");
+        fs::create_dir_all(&nested).unwrap();
+        s.binds.push(BindMount {
+            target: "/nix/store/dddddddddddddddddddddddddddddddd-dir/sub".into(),
+            source: nested,
+            optional: false,
+            read_only: true,
+        });
+        let p = prepare(&s, None, StoreMode::Overlay).unwrap();
+        let Some(lower) = &p.lower else {
+            // No new mount API here (or not allowed): the child makes the lower layer.
+            assert!(DETACHED_LOWER_BROKEN.load(Ordering::Relaxed));
+            return;
+        };
+        let entries: Vec<(String, String)> = lower
+            .entries
+            .iter()
+            .map(|(rel, e)| {
+                let kind = match e {
+                    LowerEntry::MountDir => "mount dir".to_string(),
+                    LowerEntry::MountFile => "mount file".to_string(),
+                    LowerEntry::Dir(mode) => format!("dir {mode:o}"),
+                };
+                (rel.to_string_lossy().into_owned(), kind)
+            })
+            .collect();
+        let want = |rel: &str, kind: &str| (rel.to_string(), kind.to_string());
+        assert_eq!(
+            entries,
+            vec![
+                want(&format!("{:032}-in", 0), "mount dir"),
+                want(&format!("{:032}-in", 1), "mount dir"),
+                want(&format!("{:032}-in", 2), "mount dir"),
+                want("dddddddddddddddddddddddddddddddd-dir", "dir 755"),
+                want("dddddddddddddddddddddddddddddddd-dir/sub", "mount dir"),
+                want("ffffffffffffffffffffffffffffffff-file", "mount file"),
+            ]
+        );
+        let steps = describe(&p);
+        let root = s.root.display().to_string();
+        // The child makes none of them, only the store directory's own mount point.
+        assert!(!steps
+            .iter()
+            .any(|st| st.contains(&format!("{root}/nix/store/")) && (st.starts_with("creating"))));
+        position(&steps, &format!("creating directory {root}/nix/store"));
+        let ov = p.overlay_step.expect("overlay step");
+        assert_eq!(
+            steps[ov - 1],
+            "waiting for the parent to make the store's mount points"
+        );
+        // Every bind outside the store directory before the wait, every one inside after.
+        for (i, st) in steps.iter().enumerate() {
+            if st.starts_with("bind mounting") {
+                assert_eq!(
+                    i > ov,
+                    st.contains(&format!("on {root}/nix/store/")),
+                    "{st}"
+                );
+            }
+        }
+        match &p.ns_steps[ov] {
+            Step::Mount { mount, .. } => {
+                let data = mount.data.as_ref().unwrap().to_string_lossy().into_owned();
+                let fd = lower.mount.as_ref().unwrap().as_raw_fd();
+                assert!(
+                    data.starts_with(&format!(
+                        "lowerdir=/proc/self/fd/{fd},upperdir=.,workdir={root}.work,"
+                    )),
+                    "{data}"
+                );
+            }
+            _ => panic!("overlay step is not a mount"),
         }
     }
 

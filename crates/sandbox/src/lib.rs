@@ -222,6 +222,8 @@ struct Prepared {
     clone_flags: libc::c_int,
     /// Index in `plan` of the overlay mount, when the chroot uses one.
     overlay_step: Option<usize>,
+    /// The overlay's lower layer is made by the parent after the clone (`DetachedLower`).
+    detached_lower: bool,
     // Held only so that the pointers and descriptors in `plan` stay valid.
     _chroot: Option<chroot::Prepared>,
 }
@@ -246,6 +248,7 @@ fn prepare(
                 plan,
                 clone_flags: 0,
                 overlay_step: None,
+                detached_lower: false,
                 _chroot: None,
             })
         }
@@ -266,6 +269,7 @@ fn prepare(
                 clone_flags: prep.clone_flags,
                 // Shifted by the Setsid in front.
                 overlay_step: prep.overlay_step.map(|i| i + 1),
+                detached_lower: prep.lower.is_some(),
                 _chroot: Some(prep),
             })
         }
@@ -432,6 +436,15 @@ pub fn start(spec: SandboxSpec) -> Result<Builder, SandboxError> {
     spawn_with(spec, chroot::StoreMode::Auto, None, false)
 }
 
+/// Whether the parent may make the overlay's lower layer in a detached tmpfs while the child
+/// sets up the rest (the default, where the kernel allows it), or the child makes it itself,
+/// as on kernels before 6.15. Process-wide; for `cargo xtask bench sandbox`, which measures
+/// both, and for the tests of the fallback.
+#[doc(hidden)]
+pub fn set_detached_lower(allowed: bool) {
+    chroot::disable_detached_lower(!allowed);
+}
+
 /// How long each part of one [`spawn_traced`] took, in order.
 #[derive(Clone, Debug, Default)]
 pub struct SetupTrace {
@@ -439,6 +452,9 @@ pub struct SetupTrace {
     /// child runs), one entry per setup step named as in [`SandboxError::Setup`], and
     /// `("exec", ..)` (until the parent saw the error pipe close).
     pub steps: Vec<(String, Duration)>,
+    /// What the parent did after the clone while the child went through `steps` (not part of
+    /// their sum): making the overlay's mount points in a detached lower layer.
+    pub parallel: Vec<(String, Duration)>,
 }
 
 /// [`spawn`], also timing every step between the call and the exec (for `cargo xtask bench
@@ -467,27 +483,32 @@ fn spawn_with(
         })?;
     let prepared = Box::new(prepare(&spec, null.as_raw_fd(), mode)?);
     let overlay_step = prepared.overlay_step;
-    // Plain builders exec at once, so waiting costs nothing there; an overlay is only trusted
-    // once one has worked in this process, because a failed one is retried in bind mode.
+    let detached_lower = prepared.detached_lower;
+    // Plain builders exec at once, so waiting costs nothing there; an overlay (of each kind)
+    // is only trusted once one has worked in this process, because a failed one is retried
+    // another way.
     let sync = wait_for_exec
         || trace.is_some()
         || !sys::AVAILABLE
         || matches!(spec.isolation, Isolation::Plain)
-        || (overlay_step.is_some() && !chroot::overlay_proven());
+        || (overlay_step.is_some() && !chroot::overlay_proven(detached_lower));
     let slots = match trace {
         Some(_) => Some(TraceSlots::new(prepared.plan.len() + 1)?),
         None => None,
     };
     let t1 = monotonic_ns();
-    let (result, prepared) = spawn_prepared(prepared, slots.as_ref(), sync);
+    let mut parent_steps = Vec::new();
+    let (result, prepared) = spawn_prepared(prepared, slots.as_ref(), sync, &mut parent_steps);
     if let (Some(t), Some(slots), Some(prepared)) = (trace.as_deref_mut(), &slots, &prepared) {
         t.steps = slots.collect(&prepared.plan, t0, t1, monotonic_ns());
+        t.parallel = parent_steps;
     }
     match result {
         Err((index, e)) if index.is_some() && index == overlay_step => {
             // This kernel or file system cannot do the overlay: set the build up again with
-            // the store directory bound, and do not try overlays again.
-            chroot::overlay_failed();
+            // the lower layer made by the child (when it was a detached one) or with the store
+            // directory bound, and do not try that kind of overlay again.
+            chroot::overlay_failed(detached_lower);
             drop(prepared);
             if let Isolation::Chroot(c) = &spec.isolation {
                 std::fs::remove_dir_all(&c.root).map_err(|source| SandboxError::Prepare {
@@ -498,7 +519,12 @@ fn spawn_with(
                     source,
                 })?;
             }
-            spawn_with(spec, chroot::StoreMode::Bind, trace, wait_for_exec)
+            let mode = if detached_lower {
+                mode
+            } else {
+                chroot::StoreMode::Bind
+            };
+            spawn_with(spec, mode, trace, wait_for_exec)
         }
         Err((_, e)) => Err(e),
         // Our copies of the log pipe's write end and /dev/null go when `spec` and `null` are
@@ -506,7 +532,7 @@ fn spawn_with(
         // copies of its own).
         Ok(b) => {
             if sync && overlay_step.is_some() {
-                chroot::overlay_worked();
+                chroot::overlay_worked(detached_lower);
             }
             Ok(b)
         }
@@ -560,7 +586,12 @@ type Spawned = (
 /// Clones the child that runs `prepared.plan`. With `sync`, waits for its exec (a failure in
 /// the child comes with the index of its step); otherwise the builder keeps the plan and its
 /// outcome comes with the exit status.
-fn spawn_prepared(prepared: Box<Prepared>, trace: Option<&TraceSlots>, sync: bool) -> Spawned {
+fn spawn_prepared(
+    mut prepared: Box<Prepared>,
+    trace: Option<&TraceSlots>,
+    sync: bool,
+    parent_steps: &mut Vec<(String, Duration)>,
+) -> Spawned {
     let (err_read, err_write) = match pipe_cloexec() {
         Ok(p) => p,
         Err(e) => return (Err((None, e)), Some(prepared)),
@@ -599,7 +630,13 @@ fn spawn_prepared(prepared: Box<Prepared>, trace: Option<&TraceSlots>, sync: boo
         Ok(b) => b,
         Err(e) => return (Err((None, e)), Some(prepared)),
     };
-    let vfork = if sync { libc::CLONE_VFORK } else { 0 };
+    // With a detached lower layer the parent has work to do while the child runs, so it must
+    // not be suspended; it then waits for the exec on the error pipe instead.
+    let vfork = if sync && !prepared.detached_lower {
+        libc::CLONE_VFORK
+    } else {
+        0
+    };
     // SAFETY: as above; child_main never returns into the parent's code (it execs or exits).
     let pid = unsafe {
         libc::clone(
@@ -639,6 +676,24 @@ fn spawn_prepared(prepared: Box<Prepared>, trace: Option<&TraceSlots>, sync: boo
         setup_error: None,
         work_dir: prepared._chroot.as_ref().and_then(|c| c.work_dir.clone()),
     };
+    if let Some(lower) = prepared._chroot.as_mut().and_then(|c| c.lower.as_mut()) {
+        // The child meanwhile sets up everything up to the overlay mount, where it waits.
+        let t = std::time::Instant::now();
+        let populated = lower.populate();
+        parent_steps.push((
+            "parent: mount points in the detached lower layer".into(),
+            t.elapsed(),
+        ));
+        if let Err(e) = populated {
+            // The child was told to stop at its waiting step; it is reaped before the memory
+            // it runs on (stack, plan, arguments) goes.
+            let _ = builder.kill();
+            let _ = builder.wait();
+            drop(stack);
+            drop(args);
+            return (Err((None, e)), Some(prepared));
+        }
+    }
     if !sync {
         builder.pending = Some(Box::new(Pending {
             err_read,
@@ -648,8 +703,8 @@ fn spawn_prepared(prepared: Box<Prepared>, trace: Option<&TraceSlots>, sync: boo
         }));
         return (Ok(builder), None);
     }
-    // The child is done with its stack: it has exec'd (or exited) under CLONE_VFORK.
-    drop(stack);
+    // Until the exec (the error pipe's write end closes with it) or a failure record. Under
+    // CLONE_VFORK that has happened already; otherwise the read waits for it.
     let result = match read_record(&err_read) {
         Ok(None) => Ok(builder),
         Ok(Some((index, errno))) => {
@@ -661,8 +716,17 @@ fn spawn_prepared(prepared: Box<Prepared>, trace: Option<&TraceSlots>, sync: boo
                 .unwrap_or_else(|| format!("unknown setup step {index}"));
             Err((Some(index), SandboxError::Setup { step, errno }))
         }
-        Err(e) => Err((None, e)),
+        Err(e) => {
+            let _ = builder.kill();
+            let _ = builder.wait();
+            Err((None, e))
+        }
     };
+    // The child is done with its stack and arguments: it has exec'd, or exited and been
+    // reaped (a child killed by someone else closes the pipe only as it exits, after its last
+    // instruction).
+    drop(stack);
+    drop(args);
     (result, Some(prepared))
 }
 

@@ -15,6 +15,7 @@
 
 use std::ffi::{c_char, CString};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::errno::Errno;
 
@@ -111,6 +112,10 @@ pub(crate) enum Step {
         read_only: bool,
         recursive: bool,
     },
+    /// Wait until the parent has made the mount points in the overlay's detached lower layer
+    /// (`chroot::DetachedLower`): a futex on this word of the parent's, 1 when done, 2 when
+    /// the parent failed (then ECANCELED; the parent reports its own error).
+    WaitForLower(*const AtomicU32),
     /// `chdir(root); pivot_root(".", "."); umount2(".", MNT_DETACH); chdir("/")`.
     PivotRoot(CString),
     /// Own session and process group: no controlling terminal, no terminal signals, and the
@@ -189,6 +194,9 @@ impl Step {
                 },
                 if *read_only { "read-only" } else { "writable" }
             ),
+            Step::WaitForLower(_) => {
+                "waiting for the parent to make the store's mount points".into()
+            }
             Step::PivotRoot(r) => format!("pivoting the root to {}", s(r)),
             Step::Setsid => "creating a new session".into(),
             Step::Dup2 { what, .. } => (*what).into(),
@@ -360,6 +368,23 @@ impl Syscalls for Kernel {
                         ),
                     )
                 }
+                Step::WaitForLower(word) => loop {
+                    // An atomic load is a plain load here: no call, no write.
+                    match (**word).load(Ordering::Acquire) {
+                        1 => break Ok(()),
+                        2 => break Err(Errno::ECANCELED),
+                        _ => {}
+                    }
+                    // Sleeps only while the word is still 0; EAGAIN (it changed) and EINTR
+                    // just mean looking again.
+                    match sys(
+                        libc::SYS_futex,
+                        a3(p(*word), i(libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG), 0),
+                    ) {
+                        Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+                        Err(e) => break Err(e),
+                    }
+                },
                 Step::PivotRoot(root) => {
                     // pivot_root(".", ".") stacks the old root on top of the new one; detaching
                     // it then leaves only the new root, with no path back to the host tree

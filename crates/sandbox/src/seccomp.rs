@@ -29,6 +29,8 @@ const BPF_W: u16 = 0x00;
 const BPF_ABS: u16 = 0x20;
 const BPF_AND: u16 = 0x50;
 const BPF_JEQ: u16 = 0x10;
+const BPF_JGT: u16 = 0x20;
+const BPF_JGE: u16 = 0x30;
 const BPF_JSET: u16 = 0x40;
 const BPF_K: u16 = 0x00;
 
@@ -111,14 +113,32 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 }
 
 /// The checks for one architecture, entered with the arch in A; ends in a return.
+///
+/// Short for the syscalls it lets through, because the kernel runs the program once per
+/// syscall number and architecture when it installs the filter (`seccomp_cache_prepare`:
+/// about 1,400 runs on x86_64, under a spin lock, in every builder's last setup step) to
+/// find those always allowed. So the xattr calls, a contiguous block of numbers everywhere,
+/// are one range test instead of twelve comparisons: about ten instructions per allowed
+/// number instead of twenty, which halved the time of that step.
 fn arch_block(t: &ArchTable) -> Vec<libc::sock_filter> {
     let mut b = vec![stmt(BPF_LD | BPF_W | BPF_ABS, OFF_NR)];
     if t.mask_off != 0 {
         b.push(stmt(BPF_ALU | BPF_AND | BPF_K, !t.mask_off));
     }
-    for &nr in t.xattrs {
-        b.push(jump(BPF_JMP | BPF_JEQ | BPF_K, nr, 0, 1));
-        b.push(stmt(BPF_RET | BPF_K, RET_ERRNO | libc::EOPNOTSUPP as u32));
+    let enotsup = RET_ERRNO | libc::EOPNOTSUPP as u32;
+    match xattr_range(t.xattrs) {
+        Some((lo, hi)) => {
+            // nr < lo: on to the chmods; lo <= nr <= hi: ENOTSUP; nr > hi: on to the chmods.
+            b.push(jump(BPF_JMP | BPF_JGE | BPF_K, lo, 0, 2));
+            b.push(jump(BPF_JMP | BPF_JGT | BPF_K, hi, 1, 0));
+            b.push(stmt(BPF_RET | BPF_K, enotsup));
+        }
+        None => {
+            for &nr in t.xattrs {
+                b.push(jump(BPF_JMP | BPF_JEQ | BPF_K, nr, 0, 1));
+                b.push(stmt(BPF_RET | BPF_K, enotsup));
+            }
+        }
     }
     for &(nr, arg) in t.chmods {
         // A is clobbered by the argument load, but every path after it returns.
@@ -130,6 +150,13 @@ fn arch_block(t: &ArchTable) -> Vec<libc::sock_filter> {
     }
     b.push(stmt(BPF_RET | BPF_K, RET_ALLOW));
     b
+}
+
+/// `(first, last)` when `nrs` is one block of consecutive numbers in ascending order.
+fn xattr_range(nrs: &[u32]) -> Option<(u32, u32)> {
+    let (&lo, &hi) = (nrs.first()?, nrs.last()?);
+    let consecutive = nrs.iter().zip(lo..).all(|(&nr, want)| nr == want);
+    consecutive.then_some((lo, hi))
 }
 
 fn program_for(tables: &[&ArchTable]) -> Result<Vec<libc::sock_filter>, SandboxError> {
@@ -165,8 +192,14 @@ pub(crate) struct Filter {
     fprog: Box<libc::sock_fprog>,
 }
 
+// SAFETY: the instructions and the `sock_fprog` pointing at them are written once, in
+// `Filter::new`, and only read afterwards (by the kernel, from a child's `seccomp` call), so
+// sharing one between threads is sound.
+unsafe impl Send for Filter {}
+unsafe impl Sync for Filter {}
+
 impl Filter {
-    pub fn new() -> Result<Filter, SandboxError> {
+    fn new() -> Result<Filter, SandboxError> {
         let mut insns = program()?;
         let fprog = Box::new(libc::sock_fprog {
             len: insns.len() as u16,
@@ -183,6 +216,16 @@ impl Filter {
     }
 }
 
+/// The filter, built once per process: the same instructions serve every builder (each child
+/// still installs it, since a filter belongs to the task that installs it).
+pub(crate) fn filter() -> Result<&'static Filter, SandboxError> {
+    static FILTER: std::sync::OnceLock<Option<Filter>> = std::sync::OnceLock::new();
+    FILTER
+        .get_or_init(|| Filter::new().ok())
+        .as_ref()
+        .ok_or_else(|| SandboxError::InvalidSpec("no seccomp filter for this architecture".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +233,16 @@ mod tests {
     /// A tiny interpreter for the subset of classic BPF the filter uses, so the program's
     /// decisions can be checked without installing it.
     fn eval(prog: &[libc::sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        eval_counted(prog, nr, arch, args).0
+    }
+
+    /// The decision and the number of instructions run to reach it.
+    fn eval_counted(
+        prog: &[libc::sock_filter],
+        nr: u32,
+        arch: u32,
+        args: [u64; 6],
+    ) -> (u32, usize) {
         let mut data = Vec::new();
         data.extend_from_slice(&nr.to_le_bytes());
         data.extend_from_slice(&arch.to_le_bytes());
@@ -201,20 +254,27 @@ mod tests {
             let o = off as usize;
             u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]])
         };
-        let (mut a, mut pc) = (0u32, 0usize);
+        let (mut a, mut pc, mut ran) = (0u32, 0usize, 0usize);
         loop {
             let i = prog[pc];
             pc += 1;
+            ran += 1;
             match i.code {
                 c if c == BPF_LD | BPF_W | BPF_ABS => a = word(i.k),
                 c if c == BPF_ALU | BPF_AND | BPF_K => a &= i.k,
                 c if c == BPF_JMP | BPF_JEQ | BPF_K => {
                     pc += if a == i.k { i.jt } else { i.jf } as usize
                 }
+                c if c == BPF_JMP | BPF_JGE | BPF_K => {
+                    pc += if a >= i.k { i.jt } else { i.jf } as usize
+                }
+                c if c == BPF_JMP | BPF_JGT | BPF_K => {
+                    pc += if a > i.k { i.jt } else { i.jf } as usize
+                }
                 c if c == BPF_JMP | BPF_JSET | BPF_K => {
                     pc += if a & i.k != 0 { i.jt } else { i.jf } as usize
                 }
-                c if c == BPF_RET | BPF_K => return i.k,
+                c if c == BPF_RET | BPF_K => return (i.k, ran),
                 c => panic!("unexpected opcode {c:#x}"),
             }
         }
@@ -268,5 +328,66 @@ mod tests {
         assert_eq!(eval(&p, 52, a, [0, 0o755, 0, 0, 0, 0]), RET_ALLOW);
         assert_eq!(eval(&p, 5, a, [0; 6]), ENOTSUP);
         assert_eq!(eval(&p, 17, a, [0; 6]), RET_ALLOW); // getcwd
+    }
+
+    /// Every x86_64 and i386 number up to 460 against the deny list written out from the
+    /// kernel's syscall tables (syscall_64.tbl, syscall_32.tbl), with a set-id mode in every
+    /// argument; and the allowed ones decided in a dozen instructions at most, since the
+    /// kernel runs the program for each of them when the filter is installed.
+    #[test]
+    fn every_number_decided_as_the_tables_say_and_quickly_when_allowed() {
+        let p = program_for(&[&X86_64, &I386]).unwrap();
+        let setid = [0o6755u64; 6];
+        for (arch, xattrs, chmods) in [
+            (AUDIT_ARCH_X86_64, 188..=199, [90, 91, 268, 452]),
+            (AUDIT_ARCH_I386, 226..=237, [15, 94, 306, 452]),
+        ] {
+            for nr in 0..=460u32 {
+                let (got, ran) = eval_counted(&p, nr, arch, setid);
+                let want = if xattrs.contains(&nr) {
+                    ENOTSUP
+                } else if chmods.contains(&nr) {
+                    EPERM
+                } else {
+                    RET_ALLOW
+                };
+                assert_eq!(got, want, "arch {arch:#x} nr {nr}");
+                if want == RET_ALLOW {
+                    assert!(ran <= 12, "arch {arch:#x} nr {nr}: {ran} instructions");
+                }
+            }
+        }
+        let p = program_for(&[&AARCH64, &ARM]).unwrap();
+        for nr in 0..=460u32 {
+            let want = if (5..=16).contains(&nr) {
+                ENOTSUP
+            } else if [52, 53, 452].contains(&nr) {
+                EPERM
+            } else {
+                RET_ALLOW
+            };
+            assert_eq!(
+                eval(&p, nr, AUDIT_ARCH_AARCH64, setid),
+                want,
+                "aarch64 nr {nr}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_gap_in_the_xattr_numbers_falls_back_to_one_comparison_each() {
+        assert_eq!(xattr_range(&[5, 6, 7]), Some((5, 7)));
+        assert_eq!(xattr_range(&[5, 7]), None);
+        assert_eq!(xattr_range(&[]), None);
+        let odd = ArchTable {
+            audit_arch: AUDIT_ARCH_X86_64,
+            mask_off: 0,
+            chmods: &[],
+            xattrs: &[10, 12],
+        };
+        let p = program_for(&[&odd]).unwrap();
+        assert_eq!(eval(&p, 10, AUDIT_ARCH_X86_64, [0; 6]), ENOTSUP);
+        assert_eq!(eval(&p, 11, AUDIT_ARCH_X86_64, [0; 6]), RET_ALLOW);
+        assert_eq!(eval(&p, 12, AUDIT_ARCH_X86_64, [0; 6]), ENOTSUP);
     }
 }

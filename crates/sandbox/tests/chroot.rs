@@ -801,3 +801,111 @@ fn started_builders_leave_the_parents_memory_and_errno_alone() {
     }
     drop(churn);
 }
+
+/// (major, minor) of the running kernel, from uname.
+fn kernel_version() -> (u32, u32) {
+    let u = nix::sys::utsname::uname().unwrap();
+    let release = u.release().to_string_lossy().into_owned();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// The overlay's lower layer made by the parent in a detached tmpfs (the default; Linux 6.15
+/// accepts such a layer) and by the child (the fallback for older kernels, forced here): the
+/// same view from inside, outputs on disk, nothing else there; and the child waits for the
+/// parent only in the first case.
+#[test]
+fn overlay_lower_layer_made_by_the_parent_or_by_the_child() {
+    if !have_root() {
+        return;
+    }
+    let kernel_has_overlay = std::fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .lines()
+        .any(|l| l.ends_with("\toverlay"));
+    for parent_makes_it in [false, true] {
+        nixb_sandbox::set_detached_lower(parent_makes_it);
+        let mut c = Case::new();
+        let n = 12;
+        for i in 0..n {
+            c.input_ro(&format!("{i:032}-in"), &format!("in {i}"));
+        }
+        // A file input: its mount point is a file in the lower layer.
+        let file = c
+            .scratch
+            .path()
+            .join("store/ffffffffffffffffffffffffffffffff-f");
+        std::fs::write(&file, "a file\n").unwrap();
+        c.spec.binds.push(BindMount {
+            target: "/nix/store/ffffffffffffffffffffffffffffffff-f".into(),
+            source: file,
+            optional: false,
+            read_only: true,
+        });
+        let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+        let root = c.spec.root.clone();
+        let spec = SandboxSpec {
+            program: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                format!(
+                    "cat /nix/store/{:032}-in/file; echo; cat /nix/store/ffffffffffffffffffffffffffffffff-f; \
+                     ls /nix/store | wc -l; touch /nix/store/{:032}-in/x 2>/dev/null && echo WRITABLE; \
+                     mkdir /nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out && echo ok > /nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out/r; \
+                     echo f > /nix/store/cccccccccccccccccccccccccccccccc-f",
+                    n - 1,
+                    0
+                )
+                .into(),
+            ],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: c.cwd.clone(),
+            log_fd: w,
+            user: c.user.clone(),
+            personality: Personality::default(),
+            isolation: Isolation::Chroot(c.spec),
+        };
+        let (mut b, trace) = nixb_sandbox::spawn_traced(spec).expect("spawn_traced");
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert!(b.wait().unwrap().success(), "{out}");
+        assert_eq!(out, format!("in {}\na file\n{}\n", n - 1, n + 1));
+        let names: Vec<&str> = trace.steps.iter().map(|(s, _)| s.as_str()).collect();
+        let waited = names.contains(&"waiting for the parent to make the store's mount points");
+        let overlay = names
+            .iter()
+            .any(|s| s.starts_with("mounting the store directory overlay"));
+        assert_eq!(overlay, kernel_has_overlay, "{names:#?}");
+        assert_eq!(
+            waited,
+            parent_makes_it && overlay && kernel_version() >= (6, 15),
+            "{names:#?}"
+        );
+        assert_eq!(trace.parallel.is_empty(), !waited, "{:?}", trace.parallel);
+        if !waited {
+            // The child made the mount points itself.
+            assert!(names
+                .iter()
+                .any(|s| s.starts_with("creating directory") && s.ends_with("-in")));
+        }
+        let mut on_disk: Vec<String> = std::fs::read_dir(nixb_sandbox::chroot_store_dir(&root))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        assert_eq!(
+            on_disk,
+            [
+                "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out",
+                "cccccccccccccccccccccccccccccccc-f"
+            ]
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out/r")).unwrap(),
+            "ok\n"
+        );
+    }
+    nixb_sandbox::set_detached_lower(true);
+}
