@@ -3,45 +3,66 @@
 //! Almost nothing of the sandbox is on disk. The parent creates only
 //!
 //! ```text
-//! <root>/            0700, so that no other local user can look into a build in progress
-//! <root>/store/      the builder's store directory: its outputs end up here (1775 root:<gid>)
-//! <root>/work/       overlayfs work directory, only in overlay mode (see below)
+//! <root>/        the builder's store directory: its outputs end up here (1770 root:<gid>,
+//!                sticky; 0700 without a build user), so that no other local user can look
+//!                into a build in progress
+//! <root>.work/   overlayfs work directory beside it, only in overlay mode (see below)
 //! ```
 //!
-//! The child, already in its new namespaces, builds the rest in a
-//! tmpfs mounted over `<root>`, which nobody outside its mount namespace can see and which the
-//! kernel frees with the namespace, so there is nothing to delete afterwards but the two or three
-//! directories above:
+//! The child, already in its new namespaces, builds the rest in a tmpfs mounted over `<root>`,
+//! which nobody outside its mount namespace can see and which the kernel frees with the
+//! namespace, so there is nothing to delete afterwards but the directories above:
 //!
 //! ```text
 //! 1. / recursively private         nothing below may propagate back to the host
 //! 2. lo up / setns to a pooled ns  (not for Network::Host)
 //! 3. hostname, domain name         UTS namespace is private now
-//! 4. chdir <root>, tmpfs on <root>  the new root; it hides <root>/store, but the working
-//!                                  directory still is the directory below, where `store`
-//!                                  (and `work`) are found by relative paths
+//! 4. chdir <root>, tmpfs on <root>  the new root; it hides <root> on disk, but the working
+//!                                  directory still is that directory, found as "."
 //! 5. skeleton in the tmpfs         /tmp 1777, /etc files, /dev entries, /proc, and a mount
 //!                                  point for every bind and for the store directory
-//! 6. the store directory and the   sorted by target, so a parent directory is mounted before
-//!    binds                         what lies inside it; read-only binds made read-only
+//! 6. binds outside the store       sorted by target, so a parent directory is mounted before
+//!    directory                     what lies inside it (an ancestor of the store directory
+//!                                  before the store directory); read-only ones remounted so
 //! 7. tmpfs on /dev/shm, devpts     fresh, so nothing is shared with the host or other builds
 //! 8. proc on /proc                 after the PID namespace exists (clone made it): shows only
 //!                                  the sandbox's processes
-//! 9. pivot_root, detach old root   last: every source path above is a host path
+//! 9. the store directory, then     (overlay mode with a detached lower layer: first wait for
+//!    the binds in it, read-only     the parent, see below)
+//! 10. pivot_root, detach old root  last: every source path above is a host path
 //! ```
 //!
 //! The store directory inside is mounted in one of two ways:
 //!
-//! - *bind mode*: `<root>/store` is bound at the store directory. The mount points of the
-//!   input paths must then exist in it, on disk: the parent creates them (one inode each).
-//! - *overlay mode*, when there are many inputs: the input mount points are made in the tmpfs
-//!   (at the store directory's own place in it, microseconds each) and an overlayfs with that
-//!   directory as its lower layer and `<root>/store` as its upper layer is mounted over it. The
-//!   builder's writes (its outputs) go to `<root>/store` on disk, as in bind mode. The kernel
-//!   re-creates `<root>/work/work` on each such mount, which costs about as much as a few
-//!   on-disk mount points, hence the threshold. If the overlay mount fails (no overlay module,
-//!   an upper file system it does not support) the build is set up again in bind mode, and the
-//!   process does not try overlays again.
+//! - *bind mode*: `<root>` ("." for the child) is bound at the store directory. The mount
+//!   points of the input paths must then exist in it, on disk: the parent creates them (one
+//!   inode each, about 47 us on this machine's ext4).
+//! - *overlay mode*, when there are many inputs: an overlayfs whose upper layer is `<root>` on
+//!   disk (so the builder's writes, its outputs, go there as in bind mode) and whose lower
+//!   layer is a tmpfs directory holding the input mount points (a few microseconds each). The
+//!   kernel re-creates `<root>.work/work` on each such mount and probes it, which costs about
+//!   as much as a few on-disk mount points, hence the threshold. The lower layer is
+//!   - a tmpfs the *parent* makes with the new mount API (`fsopen`, `fsmount`: mounted
+//!     nowhere) and fills with `mkdirat` on the mount descriptor *after the clone*, while the
+//!     child goes through steps 1-8 on the other CPU; the child waits for it (a futex) just
+//!     before the overlay mount and names it `/proc/self/fd/<n>`, having inherited the
+//!     descriptor ([`DetachedLower`]). Linux 6.15 accepts a layer from a detached mount;
+//!   - or, where that is refused (older kernels: the overlay step fails, the build is set up
+//!     again and the process does not try again) or the new mount API is missing, the store
+//!     directory's place in the child's own tmpfs, made by the child in step 5.
+//!
+//!   If the overlay mount fails with a lower layer of the second kind too (no overlay module,
+//!   an upper file system it does not support), the build is set up again in bind mode, and
+//!   the process does not try overlays again.
+//!
+//! Why not bind the inputs onto tmpfs mount points, which costs less than half a bind onto the
+//! overlay (each target's first lookup goes through `ovl_lookup`, upper then lower layer, and
+//! an inode hash lookup)? A directory's names all belong to one file system, or to a union of
+//! several: names the builder creates (its outputs, as a directory or as a file, and any other
+//! name) must go to disk for the rename into the store, and each input must be a name there
+//! too, so the store directory is either on disk (mount points on disk, bind mode), or in
+//! memory (outputs in RAM, copied afterwards), or a union. Overlayfs does not see mounts on
+//! its lower layer, so the binds have to go onto the overlay itself.
 //!
 //! Read-only input binds under the store directory are made read-only with two
 //! `mount_setattr` calls for all of them (recursive set, then clear on the store directory's
@@ -543,6 +564,7 @@ fn mount(
         mount: Mount {
             source: c(source)?,
             target: cpath(target)?,
+            target_from: 0,
             fstype: c(fstype)?,
             flags,
             data: c(data)?,
@@ -977,12 +999,23 @@ pub(crate) fn prepare(
         }
         Ok(())
     };
+    // Binds below the store directory are made from inside it (see `Mount::target_from`).
+    let mut store_prefix = store_inside.as_os_str().as_bytes().to_vec();
+    store_prefix.push(b'/');
     let mut push_bind = |steps: &mut Vec<Step>, b: &BindMount| -> Result<(), SandboxError> {
         let target = under(root, &b.target, "bind target")?;
+        let target_c = cpath(&target)?;
+        let t = target_c.as_bytes();
+        let target_from = if t.starts_with(&store_prefix) && t.len() > store_prefix.len() {
+            store_prefix.len()
+        } else {
+            0
+        };
         steps.push(Step::Mount {
             mount: Mount {
                 source: Some(cpath(&b.source)?),
-                target: cpath(&target)?,
+                target: target_c,
+                target_from,
                 fstype: None,
                 flags: libc::MS_BIND | libc::MS_REC,
                 data: None,
@@ -1049,6 +1082,9 @@ pub(crate) fn prepare(
         None,
     )?);
     mount_store(&mut steps)?;
+    // Into the store directory just mounted, for the binds' relative targets (pivot_root
+    // changes the working directory again).
+    steps.push(Step::Chdir(cpath(&store_inside)?));
     for p in present.iter().filter(|p| in_store(p.b)) {
         push_bind(&mut steps, p.b)?;
     }
@@ -1421,14 +1457,28 @@ mod tests {
             steps[ov - 1],
             "waiting for the parent to make the store's mount points"
         );
-        // Every bind outside the store directory before the wait, every one inside after.
+        // Every bind outside the store directory before the wait, every one inside after, from
+        // inside the store directory: its target relative, the whole path in the message.
+        let chdir = position(&steps, &format!("chdir to {root}/nix/store"));
+        assert!(ov < chdir);
         for (i, st) in steps.iter().enumerate() {
             if st.starts_with("bind mounting") {
-                assert_eq!(
-                    i > ov,
-                    st.contains(&format!("on {root}/nix/store/")),
-                    "{st}"
-                );
+                let inside = st.contains(&format!("on {root}/nix/store/"));
+                assert_eq!(i > ov, inside, "{st}");
+                assert_eq!(i > chdir, inside, "{st}");
+                let Step::Mount { mount, .. } = &p.ns_steps[i] else {
+                    panic!("{st}")
+                };
+                let relative = &mount.target.as_bytes()[mount.target_from..];
+                if inside {
+                    assert!(!relative.starts_with(b"/"), "{st}");
+                    assert_eq!(
+                        format!("{root}/nix/store/{}", String::from_utf8_lossy(relative)),
+                        st.rsplit(" on ").next().unwrap()
+                    );
+                } else {
+                    assert_eq!(mount.target_from, 0, "{st}");
+                }
             }
         }
         match &p.ns_steps[ov] {

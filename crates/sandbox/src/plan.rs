@@ -61,6 +61,11 @@ impl Exec {
 pub(crate) struct Mount {
     pub source: Option<CString>,
     pub target: CString,
+    /// The child passes `target` from this byte on: a path relative to its working directory
+    /// when that is the target's parent (the store directory), which saves the walk down to it
+    /// for each of a hundred store inputs. Error messages show the whole path. At most
+    /// `target`'s length (0 for the whole path).
+    pub target_from: usize,
     pub fstype: Option<CString>,
     pub flags: libc::c_ulong,
     pub data: Option<CString>,
@@ -298,7 +303,9 @@ impl Syscalls for Kernel {
                     libc::SYS_mount,
                     a5(
                         opt_ptr(&m.source),
-                        p(m.target.as_ptr()),
+                        // In bounds: `target_from` is at most the length (see `Mount`),
+                        // and the NUL after it ends the suffix too.
+                        p(m.target.as_ptr().add(m.target_from)),
                         opt_ptr(&m.fstype),
                         m.flags as usize,
                         opt_ptr(&m.data),

@@ -7,7 +7,9 @@
 //! medians and means in ms, and ratios.
 //!
 //! `NIXB_BENCH_SANDBOX=steps`: where a pooled-netns spawn's start-to-exec time goes, step by
-//! step (`spawn_traced`).
+//! step (`spawn_traced`), and what the parent does beside the child (the overlay's lower
+//! layer). `NIXB_BENCH_LOWER=child` makes the child make that layer itself, as on kernels
+//! before 6.15 (the spawn table has a row for it).
 //!
 //! Then (`NIXB_BENCH_SANDBOX=builds` for this half only) the cost of creating a network
 //! namespace, and 1,000 trivial sandboxed derivations with `--max-jobs 2`, nixb against
@@ -349,6 +351,7 @@ fn spawn_latency() -> Result<()> {
     let mut fork_exec = Vec::new();
     let (mut priv_exec, mut priv_exit, mut teardown) = (Vec::new(), Vec::new(), Vec::new());
     let (mut pool_exec, mut pool_exit) = (Vec::new(), Vec::new());
+    let mut child_lower_exec = Vec::new();
     let (mut started_ret, mut started_exit) = (Vec::new(), Vec::new());
     let (mut host_exec, mut host_exit) = (Vec::new(), Vec::new());
     let mut bwrap = Vec::new();
@@ -376,6 +379,17 @@ fn spawn_latency() -> Result<()> {
         if warm {
             pool_exec.push(e);
             pool_exit.push(x);
+        }
+        // The same with the overlay's lower layer made by the child, as on kernels before
+        // 6.15 (the parent makes it otherwise, in parallel with the child's other steps).
+        pool.wait_ready(1);
+        let net = pool.take().map_or(Network::Private, Network::Prepared);
+        nixb_sandbox::set_detached_lower(false);
+        let run = nixb_once(&fx, 3 * iters + 30 + i, net);
+        nixb_sandbox::set_detached_lower(true);
+        let (e, _, _) = run?;
+        if warm {
+            child_lower_exec.push(e);
         }
         pool.wait_ready(1);
         let net = pool.take().map_or(Network::Private, Network::Prepared);
@@ -456,6 +470,10 @@ fn spawn_latency() -> Result<()> {
         &stats(pool_exit),
     );
     row(
+        "  same, lower layer made by the child: to exec",
+        &stats(child_lower_exec),
+    );
+    row(
         "nixb start(), pooled netns: call returns",
         &stats(started_ret),
     );
@@ -502,6 +520,9 @@ fn step_times() -> Result<()> {
         .unwrap_or(200);
     let fx = Fixture::new()?;
     let pool = NetNsPool::new(8)?;
+    if std::env::var("NIXB_BENCH_LOWER").is_ok_and(|v| v == "child") {
+        nixb_sandbox::set_detached_lower(false);
+    }
     // Kind of a step: its description up to the first path.
     let kind = |d: &str| -> String {
         let cut = d.find('/').unwrap_or(d.len());
@@ -511,6 +532,7 @@ fn step_times() -> Result<()> {
     let mut per_kind: Vec<Vec<Duration>> = Vec::new();
     let mut counts: Vec<usize> = Vec::new();
     let mut totals = Vec::new();
+    let mut parallel: Vec<(String, Vec<Duration>)> = Vec::new();
     for i in 0..iters + 5 {
         pool.wait_ready(1);
         let net = pool.take().map_or(Network::Private, Network::Prepared);
@@ -546,6 +568,12 @@ fn step_times() -> Result<()> {
             counts[idx] = n;
         }
         totals.push(trace.steps.iter().map(|(_, d)| *d).sum::<Duration>());
+        for (what, d) in &trace.parallel {
+            match parallel.iter_mut().find(|(k, _)| k == what) {
+                Some((_, v)) => v.push(*d),
+                None => parallel.push((what.clone(), vec![*d])),
+            }
+        }
     }
     println!(
         "sandbox setup steps, pooled netns, {INPUTS} inputs, {iters} runs: median / 10th percentile ms per run (count per run)"
@@ -567,5 +595,15 @@ fn step_times() -> Result<()> {
         stats(totals).median,
         low
     );
+    for (what, v) in parallel {
+        let low = p10(&v);
+        println!(
+            "  {:<58} {:>7.3} / {:>7.3}  (in {} runs, beside the child's steps)",
+            what,
+            stats(v.clone()).median,
+            low,
+            v.len()
+        );
+    }
     Ok(())
 }
