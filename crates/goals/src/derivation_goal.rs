@@ -626,10 +626,18 @@ impl DerivationGoal {
             drv: self.drv_path.clone(),
             chunk: chunk.to_vec(),
         });
-        if let Some(limit) = b.log_chunk(chunk) {
-            w.child_terminated(id);
-            let reason = format!("killed after writing more than {limit} bytes of log output");
-            self.cancel(id, w, FailureKind::LogLimitExceeded, reason);
+        match b.log_chunk(chunk) {
+            Ok(None) => {}
+            Ok(Some(limit)) => {
+                w.child_terminated(id);
+                let reason = format!("killed after writing more than {limit} bytes of log output");
+                self.cancel(id, w, FailureKind::LogLimitExceeded, reason);
+            }
+            Err(reason) => {
+                // No log to write the output to: stop the build rather than lose it.
+                w.child_terminated(id);
+                self.fail(id, w, FailureKind::SetupFailed, reason, false);
+            }
         }
     }
 
@@ -650,16 +658,20 @@ impl DerivationGoal {
                 "internal error: no build to finish".into(),
             ));
         };
+        let log_create_error = build.take_log_create_error();
         if let Err(e) = build.close_log(w) {
             w.message(Level::Warn, format!("closing the build log: {e}"));
         }
         build.kill_leftovers(w);
-        let result = match status {
-            Ok(s) if s.success() => build
+        let result = match (log_create_error, status) {
+            // As when the log could not be created before the builder started (the
+            // original's order): not the derivation's fault, nothing registered.
+            (Some(e), _) => Err(crate::register::Rejection::misc(e)),
+            (None, Ok(s)) if s.success() => build
                 .extract_outputs()
                 .and_then(|()| crate::register::register_outputs(self, &mut build, w)),
-            Ok(s) => Err(build.failure_error(w, &self.drv_path, s)),
-            Err(e) => Err(crate::register::Rejection::misc(format!(
+            (None, Ok(s)) => Err(build.failure_error(w, &self.drv_path, s)),
+            (None, Err(e)) => Err(crate::register::Rejection::misc(format!(
                 "waiting for the builder of {}: {e}",
                 quoted(w.store_dir(), &self.drv_path)
             ))),

@@ -90,6 +90,10 @@ pub(crate) struct Worker<'a> {
     /// recycled just before the loop waits (see [`Worker::release_later`]).
     deferred_locks: Vec<nixb_store::locks::PathLocks>,
     deferred_dirs: Vec<crate::build_dir::BuildDir>,
+    /// Local builds whose builder exited successfully, oldest first: their goals are woken
+    /// to check and register the outputs only once the freed build slots have gone to
+    /// waiting goals (see [`Worker::run`]).
+    exited_builds: std::collections::VecDeque<GoalId>,
     pub failures: Vec<Failure>,
     pub permanent_failure: bool,
     pub timed_out: bool,
@@ -135,6 +139,7 @@ impl<'a> Worker<'a> {
             lock_pool: store.lock_pool(),
             deferred_locks: Vec::new(),
             deferred_dirs: Vec::new(),
+            exited_builds: std::collections::VecDeque::new(),
             finishing_logs: std::collections::VecDeque::new(),
             build_dirs: crate::build_dir::BuildDirs::new(
                 &cfg.build_dir_root,
@@ -440,7 +445,12 @@ impl<'a> Worker<'a> {
         }
         loop {
             while self.graph.has_top_goals() {
-                if !self.graph.has_awake() && !self.hand_out_slots() {
+                // Awake goals first, then freed slots to waiting goals (their builders
+                // start), and only then the post-processing of builds that exited, one at
+                // a time: a slot never idles while the worker checks and registers the
+                // outputs of the build that left it, and a build that makes dependents
+                // ready lets them start before the next exited build is looked at.
+                if !self.graph.has_awake() && !self.hand_out_slots() && !self.wake_exited_build() {
                     break;
                 }
                 for id in self.graph.take_awake() {
@@ -479,6 +489,19 @@ impl<'a> Worker<'a> {
     fn hand_out_slots(&mut self) -> bool {
         let free = self.cfg.max_jobs.saturating_sub(self.nr_local_builds);
         free > 0 && self.graph.wake_slot_waiters_up_to(free) > 0
+    }
+
+    /// Wakes the goal of the oldest build whose builder exited, to check and register its
+    /// outputs; false if there is none. Goals destroyed meanwhile (a stop without
+    /// keep-going) are skipped.
+    fn wake_exited_build(&mut self) -> bool {
+        while let Some(id) = self.exited_builds.pop_front() {
+            if self.graph.is_alive(id) {
+                self.graph.wake_up(id);
+                return true;
+            }
+        }
+        false
     }
 
     /// Destroys every goal still alive (after a stop without keep-going), killing builders.
@@ -534,13 +557,28 @@ impl<'a> Worker<'a> {
     }
 
     fn child_exited(&mut self, id: GoalId, status: Result<ExitStatus, String>) {
+        // A local build that succeeded is finished after the slot it frees has gone to the
+        // next build (see `run`). Failures are handled at once: without keep-going they
+        // stop everything, and no new builder should start first.
+        let later = matches!(&status, Ok(s) if s.success())
+            && self.children.get(&id).is_some_and(|c| c.in_build_slot);
         self.child_terminated(id);
         self.with_goal(id, |goal, w| {
-            match goal {
-                Goal::Derivation(g) => g.child_exited(status),
-                Goal::Substitution(g) => g.child_exited(status),
+            let later = match goal {
+                Goal::Derivation(g) => {
+                    g.child_exited(status);
+                    later
+                }
+                Goal::Substitution(g) => {
+                    g.child_exited(status);
+                    false
+                }
+            };
+            if later {
+                w.exited_builds.push_back(id);
+            } else {
+                w.graph.wake_up(id);
             }
-            w.graph.wake_up(id);
         });
     }
 

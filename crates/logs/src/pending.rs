@@ -1,11 +1,13 @@
-//! Creating a log file on a helper thread while the caller prepares the build.
+//! Creating a log file on a helper thread while the caller goes on.
 //!
 //! Creating the file (and, for one build in about every two of the first thousand, its
 //! `drvs/xx` directory) allocates inodes, which on the file systems measured here cost
-//! tens to hundreds of microseconds: the largest single step of starting a trivial build
-//! on the worker's thread. [`LogSink::create_in_background`] hands the creation to one
+//! tens to hundreds of microseconds, and milliseconds while the file system skips
+//! recently freed inodes: the largest single step of starting a trivial build on the
+//! worker's thread. [`LogSink::create_in_background`] hands the creation to one
 //! long-lived helper thread and returns at once; [`PendingLog::wait`] gives the sink (or
-//! the error, exactly as [`LogSink::create`] would have) before the builder starts.
+//! the error, exactly as [`LogSink::create`] would have) when the caller needs it, e.g.
+//! at the builder's first output or its end. [`PendingLog::path`] names the file before.
 //!
 //! ```text
 //! queued  --helper takes it-->  running  --done-->  ready(result)
@@ -16,9 +18,10 @@
 //! yet is run by the caller. A `PendingLog` dropped without `wait` (the build failed to
 //! start) still ends with a complete, empty log, as [`LogSink::finish`] writes it.
 
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 
-use crate::{LogConfig, LogError, LogSink};
+use crate::{check_name, log_path, LogConfig, LogError, LogSink};
 
 enum Slot {
     Queued(LogConfig, String),
@@ -75,6 +78,7 @@ impl Shared {
 /// A log file being created (see the module documentation).
 pub struct PendingLog {
     shared: Option<Arc<Shared>>,
+    path: Option<PathBuf>,
 }
 
 /// The helper's queue; `None` when its thread could not be started.
@@ -108,13 +112,23 @@ impl LogSink {
             // If the helper is gone the job stays queued and `wait` runs it.
             let _ = tx.send(Arc::clone(&shared));
         }
+        // What `create` will name it (a bad name fails there, and has no path here).
+        let path = (cfg.keep && check_name(drv_base_name).is_ok())
+            .then(|| log_path(&cfg.log_dir, drv_base_name, cfg.compress));
         PendingLog {
             shared: Some(shared),
+            path,
         }
     }
 }
 
 impl PendingLog {
+    /// The file the sink will write, as [`LogSink::path`] will give it; `None` when logs
+    /// are not kept (or the name is invalid, which `wait` reports).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
     /// The created sink, or the error creating it.
     pub fn wait(mut self) -> Result<LogSink, LogError> {
         match self.shared.take() {

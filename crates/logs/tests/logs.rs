@@ -483,11 +483,15 @@ fn background_creation_gives_the_same_log_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     for compress in [false, true] {
         let c = cfg(dir.path(), compress);
-        let mut sink = LogSink::create_in_background(&c, DRV).wait().unwrap();
+        let pending = LogSink::create_in_background(&c, DRV);
+        // Named before it exists, as the sink will name it.
+        let named = pending.path().map(Path::to_path_buf);
+        let mut sink = pending.wait().unwrap();
         assert_eq!(
             sink.path(),
             Some(log_path(dir.path(), DRV, compress).as_path())
         );
+        assert_eq!(named.as_deref(), sink.path());
         assert_eq!(sink.write(b"hello\n").unwrap(), LimitState::Within);
         sink.finish().unwrap();
         assert_eq!(read_log(dir.path(), DRV).unwrap(), b"hello\n");
@@ -500,6 +504,15 @@ fn background_creation_gives_the_same_log_and_errors() {
     let p = log_path(dir.path(), DRV, true);
     assert!(fs::metadata(&p).unwrap().len() > 0);
     assert_eq!(read_log(dir.path(), DRV).unwrap(), b"");
+
+    // Logs not kept: no file, and no name for one.
+    let unkept = LogConfig {
+        keep: false,
+        ..cfg(dir.path(), true)
+    };
+    let pending = LogSink::create_in_background(&unkept, "yy-other.drv");
+    assert_eq!(pending.path(), None);
+    assert_eq!(pending.wait().unwrap().path(), None);
 
     let bad = LogSink::create_in_background(&cfg(dir.path(), true), "x").wait();
     assert!(
