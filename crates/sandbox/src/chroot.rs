@@ -77,7 +77,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -608,7 +608,11 @@ struct Skeleton(BTreeMap<Vec<u8>, Node>);
 impl Skeleton {
     /// Adds `inside` (absolute, checked) and the directories above it.
     fn add(&mut self, inside: &Path, node: Node) {
-        let key = inside_key(inside);
+        self.add_key(inside_key(inside), node);
+    }
+
+    /// As [`Skeleton::add`], with the [`inside_key`] already made.
+    fn add_key(&mut self, key: Vec<u8>, node: Node) {
         // Every `/` after the first ends an ancestor ("/" itself is the tmpfs).
         for (i, _) in key.iter().enumerate().skip(1).filter(|(_, c)| **c == b'/') {
             if !self.0.contains_key(&key[..i]) {
@@ -695,7 +699,31 @@ fn root_bytes(root: &Path) -> &[u8] {
 /// A bind whose source exists, and what it is.
 struct Bind<'a> {
     b: &'a BindMount,
+    /// Its target's [`inside_key`].
+    key: &'a [u8],
     is_dir: bool,
+    /// Below the store directory (compared as keys: `Path::starts_with` on a hundred binds,
+    /// several times each, was a visible part of the parent's preparation).
+    in_store: bool,
+}
+
+/// Checks that `inner` is absolute and has no `..`, as [`under`] does, without building the
+/// path.
+fn check_inside(inner: &Path, what: &str) -> Result<(), SandboxError> {
+    let mut comps = inner.components();
+    if comps.next() != Some(Component::RootDir) {
+        return Err(SandboxError::InvalidSpec(format!(
+            "{what} {} is not an absolute path",
+            inner.display()
+        )));
+    }
+    if comps.any(|c| c == Component::ParentDir) {
+        return Err(SandboxError::InvalidSpec(format!(
+            "{what} {} must not contain '..'",
+            inner.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Characters overlayfs takes as separators or escapes in its mount options.
@@ -728,36 +756,40 @@ pub(crate) fn prepare(
     }
     let hostname = cstr("host name", &spec.hostname)?;
 
-    let mut binds = spec.binds.clone();
-    binds.push(BindMount::same(&spec.build_dir));
-    let host_dev = binds.iter().any(|b| b.target == Path::new("/dev"));
+    // The spec's binds are borrowed, not copied (a hundred-odd paths); these are ours.
+    let mut extra = vec![BindMount::same(&spec.build_dir)];
+    let host_dev = spec.binds.iter().any(|b| b.target == Path::new("/dev"));
     if matches!(spec.network, Network::Host) {
         for f in ["/etc/resolv.conf", "/etc/services"] {
-            binds.push(BindMount::same(f).read_only().optional());
+            extra.push(BindMount::same(f).read_only().optional());
         }
     }
     if !host_dev {
         for n in DEV_NODES {
-            binds.push(BindMount::same(format!("/dev/{n}")));
+            extra.push(BindMount::same(format!("/dev/{n}")));
         }
         if spec.kvm && Path::new("/dev/kvm").exists() {
-            binds.push(BindMount::same("/dev/kvm"));
+            extra.push(BindMount::same("/dev/kvm"));
         }
     }
-    // By inside_key: a directory sorts before anything inside it (see Skeleton).
-    let mut keyed: Vec<(Vec<u8>, BindMount)> = binds
-        .into_iter()
+    // By inside_key: a directory sorts before anything inside it (see Skeleton). A stable
+    // sort, so that of two binds with one target the spec's (first) is kept.
+    let mut keyed: Vec<(Vec<u8>, &BindMount)> = spec
+        .binds
+        .iter()
+        .chain(extra.iter())
         .map(|b| (inside_key(&b.target), b))
         .collect();
     keyed.sort_by(|a, b| a.0.cmp(&b.0));
     keyed.dedup_by(|later, earlier| later.0 == earlier.0);
     let store_key = inside_key(&spec.store_dir);
-    let binds: Vec<BindMount> = keyed.into_iter().map(|(_, b)| b).collect();
+    let mut store_key_dir = store_key.clone();
+    store_key_dir.push(b'/');
 
-    let mut present = Vec::with_capacity(binds.len());
-    for b in &binds {
-        under(root, &b.target, "bind target")?;
-        if b.target == spec.store_dir {
+    let mut present = Vec::with_capacity(keyed.len());
+    for (key, b) in &keyed {
+        check_inside(&b.target, "bind target")?;
+        if *key == store_key {
             return Err(SandboxError::InvalidSpec(format!(
                 "bind target {} would hide the store directory",
                 b.target.display()
@@ -775,11 +807,12 @@ pub(crate) fn prepare(
         };
         present.push(Bind {
             b,
+            key,
             is_dir: meta.is_dir(),
+            in_store: key.starts_with(&store_key_dir),
         });
     }
-    let in_store = |b: &BindMount| b.target.starts_with(&spec.store_dir);
-    let store_binds = present.iter().filter(|p| in_store(p.b)).count();
+    let store_binds = present.iter().filter(|p| p.in_store).count();
     let overlay = match mode {
         StoreMode::Bind => false,
         StoreMode::Overlay | StoreMode::OverlayChildLower => true,
@@ -851,8 +884,8 @@ pub(crate) fn prepare(
     // The skeleton in the tmpfs.
     let store_targets: BTreeSet<Vec<u8>> = present
         .iter()
-        .filter(|p| in_store(p.b))
-        .map(|p| inside_key(&p.b.target))
+        .filter(|p| p.in_store)
+        .map(|p| p.key.to_vec())
         .collect();
     let mut skel = Skeleton::default();
     skel.add(Path::new("/tmp"), Node::Dir(0o1777));
@@ -864,7 +897,7 @@ pub(crate) fn prepare(
     skel.add(&spec.store_dir, Node::Dir(0o755));
     skel.add(Path::new("/proc"), Node::Dir(0o555));
     for p in &present {
-        if in_store(p.b) && !overlay {
+        if p.in_store && !overlay {
             // On disk, in the directory bound at the store directory.
             let rel =
                 p.b.target
@@ -888,8 +921,8 @@ pub(crate) fn prepare(
                     )))?;
             }
         } else {
-            skel.add(
-                &p.b.target,
+            skel.add_key(
+                p.key.to_vec(),
                 if p.is_dir {
                     Node::Dir(0o755)
                 } else {
@@ -1002,8 +1035,15 @@ pub(crate) fn prepare(
     // Binds below the store directory are made from inside it (see `Mount::target_from`).
     let mut store_prefix = store_inside.as_os_str().as_bytes().to_vec();
     store_prefix.push(b'/');
-    let mut push_bind = |steps: &mut Vec<Step>, b: &BindMount| -> Result<(), SandboxError> {
-        let target = under(root, &b.target, "bind target")?;
+    let root_b = root_bytes(root);
+    let mut push_bind = |steps: &mut Vec<Step>, p: &Bind| -> Result<(), SandboxError> {
+        let b = p.b;
+        // `under(root, target)`, from the key: the root without trailing slashes, then the
+        // target's normal components.
+        let mut full = Vec::with_capacity(root_b.len() + p.key.len());
+        full.extend_from_slice(root_b);
+        full.extend_from_slice(p.key);
+        let target = PathBuf::from(std::ffi::OsString::from_vec(full));
         let target_c = cpath(&target)?;
         let t = target_c.as_bytes();
         let target_from = if t.starts_with(&store_prefix) && t.len() > store_prefix.len() {
@@ -1022,7 +1062,7 @@ pub(crate) fn prepare(
             },
             what: "bind mounting",
         });
-        let batched = batch_ro && in_store(b);
+        let batched = batch_ro && p.in_store;
         if b.read_only && batched {
             any_batched = true;
         } else if b.read_only {
@@ -1045,8 +1085,8 @@ pub(crate) fn prepare(
     // directory, which it would otherwise hide), then the store directory, then the binds in
     // it. With a detached lower layer the first group runs while the parent still makes the
     // mount points of the last.
-    for p in present.iter().filter(|p| !in_store(p.b)) {
-        push_bind(&mut steps, p.b)?;
+    for p in present.iter().filter(|p| !p.in_store) {
+        push_bind(&mut steps, p)?;
     }
     // The file systems of the sandbox's own after the binds outside the store directory (as
     // before, a bind below /dev or /proc would land under them), and before the store
@@ -1085,8 +1125,8 @@ pub(crate) fn prepare(
     // Into the store directory just mounted, for the binds' relative targets (pivot_root
     // changes the working directory again).
     steps.push(Step::Chdir(cpath(&store_inside)?));
-    for p in present.iter().filter(|p| in_store(p.b)) {
-        push_bind(&mut steps, p.b)?;
+    for p in present.iter().filter(|p| p.in_store) {
+        push_bind(&mut steps, p)?;
     }
     if any_batched {
         let store_c = cpath(&store_inside)?;
