@@ -707,6 +707,55 @@ struct Bind<'a> {
     in_store: bool,
 }
 
+/// Looks at bind sources relative to their directory, kept open while consecutive sources
+/// share it (the input closure: a hundred paths in the store directory), so that each `stat`
+/// walks one path component instead of all of them.
+#[derive(Default)]
+struct SourceDirs {
+    dir: Option<(PathBuf, OwnedFd)>,
+}
+
+impl SourceDirs {
+    /// Whether `source` (followed if a symlink, as `fs::metadata` does) is a directory.
+    fn is_dir(&mut self, source: &Path) -> std::io::Result<bool> {
+        let (Some(parent), Some(name)) = (source.parent(), source.file_name()) else {
+            return fs::metadata(source).map(|m| m.is_dir());
+        };
+        if parent.as_os_str().is_empty() || name.as_bytes().contains(&0) {
+            return fs::metadata(source).map(|m| m.is_dir());
+        }
+        if self.dir.as_ref().map(|(p, _)| p.as_path()) != Some(parent) {
+            self.dir = None;
+            let c = CString::new(parent.as_os_str().as_bytes())
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+            // SAFETY: a C string we own; the result is checked.
+            let fd = unsafe {
+                libc::open(
+                    c.as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            if fd == -1 {
+                // A parent we cannot open (missing, not a directory): the full path says why.
+                return fs::metadata(source).map(|m| m.is_dir());
+            }
+            // SAFETY: a descriptor open just returned.
+            self.dir = Some((parent.to_path_buf(), unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+        let Some((_, fd)) = &self.dir else {
+            return fs::metadata(source).map(|m| m.is_dir());
+        };
+        let c = CString::new(name.as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: fstatat fills the zeroed struct; name and descriptor are ours.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatat(fd.as_raw_fd(), c.as_ptr(), &mut st, 0) } == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+    }
+}
+
 /// Checks that `inner` is absolute and has no `..`, as [`under`] does, without building the
 /// path.
 fn check_inside(inner: &Path, what: &str) -> Result<(), SandboxError> {
@@ -787,6 +836,7 @@ pub(crate) fn prepare(
     store_key_dir.push(b'/');
 
     let mut present = Vec::with_capacity(keyed.len());
+    let mut sources = SourceDirs::default();
     for (key, b) in &keyed {
         check_inside(&b.target, "bind target")?;
         if *key == store_key {
@@ -795,8 +845,8 @@ pub(crate) fn prepare(
                 b.target.display()
             )));
         }
-        let meta = match fs::metadata(&b.source) {
-            Ok(m) => m,
+        let is_dir = match sources.is_dir(&b.source) {
+            Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && b.optional => continue,
             Err(e) => {
                 return Err(SandboxError::Prepare {
@@ -808,10 +858,11 @@ pub(crate) fn prepare(
         present.push(Bind {
             b,
             key,
-            is_dir: meta.is_dir(),
+            is_dir,
             in_store: key.starts_with(&store_key_dir),
         });
     }
+    drop(sources);
     let store_binds = present.iter().filter(|p| p.in_store).count();
     let overlay = match mode {
         StoreMode::Bind => false,
