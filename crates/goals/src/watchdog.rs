@@ -13,6 +13,15 @@
 //!   end-of-file      the worker is gone (exit or crash): SIGKILL every group still listed
 //! ```
 //!
+//! A reaped group's `-` line waits in the worker and goes out in one write with the next
+//! `+` line (or when the worker lets go of the watchdog): one write and one wake-up of the
+//! watchdog per build instead of two, which under load was a preemption of the worker's
+//! thread per message. Until then the watchdog still lists a group that is gone; were the
+//! worker to die in that moment, it would signal a process group id nobody has, unless
+//! the kernel handed the very same id to a new group meanwhile, which needs the pid
+//! counter to wrap around in those few milliseconds (the same window as between the
+//! reaping and the write before).
+//!
 //! The watchdog is a plain `fork` of the worker that never returns to Rust code: it runs a
 //! loop of raw `read`/`kill` syscalls over buffers prepared before the fork (the worker
 //! may have other threads, e.g. log compressors, whose locks a forked child must not
@@ -30,6 +39,8 @@ const MAX_GROUPS: usize = 4096;
 pub(crate) struct Watchdog {
     pipe: Option<std::fs::File>,
     pid: libc::pid_t,
+    /// `-` lines not sent yet (see the module documentation).
+    reaped: String,
 }
 
 impl Watchdog {
@@ -54,30 +65,40 @@ impl Watchdog {
                 Some(Watchdog {
                     pipe: Some(std::fs::File::from(write)),
                     pid,
+                    reaped: String::new(),
                 })
             }
         }
     }
 
-    fn send(&mut self, sign: char, pgid: i32) {
+    /// Sends the pending `-` lines, then `extra`.
+    fn send(&mut self, extra: &str) {
+        let mut msg = std::mem::take(&mut self.reaped);
+        msg.push_str(extra);
         if let Some(p) = self.pipe.as_mut() {
             // A failed write means the watchdog is gone; nothing better to do than go on.
-            let _ = p.write_all(format!("{sign}{pgid}\n").as_bytes());
+            let _ = p.write_all(msg.as_bytes());
         }
     }
 
     pub fn builder_started(&mut self, pgid: i32) {
-        self.send('+', pgid);
+        self.send(&format!("+{pgid}\n"));
     }
 
+    /// Noted now, sent with the next start (see the module documentation).
     pub fn builder_reaped(&mut self, pgid: i32) {
-        self.send('-', pgid);
+        use std::fmt::Write as _;
+        let _ = writeln!(self.reaped, "-{pgid}");
     }
 }
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        // Every builder is reaped by now, so the list is empty and the watchdog just exits.
+        // Every builder is reaped by now: once told so, the list is empty and the watchdog
+        // just exits.
+        if !self.reaped.is_empty() {
+            self.send("");
+        }
         self.pipe = None;
         // SAFETY: reaping our own child.
         unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
@@ -148,4 +169,63 @@ unsafe fn watchdog_main(read_fd: i32, write_fd: i32, st: &mut ChildState) -> ! {
         libc::kill(-g, libc::SIGKILL);
     }
     libc::_exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::process::{Child, Command};
+
+    /// `sleep` leading a process group of its own (pgid = pid), as a builder does.
+    fn group() -> Child {
+        Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("spawning sleep")
+    }
+
+    /// When the worker lets go of the watchdog, a group whose reaping was noted (its `-`
+    /// line still waiting in the worker) is left alone, and a group still listed is killed,
+    /// as after a crash.
+    #[test]
+    fn a_noted_reaping_reaches_the_watchdog_before_it_acts() {
+        let mut gone = group();
+        let mut live = group();
+        let mut wd = Watchdog::start().expect("forking the watchdog");
+        wd.builder_started(gone.id() as i32);
+        wd.builder_started(live.id() as i32);
+        wd.builder_reaped(gone.id() as i32);
+        assert!(!wd.reaped.is_empty(), "the '-' line is held back");
+        // Waits for the watchdog, which signals before it exits.
+        drop(wd);
+        let status = live.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        assert!(
+            gone.try_wait().unwrap().is_none(),
+            "a group noted as reaped was killed"
+        );
+        gone.kill().unwrap();
+        gone.wait().unwrap();
+    }
+
+    /// The held-back line goes out with the next start, in one write.
+    #[test]
+    fn a_noted_reaping_goes_out_with_the_next_start() {
+        let mut gone = group();
+        let mut next = group();
+        let mut wd = Watchdog::start().expect("forking the watchdog");
+        wd.builder_started(gone.id() as i32);
+        wd.builder_reaped(gone.id() as i32);
+        wd.builder_started(next.id() as i32);
+        assert!(wd.reaped.is_empty());
+        // Simulate a crash: close the pipe without the orderly drop.
+        wd.pipe = None;
+        let status = next.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        assert!(gone.try_wait().unwrap().is_none());
+        gone.kill().unwrap();
+        gone.wait().unwrap();
+    }
 }
