@@ -133,9 +133,13 @@ fn measure(mut cmd: Command) -> Result<(Duration, i64)> {
     Ok((wall, ru.ru_maxrss))
 }
 
-/// N fork+execs of the same trivial builder, `parallel` at a time.
-fn bare_fork_exec(n: usize, parallel: usize, root: &Path) -> Result<Duration> {
-    let dir = root.join(format!("{parallel}-{n}"));
+/// N fork+execs of the same trivial builder, `parallel` at a time, each creating its output
+/// file in a directory of the row's own (`tag`): the builders nixb runs create a new store
+/// path each, and a file that exists already (left by an earlier row) would be truncated
+/// instead, which on this ext4 skips the inode allocation that costs the real builders up
+/// to a millisecond after many deletions.
+fn bare_fork_exec(n: usize, parallel: usize, root: &Path, tag: &str) -> Result<Duration> {
+    let dir = root.join(format!("{tag}-{parallel}-{n}"));
     std::fs::create_dir_all(&dir)?;
     let t = Instant::now();
     let mut running = Vec::new();
@@ -232,8 +236,8 @@ pub fn run() -> Result<()> {
             let mut c = nixb_store.cmd(&nixb);
             c.args(["realise", &drv_b, "--max-jobs", "2"]);
             let (nixb_noop, _) = measure(c)?;
-            let bare = bare_fork_exec(n, 2, &bare_root)?;
-            let bare1 = bare_fork_exec(n, 1, &bare_root)?;
+            let bare = bare_fork_exec(n, 2, &bare_root, shape)?;
+            let bare1 = bare_fork_exec(n, 1, &bare_root, shape)?;
             stores.push(nix_store);
             stores.push(nixb_store);
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
