@@ -295,6 +295,15 @@ pub(crate) struct DetachedLower {
     entries: Vec<(CString, LowerEntry)>,
     /// 0 while the parent works, 1 when the mount points are there, 2 if making them failed.
     ready: Box<AtomicU32>,
+    /// Set to 1 by the child when it reaches its [`Step::WaitForLower`]: it ran beside us.
+    arrived: Box<AtomicU32>,
+    /// Set to 1 by the child once the overlay is mounted ([`Step::Notify`]): the parent may
+    /// then look the store inputs up in it (see [`DetachedLower::warm_up`]).
+    mounted: Box<AtomicU32>,
+    /// The store inputs' names relative to the store directory, last first.
+    warm_names: Vec<CString>,
+    /// The store directory's place on the host, `<root>/<store dir>` (for `/proc/<pid>/root`).
+    store_inside: PathBuf,
     /// The store directory as the builder sees it, for error messages.
     store_dir: PathBuf,
 }
@@ -366,6 +375,11 @@ impl DetachedLower {
         &*self.ready
     }
 
+    /// The word the child's [`Step::WaitForLower`] sets on arrival.
+    pub fn arrived_flag(&self) -> *const AtomicU32 {
+        &*self.arrived
+    }
+
     /// Makes the mount points (the parent, after the clone), then lets the child go on; on
     /// failure the child is told to stop (it exits naming its waiting step, and the caller
     /// reports this error instead).
@@ -409,6 +423,71 @@ impl DetachedLower {
             }
         }
         Ok(())
+    }
+
+    /// The word the child's [`Step::Notify`] sets once the overlay is mounted.
+    pub fn mounted_flag(&self) -> *const AtomicU32 {
+        &*self.mounted
+    }
+
+    /// Looks up each store input's mount point in the child's overlay, last first, while the
+    /// child binds them first first: the bulk of a bind onto the overlay is that first lookup
+    /// (`ovl_lookup` in the upper and the lower layer, an inode hash lookup), and a dentry we
+    /// looked up is found in the cache by the child's bind (measured: 100 binds 1.2-1.4 ms
+    /// cold, 0.33-0.40 ms after the lookups). The two meet about halfway.
+    ///
+    /// Only worth it with a CPU each: on a shared one these lookups would just take turns
+    /// with the child's binds, at a higher cost. So only when the child got to its waiting
+    /// step before we were done with the mount points (it ran beside us), and waiting for the
+    /// overlay by spinning, not sleeping (a futex wake-up would put us on the child's CPU).
+    /// Only a cache warm-up: whatever fails here (the child is late or gone, no `/proc`) just
+    /// stops it, and the child looks up what is left itself. Reaches the child's mount
+    /// namespace through `/proc/<pid>/root`: the child is ours and unreaped, so the pid is its
+    /// own. Returns whether it looked anything up.
+    pub fn warm_up(&self, child: libc::pid_t) -> bool {
+        if self.arrived.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        // The overlay mount is one step away (0.15-0.3 ms); give up after 2 ms.
+        let start = std::time::Instant::now();
+        let mut spins = 0u32;
+        while self.mounted.load(Ordering::Acquire) == 0 {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins % 64 == 0 && start.elapsed() > std::time::Duration::from_millis(2) {
+                return false;
+            }
+        }
+        let mut path = format!("/proc/{child}/root").into_bytes();
+        path.extend_from_slice(self.store_inside.as_os_str().as_bytes());
+        let Ok(path) = CString::new(path) else {
+            return false;
+        };
+        // SAFETY: a C string we own; the result is checked.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd == -1 {
+            return false;
+        }
+        // SAFETY: a descriptor open just returned.
+        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: fstatat fills the zeroed struct; names and descriptor are ours.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        for name in &self.warm_names {
+            unsafe {
+                libc::fstatat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    &mut st,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+        }
+        true
     }
 
     /// Wakes the child's [`Step::WaitForLower`] (idempotent) and closes our descriptor of the
@@ -1023,11 +1102,21 @@ pub(crate) fn prepare(
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("mode=0755"),
     )?);
+    let store_inside = under(root, &spec.store_dir, "store directory")?;
     let lower = match lower_mount {
         Some(m) => Some(DetachedLower {
             mount: Some(m),
             entries: skel.split_off_under(&store_key, &store_targets)?,
             ready: Box::new(AtomicU32::new(0)),
+            arrived: Box::new(AtomicU32::new(0)),
+            mounted: Box::new(AtomicU32::new(0)),
+            warm_names: present
+                .iter()
+                .rev()
+                .filter(|p| p.in_store)
+                .filter_map(|p| CString::new(&p.key[store_key_dir.len()..]).ok())
+                .collect(),
+            store_inside: store_inside.clone(),
             store_dir: spec.store_dir.clone(),
         }),
         None => None,
@@ -1038,7 +1127,6 @@ pub(crate) fn prepare(
 
     // The store directory, then the binds, in target order (a bind of an ancestor of the
     // store directory, say /nix, must come first or it would hide the store directory).
-    let store_inside = under(root, &spec.store_dir, "store directory")?;
     let batch_ro = crate::plan::have_mount_setattr();
     let mut overlay_step = None;
     let mut any_batched = false;
@@ -1049,9 +1137,12 @@ pub(crate) fn prepare(
             // lower layer is the parent's detached tmpfs, through the descriptor we inherited
             // (the host's /proc is still mounted here), or the store directory's place in our
             // own tmpfs, where the skeleton made the mount points.
-            let lower = match &lower {
+            let lowerdir = match &lower {
                 Some(l) => {
-                    steps.push(Step::WaitForLower(l.ready_flag()));
+                    steps.push(Step::WaitForLower {
+                        ready: l.ready_flag(),
+                        arrived: l.arrived_flag(),
+                    });
                     let fd = l.mount.as_ref().map_or(-1, |m| m.as_raw_fd());
                     format!("/proc/self/fd/{fd}")
                 }
@@ -1059,7 +1150,7 @@ pub(crate) fn prepare(
             };
             let work = work.to_string_lossy();
             let data = format!(
-                "lowerdir={lower},upperdir=.,workdir={work},index=off,metacopy=off,redirect_dir=off"
+                "lowerdir={lowerdir},upperdir=.,workdir={work},index=off,metacopy=off,redirect_dir=off"
             );
             overlay_step = Some(steps.len());
             steps.push(mount(
@@ -1070,6 +1161,9 @@ pub(crate) fn prepare(
                 libc::MS_NOSUID | libc::MS_NODEV,
                 Some(&data),
             )?);
+            if let Some(l) = &lower {
+                steps.push(Step::Notify(l.mounted_flag()));
+            }
         } else {
             // "." is the working directory: <root> on disk, under the tmpfs.
             steps.push(mount(

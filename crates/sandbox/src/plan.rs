@@ -119,8 +119,15 @@ pub(crate) enum Step {
     },
     /// Wait until the parent has made the mount points in the overlay's detached lower layer
     /// (`chroot::DetachedLower`): a futex on this word of the parent's, 1 when done, 2 when
-    /// the parent failed (then ECANCELED; the parent reports its own error).
-    WaitForLower(*const AtomicU32),
+    /// the parent failed (then ECANCELED; the parent reports its own error). Sets `arrived`
+    /// to 1 first, which tells the parent that we ran beside it.
+    WaitForLower {
+        ready: *const AtomicU32,
+        arrived: *const AtomicU32,
+    },
+    /// Set a word of the parent's to 1 (the overlay is mounted: the parent may look the store
+    /// inputs up in it, `chroot::DetachedLower::warm_up`, which spins on it). Cannot fail.
+    Notify(*const AtomicU32),
     /// `chdir(root); pivot_root(".", "."); umount2(".", MNT_DETACH); chdir("/")`.
     PivotRoot(CString),
     /// Own session and process group: no controlling terminal, no terminal signals, and the
@@ -199,9 +206,10 @@ impl Step {
                 },
                 if *read_only { "read-only" } else { "writable" }
             ),
-            Step::WaitForLower(_) => {
+            Step::WaitForLower { .. } => {
                 "waiting for the parent to make the store's mount points".into()
             }
+            Step::Notify(_) => "telling the parent the overlay is mounted".into(),
             Step::PivotRoot(r) => format!("pivoting the root to {}", s(r)),
             Step::Setsid => "creating a new session".into(),
             Step::Dup2 { what, .. } => (*what).into(),
@@ -375,7 +383,13 @@ impl Syscalls for Kernel {
                         ),
                     )
                 }
-                Step::WaitForLower(word) => loop {
+                Step::WaitForLower {
+                    ready: word,
+                    arrived,
+                } => loop {
+                    // Plain atomic stores and loads: no call, and only the parent's words
+                    // written, which is what they are for.
+                    (**arrived).store(1, Ordering::Release);
                     // An atomic load is a plain load here: no call, no write. The parent is
                     // usually a few tens of microseconds from done when we get here: spinning
                     // that long is cheaper than being woken from a futex, which on an idle
@@ -404,6 +418,12 @@ impl Syscalls for Kernel {
                         Err(e) => break Err(e),
                     }
                 },
+                Step::Notify(word) => {
+                    // An atomic store is a plain store: it writes the parent's word, which is
+                    // what it is for, and nothing else.
+                    (**word).store(1, Ordering::Release);
+                    Ok(())
+                }
                 Step::PivotRoot(root) => {
                     // pivot_root(".", ".") stacks the old root on top of the new one; detaching
                     // it then leaves only the new root, with no path back to the host tree
