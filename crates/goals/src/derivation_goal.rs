@@ -213,7 +213,16 @@ impl DerivationGoal {
     // --- states -------------------------------------------------------------------------
 
     fn init(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
-        // The derivation must be valid first; a substitution goal may provide it.
+        // The derivation must be valid first; a substitution goal may provide it. One that
+        // is valid already goes straight on, as in Nix 2.x: the substitution goal would only
+        // find it valid (it also asks without repairing), at the cost of a goal, a wake-up
+        // and a second query per derivation. The temp root comes first, as that goal's does,
+        // so that a collector cannot take the path between the check and its use.
+        let _ = w.store.add_temp_root(&self.drv_path);
+        if w.store.is_valid_path(&self.drv_path) == Ok(true) {
+            self.state = State::HaveDerivation;
+            return self.have_derivation(id, w);
+        }
         let sub = w.make_substitution_goal(&self.drv_path.clone(), false);
         w.graph.add_waitee(id, sub);
         self.state = State::HaveDerivation;

@@ -125,3 +125,25 @@ fn a_log_that_cannot_be_created_fails_the_build() {
         );
     }
 }
+
+/// A derivation that is not valid still gets its substitution goal (a valid one goes straight
+/// on without one): with no substituter to provide it, the goal fails as the original words
+/// it, not permanently.
+#[test]
+fn a_missing_derivation_fails_through_its_substitution_goal() {
+    let t = TestStore::new();
+    let missing =
+        StorePath::from_base_name("0123456789abcdfghijklmnpqrsvwxyz-missing.drv").unwrap();
+    let (outcome, events) = t.realise(&[&missing]);
+    assert_eq!(outcome.exit_status, 1, "{:?}", outcome.failures);
+    let f = outcome
+        .failures
+        .iter()
+        .find(|f| f.path == missing)
+        .expect("a failure for the derivation");
+    assert_eq!(
+        f.message,
+        format!("cannot build missing derivation '{}'", t.print(&missing))
+    );
+    assert!(started(&events).is_empty());
+}
