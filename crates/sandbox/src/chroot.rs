@@ -454,7 +454,7 @@ impl DetachedLower {
         while self.mounted.load(Ordering::Acquire) == 0 {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && start.elapsed() > std::time::Duration::from_millis(2) {
+            if spins.is_multiple_of(64) && start.elapsed() > std::time::Duration::from_millis(2) {
                 return false;
             }
         }
