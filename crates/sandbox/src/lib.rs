@@ -620,7 +620,8 @@ fn spawn_prepared(
     // child is reaped. Either way the child must not run any code of ours that could touch
     // shared state: the plan makes raw system calls only (the `sys` module: not even errno,
     // which it would share with this thread), on data prepared above, writing only its own
-    // stack and the trace mapping; and all signals stay blocked from here until its
+    // stack, the trace mapping and, with a detached lower layer, two words of ours meant
+    // for it (atomic stores: `arrived`, `mounted`); and all signals stay blocked from here until its
     // ResetSignals step has put every disposition back to the default, so no handler of the
     // parent's can run on the child's stack in our memory. Namespaces, mounts, the root,
     // credentials, capabilities, the seccomp filter and the personality are per task (no
