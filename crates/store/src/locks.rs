@@ -29,12 +29,20 @@
 //!
 //! ```text
 //! retire (instead of unlink)  rename <path>.lock -> <pool>/<pid>-<n> (no replace) ;
-//!                             write the stale byte ; unlock ; keep the descriptor
+//!                             write the stale byte unless the lease test below
+//!                             succeeds ; unlock ; keep the descriptor
 //! take (instead of create)    F_SETLEASE F_WRLCK succeeds (no other open file
 //!                             description of the inode exists anywhere), F_UNLCK ;
-//!                             truncate to 0 ; rename <pool>/<pid>-<n> -> <path>.lock
-//!                             (no replace; EEXIST: open the existing file instead)
+//!                             truncate to 0 if not empty ; rename <pool>/<pid>-<n> ->
+//!                             <path>.lock (no replace; EEXIST: open the existing file
+//!                             instead)
 //! ```
+//!
+//! The stale byte is for processes blocked on the file, and each of those holds it open.
+//! Once the file is renamed away nobody can open it by its old name, so when the lease
+//! test finds no other open description right after the rename, nobody waits on it and
+//! the byte (and the truncation that would take it out again) is skipped: a write that
+//! dirties a page and a truncation per build less.
 //!
 //! To everyone else this is Nix's protocol: the name disappears while the lock is held,
 //! and a waiter blocked on the old file finds the stale byte and retries the name. The
@@ -339,7 +347,8 @@ impl LockFilePool {
             self.scan(&mut st);
         }
         while let Some((name, file)) = st.spares.pop() {
-            if !nobody_else_has_open(&file) || file.set_len(0).is_err() {
+            let empty = file.metadata().is_ok_and(|m| m.len() == 0);
+            if !nobody_else_has_open(&file) || (!empty && file.set_len(0).is_err()) {
                 // Its name stays in the pool directory for a later process.
                 continue;
             }
@@ -408,8 +417,11 @@ impl LockFilePool {
             match rename_noreplace(lock_path, &name) {
                 Ok(()) => {
                     // As after an unlink: whoever waits on this file must retry the name.
-                    let mut f = file;
-                    let _ = f.write_all(b"d");
+                    // Only someone who has it open can wait on it (see the module doc).
+                    if !nobody_else_has_open(file) {
+                        let mut f = file;
+                        let _ = f.write_all(b"d");
+                    }
                     return Some(name);
                 }
                 // A leftover of a dead process with our pid and counter value.
@@ -658,6 +670,14 @@ mod tests {
         drop(la);
         assert!(!dir.path().join("a.lock").exists(), "lock file not deleted");
         assert_eq!(pool.spare_count(), 1);
+        // Nobody had it open, so nobody waits on it: no stale byte was written.
+        let spare = std::fs::read_dir(dir.path().join("pool"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        assert_eq!(std::fs::metadata(&spare).unwrap().len(), 0);
         let lb = pooled(&b, &pool);
         let b_lock = dir.path().join("b.lock");
         assert_eq!(ino(&b_lock), a_ino, "a fresh inode was allocated");
