@@ -909,3 +909,55 @@ fn overlay_lower_layer_made_by_the_parent_or_by_the_child() {
     }
     nixb_sandbox::set_detached_lower(true);
 }
+
+/// A mount point that cannot be made in the overlay's lower layer (here below a file input):
+/// the parent reports it by name when it makes that layer (the child, told to stop, is
+/// reaped), or the child does when it makes it itself; with `spawn` and with `start`.
+#[test]
+fn a_mount_point_that_cannot_be_made_is_named() {
+    if !have_root() {
+        return;
+    }
+    for sync in [true, false] {
+        let mut c = Case::new();
+        c.sync = sync;
+        for i in 0..10 {
+            c.input_ro(&format!("{i:032}-in"), "x");
+        }
+        let file = c
+            .scratch
+            .path()
+            .join("store/ffffffffffffffffffffffffffffffff-f");
+        std::fs::write(&file, "a file\n").unwrap();
+        c.spec.binds.push(BindMount {
+            target: "/nix/store/ffffffffffffffffffffffffffffffff-f".into(),
+            source: file,
+            optional: false,
+            read_only: true,
+        });
+        let dir = c.scratch.path().join("somedir");
+        std::fs::create_dir(&dir).unwrap();
+        c.spec.binds.push(BindMount {
+            target: "/nix/store/ffffffffffffffffffffffffffffffff-f/sub".into(),
+            source: dir,
+            optional: false,
+            read_only: true,
+        });
+        let e = match c.spawn("true") {
+            Err(e) => e,
+            Ok((mut running, _log)) => match running.builder.wait() {
+                Err(e) => e,
+                Ok(st) => panic!("a bind below a file input worked ({st:?})"),
+            },
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("/nix/store/ffffffffffffffffffffffffffffffff-f/sub"),
+            "sync {sync}: {msg}"
+        );
+        assert!(
+            matches!(e, SandboxError::Prepare { .. } | SandboxError::Setup { .. }),
+            "{e:?}"
+        );
+    }
+}
