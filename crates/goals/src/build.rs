@@ -314,6 +314,7 @@ pub(crate) fn builder_spec(inv: BuilderInvocation, log_fd: OwnedFd) -> SandboxSp
             inv.impersonate_linux_26,
         ),
         isolation: inv.isolation,
+        announce: None,
     }
 }
 
@@ -542,8 +543,10 @@ pub(crate) fn start_builder(
     // `start` returns while a chroot builder still sets up its sandbox, so the worker goes on
     // meanwhile; a step that fails later comes back from the builder's wait as the error of
     // its exit status, naming the step.
-    w.ensure_watchdog();
-    let builder = match nixb_sandbox::start(builder_spec(inv, write)) {
+    let mut spec = builder_spec(inv, write);
+    // The builder announces itself to the watchdog before the clone returns here.
+    spec.announce = w.ensure_watchdog();
+    let builder = match nixb_sandbox::start(spec) {
         Ok(b) => b,
         Err(e) => {
             let msg = format!(

@@ -8,10 +8,23 @@
 //!
 //! ```text
 //! worker  --pipe-->  watchdog (forked once per worker, before any builder)
-//!   "+<pgid>\n"      a builder's process group was started
-//!   "-<pgid>\n"      it was reaped; forget it (its id may be reused)
-//!   end-of-file      the worker is gone (exit or crash): SIGKILL every group still listed
+//!   "+<pid>\n"       a builder was started: it leads a process group of that id
+//!                    (it called setsid) and may be the init of a PID namespace
+//!   "-<pid>\n"       it was reaped; forget it (its id may be reused)
+//!   end-of-file      the worker is gone (exit or crash): SIGKILL every group still
+//!                    listed, and its leader by pid (for a chroot builder that is the
+//!                    namespace's init: everything in it dies with it, including
+//!                    descendants that left the group)
 //! ```
+//!
+//! A sandboxed builder writes its own `+` line on the pipe, as the first thing it does after
+//! the clone (`SandboxSpec::announce`): the worker may die between the clone and the return
+//! of `nixb_sandbox::start`, and the child's copy of the pipe keeps the watchdog from seeing
+//! the end of file until the line is in (the child closes it right after). The worker still
+//! writes `+` after `start` returned, for every child (those it starts itself, a substituter
+//! or the build hook, have no other): a pid already listed is not listed twice, so the one
+//! `-` after the reaping forgets it. A retraction `-` for a child that a failing `start` has
+//! reaped comes from the sandbox crate.
 //!
 //! A reaped group's `-` line waits in the worker and goes out in one write with the next
 //! `+` line (or when the worker lets go of the watchdog): one write and one wake-up of the
@@ -43,10 +56,26 @@ pub(crate) struct Watchdog {
     reaped: String,
 }
 
+/// The watchdog could not be started.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WatchdogError {
+    #[error("no watchdog: builders would outlive nixb if it crashed: {step}: {errno}")]
+    Start {
+        step: &'static str,
+        errno: nix::errno::Errno,
+    },
+}
+
 impl Watchdog {
-    /// Forks the watchdog. `None` if that failed: builds still run, just without the guard.
-    pub fn start() -> Option<Watchdog> {
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok()?;
+    /// Forks the watchdog. On failure builds can still run, just without the guard: the
+    /// caller says so.
+    pub fn start() -> Result<Watchdog, WatchdogError> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| {
+            WatchdogError::Start {
+                step: "creating its pipe",
+                errno,
+            }
+        })?;
         // Everything the child touches is allocated here, before the fork.
         let mut state = Box::new(ChildState {
             buf: [0u8; 4096],
@@ -58,17 +87,26 @@ impl Watchdog {
         // allocated above and never returns.
         let pid = unsafe { libc::fork() };
         match pid {
-            -1 => None,
+            -1 => Err(WatchdogError::Start {
+                step: "forking",
+                errno: nix::errno::Errno::last(),
+            }),
             0 => unsafe { watchdog_main(read_fd, write_fd, &mut state) },
             pid => {
                 drop(read);
-                Some(Watchdog {
+                Ok(Watchdog {
                     pipe: Some(std::fs::File::from(write)),
                     pid,
                     reaped: String::new(),
                 })
             }
         }
+    }
+
+    /// The pipe's write end, on which a builder announces itself (`SandboxSpec::announce`).
+    /// Close-on-exec: a builder's copy goes at the latest with its exec.
+    pub fn announce_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.pipe.as_ref().map(|p| p.as_raw_fd())
     }
 
     /// Sends the pending `-` lines, then `extra`.
@@ -150,7 +188,12 @@ unsafe fn watchdog_main(read_fd: i32, write_fd: i32, st: &mut ChildState) -> ! {
                 }
                 b'0'..=b'9' => num = num.saturating_mul(10).saturating_add((c - b'0') as i32),
                 b'\n' => {
-                    if sign == b'+' && n_groups < MAX_GROUPS && num > 1 {
+                    // Listed once however often announced (by the builder and the worker).
+                    if sign == b'+'
+                        && n_groups < MAX_GROUPS
+                        && num > 1
+                        && !st.groups[..n_groups].contains(&num)
+                    {
                         st.groups[n_groups] = num;
                         n_groups += 1;
                     } else if sign == b'-' {
@@ -166,7 +209,11 @@ unsafe fn watchdog_main(read_fd: i32, write_fd: i32, st: &mut ChildState) -> ! {
         }
     }
     for &g in &st.groups[..n_groups] {
+        // The group reaches a plain builder's descendants; the leader by pid reaches a
+        // chroot builder's whole PID namespace (its init), and a builder killed before its
+        // setsid, which had no group yet and had forked nothing (ESRCH for the group then).
         libc::kill(-g, libc::SIGKILL);
+        libc::kill(g, libc::SIGKILL);
     }
     libc::_exit(0)
 }
@@ -193,7 +240,7 @@ mod tests {
     fn a_noted_reaping_reaches_the_watchdog_before_it_acts() {
         let mut gone = group();
         let mut live = group();
-        let mut wd = Watchdog::start().expect("forking the watchdog");
+        let mut wd = Watchdog::start().expect("starting the watchdog");
         wd.builder_started(gone.id() as i32);
         wd.builder_started(live.id() as i32);
         wd.builder_reaped(gone.id() as i32);
@@ -215,7 +262,7 @@ mod tests {
     fn a_noted_reaping_goes_out_with_the_next_start() {
         let mut gone = group();
         let mut next = group();
-        let mut wd = Watchdog::start().expect("forking the watchdog");
+        let mut wd = Watchdog::start().expect("starting the watchdog");
         wd.builder_started(gone.id() as i32);
         wd.builder_reaped(gone.id() as i32);
         wd.builder_started(next.id() as i32);

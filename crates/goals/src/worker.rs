@@ -311,11 +311,16 @@ impl<'a> Worker<'a> {
 
     /// Forks the watchdog if it is not running yet. Called before a builder is started, so
     /// that the fork (milliseconds for a large worker) does not sit between the builder's
-    /// start and its registration: a worker killed in that window would leave it running.
-    pub fn ensure_watchdog(&mut self) {
+    /// start and its registration. Returns the pipe a sandboxed builder announces itself on
+    /// (`SandboxSpec::announce`); `None`, with a warning, when the watchdog could not start.
+    pub fn ensure_watchdog(&mut self) -> Option<std::os::fd::RawFd> {
         if self.watchdog.is_none() {
-            self.watchdog = crate::watchdog::Watchdog::start();
+            match crate::watchdog::Watchdog::start() {
+                Ok(wd) => self.watchdog = Some(wd),
+                Err(e) => self.message(Level::Warn, e.to_string()),
+            }
         }
+        self.watchdog.as_ref().and_then(|wd| wd.announce_fd())
     }
 
     pub fn child_started(

@@ -24,6 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -49,6 +50,27 @@ pub struct SandboxSpec {
     pub user: Option<BuildUserIds>,
     pub personality: Personality,
     pub isolation: Isolation,
+    /// A descriptor (typically a pipe's write end) on which the child announces itself before
+    /// it does anything else, for a watchdog that must kill the builder should the caller die
+    /// at any instant. Borrowed: it must stay open until `spawn`/`start` has returned, and
+    /// must not be `log_fd`. The lines written to it:
+    ///
+    /// ```text
+    /// "+<pid>\n"   written by the child, in one write(2), as its very first action after the
+    ///              clone (before setsid, namespaces, mounts, exec); <pid> is its pid in the
+    ///              caller's PID namespace (the number Builder::pid holds), also for a chroot
+    ///              builder, which is PID 1 of its own namespace
+    /// "-<pid>\n"   written by the caller of spawn/start: when either returns an error after the
+    ///              child was cloned, they have reaped it and retract it themselves; once a
+    ///              Builder was returned, saying "-" after reaping it is the caller's job
+    /// ```
+    ///
+    /// The child closes its copy right after the line (it would otherwise keep it until its
+    /// exec, and may wait for the parent on the way): so anyone reading the other end of a
+    /// pipe sees the line before the end of file that the caller's own death causes, even
+    /// when the caller dies between the clone and the return of `spawn`/`start`. A write
+    /// that fails (the reader is gone: `EPIPE`) is ignored and the builder runs on.
+    pub announce: Option<RawFd>,
 }
 
 /// Numeric ids of a build user.
@@ -224,6 +246,8 @@ struct Prepared {
     overlay_step: Option<usize>,
     /// The overlay's lower layer is made by the parent after the clone (`DetachedLower`).
     detached_lower: bool,
+    /// [`SandboxSpec::announce`].
+    announce: Option<RawFd>,
     // Held only so that the pointers and descriptors in `plan` stay valid.
     _chroot: Option<chroot::Prepared>,
 }
@@ -235,6 +259,12 @@ fn prepare(
 ) -> Result<Prepared, SandboxError> {
     let cwd = path_cstring("working directory", &spec.cwd)?;
     let log_fd = spec.log_fd.as_raw_fd();
+    if spec.announce == Some(log_fd) {
+        // The child closes the announcing descriptor before it redirects its output.
+        return Err(SandboxError::InvalidSpec(
+            "the announcing descriptor is the log pipe".into(),
+        ));
+    }
     match &spec.isolation {
         Isolation::Plain => {
             let mut plan = vec![Step::Setsid];
@@ -249,6 +279,7 @@ fn prepare(
                 clone_flags: 0,
                 overlay_step: None,
                 detached_lower: false,
+                announce: spec.announce,
                 _chroot: None,
             })
         }
@@ -270,6 +301,7 @@ fn prepare(
                 // Shifted by the Setsid in front.
                 overlay_step: prep.overlay_step.map(|i| i + 1),
                 detached_lower: prep.lower.is_some(),
+                announce: spec.announce,
                 _chroot: Some(prep),
             })
         }
@@ -284,6 +316,12 @@ struct ChildArgs {
     err_fd: RawFd,
     /// Shared memory for [`spawn_traced`]'s time stamps, or null.
     trace: *mut u64,
+    /// [`SandboxSpec::announce`], or -1.
+    announce: RawFd,
+    /// The child's pid in the parent's PID namespace, stored by the kernel
+    /// (`CLONE_PARENT_SETTID`) before the child first runs: the child's own `getpid` would say
+    /// 1 in a new PID namespace.
+    pid: std::sync::atomic::AtomicI32,
 }
 
 /// Runs each step through `inner` and stores the CLOCK_MONOTONIC time after step `i` in
@@ -318,6 +356,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // unchanged until this child has exec'd or exited: suspended in clone(2) with
     // CLONE_VFORK, or owning them in the Builder's `Pending` otherwise.
     let args = unsafe { &*(arg as *const ChildArgs) };
+    // Before anything that could fork or wait: see `announce`.
+    announce(args);
     // SAFETY: the parent's plan, alive and unchanged as said above.
     let plan = unsafe { std::slice::from_raw_parts(args.plan, args.plan_len) };
     let result = if args.trace.is_null() {
@@ -359,6 +399,84 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         );
         // exit_group does not return.
         libc::_exit(SETUP_FAILED_EXIT)
+    }
+}
+
+/// `"<sign><pid>\n"` into `buf` (no allocation: the child uses it); returns its length.
+fn pid_line(sign: u8, pid: i32, buf: &mut [u8; 16]) -> usize {
+    let mut digits = [0u8; 10];
+    let mut n = 0;
+    let mut v = pid.unsigned_abs();
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    buf[0] = sign;
+    for k in 0..n {
+        buf[1 + k] = digits[n - 1 - k];
+    }
+    buf[1 + n] = b'\n';
+    n + 2
+}
+
+/// The child's first action, when the spec asks for it ([`SandboxSpec::announce`]): its pid
+/// line in one write, then its copy of the descriptor closed. The parent may die at any
+/// instant after the clone; since the child holds a copy of the descriptor until here, a
+/// reader of the other end of a pipe cannot see its end of file before this line, and the
+/// child has neither forked nor left its parent's session yet. Raw calls on our own stack
+/// only (see `sys`).
+fn announce(args: &ChildArgs) {
+    if args.announce < 0 {
+        return;
+    }
+    let mut line = [0u8; 16];
+    let n = pid_line(b'+', args.pid.load(Ordering::Acquire), &mut line);
+    // SAFETY: write(2) from our own buffer, close(2) of our own copy of the descriptor (the
+    // descriptor table is the child's own since the clone), rt_sigtimedwait(2) on our stack.
+    unsafe {
+        let written = sys::sys(
+            libc::SYS_write,
+            [sys::i(args.announce), sys::p(line.as_ptr()), n, 0, 0, 0],
+        );
+        if written == Err(Errno::EPIPE) {
+            // The kernel also queued SIGPIPE for us, blocked (everything is, from before the
+            // clone): once `ResetSignals` restores the default action and empties the mask it
+            // would kill the builder. Nobody reads the line (the watchdog is gone); the build
+            // goes on without it, as it would have before this line existed.
+            let set: KernelSigset = 1 << (libc::SIGPIPE - 1);
+            let no_wait = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            let _ = sys::sys(
+                libc::SYS_rt_sigtimedwait,
+                [
+                    sys::p(&set as *const KernelSigset),
+                    0,
+                    sys::p(&no_wait as *const libc::timespec),
+                    std::mem::size_of::<KernelSigset>(),
+                    0,
+                    0,
+                ],
+            );
+        }
+        let _ = sys::sys(libc::SYS_close, [sys::i(args.announce), 0, 0, 0, 0, 0]);
+    }
+}
+
+/// Takes back the child's `+` line once a failing spawn/start has reaped it (see
+/// [`SandboxSpec::announce`]), so that a watchdog does not keep a pid that may be reused.
+fn retract(announce: Option<RawFd>, pid: Pid) {
+    if let Some(fd) = announce {
+        let mut line = [0u8; 16];
+        let n = pid_line(b'-', pid.as_raw(), &mut line);
+        // A failure means nobody reads the lines any more; nothing to take back then.
+        // SAFETY: write(2) from our own buffer to a descriptor the caller keeps open.
+        let _ = unsafe { libc::write(fd, line.as_ptr().cast(), n) };
     }
 }
 
@@ -608,6 +726,8 @@ fn spawn_prepared(
         plan_len: prepared.plan.len(),
         err_fd: err_write.as_raw_fd(),
         trace: trace.map_or(std::ptr::null_mut(), |t| t.ptr),
+        announce: prepared.announce.unwrap_or(-1),
+        pid: std::sync::atomic::AtomicI32::new(0),
     });
     let mut stack = vec![0u8; CHILD_STACK];
     // The stack grows down on every architecture Linux runs nixb on; keep the top 16-aligned.
@@ -643,8 +763,17 @@ fn spawn_prepared(
         libc::clone(
             child_main,
             top as *mut libc::c_void,
-            prepared.clone_flags | libc::CLONE_VM | vfork | libc::SIGCHLD,
+            prepared.clone_flags
+                | libc::CLONE_VM
+                | vfork
+                | libc::CLONE_PARENT_SETTID
+                | libc::SIGCHLD,
             &*args as *const ChildArgs as *mut libc::c_void,
+            // The kernel stores the new pid here (as this namespace numbers it) before the
+            // child is first woken, so the child reads it in `announce` (C probe on 6.18: 2000
+            // clones each with and without CLONE_NEWPID, the child's first read always equal to
+            // clone's return; its getpid says 1 in the new namespace).
+            args.pid.as_ptr(),
         )
     };
     let clone_errno = Errno::last();
@@ -664,7 +793,9 @@ fn spawn_prepared(
         Ok(fd) => fd,
         Err(e) => {
             // Reaped before anything the child uses is freed (below, on return).
-            reap_after_failure(pid);
+            if reap_after_failure(pid) {
+                retract(prepared.announce, pid);
+            }
             return (Err((None, e)), Some(prepared));
         }
     };
@@ -690,6 +821,7 @@ fn spawn_prepared(
             // it runs on (stack, plan, arguments) goes.
             let _ = builder.kill();
             let _ = builder.wait();
+            builder.retract_if_reaped(prepared.announce);
             drop(stack);
             drop(args);
             return (Err((None, e)), Some(prepared));
@@ -719,6 +851,7 @@ fn spawn_prepared(
         Ok(None) => Ok(builder),
         Ok(Some((index, errno))) => {
             let _ = builder.wait();
+            builder.retract_if_reaped(prepared.announce);
             let step = prepared
                 .plan
                 .get(index)
@@ -729,6 +862,7 @@ fn spawn_prepared(
         Err(e) => {
             let _ = builder.kill();
             let _ = builder.wait();
+            builder.retract_if_reaped(prepared.announce);
             Err((None, e))
         }
     };
@@ -854,11 +988,19 @@ fn restore_signal_mask(old: KernelSigset) {
     }
 }
 
-fn reap_after_failure(pid: Pid) {
+/// Kills and reaps our child; whether it was reaped.
+fn reap_after_failure(pid: Pid) -> bool {
     // SAFETY: plain kill/waitpid on our own unreaped child.
     unsafe {
         libc::kill(pid.as_raw(), libc::SIGKILL);
-        libc::waitpid(pid.as_raw(), std::ptr::null_mut(), 0);
+        loop {
+            if libc::waitpid(pid.as_raw(), std::ptr::null_mut(), 0) == pid.as_raw() {
+                return true;
+            }
+            if Errno::last() != Errno::EINTR {
+                return false;
+            }
+        }
     }
 }
 
@@ -911,6 +1053,14 @@ impl Builder {
             setup_error: None,
             work_dir: None,
         })
+    }
+
+    /// For a failing spawn/start: the `-` line, once (and only if) the child is reaped; a
+    /// live one must stay listed.
+    fn retract_if_reaped(&self, announce: Option<RawFd>) {
+        if self.status.is_some() {
+            retract(announce, self.pid);
+        }
     }
 
     pub fn pidfd(&self) -> BorrowedFd<'_> {
@@ -1053,6 +1203,25 @@ impl Drop for Builder {
             if let Some(p) = self.pending.take() {
                 std::mem::forget(p);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_lines_are_sign_decimal_newline() {
+        let mut buf = [0u8; 16];
+        for (sign, pid, want) in [
+            (b'+', 0, "+0\n"),
+            (b'+', 7, "+7\n"),
+            (b'-', 4194304, "-4194304\n"),
+            (b'+', i32::MAX, "+2147483647\n"),
+        ] {
+            let n = pid_line(sign, pid, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), want);
         }
     }
 }

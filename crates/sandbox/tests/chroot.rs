@@ -67,6 +67,8 @@ struct Case {
     /// Start with `spawn` (returns after the exec) instead of `start` (returns at once, as
     /// the engine does; setup failures come from `wait`).
     sync: bool,
+    /// `SandboxSpec::announce`.
+    announce: Option<std::os::fd::RawFd>,
 }
 
 const STORE: &str = "/nix/store";
@@ -106,6 +108,7 @@ impl Case {
             user: nobody(),
             cwd: build,
             sync: false,
+            announce: None,
         }
     }
 
@@ -147,6 +150,7 @@ impl Case {
             user: self.user.clone(),
             personality: Personality::default(),
             isolation: Isolation::Chroot(self.spec),
+            announce: self.announce,
         };
         let root = match &spec.isolation {
             Isolation::Chroot(c) => c.root.clone(),
@@ -466,6 +470,7 @@ fn a_started_builder_reports_its_failed_step_when_waited_for() {
         user: c.user.clone(),
         personality: Personality::default(),
         isolation: Isolation::Chroot(c.spec),
+        announce: None,
     };
     let mut b = start(spec).expect("start");
     let e = b.wait().expect_err("exec of a non-executable file");
@@ -724,6 +729,7 @@ fn spawn_traced_times_every_step_up_to_the_exec() {
         user: case.user.clone(),
         personality: Personality::default(),
         isolation: Isolation::Chroot(case.spec),
+        announce: None,
     };
     let (mut b, trace) = nixb_sandbox::spawn_traced(spec).expect("spawn_traced");
     assert!(b.wait().unwrap().success());
@@ -866,6 +872,7 @@ fn overlay_lower_layer_made_by_the_parent_or_by_the_child() {
             user: c.user.clone(),
             personality: Personality::default(),
             isolation: Isolation::Chroot(c.spec),
+            announce: None,
         };
         let (mut b, trace) = nixb_sandbox::spawn_traced(spec).expect("spawn_traced");
         let mut out = String::new();
@@ -960,4 +967,85 @@ fn a_mount_point_that_cannot_be_made_is_named() {
             "{e:?}"
         );
     }
+}
+
+/// A close-on-exec pipe for `SandboxSpec::announce`, the read end non-blocking.
+fn announce_pipe() -> (std::fs::File, OwnedFd) {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&r),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    (std::fs::File::from(r), w)
+}
+
+/// What is in the pipe now.
+fn available(f: &mut std::fs::File) -> String {
+    let mut buf = [0u8; 256];
+    match f.read(&mut buf) {
+        Ok(n) => String::from_utf8(buf[..n].to_vec()).unwrap(),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => String::new(),
+        Err(e) => panic!("reading the announce pipe: {e}"),
+    }
+}
+
+/// A chroot builder is PID 1 of its namespace, yet announces the pid the host (and the
+/// Builder) knows it by, before its first command runs; the child keeps no copy of the
+/// descriptor once it has written.
+#[test]
+fn a_chroot_builder_announces_its_host_pid() {
+    if !have_root() {
+        return;
+    }
+    let (mut ann, ann_w) = announce_pipe();
+    let mut c = Case::new();
+    c.announce = Some(std::os::fd::AsRawFd::as_raw_fd(&ann_w));
+    let (mut running, mut log) = c.spawn("echo $$; sleep 100").unwrap();
+    let mut first = [0u8; 2];
+    log.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"1\n", "the builder is PID 1 inside");
+    let pid = running.builder.pid.as_raw();
+    assert!(pid > 1);
+    assert_eq!(available(&mut ann), format!("+{pid}\n"));
+    drop(ann_w);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // End of file: an empty read that is not EWOULDBLOCK.
+        let mut buf = [0u8; 16];
+        match ann.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => panic!("more lines: {:?}", &buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "a copy of the descriptor was kept"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    running.builder.kill().unwrap();
+    running.builder.wait().unwrap();
+}
+
+/// A started builder whose setup fails after `start` returned: the child's `+` line is
+/// there, and no `-`: the caller, who got the Builder, says that once it has reaped it.
+#[test]
+fn a_started_builder_that_fails_later_leaves_the_retraction_to_the_caller() {
+    if !have_root() {
+        return;
+    }
+    let (mut ann, ann_w) = announce_pipe();
+    let mut c = Case::new();
+    c.cwd = "/tmp/nix-build-missing-0".into();
+    c.announce = Some(std::os::fd::AsRawFd::as_raw_fd(&ann_w));
+    let (mut running, _log) = c.spawn("true").expect("start returns before the setup");
+    let pid = running.builder.pid.as_raw();
+    assert!(matches!(
+        running.builder.wait(),
+        Err(SandboxError::Setup { .. })
+    ));
+    assert_eq!(available(&mut ann), format!("+{pid}\n"));
 }

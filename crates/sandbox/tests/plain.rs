@@ -28,6 +28,7 @@ fn sh(script: &str, cwd: PathBuf, log: OwnedFd) -> SandboxSpec {
         user: None,
         personality: Personality::default(),
         isolation: Isolation::Plain,
+        announce: None,
     }
 }
 
@@ -303,4 +304,127 @@ fn concurrent_spawns_from_several_threads() {
         w.join().expect("spawning thread");
     }
     drop(churn);
+}
+
+/// A pipe for `SandboxSpec::announce`: the read end non-blocking, so that a test sees what
+/// is in it at that moment rather than waiting for more.
+fn announce_pipe() -> (std::fs::File, OwnedFd) {
+    // Close-on-exec as the engine's: other tests' children must not keep a copy.
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    // Only the read end: the child's write blocks for room as in the engine.
+    nix::fcntl::fcntl(
+        r.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    (std::fs::File::from(r), w)
+}
+
+/// What is in the pipe now; "EOF" appended once every write end is closed.
+fn available(f: &mut std::fs::File) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => {
+                out.extend_from_slice(b"EOF");
+                break;
+            }
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("reading the announce pipe: {e}"),
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Everything up to the end of file, which may take a moment: a child that another test's
+/// thread is starting holds a copy of every descriptor until its exec.
+fn until_eof(f: &mut std::fs::File) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut out = String::new();
+    loop {
+        out.push_str(&available(f));
+        if out.ends_with("EOF") {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "no end of file after {out:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The line is in the pipe by the time the builder's first command has run, names the pid
+/// the Builder holds, and the child keeps no copy of the descriptor (end of file once ours
+/// is closed, while the builder still runs).
+#[test]
+fn the_builder_announces_its_pid_before_it_runs() {
+    let (log, w) = log_pipe();
+    let (mut ann, ann_w) = announce_pipe();
+    let mut spec = sh("echo started; sleep 100", "/".into(), w);
+    spec.announce = Some(ann_w.as_raw_fd());
+    let mut b = nixb_sandbox::start(spec).expect("start");
+    let mut first = [0u8; 8];
+    let mut log = log;
+    log.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    assert_eq!(available(&mut ann), format!("+{}\n", b.pid));
+    drop(ann_w);
+    assert_eq!(
+        until_eof(&mut ann),
+        "EOF",
+        "a copy of the descriptor was kept"
+    );
+    assert!(alive(b.pid.as_raw()));
+    b.kill().unwrap();
+    b.wait().unwrap();
+}
+
+/// A reader that is gone (a dead watchdog) makes the write fail with EPIPE and queues a
+/// SIGPIPE, blocked in the child: the builder must neither fail nor die of it later.
+#[test]
+fn a_builder_whose_announcement_nobody_reads_still_runs() {
+    let (log, w) = log_pipe();
+    let (ann, ann_w) = announce_pipe();
+    drop(ann);
+    let mut spec = sh("echo ok", "/".into(), w);
+    spec.announce = Some(ann_w.as_raw_fd());
+    let mut b = spawn(spec).expect("spawn");
+    let out = read_all(log);
+    let st = b.wait().unwrap();
+    assert!(st.success(), "{st:?} {out}");
+    assert_eq!(out, "ok\n");
+}
+
+/// A setup that fails inside `spawn`: the child said `+`, `spawn` reaped it and says `-`
+/// for the same pid, so a watchdog lists nothing that could be reused.
+#[test]
+fn a_failed_setup_is_retracted() {
+    let (_log, w) = log_pipe();
+    let (mut ann, ann_w) = announce_pipe();
+    let mut spec = sh("true", "/tmp/nix-build-nonexistent-0".into(), w);
+    spec.announce = Some(ann_w.as_raw_fd());
+    assert!(matches!(spawn(spec), Err(SandboxError::Setup { .. })));
+    drop(ann_w);
+    let got = until_eof(&mut ann);
+    let pid = got
+        .strip_prefix('+')
+        .and_then(|r| r.split_once('\n'))
+        .map(|(pid, _)| pid)
+        .expect("a '+' line first");
+    assert!(pid.parse::<i32>().unwrap() > 1, "{got:?}");
+    assert_eq!(got, format!("+{pid}\n-{pid}\nEOF"));
+}
+
+/// The descriptor must not be the log pipe (the child closes it before redirecting output).
+#[test]
+fn the_log_pipe_cannot_be_the_announcing_descriptor() {
+    let (_log, w) = log_pipe();
+    let fd = w.as_raw_fd();
+    let mut spec = sh("true", "/".into(), w);
+    spec.announce = Some(fd);
+    let err = spawn(spec).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid sandbox spec: the announcing descriptor is the log pipe"
+    );
 }
