@@ -275,4 +275,178 @@ mod tests {
         gone.kill().unwrap();
         gone.wait().unwrap();
     }
+    /// A builder announced before its setsid leads no group yet: it is killed by its pid.
+    /// And a pid announced twice (by the builder and by the worker) is forgotten with one
+    /// `-`: another started later with the same two lines is still killed.
+    #[test]
+    fn a_listed_pid_that_leads_no_group_is_killed_and_doubles_count_once() {
+        let mut not_leader = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut gone = group();
+        let mut wd = Watchdog::start().expect("starting the watchdog");
+        wd.send(&format!("+{}\n", gone.id()));
+        wd.builder_started(gone.id() as i32);
+        wd.builder_reaped(gone.id() as i32);
+        wd.send(&format!("+{}\n", not_leader.id()));
+        wd.builder_started(not_leader.id() as i32);
+        wd.pipe = None;
+        let status = not_leader.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            gone.try_wait().unwrap().is_none(),
+            "a pid announced twice and reaped once was killed"
+        );
+        gone.kill().unwrap();
+        gone.wait().unwrap();
+    }
+
+    /// Set in the re-executed test binary that plays the worker: "plain", or "chroot" with
+    /// the scratch directory in [`SCRATCH_ENV`].
+    const WORKER_ENV: &str = "NIXB_WATCHDOG_TEST_WORKER";
+    const SCRATCH_ENV: &str = "NIXB_WATCHDOG_TEST_SCRATCH";
+    /// In the environment of the builder and of everything it starts, so that survivors can
+    /// be found whatever their pids.
+    const TOKEN_ENV: &str = "NIXB_WATCHDOG_TEST_TOKEN";
+
+    /// The worker's side: the watchdog, a builder that announces itself on its pipe, and a
+    /// SIGKILL right after `start` returned, before `builder_started` (the worker's own `+`
+    /// line) could run: the window that only the builder's announcement covers. Test-only
+    /// code, reached through the environment variables above and a re-executed test binary.
+    fn worker_that_dies_right_after_start(mode: &str) -> ! {
+        let wd = Watchdog::start().expect("starting the watchdog");
+        let (_log_r, log_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let token = std::env::var_os(TOKEN_ENV).expect("token");
+        let script = if mode == "chroot" {
+            "setsid sleep 1000 & sleep 1000 & sleep 1000"
+        } else {
+            "sleep 1000 & sleep 1000"
+        };
+        let (isolation, cwd) = if mode == "chroot" {
+            let scratch = std::path::PathBuf::from(std::env::var_os(SCRATCH_ENV).unwrap());
+            let build = scratch.join("build");
+            std::fs::create_dir(&build).unwrap();
+            let mut c = nixb_sandbox::ChrootSpec::new(
+                scratch.join("root"),
+                "/nix/store".into(),
+                build.clone(),
+                0,
+                0,
+            );
+            for d in ["/bin", "/usr"] {
+                c.binds.push(nixb_sandbox::BindMount::same(d).read_only());
+            }
+            for d in ["/lib", "/lib64"] {
+                c.binds
+                    .push(nixb_sandbox::BindMount::same(d).read_only().optional());
+            }
+            (nixb_sandbox::Isolation::Chroot(c), build)
+        } else {
+            (nixb_sandbox::Isolation::Plain, "/".into())
+        };
+        let spec = nixb_sandbox::SandboxSpec {
+            program: "/bin/sh".into(),
+            // In a chroot, also a child that leaves the builder's session: only the end of
+            // the PID namespace takes it (in plain mode nothing would: that is the build
+            // user's kill-all, not the watchdog's).
+            args: vec!["-c".into(), script.into()],
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                (TOKEN_ENV.into(), token),
+            ],
+            cwd,
+            log_fd: log_w,
+            user: None,
+            personality: Default::default(),
+            isolation,
+            announce: wd.announce_fd(),
+        };
+        let builder = nixb_sandbox::start(spec).expect("starting the builder");
+        // Nothing of ours may take the builder down: no drop, no kill.
+        std::mem::forget(builder);
+        // SAFETY: kill(2) of ourselves.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        unreachable!("SIGKILLed")
+    }
+
+    /// Live (not zombie) processes whose environment holds `TOKEN_ENV=token`.
+    fn carrying(token: &str) -> Vec<i32> {
+        let needle = format!("{TOKEN_ENV}={token}");
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if env.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let zombie = stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+                if !zombie {
+                    found.push(pid);
+                }
+            }
+        }
+        found
+    }
+
+    fn builder_dies_with_a_worker_killed_right_after_start(test: &str, mode: &str) {
+        if let Ok(m) = std::env::var(WORKER_ENV) {
+            worker_that_dies_right_after_start(&m);
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        let token = format!("{}-{}", std::process::id(), mode);
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(WORKER_ENV, mode)
+            .env(SCRATCH_ENV, scratch.path())
+            .env(TOKEN_ENV, &token)
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "the worker: {status:?}"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let left = carrying(&token);
+            if left.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                for &p in &left {
+                    // SAFETY: kill(2); do not leave them running after the failure.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                panic!("processes {left:?} of the builder survived the worker");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_plain_builder_dies_with_a_worker_killed_right_after_start() {
+        builder_dies_with_a_worker_killed_right_after_start(
+            "watchdog::tests::a_plain_builder_dies_with_a_worker_killed_right_after_start",
+            "plain",
+        );
+    }
+
+    /// A chroot builder is still setting up when `start` returns.
+    #[test]
+    fn a_chroot_builder_dies_with_a_worker_killed_right_after_start() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "a chroot builder needs root (namespaces and mounts) and CI is set"
+            );
+            eprintln!("skipping: not root");
+            return;
+        }
+        builder_dies_with_a_worker_killed_right_after_start(
+            "watchdog::tests::a_chroot_builder_dies_with_a_worker_killed_right_after_start",
+            "chroot",
+        );
+    }
 }
