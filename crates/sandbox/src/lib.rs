@@ -7,7 +7,9 @@
 //! close-on-exec pipe as (step index, errno), so the caller gets
 //! `SandboxError::Setup { step: "chdir to /tmp/nix-build-x-0", errno: ENOENT }` rather than an
 //! exit code. The returned [`Builder`] owns the child: a pidfd to poll for its exit, `kill`
-//! that takes everything in the sandbox with it, and `wait`/`try_wait`.
+//! that takes everything in the sandbox with it, and `wait`/`try_wait`. Given a descriptor
+//! ([`SandboxSpec::announce`]), the child first writes `+<pid>` on it, so that a watchdog of
+//! the caller's knows the builder even if the caller dies before `spawn`/`start` returns.
 //!
 //! What this crate does not do: allocate build users, create the build directory, move outputs
 //! out of the chroot, or read the log pipe. Those are the caller's.
@@ -741,7 +743,8 @@ fn spawn_prepared(
     // shared state: the plan makes raw system calls only (the `sys` module: not even errno,
     // which it would share with this thread), on data prepared above, writing only its own
     // stack, the trace mapping and, with a detached lower layer, two words of ours meant
-    // for it (atomic stores: `arrived`, `mounted`); and all signals stay blocked from here until its
+    // for it (atomic stores: `arrived`, `mounted`); it reads its pid from `args.pid`, stored
+    // by the kernel before the child first ran (`announce`); and all signals stay blocked from here until its
     // ResetSignals step has put every disposition back to the default, so no handler of the
     // parent's can run on the child's stack in our memory. Namespaces, mounts, the root,
     // credentials, capabilities, the seccomp filter and the personality are per task (no
