@@ -533,7 +533,11 @@ fn spawn_realise(env: &Env, drv: &str) -> Child {
 fn finish(c: Child) -> (String, String) {
     let out = c.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "nixb realise failed: {stderr}");
+    assert!(
+        out.status.success(),
+        "nixb realise failed ({}): {stderr}",
+        out.status
+    );
     (
         String::from_utf8(out.stdout).unwrap().trim().to_string(),
         stderr,
