@@ -20,7 +20,6 @@
 //! [`crate::build`]; output registration in [`crate::register`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::ExitStatus;
 use std::sync::Arc;
 
 use nixb_store::derivation::Derivation;
@@ -69,7 +68,7 @@ pub(crate) struct DerivationGoal {
     pub build: Option<RunningBuild>,
     /// The build hook took this build (its process is the goal's child).
     pub hook_build: Option<crate::hook::HookBuild>,
-    exit: Option<Result<ExitStatus, String>>,
+    exit: Option<crate::worker::ChildStatus>,
     /// Told the user once that every build user is busy.
     reported_users_busy: bool,
     /// How many wanted outputs `haveDerivation` found invalid, when it goes straight on to
@@ -650,7 +649,7 @@ impl DerivationGoal {
         }
     }
 
-    pub fn child_exited(&mut self, status: Result<ExitStatus, String>) {
+    pub fn child_exited(&mut self, status: crate::worker::ChildStatus) {
         self.exit = Some(status);
     }
 
@@ -680,6 +679,14 @@ impl DerivationGoal {
                 .extract_outputs()
                 .and_then(|()| crate::register::register_outputs(self, &mut build, w)),
             (None, Ok(s)) => Err(build.failure_error(w, &self.drv_path, s)),
+            // The original's message for a builder whose environment could not be set up,
+            // as when `start` itself fails (build.rs).
+            (None, Err(crate::worker::ChildError::Setup(e))) => {
+                Err(crate::register::Rejection::misc(format!(
+                    "failed to set up the build environment for {}: {e}",
+                    quoted(w.store_dir(), &self.drv_path)
+                )))
+            }
             (None, Err(e)) => Err(crate::register::Rejection::misc(format!(
                 "waiting for the builder of {}: {e}",
                 quoted(w.store_dir(), &self.drv_path)

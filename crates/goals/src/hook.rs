@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::{ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nixb_logs::LogSink;
@@ -313,7 +313,7 @@ pub(crate) fn build_done(
     id: GoalId,
     w: &mut Worker<'_>,
     mut hb: HookBuild,
-    status: Result<ExitStatus, String>,
+    status: crate::worker::ChildStatus,
 ) -> Result<(), BuildError> {
     let drv_path = g.drv_path.clone();
     hb.drain_messages(w, &drv_path, true);

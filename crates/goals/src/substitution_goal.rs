@@ -34,7 +34,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -255,7 +255,7 @@ pub(crate) struct SubstitutionGoal {
     /// Where the substituter unpacks: the path itself, or beside it when repairing.
     dest: PathBuf,
     stdout: Option<ChildStdout>,
-    exit: Option<Result<ExitStatus, String>>,
+    exit: Option<crate::worker::ChildStatus>,
     /// What the built-in substituter reported for this goal.
     completion: Option<Box<Completion>>,
     /// Set when the goal is destroyed, so that its queued fetch is skipped.
@@ -638,7 +638,7 @@ impl SubstitutionGoal {
         });
     }
 
-    pub fn child_exited(&mut self, status: Result<ExitStatus, String>) {
+    pub fn child_exited(&mut self, status: crate::worker::ChildStatus) {
         self.exit = Some(status);
     }
 
@@ -690,7 +690,7 @@ impl SubstitutionGoal {
     fn check(
         &self,
         w: &Worker<'_>,
-        status: &Result<ExitStatus, String>,
+        status: &crate::worker::ChildStatus,
         out: &str,
     ) -> Result<(Hash, u64), String> {
         let shown = w.store_dir().print(&self.path);

@@ -40,6 +40,33 @@ pub(crate) enum Goal {
 }
 
 /// A running builder, owned by the worker so that destroying its goal kills it.
+
+/// How a child of the worker ended: its exit status, or why there is none.
+pub(crate) type ChildStatus = Result<ExitStatus, ChildError>;
+
+/// A child whose exit status could not be had.
+#[derive(Debug)]
+pub(crate) enum ChildError {
+    /// A builder started by `nixb_sandbox::start` failed a setup step (its exec included)
+    /// after `start` had returned: the build environment, not the builder, failed.
+    Setup(String),
+    /// Anything else (waiting failed, no status recorded).
+    Other(String),
+}
+
+impl std::fmt::Display for ChildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChildError::Setup(m) | ChildError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<&str> for ChildError {
+    fn from(m: &str) -> Self {
+        ChildError::Other(m.to_owned())
+    }
+}
 pub(crate) struct Child {
     pub builder: nixb_sandbox::Builder,
     /// Read side of the log pipe (non-blocking); `None` after end-of-file.
@@ -561,7 +588,7 @@ impl<'a> Worker<'a> {
         });
     }
 
-    fn child_exited(&mut self, id: GoalId, status: Result<ExitStatus, String>) {
+    fn child_exited(&mut self, id: GoalId, status: crate::worker::ChildStatus) {
         // A local build that succeeded is finished after the slot it frees has gone to the
         // next build (see `run`). Failures are handled at once: without keep-going they
         // stop everything, and no new builder should start first.
@@ -755,7 +782,10 @@ impl<'a> Worker<'a> {
     /// drain its log pipe and let the goal finish the build.
     fn reap(&mut self, id: GoalId) {
         let status = match self.children.get_mut(&id) {
-            Some(c) => c.builder.wait().map_err(|e| e.to_string()),
+            Some(c) => c.builder.wait().map_err(|e| match e {
+                nixb_sandbox::SandboxError::Setup { .. } => ChildError::Setup(e.to_string()),
+                e => ChildError::Other(e.to_string()),
+            }),
             None => return,
         };
         self.drain_log(id);

@@ -417,7 +417,13 @@ fn a_setup_step_failing_after_the_start_names_the_step() {
         msg.contains("setting up the builder: executing /nonexistent/builder: ENOENT"),
         "{msg}"
     );
-    assert!(msg.contains(&t.print(&drv)), "{msg}");
+    assert!(
+        msg.starts_with(&format!(
+            "failed to set up the build environment for '{}'",
+            t.print(&drv)
+        )),
+        "{msg}"
+    );
     assert!(!events
         .iter()
         .any(|e| matches!(e, Event::BuildSucceeded { .. })));

@@ -103,6 +103,25 @@ fn missing_program_names_the_exec_step() {
     }
 }
 
+/// `start` does not wait for a plain builder's exec: a program that cannot be executed is
+/// reported by `wait` (and again by `try_wait`), naming the step, as `spawn` reports it.
+#[test]
+fn a_plain_start_reports_a_failed_exec_from_wait() {
+    let (_r, w) = log_pipe();
+    let mut spec = sh("true", "/".into(), w);
+    spec.program = "/nonexistent/builder".into();
+    let mut b = nixb_sandbox::start(spec).expect("start returns before the exec");
+    for got in [b.wait().map(|_| ()), b.try_wait().map(|_| ())] {
+        match got.unwrap_err() {
+            SandboxError::Setup { step, errno } => {
+                assert_eq!(step, "executing /nonexistent/builder");
+                assert_eq!(errno, nix::errno::Errno::ENOENT);
+            }
+            other => panic!("expected a setup error, got {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn nul_in_environment_is_rejected_before_forking() {
     let (_r, w) = log_pipe();
