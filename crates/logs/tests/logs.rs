@@ -551,3 +551,44 @@ fn background_creation_waited_for_at_any_moment() {
     rx.recv_timeout(Duration::from_secs(60))
         .expect("waiting for a log created in the background hung");
 }
+
+/// Nice values of this process's threads named `name` (from /proc/self/task/*/stat).
+fn nice_of_threads(name: &str) -> Vec<i64> {
+    let mut found = Vec::new();
+    for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name start with the state (field 3); nice is 19.
+        if let Some((_, rest)) = stat.rsplit_once(") ") {
+            if let Some(n) = rest.split(' ').nth(16) {
+                found.push(n.parse().unwrap());
+            }
+        }
+    }
+    found
+}
+
+/// The bzip2 thread runs at the lowest priority, so that compressing a chatty builder's
+/// log takes only the CPU time builders leave.
+#[test]
+fn the_compressing_thread_runs_at_the_lowest_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = LogSink::create(&cfg(dir.path(), true), DRV).unwrap();
+    sink.write(b"some output\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nices = nice_of_threads("nixb-log-bzip2");
+        if !nices.is_empty() && nices.iter().all(|&n| n == 19) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "compressor threads' nice values: {nices:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sink.finish().unwrap();
+}
