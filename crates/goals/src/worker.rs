@@ -39,8 +39,6 @@ pub(crate) enum Goal {
     Substitution(Box<SubstitutionGoal>),
 }
 
-/// A running builder, owned by the worker so that destroying its goal kills it.
-
 /// How a child of the worker ended: its exit status, or why there is none.
 pub(crate) type ChildStatus = Result<ExitStatus, ChildError>;
 
@@ -67,6 +65,8 @@ impl From<&str> for ChildError {
         ChildError::Other(m.to_owned())
     }
 }
+
+/// A running builder, owned by the worker so that destroying its goal kills it.
 pub(crate) struct Child {
     pub builder: nixb_sandbox::Builder,
     /// Read side of the log pipe (non-blocking); `None` after end-of-file.
