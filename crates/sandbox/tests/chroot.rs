@@ -136,6 +136,19 @@ impl Case {
         inside
     }
 
+    /// A store input that is a regular file (not a directory), bound read-only at
+    /// `/nix/store/<name>`.
+    fn file_input_ro(&mut self, name: &str, contents: &str) {
+        let file = self.scratch.path().join("store").join(name);
+        std::fs::write(&file, contents).unwrap();
+        self.spec.binds.push(BindMount {
+            target: Path::new("/nix/store").join(name),
+            source: file,
+            optional: false,
+            read_only: true,
+        });
+    }
+
     fn spawn(self, script: &str) -> Result<(Running, std::fs::File), SandboxError> {
         let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
         let spec = SandboxSpec {
@@ -839,17 +852,7 @@ fn overlay_lower_layer_made_by_the_parent_or_by_the_child() {
             c.input_ro(&format!("{i:032}-in"), &format!("in {i}"));
         }
         // A file input: its mount point is a file in the lower layer.
-        let file = c
-            .scratch
-            .path()
-            .join("store/ffffffffffffffffffffffffffffffff-f");
-        std::fs::write(&file, "a file\n").unwrap();
-        c.spec.binds.push(BindMount {
-            target: "/nix/store/ffffffffffffffffffffffffffffffff-f".into(),
-            source: file,
-            optional: false,
-            read_only: true,
-        });
+        c.file_input_ro("ffffffffffffffffffffffffffffffff-f", "a file\n");
         let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
         let root = c.spec.root.clone();
         let spec = SandboxSpec {
@@ -931,17 +934,7 @@ fn a_mount_point_that_cannot_be_made_is_named() {
         for i in 0..10 {
             c.input_ro(&format!("{i:032}-in"), "x");
         }
-        let file = c
-            .scratch
-            .path()
-            .join("store/ffffffffffffffffffffffffffffffff-f");
-        std::fs::write(&file, "a file\n").unwrap();
-        c.spec.binds.push(BindMount {
-            target: "/nix/store/ffffffffffffffffffffffffffffffff-f".into(),
-            source: file,
-            optional: false,
-            read_only: true,
-        });
+        c.file_input_ro("ffffffffffffffffffffffffffffffff-f", "a file\n");
         let dir = c.scratch.path().join("somedir");
         std::fs::create_dir(&dir).unwrap();
         c.spec.binds.push(BindMount {
