@@ -588,7 +588,7 @@ impl<'a> Worker<'a> {
         });
     }
 
-    fn child_exited(&mut self, id: GoalId, status: crate::worker::ChildStatus) {
+    fn child_exited(&mut self, id: GoalId, status: ChildStatus) {
         // A local build that succeeded is finished after the slot it frees has gone to the
         // next build (see `run`). Failures are handled at once: without keep-going they
         // stop everything, and no new builder should start first.
