@@ -171,7 +171,7 @@ impl BuildDir {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(_) => return Err(self),
             }
-            match rename_noreplace(&self.path, &path) {
+            match nixb_store::locks::rename_noreplace(&self.path, &path) {
                 Ok(()) => {}
                 Err(e) => {
                     let _ = fs::remove_file(&lock_path);
@@ -189,19 +189,6 @@ impl BuildDir {
         }
         Err(self)
     }
-}
-
-/// `rename(2)` that fails with `AlreadyExists` instead of replacing an empty directory that
-/// another process just made under the target name.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    nix::fcntl::renameat2(
-        None,
-        from,
-        None,
-        to,
-        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-    )
-    .map_err(io::Error::from)
 }
 
 /// The build directories of one worker: hands out fresh ones, and keeps the emptied

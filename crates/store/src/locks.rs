@@ -452,8 +452,9 @@ fn nobody_else_has_open(file: &File) -> bool {
     granted
 }
 
-/// `rename(2)` that fails with `EEXIST` instead of replacing `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+/// `rename(2)` that fails with `EEXIST` (`AlreadyExists`) instead of replacing `to`, also
+/// when `to` is an empty directory another process just made.
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     nix::fcntl::renameat2(
         None,
         from,
