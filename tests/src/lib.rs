@@ -4,6 +4,8 @@
 //! Oracle tests need `nix-store`. Under `CI=true` its absence is a failure (the test command
 //! installs `nix-bin`); elsewhere such a test returns early with a note on stderr.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;

@@ -362,8 +362,10 @@ fn a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output() {
             }
         }
         // Tell the builder we have it, so it may exit.
+        // SAFETY: `conn` is the accepted connection, open until the close below.
         nix::unistd::write(unsafe { std::os::fd::BorrowedFd::borrow_raw(conn) }, b"k").unwrap();
         nix::unistd::close(conn).unwrap();
+        // SAFETY: `got` was received just now by SCM_RIGHTS: a new descriptor nothing else owns.
         unsafe { OwnedFd::from_raw_fd(got.expect("a descriptor was passed")) }
     });
     let script = format!(
