@@ -165,15 +165,34 @@ fn read_rust_files(dir: &Path) -> Result<String> {
             if ty.is_dir() && e.file_name() != "target" {
                 stack.push(path);
             } else if ty.is_file() && path.extension().is_some_and(|x| x == "rs") {
-                text.push_str(
-                    &std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?,
-                );
-                text.push('\n');
+                let source = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                for line in source.lines() {
+                    text.push_str(without_comment(line));
+                    text.push('\n');
+                }
             }
         }
     }
     Ok(text)
+}
+
+/// `line` without a trailing `//` comment (doc comments included, which may name a crate
+/// in prose). A `//` right after a non-space, as in `http://`, is not taken for one.
+fn without_comment(line: &str) -> &str {
+    let mut from = 0;
+    while let Some(i) = line[from..].find("//") {
+        let at = from + i;
+        if line[..at]
+            .chars()
+            .next_back()
+            .is_none_or(char::is_whitespace)
+        {
+            return &line[..at];
+        }
+        from = at + 2;
+    }
+    line
 }
 
 /// Whether `text` uses crate `ident` as a path root: `ident::`, `use ident` or
@@ -198,7 +217,17 @@ fn mentions_crate(text: &str, ident: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::mentions_crate;
+    use super::{mentions_crate, without_comment};
+
+    #[test]
+    fn comments_are_cut_but_urls_are_not() {
+        assert_eq!(without_comment("//! see memchr::memmem"), "");
+        assert_eq!(without_comment("let x = 1; // nix::foo"), "let x = 1; ");
+        assert_eq!(
+            without_comment("let u = \"http://x\"; // y"),
+            "let u = \"http://x\"; "
+        );
+    }
 
     #[test]
     fn path_roots_count_and_lookalikes_do_not() {
