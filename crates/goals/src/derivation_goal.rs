@@ -31,7 +31,8 @@ use crate::config::BuildMode;
 use crate::error::{quoted, BuildError};
 use crate::event::{Event, FailureKind, Level};
 use crate::graph::{ExitCode, GoalId};
-use crate::worker::{Failure, Worker};
+use crate::outcome::Failure;
+use crate::worker::Worker;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -148,28 +149,25 @@ impl DerivationGoal {
         if let Some(b) = self.build.take() {
             b.abandon(w, self.mode == BuildMode::Normal);
         }
-        if permanent {
-            w.permanent_failure = true;
-        }
         w.emit(Event::BuildFailed {
             drv: self.drv_path.clone(),
             kind,
             reason: reason.clone(),
             permanent,
         });
-        w.record_failure(Failure {
-            path: self.drv_path.clone(),
-            kind,
-            message: reason,
-        });
+        w.record_failure(
+            Failure {
+                path: self.drv_path.clone(),
+                kind,
+                message: reason,
+            },
+            permanent,
+        );
         w.am_done(id, ExitCode::Failed);
     }
 
     /// The worker killed the builder (a timeout or the log limit).
     pub fn cancel(&mut self, id: GoalId, w: &mut Worker<'_>, kind: FailureKind, reason: String) {
-        if kind == FailureKind::TimedOut {
-            w.timed_out = true;
-        }
         let reason = format!(
             "building of {} {reason}",
             quoted(w.store_dir(), &self.drv_path)
@@ -707,11 +705,6 @@ impl DerivationGoal {
                 w.am_done(id, ExitCode::Success);
             }
             Err(rej) => {
-                match rej.kind {
-                    FailureKind::HashMismatch => w.hash_mismatch = true,
-                    FailureKind::NotDeterministic => w.check_mismatch = true,
-                    _ => {}
-                }
                 let permanent = rej.permanent && !self.fixed_output && !build.disk_full;
                 if w.cfg.cache_failure && rej.permanent && !self.fixed_output {
                     for p in self.outputs.values() {

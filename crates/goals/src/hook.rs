@@ -364,7 +364,6 @@ pub(crate) fn build_done(
     }
     if status.code() == Some(REMOTE_BUILD_TIMED_OUT) {
         // Like a local timeout: not permanent, never cached as a failure.
-        w.timed_out = true;
         let message = format!("remote build of {shown} timed out");
         g.fail(id, w, FailureKind::TimedOut, message, false);
         return Ok(());

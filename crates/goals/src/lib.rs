@@ -27,6 +27,7 @@ mod external;
 pub mod graph;
 mod hook;
 mod local;
+mod outcome;
 pub mod refcheck;
 mod register;
 pub mod sandboxing;
@@ -45,8 +46,8 @@ pub use config::{
 pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
 pub use graph::ExitCode;
+pub use outcome::Failure;
 pub use store::{BuildStore, NewOutput, PathInfo, StoreFault, SubstitutedPath};
-pub use worker::Failure;
 
 /// What `realise` achieved.
 #[derive(Debug)]
@@ -129,17 +130,24 @@ pub fn realise(
                     level: Level::Error,
                     text: message.clone(),
                 });
-                w.record_failure(Failure {
-                    path: p.clone(),
-                    kind: FailureKind::SetupFailed,
-                    message,
-                });
+                w.record_failure(
+                    Failure {
+                        path: p.clone(),
+                        kind: FailureKind::SetupFailed,
+                        message,
+                    },
+                    false,
+                );
             }
             _ => failed = true,
         }
     }
-    let exit_status = if failed { w.failing_exit_status() } else { 0 };
-    let failures = std::mem::take(&mut w.failures);
+    let exit_status = if failed {
+        w.outcome.failing_exit_status()
+    } else {
+        0
+    };
+    let failures = std::mem::take(&mut w.outcome).into_failures();
     Ok(RealiseOutcome {
         exit_status,
         outputs,

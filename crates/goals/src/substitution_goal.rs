@@ -48,8 +48,9 @@ use crate::error::quoted;
 use crate::event::{Event, FailureKind, Level};
 use crate::external::{raw_status, spawn_adopted, status_to_string};
 use crate::graph::{ExitCode, GoalId};
+use crate::outcome::Failure;
 use crate::store::SubstitutedPath;
-use crate::worker::{Failure, Worker};
+use crate::worker::Worker;
 
 /// What a substituter says about a path it can provide (`info`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -306,11 +307,14 @@ impl SubstitutionGoal {
     fn fail_setup(&mut self, id: GoalId, w: &mut Worker<'_>, message: String) {
         self.lock = None;
         w.message(Level::Error, message.clone());
-        w.record_failure(Failure {
-            path: self.path.clone(),
-            kind: FailureKind::SetupFailed,
-            message,
-        });
+        w.record_failure(
+            Failure {
+                path: self.path.clone(),
+                kind: FailureKind::SetupFailed,
+                message,
+            },
+            false,
+        );
         w.am_done(id, ExitCode::Failed);
     }
 

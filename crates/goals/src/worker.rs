@@ -31,6 +31,7 @@ use crate::derivation_goal::DerivationGoal;
 use crate::error::GoalsError;
 use crate::event::{Event, EventSink, FailureKind, Level};
 use crate::graph::{ExitCode, GoalId, Graph};
+use crate::outcome::{Failure, Outcome};
 use crate::store::{BuildStore, StoreFault};
 use crate::substitution_goal::SubstitutionGoal;
 
@@ -77,15 +78,6 @@ pub(crate) struct Child {
     pub started: Instant,
 }
 
-/// One failed goal, for the outcome.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    /// The derivation (or, for a missing source, the path) that failed.
-    pub path: StorePath,
-    pub kind: FailureKind,
-    pub message: String,
-}
-
 pub(crate) struct Worker<'a> {
     pub store: &'a dyn BuildStore,
     pub cfg: &'a WorkerConfig,
@@ -121,11 +113,8 @@ pub(crate) struct Worker<'a> {
     /// to check and register the outputs only once the freed build slots have gone to
     /// waiting goals (see [`Worker::run`]).
     exited_builds: std::collections::VecDeque<GoalId>,
-    pub failures: Vec<Failure>,
-    pub permanent_failure: bool,
-    pub timed_out: bool,
-    pub hash_mismatch: bool,
-    pub check_mismatch: bool,
+    /// The goals that failed and the exit-status bits they set.
+    pub outcome: Outcome,
     /// Fresh network namespaces made ahead of time for sandboxed builds; started with the
     /// first one.
     netns_pool: Option<nixb_sandbox::NetNsPool>,
@@ -172,11 +161,7 @@ impl<'a> Worker<'a> {
                 &cfg.build_dir_root,
                 cfg.max_jobs.clamp(1, 64),
             ),
-            failures: Vec::new(),
-            permanent_failure: false,
-            timed_out: false,
-            hash_mismatch: false,
-            check_mismatch: false,
+            outcome: Outcome::default(),
             netns_pool: None,
             subst_queries: Default::default(),
             builtin_subst: crate::builtin_substituter::BuiltinSubstituter::new(
@@ -283,8 +268,9 @@ impl<'a> Worker<'a> {
         self.child_terminated(id);
     }
 
-    pub fn record_failure(&mut self, f: Failure) {
-        self.failures.push(f);
+    /// Records the failure of a goal; `permanent` marks a build that would fail again.
+    pub fn record_failure(&mut self, f: Failure, permanent: bool) {
+        self.outcome.record(f, permanent);
     }
 
     // --- build slots and sleeping -------------------------------------------------------
@@ -831,30 +817,6 @@ impl<'a> Worker<'a> {
                 Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
                 Err(_) => return,
             }
-        }
-    }
-
-    /// Nix 2.x's exit status for a run with failures: 100 plus bits for a timeout (1), a
-    /// fixed-output hash mismatch (2) and a `--check` mismatch (4); 1 for other failures.
-    pub fn failing_exit_status(&self) -> i32 {
-        let build_failure = self.permanent_failure || self.timed_out || self.hash_mismatch;
-        let mut mask = 0;
-        if build_failure {
-            mask |= 0x04;
-        }
-        if self.timed_out {
-            mask |= 0x01;
-        }
-        if self.hash_mismatch {
-            mask |= 0x02;
-        }
-        if self.check_mismatch {
-            mask |= 0x08;
-        }
-        if mask != 0 {
-            mask | 0x60
-        } else {
-            1
         }
     }
 }
