@@ -15,7 +15,6 @@
 //! # Ok(()) }
 //! ```
 
-mod build;
 pub mod build_dir;
 mod builtin_substituter;
 pub mod config;
@@ -25,12 +24,10 @@ mod error;
 pub mod event;
 mod external;
 pub mod graph;
-mod hook;
 mod hook_instance;
 mod local;
 mod outcome;
 pub mod refcheck;
-mod register;
 mod resources;
 pub mod sandboxing;
 mod services;

@@ -1,5 +1,6 @@
-//! The worker: owns the goals and their builders, runs awake goals, and waits for builders
-//! in one `poll()`.
+//! The worker's scheduler: owns the goals, their graph and the dedup maps, runs awake
+//! goals, acts on what they ask for (`services::Request`), and waits for their children
+//! (kept in `resources`) in one `poll()`. Goals know neither this type nor each other.
 //!
 //! ```text
 //! loop:

@@ -16,23 +16,31 @@
 //! buildDone            builder exited: check status, register outputs
 //! ```
 //!
-//! Building itself (the builder's environment, hash rewriting, spawning) is in
-//! [`crate::build`]; output registration in [`crate::register`].
+//! Building itself (the builder's environment, hash rewriting, spawning) is in [`build`];
+//! output registration in [`register`]; offering the build to the build hook in [`hook`].
+//! What they need to know of the goal is its [`plan::BuildPlan`]: they read it and return
+//! what happened, and only the goal's states change state or ask the scheduler for work.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
-use nixb_store::derivation::Derivation;
 use nixb_store::locks::PathLocks;
 use nixb_store::StorePath;
 
-use crate::build::RunningBuild;
 use crate::config::BuildMode;
-use crate::error::{quoted, BuildError};
+use crate::error::{quoted, BuildError, Rejection};
 use crate::event::{Event, FailureKind, Level};
 use crate::graph::ExitCode;
 use crate::outcome::Failure;
 use crate::services::Step;
+
+use build::RunningBuild;
+use hook::{HookBuild, HookReply, HookResult};
+use plan::{can_build_locally, BuildPlan};
+
+mod build;
+mod hook;
+mod plan;
+mod register;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -46,29 +54,16 @@ enum State {
 }
 
 pub(crate) struct DerivationGoal {
-    pub drv_path: StorePath,
+    plan: BuildPlan,
     /// Outputs to make valid; empty means all.
     wanted: BTreeSet<String>,
     need_restart: bool,
     retry_substitution: bool,
-    pub mode: BuildMode,
     state: State,
-    pub drv: Option<Arc<Derivation>>,
-    /// Output name → path, from the derivation.
-    pub outputs: BTreeMap<String, StorePath>,
-    pub fixed_output: bool,
-    pub output_locks: Option<PathLocks>,
-    /// The union of the closures of the inputs.
-    pub input_paths: BTreeSet<StorePath>,
-    /// What outputs may refer to: inputs and outputs.
-    pub all_paths: BTreeSet<StorePath>,
-    /// Outputs already valid (and, when repairing, intact).
-    pub valid_paths: BTreeSet<StorePath>,
-    /// Outputs to build (all of them under --check).
-    pub missing_paths: BTreeSet<StorePath>,
-    pub build: Option<RunningBuild>,
+    output_locks: Option<PathLocks>,
+    build: Option<RunningBuild>,
     /// The build hook took this build (its process is the goal's child).
-    pub hook_build: Option<crate::hook::HookBuild>,
+    hook_build: Option<HookBuild>,
     exit: Option<crate::services::ChildStatus>,
     /// Told the user once that every build user is busy.
     reported_users_busy: bool,
@@ -81,20 +76,12 @@ pub(crate) struct DerivationGoal {
 impl DerivationGoal {
     pub fn new(drv_path: StorePath, wanted: BTreeSet<String>, mode: BuildMode) -> DerivationGoal {
         DerivationGoal {
-            drv_path,
+            plan: BuildPlan::new(drv_path, mode),
             wanted,
             need_restart: false,
             retry_substitution: false,
-            mode,
             state: State::Init,
-            drv: None,
-            outputs: BTreeMap::new(),
-            fixed_output: false,
             output_locks: None,
-            input_paths: BTreeSet::new(),
-            all_paths: BTreeSet::new(),
-            valid_paths: BTreeSet::new(),
-            missing_paths: BTreeSet::new(),
             build: None,
             hook_build: None,
             exit: None,
@@ -140,17 +127,17 @@ impl DerivationGoal {
         self.output_locks = None;
         cx.clear_locked_outputs();
         if let Some(b) = self.build.take() {
-            b.abandon(cx, self.mode == BuildMode::Normal);
+            b.abandon(cx, self.plan.mode == BuildMode::Normal);
         }
         cx.emit(Event::BuildFailed {
-            drv: self.drv_path.clone(),
+            drv: self.plan.drv_path.clone(),
             kind,
             reason: reason.clone(),
             permanent,
         });
         cx.record_failure(
             Failure {
-                path: self.drv_path.clone(),
+                path: self.plan.drv_path.clone(),
                 kind,
                 message: reason,
             },
@@ -163,19 +150,13 @@ impl DerivationGoal {
     pub fn cancel(&mut self, cx: &mut Step<'_>, kind: FailureKind, reason: String) {
         let reason = format!(
             "building of {} {reason}",
-            quoted(cx.store_dir(), &self.drv_path)
+            quoted(cx.store_dir(), &self.plan.drv_path)
         );
         self.fail(cx, kind, reason, false);
     }
 
     fn wants(&self, output: &str) -> bool {
         self.wanted.is_empty() || self.wanted.contains(output)
-    }
-
-    fn drv(&self) -> Result<&Derivation, BuildError> {
-        self.drv
-            .as_deref()
-            .ok_or_else(|| BuildError::Misc("internal error: derivation not loaded".into()))
     }
 
     /// Wanted outputs that are (`want_valid`) or are not valid; `check_contents` also
@@ -187,7 +168,7 @@ impl DerivationGoal {
         check_contents: bool,
     ) -> Result<BTreeSet<StorePath>, BuildError> {
         let mut result = BTreeSet::new();
-        for (name, path) in &self.outputs {
+        for (name, path) in &self.plan.outputs {
             if !self.wants(name) {
                 continue;
             }
@@ -208,12 +189,12 @@ impl DerivationGoal {
         // find it valid (it also asks without repairing), at the cost of a goal, a wake-up
         // and a second query per derivation. The temp root comes first, as that goal's does,
         // so that a collector cannot take the path between the check and its use.
-        let _ = cx.store.add_temp_root(&self.drv_path);
-        if cx.store.is_valid_path(&self.drv_path) == Ok(true) {
+        let _ = cx.store.add_temp_root(&self.plan.drv_path);
+        if cx.store.is_valid_path(&self.plan.drv_path) == Ok(true) {
             self.state = State::HaveDerivation;
             return self.have_derivation(cx);
         }
-        cx.wait_for_substitution(&self.drv_path, false);
+        cx.wait_for_substitution(&self.plan.drv_path, false);
         self.state = State::HaveDerivation;
         if !cx.has_waitees() {
             cx.wake_up();
@@ -225,43 +206,43 @@ impl DerivationGoal {
         if cx.waitee_counts().failed != 0 {
             let reason = format!(
                 "cannot build missing derivation {}",
-                quoted(cx.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             );
             self.fail(cx, FailureKind::SetupFailed, reason, false);
             return Ok(());
         }
         cx.reset_waitee_counts();
-        let _ = cx.store.add_temp_root(&self.drv_path);
-        if self.drv.is_none() {
-            let drv = cx.derivation(&self.drv_path)?;
-            self.fixed_output = drv.is_fixed_output();
+        let _ = cx.store.add_temp_root(&self.plan.drv_path);
+        if self.plan.drv.is_none() {
+            let drv = cx.derivation(&self.plan.drv_path)?;
+            self.plan.fixed_output = drv.is_fixed_output();
             for (name, out) in &drv.outputs {
                 let path = out.path.clone().ok_or_else(|| {
                     BuildError::Misc(format!(
                         "derivation {} has no path for output '{name}'",
-                        quoted(cx.store_dir(), &self.drv_path)
+                        quoted(cx.store_dir(), &self.plan.drv_path)
                     ))
                 })?;
-                self.outputs.insert(name.clone(), path);
+                self.plan.outputs.insert(name.clone(), path);
             }
-            self.drv = Some(drv);
+            self.plan.drv = Some(drv);
         }
         for o in &self.wanted {
-            if !self.outputs.contains_key(o) {
+            if !self.plan.outputs.contains_key(o) {
                 let reason = format!(
                     "derivation {} does not have wanted output '{o}'",
-                    quoted(cx.store_dir(), &self.drv_path)
+                    quoted(cx.store_dir(), &self.plan.drv_path)
                 );
                 self.fail(cx, FailureKind::SetupFailed, reason, false);
                 return Ok(());
             }
         }
-        for p in self.outputs.values() {
+        for p in self.plan.outputs.values() {
             let _ = cx.store.add_temp_root(p);
         }
 
-        let invalid = self.check_path_validity(cx, false, self.mode == BuildMode::Repair)?;
-        if invalid.is_empty() && self.mode == BuildMode::Normal {
+        let invalid = self.check_path_validity(cx, false, self.plan.mode == BuildMode::Repair)?;
+        if invalid.is_empty() && self.plan.mode == BuildMode::Normal {
             cx.am_done(ExitCode::Success);
             return Ok(());
         }
@@ -273,7 +254,7 @@ impl DerivationGoal {
         // Substitutes first; preferLocalBuild derivations skip them.
         if cx.cfg.use_substitutes && !self.will_build_locally(cx)? {
             for p in &invalid {
-                cx.wait_for_substitution(p, self.mode == BuildMode::Repair);
+                cx.wait_for_substitution(p, self.plan.mode == BuildMode::Repair);
             }
         }
         self.state = State::OutputsSubstituted;
@@ -293,7 +274,7 @@ impl DerivationGoal {
         {
             return Err(BuildError::Misc(format!(
                 "some substitutes for the outputs of derivation {} failed (usually happens due to networking issues); try '--fallback' to build derivation from source",
-                quoted(cx.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             )));
         }
         if counts.incomplete_closure > 0 {
@@ -310,10 +291,10 @@ impl DerivationGoal {
         let nr_invalid = match invalid_just_checked {
             Some(n) => n,
             None => self
-                .check_path_validity(cx, false, self.mode == BuildMode::Repair)?
+                .check_path_validity(cx, false, self.plan.mode == BuildMode::Repair)?
                 .len(),
         };
-        match self.mode {
+        match self.plan.mode {
             BuildMode::Normal if nr_invalid == 0 => {
                 cx.am_done(ExitCode::Success);
                 return Ok(());
@@ -322,7 +303,7 @@ impl DerivationGoal {
             BuildMode::Check if nr_invalid > 0 => {
                 let reason = format!(
                     "some outputs of {} are not valid, so checking is not possible",
-                    quoted(cx.store_dir(), &self.drv_path)
+                    quoted(cx.store_dir(), &self.plan.drv_path)
                 );
                 self.fail(cx, FailureKind::SetupFailed, reason, false);
                 return Ok(());
@@ -333,16 +314,16 @@ impl DerivationGoal {
         // Building now: from here on every output counts.
         self.wanted.clear();
         cx.emit(Event::BuildPlanned {
-            drv: self.drv_path.clone(),
+            drv: self.plan.drv_path.clone(),
         });
-        let drv = self.drv()?;
+        let drv = self.plan.drv()?;
         let input_drvs: Vec<(StorePath, BTreeSet<String>)> = drv
             .input_drvs
             .iter()
             .map(|(p, o)| (p.clone(), o.clone()))
             .collect();
         let input_srcs: Vec<StorePath> = drv.input_srcs.iter().cloned().collect();
-        let input_mode = if self.mode == BuildMode::Repair {
+        let input_mode = if self.plan.mode == BuildMode::Repair {
             BuildMode::Repair
         } else {
             BuildMode::Normal
@@ -362,7 +343,7 @@ impl DerivationGoal {
 
     /// Repair mode with intact outputs: rebuild whatever is broken in their closure.
     fn repair_closure(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
-        let own: BTreeSet<StorePath> = self.outputs.values().cloned().collect();
+        let own: BTreeSet<StorePath> = self.plan.outputs.values().cloned().collect();
         let mut closure = cx.store.compute_closure(&own)?;
         for p in &own {
             closure.remove(p);
@@ -372,7 +353,7 @@ impl DerivationGoal {
         let mut outputs_to_drv: BTreeMap<StorePath, StorePath> = BTreeMap::new();
         let input_closure = cx
             .store
-            .compute_closure(&BTreeSet::from([self.drv_path.clone()]))?;
+            .compute_closure(&BTreeSet::from([self.plan.drv_path.clone()]))?;
         for d in input_closure.iter().filter(|p| p.is_derivation()) {
             let drv = cx.derivation(d)?;
             for p in drv.output_paths().into_values() {
@@ -388,7 +369,7 @@ impl DerivationGoal {
                 format!(
                     "found corrupted or missing path {} in the output closure of {}",
                     quoted(cx.store_dir(), p),
-                    quoted(cx.store_dir(), &self.drv_path)
+                    quoted(cx.store_dir(), &self.plan.drv_path)
                 ),
             );
             match outputs_to_drv.get(p) {
@@ -408,7 +389,7 @@ impl DerivationGoal {
         if cx.waitee_counts().failed > 0 {
             let reason = format!(
                 "some paths in the output closure of derivation {} could not be repaired",
-                quoted(cx.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             );
             self.fail(cx, FailureKind::DependencyFailed, reason, false);
             return Ok(());
@@ -422,7 +403,7 @@ impl DerivationGoal {
         if failed != 0 {
             let reason = format!(
                 "cannot build derivation {}: {failed} dependencies couldn't be built",
-                quoted(cx.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             );
             self.fail(cx, FailureKind::DependencyFailed, reason, false);
             return Ok(());
@@ -433,8 +414,8 @@ impl DerivationGoal {
             return self.have_derivation(cx);
         }
 
-        self.all_paths = self.outputs.values().cloned().collect();
-        let drv = self.drv()?;
+        self.plan.all_paths = self.plan.outputs.values().cloned().collect();
+        let drv = self.plan.drv()?;
         let mut roots = BTreeSet::new();
         for (in_drv_path, wanted) in &drv.input_drvs {
             let in_drv = cx.derivation(in_drv_path)?;
@@ -446,7 +427,7 @@ impl DerivationGoal {
                     None => {
                         return Err(BuildError::Build(format!(
                         "derivation {} requires non-existent output '{o}' from input derivation {}",
-                        quoted(cx.store_dir(), &self.drv_path),
+                        quoted(cx.store_dir(), &self.plan.drv_path),
                         quoted(cx.store_dir(), in_drv_path)
                     )))
                     }
@@ -454,8 +435,10 @@ impl DerivationGoal {
             }
         }
         roots.extend(drv.input_srcs.iter().cloned());
-        self.input_paths = cx.store.compute_closure(&roots)?;
-        self.all_paths.extend(self.input_paths.iter().cloned());
+        self.plan.input_paths = cx.store.compute_closure(&roots)?;
+        self.plan
+            .all_paths
+            .extend(self.plan.input_paths.iter().cloned());
 
         self.state = State::TryToBuild;
         cx.wake_up();
@@ -464,7 +447,7 @@ impl DerivationGoal {
 
     fn try_to_build(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
         // Another goal of ours holds an output lock: sleep until some goal finishes.
-        if self.outputs.values().any(|p| cx.is_locked_by_me(p)) {
+        if self.plan.outputs.values().any(|p| cx.is_locked_by_me(p)) {
             cx.wait_for_any_goal();
             return Ok(());
         }
@@ -475,7 +458,8 @@ impl DerivationGoal {
         // (and querying validity) once per waiting goal. Whether another process built the
         // outputs meanwhile is still seen under the lock once a slot is free.
         if cx.cfg.build_hook.is_none() && cx.cfg.max_jobs > 0 {
-            let build_locally = self.mode != BuildMode::Normal || self.will_build_locally(cx)?;
+            let build_locally =
+                self.plan.mode != BuildMode::Normal || self.will_build_locally(cx)?;
             let cur = cx.nr_local_builds();
             if cur >= cx.cfg.max_jobs && !(build_locally && cur == 0) {
                 cx.wait_for_build_slot();
@@ -483,6 +467,7 @@ impl DerivationGoal {
             }
         }
         let paths: Vec<_> = self
+            .plan
             .outputs
             .values()
             .map(|p| cx.store_dir().to_path(p))
@@ -499,34 +484,36 @@ impl DerivationGoal {
         // serves both this check and the removal of invalid leftovers below: with the locks
         // held, nothing can register an output in between.
         let mut valid_now = BTreeSet::new();
-        for p in self.outputs.values() {
+        for p in self.plan.outputs.values() {
             if cx.store.is_valid_path(p)? {
                 valid_now.insert(p.clone());
             }
         }
-        self.valid_paths = BTreeSet::new();
-        for (name, path) in &self.outputs {
+        self.plan.valid_paths = BTreeSet::new();
+        for (name, path) in &self.plan.outputs {
             if self.wants(name)
                 && valid_now.contains(path)
-                && (self.mode != BuildMode::Repair || path_contents_good(cx, path)?)
+                && (self.plan.mode != BuildMode::Repair || path_contents_good(cx, path)?)
             {
-                self.valid_paths.insert(path.clone());
+                self.plan.valid_paths.insert(path.clone());
             }
         }
-        if self.mode != BuildMode::Check && self.valid_paths.len() == self.outputs.len() {
+        if self.plan.mode != BuildMode::Check
+            && self.plan.valid_paths.len() == self.plan.outputs.len()
+        {
             locks.set_deletion(true);
             drop(locks);
             cx.am_done(ExitCode::Success);
             return Ok(());
         }
-        self.missing_paths = self.outputs.values().cloned().collect();
-        if self.mode != BuildMode::Check {
-            for p in &self.valid_paths {
-                self.missing_paths.remove(p);
+        self.plan.missing_paths = self.plan.outputs.values().cloned().collect();
+        if self.plan.mode != BuildMode::Check {
+            for p in &self.plan.valid_paths {
+                self.plan.missing_paths.remove(p);
             }
         }
         // Invalid leftovers (an interrupted build) would be in the builder's way.
-        for p in self.outputs.values() {
+        for p in self.plan.outputs.values() {
             if valid_now.contains(p) {
                 continue;
             }
@@ -536,29 +523,30 @@ impl DerivationGoal {
             })?;
         }
         // Someone may have failed at this while we waited for the lock.
-        for p in self.outputs.values().cloned().collect::<Vec<_>>() {
+        for p in self.plan.outputs.values().cloned().collect::<Vec<_>>() {
             if self.path_failed(cx, &p)? {
                 return Ok(());
             }
         }
 
         // Check and repair builds are local only, as are preferLocalBuild derivations.
-        let build_locally = self.mode != BuildMode::Normal || self.will_build_locally(cx)?;
+        let build_locally = self.plan.mode != BuildMode::Normal || self.will_build_locally(cx)?;
         if !build_locally {
-            match crate::hook::try_build_hook(self, cx)? {
-                crate::hook::HookReply::Accept => {
-                    cx.set_locked_outputs(self.outputs.values().cloned().collect());
+            match hook::try_build_hook(&self.plan, cx)? {
+                HookReply::Accept(hb) => {
+                    self.hook_build = Some(*hb);
+                    cx.set_locked_outputs(self.plan.outputs.values().cloned().collect());
                     self.output_locks = Some(locks);
                     self.state = State::BuildDone;
                     return Ok(());
                 }
-                crate::hook::HookReply::Postpone => {
+                HookReply::Postpone => {
                     // Not now: retry after a while, without holding the locks.
                     drop(locks);
                     cx.wait_for_a_while();
                     return Ok(());
                 }
-                crate::hook::HookReply::Decline => {}
+                HookReply::Decline => {}
             }
         }
         let cur = cx.nr_local_builds();
@@ -586,10 +574,11 @@ impl DerivationGoal {
             }
         };
 
-        cx.set_locked_outputs(self.outputs.values().cloned().collect());
+        cx.set_locked_outputs(self.plan.outputs.values().cloned().collect());
         self.output_locks = Some(locks);
-        match crate::build::start_builder(self, cx, user) {
-            Ok(()) => {
+        match build::start_builder(&self.plan, cx, user) {
+            Ok(b) => {
+                self.build = Some(b);
                 self.state = State::BuildDone;
                 Ok(())
             }
@@ -603,9 +592,9 @@ impl DerivationGoal {
 
     pub fn handle_child_output(&mut self, cx: &mut Step<'_>, chunk: &[u8]) {
         if let Some(h) = self.hook_build.as_mut() {
-            h.drain_messages(cx, &self.drv_path, false);
+            h.drain_messages(cx, &self.plan.drv_path, false);
             cx.emit(Event::BuildLog {
-                drv: self.drv_path.clone(),
+                drv: self.plan.drv_path.clone(),
                 chunk: chunk.to_vec(),
             });
             if let Some(limit) = h.log_chunk(chunk) {
@@ -617,7 +606,7 @@ impl DerivationGoal {
         }
         let Some(b) = self.build.as_mut() else { return };
         cx.emit(Event::BuildLog {
-            drv: self.drv_path.clone(),
+            drv: self.plan.drv_path.clone(),
             chunk: chunk.to_vec(),
         });
         match b.log_chunk(chunk) {
@@ -645,7 +634,24 @@ impl DerivationGoal {
             .take()
             .unwrap_or_else(|| Err("builder status unknown".into()));
         if let Some(hb) = self.hook_build.take() {
-            return crate::hook::build_done(self, cx, hb, status);
+            match hook::build_done(&self.plan, cx, hb, status)? {
+                HookResult::Built => {
+                    if let Some(mut locks) = self.output_locks.take() {
+                        locks.set_deletion(true);
+                    }
+                    cx.clear_locked_outputs();
+                    cx.emit(Event::BuildSucceeded {
+                        drv: self.plan.drv_path.clone(),
+                    });
+                    cx.am_done(ExitCode::Success);
+                }
+                HookResult::Failed {
+                    kind,
+                    message,
+                    permanent,
+                } => self.fail(cx, kind, message, permanent),
+            }
+            return Ok(());
         }
         let Some(mut build) = self.build.take() else {
             return Err(BuildError::Misc(
@@ -660,22 +666,20 @@ impl DerivationGoal {
         let result = match (log_create_error, status) {
             // As when the log could not be created before the builder started (the
             // original's order): not the derivation's fault, nothing registered.
-            (Some(e), _) => Err(crate::register::Rejection::misc(e)),
+            (Some(e), _) => Err(Rejection::misc(e)),
             (None, Ok(s)) if s.success() => build
                 .extract_outputs()
-                .and_then(|()| crate::register::register_outputs(self, &mut build, cx)),
-            (None, Ok(s)) => Err(build.failure_error(cx, &self.drv_path, s)),
+                .and_then(|()| register::register_outputs(&self.plan, &mut build, cx)),
+            (None, Ok(s)) => Err(build.failure_error(cx, &self.plan.drv_path, s)),
             // The original's message for a builder whose environment could not be set up,
             // as when `start` itself fails (build.rs).
-            (None, Err(crate::services::ChildError::Setup(e))) => {
-                Err(crate::register::Rejection::misc(format!(
-                    "failed to set up the build environment for {}: {e}",
-                    quoted(cx.store_dir(), &self.drv_path)
-                )))
-            }
-            (None, Err(e)) => Err(crate::register::Rejection::misc(format!(
+            (None, Err(crate::services::ChildError::Setup(e))) => Err(Rejection::misc(format!(
+                "failed to set up the build environment for {}: {e}",
+                quoted(cx.store_dir(), &self.plan.drv_path)
+            ))),
+            (None, Err(e)) => Err(Rejection::misc(format!(
                 "waiting for the builder of {}: {e}",
-                quoted(cx.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             ))),
         };
         match result {
@@ -688,14 +692,14 @@ impl DerivationGoal {
                 }
                 cx.clear_locked_outputs();
                 cx.emit(Event::BuildSucceeded {
-                    drv: self.drv_path.clone(),
+                    drv: self.plan.drv_path.clone(),
                 });
                 cx.am_done(ExitCode::Success);
             }
             Err(rej) => {
-                let permanent = rej.permanent && !self.fixed_output && !build.disk_full;
-                if cx.cfg.cache_failure && rej.permanent && !self.fixed_output {
-                    for p in self.outputs.values() {
+                let permanent = rej.permanent && !self.plan.fixed_output && !build.disk_full;
+                if cx.cfg.cache_failure && rej.permanent && !self.plan.fixed_output {
+                    for p in self.plan.outputs.values() {
                         cx.store.register_failed_path(p)?;
                     }
                 }
@@ -729,36 +733,10 @@ impl DerivationGoal {
     }
 
     fn will_build_locally(&self, cx: &Step<'_>) -> Result<bool, BuildError> {
-        let drv = self.drv()?;
+        let drv = self.plan.drv()?;
         Ok(drv.env.get("preferLocalBuild").is_some_and(|v| v == "1")
             && can_build_locally(&drv.platform, &cx.cfg.system))
     }
-}
-
-/// Whether this machine can run builders for `platform`.
-/// The features a derivation asks of the machine that builds it: `requiredSystemFeatures`,
-/// a space-separated string, or a list of strings under `__structuredAttrs`.
-pub(crate) fn required_system_features(drv: &Derivation) -> BTreeSet<String> {
-    const KEY: &str = "requiredSystemFeatures";
-    if let Some(json) = drv.env.get("__json") {
-        let parsed: Option<serde_json::Value> = serde_json::from_str(json).ok();
-        return match parsed.as_ref().and_then(|v| v.get(KEY)) {
-            Some(serde_json::Value::Array(items)) => items
-                .iter()
-                .filter_map(|i| i.as_str().map(String::from))
-                .collect(),
-            Some(serde_json::Value::String(s)) => s.split_whitespace().map(String::from).collect(),
-            _ => BTreeSet::new(),
-        };
-    }
-    drv.env
-        .get(KEY)
-        .map(|f| f.split_whitespace().map(String::from).collect())
-        .unwrap_or_default()
-}
-
-pub(crate) fn can_build_locally(platform: &str, system: &str) -> bool {
-    platform == system || (platform == "i686-linux" && system == "x86_64-linux")
 }
 
 /// A valid path whose contents still hash to what was registered.

@@ -25,16 +25,16 @@ use nixb_store::{Encoding, Hash, HashAlgo, StoreDir, StorePath};
 
 use crate::build_dir::{delete_path, BuildDir};
 use crate::config::BuildMode;
-use crate::derivation_goal::{can_build_locally, required_system_features, DerivationGoal};
 use crate::env::{
     build_dir_files, builder_env, export_references, parse_export_references_graph,
     references_graph_text, EnvError, EnvParams,
 };
-use crate::error::{quoted, BuildError};
+use crate::error::{quoted, BuildError, Rejection};
 use crate::event::{Event, Level};
-use crate::register::Rejection;
 use crate::sandboxing::{self, Extraction, HeldUser};
 use crate::services::Step;
+
+use super::plan::{can_build_locally, required_system_features, BuildPlan};
 
 /// What a started build holds until it is done.
 pub(crate) struct RunningBuild {
@@ -317,13 +317,14 @@ pub(crate) fn builder_spec(inv: BuilderInvocation, log_fd: OwnedFd) -> SandboxSp
     }
 }
 
-/// Prepares and starts the builder of `g`, registering it with the worker. A
+/// Prepares and starts the builder of the build `g` plans, handing it to the scheduler;
+/// the running build is returned. A
 /// [`BuildError::Build`] is the derivation's fault (a permanent failure).
 pub(crate) fn start_builder(
-    g: &mut DerivationGoal,
+    g: &BuildPlan,
     cx: &mut Step<'_>,
     user: Option<HeldUser>,
-) -> Result<(), BuildError> {
+) -> Result<RunningBuild, BuildError> {
     let sd = cx.store_dir().clone();
     let drv = g
         .drv
@@ -557,7 +558,6 @@ pub(crate) fn start_builder(
         }
     };
     cx.start_child(builder, read, true, true);
-    g.build = Some(build);
     cx.emit(Event::BuildStarted {
         drv: g.drv_path.clone(),
         outputs,
@@ -565,7 +565,7 @@ pub(crate) fn start_builder(
         platform,
         log_file,
     });
-    Ok(())
+    Ok(build)
 }
 
 /// Writes each `exportReferencesGraph` file into the build directory.

@@ -22,56 +22,15 @@ use std::path::Path;
 
 use nixb_store::{Encoding, StorePath};
 
-use crate::build::RunningBuild;
 use crate::config::BuildMode;
-use crate::derivation_goal::DerivationGoal;
-use crate::error::{quoted, BuildError};
+use crate::error::{quoted, Rejection};
 use crate::event::{FailureKind, Level};
 use crate::refcheck;
 use crate::services::Step;
+
+use super::build::RunningBuild;
+use super::plan::BuildPlan;
 use crate::store::NewOutput;
-
-/// Why outputs were rejected.
-#[derive(Debug)]
-pub(crate) struct Rejection {
-    pub kind: FailureKind,
-    pub message: String,
-    /// The derivation's fault: it would fail again (cacheable, exit status 100).
-    pub permanent: bool,
-}
-
-impl Rejection {
-    pub fn build(kind: FailureKind, message: String) -> Rejection {
-        Rejection {
-            kind,
-            message,
-            permanent: true,
-        }
-    }
-
-    pub fn misc(message: String) -> Rejection {
-        Rejection {
-            kind: FailureKind::SetupFailed,
-            message,
-            permanent: false,
-        }
-    }
-}
-
-impl From<BuildError> for Rejection {
-    fn from(e: BuildError) -> Self {
-        match e {
-            BuildError::Build(m) => Rejection::build(FailureKind::BuilderFailed, m),
-            BuildError::Misc(m) => Rejection::misc(m),
-        }
-    }
-}
-
-impl From<crate::store::StoreFault> for Rejection {
-    fn from(e: crate::store::StoreFault) -> Self {
-        Rejection::misc(e.to_string())
-    }
-}
 
 fn misc(context: String) -> impl FnOnce(String) -> Rejection {
     move |e| Rejection::misc(format!("{context}: {e}"))
@@ -105,7 +64,7 @@ fn replace_valid_path(path: &Path, tmp: &Path) -> Result<(), Rejection> {
 }
 
 pub(crate) fn register_outputs(
-    g: &mut DerivationGoal,
+    g: &BuildPlan,
     build: &mut RunningBuild,
     cx: &mut Step<'_>,
 ) -> Result<(), Rejection> {

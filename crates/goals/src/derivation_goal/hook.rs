@@ -32,13 +32,13 @@ use nixb_logs::LogSink;
 use nixb_store::StorePath;
 
 use crate::config::BuildMode;
-use crate::derivation_goal::DerivationGoal;
 use crate::error::{quoted, BuildError};
 use crate::event::{Event, FailureKind, Level};
 use crate::external::{raw_status, status_to_string};
-use crate::graph::ExitCode;
 use crate::hook_instance::HookInstance;
-use crate::services::Step;
+use crate::services::{ChildStatus, Step};
+
+use super::plan::{required_system_features, BuildPlan};
 
 /// The exit status of a hook whose remote build failed (as opposed to the hook failing).
 pub const REMOTE_BUILD_FAILED: i32 = 100;
@@ -47,11 +47,23 @@ pub const REMOTE_BUILD_FAILED: i32 = 100;
 pub const REMOTE_BUILD_TIMED_OUT: i32 = 101;
 
 /// The hook's answer to one request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum HookReply {
-    Accept,
+    /// It builds: its process is the goal's child now.
+    Accept(Box<HookBuild>),
     Decline,
     Postpone,
+}
+
+/// How a build the hook accepted ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HookResult {
+    /// Every output is valid here now.
+    Built,
+    Failed {
+        kind: FailureKind,
+        message: String,
+        permanent: bool,
+    },
 }
 
 /// A build the hook accepted, owned by its derivation goal.
@@ -66,7 +78,7 @@ pub(crate) struct HookBuild {
 impl HookBuild {
     /// A chunk of the build log (fd 4); `Some(limit)` when max-build-log-size is exceeded.
     pub fn log_chunk(&mut self, chunk: &[u8]) -> Option<u64> {
-        crate::build::write_log_chunk(&mut self.log, &mut self.log_error, chunk)
+        super::build::write_log_chunk(&mut self.log, &mut self.log_error, chunk)
     }
 
     /// Passes on what the hook said since the last call, line by line.
@@ -110,12 +122,9 @@ fn hook_error(drv: &str, what: impl std::fmt::Display) -> BuildError {
     BuildError::Misc(format!("build hook for '{drv}': {what}"))
 }
 
-/// `tryBuildHook`: offers the build of goal `g` to the hook. On `Accept` the hook runs as
-/// the goal's child and `g.hook_build` is set; the caller moves to `buildDone`.
-pub(crate) fn try_build_hook(
-    g: &mut DerivationGoal,
-    cx: &mut Step<'_>,
-) -> Result<HookReply, BuildError> {
+/// `tryBuildHook`: offers the build `g` plans to the hook. On `Accept` the hook runs as
+/// the goal's child; the caller keeps the [`HookBuild`] and moves to `buildDone`.
+pub(crate) fn try_build_hook(g: &BuildPlan, cx: &mut Step<'_>) -> Result<HookReply, BuildError> {
     let Some(cmd) = cx.cfg.build_hook.clone() else {
         return Ok(HookReply::Decline);
     };
@@ -134,9 +143,7 @@ pub(crate) fn try_build_hook(
             "internal error: derivation not loaded".into(),
         ));
     };
-    let features: Vec<String> = crate::derivation_goal::required_system_features(drv)
-        .into_iter()
-        .collect();
+    let features: Vec<String> = required_system_features(drv).into_iter().collect();
     let am_willing = cx.nr_local_builds() < cx.cfg.max_jobs;
     let request = format!(
         "{} {} {} {}\n",
@@ -236,12 +243,12 @@ pub(crate) fn try_build_hook(
     let from_hook = inst.from_hook.into_inner();
     fcntl(from_hook.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
         .map_err(|e| hook_error(&drv_shown, format!("making its pipe non-blocking: {e}")))?;
-    g.hook_build = Some(HookBuild {
+    let hook_build = HookBuild {
         from_hook,
         partial,
         log: Some(log),
         log_error: None,
-    });
+    };
     // Builds done by the hook are watched by the hook itself: the worker applies neither
     // max-silent-time nor timeout to its process.
     cx.start_child(inst.process, inst.builder_out, false, false);
@@ -252,17 +259,17 @@ pub(crate) fn try_build_hook(
         platform: drv.platform.clone(),
         log_file,
     });
-    Ok(HookReply::Accept)
+    Ok(HookReply::Accept(Box::new(hook_build)))
 }
 
 /// `buildDone` for a build the hook did: exit 0 with every output valid here is success,
 /// 100 a (permanent) remote build failure, anything else a hook failure.
 pub(crate) fn build_done(
-    g: &mut DerivationGoal,
+    g: &BuildPlan,
     cx: &mut Step<'_>,
     mut hb: HookBuild,
-    status: crate::services::ChildStatus,
-) -> Result<(), BuildError> {
+    status: ChildStatus,
+) -> Result<HookResult, BuildError> {
     let drv_path = g.drv_path.clone();
     hb.drain_messages(cx, &drv_path, true);
     if let Err(e) = hb.close_log() {
@@ -278,8 +285,11 @@ pub(crate) fn build_done(
                 status: "-1".into(),
                 message: message.clone(),
             });
-            g.fail(cx, FailureKind::SetupFailed, message, false);
-            return Ok(());
+            return Ok(HookResult::Failed {
+                kind: FailureKind::SetupFailed,
+                message,
+                permanent: false,
+            });
         }
     };
     if status.success() {
@@ -290,13 +300,7 @@ pub(crate) fn build_done(
             }
         }
         if missing.is_empty() {
-            if let Some(mut locks) = g.output_locks.take() {
-                locks.set_deletion(true);
-            }
-            cx.clear_locked_outputs();
-            cx.emit(Event::BuildSucceeded { drv: drv_path });
-            cx.am_done(ExitCode::Success);
-            return Ok(());
+            return Ok(HookResult::Built);
         }
         let message = format!(
             "the build hook for {shown} exited successfully but did not make {} valid",
@@ -307,14 +311,20 @@ pub(crate) fn build_done(
             status: raw_status(&status),
             message: message.clone(),
         });
-        g.fail(cx, FailureKind::SetupFailed, message, false);
-        return Ok(());
+        return Ok(HookResult::Failed {
+            kind: FailureKind::SetupFailed,
+            message,
+            permanent: false,
+        });
     }
     if status.code() == Some(REMOTE_BUILD_TIMED_OUT) {
         // Like a local timeout: not permanent, never cached as a failure.
         let message = format!("remote build of {shown} timed out");
-        g.fail(cx, FailureKind::TimedOut, message, false);
-        return Ok(());
+        return Ok(HookResult::Failed {
+            kind: FailureKind::TimedOut,
+            message,
+            permanent: false,
+        });
     }
     if status.code() == Some(REMOTE_BUILD_FAILED) {
         let message = format!("remote build of {shown} failed");
@@ -324,8 +334,11 @@ pub(crate) fn build_done(
                 cx.store.register_failed_path(p)?;
             }
         }
-        g.fail(cx, FailureKind::BuilderFailed, message, permanent);
-        return Ok(());
+        return Ok(HookResult::Failed {
+            kind: FailureKind::BuilderFailed,
+            message,
+            permanent,
+        });
     }
     // Communication problems and the like: neither permanent nor cached.
     let message = format!("build hook for {shown} {}", status_to_string(&status));
@@ -334,6 +347,9 @@ pub(crate) fn build_done(
         status: raw_status(&status),
         message: message.clone(),
     });
-    g.fail(cx, FailureKind::SetupFailed, message, false);
-    Ok(())
+    Ok(HookResult::Failed {
+        kind: FailureKind::SetupFailed,
+        message,
+        permanent: false,
+    })
 }
