@@ -34,6 +34,8 @@ mod services;
 pub mod store;
 mod substituter_query;
 mod substitution_goal;
+#[cfg(test)]
+mod testing;
 mod watchdog;
 mod worker;
 

@@ -41,6 +41,8 @@ mod build;
 mod hook;
 mod plan;
 mod register;
+#[cfg(test)]
+mod tests;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
