@@ -664,3 +664,135 @@ fn replace_valid_path(real: &Path, dest: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The substitution goal driven state by state with fake services and an external
+/// substituter script (the original's `SubstitutionGoal` in Nix 2.8's
+/// `build/substitution-goal.cc`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SubstituterCommand;
+    use crate::services::SubGoal;
+    use crate::store::BuildStore;
+    use crate::testing::{counts, Asked, Harness};
+
+    /// A substituter offering `offer` (with `references`) that unpacks `text` into it
+    /// and exits with `status`.
+    fn substituter(h: &mut Harness, offer: &StorePath, references: &[StorePath], status: i32) {
+        let sd = h.store.store_dir();
+        let mut reply = format!("{}\\n\\n{}\\n", sd.print(offer), references.len());
+        for r in references {
+            reply += &format!("{}\\n", sd.print(r));
+        }
+        reply += "0\\n0\\n";
+        let script = format!(
+            "case \"$1\" in\n\
+             --query) echo; while read cmd p; do\n\
+               if [ \"$p\" = '{}' ]; then printf '{reply}'; fi; echo; done ;;\n\
+             --substitute) echo; echo substituted > \"$3\"; echo; exit {status} ;;\n\
+             esac\n",
+            sd.print(offer)
+        );
+        let program = h.script("substituter", &script);
+        h.cfg.substituters = vec![Substituter::External(SubstituterCommand {
+            name: "test".into(),
+            program,
+            args: Vec::new(),
+        })];
+    }
+
+    #[test]
+    fn valid_path_is_done_at_once() {
+        let mut h = Harness::new();
+        let p = h.path('a', "p");
+        h.make_valid(&p, &[]);
+        let mut g = SubstitutionGoal::new(p, false);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::Done(ExitCode::Success)]
+        );
+    }
+
+    #[test]
+    fn no_substituter_lets_the_caller_build() {
+        let mut h = Harness::new();
+        let mut g = SubstitutionGoal::new(h.path('a', "p"), false);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::Done(ExitCode::NoSubstituters)]
+        );
+    }
+
+    #[test]
+    fn references_come_first_and_an_incomplete_closure_is_reported() {
+        let mut h = Harness::new();
+        let (p, r) = (h.path('a', "p"), h.path('b', "r"));
+        substituter(&mut h, &p, std::slice::from_ref(&r), 0);
+        let mut g = SubstitutionGoal::new(p, false);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::WaitFor(SubGoal::Substitution {
+                path: r,
+                repair: false
+            })]
+        );
+        assert_eq!(g.state, State::ReferencesValid);
+        let asked = h.step_with(counts(1, 1, 0), |cx| g.work(cx));
+        assert_eq!(asked, vec![Asked::Done(ExitCode::IncompleteClosure)]);
+    }
+
+    #[test]
+    fn substitute_runs_in_a_slot_and_registers_the_path() {
+        let mut h = Harness::new();
+        let p = h.path('a', "p");
+        substituter(&mut h, &p, &[], 0);
+        let mut g = SubstitutionGoal::new(p.clone(), false);
+        assert_eq!(h.step(|cx| g.work(cx)), vec![Asked::WakeUp]);
+        assert_eq!(g.state, State::TryToRun);
+        h.services.nr_local_builds = 1;
+        assert_eq!(h.step(|cx| g.work(cx)), vec![Asked::WaitForBuildSlot]);
+        h.services.nr_local_builds = 0;
+        let asked = h.step(|cx| g.work(cx));
+        assert_eq!(
+            asked,
+            vec![
+                Asked::LockedOutputs(BTreeSet::from([p.clone()])),
+                Asked::StartChild {
+                    in_build_slot: true,
+                    respect_timeouts: true
+                },
+            ]
+        );
+        let status = h.wait_child();
+        g.child_exited(status);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::Done(ExitCode::Success)]
+        );
+        assert!(h.store.valid.borrow().contains_key(&p));
+        assert_eq!(
+            std::fs::read_to_string(h.real(&p)).unwrap(),
+            "substituted\n"
+        );
+    }
+
+    #[test]
+    fn failed_substituter_tries_the_next_and_then_fails() {
+        let mut h = Harness::new();
+        let p = h.path('a', "p");
+        substituter(&mut h, &p, &[], 1);
+        let mut g = SubstitutionGoal::new(p.clone(), false);
+        h.step(|cx| g.work(cx));
+        h.step(|cx| g.work(cx));
+        let status = h.wait_child();
+        g.child_exited(status);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::UnlockedOutputs, Asked::WakeUp]
+        );
+        assert_eq!(g.state, State::TryNext);
+        // None left, but one had offered the path: a failure, not "no substituters".
+        assert_eq!(h.step(|cx| g.work(cx)), vec![Asked::Done(ExitCode::Failed)]);
+        assert!(!h.store.valid.borrow().contains_key(&p));
+    }
+}

@@ -21,7 +21,7 @@ use crate::graph::{ExitCode, GoalId, WaiteeCounts};
 use crate::hook_instance::HookInstance;
 use crate::outcome::Failure;
 use crate::services::{ChildStatus, Request, Services, Step, SubGoal};
-use crate::store::{BuildStore, NewOutput, PathInfo, StoreFault};
+use crate::store::{BuildStore, NewOutput, PathInfo, StoreFault, SubstitutedPath};
 use crate::substituter_query::QueryPool;
 
 /// A store in memory (the files of its paths are real, under a temporary directory).
@@ -104,6 +104,20 @@ impl BuildStore for FakeStore {
     }
 
     fn add_temp_root(&self, _: &StorePath) -> Result<(), StoreFault> {
+        Ok(())
+    }
+
+    fn register_substitute(&self, info: &SubstitutedPath) -> Result<(), StoreFault> {
+        self.valid.borrow_mut().insert(
+            info.path.clone(),
+            PathInfo {
+                nar_hash: info.nar_hash.clone(),
+                nar_size: info.nar_size,
+                references: info.references.clone(),
+                deriver: info.deriver.clone(),
+                ca: info.ca.clone(),
+            },
+        );
         Ok(())
     }
 }
