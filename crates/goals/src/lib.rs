@@ -15,7 +15,6 @@
 //! # Ok(()) }
 //! ```
 
-mod build;
 pub mod build_dir;
 mod builtin_substituter;
 pub mod config;
@@ -25,13 +24,18 @@ mod error;
 pub mod event;
 mod external;
 pub mod graph;
-mod hook;
+mod hook_instance;
 mod local;
+mod outcome;
 pub mod refcheck;
-mod register;
+mod resources;
 pub mod sandboxing;
+mod services;
 pub mod store;
+mod substituter_query;
 mod substitution_goal;
+#[cfg(test)]
+mod testing;
 mod watchdog;
 mod worker;
 
@@ -45,8 +49,8 @@ pub use config::{
 pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
 pub use graph::ExitCode;
+pub use outcome::Failure;
 pub use store::{BuildStore, NewOutput, PathInfo, StoreFault, SubstitutedPath};
-pub use worker::Failure;
 
 /// What `realise` achieved.
 #[derive(Debug)]
@@ -129,17 +133,24 @@ pub fn realise(
                     level: Level::Error,
                     text: message.clone(),
                 });
-                w.record_failure(Failure {
-                    path: p.clone(),
-                    kind: FailureKind::SetupFailed,
-                    message,
-                });
+                w.record_failure(
+                    Failure {
+                        path: p.clone(),
+                        kind: FailureKind::SetupFailed,
+                        message,
+                    },
+                    false,
+                );
             }
             _ => failed = true,
         }
     }
-    let exit_status = if failed { w.failing_exit_status() } else { 0 };
-    let failures = std::mem::take(&mut w.failures);
+    let exit_status = if failed {
+        w.outcome.failing_exit_status()
+    } else {
+        0
+    };
+    let failures = std::mem::take(&mut w.outcome).into_failures();
     Ok(RealiseOutcome {
         exit_status,
         outputs,
