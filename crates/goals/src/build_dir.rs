@@ -323,33 +323,10 @@ pub fn clean_stale(root: &Path) -> Vec<PathBuf> {
 }
 
 /// Removes a file, symlink or directory tree, making directories writable on the way
-/// (builders may leave read-only directories behind).
+/// (builders may leave read-only directories behind); [`nixb_store::delete::delete_path`]
+/// as an `io::Error` whose message names the failing step and entry.
 pub fn delete_path(path: &Path) -> io::Result<()> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if meta.is_dir() {
-        if meta.permissions().mode() & 0o700 != 0o700 {
-            fs::set_permissions(
-                path,
-                fs::Permissions::from_mode(meta.permissions().mode() | 0o700),
-            )?;
-        }
-        for e in fs::read_dir(path)? {
-            delete_path(&e?.path())?;
-        }
-        match fs::remove_dir(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    } else {
-        match fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
+    Ok(nixb_store::delete::delete_path(path)?)
 }
 
 #[cfg(test)]
