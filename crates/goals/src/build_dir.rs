@@ -19,11 +19,11 @@
 //!
 //! # Why directories are recycled
 //!
-//! Removing a directory frees its data block, and on the file systems this was measured on
-//! (ext4 in a VM) `rmdir` then blocks for 1–3 ms; creating an inode gets slower with every
-//! inode deleted in the last minutes (ext4 without a journal skips recently freed inodes one
-//! by one). With builders that run for a millisecond that was the largest cost of a build
-//! after the fork. [`BuildDirs`] therefore empties a finished build's directory and renames
+//! Removing a directory frees its data block, and `rmdir` can then block for a long time
+//! compared with a short build; creating an inode gets slower with every inode deleted in
+//! the last minutes (ext4 without a journal skips recently freed inodes one by one). With
+//! builders that run for a millisecond that was the largest cost of a build after the fork
+//! (BENCHMARKS.md, "goals: recycled build directories"). [`BuildDirs`] therefore empties a finished build's directory and renames
 //! it for the next build: no inode is created or freed for the directory or its lock file.
 //! At every step of a reuse some lock file names each directory that exists, so a crash
 //! leaves nothing the next run's cleaning misses. Only directories still ours (owner, mode
