@@ -341,3 +341,78 @@ fn required_system_features_are_checked_as_nix_checks_them() {
         assert_eq!(std::fs::read_to_string(out.trim()).unwrap(), "ok\n");
     }
 }
+
+/// A build that no machine of `builders` can take and the local machine cannot do either:
+/// nixb reports the derivation, what it requires and every machine considered, in the
+/// words and layout of Nix 2.8's build hook, and ends (with --max-jobs 0) with Nix's
+/// reason; without builders, with Nix's other reason.
+#[test]
+fn a_build_no_machine_can_take_names_the_features_and_machines() {
+    nixb_testsupport::require!(Nix);
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+    let expr = t.file(
+        "kvm.nix",
+        r#"derivation { name = "needs-foo"; system = builtins.currentSystem; builder = "/bin/sh";
+             args = [ "-c" "echo ok > $out" ]; requiredSystemFeatures = [ "foo" "bar" ]; }"#,
+    );
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let system = format!("{}-linux", std::env::consts::ARCH);
+    let machines = format!("ssh://nohost {system} - 3 1 kvm,big");
+    let errors = |out: &std::process::Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(|l| l.trim_end_matches('.').to_owned())
+            .collect()
+    };
+    for max_jobs in ["0", "1"] {
+        let theirs = run(
+            t.nix("nix-store")
+                .args(["-r", &drv, "--builders", &machines, "--max-jobs", max_jobs]),
+            None,
+        );
+        let ours = run(
+            t.nixb()
+                .args(["realise", &drv, "--option", "builders", &machines])
+                .args(["--max-jobs", max_jobs]),
+            None,
+        );
+        assert_eq!(theirs.status.code(), Some(1), "{theirs:?}");
+        assert_eq!(ours.status.code(), Some(1), "{ours:?}");
+        let (theirs, ours) = (errors(&theirs), errors(&ours));
+        // Nix's block, from its first line to the last machine line.
+        let start = theirs
+            .iter()
+            .position(|l| l == "Failed to find a machine for remote build!")
+            .unwrap_or_else(|| panic!("no machine report from Nix: {theirs:#?}"));
+        let block = &theirs[start..start + 6];
+        assert!(block[5].starts_with('('), "{block:#?}");
+        let at = ours
+            .iter()
+            .position(|l| l.ends_with(&block[0]))
+            .unwrap_or_else(|| panic!("no machine report from nixb: {ours:#?}"));
+        for (i, want) in block.iter().enumerate().skip(1) {
+            assert!(
+                ours[at + i].ends_with(want.as_str()),
+                "{ours:#?}\nwant {want}"
+            );
+        }
+        let their_error = theirs.iter().find(|l| l.starts_with("error: ")).unwrap();
+        assert!(
+            ours.contains(their_error),
+            "Nix: {their_error}\nnixb: {ours:#?}"
+        );
+    }
+    let theirs = run(
+        t.nix("nix-store").args(["-r", &drv, "--max-jobs", "0"]),
+        None,
+    );
+    let ours = run(t.nixb().args(["realise", &drv, "--max-jobs", "0"]), None);
+    let their_error = errors(&theirs)
+        .into_iter()
+        .find(|l| l.starts_with("error: "))
+        .unwrap();
+    assert!(
+        errors(&ours).contains(&their_error),
+        "{ours:?}\nwant {their_error}"
+    );
+}

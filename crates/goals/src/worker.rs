@@ -263,7 +263,9 @@ impl<'a> Worker<'a> {
                 self.wait_for_input()?;
             } else if !self.graph.has_awake() {
                 if self.cfg.max_jobs == 0 && self.graph.has_waiting_for_slot() {
-                    return Err(GoalsError::NoBuildSlots);
+                    return Err(GoalsError::NoBuildSlots {
+                        remote: self.cfg.build_hook.is_some(),
+                    });
                 }
                 return Err(GoalsError::Internal("no goal can make progress".into()));
             }

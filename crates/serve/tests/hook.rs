@@ -76,6 +76,7 @@ fn run_hook(w: &World, machines: Vec<Machine>, input: String) -> Run {
         state_dir: w.path("local/state"),
         store: &store,
         use_substitutes: false,
+        local_features: Default::default(),
         connector: &mut conn,
         log: &mut mk_log,
     }

@@ -67,6 +67,7 @@ pub fn run(args: BuildRemoteArgs, options: &[String]) -> Result<u8> {
         state_dir: store.config().state_dir.clone(),
         store: &store,
         use_substitutes: settings.builders_use_substitutes,
+        local_features: settings.system_features.iter().cloned().collect(),
         connector: &mut connector,
         log: &mut log,
     };
