@@ -17,3 +17,8 @@ pub use ops::{Op, Request, Response};
 pub use stderr::{RemoteError, StderrFrame};
 pub use types::Ctx;
 pub use version::Version;
+
+pub mod client;
+pub mod server;
+pub use client::Client;
+pub use server::ServerConnection;

@@ -14,12 +14,12 @@ use crate::wire::{padding_len, WireReader};
 pub const MAX_NAR_DEPTH: usize = 2048;
 const MAX_TOKEN: u64 = 4096;
 
-struct Copier<'a, R, W> {
+struct Copier<'a, R, W: ?Sized> {
     r: &'a mut WireReader<R>,
     w: &'a mut W,
 }
 
-impl<R: Read, W: Write> Copier<'_, R, W> {
+impl<R: Read, W: Write + ?Sized> Copier<'_, R, W> {
     fn bad(&self, reason: impl Into<String>) -> ProtocolError {
         ProtocolError::Nar {
             offset: self.r.offset(),
@@ -132,7 +132,7 @@ impl<R: Read, W: Write> Copier<'_, R, W> {
 }
 
 /// Copies exactly one NAR from `r` to `w`; returns its size.
-pub fn copy_nar<R: Read, W: Write>(r: &mut WireReader<R>, w: &mut W) -> Result<u64> {
+pub fn copy_nar<R: Read, W: Write + ?Sized>(r: &mut WireReader<R>, w: &mut W) -> Result<u64> {
     let start = r.offset();
     let mut c = Copier { r, w };
     c.expect("nix-archive-1")?;

@@ -508,11 +508,41 @@ impl Request {
         })
     }
 
-    /// Writes the operation number and the arguments.
+    /// Writes the operation number and the arguments. A request this version cannot
+    /// express is refused before anything is written, so the connection stays usable.
     pub fn write<W: Write>(&self, w: &mut WireWriter<W>, cx: &Ctx) -> Result<()> {
         let op = self.op();
-        self.write_inner(w, cx)
+        self.check(cx)
+            .and_then(|()| self.write_inner(w, cx))
             .map_err(ProtocolError::in_op(op.name()))
+    }
+
+    fn check(&self, cx: &Ctx) -> Result<()> {
+        match self {
+            Request::BuildPaths { paths, .. }
+            | Request::BuildPathsWithResults { paths, .. }
+            | Request::QueryMissing(paths) => {
+                for p in paths {
+                    p.to_wire(cx)?;
+                }
+            }
+            Request::AddToStore(_) if !cx.at_least(25) => {
+                return Err(ProtocolError::NeedsVersion {
+                    what: "AddToStore with a content-address method",
+                    needs: crate::Version::new(1, 25),
+                    version: cx.version,
+                })
+            }
+            Request::AddToStoreOld(_) if cx.at_least(25) => {
+                return Err(ProtocolError::Field {
+                    what: "AddToStore form",
+                    value: "base name, fixed, recursive, hash algorithm".into(),
+                    reason: format!("protocol {} uses the 1.25 form", cx.version),
+                })
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn write_inner<W: Write>(&self, w: &mut WireWriter<W>, cx: &Ctx) -> Result<()> {
@@ -537,26 +567,12 @@ impl Request {
             | Q::QueryDerivationOutputMap(p)
             | Q::AddBuildLog(p) => path(w, p)?,
             Q::AddToStore(a) => {
-                if !cx.at_least(25) {
-                    return Err(ProtocolError::NeedsVersion {
-                        what: "AddToStore with a content-address method",
-                        needs: crate::Version::new(1, 25),
-                        version: cx.version,
-                    });
-                }
                 w.write_str(&a.name, "name")?;
                 w.write_str(&a.method, "content address method")?;
                 cx.write_paths(w, a.references.iter(), "references")?;
                 w.write_bool(a.repair, "repair")?;
             }
             Q::AddToStoreOld(a) => {
-                if cx.at_least(25) {
-                    return Err(ProtocolError::Field {
-                        what: "AddToStore form",
-                        value: "base name, fixed, recursive, hash algorithm".into(),
-                        reason: format!("protocol {} uses the 1.25 form", cx.version),
-                    });
-                }
                 w.write_str(&a.base_name, "base name")?;
                 w.write_bool(a.fixed, "fixed")?;
                 w.write_bool(a.recursive, "recursive")?;
