@@ -17,9 +17,14 @@ use nixb_protocol::{ClientInfo, Ctx, Request, Response, ServerInfo, StderrFrame,
 use nixb_store::StoreDir;
 
 const STORE: &str = "/tmp/nixb-protocol-rec/store";
+const VERSIONS_STORE: &str = "/tmp/nixb-protocol-rec-v/store";
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nix-2.8")
+}
+
+fn versions_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/versions")
 }
 
 fn encode(f: impl FnOnce(&mut WireWriter<&mut Vec<u8>>)) -> Vec<u8> {
@@ -48,10 +53,16 @@ struct Exchange {
 }
 
 fn replay(name: &str) -> Exchange {
-    let dir = fixture_dir();
+    replay_in(&fixture_dir(), STORE, name, Version::NIX_2_8)
+}
+
+/// Replays `<name>.{client,daemon}.bin` of a client offering `client_version` to
+/// nix-daemon 2.8 (which offers 1.34).
+fn replay_in(dir: &Path, store: &str, name: &str, client_version: Version) -> Exchange {
     let client = std::fs::read(dir.join(format!("{name}.client.bin"))).unwrap();
     let daemon = std::fs::read(dir.join(format!("{name}.daemon.bin"))).unwrap();
-    let store_dir = StoreDir::new(STORE).unwrap();
+    let store_dir = StoreDir::new(store).unwrap();
+    let version = client_version.min(Version::NIX_2_8);
 
     // The daemon's side of the handshake against the client's recorded bytes.
     let mut cr = WireReader::new(&client[..]);
@@ -64,11 +75,11 @@ fn replay(name: &str) -> Exchange {
     let mut hs = None;
     let written = encode(|w| {
         hs = Some(server_handshake(&mut cr, w, &info).unwrap());
-        StderrFrame::Last.write(w, Version::NIX_2_8).unwrap();
+        StderrFrame::Last.write(w, version).unwrap();
     });
     let hs = hs.unwrap();
-    assert_eq!(hs.version, Version::NIX_2_8, "{name}");
-    assert_eq!(hs.peer_version, Version::NIX_2_8, "{name}");
+    assert_eq!(hs.version, version, "{name}");
+    assert_eq!(hs.peer_version, client_version, "{name}");
     same(
         &format!("{name}: daemon handshake"),
         &daemon,
@@ -80,13 +91,16 @@ fn replay(name: &str) -> Exchange {
     // The client's side against the daemon's recorded bytes.
     let mut dr = WireReader::new(&daemon[..]);
     let cinfo = ClientInfo {
-        version: Version::NIX_2_8,
+        version: client_version,
         features: BTreeSet::new(),
     };
     let mut chs = None;
     let written = encode(|w| chs = Some(client_handshake(&mut dr, w, &cinfo).unwrap()));
     let chs = chs.unwrap();
-    assert_eq!(chs.daemon_nix_version.as_deref(), Some("2.8.0"));
+    assert_eq!(
+        chs.daemon_nix_version.as_deref(),
+        (version >= Version::new(1, 33)).then_some("2.8.0")
+    );
     assert_eq!(chs.trusted, None);
     same(
         &format!("{name}: client handshake"),
@@ -311,4 +325,56 @@ fn recorded_exchanges_mean_what_the_commands_did() {
     // nix copy: AddMultipleToStore with the one path, inside its framed data.
     let ex = replay("copy-to");
     assert!(matches!(ex.requests[2], Request::AddMultipleToStore { .. }));
+}
+
+/// Exchanges of nixb's client at each version 1.21 to 1.34 with nix-daemon 2.8
+/// (fixtures/versions, made by examples/record_versions.rs): the daemon's side is real
+/// Nix answering that version.
+#[test]
+fn every_version_from_1_21_to_1_34_replays_byte_for_byte() {
+    for minor in 21..=34u8 {
+        let v = Version::new(1, minor);
+        let ex = replay_in(&versions_dir(), VERSIONS_STORE, &format!("v1_{minor}"), v);
+        // Below 1.25 the client adds text with AddTextToStore and asks for its info.
+        let add: &[&str] = if minor >= 25 {
+            &["AddToStore"]
+        } else {
+            &["AddTextToStore", "QueryPathInfo"]
+        };
+        let expected: Vec<&str> = ["SetOptions"]
+            .iter()
+            .chain(add)
+            .chain(&[
+                "IsValidPath",
+                "QueryValidPaths",
+                "QueryMissing",
+                "BuildPaths",
+                "QueryDerivationOutputMap",
+                "AddTempRoot",
+                "NarFromPath",
+                "BuildPaths",
+            ])
+            .copied()
+            .collect();
+        assert_eq!(ops(&ex), expected, "at {v}");
+        // The last request fails in the daemon: the error frame is in the form this
+        // version reads (structured from 1.26) and names the bogus path.
+        let Some(StderrFrame::Error(e)) = ex.frames.last() else {
+            panic!("at {v}: {:?}", ex.frames.last())
+        };
+        assert!(e.message.contains("-bogus"), "at {v}: {e:?}");
+        // The build log reached the client as an activity result.
+        assert!(ex.frames.iter().any(|f| matches!(f,
+            StderrFrame::Result { kind: nixb_protocol::stderr::ResultType::BuildLogLine, fields, .. }
+                if fields.first() == Some(&nixb_protocol::stderr::Field::string(format!("building {minor}"))))),
+            "at {v}");
+        // The text file's NAR came back whole: the magic in 24 bytes, five tokens of 16
+        // ("(", "type", "regular", "contents", ")"), the length in 8 and 13 bytes of
+        // text padded to 16: 128 bytes (worked by hand).
+        let at = expected.len() - 2;
+        let Some(Some(Response::Nar(nar))) = ex.responses.get(at) else {
+            panic!("at {v}: {:?}", ex.responses.get(at))
+        };
+        assert_eq!(nar.len(), 128, "at {v}");
+    }
 }
