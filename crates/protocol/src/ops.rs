@@ -967,3 +967,35 @@ fn write_substitutable<W: Write>(
     w.write_u64(i.nar_size, "nar size")?;
     Ok(())
 }
+
+/// `AddMultipleToStore`'s payload, inside its framed data (Nix 2.8
+/// `Store::addMultipleToStore(Source &)`):
+///
+/// ```text
+/// u64(count) { ValidPathInfo NAR }*count
+/// ```
+///
+/// The path infos travel in the 1.16 form whatever the connection's version (the same
+/// bytes as [`ValidPathInfo::write`] at every version nixb speaks). Each NAR follows its
+/// info unframed; read it with [`crate::nar::copy_nar`] or restore it directly.
+pub fn read_multiple_header<R: Read>(r: &mut WireReader<R>) -> Result<u64> {
+    Ok(r.read_count("paths to add", 8)?)
+}
+
+pub fn write_multiple_header<W: Write>(w: &mut WireWriter<W>, count: u64) -> Result<()> {
+    w.write_u64(count, "paths to add")?;
+    Ok(())
+}
+
+/// One path's info in `AddMultipleToStore`; its NAR follows.
+pub fn read_multiple_item<R: Read>(r: &mut WireReader<R>, cx: &Ctx) -> Result<ValidPathInfo> {
+    ValidPathInfo::read(r, cx).map_err(ProtocolError::in_op("AddMultipleToStore"))
+}
+
+pub fn write_multiple_item<W: Write>(
+    w: &mut WireWriter<W>,
+    cx: &Ctx,
+    info: &ValidPathInfo,
+) -> Result<()> {
+    info.write(w, cx)
+}

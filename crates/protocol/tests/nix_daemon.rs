@@ -293,3 +293,103 @@ fn every_client_version_from_1_21_gets_its_own_format_from_nix_daemon() {
         );
     }
 }
+
+fn nar_of(store: &Store, name: &str, contents: &str) -> (Vec<u8>, nixb_store::Hash) {
+    let f = store.root.path().join(name);
+    std::fs::write(&f, contents).unwrap();
+    let mut nar = Vec::new();
+    nixb_store::nar::dump_path(&f, &mut nar).unwrap();
+    let h = nixb_store::Hash::digest(nixb_store::HashAlgo::Sha256, &nar);
+    (nar, h)
+}
+
+fn info_for(
+    store: &Store,
+    base: &str,
+    nar: &[u8],
+    h: nixb_store::Hash,
+    references: BTreeSet<StorePath>,
+) -> nixb_protocol::types::ValidPathInfo {
+    nixb_protocol::types::ValidPathInfo {
+        path: store.path(&format!("{}/{base}", store.dir().display())),
+        info: nixb_protocol::types::PathInfo {
+            deriver: None,
+            nar_hash: h,
+            references,
+            registration_time: 0,
+            nar_size: nar.len() as u64,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: None,
+        },
+    }
+}
+
+#[test]
+fn nars_go_in_framed_tunnelled_and_several_at_once() {
+    if !have_nix() {
+        return;
+    }
+    let store = Store::new();
+    // AddToStoreNar: framed from 1.23, pulled with STDERR_READ at 1.21 and 1.22.
+    for minor in [21u8, 22, 23, 34] {
+        let (child, mut c) = store.daemon_at(Version::new(1, minor));
+        c.set_options(&ClientSettings::default()).unwrap();
+        let (nar, h) = nar_of(&store, "f", &format!("nar at 1.{minor}\n"));
+        let base = format!("{:0>32}-nar-{minor}", minor);
+        let info = info_for(&store, &base, &nar, h.clone(), BTreeSet::new());
+        c.add_to_store_nar(&info, &mut &nar[..], false, true)
+            .unwrap();
+        assert!(c.is_valid_path(&info.path).unwrap());
+        let p = format!("{}/{base}", store.dir().display());
+        assert_eq!(
+            store.run("nix-store", &["-q", "--hash", &p]),
+            h.to_base32_typed()
+        );
+        let dumped = store
+            .nix("nix-store")
+            .args(["--dump", &p])
+            .output()
+            .unwrap()
+            .stdout;
+        assert_eq!(dumped, nar, "at 1.{minor}");
+        stop(child, c);
+    }
+
+    // AddMultipleToStore: two paths, the second referring to the first.
+    let (child, mut c) = store.daemon();
+    c.set_options(&ClientSettings::default()).unwrap();
+    let (nar_a, ha) = nar_of(&store, "a", "a\n");
+    let a = info_for(
+        &store,
+        &format!("{:a>32}-a", ""),
+        &nar_a,
+        ha,
+        BTreeSet::new(),
+    );
+    let (nar_b, hb) = nar_of(
+        &store,
+        "b",
+        &format!("b refers to {}\n", a.path.base_name()),
+    );
+    let b = info_for(
+        &store,
+        &format!("{:b>32}-b", ""),
+        &nar_b,
+        hb,
+        BTreeSet::from([a.path.clone()]),
+    );
+    let mut ra = &nar_a[..];
+    let mut rb = &nar_b[..];
+    let mut items: Vec<(_, &mut dyn std::io::Read)> =
+        vec![(a.clone(), &mut ra), (b.clone(), &mut rb)];
+    c.add_multiple_to_store(&mut items, false, true).unwrap();
+    let pb = format!("{}/{}", store.dir().display(), b.path.base_name());
+    let pa = format!("{}/{}", store.dir().display(), a.path.base_name());
+    assert_eq!(store.run("nix-store", &["-q", "--references", &pb]), pa);
+    assert_eq!(
+        c.query_path_from_hash_part(b.path.hash_part()).unwrap(),
+        Some(b.path.clone())
+    );
+    stop(child, c);
+}

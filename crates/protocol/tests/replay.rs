@@ -50,6 +50,8 @@ struct Exchange {
     requests: Vec<Request>,
     responses: Vec<Option<Response>>,
     frames: Vec<StderrFrame>,
+    /// The framed data of each request that had some, joined.
+    framed: Vec<Vec<u8>>,
 }
 
 fn replay(name: &str) -> Exchange {
@@ -119,6 +121,7 @@ fn replay_in(dir: &Path, store: &str, name: &str, client_version: Version) -> Ex
         requests: Vec::new(),
         responses: Vec::new(),
         frames: Vec::new(),
+        framed: Vec::new(),
     };
     loop {
         let start = cr.offset();
@@ -149,6 +152,7 @@ fn replay_in(dir: &Path, store: &str, name: &str, client_version: Version) -> Ex
                     cr.offset(),
                     &again,
                 );
+                ex.framed.push(frames.concat());
             }
             DataTransfer::Nar => {
                 let start = cr.offset();
@@ -325,6 +329,18 @@ fn recorded_exchanges_mean_what_the_commands_did() {
     // nix copy: AddMultipleToStore with the one path, inside its framed data.
     let ex = replay("copy-to");
     assert!(matches!(ex.requests[2], Request::AddMultipleToStore { .. }));
+    let payload = &ex.framed[0];
+    let mut r = WireReader::new(&payload[..]);
+    assert_eq!(nixb_protocol::ops::read_multiple_header(&mut r).unwrap(), 1);
+    let cx = Ctx::new(Version::NIX_2_8, StoreDir::new(STORE).unwrap());
+    let info = nixb_protocol::ops::read_multiple_item(&mut r, &cx).unwrap();
+    assert_eq!(info.path.name(), "other.txt");
+    let mut nar = Vec::new();
+    copy_nar(&mut r, &mut nar).unwrap();
+    assert_eq!(nar.len() as u64, info.info.nar_size);
+    // "other\n" is 6 bytes: the same 120-byte NAR shape as hello.txt above.
+    assert_eq!(nar.len(), 120);
+    assert_eq!(r.offset(), payload.len() as u64);
 }
 
 /// Exchanges of nixb's client at each version 1.21 to 1.34 with nix-daemon 2.8
