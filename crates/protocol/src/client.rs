@@ -354,6 +354,21 @@ impl<R: Read, W: Write> Client<R, W> {
         }
     }
 
+    /// `nix-store --export` of one path through the daemon (`ExportPath`): the export
+    /// stream arrives in `STDERR_WRITE` frames and goes to `sink`.
+    pub fn export_path(&mut self, p: &StorePath, sink: &mut dyn Write) -> Result<()> {
+        let req = Request::ExportPath {
+            path: p.clone(),
+            sign: 0,
+        };
+        req.write(&mut self.w, &self.cx)?;
+        self.w.flush()?;
+        self.process_stderr(&mut |_| {}, None, Some(sink))
+            .map_err(ProtocolError::in_op("ExportPath"))?;
+        Response::read(&req, &mut self.r, &self.cx)?;
+        Ok(())
+    }
+
     /// Streams a path's NAR into `sink`; returns its size.
     pub fn nar_from_path(&mut self, p: &StorePath, sink: &mut dyn Write) -> Result<u64> {
         let req = Request::NarFromPath(p.clone());

@@ -70,6 +70,9 @@ impl<'a, R: Read> FramedReader<'a, R> {
                 ),
             ));
         }
+        // The frame is taken even when it crosses the cap, so that `finish` can still
+        // skip the rest and keep the connection in step.
+        self.left_in_frame = len;
         if self.total.saturating_add(len) > self.max_total {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -79,12 +82,15 @@ impl<'a, R: Read> FramedReader<'a, R> {
                 ),
             ));
         }
-        self.left_in_frame = len;
         Ok(())
     }
 
-    /// Reads and drops whatever is left of the payload, through the end marker.
+    /// Reads and drops whatever is left of the payload, through the end marker (also
+    /// after the cap of [`with_max_total`](Self::with_max_total) was hit: what is
+    /// skipped is not kept). After a frame-length error the stream cannot be trusted
+    /// to be in step; close the connection instead.
     pub fn finish(mut self) -> Result<u64> {
+        self.max_total = u64::MAX;
         let mut buf = [0u8; 8192];
         loop {
             match self.read(&mut buf) {
@@ -152,6 +158,15 @@ impl<R: Read> Read for FramedReader<'_, R> {
         }
         if self.done || buf.is_empty() {
             return Ok(0);
+        }
+        if self.total.saturating_add(self.left_in_frame) > self.max_total {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "framed data grows past the {} bytes allowed",
+                    self.max_total
+                ),
+            ));
         }
         let want = (buf.len() as u64).min(self.left_in_frame) as usize;
         let n = self.r.read(&mut buf[..want])?;

@@ -115,6 +115,24 @@ impl<R: Read, W: Write> ServerConnection<R, W> {
         }
     }
 
+    /// Output for the client's sink (`ExportPath`): each write goes as one
+    /// `STDERR_WRITE` frame.
+    pub fn tunnel_sink(&mut self) -> TunnelSink<'_, R, W> {
+        TunnelSink { conn: self }
+    }
+
+    /// Ends `NarFromPath`: `STDERR_LAST`, then the NAR streamed from `nar` (which must
+    /// hold exactly one NAR; it is copied as it is read, never held whole).
+    pub fn finish_nar(&mut self, nar: &mut dyn Read) -> Result<u64> {
+        StderrFrame::Last.write(&mut self.w, self.cx.version)?;
+        let n = io::copy(nar, &mut self.w).map_err(|source| ProtocolError::Io {
+            what: "sending a nar",
+            source,
+        })?;
+        self.w.flush()?;
+        Ok(n)
+    }
+
     /// The raw stream from the client (a plain NAR after `AddToStore` before 1.25).
     pub fn reader(&mut self) -> &mut WireReader<R> {
         &mut self.r
@@ -123,6 +141,25 @@ impl<R: Read, W: Write> ServerConnection<R, W> {
     /// The raw stream to the client (a NAR after `STDERR_LAST` for `NarFromPath`).
     pub fn writer(&mut self) -> &mut WireWriter<W> {
         &mut self.w
+    }
+}
+
+/// Sends output to the client as `STDERR_WRITE` frames.
+pub struct TunnelSink<'a, R: Read, W: Write> {
+    conn: &'a mut ServerConnection<R, W>,
+}
+
+impl<R: Read, W: Write> Write for TunnelSink<'_, R, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(TUNNEL_CHUNK as usize);
+        StderrFrame::Write(buf[..n].to_vec())
+            .write(&mut self.conn.w, self.conn.cx.version)
+            .map_err(io::Error::other)?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.w.flush().map_err(io::Error::other)
     }
 }
 

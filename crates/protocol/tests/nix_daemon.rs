@@ -393,3 +393,37 @@ fn nars_go_in_framed_tunnelled_and_several_at_once() {
     );
     stop(child, c);
 }
+
+#[test]
+fn export_path_streams_what_nix_store_export_writes() {
+    if !have_nix() {
+        return;
+    }
+    let store = Store::new();
+    let (child, mut c) = store.daemon();
+    c.set_options(&ClientSettings::default()).unwrap();
+    let added = c
+        .add_to_store(
+            "e.txt",
+            "text:sha256",
+            &BTreeSet::new(),
+            &mut &b"export me\n"[..],
+        )
+        .unwrap();
+    let mut got = Vec::new();
+    c.export_path(&added.path, &mut got).unwrap();
+    stop(child, c);
+    let p = store.store_dir().print(&added.path);
+    let want = store
+        .nix("nix-store")
+        .args(["--export", &p])
+        .output()
+        .unwrap()
+        .stdout;
+    // nix-store --export writes u64(1) before each path's export and u64(0) after the
+    // last; ExportPath answers one path's export alone.
+    assert_eq!(
+        [&1u64.to_le_bytes()[..], &got, &0u64.to_le_bytes()].concat(),
+        want
+    );
+}
