@@ -498,3 +498,91 @@ impl StderrFrame {
         Ok(())
     }
 }
+
+/// The frame as one line of Nix's structured log (`--log-format internal-json`, what
+/// `nix-output-monitor` reads): `@nix ` and a JSON object with sorted keys, as Nix 2.8's
+/// JSON logger writes it. Log lines become `msg` at level 0 (as Nix's client logs a
+/// daemon's `NEXT` line), without their newline. The parent of an activity is not
+/// printed (Nix 2.8 does not either). `None` for frames that are not log output (`READ`,
+/// `WRITE`, `LAST`, `ERROR`).
+pub fn to_internal_json(f: &StderrFrame) -> Option<String> {
+    let mut o = String::from("@nix {");
+    match f {
+        StderrFrame::Next(line) => {
+            let s = String::from_utf8_lossy(line);
+            let s = s.strip_suffix('\n').unwrap_or(&s);
+            o.push_str("\"action\":\"msg\",\"level\":0,\"msg\":");
+            json_str(&mut o, s);
+        }
+        StderrFrame::StartActivity {
+            id,
+            level,
+            kind,
+            text,
+            fields,
+            parent: _,
+        } => {
+            o.push_str("\"action\":\"start\",");
+            json_fields(&mut o, fields);
+            o.push_str(&format!(
+                "\"id\":{id},\"level\":{},\"text\":",
+                *level as u64
+            ));
+            json_str(&mut o, text);
+            o.push_str(&format!(",\"type\":{}", kind.to_u64()));
+        }
+        StderrFrame::StopActivity { id } => {
+            o.push_str(&format!("\"action\":\"stop\",\"id\":{id}"));
+        }
+        StderrFrame::Result { id, kind, fields } => {
+            o.push_str("\"action\":\"result\",");
+            json_fields(&mut o, fields);
+            o.push_str(&format!("\"id\":{id},\"type\":{}", kind.to_u64()));
+        }
+        StderrFrame::Read(_)
+        | StderrFrame::Write(_)
+        | StderrFrame::Last
+        | StderrFrame::Error(_) => return None,
+    }
+    o.push('}');
+    Some(o)
+}
+
+/// `"fields":[...],` when there are any (Nix leaves the key out otherwise).
+fn json_fields(o: &mut String, fields: &[Field]) {
+    if fields.is_empty() {
+        return;
+    }
+    o.push_str("\"fields\":[");
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        match f {
+            Field::Int(n) => o.push_str(&n.to_string()),
+            Field::String(b) => json_str(o, &String::from_utf8_lossy(b)),
+        }
+    }
+    o.push_str("],");
+}
+
+/// A JSON string as nlohmann::json prints it: short escapes for `"`, `\`, backspace,
+/// form feed, newline, carriage return and tab, `\u00xx` for other control characters,
+/// everything else as it is.
+fn json_str(o: &mut String, s: &str) {
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\u{8}' => o.push_str("\\b"),
+            '\u{c}' => o.push_str("\\f"),
+            '\n' => o.push_str("\\n"),
+            '\r' => o.push_str("\\r"),
+            '\t' => o.push_str("\\t"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+}

@@ -394,3 +394,33 @@ fn every_version_from_1_21_to_1_34_replays_byte_for_byte() {
         assert_eq!(nar.len(), 128, "at {v}");
     }
 }
+
+/// The daemon's activities, rendered by `to_internal_json`, are line for line what
+/// nix-build 2.8 printed for them with `--log-format internal-json` (it forwards a
+/// daemon's activities under their ids), in the same order.
+#[test]
+fn activities_render_as_nix_internal_json_lines() {
+    let ex = replay("nix-build-json");
+    let printed = std::fs::read_to_string(fixture_dir().join("nix-build-json.stderr.txt")).unwrap();
+    let printed: Vec<&str> = printed.lines().collect();
+    let ours: Vec<String> = ex
+        .frames
+        .iter()
+        .filter(|f| !matches!(f, StderrFrame::Next(_)))
+        .filter_map(nixb_protocol::stderr::to_internal_json)
+        .collect();
+    assert!(ours.len() >= 10, "{ours:?}");
+    let mut at = 0;
+    for line in &ours {
+        match printed[at..].iter().position(|p| p == line) {
+            Some(i) => at += i + 1,
+            None => panic!("not printed by nix-build (in this order): {line}\n{printed:#?}"),
+        }
+    }
+    // The log line with a quote, a tab, a backslash and an escape character.
+    assert!(
+        ours.iter()
+            .any(|l| l.contains(r#""fields":["quote\" tab\tbs\\ esc\u001b[0m end"]"#)),
+        "{ours:?}"
+    );
+}
