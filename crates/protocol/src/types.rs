@@ -32,7 +32,7 @@ use nixb_store::{Hash, HashAlgo, StoreDir, StorePath};
 
 use crate::error::{ProtocolError, Result};
 use crate::version::Version;
-use crate::wire::{WireError, WireReader, WireWriter};
+use crate::wire::{WireReader, WireWriter};
 
 /// Longest printed store path accepted (a store directory of up to 3800 bytes, the hash,
 /// and a 211-byte name).
@@ -945,15 +945,4 @@ pub struct Missing {
     pub unknown: BTreeSet<StorePath>,
     pub download_size: u64,
     pub nar_size: u64,
-}
-
-/// Errors of a stored u64 count against a named cap, for callers outside the wire module.
-pub(crate) fn too_many(what: &'static str, offset: u64, count: u64, max: u64) -> ProtocolError {
-    WireError::TooMany {
-        what,
-        offset,
-        count,
-        max,
-    }
-    .into()
 }

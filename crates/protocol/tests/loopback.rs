@@ -103,7 +103,8 @@ fn export_goes_through_stderr_write_and_import_through_stderr_read() {
             let mut got = vec![0u8; e2.len()];
             conn.tunnel().read_exact(&mut got).unwrap();
             assert_eq!(got, e2);
-            conn.finish(&req, &Response::Paths(BTreeSet::new()))
+            let imported = conn.ctx().store_dir.parse(P).unwrap();
+            conn.finish(&req, &Response::PathList(vec![imported]))
                 .unwrap();
         },
         |c| {
@@ -114,7 +115,7 @@ fn export_goes_through_stderr_write_and_import_through_stderr_read() {
             let resp = c
                 .request(&Request::ImportPaths, Some(&mut &export[..]), &mut |_| {})
                 .unwrap();
-            assert_eq!(resp, Response::Paths(BTreeSet::new()));
+            assert_eq!(resp, Response::PathList(vec![p]));
         },
     );
 }
