@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use nixb_tests::{have_nix, run, run_ok, run_str, TestStore};
+use nixb_tests::{run, run_ok, run_str, TestStore};
 
 /// A small tree with every node type NAR knows.
 fn make_tree(t: &TestStore) -> std::path::PathBuf {
@@ -24,9 +24,7 @@ fn make_tree(t: &TestStore) -> std::path::PathBuf {
 
 #[test]
 fn dump_is_byte_identical_to_nix_store_dump() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let tree = make_tree(&t);
     let ours = run_ok(t.nixb().arg("dump").arg(&tree), None);
@@ -45,9 +43,7 @@ fn dump_is_byte_identical_to_nix_store_dump() {
 
 #[test]
 fn hash_path_agrees_with_nix_hash_path_in_every_encoding() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let tree = make_tree(&t);
     for (flag, nixflag) in [
@@ -83,9 +79,7 @@ fn hash_path_agrees_with_nix_hash_path_in_every_encoding() {
 
 #[test]
 fn add_gives_the_path_nix_store_add_gives_and_nix_accepts_it() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let ours_store = TestStore::new();
     let theirs_store = TestStore::new();
     // Same content, different temp roots: copy one tree into both.
@@ -156,9 +150,7 @@ in derivation {
 
 #[test]
 fn derivation_add_from_nix_json_reproduces_nix_instantiate() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let nix_side = TestStore::new();
     let expr = nix_side.file("top.nix", NIX_EXPR);
     let drv = run_str(nix_side.nix("nix-instantiate").arg(&expr), None);
@@ -258,9 +250,7 @@ fn derivation_add_from_nix_json_reproduces_nix_instantiate() {
 
 #[test]
 fn nixb_reads_what_real_nix_registered() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let tree = make_tree(&t);
     let p = run_str(t.nix("nix-store").arg("--add").arg(&tree), None);
@@ -304,9 +294,7 @@ fn errors_are_clear_and_exit_1() {
 /// `__structuredAttrs` derivations name their features as a list.
 #[test]
 fn required_system_features_are_checked_as_nix_checks_them() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::with_conf(
         "sandbox = false\nbuild-users-group =\nsubstituters =\nsystem-features = benchmark\n",
     );

@@ -11,6 +11,8 @@
 //! This crate never prints (it logs through `tracing`) and never spawns processes; the
 //! substituter protocol side reads and writes the streams it is given.
 
+#![forbid(unsafe_code)]
+
 pub mod cache;
 pub mod narinfo;
 pub mod protocol;

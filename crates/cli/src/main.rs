@@ -26,7 +26,8 @@ pub struct Cli {
     /// Only print errors
     #[arg(short, long, global = true)]
     pub quiet: bool,
-    /// Override a setting from nix.conf (may be repeated)
+    /// Override a setting from nix.conf (may be repeated; refused by commands that read no
+    /// settings)
     #[arg(long = "option", global = true, num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
     pub options: Vec<String>,
     #[command(subcommand)]

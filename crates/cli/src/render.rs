@@ -5,8 +5,59 @@ use std::sync::atomic::{AtomicU8, Ordering};
 static VERBOSITY: AtomicU8 = AtomicU8::new(1);
 
 /// 0 = quiet (errors only), 1 = normal, 2+ = verbose.
+///
+/// Also installs the `tracing` subscriber through which the library crates report
+/// (a cache's retries, a lock being waited for): errors only with `-q`, warnings by
+/// default, then info, debug and trace with each `-v`. `NIXB_LOG` (an `EnvFilter`
+/// directive such as `nixb_binarycache=debug`) replaces the level chosen by the flags.
 pub fn init(verbose: u8, quiet: bool) {
-    VERBOSITY.store(if quiet { 0 } else { 1 + verbose }, Ordering::Relaxed);
+    let level = if quiet { 0 } else { 1 + verbose };
+    VERBOSITY.store(level, Ordering::Relaxed);
+    let max = match level {
+        0 => tracing::Level::ERROR,
+        1 => tracing::Level::WARN,
+        2 => tracing::Level::INFO,
+        3 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    let filter = match std::env::var("NIXB_LOG") {
+        Ok(spec) => tracing_subscriber::EnvFilter::new(spec),
+        Err(_) => tracing_subscriber::EnvFilter::default().add_directive(max.into()),
+    };
+    // A second subscriber (a test calling init twice) is not an error worth reporting.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .event_format(NixStyle)
+        .try_init();
+}
+
+/// Formats a `tracing` event as nixb's own diagnostics look: `warning: …`, `error: …`,
+/// plain text for info, `debug: …` below that.
+struct NixStyle;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for NixStyle
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut w: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let prefix = match *event.metadata().level() {
+            tracing::Level::ERROR => "error: ",
+            tracing::Level::WARN => "warning: ",
+            tracing::Level::INFO => "",
+            tracing::Level::DEBUG => "debug: ",
+            tracing::Level::TRACE => "trace: ",
+        };
+        w.write_str(prefix)?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
 }
 
 pub fn verbosity() -> u8 {

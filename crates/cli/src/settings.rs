@@ -45,6 +45,8 @@ pub struct Settings {
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
     pub require_sigs: bool,
+    /// `download-attempts`: tries per binary-cache request, the first included.
+    pub download_attempts: u32,
     pub use_substitutes: bool,
     pub fallback: bool,
     pub impersonate_linux_26: bool,
@@ -81,6 +83,7 @@ impl Default for Settings {
             substituters: Vec::new(),
             trusted_public_keys: Vec::new(),
             require_sigs: true,
+            download_attempts: 5,
             use_substitutes: true,
             fallback: false,
             impersonate_linux_26: false,
@@ -282,6 +285,15 @@ impl Settings {
             "substituters" => set_list(&mut self.substituters),
             "trusted-public-keys" => set_list(&mut self.trusted_public_keys),
             "require-sigs" => self.require_sigs = parse_bool(value).with_context(ctx)?,
+            "download-attempts" => {
+                self.download_attempts = match value.parse::<u32>() {
+                    Ok(n) if n >= 1 => n,
+                    _ => bail!(
+                        "{}: expected a whole number of at least 1, got '{value}'",
+                        ctx()
+                    ),
+                }
+            }
             "use-substitutes" | "substitute" => {
                 self.use_substitutes = parse_bool(value).with_context(ctx)?
             }

@@ -91,6 +91,7 @@ impl Watchdog {
                 step: "forking",
                 errno: nix::errno::Errno::last(),
             }),
+            // SAFETY: in the forked child, which runs only `watchdog_main` (see the fork above).
             0 => unsafe { watchdog_main(read_fd, write_fd, &mut state) },
             pid => {
                 drop(read);

@@ -17,17 +17,6 @@ use nixb_store::{Hash, HashAlgo};
 
 const BUSYBOX: &str = "/usr/bin/busybox";
 
-fn have_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("sandbox tests need root (namespaces and mounts) and CI is set");
-    }
-    eprintln!("note: not root, skipping sandbox test");
-    false
-}
-
 fn sandboxed(t: &TestStore, mode: SandboxMode) -> WorkerConfig {
     assert!(
         std::path::Path::new(BUSYBOX).exists(),
@@ -64,9 +53,7 @@ fn sha256(data: &[u8]) -> Hash {
 
 #[test]
 fn builder_is_pid_1_named_localhost_and_sees_only_the_sandbox() {
-    if !have_root() {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     let t = TestStore::new();
     let cfg = sandboxed(&t, SandboxMode::On);
     let drv = t.add_drv(spec(
@@ -109,9 +96,7 @@ fn builder_is_pid_1_named_localhost_and_sees_only_the_sandbox() {
 
 #[test]
 fn undeclared_store_paths_are_invisible_and_declared_inputs_visible() {
-    if !have_root() {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     let t = TestStore::new();
     let cfg = sandboxed(&t, SandboxMode::On);
     let secret = t.add_text("secret", "s3cret\n");
@@ -159,9 +144,7 @@ fn undeclared_store_paths_are_invisible_and_declared_inputs_visible() {
 
 #[test]
 fn sandbox_paths_store_entries_bring_their_closure() {
-    if !have_root() {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     let t = TestStore::new();
     let dep = t.add_text("dep", "dep-contents\n");
     let top = t
@@ -208,9 +191,7 @@ fn netns_of_host() -> String {
 
 #[test]
 fn fixed_output_builds_share_the_host_network_and_others_do_not() {
-    if !have_root() {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     let t = TestStore::new();
     let cfg = with_python(&t, SandboxMode::On);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -259,9 +240,7 @@ fn fixed_output_builds_share_the_host_network_and_others_do_not() {
 
 #[test]
 fn no_chroot_is_honoured_only_when_relaxed() {
-    if !have_root() {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     let t = TestStore::new();
     // A host file outside everything the chroot binds.
     let host_file = t.root().join("host-file");
@@ -302,9 +281,7 @@ fn no_chroot_is_honoured_only_when_relaxed() {
 
 #[test]
 fn failed_outputs_come_out_of_the_chroot_with_keep_failed() {
-    if !have_root() {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     let t = TestStore::new();
     let mut cfg = sandboxed(&t, SandboxMode::On);
     cfg.keep_failed = true;
@@ -326,9 +303,7 @@ fn failed_outputs_come_out_of_the_chroot_with_keep_failed() {
 /// writes through it after the build. The registered output must not change.
 #[test]
 fn a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output() {
-    if !have_root() {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     use nix::sys::socket::{
         bind, listen, recvmsg, socket, AddressFamily, Backlog, ControlMessageOwned, MsgFlags,
         SockFlag, SockType, UnixAddr,
@@ -362,8 +337,10 @@ fn a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output() {
             }
         }
         // Tell the builder we have it, so it may exit.
+        // SAFETY: `conn` is the accepted connection, open until the close below.
         nix::unistd::write(unsafe { std::os::fd::BorrowedFd::borrow_raw(conn) }, b"k").unwrap();
         nix::unistd::close(conn).unwrap();
+        // SAFETY: `got` was received just now by SCM_RIGHTS: a new descriptor nothing else owns.
         unsafe { OwnedFd::from_raw_fd(got.expect("a descriptor was passed")) }
     });
     let script = format!(
@@ -404,9 +381,7 @@ fn a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output() {
 /// build directory behind.
 #[test]
 fn a_setup_step_failing_after_the_start_names_the_step() {
-    if !have_root() {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     let t = TestStore::new();
     let cfg = sandboxed(&t, SandboxMode::On);
     let drv = t.add_drv(spec("nobuilder", "").builder("/nonexistent/builder"));

@@ -69,6 +69,8 @@
 //! The core ([`Rewriter`], [`RewriteStream`]) takes and returns buffers and
 //! does no I/O. [`RewriteWriter`] and [`rewrite_tree`] are thin edges on top.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::io::{self, Write};
 

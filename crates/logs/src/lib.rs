@@ -18,6 +18,8 @@
 //! `nix-store -l` does: the plain file is preferred over the `.bz2` one, the
 //! two-level layout over the flat one.
 
+#![forbid(unsafe_code)]
+
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use nixb_protocol::stderr::{ActivityType, Field, Verbosity};
 use nixb_protocol::types::PathInfo;
@@ -14,23 +14,6 @@ use nixb_protocol::{
     RemoteError, Request, Response, ServerConnection, ServerInfo, StderrFrame, Version,
 };
 use nixb_store::{Hash, HashAlgo, StoreDir};
-
-fn have_nix() -> bool {
-    let present = Command::new("nix-store")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !present {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("nix-store (Debian nix-bin) is required under CI=true");
-        }
-        eprintln!("note: nix-store not found; skipping this oracle test (install nix-bin)");
-    }
-    present
-}
 
 /// Serves every connection on `listener` with canned answers.
 fn serve(listener: UnixListener, store_dir: StoreDir, nar_hash: Hash) {
@@ -108,9 +91,7 @@ fn nix(root: &Path, prog: &str, args: &[&str]) -> Output {
 
 #[test]
 fn nix_2_8_clients_talk_to_a_server_connection() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     std::fs::create_dir_all(r.join("etc")).unwrap();

@@ -12,23 +12,6 @@ use nixb_protocol::types::{BuildMode, ClientSettings, DerivedPath, OutputsSpec};
 use nixb_protocol::{Client, ClientInfo, ProtocolError, StderrFrame, Version};
 use nixb_store::{StoreDir, StorePath};
 
-fn have_nix() -> bool {
-    let present = Command::new("nix-store")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !present {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("nix-store (Debian nix-bin) is required under CI=true");
-        }
-        eprintln!("note: nix-store not found; skipping this oracle test (install nix-bin)");
-    }
-    present
-}
-
 struct Store {
     root: tempfile::TempDir,
 }
@@ -201,9 +184,7 @@ fn check_version(store: &Store, v: Version, text: &str) {
 
 #[test]
 fn client_talks_to_nix_daemon_2_8() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let store = Store::new();
     let (child, mut c) = store.daemon();
     // We offer 1.38; Nix 2.8 speaks 1.34, so both use 1.34.
@@ -281,9 +262,7 @@ fn client_talks_to_nix_daemon_2_8() {
 
 #[test]
 fn every_client_version_from_1_21_gets_its_own_format_from_nix_daemon() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let store = Store::new();
     for minor in [21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 33, 34, 35, 38] {
         check_version(
@@ -327,9 +306,7 @@ fn info_for(
 
 #[test]
 fn nars_go_in_framed_tunnelled_and_several_at_once() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let store = Store::new();
     // AddToStoreNar: framed from 1.23, pulled with STDERR_READ at 1.21 and 1.22.
     for minor in [21u8, 22, 23, 34] {
@@ -396,9 +373,7 @@ fn nars_go_in_framed_tunnelled_and_several_at_once() {
 
 #[test]
 fn export_path_streams_what_nix_store_export_writes() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let store = Store::new();
     let (child, mut c) = store.daemon();
     c.set_options(&ClientSettings::default()).unwrap();

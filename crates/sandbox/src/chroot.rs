@@ -478,6 +478,7 @@ impl DetachedLower {
         // SAFETY: fstatat fills the zeroed struct; names and descriptor are ours.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         for name in &self.warm_names {
+            // SAFETY: each name is NUL-terminated, `dir` is open and `st` writable.
             unsafe {
                 libc::fstatat(
                     dir.as_raw_fd(),
@@ -610,6 +611,7 @@ fn kept_flags(p: &Path) -> Result<libc::c_ulong, SandboxError> {
     let c = cpath(p)?;
     // SAFETY: statvfs fills the zeroed struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == -1 {
         return Err(SandboxError::Prepare {
             step: format!("getting the mount flags of {}", p.display()),
@@ -828,6 +830,7 @@ impl SourceDirs {
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         // SAFETY: fstatat fills the zeroed struct; name and descriptor are ours.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated name, `fd` an open directory, `st` writable.
         if unsafe { libc::fstatat(fd.as_raw_fd(), c.as_ptr(), &mut st, 0) } == -1 {
             return Err(std::io::Error::last_os_error());
         }

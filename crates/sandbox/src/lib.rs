@@ -348,6 +348,7 @@ impl<S: plan::Syscalls> plan::Syscalls for Traced<S> {
 fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime fills the zeroed timespec; async-signal-safe.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid, writable timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -672,6 +673,7 @@ struct Pending {
 // (or into the filter it owns) and are only read, by the child; on our side only `failure`
 // looks at the plan, reading. So a Builder stays Send and Sync as it was.
 unsafe impl Send for Pending {}
+// SAFETY: as for `Send` just above.
 unsafe impl Sync for Pending {}
 
 impl std::fmt::Debug for Pending {
@@ -1131,6 +1133,7 @@ impl Builder {
         loop {
             // SAFETY: waitid fills a zeroed siginfo_t.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `info` is a valid, writable siginfo_t; the pid is our unreaped child.
             let r = unsafe {
                 libc::waitid(
                     libc::P_PID,

@@ -284,6 +284,7 @@ impl Syscalls for Kernel {
         // SAFETY (whole block): every pointer passed below comes from a CString or Vec owned by
         // the plan, which the parent keeps alive until this child has exec'd or exited, or
         // from this function's own frame.
+        // SAFETY: see the whole-block note above.
         unsafe {
             match step {
                 Step::MakeMountsPrivate => call(

@@ -123,6 +123,7 @@ mod tests {
         let pid = unsafe { sys(libc::SYS_getpid, [0; 6]) }.unwrap();
         assert_eq!(pid as u32, std::process::id());
         Errno::clear();
+        // SAFETY: closing descriptor -1 touches nothing.
         let r = unsafe { sys(libc::SYS_close, [i(-1), 0, 0, 0, 0, 0]) };
         assert_eq!(r, Err(Errno::EBADF));
         if AVAILABLE {
@@ -131,6 +132,7 @@ mod tests {
         // A pointer argument: write two bytes to a pipe and read them back.
         let (r, w) = nix::unistd::pipe().unwrap();
         use std::os::fd::AsRawFd;
+        // SAFETY: the literal is readable for 2 bytes; `w` is open.
         let n = unsafe {
             sys(
                 libc::SYS_write,
@@ -139,6 +141,7 @@ mod tests {
         };
         assert_eq!(n, Ok(2));
         let mut buf = [0u8; 2];
+        // SAFETY: `buf` is writable for the 2 bytes asked for; `r` is open.
         let n = unsafe {
             sys(
                 libc::SYS_read,

@@ -190,6 +190,7 @@ fn pidfd_becomes_readable_on_exit() {
     let n = unsafe { libc::poll(&mut pfd, 1, 0) };
     assert_eq!(n, 0, "pidfd readable while the builder runs");
     assert!(b.try_wait().unwrap().is_none());
+    // SAFETY: one valid pollfd.
     let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
     assert_eq!(n, 1);
     assert!(b.try_wait().unwrap().unwrap().success());
@@ -286,6 +287,7 @@ fn signal_mask_and_dispositions_are_reset_and_the_callers_mask_restored() {
     }
     // SAFETY: as above.
     assert_eq!(unsafe { libc::sigismember(&after, libc::SIGTERM) }, 1);
+    // SAFETY: `after` is an initialised sigset_t.
     assert_eq!(unsafe { libc::sigismember(&after, libc::SIGUSR1) }, 0);
 }
 

@@ -10,6 +10,8 @@
 //! remote to build. What it does to the local store is add verified paths, through
 //! [`nixb_store::local_store::LocalStore`], keeping the closure invariant.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod error;
 pub mod hook;

@@ -100,9 +100,7 @@ fn request(w: &World, drv_path: &nixb_store::StorePath, willing: bool, system: &
 
 #[test]
 fn unreachable_machine_is_skipped_and_the_build_runs_on_real_nix() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let store = w.local("local");
     let (a, b) = add_sources(&w, &store, "hook");
@@ -256,9 +254,7 @@ fn decline_postpone_and_the_request_loop() {
 
 #[test]
 fn a_remote_build_failure_exits_100_with_the_log() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let store = w.local("local");
     let drv = make_drv(

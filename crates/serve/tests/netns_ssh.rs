@@ -21,7 +21,8 @@ use nixb_serve::machines::parse_machines;
 
 #[test]
 fn hook_builds_on_real_nix_over_real_ssh_in_a_network_namespace() {
-    if !(netns::can_run() && have_nix()) {
+    nixb_testsupport::require!(Nix);
+    if !netns::can_run() {
         return;
     }
     let w = World::new();

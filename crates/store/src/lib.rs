@@ -7,6 +7,7 @@
 
 pub mod canon;
 pub mod db;
+pub mod delete;
 pub mod derivation;
 pub mod hash;
 pub mod local_store;

@@ -147,27 +147,25 @@ pub fn delete_lock_file(path: &Path, file: &File) {
 /// Takes, converts or releases an `flock` lock on `fd`. With `wait` false, returns
 /// `Ok(false)` when another open file holds a conflicting lock.
 pub fn lock_file(fd: impl AsFd, lock: LockType, wait: bool) -> Result<bool, LockError> {
-    let raw = fd.as_fd().as_raw_fd();
-    let op = match lock {
-        LockType::Read => libc::LOCK_SH,
-        LockType::Write => libc::LOCK_EX,
-        LockType::None => libc::LOCK_UN,
-    } | if wait { 0 } else { libc::LOCK_NB };
+    use rustix::fs::FlockOperation as Op;
+    let op = match (lock, wait) {
+        (LockType::Read, true) => Op::LockShared,
+        (LockType::Read, false) => Op::NonBlockingLockShared,
+        (LockType::Write, true) => Op::LockExclusive,
+        (LockType::Write, false) => Op::NonBlockingLockExclusive,
+        (LockType::None, true) => Op::Unlock,
+        (LockType::None, false) => Op::NonBlockingUnlock,
+    };
     loop {
-        // SAFETY: flock only reads its integer arguments; `raw` is a live descriptor
-        // borrowed for the duration of the call.
-        if unsafe { libc::flock(raw, op) } == 0 {
-            return Ok(true);
-        }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) if !wait => return Ok(false),
-            _ => {
+        match rustix::fs::flock(fd.as_fd(), op) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::WOULDBLOCK) if !wait => return Ok(false),
+            Err(e) => {
                 return Err(LockError::Lock {
                     what: lock.describe(),
-                    fd: raw,
-                    source: err,
+                    fd: fd.as_fd().as_raw_fd(),
+                    source: e.into(),
                 })
             }
         }

@@ -168,8 +168,7 @@ impl Drop for UidLock {
         if let Some(fd) = self.fd.take() {
             // Unlock the flock explicitly: a child forked by another thread shares the open
             // file description until its exec closes it, and would keep the lock held.
-            // SAFETY: `fd` is an open descriptor we own; LOCK_UN has no memory effects.
-            unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_UN) };
+            let _ = rustix::fs::flock(&fd, rustix::fs::FlockOperation::Unlock);
             drop(fd);
         }
         locked_set().remove(&self.path);
@@ -306,23 +305,20 @@ fn try_lock(path: &Path) -> Result<Option<OwnedFd>, UserPoolError> {
     let fd: OwnedFd = file.into();
     let raw = fd.as_raw_fd();
 
-    // SAFETY: an all-zero `flock` is a valid value of this plain C struct; the fields that
-    // matter are set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0; // the whole file
+    // A process-associated (not open-file-description) lock, as the original takes.
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0, // the whole file
+        l_pid: 0,
+    };
     loop {
-        // SAFETY: `raw` is an open descriptor owned by `fd`; `fl` is a valid flock struct.
-        let r = unsafe { libc::fcntl(raw, libc::F_SETLK, &fl) };
-        if r == 0 {
-            break;
-        }
-        match Errno::last() {
-            Errno::EINTR => continue,
-            Errno::EAGAIN | Errno::EACCES => return Ok(None),
-            source => {
+        match nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_SETLK(&fl)) {
+            Ok(_) => break,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN | Errno::EACCES) => return Ok(None),
+            Err(source) => {
                 return Err(UserPoolError::Lock {
                     path: path.to_path_buf(),
                     how: "fcntl",
@@ -332,21 +328,18 @@ fn try_lock(path: &Path) -> Result<Option<OwnedFd>, UserPoolError> {
         }
     }
     loop {
-        // SAFETY: `raw` is an open descriptor owned by `fd`.
-        let r = unsafe { libc::flock(raw, libc::LOCK_EX | libc::LOCK_NB) };
-        if r == 0 {
-            break;
-        }
-        match Errno::last() {
-            Errno::EINTR => continue,
+        match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::INTR) => continue,
             // Dropping `fd` closes it, which also releases the fcntl lock taken above.
-            Errno::EWOULDBLOCK => return Ok(None),
-            source => {
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+            Err(e) => {
+                let source = Errno::from_raw(e.raw_os_error());
                 return Err(UserPoolError::Lock {
                     path: path.to_path_buf(),
                     how: "flock",
                     source,
-                })
+                });
             }
         }
     }

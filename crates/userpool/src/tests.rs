@@ -70,6 +70,7 @@ fn hold_in_child(path: &Path, kind: Kind) -> Holder {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
+        // SAFETY: in the forked child: raw calls on memory made before the fork, then _exit.
         unsafe {
             close_others(&[ready_wr.as_raw_fd(), release_rd.as_raw_fd()]);
             let fd = libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o600);
@@ -120,6 +121,7 @@ fn probe_in_child(path: &Path, owner: libc::pid_t) -> (bool, bool) {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
+        // SAFETY: in the forked child: raw calls on memory made before the fork, then _exit.
         unsafe {
             close_others(&[wr.as_raw_fd()]);
             let fd = libc::open(cpath.as_ptr(), libc::O_RDWR);
