@@ -206,8 +206,9 @@ pub enum Request {
     AddToStoreNar(AddToStoreNarRequest),
     QueryMissing(Vec<DerivedPath>),
     QueryDerivationOutputMap(StorePath),
-    /// Before 1.31: `sha256:<hash>!<output>` and the output path; from 1.31: the
-    /// realisation as JSON (`output_path` empty).
+    /// Before 1.31: `sha256:<hash>!<output>` and the output path's base name
+    /// (`<hash>-<name>`, as Nix 2.8 reads it); from 1.31: the realisation as JSON
+    /// (`output_path` empty).
     RegisterDrvOutput {
         id_or_json: String,
         output_path: String,

@@ -22,6 +22,7 @@ use nixb_store::{Hash, HashAlgo, StoreDir, StorePath};
 
 const STORE: &str = "/nix/store";
 const P: &str = "/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-hello";
+const BASE: &str = "00bgd045z0d4icpbc2yyz4gx48ak44la-hello";
 const DRV: &str = "/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-hello.drv";
 
 fn written(name: &str) -> Vec<u8> {
@@ -456,11 +457,12 @@ fn gate_1_30_derived_paths() {
 fn gate_1_31_realisations() {
     let reg = Request::RegisterDrvOutput {
         id_or_json: "sha256:aa!out".into(),
-        output_path: P.into(),
+        // A base name: Nix 2.8 reads it with `StorePath(readString(from))`.
+        output_path: BASE.into(),
     };
     assert_eq!(
         req_bytes(&reg, 30),
-        [u64s(&[42]), s("sha256:aa!out"), s(P)].concat()
+        [u64s(&[42]), s("sha256:aa!out"), s(BASE)].concat()
     );
     assert_eq!(req_back(&req_bytes(&reg, 30), 30), reg);
     let json = Request::RegisterDrvOutput {

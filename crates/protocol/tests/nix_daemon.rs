@@ -402,3 +402,53 @@ fn export_path_streams_what_nix_store_export_writes() {
         want
     );
 }
+
+/// How Nix 2.8 without the ca-derivations feature answers the realisation operations:
+/// RegisterDrvOutput with an error naming the feature (the connection goes on), and
+/// QueryRealisation not at all: the daemon process dies on an assertion (its SQLite
+/// statement for realisations is prepared only with the feature) and the client sees the
+/// connection end. A daemon built on this crate should answer the latter with an empty
+/// set instead (of paths before 1.31, of realisations from 1.31), which is what Nix's
+/// client makes of "no realisation".
+#[test]
+fn realisation_operations_on_nix_2_8_without_ca_derivations() {
+    nixb_testsupport::require!(Nix);
+    let store = Store::new();
+    for minor in [30u8, 31, 34] {
+        let (mut child, mut c) = store.daemon_at(Version::new(1, minor));
+        c.set_options(&ClientSettings::default()).unwrap();
+        let id = format!("sha256:{}!out", "ab".repeat(32));
+        let out = format!("{}/{}-x", store.dir().display(), "0".repeat(32));
+        let json = format!(
+            "{{\"dependentRealisations\":{{}},\"id\":\"{id}\",\"outPath\":\"{}-x\",\"signatures\":[]}}",
+            "0".repeat(32)
+        );
+        let req = nixb_protocol::Request::RegisterDrvOutput {
+            id_or_json: if minor >= 31 { json } else { id.clone() },
+            // Before 1.31 the output path travels as a base name (Nix 2.8 reads it with
+            // `StorePath(readString(from))`; a full path is refused).
+            output_path: if minor >= 31 {
+                String::new()
+            } else {
+                format!("{}-x", "0".repeat(32))
+            },
+        };
+        let e = c.request(&req, None, &mut |_| {}).unwrap_err();
+        assert!(
+            e.to_string().contains("ca-derivations"),
+            "at 1.{minor}: {e}"
+        );
+        assert!(!c.is_valid_path(&store.path(&out)).unwrap());
+
+        let e = c
+            .request(
+                &nixb_protocol::Request::QueryRealisation(id),
+                None,
+                &mut |_| {},
+            )
+            .unwrap_err();
+        assert!(e.is_eof(), "at 1.{minor}: {e}");
+        drop(c);
+        assert!(!child.wait().unwrap().success());
+    }
+}
