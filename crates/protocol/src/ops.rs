@@ -125,6 +125,54 @@ pub struct AddToStoreRequest {
     pub repair: bool,
 }
 
+/// How `AddToStore` (1.25+) says its dump is to be hashed and addressed: the method part
+/// of a content address, `text:<algo>`, `fixed:r:<algo>` (a NAR) or `fixed:<algo>` (a
+/// flat file), as Nix 2.8's `parseContentAddressMethod` reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaMethod {
+    /// Text with references (`.drv` files, `builtins.toFile`); the dump is the flat text.
+    Text(nixb_store::HashAlgo),
+    /// A flat file; the dump is its contents.
+    Flat(nixb_store::HashAlgo),
+    /// A NAR serialisation; the dump is the NAR.
+    Nar(nixb_store::HashAlgo),
+}
+
+impl CaMethod {
+    pub fn parse(s: &str) -> Result<CaMethod> {
+        let bad = |reason: String| ProtocolError::Field {
+            what: "content address method",
+            value: s.to_string(),
+            reason,
+        };
+        let algo = |a: &str| {
+            a.parse::<nixb_store::HashAlgo>()
+                .map_err(|e| bad(format!("hash algorithm '{a}': {e}")))
+        };
+        if let Some(a) = s.strip_prefix("text:") {
+            Ok(CaMethod::Text(algo(a)?))
+        } else if let Some(a) = s.strip_prefix("fixed:r:") {
+            Ok(CaMethod::Nar(algo(a)?))
+        } else if let Some(a) = s.strip_prefix("fixed:") {
+            Ok(CaMethod::Flat(algo(a)?))
+        } else {
+            Err(bad(
+                "expected 'text:', 'fixed:r:' or 'fixed:' and a hash algorithm".into(),
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for CaMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CaMethod::Text(a) => write!(f, "text:{a}"),
+            CaMethod::Flat(a) => write!(f, "fixed:{a}"),
+            CaMethod::Nar(a) => write!(f, "fixed:r:{a}"),
+        }
+    }
+}
+
 /// `AddToStore` before 1.25.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddToStoreOldRequest {
@@ -1005,4 +1053,31 @@ pub fn write_multiple_item<W: Write>(
     info: &ValidPathInfo,
 ) -> Result<()> {
     info.write(w, cx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixb_store::HashAlgo;
+
+    #[test]
+    fn content_address_methods_parse_and_print_back() {
+        // The methods Nix 2.8 clients send: nix-instantiate's .drv files ("text:sha256",
+        // in the instantiate fixture) and nix-store --add ("fixed:r:sha256", add-text).
+        for (s, m) in [
+            ("text:sha256", CaMethod::Text(HashAlgo::Sha256)),
+            ("fixed:r:sha256", CaMethod::Nar(HashAlgo::Sha256)),
+            ("fixed:sha1", CaMethod::Flat(HashAlgo::Sha1)),
+        ] {
+            assert_eq!(CaMethod::parse(s).unwrap(), m);
+            assert_eq!(m.to_string(), s);
+        }
+        let e = CaMethod::parse("fixed:r:sha257").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("bad content address method 'fixed:r:sha257'"),
+            "{e}"
+        );
+        assert!(CaMethod::parse("git:sha1").is_err());
+    }
 }
