@@ -1,8 +1,9 @@
 //! Copying one NAR from a stream without unpacking it: where a NAR travels unframed
 //! (the `NarFromPath` reply, `AddToStore` before 1.25), its end is known only from its
 //! grammar (see `nixb_store::nar` for the format). The walk bounds every token: tags and
-//! names have hard caps, file contents are streamed, and nesting is limited to
-//! [`MAX_NAR_DEPTH`] so a hostile archive cannot exhaust the stack.
+//! names have hard caps, file contents are streamed, and it is iterative with nesting
+//! limited to [`MAX_NAR_DEPTH`], so a hostile archive can exhaust neither the stack of a
+//! small connection thread nor anything else.
 
 use std::io::{Read, Write};
 
@@ -83,50 +84,78 @@ impl<R: Read, W: Write + ?Sized> Copier<'_, R, W> {
         self.out(&p[..pad])
     }
 
-    fn node(&mut self, depth: usize) -> Result<()> {
-        if depth > MAX_NAR_DEPTH {
-            return Err(self.bad(format!("nested deeper than {MAX_NAR_DEPTH} directories")));
-        }
-        self.expect("(")?;
-        self.expect("type")?;
-        let t = self.token()?;
-        match &t[..] {
-            b"regular" => {
-                let mut tag = self.token()?;
-                if tag == b"executable" {
-                    self.expect("")?;
-                    tag = self.token()?;
+    /// Walks one node and everything under it. Iterative, with only a depth counter: a
+    /// connection's thread may have a small stack, and an archive may nest deeply.
+    fn walk(&mut self) -> Result<()> {
+        // Directories open around the current position.
+        let mut depth = 0usize;
+        loop {
+            // At the start of a node.
+            self.expect("(")?;
+            self.expect("type")?;
+            let t = self.token()?;
+            match &t[..] {
+                b"regular" => {
+                    let mut tag = self.token()?;
+                    if tag == b"executable" {
+                        self.expect("")?;
+                        tag = self.token()?;
+                    }
+                    if tag != b"contents" {
+                        return Err(self.bad("expected 'contents'"));
+                    }
+                    self.contents()?;
+                    self.expect(")")?;
                 }
-                if tag != b"contents" {
-                    return Err(self.bad("expected 'contents'"));
+                b"symlink" => {
+                    self.expect("target")?;
+                    self.token()?;
+                    self.expect(")")?;
                 }
-                self.contents()?;
-                self.expect(")")
+                b"directory" => {
+                    depth += 1;
+                    if depth > MAX_NAR_DEPTH {
+                        return Err(
+                            self.bad(format!("nested deeper than {MAX_NAR_DEPTH} directories"))
+                        );
+                    }
+                }
+                _ => {
+                    return Err(self.bad(format!(
+                        "unknown node type '{}'",
+                        String::from_utf8_lossy(&t)
+                    )))
+                }
             }
-            b"symlink" => {
-                self.expect("target")?;
-                self.token()?;
-                self.expect(")")
+            if t != b"directory" {
+                if depth == 0 {
+                    return Ok(());
+                }
+                // The ")" of the entry that held this file or symlink.
+                self.expect(")")?;
             }
-            b"directory" => loop {
+            // Inside a directory: more entries, or its end.
+            loop {
                 let tag = self.token()?;
                 match &tag[..] {
-                    b")" => return Ok(()),
+                    b")" => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Ok(());
+                        }
+                        // The ")" of the entry that held this directory.
+                        self.expect(")")?;
+                    }
                     b"entry" => {
                         self.expect("(")?;
                         self.expect("name")?;
                         self.token()?;
                         self.expect("node")?;
-                        self.node(depth + 1)?;
-                        self.expect(")")?;
+                        break;
                     }
                     _ => return Err(self.bad("expected 'entry' or ')'")),
                 }
-            },
-            _ => Err(self.bad(format!(
-                "unknown node type '{}'",
-                String::from_utf8_lossy(&t)
-            ))),
+            }
         }
     }
 }
@@ -136,7 +165,7 @@ pub fn copy_nar<R: Read, W: Write + ?Sized>(r: &mut WireReader<R>, w: &mut W) ->
     let start = r.offset();
     let mut c = Copier { r, w };
     c.expect("nix-archive-1")?;
-    c.node(0)?;
+    c.walk()?;
     Ok(c.r.offset() - start)
 }
 
@@ -161,5 +190,61 @@ mod tests {
         assert_eq!(out, nar);
         let e = copy_nar(&mut WireReader::new(&nar[..nar.len() - 8]), &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("stream ends"), "{e}");
+    }
+
+    fn tok(v: &mut Vec<u8>, b: &[u8]) {
+        v.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        v.extend_from_slice(b);
+        v.resize(v.len() + (8 - b.len() % 8) % 8, 0);
+    }
+
+    /// Directories nested `depth` deep around one empty file.
+    fn nested(depth: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        tok(&mut v, b"nix-archive-1");
+        for _ in 0..depth {
+            for t in [
+                &b"("[..],
+                b"type",
+                b"directory",
+                b"entry",
+                b"(",
+                b"name",
+                b"d",
+                b"node",
+            ] {
+                tok(&mut v, t);
+            }
+        }
+        for t in [&b"("[..], b"type", b"regular", b"contents", b"", b")"] {
+            tok(&mut v, t);
+        }
+        for _ in 0..depth {
+            tok(&mut v, b")");
+            tok(&mut v, b")");
+        }
+        v
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let ok = nested(MAX_NAR_DEPTH);
+        assert_eq!(
+            copy_nar(&mut WireReader::new(&ok[..]), &mut Vec::new()).unwrap(),
+            ok.len() as u64
+        );
+        // Also on a thread with the small stack a daemon may give a connection.
+        let t = std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || copy_nar(&mut WireReader::new(&ok[..]), &mut std::io::sink()).is_ok())
+            .unwrap();
+        assert!(t.join().unwrap());
+        let deep = nested(MAX_NAR_DEPTH + 1);
+        let e = copy_nar(&mut WireReader::new(&deep[..]), &mut Vec::new()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("nested deeper than 2048 directories"),
+            "{e}"
+        );
     }
 }
