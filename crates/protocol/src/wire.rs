@@ -32,10 +32,11 @@ use std::io::{self, BufWriter, Read, Write};
 /// hostile or confused peer can make us allocate.
 pub const MAX_STRING_LEN: u64 = 256 << 20;
 
-/// Most elements accepted in one list, set or map. Each element takes at least 8 bytes
-/// on the wire, so this is also a cap of 512 MiB of input per list; real lists (a
-/// closure, a derivation's environment) are far below it.
-pub const MAX_LIST_LEN: u64 = 64 << 20;
+/// Most elements accepted in one list, set or map. Real lists are far below it (a NixOS
+/// system's closure has a few thousand paths, a derivation's environment a few hundred
+/// entries); it keeps a peer sending millions of empty strings from making us hold
+/// millions of (24-byte) `String`s.
+pub const MAX_LIST_LEN: u64 = 1 << 20;
 
 /// Most bytes read from the peer into a buffer in one step.
 pub const READ_CHUNK: usize = 64 << 10;
