@@ -1,8 +1,4 @@
-//! `nixb`: a Nix-compatible build engine.
-//!
-//! The cli owns everything user-facing: it reads `nix.conf` and flags, maps them onto each
-//! crate's own config struct, runs the command, and renders what happens. Only this crate
-//! prints.
+#![doc = include_str!("../README.md")]
 
 mod commands;
 mod render;

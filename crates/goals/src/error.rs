@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use nixb_store::StorePath;
 
+use crate::event::FailureKind;
+
 #[derive(Debug, thiserror::Error)]
 pub enum GoalsError {
     #[error(transparent)]
@@ -48,6 +50,48 @@ impl BuildError {
 impl From<crate::store::StoreFault> for BuildError {
     fn from(e: crate::store::StoreFault) -> Self {
         BuildError::Misc(e.to_string())
+    }
+}
+
+/// Why the outputs of a build were rejected (or the build could not be finished).
+#[derive(Debug)]
+pub(crate) struct Rejection {
+    pub kind: FailureKind,
+    pub message: String,
+    /// The derivation's fault: it would fail again (cacheable, exit status 100).
+    pub permanent: bool,
+}
+
+impl Rejection {
+    pub fn build(kind: FailureKind, message: String) -> Rejection {
+        Rejection {
+            kind,
+            message,
+            permanent: true,
+        }
+    }
+
+    pub fn misc(message: String) -> Rejection {
+        Rejection {
+            kind: FailureKind::SetupFailed,
+            message,
+            permanent: false,
+        }
+    }
+}
+
+impl From<BuildError> for Rejection {
+    fn from(e: BuildError) -> Self {
+        match e {
+            BuildError::Build(m) => Rejection::build(FailureKind::BuilderFailed, m),
+            BuildError::Misc(m) => Rejection::misc(m),
+        }
+    }
+}
+
+impl From<crate::store::StoreFault> for Rejection {
+    fn from(e: crate::store::StoreFault) -> Self {
+        Rejection::misc(e.to_string())
     }
 }
 

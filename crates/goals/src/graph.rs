@@ -154,6 +154,14 @@ impl Graph {
         n.nr_incomplete_closure = 0;
     }
 
+    /// The counts of `id`, which start again from zero: a goal is handed them when it
+    /// is called, and looks at them once.
+    pub fn take_waitee_counts(&mut self, id: GoalId) -> WaiteeCounts {
+        let counts = self.waitee_counts(id);
+        self.reset_waitee_counts(id);
+        counts
+    }
+
     pub fn has_waitees(&self, id: GoalId) -> bool {
         !self.nodes[id.0].waitees.is_empty()
     }

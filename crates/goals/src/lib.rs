@@ -1,21 +1,5 @@
-//! The build engine: a worker that runs goals (derivation and substitution goals) until the
-//! paths the caller asked for are valid, building what is missing.
-//!
-//! Everything runs on one thread. The worker calls awake goals, then waits in one `poll()`
-//! over its builders' log pipes and exit descriptors, with the timeout set to the nearest
-//! deadline (max-silent-time, timeout, lock polling). Goals never print: they report
-//! [`Event`]s to the caller's [`EventSink`].
-//!
-//! ```no_run
-//! # use nixb_goals::*;
-//! # fn f(store: &dyn BuildStore, targets: &[nixb_store::DerivedPath], log_dir: std::path::PathBuf) -> Result<(), GoalsError> {
-//! let cfg = WorkerConfig::new(log_dir);
-//! let outcome = realise(store, targets, &cfg, &mut VecSink::default())?;
-//! assert_eq!(outcome.exit_status, 0);
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../README.md")]
 
-mod build;
 pub mod build_dir;
 mod builtin_substituter;
 pub mod config;
@@ -25,13 +9,18 @@ mod error;
 pub mod event;
 mod external;
 pub mod graph;
-mod hook;
+mod hook_instance;
 mod local;
+mod outcome;
 pub mod refcheck;
-mod register;
+mod resources;
 pub mod sandboxing;
+mod services;
 pub mod store;
+mod substituter_query;
 mod substitution_goal;
+#[cfg(test)]
+mod testing;
 mod watchdog;
 mod worker;
 
@@ -45,8 +34,8 @@ pub use config::{
 pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
 pub use graph::ExitCode;
+pub use outcome::Failure;
 pub use store::{BuildStore, NewOutput, PathInfo, StoreFault, SubstitutedPath};
-pub use worker::Failure;
 
 /// What `realise` achieved.
 #[derive(Debug)]
@@ -129,17 +118,24 @@ pub fn realise(
                     level: Level::Error,
                     text: message.clone(),
                 });
-                w.record_failure(Failure {
-                    path: p.clone(),
-                    kind: FailureKind::SetupFailed,
-                    message,
-                });
+                w.record_failure(
+                    Failure {
+                        path: p.clone(),
+                        kind: FailureKind::SetupFailed,
+                        message,
+                    },
+                    false,
+                );
             }
             _ => failed = true,
         }
     }
-    let exit_status = if failed { w.failing_exit_status() } else { 0 };
-    let failures = std::mem::take(&mut w.failures);
+    let exit_status = if failed {
+        w.outcome.failing_exit_status()
+    } else {
+        0
+    };
+    let failures = std::mem::take(&mut w.outcome).into_failures();
     Ok(RealiseOutcome {
         exit_status,
         outputs,

@@ -47,9 +47,8 @@ use nixb_userpool::{BuildUser, UserPoolConfig};
 
 use crate::build_dir::delete_path;
 use crate::config::{SandboxMode, WorkerConfig};
-use crate::error::BuildError;
+use crate::error::{BuildError, Rejection};
 use crate::event::FailureKind;
-use crate::register::Rejection;
 use crate::store::BuildStore;
 
 /// One parsed `sandbox-paths` entry.

@@ -32,13 +32,12 @@
 //! is that substituter failing: the next one is tried.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use nixb_binarycache::NarInfo;
 use nixb_store::locks::PathLocks;
 use nixb_store::{Hash, HashAlgo, StoreDir, StorePath};
 
@@ -47,186 +46,16 @@ use crate::config::{Substituter, SubstituterCommand};
 use crate::error::quoted;
 use crate::event::{Event, FailureKind, Level};
 use crate::external::{raw_status, spawn_adopted, status_to_string};
-use crate::graph::{ExitCode, GoalId};
+use crate::graph::ExitCode;
+use crate::outcome::Failure;
+use crate::services::Step;
 use crate::store::SubstitutedPath;
-use crate::worker::{Failure, Worker};
-
-/// What a substituter says about a path it can provide (`info`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct SubstitutableInfo {
-    pub deriver: Option<StorePath>,
-    pub references: BTreeSet<StorePath>,
-    pub download_size: u64,
-    pub nar_size: u64,
-    /// The whole narinfo, when a binary cache offered the path.
-    pub narinfo: Option<Box<NarInfo>>,
-}
-
-impl SubstitutableInfo {
-    fn from_narinfo(info: Box<NarInfo>) -> SubstitutableInfo {
-        SubstitutableInfo {
-            deriver: info.deriver.clone(),
-            references: info.references.clone(),
-            download_size: info.file_size.unwrap_or(0),
-            nar_size: info.nar_size,
-            narinfo: Some(info),
-        }
-    }
-}
+use crate::substituter_query::SubstitutableInfo;
 
 /// The wait status shown in `@ substituter-failed` for a failure of the built-in
 /// substituter: that of a program exiting with 1, which is what `nixb substitute` (which
 /// served caches before) would have shown, so tools reading traces see the same lines.
 const BUILTIN_FAILURE_STATUS: &str = "256";
-
-/// A substituter running in `--query` mode.
-struct QueryProcess {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Drop for QueryProcess {
-    fn drop(&mut self) {
-        // Closing stdin ends a well-behaved program; one that hangs is killed.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `--query` processes of all substituters, started on first use. A substituter whose
-/// query process failed is not asked again during this run.
-#[derive(Default)]
-pub(crate) struct QueryPool {
-    procs: Vec<Option<QueryProcess>>,
-    broken: BTreeSet<usize>,
-}
-
-impl QueryPool {
-    /// Asks substituter `idx` about `path`: `Ok(None)` when it cannot provide it.
-    pub fn query_info(
-        &mut self,
-        idx: usize,
-        sub: &SubstituterCommand,
-        dir: &StoreDir,
-        path: &StorePath,
-    ) -> Result<Option<SubstitutableInfo>, String> {
-        if self.broken.contains(&idx) {
-            return Ok(None);
-        }
-        if self.procs.len() <= idx {
-            self.procs.resize_with(idx + 1, || None);
-        }
-        if self.procs[idx].is_none() {
-            match start_query(sub) {
-                Ok(p) => self.procs[idx] = Some(p),
-                Err(e) => {
-                    self.broken.insert(idx);
-                    return Err(format!("substituter '{}': {e}", sub.name));
-                }
-            }
-        }
-        let Some(p) = self.procs[idx].as_mut() else {
-            return Ok(None);
-        };
-        match ask_info(p, dir, path) {
-            Ok(info) => Ok(info),
-            Err(e) => {
-                self.procs[idx] = None;
-                self.broken.insert(idx);
-                Err(format!(
-                    "substituter '{}' (--query) about '{}': {e}",
-                    sub.name,
-                    dir.print(path)
-                ))
-            }
-        }
-    }
-}
-
-fn start_query(sub: &SubstituterCommand) -> Result<QueryProcess, String> {
-    let mut child = Command::new(&sub.program)
-        .args(&sub.args)
-        .arg("--query")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("starting '{}': {e}", sub.program.display()))?;
-    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err("no pipes to the query process".into());
-    };
-    let mut p = QueryProcess {
-        child,
-        stdin,
-        stdout: BufReader::new(stdout),
-    };
-    // The program announces that it is alive with one empty line.
-    let line = read_line(&mut p.stdout)?;
-    if !line.is_empty() {
-        return Err(format!("expected an empty startup line, got '{line}'"));
-    }
-    Ok(p)
-}
-
-fn read_line(r: &mut impl BufRead) -> Result<String, String> {
-    let mut s = String::new();
-    match r.read_line(&mut s) {
-        Ok(0) => Err("unexpected end of output".into()),
-        Ok(_) => Ok(s.trim_end_matches('\n').to_string()),
-        Err(e) => Err(format!("reading its output: {e}")),
-    }
-}
-
-fn ask_info(
-    p: &mut QueryProcess,
-    dir: &StoreDir,
-    path: &StorePath,
-) -> Result<Option<SubstitutableInfo>, String> {
-    writeln!(p.stdin, "info {}", dir.print(path))
-        .and_then(|()| p.stdin.flush())
-        .map_err(|e| format!("writing the request: {e}"))?;
-    let parse = |s: &str, what: &str| {
-        dir.parse(s)
-            .map_err(|e| format!("bad {what} '{s}' in the reply: {e}"))
-    };
-    let num = |s: &str, what: &str| {
-        s.parse::<u64>()
-            .map_err(|_| format!("bad {what} '{s}' in the reply"))
-    };
-    let mut found = None;
-    loop {
-        let first = read_line(&mut p.stdout)?;
-        if first.is_empty() {
-            return Ok(found);
-        }
-        let p_path = parse(&first, "path")?;
-        let deriver = read_line(&mut p.stdout)?;
-        let deriver = if deriver.is_empty() {
-            None
-        } else {
-            Some(parse(&deriver, "deriver")?)
-        };
-        let n = num(&read_line(&mut p.stdout)?, "reference count")?;
-        let mut references = BTreeSet::new();
-        for _ in 0..n {
-            references.insert(parse(&read_line(&mut p.stdout)?, "reference")?);
-        }
-        let download_size = num(&read_line(&mut p.stdout)?, "download size")?;
-        let nar_size = num(&read_line(&mut p.stdout)?, "nar size")?;
-        if &p_path == path {
-            found = Some(SubstitutableInfo {
-                deriver,
-                references,
-                download_size,
-                nar_size,
-                narinfo: None,
-            });
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -255,7 +84,7 @@ pub(crate) struct SubstitutionGoal {
     /// Where the substituter unpacks: the path itself, or beside it when repairing.
     dest: PathBuf,
     stdout: Option<ChildStdout>,
-    exit: Option<crate::worker::ChildStatus>,
+    exit: Option<crate::services::ChildStatus>,
     /// What the built-in substituter reported for this goal.
     completion: Option<Box<Completion>>,
     /// Set when the goal is destroyed, so that its queued fetch is skipped.
@@ -286,15 +115,15 @@ impl SubstitutionGoal {
         }
     }
 
-    pub fn work(&mut self, id: GoalId, w: &mut Worker<'_>) {
+    pub fn work(&mut self, cx: &mut Step<'_>) {
         match self.state {
-            State::Init => self.init(id, w),
-            State::TryNext => self.try_next(id, w),
-            State::Querying => self.query_answered(id, w),
-            State::ReferencesValid => self.references_valid(id, w),
-            State::TryToRun => self.try_to_run(id, w),
-            State::Finished => self.finished(id, w),
-            State::Fetching => self.fetched(id, w),
+            State::Init => self.init(cx),
+            State::TryNext => self.try_next(cx),
+            State::Querying => self.query_answered(cx),
+            State::ReferencesValid => self.references_valid(cx),
+            State::TryToRun => self.try_to_run(cx),
+            State::Finished => self.finished(cx),
+            State::Fetching => self.fetched(cx),
         }
     }
 
@@ -303,37 +132,40 @@ impl SubstitutionGoal {
         self.completion = Some(Box::new(c));
     }
 
-    fn fail_setup(&mut self, id: GoalId, w: &mut Worker<'_>, message: String) {
+    fn fail_setup(&mut self, cx: &mut Step<'_>, message: String) {
         self.lock = None;
-        w.message(Level::Error, message.clone());
-        w.record_failure(Failure {
-            path: self.path.clone(),
-            kind: FailureKind::SetupFailed,
-            message,
-        });
-        w.am_done(id, ExitCode::Failed);
+        cx.message(Level::Error, message.clone());
+        cx.record_failure(
+            Failure {
+                path: self.path.clone(),
+                kind: FailureKind::SetupFailed,
+                message,
+            },
+            false,
+        );
+        cx.am_done(ExitCode::Failed);
     }
 
-    fn init(&mut self, id: GoalId, w: &mut Worker<'_>) {
-        let _ = w.store.add_temp_root(&self.path);
-        match w.store.is_valid_path(&self.path) {
-            Ok(true) if !self.repair => return w.am_done(id, ExitCode::Success),
+    fn init(&mut self, cx: &mut Step<'_>) {
+        let _ = cx.store.add_temp_root(&self.path);
+        match cx.store.is_valid_path(&self.path) {
+            Ok(true) if !self.repair => return cx.am_done(ExitCode::Success),
             Ok(_) => {}
             Err(e) => {
                 let message = format!(
                     "checking validity of {}: {e}",
-                    quoted(w.store_dir(), &self.path)
+                    quoted(cx.store_dir(), &self.path)
                 );
-                return self.fail_setup(id, w, message);
+                return self.fail_setup(cx, message);
             }
         }
         self.next_sub = 0;
-        self.try_next(id, w);
+        self.try_next(cx);
     }
 
-    fn try_next(&mut self, id: GoalId, w: &mut Worker<'_>) {
+    fn try_next(&mut self, cx: &mut Step<'_>) {
         self.current = None;
-        let cfg = w.cfg;
+        let cfg = cx.cfg;
         let subs = if cfg.use_substitutes {
             cfg.substituters.as_slice()
         } else {
@@ -344,32 +176,40 @@ impl SubstitutionGoal {
             self.next_sub += 1;
             match &subs[idx] {
                 Substituter::External(sub) => {
-                    let dir = w.store.store_dir().clone();
-                    match w.subst_queries.query_info(idx, sub, &dir, &self.path) {
+                    let dir = cx.store.store_dir().clone();
+                    match cx
+                        .services
+                        .subst_queries()
+                        .query_info(idx, sub, &dir, &self.path)
+                    {
                         Ok(Some(info)) => {
                             self.current = Some((idx, info));
                             break;
                         }
                         Ok(None) => {}
-                        Err(e) => w.message(Level::Warn, e),
+                        Err(e) => cx.message(Level::Warn, e),
                     }
                 }
                 Substituter::BinaryCache { .. } => {
-                    match w.builtin_subst.query(id, idx, self.path.clone()) {
+                    match cx
+                        .services
+                        .builtin_subst()
+                        .query(cx.id, idx, self.path.clone())
+                    {
                         Ok(()) => {
                             self.state = State::Querying;
                             return;
                         }
-                        Err(e) => w.message(Level::Warn, e),
+                        Err(e) => cx.message(Level::Warn, e),
                     }
                 }
             }
         }
-        self.have_answer(id, w);
+        self.have_answer(cx);
     }
 
     /// The built-in substituter answered the query of `substituters[next_sub - 1]`.
-    fn query_answered(&mut self, id: GoalId, w: &mut Worker<'_>) {
+    fn query_answered(&mut self, cx: &mut Step<'_>) {
         match self.completion.take().map(|c| *c) {
             Some(Completion::Query { result, .. }) => match result {
                 Ok(Some(info)) => {
@@ -377,26 +217,26 @@ impl SubstitutionGoal {
                         self.next_sub.saturating_sub(1),
                         SubstitutableInfo::from_narinfo(info),
                     ));
-                    return self.have_answer(id, w);
+                    return self.have_answer(cx);
                 }
                 Ok(None) => {}
-                Err(e) => w.message(Level::Warn, e),
+                Err(e) => cx.message(Level::Warn, e),
             },
             // Woken for another reason: keep waiting for the answer.
             None => return,
-            Some(Completion::Fetch { .. }) => w.message(
+            Some(Completion::Fetch { .. }) => cx.message(
                 Level::Warn,
                 format!(
                     "internal error: unexpected fetch result for {}",
-                    quoted(w.store_dir(), &self.path)
+                    quoted(cx.store_dir(), &self.path)
                 ),
             ),
         }
-        self.try_next(id, w);
+        self.try_next(cx);
     }
 
     /// Asking substituters ended: `current` is the one offering the path, if any.
-    fn have_answer(&mut self, id: GoalId, w: &mut Worker<'_>) {
+    fn have_answer(&mut self, cx: &mut Step<'_>) {
         let Some((_, info)) = &self.current else {
             // None left. Without any offer at all this is not a failure: a derivation goal
             // waiting for its outputs then builds them (the original's "hack", kept
@@ -406,7 +246,7 @@ impl SubstitutionGoal {
             } else {
                 ExitCode::NoSubstituters
             };
-            return w.am_done(id, code);
+            return cx.am_done(code);
         };
         self.has_substitute = true;
         // The closure invariant: references first (a self-reference is no dependency).
@@ -417,23 +257,22 @@ impl SubstitutionGoal {
             .cloned()
             .collect();
         for r in refs {
-            let g = w.make_substitution_goal(&r, false);
-            w.graph.add_waitee(id, g);
+            cx.wait_for_substitution(&r, false);
         }
         self.state = State::ReferencesValid;
-        if !w.graph.has_waitees(id) {
-            self.references_valid(id, w);
+        if !cx.has_waitees() {
+            self.references_valid(cx);
         }
     }
 
-    fn references_valid(&mut self, id: GoalId, w: &mut Worker<'_>) {
-        let counts = w.graph.waitee_counts(id);
+    fn references_valid(&mut self, cx: &mut Step<'_>) {
+        let counts = cx.waitee_counts();
         if counts.failed > 0 {
-            w.message(
+            cx.message(
                 Level::Debug,
                 format!(
                     "some references of path {} could not be realised",
-                    quoted(w.store_dir(), &self.path)
+                    quoted(cx.store_dir(), &self.path)
                 ),
             );
             let code = if counts.no_substituters > 0 || counts.incomplete_closure > 0 {
@@ -441,56 +280,56 @@ impl SubstitutionGoal {
             } else {
                 ExitCode::Failed
             };
-            return w.am_done(id, code);
+            return cx.am_done(code);
         }
-        w.graph.reset_waitee_counts(id);
+        cx.reset_waitee_counts();
         self.state = State::TryToRun;
-        w.graph.wake_up(id);
+        cx.wake_up();
     }
 
-    fn try_to_run(&mut self, id: GoalId, w: &mut Worker<'_>) {
+    fn try_to_run(&mut self, cx: &mut Step<'_>) {
         let Some(idx) = self.current.as_ref().map(|(idx, _)| *idx) else {
-            return self.fail_setup(id, w, "internal error: no substituter chosen".into());
+            return self.fail_setup(cx, "internal error: no substituter chosen".into());
         };
-        let cfg = w.cfg;
+        let cfg = cx.cfg;
         let sub = match cfg.substituters.get(idx) {
             Some(Substituter::External(sub)) => Some(sub),
             Some(Substituter::BinaryCache { .. }) => None,
             None => {
-                return self.fail_setup(id, w, "internal error: no such substituter".into());
+                return self.fail_setup(cx, "internal error: no such substituter".into());
             }
         };
         // Substitutes cannot go to another machine through the hook, so one runs even
         // when max-jobs is 0. The built-in substituter's threads are its own limit.
-        if sub.is_some() && w.nr_local_builds() >= cfg.max_jobs.max(1) {
-            return w.graph.wait_for_build_slot(id);
+        if sub.is_some() && cx.nr_local_builds() >= cfg.max_jobs.max(1) {
+            return cx.wait_for_build_slot();
         }
         self.lock = None;
-        if w.is_locked_by_me(&self.path) {
-            return w.wait_for_any_goal(id);
+        if cx.is_locked_by_me(&self.path) {
+            return cx.wait_for_any_goal();
         }
-        let real = w.store_dir().to_path(&self.path);
+        let real = cx.store_dir().to_path(&self.path);
         let lock = match PathLocks::lock(std::slice::from_ref(&real), false, None) {
             Ok(Some(l)) => l,
-            Ok(None) => return w.wait_for_a_while(id),
+            Ok(None) => return cx.wait_for_a_while(),
             Err(e) => {
-                let message = format!("locking {}: {e}", quoted(w.store_dir(), &self.path));
-                return self.fail_setup(id, w, message);
+                let message = format!("locking {}: {e}", quoted(cx.store_dir(), &self.path));
+                return self.fail_setup(cx, message);
             }
         };
         self.lock = Some(lock);
-        match w.store.is_valid_path(&self.path) {
+        match cx.store.is_valid_path(&self.path) {
             Ok(true) if !self.repair => {
-                self.release_valid(w);
-                return w.am_done(id, ExitCode::Success);
+                self.release_valid(cx);
+                return cx.am_done(ExitCode::Success);
             }
             Ok(_) => {}
             Err(e) => {
                 let message = format!(
                     "checking validity of {}: {e}",
-                    quoted(w.store_dir(), &self.path)
+                    quoted(cx.store_dir(), &self.path)
                 );
-                return self.fail_setup(id, w, message);
+                return self.fail_setup(cx, message);
             }
         }
         self.dest = if self.repair {
@@ -503,23 +342,23 @@ impl SubstitutionGoal {
         if std::fs::symlink_metadata(&self.dest).is_ok() {
             if let Err(e) = crate::build_dir::delete_path(&self.dest) {
                 let message = format!("removing stale path '{}': {e}", self.dest.display());
-                return self.fail_setup(id, w, message);
+                return self.fail_setup(cx, message);
             }
         }
-        w.message(
+        cx.message(
             Level::Info,
-            format!("fetching path {}...", quoted(w.store_dir(), &self.path)),
+            format!("fetching path {}...", quoted(cx.store_dir(), &self.path)),
         );
         let Some(sub) = sub else {
-            return self.start_builtin(id, w, idx);
+            return self.start_builtin(cx, idx);
         };
-        match self.start(sub, w.store_dir()) {
+        match self.start(sub, cx.store_dir()) {
             Ok((builder, log, stdout)) => {
                 self.stdout = Some(stdout);
-                w.set_locked_outputs(id, BTreeSet::from([self.path.clone()]));
-                w.child_started(id, builder, log, true);
+                cx.set_locked_outputs(BTreeSet::from([self.path.clone()]));
+                cx.start_child(builder, log, true, true);
                 self.state = State::Finished;
-                w.emit(Event::SubstituterStarted {
+                cx.emit(Event::SubstituterStarted {
                     path: self.path.clone(),
                     substituter: sub.name.clone(),
                 });
@@ -527,24 +366,24 @@ impl SubstitutionGoal {
             Err(e) => {
                 // A program that cannot even start is that substituter failing.
                 let message = format!("substituter '{}': {e}", sub.name);
-                self.substituter_failed(id, w, "-1".into(), message);
+                self.substituter_failed(cx, "-1".into(), message);
             }
         }
     }
 
     /// Hands the fetch, with the path lock, to the built-in substituter.
-    fn start_builtin(&mut self, id: GoalId, w: &mut Worker<'_>, idx: usize) {
+    fn start_builtin(&mut self, cx: &mut Step<'_>, idx: usize) {
         let narinfo = self
             .current
             .as_ref()
             .and_then(|(_, info)| info.narinfo.as_deref())
             .cloned();
         let (Some(narinfo), Some(lock)) = (narinfo, self.lock.take()) else {
-            return self.fail_setup(id, w, "internal error: no narinfo or lock".into());
+            return self.fail_setup(cx, "internal error: no narinfo or lock".into());
         };
-        let name = w.cfg.substituters[idx].name().to_string();
-        match w.builtin_subst.fetch(
-            id,
+        let name = cx.cfg.substituters[idx].name().to_string();
+        match cx.services.builtin_subst().fetch(
+            cx.id,
             idx,
             narinfo,
             self.dest.clone(),
@@ -553,39 +392,39 @@ impl SubstitutionGoal {
             self.cancelled.clone(),
         ) {
             Ok(()) => {
-                w.set_locked_outputs(id, BTreeSet::from([self.path.clone()]));
+                cx.set_locked_outputs(BTreeSet::from([self.path.clone()]));
                 self.state = State::Fetching;
-                w.emit(Event::SubstituterStarted {
+                cx.emit(Event::SubstituterStarted {
                     path: self.path.clone(),
                     substituter: name,
                 });
             }
             Err((e, lock)) => {
                 self.lock = lock;
-                self.substituter_failed(id, w, BUILTIN_FAILURE_STATUS.into(), e);
+                self.substituter_failed(cx, BUILTIN_FAILURE_STATUS.into(), e);
             }
         }
     }
 
     /// The built-in substituter finished fetching: register, or try the next substituter.
-    fn fetched(&mut self, id: GoalId, w: &mut Worker<'_>) {
+    fn fetched(&mut self, cx: &mut Step<'_>) {
         let (result, lock) = match self.completion.take().map(|c| *c) {
             Some(Completion::Fetch { result, lock, .. }) => (result, lock),
             // Woken for another reason: keep waiting.
             None => return,
             Some(Completion::Query { .. }) => {
-                return self.fail_setup(id, w, "internal error: unexpected query result".into())
+                return self.fail_setup(cx, "internal error: unexpected query result".into())
             }
         };
         self.lock = Some(lock);
         let fetched = match result {
             Ok(f) => f,
-            Err(msg) => return self.substituter_failed(id, w, BUILTIN_FAILURE_STATUS.into(), msg),
+            Err(msg) => return self.substituter_failed(cx, BUILTIN_FAILURE_STATUS.into(), msg),
         };
         if fetched.registered {
             // The loop registered it with the batch it arrived in.
             fetched.keep();
-            return self.registered(id, w);
+            return self.registered(cx);
         }
         // The thread compared what it hashed while unpacking with the narinfo; the goal
         // checks the pair it is about to register against the offer once more (a cheap
@@ -598,15 +437,15 @@ impl SubstitutionGoal {
         if offered.as_ref() != Some(&(fetched.nar_hash.clone(), fetched.nar_size)) {
             let msg = format!(
                 "hash mismatch in downloaded path '{}': expected {}, got {}",
-                w.store_dir().print(&self.path),
+                cx.store_dir().print(&self.path),
                 offered.map_or_else(|| "nothing".into(), |(h, _)| h.to_base32_typed()),
                 fetched.nar_hash.to_base32_typed()
             );
             drop(fetched);
-            return self.substituter_failed(id, w, BUILTIN_FAILURE_STATUS.into(), msg);
+            return self.substituter_failed(cx, BUILTIN_FAILURE_STATUS.into(), msg);
         }
         let (hash, size) = (fetched.nar_hash.clone(), fetched.nar_size);
-        self.register(id, w, hash, size, Some(fetched));
+        self.register(cx, hash, size, Some(fetched));
     }
 
     fn start(
@@ -631,42 +470,42 @@ impl SubstitutionGoal {
         Ok((builder, log_read, stdout))
     }
 
-    pub fn handle_child_output(&mut self, w: &mut Worker<'_>, chunk: &[u8]) {
-        w.emit(Event::SubstituterLog {
+    pub fn handle_child_output(&mut self, cx: &mut Step<'_>, chunk: &[u8]) {
+        cx.emit(Event::SubstituterLog {
             path: self.path.clone(),
             chunk: chunk.to_vec(),
         });
     }
 
-    pub fn child_exited(&mut self, status: crate::worker::ChildStatus) {
+    pub fn child_exited(&mut self, status: crate::services::ChildStatus) {
         self.exit = Some(status);
     }
 
     /// The worker killed the substituter (a timeout).
-    pub fn cancel(&mut self, id: GoalId, w: &mut Worker<'_>, reason: String) {
+    pub fn cancel(&mut self, cx: &mut Step<'_>, reason: String) {
         self.lock = None;
-        w.emit(Event::SubstituterFailed {
+        cx.emit(Event::SubstituterFailed {
             path: self.path.clone(),
             status: "timeout".into(),
             message: reason,
         });
-        w.am_done(id, ExitCode::Failed);
+        cx.am_done(ExitCode::Failed);
     }
 
-    fn substituter_failed(&mut self, id: GoalId, w: &mut Worker<'_>, status: String, msg: String) {
-        w.message(Level::Info, msg.clone());
-        w.emit(Event::SubstituterFailed {
+    fn substituter_failed(&mut self, cx: &mut Step<'_>, status: String, msg: String) {
+        cx.message(Level::Info, msg.clone());
+        cx.emit(Event::SubstituterFailed {
             path: self.path.clone(),
             status,
             message: msg,
         });
         self.lock = None;
-        w.clear_locked_outputs(id);
+        cx.clear_locked_outputs();
         self.state = State::TryNext;
-        w.graph.wake_up(id);
+        cx.wake_up();
     }
 
-    fn finished(&mut self, id: GoalId, w: &mut Worker<'_>) {
+    fn finished(&mut self, cx: &mut Step<'_>) {
         let status = self
             .exit
             .take()
@@ -680,20 +519,20 @@ impl SubstitutionGoal {
             Ok(s) => raw_status(s),
             Err(_) => "-1".into(),
         };
-        match self.check(w, &status, &out) {
-            Ok((hash, size)) => self.register(id, w, hash, size, None),
-            Err(msg) => self.substituter_failed(id, w, raw, msg),
+        match self.check(cx, &status, &out) {
+            Ok((hash, size)) => self.register(cx, hash, size, None),
+            Err(msg) => self.substituter_failed(cx, raw, msg),
         }
     }
 
     /// Verifies what the substituter produced; the NAR hash and size of DEST.
     fn check(
         &self,
-        w: &Worker<'_>,
-        status: &crate::worker::ChildStatus,
+        cx: &Step<'_>,
+        status: &crate::services::ChildStatus,
         out: &str,
     ) -> Result<(Hash, u64), String> {
-        let shown = w.store_dir().print(&self.path);
+        let shown = cx.store_dir().print(&self.path);
         match status {
             Ok(s) if s.success() => {}
             Ok(s) => return Err(format!("fetching path '{shown}' {}", status_to_string(s))),
@@ -737,48 +576,41 @@ impl SubstitutionGoal {
 
     /// Registers the path at `dest` with `hash` and `size`. `fetched` is what the built-in
     /// substituter unpacked (already canonicalised); it is deleted unless registered.
-    fn register(
-        &mut self,
-        id: GoalId,
-        w: &mut Worker<'_>,
-        hash: Hash,
-        size: u64,
-        fetched: Option<Fetched>,
-    ) {
+    fn register(&mut self, cx: &mut Step<'_>, hash: Hash, size: u64, fetched: Option<Fetched>) {
         // `try_register` consumes `fetched`, so on failure what was unpacked is gone
         // before `fail_setup` releases the lock.
-        if let Err(message) = self.try_register(w, hash, size, fetched) {
-            return self.fail_setup(id, w, message);
+        if let Err(message) = self.try_register(cx, hash, size, fetched) {
+            return self.fail_setup(cx, message);
         }
-        self.registered(id, w);
+        self.registered(cx);
     }
 
     /// Unlocks the path, which is valid: future lockers find it so and never need the
     /// lock file, which is deleted when the worker is done (see `StaleLockFiles`).
-    fn release_valid(&mut self, w: &mut Worker<'_>) {
+    fn release_valid(&mut self, cx: &mut Step<'_>) {
         if self.lock.take().is_some() {
-            let real = w.store_dir().to_path(&self.path);
-            w.builtin_subst.stale_locks.defer(real);
+            let real = cx.store_dir().to_path(&self.path);
+            cx.services.builtin_subst().stale_locks.defer(real);
         }
     }
 
     /// The path is valid now: release it and report success.
-    fn registered(&mut self, id: GoalId, w: &mut Worker<'_>) {
-        self.release_valid(w);
-        w.emit(Event::SubstituterSucceeded {
+    fn registered(&mut self, cx: &mut Step<'_>) {
+        self.release_valid(cx);
+        cx.emit(Event::SubstituterSucceeded {
             path: self.path.clone(),
         });
-        w.am_done(id, ExitCode::Success);
+        cx.am_done(ExitCode::Success);
     }
 
     fn try_register(
         &mut self,
-        w: &mut Worker<'_>,
+        cx: &mut Step<'_>,
         hash: Hash,
         size: u64,
         fetched: Option<Fetched>,
     ) -> Result<(), String> {
-        let real = w.store_dir().to_path(&self.path);
+        let real = cx.store_dir().to_path(&self.path);
         if self.repair {
             replace_valid_path(&real, &self.dest)?;
         }
@@ -803,9 +635,9 @@ impl SubstitutionGoal {
             sigs,
             ca,
         };
-        w.store
+        cx.store
             .register_substitute(&entry)
-            .map_err(|e| format!("registering {}: {e}", quoted(w.store_dir(), &self.path)))?;
+            .map_err(|e| format!("registering {}: {e}", quoted(cx.store_dir(), &self.path)))?;
         if let Some(f) = fetched {
             f.keep();
         }
@@ -816,19 +648,143 @@ impl SubstitutionGoal {
 /// Repair: puts the fresh copy at `dest` in the place of the (corrupt) `real`, moving the
 /// old one aside first so that the path is never missing for longer than two renames.
 fn replace_valid_path(real: &Path, dest: &Path) -> Result<(), String> {
-    let mut old = real.to_path_buf().into_os_string();
-    old.push(format!(".old-{}", std::process::id()));
-    let old = PathBuf::from(old);
-    let had_old = std::fs::symlink_metadata(real).is_ok();
-    if had_old {
-        std::fs::rename(real, &old)
-            .map_err(|e| format!("moving '{}' aside: {e}", real.display()))?;
+    nixb_store::delete::replace_path(real, dest).map_err(|e| {
+        format!(
+            "replacing '{}' by '{}': {e}",
+            real.display(),
+            dest.display()
+        )
+    })
+}
+
+/// The substitution goal driven state by state with fake services and an external
+/// substituter script (the original's `SubstitutionGoal` in Nix 2.8's
+/// `build/substitution-goal.cc`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SubstituterCommand;
+    use crate::services::SubGoal;
+    use crate::store::BuildStore;
+    use crate::testing::{counts, Asked, Harness};
+
+    /// A substituter offering `offer` (with `references`) that unpacks `text` into it
+    /// and exits with `status`.
+    fn substituter(h: &mut Harness, offer: &StorePath, references: &[StorePath], status: i32) {
+        let sd = h.store.store_dir();
+        let mut reply = format!("{}\\n\\n{}\\n", sd.print(offer), references.len());
+        for r in references {
+            reply += &format!("{}\\n", sd.print(r));
+        }
+        reply += "0\\n0\\n";
+        let script = format!(
+            "case \"$1\" in\n\
+             --query) echo; while read cmd p; do\n\
+               if [ \"$p\" = '{}' ]; then printf '{reply}'; fi; echo; done ;;\n\
+             --substitute) echo; echo substituted > \"$3\"; echo; exit {status} ;;\n\
+             esac\n",
+            sd.print(offer)
+        );
+        let program = h.script("substituter", &script);
+        h.cfg.substituters = vec![Substituter::External(SubstituterCommand {
+            name: "test".into(),
+            program,
+            args: Vec::new(),
+        })];
     }
-    std::fs::rename(dest, real)
-        .map_err(|e| format!("moving '{}' to '{}': {e}", dest.display(), real.display()))?;
-    if had_old {
-        crate::build_dir::delete_path(&old)
-            .map_err(|e| format!("removing '{}': {e}", old.display()))?;
+
+    #[test]
+    fn valid_path_is_done_at_once() {
+        let mut h = Harness::new();
+        let p = h.path('a', "p");
+        h.make_valid(&p, &[]);
+        let mut g = SubstitutionGoal::new(p, false);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::Done(ExitCode::Success)]
+        );
     }
-    Ok(())
+
+    #[test]
+    fn no_substituter_lets_the_caller_build() {
+        let mut h = Harness::new();
+        let mut g = SubstitutionGoal::new(h.path('a', "p"), false);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::Done(ExitCode::NoSubstituters)]
+        );
+    }
+
+    #[test]
+    fn references_come_first_and_an_incomplete_closure_is_reported() {
+        let mut h = Harness::new();
+        let (p, r) = (h.path('a', "p"), h.path('b', "r"));
+        substituter(&mut h, &p, std::slice::from_ref(&r), 0);
+        let mut g = SubstitutionGoal::new(p, false);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::WaitFor(SubGoal::Substitution {
+                path: r,
+                repair: false
+            })]
+        );
+        assert_eq!(g.state, State::ReferencesValid);
+        let asked = h.step_with(counts(1, 1, 0), |cx| g.work(cx));
+        assert_eq!(asked, vec![Asked::Done(ExitCode::IncompleteClosure)]);
+    }
+
+    #[test]
+    fn substitute_runs_in_a_slot_and_registers_the_path() {
+        let mut h = Harness::new();
+        let p = h.path('a', "p");
+        substituter(&mut h, &p, &[], 0);
+        let mut g = SubstitutionGoal::new(p.clone(), false);
+        assert_eq!(h.step(|cx| g.work(cx)), vec![Asked::WakeUp]);
+        assert_eq!(g.state, State::TryToRun);
+        h.services.nr_local_builds = 1;
+        assert_eq!(h.step(|cx| g.work(cx)), vec![Asked::WaitForBuildSlot]);
+        h.services.nr_local_builds = 0;
+        let asked = h.step(|cx| g.work(cx));
+        assert_eq!(
+            asked,
+            vec![
+                Asked::LockedOutputs(BTreeSet::from([p.clone()])),
+                Asked::StartChild {
+                    in_build_slot: true,
+                    respect_timeouts: true
+                },
+            ]
+        );
+        let status = h.wait_child();
+        g.child_exited(status);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::Done(ExitCode::Success)]
+        );
+        assert!(h.store.valid.borrow().contains_key(&p));
+        assert_eq!(
+            std::fs::read_to_string(h.real(&p)).unwrap(),
+            "substituted\n"
+        );
+    }
+
+    #[test]
+    fn failed_substituter_tries_the_next_and_then_fails() {
+        let mut h = Harness::new();
+        let p = h.path('a', "p");
+        substituter(&mut h, &p, &[], 1);
+        let mut g = SubstitutionGoal::new(p.clone(), false);
+        h.step(|cx| g.work(cx));
+        h.step(|cx| g.work(cx));
+        let status = h.wait_child();
+        g.child_exited(status);
+        assert_eq!(
+            h.step(|cx| g.work(cx)),
+            vec![Asked::UnlockedOutputs, Asked::WakeUp]
+        );
+        assert_eq!(g.state, State::TryNext);
+        // None left, but one had offered the path: a failure, not "no substituters".
+        assert_eq!(h.step(|cx| g.work(cx)), vec![Asked::Done(ExitCode::Failed)]);
+        assert!(!h.store.valid.borrow().contains_key(&p));
+    }
 }

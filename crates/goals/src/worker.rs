@@ -1,5 +1,6 @@
-//! The worker: owns the goals and their builders, runs awake goals, and waits for builders
-//! in one `poll()`.
+//! The worker's scheduler: owns the goals, their graph and the dedup maps, runs awake
+//! goals, acts on what they ask for (`services::Request`), and waits for their children
+//! (kept in `resources`) in one `poll()`. Goals know neither this type nor each other.
 //!
 //! ```text
 //! loop:
@@ -15,22 +16,24 @@
 //! the log pipe alone ends nothing (a builder may close stdout and go on), and a background
 //! process that keeps the pipe open does not keep the build alive.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::ExitStatus;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nixb_store::derivation::Derivation;
-use nixb_store::{StoreDir, StorePath};
+use nixb_store::StorePath;
 
 use crate::config::{BuildMode, WorkerConfig};
 use crate::derivation_goal::DerivationGoal;
 use crate::error::GoalsError;
-use crate::event::{Event, EventSink, FailureKind, Level};
-use crate::graph::{ExitCode, GoalId, Graph};
+use crate::event::{Event, EventSink, FailureKind};
+use crate::graph::{ExitCode, GoalId, Graph, WaiteeCounts};
+use crate::outcome::{Failure, Outcome};
+use crate::resources::{Resources, SlotWaiters};
+use crate::services::{ChildError, ChildStatus, Request, Services, Step, SubGoal};
 use crate::store::{BuildStore, StoreFault};
 use crate::substitution_goal::SubstitutionGoal;
 
@@ -39,57 +42,10 @@ pub(crate) enum Goal {
     Substitution(Box<SubstitutionGoal>),
 }
 
-/// How a child of the worker ended: its exit status, or why there is none.
-pub(crate) type ChildStatus = Result<ExitStatus, ChildError>;
-
-/// A child whose exit status could not be had.
-#[derive(Debug)]
-pub(crate) enum ChildError {
-    /// A builder started by `nixb_sandbox::start` failed a setup step (its exec included)
-    /// after `start` had returned: the build environment, not the builder, failed.
-    Setup(String),
-    /// Anything else (waiting failed, no status recorded).
-    Other(String),
-}
-
-impl std::fmt::Display for ChildError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ChildError::Setup(m) | ChildError::Other(m) => f.write_str(m),
-        }
-    }
-}
-
-impl From<&str> for ChildError {
-    fn from(m: &str) -> Self {
-        ChildError::Other(m.to_owned())
-    }
-}
-
-/// A running builder, owned by the worker so that destroying its goal kills it.
-pub(crate) struct Child {
-    pub builder: nixb_sandbox::Builder,
-    /// Read side of the log pipe (non-blocking); `None` after end-of-file.
-    pub log: Option<OwnedFd>,
-    pub respect_timeouts: bool,
-    pub in_build_slot: bool,
-    pub last_output: Instant,
-    pub started: Instant,
-}
-
-/// One failed goal, for the outcome.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    /// The derivation (or, for a missing source, the path) that failed.
-    pub path: StorePath,
-    pub kind: FailureKind,
-    pub message: String,
-}
-
+/// The scheduler: the goals, their graph, the dedup maps, the wake-ups, and the loop.
 pub(crate) struct Worker<'a> {
-    pub store: &'a dyn BuildStore,
-    pub cfg: &'a WorkerConfig,
-    sink: &'a mut dyn EventSink,
+    store: &'a dyn BuildStore,
+    cfg: &'a WorkerConfig,
     pub graph: Graph,
     goals: Vec<Option<Goal>>,
     derivation_goals: HashMap<StorePath, GoalId>,
@@ -97,49 +53,18 @@ pub(crate) struct Worker<'a> {
     /// For each goal id, the key it has in `derivation_goals` or `substitution_goals`
     /// (`true` = derivation), so that forgetting a goal is a lookup, not a scan.
     dedup_keys: Vec<Option<(bool, StorePath)>>,
-    /// Derivations parsed so far, by path (see [`Worker::derivation`]).
-    drv_cache: HashMap<StorePath, Arc<Derivation>>,
-    children: BTreeMap<GoalId, Child>,
-    nr_local_builds: usize,
-    /// Output paths locked by goals of this worker (flock would block them too, but this
-    /// lets a goal sleep until another goal of ours finishes instead of polling).
-    locked_outputs: BTreeMap<GoalId, BTreeSet<StorePath>>,
     last_woken_up: Option<Instant>,
-    /// Compressed logs of finished builds whose writer threads are still finishing.
-    finishing_logs: std::collections::VecDeque<nixb_logs::FinishingLog>,
-    /// Build directories, with emptied ones kept for reuse.
-    pub build_dirs: crate::build_dir::BuildDirs,
     /// Buffer for reading log pipes, allocated once.
     read_buf: Vec<u8>,
-    /// The store's spare lock files, for output locks.
-    pub lock_pool: Option<Arc<nixb_store::locks::LockFilePool>>,
-    /// Output locks of finished builds and their emptied build directories, released and
-    /// recycled just before the loop waits (see [`Worker::release_later`]).
-    deferred_locks: Vec<nixb_store::locks::PathLocks>,
-    deferred_dirs: Vec<crate::build_dir::BuildDir>,
     /// Local builds whose builder exited successfully, oldest first: their goals are woken
     /// to check and register the outputs only once the freed build slots have gone to
     /// waiting goals (see [`Worker::run`]).
-    exited_builds: std::collections::VecDeque<GoalId>,
-    pub failures: Vec<Failure>,
-    pub permanent_failure: bool,
-    pub timed_out: bool,
-    pub hash_mismatch: bool,
-    pub check_mismatch: bool,
-    /// Fresh network namespaces made ahead of time for sandboxed builds; started with the
-    /// first one.
-    netns_pool: Option<nixb_sandbox::NetNsPool>,
-    /// The substituters' `--query` processes, shared by all substitution goals.
-    pub subst_queries: crate::substitution_goal::QueryPool,
-    /// The threads reading binary caches for substitution goals; its wake-up pipe is
-    /// polled with the children's.
-    pub builtin_subst: crate::builtin_substituter::BuiltinSubstituter,
-    /// The build hook waiting for its next request (a goal whose build it accepted takes
-    /// it over, and the next request starts a fresh one).
-    pub hook: Option<crate::hook::HookInstance>,
-    /// Kills the builders if this process dies; started with the first builder. Declared
-    /// last so that it is dropped after the children (all reaped by then).
-    watchdog: Option<crate::watchdog::Watchdog>,
+    exited_builds: VecDeque<GoalId>,
+    /// The goals that failed and the exit-status bits they set.
+    pub outcome: Outcome,
+    /// What goals use: children, slots, logs, directories, hook, substituters. After the
+    /// goals, so that goals are dropped before the children and the watchdog.
+    pub res: Resources<'a>,
 }
 
 impl<'a> Worker<'a> {
@@ -151,66 +76,26 @@ impl<'a> Worker<'a> {
         Worker {
             store,
             cfg,
-            sink,
             graph: Graph::new(cfg.keep_going),
             goals: Vec::new(),
             derivation_goals: HashMap::new(),
             substitution_goals: HashMap::new(),
             dedup_keys: Vec::new(),
-            drv_cache: HashMap::new(),
-            children: BTreeMap::new(),
-            nr_local_builds: 0,
-            locked_outputs: BTreeMap::new(),
             last_woken_up: None,
             read_buf: Vec::new(),
-            lock_pool: store.lock_pool(),
-            deferred_locks: Vec::new(),
-            deferred_dirs: Vec::new(),
-            exited_builds: std::collections::VecDeque::new(),
-            finishing_logs: std::collections::VecDeque::new(),
-            build_dirs: crate::build_dir::BuildDirs::new(
-                &cfg.build_dir_root,
-                cfg.max_jobs.clamp(1, 64),
-            ),
-            failures: Vec::new(),
-            permanent_failure: false,
-            timed_out: false,
-            hash_mismatch: false,
-            check_mismatch: false,
-            netns_pool: None,
-            subst_queries: Default::default(),
-            builtin_subst: crate::builtin_substituter::BuiltinSubstituter::new(
-                cfg,
-                store.store_dir().clone(),
-            ),
-            hook: None,
-            watchdog: None,
+            exited_builds: VecDeque::new(),
+            outcome: Outcome::default(),
+            res: Resources::new(store, cfg, sink),
         }
     }
 
-    /// The derivation at `drv`, read and parsed once per worker. A `.drv` cannot change once
-    /// valid (its path is its contents' hash), while the graph names each one several times:
-    /// its own goal, and every dependent working out its input closure. Failures are not
-    /// remembered, since a substitution goal may make the derivation valid later.
+    /// The derivation at `drv`, read and parsed once per worker.
     pub fn derivation(&mut self, drv: &StorePath) -> Result<Arc<Derivation>, StoreFault> {
-        if let Some(d) = self.drv_cache.get(drv) {
-            return Ok(Arc::clone(d));
-        }
-        let d = Arc::new(self.store.read_derivation(drv)?);
-        self.drv_cache.insert(drv.clone(), Arc::clone(&d));
-        Ok(d)
-    }
-
-    pub fn store_dir(&self) -> &StoreDir {
-        self.store.store_dir()
+        self.res.derivation(drv)
     }
 
     pub fn emit(&mut self, e: Event) {
-        self.sink.event(e);
-    }
-
-    pub fn message(&mut self, level: Level, text: String) {
-        self.sink.event(Event::Message { level, text });
+        self.res.emit(e);
     }
 
     fn insert_goal(&mut self, goal: Goal) -> GoalId {
@@ -261,7 +146,7 @@ impl<'a> Worker<'a> {
     }
 
     /// Finishes goal `id`: tells its waiters and forgets it.
-    pub fn am_done(&mut self, id: GoalId, result: ExitCode) {
+    fn am_done(&mut self, id: GoalId, result: ExitCode) {
         self.forget(id);
         self.graph.am_done(id, result);
     }
@@ -279,192 +164,66 @@ impl<'a> Worker<'a> {
                 map.remove(&key);
             }
         }
-        self.locked_outputs.remove(&id);
+        self.res.clear_locked_outputs(id);
         self.child_terminated(id);
     }
 
-    pub fn record_failure(&mut self, f: Failure) {
-        self.failures.push(f);
-    }
-
-    // --- build slots and sleeping -------------------------------------------------------
-
-    pub fn nr_local_builds(&self) -> usize {
-        self.nr_local_builds
-    }
-
-    pub fn wait_for_build_slot(&mut self, id: GoalId) {
-        if self.nr_local_builds < self.cfg.max_jobs {
-            self.graph.wake_up(id);
-        } else {
-            self.graph.wait_for_build_slot(id);
-        }
-    }
-
-    pub fn wait_for_any_goal(&mut self, id: GoalId) {
-        self.graph.wait_for_any_goal(id);
-    }
-
-    pub fn wait_for_a_while(&mut self, id: GoalId) {
-        self.graph.wait_for_a_while(id);
-    }
-
-    pub fn set_locked_outputs(&mut self, id: GoalId, paths: BTreeSet<StorePath>) {
-        self.locked_outputs.insert(id, paths);
-    }
-
-    pub fn clear_locked_outputs(&mut self, id: GoalId) {
-        self.locked_outputs.remove(&id);
-    }
-
-    pub fn is_locked_by_me(&self, path: &StorePath) -> bool {
-        self.locked_outputs.values().any(|s| s.contains(path))
-    }
-
-    /// A never-used network namespace for a sandboxed build, or `None` when none is ready
-    /// (the clone then creates one). Creating a network namespace is the dearest step of a
-    /// sandbox start; the pool takes it off the build's critical path without sharing a
-    /// namespace between builds.
-    pub fn prepared_netns(&mut self) -> Option<OwnedFd> {
-        if self.netns_pool.is_none() {
-            // Enough for every build slot plus the next wave.
-            let target = self.cfg.max_jobs.clamp(1, 16) * 2;
-            self.netns_pool = nixb_sandbox::NetNsPool::new(target).ok();
-        }
-        self.netns_pool.as_ref().and_then(|p| p.take())
-    }
-
-    // --- children -----------------------------------------------------------------------
-
-    /// Forks the watchdog if it is not running yet. Called before a builder is started, so
-    /// that the fork (milliseconds for a large worker) does not sit between the builder's
-    /// start and its registration. Returns the pipe a sandboxed builder announces itself on
-    /// (`SandboxSpec::announce`); `None`, with a warning, when the watchdog could not start.
-    pub fn ensure_watchdog(&mut self) -> Option<std::os::fd::RawFd> {
-        if self.watchdog.is_none() {
-            match crate::watchdog::Watchdog::start() {
-                Ok(wd) => self.watchdog = Some(wd),
-                Err(e) => self.message(Level::Warn, e.to_string()),
-            }
-        }
-        self.watchdog.as_ref().and_then(|wd| wd.announce_fd())
-    }
-
-    pub fn child_started(
-        &mut self,
-        id: GoalId,
-        builder: nixb_sandbox::Builder,
-        log: OwnedFd,
-        in_build_slot: bool,
-    ) {
-        let now = Instant::now();
-        self.ensure_watchdog();
-        if let Some(wd) = self.watchdog.as_mut() {
-            // The builder leads its own process group (it called setsid).
-            wd.builder_started(builder.pid.as_raw());
-        }
-        self.children.insert(
-            id,
-            Child {
-                builder,
-                log: Some(log),
-                respect_timeouts: true,
-                in_build_slot,
-                last_output: now,
-                started: now,
-            },
-        );
-        if in_build_slot {
-            self.nr_local_builds += 1;
-        }
-    }
-
-    /// Builds done by the hook are watched by the hook itself: the worker must not apply
-    /// max-silent-time or timeout to the hook process.
-    pub fn set_respect_timeouts(&mut self, id: GoalId, respect: bool) {
-        if let Some(c) = self.children.get_mut(&id) {
-            c.respect_timeouts = respect;
-        }
+    /// Records the failure of a goal; `permanent` marks a build that would fail again.
+    pub fn record_failure(&mut self, f: Failure, permanent: bool) {
+        self.outcome.record(f, permanent);
     }
 
     /// Forgets the child of `id` (killing it if it still runs) and frees its build slot.
-    pub fn child_terminated(&mut self, id: GoalId) {
-        if let Some(mut child) = self.children.remove(&id) {
-            let _ = child.builder.kill();
-            let _ = child.builder.wait();
-            if let Some(wd) = self.watchdog.as_mut() {
-                wd.builder_reaped(child.builder.pid.as_raw());
-            }
-            if child.in_build_slot {
-                self.nr_local_builds -= 1;
-                if self.nr_local_builds == 0 && self.cfg.max_jobs == 0 {
-                    // Only a preferLocalBuild goal can use the idle machine; which of the
-                    // waiters are such goals only they know.
-                    self.graph.wake_slot_waiters();
+    fn child_terminated(&mut self, id: GoalId) {
+        self.res.child_terminated(id);
+        self.wake_slot_waiters_if_asked();
+    }
+
+    /// A child that ended (here or in a goal's step) may want every slot waiter woken.
+    fn wake_slot_waiters_if_asked(&mut self) {
+        if self.res.take_slot_waiters() == SlotWaiters::All {
+            self.graph.wake_slot_waiters();
+        }
+    }
+
+    /// Acts on what goal `id` asked for in a step, in order.
+    fn act_on(&mut self, id: GoalId, requests: Vec<Request>) {
+        for r in requests {
+            match r {
+                Request::WaitFor(sub) => {
+                    let g = match sub {
+                        SubGoal::Derivation { drv, wanted, mode } => {
+                            self.make_derivation_goal(&drv, &wanted, mode)
+                        }
+                        SubGoal::Substitution { path, repair } => {
+                            self.make_substitution_goal(&path, repair)
+                        }
+                    };
+                    self.graph.add_waitee(id, g);
                 }
-                // Otherwise the local slot goes to the longest waiting goal: see
-                // `hand_out_slots`.
-            } else {
-                // A remote build ended: a machine of the build hook may have room now,
-                // and only the hook can tell which waiting goal it would take, so every
-                // waiter asks again (as in the original).
-                self.graph.wake_slot_waiters();
+                Request::WakeUp => self.graph.wake_up(id),
+                Request::WaitForBuildSlot => {
+                    if self.res.nr_local_builds() < self.cfg.max_jobs {
+                        self.graph.wake_up(id);
+                    } else {
+                        self.graph.wait_for_build_slot(id);
+                    }
+                }
+                Request::WaitForAnyGoal => self.graph.wait_for_any_goal(id),
+                Request::WaitForAWhile => self.graph.wait_for_a_while(id),
+                Request::StartChild {
+                    builder,
+                    log,
+                    in_build_slot,
+                    respect_timeouts,
+                } => self
+                    .res
+                    .child_started(id, builder, log, in_build_slot, respect_timeouts),
+                Request::LockedOutputs(paths) => self.res.set_locked_outputs(id, paths),
+                Request::UnlockedOutputs => self.res.clear_locked_outputs(id),
+                Request::Failed { failure, permanent } => self.outcome.record(failure, permanent),
+                Request::Done(result) => self.am_done(id, result),
             }
-        }
-    }
-
-    /// Lets a finished build's log complete on its writer thread instead of waiting for
-    /// bzip2 here: a chatty build's backlog would otherwise stall every other build. All
-    /// logs are complete when `run` returns. Past a few logs in flight the oldest is
-    /// waited for, which bounds their memory.
-    pub fn finish_log_later(&mut self, log: nixb_logs::FinishingLog) {
-        self.finishing_logs.push_back(log);
-        let limit = 2 * self.cfg.max_jobs.max(1);
-        while let Some(front) = self.finishing_logs.front() {
-            if !front.is_done() && self.finishing_logs.len() <= limit {
-                break;
-            }
-            if let Some(done) = self.finishing_logs.pop_front() {
-                self.log_finished(done);
-            }
-        }
-    }
-
-    fn log_finished(&mut self, log: nixb_logs::FinishingLog) {
-        if let Err(e) = log.wait() {
-            self.message(Level::Warn, format!("closing the build log: {e}"));
-        }
-    }
-
-    /// Releases the output locks of a build whose outputs are registered, once the loop
-    /// has nothing else to do. Until then the outputs are valid and the locks only keep
-    /// others waiting a moment longer; meanwhile the goals this build woke start their
-    /// builders, so in a chain the release overlaps the next builder instead of delaying
-    /// it.
-    pub fn release_later(&mut self, locks: nixb_store::locks::PathLocks) {
-        self.deferred_locks.push(locks);
-    }
-
-    /// Empties a finished build's directory for reuse, likewise once the loop has nothing
-    /// else to do.
-    pub fn recycle_later(&mut self, dir: crate::build_dir::BuildDir) {
-        self.deferred_dirs.push(dir);
-    }
-
-    fn run_deferred(&mut self) {
-        // Dropping them releases the locks (deleting the lock files as set).
-        self.deferred_locks.clear();
-        for dir in std::mem::take(&mut self.deferred_dirs) {
-            if let Err(e) = self.build_dirs.recycle(dir) {
-                self.message(Level::Warn, e.to_string());
-            }
-        }
-    }
-
-    /// Waits for every log still being finished.
-    fn finish_all_logs(&mut self) {
-        while let Some(log) = self.finishing_logs.pop_front() {
-            self.log_finished(log);
         }
     }
 
@@ -496,10 +255,10 @@ impl<'a> Worker<'a> {
             if !self.graph.has_top_goals() {
                 break;
             }
-            self.run_deferred();
-            if !self.children.is_empty()
+            self.res.run_deferred();
+            if !self.res.children.is_empty()
                 || self.graph.has_waiting_for_a_while()
-                || self.builtin_subst.busy()
+                || self.res.builtin_subst.busy()
             {
                 self.wait_for_input()?;
             } else if !self.graph.has_awake() {
@@ -519,7 +278,7 @@ impl<'a> Worker<'a> {
     /// outputs became valid, another process holds their lock) leaves it free for the
     /// next call.
     fn hand_out_slots(&mut self) -> bool {
-        let free = self.cfg.max_jobs.saturating_sub(self.nr_local_builds);
+        let free = self.cfg.max_jobs.saturating_sub(self.res.nr_local_builds());
         free > 0 && self.graph.wake_slot_waiters_up_to(free) > 0
     }
 
@@ -543,15 +302,15 @@ impl<'a> Worker<'a> {
             self.forget(id);
             self.goals[id.0] = None;
         }
-        for id in self.children.keys().copied().collect::<Vec<_>>() {
+        for id in self.res.children.keys().copied().collect::<Vec<_>>() {
             self.child_terminated(id);
         }
         for slot in &mut self.goals {
             *slot = None;
         }
-        self.hook = None;
-        self.run_deferred();
-        self.finish_all_logs();
+        self.res.drop_hook();
+        self.res.run_deferred();
+        self.res.finish_all_logs();
     }
 
     fn destroy_orphans(&mut self) {
@@ -562,29 +321,41 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Takes goal `id` out of its slot, lets `f` act on it with the worker at hand, and
-    /// puts it back unless it finished.
-    fn with_goal(&mut self, id: GoalId, f: impl FnOnce(&mut Goal, &mut Worker<'a>)) {
+    /// Takes goal `id` out of its slot, lets `f` take a step of it, acts on the requests
+    /// of the step, and puts the goal back unless it finished. The requests are acted on
+    /// while the goal is out, so that a goal asking for its own derivation gets a fresh
+    /// goal rather than itself.
+    fn with_goal(
+        &mut self,
+        id: GoalId,
+        counts: WaiteeCounts,
+        f: impl FnOnce(&mut Goal, &mut Step<'_>),
+    ) {
         let Some(mut goal) = self.goals.get_mut(id.0).and_then(Option::take) else {
             return;
         };
-        f(&mut goal, self);
+        let mut step = Step::new(id, self.store, self.cfg, &mut self.res, counts);
+        f(&mut goal, &mut step);
+        let requests = step.into_requests();
+        self.wake_slot_waiters_if_asked();
+        self.act_on(id, requests);
         if self.graph.is_alive(id) {
             self.goals[id.0] = Some(goal);
         }
     }
 
     fn work(&mut self, id: GoalId) {
-        self.with_goal(id, |goal, w| match goal {
-            Goal::Derivation(g) => g.work(id, w),
-            Goal::Substitution(g) => g.work(id, w),
+        let counts = self.graph.take_waitee_counts(id);
+        self.with_goal(id, counts, |goal, cx| match goal {
+            Goal::Derivation(g) => g.work(cx),
+            Goal::Substitution(g) => g.work(cx),
         });
     }
 
     fn handle_output(&mut self, id: GoalId, chunk: &[u8]) {
-        self.with_goal(id, |goal, w| match goal {
-            Goal::Derivation(g) => g.handle_child_output(id, w, chunk),
-            Goal::Substitution(g) => g.handle_child_output(w, chunk),
+        self.with_goal(id, WaiteeCounts::default(), |goal, cx| match goal {
+            Goal::Derivation(g) => g.handle_child_output(cx, chunk),
+            Goal::Substitution(g) => g.handle_child_output(cx, chunk),
         });
     }
 
@@ -593,39 +364,38 @@ impl<'a> Worker<'a> {
         // next build (see `run`). Failures are handled at once: without keep-going they
         // stop everything, and no new builder should start first.
         let later = matches!(&status, Ok(s) if s.success())
-            && self.children.get(&id).is_some_and(|c| c.in_build_slot);
+            && self.res.children.get(&id).is_some_and(|c| c.in_build_slot);
         self.child_terminated(id);
-        self.with_goal(id, |goal, w| {
-            let later = match goal {
-                Goal::Derivation(g) => {
-                    g.child_exited(status);
-                    later
-                }
-                Goal::Substitution(g) => {
-                    g.child_exited(status);
-                    false
-                }
-            };
-            if later {
-                w.exited_builds.push_back(id);
-            } else {
-                w.graph.wake_up(id);
+        let later = match self.goals.get_mut(id.0).and_then(Option::as_mut) {
+            Some(Goal::Derivation(g)) => {
+                g.child_exited(status);
+                later
             }
-        });
+            Some(Goal::Substitution(g)) => {
+                g.child_exited(status);
+                false
+            }
+            None => return,
+        };
+        if later {
+            self.exited_builds.push_back(id);
+        } else {
+            self.graph.wake_up(id);
+        }
     }
 
     fn cancel(&mut self, id: GoalId, kind: FailureKind, reason: String) {
         self.child_terminated(id);
-        self.with_goal(id, |goal, w| match goal {
-            Goal::Derivation(g) => g.cancel(id, w, kind, reason),
-            Goal::Substitution(g) => g.cancel(id, w, reason),
+        self.with_goal(id, WaiteeCounts::default(), |goal, cx| match goal {
+            Goal::Derivation(g) => g.cancel(cx, kind, reason),
+            Goal::Substitution(g) => g.cancel(cx, reason),
         });
     }
 
     fn nearest_deadline(&self, now: Instant) -> Option<Instant> {
         let mut nearest: Option<Instant> = None;
         let mut consider = |t: Instant| nearest = Some(nearest.map_or(t, |n| n.min(t)));
-        for c in self.children.values().filter(|c| c.respect_timeouts) {
+        for c in self.res.children.values().filter(|c| c.respect_timeouts) {
             if let Some(d) = self.cfg.max_silent_time {
                 consider(c.last_output + d);
             }
@@ -644,7 +414,7 @@ impl<'a> Worker<'a> {
         let now = Instant::now();
         if self.graph.has_waiting_for_a_while() {
             if self.last_woken_up.is_none() {
-                self.emit(Event::WaitingForLocks);
+                self.res.emit(Event::WaitingForLocks);
                 self.last_woken_up = Some(now);
             }
         } else {
@@ -662,7 +432,7 @@ impl<'a> Worker<'a> {
         // (goal, is exit fd) for each entry of `fds`.
         let mut owners: Vec<(GoalId, bool)> = Vec::new();
         let mut raw: Vec<i32> = Vec::new();
-        for (&id, c) in &self.children {
+        for (&id, c) in &self.res.children {
             if let Some(log) = &c.log {
                 owners.push((id, false));
                 raw.push(log.as_raw_fd());
@@ -673,7 +443,7 @@ impl<'a> Worker<'a> {
         let ready: Vec<(GoalId, bool)> = {
             let borrowed: Vec<_> = raw
                 .iter()
-                // SAFETY: each descriptor belongs to a child in `self.children`, which is not
+                // SAFETY: each descriptor belongs to a child in `self.res.children`, which is not
                 // touched until `borrowed` is dropped at the end of this block.
                 .map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
                 .collect();
@@ -682,7 +452,7 @@ impl<'a> Worker<'a> {
                 .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
                 .collect();
             // Last: the built-in substituter's wake-up pipe, when it has jobs out.
-            if let Some(fd) = self.builtin_subst.wake_fd() {
+            if let Some(fd) = self.res.builtin_subst.wake_fd() {
                 pfds.push(PollFd::new(fd, PollFlags::POLLIN));
             }
             match nix::poll::poll(&mut pfds, timeout) {
@@ -706,14 +476,14 @@ impl<'a> Worker<'a> {
             }
         }
         for &(id, is_exit) in &ready {
-            if is_exit && self.children.contains_key(&id) {
+            if is_exit && self.res.children.contains_key(&id) {
                 self.reap(id);
             }
         }
 
-        let ids: Vec<GoalId> = self.children.keys().copied().collect();
+        let ids: Vec<GoalId> = self.res.children.keys().copied().collect();
         for id in ids {
-            let Some(c) = self.children.get(&id) else {
+            let Some(c) = self.res.children.get(&id) else {
                 continue;
             };
             if !c.respect_timeouts {
@@ -747,14 +517,12 @@ impl<'a> Worker<'a> {
     /// Hands the built-in substituter's finished jobs to their goals. A goal that is gone
     /// drops its result, which deletes what was unpacked for it and releases its lock.
     fn deliver_substitutions(&mut self) {
-        for c in self.builtin_subst.take_completions(self.store) {
+        for c in self.res.builtin_subst.take_completions(self.store) {
             let id = c.goal();
-            self.with_goal(id, |goal, w| {
-                if let Goal::Substitution(g) = goal {
-                    g.builtin_completed(c);
-                    w.graph.wake_up(id);
-                }
-            });
+            if let Some(Some(Goal::Substitution(g))) = self.goals.get_mut(id.0) {
+                g.builtin_completed(c);
+                self.graph.wake_up(id);
+            }
         }
     }
 
@@ -762,7 +530,7 @@ impl<'a> Worker<'a> {
     fn read_log(&mut self, id: GoalId, now: Instant) {
         let mut buf = std::mem::take(&mut self.read_buf);
         buf.resize(64 * 1024, 0);
-        if let Some(c) = self.children.get_mut(&id) {
+        if let Some(c) = self.res.children.get_mut(&id) {
             if let Some(log) = &c.log {
                 match nix::unistd::read(log.as_raw_fd(), &mut buf) {
                     Ok(0) => c.log = None,
@@ -781,7 +549,7 @@ impl<'a> Worker<'a> {
     /// The builder of `id` exited: reap it (which kills what is left of its process group),
     /// drain its log pipe and let the goal finish the build.
     fn reap(&mut self, id: GoalId) {
-        let status = match self.children.get_mut(&id) {
+        let status = match self.res.children.get_mut(&id) {
             Some(c) => c.builder.wait().map_err(|e| match e {
                 nixb_sandbox::SandboxError::Setup { .. } => ChildError::Setup(e.to_string()),
                 e => ChildError::Other(e.to_string()),
@@ -805,7 +573,7 @@ impl<'a> Worker<'a> {
         // hold it open; stop waiting once the pipe stays quiet for a moment.
         const QUIET: Duration = Duration::from_millis(200);
         loop {
-            let Some(c) = self.children.get_mut(&id) else {
+            let Some(c) = self.res.children.get_mut(&id) else {
                 return;
             };
             let Some(log) = &c.log else { return };
@@ -831,39 +599,6 @@ impl<'a> Worker<'a> {
                 Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
                 Err(_) => return,
             }
-        }
-    }
-
-    /// Nix 2.x's exit status for a run with failures: 100 plus bits for a timeout (1), a
-    /// fixed-output hash mismatch (2) and a `--check` mismatch (4); 1 for other failures.
-    pub fn failing_exit_status(&self) -> i32 {
-        let build_failure = self.permanent_failure || self.timed_out || self.hash_mismatch;
-        let mut mask = 0;
-        if build_failure {
-            mask |= 0x04;
-        }
-        if self.timed_out {
-            mask |= 0x01;
-        }
-        if self.hash_mismatch {
-            mask |= 0x02;
-        }
-        if self.check_mismatch {
-            mask |= 0x08;
-        }
-        if mask != 0 {
-            mask | 0x60
-        } else {
-            1
-        }
-    }
-}
-
-impl Drop for Worker<'_> {
-    fn drop(&mut self) {
-        // After an error `run` did not tear down: still leave complete logs behind.
-        for log in self.finishing_logs.drain(..) {
-            let _ = log.wait();
         }
     }
 }

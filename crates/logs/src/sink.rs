@@ -4,8 +4,8 @@
 //! # Why a thread, and where the bytes wait
 //!
 //! The caller is the worker's single-threaded poll loop, which reads the log
-//! pipes of many builders. bzip2 at level 9 compresses about 8 MB/s here,
-//! far slower than a builder can print, so compressing on the loop's thread
+//! pipes of many builders. bzip2 at level 9 is far slower than a builder can
+//! print (BENCHMARKS.md, "Log compression priority"), so compressing on the loop's thread
 //! would stall every other build (and their timeouts). Each compressed sink
 //! therefore owns a thread that runs the encoder; [`LogSink::write`] only
 //! hands the chunk over. The thread and the encoder start with the first byte

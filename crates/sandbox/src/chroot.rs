@@ -36,7 +36,7 @@
 //!
 //! - *bind mode*: `<root>` ("." for the child) is bound at the store directory. The mount
 //!   points of the input paths must then exist in it, on disk: the parent creates them (one
-//!   inode each, about 47 us on this machine's ext4).
+//!   inode each; BENCHMARKS.md, "sandbox: figures behind the README's design choices").
 //! - *overlay mode*, when there are many inputs: an overlayfs whose upper layer is `<root>` on
 //!   disk (so the builder's writes, its outputs, go there as in bind mode) and whose lower
 //!   layer is a tmpfs directory holding the input mount points (a few microseconds each). The
@@ -212,7 +212,8 @@ pub enum Network {
 const DEV_NODES: &[&str] = &["full", "null", "random", "tty", "urandom", "zero"];
 
 /// From this many mount points under the store directory on, overlay mode is cheaper than
-/// creating them on disk (see the module doc; measured on ext4, `cargo xtask bench sandbox`).
+/// creating them on disk (see the module doc; the figures: BENCHMARKS.md, "sandbox: figures
+/// behind the README's design choices").
 pub(crate) const OVERLAY_MIN_INPUTS: usize = 8;
 
 /// Set once an overlay mount failed in this process: no overlay is tried again.
@@ -281,9 +282,9 @@ pub(crate) enum StoreMode {
 /// (`fsopen`/`fsmount`), in which the parent creates the store inputs' mount points after the
 /// clone, while the child sets up the rest of its sandbox on the other CPU; the child waits
 /// for them (a futex on `ready`) just before it mounts the overlay, naming this tmpfs as
-/// `/proc/self/fd/<n>` (it inherited the descriptor). About 100 of these mkdirs were the
-/// child's second-largest step (0.5 ms); the child's own steps before the overlay take about
-/// as long, so they now overlap.
+/// `/proc/self/fd/<n>` (it inherited the descriptor). These mkdirs were the child's
+/// second-largest step, and its own steps before the overlay take about as long, so the two
+/// overlap (BENCHMARKS.md, "sandbox: figures behind the README's design choices").
 ///
 /// No one else can reach this tmpfs: it is in no mount namespace, its descriptor is
 /// close-on-exec, and the parent closes its copy once the mount points exist. The overlay
@@ -433,8 +434,9 @@ impl DetachedLower {
     /// Looks up each store input's mount point in the child's overlay, last first, while the
     /// child binds them first first: the bulk of a bind onto the overlay is that first lookup
     /// (`ovl_lookup` in the upper and the lower layer, an inode hash lookup), and a dentry we
-    /// looked up is found in the cache by the child's bind (measured: 100 binds 1.2-1.4 ms
-    /// cold, 0.33-0.40 ms after the lookups). The two meet about halfway.
+    /// looked up is found in the cache by the child's bind, which is then several times
+    /// cheaper (BENCHMARKS.md, "sandbox: figures behind the README's design choices"). The
+    /// two meet about halfway.
     ///
     /// Only worth it with a CPU each: on a shared one these lookups would just take turns
     /// with the child's binds, at a higher cost. So only when the child got to its waiting
@@ -448,7 +450,8 @@ impl DetachedLower {
         if self.arrived.load(Ordering::Acquire) == 0 {
             return false;
         }
-        // The overlay mount is one step away (0.15-0.3 ms); give up after 2 ms.
+        // The overlay mount is one step away (a fraction of a millisecond: BENCHMARKS.md,
+        // "sandbox: figures behind the README's design choices"); give up after 2 ms.
         let start = std::time::Instant::now();
         let mut spins = 0u32;
         while self.mounted.load(Ordering::Acquire) == 0 {

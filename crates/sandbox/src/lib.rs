@@ -1,18 +1,4 @@
-//! Spawning a builder: plainly (vfork-style clone and exec in a new session) or in a chroot inside new PID,
-//! mount, network, IPC and UTS namespaces.
-//!
-//! The caller prepares everything in a [`SandboxSpec`] (no nixb types: paths, strings, ids) and
-//! calls [`spawn`]. The parent turns the spec into a plan of syscalls ([`plan`]), clones, and
-//! the child walks that plan up to `execve`. A failing step is reported back through a
-//! close-on-exec pipe as (step index, errno), so the caller gets
-//! `SandboxError::Setup { step: "chdir to /tmp/nix-build-x-0", errno: ENOENT }` rather than an
-//! exit code. The returned [`Builder`] owns the child: a pidfd to poll for its exit, `kill`
-//! that takes everything in the sandbox with it, and `wait`/`try_wait`. Given a descriptor
-//! ([`SandboxSpec::announce`]), the child first writes `+<pid>` on it, so that a watchdog of
-//! the caller's knows the builder even if the caller dies before `spawn`/`start` returns.
-//!
-//! What this crate does not do: allocate build users, create the build directory, move outputs
-//! out of the chroot, or read the log pipe. Those are the caller's.
+#![doc = include_str!("../README.md")]
 
 mod chroot;
 mod netns;
@@ -143,9 +129,9 @@ impl Personality {
 
 /// How much the builder is shut in.
 pub enum Isolation {
-    /// clone(CLONE_VM | CLONE_VFORK)/exec in a new session (no copy of the caller's page
-    /// tables, so the cost does not grow with its size); the builder sees the host file
-    /// system.
+    /// clone(CLONE_VM)/exec in a new session (no copy of the caller's page tables, so the
+    /// cost does not grow with its size; `CLONE_VFORK` only when [`spawn`] waits for the
+    /// exec); the builder sees the host file system.
     Plain,
     /// New PID, mount, IPC, UTS (and usually network) namespaces, a chroot holding only what
     /// the spec lists, no capabilities and a seccomp filter.
@@ -242,7 +228,8 @@ fn stdio_steps(log_fd: RawFd, null_fd: RawFd, cwd: CString) -> Vec<Step> {
 /// Everything the child needs, kept alive in the parent until the child has exec'd or failed.
 struct Prepared {
     plan: Vec<Step>,
-    /// Namespace flags for the clone (`CLONE_VM | CLONE_VFORK` are always added).
+    /// Namespace flags for the clone (`CLONE_VM` is always added, `CLONE_VFORK` when the
+    /// caller waits for the exec and has no detached lower layer to make).
     clone_flags: libc::c_int,
     /// Index in `plan` of the overlay mount, when the chroot uses one.
     overlay_step: Option<usize>,
@@ -606,8 +593,8 @@ fn spawn_with(
     let overlay_step = prepared.overlay_step;
     let detached_lower = prepared.detached_lower;
     // A plain builder is not waited for either: its exec is quick, but under load the
-    // caller's thread would sleep until the child got a CPU (0.5-1.7 ms per build measured
-    // with two builders on two cores). An overlay (of each kind) is only trusted once one
+    // caller's thread would sleep until the child got a CPU (BENCHMARKS.md, "sandbox: `start`
+    // without waiting for a plain builder's exec"). An overlay (of each kind) is only trusted once one
     // has worked in this process, because a failed one is retried another way.
     let sync = wait_for_exec
         || trace.is_some()

@@ -1,7 +1,8 @@
 //! Raw system calls for the cloned child, which never touch `errno`.
 //!
-//! A chroot builder is cloned with `CLONE_VM` and the parent thread goes on running while the
-//! child sets up its sandbox (see `spawn_prepared`). Without `CLONE_SETTLS` the child also
+//! Every builder is cloned with `CLONE_VM`, and the parent thread goes on running while the
+//! child sets up (after `start`, and while the parent fills a detached lower layer; see
+//! `spawn_prepared`). Without `CLONE_SETTLS` the child also
 //! shares the parent thread's thread-local storage, and so its `errno`: every libc wrapper
 //! that fails would write the parent's `errno` while the parent may be between a failing call
 //! of its own and the read of its `errno`. These wrappers return the kernel's `-errno` as an
@@ -12,8 +13,9 @@
 //! sys(nr, [a0..a5]) -> Result<usize, Errno>
 //! ```
 //!
-//! Only x86_64 and aarch64 have them; elsewhere [`AVAILABLE`] is false and the child is cloned
-//! with `CLONE_VFORK` as well, so that the parent is suspended while it runs.
+//! Only x86_64 and aarch64 have them; elsewhere [`AVAILABLE`] is false and `start` waits for
+//! the exec like `spawn`: the child is cloned with `CLONE_VFORK` as well, so that the parent
+//! is suspended while it runs, unless the parent has a detached lower layer to fill.
 
 use nix::errno::Errno;
 
@@ -73,8 +75,8 @@ pub(crate) unsafe fn raw(nr: libc::c_long, a: [usize; 6]) -> isize {
     ret
 }
 
-/// Elsewhere: libc's `syscall`, which does set `errno` (the child is then cloned with
-/// `CLONE_VFORK`, see [`AVAILABLE`]).
+/// Elsewhere: libc's `syscall`, which does set `errno` (the caller then waits for the exec,
+/// see [`AVAILABLE`]).
 ///
 /// # Safety
 /// As for the system call `nr` with these arguments: pointers must be valid for it.

@@ -1,4 +1,4 @@
-//! Plain mode: vfork-style clone and exec in a new session, no namespaces.
+//! Plain mode: a clone sharing the caller's memory, exec in a new session, no namespaces.
 
 mod common;
 

@@ -107,7 +107,7 @@ fn skip_nar(store: &LocalStore, nar: &mut impl Read, what: &str) -> Result<(), S
 /// own parent. Nix 2.x's `locksHeld`, filled by its build hook the same way.
 static LOCKS_HELD: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
 
-/// Marks `paths` as locked by our parent (see [`LOCKS_HELD`]).
+/// Marks `paths` as locked by our parent (see `LOCKS_HELD`).
 pub fn assume_locks_held(paths: impl IntoIterator<Item = PathBuf>) {
     if let Ok(mut held) = LOCKS_HELD.lock() {
         held.extend(paths);

@@ -24,6 +24,13 @@ pub struct DeleteError {
     pub source: io::Error,
 }
 
+/// For callers that speak `io::Error`: the same kind, the message naming step and entry.
+impl From<DeleteError> for io::Error {
+    fn from(e: DeleteError) -> io::Error {
+        io::Error::new(e.source.kind(), e)
+    }
+}
+
 /// Removes whatever is at `path`: a file, a symlink or a whole directory tree. A path that
 /// does not exist is fine.
 pub fn delete_path(path: &Path) -> Result<(), DeleteError> {
@@ -36,6 +43,49 @@ pub fn delete_path(path: &Path) -> Result<(), DeleteError> {
             source,
         }),
     }
+}
+
+/// Puts `replacement` (a file or tree on the same file system) where `path` is, as repair
+/// and `--check` do with a rebuilt or re-fetched store path: whatever is at `path` is
+/// first renamed aside (`<path>.old-<pid>-<nanos>`, no store path name), so that `path`
+/// never holds a half-replaced tree, then `replacement` is renamed to `path`, then the old
+/// copy is deleted. A failure names the step; once `replacement` is in place, the only
+/// failure left is deleting the old copy, whose name the error gives.
+pub fn replace_path(path: &Path, replacement: &Path) -> Result<(), DeleteError> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut old = path.as_os_str().to_owned();
+    old.push(format!(".old-{}-{nanos}", std::process::id()));
+    let old = PathBuf::from(old);
+    let had_old = match fs::symlink_metadata(path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(source) => {
+            return Err(DeleteError {
+                step: "examining",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if had_old {
+        fs::rename(path, &old).map_err(|source| DeleteError {
+            step: "moving aside",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    fs::rename(replacement, path).map_err(|source| DeleteError {
+        step: "moving into place",
+        path: replacement.to_path_buf(),
+        source,
+    })?;
+    if had_old {
+        delete_path(&old)?;
+    }
+    Ok(())
 }
 
 fn delete_entry(path: &Path, is_dir: bool) -> Result<(), DeleteError> {
@@ -125,6 +175,40 @@ mod tests {
         delete_path(&l).unwrap();
         assert!(fs::symlink_metadata(&l).is_err());
         delete_path(&tmp.path().join("never-was")).unwrap();
+    }
+
+    #[test]
+    fn replace_swaps_in_the_new_tree_and_deletes_the_old() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("f"), "old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o555)).unwrap();
+        let new = tmp.path().join("new");
+        fs::create_dir(&new).unwrap();
+        fs::write(new.join("f"), "new").unwrap();
+        replace_path(&path, &new).unwrap();
+        assert_eq!(fs::read_to_string(path.join("f")).unwrap(), "new");
+        assert!(!new.exists());
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("p")], "old copy left");
+        // Nothing there before: the replacement just moves in.
+        let fresh = tmp.path().join("fresh");
+        let src = tmp.path().join("src");
+        fs::write(&src, "x").unwrap();
+        replace_path(&fresh, &src).unwrap();
+        assert_eq!(fs::read_to_string(&fresh).unwrap(), "x");
+        // A missing replacement leaves the old path where it was.
+        let e = replace_path(&fresh, &tmp.path().join("nope")).unwrap_err();
+        assert_eq!(e.step, "moving into place");
+        assert!(fs::read_dir(tmp.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("fresh.old-")));
     }
 
     #[test]

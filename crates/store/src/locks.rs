@@ -19,11 +19,11 @@
 //! # Recycled lock files ([`LockFilePool`])
 //!
 //! Deleting a lock file after every build frees an inode, and creating the next one
-//! allocates one. On ext4 without a journal (the file system these benchmarks run on)
-//! the inode allocator skips every inode of the group freed in the last 60 seconds (360
-//! while its inode table block is dirty), one buffer-cache lookup each, so each free
-//! makes every later file creation in that group slower, the builders' included: a
-//! 1,000-build chain spent a fifth of its time there. With a pool, a released lock file
+//! allocates one. On ext4 without a journal the inode allocator skips every inode of the
+//! group freed in the last 60 seconds (360 while its inode table block is dirty), one
+//! buffer-cache lookup each, so each free makes every later file creation in that group
+//! slower, the builders' included (the measurement: BENCHMARKS.md, "store: recycled lock
+//! files"). With a pool, a released lock file
 //! is *renamed* out of the way instead of unlinked, and the next lock file is that inode
 //! renamed into place: no inode is freed or allocated.
 //!

@@ -1,34 +1,4 @@
-//! Build users: the members of the `build-users-group`, handed out one build at a time.
-//!
-//! When `build-users-group` is set, every builder runs as one member of that group, so that
-//! builds cannot read or disturb each other and cannot write to the store except through the
-//! outputs they are given. This crate owns the bookkeeping around those users:
-//!
-//! - [`acquire`] picks a member that no other build holds, in `/etc/group` member order, and
-//!   locks it. The lock is a file per uid, `<state dir>/userpool/<uid>`, opened by the holder
-//!   for as long as the [`BuildUser`] lives; dropping the `BuildUser` releases it.
-//! - [`BuildUser::kill_all_processes`] kills every process running under the user's uid, before
-//!   a build (a previous builder may have left daemons behind) and after it (so nothing a
-//!   builder started outlives the build).
-//! - [`check_store_permissions`] and [`chown_tmp_dir`] are the two file-system preconditions
-//!   of building as another user.
-//!
-//! # Locking
-//!
-//! A uid is never used by two builds at once, across threads and across processes:
-//!
-//! - an `fcntl` write lock on the whole lock file, as the original engine takes;
-//! - a `flock` exclusive lock on the same descriptor, which is what Nix 2.x takes on the same
-//!   file (verified with strace on Nix 2.8: its `lockFile` calls `flock`), so nixb and a real
-//!   Nix working on one state directory never share a uid either. The two kinds of lock do
-//!   not interact on Linux, hence both;
-//! - a process-local set of the lock files this process holds. `fcntl` locks belong to the
-//!   *process*: a second `F_SETLK` on the same file from the same process succeeds, and closing
-//!   *any* descriptor of the file drops the lock. So a lock file that this process holds must
-//!   never be opened again; the set is consulted (and the path reserved) before opening.
-//!
-//! This crate does not fork builders, switch users or create users; the sandbox uses `uid`,
-//! `gid` and `supplementary_gids` to switch, and the system administrator creates the users.
+#![doc = include_str!("../README.md")]
 
 use std::collections::BTreeSet;
 use std::ffi::CString;

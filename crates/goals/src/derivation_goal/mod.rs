@@ -16,22 +16,33 @@
 //! buildDone            builder exited: check status, register outputs
 //! ```
 //!
-//! Building itself (the builder's environment, hash rewriting, spawning) is in
-//! [`crate::build`]; output registration in [`crate::register`].
+//! Building itself (the builder's environment, hash rewriting, spawning) is in [`build`];
+//! output registration in [`register`]; offering the build to the build hook in [`hook`].
+//! What they need to know of the goal is its [`plan::BuildPlan`]: they read it and return
+//! what happened, and only the goal's states change state or ask the scheduler for work.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
-use nixb_store::derivation::Derivation;
 use nixb_store::locks::PathLocks;
 use nixb_store::StorePath;
 
-use crate::build::RunningBuild;
 use crate::config::BuildMode;
-use crate::error::{quoted, BuildError};
+use crate::error::{quoted, BuildError, Rejection};
 use crate::event::{Event, FailureKind, Level};
-use crate::graph::{ExitCode, GoalId};
-use crate::worker::{Failure, Worker};
+use crate::graph::ExitCode;
+use crate::outcome::Failure;
+use crate::services::Step;
+
+use build::RunningBuild;
+use hook::{HookBuild, HookReply, HookResult};
+use plan::{can_build_locally, BuildPlan};
+
+mod build;
+mod hook;
+mod plan;
+mod register;
+#[cfg(test)]
+mod tests;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -45,30 +56,17 @@ enum State {
 }
 
 pub(crate) struct DerivationGoal {
-    pub drv_path: StorePath,
+    plan: BuildPlan,
     /// Outputs to make valid; empty means all.
     wanted: BTreeSet<String>,
     need_restart: bool,
     retry_substitution: bool,
-    pub mode: BuildMode,
     state: State,
-    pub drv: Option<Arc<Derivation>>,
-    /// Output name → path, from the derivation.
-    pub outputs: BTreeMap<String, StorePath>,
-    pub fixed_output: bool,
-    pub output_locks: Option<PathLocks>,
-    /// The union of the closures of the inputs.
-    pub input_paths: BTreeSet<StorePath>,
-    /// What outputs may refer to: inputs and outputs.
-    pub all_paths: BTreeSet<StorePath>,
-    /// Outputs already valid (and, when repairing, intact).
-    pub valid_paths: BTreeSet<StorePath>,
-    /// Outputs to build (all of them under --check).
-    pub missing_paths: BTreeSet<StorePath>,
-    pub build: Option<RunningBuild>,
+    output_locks: Option<PathLocks>,
+    build: Option<RunningBuild>,
     /// The build hook took this build (its process is the goal's child).
-    pub hook_build: Option<crate::hook::HookBuild>,
-    exit: Option<crate::worker::ChildStatus>,
+    hook_build: Option<HookBuild>,
+    exit: Option<crate::services::ChildStatus>,
     /// Told the user once that every build user is busy.
     reported_users_busy: bool,
     /// How many wanted outputs `haveDerivation` found invalid, when it goes straight on to
@@ -80,20 +78,12 @@ pub(crate) struct DerivationGoal {
 impl DerivationGoal {
     pub fn new(drv_path: StorePath, wanted: BTreeSet<String>, mode: BuildMode) -> DerivationGoal {
         DerivationGoal {
-            drv_path,
+            plan: BuildPlan::new(drv_path, mode),
             wanted,
             need_restart: false,
             retry_substitution: false,
-            mode,
             state: State::Init,
-            drv: None,
-            outputs: BTreeMap::new(),
-            fixed_output: false,
             output_locks: None,
-            input_paths: BTreeSet::new(),
-            all_paths: BTreeSet::new(),
-            valid_paths: BTreeSet::new(),
-            missing_paths: BTreeSet::new(),
             build: None,
             hook_build: None,
             exit: None,
@@ -119,89 +109,73 @@ impl DerivationGoal {
         }
     }
 
-    pub fn work(&mut self, id: GoalId, w: &mut Worker<'_>) {
+    pub fn work(&mut self, cx: &mut Step<'_>) {
         let r = match self.state {
-            State::Init => self.init(id, w),
-            State::HaveDerivation => self.have_derivation(id, w),
-            State::OutputsSubstituted => self.outputs_substituted(id, w),
-            State::ClosureRepaired => self.closure_repaired(id, w),
-            State::InputsRealised => self.inputs_realised(id, w),
-            State::TryToBuild => self.try_to_build(id, w),
-            State::BuildDone => self.build_done(id, w),
+            State::Init => self.init(cx),
+            State::HaveDerivation => self.have_derivation(cx),
+            State::OutputsSubstituted => self.outputs_substituted(cx),
+            State::ClosureRepaired => self.closure_repaired(cx),
+            State::InputsRealised => self.inputs_realised(cx),
+            State::TryToBuild => self.try_to_build(cx),
+            State::BuildDone => self.build_done(cx),
         };
         if let Err(e) = r {
-            self.fail(id, w, FailureKind::SetupFailed, e.to_string(), false);
+            self.fail(cx, FailureKind::SetupFailed, e.to_string(), false);
         }
     }
 
     /// Ends the goal as failed, reporting why.
-    pub fn fail(
-        &mut self,
-        id: GoalId,
-        w: &mut Worker<'_>,
-        kind: FailureKind,
-        reason: String,
-        permanent: bool,
-    ) {
+    pub fn fail(&mut self, cx: &mut Step<'_>, kind: FailureKind, reason: String, permanent: bool) {
         self.output_locks = None;
-        w.clear_locked_outputs(id);
+        cx.clear_locked_outputs();
         if let Some(b) = self.build.take() {
-            b.abandon(w, self.mode == BuildMode::Normal);
+            b.abandon(cx, self.plan.mode == BuildMode::Normal);
         }
-        if permanent {
-            w.permanent_failure = true;
-        }
-        w.emit(Event::BuildFailed {
-            drv: self.drv_path.clone(),
+        cx.emit(Event::BuildFailed {
+            drv: self.plan.drv_path.clone(),
             kind,
             reason: reason.clone(),
             permanent,
         });
-        w.record_failure(Failure {
-            path: self.drv_path.clone(),
-            kind,
-            message: reason,
-        });
-        w.am_done(id, ExitCode::Failed);
+        cx.record_failure(
+            Failure {
+                path: self.plan.drv_path.clone(),
+                kind,
+                message: reason,
+            },
+            permanent,
+        );
+        cx.am_done(ExitCode::Failed);
     }
 
     /// The worker killed the builder (a timeout or the log limit).
-    pub fn cancel(&mut self, id: GoalId, w: &mut Worker<'_>, kind: FailureKind, reason: String) {
-        if kind == FailureKind::TimedOut {
-            w.timed_out = true;
-        }
+    pub fn cancel(&mut self, cx: &mut Step<'_>, kind: FailureKind, reason: String) {
         let reason = format!(
             "building of {} {reason}",
-            quoted(w.store_dir(), &self.drv_path)
+            quoted(cx.store_dir(), &self.plan.drv_path)
         );
-        self.fail(id, w, kind, reason, false);
+        self.fail(cx, kind, reason, false);
     }
 
     fn wants(&self, output: &str) -> bool {
         self.wanted.is_empty() || self.wanted.contains(output)
     }
 
-    fn drv(&self) -> Result<&Derivation, BuildError> {
-        self.drv
-            .as_deref()
-            .ok_or_else(|| BuildError::Misc("internal error: derivation not loaded".into()))
-    }
-
     /// Wanted outputs that are (`want_valid`) or are not valid; `check_contents` also
     /// requires valid paths to be intact (repair mode).
     fn check_path_validity(
         &self,
-        w: &Worker<'_>,
+        cx: &Step<'_>,
         want_valid: bool,
         check_contents: bool,
     ) -> Result<BTreeSet<StorePath>, BuildError> {
         let mut result = BTreeSet::new();
-        for (name, path) in &self.outputs {
+        for (name, path) in &self.plan.outputs {
             if !self.wants(name) {
                 continue;
             }
             let good =
-                w.store.is_valid_path(path)? && (!check_contents || path_contents_good(w, path)?);
+                cx.store.is_valid_path(path)? && (!check_contents || path_contents_good(cx, path)?);
             if good == want_valid {
                 result.insert(path.clone());
             }
@@ -211,131 +185,129 @@ impl DerivationGoal {
 
     // --- states -------------------------------------------------------------------------
 
-    fn init(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
+    fn init(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
         // The derivation must be valid first; a substitution goal may provide it. One that
         // is valid already goes straight on, as in Nix 2.x: the substitution goal would only
         // find it valid (it also asks without repairing), at the cost of a goal, a wake-up
         // and a second query per derivation. The temp root comes first, as that goal's does,
         // so that a collector cannot take the path between the check and its use.
-        let _ = w.store.add_temp_root(&self.drv_path);
-        if w.store.is_valid_path(&self.drv_path) == Ok(true) {
+        let _ = cx.store.add_temp_root(&self.plan.drv_path);
+        if cx.store.is_valid_path(&self.plan.drv_path) == Ok(true) {
             self.state = State::HaveDerivation;
-            return self.have_derivation(id, w);
+            return self.have_derivation(cx);
         }
-        let sub = w.make_substitution_goal(&self.drv_path.clone(), false);
-        w.graph.add_waitee(id, sub);
+        cx.wait_for_substitution(&self.plan.drv_path, false);
         self.state = State::HaveDerivation;
-        if !w.graph.has_waitees(id) {
-            w.graph.wake_up(id);
+        if !cx.has_waitees() {
+            cx.wake_up();
         }
         Ok(())
     }
 
-    fn have_derivation(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
-        if w.graph.waitee_counts(id).failed != 0 {
+    fn have_derivation(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
+        if cx.waitee_counts().failed != 0 {
             let reason = format!(
                 "cannot build missing derivation {}",
-                quoted(w.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             );
-            self.fail(id, w, FailureKind::SetupFailed, reason, false);
+            self.fail(cx, FailureKind::SetupFailed, reason, false);
             return Ok(());
         }
-        w.graph.reset_waitee_counts(id);
-        let _ = w.store.add_temp_root(&self.drv_path);
-        if self.drv.is_none() {
-            let drv = w.derivation(&self.drv_path)?;
-            self.fixed_output = drv.is_fixed_output();
+        cx.reset_waitee_counts();
+        let _ = cx.store.add_temp_root(&self.plan.drv_path);
+        if self.plan.drv.is_none() {
+            let drv = cx.derivation(&self.plan.drv_path)?;
+            self.plan.fixed_output = drv.is_fixed_output();
             for (name, out) in &drv.outputs {
                 let path = out.path.clone().ok_or_else(|| {
                     BuildError::Misc(format!(
                         "derivation {} has no path for output '{name}'",
-                        quoted(w.store_dir(), &self.drv_path)
+                        quoted(cx.store_dir(), &self.plan.drv_path)
                     ))
                 })?;
-                self.outputs.insert(name.clone(), path);
+                self.plan.outputs.insert(name.clone(), path);
             }
-            self.drv = Some(drv);
+            self.plan.drv = Some(drv);
         }
         for o in &self.wanted {
-            if !self.outputs.contains_key(o) {
+            if !self.plan.outputs.contains_key(o) {
                 let reason = format!(
                     "derivation {} does not have wanted output '{o}'",
-                    quoted(w.store_dir(), &self.drv_path)
+                    quoted(cx.store_dir(), &self.plan.drv_path)
                 );
-                self.fail(id, w, FailureKind::SetupFailed, reason, false);
+                self.fail(cx, FailureKind::SetupFailed, reason, false);
                 return Ok(());
             }
         }
-        for p in self.outputs.values() {
-            let _ = w.store.add_temp_root(p);
+        for p in self.plan.outputs.values() {
+            let _ = cx.store.add_temp_root(p);
         }
 
-        let invalid = self.check_path_validity(w, false, self.mode == BuildMode::Repair)?;
-        if invalid.is_empty() && self.mode == BuildMode::Normal {
-            w.am_done(id, ExitCode::Success);
+        let invalid = self.check_path_validity(cx, false, self.plan.mode == BuildMode::Repair)?;
+        if invalid.is_empty() && self.plan.mode == BuildMode::Normal {
+            cx.am_done(ExitCode::Success);
             return Ok(());
         }
         for p in &invalid {
-            if self.path_failed(id, w, p)? {
+            if self.path_failed(cx, p)? {
                 return Ok(());
             }
         }
         // Substitutes first; preferLocalBuild derivations skip them.
-        if w.cfg.use_substitutes && !self.will_build_locally(w)? {
+        if cx.cfg.use_substitutes && !self.will_build_locally(cx)? {
             for p in &invalid {
-                let sub = w.make_substitution_goal(p, self.mode == BuildMode::Repair);
-                w.graph.add_waitee(id, sub);
+                cx.wait_for_substitution(p, self.plan.mode == BuildMode::Repair);
             }
         }
         self.state = State::OutputsSubstituted;
-        if !w.graph.has_waitees(id) {
+        if !cx.has_waitees() {
             self.invalid_just_checked = Some(invalid.len());
-            return self.outputs_substituted(id, w);
+            return self.outputs_substituted(cx);
         }
         Ok(())
     }
 
-    fn outputs_substituted(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
+    fn outputs_substituted(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
         let invalid_just_checked = self.invalid_just_checked.take();
-        let counts = w.graph.waitee_counts(id);
+        let counts = cx.waitee_counts();
         if counts.failed > 0
             && counts.failed > counts.no_substituters + counts.incomplete_closure
-            && !w.cfg.fallback
+            && !cx.cfg.fallback
         {
             return Err(BuildError::Misc(format!(
                 "some substitutes for the outputs of derivation {} failed (usually happens due to networking issues); try '--fallback' to build derivation from source",
-                quoted(w.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             )));
         }
         if counts.incomplete_closure > 0 {
             self.retry_substitution = true;
         }
-        w.graph.reset_waitee_counts(id);
+        cx.reset_waitee_counts();
 
         if self.need_restart {
             self.need_restart = false;
             self.state = State::HaveDerivation;
-            return self.have_derivation(id, w);
+            return self.have_derivation(cx);
         }
 
         let nr_invalid = match invalid_just_checked {
             Some(n) => n,
             None => self
-                .check_path_validity(w, false, self.mode == BuildMode::Repair)?
+                .check_path_validity(cx, false, self.plan.mode == BuildMode::Repair)?
                 .len(),
         };
-        match self.mode {
+        match self.plan.mode {
             BuildMode::Normal if nr_invalid == 0 => {
-                w.am_done(id, ExitCode::Success);
+                cx.am_done(ExitCode::Success);
                 return Ok(());
             }
-            BuildMode::Repair if nr_invalid == 0 => return self.repair_closure(id, w),
+            BuildMode::Repair if nr_invalid == 0 => return self.repair_closure(cx),
             BuildMode::Check if nr_invalid > 0 => {
                 let reason = format!(
                     "some outputs of {} are not valid, so checking is not possible",
-                    quoted(w.store_dir(), &self.drv_path)
+                    quoted(cx.store_dir(), &self.plan.drv_path)
                 );
-                self.fail(id, w, FailureKind::SetupFailed, reason, false);
+                self.fail(cx, FailureKind::SetupFailed, reason, false);
                 return Ok(());
             }
             _ => {}
@@ -343,115 +315,112 @@ impl DerivationGoal {
 
         // Building now: from here on every output counts.
         self.wanted.clear();
-        w.emit(Event::BuildPlanned {
-            drv: self.drv_path.clone(),
+        cx.emit(Event::BuildPlanned {
+            drv: self.plan.drv_path.clone(),
         });
-        let drv = self.drv()?;
+        let drv = self.plan.drv()?;
         let input_drvs: Vec<(StorePath, BTreeSet<String>)> = drv
             .input_drvs
             .iter()
             .map(|(p, o)| (p.clone(), o.clone()))
             .collect();
         let input_srcs: Vec<StorePath> = drv.input_srcs.iter().cloned().collect();
-        let input_mode = if self.mode == BuildMode::Repair {
+        let input_mode = if self.plan.mode == BuildMode::Repair {
             BuildMode::Repair
         } else {
             BuildMode::Normal
         };
         for (p, outs) in input_drvs {
-            let g = w.make_derivation_goal(&p, &outs, input_mode);
-            w.graph.add_waitee(id, g);
+            cx.wait_for_derivation(&p, &outs, input_mode);
         }
         for p in input_srcs {
-            let g = w.make_substitution_goal(&p, false);
-            w.graph.add_waitee(id, g);
+            cx.wait_for_substitution(&p, false);
         }
         self.state = State::InputsRealised;
-        if !w.graph.has_waitees(id) {
-            return self.inputs_realised(id, w);
+        if !cx.has_waitees() {
+            return self.inputs_realised(cx);
         }
         Ok(())
     }
 
     /// Repair mode with intact outputs: rebuild whatever is broken in their closure.
-    fn repair_closure(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
-        let own: BTreeSet<StorePath> = self.outputs.values().cloned().collect();
-        let mut closure = w.store.compute_closure(&own)?;
+    fn repair_closure(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
+        let own: BTreeSet<StorePath> = self.plan.outputs.values().cloned().collect();
+        let mut closure = cx.store.compute_closure(&own)?;
         for p in &own {
             closure.remove(p);
         }
         // Which derivation produced each path of the closure: look at the derivations in
         // our own input closure.
         let mut outputs_to_drv: BTreeMap<StorePath, StorePath> = BTreeMap::new();
-        let input_closure = w
+        let input_closure = cx
             .store
-            .compute_closure(&BTreeSet::from([self.drv_path.clone()]))?;
+            .compute_closure(&BTreeSet::from([self.plan.drv_path.clone()]))?;
         for d in input_closure.iter().filter(|p| p.is_derivation()) {
-            let drv = w.derivation(d)?;
+            let drv = cx.derivation(d)?;
             for p in drv.output_paths().into_values() {
                 outputs_to_drv.insert(p, d.clone());
             }
         }
         for p in &closure {
-            if path_contents_good(w, p)? {
+            if path_contents_good(cx, p)? {
                 continue;
             }
-            w.message(
+            cx.message(
                 Level::Error,
                 format!(
                     "found corrupted or missing path {} in the output closure of {}",
-                    quoted(w.store_dir(), p),
-                    quoted(w.store_dir(), &self.drv_path)
+                    quoted(cx.store_dir(), p),
+                    quoted(cx.store_dir(), &self.plan.drv_path)
                 ),
             );
-            let g = match outputs_to_drv.get(p) {
-                Some(d) => w.make_derivation_goal(&d.clone(), &BTreeSet::new(), BuildMode::Repair),
-                None => w.make_substitution_goal(p, true),
-            };
-            w.graph.add_waitee(id, g);
+            match outputs_to_drv.get(p) {
+                Some(d) => cx.wait_for_derivation(d, &BTreeSet::new(), BuildMode::Repair),
+                None => cx.wait_for_substitution(p, true),
+            }
         }
-        if !w.graph.has_waitees(id) {
-            w.am_done(id, ExitCode::Success);
+        if !cx.has_waitees() {
+            cx.am_done(ExitCode::Success);
             return Ok(());
         }
         self.state = State::ClosureRepaired;
         Ok(())
     }
 
-    fn closure_repaired(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
-        if w.graph.waitee_counts(id).failed > 0 {
+    fn closure_repaired(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
+        if cx.waitee_counts().failed > 0 {
             let reason = format!(
                 "some paths in the output closure of derivation {} could not be repaired",
-                quoted(w.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             );
-            self.fail(id, w, FailureKind::DependencyFailed, reason, false);
+            self.fail(cx, FailureKind::DependencyFailed, reason, false);
             return Ok(());
         }
-        w.am_done(id, ExitCode::Success);
+        cx.am_done(ExitCode::Success);
         Ok(())
     }
 
-    fn inputs_realised(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
-        let failed = w.graph.waitee_counts(id).failed;
+    fn inputs_realised(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
+        let failed = cx.waitee_counts().failed;
         if failed != 0 {
             let reason = format!(
                 "cannot build derivation {}: {failed} dependencies couldn't be built",
-                quoted(w.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             );
-            self.fail(id, w, FailureKind::DependencyFailed, reason, false);
+            self.fail(cx, FailureKind::DependencyFailed, reason, false);
             return Ok(());
         }
         if self.retry_substitution {
             self.retry_substitution = false;
             self.state = State::HaveDerivation;
-            return self.have_derivation(id, w);
+            return self.have_derivation(cx);
         }
 
-        self.all_paths = self.outputs.values().cloned().collect();
-        let drv = self.drv()?;
+        self.plan.all_paths = self.plan.outputs.values().cloned().collect();
+        let drv = self.plan.drv()?;
         let mut roots = BTreeSet::new();
         for (in_drv_path, wanted) in &drv.input_drvs {
-            let in_drv = w.derivation(in_drv_path)?;
+            let in_drv = cx.derivation(in_drv_path)?;
             for o in wanted {
                 match in_drv.outputs.get(o).and_then(|x| x.path.clone()) {
                     Some(p) => {
@@ -460,26 +429,28 @@ impl DerivationGoal {
                     None => {
                         return Err(BuildError::Build(format!(
                         "derivation {} requires non-existent output '{o}' from input derivation {}",
-                        quoted(w.store_dir(), &self.drv_path),
-                        quoted(w.store_dir(), in_drv_path)
+                        quoted(cx.store_dir(), &self.plan.drv_path),
+                        quoted(cx.store_dir(), in_drv_path)
                     )))
                     }
                 }
             }
         }
         roots.extend(drv.input_srcs.iter().cloned());
-        self.input_paths = w.store.compute_closure(&roots)?;
-        self.all_paths.extend(self.input_paths.iter().cloned());
+        self.plan.input_paths = cx.store.compute_closure(&roots)?;
+        self.plan
+            .all_paths
+            .extend(self.plan.input_paths.iter().cloned());
 
         self.state = State::TryToBuild;
-        w.graph.wake_up(id);
+        cx.wake_up();
         Ok(())
     }
 
-    fn try_to_build(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
+    fn try_to_build(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
         // Another goal of ours holds an output lock: sleep until some goal finishes.
-        if self.outputs.values().any(|p| w.is_locked_by_me(p)) {
-            w.wait_for_any_goal(id);
+        if self.plan.outputs.values().any(|p| cx.is_locked_by_me(p)) {
+            cx.wait_for_any_goal();
             return Ok(());
         }
         // Without a build hook every build is local, so a goal that would find no free
@@ -488,24 +459,26 @@ impl DerivationGoal {
         // again, which for a wide graph meant creating, locking and abandoning a lock file
         // (and querying validity) once per waiting goal. Whether another process built the
         // outputs meanwhile is still seen under the lock once a slot is free.
-        if w.cfg.build_hook.is_none() && w.cfg.max_jobs > 0 {
-            let build_locally = self.mode != BuildMode::Normal || self.will_build_locally(w)?;
-            let cur = w.nr_local_builds();
-            if cur >= w.cfg.max_jobs && !(build_locally && cur == 0) {
-                w.wait_for_build_slot(id);
+        if cx.cfg.build_hook.is_none() && cx.cfg.max_jobs > 0 {
+            let build_locally =
+                self.plan.mode != BuildMode::Normal || self.will_build_locally(cx)?;
+            let cur = cx.nr_local_builds();
+            if cur >= cx.cfg.max_jobs && !(build_locally && cur == 0) {
+                cx.wait_for_build_slot();
                 return Ok(());
             }
         }
         let paths: Vec<_> = self
+            .plan
             .outputs
             .values()
-            .map(|p| w.store_dir().to_path(p))
+            .map(|p| cx.store_dir().to_path(p))
             .collect();
-        let locks = PathLocks::lock_with_pool(&paths, false, None, w.lock_pool.as_ref())
+        let locks = PathLocks::lock_with_pool(&paths, false, None, cx.services.lock_pool())
             .map_err(|e| BuildError::misc("locking output paths", e))?;
         let Some(mut locks) = locks else {
             // Another process builds them; poll until it is done.
-            w.wait_for_a_while(id);
+            cx.wait_for_a_while();
             return Ok(());
         };
         // Now that we hold the locks nobody else can be building these outputs; another
@@ -513,77 +486,80 @@ impl DerivationGoal {
         // serves both this check and the removal of invalid leftovers below: with the locks
         // held, nothing can register an output in between.
         let mut valid_now = BTreeSet::new();
-        for p in self.outputs.values() {
-            if w.store.is_valid_path(p)? {
+        for p in self.plan.outputs.values() {
+            if cx.store.is_valid_path(p)? {
                 valid_now.insert(p.clone());
             }
         }
-        self.valid_paths = BTreeSet::new();
-        for (name, path) in &self.outputs {
+        self.plan.valid_paths = BTreeSet::new();
+        for (name, path) in &self.plan.outputs {
             if self.wants(name)
                 && valid_now.contains(path)
-                && (self.mode != BuildMode::Repair || path_contents_good(w, path)?)
+                && (self.plan.mode != BuildMode::Repair || path_contents_good(cx, path)?)
             {
-                self.valid_paths.insert(path.clone());
+                self.plan.valid_paths.insert(path.clone());
             }
         }
-        if self.mode != BuildMode::Check && self.valid_paths.len() == self.outputs.len() {
+        if self.plan.mode != BuildMode::Check
+            && self.plan.valid_paths.len() == self.plan.outputs.len()
+        {
             locks.set_deletion(true);
             drop(locks);
-            w.am_done(id, ExitCode::Success);
+            cx.am_done(ExitCode::Success);
             return Ok(());
         }
-        self.missing_paths = self.outputs.values().cloned().collect();
-        if self.mode != BuildMode::Check {
-            for p in &self.valid_paths {
-                self.missing_paths.remove(p);
+        self.plan.missing_paths = self.plan.outputs.values().cloned().collect();
+        if self.plan.mode != BuildMode::Check {
+            for p in &self.plan.valid_paths {
+                self.plan.missing_paths.remove(p);
             }
         }
         // Invalid leftovers (an interrupted build) would be in the builder's way.
-        for p in self.outputs.values() {
+        for p in self.plan.outputs.values() {
             if valid_now.contains(p) {
                 continue;
             }
-            let real = w.store_dir().to_path(p);
+            let real = cx.store_dir().to_path(p);
             crate::build_dir::delete_path(&real).map_err(|e| {
                 BuildError::misc(format!("removing invalid path '{}'", real.display()), e)
             })?;
         }
         // Someone may have failed at this while we waited for the lock.
-        for p in self.outputs.values().cloned().collect::<Vec<_>>() {
-            if self.path_failed(id, w, &p)? {
+        for p in self.plan.outputs.values().cloned().collect::<Vec<_>>() {
+            if self.path_failed(cx, &p)? {
                 return Ok(());
             }
         }
 
         // Check and repair builds are local only, as are preferLocalBuild derivations.
-        let build_locally = self.mode != BuildMode::Normal || self.will_build_locally(w)?;
+        let build_locally = self.plan.mode != BuildMode::Normal || self.will_build_locally(cx)?;
         if !build_locally {
-            match crate::hook::try_build_hook(self, id, w)? {
-                crate::hook::HookReply::Accept => {
-                    w.set_locked_outputs(id, self.outputs.values().cloned().collect());
+            match hook::try_build_hook(&self.plan, cx)? {
+                HookReply::Accept(hb) => {
+                    self.hook_build = Some(*hb);
+                    cx.set_locked_outputs(self.plan.outputs.values().cloned().collect());
                     self.output_locks = Some(locks);
                     self.state = State::BuildDone;
                     return Ok(());
                 }
-                crate::hook::HookReply::Postpone => {
+                HookReply::Postpone => {
                     // Not now: retry after a while, without holding the locks.
                     drop(locks);
-                    w.wait_for_a_while(id);
+                    cx.wait_for_a_while();
                     return Ok(());
                 }
-                crate::hook::HookReply::Decline => {}
+                HookReply::Decline => {}
             }
         }
-        let cur = w.nr_local_builds();
-        if cur >= w.cfg.max_jobs && !(build_locally && cur == 0) {
+        let cur = cx.nr_local_builds();
+        if cur >= cx.cfg.max_jobs && !(build_locally && cur == 0) {
             // Wait for a slot without holding the locks, so that other processes may go on.
             drop(locks);
-            w.wait_for_build_slot(id);
+            cx.wait_for_build_slot();
             return Ok(());
         }
 
-        let user = match crate::sandboxing::acquire_build_user(w.cfg)? {
+        let user = match crate::sandboxing::acquire_build_user(cx.cfg)? {
             crate::sandboxing::UserSlot::NotNeeded => None,
             crate::sandboxing::UserSlot::Got(u) => Some(u),
             crate::sandboxing::UserSlot::Busy(msg) => {
@@ -592,74 +568,92 @@ impl DerivationGoal {
                 // without holding the output locks.
                 if !self.reported_users_busy {
                     self.reported_users_busy = true;
-                    w.message(Level::Error, msg);
+                    cx.message(Level::Error, msg);
                 }
                 drop(locks);
-                w.wait_for_a_while(id);
+                cx.wait_for_a_while();
                 return Ok(());
             }
         };
 
-        w.set_locked_outputs(id, self.outputs.values().cloned().collect());
+        cx.set_locked_outputs(self.plan.outputs.values().cloned().collect());
         self.output_locks = Some(locks);
-        match crate::build::start_builder(self, id, w, user) {
-            Ok(()) => {
+        match build::start_builder(&self.plan, cx, user) {
+            Ok(b) => {
+                self.build = Some(b);
                 self.state = State::BuildDone;
                 Ok(())
             }
             Err(BuildError::Build(reason)) => {
-                self.fail(id, w, FailureKind::SetupFailed, reason, true);
+                self.fail(cx, FailureKind::SetupFailed, reason, true);
                 Ok(())
             }
             Err(e) => Err(e),
         }
     }
 
-    pub fn handle_child_output(&mut self, id: GoalId, w: &mut Worker<'_>, chunk: &[u8]) {
+    pub fn handle_child_output(&mut self, cx: &mut Step<'_>, chunk: &[u8]) {
         if let Some(h) = self.hook_build.as_mut() {
-            h.drain_messages(w, &self.drv_path, false);
-            w.emit(Event::BuildLog {
-                drv: self.drv_path.clone(),
+            h.drain_messages(cx, &self.plan.drv_path, false);
+            cx.emit(Event::BuildLog {
+                drv: self.plan.drv_path.clone(),
                 chunk: chunk.to_vec(),
             });
             if let Some(limit) = h.log_chunk(chunk) {
-                w.child_terminated(id);
+                cx.kill_child();
                 let reason = format!("killed after writing more than {limit} bytes of log output");
-                self.cancel(id, w, FailureKind::LogLimitExceeded, reason);
+                self.cancel(cx, FailureKind::LogLimitExceeded, reason);
             }
             return;
         }
         let Some(b) = self.build.as_mut() else { return };
-        w.emit(Event::BuildLog {
-            drv: self.drv_path.clone(),
+        cx.emit(Event::BuildLog {
+            drv: self.plan.drv_path.clone(),
             chunk: chunk.to_vec(),
         });
         match b.log_chunk(chunk) {
             Ok(None) => {}
             Ok(Some(limit)) => {
-                w.child_terminated(id);
+                cx.kill_child();
                 let reason = format!("killed after writing more than {limit} bytes of log output");
-                self.cancel(id, w, FailureKind::LogLimitExceeded, reason);
+                self.cancel(cx, FailureKind::LogLimitExceeded, reason);
             }
             Err(reason) => {
                 // No log to write the output to: stop the build rather than lose it.
-                w.child_terminated(id);
-                self.fail(id, w, FailureKind::SetupFailed, reason, false);
+                cx.kill_child();
+                self.fail(cx, FailureKind::SetupFailed, reason, false);
             }
         }
     }
 
-    pub fn child_exited(&mut self, status: crate::worker::ChildStatus) {
+    pub fn child_exited(&mut self, status: crate::services::ChildStatus) {
         self.exit = Some(status);
     }
 
-    fn build_done(&mut self, id: GoalId, w: &mut Worker<'_>) -> Result<(), BuildError> {
+    fn build_done(&mut self, cx: &mut Step<'_>) -> Result<(), BuildError> {
         let status = self
             .exit
             .take()
             .unwrap_or_else(|| Err("builder status unknown".into()));
         if let Some(hb) = self.hook_build.take() {
-            return crate::hook::build_done(self, id, w, hb, status);
+            match hook::build_done(&self.plan, cx, hb, status)? {
+                HookResult::Built => {
+                    if let Some(mut locks) = self.output_locks.take() {
+                        locks.set_deletion(true);
+                    }
+                    cx.clear_locked_outputs();
+                    cx.emit(Event::BuildSucceeded {
+                        drv: self.plan.drv_path.clone(),
+                    });
+                    cx.am_done(ExitCode::Success);
+                }
+                HookResult::Failed {
+                    kind,
+                    message,
+                    permanent,
+                } => self.fail(cx, kind, message, permanent),
+            }
+            return Ok(());
         }
         let Some(mut build) = self.build.take() else {
             return Err(BuildError::Misc(
@@ -667,66 +661,59 @@ impl DerivationGoal {
             ));
         };
         let log_create_error = build.take_log_create_error();
-        if let Err(e) = build.close_log(w) {
-            w.message(Level::Warn, format!("closing the build log: {e}"));
+        if let Err(e) = build.close_log(cx) {
+            cx.message(Level::Warn, format!("closing the build log: {e}"));
         }
-        build.kill_leftovers(w);
+        build.kill_leftovers(cx);
         let result = match (log_create_error, status) {
             // As when the log could not be created before the builder started (the
             // original's order): not the derivation's fault, nothing registered.
-            (Some(e), _) => Err(crate::register::Rejection::misc(e)),
+            (Some(e), _) => Err(Rejection::misc(e)),
             (None, Ok(s)) if s.success() => build
                 .extract_outputs()
-                .and_then(|()| crate::register::register_outputs(self, &mut build, w)),
-            (None, Ok(s)) => Err(build.failure_error(w, &self.drv_path, s)),
+                .and_then(|()| register::register_outputs(&self.plan, &mut build, cx)),
+            (None, Ok(s)) => Err(build.failure_error(cx, &self.plan.drv_path, s)),
             // The original's message for a builder whose environment could not be set up,
             // as when `start` itself fails (build.rs).
-            (None, Err(crate::worker::ChildError::Setup(e))) => {
-                Err(crate::register::Rejection::misc(format!(
-                    "failed to set up the build environment for {}: {e}",
-                    quoted(w.store_dir(), &self.drv_path)
-                )))
-            }
-            (None, Err(e)) => Err(crate::register::Rejection::misc(format!(
+            (None, Err(crate::services::ChildError::Setup(e))) => Err(Rejection::misc(format!(
+                "failed to set up the build environment for {}: {e}",
+                quoted(cx.store_dir(), &self.plan.drv_path)
+            ))),
+            (None, Err(e)) => Err(Rejection::misc(format!(
                 "waiting for the builder of {}: {e}",
-                quoted(w.store_dir(), &self.drv_path)
+                quoted(cx.store_dir(), &self.plan.drv_path)
             ))),
         };
         match result {
             Ok(()) => {
-                build.finish(w);
+                build.finish(cx);
                 if let Some(mut locks) = self.output_locks.take() {
                     // Future lockers will find the outputs valid and never need the files.
                     locks.set_deletion(true);
-                    w.release_later(locks);
+                    cx.services.release_later(locks);
                 }
-                w.clear_locked_outputs(id);
-                w.emit(Event::BuildSucceeded {
-                    drv: self.drv_path.clone(),
+                cx.clear_locked_outputs();
+                cx.emit(Event::BuildSucceeded {
+                    drv: self.plan.drv_path.clone(),
                 });
-                w.am_done(id, ExitCode::Success);
+                cx.am_done(ExitCode::Success);
             }
             Err(rej) => {
-                match rej.kind {
-                    FailureKind::HashMismatch => w.hash_mismatch = true,
-                    FailureKind::NotDeterministic => w.check_mismatch = true,
-                    _ => {}
-                }
-                let permanent = rej.permanent && !self.fixed_output && !build.disk_full;
-                if w.cfg.cache_failure && rej.permanent && !self.fixed_output {
-                    for p in self.outputs.values() {
-                        w.store.register_failed_path(p)?;
+                let permanent = rej.permanent && !self.plan.fixed_output && !build.disk_full;
+                if cx.cfg.cache_failure && rej.permanent && !self.plan.fixed_output {
+                    for p in self.plan.outputs.values() {
+                        cx.store.register_failed_path(p)?;
                     }
                 }
                 if build.disk_full {
-                    w.message(
+                    cx.message(
                         Level::Error,
                         "note: build failure may have been caused by lack of free disk space"
                             .into(),
                     );
                 }
                 self.build = Some(build);
-                self.fail(id, w, rej.kind, rej.message, permanent);
+                self.fail(cx, rej.kind, rej.message, permanent);
             }
         }
         Ok(())
@@ -735,62 +722,31 @@ impl DerivationGoal {
     // --- helpers ------------------------------------------------------------------------
 
     /// Fails the goal if the failed-path cache has `path`.
-    fn path_failed(
-        &mut self,
-        id: GoalId,
-        w: &mut Worker<'_>,
-        path: &StorePath,
-    ) -> Result<bool, BuildError> {
-        if !w.cfg.cache_failure || !w.store.has_path_failed(path)? {
+    fn path_failed(&mut self, cx: &mut Step<'_>, path: &StorePath) -> Result<bool, BuildError> {
+        if !cx.cfg.cache_failure || !cx.store.has_path_failed(path)? {
             return Ok(false);
         }
         let reason = format!(
             "builder for {} failed previously (cached)",
-            quoted(w.store_dir(), path)
+            quoted(cx.store_dir(), path)
         );
-        self.fail(id, w, FailureKind::CachedFailure, reason, true);
+        self.fail(cx, FailureKind::CachedFailure, reason, true);
         Ok(true)
     }
 
-    fn will_build_locally(&self, w: &Worker<'_>) -> Result<bool, BuildError> {
-        let drv = self.drv()?;
+    fn will_build_locally(&self, cx: &Step<'_>) -> Result<bool, BuildError> {
+        let drv = self.plan.drv()?;
         Ok(drv.env.get("preferLocalBuild").is_some_and(|v| v == "1")
-            && can_build_locally(&drv.platform, &w.cfg.system))
+            && can_build_locally(&drv.platform, &cx.cfg.system))
     }
-}
-
-/// Whether this machine can run builders for `platform`.
-/// The features a derivation asks of the machine that builds it: `requiredSystemFeatures`,
-/// a space-separated string, or a list of strings under `__structuredAttrs`.
-pub(crate) fn required_system_features(drv: &Derivation) -> BTreeSet<String> {
-    const KEY: &str = "requiredSystemFeatures";
-    if let Some(json) = drv.env.get("__json") {
-        let parsed: Option<serde_json::Value> = serde_json::from_str(json).ok();
-        return match parsed.as_ref().and_then(|v| v.get(KEY)) {
-            Some(serde_json::Value::Array(items)) => items
-                .iter()
-                .filter_map(|i| i.as_str().map(String::from))
-                .collect(),
-            Some(serde_json::Value::String(s)) => s.split_whitespace().map(String::from).collect(),
-            _ => BTreeSet::new(),
-        };
-    }
-    drv.env
-        .get(KEY)
-        .map(|f| f.split_whitespace().map(String::from).collect())
-        .unwrap_or_default()
-}
-
-pub(crate) fn can_build_locally(platform: &str, system: &str) -> bool {
-    platform == system || (platform == "i686-linux" && system == "x86_64-linux")
 }
 
 /// A valid path whose contents still hash to what was registered.
-pub(crate) fn path_contents_good(w: &Worker<'_>, path: &StorePath) -> Result<bool, BuildError> {
-    let Some(info) = w.store.query_path_info(path)? else {
+pub(crate) fn path_contents_good(cx: &Step<'_>, path: &StorePath) -> Result<bool, BuildError> {
+    let Some(info) = cx.store.query_path_info(path)? else {
         return Ok(false);
     };
-    let real = w.store_dir().to_path(path);
+    let real = cx.store_dir().to_path(path);
     if std::fs::symlink_metadata(&real).is_err() {
         return Ok(false);
     }

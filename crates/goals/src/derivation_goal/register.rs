@@ -22,94 +22,37 @@ use std::path::Path;
 
 use nixb_store::{Encoding, StorePath};
 
-use crate::build::RunningBuild;
 use crate::config::BuildMode;
-use crate::derivation_goal::DerivationGoal;
-use crate::error::{quoted, BuildError};
+use crate::error::{quoted, Rejection};
 use crate::event::{FailureKind, Level};
 use crate::refcheck;
+use crate::services::Step;
+
+use super::build::RunningBuild;
+use super::plan::BuildPlan;
 use crate::store::NewOutput;
-use crate::worker::Worker;
-
-/// Why outputs were rejected.
-#[derive(Debug)]
-pub(crate) struct Rejection {
-    pub kind: FailureKind,
-    pub message: String,
-    /// The derivation's fault: it would fail again (cacheable, exit status 100).
-    pub permanent: bool,
-}
-
-impl Rejection {
-    pub fn build(kind: FailureKind, message: String) -> Rejection {
-        Rejection {
-            kind,
-            message,
-            permanent: true,
-        }
-    }
-
-    pub fn misc(message: String) -> Rejection {
-        Rejection {
-            kind: FailureKind::SetupFailed,
-            message,
-            permanent: false,
-        }
-    }
-}
-
-impl From<BuildError> for Rejection {
-    fn from(e: BuildError) -> Self {
-        match e {
-            BuildError::Build(m) => Rejection::build(FailureKind::BuilderFailed, m),
-            BuildError::Misc(m) => Rejection::misc(m),
-        }
-    }
-}
-
-impl From<crate::store::StoreFault> for Rejection {
-    fn from(e: crate::store::StoreFault) -> Self {
-        Rejection::misc(e.to_string())
-    }
-}
 
 fn misc(context: String) -> impl FnOnce(String) -> Rejection {
     move |e| Rejection::misc(format!("{context}: {e}"))
 }
 
-/// Moves `tmp` over `path`, keeping the old one aside until the new one is in place.
+/// Moves `tmp` over `path` ([`nixb_store::delete::replace_path`]).
 fn replace_valid_path(path: &Path, tmp: &Path) -> Result<(), Rejection> {
-    let mut old = path.as_os_str().to_owned();
-    old.push(format!(
-        ".old-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-    ));
-    let old = std::path::PathBuf::from(old);
-    if path.symlink_metadata().is_ok() {
-        std::fs::rename(path, &old)
-            .map_err(|e| misc(format!("moving '{}' aside", path.display()))(e.to_string()))?;
-    }
-    std::fs::rename(tmp, path).map_err(|e| {
+    nixb_store::delete::replace_path(path, tmp).map_err(|e| {
         misc(format!(
-            "moving '{}' to '{}'",
-            tmp.display(),
-            path.display()
+            "replacing '{}' by '{}'",
+            path.display(),
+            tmp.display()
         ))(e.to_string())
-    })?;
-    let _ = crate::build_dir::delete_path(&old);
-    Ok(())
+    })
 }
 
 pub(crate) fn register_outputs(
-    g: &mut DerivationGoal,
+    g: &BuildPlan,
     build: &mut RunningBuild,
-    w: &mut Worker<'_>,
+    cx: &mut Step<'_>,
 ) -> Result<(), Rejection> {
-    let sd = w.store_dir().clone();
+    let sd = cx.store_dir().clone();
     let drv = g
         .drv
         .as_ref()
@@ -159,7 +102,7 @@ pub(crate) fn register_outputs(
             .map_err(|e| Rejection::build(FailureKind::BuilderFailed, e.to_string()))?;
 
         if !from_tmp.is_empty() {
-            w.message(
+            cx.message(
                 Level::Warn,
                 format!("rewriting hashes in '{}'; cross fingers", actual.display()),
             );
@@ -209,7 +152,7 @@ pub(crate) fn register_outputs(
         })?;
 
         if g.mode == BuildMode::Check {
-            let info = w.store.query_path_info(&path)?.ok_or_else(|| {
+            let info = cx.store.query_path_info(&path)?.ok_or_else(|| {
                 Rejection::misc(format!("path {} is not valid", quoted(&sd, &path)))
             })?;
             if info.nar_hash != scan.nar_hash {
@@ -252,7 +195,7 @@ pub(crate) fn register_outputs(
         .map(|i| (i.path.clone(), i.references.clone()))
         .collect();
     for info in &infos {
-        let closure = || closure_with(w, &new_refs, &info.path);
+        let closure = || closure_with(cx, &new_refs, &info.path);
         refcheck::check_output(
             &sd,
             &drv.env,
@@ -264,7 +207,7 @@ pub(crate) fn register_outputs(
         .map_err(|e| Rejection::build(FailureKind::BuilderFailed, e.to_string()))?;
     }
 
-    if w.cfg.auto_optimise {
+    if cx.cfg.auto_optimise {
         let mut seen = nixb_store::canon::InodesSeen::new();
         for info in &infos {
             if let Err(e) = nixb_store::optimise::optimise_path(
@@ -272,7 +215,7 @@ pub(crate) fn register_outputs(
                 &sd.to_path(&info.path),
                 &mut seen,
             ) {
-                w.message(
+                cx.message(
                     Level::Warn,
                     format!("optimising {}: {e}", quoted(&sd, &info.path)),
                 );
@@ -280,7 +223,7 @@ pub(crate) fn register_outputs(
         }
     }
 
-    w.store.register_outputs(&infos)?;
+    cx.store.register_outputs(&infos)?;
     Ok(())
 }
 
@@ -288,7 +231,7 @@ pub(crate) fn register_outputs(
 /// database for everything else. Errors yield what was found so far (the check then
 /// errs on the strict side only for paths it could see).
 fn closure_with(
-    w: &Worker<'_>,
+    cx: &Step<'_>,
     new_refs: &BTreeMap<StorePath, BTreeSet<StorePath>>,
     start: &StorePath,
 ) -> BTreeSet<StorePath> {
@@ -307,7 +250,7 @@ fn closure_with(
         }
     }
     if !old.is_empty() {
-        if let Ok(c) = w.store.compute_closure(&old) {
+        if let Ok(c) = cx.store.compute_closure(&old) {
             seen.extend(c);
         }
     }

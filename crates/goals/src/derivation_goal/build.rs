@@ -25,17 +25,16 @@ use nixb_store::{Encoding, Hash, HashAlgo, StoreDir, StorePath};
 
 use crate::build_dir::{delete_path, BuildDir};
 use crate::config::BuildMode;
-use crate::derivation_goal::{can_build_locally, required_system_features, DerivationGoal};
 use crate::env::{
     build_dir_files, builder_env, export_references, parse_export_references_graph,
     references_graph_text, EnvError, EnvParams,
 };
-use crate::error::{quoted, BuildError};
+use crate::error::{quoted, BuildError, Rejection};
 use crate::event::{Event, Level};
-use crate::graph::GoalId;
-use crate::register::Rejection;
 use crate::sandboxing::{self, Extraction, HeldUser};
-use crate::worker::Worker;
+use crate::services::Step;
+
+use super::plan::{can_build_locally, required_system_features, BuildPlan};
 
 /// What a started build holds until it is done.
 pub(crate) struct RunningBuild {
@@ -98,11 +97,11 @@ impl RunningBuild {
     }
 
     /// Ends the log. A compressed log finishes on its writer thread while the worker goes
-    /// on (see [`Worker::finish_log_later`]); errors of earlier writes are returned here.
-    pub fn close_log(&mut self, w: &mut Worker<'_>) -> Result<(), String> {
+    /// on (see [`crate::services::Services::finish_log_later`]); errors of earlier writes are returned here.
+    pub fn close_log(&mut self, cx: &mut Step<'_>) -> Result<(), String> {
         self.take_pending_log();
         if let Some(sink) = self.log.take() {
-            w.finish_log_later(sink.finish_in_background());
+            cx.services.finish_log_later(sink.finish_in_background());
         }
         match self.log_error.take() {
             Some(e) => Err(e),
@@ -114,7 +113,7 @@ impl RunningBuild {
     /// full, since that makes the failure likely transient.
     pub fn failure_error(
         &mut self,
-        w: &Worker<'_>,
+        cx: &Step<'_>,
         drv: &StorePath,
         status: ExitStatus,
     ) -> Rejection {
@@ -125,12 +124,12 @@ impl RunningBuild {
                 .unwrap_or(false)
         };
         self.disk_full =
-            low(w.store_dir().as_path()) || self.dir.as_ref().is_some_and(|d| low(d.path()));
+            low(cx.store_dir().as_path()) || self.dir.as_ref().is_some_and(|d| low(d.path()));
         Rejection::build(
             crate::event::FailureKind::BuilderFailed,
             format!(
                 "builder for {} {}",
-                quoted(w.store_dir(), drv),
+                quoted(cx.store_dir(), drv),
                 status_to_string(status)
             ),
         )
@@ -138,10 +137,10 @@ impl RunningBuild {
 
     /// The builder has exited: kill whatever its user left running (unsandboxed builds can
     /// leave daemons; in the chroot the PID namespace died with the builder).
-    pub fn kill_leftovers(&mut self, w: &mut Worker<'_>) {
+    pub fn kill_leftovers(&mut self, cx: &mut Step<'_>) {
         if let Some(u) = &self.user {
             if let Err(e) = u.kill_all_processes() {
-                w.message(Level::Warn, e.to_string());
+                cx.message(Level::Warn, e.to_string());
             }
         }
     }
@@ -166,10 +165,10 @@ impl RunningBuild {
         Ok(())
     }
 
-    fn remove_chroot(&mut self, w: &mut Worker<'_>) {
+    fn remove_chroot(&mut self, cx: &mut Step<'_>) {
         if let Some(root) = self.chroot.take() {
             if let Err(e) = delete_path(&root) {
-                w.message(
+                cx.message(
                     Level::Warn,
                     format!("deleting chroot directory '{}': {e}", root.display()),
                 );
@@ -178,10 +177,10 @@ impl RunningBuild {
     }
 
     /// A failed build: keep the directory with keep-failed, delete it otherwise.
-    pub fn abandon(mut self, w: &mut Worker<'_>, _normal_mode: bool) {
-        let _ = self.close_log(w);
-        self.kill_leftovers(w);
-        if w.cfg.keep_failed {
+    pub fn abandon(mut self, cx: &mut Step<'_>, _normal_mode: bool) {
+        let _ = self.close_log(cx);
+        self.kill_leftovers(cx);
+        if cx.cfg.keep_failed {
             // Unchecked and not registered: the outputs are only there to look at.
             for p in &self.builder_outputs {
                 if let Err(e) = sandboxing::extract_output(
@@ -191,44 +190,44 @@ impl RunningBuild {
                     Extraction::Move,
                     None,
                 ) {
-                    w.message(Level::Warn, e.message);
+                    cx.message(Level::Warn, e.message);
                 }
             }
         }
-        self.remove_chroot(w);
+        self.remove_chroot(cx);
         if let Some(dir) = self.dir.take() {
-            if w.cfg.keep_failed {
+            if cx.cfg.keep_failed {
                 match dir.keep() {
-                    Ok(p) => w.message(
+                    Ok(p) => cx.message(
                         Level::Error,
                         format!("note: keeping build directory '{}'", p.display()),
                     ),
-                    Err(e) => w.message(Level::Warn, e.to_string()),
+                    Err(e) => cx.message(Level::Warn, e.to_string()),
                 }
-            } else if let Err(e) = w.build_dirs.recycle(dir) {
-                w.message(Level::Warn, e.to_string());
+            } else if let Err(e) = cx.services.build_dirs().recycle(dir) {
+                cx.message(Level::Warn, e.to_string());
             }
         }
-        self.remove_redirected(w);
+        self.remove_redirected(cx);
     }
 
     /// A successful build: delete the directory and redirected leftovers. The directory
     /// is emptied for reuse once the loop has nothing better to do (see
-    /// [`Worker::recycle_later`]).
-    pub fn finish(mut self, w: &mut Worker<'_>) {
-        let _ = self.close_log(w);
-        self.remove_chroot(w);
+    /// [`crate::services::Services::recycle_later`]).
+    pub fn finish(mut self, cx: &mut Step<'_>) {
+        let _ = self.close_log(cx);
+        self.remove_chroot(cx);
         if let Some(dir) = self.dir.take() {
-            w.recycle_later(dir);
+            cx.services.recycle_later(dir);
         }
-        self.remove_redirected(w);
+        self.remove_redirected(cx);
     }
 
-    fn remove_redirected(&mut self, w: &mut Worker<'_>) {
+    fn remove_redirected(&mut self, cx: &mut Step<'_>) {
         for tmp in self.redirected.values() {
             let p = self.store_dir.to_path(tmp);
             if let Err(e) = delete_path(&p) {
-                w.message(Level::Warn, format!("deleting '{}': {e}", p.display()));
+                cx.message(Level::Warn, format!("deleting '{}': {e}", p.display()));
             }
         }
         self.redirected.clear();
@@ -318,15 +317,15 @@ pub(crate) fn builder_spec(inv: BuilderInvocation, log_fd: OwnedFd) -> SandboxSp
     }
 }
 
-/// Prepares and starts the builder of `g`, registering it with the worker. A
+/// Prepares and starts the builder of the build `g` plans, handing it to the scheduler;
+/// the running build is returned. A
 /// [`BuildError::Build`] is the derivation's fault (a permanent failure).
 pub(crate) fn start_builder(
-    g: &mut DerivationGoal,
-    id: GoalId,
-    w: &mut Worker<'_>,
+    g: &BuildPlan,
+    cx: &mut Step<'_>,
     user: Option<HeldUser>,
-) -> Result<(), BuildError> {
-    let sd = w.store_dir().clone();
+) -> Result<RunningBuild, BuildError> {
+    let sd = cx.store_dir().clone();
     let drv = g
         .drv
         .as_ref()
@@ -334,28 +333,28 @@ pub(crate) fn start_builder(
     // Not the derivation's fault but this machine's: like Nix, an error (exit 1) rather
     // than a permanent build failure, and nothing goes into the failed-path cache.
     let required = required_system_features(drv);
-    if !can_build_locally(&drv.platform, &w.cfg.system) {
+    if !can_build_locally(&drv.platform, &cx.cfg.system) {
         return Err(BuildError::Misc(format!(
             "a '{}' is required to build {}, but I am a '{}'",
             drv.platform,
             quoted(&sd, &g.drv_path),
-            w.cfg.system
+            cx.cfg.system
         )));
     }
-    if !required.is_subset(&w.cfg.system_features) {
+    if !required.is_subset(&cx.cfg.system_features) {
         let list = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
         return Err(BuildError::Misc(format!(
             "a '{}' with features {{{}}} is required to build {}, but I am a '{}' with features {{{}}}",
             drv.platform,
             list(&required),
             quoted(&sd, &g.drv_path),
-            w.cfg.system,
-            list(&w.cfg.system_features)
+            cx.cfg.system,
+            list(&cx.cfg.system_features)
         )));
     }
 
     let chroot = sandboxing::use_chroot(
-        w.cfg.sandbox,
+        cx.cfg.sandbox,
         drv.env.get("__noChroot").is_some_and(|v| v == "1"),
         &sd.print(&g.drv_path),
     )?;
@@ -366,11 +365,12 @@ pub(crate) fn start_builder(
     // recently freed ones took up to a third of the worker's time when it waited here. A
     // log that cannot be created still fails the build, once the builder is done (or at
     // its first output), and its outputs are not registered.
-    let pending_log = LogSink::create_in_background(&w.cfg.log, g.drv_path.base_name());
+    let pending_log = LogSink::create_in_background(&cx.cfg.log, g.drv_path.base_name());
     let log_file = pending_log.path().map(Path::to_path_buf);
 
-    let dir = w
-        .build_dirs
+    let dir = cx
+        .services
+        .build_dirs()
         .create(g.drv_path.name())
         .map_err(|e| BuildError::Misc(e.to_string()))?;
     if let Some(u) = &user {
@@ -410,23 +410,23 @@ pub(crate) fn start_builder(
         &drv.env,
         &EnvParams {
             store_dir: sd.as_str(),
-            cores: w.cfg.cores,
+            cores: cx.cfg.cores,
             build_dir: &build_dir_str,
             fixed_output: g.fixed_output,
-            impure_env: &w.cfg.impure_env,
+            impure_env: &cx.cfg.impure_env,
         },
     );
 
     if let Some(value) = drv.env.get("exportReferencesGraph") {
-        write_references_graphs(w, &build_dir, value)?;
+        write_references_graphs(cx, &build_dir, value)?;
     }
 
     // Unsandboxed, HOME is the host's file system: make sure the promise that it does not
     // exist holds.
-    if !chroot && w.cfg.homeless_shelter.exists() {
+    if !chroot && cx.cfg.homeless_shelter.exists() {
         return Err(BuildError::Misc(format!(
             "home directory '{}' exists; please remove it to assure purity of builds without sandboxing",
-            w.cfg.homeless_shelter.display()
+            cx.cfg.homeless_shelter.display()
         )));
     }
 
@@ -436,7 +436,7 @@ pub(crate) fn start_builder(
     }
     if g.mode == BuildMode::Repair {
         for p in g.missing_paths.clone() {
-            if w.store.is_valid_path(&p)? && sd.to_path(&p).symlink_metadata().is_ok() {
+            if cx.store.is_valid_path(&p)? && sd.to_path(&p).symlink_metadata().is_ok() {
                 build.add_hash_rewrite(&g.drv_path, &p)?;
                 build.redirected_bad.insert(p);
             }
@@ -465,7 +465,7 @@ pub(crate) fn start_builder(
         .map(|(n, p)| (n, sd.print(&p)))
         .collect();
     let files = build_dir_files(&drv.env, &sd, &outputs, |roots| {
-        export_references(w.store, &g.input_paths, roots)
+        export_references(cx.store, &g.input_paths, roots)
     })
     .map_err(|e| match e {
         EnvError::Json(_) | EnvError::NotObject => {
@@ -506,7 +506,7 @@ pub(crate) fn start_builder(
         let netns = if g.fixed_output {
             None
         } else {
-            w.prepared_netns()
+            cx.services.prepared_netns()
         };
         let spec = sandboxing::chroot_spec(
             sandboxing::ChrootPlan {
@@ -518,8 +518,8 @@ pub(crate) fn start_builder(
                 uid,
                 gid,
             },
-            w.cfg,
-            w.store,
+            cx.cfg,
+            cx.store,
         )?;
         build.chroot = Some(root);
         Isolation::Chroot(spec)
@@ -533,8 +533,8 @@ pub(crate) fn start_builder(
         env,
         build_dir: build_dir.clone(),
         platform: drv.platform.clone(),
-        system: w.cfg.system.clone(),
-        impersonate_linux_26: w.cfg.impersonate_linux_26,
+        system: cx.cfg.system.clone(),
+        impersonate_linux_26: cx.cfg.impersonate_linux_26,
         user: build.user.as_ref().map(HeldUser::ids),
         isolation,
     };
@@ -545,7 +545,7 @@ pub(crate) fn start_builder(
     // its exit status, naming the step.
     let mut spec = builder_spec(inv, write);
     // The builder announces itself to the watchdog before the clone returns here.
-    spec.announce = w.ensure_watchdog();
+    spec.announce = cx.services.ensure_watchdog();
     let builder = match nixb_sandbox::start(spec) {
         Ok(b) => b,
         Err(e) => {
@@ -553,29 +553,24 @@ pub(crate) fn start_builder(
                 "failed to set up the build environment for {}: {e}",
                 quoted(&sd, &g.drv_path)
             );
-            build.abandon(w, true);
+            build.abandon(cx, true);
             return Err(BuildError::Misc(msg));
         }
     };
-    w.child_started(id, builder, read, true);
-    g.build = Some(build);
-    w.emit(Event::BuildStarted {
+    cx.start_child(builder, read, true, true);
+    cx.emit(Event::BuildStarted {
         drv: g.drv_path.clone(),
         outputs,
         mode: g.mode,
         platform,
         log_file,
     });
-    Ok(())
+    Ok(build)
 }
 
 /// Writes each `exportReferencesGraph` file into the build directory.
-fn write_references_graphs(
-    w: &Worker<'_>,
-    build_dir: &Path,
-    value: &str,
-) -> Result<(), BuildError> {
-    let sd = w.store_dir();
+fn write_references_graphs(cx: &Step<'_>, build_dir: &Path, value: &str) -> Result<(), BuildError> {
+    let sd = cx.store_dir();
     let pairs = parse_export_references_graph(value).ok_or_else(|| {
         BuildError::Build(format!(
             "odd number of tokens in 'exportReferencesGraph': '{value}'"
@@ -589,25 +584,25 @@ fn write_references_graphs(
                 "'exportReferencesGraph' contains a non-store path '{path}'"
             ))
         })?;
-        if !w.store.is_valid_path(&sp)? {
+        if !cx.store.is_valid_path(&sp)? {
             return Err(BuildError::Build(format!(
                 "'exportReferencesGraph' contains an invalid path '{path}'"
             )));
         }
-        let mut closure = w.store.compute_closure(&BTreeSet::from([sp]))?;
+        let mut closure = cx.store.compute_closure(&BTreeSet::from([sp]))?;
         // Derivations in the graph bring their outputs' closures along.
         let mut outputs = BTreeSet::new();
         for d in closure.iter().filter(|p| p.is_derivation()) {
-            for p in w.store.read_derivation(d)?.output_paths().into_values() {
-                if w.store.is_valid_path(&p)? {
+            for p in cx.store.read_derivation(d)?.output_paths().into_values() {
+                if cx.store.is_valid_path(&p)? {
                     outputs.insert(p);
                 }
             }
         }
-        closure.extend(w.store.compute_closure(&outputs)?);
+        closure.extend(cx.store.compute_closure(&outputs)?);
         let mut graph = BTreeMap::new();
         for p in &closure {
-            let refs = w.store.query_references(p)?;
+            let refs = cx.store.query_references(p)?;
             graph.insert(sd.print(p), refs.iter().map(|r| sd.print(r)).collect());
         }
         let file = build_dir.join(&file_name);

@@ -24,21 +24,21 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::{ChildStdin, Command, Stdio};
+use std::io::{BufRead, Read, Write};
+use std::os::fd::AsRawFd;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nixb_logs::LogSink;
 use nixb_store::StorePath;
 
-use crate::config::{BuildMode, HookCommand, WorkerConfig};
-use crate::derivation_goal::DerivationGoal;
+use crate::config::BuildMode;
 use crate::error::{quoted, BuildError};
 use crate::event::{Event, FailureKind, Level};
-use crate::external::{raw_status, spawn_adopted, status_to_string};
-use crate::graph::{ExitCode, GoalId};
-use crate::worker::Worker;
+use crate::external::{raw_status, status_to_string};
+use crate::hook_instance::HookInstance;
+use crate::services::{ChildStatus, Step};
+
+use super::plan::{required_system_features, BuildPlan};
 
 /// The exit status of a hook whose remote build failed (as opposed to the hook failing).
 pub const REMOTE_BUILD_FAILED: i32 = 100;
@@ -46,63 +46,24 @@ pub const REMOTE_BUILD_FAILED: i32 = 100;
 /// (the original's `@ build-failed DRV - timeout`; the run then exits with the timeout bit).
 pub const REMOTE_BUILD_TIMED_OUT: i32 = 101;
 
-/// A running hook process waiting for (or answering) requests.
-pub(crate) struct HookInstance {
-    process: nixb_sandbox::Builder,
-    to_hook: Option<ChildStdin>,
-    from_hook: BufReader<File>,
-    builder_out: OwnedFd,
-}
-
-impl HookInstance {
-    pub fn start(cmd: &HookCommand, cfg: &WorkerConfig) -> std::io::Result<HookInstance> {
-        let (from_read, from_write) =
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
-        let (out_read, out_write) = crate::external::log_pipe()?;
-        let from_write2 = from_write.try_clone()?;
-        let mut c = Command::new(&cmd.program);
-        c.args(&cmd.args)
-            .arg(&cfg.system)
-            .arg(cfg.max_silent_time.map_or(0, |d| d.as_secs()).to_string())
-            .arg("0")
-            .arg(cfg.timeout.map_or(0, |d| d.as_secs()).to_string())
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::from(from_write))
-            .stderr(Stdio::from(from_write2));
-        let fd4 = out_write.as_raw_fd();
-        // SAFETY: dup2 and fcntl are async-signal-safe; fd4 stays open until spawn returns.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
-                if fd4 == 4 {
-                    // Already in place: only the close-on-exec flag must go.
-                    if libc::fcntl(4, libc::F_SETFD, 0) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd4, 4) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let (process, mut child) = spawn_adopted(&mut c)?;
-        drop(out_write);
-        let to_hook = child.stdin.take();
-        Ok(HookInstance {
-            process,
-            to_hook,
-            from_hook: BufReader::new(File::from(from_read)),
-            builder_out: out_read,
-        })
-    }
-}
-
 /// The hook's answer to one request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum HookReply {
-    Accept,
+    /// It builds: its process is the goal's child now.
+    Accept(Box<HookBuild>),
     Decline,
     Postpone,
+}
+
+/// How a build the hook accepted ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HookResult {
+    /// Every output is valid here now.
+    Built,
+    Failed {
+        kind: FailureKind,
+        message: String,
+        permanent: bool,
+    },
 }
 
 /// A build the hook accepted, owned by its derivation goal.
@@ -117,11 +78,11 @@ pub(crate) struct HookBuild {
 impl HookBuild {
     /// A chunk of the build log (fd 4); `Some(limit)` when max-build-log-size is exceeded.
     pub fn log_chunk(&mut self, chunk: &[u8]) -> Option<u64> {
-        crate::build::write_log_chunk(&mut self.log, &mut self.log_error, chunk)
+        super::build::write_log_chunk(&mut self.log, &mut self.log_error, chunk)
     }
 
     /// Passes on what the hook said since the last call, line by line.
-    pub fn drain_messages(&mut self, w: &mut Worker<'_>, drv: &StorePath, at_end: bool) {
+    pub fn drain_messages(&mut self, cx: &mut Step<'_>, drv: &StorePath, at_end: bool) {
         let mut buf = [0u8; 8192];
         loop {
             match self.from_hook.read(&mut buf) {
@@ -134,7 +95,7 @@ impl HookBuild {
         while let Some(nl) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=nl).collect();
             let text = String::from_utf8_lossy(&line[..nl]).into_owned();
-            w.emit(Event::HookOutput {
+            cx.emit(Event::HookOutput {
                 drv: drv.clone(),
                 text,
             });
@@ -142,7 +103,7 @@ impl HookBuild {
         if at_end && !self.partial.is_empty() {
             let text = String::from_utf8_lossy(&self.partial).into_owned();
             self.partial.clear();
-            w.emit(Event::HookOutput {
+            cx.emit(Event::HookOutput {
                 drv: drv.clone(),
                 text,
             });
@@ -161,35 +122,29 @@ fn hook_error(drv: &str, what: impl std::fmt::Display) -> BuildError {
     BuildError::Misc(format!("build hook for '{drv}': {what}"))
 }
 
-/// `tryBuildHook`: offers the build of goal `g` to the hook. On `Accept` the hook runs as
-/// the goal's child and `g.hook_build` is set; the caller moves to `buildDone`.
-pub(crate) fn try_build_hook(
-    g: &mut DerivationGoal,
-    id: GoalId,
-    w: &mut Worker<'_>,
-) -> Result<HookReply, BuildError> {
-    let Some(cmd) = w.cfg.build_hook.clone() else {
+/// `tryBuildHook`: offers the build `g` plans to the hook. On `Accept` the hook runs as
+/// the goal's child; the caller keeps the [`HookBuild`] and moves to `buildDone`.
+pub(crate) fn try_build_hook(g: &BuildPlan, cx: &mut Step<'_>) -> Result<HookReply, BuildError> {
+    let Some(cmd) = cx.cfg.build_hook.clone() else {
         return Ok(HookReply::Decline);
     };
-    let drv_shown = w.store_dir().print(&g.drv_path);
-    if w.hook.is_none() {
-        let inst = HookInstance::start(&cmd, w.cfg).map_err(|e| {
+    let drv_shown = cx.store_dir().print(&g.drv_path);
+    if cx.services.hook().is_none() {
+        let inst = HookInstance::start(&cmd, cx.cfg).map_err(|e| {
             hook_error(
                 &drv_shown,
                 format!("starting '{}': {e}", cmd.program.display()),
             )
         })?;
-        w.hook = Some(inst);
+        *cx.services.hook() = Some(inst);
     }
     let Some(drv) = g.drv.as_ref() else {
         return Err(BuildError::Misc(
             "internal error: derivation not loaded".into(),
         ));
     };
-    let features: Vec<String> = crate::derivation_goal::required_system_features(drv)
-        .into_iter()
-        .collect();
-    let am_willing = w.nr_local_builds() < w.cfg.max_jobs;
+    let features: Vec<String> = required_system_features(drv).into_iter().collect();
+    let am_willing = cx.nr_local_builds() < cx.cfg.max_jobs;
     let request = format!(
         "{} {} {} {}\n",
         am_willing as u8,
@@ -199,7 +154,7 @@ pub(crate) fn try_build_hook(
     );
 
     let reply = {
-        let Some(inst) = w.hook.as_mut() else {
+        let Some(inst) = cx.services.hook().as_mut() else {
             return Ok(HookReply::Decline);
         };
         let sent = match inst.to_hook.as_mut() {
@@ -224,7 +179,7 @@ pub(crate) fn try_build_hook(
             },
         };
         for text in messages {
-            w.emit(Event::HookOutput {
+            cx.emit(Event::HookOutput {
                 drv: g.drv_path.clone(),
                 text,
             });
@@ -235,7 +190,7 @@ pub(crate) fn try_build_hook(
         Ok(r) => r,
         Err(e) => {
             // The hook is unusable; the next request starts a new one.
-            w.hook = None;
+            *cx.services.hook() = None;
             return Err(hook_error(&drv_shown, e));
         }
     };
@@ -244,15 +199,15 @@ pub(crate) fn try_build_hook(
         "postpone" => return Ok(HookReply::Postpone),
         "accept" => {}
         other => {
-            w.hook = None;
+            *cx.services.hook() = None;
             return Err(hook_error(&drv_shown, format!("bad hook reply '{other}'")));
         }
     }
-    w.message(
+    cx.message(
         Level::Info,
         format!("using the build hook to build {drv_shown}"),
     );
-    let Some(mut inst) = w.hook.take() else {
+    let Some(mut inst) = cx.services.hook().take() else {
         return Err(hook_error(&drv_shown, "internal error: hook vanished"));
     };
 
@@ -260,10 +215,10 @@ pub(crate) fn try_build_hook(
     // closure invariant.
     let mut inputs: BTreeSet<StorePath> = g.input_paths.clone();
     inputs.extend(
-        w.store
+        cx.store
             .compute_closure(&BTreeSet::from([g.drv_path.clone()]))?,
     );
-    let sd = w.store_dir().clone();
+    let sd = cx.store_dir().clone();
     let line = |paths: &mut dyn Iterator<Item = &StorePath>| -> String {
         let mut s: String = paths.map(|p| format!("{} ", sd.print(p))).collect();
         s.push('\n');
@@ -276,7 +231,7 @@ pub(crate) fn try_build_hook(
         // Dropping `s` closes the hook's stdin: no more requests.
     }
 
-    let log = LogSink::create(&w.cfg.log, g.drv_path.base_name()).map_err(|e| {
+    let log = LogSink::create(&cx.cfg.log, g.drv_path.base_name()).map_err(|e| {
         BuildError::misc(
             format!("creating the build log of {}", quoted(&sd, &g.drv_path)),
             e,
@@ -288,105 +243,113 @@ pub(crate) fn try_build_hook(
     let from_hook = inst.from_hook.into_inner();
     fcntl(from_hook.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
         .map_err(|e| hook_error(&drv_shown, format!("making its pipe non-blocking: {e}")))?;
-    g.hook_build = Some(HookBuild {
+    let hook_build = HookBuild {
         from_hook,
         partial,
         log: Some(log),
         log_error: None,
-    });
-    w.child_started(id, inst.process, inst.builder_out, false);
-    w.set_respect_timeouts(id, false);
-    w.emit(Event::BuildStarted {
+    };
+    // Builds done by the hook are watched by the hook itself: the worker applies neither
+    // max-silent-time nor timeout to its process.
+    cx.start_child(inst.process, inst.builder_out, false, false);
+    cx.emit(Event::BuildStarted {
         drv: g.drv_path.clone(),
         outputs: g.missing_paths.iter().cloned().collect(),
         mode: BuildMode::Normal,
         platform: drv.platform.clone(),
         log_file,
     });
-    Ok(HookReply::Accept)
+    Ok(HookReply::Accept(Box::new(hook_build)))
 }
 
 /// `buildDone` for a build the hook did: exit 0 with every output valid here is success,
 /// 100 a (permanent) remote build failure, anything else a hook failure.
 pub(crate) fn build_done(
-    g: &mut DerivationGoal,
-    id: GoalId,
-    w: &mut Worker<'_>,
+    g: &BuildPlan,
+    cx: &mut Step<'_>,
     mut hb: HookBuild,
-    status: crate::worker::ChildStatus,
-) -> Result<(), BuildError> {
+    status: ChildStatus,
+) -> Result<HookResult, BuildError> {
     let drv_path = g.drv_path.clone();
-    hb.drain_messages(w, &drv_path, true);
+    hb.drain_messages(cx, &drv_path, true);
     if let Err(e) = hb.close_log() {
-        w.message(Level::Warn, format!("closing the build log: {e}"));
+        cx.message(Level::Warn, format!("closing the build log: {e}"));
     }
-    let shown = quoted(w.store_dir(), &drv_path);
+    let shown = quoted(cx.store_dir(), &drv_path);
     let status = match status {
         Ok(s) => s,
         Err(e) => {
             let message = format!("waiting for the build hook of {shown}: {e}");
-            w.emit(Event::HookFailed {
+            cx.emit(Event::HookFailed {
                 drv: drv_path.clone(),
                 status: "-1".into(),
                 message: message.clone(),
             });
-            g.fail(id, w, FailureKind::SetupFailed, message, false);
-            return Ok(());
+            return Ok(HookResult::Failed {
+                kind: FailureKind::SetupFailed,
+                message,
+                permanent: false,
+            });
         }
     };
     if status.success() {
         let mut missing = Vec::new();
         for p in &g.missing_paths {
-            if !w.store.is_valid_path(p)? {
-                missing.push(w.store_dir().print(p));
+            if !cx.store.is_valid_path(p)? {
+                missing.push(cx.store_dir().print(p));
             }
         }
         if missing.is_empty() {
-            if let Some(mut locks) = g.output_locks.take() {
-                locks.set_deletion(true);
-            }
-            w.clear_locked_outputs(id);
-            w.emit(Event::BuildSucceeded { drv: drv_path });
-            w.am_done(id, ExitCode::Success);
-            return Ok(());
+            return Ok(HookResult::Built);
         }
         let message = format!(
             "the build hook for {shown} exited successfully but did not make {} valid",
             missing.join(", ")
         );
-        w.emit(Event::HookFailed {
+        cx.emit(Event::HookFailed {
             drv: drv_path.clone(),
             status: raw_status(&status),
             message: message.clone(),
         });
-        g.fail(id, w, FailureKind::SetupFailed, message, false);
-        return Ok(());
+        return Ok(HookResult::Failed {
+            kind: FailureKind::SetupFailed,
+            message,
+            permanent: false,
+        });
     }
     if status.code() == Some(REMOTE_BUILD_TIMED_OUT) {
         // Like a local timeout: not permanent, never cached as a failure.
-        w.timed_out = true;
         let message = format!("remote build of {shown} timed out");
-        g.fail(id, w, FailureKind::TimedOut, message, false);
-        return Ok(());
+        return Ok(HookResult::Failed {
+            kind: FailureKind::TimedOut,
+            message,
+            permanent: false,
+        });
     }
     if status.code() == Some(REMOTE_BUILD_FAILED) {
         let message = format!("remote build of {shown} failed");
         let permanent = !g.fixed_output;
-        if w.cfg.cache_failure && permanent {
+        if cx.cfg.cache_failure && permanent {
             for p in g.outputs.values() {
-                w.store.register_failed_path(p)?;
+                cx.store.register_failed_path(p)?;
             }
         }
-        g.fail(id, w, FailureKind::BuilderFailed, message, permanent);
-        return Ok(());
+        return Ok(HookResult::Failed {
+            kind: FailureKind::BuilderFailed,
+            message,
+            permanent,
+        });
     }
     // Communication problems and the like: neither permanent nor cached.
     let message = format!("build hook for {shown} {}", status_to_string(&status));
-    w.emit(Event::HookFailed {
+    cx.emit(Event::HookFailed {
         drv: drv_path.clone(),
         status: raw_status(&status),
         message: message.clone(),
     });
-    g.fail(id, w, FailureKind::SetupFailed, message, false);
-    Ok(())
+    Ok(HookResult::Failed {
+        kind: FailureKind::SetupFailed,
+        message,
+        permanent: false,
+    })
 }
