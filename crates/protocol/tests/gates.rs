@@ -526,3 +526,36 @@ fn unknown_operations_and_hostile_lengths_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn hostile_daemon_frames_are_named_errors() {
+    let v = Version::NIX_2_8;
+    let bytes = u64s(&[0x1234]);
+    let e = StderrFrame::read(&mut WireReader::new(&bytes[..]), v).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "unknown stderr message type 0x1234 at byte 0"
+    );
+    // A 2^60-byte log line, refused before allocation.
+    let bytes = u64s(&[0x6f6c6d67, 1 << 60]);
+    let e = StderrFrame::read(&mut WireReader::new(&bytes[..]), v).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "log line at byte 8 is 1152921504606846976 bytes long, more than the 16777216 allowed"
+    );
+    // An activity with an unknown field type, and an error claiming a position.
+    let bytes = u64s(&[0x53545254, 1, 0, 105, 0, 1, 9]);
+    let e = StderrFrame::read(&mut WireReader::new(&bytes[..]), v).unwrap_err();
+    assert_eq!(e.to_string(), "unknown field type 9 at byte 48");
+    let bytes = [
+        u64s(&[0x63787470]),
+        s("Error"),
+        u64s(&[0]),
+        s("Error"),
+        s("m"),
+        u64s(&[1]),
+    ]
+    .concat();
+    let e = StderrFrame::read(&mut WireReader::new(&bytes[..]), v).unwrap_err();
+    assert!(e.to_string().starts_with("unknown error position 1"), "{e}");
+}
