@@ -248,7 +248,18 @@ fn decline_postpone_and_the_request_loop() {
     );
     let run = run_hook(&w, machines, input);
     assert_eq!(run.outcome.unwrap(), HookOutcome::NoneAccepted);
-    assert_eq!(run.replies, "# decline\n# postpone\n# decline\n");
+    // The first is declined with Nix's report, since no machine and not this one (another
+    // system) can build it.
+    let base = drv_path.base_name();
+    assert_eq!(
+        run.replies,
+        format!(
+            "Failed to find a machine for remote build!\nderivation: {base}\n\
+             required (system, features): (aarch64-linux, )\n1 available machines:\n\
+             (systems, maxjobs, supportedFeatures, mandatoryFeatures)\n\
+             (x86_64-linux, 1, , )\n# decline\n# postpone\n# decline\n"
+        )
+    );
     assert!(run.connects.is_empty());
     drop(held);
 }
