@@ -32,7 +32,10 @@ use std::time::Duration;
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
 
-pub use chroot::{chroot_store_dir, nix_etc_files, BindMount, ChrootSpec, Network};
+pub use chroot::{
+    chroot_store_dir, nix_etc_files, nix_etc_files_userns, BindMount, ChrootSpec, Network,
+    UserNamespace, SANDBOX_GID, SANDBOX_UID,
+};
 pub use netns::NetNsPool;
 use plan::{Exec, Kernel, Step, SETUP_FAILED_EXIT};
 
@@ -286,6 +289,21 @@ fn prepare(
             })
         }
         Isolation::Chroot(c) => {
+            let user = match (&spec.user, &c.user_namespace) {
+                (Some(_), Some(_)) => {
+                    return Err(SandboxError::InvalidSpec(
+                        "a build user and a user namespace of the caller's together".into(),
+                    ))
+                }
+                (Some(u), None) => Some(user_steps(u)),
+                // The ids are mapped already (the namespace's first steps): these switch
+                // nothing, they check that the maps took (no setgroups: it is denied).
+                (None, Some(ns)) => Some(vec![
+                    Step::SetGid(ns.inside_gid),
+                    Step::SetUid(ns.inside_uid),
+                ]),
+                (None, None) => None,
+            };
             let mut prep = chroot::prepare(c, spec.user.as_ref(), store_mode)?;
             // The new session first, as Nix's child does: besides detaching from any terminal
             // it moves the child into a scheduling group of its own (autogroup) before the
@@ -295,7 +313,7 @@ fn prepare(
             plan.extend(ns_steps);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
-            plan.extend(prep.privilege_steps(spec.user.as_ref().map(user_steps)));
+            plan.extend(prep.privilege_steps(user));
             plan.push(exec_step(spec)?);
             Ok(Prepared {
                 plan,
@@ -1177,7 +1195,7 @@ impl Builder {
             // Only the kernel's empty work/work is left in it; the mount went with the
             // namespace. A failure leaves a directory behind and costs nothing else (the next
             // prepare of this root removes it), so it is not worth failing the build for.
-            let _ = std::fs::remove_dir_all(w);
+            let _ = chroot::remove_overlay_work_dir(&w);
         }
         self.outcome(s)
     }

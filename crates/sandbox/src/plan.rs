@@ -109,6 +109,12 @@ pub(crate) enum Step {
         path: CString,
         contents: Vec<u8>,
     },
+    /// Writes `contents` to an existing file in one `write` (the kernel takes an id map in
+    /// one piece only), e.g. `/proc/self/uid_map`.
+    WriteExisting {
+        path: CString,
+        contents: Vec<u8>,
+    },
     /// `mount_setattr`: set (or clear) the read-only flag of the mount at `path`, and with
     /// `recursive` of every mount below it. Other mount flags (nosuid, nodev, noexec) stay as
     /// they are, which a `MS_REMOUNT` would have to be told about.
@@ -191,7 +197,9 @@ impl Step {
             Step::MkDir { path, .. } => format!("creating directory {}", s(path)),
             Step::MkFile(p) => format!("creating mount point {}", s(p)),
             Step::Symlink { link, .. } => format!("creating symlink {}", s(link)),
-            Step::WriteFile { path, .. } => format!("writing {}", s(path)),
+            Step::WriteFile { path, .. } | Step::WriteExisting { path, .. } => {
+                format!("writing {}", s(path))
+            }
             Step::SetReadOnly {
                 path,
                 read_only,
@@ -355,6 +363,29 @@ impl Syscalls for Kernel {
                     a3(p(target.as_ptr()), AT_FDCWD, p(link.as_ptr())),
                 ),
                 Step::WriteFile { path, contents } => write_file(path, contents),
+                Step::WriteExisting { path, contents } => {
+                    let fd = sys(
+                        libc::SYS_openat,
+                        [
+                            AT_FDCWD,
+                            p(path.as_ptr()),
+                            i(libc::O_WRONLY | libc::O_CLOEXEC),
+                            0,
+                            0,
+                            0,
+                        ],
+                    )?;
+                    let r = sys(
+                        libc::SYS_write,
+                        a3(fd, p(contents.as_ptr()), contents.len()),
+                    );
+                    let _ = sys(libc::SYS_close, a1(fd));
+                    match r {
+                        Ok(n) if n == contents.len() => Ok(()),
+                        Ok(_) => Err(Errno::EIO),
+                        Err(e) => Err(e),
+                    }
+                }
                 Step::SetReadOnly {
                     path,
                     read_only,
