@@ -28,6 +28,8 @@ pub enum SandboxMode {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub sandbox: SandboxMode,
+    /// `sandbox-fallback`: build unsandboxed (with a warning) where the sandbox cannot be had.
+    pub sandbox_fallback: bool,
     pub sandbox_paths: Vec<String>,
     pub max_jobs: usize,
     pub cores: usize,
@@ -64,6 +66,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             sandbox: SandboxMode::Off,
+            sandbox_fallback: true,
             sandbox_paths: Vec::new(),
             max_jobs: 1,
             cores: 0,
@@ -151,7 +154,6 @@ const KNOWN_IGNORED: &[&str] = &[
     "connect-timeout",
     "show-trace",
     "warn-dirty",
-    "sandbox-fallback",
     "filter-syscalls",
     "allow-new-privileges",
 ];
@@ -249,6 +251,7 @@ impl Settings {
                 }
             }
             "sandbox-paths" => set_list(&mut self.sandbox_paths),
+            "sandbox-fallback" => self.sandbox_fallback = parse_bool(value).with_context(ctx)?,
             "max-jobs" => {
                 self.max_jobs = if value == "auto" {
                     std::thread::available_parallelism()

@@ -354,11 +354,17 @@ pub(crate) fn start_builder(
         )));
     }
 
-    let chroot = sandboxing::use_chroot(
+    let mut chroot = sandboxing::use_chroot(
         w.cfg.sandbox,
         drv.env.get("__noChroot").is_some_and(|v| v == "1"),
         &sd.print(&g.drv_path),
     )?;
+    if chroot {
+        if let Some(warning) = sandboxing::sandbox_unavailable(w.cfg, &sd.print(&g.drv_path))? {
+            w.message(Level::Warn, warning);
+            chroot = false;
+        }
+    }
 
     // The log file is created on a helper thread, and the builder does not wait for it:
     // the worker takes it at the builder's first output (or its end), by when the helper

@@ -70,6 +70,10 @@ pub struct WorkerConfig {
     pub homeless_shelter: PathBuf,
     /// `sandbox`.
     pub sandbox: SandboxMode,
+    /// `sandbox-fallback`: where the sandbox cannot be had (without root: no user
+    /// namespaces), build without it after a warning saying why (`true`, Nix's default), or
+    /// fail saying why (`false`).
+    pub sandbox_fallback: bool,
     /// `sandbox-paths`: `target=source`, `path` (same inside) or either with a trailing `?`
     /// (skipped when the source is missing). Store paths bring their closure along.
     pub sandbox_paths: Vec<String>,
@@ -168,6 +172,7 @@ impl WorkerConfig {
                 .unwrap_or_else(|| PathBuf::from("/tmp")),
             homeless_shelter: PathBuf::from(HOMELESS_SHELTER),
             sandbox: SandboxMode::Off,
+            sandbox_fallback: true,
             sandbox_paths: Vec::new(),
             build_users_group: None,
             impersonate_linux_26: false,

@@ -40,7 +40,7 @@ use std::collections::BTreeSet;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use nixb_sandbox::{BindMount, BuildUserIds, ChrootSpec, Network};
+use nixb_sandbox::{BindMount, BuildUserIds, ChrootSpec, Network, UserNamespace};
 use nixb_store::canon::InodesSeen;
 use nixb_store::{StoreDir, StorePath};
 use nixb_userpool::{BuildUser, UserPoolConfig};
@@ -105,6 +105,32 @@ pub(crate) fn use_chroot(
             "derivation '{drv_name}' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'"
         ))),
         SandboxMode::On => Ok(true),
+    }
+}
+
+/// Whether a build that would run in the chroot must do without it: without root the
+/// sandbox needs a user namespace, which the kernel may refuse. `Ok(Some(warning))`: build
+/// unsandboxed (`sandbox-fallback = true`, Nix's default), the warning saying why;
+/// `Err`: `sandbox-fallback = false`, the error saying why; `Ok(None)`: the sandbox can be had.
+/// Never silent, unlike Nix, which falls back without a word.
+pub(crate) fn sandbox_unavailable(
+    cfg: &WorkerConfig,
+    drv_name: &str,
+) -> Result<Option<String>, BuildError> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    match nixb_sandbox::user_namespaces_available() {
+        Ok(()) => Ok(None),
+        Err(e) if cfg.sandbox_fallback => Ok(Some(format!(
+            "building '{drv_name}' without the sandbox: without root it needs a user \
+             namespace, and {e} (sandbox-fallback = true)"
+        ))),
+        Err(e) => Err(BuildError::Misc(format!(
+            "cannot build '{drv_name}' in the sandbox: without root it needs a user namespace, \
+             and {e}; set sandbox-fallback = true to build without the sandbox, or sandbox = \
+             false"
+        ))),
     }
 }
 
@@ -233,6 +259,16 @@ pub(crate) fn chroot_spec(
         plan.uid,
         plan.gid,
     );
+    if !nix::unistd::geteuid().is_root() {
+        // No build users without root: the builder gets a user namespace mapping us to
+        // Nix's build user 1000:100, with the /etc files Nix 2.x writes for it.
+        spec.user_namespace = Some(UserNamespace::for_caller());
+        spec.etc_files = nixb_sandbox::nix_etc_files_userns(
+            nixb_sandbox::SANDBOX_UID,
+            nixb_sandbox::SANDBOX_GID,
+            plan.build_dir,
+        );
+    }
     // Inputs read-only: unlike Nix (which relies on the store's ownership alone), this also
     // holds for a builder that runs as root without build users.
     let mut store_paths: BTreeSet<StorePath> = plan.inputs.clone();
@@ -351,13 +387,34 @@ pub(crate) fn extract_output(
 fn rename_over(src: &Path, dest: &Path) -> Result<(), Rejection> {
     delete_path(dest)
         .map_err(|e| Rejection::misc(format!("removing '{}': {e}", dest.display())))?;
-    std::fs::rename(src, dest).map_err(|e| {
+    let err = |e: std::io::Error| {
         Rejection::misc(format!(
             "moving '{}' to '{}': {e}",
             src.display(),
             dest.display()
         ))
-    })
+    };
+    match std::fs::rename(src, dest) {
+        Ok(()) => Ok(()),
+        // Moving a directory to another parent rewrites its `..`, which needs write
+        // permission on it; canonical (0555) it has none, and without root nothing
+        // overrides that. Opened for the move, then back to its mode (mtime unchanged).
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            use std::os::unix::fs::PermissionsExt;
+            let md = src.symlink_metadata().map_err(|_| err(e))?;
+            if !md.is_dir() {
+                return Err(err(std::io::Error::from(
+                    std::io::ErrorKind::PermissionDenied,
+                )));
+            }
+            let mode = md.permissions().mode() & 0o7777;
+            std::fs::set_permissions(src, std::fs::Permissions::from_mode(mode | 0o200))
+                .map_err(err)?;
+            std::fs::rename(src, dest).map_err(err)?;
+            std::fs::set_permissions(dest, std::fs::Permissions::from_mode(mode)).map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// Copies the tree at `src` to `dest` (which must not exist) as a NAR stream: fresh inodes,

@@ -3,7 +3,8 @@
 //! as `/bin/sh` through `sandbox-paths`, or python3 with the host's `/usr` bound in.
 //!
 //! Needs root (namespaces, mounts). Without it the tests fail when `CI` is set and are
-//! skipped with a note otherwise.
+//! skipped with a note otherwise. As root, one more test re-runs all the others as a uid
+//! without a passwd entry, where builds get a user namespace of their own instead.
 
 mod common;
 
@@ -17,8 +18,15 @@ use nixb_store::{Hash, HashAlgo};
 
 const BUSYBOX: &str = "/usr/bin/busybox";
 
+/// Set in the environment of the unprivileged re-run
+/// ([`every_test_passes_as_an_unprivileged_uid`]).
+const UNPRIVILEGED_RUN: &str = "NIXB_TEST_UNPRIVILEGED";
+
+/// A uid and gid that no host account has: a caller without root and without a name.
+const UNPRIVILEGED_ID: u32 = 54321;
+
 fn have_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
+    if nix::unistd::geteuid().is_root() || std::env::var_os(UNPRIVILEGED_RUN).is_some() {
         return true;
     }
     if std::env::var_os("CI").is_some() {
@@ -104,7 +112,8 @@ fn builder_is_pid_1_named_localhost_and_sees_only_the_sandbox() {
         .join(format!("{}.chroot", drv.base_name()));
     assert!(!chroot.exists(), "chroot left behind");
     let md = std::fs::metadata(out.join("pid")).unwrap();
-    assert_eq!((md.uid(), md.mode() & 0o7777, md.mtime()), (0, 0o444, 1));
+    let us = nix::unistd::geteuid().as_raw();
+    assert_eq!((md.uid(), md.mode() & 0o7777, md.mtime()), (us, 0o444, 1));
 }
 
 #[test]
@@ -433,4 +442,50 @@ fn a_setup_step_failing_after_the_start_names_the_step() {
         .join(format!("{}.chroot", drv.base_name()));
     assert!(!chroot.exists());
     assert_eq!(std::fs::read_dir(&t.cfg.build_dir_root).unwrap().count(), 0);
+}
+
+/// Every other test of this file, re-run by this test binary as a uid and gid without a
+/// passwd entry (`setpriv`): builds then run in a user namespace of their own. The re-run
+/// must pass as many tests as it lists: none may skip.
+#[test]
+fn every_test_passes_as_an_unprivileged_uid() {
+    const ME: &str = "every_test_passes_as_an_unprivileged_uid";
+    if !nix::unistd::geteuid().is_root() {
+        have_root();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let listed = std::process::Command::new(&exe)
+        .args(["--list", "--format=terse"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    let expected = listed
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|name| *name != ME)
+        .count();
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={UNPRIVILEGED_ID}"))
+        .arg(format!("--regid={UNPRIVILEGED_ID}"))
+        .arg("--clear-groups")
+        .arg(&exe)
+        .args(["--exact", "--test-threads=2", "--skip", ME])
+        .env(UNPRIVILEGED_RUN, "1")
+        // A TMPDIR of root's could not be written to.
+        .env_remove("TMPDIR")
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the unprivileged re-run failed:\n{stdout}\n{stderr}"
+    );
+    let summary = format!("test result: ok. {expected} passed; 0 failed");
+    assert!(
+        stdout.contains(&summary),
+        "expected '{summary}' from the unprivileged re-run:\n{stdout}\n{stderr}"
+    );
+    assert!(!stderr.contains("skipping"), "{stderr}");
 }

@@ -19,6 +19,7 @@ mod netns;
 mod plan;
 mod seccomp;
 mod sys;
+mod userns;
 
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -38,6 +39,7 @@ pub use chroot::{
 };
 pub use netns::NetNsPool;
 use plan::{Exec, Kernel, Step, SETUP_FAILED_EXIT};
+pub use userns::{user_namespaces_available, UserNamespaceUnavailable};
 
 /// Everything needed to start one builder.
 pub struct SandboxSpec {
