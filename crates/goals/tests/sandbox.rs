@@ -444,6 +444,48 @@ fn a_setup_step_failing_after_the_start_names_the_step() {
     assert_eq!(std::fs::read_dir(&t.cfg.build_dir_root).unwrap().count(), 0);
 }
 
+/// A builder that touches ~200 MiB of memory and writes 50 MB: the build's resource event
+/// says so within 10%, and comes before the build's success.
+#[test]
+fn the_resource_report_shows_peak_memory_and_bytes_written() {
+    if !have_root() {
+        return;
+    }
+    let t = TestStore::new();
+    let cfg = with_python(&t, SandboxMode::On);
+    let script = "import os\n\
+        b = b'x' * (200 * 1024 * 1024)\n\
+        with open(os.environ['out'], 'wb') as f:\n    f.write(memoryview(b)[:50_000_000])\n";
+    let drv = t.add_drv(spec("hungry", script).builder("/usr/bin/python3"));
+    let (outcome, events) = t.realise_with(&[&drv], &cfg);
+    assert_eq!(outcome.exit_status, 0, "{}", log_of(&events, &drv));
+    let at = |want: fn(&Event) -> bool| events.iter().position(want).unwrap();
+    let usage = events
+        .iter()
+        .find_map(|e| match e {
+            Event::BuildResources { drv: d, usage } if d == &drv => Some(*usage),
+            _ => None,
+        })
+        .expect("a BuildResources event");
+    assert!(
+        at(|e| matches!(e, Event::BuildResources { .. }))
+            < at(|e| matches!(e, Event::BuildSucceeded { .. }))
+    );
+    let mib = 1024 * 1024;
+    let within = |got: u64, want: u64| got >= want * 9 / 10 && got <= want * 11 / 10;
+    assert!(
+        within(usage.peak_memory, 200 * mib),
+        "peak memory {} MiB, not ~200 MiB",
+        usage.peak_memory / mib
+    );
+    assert!(
+        within(usage.written_bytes, 50_000_000),
+        "written {} bytes, not ~50 MB",
+        usage.written_bytes
+    );
+    assert!(usage.user + usage.system > std::time::Duration::ZERO);
+}
+
 /// Every other test of this file, re-run by this test binary as a uid and gid without a
 /// passwd entry (`setpriv`): builds then run in a user namespace of their own. The re-run
 /// must pass as many tests as it lists: none may skip.

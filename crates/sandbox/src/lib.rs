@@ -830,6 +830,7 @@ fn spawn_prepared(
         pending: None,
         setup_error: None,
         work_dir: prepared._chroot.as_ref().and_then(|c| c.work_dir.clone()),
+        usage: None,
     };
     if let Some(lower) = prepared._chroot.as_mut().and_then(|c| c.lower.as_mut()) {
         // The child meanwhile sets up everything up to the overlay mount, where it waits.
@@ -1037,6 +1038,40 @@ fn pidfd_open(pid: Pid) -> Result<OwnedFd, SandboxError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// What a builder used, from the kernel's accounting when it was reaped (`wait4`'s rusage):
+/// the builder and every descendant it waited for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResourceUsage {
+    /// CPU time in user mode.
+    pub user: Duration,
+    /// CPU time in the kernel.
+    pub system: Duration,
+    /// The largest resident set of any one of the processes (`ru_maxrss`), in bytes.
+    pub peak_memory: u64,
+    /// Bytes read from storage (`ru_inblock` blocks of 512 bytes; reads served from the
+    /// page cache are not counted).
+    pub read_bytes: u64,
+    /// Bytes written to storage (`ru_oublock` blocks of 512 bytes, counted when the pages
+    /// are dirtied).
+    pub written_bytes: u64,
+}
+
+impl ResourceUsage {
+    fn from_rusage(ru: &libc::rusage) -> ResourceUsage {
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec.max(0) as u64)
+                + Duration::from_micros(t.tv_usec.max(0) as u64)
+        };
+        ResourceUsage {
+            user: tv(ru.ru_utime),
+            system: tv(ru.ru_stime),
+            peak_memory: (ru.ru_maxrss.max(0) as u64) * 1024,
+            read_bytes: (ru.ru_inblock.max(0) as u64) * 512,
+            written_bytes: (ru.ru_oublock.max(0) as u64) * 512,
+        }
+    }
+}
+
 /// A running builder. Dropping it kills and reaps it, so that it cannot outlive its build.
 #[derive(Debug)]
 pub struct Builder {
@@ -1051,6 +1086,8 @@ pub struct Builder {
     setup_error: Option<(String, Errno)>,
     /// The overlay work directory beside the chroot (overlay mode), removed once reaped.
     work_dir: Option<PathBuf>,
+    /// What it used, once reaped.
+    usage: Option<ResourceUsage>,
 }
 
 impl AsFd for Builder {
@@ -1075,6 +1112,7 @@ impl Builder {
             pending: None,
             setup_error: None,
             work_dir: None,
+            usage: None,
         })
     }
 
@@ -1175,9 +1213,11 @@ impl Builder {
             self.kill_group();
         }
         let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value; wait4 overwrites it.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         loop {
-            // SAFETY: reaping our own child, known to have exited.
-            let r = unsafe { libc::waitpid(self.pid.as_raw(), &mut status, 0) };
+            // SAFETY: reaping our own child, known to have exited; wait4 fills `ru`.
+            let r = unsafe { libc::wait4(self.pid.as_raw(), &mut status, 0, &mut ru) };
             if r == -1 {
                 if Errno::last() == Errno::EINTR {
                     continue;
@@ -1188,6 +1228,7 @@ impl Builder {
         }
         let s = ExitStatus::from_raw(status);
         self.status = Some(s);
+        self.usage = Some(ResourceUsage::from_rusage(&ru));
         // The child is gone, so nothing uses the plan or its stack any more, and the record
         // of a failed step, if any, is in the pipe.
         if let Some(p) = self.pending.take() {
@@ -1200,6 +1241,12 @@ impl Builder {
             let _ = chroot::remove_overlay_work_dir(&w);
         }
         self.outcome(s)
+    }
+
+    /// What the builder and the descendants it waited for used, once it has been reaped
+    /// (by [`Builder::wait`] or [`Builder::try_wait`]).
+    pub fn resource_usage(&self) -> Option<ResourceUsage> {
+        self.usage
     }
 
     fn outcome(&self, s: ExitStatus) -> Result<Option<ExitStatus>, SandboxError> {
