@@ -30,6 +30,8 @@ pub struct Settings {
     pub sandbox: SandboxMode,
     /// `sandbox-fallback`: build unsandboxed (with a warning) where the sandbox cannot be had.
     pub sandbox_fallback: bool,
+    /// `use-cgroups`: a cgroup v2 per build.
+    pub use_cgroups: bool,
     pub sandbox_paths: Vec<String>,
     pub max_jobs: usize,
     pub cores: usize,
@@ -67,6 +69,7 @@ impl Default for Settings {
         Settings {
             sandbox: SandboxMode::Off,
             sandbox_fallback: true,
+            use_cgroups: false,
             sandbox_paths: Vec::new(),
             max_jobs: 1,
             cores: 0,
@@ -251,6 +254,7 @@ impl Settings {
                 }
             }
             "sandbox-paths" => set_list(&mut self.sandbox_paths),
+            "use-cgroups" => self.use_cgroups = parse_bool(value).with_context(ctx)?,
             "sandbox-fallback" => self.sandbox_fallback = parse_bool(value).with_context(ctx)?,
             "max-jobs" => {
                 self.max_jobs = if value == "auto" {

@@ -315,6 +315,7 @@ pub(crate) fn builder_spec(inv: BuilderInvocation, log_fd: OwnedFd) -> SandboxSp
         ),
         isolation: inv.isolation,
         announce: None,
+        cgroup: None,
     }
 }
 
@@ -550,6 +551,10 @@ pub(crate) fn start_builder(
     // meanwhile; a step that fails later comes back from the builder's wait as the error of
     // its exit status, naming the step.
     let mut spec = builder_spec(inv, write);
+    spec.cgroup = sandboxing::build_cgroup(w.cfg).unwrap_or_else(|warning| {
+        w.message(Level::Warn, warning);
+        None
+    });
     // The builder announces itself to the watchdog before the clone returns here.
     spec.announce = w.ensure_watchdog();
     let builder = match nixb_sandbox::start(spec) {

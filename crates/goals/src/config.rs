@@ -74,6 +74,10 @@ pub struct WorkerConfig {
     /// namespaces), build without it after a warning saying why (`true`, Nix's default), or
     /// fail saying why (`false`).
     pub sandbox_fallback: bool,
+    /// `use-cgroups`: each builder in a cgroup v2 of its own, killed as one and removed
+    /// afterwards, its figures in the resource report. Where cgroups cannot be made here, a
+    /// warning and the process-group kill.
+    pub use_cgroups: bool,
     /// `sandbox-paths`: `target=source`, `path` (same inside) or either with a trailing `?`
     /// (skipped when the source is missing). Store paths bring their closure along.
     pub sandbox_paths: Vec<String>,
@@ -173,6 +177,7 @@ impl WorkerConfig {
             homeless_shelter: PathBuf::from(HOMELESS_SHELTER),
             sandbox: SandboxMode::Off,
             sandbox_fallback: true,
+            use_cgroups: false,
             sandbox_paths: Vec::new(),
             build_users_group: None,
             impersonate_linux_26: false,

@@ -134,6 +134,32 @@ pub(crate) fn sandbox_unavailable(
     }
 }
 
+/// A fresh cgroup for one build under `use-cgroups`: `Ok(None)` without the setting,
+/// `Err(warning)` where cgroups cannot be made here (said once per process, then `Ok(None)`:
+/// the builder's process group is killed as before).
+pub(crate) fn build_cgroup(cfg: &WorkerConfig) -> Result<Option<PathBuf>, String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+    static ROOT: OnceLock<Result<nixb_sandbox::CgroupRoot, String>> = OnceLock::new();
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !cfg.use_cgroups {
+        return Ok(None);
+    }
+    let root = ROOT.get_or_init(|| nixb_sandbox::CgroupRoot::open().map_err(|e| e.to_string()));
+    let made = match root {
+        Ok(r) => r.create().map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    };
+    match made {
+        Ok(dir) => Ok(Some(dir)),
+        Err(_) if WARNED.swap(true, Ordering::Relaxed) => Ok(None),
+        Err(e) => Err(format!(
+            "use-cgroups: {e}; builds are killed by process group instead, so a process that \
+             leaves it can outlive its build"
+        )),
+    }
+}
+
 /// A build user held for one build. Every process of the user is killed when it is let go,
 /// so nothing a builder started survives its build on any path out (success, failure,
 /// cancellation, a dropped goal); the lock is released after that.

@@ -14,6 +14,7 @@
 //! What this crate does not do: allocate build users, create the build directory, move outputs
 //! out of the chroot, or read the log pipe. Those are the caller's.
 
+mod cgroup;
 mod chroot;
 mod netns;
 mod plan;
@@ -33,6 +34,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
 
+pub use cgroup::{CgroupError, CgroupRoot};
 pub use chroot::{
     chroot_store_dir, nix_etc_files, nix_etc_files_userns, BindMount, ChrootSpec, Network,
     UserNamespace, SANDBOX_GID, SANDBOX_UID,
@@ -78,6 +80,11 @@ pub struct SandboxSpec {
     /// when the caller dies between the clone and the return of `spawn`/`start`. A write
     /// that fails (the reader is gone: `EPIPE`) is ignored and the builder runs on.
     pub announce: Option<RawFd>,
+    /// An empty cgroup v2 directory for this build (from [`CgroupRoot::create`]): the child
+    /// moves itself into it first of all, [`Builder::kill`] kills everything in it, and once
+    /// the builder is reaped what is left is killed, its figures read and the directory
+    /// removed.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Numeric ids of a build user.
@@ -255,6 +262,8 @@ struct Prepared {
     detached_lower: bool,
     /// [`SandboxSpec::announce`].
     announce: Option<RawFd>,
+    /// [`SandboxSpec::cgroup`].
+    cgroup: Option<PathBuf>,
     // Held only so that the pointers and descriptors in `plan` stay valid.
     _chroot: Option<chroot::Prepared>,
 }
@@ -272,9 +281,18 @@ fn prepare(
             "the announcing descriptor is the log pipe".into(),
         ));
     }
+    // Into the build's cgroup before anything else: before it could fork.
+    let mut enter_cgroup = Vec::new();
+    if let Some(dir) = &spec.cgroup {
+        enter_cgroup.push(Step::WriteExisting {
+            path: path_cstring("cgroup", &dir.join("cgroup.procs"))?,
+            contents: b"0".to_vec(),
+        });
+    }
     match &spec.isolation {
         Isolation::Plain => {
-            let mut plan = vec![Step::Setsid];
+            let mut plan = enter_cgroup;
+            plan.push(Step::Setsid);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
             if let Some(u) = &spec.user {
@@ -287,6 +305,7 @@ fn prepare(
                 overlay_step: None,
                 detached_lower: false,
                 announce: spec.announce,
+                cgroup: spec.cgroup.clone(),
                 _chroot: None,
             })
         }
@@ -310,7 +329,9 @@ fn prepare(
             // The new session first, as Nix's child does: besides detaching from any terminal
             // it moves the child into a scheduling group of its own (autogroup) before the
             // setup, instead of sharing the worker's while the worker goes on (`start`).
-            let mut plan = vec![Step::Setsid];
+            let mut plan = enter_cgroup;
+            let shift = plan.len() + 1;
+            plan.push(Step::Setsid);
             let ns_steps = std::mem::take(&mut prep.ns_steps);
             plan.extend(ns_steps);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
@@ -320,10 +341,11 @@ fn prepare(
             Ok(Prepared {
                 plan,
                 clone_flags: prep.clone_flags,
-                // Shifted by the Setsid in front.
-                overlay_step: prep.overlay_step.map(|i| i + 1),
+                // Shifted by the Setsid (and the cgroup step) in front.
+                overlay_step: prep.overlay_step.map(|i| i + shift),
                 detached_lower: prep.lower.is_some(),
                 announce: spec.announce,
+                cgroup: spec.cgroup.clone(),
                 _chroot: Some(prep),
             })
         }
@@ -831,6 +853,7 @@ fn spawn_prepared(
         setup_error: None,
         work_dir: prepared._chroot.as_ref().and_then(|c| c.work_dir.clone()),
         usage: None,
+        cgroup: prepared.cgroup.clone(),
     };
     if let Some(lower) = prepared._chroot.as_mut().and_then(|c| c.lower.as_mut()) {
         // The child meanwhile sets up everything up to the overlay mount, where it waits.
@@ -1072,6 +1095,10 @@ impl ResourceUsage {
     }
 }
 
+/// How long a reaped builder's cgroup may take to empty after `cgroup.kill` (the kernel kills
+/// at once; exiting processes with much memory take a moment to be torn down).
+const CGROUP_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
 /// A running builder. Dropping it kills and reaps it, so that it cannot outlive its build.
 #[derive(Debug)]
 pub struct Builder {
@@ -1088,6 +1115,8 @@ pub struct Builder {
     work_dir: Option<PathBuf>,
     /// What it used, once reaped.
     usage: Option<ResourceUsage>,
+    /// Its cgroup, until it has been emptied and removed after the reaping.
+    cgroup: Option<PathBuf>,
 }
 
 impl AsFd for Builder {
@@ -1113,6 +1142,7 @@ impl Builder {
             setup_error: None,
             work_dir: None,
             usage: None,
+            cgroup: None,
         })
     }
 
@@ -1136,6 +1166,10 @@ impl Builder {
         }
         if !self.own_pid_ns {
             self.kill_group();
+        }
+        if let Some(dir) = &self.cgroup {
+            // Everything the builder started, also what left its group and session.
+            cgroup::kill(dir);
         }
         // Through the pidfd, so that a recycled pid can never be hit.
         // SAFETY: pidfd_send_signal on a descriptor we own.
@@ -1228,7 +1262,18 @@ impl Builder {
         }
         let s = ExitStatus::from_raw(status);
         self.status = Some(s);
-        self.usage = Some(ResourceUsage::from_rusage(&ru));
+        let mut usage = ResourceUsage::from_rusage(&ru);
+        if let Some(dir) = self.cgroup.take() {
+            // What is left (a daemon that left the group and session) dies now; then the
+            // figures of everything that ran in the cgroup replace the rusage's.
+            let (cg, _removed) = cgroup::finish(&dir, CGROUP_DRAIN_LIMIT);
+            usage.user = cg.user.unwrap_or(usage.user);
+            usage.system = cg.system.unwrap_or(usage.system);
+            usage.peak_memory = cg.peak_memory.unwrap_or(usage.peak_memory);
+            usage.read_bytes = cg.read_bytes.unwrap_or(usage.read_bytes);
+            usage.written_bytes = cg.written_bytes.unwrap_or(usage.written_bytes);
+        }
+        self.usage = Some(usage);
         // The child is gone, so nothing uses the plan or its stack any more, and the record
         // of a failed step, if any, is in the pipe.
         if let Some(p) = self.pending.take() {

@@ -197,6 +197,7 @@ impl Case {
             personality: Personality::default(),
             isolation: Isolation::Chroot(self.spec),
             announce: self.announce,
+            cgroup: None,
         };
         let root = match &spec.isolation {
             Isolation::Chroot(c) => c.root.clone(),
@@ -523,6 +524,7 @@ fn a_started_builder_reports_its_failed_step_when_waited_for() {
         personality: Personality::default(),
         isolation: Isolation::Chroot(c.spec),
         announce: None,
+        cgroup: None,
     };
     let mut b = start(spec).expect("start");
     let e = b.wait().expect_err("exec of a non-executable file");
@@ -792,6 +794,7 @@ fn spawn_traced_times_every_step_up_to_the_exec() {
         personality: Personality::default(),
         isolation: Isolation::Chroot(case.spec),
         announce: None,
+        cgroup: None,
     };
     let (mut b, trace) = nixb_sandbox::spawn_traced(spec).expect("spawn_traced");
     assert!(b.wait().unwrap().success());
@@ -929,6 +932,7 @@ fn overlay_lower_layer_made_by_the_parent_or_by_the_child() {
             personality: Personality::default(),
             isolation: Isolation::Chroot(c.spec),
             announce: None,
+            cgroup: None,
         };
         let (mut b, trace) = nixb_sandbox::spawn_traced(spec).expect("spawn_traced");
         let mut out = String::new();

@@ -145,6 +145,7 @@ fn spec(fx: &Fixture, isolation: Isolation) -> Result<SandboxSpec> {
         personality: Personality::default(),
         isolation,
         announce: None,
+        cgroup: None,
     })
 }
 

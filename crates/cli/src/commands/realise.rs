@@ -167,6 +167,7 @@ pub fn settings_worker_config(
         crate::settings::SandboxMode::Relaxed => nixb_goals::SandboxMode::Relaxed,
     };
     cfg.sandbox_fallback = s.sandbox_fallback;
+    cfg.use_cgroups = s.use_cgroups;
     cfg.sandbox_paths = s.sandbox_paths.clone();
     cfg.build_users_group = Some(s.build_users_group.clone()).filter(|g| !g.is_empty());
     cfg.impersonate_linux_26 = s.impersonate_linux_26;
