@@ -133,6 +133,12 @@ pub struct UserNamespace {
     pub outside_uid: u32,
     /// Must be the caller's effective gid.
     pub outside_gid: u32,
+    /// Ids mapped from each of the above on: 1 (the caller's, written by the child itself),
+    /// or more (`uid-range`: 65536 from 0), written by the parent, which needs
+    /// CAP_SETUID/CAP_SETGID (root). With more than one, the builder keeps its
+    /// capabilities over its own namespaces (to `chown` to its other ids, say); the seccomp
+    /// filter and no_new_privs still apply.
+    pub count: u32,
 }
 
 impl UserNamespace {
@@ -143,7 +149,86 @@ impl UserNamespace {
             inside_gid: SANDBOX_GID,
             outside_uid: nix::unistd::geteuid().as_raw(),
             outside_gid: nix::unistd::getegid().as_raw(),
+            count: 1,
         }
+    }
+
+    /// `count` ids from `first` (as uid and gid) outside, seen inside from 0 on: Nix's
+    /// `uid-range` (the builder runs as root inside, 65536 ids). Needs root.
+    pub fn range(first: u32, count: u32) -> UserNamespace {
+        UserNamespace {
+            inside_uid: 0,
+            inside_gid: 0,
+            outside_uid: first,
+            outside_gid: first,
+            count,
+        }
+    }
+
+    /// Whether the parent writes the maps (anything but the caller's own ids, one each).
+    pub(crate) fn by_parent(&self) -> bool {
+        self.count != 1
+            || self.outside_uid != nix::unistd::geteuid().as_raw()
+            || self.outside_gid != nix::unistd::getegid().as_raw()
+    }
+}
+
+/// The id maps of a [`UserNamespace`] the parent writes after the clone, while the child
+/// waits (a futex, as for a [`DetachedLower`]): only a process with CAP_SETUID in the parent
+/// namespace may map more than its own id, and the child is already in the new one.
+pub(crate) struct ParentIdMaps {
+    pub uid_map: String,
+    pub gid_map: String,
+    /// 0 while the parent works, 1 when the maps are written, 2 if that failed.
+    ready: Box<AtomicU32>,
+    arrived: Box<AtomicU32>,
+    released: bool,
+}
+
+impl ParentIdMaps {
+    /// Writes `/proc/<pid>/{uid,gid}_map`, then lets the child go on (told to stop on
+    /// failure).
+    pub fn write(&mut self, pid: libc::pid_t) -> Result<(), SandboxError> {
+        let mut r = Ok(());
+        for (file, map) in [("uid_map", &self.uid_map), ("gid_map", &self.gid_map)] {
+            let path = format!("/proc/{pid}/{file}");
+            if let Err(source) = fs::write(&path, map) {
+                r = Err(SandboxError::Prepare {
+                    step: format!("writing {path} ({})", map.trim_end()),
+                    source,
+                });
+                break;
+            }
+        }
+        self.release(r.is_ok());
+        r
+    }
+
+    fn release(&mut self, ok: bool) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        self.ready.store(if ok { 1 } else { 2 }, Ordering::Release);
+        // SAFETY: FUTEX_WAKE on a word we own; the child (same address space) may wait on it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                &*self.ready as *const AtomicU32,
+                FUTEX_WAKE_PRIVATE,
+                1,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<u32>(),
+                0,
+            );
+        }
+    }
+}
+
+impl Drop for ParentIdMaps {
+    fn drop(&mut self) {
+        // Never leave a child waiting forever.
+        self.release(false);
     }
 }
 
@@ -601,6 +686,10 @@ pub(crate) struct Prepared {
     /// The overlay work directory made beside the root, in overlay mode: the builder's to
     /// remove once it has been reaped.
     pub work_dir: Option<PathBuf>,
+    /// Id maps the parent writes after the clone (see [`UserNamespace::count`]).
+    pub id_maps: Option<ParentIdMaps>,
+    /// The builder keeps its capabilities (over its own namespaces only: a `uid-range`).
+    pub keep_capabilities: bool,
     filter: &'static Filter,
 }
 
@@ -609,6 +698,11 @@ impl Prepared {
     /// before setuid), the user switch, then the remaining capability sets, no_new_privs and
     /// the seccomp filter (installing it unprivileged requires no_new_privs).
     pub fn privilege_steps(&self, user: Option<Vec<Step>>) -> Vec<Step> {
+        if self.keep_capabilities {
+            let mut steps = user.unwrap_or_default();
+            steps.extend([Step::NoNewPrivs, Step::Seccomp(self.filter.as_ptr())]);
+            return steps;
+        }
         let mut steps = vec![Step::DropBoundingSet(last_capability())];
         steps.extend(user.unwrap_or_default());
         steps.extend([
@@ -1041,6 +1135,12 @@ pub(crate) fn prepare(
             "creating chroot directory {}",
             root.display()
         )))?;
+    if let Some(ns) = spec.user_namespace.filter(UserNamespace::by_parent) {
+        // The builder's ids are not ours: it must own its store directory (on disk).
+        std::os::unix::fs::chown(root, Some(ns.outside_uid), Some(ns.outside_gid)).map_err(
+            prep_err(format!("changing the owner of {}", root.display())),
+        )?;
+    }
     if let Some(u) = user {
         std::os::unix::fs::chown(root, Some(0), Some(u.gid)).map_err(prep_err(format!(
             "changing the owner of {}",
@@ -1151,6 +1251,7 @@ pub(crate) fn prepare(
     }
 
     let userns = spec.user_namespace.is_some();
+    let mut id_maps = None;
     let mut steps = Vec::new();
     let mut clone_flags =
         libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
@@ -1159,7 +1260,31 @@ pub(crate) fn prepare(
         // no file. The other namespaces of the clone belong to this one, which gives the
         // child the capabilities over them that the steps below need.
         clone_flags |= libc::CLONE_NEWUSER;
-        steps.extend(user_namespace_steps(ns));
+        if ns.by_parent() {
+            let maps = ParentIdMaps {
+                uid_map: format!("{} {} {}\n", ns.inside_uid, ns.outside_uid, ns.count),
+                gid_map: format!("{} {} {}\n", ns.inside_gid, ns.outside_gid, ns.count),
+                ready: Box::new(AtomicU32::new(0)),
+                arrived: Box::new(AtomicU32::new(0)),
+                released: false,
+            };
+            steps.push(Step::WaitForLower {
+                ready: &*maps.ready,
+                arrived: &*maps.arrived,
+                what: "write the user namespace's id maps",
+            });
+            // Our ids (the parent's) are not mapped here, and no file can be made under an
+            // unmapped one: the builder's ids now, with the capabilities it has in the
+            // namespace (as an unmapped id becoming a mapped one, it keeps them).
+            steps.extend([
+                Step::SetGroups(vec![]),
+                Step::SetGid(ns.inside_gid),
+                Step::SetUid(ns.inside_uid),
+            ]);
+            id_maps = Some(maps);
+        } else {
+            steps.extend(user_namespace_steps(ns));
+        }
     }
     steps.push(Step::MakeMountsPrivate);
     match &spec.network {
@@ -1246,6 +1371,7 @@ pub(crate) fn prepare(
                     steps.push(Step::WaitForLower {
                         ready: l.ready_flag(),
                         arrived: l.arrived_flag(),
+                        what: "make the store's mount points",
                     });
                     let fd = l.mount.as_ref().map_or(-1, |m| m.as_raw_fd());
                     format!("/proc/self/fd/{fd}")
@@ -1423,6 +1549,8 @@ pub(crate) fn prepare(
         overlay_step,
         lower,
         work_dir: overlay.then_some(work),
+        id_maps,
+        keep_capabilities: spec.user_namespace.is_some_and(|ns| ns.count > 1),
         filter: crate::seccomp::filter()?,
     })
 }
@@ -1873,12 +2001,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = spec(dir.path());
         with_inputs(dir.path(), &mut s, 2);
-        s.user_namespace = Some(UserNamespace {
-            inside_uid: SANDBOX_UID,
-            inside_gid: SANDBOX_GID,
-            outside_uid: 54321,
-            outside_gid: 54322,
-        });
+        // The caller's own ids: the child maps them itself.
+        s.user_namespace = Some(UserNamespace::for_caller());
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         let p = prepare(&s, None, StoreMode::Bind).unwrap();
         assert_eq!(p.clone_flags & libc::CLONE_NEWUSER, libc::CLONE_NEWUSER);
         let written: Vec<(String, String)> = p
@@ -1898,8 +2026,8 @@ mod tests {
             written,
             [
                 ("/proc/self/setgroups".into(), "deny".into()),
-                ("/proc/self/uid_map".into(), "1000 54321 1\n".into()),
-                ("/proc/self/gid_map".into(), "100 54322 1\n".into()),
+                ("/proc/self/uid_map".into(), format!("1000 {uid} 1\n")),
+                ("/proc/self/gid_map".into(), format!("100 {gid} 1\n")),
             ]
         );
         let steps = describe(&p);
@@ -1929,6 +2057,39 @@ mod tests {
         assert!(!steps.iter().any(|st| st.contains("/proc/self/")
             || st.contains("read-only:")
             || st.ends_with("/root/tmp") && st.starts_with("mounting")));
+    }
+
+    #[test]
+    fn a_range_is_mapped_by_the_parent_while_the_child_waits_then_switches_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path());
+        s.user_namespace = Some(UserNamespace::range(872_415_232, 65536));
+        if !nix::unistd::geteuid().is_root() {
+            return; // the root directory is chowned to the range: root only
+        }
+        let p = prepare(&s, None, StoreMode::Bind).unwrap();
+        let maps = p.id_maps.as_ref().expect("maps for the parent");
+        assert_eq!(maps.uid_map, "0 872415232 65536\n");
+        assert_eq!(maps.gid_map, "0 872415232 65536\n");
+        assert!(p.keep_capabilities);
+        let steps = describe(&p);
+        assert_eq!(
+            steps[..5],
+            [
+                "waiting for the parent to write the user namespace's id maps",
+                "setting supplementary groups to []",
+                "setgid to 0",
+                "setuid to 0",
+                "making all mounts private",
+            ]
+        );
+        assert_eq!(
+            p.privilege_steps(None)
+                .iter()
+                .map(Step::describe)
+                .collect::<Vec<_>>(),
+            ["setting no_new_privs", "installing the seccomp filter"]
+        );
     }
 
     #[test]

@@ -319,10 +319,13 @@ fn prepare(
                 (Some(u), None) => Some(user_steps(u)),
                 // The ids are mapped already (the namespace's first steps): these switch
                 // nothing, they check that the maps took (no setgroups: it is denied).
-                (None, Some(ns)) => Some(vec![
+                (None, Some(ns)) if !ns.by_parent() => Some(vec![
                     Step::SetGid(ns.inside_gid),
                     Step::SetUid(ns.inside_uid),
                 ]),
+                // Mapped by the parent: the switch came right after the maps (see
+                // `chroot::prepare`), before any file was made.
+                (None, Some(_)) => None,
                 (None, None) => None,
             };
             let mut prep = chroot::prepare(c, spec.user.as_ref(), store_mode)?;
@@ -798,7 +801,11 @@ fn spawn_prepared(
     };
     // With a detached lower layer the parent has work to do while the child runs, so it must
     // not be suspended; it then waits for the exec on the error pipe instead.
-    let vfork = if sync && !prepared.detached_lower {
+    let parent_maps = prepared
+        ._chroot
+        .as_ref()
+        .is_some_and(|c| c.id_maps.is_some());
+    let vfork = if sync && !prepared.detached_lower && !parent_maps {
         libc::CLONE_VFORK
     } else {
         0
@@ -855,6 +862,17 @@ fn spawn_prepared(
         usage: None,
         cgroup: prepared.cgroup.clone(),
     };
+    if let Some(maps) = prepared._chroot.as_mut().and_then(|c| c.id_maps.as_mut()) {
+        // The child waits for these first of all.
+        if let Err(e) = maps.write(pid.as_raw()) {
+            let _ = builder.kill();
+            let _ = builder.wait();
+            builder.retract_if_reaped(prepared.announce);
+            drop(stack);
+            drop(args);
+            return (Err((None, e)), Some(prepared));
+        }
+    }
     if let Some(lower) = prepared._chroot.as_mut().and_then(|c| c.lower.as_mut()) {
         // The child meanwhile sets up everything up to the overlay mount, where it waits.
         let t = std::time::Instant::now();

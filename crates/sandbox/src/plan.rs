@@ -130,6 +130,8 @@ pub(crate) enum Step {
     WaitForLower {
         ready: *const AtomicU32,
         arrived: *const AtomicU32,
+        /// What the parent is doing meanwhile, for error messages.
+        what: &'static str,
     },
     /// Set a word of the parent's to 1 (the overlay is mounted: the parent may look the store
     /// inputs up in it, `chroot::DetachedLower::warm_up`, which spins on it). Cannot fail.
@@ -214,9 +216,7 @@ impl Step {
                 },
                 if *read_only { "read-only" } else { "writable" }
             ),
-            Step::WaitForLower { .. } => {
-                "waiting for the parent to make the store's mount points".into()
-            }
+            Step::WaitForLower { what, .. } => format!("waiting for the parent to {what}"),
             Step::Notify(_) => "telling the parent the overlay is mounted".into(),
             Step::PivotRoot(r) => format!("pivoting the root to {}", s(r)),
             Step::Setsid => "creating a new session".into(),
@@ -417,6 +417,7 @@ impl Syscalls for Kernel {
                 Step::WaitForLower {
                     ready: word,
                     arrived,
+                    ..
                 } => loop {
                     // Plain atomic stores and loads: no call, and only the parent's words
                     // written, which is what they are for.

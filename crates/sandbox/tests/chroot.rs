@@ -31,6 +31,7 @@ const UNPRIVILEGED_ID: u32 = 54321;
 const ROOT_ONLY: &[&str] = &[
     "capabilities_are_dropped_even_without_a_build_user",
     "pooled_network_namespace_is_just_as_private",
+    "a_uid_range_builder_chowns_to_several_of_its_ids",
     "every_test_but_the_root_only_ones_passes_as_an_unprivileged_uid",
 ];
 
@@ -1149,4 +1150,51 @@ fn every_test_but_the_root_only_ones_passes_as_an_unprivileged_uid() {
         "expected '{summary}' from the unprivileged re-run:\n{stdout}\n{stderr}"
     );
     assert!(!stderr.contains("skipping"), "{stderr}");
+}
+
+/// `uid-range`: 65536 ids from an unused block (as `auto-allocate-uids` hands them out),
+/// mapped by the parent; the builder is root in its namespace and can `chown` to several of
+/// its ids, which land on the block's ids outside.
+#[test]
+fn a_uid_range_builder_chowns_to_several_of_its_ids() {
+    if unprivileged() {
+        // The parent must be root to map a range; in the re-run this test is skipped.
+        have_root();
+        return;
+    }
+    let first = 872_415_232 + 7 * 65536;
+    let mut c = Case::new();
+    c.user = None;
+    c.spec.user_namespace = Some(UserNamespace::range(first, 65536));
+    std::os::unix::fs::chown(&c.cwd, Some(first), Some(first)).unwrap();
+    let (st, out, root, _s) = c.run(
+        "id -u; id -g; cat /proc/self/uid_map; \
+         mkdir /nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out && cd /nix/store/*-out && \
+         touch a b c && chown 1:1 a && chown 1000:100 b && chown 65535:65535 c && \
+         grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status",
+    );
+    assert!(st.success(), "{out}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("0"), "{out}");
+    assert_eq!(lines.next(), Some("0"), "{out}");
+    let map: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(map, ["0", &first.to_string(), "65536"], "{out}");
+    // Capabilities over its own namespaces only; still no new privileges, still filtered.
+    let rest: Vec<&str> = lines.collect();
+    assert!(rest[0].starts_with("CapEff:\t") && rest[0] != "CapEff:\t0000000000000000");
+    assert_eq!(rest[1..], ["NoNewPrivs:\t1", "Seccomp:\t2"], "{out}");
+    use std::os::unix::fs::MetadataExt;
+    let dir = nixb_sandbox::chroot_store_dir(&root).join("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out");
+    let owner = |f: &str| {
+        let md = std::fs::metadata(dir.join(f)).unwrap();
+        (md.uid(), md.gid())
+    };
+    assert_eq!(owner("a"), (first + 1, first + 1));
+    assert_eq!(owner("b"), (first + 1000, first + 100));
+    assert_eq!(owner("c"), (first + 65535, first + 65535));
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().uid(),
+        first,
+        "root inside is the block's first id outside"
+    );
 }
