@@ -504,7 +504,7 @@ pub(crate) fn start_builder(
     let isolation = if chroot {
         let root = sandboxing::chroot_root(&sd, &g.drv_path);
         let (uid, gid) = match &build.user {
-            Some(u) => (u.user().uid, u.user().gid),
+            Some(u) => (u.uid(), u.gid()),
             None => (
                 nix::unistd::geteuid().as_raw(),
                 nix::unistd::getegid().as_raw(),
@@ -524,6 +524,10 @@ pub(crate) fn start_builder(
                 netns,
                 uid,
                 gid,
+                user_namespace: build
+                    .user
+                    .as_ref()
+                    .and_then(|u| u.user_namespace(required.contains("uid-range"))),
             },
             w.cfg,
             w.store,
@@ -551,6 +555,10 @@ pub(crate) fn start_builder(
     // meanwhile; a step that fails later comes back from the builder's wait as the error of
     // its exit status, naming the step.
     let mut spec = builder_spec(inv, write);
+    if matches!(&spec.isolation, Isolation::Chroot(c) if c.user_namespace.is_some()) {
+        // The namespace's maps make the builder its user; no switch of its own.
+        spec.user = None;
+    }
     spec.cgroup = sandboxing::build_cgroup(w.cfg).unwrap_or_else(|warning| {
         w.message(Level::Warn, warning);
         None
