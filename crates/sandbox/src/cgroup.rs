@@ -164,9 +164,9 @@ pub(crate) fn kill(dir: &Path) -> bool {
 /// empty, reads what it used (every process in it has then been charged), and removes it.
 /// The figures, and whether the cgroup is gone.
 pub(crate) fn finish(dir: &Path, limit: Duration) -> (CgroupUsage, bool) {
-    kill(dir);
     let deadline = Instant::now() + limit;
     if let Ok(f) = std::fs::File::open(dir.join("cgroup.events")) {
+        let mut killed = false;
         loop {
             let populated = std::fs::read_to_string(dir.join("cgroup.events"))
                 .map(|t| t.lines().any(|l| l == "populated 1"))
@@ -174,6 +174,13 @@ pub(crate) fn finish(dir: &Path, limit: Duration) -> (CgroupUsage, bool) {
             let now = Instant::now();
             if !populated || now >= deadline {
                 break;
+            }
+            // Only when something is left: the usual builder leaves nothing, and the write
+            // is one of the dearer calls here.
+            if !killed {
+                kill(dir);
+                killed = true;
+                continue;
             }
             // The kernel signals a change of cgroup.events with POLLPRI.
             let mut pfd = libc::pollfd {
@@ -185,6 +192,9 @@ pub(crate) fn finish(dir: &Path, limit: Duration) -> (CgroupUsage, bool) {
             // SAFETY: one pollfd on our stack, a descriptor we own.
             unsafe { libc::poll(&mut pfd, 1, ms) };
         }
+    } else {
+        // Nothing to watch: kill whatever may be left anyway.
+        kill(dir);
     }
     let usage = read_usage(dir);
     let gone = match std::fs::remove_dir(dir) {
