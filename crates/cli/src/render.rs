@@ -117,6 +117,8 @@ pub struct EventRenderer {
     /// Derivations whose hook failed: the original prints `@ hook-failed` *instead of*
     /// `@ build-failed` for them.
     hook_failed: std::collections::HashSet<StorePath>,
+    /// What each finished builder used, for the closing summary of `-v`.
+    resources: Vec<(StorePath, nixb_goals::ResourceUsage)>,
 }
 
 impl EventRenderer {
@@ -143,6 +145,7 @@ impl EventRenderer {
             planned: 0,
             partial: HashMap::new(),
             hook_failed: Default::default(),
+            resources: Vec::new(),
         }
     }
 
@@ -159,6 +162,17 @@ impl EventRenderer {
             pb.finish_and_clear();
         }
         if self.mode != RenderMode::Json && verbosity() >= 2 {
+            for (drv, u) in &self.resources {
+                eprintln!(
+                    "resources of '{}': cpu {:.2}s user + {:.2}s system, peak memory {}, read {}, written {}",
+                    self.dir.print(drv),
+                    u.user.as_secs_f64(),
+                    u.system.as_secs_f64(),
+                    human_bytes(u.peak_memory),
+                    human_bytes(u.read_bytes),
+                    human_bytes(u.written_bytes)
+                );
+            }
             eprintln!(
                 "{} built, {} failed in {:.1}s",
                 self.done,
@@ -219,6 +233,21 @@ impl EventRenderer {
             },
         }
     }
+}
+
+/// `1.5 MiB` (binary units, one decimal), `512 B` below a KiB.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 /// `hello-2.12` for `/nix/store/…-hello-2.12.drv`.
@@ -283,6 +312,24 @@ impl EventSink for EventRenderer {
                 if !buf.is_empty() {
                     self.partial.insert(drv, buf);
                 }
+            }
+            Event::BuildResources { drv, usage: u } => {
+                let d = self.dir.print(&drv);
+                let (user_us, system_us) = (u.user.as_micros(), u.system.as_micros());
+                match self.mode {
+                    RenderMode::Json => self.json(serde_json::json!({
+                        "event": "build-resources", "drv": d,
+                        "cpu-user-us": user_us, "cpu-system-us": system_us,
+                        "peak-memory-bytes": u.peak_memory,
+                        "read-bytes": u.read_bytes, "written-bytes": u.written_bytes,
+                    })),
+                    RenderMode::Trace => self.say(&format!(
+                        "@ build-resources {d} {user_us} {system_us} {} {} {}",
+                        u.peak_memory, u.read_bytes, u.written_bytes
+                    )),
+                    RenderMode::Human => {}
+                }
+                self.resources.push((drv, u));
             }
             Event::BuildSucceeded { drv } => {
                 if let Some(rest) = self.partial.remove(&drv).filter(|r| !r.is_empty()) {

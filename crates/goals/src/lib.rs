@@ -34,6 +34,8 @@ pub use config::{
 pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
 pub use graph::ExitCode;
+/// What a builder used (`Event::BuildResources`).
+pub use nixb_sandbox::ResourceUsage;
 pub use outcome::Failure;
 pub use store::{BuildStore, NewOutput, PathInfo, StoreFault, SubstitutedPath};
 

@@ -360,6 +360,7 @@ mod tests {
             personality: Default::default(),
             isolation,
             announce: wd.announce_fd(),
+            cgroup: None,
         };
         let builder = nixb_sandbox::start(spec).expect("starting the builder");
         // Nothing of ours may take the builder down: no drop, no kill.

@@ -558,6 +558,15 @@ impl<'a> Worker<'a> {
             }),
             None => return,
         };
+        let usage = self
+            .res
+            .children
+            .get(&id)
+            .and_then(|c| c.builder.resource_usage());
+        if let (Some(usage), Some(Some(Goal::Derivation(g)))) = (usage, self.goals.get(id.0)) {
+            let drv = g.drv_path().clone();
+            self.emit(Event::BuildResources { drv, usage });
+        }
         self.drain_log(id);
         self.child_exited(id, status);
     }

@@ -3,7 +3,8 @@
 //! as `/bin/sh` through `sandbox-paths`, or python3 with the host's `/usr` bound in.
 //!
 //! Needs root (namespaces, mounts). Without it the tests fail when `CI` is set and are
-//! skipped with a note otherwise.
+//! skipped with a note otherwise. As root, one more test re-runs all the others as a uid
+//! without a passwd entry, where builds get a user namespace of their own instead.
 
 mod common;
 
@@ -16,6 +17,19 @@ use nixb_goals::{Event, SandboxMode, WorkerConfig};
 use nixb_store::{Hash, HashAlgo};
 
 const BUSYBOX: &str = "/usr/bin/busybox";
+
+/// Set in the environment of the unprivileged re-run
+/// ([`every_test_passes_as_an_unprivileged_uid`]).
+const UNPRIVILEGED_RUN: &str = "NIXB_TEST_UNPRIVILEGED";
+
+/// A uid and gid that no host account has: a caller without root and without a name.
+const UNPRIVILEGED_ID: u32 = 54321;
+
+/// Root, or the unprivileged re-run, whose builds use a user namespace instead.
+fn have_root() -> bool {
+    std::env::var_os(UNPRIVILEGED_RUN).is_some()
+        || nixb_testsupport::required(&[nixb_testsupport::Need::Root])
+}
 
 fn sandboxed(t: &TestStore, mode: SandboxMode) -> WorkerConfig {
     assert!(
@@ -53,7 +67,9 @@ fn sha256(data: &[u8]) -> Hash {
 
 #[test]
 fn builder_is_pid_1_named_localhost_and_sees_only_the_sandbox() {
-    nixb_testsupport::require!(Root);
+    if !have_root() {
+        return;
+    }
     let t = TestStore::new();
     let cfg = sandboxed(&t, SandboxMode::On);
     let drv = t.add_drv(spec(
@@ -91,12 +107,15 @@ fn builder_is_pid_1_named_localhost_and_sees_only_the_sandbox() {
         .join(format!("{}.chroot", drv.base_name()));
     assert!(!chroot.exists(), "chroot left behind");
     let md = std::fs::metadata(out.join("pid")).unwrap();
-    assert_eq!((md.uid(), md.mode() & 0o7777, md.mtime()), (0, 0o444, 1));
+    let us = nix::unistd::geteuid().as_raw();
+    assert_eq!((md.uid(), md.mode() & 0o7777, md.mtime()), (us, 0o444, 1));
 }
 
 #[test]
 fn undeclared_store_paths_are_invisible_and_declared_inputs_visible() {
-    nixb_testsupport::require!(Root);
+    if !have_root() {
+        return;
+    }
     let t = TestStore::new();
     let cfg = sandboxed(&t, SandboxMode::On);
     let secret = t.add_text("secret", "s3cret\n");
@@ -144,7 +163,9 @@ fn undeclared_store_paths_are_invisible_and_declared_inputs_visible() {
 
 #[test]
 fn sandbox_paths_store_entries_bring_their_closure() {
-    nixb_testsupport::require!(Root);
+    if !have_root() {
+        return;
+    }
     let t = TestStore::new();
     let dep = t.add_text("dep", "dep-contents\n");
     let top = t
@@ -191,7 +212,9 @@ fn netns_of_host() -> String {
 
 #[test]
 fn fixed_output_builds_share_the_host_network_and_others_do_not() {
-    nixb_testsupport::require!(Root);
+    if !have_root() {
+        return;
+    }
     let t = TestStore::new();
     let cfg = with_python(&t, SandboxMode::On);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -240,7 +263,9 @@ fn fixed_output_builds_share_the_host_network_and_others_do_not() {
 
 #[test]
 fn no_chroot_is_honoured_only_when_relaxed() {
-    nixb_testsupport::require!(Root);
+    if !have_root() {
+        return;
+    }
     let t = TestStore::new();
     // A host file outside everything the chroot binds.
     let host_file = t.root().join("host-file");
@@ -281,7 +306,9 @@ fn no_chroot_is_honoured_only_when_relaxed() {
 
 #[test]
 fn failed_outputs_come_out_of_the_chroot_with_keep_failed() {
-    nixb_testsupport::require!(Root);
+    if !have_root() {
+        return;
+    }
     let t = TestStore::new();
     let mut cfg = sandboxed(&t, SandboxMode::On);
     cfg.keep_failed = true;
@@ -303,7 +330,9 @@ fn failed_outputs_come_out_of_the_chroot_with_keep_failed() {
 /// writes through it after the build. The registered output must not change.
 #[test]
 fn a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output() {
-    nixb_testsupport::require!(Root);
+    if !have_root() {
+        return;
+    }
     use nix::sys::socket::{
         bind, listen, recvmsg, socket, AddressFamily, Backlog, ControlMessageOwned, MsgFlags,
         SockFlag, SockType, UnixAddr,
@@ -381,7 +410,9 @@ fn a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output() {
 /// build directory behind.
 #[test]
 fn a_setup_step_failing_after_the_start_names_the_step() {
-    nixb_testsupport::require!(Root);
+    if !have_root() {
+        return;
+    }
     let t = TestStore::new();
     let cfg = sandboxed(&t, SandboxMode::On);
     let drv = t.add_drv(spec("nobuilder", "").builder("/nonexistent/builder"));
@@ -408,4 +439,92 @@ fn a_setup_step_failing_after_the_start_names_the_step() {
         .join(format!("{}.chroot", drv.base_name()));
     assert!(!chroot.exists());
     assert_eq!(std::fs::read_dir(&t.cfg.build_dir_root).unwrap().count(), 0);
+}
+
+/// A builder that touches ~200 MiB of memory and writes 50 MB: the build's resource event
+/// says so within 10%, and comes before the build's success.
+#[test]
+fn the_resource_report_shows_peak_memory_and_bytes_written() {
+    if !have_root() {
+        return;
+    }
+    let t = TestStore::new();
+    let cfg = with_python(&t, SandboxMode::On);
+    let script = "import os\n\
+        b = b'x' * (200 * 1024 * 1024)\n\
+        with open(os.environ['out'], 'wb') as f:\n    f.write(memoryview(b)[:50_000_000])\n";
+    let drv = t.add_drv(spec("hungry", script).builder("/usr/bin/python3"));
+    let (outcome, events) = t.realise_with(&[&drv], &cfg);
+    assert_eq!(outcome.exit_status, 0, "{}", log_of(&events, &drv));
+    let at = |want: fn(&Event) -> bool| events.iter().position(want).unwrap();
+    let usage = events
+        .iter()
+        .find_map(|e| match e {
+            Event::BuildResources { drv: d, usage } if d == &drv => Some(*usage),
+            _ => None,
+        })
+        .expect("a BuildResources event");
+    assert!(
+        at(|e| matches!(e, Event::BuildResources { .. }))
+            < at(|e| matches!(e, Event::BuildSucceeded { .. }))
+    );
+    let mib = 1024 * 1024;
+    let within = |got: u64, want: u64| got >= want * 9 / 10 && got <= want * 11 / 10;
+    assert!(
+        within(usage.peak_memory, 200 * mib),
+        "peak memory {} MiB, not ~200 MiB",
+        usage.peak_memory / mib
+    );
+    assert!(
+        within(usage.written_bytes, 50_000_000),
+        "written {} bytes, not ~50 MB",
+        usage.written_bytes
+    );
+    assert!(usage.user + usage.system > std::time::Duration::ZERO);
+}
+
+/// Every other test of this file, re-run by this test binary as a uid and gid without a
+/// passwd entry (`setpriv`): builds then run in a user namespace of their own. The re-run
+/// must pass as many tests as it lists: none may skip.
+#[test]
+fn every_test_passes_as_an_unprivileged_uid() {
+    const ME: &str = "every_test_passes_as_an_unprivileged_uid";
+    if !nix::unistd::geteuid().is_root() {
+        have_root();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let listed = std::process::Command::new(&exe)
+        .args(["--list", "--format=terse"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    let expected = listed
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|name| *name != ME)
+        .count();
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={UNPRIVILEGED_ID}"))
+        .arg(format!("--regid={UNPRIVILEGED_ID}"))
+        .arg("--clear-groups")
+        .arg(&exe)
+        .args(["--exact", "--test-threads=2", "--skip", ME])
+        .env(UNPRIVILEGED_RUN, "1")
+        // A TMPDIR of root's could not be written to.
+        .env_remove("TMPDIR")
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the unprivileged re-run failed:\n{stdout}\n{stderr}"
+    );
+    let summary = format!("test result: ok. {expected} passed; 0 failed");
+    assert!(
+        stdout.contains(&summary),
+        "expected '{summary}' from the unprivileged re-run:\n{stdout}\n{stderr}"
+    );
+    assert!(!stderr.contains("skipping"), "{stderr}");
 }

@@ -1,10 +1,12 @@
 #![doc = include_str!("../README.md")]
 
+mod cgroup;
 mod chroot;
 mod netns;
 mod plan;
 mod seccomp;
 mod sys;
+mod userns;
 
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -18,9 +20,14 @@ use std::time::Duration;
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
 
-pub use chroot::{chroot_store_dir, nix_etc_files, BindMount, ChrootSpec, Network};
+pub use cgroup::{CgroupError, CgroupRoot};
+pub use chroot::{
+    chroot_store_dir, nix_etc_files, nix_etc_files_userns, BindMount, ChrootSpec, Network,
+    UserNamespace, SANDBOX_GID, SANDBOX_UID,
+};
 pub use netns::NetNsPool;
 use plan::{Exec, Kernel, Step, SETUP_FAILED_EXIT};
+pub use userns::{user_namespaces_available, UserNamespaceUnavailable};
 
 /// Everything needed to start one builder.
 pub struct SandboxSpec {
@@ -59,6 +66,11 @@ pub struct SandboxSpec {
     /// when the caller dies between the clone and the return of `spawn`/`start`. A write
     /// that fails (the reader is gone: `EPIPE`) is ignored and the builder runs on.
     pub announce: Option<RawFd>,
+    /// An empty cgroup v2 directory for this build (from [`CgroupRoot::create`]): the child
+    /// moves itself into it first of all, [`Builder::kill`] kills everything in it, and once
+    /// the builder is reaped what is left is killed, its figures read and the directory
+    /// removed.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Numeric ids of a build user.
@@ -237,6 +249,8 @@ struct Prepared {
     detached_lower: bool,
     /// [`SandboxSpec::announce`].
     announce: Option<RawFd>,
+    /// [`SandboxSpec::cgroup`].
+    cgroup: Option<PathBuf>,
     // Held only so that the pointers and descriptors in `plan` stay valid.
     _chroot: Option<chroot::Prepared>,
 }
@@ -254,9 +268,18 @@ fn prepare(
             "the announcing descriptor is the log pipe".into(),
         ));
     }
+    // Into the build's cgroup before anything else: before it could fork.
+    let mut enter_cgroup = Vec::new();
+    if let Some(dir) = &spec.cgroup {
+        enter_cgroup.push(Step::WriteExisting {
+            path: path_cstring("cgroup", &dir.join("cgroup.procs"))?,
+            contents: b"0".to_vec(),
+        });
+    }
     match &spec.isolation {
         Isolation::Plain => {
-            let mut plan = vec![Step::Setsid];
+            let mut plan = enter_cgroup;
+            plan.push(Step::Setsid);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
             if let Some(u) = &spec.user {
@@ -269,28 +292,50 @@ fn prepare(
                 overlay_step: None,
                 detached_lower: false,
                 announce: spec.announce,
+                cgroup: spec.cgroup.clone(),
                 _chroot: None,
             })
         }
         Isolation::Chroot(c) => {
+            let user = match (&spec.user, &c.user_namespace) {
+                (Some(_), Some(_)) => {
+                    return Err(SandboxError::InvalidSpec(
+                        "a build user and a user namespace of the caller's together".into(),
+                    ))
+                }
+                (Some(u), None) => Some(user_steps(u)),
+                // The ids are mapped already (the namespace's first steps): these switch
+                // nothing, they check that the maps took (no setgroups: it is denied).
+                (None, Some(ns)) if !ns.by_parent() => Some(vec![
+                    Step::SetGid(ns.inside_gid),
+                    Step::SetUid(ns.inside_uid),
+                ]),
+                // Mapped by the parent: the switch came right after the maps (see
+                // `chroot::prepare`), before any file was made.
+                (None, Some(_)) => None,
+                (None, None) => None,
+            };
             let mut prep = chroot::prepare(c, spec.user.as_ref(), store_mode)?;
             // The new session first, as Nix's child does: besides detaching from any terminal
             // it moves the child into a scheduling group of its own (autogroup) before the
             // setup, instead of sharing the worker's while the worker goes on (`start`).
-            let mut plan = vec![Step::Setsid];
+            let mut plan = enter_cgroup;
+            let shift = plan.len() + 1;
+            plan.push(Step::Setsid);
             let ns_steps = std::mem::take(&mut prep.ns_steps);
             plan.extend(ns_steps);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
-            plan.extend(prep.privilege_steps(spec.user.as_ref().map(user_steps)));
+            plan.extend(prep.privilege_steps(user));
             plan.push(exec_step(spec)?);
             Ok(Prepared {
                 plan,
                 clone_flags: prep.clone_flags,
-                // Shifted by the Setsid in front.
-                overlay_step: prep.overlay_step.map(|i| i + 1),
+                // Shifted by the Setsid (and the cgroup step) in front.
+                overlay_step: prep.overlay_step.map(|i| i + shift),
                 detached_lower: prep.lower.is_some(),
                 announce: spec.announce,
+                cgroup: spec.cgroup.clone(),
                 _chroot: Some(prep),
             })
         }
@@ -745,7 +790,11 @@ fn spawn_prepared(
     };
     // With a detached lower layer the parent has work to do while the child runs, so it must
     // not be suspended; it then waits for the exec on the error pipe instead.
-    let vfork = if sync && !prepared.detached_lower {
+    let parent_maps = prepared
+        ._chroot
+        .as_ref()
+        .is_some_and(|c| c.id_maps.is_some());
+    let vfork = if sync && !prepared.detached_lower && !parent_maps {
         libc::CLONE_VFORK
     } else {
         0
@@ -799,7 +848,20 @@ fn spawn_prepared(
         pending: None,
         setup_error: None,
         work_dir: prepared._chroot.as_ref().and_then(|c| c.work_dir.clone()),
+        usage: None,
+        cgroup: prepared.cgroup.clone(),
     };
+    if let Some(maps) = prepared._chroot.as_mut().and_then(|c| c.id_maps.as_mut()) {
+        // The child waits for these first of all.
+        if let Err(e) = maps.write(pid.as_raw()) {
+            let _ = builder.kill();
+            let _ = builder.wait();
+            builder.retract_if_reaped(prepared.announce);
+            drop(stack);
+            drop(args);
+            return (Err((None, e)), Some(prepared));
+        }
+    }
     if let Some(lower) = prepared._chroot.as_mut().and_then(|c| c.lower.as_mut()) {
         // The child meanwhile sets up everything up to the overlay mount, where it waits.
         let t = std::time::Instant::now();
@@ -1006,6 +1068,44 @@ fn pidfd_open(pid: Pid) -> Result<OwnedFd, SandboxError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// What a builder used, from the kernel's accounting when it was reaped (`wait4`'s rusage):
+/// the builder and every descendant it waited for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResourceUsage {
+    /// CPU time in user mode.
+    pub user: Duration,
+    /// CPU time in the kernel.
+    pub system: Duration,
+    /// The largest resident set of any one of the processes (`ru_maxrss`), in bytes.
+    pub peak_memory: u64,
+    /// Bytes read from storage (`ru_inblock` blocks of 512 bytes; reads served from the
+    /// page cache are not counted).
+    pub read_bytes: u64,
+    /// Bytes written to storage (`ru_oublock` blocks of 512 bytes, counted when the pages
+    /// are dirtied).
+    pub written_bytes: u64,
+}
+
+impl ResourceUsage {
+    fn from_rusage(ru: &libc::rusage) -> ResourceUsage {
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec.max(0) as u64)
+                + Duration::from_micros(t.tv_usec.max(0) as u64)
+        };
+        ResourceUsage {
+            user: tv(ru.ru_utime),
+            system: tv(ru.ru_stime),
+            peak_memory: (ru.ru_maxrss.max(0) as u64) * 1024,
+            read_bytes: (ru.ru_inblock.max(0) as u64) * 512,
+            written_bytes: (ru.ru_oublock.max(0) as u64) * 512,
+        }
+    }
+}
+
+/// How long a reaped builder's cgroup may take to empty after `cgroup.kill` (the kernel kills
+/// at once; exiting processes with much memory take a moment to be torn down).
+const CGROUP_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
 /// A running builder. Dropping it kills and reaps it, so that it cannot outlive its build.
 #[derive(Debug)]
 pub struct Builder {
@@ -1020,6 +1120,10 @@ pub struct Builder {
     setup_error: Option<(String, Errno)>,
     /// The overlay work directory beside the chroot (overlay mode), removed once reaped.
     work_dir: Option<PathBuf>,
+    /// What it used, once reaped.
+    usage: Option<ResourceUsage>,
+    /// Its cgroup, until it has been emptied and removed after the reaping.
+    cgroup: Option<PathBuf>,
 }
 
 impl AsFd for Builder {
@@ -1044,6 +1148,8 @@ impl Builder {
             pending: None,
             setup_error: None,
             work_dir: None,
+            usage: None,
+            cgroup: None,
         })
     }
 
@@ -1067,6 +1173,10 @@ impl Builder {
         }
         if !self.own_pid_ns {
             self.kill_group();
+        }
+        if let Some(dir) = &self.cgroup {
+            // Everything the builder started, also what left its group and session.
+            cgroup::kill(dir);
         }
         // Through the pidfd, so that a recycled pid can never be hit.
         // SAFETY: pidfd_send_signal on a descriptor we own.
@@ -1145,9 +1255,11 @@ impl Builder {
             self.kill_group();
         }
         let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value; wait4 overwrites it.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         loop {
-            // SAFETY: reaping our own child, known to have exited.
-            let r = unsafe { libc::waitpid(self.pid.as_raw(), &mut status, 0) };
+            // SAFETY: reaping our own child, known to have exited; wait4 fills `ru`.
+            let r = unsafe { libc::wait4(self.pid.as_raw(), &mut status, 0, &mut ru) };
             if r == -1 {
                 if Errno::last() == Errno::EINTR {
                     continue;
@@ -1158,6 +1270,18 @@ impl Builder {
         }
         let s = ExitStatus::from_raw(status);
         self.status = Some(s);
+        let mut usage = ResourceUsage::from_rusage(&ru);
+        if let Some(dir) = self.cgroup.take() {
+            // What is left (a daemon that left the group and session) dies now; then the
+            // figures of everything that ran in the cgroup replace the rusage's.
+            let (cg, _removed) = cgroup::finish(&dir, CGROUP_DRAIN_LIMIT);
+            usage.user = cg.user.unwrap_or(usage.user);
+            usage.system = cg.system.unwrap_or(usage.system);
+            usage.peak_memory = cg.peak_memory.unwrap_or(usage.peak_memory);
+            usage.read_bytes = cg.read_bytes.unwrap_or(usage.read_bytes);
+            usage.written_bytes = cg.written_bytes.unwrap_or(usage.written_bytes);
+        }
+        self.usage = Some(usage);
         // The child is gone, so nothing uses the plan or its stack any more, and the record
         // of a failed step, if any, is in the pipe.
         if let Some(p) = self.pending.take() {
@@ -1167,9 +1291,15 @@ impl Builder {
             // Only the kernel's empty work/work is left in it; the mount went with the
             // namespace. A failure leaves a directory behind and costs nothing else (the next
             // prepare of this root removes it), so it is not worth failing the build for.
-            let _ = std::fs::remove_dir_all(w);
+            let _ = chroot::remove_overlay_work_dir(&w);
         }
         self.outcome(s)
+    }
+
+    /// What the builder and the descendants it waited for used, once it has been reaped
+    /// (by [`Builder::wait`] or [`Builder::try_wait`]).
+    pub fn resource_usage(&self) -> Option<ResourceUsage> {
+        self.usage
     }
 
     fn outcome(&self, s: ExitStatus) -> Result<Option<ExitStatus>, SandboxError> {

@@ -29,6 +29,7 @@ fn sh(script: &str, cwd: PathBuf, log: OwnedFd) -> SandboxSpec {
         personality: Personality::default(),
         isolation: Isolation::Plain,
         announce: None,
+        cgroup: None,
     }
 }
 

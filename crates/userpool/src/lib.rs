@@ -65,6 +65,18 @@ pub enum UserPoolError {
         how: &'static str,
         source: Errno,
     },
+    #[error("all {slots} blocks of automatically allocated uids (from {start_id}, 'id-count' {id_count}) are in use")]
+    AllAutoInUse {
+        slots: u32,
+        start_id: u32,
+        id_count: u32,
+    },
+    #[error("'id-count' {id_count} from 'start-id' {start_id}: {reason}")]
+    BadIdRange {
+        start_id: u32,
+        id_count: u32,
+        reason: &'static str,
+    },
     #[error("refusing to kill all processes of uid 0")]
     KillRoot,
     #[error("cannot kill processes for uid {uid}: {step}: {source}")]
@@ -115,7 +127,11 @@ struct UidLock {
 impl UidLock {
     /// Locks `<dir>/<uid>`, or `None` when this process or another holds it.
     fn try_acquire(dir: &Path, uid: u32) -> Result<Option<UidLock>, UserPoolError> {
-        let path = dir.join(uid.to_string());
+        Self::try_acquire_path(dir.join(uid.to_string()))
+    }
+
+    /// Locks `path`, or `None` when this process or another holds it.
+    fn try_acquire_path(path: PathBuf) -> Result<Option<UidLock>, UserPoolError> {
         // Reserve the path before opening it, so that no other thread of this process opens
         // (and by closing, unlocks) a file this process holds.
         if !locked_set().insert(path.clone()) {
@@ -440,6 +456,87 @@ pub fn kill_user(uid: u32) -> Result<(), UserPoolError> {
             source,
         }),
     }
+}
+
+/// `auto-allocate-uids` (Nix 2.12): uids for builds taken from a range no account uses, in
+/// blocks of [`IDS_PER_BUILD`], instead of the members of a group; no user needs to exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoUidConfig {
+    /// `NIX_STATE_DIR`; the blocks' lock files are `<state_dir>/userpool2/slot-<n>`, where
+    /// Nix 2.12 and later keep theirs, so that the two never share a block.
+    pub state_dir: PathBuf,
+    /// `start-id`: the first uid (and gid) of the range.
+    pub start_id: u32,
+    /// `id-count`: how many ids the range has; a multiple of [`IDS_PER_BUILD`] is used.
+    pub id_count: u32,
+}
+
+/// Nix's default `start-id` on Linux (0x34000000).
+pub const DEFAULT_START_ID: u32 = 872_415_232;
+/// Nix's default `id-count` on Linux: 128 blocks.
+pub const DEFAULT_ID_COUNT: u32 = 128 * IDS_PER_BUILD;
+/// Ids per build: a `uid-range` build gets them all, others the first.
+pub const IDS_PER_BUILD: u32 = 65536;
+
+/// A block of [`IDS_PER_BUILD`] uids (and the same gids) held for one build; released when
+/// dropped.
+#[derive(Debug)]
+pub struct AutoUidBlock {
+    /// The block's first id: the build's uid and gid (outside its user namespace).
+    pub first: u32,
+    pub count: u32,
+    lock: UidLock,
+}
+
+impl AutoUidBlock {
+    /// The lock file this block is held by.
+    pub fn lock_path(&self) -> &Path {
+        &self.lock.path
+    }
+}
+
+/// Takes a free block of automatically allocated uids, or `Ok(None)` when every block is held
+/// (in this process or another).
+pub fn acquire_auto(cfg: &AutoUidConfig) -> Result<Option<AutoUidBlock>, UserPoolError> {
+    let bad = |reason| UserPoolError::BadIdRange {
+        start_id: cfg.start_id,
+        id_count: cfg.id_count,
+        reason,
+    };
+    if cfg.start_id == 0 {
+        return Err(bad("uid 0 is root's"));
+    }
+    let slots = cfg.id_count / IDS_PER_BUILD;
+    if slots == 0 {
+        return Err(bad("fewer ids than one build needs (65536)"));
+    }
+    if cfg.start_id.checked_add(slots * IDS_PER_BUILD).is_none() {
+        return Err(bad("the range goes past the largest uid"));
+    }
+    let dir = cfg.state_dir.join("userpool2");
+    std::fs::create_dir_all(&dir).map_err(|source| UserPoolError::CreateDir {
+        path: dir.clone(),
+        source,
+    })?;
+    for slot in 0..slots {
+        if let Some(lock) = UidLock::try_acquire_path(dir.join(format!("slot-{slot}")))? {
+            return Ok(Some(AutoUidBlock {
+                first: cfg.start_id + slot * IDS_PER_BUILD,
+                count: IDS_PER_BUILD,
+                lock,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// [`acquire_auto`], with every block held reported as an error.
+pub fn acquire_auto_or_fail(cfg: &AutoUidConfig) -> Result<AutoUidBlock, UserPoolError> {
+    acquire_auto(cfg)?.ok_or(UserPoolError::AllAutoInUse {
+        slots: cfg.id_count / IDS_PER_BUILD,
+        start_id: cfg.start_id,
+        id_count: cfg.id_count,
+    })
 }
 
 /// How many successful `kill(-1, SIGKILL)` sweeps [`kill_user`] makes at most; see there.
