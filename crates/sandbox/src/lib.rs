@@ -5,6 +5,7 @@ mod chroot;
 mod netns;
 mod plan;
 mod seccomp;
+mod stack;
 mod sys;
 mod userns;
 
@@ -698,7 +699,7 @@ struct Pending {
     err_read: OwnedFd,
     prepared: Box<Prepared>,
     _args: Box<ChildArgs>,
-    _stack: Vec<u8>,
+    _stack: stack::ChildStack,
 }
 
 // SAFETY: the raw pointers in the plan and the ChildArgs point into memory this struct owns
@@ -765,9 +766,18 @@ fn spawn_prepared(
         announce: prepared.announce.unwrap_or(-1),
         pid: std::sync::atomic::AtomicI32::new(0),
     });
-    let mut stack = vec![0u8; CHILD_STACK];
-    // The stack grows down on every architecture Linux runs nixb on; keep the top 16-aligned.
-    let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+    let stack = match stack::ChildStack::new(CHILD_STACK) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = SandboxError::Process {
+                step: "mapping the setup stack".to_string(),
+                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::ENOMEM)),
+            };
+            return (Err((None, e)), Some(prepared));
+        }
+    };
+    // The stack grows down on every architecture Linux runs nixb on.
+    let top = stack.top();
     // A fork copies the page tables of the whole worker and then takes a copy-on-write fault
     // for every page either side touches until the child has exec'd, a cost that grows with
     // the worker's size. Sharing the address space copies nothing. The child's stack, `args`
