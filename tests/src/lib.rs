@@ -1,8 +1,11 @@
 //! Harness for nixb's end-to-end tests: a private store in a temp dir, the `nixb` binary, and
 //! real Nix 2.8 (the oracle) pointed at the same store.
 //!
-//! Oracle tests need `nix-store`. Under `CI=true` its absence is a failure (the test command
-//! installs `nix-bin`); elsewhere such a test returns early with a note on stderr.
+//! Oracle tests start with `nixb_testsupport::require!(Nix)`: under `CI=true` a missing
+//! `nix-store` fails them (the test command installs `nix-bin`); elsewhere they are skipped
+//! with a `SKIPPED` line on stderr.
+
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -128,25 +131,6 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Output {
         });
     }
     child.wait_with_output().unwrap()
-}
-
-/// True when real Nix is available. Under CI=true its absence panics (the suite must not
-/// pass by skipping); elsewhere the caller returns early.
-pub fn have_nix() -> bool {
-    let present = Command::new("nix-store")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !present {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("nix-store (Debian nix-bin) is required under CI=true; `cargo xtask test` installs it");
-        }
-        eprintln!("note: nix-store not found; skipping this oracle test (install nix-bin)");
-    }
-    present
 }
 
 /// Path of the `nixb` binary, built on first use (the tests package cannot depend on a

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use nixb_tests::{have_nix, run, run_ok, run_str, TestStore};
+use nixb_tests::{run, run_ok, run_str, TestStore};
 
 /// A small tree with every node type NAR knows.
 fn make_tree(t: &TestStore) -> std::path::PathBuf {
@@ -24,9 +24,7 @@ fn make_tree(t: &TestStore) -> std::path::PathBuf {
 
 #[test]
 fn dump_is_byte_identical_to_nix_store_dump() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let tree = make_tree(&t);
     let ours = run_ok(t.nixb().arg("dump").arg(&tree), None);
@@ -45,9 +43,7 @@ fn dump_is_byte_identical_to_nix_store_dump() {
 
 #[test]
 fn hash_path_agrees_with_nix_hash_path_in_every_encoding() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let tree = make_tree(&t);
     for (flag, nixflag) in [
@@ -83,9 +79,7 @@ fn hash_path_agrees_with_nix_hash_path_in_every_encoding() {
 
 #[test]
 fn add_gives_the_path_nix_store_add_gives_and_nix_accepts_it() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let ours_store = TestStore::new();
     let theirs_store = TestStore::new();
     // Same content, different temp roots: copy one tree into both.
@@ -156,9 +150,7 @@ in derivation {
 
 #[test]
 fn derivation_add_from_nix_json_reproduces_nix_instantiate() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let nix_side = TestStore::new();
     let expr = nix_side.file("top.nix", NIX_EXPR);
     let drv = run_str(nix_side.nix("nix-instantiate").arg(&expr), None);
@@ -258,9 +250,7 @@ fn derivation_add_from_nix_json_reproduces_nix_instantiate() {
 
 #[test]
 fn nixb_reads_what_real_nix_registered() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let tree = make_tree(&t);
     let p = run_str(t.nix("nix-store").arg("--add").arg(&tree), None);
@@ -304,9 +294,7 @@ fn errors_are_clear_and_exit_1() {
 /// `__structuredAttrs` derivations name their features as a list.
 #[test]
 fn required_system_features_are_checked_as_nix_checks_them() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::with_conf(
         "sandbox = false\nbuild-users-group =\nsubstituters =\nsystem-features = benchmark\n",
     );
@@ -352,4 +340,79 @@ fn required_system_features_are_checked_as_nix_checks_them() {
         let out = String::from_utf8_lossy(&built.stdout);
         assert_eq!(std::fs::read_to_string(out.trim()).unwrap(), "ok\n");
     }
+}
+
+/// A build that no machine of `builders` can take and the local machine cannot do either:
+/// nixb reports the derivation, what it requires and every machine considered, in the
+/// words and layout of Nix 2.8's build hook, and ends (with --max-jobs 0) with Nix's
+/// reason; without builders, with Nix's other reason.
+#[test]
+fn a_build_no_machine_can_take_names_the_features_and_machines() {
+    nixb_testsupport::require!(Nix);
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+    let expr = t.file(
+        "kvm.nix",
+        r#"derivation { name = "needs-foo"; system = builtins.currentSystem; builder = "/bin/sh";
+             args = [ "-c" "echo ok > $out" ]; requiredSystemFeatures = [ "foo" "bar" ]; }"#,
+    );
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let system = format!("{}-linux", std::env::consts::ARCH);
+    let machines = format!("ssh://nohost {system} - 3 1 kvm,big");
+    let errors = |out: &std::process::Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(|l| l.trim_end_matches('.').to_owned())
+            .collect()
+    };
+    for max_jobs in ["0", "1"] {
+        let theirs = run(
+            t.nix("nix-store")
+                .args(["-r", &drv, "--builders", &machines, "--max-jobs", max_jobs]),
+            None,
+        );
+        let ours = run(
+            t.nixb()
+                .args(["realise", &drv, "--option", "builders", &machines])
+                .args(["--max-jobs", max_jobs]),
+            None,
+        );
+        assert_eq!(theirs.status.code(), Some(1), "{theirs:?}");
+        assert_eq!(ours.status.code(), Some(1), "{ours:?}");
+        let (theirs, ours) = (errors(&theirs), errors(&ours));
+        // Nix's block, from its first line to the last machine line.
+        let start = theirs
+            .iter()
+            .position(|l| l == "Failed to find a machine for remote build!")
+            .unwrap_or_else(|| panic!("no machine report from Nix: {theirs:#?}"));
+        let block = &theirs[start..start + 6];
+        assert!(block[5].starts_with('('), "{block:#?}");
+        let at = ours
+            .iter()
+            .position(|l| l.ends_with(&block[0]))
+            .unwrap_or_else(|| panic!("no machine report from nixb: {ours:#?}"));
+        for (i, want) in block.iter().enumerate().skip(1) {
+            assert!(
+                ours[at + i].ends_with(want.as_str()),
+                "{ours:#?}\nwant {want}"
+            );
+        }
+        let their_error = theirs.iter().find(|l| l.starts_with("error: ")).unwrap();
+        assert!(
+            ours.contains(their_error),
+            "Nix: {their_error}\nnixb: {ours:#?}"
+        );
+    }
+    let theirs = run(
+        t.nix("nix-store").args(["-r", &drv, "--max-jobs", "0"]),
+        None,
+    );
+    let ours = run(t.nixb().args(["realise", &drv, "--max-jobs", "0"]), None);
+    let their_error = errors(&theirs)
+        .into_iter()
+        .find(|l| l.starts_with("error: "))
+        .unwrap();
+    assert!(
+        errors(&ours).contains(&their_error),
+        "{ours:?}\nwant {their_error}"
+    );
 }

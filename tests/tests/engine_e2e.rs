@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nixb_tests::{have_nix, run, run_ok, run_str, TestStore};
+use nixb_tests::{run, run_ok, run_str, TestStore};
 
 /// A graph with a diamond, multiple outputs, a runtime reference and a builder log line.
 /// `marker` is a host directory where every builder run leaves a file, so tests can count
@@ -77,9 +77,7 @@ fn builds_of(marker: &Path, name: &str) -> usize {
 
 #[test]
 fn same_results_as_nix_store_r_and_nix_accepts_the_store() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let marker = t.root.path().join("marker");
     std::fs::create_dir_all(&marker).unwrap();
@@ -136,9 +134,7 @@ fn same_results_as_nix_store_r_and_nix_accepts_the_store() {
 
 #[test]
 fn concurrent_processes_build_each_derivation_once() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let marker = t.root.path().join("marker");
     std::fs::create_dir_all(&marker).unwrap();
@@ -193,9 +189,7 @@ fn pid_alive(pid: i32) -> bool {
 
 #[test]
 fn kill_9_never_leaves_half_registered_paths_or_builders() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let marker = t.root.path().join("marker");
     std::fs::create_dir_all(&marker).unwrap();

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use netns::SshHost;
-use nixb_tests::{have_nix, nixb_binary, run, run_ok, run_str, TestStore};
+use nixb_tests::{nixb_binary, run, run_ok, run_str, TestStore};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -31,7 +31,7 @@ fn text(b: &[u8]) -> String {
 
 fn can_run() -> bool {
     // Both checks run, so that CI=true reports whichever is missing.
-    let nix = have_nix();
+    let nix = nixb_testsupport::required(&[nixb_testsupport::Need::Nix]);
     netns::can_run() && nix
 }
 
@@ -495,9 +495,7 @@ fn builders_use_substitutes_lets_each_host_fetch_inputs_from_its_own_cache() {
 
 #[test]
 fn a_failing_hook_is_traced_as_hook_failed_only() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     // A hook that accepts, reads the path lists, says why it gives up and exits 1: a hook
     // failure, not a build failure.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nixb_tests::{have_nix, nixb_binary, run, run_ok, run_str, TestStore};
+use nixb_tests::{nixb_binary, run, run_ok, run_str, TestStore};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -129,9 +129,7 @@ fn added_then_deleted(t: &TestStore, contents: &str) -> Deleted {
 
 #[test]
 fn external_substituters_are_tried_in_order_and_checked() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let dir = t.root.path().to_path_buf();
     // Real Nix makes the path (and tells us its NAR and hash), then deletes it, so that the
@@ -230,9 +228,7 @@ fn external_substituters_are_tried_in_order_and_checked() {
 
 #[test]
 fn only_lying_and_failing_substituters_leave_the_path_invalid() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::new();
     let dir = t.root.path().to_path_buf();
     let Deleted { path: p, nar, .. } = added_then_deleted(&t, "x\n");
@@ -301,9 +297,7 @@ fn nix_key(t: &TestStore) -> (PathBuf, String) {
 
 #[test]
 fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let (t, drv, out) = graph_built_by_nix();
     let closure: Vec<String> = run_str(t.nix("nix-store").args(["-qR"]).arg(&drv).arg(&out), None)
         .lines()
@@ -398,9 +392,7 @@ fn a_cache_made_by_real_nix_copy_is_substituted_whole_without_builds() {
 
 #[test]
 fn a_tampered_nar_is_refused_by_the_builtin_substituter_and_nothing_registered() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let (t, _drv, out) = graph_built_by_nix();
     let closure: Vec<String> = run_str(t.nix("nix-store").args(["-qR"]).arg(&out), None)
         .lines()
@@ -555,9 +547,7 @@ fn one_behind_a_dying_cache(stall: bool) -> (TestStore, String, String, String, 
 
 #[test]
 fn a_dying_http_cache_is_retried_then_fallback_builds() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let (t, drv, out, url, nar_requests) = one_behind_a_dying_cache(false);
     let unsigned = [("require-sigs", "false")];
     let res = run(realise_from(&t, &url, &unsigned).arg(&drv), None);
@@ -593,9 +583,7 @@ fn a_dying_http_cache_is_retried_then_fallback_builds() {
 
 #[test]
 fn max_silent_time_gives_up_on_a_stalled_cache_then_fallback_builds() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let (t, drv, out, url, nar_requests) = one_behind_a_dying_cache(true);
     let start = Instant::now();
     let res = run(
@@ -731,9 +719,7 @@ const TWO_HOSTS: &str =
 
 #[test]
 fn builds_go_to_a_real_nix_host_and_a_nixb_host() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::with_conf(
         "sandbox = false\nbuild-users-group =\nsubstituters =\nsystem-features = onnix onnixb\n",
     );
@@ -774,9 +760,7 @@ fn builds_go_to_a_real_nix_host_and_a_nixb_host() {
 
 #[test]
 fn a_remote_build_failure_is_a_build_failure() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let (t, h, drv) = hosts_and_one("bad", "echo going down; exit 3", &["onnix"]);
     let (res, err) = h.realise(&t, TWO_HOSTS, &["--max-jobs", "0"], &drv);
     assert_eq!(res.status.code(), Some(100), "{err}");
@@ -788,9 +772,7 @@ fn a_remote_build_failure_is_a_build_failure() {
 
 #[test]
 fn an_unreachable_host_is_named_and_the_build_done_locally() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let (t, h, drv) = hosts_and_one("one", "echo local > $out", &[]);
     let dead = "ssh://deadhost x86_64-linux - 1 1";
     let (res, err) = h.realise(&t, dead, &["--max-jobs", "1"], &drv);
@@ -804,9 +786,7 @@ fn an_unreachable_host_is_named_and_the_build_done_locally() {
 
 #[test]
 fn a_remote_timeout_is_honoured() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let (t, h, drv) = hosts_and_one("slow", "while true; do :; done", &["onnix"]);
     let start = Instant::now();
     let (res, err) = h.realise(&t, TWO_HOSTS, &["--max-jobs", "0", "--timeout", "2"], &drv);
@@ -829,9 +809,7 @@ fn a_remote_timeout_is_honoured() {
 
 #[test]
 fn nixb_copy_writes_a_signed_cache_that_real_nix_substitutes_from() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
     let (sk, pk) = nix_key(&t);
     let dep = t.file("dep.txt", "a dependency\n");

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo xtask test        install what the suite needs (as root, on Debian), then run every test
+//! cargo xtask lint        cargo fmt --check, clippy -D warnings, no unused dependency
 //! cargo xtask test-vm     boot a throw-away VM as root and run the VM suites inside it
 //! cargo xtask bench       benchmarks, side by side with real Nix and reference tools
 //! ```
@@ -9,6 +10,7 @@
 mod bench;
 mod demo;
 mod deps;
+mod lint;
 mod test;
 mod vm;
 
@@ -21,6 +23,7 @@ fn main() -> Result<()> {
     match cmd.as_str() {
         "test" => test::run(&rest),
         "test-vm" => vm::run(&rest),
+        "lint" => lint::run(&rest),
         "bench" => bench::run(&rest),
         "demo" => demo::run(&rest),
         "" | "help" | "--help" | "-h" => {
@@ -37,7 +40,10 @@ usage: cargo xtask <command>
   demo       build nixb, add the bundled example to ./demo-store and realise it
 
   test       install missing Debian packages (nix-bin, qemu-system-x86, linux-image-amd64,
-             busybox-static, ...) when root, then run the whole suite including test-vm
+             busybox-static, ...) when root, then lint and run the whole suite including
+             test-vm
+  lint       cargo fmt --check, cargo clippy -D warnings (with the workspace's lints), and
+             no unused dependency; `test` runs it first
   test-vm    build nixb and the VM test programs, boot a QEMU VM as root, run them inside
   bench      run the benchmarks side by side with real Nix 2.8 and reference tools
              (`cargo xtask bench NAME` runs one group)";

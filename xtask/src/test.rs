@@ -4,6 +4,7 @@ use std::process::Command;
 
 pub fn run(_args: &[String]) -> Result<()> {
     crate::deps::ensure()?;
+    crate::lint::run(&[])?;
     let root = crate::workspace_root();
     let status = Command::new(env!("CARGO"))
         .current_dir(&root)

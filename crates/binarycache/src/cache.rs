@@ -245,36 +245,14 @@ fn decompressor<'a>(c: Compression, r: impl Read + 'a) -> io::Result<Box<dyn Rea
     })
 }
 
-/// Removes `path` (file, symlink or tree), making directories writable first since store
-/// paths are read-only once canonicalised. A missing path is fine.
+/// Removes `path` (file, symlink or tree; see [`nixb_store::delete::delete_path`]). A
+/// missing path is fine.
 pub fn delete_path(path: &Path) -> Result<(), CacheError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io_err = |step, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| CacheError::Io {
-            step,
-            path: p,
-            source,
-        }
-    };
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err("getting attributes of", path)(e)),
-    };
-    if meta.is_dir() {
-        if meta.permissions().mode() & 0o700 != 0o700 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-                .map_err(io_err("making writable", path))?;
-        }
-        for entry in std::fs::read_dir(path).map_err(io_err("reading directory", path))? {
-            let entry = entry.map_err(io_err("reading directory", path))?;
-            delete_path(&entry.path())?;
-        }
-        std::fs::remove_dir(path).map_err(io_err("removing directory", path))
-    } else {
-        std::fs::remove_file(path).map_err(io_err("removing", path))
-    }
+    nixb_store::delete::delete_path(path).map_err(|e| CacheError::Io {
+        step: e.step,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 impl BinaryCache {

@@ -1,15 +1,5 @@
-//! Nix binary caches: the `file://` and `http(s)://` caches that `nix copy --to` writes and
-//! Nix substitutes from.
-//!
-//! - [`narinfo`]: the `.narinfo` and `nix-cache-info` formats (strict parser, Nix's printer)
-//! - [`signing`]: ed25519 keys in Nix's `name:base64` form, narinfo fingerprints and signatures
-//! - [`cache`]: reading a cache, streaming a NAR through decompression and hashing into place
-//! - [`substitute`]: making paths and closures valid in a `LocalStore` from caches
-//! - [`protocol`]: the Nix 1.x external substituter protocol (`--query`, `--substitute`)
-//! - [`write`]: writing a `file://` cache as `nix copy --to` does
-//!
-//! This crate never prints (it logs through `tracing`) and never spawns processes; the
-//! substituter protocol side reads and writes the streams it is given.
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
 
 pub mod cache;
 pub mod narinfo;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{have_nix, Oracle};
+use common::Oracle;
 use nixb_binarycache::{substitute_closure, CacheOptions};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -112,9 +112,7 @@ fn fast_retry(o: &Oracle) -> CacheOptions {
 
 #[test]
 fn http_cache_good_flaky_stalled_and_dying() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let o = Oracle::build();
     let dir = o.root.join("cache");
     o.copy_to(&dir, "xz");

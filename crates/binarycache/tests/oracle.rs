@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{have_nix, Oracle};
+use common::Oracle;
 use nixb_binarycache::{
     copy_to_file_cache, substitute, substitute_closure, BinaryCache, CacheOptions, Compression,
     SecretKey, SubstituteError, TrustedKeys, WriteOptions,
@@ -11,9 +11,7 @@ use nixb_binarycache::{
 
 #[test]
 fn substitutes_nix_made_caches_in_every_compression() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let o = Oracle::build();
     for c in ["xz", "bzip2", "zstd", "none"] {
         o.copy_to(&o.root.join(format!("cache-{c}")), c);
@@ -100,9 +98,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 
 #[test]
 fn tampered_or_unsigned_paths_are_refused() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let o = Oracle::build();
     let base = o.root.join("cache-none");
     o.copy_to(&base, "none");
@@ -219,9 +215,7 @@ fn refuses_a_cache_for_another_store_dir() {
 
 #[test]
 fn incomplete_closure_is_refused() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let o = Oracle::build();
     o.copy_to(&o.root.join("cache"), "xz");
     o.wipe_store();
@@ -236,9 +230,7 @@ fn incomplete_closure_is_refused() {
 
 #[test]
 fn real_nix_substitutes_from_nixb_written_caches() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let o = Oracle::build();
     o.copy_to(&o.root.join("nix-none"), "none");
     // Make the closure valid in nixb's store by substituting it, then publish it again.

@@ -1,8 +1,4 @@
-//! `nixb`: a Nix-compatible build engine.
-//!
-//! The cli owns everything user-facing: it reads `nix.conf` and flags, maps them onto each
-//! crate's own config struct, runs the command, and renders what happens. Only this crate
-//! prints.
+#![doc = include_str!("../README.md")]
 
 mod commands;
 mod render;
@@ -26,7 +22,8 @@ pub struct Cli {
     /// Only print errors
     #[arg(short, long, global = true)]
     pub quiet: bool,
-    /// Override a setting from nix.conf (may be repeated)
+    /// Override a setting from nix.conf (may be repeated; refused by commands that read no
+    /// settings)
     #[arg(long = "option", global = true, num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
     pub options: Vec<String>,
     #[command(subcommand)]

@@ -5,8 +5,59 @@ use std::sync::atomic::{AtomicU8, Ordering};
 static VERBOSITY: AtomicU8 = AtomicU8::new(1);
 
 /// 0 = quiet (errors only), 1 = normal, 2+ = verbose.
+///
+/// Also installs the `tracing` subscriber through which the library crates report
+/// (a cache's retries, a lock being waited for): errors only with `-q`, warnings by
+/// default, then info, debug and trace with each `-v`. `NIXB_LOG` (an `EnvFilter`
+/// directive such as `nixb_binarycache=debug`) replaces the level chosen by the flags.
 pub fn init(verbose: u8, quiet: bool) {
-    VERBOSITY.store(if quiet { 0 } else { 1 + verbose }, Ordering::Relaxed);
+    let level = if quiet { 0 } else { 1 + verbose };
+    VERBOSITY.store(level, Ordering::Relaxed);
+    let max = match level {
+        0 => tracing::Level::ERROR,
+        1 => tracing::Level::WARN,
+        2 => tracing::Level::INFO,
+        3 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    let filter = match std::env::var("NIXB_LOG") {
+        Ok(spec) => tracing_subscriber::EnvFilter::new(spec),
+        Err(_) => tracing_subscriber::EnvFilter::default().add_directive(max.into()),
+    };
+    // A second subscriber (a test calling init twice) is not an error worth reporting.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .event_format(NixStyle)
+        .try_init();
+}
+
+/// Formats a `tracing` event as nixb's own diagnostics look: `warning: …`, `error: …`,
+/// plain text for info, `debug: …` below that.
+struct NixStyle;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for NixStyle
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut w: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let prefix = match *event.metadata().level() {
+            tracing::Level::ERROR => "error: ",
+            tracing::Level::WARN => "warning: ",
+            tracing::Level::INFO => "",
+            tracing::Level::DEBUG => "debug: ",
+            tracing::Level::TRACE => "trace: ",
+        };
+        w.write_str(prefix)?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
 }
 
 pub fn verbosity() -> u8 {
@@ -66,6 +117,8 @@ pub struct EventRenderer {
     /// Derivations whose hook failed: the original prints `@ hook-failed` *instead of*
     /// `@ build-failed` for them.
     hook_failed: std::collections::HashSet<StorePath>,
+    /// What each finished builder used, for the closing summary of `-v`.
+    resources: Vec<(StorePath, nixb_goals::ResourceUsage)>,
 }
 
 impl EventRenderer {
@@ -92,6 +145,7 @@ impl EventRenderer {
             planned: 0,
             partial: HashMap::new(),
             hook_failed: Default::default(),
+            resources: Vec::new(),
         }
     }
 
@@ -108,6 +162,17 @@ impl EventRenderer {
             pb.finish_and_clear();
         }
         if self.mode != RenderMode::Json && verbosity() >= 2 {
+            for (drv, u) in &self.resources {
+                eprintln!(
+                    "resources of '{}': cpu {:.2}s user + {:.2}s system, peak memory {}, read {}, written {}",
+                    self.dir.print(drv),
+                    u.user.as_secs_f64(),
+                    u.system.as_secs_f64(),
+                    human_bytes(u.peak_memory),
+                    human_bytes(u.read_bytes),
+                    human_bytes(u.written_bytes)
+                );
+            }
             eprintln!(
                 "{} built, {} failed in {:.1}s",
                 self.done,
@@ -168,6 +233,21 @@ impl EventRenderer {
             },
         }
     }
+}
+
+/// `1.5 MiB` (binary units, one decimal), `512 B` below a KiB.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 /// `hello-2.12` for `/nix/store/…-hello-2.12.drv`.
@@ -232,6 +312,24 @@ impl EventSink for EventRenderer {
                 if !buf.is_empty() {
                     self.partial.insert(drv, buf);
                 }
+            }
+            Event::BuildResources { drv, usage: u } => {
+                let d = self.dir.print(&drv);
+                let (user_us, system_us) = (u.user.as_micros(), u.system.as_micros());
+                match self.mode {
+                    RenderMode::Json => self.json(serde_json::json!({
+                        "event": "build-resources", "drv": d,
+                        "cpu-user-us": user_us, "cpu-system-us": system_us,
+                        "peak-memory-bytes": u.peak_memory,
+                        "read-bytes": u.read_bytes, "written-bytes": u.written_bytes,
+                    })),
+                    RenderMode::Trace => self.say(&format!(
+                        "@ build-resources {d} {user_us} {system_us} {} {} {}",
+                        u.peak_memory, u.read_bytes, u.written_bytes
+                    )),
+                    RenderMode::Human => {}
+                }
+                self.resources.push((drv, u));
             }
             Event::BuildSucceeded { drv } => {
                 if let Some(rest) = self.partial.remove(&drv).filter(|r| !r.is_empty()) {

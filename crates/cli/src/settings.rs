@@ -28,6 +28,14 @@ pub enum SandboxMode {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub sandbox: SandboxMode,
+    /// `sandbox-fallback`: build unsandboxed (with a warning) where the sandbox cannot be had.
+    pub sandbox_fallback: bool,
+    /// `use-cgroups`: a cgroup v2 per build.
+    pub use_cgroups: bool,
+    /// `auto-allocate-uids`, `start-id`, `id-count`: build uids without `nixbld` users.
+    pub auto_allocate_uids: bool,
+    pub start_id: u32,
+    pub id_count: u32,
     pub sandbox_paths: Vec<String>,
     pub max_jobs: usize,
     pub cores: usize,
@@ -45,6 +53,8 @@ pub struct Settings {
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
     pub require_sigs: bool,
+    /// `download-attempts`: tries per binary-cache request, the first included.
+    pub download_attempts: u32,
     pub use_substitutes: bool,
     pub fallback: bool,
     pub impersonate_linux_26: bool,
@@ -64,6 +74,11 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             sandbox: SandboxMode::Off,
+            sandbox_fallback: true,
+            use_cgroups: false,
+            auto_allocate_uids: false,
+            start_id: 872_415_232,
+            id_count: 128 * 65536,
             sandbox_paths: Vec::new(),
             max_jobs: 1,
             cores: 0,
@@ -81,6 +96,7 @@ impl Default for Settings {
             substituters: Vec::new(),
             trusted_public_keys: Vec::new(),
             require_sigs: true,
+            download_attempts: 5,
             use_substitutes: true,
             fallback: false,
             impersonate_linux_26: false,
@@ -151,7 +167,6 @@ const KNOWN_IGNORED: &[&str] = &[
     "connect-timeout",
     "show-trace",
     "warn-dirty",
-    "sandbox-fallback",
     "filter-syscalls",
     "allow-new-privileges",
 ];
@@ -249,6 +264,13 @@ impl Settings {
                 }
             }
             "sandbox-paths" => set_list(&mut self.sandbox_paths),
+            "auto-allocate-uids" => {
+                self.auto_allocate_uids = parse_bool(value).with_context(ctx)?
+            }
+            "start-id" => self.start_id = parse_num(value).with_context(ctx)?,
+            "id-count" => self.id_count = parse_num(value).with_context(ctx)?,
+            "use-cgroups" => self.use_cgroups = parse_bool(value).with_context(ctx)?,
+            "sandbox-fallback" => self.sandbox_fallback = parse_bool(value).with_context(ctx)?,
             "max-jobs" => {
                 self.max_jobs = if value == "auto" {
                     std::thread::available_parallelism()
@@ -282,6 +304,15 @@ impl Settings {
             "substituters" => set_list(&mut self.substituters),
             "trusted-public-keys" => set_list(&mut self.trusted_public_keys),
             "require-sigs" => self.require_sigs = parse_bool(value).with_context(ctx)?,
+            "download-attempts" => {
+                self.download_attempts = match value.parse::<u32>() {
+                    Ok(n) if n >= 1 => n,
+                    _ => bail!(
+                        "{}: expected a whole number of at least 1, got '{value}'",
+                        ctx()
+                    ),
+                }
+            }
             "use-substitutes" | "substitute" => {
                 self.use_substitutes = parse_bool(value).with_context(ctx)?
             }

@@ -19,11 +19,11 @@
 //!
 //! # Why directories are recycled
 //!
-//! Removing a directory frees its data block, and on the file systems this was measured on
-//! (ext4 in a VM) `rmdir` then blocks for 1–3 ms; creating an inode gets slower with every
-//! inode deleted in the last minutes (ext4 without a journal skips recently freed inodes one
-//! by one). With builders that run for a millisecond that was the largest cost of a build
-//! after the fork. [`BuildDirs`] therefore empties a finished build's directory and renames
+//! Removing a directory frees its data block, and `rmdir` can then block for a long time
+//! compared with a short build; creating an inode gets slower with every inode deleted in
+//! the last minutes (ext4 without a journal skips recently freed inodes one by one). With
+//! builders that run for a millisecond that was the largest cost of a build after the fork
+//! (BENCHMARKS.md, "goals: recycled build directories"). [`BuildDirs`] therefore empties a finished build's directory and renames
 //! it for the next build: no inode is created or freed for the directory or its lock file.
 //! At every step of a reuse some lock file names each directory that exists, so a crash
 //! leaves nothing the next run's cleaning misses. Only directories still ours (owner, mode
@@ -323,33 +323,10 @@ pub fn clean_stale(root: &Path) -> Vec<PathBuf> {
 }
 
 /// Removes a file, symlink or directory tree, making directories writable on the way
-/// (builders may leave read-only directories behind).
+/// (builders may leave read-only directories behind); [`nixb_store::delete::delete_path`]
+/// as an `io::Error` whose message names the failing step and entry.
 pub fn delete_path(path: &Path) -> io::Result<()> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if meta.is_dir() {
-        if meta.permissions().mode() & 0o700 != 0o700 {
-            fs::set_permissions(
-                path,
-                fs::Permissions::from_mode(meta.permissions().mode() | 0o700),
-            )?;
-        }
-        for e in fs::read_dir(path)? {
-            delete_path(&e?.path())?;
-        }
-        match fs::remove_dir(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    } else {
-        match fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
+    Ok(nixb_store::delete::delete_path(path)?)
 }
 
 #[cfg(test)]

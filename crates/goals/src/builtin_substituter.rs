@@ -102,7 +102,7 @@ impl Drop for Fetched {
 /// store directory: ext4 without a journal makes each inode allocation step over the
 /// inodes of its block group freed in the last minute or more (`recently_deleted()` in
 /// `fs/ext4/ialloc.c`), so one deleted lock file per path made the run quadratic in
-/// paths (perf, bench substitute: 12% of all samples in the loop's lock-file creation).
+/// paths (BENCHMARKS.md, "goals: lock files of substituted paths deleted at the end").
 /// Until then each file stays empty and unlocked, an ordinary lock file to any other
 /// process; at the end each is deleted with the usual protocol (locked without waiting,
 /// marked stale, unlinked), and one another process holds is left to it.

@@ -70,6 +70,23 @@ pub struct WorkerConfig {
     pub homeless_shelter: PathBuf,
     /// `sandbox`.
     pub sandbox: SandboxMode,
+    /// `sandbox-fallback`: where the sandbox cannot be had (without root: no user
+    /// namespaces), build without it after a warning saying why (`true`, Nix's default), or
+    /// fail saying why (`false`).
+    pub sandbox_fallback: bool,
+    /// `use-cgroups`: each builder in a cgroup v2 of its own, killed as one and removed
+    /// afterwards, its figures in the resource report. Where cgroups cannot be made here, a
+    /// warning and the process-group kill.
+    pub use_cgroups: bool,
+    /// `auto-allocate-uids` (as root): builds take blocks of uids from `start-id` on
+    /// (`id-count` ids in all) instead of `build-users-group` members; chroot builds run as
+    /// 1000:100 (or, with the `uid-range` feature, as root with 65536 ids) in a user
+    /// namespace mapped onto the block.
+    pub auto_allocate_uids: bool,
+    /// `start-id`.
+    pub start_id: u32,
+    /// `id-count`.
+    pub id_count: u32,
     /// `sandbox-paths`: `target=source`, `path` (same inside) or either with a trailing `?`
     /// (skipped when the source is missing). Store paths bring their closure along.
     pub sandbox_paths: Vec<String>,
@@ -168,6 +185,11 @@ impl WorkerConfig {
                 .unwrap_or_else(|| PathBuf::from("/tmp")),
             homeless_shelter: PathBuf::from(HOMELESS_SHELTER),
             sandbox: SandboxMode::Off,
+            sandbox_fallback: true,
+            use_cgroups: false,
+            auto_allocate_uids: false,
+            start_id: nixb_userpool::DEFAULT_START_ID,
+            id_count: nixb_userpool::DEFAULT_ID_COUNT,
             sandbox_paths: Vec::new(),
             build_users_group: None,
             impersonate_linux_26: false,

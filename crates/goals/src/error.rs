@@ -14,10 +14,15 @@ use crate::event::FailureKind;
 pub enum GoalsError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreFault),
-    #[error(
-        "unable to start any build; either increase '--max-jobs' or enable distributed builds"
-    )]
-    NoBuildSlots,
+    /// `max-jobs` is 0 and no build hook took the waiting builds: without a hook, the
+    /// remedy is more local jobs or remote builders; with one, its machines lacked what
+    /// the builds require (the hook has said which, and which machines it considered).
+    #[error("unable to start any build; {}", if *.remote {
+        "remote machines may not have all required system features"
+    } else {
+        "either increase '--max-jobs' or enable remote builds"
+    })]
+    NoBuildSlots { remote: bool },
     #[error("waiting for builders: {0}")]
     Poll(nix::errno::Errno),
     #[error("{step} '{}': {source}", path.display())]

@@ -51,6 +51,12 @@ pub enum Event {
     },
     /// Bytes the builder wrote to stdout/stderr, in the order they arrived.
     BuildLog { drv: StorePath, chunk: Vec<u8> },
+    /// The builder of `drv` has exited (and been reaped): what it and its descendants used.
+    /// Comes before the build's `BuildSucceeded` or `BuildFailed`.
+    BuildResources {
+        drv: StorePath,
+        usage: nixb_sandbox::ResourceUsage,
+    },
     /// The outputs of `drv` were built and registered (or checked, under `--check`).
     BuildSucceeded { drv: StorePath },
     /// A derivation goal failed. `permanent` is the original's "permanent failure": it

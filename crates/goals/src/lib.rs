@@ -1,19 +1,4 @@
-//! The build engine: a worker that runs goals (derivation and substitution goals) until the
-//! paths the caller asked for are valid, building what is missing.
-//!
-//! Everything runs on one thread. The worker calls awake goals, then waits in one `poll()`
-//! over its builders' log pipes and exit descriptors, with the timeout set to the nearest
-//! deadline (max-silent-time, timeout, lock polling). Goals never print: they report
-//! [`Event`]s to the caller's [`EventSink`].
-//!
-//! ```no_run
-//! # use nixb_goals::*;
-//! # fn f(store: &dyn BuildStore, targets: &[nixb_store::DerivedPath], log_dir: std::path::PathBuf) -> Result<(), GoalsError> {
-//! let cfg = WorkerConfig::new(log_dir);
-//! let outcome = realise(store, targets, &cfg, &mut VecSink::default())?;
-//! assert_eq!(outcome.exit_status, 0);
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../README.md")]
 
 pub mod build_dir;
 mod builtin_substituter;
@@ -49,6 +34,8 @@ pub use config::{
 pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
 pub use graph::ExitCode;
+/// What a builder used (`Event::BuildResources`).
+pub use nixb_sandbox::ResourceUsage;
 pub use outcome::Failure;
 pub use store::{BuildStore, NewOutput, PathInfo, StoreFault, SubstitutedPath};
 

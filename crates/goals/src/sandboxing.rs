@@ -40,10 +40,10 @@ use std::collections::BTreeSet;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use nixb_sandbox::{BindMount, BuildUserIds, ChrootSpec, Network};
+use nixb_sandbox::{BindMount, BuildUserIds, ChrootSpec, Network, UserNamespace};
 use nixb_store::canon::InodesSeen;
 use nixb_store::{StoreDir, StorePath};
-use nixb_userpool::{BuildUser, UserPoolConfig};
+use nixb_userpool::{AutoUidBlock, BuildUser, UserPoolConfig};
 
 use crate::build_dir::delete_path;
 use crate::config::{SandboxMode, WorkerConfig};
@@ -107,39 +107,139 @@ pub(crate) fn use_chroot(
     }
 }
 
-/// A build user held for one build. Every process of the user is killed when it is let go,
-/// so nothing a builder started survives its build on any path out (success, failure,
-/// cancellation, a dropped goal); the lock is released after that.
+/// Whether a build that would run in the chroot must do without it: without root the
+/// sandbox needs a user namespace, which the kernel may refuse. `Ok(Some(warning))`: build
+/// unsandboxed (`sandbox-fallback = true`, Nix's default), the warning saying why;
+/// `Err`: `sandbox-fallback = false`, the error saying why; `Ok(None)`: the sandbox can be had.
+/// Never silent, unlike Nix, which falls back without a word.
+pub(crate) fn sandbox_unavailable(
+    cfg: &WorkerConfig,
+    drv_name: &str,
+) -> Result<Option<String>, BuildError> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    match nixb_sandbox::user_namespaces_available() {
+        Ok(()) => Ok(None),
+        Err(e) if cfg.sandbox_fallback => Ok(Some(format!(
+            "building '{drv_name}' without the sandbox: without root it needs a user \
+             namespace, and {e} (sandbox-fallback = true)"
+        ))),
+        Err(e) => Err(BuildError::Misc(format!(
+            "cannot build '{drv_name}' in the sandbox: without root it needs a user namespace, \
+             and {e}; set sandbox-fallback = true to build without the sandbox, or sandbox = \
+             false"
+        ))),
+    }
+}
+
+/// A fresh cgroup for one build under `use-cgroups`: `Ok(None)` without the setting,
+/// `Err(warning)` where cgroups cannot be made here (said once per process, then `Ok(None)`:
+/// the builder's process group is killed as before).
+pub(crate) fn build_cgroup(cfg: &WorkerConfig) -> Result<Option<PathBuf>, String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+    static ROOT: OnceLock<Result<nixb_sandbox::CgroupRoot, String>> = OnceLock::new();
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !cfg.use_cgroups {
+        return Ok(None);
+    }
+    let root = ROOT.get_or_init(|| nixb_sandbox::CgroupRoot::open().map_err(|e| e.to_string()));
+    let made = match root {
+        Ok(r) => r.create().map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    };
+    match made {
+        Ok(dir) => Ok(Some(dir)),
+        Err(_) if WARNED.swap(true, Ordering::Relaxed) => Ok(None),
+        Err(e) => Err(format!(
+            "use-cgroups: {e}; builds are killed by process group instead, so a process that \
+             leaves it can outlive its build"
+        )),
+    }
+}
+
+/// A build user held for one build: a member of `build-users-group`, or a block of
+/// automatically allocated uids (`auto-allocate-uids`). Every process of the user is killed
+/// when it is let go, so nothing a builder started survives its build on any path out
+/// (success, failure, cancellation, a dropped goal); the lock is released after that.
 #[derive(Debug)]
-pub(crate) struct HeldUser(BuildUser);
+pub(crate) struct HeldUser(Held);
+
+#[derive(Debug)]
+enum Held {
+    Group(BuildUser),
+    Auto(AutoUidBlock),
+}
 
 impl HeldUser {
-    pub fn user(&self) -> &BuildUser {
-        &self.0
-    }
-
+    /// The uid outside any namespace (an automatic block's first id).
     pub fn uid(&self) -> u32 {
-        self.0.uid
-    }
-
-    pub fn ids(&self) -> BuildUserIds {
-        BuildUserIds {
-            uid: self.0.uid,
-            gid: self.0.gid,
-            supplementary: self.0.supplementary_gids.clone(),
+        match &self.0 {
+            Held::Group(u) => u.uid,
+            Held::Auto(b) => b.first,
         }
     }
 
+    /// The gid (an automatic block's first id, as uid and gid share the numbers).
+    pub fn gid(&self) -> u32 {
+        match &self.0 {
+            Held::Group(u) => u.gid,
+            Held::Auto(b) => b.first,
+        }
+    }
+
+    pub fn ids(&self) -> BuildUserIds {
+        match &self.0 {
+            Held::Group(u) => BuildUserIds {
+                uid: u.uid,
+                gid: u.gid,
+                supplementary: u.supplementary_gids.clone(),
+            },
+            Held::Auto(b) => BuildUserIds {
+                uid: b.first,
+                gid: b.first,
+                supplementary: vec![],
+            },
+        }
+    }
+
+    /// For a chroot build with automatically allocated uids: the user namespace mapping
+    /// Nix's build user 1000:100 onto the block's first id, or with `uid_range` root and
+    /// all 65536 ids onto the block (as Nix 2.12). `None` for a group member (the builder
+    /// switches to it without a namespace of its own).
+    pub fn user_namespace(&self, uid_range: bool) -> Option<UserNamespace> {
+        let Held::Auto(b) = &self.0 else {
+            return None;
+        };
+        Some(if uid_range {
+            UserNamespace::range(b.first, b.count)
+        } else {
+            UserNamespace {
+                inside_uid: nixb_sandbox::SANDBOX_UID,
+                inside_gid: nixb_sandbox::SANDBOX_GID,
+                outside_uid: b.first,
+                outside_gid: b.first,
+                count: 1,
+            }
+        })
+    }
+
     pub fn kill_all_processes(&self) -> Result<(), BuildError> {
-        self.0
-            .kill_all_processes()
-            .map_err(|e| BuildError::misc(format!("build user '{}'", self.0.name), e))
+        match &self.0 {
+            Held::Group(u) => u
+                .kill_all_processes()
+                .map_err(|e| BuildError::misc(format!("build user '{}'", u.name), e)),
+            Held::Auto(b) => nixb_userpool::kill_user(b.first).map_err(|e| {
+                BuildError::misc(format!("automatically allocated uid {}", b.first), e)
+            }),
+        }
     }
 }
 
 impl Drop for HeldUser {
     fn drop(&mut self) {
-        let _ = self.0.kill_all_processes();
+        let _ = self.kill_all_processes();
     }
 }
 
@@ -155,6 +255,23 @@ pub(crate) enum UserSlot {
 /// Takes a free build user when builds run under build users (a group is set and we are
 /// root, as in the original).
 pub(crate) fn acquire_build_user(cfg: &WorkerConfig) -> Result<UserSlot, BuildError> {
+    if cfg.auto_allocate_uids && nix::unistd::geteuid().is_root() {
+        let auto = nixb_userpool::AutoUidConfig {
+            state_dir: cfg.state_dir.clone(),
+            start_id: cfg.start_id,
+            id_count: cfg.id_count,
+        };
+        return match nixb_userpool::acquire_auto(&auto) {
+            Ok(Some(b)) => Ok(UserSlot::Got(HeldUser(Held::Auto(b)))),
+            Ok(None) => Ok(UserSlot::Busy(
+                nixb_userpool::acquire_auto_or_fail(&auto)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
+            )),
+            Err(e) => Err(BuildError::misc("allocating uids for the build", e)),
+        };
+    }
     let Some(group) = cfg.build_users_group.as_ref().filter(|g| !g.is_empty()) else {
         return Ok(UserSlot::NotNeeded);
     };
@@ -166,7 +283,7 @@ pub(crate) fn acquire_build_user(cfg: &WorkerConfig) -> Result<UserSlot, BuildEr
         state_dir: cfg.state_dir.clone(),
     };
     match nixb_userpool::acquire(&pool) {
-        Ok(Some(u)) => Ok(UserSlot::Got(HeldUser(u))),
+        Ok(Some(u)) => Ok(UserSlot::Got(HeldUser(Held::Group(u)))),
         Ok(None) => Ok(UserSlot::Busy(
             nixb_userpool::UserPoolError::AllInUse {
                 group: group.clone(),
@@ -185,11 +302,30 @@ pub(crate) fn prepare_for_user(
     store_dir: &Path,
     build_dir: &Path,
 ) -> Result<(), BuildError> {
-    nixb_userpool::check_store_permissions(store_dir, user.user().gid)
-        .map_err(|e| BuildError::Misc(e.to_string()))?;
-    user.kill_all_processes()?;
-    nixb_userpool::chown_tmp_dir(build_dir, user.user())
-        .map_err(|e| BuildError::Misc(e.to_string()))?;
+    match &user.0 {
+        Held::Group(u) => {
+            nixb_userpool::check_store_permissions(store_dir, u.gid)
+                .map_err(|e| BuildError::Misc(e.to_string()))?;
+            user.kill_all_processes()?;
+            nixb_userpool::chown_tmp_dir(build_dir, u)
+                .map_err(|e| BuildError::Misc(e.to_string()))?;
+        }
+        // Chroot builds write their outputs into the chroot directory, which the sandbox
+        // gives to the block's first id; only the build directory is ours to hand over.
+        Held::Auto(b) => {
+            user.kill_all_processes()?;
+            std::os::unix::fs::chown(build_dir, Some(b.first), Some(b.first)).map_err(|e| {
+                BuildError::misc(
+                    format!(
+                        "changing the owner of '{}' to {}",
+                        build_dir.display(),
+                        b.first
+                    ),
+                    e,
+                )
+            })?;
+        }
+    }
     Ok(())
 }
 
@@ -210,6 +346,9 @@ pub(crate) struct ChrootPlan<'a> {
     /// uid/gid written into the chroot's `/etc/passwd` and `/etc/group`.
     pub uid: u32,
     pub gid: u32,
+    /// The builder's own user namespace, for automatically allocated uids (without root,
+    /// one for the caller is made here).
+    pub user_namespace: Option<UserNamespace>,
 }
 
 pub(crate) fn chroot_spec(
@@ -232,6 +371,20 @@ pub(crate) fn chroot_spec(
         plan.uid,
         plan.gid,
     );
+    if let Some(ns) = plan.user_namespace {
+        spec.user_namespace = Some(ns);
+        spec.etc_files =
+            nixb_sandbox::nix_etc_files_userns(ns.inside_uid, ns.inside_gid, plan.build_dir);
+    } else if !nix::unistd::geteuid().is_root() {
+        // No build users without root: the builder gets a user namespace mapping us to
+        // Nix's build user 1000:100, with the /etc files Nix 2.x writes for it.
+        spec.user_namespace = Some(UserNamespace::for_caller());
+        spec.etc_files = nixb_sandbox::nix_etc_files_userns(
+            nixb_sandbox::SANDBOX_UID,
+            nixb_sandbox::SANDBOX_GID,
+            plan.build_dir,
+        );
+    }
     // Inputs read-only: unlike Nix (which relies on the store's ownership alone), this also
     // holds for a builder that runs as root without build users.
     let mut store_paths: BTreeSet<StorePath> = plan.inputs.clone();
@@ -350,13 +503,34 @@ pub(crate) fn extract_output(
 fn rename_over(src: &Path, dest: &Path) -> Result<(), Rejection> {
     delete_path(dest)
         .map_err(|e| Rejection::misc(format!("removing '{}': {e}", dest.display())))?;
-    std::fs::rename(src, dest).map_err(|e| {
+    let err = |e: std::io::Error| {
         Rejection::misc(format!(
             "moving '{}' to '{}': {e}",
             src.display(),
             dest.display()
         ))
-    })
+    };
+    match std::fs::rename(src, dest) {
+        Ok(()) => Ok(()),
+        // Moving a directory to another parent rewrites its `..`, which needs write
+        // permission on it; canonical (0555) it has none, and without root nothing
+        // overrides that. Opened for the move, then back to its mode (mtime unchanged).
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            use std::os::unix::fs::PermissionsExt;
+            let md = src.symlink_metadata().map_err(|_| err(e))?;
+            if !md.is_dir() {
+                return Err(err(std::io::Error::from(
+                    std::io::ErrorKind::PermissionDenied,
+                )));
+            }
+            let mode = md.permissions().mode() & 0o7777;
+            std::fs::set_permissions(src, std::fs::Permissions::from_mode(mode | 0o200))
+                .map_err(err)?;
+            std::fs::rename(src, dest).map_err(err)?;
+            std::fs::set_permissions(dest, std::fs::Permissions::from_mode(mode)).map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// Copies the tree at `src` to `dest` (which must not exist) as a NAR stream: fresh inodes,

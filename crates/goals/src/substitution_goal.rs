@@ -648,21 +648,13 @@ impl SubstitutionGoal {
 /// Repair: puts the fresh copy at `dest` in the place of the (corrupt) `real`, moving the
 /// old one aside first so that the path is never missing for longer than two renames.
 fn replace_valid_path(real: &Path, dest: &Path) -> Result<(), String> {
-    let mut old = real.to_path_buf().into_os_string();
-    old.push(format!(".old-{}", std::process::id()));
-    let old = PathBuf::from(old);
-    let had_old = std::fs::symlink_metadata(real).is_ok();
-    if had_old {
-        std::fs::rename(real, &old)
-            .map_err(|e| format!("moving '{}' aside: {e}", real.display()))?;
-    }
-    std::fs::rename(dest, real)
-        .map_err(|e| format!("moving '{}' to '{}': {e}", dest.display(), real.display()))?;
-    if had_old {
-        crate::build_dir::delete_path(&old)
-            .map_err(|e| format!("removing '{}': {e}", old.display()))?;
-    }
-    Ok(())
+    nixb_store::delete::replace_path(real, dest).map_err(|e| {
+        format!(
+            "replacing '{}' by '{}': {e}",
+            real.display(),
+            dest.display()
+        )
+    })
 }
 
 /// The substitution goal driven state by state with fake services and an external

@@ -91,6 +91,7 @@ impl Watchdog {
                 step: "forking",
                 errno: nix::errno::Errno::last(),
             }),
+            // SAFETY: in the forked child, which runs only `watchdog_main` (see the fork above).
             0 => unsafe { watchdog_main(read_fd, write_fd, &mut state) },
             pid => {
                 drop(read);
@@ -359,6 +360,7 @@ mod tests {
             personality: Default::default(),
             isolation,
             announce: wd.announce_fd(),
+            cgroup: None,
         };
         let builder = nixb_sandbox::start(spec).expect("starting the builder");
         // Nothing of ours may take the builder down: no drop, no kill.

@@ -316,7 +316,9 @@ impl<'a> Worker<'a> {
                 self.wait_for_input()?;
             } else if !self.graph.has_awake() {
                 if self.cfg.max_jobs == 0 && self.graph.has_waiting_for_slot() {
-                    return Err(GoalsError::NoBuildSlots);
+                    return Err(GoalsError::NoBuildSlots {
+                        remote: self.cfg.build_hook.is_some(),
+                    });
                 }
                 return Err(GoalsError::Internal("no goal can make progress".into()));
             }
@@ -609,6 +611,15 @@ impl<'a> Worker<'a> {
             }),
             None => return,
         };
+        let usage = self
+            .res
+            .children
+            .get(&id)
+            .and_then(|c| c.builder.resource_usage());
+        if let (Some(usage), Some(Some(Goal::Derivation(g)))) = (usage, self.goals.get(id.0)) {
+            let drv = g.drv_path().clone();
+            self.emit(Event::BuildResources { drv, usage });
+        }
         self.drain_log(id);
         self.child_exited(id, status);
     }

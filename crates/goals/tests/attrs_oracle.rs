@@ -19,9 +19,7 @@ const SA_SCRIPT: &str = ". $NIX_ATTRS_SH_FILE; /bin/mkdir ${outputs[out]}; \
 
 #[test]
 fn pass_as_file_matches_real_nix() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let oracle = tempfile::tempdir().unwrap();
     let nix = Nix::new(oracle.path());
     let (_, outs) = nix.build(
@@ -69,9 +67,7 @@ fn pass_as_file_matches_real_nix() {
 
 #[test]
 fn structured_attrs_match_real_nix() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let oracle = tempfile::tempdir().unwrap();
     let nix = Nix::new(oracle.path());
     let (drv_path, outs) = nix.build(
@@ -200,9 +196,7 @@ fn structured_references_graph_matches_real_nix() {
     use nixb_store::derivation::Derivation;
     use nixb_store::StorePath;
 
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     // Both engines use the same store directory, one after the other, so that paths, their
     // order and every hash in the files can be compared as they are.
     let tmp = tempfile::tempdir().unwrap();

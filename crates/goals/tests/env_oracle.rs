@@ -119,9 +119,7 @@ fn nix_env(root: &Path, fixed: bool) -> (BTreeMap<String, String>, String) {
 
 #[test]
 fn environment_matches_real_nix() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     for fixed in [false, true] {
         let oracle_dir = tempfile::tempdir().unwrap();
         let (theirs, their_store) = nix_env(oracle_dir.path(), fixed);

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::oracle::{have_nix, Nix};
+use common::oracle::Nix;
 use common::*;
 use nixb_goals::WorkerConfig;
 use nixb_store::local_store::LocalStore;
@@ -76,9 +76,7 @@ fn real_nix_accepts_what_nixb_built() {
     assert_eq!(info.deriver.as_ref(), Some(&top));
     assert!(info.ultimate);
 
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let p = |s: &StorePath| store.store_dir().print(s);
     let (ok, refs) = nix_store(root, &["-q", "--references", &p(&top_out)]);
     assert!(ok, "{refs}");

@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
 
 use common::*;
 use nixb_goals::Event;
@@ -20,16 +19,24 @@ fn waits_for_a_foreign_lock_then_builds() {
     let lock = PathLocks::lock(std::slice::from_ref(&out), false, None)
         .unwrap()
         .expect("lock is free");
-    let releaser = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        drop(lock);
+    // Released only once the worker says it is waiting for it.
+    let mut lock = Some(lock);
+    let (outcome, events) = realise_drvs_acting(&t.store, &[&drv], &t.cfg, |e| {
+        if matches!(e, Event::WaitingForLocks) {
+            lock.take();
+        }
     });
-    let start = Instant::now();
-    let (outcome, events) = t.realise(&[&drv]);
-    releaser.join().unwrap();
     assert_eq!(outcome.exit_status, 0, "{:?}", outcome.failures);
-    assert!(start.elapsed() >= Duration::from_millis(500));
-    assert!(events.iter().any(|e| matches!(e, Event::WaitingForLocks)));
+    assert!(lock.is_none(), "the worker never said it was waiting");
+    let waited = events
+        .iter()
+        .position(|e| matches!(e, Event::WaitingForLocks))
+        .unwrap();
+    let built = events
+        .iter()
+        .position(|e| matches!(e, Event::BuildStarted { .. }))
+        .expect("built once the lock was free");
+    assert!(waited < built, "{events:?}");
     assert_eq!(started(&events), vec![drv.clone()]);
 }
 
@@ -45,32 +52,31 @@ fn someone_beat_us_to_it() {
     // The other party builds and registers the output while holding the lock.
     std::fs::write(&out, "theirs\n").unwrap();
     let (hash, size) = nixb_store::nar::hash_path(&out, nixb_store::HashAlgo::Sha256).unwrap();
-    let store = &t.store;
-    let drv2 = drv.clone();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
+    // Once the worker waits for the lock, the other party registers and lets go.
+    let mut lock = Some(lock);
+    let (outcome, events) = realise_drvs_acting(&t.store, &[&drv], &t.cfg, |e| {
+        if matches!(e, Event::WaitingForLocks) && lock.is_some() {
             BuildStore::register_outputs(
-                store,
+                &t.store,
                 &[nixb_goals::NewOutput {
                     path: out_path.clone(),
-                    nar_hash: hash,
+                    nar_hash: hash.clone(),
                     nar_size: size,
                     references: BTreeSet::new(),
-                    deriver: drv2,
+                    deriver: drv.clone(),
                     ca: None,
                 }],
             )
             .unwrap();
-            drop(lock);
-        });
-        let (outcome, events) = t.realise(&[&drv]);
-        assert_eq!(outcome.exit_status, 0, "{:?}", outcome.failures);
-        assert!(
-            started(&events).is_empty(),
-            "built although the output became valid"
-        );
+            lock.take();
+        }
     });
+    assert_eq!(outcome.exit_status, 0, "{:?}", outcome.failures);
+    assert!(lock.is_none(), "the worker never said it was waiting");
+    assert!(
+        started(&events).is_empty(),
+        "built although the output became valid"
+    );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "theirs\n");
 }
 

@@ -261,6 +261,6 @@ fn max_jobs_zero_cannot_build() {
     let e = nixb_goals::realise(&t.store, &targets, &cfg, &mut nixb_goals::NullSink).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "unable to start any build; either increase '--max-jobs' or enable distributed builds"
+        "unable to start any build; either increase '--max-jobs' or enable remote builds"
     );
 }

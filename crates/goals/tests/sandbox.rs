@@ -3,7 +3,8 @@
 //! as `/bin/sh` through `sandbox-paths`, or python3 with the host's `/usr` bound in.
 //!
 //! Needs root (namespaces, mounts). Without it the tests fail when `CI` is set and are
-//! skipped with a note otherwise.
+//! skipped with a note otherwise. As root, one more test re-runs all the others as a uid
+//! without a passwd entry, where builds get a user namespace of their own instead.
 
 mod common;
 
@@ -17,15 +18,17 @@ use nixb_store::{Hash, HashAlgo};
 
 const BUSYBOX: &str = "/usr/bin/busybox";
 
+/// Set in the environment of the unprivileged re-run
+/// ([`every_test_passes_as_an_unprivileged_uid`]).
+const UNPRIVILEGED_RUN: &str = "NIXB_TEST_UNPRIVILEGED";
+
+/// A uid and gid that no host account has: a caller without root and without a name.
+const UNPRIVILEGED_ID: u32 = 54321;
+
+/// Root, or the unprivileged re-run, whose builds use a user namespace instead.
 fn have_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("sandbox tests need root (namespaces and mounts) and CI is set");
-    }
-    eprintln!("note: not root, skipping sandbox test");
-    false
+    std::env::var_os(UNPRIVILEGED_RUN).is_some()
+        || nixb_testsupport::required(&[nixb_testsupport::Need::Root])
 }
 
 fn sandboxed(t: &TestStore, mode: SandboxMode) -> WorkerConfig {
@@ -104,7 +107,8 @@ fn builder_is_pid_1_named_localhost_and_sees_only_the_sandbox() {
         .join(format!("{}.chroot", drv.base_name()));
     assert!(!chroot.exists(), "chroot left behind");
     let md = std::fs::metadata(out.join("pid")).unwrap();
-    assert_eq!((md.uid(), md.mode() & 0o7777, md.mtime()), (0, 0o444, 1));
+    let us = nix::unistd::geteuid().as_raw();
+    assert_eq!((md.uid(), md.mode() & 0o7777, md.mtime()), (us, 0o444, 1));
 }
 
 #[test]
@@ -362,8 +366,10 @@ fn a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output() {
             }
         }
         // Tell the builder we have it, so it may exit.
+        // SAFETY: `conn` is the accepted connection, open until the close below.
         nix::unistd::write(unsafe { std::os::fd::BorrowedFd::borrow_raw(conn) }, b"k").unwrap();
         nix::unistd::close(conn).unwrap();
+        // SAFETY: `got` was received just now by SCM_RIGHTS: a new descriptor nothing else owns.
         unsafe { OwnedFd::from_raw_fd(got.expect("a descriptor was passed")) }
     });
     let script = format!(
@@ -433,4 +439,92 @@ fn a_setup_step_failing_after_the_start_names_the_step() {
         .join(format!("{}.chroot", drv.base_name()));
     assert!(!chroot.exists());
     assert_eq!(std::fs::read_dir(&t.cfg.build_dir_root).unwrap().count(), 0);
+}
+
+/// A builder that touches ~200 MiB of memory and writes 50 MB: the build's resource event
+/// says so within 10%, and comes before the build's success.
+#[test]
+fn the_resource_report_shows_peak_memory_and_bytes_written() {
+    if !have_root() {
+        return;
+    }
+    let t = TestStore::new();
+    let cfg = with_python(&t, SandboxMode::On);
+    let script = "import os\n\
+        b = b'x' * (200 * 1024 * 1024)\n\
+        with open(os.environ['out'], 'wb') as f:\n    f.write(memoryview(b)[:50_000_000])\n";
+    let drv = t.add_drv(spec("hungry", script).builder("/usr/bin/python3"));
+    let (outcome, events) = t.realise_with(&[&drv], &cfg);
+    assert_eq!(outcome.exit_status, 0, "{}", log_of(&events, &drv));
+    let at = |want: fn(&Event) -> bool| events.iter().position(want).unwrap();
+    let usage = events
+        .iter()
+        .find_map(|e| match e {
+            Event::BuildResources { drv: d, usage } if d == &drv => Some(*usage),
+            _ => None,
+        })
+        .expect("a BuildResources event");
+    assert!(
+        at(|e| matches!(e, Event::BuildResources { .. }))
+            < at(|e| matches!(e, Event::BuildSucceeded { .. }))
+    );
+    let mib = 1024 * 1024;
+    let within = |got: u64, want: u64| got >= want * 9 / 10 && got <= want * 11 / 10;
+    assert!(
+        within(usage.peak_memory, 200 * mib),
+        "peak memory {} MiB, not ~200 MiB",
+        usage.peak_memory / mib
+    );
+    assert!(
+        within(usage.written_bytes, 50_000_000),
+        "written {} bytes, not ~50 MB",
+        usage.written_bytes
+    );
+    assert!(usage.user + usage.system > std::time::Duration::ZERO);
+}
+
+/// Every other test of this file, re-run by this test binary as a uid and gid without a
+/// passwd entry (`setpriv`): builds then run in a user namespace of their own. The re-run
+/// must pass as many tests as it lists: none may skip.
+#[test]
+fn every_test_passes_as_an_unprivileged_uid() {
+    const ME: &str = "every_test_passes_as_an_unprivileged_uid";
+    if !nix::unistd::geteuid().is_root() {
+        have_root();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let listed = std::process::Command::new(&exe)
+        .args(["--list", "--format=terse"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    let expected = listed
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|name| *name != ME)
+        .count();
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={UNPRIVILEGED_ID}"))
+        .arg(format!("--regid={UNPRIVILEGED_ID}"))
+        .arg("--clear-groups")
+        .arg(&exe)
+        .args(["--exact", "--test-threads=2", "--skip", ME])
+        .env(UNPRIVILEGED_RUN, "1")
+        // A TMPDIR of root's could not be written to.
+        .env_remove("TMPDIR")
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the unprivileged re-run failed:\n{stdout}\n{stderr}"
+    );
+    let summary = format!("test result: ok. {expected} passed; 0 failed");
+    assert!(
+        stdout.contains(&summary),
+        "expected '{summary}' from the unprivileged re-run:\n{stdout}\n{stderr}"
+    );
+    assert!(!stderr.contains("skipping"), "{stderr}");
 }

@@ -1,22 +1,5 @@
-//! Build logs in Nix's layout: where they live, writing them, reading them.
-//!
-//! ```text
-//! $NIX_LOG_DIR/drvs/<first 2 chars of drv base name>/<rest of base name>       plain
-//! $NIX_LOG_DIR/drvs/<first 2 chars of drv base name>/<rest of base name>.bz2   compress-build-log = true (default)
-//! $NIX_LOG_DIR/drvs/<drv base name>[.bz2]                                       older flat layout, read only
-//! ```
-//!
-//! e.g. the log of `/nix/store/48b8smyigxqjkddm0ascmigzsjkml5dd-x.drv` is
-//! `drvs/48/b8smyigxqjkddm0ascmigzsjkml5dd-x.drv.bz2`. A compressed log is one
-//! bzip2 stream as Nix writes it (level 9); readers accept several
-//! concatenated streams too, as `bzip2 -d` does.
-//!
-//! [`LogSink`] writes one build's log and counts its size against
-//! `max-build-log-size`, compressing on a thread of its own so the caller's
-//! poll loop never waits for bzip2 (see [`sink`] for how the backlog is
-//! bounded). [`read_log`] and [`open_log`] find and decompress a log the way
-//! `nix-store -l` does: the plain file is preferred over the `.bz2` one, the
-//! two-level layout over the flat one.
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};

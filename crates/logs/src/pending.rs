@@ -1,10 +1,9 @@
 //! Creating a log file on a helper thread while the caller goes on.
 //!
 //! Creating the file (and, for one build in about every two of the first thousand, its
-//! `drvs/xx` directory) allocates inodes, which on the file systems measured here cost
-//! tens to hundreds of microseconds, and milliseconds while the file system skips
-//! recently freed inodes: the largest single step of starting a trivial build on the
-//! worker's thread. [`LogSink::create_in_background`] hands the creation to one
+//! `drvs/xx` directory) allocates inodes, which can be slow, and much slower while the file
+//! system skips recently freed inodes: the largest single step of starting a trivial build
+//! on the worker's thread (BENCHMARKS.md, "logs: log files created on a helper thread"). [`LogSink::create_in_background`] hands the creation to one
 //! long-lived helper thread and returns at once; [`PendingLog::wait`] gives the sink (or
 //! the error, exactly as [`LogSink::create`] would have) when the caller needs it, e.g.
 //! at the builder's first output or its end. [`PendingLog::path`] names the file before.

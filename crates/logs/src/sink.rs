@@ -4,8 +4,8 @@
 //! # Why a thread, and where the bytes wait
 //!
 //! The caller is the worker's single-threaded poll loop, which reads the log
-//! pipes of many builders. bzip2 at level 9 compresses about 8 MB/s here,
-//! far slower than a builder can print, so compressing on the loop's thread
+//! pipes of many builders. bzip2 at level 9 is far slower than a builder can
+//! print (BENCHMARKS.md, "Log compression priority"), so compressing on the loop's thread
 //! would stall every other build (and their timeouts). Each compressed sink
 //! therefore owns a thread that runs the encoder; [`LogSink::write`] only
 //! hands the chunk over. The thread and the encoder start with the first byte
@@ -477,22 +477,18 @@ impl Drop for Compressor {
 /// then writes the bzip2 trailer. On the first error it returns, which drops
 /// the receiver, so the caller's next send fails and it collects the error.
 /// Nice value of the compressing threads. bzip2 keeps a CPU busy for as long as a chatty
-/// builder writes (about 8 MB/s here); at the default priority it took half of a two-CPU
-/// machine away from the builders, and a chain of trivial builds beside a chatty one took
-/// 2.5 times as long with compression as without (`cargo xtask bench engine`, chatty row).
+/// builder writes, and at the default priority it competes with the builders themselves.
 /// Compressing is background work: at the lowest priority it gets the CPU time builders
 /// leave, and the log still ends up complete, only later (the engine does not wait for a
 /// log to be finished before it goes on; the process waits for its logs before it exits).
-const COMPRESSOR_NICE: libc::c_int = 19;
+/// The measurement behind this is in BENCHMARKS.md ("log compression priority").
+const COMPRESSOR_NICE: i32 = 19;
 
 /// Lowers the calling thread's priority to [`COMPRESSOR_NICE`]. On Linux the nice value
 /// belongs to the thread, and `setpriority(PRIO_PROCESS, 0, ..)` sets the caller's. Best
 /// effort: a thread left at the normal priority compresses the same bytes.
 fn lower_priority() {
-    // SAFETY: plain system call on the calling thread, no pointers.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, COMPRESSOR_NICE);
-    }
+    let _ = rustix::process::setpriority_process(None, COMPRESSOR_NICE);
 }
 
 fn compress_loop(

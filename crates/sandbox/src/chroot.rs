@@ -36,7 +36,7 @@
 //!
 //! - *bind mode*: `<root>` ("." for the child) is bound at the store directory. The mount
 //!   points of the input paths must then exist in it, on disk: the parent creates them (one
-//!   inode each, about 47 us on this machine's ext4).
+//!   inode each; BENCHMARKS.md, "sandbox: figures behind the README's design choices").
 //! - *overlay mode*, when there are many inputs: an overlayfs whose upper layer is `<root>` on
 //!   disk (so the builder's writes, its outputs, go there as in bind mode) and whose lower
 //!   layer is a tmpfs directory holding the input mount points (a few microseconds each). The
@@ -108,6 +108,128 @@ pub struct ChrootSpec {
     pub etc_files: Vec<(PathBuf, Vec<u8>)>,
     /// Bind `/dev/kvm` when the host has it.
     pub kvm: bool,
+    /// A user namespace of the builder's own, for a caller without root (see
+    /// [`UserNamespace`]). `None`: the builder shares the caller's user namespace (root).
+    pub user_namespace: Option<UserNamespace>,
+}
+
+/// The uid a builder has inside its user namespace, as in Nix 2.x (`sandboxUid`).
+pub const SANDBOX_UID: u32 = 1000;
+/// The gid a builder has inside its user namespace, as in Nix 2.x (`sandboxGid`).
+pub const SANDBOX_GID: u32 = 100;
+
+/// The builder's own user namespace: the caller's effective uid and gid appear inside as
+/// `inside_uid`/`inside_gid`, and no other id is mapped (files of anyone else show as
+/// `nobody`). This is how a caller without root gets the sandbox (Nix 2.x does the same):
+/// the namespace gives the child the capabilities the mounts need, over its own namespaces
+/// only. The child writes its maps itself, as its first steps, before it has any other id:
+/// the kernel lets a process map exactly its own uid and gid (and only after `setgroups` is
+/// denied, so that dropping a group cannot grant access), with no help from the parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserNamespace {
+    pub inside_uid: u32,
+    pub inside_gid: u32,
+    /// Must be the caller's effective uid (the only one the child can map by itself).
+    pub outside_uid: u32,
+    /// Must be the caller's effective gid.
+    pub outside_gid: u32,
+    /// Ids mapped from each of the above on: 1 (the caller's, written by the child itself),
+    /// or more (`uid-range`: 65536 from 0), written by the parent, which needs
+    /// CAP_SETUID/CAP_SETGID (root). With more than one, the builder keeps its
+    /// capabilities over its own namespaces (to `chown` to its other ids, say); the seccomp
+    /// filter and no_new_privs still apply.
+    pub count: u32,
+}
+
+impl UserNamespace {
+    /// The caller's effective ids, seen inside as Nix's build user 1000:100.
+    pub fn for_caller() -> UserNamespace {
+        UserNamespace {
+            inside_uid: SANDBOX_UID,
+            inside_gid: SANDBOX_GID,
+            outside_uid: nix::unistd::geteuid().as_raw(),
+            outside_gid: nix::unistd::getegid().as_raw(),
+            count: 1,
+        }
+    }
+
+    /// `count` ids from `first` (as uid and gid) outside, seen inside from 0 on: Nix's
+    /// `uid-range` (the builder runs as root inside, 65536 ids). Needs root.
+    pub fn range(first: u32, count: u32) -> UserNamespace {
+        UserNamespace {
+            inside_uid: 0,
+            inside_gid: 0,
+            outside_uid: first,
+            outside_gid: first,
+            count,
+        }
+    }
+
+    /// Whether the parent writes the maps (anything but the caller's own ids, one each).
+    pub(crate) fn by_parent(&self) -> bool {
+        self.count != 1
+            || self.outside_uid != nix::unistd::geteuid().as_raw()
+            || self.outside_gid != nix::unistd::getegid().as_raw()
+    }
+}
+
+/// The id maps of a [`UserNamespace`] the parent writes after the clone, while the child
+/// waits (a futex, as for a [`DetachedLower`]): only a process with CAP_SETUID in the parent
+/// namespace may map more than its own id, and the child is already in the new one.
+pub(crate) struct ParentIdMaps {
+    pub uid_map: String,
+    pub gid_map: String,
+    /// 0 while the parent works, 1 when the maps are written, 2 if that failed.
+    ready: Box<AtomicU32>,
+    arrived: Box<AtomicU32>,
+    released: bool,
+}
+
+impl ParentIdMaps {
+    /// Writes `/proc/<pid>/{uid,gid}_map`, then lets the child go on (told to stop on
+    /// failure).
+    pub fn write(&mut self, pid: libc::pid_t) -> Result<(), SandboxError> {
+        let mut r = Ok(());
+        for (file, map) in [("uid_map", &self.uid_map), ("gid_map", &self.gid_map)] {
+            let path = format!("/proc/{pid}/{file}");
+            if let Err(source) = fs::write(&path, map) {
+                r = Err(SandboxError::Prepare {
+                    step: format!("writing {path} ({})", map.trim_end()),
+                    source,
+                });
+                break;
+            }
+        }
+        self.release(r.is_ok());
+        r
+    }
+
+    fn release(&mut self, ok: bool) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        self.ready.store(if ok { 1 } else { 2 }, Ordering::Release);
+        // SAFETY: FUTEX_WAKE on a word we own; the child (same address space) may wait on it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                &*self.ready as *const AtomicU32,
+                FUTEX_WAKE_PRIVATE,
+                1,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<u32>(),
+                0,
+            );
+        }
+    }
+}
+
+impl Drop for ParentIdMaps {
+    fn drop(&mut self) {
+        // Never leave a child waiting forever.
+        self.release(false);
+    }
 }
 
 impl ChrootSpec {
@@ -123,6 +245,7 @@ impl ChrootSpec {
             network: Network::Private,
             etc_files: nix_etc_files(uid, gid),
             kvm: false,
+            user_namespace: None,
         }
     }
 }
@@ -143,6 +266,14 @@ pub(crate) fn overlay_work_dir(root: &Path) -> PathBuf {
     PathBuf::from(w)
 }
 
+/// Removes an overlay work directory. The kernel makes `work/work` in it with mode 0: as
+/// root that does not matter, but a caller without root (whose user namespace mounted the
+/// overlay, so the directory is theirs) must open it up before it can be listed.
+pub(crate) fn remove_overlay_work_dir(work: &Path) -> std::io::Result<()> {
+    let _ = fs::set_permissions(work.join("work"), fs::Permissions::from_mode(0o700));
+    fs::remove_dir_all(work)
+}
+
 /// `/etc/passwd` (the build user as `nixbld`, and `nobody`), `/etc/group` and `/etc/hosts`
 /// with the contents Nix gives them in the chroot.
 pub fn nix_etc_files(uid: u32, gid: u32) -> Vec<(PathBuf, Vec<u8>)> {
@@ -156,6 +287,32 @@ pub fn nix_etc_files(uid: u32, gid: u32) -> Vec<(PathBuf, Vec<u8>)> {
             .into_bytes(),
         ),
         ("group".into(), format!("nixbld:!:{gid}:\n").into_bytes()),
+        (
+            "hosts".into(),
+            b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
+        ),
+    ]
+}
+
+/// `/etc/passwd`, `/etc/group` and `/etc/hosts` as Nix 2.x writes them for a builder in a
+/// user namespace: `root` and the build user (`uid`/`gid`, home `home`, the build directory
+/// as the builder sees it) as `nixbld`, and `nobody`/`nogroup` for every unmapped id.
+pub fn nix_etc_files_userns(uid: u32, gid: u32, home: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let home = home.display();
+    vec![
+        (
+            "passwd".into(),
+            format!(
+                "root:x:0:0:Nix build user:{home}:/noshell\n\
+                 nixbld:x:{uid}:{gid}:Nix build user:{home}:/noshell\n\
+                 nobody:x:65534:65534:Nobody:/:/noshell\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            "group".into(),
+            format!("root:x:0:\nnixbld:!:{gid}:\nnogroup:x:65534:\n").into_bytes(),
+        ),
         (
             "hosts".into(),
             b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
@@ -212,7 +369,8 @@ pub enum Network {
 const DEV_NODES: &[&str] = &["full", "null", "random", "tty", "urandom", "zero"];
 
 /// From this many mount points under the store directory on, overlay mode is cheaper than
-/// creating them on disk (see the module doc; measured on ext4, `cargo xtask bench sandbox`).
+/// creating them on disk (see the module doc; the figures: BENCHMARKS.md, "sandbox: figures
+/// behind the README's design choices").
 pub(crate) const OVERLAY_MIN_INPUTS: usize = 8;
 
 /// Set once an overlay mount failed in this process: no overlay is tried again.
@@ -281,9 +439,9 @@ pub(crate) enum StoreMode {
 /// (`fsopen`/`fsmount`), in which the parent creates the store inputs' mount points after the
 /// clone, while the child sets up the rest of its sandbox on the other CPU; the child waits
 /// for them (a futex on `ready`) just before it mounts the overlay, naming this tmpfs as
-/// `/proc/self/fd/<n>` (it inherited the descriptor). About 100 of these mkdirs were the
-/// child's second-largest step (0.5 ms); the child's own steps before the overlay take about
-/// as long, so they now overlap.
+/// `/proc/self/fd/<n>` (it inherited the descriptor). These mkdirs were the child's
+/// second-largest step, and its own steps before the overlay take about as long, so the two
+/// overlap (BENCHMARKS.md, "sandbox: figures behind the README's design choices").
 ///
 /// No one else can reach this tmpfs: it is in no mount namespace, its descriptor is
 /// close-on-exec, and the parent closes its copy once the mount points exist. The overlay
@@ -433,8 +591,9 @@ impl DetachedLower {
     /// Looks up each store input's mount point in the child's overlay, last first, while the
     /// child binds them first first: the bulk of a bind onto the overlay is that first lookup
     /// (`ovl_lookup` in the upper and the lower layer, an inode hash lookup), and a dentry we
-    /// looked up is found in the cache by the child's bind (measured: 100 binds 1.2-1.4 ms
-    /// cold, 0.33-0.40 ms after the lookups). The two meet about halfway.
+    /// looked up is found in the cache by the child's bind, which is then several times
+    /// cheaper (BENCHMARKS.md, "sandbox: figures behind the README's design choices"). The
+    /// two meet about halfway.
     ///
     /// Only worth it with a CPU each: on a shared one these lookups would just take turns
     /// with the child's binds, at a higher cost. So only when the child got to its waiting
@@ -448,7 +607,8 @@ impl DetachedLower {
         if self.arrived.load(Ordering::Acquire) == 0 {
             return false;
         }
-        // The overlay mount is one step away (0.15-0.3 ms); give up after 2 ms.
+        // The overlay mount is one step away (a fraction of a millisecond: BENCHMARKS.md,
+        // "sandbox: figures behind the README's design choices"); give up after 2 ms.
         let start = std::time::Instant::now();
         let mut spins = 0u32;
         while self.mounted.load(Ordering::Acquire) == 0 {
@@ -478,6 +638,7 @@ impl DetachedLower {
         // SAFETY: fstatat fills the zeroed struct; names and descriptor are ours.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         for name in &self.warm_names {
+            // SAFETY: each name is NUL-terminated, `dir` is open and `st` writable.
             unsafe {
                 libc::fstatat(
                     dir.as_raw_fd(),
@@ -529,6 +690,10 @@ pub(crate) struct Prepared {
     /// The overlay work directory made beside the root, in overlay mode: the builder's to
     /// remove once it has been reaped.
     pub work_dir: Option<PathBuf>,
+    /// Id maps the parent writes after the clone (see [`UserNamespace::count`]).
+    pub id_maps: Option<ParentIdMaps>,
+    /// The builder keeps its capabilities (over its own namespaces only: a `uid-range`).
+    pub keep_capabilities: bool,
     filter: &'static Filter,
 }
 
@@ -537,6 +702,11 @@ impl Prepared {
     /// before setuid), the user switch, then the remaining capability sets, no_new_privs and
     /// the seccomp filter (installing it unprivileged requires no_new_privs).
     pub fn privilege_steps(&self, user: Option<Vec<Step>>) -> Vec<Step> {
+        if self.keep_capabilities {
+            let mut steps = user.unwrap_or_default();
+            steps.extend([Step::NoNewPrivs, Step::Seccomp(self.filter.as_ptr())]);
+            return steps;
+        }
         let mut steps = vec![Step::DropBoundingSet(last_capability())];
         steps.extend(user.unwrap_or_default());
         steps.extend([
@@ -610,6 +780,7 @@ fn kept_flags(p: &Path) -> Result<libc::c_ulong, SandboxError> {
     let c = cpath(p)?;
     // SAFETY: statvfs fills the zeroed struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == -1 {
         return Err(SandboxError::Prepare {
             step: format!("getting the mount flags of {}", p.display()),
@@ -828,6 +999,7 @@ impl SourceDirs {
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         // SAFETY: fstatat fills the zeroed struct; name and descriptor are ours.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated name, `fd` an open directory, `st` writable.
         if unsafe { libc::fstatat(fd.as_raw_fd(), c.as_ptr(), &mut st, 0) } == -1 {
             return Err(std::io::Error::last_os_error());
         }
@@ -969,6 +1141,12 @@ pub(crate) fn prepare(
             "creating chroot directory {}",
             root.display()
         )))?;
+    if let Some(ns) = spec.user_namespace.filter(UserNamespace::by_parent) {
+        // The builder's ids are not ours: it must own its store directory (on disk).
+        std::os::unix::fs::chown(root, Some(ns.outside_uid), Some(ns.outside_gid)).map_err(
+            prep_err(format!("changing the owner of {}", root.display())),
+        )?;
+    }
     if let Some(u) = user {
         std::os::unix::fs::chown(root, Some(0), Some(u.gid)).map_err(prep_err(format!(
             "changing the owner of {}",
@@ -981,7 +1159,7 @@ pub(crate) fn prepare(
     let work = overlay_work_dir(root);
     if overlay {
         // A crashed build's work directory would make the mount fail.
-        match fs::remove_dir_all(&work) {
+        match remove_overlay_work_dir(&work) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -1078,9 +1256,43 @@ pub(crate) fn prepare(
         }
     }
 
-    let mut steps = vec![Step::MakeMountsPrivate];
+    let userns = spec.user_namespace.is_some();
+    let mut id_maps = None;
+    let mut steps = Vec::new();
     let mut clone_flags =
         libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if let Some(ns) = &spec.user_namespace {
+        // First of all: until its ids are mapped the child is `nobody` inside and can create
+        // no file. The other namespaces of the clone belong to this one, which gives the
+        // child the capabilities over them that the steps below need.
+        clone_flags |= libc::CLONE_NEWUSER;
+        if ns.by_parent() {
+            let maps = ParentIdMaps {
+                uid_map: format!("{} {} {}\n", ns.inside_uid, ns.outside_uid, ns.count),
+                gid_map: format!("{} {} {}\n", ns.inside_gid, ns.outside_gid, ns.count),
+                ready: Box::new(AtomicU32::new(0)),
+                arrived: Box::new(AtomicU32::new(0)),
+                released: false,
+            };
+            steps.push(Step::WaitForLower {
+                ready: &*maps.ready,
+                arrived: &*maps.arrived,
+                what: "write the user namespace's id maps",
+            });
+            // Our ids (the parent's) are not mapped here, and no file can be made under an
+            // unmapped one: the builder's ids now, with the capabilities it has in the
+            // namespace (as an unmapped id becoming a mapped one, it keeps them).
+            steps.extend([
+                Step::SetGroups(vec![]),
+                Step::SetGid(ns.inside_gid),
+                Step::SetUid(ns.inside_uid),
+            ]);
+            id_maps = Some(maps);
+        } else {
+            steps.extend(user_namespace_steps(ns));
+        }
+    }
+    steps.push(Step::MakeMountsPrivate);
     match &spec.network {
         Network::Private => {
             clone_flags |= libc::CLONE_NEWNET;
@@ -1122,7 +1334,30 @@ pub(crate) fn prepare(
         None => None,
     };
     steps.push(Step::ClearUmask);
-    steps.extend(skel.steps(root)?);
+    let mut skel_steps = skel.steps(root)?;
+    if userns {
+        // The builder owns the root tmpfs here (its uid made it), so the root is made
+        // read-only below, and /tmp gets a tmpfs of its own, mounted as soon as it exists
+        // (before the mount points under it, which would be hidden).
+        let tmp = cpath(&root.join("tmp"))?;
+        if let Some(i) = skel_steps
+            .iter()
+            .position(|st| matches!(st, Step::MkDir { path, .. } if *path == tmp))
+        {
+            skel_steps.insert(
+                i + 1,
+                mount(
+                    "mounting tmpfs on",
+                    Some("none"),
+                    &root.join("tmp"),
+                    Some("tmpfs"),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    Some("mode=1777"),
+                )?,
+            );
+        }
+    }
+    steps.extend(skel_steps);
     steps.push(Step::RestoreUmask);
 
     // The store directory, then the binds, in target order (a bind of an ancestor of the
@@ -1142,6 +1377,7 @@ pub(crate) fn prepare(
                     steps.push(Step::WaitForLower {
                         ready: l.ready_flag(),
                         arrived: l.arrived_flag(),
+                        what: "make the store's mount points",
                     });
                     let fd = l.mount.as_ref().map_or(-1, |m| m.as_raw_fd());
                     format!("/proc/self/fd/{fd}")
@@ -1149,8 +1385,15 @@ pub(crate) fn prepare(
                 None => store_inside.to_string_lossy().into_owned(),
             };
             let work = work.to_string_lossy();
+            // In a user namespace overlayfs cannot use trusted.* xattrs: it keeps its own in
+            // user.* (`userxattr`, which implies what redirect_dir=off says and refuses it).
+            let redirect = if userns {
+                "userxattr"
+            } else {
+                "redirect_dir=off"
+            };
             let data = format!(
-                "lowerdir={lowerdir},upperdir=.,workdir={work},index=off,metacopy=off,redirect_dir=off"
+                "lowerdir={lowerdir},upperdir=.,workdir={work},index=off,metacopy=off,{redirect}"
             );
             overlay_step = Some(steps.len());
             steps.push(mount(
@@ -1294,6 +1537,16 @@ pub(crate) fn prepare(
         }
     }
 
+    if userns {
+        steps.push(mount(
+            "remounting the sandbox's root read-only:",
+            None,
+            root,
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            None,
+        )?);
+    }
     steps.push(Step::PivotRoot(root_c));
 
     Ok(Prepared {
@@ -1302,8 +1555,30 @@ pub(crate) fn prepare(
         overlay_step,
         lower,
         work_dir: overlay.then_some(work),
+        id_maps,
+        keep_capabilities: spec.user_namespace.is_some_and(|ns| ns.count > 1),
         filter: crate::seccomp::filter()?,
     })
+}
+
+/// The child's own id maps: `setgroups` denied first (the kernel requires it before an
+/// unprivileged gid map), then one line each mapping the caller's id.
+fn user_namespace_steps(ns: &UserNamespace) -> Vec<Step> {
+    let file = |path: &'static std::ffi::CStr, contents: String| Step::WriteExisting {
+        path: CString::from(path),
+        contents: contents.into_bytes(),
+    };
+    vec![
+        file(c"/proc/self/setgroups", "deny".into()),
+        file(
+            c"/proc/self/uid_map",
+            format!("{} {} 1\n", ns.inside_uid, ns.outside_uid),
+        ),
+        file(
+            c"/proc/self/gid_map",
+            format!("{} {} 1\n", ns.inside_gid, ns.outside_gid),
+        ),
+    ]
 }
 
 #[cfg(test)]
@@ -1725,6 +2000,127 @@ mod tests {
                 "installing the seccomp filter",
             ]
         );
+    }
+
+    #[test]
+    fn a_user_namespace_maps_the_caller_first_and_leaves_the_root_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path());
+        with_inputs(dir.path(), &mut s, 2);
+        // The caller's own ids: the child maps them itself.
+        s.user_namespace = Some(UserNamespace::for_caller());
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let p = prepare(&s, None, StoreMode::Bind).unwrap();
+        assert_eq!(p.clone_flags & libc::CLONE_NEWUSER, libc::CLONE_NEWUSER);
+        let written: Vec<(String, String)> = p
+            .ns_steps
+            .iter()
+            .take(3)
+            .map(|st| match st {
+                Step::WriteExisting { path, contents } => (
+                    path.to_string_lossy().into_owned(),
+                    String::from_utf8_lossy(contents).into_owned(),
+                ),
+                other => panic!("expected an id map step, got {}", other.describe()),
+            })
+            .collect();
+        // setgroups denied before the gid map (the kernel's rule for unprivileged maps).
+        assert_eq!(
+            written,
+            [
+                ("/proc/self/setgroups".into(), "deny".into()),
+                ("/proc/self/uid_map".into(), format!("1000 {uid} 1\n")),
+                ("/proc/self/gid_map".into(), format!("100 {gid} 1\n")),
+            ]
+        );
+        let steps = describe(&p);
+        let root = s.root.display().to_string();
+        assert_eq!(steps[3], "making all mounts private");
+        // /tmp has a tmpfs of its own, mounted right after its directory exists and before
+        // anything below it (the build directory's mount point) is made.
+        let tmp_dir = position(&steps, &format!("creating directory {root}/tmp"));
+        assert_eq!(steps[tmp_dir + 1], format!("mounting tmpfs on {root}/tmp"));
+        let build_mp = position(
+            &steps,
+            &format!("creating directory {root}{}", s.build_dir.display()),
+        );
+        assert!(tmp_dir + 1 < build_mp);
+        // The root read-only last, after every mount onto it.
+        let n = steps.len();
+        assert_eq!(
+            steps[n - 2],
+            format!("remounting the sandbox's root read-only: {root}")
+        );
+        assert_eq!(steps[n - 1], format!("pivoting the root to {root}"));
+        // Without one: no user namespace, no extra mounts.
+        let dir2 = tempfile::tempdir().unwrap();
+        let p = prepare(&spec(dir2.path()), None, StoreMode::Bind).unwrap();
+        assert_eq!(p.clone_flags & libc::CLONE_NEWUSER, 0);
+        let steps = describe(&p);
+        assert!(!steps.iter().any(|st| st.contains("/proc/self/")
+            || st.contains("read-only:")
+            || st.ends_with("/root/tmp") && st.starts_with("mounting")));
+    }
+
+    #[test]
+    fn a_range_is_mapped_by_the_parent_while_the_child_waits_then_switches_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path());
+        s.user_namespace = Some(UserNamespace::range(872_415_232, 65536));
+        if !nix::unistd::geteuid().is_root() {
+            return; // the root directory is chowned to the range: root only
+        }
+        let p = prepare(&s, None, StoreMode::Bind).unwrap();
+        let maps = p.id_maps.as_ref().expect("maps for the parent");
+        assert_eq!(maps.uid_map, "0 872415232 65536\n");
+        assert_eq!(maps.gid_map, "0 872415232 65536\n");
+        assert!(p.keep_capabilities);
+        let steps = describe(&p);
+        assert_eq!(
+            steps[..5],
+            [
+                "waiting for the parent to write the user namespace's id maps",
+                "setting supplementary groups to []",
+                "setgid to 0",
+                "setuid to 0",
+                "making all mounts private",
+            ]
+        );
+        assert_eq!(
+            p.privilege_steps(None)
+                .iter()
+                .map(Step::describe)
+                .collect::<Vec<_>>(),
+            ["setting no_new_privs", "installing the seccomp filter"]
+        );
+    }
+
+    #[test]
+    fn nix_2_etc_files_for_a_user_namespace() {
+        let files = nix_etc_files_userns(1000, 100, Path::new("/tmp/nix-build-x-0"));
+        let get = |n: &str| {
+            String::from_utf8(
+                files
+                    .iter()
+                    .find(|(p, _)| p == Path::new(n))
+                    .unwrap()
+                    .1
+                    .clone(),
+            )
+            .unwrap()
+        };
+        // As real Nix 2.8 writes them (seen from a builder of nix-store -r run without root).
+        assert_eq!(
+            get("passwd"),
+            "root:x:0:0:Nix build user:/tmp/nix-build-x-0:/noshell\n\
+             nixbld:x:1000:100:Nix build user:/tmp/nix-build-x-0:/noshell\n\
+             nobody:x:65534:65534:Nobody:/:/noshell\n"
+        );
+        assert_eq!(get("group"), "root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n");
+        assert_eq!(get("hosts"), "127.0.0.1 localhost\n::1 localhost\n");
     }
 
     #[test]

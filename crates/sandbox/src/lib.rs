@@ -1,24 +1,13 @@
-//! Spawning a builder: plainly (vfork-style clone and exec in a new session) or in a chroot inside new PID,
-//! mount, network, IPC and UTS namespaces.
-//!
-//! The caller prepares everything in a [`SandboxSpec`] (no nixb types: paths, strings, ids) and
-//! calls [`spawn`]. The parent turns the spec into a plan of syscalls ([`plan`]), clones, and
-//! the child walks that plan up to `execve`. A failing step is reported back through a
-//! close-on-exec pipe as (step index, errno), so the caller gets
-//! `SandboxError::Setup { step: "chdir to /tmp/nix-build-x-0", errno: ENOENT }` rather than an
-//! exit code. The returned [`Builder`] owns the child: a pidfd to poll for its exit, `kill`
-//! that takes everything in the sandbox with it, and `wait`/`try_wait`. Given a descriptor
-//! ([`SandboxSpec::announce`]), the child first writes `+<pid>` on it, so that a watchdog of
-//! the caller's knows the builder even if the caller dies before `spawn`/`start` returns.
-//!
-//! What this crate does not do: allocate build users, create the build directory, move outputs
-//! out of the chroot, or read the log pipe. Those are the caller's.
+#![doc = include_str!("../README.md")]
 
+mod cgroup;
 mod chroot;
 mod netns;
 mod plan;
 mod seccomp;
+mod stack;
 mod sys;
+mod userns;
 
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -32,9 +21,14 @@ use std::time::Duration;
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
 
-pub use chroot::{chroot_store_dir, nix_etc_files, BindMount, ChrootSpec, Network};
+pub use cgroup::{CgroupError, CgroupRoot};
+pub use chroot::{
+    chroot_store_dir, nix_etc_files, nix_etc_files_userns, BindMount, ChrootSpec, Network,
+    UserNamespace, SANDBOX_GID, SANDBOX_UID,
+};
 pub use netns::NetNsPool;
 use plan::{Exec, Kernel, Step, SETUP_FAILED_EXIT};
+pub use userns::{user_namespaces_available, UserNamespaceUnavailable};
 
 /// Everything needed to start one builder.
 pub struct SandboxSpec {
@@ -73,6 +67,11 @@ pub struct SandboxSpec {
     /// when the caller dies between the clone and the return of `spawn`/`start`. A write
     /// that fails (the reader is gone: `EPIPE`) is ignored and the builder runs on.
     pub announce: Option<RawFd>,
+    /// An empty cgroup v2 directory for this build (from [`CgroupRoot::create`]): the child
+    /// moves itself into it first of all, [`Builder::kill`] kills everything in it, and once
+    /// the builder is reaped what is left is killed, its figures read and the directory
+    /// removed.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Numeric ids of a build user.
@@ -143,9 +142,9 @@ impl Personality {
 
 /// How much the builder is shut in.
 pub enum Isolation {
-    /// clone(CLONE_VM | CLONE_VFORK)/exec in a new session (no copy of the caller's page
-    /// tables, so the cost does not grow with its size); the builder sees the host file
-    /// system.
+    /// clone(CLONE_VM)/exec in a new session (no copy of the caller's page tables, so the
+    /// cost does not grow with its size; `CLONE_VFORK` only when [`spawn`] waits for the
+    /// exec); the builder sees the host file system.
     Plain,
     /// New PID, mount, IPC, UTS (and usually network) namespaces, a chroot holding only what
     /// the spec lists, no capabilities and a seccomp filter.
@@ -242,7 +241,8 @@ fn stdio_steps(log_fd: RawFd, null_fd: RawFd, cwd: CString) -> Vec<Step> {
 /// Everything the child needs, kept alive in the parent until the child has exec'd or failed.
 struct Prepared {
     plan: Vec<Step>,
-    /// Namespace flags for the clone (`CLONE_VM | CLONE_VFORK` are always added).
+    /// Namespace flags for the clone (`CLONE_VM` is always added, `CLONE_VFORK` when the
+    /// caller waits for the exec and has no detached lower layer to make).
     clone_flags: libc::c_int,
     /// Index in `plan` of the overlay mount, when the chroot uses one.
     overlay_step: Option<usize>,
@@ -250,6 +250,8 @@ struct Prepared {
     detached_lower: bool,
     /// [`SandboxSpec::announce`].
     announce: Option<RawFd>,
+    /// [`SandboxSpec::cgroup`].
+    cgroup: Option<PathBuf>,
     // Held only so that the pointers and descriptors in `plan` stay valid.
     _chroot: Option<chroot::Prepared>,
 }
@@ -267,9 +269,18 @@ fn prepare(
             "the announcing descriptor is the log pipe".into(),
         ));
     }
+    // Into the build's cgroup before anything else: before it could fork.
+    let mut enter_cgroup = Vec::new();
+    if let Some(dir) = &spec.cgroup {
+        enter_cgroup.push(Step::WriteExisting {
+            path: path_cstring("cgroup", &dir.join("cgroup.procs"))?,
+            contents: b"0".to_vec(),
+        });
+    }
     match &spec.isolation {
         Isolation::Plain => {
-            let mut plan = vec![Step::Setsid];
+            let mut plan = enter_cgroup;
+            plan.push(Step::Setsid);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
             if let Some(u) = &spec.user {
@@ -282,28 +293,50 @@ fn prepare(
                 overlay_step: None,
                 detached_lower: false,
                 announce: spec.announce,
+                cgroup: spec.cgroup.clone(),
                 _chroot: None,
             })
         }
         Isolation::Chroot(c) => {
+            let user = match (&spec.user, &c.user_namespace) {
+                (Some(_), Some(_)) => {
+                    return Err(SandboxError::InvalidSpec(
+                        "a build user and a user namespace of the caller's together".into(),
+                    ))
+                }
+                (Some(u), None) => Some(user_steps(u)),
+                // The ids are mapped already (the namespace's first steps): these switch
+                // nothing, they check that the maps took (no setgroups: it is denied).
+                (None, Some(ns)) if !ns.by_parent() => Some(vec![
+                    Step::SetGid(ns.inside_gid),
+                    Step::SetUid(ns.inside_uid),
+                ]),
+                // Mapped by the parent: the switch came right after the maps (see
+                // `chroot::prepare`), before any file was made.
+                (None, Some(_)) => None,
+                (None, None) => None,
+            };
             let mut prep = chroot::prepare(c, spec.user.as_ref(), store_mode)?;
             // The new session first, as Nix's child does: besides detaching from any terminal
             // it moves the child into a scheduling group of its own (autogroup) before the
             // setup, instead of sharing the worker's while the worker goes on (`start`).
-            let mut plan = vec![Step::Setsid];
+            let mut plan = enter_cgroup;
+            let shift = plan.len() + 1;
+            plan.push(Step::Setsid);
             let ns_steps = std::mem::take(&mut prep.ns_steps);
             plan.extend(ns_steps);
             plan.extend(stdio_steps(log_fd, null_fd, cwd));
             plan.extend(spec.personality.steps());
-            plan.extend(prep.privilege_steps(spec.user.as_ref().map(user_steps)));
+            plan.extend(prep.privilege_steps(user));
             plan.push(exec_step(spec)?);
             Ok(Prepared {
                 plan,
                 clone_flags: prep.clone_flags,
-                // Shifted by the Setsid in front.
-                overlay_step: prep.overlay_step.map(|i| i + 1),
+                // Shifted by the Setsid (and the cgroup step) in front.
+                overlay_step: prep.overlay_step.map(|i| i + shift),
                 detached_lower: prep.lower.is_some(),
                 announce: spec.announce,
+                cgroup: spec.cgroup.clone(),
                 _chroot: Some(prep),
             })
         }
@@ -348,6 +381,7 @@ impl<S: plan::Syscalls> plan::Syscalls for Traced<S> {
 fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime fills the zeroed timespec; async-signal-safe.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid, writable timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -605,8 +639,8 @@ fn spawn_with(
     let overlay_step = prepared.overlay_step;
     let detached_lower = prepared.detached_lower;
     // A plain builder is not waited for either: its exec is quick, but under load the
-    // caller's thread would sleep until the child got a CPU (0.5-1.7 ms per build measured
-    // with two builders on two cores). An overlay (of each kind) is only trusted once one
+    // caller's thread would sleep until the child got a CPU (BENCHMARKS.md, "sandbox: `start`
+    // without waiting for a plain builder's exec"). An overlay (of each kind) is only trusted once one
     // has worked in this process, because a failed one is retried another way.
     let sync = wait_for_exec
         || trace.is_some()
@@ -665,13 +699,14 @@ struct Pending {
     err_read: OwnedFd,
     prepared: Box<Prepared>,
     _args: Box<ChildArgs>,
-    _stack: Vec<u8>,
+    _stack: stack::ChildStack,
 }
 
 // SAFETY: the raw pointers in the plan and the ChildArgs point into memory this struct owns
 // (or into the filter it owns) and are only read, by the child; on our side only `failure`
 // looks at the plan, reading. So a Builder stays Send and Sync as it was.
 unsafe impl Send for Pending {}
+// SAFETY: as for `Send` just above.
 unsafe impl Sync for Pending {}
 
 impl std::fmt::Debug for Pending {
@@ -731,9 +766,18 @@ fn spawn_prepared(
         announce: prepared.announce.unwrap_or(-1),
         pid: std::sync::atomic::AtomicI32::new(0),
     });
-    let mut stack = vec![0u8; CHILD_STACK];
-    // The stack grows down on every architecture Linux runs nixb on; keep the top 16-aligned.
-    let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+    let stack = match stack::ChildStack::new(CHILD_STACK) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = SandboxError::Process {
+                step: "mapping the setup stack".to_string(),
+                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::ENOMEM)),
+            };
+            return (Err((None, e)), Some(prepared));
+        }
+    };
+    // The stack grows down on every architecture Linux runs nixb on.
+    let top = stack.top();
     // A fork copies the page tables of the whole worker and then takes a copy-on-write fault
     // for every page either side touches until the child has exec'd, a cost that grows with
     // the worker's size. Sharing the address space copies nothing. The child's stack, `args`
@@ -756,7 +800,11 @@ fn spawn_prepared(
     };
     // With a detached lower layer the parent has work to do while the child runs, so it must
     // not be suspended; it then waits for the exec on the error pipe instead.
-    let vfork = if sync && !prepared.detached_lower {
+    let parent_maps = prepared
+        ._chroot
+        .as_ref()
+        .is_some_and(|c| c.id_maps.is_some());
+    let vfork = if sync && !prepared.detached_lower && !parent_maps {
         libc::CLONE_VFORK
     } else {
         0
@@ -810,7 +858,20 @@ fn spawn_prepared(
         pending: None,
         setup_error: None,
         work_dir: prepared._chroot.as_ref().and_then(|c| c.work_dir.clone()),
+        usage: None,
+        cgroup: prepared.cgroup.clone(),
     };
+    if let Some(maps) = prepared._chroot.as_mut().and_then(|c| c.id_maps.as_mut()) {
+        // The child waits for these first of all.
+        if let Err(e) = maps.write(pid.as_raw()) {
+            let _ = builder.kill();
+            let _ = builder.wait();
+            builder.retract_if_reaped(prepared.announce);
+            drop(stack);
+            drop(args);
+            return (Err((None, e)), Some(prepared));
+        }
+    }
     if let Some(lower) = prepared._chroot.as_mut().and_then(|c| c.lower.as_mut()) {
         // The child meanwhile sets up everything up to the overlay mount, where it waits.
         let t = std::time::Instant::now();
@@ -1017,6 +1078,44 @@ fn pidfd_open(pid: Pid) -> Result<OwnedFd, SandboxError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// What a builder used, from the kernel's accounting when it was reaped (`wait4`'s rusage):
+/// the builder and every descendant it waited for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResourceUsage {
+    /// CPU time in user mode.
+    pub user: Duration,
+    /// CPU time in the kernel.
+    pub system: Duration,
+    /// The largest resident set of any one of the processes (`ru_maxrss`), in bytes.
+    pub peak_memory: u64,
+    /// Bytes read from storage (`ru_inblock` blocks of 512 bytes; reads served from the
+    /// page cache are not counted).
+    pub read_bytes: u64,
+    /// Bytes written to storage (`ru_oublock` blocks of 512 bytes, counted when the pages
+    /// are dirtied).
+    pub written_bytes: u64,
+}
+
+impl ResourceUsage {
+    fn from_rusage(ru: &libc::rusage) -> ResourceUsage {
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec.max(0) as u64)
+                + Duration::from_micros(t.tv_usec.max(0) as u64)
+        };
+        ResourceUsage {
+            user: tv(ru.ru_utime),
+            system: tv(ru.ru_stime),
+            peak_memory: (ru.ru_maxrss.max(0) as u64) * 1024,
+            read_bytes: (ru.ru_inblock.max(0) as u64) * 512,
+            written_bytes: (ru.ru_oublock.max(0) as u64) * 512,
+        }
+    }
+}
+
+/// How long a reaped builder's cgroup may take to empty after `cgroup.kill` (the kernel kills
+/// at once; exiting processes with much memory take a moment to be torn down).
+const CGROUP_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
 /// A running builder. Dropping it kills and reaps it, so that it cannot outlive its build.
 #[derive(Debug)]
 pub struct Builder {
@@ -1031,6 +1130,10 @@ pub struct Builder {
     setup_error: Option<(String, Errno)>,
     /// The overlay work directory beside the chroot (overlay mode), removed once reaped.
     work_dir: Option<PathBuf>,
+    /// What it used, once reaped.
+    usage: Option<ResourceUsage>,
+    /// Its cgroup, until it has been emptied and removed after the reaping.
+    cgroup: Option<PathBuf>,
 }
 
 impl AsFd for Builder {
@@ -1055,6 +1158,8 @@ impl Builder {
             pending: None,
             setup_error: None,
             work_dir: None,
+            usage: None,
+            cgroup: None,
         })
     }
 
@@ -1078,6 +1183,10 @@ impl Builder {
         }
         if !self.own_pid_ns {
             self.kill_group();
+        }
+        if let Some(dir) = &self.cgroup {
+            // Everything the builder started, also what left its group and session.
+            cgroup::kill(dir);
         }
         // Through the pidfd, so that a recycled pid can never be hit.
         // SAFETY: pidfd_send_signal on a descriptor we own.
@@ -1131,6 +1240,7 @@ impl Builder {
         loop {
             // SAFETY: waitid fills a zeroed siginfo_t.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `info` is a valid, writable siginfo_t; the pid is our unreaped child.
             let r = unsafe {
                 libc::waitid(
                     libc::P_PID,
@@ -1155,9 +1265,11 @@ impl Builder {
             self.kill_group();
         }
         let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value; wait4 overwrites it.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         loop {
-            // SAFETY: reaping our own child, known to have exited.
-            let r = unsafe { libc::waitpid(self.pid.as_raw(), &mut status, 0) };
+            // SAFETY: reaping our own child, known to have exited; wait4 fills `ru`.
+            let r = unsafe { libc::wait4(self.pid.as_raw(), &mut status, 0, &mut ru) };
             if r == -1 {
                 if Errno::last() == Errno::EINTR {
                     continue;
@@ -1168,6 +1280,18 @@ impl Builder {
         }
         let s = ExitStatus::from_raw(status);
         self.status = Some(s);
+        let mut usage = ResourceUsage::from_rusage(&ru);
+        if let Some(dir) = self.cgroup.take() {
+            // What is left (a daemon that left the group and session) dies now; then the
+            // figures of everything that ran in the cgroup replace the rusage's.
+            let (cg, _removed) = cgroup::finish(&dir, CGROUP_DRAIN_LIMIT);
+            usage.user = cg.user.unwrap_or(usage.user);
+            usage.system = cg.system.unwrap_or(usage.system);
+            usage.peak_memory = cg.peak_memory.unwrap_or(usage.peak_memory);
+            usage.read_bytes = cg.read_bytes.unwrap_or(usage.read_bytes);
+            usage.written_bytes = cg.written_bytes.unwrap_or(usage.written_bytes);
+        }
+        self.usage = Some(usage);
         // The child is gone, so nothing uses the plan or its stack any more, and the record
         // of a failed step, if any, is in the pipe.
         if let Some(p) = self.pending.take() {
@@ -1177,9 +1301,15 @@ impl Builder {
             // Only the kernel's empty work/work is left in it; the mount went with the
             // namespace. A failure leaves a directory behind and costs nothing else (the next
             // prepare of this root removes it), so it is not worth failing the build for.
-            let _ = std::fs::remove_dir_all(w);
+            let _ = chroot::remove_overlay_work_dir(&w);
         }
         self.outcome(s)
+    }
+
+    /// What the builder and the descendants it waited for used, once it has been reaped
+    /// (by [`Builder::wait`] or [`Builder::try_wait`]).
+    pub fn resource_usage(&self) -> Option<ResourceUsage> {
+        self.usage
     }
 
     fn outcome(&self, s: ExitStatus) -> Result<Option<ExitStatus>, SandboxError> {

@@ -109,6 +109,12 @@ pub(crate) enum Step {
         path: CString,
         contents: Vec<u8>,
     },
+    /// Writes `contents` to an existing file in one `write` (the kernel takes an id map in
+    /// one piece only), e.g. `/proc/self/uid_map`.
+    WriteExisting {
+        path: CString,
+        contents: Vec<u8>,
+    },
     /// `mount_setattr`: set (or clear) the read-only flag of the mount at `path`, and with
     /// `recursive` of every mount below it. Other mount flags (nosuid, nodev, noexec) stay as
     /// they are, which a `MS_REMOUNT` would have to be told about.
@@ -124,6 +130,8 @@ pub(crate) enum Step {
     WaitForLower {
         ready: *const AtomicU32,
         arrived: *const AtomicU32,
+        /// What the parent is doing meanwhile, for error messages.
+        what: &'static str,
     },
     /// Set a word of the parent's to 1 (the overlay is mounted: the parent may look the store
     /// inputs up in it, `chroot::DetachedLower::warm_up`, which spins on it). Cannot fail.
@@ -191,7 +199,9 @@ impl Step {
             Step::MkDir { path, .. } => format!("creating directory {}", s(path)),
             Step::MkFile(p) => format!("creating mount point {}", s(p)),
             Step::Symlink { link, .. } => format!("creating symlink {}", s(link)),
-            Step::WriteFile { path, .. } => format!("writing {}", s(path)),
+            Step::WriteFile { path, .. } | Step::WriteExisting { path, .. } => {
+                format!("writing {}", s(path))
+            }
             Step::SetReadOnly {
                 path,
                 read_only,
@@ -206,9 +216,7 @@ impl Step {
                 },
                 if *read_only { "read-only" } else { "writable" }
             ),
-            Step::WaitForLower { .. } => {
-                "waiting for the parent to make the store's mount points".into()
-            }
+            Step::WaitForLower { what, .. } => format!("waiting for the parent to {what}"),
             Step::Notify(_) => "telling the parent the overlay is mounted".into(),
             Step::PivotRoot(r) => format!("pivoting the root to {}", s(r)),
             Step::Setsid => "creating a new session".into(),
@@ -284,6 +292,7 @@ impl Syscalls for Kernel {
         // SAFETY (whole block): every pointer passed below comes from a CString or Vec owned by
         // the plan, which the parent keeps alive until this child has exec'd or exited, or
         // from this function's own frame.
+        // SAFETY: see the whole-block note above.
         unsafe {
             match step {
                 Step::MakeMountsPrivate => call(
@@ -355,6 +364,29 @@ impl Syscalls for Kernel {
                     a3(p(target.as_ptr()), AT_FDCWD, p(link.as_ptr())),
                 ),
                 Step::WriteFile { path, contents } => write_file(path, contents),
+                Step::WriteExisting { path, contents } => {
+                    let fd = sys(
+                        libc::SYS_openat,
+                        [
+                            AT_FDCWD,
+                            p(path.as_ptr()),
+                            i(libc::O_WRONLY | libc::O_CLOEXEC),
+                            0,
+                            0,
+                            0,
+                        ],
+                    )?;
+                    let r = sys(
+                        libc::SYS_write,
+                        a3(fd, p(contents.as_ptr()), contents.len()),
+                    );
+                    let _ = sys(libc::SYS_close, a1(fd));
+                    match r {
+                        Ok(n) if n == contents.len() => Ok(()),
+                        Ok(_) => Err(Errno::EIO),
+                        Err(e) => Err(e),
+                    }
+                }
                 Step::SetReadOnly {
                     path,
                     read_only,
@@ -386,6 +418,7 @@ impl Syscalls for Kernel {
                 Step::WaitForLower {
                     ready: word,
                     arrived,
+                    ..
                 } => loop {
                     // Plain atomic stores and loads: no call, and only the parent's words
                     // written, which is what they are for.

@@ -196,6 +196,7 @@ pub(crate) struct Filter {
 // `Filter::new`, and only read afterwards (by the kernel, from a child's `seccomp` call), so
 // sharing one between threads is sound.
 unsafe impl Send for Filter {}
+// SAFETY: as for `Send` just above.
 unsafe impl Sync for Filter {}
 
 impl Filter {

@@ -1,7 +1,8 @@
 //! Raw system calls for the cloned child, which never touch `errno`.
 //!
-//! A chroot builder is cloned with `CLONE_VM` and the parent thread goes on running while the
-//! child sets up its sandbox (see `spawn_prepared`). Without `CLONE_SETTLS` the child also
+//! Every builder is cloned with `CLONE_VM`, and the parent thread goes on running while the
+//! child sets up (after `start`, and while the parent fills a detached lower layer; see
+//! `spawn_prepared`). Without `CLONE_SETTLS` the child also
 //! shares the parent thread's thread-local storage, and so its `errno`: every libc wrapper
 //! that fails would write the parent's `errno` while the parent may be between a failing call
 //! of its own and the read of its `errno`. These wrappers return the kernel's `-errno` as an
@@ -12,8 +13,9 @@
 //! sys(nr, [a0..a5]) -> Result<usize, Errno>
 //! ```
 //!
-//! Only x86_64 and aarch64 have them; elsewhere [`AVAILABLE`] is false and the child is cloned
-//! with `CLONE_VFORK` as well, so that the parent is suspended while it runs.
+//! Only x86_64 and aarch64 have them; elsewhere [`AVAILABLE`] is false and `start` waits for
+//! the exec like `spawn`: the child is cloned with `CLONE_VFORK` as well, so that the parent
+//! is suspended while it runs, unless the parent has a detached lower layer to fill.
 
 use nix::errno::Errno;
 
@@ -73,8 +75,8 @@ pub(crate) unsafe fn raw(nr: libc::c_long, a: [usize; 6]) -> isize {
     ret
 }
 
-/// Elsewhere: libc's `syscall`, which does set `errno` (the child is then cloned with
-/// `CLONE_VFORK`, see [`AVAILABLE`]).
+/// Elsewhere: libc's `syscall`, which does set `errno` (the caller then waits for the exec,
+/// see [`AVAILABLE`]).
 ///
 /// # Safety
 /// As for the system call `nr` with these arguments: pointers must be valid for it.
@@ -123,6 +125,7 @@ mod tests {
         let pid = unsafe { sys(libc::SYS_getpid, [0; 6]) }.unwrap();
         assert_eq!(pid as u32, std::process::id());
         Errno::clear();
+        // SAFETY: closing descriptor -1 touches nothing.
         let r = unsafe { sys(libc::SYS_close, [i(-1), 0, 0, 0, 0, 0]) };
         assert_eq!(r, Err(Errno::EBADF));
         if AVAILABLE {
@@ -131,6 +134,7 @@ mod tests {
         // A pointer argument: write two bytes to a pipe and read them back.
         let (r, w) = nix::unistd::pipe().unwrap();
         use std::os::fd::AsRawFd;
+        // SAFETY: the literal is readable for 2 bytes; `w` is open.
         let n = unsafe {
             sys(
                 libc::SYS_write,
@@ -139,6 +143,7 @@ mod tests {
         };
         assert_eq!(n, Ok(2));
         let mut buf = [0u8; 2];
+        // SAFETY: `buf` is writable for the 2 bytes asked for; `r` is open.
         let n = unsafe {
             sys(
                 libc::SYS_read,

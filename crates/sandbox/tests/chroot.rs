@@ -1,5 +1,7 @@
 //! Chroot mode, run for real: these tests need root (namespaces, mounts). Without root they
-//! fail when CI is set and are skipped otherwise.
+//! fail when CI is set and are skipped otherwise. As root, one more test re-runs all of them
+//! but the [`ROOT_ONLY`] ones as an unprivileged uid with no passwd entry, where every
+//! builder gets a user namespace of its own ([`UserNamespace`]) instead of a build user.
 //!
 //! Builders are `/bin/sh -c` scripts with /bin, /lib, /lib64 and /usr bound read-only.
 
@@ -14,19 +16,35 @@ use std::time::{Duration, Instant};
 
 use nixb_sandbox::{
     spawn, start, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network, Personality,
-    SandboxError, SandboxSpec,
+    SandboxError, SandboxSpec, UserNamespace,
 };
 
+/// Set in the environment of the unprivileged re-run (see
+/// [`every_test_but_the_root_only_ones_passes_as_an_unprivileged_uid`]).
+const UNPRIVILEGED_RUN: &str = "NIXB_TEST_UNPRIVILEGED";
+
+/// A uid and gid that no host account has: a caller without root and without a name.
+const UNPRIVILEGED_ID: u32 = 54321;
+
+/// Tests that need root itself, not only namespaces: a build user with no namespace of its
+/// own, or a network namespace made ahead of time (CAP_SYS_ADMIN in the host's).
+const ROOT_ONLY: &[&str] = &[
+    "capabilities_are_dropped_even_without_a_build_user",
+    "pooled_network_namespace_is_just_as_private",
+    "a_uid_range_builder_chowns_to_several_of_its_ids",
+    "every_test_but_the_root_only_ones_passes_as_an_unprivileged_uid",
+];
+
+/// Whether this process runs the tests without root (the re-run), builders in user
+/// namespaces.
+fn unprivileged() -> bool {
+    !nix::unistd::geteuid().is_root()
+}
+
+/// Root, or the unprivileged re-run, whose builders use a user namespace instead.
 fn have_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "chroot sandbox tests need root (namespaces and mounts) and CI is set"
-    );
-    eprintln!("skipping: not root");
-    false
+    std::env::var_os(UNPRIVILEGED_RUN).is_some()
+        || nixb_testsupport::required(&[nixb_testsupport::Need::Root])
 }
 
 /// A temporary directory holding the chroot root, the build directory and a fake store.
@@ -102,10 +120,17 @@ impl Case {
         for d in ["/lib", "/lib64"] {
             spec.binds.push(BindMount::same(d).read_only().optional());
         }
+        // Without root: no build user, the caller mapped to 1000:100 in a namespace instead.
+        let user = if unprivileged() {
+            spec.user_namespace = Some(UserNamespace::for_caller());
+            None
+        } else {
+            nobody()
+        };
         Case {
             scratch,
             spec,
-            user: nobody(),
+            user,
             cwd: build,
             sync: false,
             announce: None,
@@ -164,6 +189,7 @@ impl Case {
             personality: Personality::default(),
             isolation: Isolation::Chroot(self.spec),
             announce: self.announce,
+            cgroup: None,
         };
         let root = match &spec.isolation {
             Isolation::Chroot(c) => c.root.clone(),
@@ -244,7 +270,13 @@ fn no_capabilities_no_new_privs_and_seccomp_as_nobody() {
         Case::new(),
         "id -u; id -g; grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status",
     );
-    let expected = "65534\n65534\n\
+    let ids = if unprivileged() {
+        "1000\n100\n"
+    } else {
+        "65534\n65534\n"
+    };
+    let expected = ids.to_string()
+        + "\
         CapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n\
         CapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\n";
     assert_eq!(out, expected);
@@ -484,6 +516,7 @@ fn a_started_builder_reports_its_failed_step_when_waited_for() {
         personality: Personality::default(),
         isolation: Isolation::Chroot(c.spec),
         announce: None,
+        cgroup: None,
     };
     let mut b = start(spec).expect("start");
     let e = b.wait().expect_err("exec of a non-executable file");
@@ -647,8 +680,14 @@ fn store_view(n_inputs: usize) {
     );
     // Output files belong to the builder (nobody), not to root.
     use std::os::unix::fs::MetadataExt;
+    // Without root: the caller's, whose ids the builder has in its namespace.
     let md = std::fs::metadata(store.join("cccccccccccccccccccccccccccccccc-file")).unwrap();
-    assert_eq!((md.uid(), md.gid()), (65534, 65534));
+    let builder_ids = if unprivileged() {
+        (UNPRIVILEGED_ID, UNPRIVILEGED_ID)
+    } else {
+        (65534, 65534)
+    };
+    assert_eq!((md.uid(), md.gid()), builder_ids);
     // The writable input was written through to the host.
     assert!(c_input_host(&root, "wwwwwwwwwwwwwwwwwwwwwwwwwwwwwwww-rw")
         .join("new")
@@ -712,8 +751,12 @@ fn skeleton_modes_are_exact_and_the_builder_keeps_the_callers_umask() {
             "/proc 555",
             "/nix 755",
             // The store directory is the chroot directory on disk (1770 root:gid: closed to
-            // other local users).
-            "/nix/store 1770",
+            // other local users; 0700 without root, the builder being its owner).
+            if unprivileged() {
+                "/nix/store 700"
+            } else {
+                "/nix/store 1770"
+            },
         ],
         "{out}"
     );
@@ -743,6 +786,7 @@ fn spawn_traced_times_every_step_up_to_the_exec() {
         personality: Personality::default(),
         isolation: Isolation::Chroot(case.spec),
         announce: None,
+        cgroup: None,
     };
     let (mut b, trace) = nixb_sandbox::spawn_traced(spec).expect("spawn_traced");
     assert!(b.wait().unwrap().success());
@@ -752,7 +796,11 @@ fn spawn_traced_times_every_step_up_to_the_exec() {
     for want in [
         "making all mounts private",
         "installing the seccomp filter",
-        "setuid to 65534",
+        if unprivileged() {
+            "setuid to 1000"
+        } else {
+            "setuid to 65534"
+        },
     ] {
         assert!(names.contains(&want), "{want} missing: {names:#?}");
     }
@@ -876,6 +924,7 @@ fn overlay_lower_layer_made_by_the_parent_or_by_the_child() {
             personality: Personality::default(),
             isolation: Isolation::Chroot(c.spec),
             announce: None,
+            cgroup: None,
         };
         let (mut b, trace) = nixb_sandbox::spawn_traced(spec).expect("spawn_traced");
         let mut out = String::new();
@@ -888,9 +937,11 @@ fn overlay_lower_layer_made_by_the_parent_or_by_the_child() {
             .iter()
             .any(|s| s.starts_with("mounting the store directory overlay"));
         assert_eq!(overlay, kernel_has_overlay, "{names:#?}");
+        // Without root the parent cannot make a file system (fsopen needs CAP_SYS_ADMIN in
+        // its user namespace, the host's): the child makes the lower layer.
         assert_eq!(
             waited,
-            parent_makes_it && overlay && kernel_version() >= (6, 15),
+            parent_makes_it && overlay && kernel_version() >= (6, 15) && !unprivileged(),
             "{names:#?}"
         );
         assert_eq!(trace.parallel.is_empty(), !waited, "{:?}", trace.parallel);
@@ -1041,4 +1092,100 @@ fn a_started_builder_that_fails_later_leaves_the_retraction_to_the_caller() {
         Err(SandboxError::Setup { .. })
     ));
     assert_eq!(available(&mut ann), format!("+{pid}\n"));
+}
+
+/// Every test of this file but [`ROOT_ONLY`], re-run by this test binary as a uid and gid
+/// without a passwd entry (`setpriv`), so that builders get a user namespace of their own.
+/// The count of passed tests must be the count listed: none may skip.
+#[test]
+fn every_test_but_the_root_only_ones_passes_as_an_unprivileged_uid() {
+    if unprivileged() {
+        // In the re-run this test is skipped by name; run directly without root it is the
+        // other tests that run or skip.
+        have_root();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let listed = std::process::Command::new(&exe)
+        .args(["--list", "--format=terse"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    let expected = listed
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|name| !ROOT_ONLY.contains(name))
+        .count();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.arg(format!("--reuid={UNPRIVILEGED_ID}"))
+        .arg(format!("--regid={UNPRIVILEGED_ID}"))
+        .arg("--clear-groups")
+        .arg(&exe)
+        .args(["--exact", "--test-threads=2"])
+        .env(UNPRIVILEGED_RUN, "1")
+        // A TMPDIR of root's could not be written to.
+        .env_remove("TMPDIR");
+    for name in ROOT_ONLY {
+        cmd.args(["--skip", name]);
+    }
+    let out = cmd.output().expect("running setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the unprivileged re-run failed:\n{stdout}\n{stderr}"
+    );
+    let summary = format!("test result: ok. {expected} passed; 0 failed");
+    assert!(
+        stdout.contains(&summary),
+        "expected '{summary}' from the unprivileged re-run:\n{stdout}\n{stderr}"
+    );
+    assert!(!stderr.contains("skipping"), "{stderr}");
+}
+
+/// `uid-range`: 65536 ids from an unused block (as `auto-allocate-uids` hands them out),
+/// mapped by the parent; the builder is root in its namespace and can `chown` to several of
+/// its ids, which land on the block's ids outside.
+#[test]
+fn a_uid_range_builder_chowns_to_several_of_its_ids() {
+    if unprivileged() {
+        // The parent must be root to map a range; in the re-run this test is skipped.
+        have_root();
+        return;
+    }
+    let first = 872_415_232 + 7 * 65536;
+    let mut c = Case::new();
+    c.user = None;
+    c.spec.user_namespace = Some(UserNamespace::range(first, 65536));
+    std::os::unix::fs::chown(&c.cwd, Some(first), Some(first)).unwrap();
+    let (st, out, root, _s) = c.run(
+        "id -u; id -g; cat /proc/self/uid_map; \
+         mkdir /nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out && cd /nix/store/*-out && \
+         touch a b c && chown 1:1 a && chown 1000:100 b && chown 65535:65535 c && \
+         grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status",
+    );
+    assert!(st.success(), "{out}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("0"), "{out}");
+    assert_eq!(lines.next(), Some("0"), "{out}");
+    let map: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(map, ["0", &first.to_string(), "65536"], "{out}");
+    // Capabilities over its own namespaces only; still no new privileges, still filtered.
+    let rest: Vec<&str> = lines.collect();
+    assert!(rest[0].starts_with("CapEff:\t") && rest[0] != "CapEff:\t0000000000000000");
+    assert_eq!(rest[1..], ["NoNewPrivs:\t1", "Seccomp:\t2"], "{out}");
+    use std::os::unix::fs::MetadataExt;
+    let dir = nixb_sandbox::chroot_store_dir(&root).join("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-out");
+    let owner = |f: &str| {
+        let md = std::fs::metadata(dir.join(f)).unwrap();
+        (md.uid(), md.gid())
+    };
+    assert_eq!(owner("a"), (first + 1, first + 1));
+    assert_eq!(owner("b"), (first + 1000, first + 100));
+    assert_eq!(owner("c"), (first + 65535, first + 65535));
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().uid(),
+        first,
+        "root inside is the block's first id outside"
+    );
 }

@@ -1,4 +1,4 @@
-//! Plain mode: vfork-style clone and exec in a new session, no namespaces.
+//! Plain mode: a clone sharing the caller's memory, exec in a new session, no namespaces.
 
 mod common;
 
@@ -29,6 +29,7 @@ fn sh(script: &str, cwd: PathBuf, log: OwnedFd) -> SandboxSpec {
         personality: Personality::default(),
         isolation: Isolation::Plain,
         announce: None,
+        cgroup: None,
     }
 }
 
@@ -190,6 +191,7 @@ fn pidfd_becomes_readable_on_exit() {
     let n = unsafe { libc::poll(&mut pfd, 1, 0) };
     assert_eq!(n, 0, "pidfd readable while the builder runs");
     assert!(b.try_wait().unwrap().is_none());
+    // SAFETY: one valid pollfd.
     let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
     assert_eq!(n, 1);
     assert!(b.try_wait().unwrap().unwrap().success());
@@ -286,6 +288,7 @@ fn signal_mask_and_dispositions_are_reset_and_the_callers_mask_restored() {
     }
     // SAFETY: as above.
     assert_eq!(unsafe { libc::sigismember(&after, libc::SIGTERM) }, 1);
+    // SAFETY: `after` is an initialised sigset_t.
     assert_eq!(unsafe { libc::sigismember(&after, libc::SIGUSR1) }, 0);
 }
 

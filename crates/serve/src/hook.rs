@@ -311,6 +311,31 @@ pub fn strip_ansi(s: &str) -> String {
 }
 
 /// Everything the hook needs besides its standard streams.
+/// Nix's report of a build no machine can take: the derivation, what it requires and every
+/// machine considered, one `(systems, maxjobs, supportedFeatures, mandatoryFeatures)` line
+/// each, as Nix 2.x's build hook prints it.
+pub fn no_machine_message(req: &HookRequest, machines: &[Machine]) -> String {
+    let join =
+        |v: &mut dyn Iterator<Item = &String>| v.map(String::as_str).collect::<Vec<_>>().join(", ");
+    let base = req.drv_path.rsplit('/').next().unwrap_or(&req.drv_path);
+    let mut m = format!(
+        "Failed to find a machine for remote build!\nderivation: {base}\nrequired (system, features): ({}, {})\n{} available machines:\n(systems, maxjobs, supportedFeatures, mandatoryFeatures)\n",
+        req.platform,
+        join(&mut req.required_features.iter()),
+        machines.len()
+    );
+    for machine in machines {
+        m.push_str(&format!(
+            "({}, {}, {}, {})\n",
+            join(&mut machine.systems.iter()),
+            machine.max_jobs,
+            join(&mut machine.supported_features.iter()),
+            join(&mut machine.mandatory_features.iter())
+        ));
+    }
+    m
+}
+
 pub struct Hook<'a> {
     pub settings: HookSettings,
     pub machines: Vec<Machine>,
@@ -320,6 +345,9 @@ pub struct Hook<'a> {
     /// `builders-use-substitutes`: let the machine fetch the inputs it lacks from its own
     /// substituters before they are copied from here.
     pub use_substitutes: bool,
+    /// `system-features` of this machine: with them, a build no machine can take that the
+    /// local machine cannot do either is reported with the machines considered.
+    pub local_features: BTreeSet<String>,
     pub connector: &'a mut dyn Connector,
     /// Makes a sink for a remote's standard error (the build log, fd 4 in the hook).
     pub log: &'a mut dyn FnMut() -> Box<dyn Write + Send>,
@@ -390,7 +418,17 @@ impl Hook<'_> {
                 source: std::io::Error::other(e.to_string()),
             })?;
             match choice {
-                Choice::NoneSuitable => return Ok(Found::Reply(HookReply::Decline)),
+                Choice::NoneSuitable => {
+                    let could_build_locally = req.platform == self.settings.this_system
+                        && req.required_features.is_subset(&self.local_features);
+                    if !could_build_locally {
+                        // Declined by every machine and not buildable here: say why, as
+                        // Nix's hook does, before the engine reports the failure.
+                        let _ =
+                            replies.write_all(no_machine_message(req, &self.machines).as_bytes());
+                    }
+                    return Ok(Found::Reply(HookReply::Decline));
+                }
                 // Every suitable machine that is up is busy: wait for one, unless the
                 // local machine can do it now, or the rest were unreachable.
                 Choice::AllBusy if can_build_locally || !unreachable.is_empty() => {

@@ -15,7 +15,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -63,30 +62,13 @@ fn restore_hashed(
     Ok((hr.hasher.finish(), hr.count))
 }
 
-/// Removes a tree that may be read-only (store paths are `0555`).
+/// Removes a tree that may be read-only (see [`nixb_store::delete::delete_path`]).
 pub(crate) fn remove_tree(path: &Path) -> Result<(), ServeError> {
-    let io = |step| {
-        move |source| ServeError::Io {
-            step,
-            path: path.display().to_string(),
-            source,
-        }
-    };
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io("examining")(e)),
-    };
-    if meta.is_dir() {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-            .map_err(io("making writable"))?;
-        for entry in std::fs::read_dir(path).map_err(io("reading directory"))? {
-            remove_tree(&entry.map_err(io("reading directory"))?.path())?;
-        }
-        std::fs::remove_dir(path).map_err(io("removing"))
-    } else {
-        std::fs::remove_file(path).map_err(io("removing"))
-    }
+    nixb_store::delete::delete_path(path).map_err(|e| ServeError::Io {
+        step: e.step,
+        path: e.path.display().to_string(),
+        source: e.source,
+    })
 }
 
 /// A scratch name in the store directory, on the same file system as the final path so
@@ -125,7 +107,7 @@ fn skip_nar(store: &LocalStore, nar: &mut impl Read, what: &str) -> Result<(), S
 /// own parent. Nix 2.x's `locksHeld`, filled by its build hook the same way.
 static LOCKS_HELD: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
 
-/// Marks `paths` as locked by our parent (see [`LOCKS_HELD`]).
+/// Marks `paths` as locked by our parent (see `LOCKS_HELD`).
 pub fn assume_locks_held(paths: impl IntoIterator<Item = PathBuf>) {
     if let Ok(mut held) = LOCKS_HELD.lock() {
         held.extend(paths);

@@ -21,7 +21,8 @@ use nixb_serve::machines::parse_machines;
 
 #[test]
 fn hook_builds_on_real_nix_over_real_ssh_in_a_network_namespace() {
-    if !(netns::can_run() && have_nix()) {
+    nixb_testsupport::require!(Nix);
+    if !netns::can_run() {
         return;
     }
     let w = World::new();
@@ -96,6 +97,7 @@ fn hook_builds_on_real_nix_over_real_ssh_in_a_network_namespace() {
         state_dir: w.path("local/state"),
         store: &store,
         use_substitutes: false,
+        local_features: Default::default(),
         connector: &mut conn,
         log: &mut mk_log,
     }

@@ -11,9 +11,7 @@ use nixb_serve::{BuildOptions, BuildStatus};
 
 #[test]
 fn handshake_reports_protocol_2_7() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let (c, h, _log) = w.connect_nix("remote");
     assert_eq!(c.remote_version(), 0x207);
@@ -23,9 +21,7 @@ fn handshake_reports_protocol_2_7() {
 
 #[test]
 fn closure_goes_over_and_real_nix_agrees_on_hashes() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let local = w.local("local");
     let (a, b) = add_sources(&w, &local, "x");
@@ -71,9 +67,7 @@ fn closure_goes_over_and_real_nix_agrees_on_hashes() {
 
 #[test]
 fn remote_build_and_outputs_copied_back() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let local = w.local("local");
     let (a, b) = add_sources(&w, &local, "y");
@@ -151,9 +145,7 @@ fn remote_build_and_outputs_copied_back() {
 
 #[test]
 fn a_failing_remote_build_is_a_build_failure_with_its_log() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let local = w.local("local");
     let drv = make_drv(
@@ -187,9 +179,7 @@ fn a_failing_remote_build_is_a_build_failure_with_its_log() {
 
 #[test]
 fn build_timeout_is_honoured_remotely() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let local = w.local("local");
     let drv = make_drv(&w, "slow", "/bin/sleep 30; echo > $out", &[], &["out"]);
@@ -209,9 +199,7 @@ fn build_timeout_is_honoured_remotely() {
 
 #[test]
 fn import_stream_and_dump_interoperate_with_real_nix() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let local = w.local("local");
     let (a, b) = add_sources(&w, &local, "z");

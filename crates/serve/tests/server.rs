@@ -137,9 +137,7 @@ fn build_paths_and_export_stream_against_the_server() {
 
 #[test]
 fn server_outputs_are_identical_to_real_nix_outputs() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let local = w.local("local");
     let (a, b) = add_sources(&w, &local, "same");
@@ -177,9 +175,7 @@ fn server_outputs_are_identical_to_real_nix_outputs() {
 
 #[test]
 fn real_nix_copies_to_the_nixb_server_over_its_ssh_store() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let bin = w.fake_ssh_to_nixb("server");
     // A path in real Nix's own store (the client), with a reference.
@@ -247,9 +243,7 @@ fn real_nix_copies_to_the_nixb_server_over_its_ssh_store() {
 
 #[test]
 fn real_nix_build_hook_builds_on_the_nixb_server() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let w = World::new();
     let bin = w.fake_ssh_to_nixb("server");
     let expr = "derivation { name = \"offloaded\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [\"-c\" \"echo built-remotely-by-nixb >&2; echo remote > $out\"]; }";

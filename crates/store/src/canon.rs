@@ -32,6 +32,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, Mode, Timestamps};
+use rustix::time::Timespec;
+
 /// The mtime Nix gives every file in the store.
 pub const MTIME_STORE: i64 = 1;
 
@@ -97,14 +100,6 @@ fn cpath(path: &Path) -> Result<CString, CanonError> {
         .map_err(|_| io_err("converting path", path)(io::Error::from_raw_os_error(libc::EINVAL)))
 }
 
-fn check(ret: libc::c_int) -> io::Result<()> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Canonicalises the metadata of `path` and everything below it (see the module doc).
 /// `expected_uid` is the build user's uid when builds run under one.
 pub fn canonicalise_path_metadata(
@@ -116,8 +111,7 @@ pub fn canonicalise_path_metadata(
     // The top-level path must end up ours: a store path owned by someone else could be
     // replaced by them, since the store directory itself is group-writable.
     let st = std::fs::symlink_metadata(path).map_err(io_err("getting attributes of", path))?;
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     if st.uid() != euid {
         return Err(CanonError::WrongOwnership {
             path: path.to_path_buf(),
@@ -165,39 +159,40 @@ fn canonicalise(
             } else {
                 0o444
             };
-            // SAFETY: valid C string; `path` is not a symlink (lstat above), so chmod does not follow one.
-            check(unsafe { libc::chmod(c.as_ptr(), new) })
-                .map_err(io_err("changing mode of", path))?;
+            // `path` is not a symlink (lstat above), so chmod does not follow one.
+            rustix::fs::chmod(c.as_c_str(), Mode::from_raw_mode(new))
+                .map_err(|e| io_err("changing mode of", path)(e.into()))?;
         }
     }
     if st.mtime() != MTIME_STORE {
-        let times = [
-            libc::timespec {
+        let times = Timestamps {
+            last_access: Timespec {
                 tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
+                tv_nsec: rustix::fs::UTIME_OMIT,
             },
-            libc::timespec {
-                tv_sec: MTIME_STORE as libc::time_t,
+            last_modification: Timespec {
+                tv_sec: MTIME_STORE,
                 tv_nsec: 0,
             },
-        ];
-        // SAFETY: valid C string and a two-element timespec array, as utimensat requires.
-        check(unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })
-        .map_err(io_err("setting modification time of", path))?;
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            c.as_c_str(),
+            &times,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_err("setting modification time of", path)(e.into()))?;
     }
-    // SAFETY: plain getters.
-    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    if st.uid() != euid || st.gid() != egid {
-        // SAFETY: valid C string; lchown never follows a symlink.
-        check(unsafe { libc::lchown(c.as_ptr(), euid, egid) })
-            .map_err(io_err("changing owner of", path))?;
+    let (euid, egid) = (rustix::process::geteuid(), rustix::process::getegid());
+    if st.uid() != euid.as_raw() || st.gid() != egid.as_raw() {
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            c.as_c_str(),
+            Some(euid),
+            Some(egid),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_err("changing owner of", path)(e.into()))?;
     }
 
     if ft.is_dir() {
@@ -214,36 +209,26 @@ fn canonicalise(
 
 /// Removes extended attributes, which could carry POSIX ACLs that survive the chmod.
 fn remove_xattrs(c: &CString, path: &Path) -> Result<(), CanonError> {
-    // SAFETY: a null buffer of size 0 asks for the needed size.
-    let size = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
-    if size < 0 {
-        let e = io::Error::last_os_error();
+    let size = match rustix::fs::llistxattr_query(c.as_c_str()) {
+        Ok(n) => n,
         // File systems without xattr support have nothing to remove.
-        if e.raw_os_error() == Some(libc::ENOTSUP) {
-            return Ok(());
-        }
-        return Err(io_err("listing extended attributes of", path)(e));
-    }
+        Err(rustix::io::Errno::NOTSUP) => return Ok(()),
+        Err(e) => return Err(io_err("listing extended attributes of", path)(e.into())),
+    };
     if size == 0 {
         return Ok(());
     }
-    let mut buf = vec![0u8; size as usize];
-    // SAFETY: buf has exactly the size passed.
-    let got = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if got < 0 {
-        return Err(io_err("listing extended attributes of", path)(
-            io::Error::last_os_error(),
-        ));
-    }
-    buf.truncate(got as usize);
+    let mut buf = vec![0u8; size];
+    let got = rustix::fs::llistxattr(c.as_c_str(), &mut buf[..])
+        .map_err(|e| io_err("listing extended attributes of", path)(e.into()))?;
+    buf.truncate(got);
     for name in buf.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         if name == b"security.selinux" || name == b"system.nfs4_acl" {
             continue;
         }
         let Ok(cn) = CString::new(name) else { continue };
-        // SAFETY: valid C strings.
-        check(unsafe { libc::lremovexattr(c.as_ptr(), cn.as_ptr()) })
-            .map_err(io_err("removing extended attribute of", path))?;
+        rustix::fs::lremovexattr(c.as_c_str(), cn.as_c_str())
+            .map_err(|e| io_err("removing extended attribute of", path)(e.into()))?;
     }
     Ok(())
 }

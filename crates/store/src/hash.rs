@@ -1,6 +1,6 @@
 //! Content hashes as Nix writes them.
 //!
-//! A [`Hash`] is an algorithm plus its digest bytes. Nix prints digests in four
+//! A [`Hash`](struct@Hash) is an algorithm plus its digest bytes. Nix prints digests in four
 //! encodings and accepts them all back:
 //!
 //! ```text

@@ -28,7 +28,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -1054,25 +1053,13 @@ fn send_to_collector(socket: &Path, path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Deletes whatever is at `path`, making read-only directories (as canonicalised store
-/// paths have) writable first so that a non-root user can empty them.
+/// [`crate::delete::delete_path`] with the store's error type.
 fn remove_tree(path: &Path) -> Result<(), StoreError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err("examining", path)(e)),
-    };
-    if meta.is_dir() {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-            .map_err(io_err("making writable", path))?;
-        for entry in std::fs::read_dir(path).map_err(io_err("reading directory", path))? {
-            let entry = entry.map_err(io_err("reading directory", path))?;
-            remove_tree(&entry.path())?;
-        }
-        std::fs::remove_dir(path).map_err(io_err("removing", path))
-    } else {
-        std::fs::remove_file(path).map_err(io_err("removing", path))
-    }
+    crate::delete::delete_path(path).map_err(|e| StoreError::Io {
+        step: e.step,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Feeds restore from a dumping thread and hashes what passes, so that what is in the

@@ -19,11 +19,11 @@
 //! # Recycled lock files ([`LockFilePool`])
 //!
 //! Deleting a lock file after every build frees an inode, and creating the next one
-//! allocates one. On ext4 without a journal (the file system these benchmarks run on)
-//! the inode allocator skips every inode of the group freed in the last 60 seconds (360
-//! while its inode table block is dirty), one buffer-cache lookup each, so each free
-//! makes every later file creation in that group slower, the builders' included: a
-//! 1,000-build chain spent a fifth of its time there. With a pool, a released lock file
+//! allocates one. On ext4 without a journal the inode allocator skips every inode of the
+//! group freed in the last 60 seconds (360 while its inode table block is dirty), one
+//! buffer-cache lookup each, so each free makes every later file creation in that group
+//! slower, the builders' included (the measurement: BENCHMARKS.md, "store: recycled lock
+//! files"). With a pool, a released lock file
 //! is *renamed* out of the way instead of unlinked, and the next lock file is that inode
 //! renamed into place: no inode is freed or allocated.
 //!
@@ -147,27 +147,25 @@ pub fn delete_lock_file(path: &Path, file: &File) {
 /// Takes, converts or releases an `flock` lock on `fd`. With `wait` false, returns
 /// `Ok(false)` when another open file holds a conflicting lock.
 pub fn lock_file(fd: impl AsFd, lock: LockType, wait: bool) -> Result<bool, LockError> {
-    let raw = fd.as_fd().as_raw_fd();
-    let op = match lock {
-        LockType::Read => libc::LOCK_SH,
-        LockType::Write => libc::LOCK_EX,
-        LockType::None => libc::LOCK_UN,
-    } | if wait { 0 } else { libc::LOCK_NB };
+    use rustix::fs::FlockOperation as Op;
+    let op = match (lock, wait) {
+        (LockType::Read, true) => Op::LockShared,
+        (LockType::Read, false) => Op::NonBlockingLockShared,
+        (LockType::Write, true) => Op::LockExclusive,
+        (LockType::Write, false) => Op::NonBlockingLockExclusive,
+        (LockType::None, true) => Op::Unlock,
+        (LockType::None, false) => Op::NonBlockingUnlock,
+    };
     loop {
-        // SAFETY: flock only reads its integer arguments; `raw` is a live descriptor
-        // borrowed for the duration of the call.
-        if unsafe { libc::flock(raw, op) } == 0 {
-            return Ok(true);
-        }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) if !wait => return Ok(false),
-            _ => {
+        match rustix::fs::flock(fd.as_fd(), op) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::WOULDBLOCK) if !wait => return Ok(false),
+            Err(e) => {
                 return Err(LockError::Lock {
                     what: lock.describe(),
-                    fd: raw,
-                    source: err,
+                    fd: fd.as_fd().as_raw_fd(),
+                    source: e.into(),
                 })
             }
         }

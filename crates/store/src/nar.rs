@@ -32,7 +32,9 @@
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{Mode, OFlags};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -499,7 +501,7 @@ fn malformed(offset: u64, path: &Path, reason: String) -> NarError {
 /// created and hold open.
 enum Place<'a> {
     Root(&'a Path),
-    At(RawFd, &'a CStr),
+    At(BorrowedFd<'a>, &'a CStr),
 }
 
 fn cstring(p: &[u8], path: &Path) -> Result<CString, NarError> {
@@ -512,22 +514,9 @@ fn cstring(p: &[u8], path: &Path) -> Result<CString, NarError> {
     })
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: `fd` was just returned by a successful open/openat and is owned by nobody else.
-    check(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn at_fd(place: &Place<'_>) -> RawFd {
+fn at_fd<'a>(place: &Place<'a>) -> BorrowedFd<'a> {
     match place {
-        Place::Root(_) => libc::AT_FDCWD,
+        Place::Root(_) => rustix::fs::CWD,
         Place::At(fd, _) => *fd,
     }
 }
@@ -539,38 +528,46 @@ fn place_name(place: &Place<'_>, path: &Path) -> Result<CString, NarError> {
     }
 }
 
+/// Never follow a symlink someone swapped in for a name we create or open.
+const CREATE: OFlags = OFlags::WRONLY
+    .union(OFlags::CREATE)
+    .union(OFlags::EXCL)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+const OPEN_DIR: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
 fn create_file(place: &Place<'_>, path: &Path) -> Result<File, NarError> {
     let name = place_name(place, path)?;
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: `name` is a valid NUL-terminated string; the mode argument is required with O_CREAT.
-    let fd = unsafe { libc::openat(at_fd(place), name.as_ptr(), flags, 0o666 as libc::c_uint) };
-    owned(fd)
-        .map(File::from)
-        .map_err(|e| creation_error(e, place, path, "creating file"))
+    rustix::fs::openat(
+        at_fd(place),
+        name.as_c_str(),
+        CREATE,
+        Mode::from_raw_mode(0o666),
+    )
+    .map(File::from)
+    .map_err(|e| creation_error(e.into(), place, path, "creating file"))
 }
 
 fn create_dir(place: &Place<'_>, path: &Path) -> Result<OwnedFd, NarError> {
     let name = place_name(place, path)?;
-    // SAFETY: valid C string, plain syscall.
-    check(unsafe { libc::mkdirat(at_fd(place), name.as_ptr(), 0o777) })
-        .map_err(|e| creation_error(e, place, path, "creating directory"))?;
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: valid C string, plain syscall.
-    owned(unsafe { libc::openat(at_fd(place), name.as_ptr(), flags) })
-        .map_err(|e| NarError::io("opening directory", path, e))
+    rustix::fs::mkdirat(at_fd(place), name.as_c_str(), Mode::from_raw_mode(0o777))
+        .map_err(|e| creation_error(e.into(), place, path, "creating directory"))?;
+    rustix::fs::openat(at_fd(place), name.as_c_str(), OPEN_DIR, Mode::empty())
+        .map_err(|e| NarError::io("opening directory", path, e.into()))
 }
 
 fn create_symlink(place: &Place<'_>, target: &[u8], path: &Path) -> Result<(), NarError> {
     let name = place_name(place, path)?;
     let target = cstring(target, path)?;
-    // SAFETY: valid C strings, plain syscall.
-    check(unsafe { libc::symlinkat(target.as_ptr(), at_fd(place), name.as_ptr()) })
-        .map(drop)
-        .map_err(|e| creation_error(e, place, path, "creating symlink"))
+    rustix::fs::symlinkat(target.as_c_str(), at_fd(place), name.as_c_str())
+        .map_err(|e| creation_error(e.into(), place, path, "creating symlink"))
 }
 
 fn creation_error(e: io::Error, place: &Place<'_>, path: &Path, step: &'static str) -> NarError {
-    if matches!(place, Place::Root(_)) && e.raw_os_error() == Some(libc::EEXIST) {
+    if matches!(place, Place::Root(_)) && e.kind() == io::ErrorKind::AlreadyExists {
         NarError::DestExists(path.to_path_buf())
     } else {
         NarError::io(step, path, e)
@@ -599,20 +596,15 @@ impl Frame {
 }
 
 fn fd_identity(fd: &OwnedFd, path: &Path) -> Result<(u64, u64), NarError> {
-    // SAFETY: an all-zero stat is a valid value to be overwritten by fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and a pointer to a properly sized stat buffer.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })
-        .map_err(|e| NarError::io("getting attributes of", path, e))?;
+    let st =
+        rustix::fs::fstat(fd).map_err(|e| NarError::io("getting attributes of", path, e.into()))?;
     Ok((st.st_dev, st.st_ino))
 }
 
 /// Reopens the parent of the directory `child` and checks it is the one we created.
 fn reopen_parent(child: &OwnedFd, want: (u64, u64), path: &Path) -> Result<OwnedFd, NarError> {
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: valid fd and C string literal.
-    let fd = owned(unsafe { libc::openat(child.as_raw_fd(), c"..".as_ptr(), flags) })
-        .map_err(|e| NarError::io("reopening directory", path, e))?;
+    let fd = rustix::fs::openat(child, c"..", OPEN_DIR, Mode::empty())
+        .map_err(|e| NarError::io("reopening directory", path, e.into()))?;
     if fd_identity(&fd, path)? != want {
         return Err(NarError::io(
             "reopening directory",
@@ -752,7 +744,7 @@ fn restore_inner<R: Read>(r: &mut NarReader<'_, R>, dest: &Path) -> Result<(), N
                 path.push(OsStr::from_bytes(&name));
                 let name_c = cstring(&name, &path)?;
                 top.prev = Some(name);
-                let Some(parent) = top.fd.as_ref().map(|f| f.as_raw_fd()) else {
+                let Some(parent) = top.fd.as_ref().map(|f| f.as_fd()) else {
                     return Err(no_open_dir(&path));
                 };
                 match restore_node(r, Place::At(parent, &name_c), &path)? {
@@ -866,9 +858,8 @@ fn restore_node<R: Read>(
                     .map_err(|e| NarError::io("getting attributes of", path, e))?
                     .mode();
                 let mode = mode | libc::S_IXUSR | libc::S_IXGRP | libc::S_IXOTH;
-                // SAFETY: plain syscall on an fd we own.
-                check(unsafe { libc::fchmod(file.as_raw_fd(), mode & 0o7777) })
-                    .map_err(|e| NarError::io("making executable", path, e))?;
+                rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & 0o7777))
+                    .map_err(|e| NarError::io("making executable", path, e.into()))?;
             }
             r.expect(")", path)?;
             Ok(None)

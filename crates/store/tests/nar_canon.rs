@@ -14,20 +14,6 @@ use nixb_store::{Encoding, HashAlgo};
 
 const BUILD_UID: u32 = 30001;
 
-/// Root is needed to chown files to a fake build user. Outside CI a non-root run skips
-/// these checks with a note; under CI=true it fails loudly.
-fn have_root(test: &str) -> bool {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("CI").is_some_and(|v| v == "true") {
-        panic!("{test} needs root (it chowns files to a fake build user) and CI=true");
-    }
-    eprintln!("skipping {test}: needs root");
-    false
-}
-
 fn mode(p: &Path) -> u32 {
     fs::symlink_metadata(p).unwrap().mode() & 0o7777
 }
@@ -109,9 +95,7 @@ fn unsupported_file_types_are_refused() {
 
 #[test]
 fn ownership_is_checked_and_changed() {
-    if !have_root("ownership_is_checked_and_changed") {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     fs::create_dir(&out).unwrap();
@@ -143,9 +127,7 @@ fn ownership_is_checked_and_changed() {
 
 #[test]
 fn hard_links_across_outputs_are_canonicalised_once() {
-    if !have_root("hard_links_across_outputs_are_canonicalised_once") {
-        return;
-    }
+    nixb_testsupport::require!(Root);
     let tmp = tempfile::tempdir().unwrap();
     let (out, dev) = (tmp.path().join("out"), tmp.path().join("dev"));
     for d in [&out, &dev] {

@@ -16,20 +16,6 @@ use nixb_store::derivation::{
 use nixb_store::local_store::{LocalStore, StoreConfig, ValidPathInfo};
 use nixb_store::{HashAlgo, StoreDir, StorePath};
 
-fn have_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var_os("CI").is_some_and(|v| v == "true") {
-            panic!("nix-store (Nix 2.8) is required for this test under CI=true but was not found");
-        }
-        eprintln!("skipping: nix-store not found (install nix-bin; this test fails instead under CI=true)");
-    }
-    ok
-}
-
 /// A private store: `<root>/store`, `<root>/state`, `<root>/log`, `<root>/etc/nix.conf`.
 struct Env {
     _dir: tempfile::TempDir,
@@ -101,9 +87,7 @@ fn make_tree(at: &Path) {
 
 #[test]
 fn add_to_store_matches_nix_store_add() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let env = Env::new();
     let src = env.root.join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -163,9 +147,7 @@ fn drv_with(store: &StoreDir, name: &str, srcs: &[&StorePath]) -> Derivation {
 
 #[test]
 fn nix_accepts_what_nixb_registered() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let env = Env::new();
     let store = LocalStore::open(env.config()).unwrap();
     let sd = store.store_dir().clone();
@@ -261,9 +243,7 @@ fn nix_accepts_what_nixb_registered() {
 
 #[test]
 fn nixb_reads_what_nix_registered() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let env = Env::new();
     let src = env.root.join("tree");
     make_tree(&src);
@@ -342,9 +322,7 @@ in derivation {{ name = "top"; system = "x86_64-linux"; builder = "/bin/sh"; out
 
 #[test]
 fn nix_waits_for_an_output_lock_held_by_nixb() {
-    if !have_nix() {
-        return;
-    }
+    nixb_testsupport::require!(Nix);
     let env = Env::new();
     let store = LocalStore::open(env.config()).unwrap();
     let sd = store.store_dir().clone();

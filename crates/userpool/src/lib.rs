@@ -1,34 +1,4 @@
-//! Build users: the members of the `build-users-group`, handed out one build at a time.
-//!
-//! When `build-users-group` is set, every builder runs as one member of that group, so that
-//! builds cannot read or disturb each other and cannot write to the store except through the
-//! outputs they are given. This crate owns the bookkeeping around those users:
-//!
-//! - [`acquire`] picks a member that no other build holds, in `/etc/group` member order, and
-//!   locks it. The lock is a file per uid, `<state dir>/userpool/<uid>`, opened by the holder
-//!   for as long as the [`BuildUser`] lives; dropping the `BuildUser` releases it.
-//! - [`BuildUser::kill_all_processes`] kills every process running under the user's uid, before
-//!   a build (a previous builder may have left daemons behind) and after it (so nothing a
-//!   builder started outlives the build).
-//! - [`check_store_permissions`] and [`chown_tmp_dir`] are the two file-system preconditions
-//!   of building as another user.
-//!
-//! # Locking
-//!
-//! A uid is never used by two builds at once, across threads and across processes:
-//!
-//! - an `fcntl` write lock on the whole lock file, as the original engine takes;
-//! - a `flock` exclusive lock on the same descriptor, which is what Nix 2.x takes on the same
-//!   file (verified with strace on Nix 2.8: its `lockFile` calls `flock`), so nixb and a real
-//!   Nix working on one state directory never share a uid either. The two kinds of lock do
-//!   not interact on Linux, hence both;
-//! - a process-local set of the lock files this process holds. `fcntl` locks belong to the
-//!   *process*: a second `F_SETLK` on the same file from the same process succeeds, and closing
-//!   *any* descriptor of the file drops the lock. So a lock file that this process holds must
-//!   never be opened again; the set is consulted (and the path reserved) before opening.
-//!
-//! This crate does not fork builders, switch users or create users; the sandbox uses `uid`,
-//! `gid` and `supplementary_gids` to switch, and the system administrator creates the users.
+#![doc = include_str!("../README.md")]
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -95,6 +65,18 @@ pub enum UserPoolError {
         how: &'static str,
         source: Errno,
     },
+    #[error("all {slots} blocks of automatically allocated uids (from {start_id}, 'id-count' {id_count}) are in use")]
+    AllAutoInUse {
+        slots: u32,
+        start_id: u32,
+        id_count: u32,
+    },
+    #[error("'id-count' {id_count} from 'start-id' {start_id}: {reason}")]
+    BadIdRange {
+        start_id: u32,
+        id_count: u32,
+        reason: &'static str,
+    },
     #[error("refusing to kill all processes of uid 0")]
     KillRoot,
     #[error("cannot kill processes for uid {uid}: {step}: {source}")]
@@ -145,7 +127,11 @@ struct UidLock {
 impl UidLock {
     /// Locks `<dir>/<uid>`, or `None` when this process or another holds it.
     fn try_acquire(dir: &Path, uid: u32) -> Result<Option<UidLock>, UserPoolError> {
-        let path = dir.join(uid.to_string());
+        Self::try_acquire_path(dir.join(uid.to_string()))
+    }
+
+    /// Locks `path`, or `None` when this process or another holds it.
+    fn try_acquire_path(path: PathBuf) -> Result<Option<UidLock>, UserPoolError> {
         // Reserve the path before opening it, so that no other thread of this process opens
         // (and by closing, unlocks) a file this process holds.
         if !locked_set().insert(path.clone()) {
@@ -168,8 +154,7 @@ impl Drop for UidLock {
         if let Some(fd) = self.fd.take() {
             // Unlock the flock explicitly: a child forked by another thread shares the open
             // file description until its exec closes it, and would keep the lock held.
-            // SAFETY: `fd` is an open descriptor we own; LOCK_UN has no memory effects.
-            unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_UN) };
+            let _ = rustix::fs::flock(&fd, rustix::fs::FlockOperation::Unlock);
             drop(fd);
         }
         locked_set().remove(&self.path);
@@ -306,23 +291,20 @@ fn try_lock(path: &Path) -> Result<Option<OwnedFd>, UserPoolError> {
     let fd: OwnedFd = file.into();
     let raw = fd.as_raw_fd();
 
-    // SAFETY: an all-zero `flock` is a valid value of this plain C struct; the fields that
-    // matter are set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0; // the whole file
+    // A process-associated (not open-file-description) lock, as the original takes.
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0, // the whole file
+        l_pid: 0,
+    };
     loop {
-        // SAFETY: `raw` is an open descriptor owned by `fd`; `fl` is a valid flock struct.
-        let r = unsafe { libc::fcntl(raw, libc::F_SETLK, &fl) };
-        if r == 0 {
-            break;
-        }
-        match Errno::last() {
-            Errno::EINTR => continue,
-            Errno::EAGAIN | Errno::EACCES => return Ok(None),
-            source => {
+        match nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_SETLK(&fl)) {
+            Ok(_) => break,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN | Errno::EACCES) => return Ok(None),
+            Err(source) => {
                 return Err(UserPoolError::Lock {
                     path: path.to_path_buf(),
                     how: "fcntl",
@@ -332,21 +314,18 @@ fn try_lock(path: &Path) -> Result<Option<OwnedFd>, UserPoolError> {
         }
     }
     loop {
-        // SAFETY: `raw` is an open descriptor owned by `fd`.
-        let r = unsafe { libc::flock(raw, libc::LOCK_EX | libc::LOCK_NB) };
-        if r == 0 {
-            break;
-        }
-        match Errno::last() {
-            Errno::EINTR => continue,
+        match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::INTR) => continue,
             // Dropping `fd` closes it, which also releases the fcntl lock taken above.
-            Errno::EWOULDBLOCK => return Ok(None),
-            source => {
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+            Err(e) => {
+                let source = Errno::from_raw(e.raw_os_error());
                 return Err(UserPoolError::Lock {
                     path: path.to_path_buf(),
                     how: "flock",
                     source,
-                })
+                });
             }
         }
     }
@@ -477,6 +456,87 @@ pub fn kill_user(uid: u32) -> Result<(), UserPoolError> {
             source,
         }),
     }
+}
+
+/// `auto-allocate-uids` (Nix 2.12): uids for builds taken from a range no account uses, in
+/// blocks of [`IDS_PER_BUILD`], instead of the members of a group; no user needs to exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoUidConfig {
+    /// `NIX_STATE_DIR`; the blocks' lock files are `<state_dir>/userpool2/slot-<n>`, where
+    /// Nix 2.12 and later keep theirs, so that the two never share a block.
+    pub state_dir: PathBuf,
+    /// `start-id`: the first uid (and gid) of the range.
+    pub start_id: u32,
+    /// `id-count`: how many ids the range has; a multiple of [`IDS_PER_BUILD`] is used.
+    pub id_count: u32,
+}
+
+/// Nix's default `start-id` on Linux (0x34000000).
+pub const DEFAULT_START_ID: u32 = 872_415_232;
+/// Nix's default `id-count` on Linux: 128 blocks.
+pub const DEFAULT_ID_COUNT: u32 = 128 * IDS_PER_BUILD;
+/// Ids per build: a `uid-range` build gets them all, others the first.
+pub const IDS_PER_BUILD: u32 = 65536;
+
+/// A block of [`IDS_PER_BUILD`] uids (and the same gids) held for one build; released when
+/// dropped.
+#[derive(Debug)]
+pub struct AutoUidBlock {
+    /// The block's first id: the build's uid and gid (outside its user namespace).
+    pub first: u32,
+    pub count: u32,
+    lock: UidLock,
+}
+
+impl AutoUidBlock {
+    /// The lock file this block is held by.
+    pub fn lock_path(&self) -> &Path {
+        &self.lock.path
+    }
+}
+
+/// Takes a free block of automatically allocated uids, or `Ok(None)` when every block is held
+/// (in this process or another).
+pub fn acquire_auto(cfg: &AutoUidConfig) -> Result<Option<AutoUidBlock>, UserPoolError> {
+    let bad = |reason| UserPoolError::BadIdRange {
+        start_id: cfg.start_id,
+        id_count: cfg.id_count,
+        reason,
+    };
+    if cfg.start_id == 0 {
+        return Err(bad("uid 0 is root's"));
+    }
+    let slots = cfg.id_count / IDS_PER_BUILD;
+    if slots == 0 {
+        return Err(bad("fewer ids than one build needs (65536)"));
+    }
+    if cfg.start_id.checked_add(slots * IDS_PER_BUILD).is_none() {
+        return Err(bad("the range goes past the largest uid"));
+    }
+    let dir = cfg.state_dir.join("userpool2");
+    std::fs::create_dir_all(&dir).map_err(|source| UserPoolError::CreateDir {
+        path: dir.clone(),
+        source,
+    })?;
+    for slot in 0..slots {
+        if let Some(lock) = UidLock::try_acquire_path(dir.join(format!("slot-{slot}")))? {
+            return Ok(Some(AutoUidBlock {
+                first: cfg.start_id + slot * IDS_PER_BUILD,
+                count: IDS_PER_BUILD,
+                lock,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// [`acquire_auto`], with every block held reported as an error.
+pub fn acquire_auto_or_fail(cfg: &AutoUidConfig) -> Result<AutoUidBlock, UserPoolError> {
+    acquire_auto(cfg)?.ok_or(UserPoolError::AllAutoInUse {
+        slots: cfg.id_count / IDS_PER_BUILD,
+        start_id: cfg.start_id,
+        id_count: cfg.id_count,
+    })
 }
 
 /// How many successful `kill(-1, SIGKILL)` sweeps [`kill_user`] makes at most; see there.

@@ -70,6 +70,7 @@ fn hold_in_child(path: &Path, kind: Kind) -> Holder {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
+        // SAFETY: in the forked child: raw calls on memory made before the fork, then _exit.
         unsafe {
             close_others(&[ready_wr.as_raw_fd(), release_rd.as_raw_fd()]);
             let fd = libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o600);
@@ -120,6 +121,7 @@ fn probe_in_child(path: &Path, owner: libc::pid_t) -> (bool, bool) {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
+        // SAFETY: in the forked child: raw calls on memory made before the fork, then _exit.
         unsafe {
             close_others(&[wr.as_raw_fd()]);
             let fd = libc::open(cpath.as_ptr(), libc::O_RDWR);
@@ -343,4 +345,52 @@ fn store_permission_check() {
 fn killing_root_is_refused() {
     let err = kill_user(0).unwrap_err();
     assert_eq!(err.to_string(), "refusing to kill all processes of uid 0");
+}
+
+#[test]
+fn auto_uids_come_in_blocks_locked_per_build_also_against_another_process() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AutoUidConfig {
+        state_dir: dir.path().to_path_buf(),
+        start_id: DEFAULT_START_ID,
+        id_count: 3 * IDS_PER_BUILD,
+    };
+    let a = acquire_auto(&cfg).unwrap().expect("a block");
+    let b = acquire_auto(&cfg).unwrap().expect("a second block");
+    assert_eq!((a.first, a.count), (872_415_232, 65536));
+    assert_eq!(b.first, 872_415_232 + 65536);
+    assert_eq!(a.lock_path(), dir.path().join("userpool2/slot-0"));
+    // The third slot held by another process (as Nix 2.12+ would hold it): none left.
+    let other = hold_in_child(&dir.path().join("userpool2/slot-2"), Kind::Flock);
+    assert!(acquire_auto(&cfg).unwrap().is_none());
+    assert_eq!(
+        acquire_auto_or_fail(&cfg).unwrap_err().to_string(),
+        "all 3 blocks of automatically allocated uids (from 872415232, 'id-count' 196608) are in use"
+    );
+    // A released block is handed out again.
+    drop(a);
+    assert_eq!(
+        acquire_auto(&cfg).unwrap().expect("slot 0 again").first,
+        872_415_232
+    );
+    other.release();
+
+    for (start_id, id_count, reason) in [
+        (0, IDS_PER_BUILD, "uid 0 is root's"),
+        (1000, 100, "fewer ids than one build needs (65536)"),
+        (
+            u32::MAX - 10,
+            IDS_PER_BUILD,
+            "the range goes past the largest uid",
+        ),
+    ] {
+        let cfg = AutoUidConfig {
+            state_dir: dir.path().to_path_buf(),
+            start_id,
+            id_count,
+        };
+        let e = acquire_auto(&cfg).unwrap_err().to_string();
+        assert!(e.ends_with(reason), "{e}");
+    }
 }

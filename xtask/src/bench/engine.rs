@@ -122,6 +122,7 @@ fn measure(mut cmd: Command) -> Result<(Duration, i64)> {
     let mut status = 0;
     // SAFETY: rusage is plain old data; wait4 fills it for our own child.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our unreaped child; `status` and `ru` are writable.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     let wall = t.elapsed();
     if r != pid {

@@ -11,6 +11,11 @@
 //! layer). `NIXB_BENCH_LOWER=child` makes the child make that layer itself, as on kernels
 //! before 6.15 (the spawn table has a row for it).
 //!
+//! `NIXB_BENCH_SANDBOX=rootless` (run as an ordinary uid, e.g. under `setpriv`): a chroot
+//! builder in a user namespace of its own mapping the caller, start-to-exec and start-to-exit,
+//! with no inputs and with the 100, against `unshare -U -r -p -m -n -i -u -f true` (the same
+//! namespaces, no mounts).
+//!
 //! Then (`NIXB_BENCH_SANDBOX=builds` for this half only) the cost of creating a network
 //! namespace, and 1,000 trivial sandboxed derivations with `--max-jobs 2`, nixb against
 //! Nix 2.8 (`NIXB_BENCH_DRVS` to change the count).
@@ -145,6 +150,7 @@ fn spec(fx: &Fixture, isolation: Isolation) -> Result<SandboxSpec> {
         personality: Personality::default(),
         isolation,
         announce: None,
+        cgroup: None,
     })
 }
 
@@ -211,6 +217,10 @@ fn command_once(mut c: Command) -> Result<Duration> {
 }
 
 pub fn run() -> Result<()> {
+    // NIXB_BENCH_SANDBOX=rootless: run as the uid to measure (e.g. under setpriv), no root.
+    if std::env::var("NIXB_BENCH_SANDBOX").is_ok_and(|v| v == "rootless") {
+        return rootless_latency();
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("bench sandbox needs root (namespaces, mounts, setuid to nobody)");
     }
@@ -606,5 +616,80 @@ fn step_times() -> Result<()> {
             v.len()
         );
     }
+    Ok(())
+}
+
+/// `NIXB_BENCH_SANDBOX=rootless`: see the module doc.
+fn rootless_latency() -> Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        bail!("NIXB_BENCH_SANDBOX=rootless measures a caller without root: run it as another uid");
+    }
+    let iters: usize = std::env::var("NIXB_BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let fx = Fixture::new()?;
+    let once = |i: usize, inputs: bool| -> Result<(Duration, Duration)> {
+        let root = fx.dir.join(format!("rootless-{i}"));
+        let mut c = fx.chroot_spec(root.clone(), Network::Private);
+        if !inputs {
+            c.binds.retain(|b| !b.target.starts_with(STORE));
+        }
+        c.user_namespace = Some(nixb_sandbox::UserNamespace::for_caller());
+        let mut s = spec(&fx, Isolation::Chroot(c))?;
+        s.user = None;
+        let t0 = Instant::now();
+        let mut b = spawn(s)?;
+        let exec = t0.elapsed();
+        let st = b.wait()?;
+        let exit = t0.elapsed();
+        if !st.success() {
+            bail!("sandboxed /bin/true failed: {st:?}");
+        }
+        std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+        Ok((exec, exit))
+    };
+    let (mut bare_exec, mut bare_exit) = (Vec::new(), Vec::new());
+    let (mut full_exec, mut full_exit) = (Vec::new(), Vec::new());
+    let mut unshare = Vec::new();
+    // Interleaved, so that load from other processes on the machine hits every variant alike.
+    for i in 0..iters + 5 {
+        let warm = i >= 5;
+        let (e, x) = once(2 * i, false)?;
+        let (fe, fx_) = once(2 * i + 1, true)?;
+        let mut u = Command::new("unshare");
+        u.args(["-U", "-r", "-p", "-m", "-n", "-i", "-u", "-f", "true"]);
+        let d = command_once(u)?;
+        if warm {
+            bare_exec.push(e);
+            bare_exit.push(x);
+            full_exec.push(fe);
+            full_exit.push(fx_);
+            unshare.push(d);
+        }
+    }
+    let u = stats(unshare);
+    println!(
+        "rootless sandbox, {iters} runs each, uid {} (ms: median / mean):",
+        nix::unistd::geteuid()
+    );
+    for (name, v) in [
+        ("nixb, no inputs: start to exec", bare_exec),
+        ("nixb, no inputs: start to exit", bare_exit),
+        ("nixb, 100 inputs: start to exec", full_exec),
+        ("nixb, 100 inputs: start to exit", full_exit),
+    ] {
+        let st = stats(v);
+        println!(
+            "  {name:<34} {:>7.3} / {:>7.3}   {:.2}x unshare's exit",
+            st.median,
+            st.mean,
+            st.median / u.median
+        );
+    }
+    println!(
+        "  {:<34} {:>7.3} / {:>7.3}",
+        "unshare -U -r -p -m -n -i -u -f true", u.median, u.mean
+    );
     Ok(())
 }

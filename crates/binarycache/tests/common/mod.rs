@@ -10,24 +10,6 @@ use nixb_binarycache::{BinaryCache, CacheOptions, PublicKey, TrustedKeys};
 use nixb_store::local_store::{LocalStore, StoreConfig};
 use nixb_store::{StoreDir, StorePath};
 
-/// Real Nix is needed. Under CI=true its absence is a failure; otherwise the test is
-/// skipped with a note on stderr.
-pub fn have_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("nix-store (Nix 2.8) is required for this oracle test under CI=true but was not found on PATH");
-        }
-        eprintln!(
-            "skipping: nix-store not found (install Debian's nix-bin; required when CI=true)"
-        );
-    }
-    ok
-}
-
 pub struct Oracle {
     pub tmp: tempfile::TempDir,
     pub root: PathBuf,

@@ -42,6 +42,7 @@ fn log_sink() -> Box<dyn Write + Send> {
         // SAFETY: dup gives a fresh descriptor that the File then owns alone.
         let fd = unsafe { libc::dup(4) };
         if fd != -1 {
+            // SAFETY: `fd` is the fresh descriptor dup just returned.
             return Box::new(unsafe { File::from_raw_fd(fd) });
         }
     }
@@ -66,6 +67,7 @@ pub fn run(args: BuildRemoteArgs, options: &[String]) -> Result<u8> {
         state_dir: store.config().state_dir.clone(),
         store: &store,
         use_substitutes: settings.builders_use_substitutes,
+        local_features: settings.system_features.iter().cloned().collect(),
         connector: &mut connector,
         log: &mut log,
     };

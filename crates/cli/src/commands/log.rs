@@ -26,10 +26,18 @@ pub fn run(args: LogArgs) -> Result<u8> {
             )
         })?;
     }
-    let log = nixb_logs::read_log(&store.config().log_dir, p.base_name())
+    // Streamed: a log can be far larger than memory (Nix keeps up to max-build-log-size,
+    // unlimited by default), and `nixb log | less` should start at once.
+    let mut log = nixb_logs::open_log(&store.config().log_dir, p.base_name())
         .with_context(|| format!("reading the build log of {}", dir.print(&p)))?;
-    std::io::stdout()
-        .write_all(&log)
-        .context("writing the log to stdout")?;
-    Ok(0)
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match std::io::copy(&mut log, &mut out).and_then(|_| out.flush()) {
+        Ok(()) => Ok(0),
+        // The reader went away (`nixb log … | head`): nothing is lost that anyone wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => {
+            Err(e).with_context(|| format!("copying the build log of {} to stdout", dir.print(&p)))
+        }
+    }
 }

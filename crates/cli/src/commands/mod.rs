@@ -40,7 +40,33 @@ pub fn open_store() -> Result<LocalStore> {
     LocalStore::open(cfg).with_context(|| format!("opening the Nix store database under {state}"))
 }
 
+/// The name of a command that reads no setting, for refusing `--option` on it.
+fn reads_no_settings(command: &Command) -> Option<&'static str> {
+    match command {
+        Command::Query(_) => Some("query"),
+        Command::Log(_) => Some("log"),
+        Command::Add(_) => Some("add"),
+        Command::Derivation(_) => Some("derivation"),
+        Command::Dump(_) => Some("dump"),
+        Command::Restore(_) => Some("restore"),
+        Command::Hash(_) => Some("hash"),
+        Command::Verify(_) => Some("verify"),
+        Command::Realise(_)
+        | Command::Substitute(_)
+        | Command::Copy(_)
+        | Command::Serve(_)
+        | Command::BuildRemote(_) => None,
+    }
+}
+
 pub fn run(cli: Cli) -> Result<u8> {
+    // An override that nothing reads would be silently ignored: say so instead.
+    if let (Some(name), Some(setting)) = (reads_no_settings(&cli.command), cli.options.first()) {
+        anyhow::bail!(
+            "'nixb {name}' reads no settings, so '--option {setting} …' would have no effect; \
+             drop it (settings apply to realise, substitute, copy, serve and build-remote)"
+        );
+    }
     match cli.command {
         Command::Realise(a) => realise::run(a, &cli.options),
         Command::Query(a) => query::run(a),

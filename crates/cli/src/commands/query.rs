@@ -33,6 +33,7 @@ pub struct QueryArgs {
     /// Print the paths that are valid; fail naming those that are not
     #[arg(long, group = "what")]
     pub valid: bool,
+    /// Store paths (or symlinks into the store, such as ./result)
     #[arg(required = true)]
     pub paths: Vec<String>,
 }

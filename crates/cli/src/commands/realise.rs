@@ -161,11 +161,20 @@ pub fn settings_worker_config(
     cfg.use_substitutes = s.use_substitutes;
     cfg.system = s.system.clone();
     cfg.system_features = s.system_features.iter().cloned().collect();
+    if s.auto_allocate_uids {
+        // As Nix 2.12: a block of uids per build lets a build have all of them.
+        cfg.system_features.insert("uid-range".into());
+    }
     cfg.sandbox = match s.sandbox {
         crate::settings::SandboxMode::Off => nixb_goals::SandboxMode::Off,
         crate::settings::SandboxMode::On => nixb_goals::SandboxMode::On,
         crate::settings::SandboxMode::Relaxed => nixb_goals::SandboxMode::Relaxed,
     };
+    cfg.sandbox_fallback = s.sandbox_fallback;
+    cfg.use_cgroups = s.use_cgroups;
+    cfg.auto_allocate_uids = s.auto_allocate_uids;
+    cfg.start_id = s.start_id;
+    cfg.id_count = s.id_count;
     cfg.sandbox_paths = s.sandbox_paths.clone();
     cfg.build_users_group = Some(s.build_users_group.clone()).filter(|g| !g.is_empty());
     cfg.impersonate_linux_26 = s.impersonate_linux_26;

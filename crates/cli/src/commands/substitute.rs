@@ -40,6 +40,7 @@ pub fn cache_options(s: &Settings) -> Result<CacheOptions> {
     Ok(CacheOptions {
         trusted_keys: keys,
         require_sigs: s.require_sigs,
+        attempts: s.download_attempts,
         ..CacheOptions::default()
     })
 }

@@ -314,6 +314,7 @@ pub(crate) fn builder_spec(inv: BuilderInvocation, log_fd: OwnedFd) -> SandboxSp
         ),
         isolation: inv.isolation,
         announce: None,
+        cgroup: None,
     }
 }
 
@@ -353,11 +354,17 @@ pub(crate) fn start_builder(
         )));
     }
 
-    let chroot = sandboxing::use_chroot(
+    let mut chroot = sandboxing::use_chroot(
         cx.cfg.sandbox,
         drv.env.get("__noChroot").is_some_and(|v| v == "1"),
         &sd.print(&g.drv_path),
     )?;
+    if chroot {
+        if let Some(warning) = sandboxing::sandbox_unavailable(cx.cfg, &sd.print(&g.drv_path))? {
+            cx.message(Level::Warn, warning);
+            chroot = false;
+        }
+    }
 
     // The log file is created on a helper thread, and the builder does not wait for it:
     // the worker takes it at the builder's first output (or its end), by when the helper
@@ -497,7 +504,7 @@ pub(crate) fn start_builder(
     let isolation = if chroot {
         let root = sandboxing::chroot_root(&sd, &g.drv_path);
         let (uid, gid) = match &build.user {
-            Some(u) => (u.user().uid, u.user().gid),
+            Some(u) => (u.uid(), u.gid()),
             None => (
                 nix::unistd::geteuid().as_raw(),
                 nix::unistd::getegid().as_raw(),
@@ -517,6 +524,10 @@ pub(crate) fn start_builder(
                 netns,
                 uid,
                 gid,
+                user_namespace: build
+                    .user
+                    .as_ref()
+                    .and_then(|u| u.user_namespace(required.contains("uid-range"))),
             },
             cx.cfg,
             cx.store,
@@ -544,6 +555,14 @@ pub(crate) fn start_builder(
     // meanwhile; a step that fails later comes back from the builder's wait as the error of
     // its exit status, naming the step.
     let mut spec = builder_spec(inv, write);
+    if matches!(&spec.isolation, Isolation::Chroot(c) if c.user_namespace.is_some()) {
+        // The namespace's maps make the builder its user; no switch of its own.
+        spec.user = None;
+    }
+    spec.cgroup = sandboxing::build_cgroup(cx.cfg).unwrap_or_else(|warning| {
+        cx.message(Level::Warn, warning);
+        None
+    });
     // The builder announces itself to the watchdog before the clone returns here.
     spec.announce = cx.services.ensure_watchdog();
     let builder = match nixb_sandbox::start(spec) {

@@ -76,6 +76,11 @@ pub(crate) struct DerivationGoal {
 }
 
 impl DerivationGoal {
+    /// The derivation this goal builds.
+    pub fn drv_path(&self) -> &StorePath {
+        &self.plan.drv_path
+    }
+
     pub fn new(drv_path: StorePath, wanted: BTreeSet<String>, mode: BuildMode) -> DerivationGoal {
         DerivationGoal {
             plan: BuildPlan::new(drv_path, mode),

@@ -36,31 +36,15 @@ fn misc(context: String) -> impl FnOnce(String) -> Rejection {
     move |e| Rejection::misc(format!("{context}: {e}"))
 }
 
-/// Moves `tmp` over `path`, keeping the old one aside until the new one is in place.
+/// Moves `tmp` over `path` ([`nixb_store::delete::replace_path`]).
 fn replace_valid_path(path: &Path, tmp: &Path) -> Result<(), Rejection> {
-    let mut old = path.as_os_str().to_owned();
-    old.push(format!(
-        ".old-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-    ));
-    let old = std::path::PathBuf::from(old);
-    if path.symlink_metadata().is_ok() {
-        std::fs::rename(path, &old)
-            .map_err(|e| misc(format!("moving '{}' aside", path.display()))(e.to_string()))?;
-    }
-    std::fs::rename(tmp, path).map_err(|e| {
+    nixb_store::delete::replace_path(path, tmp).map_err(|e| {
         misc(format!(
-            "moving '{}' to '{}'",
-            tmp.display(),
-            path.display()
+            "replacing '{}' by '{}'",
+            path.display(),
+            tmp.display()
         ))(e.to_string())
-    })?;
-    let _ = crate::build_dir::delete_path(&old);
-    Ok(())
+    })
 }
 
 pub(crate) fn register_outputs(

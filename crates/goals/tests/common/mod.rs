@@ -347,6 +347,40 @@ pub fn realise_drvs(
     (outcome, sink.0)
 }
 
+/// Realises every output of each of `drvs`, calling `on_event` with each event as the
+/// worker reports it (so a test can act at a precise point of the run instead of after a
+/// fixed delay), and returns the outcome and all events.
+pub fn realise_drvs_acting(
+    store: &dyn BuildStore,
+    drvs: &[&StorePath],
+    cfg: &WorkerConfig,
+    on_event: impl FnMut(&Event),
+) -> (RealiseOutcome, Vec<Event>) {
+    struct Acting<F> {
+        events: Vec<Event>,
+        on_event: F,
+    }
+    impl<F: FnMut(&Event)> nixb_goals::EventSink for Acting<F> {
+        fn event(&mut self, e: Event) {
+            (self.on_event)(&e);
+            self.events.push(e);
+        }
+    }
+    let targets: Vec<DerivedPath> = drvs
+        .iter()
+        .map(|d| DerivedPath::Built {
+            drv: (*d).clone(),
+            outputs: vec![],
+        })
+        .collect();
+    let mut sink = Acting {
+        events: Vec::new(),
+        on_event,
+    };
+    let outcome = realise(store, &targets, cfg, &mut sink).expect("realise");
+    (outcome, sink.events)
+}
+
 /// Makes everything under `dir` writable (store paths are read-only) and removes it.
 pub fn remove_tree(dir: &Path) {
     if !dir.exists() {

@@ -6,23 +6,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Whether `nix-store` can be run. Under CI=true its absence fails the test instead of
-/// skipping it.
-pub fn have_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "nix-store is required for this test under CI=true"
-        );
-        eprintln!("skipping: nix-store not installed");
-    }
-    ok
-}
-
 pub struct Nix {
     pub root: PathBuf,
     /// Variables set (`Some`) or removed (`None`) for every command.

@@ -18,23 +18,6 @@ use nixb_store::derivation::{compute_output_paths, Derivation, DerivationOutput,
 use nixb_store::local_store::{LocalStore, StoreConfig};
 use nixb_store::{StoreDir, StorePath};
 
-/// Whether real Nix is here. Without it the live tests fail under CI=true and are
-/// skipped (with a message) otherwise.
-pub fn have_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-            panic!("nix-store (Nix 2.8) is required for this test when CI=true, but it is not installed");
-        }
-        eprintln!("skipping: nix-store not installed (set CI=true to make this a failure)");
-    }
-    ok
-}
-
 pub struct World {
     pub root: tempfile::TempDir,
     pub store_dir: StoreDir,

@@ -10,52 +10,36 @@
 //! the host kills sshd and deletes the namespace (and with it the veth pair).
 //!
 //! Used by `crates/serve/tests/netns_ssh.rs` (through `common`) and by
-//! `tests/tests/remote_netns.rs` (through `#[path]`): it depends on `std` alone. Needs
-//! root, `ip`, `unshare`, `/usr/sbin/sshd` and `ssh-keygen`; [`can_run`] says whether
-//! they are here, and under `CI=true` their absence is a failure, not a skip.
+//! `tests/tests/remote_netns.rs` (through `#[path]`): it depends on `std` and
+//! `nixb-testsupport` alone. Needs root, `ip`, `unshare`, `/usr/sbin/sshd` and `ssh-keygen`;
+//! [`can_run`] says whether they are here, and under `CI=true` their absence is a failure,
+//! not a skip.
 
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::MetadataExt;
+
+use nixb_testsupport::Need;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-const TOOLS: &[&str] = &["ip", "unshare", "/usr/sbin/sshd", "ssh", "ssh-keygen"];
+/// What these hosts need of the machine.
+const NEEDS: &[Need] = &[
+    Need::Root,
+    Need::Program("ip"),
+    Need::Program("unshare"),
+    Need::Program("/usr/sbin/sshd"),
+    Need::Program("ssh"),
+    Need::Program("ssh-keygen"),
+];
 
-/// True when namespaces and sshd can be used here. Without them (or without root) the
-/// test fails under `CI=true` and is skipped, with a note, otherwise.
+/// True when namespaces and sshd can be used here; see [`nixb_testsupport::required`] for
+/// what happens otherwise (`cargo xtask test` installs openssh-server, openssh-client and
+/// iproute2).
 pub fn can_run() -> bool {
-    // /proc/self belongs to the effective user.
-    let root = std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false);
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .copied()
-        .filter(|t| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {t} >/dev/null")])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        })
-        .collect();
-    if root && missing.is_empty() {
-        return true;
-    }
-    let why = format!(
-        "network namespace ssh tests need root (have root: {root}) and {} (missing: {})",
-        TOOLS.join(", "),
-        missing.join(", ")
-    );
-    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!("{why}; `cargo xtask test` installs openssh-server, openssh-client and iproute2");
-    }
-    eprintln!("skipping: {why}");
-    false
+    nixb_testsupport::required(NEEDS)
 }
 
 fn run(cmd: &mut Command) {

@@ -1,8 +1,8 @@
 //! Derivations: the build recipes stored as `.drv` files, their ATerm and JSON forms, and
 //! the hashing that gives them and their outputs their store paths.
 //!
-//! A [`Derivation`] is plain data; [`aterm`] reads and writes the `.drv` text byte for byte
-//! as Nix 2.8 does and [`json`] the shape `nix show-derivation` prints. The paths follow
+//! A [`Derivation`] is plain data; `aterm` reads and writes the `.drv` text byte for byte
+//! as Nix 2.8 does and `json` the shape `nix show-derivation` prints. The paths follow
 //! Nix 2.x:
 //!
 //! ```text
