@@ -166,6 +166,25 @@ impl Graph {
         !self.nodes[id.0].waitees.is_empty()
     }
 
+    /// The top goals that wait for `id`, directly or through other goals (`id` itself if it
+    /// is one): the requests a failure of `id` concerns. Walked only when a goal fails.
+    pub fn tops_waiting_for(&self, id: GoalId) -> BTreeSet<GoalId> {
+        let mut tops = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![id];
+        while let Some(g) = todo.pop() {
+            if !seen.insert(g) {
+                continue;
+            }
+            let n = &self.nodes[g.0];
+            if n.top {
+                tops.insert(g);
+            }
+            todo.extend(n.waiters.iter().copied());
+        }
+        tops
+    }
+
     /// `waiter` now waits for `waitee`. Waiting for a goal that is already finished
     /// counts as if it finished now (the original never hands out finished goals, since
     /// they leave the dedup maps; this keeps the graph safe either way).
@@ -386,6 +405,23 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_concerns_every_top_goal_waiting_for_it() {
+        // t1 -> a -> b and t2 -> b; t3 apart.
+        let mut g = Graph::new(true);
+        let (t1, t2, t3) = (g.add_goal(), g.add_goal(), g.add_goal());
+        for t in [t1, t2, t3] {
+            g.set_top(t);
+        }
+        let (a, b) = (g.add_goal(), g.add_goal());
+        g.add_waitee(t1, a);
+        g.add_waitee(a, b);
+        g.add_waitee(t2, b);
+        assert_eq!(g.tops_waiting_for(b), BTreeSet::from([t1, t2]));
+        assert_eq!(g.tops_waiting_for(a), BTreeSet::from([t1]));
+        assert_eq!(g.tops_waiting_for(t3), BTreeSet::from([t3]));
+    }
 
     #[test]
     fn waiter_wakes_only_after_last_waitee() {

@@ -71,6 +71,7 @@ pub fn realise(
     }
 
     let mut w = worker::Worker::new(store, cfg, sink);
+    let client = w.add_client();
     let mut top = Vec::new();
     for t in targets {
         let id = match t {
@@ -82,9 +83,10 @@ pub fn realise(
                 w.make_substitution_goal(p, cfg.build_mode == BuildMode::Repair)
             }
         };
+        w.add_top_goal(client, id);
         top.push(id);
     }
-    w.run(&top)?;
+    w.run()?;
 
     let mut outputs = Vec::new();
     let mut failed = false;
@@ -121,6 +123,7 @@ pub fn realise(
                     text: message.clone(),
                 });
                 w.record_failure(
+                    client,
                     Failure {
                         path: p.clone(),
                         kind: FailureKind::SetupFailed,
@@ -132,12 +135,13 @@ pub fn realise(
             _ => failed = true,
         }
     }
+    let outcome = w.take_outcome(client);
     let exit_status = if failed {
-        w.outcome.failing_exit_status()
+        outcome.failing_exit_status()
     } else {
         0
     };
-    let failures = std::mem::take(&mut w.outcome).into_failures();
+    let failures = outcome.into_failures();
     Ok(RealiseOutcome {
         exit_status,
         outputs,

@@ -37,6 +37,12 @@ use crate::services::{ChildError, ChildStatus, Request, Services, Step, SubGoal}
 use crate::store::{BuildStore, StoreFault};
 use crate::substitution_goal::SubstitutionGoal;
 
+/// One caller's request: the top goals it asked for and its own outcome. Several clients
+/// share one scheduler (and every goal two of them need); a failure goes to the outcome of
+/// each client whose top goals wait for the failed goal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct ClientId(usize);
+
 pub(crate) enum Goal {
     Derivation(Box<DerivationGoal>),
     Substitution(Box<SubstitutionGoal>),
@@ -60,8 +66,10 @@ pub(crate) struct Worker<'a> {
     /// to check and register the outputs only once the freed build slots have gone to
     /// waiting goals (see [`Worker::run`]).
     exited_builds: VecDeque<GoalId>,
-    /// The goals that failed and the exit-status bits they set.
-    pub outcome: Outcome,
+    /// Each client's failures and the exit-status bits they set, by `ClientId`.
+    outcomes: Vec<Outcome>,
+    /// The clients that asked for each top goal.
+    clients_of_top: HashMap<GoalId, Vec<ClientId>>,
     /// What goals use: children, slots, logs, directories, hook, substituters. After the
     /// goals, so that goals are dropped before the children and the watchdog.
     pub res: Resources<'a>,
@@ -84,7 +92,8 @@ impl<'a> Worker<'a> {
             last_woken_up: None,
             read_buf: Vec::new(),
             exited_builds: VecDeque::new(),
-            outcome: Outcome::default(),
+            outcomes: Vec::new(),
+            clients_of_top: HashMap::new(),
             res: Resources::new(store, cfg, sink),
         }
     }
@@ -168,9 +177,53 @@ impl<'a> Worker<'a> {
         self.child_terminated(id);
     }
 
-    /// Records the failure of a goal; `permanent` marks a build that would fail again.
-    pub fn record_failure(&mut self, f: Failure, permanent: bool) {
-        self.outcome.record(f, permanent);
+    /// A new client, with an empty outcome.
+    pub fn add_client(&mut self) -> ClientId {
+        self.outcomes.push(Outcome::default());
+        ClientId(self.outcomes.len() - 1)
+    }
+
+    /// `client` asks for goal `id`: the run goes on until it is done.
+    pub fn add_top_goal(&mut self, client: ClientId, id: GoalId) {
+        self.graph.set_top(id);
+        let clients = self.clients_of_top.entry(id).or_default();
+        if !clients.contains(&client) {
+            clients.push(client);
+        }
+    }
+
+    /// The outcome of `client` so far, leaving it empty.
+    pub fn take_outcome(&mut self, client: ClientId) -> Outcome {
+        self.outcomes
+            .get_mut(client.0)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Records a failure in the outcome of `client`; `permanent` marks a build that would
+    /// fail again.
+    pub fn record_failure(&mut self, client: ClientId, f: Failure, permanent: bool) {
+        if let Some(o) = self.outcomes.get_mut(client.0) {
+            o.record(f, permanent);
+        }
+    }
+
+    /// Records the failure of goal `id` for every client whose top goals wait for it.
+    fn record_goal_failure(&mut self, id: GoalId, f: Failure, permanent: bool) {
+        let mut clients = BTreeSet::new();
+        for top in self.graph.tops_waiting_for(id) {
+            if let Some(cs) = self.clients_of_top.get(&top) {
+                clients.extend(cs.iter().copied());
+            }
+        }
+        if clients.is_empty() {
+            // Every live goal serves some top goal; should one not, its failure is
+            // everyone's rather than no one's.
+            clients.extend((0..self.outcomes.len()).map(ClientId));
+        }
+        for c in clients {
+            self.record_failure(c, f.clone(), permanent);
+        }
     }
 
     /// Forgets the child of `id` (killing it if it still runs) and frees its build slot.
@@ -221,7 +274,9 @@ impl<'a> Worker<'a> {
                     .child_started(id, builder, log, in_build_slot, respect_timeouts),
                 Request::LockedOutputs(paths) => self.res.set_locked_outputs(id, paths),
                 Request::UnlockedOutputs => self.res.clear_locked_outputs(id),
-                Request::Failed { failure, permanent } => self.outcome.record(failure, permanent),
+                Request::Failed { failure, permanent } => {
+                    self.record_goal_failure(id, failure, permanent)
+                }
                 Request::Done(result) => self.am_done(id, result),
             }
         }
@@ -229,11 +284,9 @@ impl<'a> Worker<'a> {
 
     // --- the loop -----------------------------------------------------------------------
 
-    /// Runs until every top goal is done (or one failed without keep-going).
-    pub fn run(&mut self, top: &[GoalId]) -> Result<(), GoalsError> {
-        for &t in top {
-            self.graph.set_top(t);
-        }
+    /// Runs until every top goal of every client is done (or one failed without
+    /// keep-going).
+    pub fn run(&mut self) -> Result<(), GoalsError> {
         loop {
             while self.graph.has_top_goals() {
                 // Awake goals first, then freed slots to waiting goals (their builders
@@ -611,5 +664,39 @@ impl<'a> Worker<'a> {
                 Err(_) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::VecSink;
+    use crate::testing::Harness;
+
+    /// Two clients of one scheduler: the failure of one's goal is not the other's.
+    #[test]
+    fn each_client_gets_the_failures_of_its_own_goals() {
+        let mut h = Harness::new();
+        h.cfg.keep_going = true;
+        let (x, x_out) = (h.path('a', "x.drv"), h.path('b', "x"));
+        h.add_drv(&x, &x_out, "exit 1", &[], &[]);
+        h.make_valid(&x, &[]);
+        h.make_valid(&x_out, &[]);
+        // y's .drv is missing and no substituter has it.
+        let y = h.path('c', "y.drv");
+        let mut sink = VecSink::default();
+        let mut w = Worker::new(&*h.store, &h.cfg, &mut sink);
+        let (a, b) = (w.add_client(), w.add_client());
+        let gx = w.make_derivation_goal(&x, &BTreeSet::new(), BuildMode::Normal);
+        let gy = w.make_derivation_goal(&y, &BTreeSet::new(), BuildMode::Normal);
+        w.add_top_goal(a, gx);
+        w.add_top_goal(b, gy);
+        w.run().unwrap();
+        assert_eq!(w.graph.exit_code(gx), ExitCode::Success);
+        assert_eq!(w.graph.exit_code(gy), ExitCode::Failed);
+        assert!(w.take_outcome(a).into_failures().is_empty());
+        let failures = w.take_outcome(b).into_failures();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].path, y);
     }
 }
