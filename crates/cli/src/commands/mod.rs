@@ -4,6 +4,7 @@ pub mod add;
 pub mod build_remote;
 pub mod copy;
 pub mod derivation;
+pub mod gc;
 pub mod hash;
 pub mod log;
 pub mod nar;
@@ -43,7 +44,7 @@ pub fn open_store() -> Result<LocalStore> {
 pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Realise(a) => realise::run(a, &cli.options),
-        Command::Query(a) => query::run(a),
+        Command::Query(a) => query::run(a, &cli.options),
         Command::Log(a) => log::run(a),
         Command::Add(a) => add::run(a),
         Command::Derivation(c) => derivation::run(c),
@@ -51,6 +52,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Restore(a) => nar::restore(a),
         Command::Hash(c) => hash::run(c),
         Command::Verify(a) => verify::run(a),
+        Command::Gc(a) => gc::run(a, &cli.options),
         Command::Substitute(a) => substitute::run(a, &cli.options),
         Command::Copy(a) => copy::run(a, &cli.options),
         Command::Serve(a) => serve::run(a, &cli.options),
