@@ -146,7 +146,7 @@ fn nixb_gc_deletes_exactly_what_nix_store_gc_deletes() {
     }
     let python = Command::new("python3")
         .arg("-c")
-        .arg("import mmap")
+        .arg("import ctypes")
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
@@ -241,10 +241,13 @@ fn nixb_gc_deletes_exactly_what_nix_store_gc_deletes() {
     let mut py = Command::new("python3")
         .arg("-c")
         .arg(
-            "import mmap,sys\n\
-             f=open(sys.stdin.readline().strip(),'rb')\n\
-             m=mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ)\n\
-             f.close()\n\
+            "import ctypes,os,sys\n\
+             libc=ctypes.CDLL(None,use_errno=True)\n\
+             libc.mmap.restype=ctypes.c_void_p\n\
+             libc.mmap.argtypes=[ctypes.c_void_p,ctypes.c_size_t,ctypes.c_int,ctypes.c_int,ctypes.c_int,ctypes.c_long]\n\
+             fd=os.open(sys.stdin.readline().strip(),os.O_RDONLY)\n\
+             assert libc.mmap(None,4096,1,2,fd,0) not in (None,ctypes.c_void_p(-1).value)\n\
+             os.close(fd)\n\
              print('mapped',flush=True)\n\
              sys.stdin.read()\n",
         )
@@ -278,6 +281,10 @@ fn nixb_gc_deletes_exactly_what_nix_store_gc_deletes() {
             "nix does not list the {what} root: {theirs_text}"
         );
     }
+    assert!(
+        !theirs_text.contains(&format!("/fd/4 -> {}", mmap.display())),
+        "the mapped file is still open: {theirs_text}"
+    );
     assert!(theirs_text.contains(&format!(
         "{{temp:{}}} -> {}",
         std::process::id(),
