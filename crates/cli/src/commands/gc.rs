@@ -44,6 +44,9 @@ pub struct GcArgs {
     /// Stop deleting once more than BYTES have been freed
     #[arg(long, value_name = "BYTES")]
     pub max_freed: Option<u64>,
+    /// Paths whose database rows go in one transaction (for tests and benchmarks)
+    #[arg(long, hide = true, global = true)]
+    pub batch_size: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +92,9 @@ pub fn run(args: GcArgs, options: &[String]) -> Result<u8> {
     opts.keep_derivations = settings.keep_derivations;
     if let Some(GcCommand::Delete(d)) = &args.command {
         opts.ignore_liveness = d.ignore_liveness;
+    }
+    if let Some(b) = args.batch_size {
+        opts.batch_size = b;
     }
     if let Some(m) = args.max_freed {
         opts.max_freed = m;
