@@ -369,3 +369,34 @@ fn nixb_gc_deletes_exactly_what_nix_store_gc_deletes() {
     }
     drop(live);
 }
+
+/// `min-free`/`max-free`: a build that finds less free space than `min-free` (here as
+/// Nix's tests fake it, through `_NIX_TEST_FREE_SPACE_FILE`) collects garbage first; what
+/// it builds survives (it is a temporary root by then).
+#[test]
+fn min_free_makes_a_build_collect_garbage_first() {
+    let t = TestStore::new();
+    let dead = t.file("dead.txt", "dead\n");
+    let target = t.file("target.txt", "target\n");
+    let dead = PathBuf::from(run_str(t.nixb().arg("add").arg(&dead), None));
+    let target = run_str(t.nixb().arg("add").arg(&target), None);
+    let free = t.file("free", "10\n");
+    let realise = |min_free: &str| {
+        run_ok(
+            t.nixb()
+                .env("_NIX_TEST_FREE_SPACE_FILE", &free)
+                .args(["realise", "--option", "min-free", min_free])
+                .args(["--option", "max-free", "100000000", &target]),
+            None,
+        )
+    };
+    // Enough space (min-free below what is free): nothing is collected.
+    realise("5");
+    assert!(dead.exists());
+    realise("1000");
+    assert!(!dead.exists(), "auto-GC did not delete the dead path");
+    assert!(
+        Path::new(&target).exists(),
+        "auto-GC deleted the build's target"
+    );
+}

@@ -2,6 +2,7 @@
 //! tool in one run and prints ratios. Nothing here asserts a time.
 
 mod engine;
+mod gc;
 mod sandbox;
 mod store;
 mod substitute;
@@ -12,6 +13,7 @@ type Group = (&'static str, fn() -> Result<()>);
 
 const GROUPS: &[Group] = &[
     ("engine", engine::run),
+    ("gc", gc::run),
     ("sandbox", sandbox::run),
     ("store", store::run),
     ("substitute", substitute::run),

@@ -190,3 +190,53 @@ pub fn find_all_roots(store: &LocalStore) -> Result<nixb_gc::Roots> {
     let mut is_valid = |p: &nixb_store::StorePath| Ok(store.is_valid_path(p)?);
     nixb_gc::find_roots(&dirs, false, &mut is_valid).context("finding garbage collector roots")
 }
+
+/// Nix's auto-GC (`min-free`/`max-free`), once before a build: when the store's file
+/// system has less than `min-free` bytes available, collect garbage until `max-free` would
+/// be available. The targets become temporary roots first, so they survive it. As in Nix,
+/// `_NIX_TEST_FREE_SPACE_FILE` names a file holding the free space to assume (for tests).
+pub fn auto_gc(
+    store: &LocalStore,
+    settings: &crate::settings::Settings,
+    targets: &[nixb_store::DerivedPath],
+) -> Result<()> {
+    if settings.min_free == 0 {
+        return Ok(());
+    }
+    let avail = match std::env::var_os("_NIX_TEST_FREE_SPACE_FILE") {
+        Some(f) => std::fs::read_to_string(&f)
+            .with_context(|| format!("reading {}", std::path::Path::new(&f).display()))?
+            .trim()
+            .parse::<u64>()
+            .context("_NIX_TEST_FREE_SPACE_FILE: expected a number of bytes")?,
+        None => {
+            let dir = store.store_dir().as_path();
+            let st = nix::sys::statvfs::statvfs(dir)
+                .with_context(|| format!("getting file system info about '{}'", dir.display()))?;
+            st.blocks_available() as u64 * st.fragment_size() as u64
+        }
+    };
+    if avail >= settings.min_free || avail >= settings.max_free {
+        return Ok(());
+    }
+    for t in targets {
+        let p = match t {
+            nixb_store::DerivedPath::Opaque(p) => p,
+            nixb_store::DerivedPath::Built { drv, .. } => drv,
+        };
+        store.add_temp_root(p)?;
+    }
+    let mut opts = GcOptions::new(GcAction::DeleteDead);
+    opts.keep_outputs = settings.keep_outputs;
+    opts.keep_derivations = settings.keep_derivations;
+    opts.max_freed = settings.max_free - avail;
+    if render::verbosity() >= 1 {
+        eprintln!("running auto-GC to free {} bytes", opts.max_freed);
+    }
+    let started = Instant::now();
+    let r = collect(store, &opts)?;
+    if render::verbosity() >= 1 {
+        eprintln!("{}", summary(&r, started.elapsed()));
+    }
+    Ok(())
+}
