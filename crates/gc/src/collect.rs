@@ -55,6 +55,9 @@ pub struct GcOptions {
     pub keep_derivations: bool,
     /// Paths whose rows are deleted in one transaction.
     pub batch_size: usize,
+    /// Collect the listed or deleted paths in [`GcResults::paths`] (they are reported as
+    /// events either way; a caller that prints them as they come can save the memory).
+    pub keep_paths: bool,
 }
 
 impl GcOptions {
@@ -66,6 +69,7 @@ impl GcOptions {
             keep_outputs: false,
             keep_derivations: true,
             batch_size: 4096,
+            keep_paths: true,
         }
     }
 }
@@ -73,8 +77,11 @@ impl GcOptions {
 /// What a collection found or did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcResults {
-    /// Listed paths (live or dead) or, when deleting, the deleted ones (absolute).
+    /// Listed paths (live or dead) or, when deleting, the deleted ones (absolute); empty
+    /// unless [`GcOptions::keep_paths`].
     pub paths: BTreeSet<String>,
+    /// How many paths were listed or deleted.
+    pub count: u64,
     pub bytes_freed: u64,
     /// Entries removed from `<store>/.links`.
     pub links_pruned: u64,
@@ -86,6 +93,10 @@ pub enum GcEvent<'a> {
     /// `gc.lock` is held by another collector; waiting for it.
     WaitingForLock,
     FindingRoots,
+    /// A live or dead path, with `ReturnLive`/`ReturnDead`, in sorted order.
+    Listed {
+        path: &'a str,
+    },
     /// The graph is read and liveness computed: `dead` of `valid` paths are garbage.
     Determined {
         valid: usize,
@@ -266,30 +277,34 @@ fn collect_locked(
     if opts.max_freed == 0 {
         return Ok(results);
     }
-    match &opts.action {
-        GcAction::ReturnLive => {
-            for (v, _) in alive.iter().enumerate().filter(|(_, a)| **a) {
-                results.paths.insert(print(graph.name(v as Node)));
+    let listing = match &opts.action {
+        GcAction::ReturnLive => Some(true),
+        GcAction::ReturnDead => Some(false),
+        GcAction::DeleteDead | GcAction::DeleteSpecific(_) => None,
+    };
+    if let Some(live) = listing {
+        // Names only (no printed copies) until each is handed out, in sorted order: on a
+        // store of a million paths a set of printed paths would outweigh the graph.
+        let mut names: Vec<&str> = (0..n)
+            .filter(|v| if live { alive[*v] } else { dead[*v] })
+            .map(|v| graph.name(v as Node))
+            .collect();
+        names.extend(
+            strays
+                .iter()
+                .filter(|s| stray_is_temp_root(s) == live)
+                .map(|s| s.name.as_str()),
+        );
+        names.sort_unstable();
+        for name in names {
+            let printed = print(name);
+            events(GcEvent::Listed { path: &printed });
+            results.count += 1;
+            if opts.keep_paths {
+                results.paths.insert(printed);
             }
-            for s in &strays {
-                if stray_is_temp_root(s) {
-                    results.paths.insert(print(&s.name));
-                }
-            }
-            return Ok(results);
         }
-        GcAction::ReturnDead => {
-            for (v, _) in dead.iter().enumerate().filter(|(_, d)| **d) {
-                results.paths.insert(print(graph.name(v as Node)));
-            }
-            for s in &strays {
-                if !stray_is_temp_root(s) {
-                    results.paths.insert(print(&s.name));
-                }
-            }
-            return Ok(results);
-        }
-        GcAction::DeleteDead | GcAction::DeleteSpecific(_) => {}
+        return Ok(results);
     }
 
     let order = graph.referrers_first(&dead);
@@ -336,7 +351,10 @@ fn collect_locked(
                 total,
                 bytes_freed: results.bytes_freed,
             });
-            results.paths.insert(printed);
+            results.count += 1;
+            if opts.keep_paths {
+                results.paths.insert(printed);
+            }
         }
         shared.finish_pending();
         if results.bytes_freed > opts.max_freed {
@@ -376,7 +394,10 @@ fn collect_locked(
                     total,
                     bytes_freed: results.bytes_freed,
                 });
-                results.paths.insert(printed);
+                results.count += 1;
+                if opts.keep_paths {
+                    results.paths.insert(printed);
+                }
             } else {
                 shared.finish_pending();
             }

@@ -99,15 +99,13 @@ pub fn run(args: GcArgs, options: &[String]) -> Result<u8> {
     if let Some(m) = args.max_freed {
         opts.max_freed = m;
     }
+    // Listed paths are printed as they come (sorted), not kept.
+    opts.keep_paths = false;
     let started = Instant::now();
     let results = collect(&store, &opts)?;
     if !deleting {
-        let mut out = std::io::stdout().lock();
-        for p in &results.paths {
-            writeln!(out, "{p}")?;
-        }
         if args.dry_run && render::verbosity() >= 1 {
-            eprintln!("{} store paths would be deleted", results.paths.len());
+            eprintln!("{} store paths would be deleted", results.count);
         }
         return Ok(0);
     }
@@ -121,7 +119,14 @@ pub fn run(args: GcArgs, options: &[String]) -> Result<u8> {
 pub fn collect(store: &LocalStore, opts: &GcOptions) -> Result<GcResults> {
     let tty = std::io::stderr().is_terminal() && render::verbosity() >= 1;
     let mut last = Instant::now();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut write_error = None;
     let mut on_event = |e: GcEvent<'_>| match e {
+        GcEvent::Listed { path } => {
+            if write_error.is_none() {
+                write_error = writeln!(out, "{path}").err();
+            }
+        }
         GcEvent::WaitingForLock => render::warn("waiting for the big garbage collector lock..."),
         GcEvent::FindingRoots => render::info("finding garbage collector roots..."),
         GcEvent::Determined { valid, dead } => {
@@ -160,6 +165,10 @@ pub fn collect(store: &LocalStore, opts: &GcOptions) -> Result<GcResults> {
     if tty {
         eprint!("\r\x1b[K");
     }
+    if let Some(e) = write_error {
+        return Err(e).context("writing to stdout");
+    }
+    out.flush().context("writing to stdout")?;
     Ok(r?)
 }
 
@@ -167,7 +176,7 @@ pub fn collect(store: &LocalStore, opts: &GcOptions) -> Result<GcResults> {
 pub fn summary(r: &GcResults, took: Duration) -> String {
     format!(
         "{} store paths deleted, {} freed in {:.2} s",
-        r.paths.len(),
+        r.count,
         human_bytes(r.bytes_freed),
         took.as_secs_f64()
     )
