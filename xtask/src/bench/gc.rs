@@ -127,10 +127,10 @@ fn generate(root: &Path, n: usize, files: bool) -> Result<()> {
                 };
                 let j = if i < live_n {
                     pick(&mut rng, i)
-                } else if rng.bool() {
+                } else if i == live_n || rng.bool() {
                     pick(&mut rng, live_n)
                 } else {
-                    live_n + pick(&mut rng, i - live_n).min(i - live_n - 1)
+                    live_n + pick(&mut rng, i - live_n)
                 };
                 if j < i {
                     if j < live_n && i < live_n {
@@ -183,6 +183,7 @@ fn generate(root: &Path, n: usize, files: bool) -> Result<()> {
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let _ = Command::new("chmod").arg("-R").arg("u+w").arg(to).status();
     let _ = std::fs::remove_dir_all(to);
     let st = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
     if !st.success() {
@@ -222,18 +223,20 @@ pub fn run() -> Result<()> {
 }
 
 fn measure(dir: &Path, nixb: &Path, nix_store: &Path) -> Result<()> {
+    // Store paths embed the store directory: generate where the collectors run, and keep
+    // a copy to restore from.
+    let work = Store {
+        root: dir.join("work"),
+    };
     let template = dir.join("template");
     let t = Instant::now();
-    generate(&template, PATHS, true)?;
+    generate(&work.root, PATHS, true)?;
     eprintln!(
         "generated {PATHS} paths in {:.1} s under {}",
         t.elapsed().as_secs_f64(),
         dir.display()
     );
-    let work = Store {
-        root: dir.join("work"),
-    };
-    copy_tree(&template, &work.root)?;
+    copy_tree(&work.root, &template)?;
 
     println!("| measurement | nixb (s) | nix-store (s) | nix/nixb | nixb peak RSS (MiB) | nix peak RSS (MiB) |");
     println!("|---|---|---|---|---|---|");
