@@ -28,6 +28,9 @@ use crate::roots::{find_roots_no_temp, find_temp_roots, RootDirs};
 use crate::server::{RootsServer, SharedRoots};
 use crate::GcError;
 
+/// SQLite's page cache while deleting rows, in KiB.
+const GC_CACHE_KIB: u32 = 128 * 1024;
+
 /// What a collection does (Nix's `GCOptions::GCAction`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GcAction {
@@ -307,6 +310,10 @@ fn collect_locked(
         return Ok(results);
     }
 
+    // Each batch rewrites index pages all over the file; with SQLite's default 2 MiB
+    // cache they spill into the log and are written again (most of the time of a full
+    // collection, before this).
+    store.with_db(|db| db.set_cache_size_kib(GC_CACHE_KIB))?;
     let order = graph.referrers_first(&dead);
     let total = order.len() + strays.len();
     let batch_size = if opts.max_freed == u64::MAX {

@@ -167,6 +167,17 @@ impl Db {
         Ok(db)
     }
 
+    /// Lets SQLite cache up to `kib` KiB of pages on this connection (its default is
+    /// 2 MiB). A transaction that touches more pages than fit spills them into the
+    /// write-ahead log and writes them again: whole-store work (deleting thousands of
+    /// rows at once) wants a bigger cache; the memory is taken only as pages are read.
+    pub fn set_cache_size_kib(&self, kib: u32) -> Result<(), DbError> {
+        self.exec(
+            &format!("pragma cache_size = -{kib}"),
+            "setting the page cache size",
+        )
+    }
+
     pub fn file(&self) -> &Path {
         &self.file
     }
