@@ -71,6 +71,8 @@ Examples:
     /// Check the validity database against the store
     #[command(after_help = "Example:\n  nixb verify --check-contents")]
     Verify(commands::verify::VerifyArgs),
+    /// Collect garbage: delete store paths no root keeps alive (as nix-store --gc)
+    Gc(commands::gc::GcArgs),
     /// A substituter for Nix binary caches, speaking the engine's external-program protocol
     #[command(after_help = "\
 Examples:

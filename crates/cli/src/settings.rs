@@ -66,6 +66,14 @@ pub struct Settings {
     /// `builders-use-substitutes`: remote builders fetch inputs from their own substituters.
     pub builders_use_substitutes: bool,
     pub secret_key_files: Vec<String>,
+    /// `keep-outputs` (1.x: `gc-keep-outputs`): a live derivation keeps its outputs.
+    pub keep_outputs: bool,
+    /// `keep-derivations` (1.x: `gc-keep-derivations`): a live path keeps its deriver.
+    pub keep_derivations: bool,
+    /// `min-free`: a build that finds less free space in the store collects garbage first.
+    pub min_free: u64,
+    /// `max-free`: how much free space that collection aims for.
+    pub max_free: u64,
     /// Warnings collected while loading (unknown names), for the cli to print.
     pub warnings: Vec<String>,
 }
@@ -108,6 +116,10 @@ impl Default for Settings {
             builders: Vec::new(),
             builders_use_substitutes: false,
             secret_key_files: Vec::new(),
+            keep_outputs: false,
+            keep_derivations: true,
+            min_free: 0,
+            max_free: u64::MAX,
             warnings: Vec::new(),
         }
     }
@@ -153,8 +165,6 @@ const ALIASES: &[(&str, &str)] = &[
 /// Settings real Nix knows that do not change what nixb does; accepted silently so a
 /// shared nix.conf does not produce noise.
 const KNOWN_IGNORED: &[&str] = &[
-    "keep-outputs",
-    "keep-derivations",
     "keep-env-derivations",
     "experimental-features",
     "extra-experimental-features",
@@ -328,6 +338,10 @@ impl Settings {
                 self.builders_use_substitutes = parse_bool(value).with_context(ctx)?
             }
             "secret-key-files" => set_list(&mut self.secret_key_files),
+            "keep-outputs" => self.keep_outputs = parse_bool(value).with_context(ctx)?,
+            "keep-derivations" => self.keep_derivations = parse_bool(value).with_context(ctx)?,
+            "min-free" => self.min_free = parse_num(value).with_context(ctx)?,
+            "max-free" => self.max_free = parse_num(value).with_context(ctx)?,
             k if KNOWN_IGNORED.contains(&k) => {}
             _ => self
                 .warnings

@@ -167,6 +167,17 @@ impl Db {
         Ok(db)
     }
 
+    /// Lets SQLite cache up to `kib` KiB of pages on this connection (its default is
+    /// 2 MiB). A transaction that touches more pages than fit spills them into the
+    /// write-ahead log and writes them again: whole-store work (deleting thousands of
+    /// rows at once) wants a bigger cache; the memory is taken only as pages are read.
+    pub fn set_cache_size_kib(&self, kib: u32) -> Result<(), DbError> {
+        self.exec(
+            &format!("pragma cache_size = -{kib}"),
+            "setting the page cache size",
+        )
+    }
+
     pub fn file(&self) -> &Path {
         &self.file
     }
@@ -375,6 +386,71 @@ impl Db {
             .and_then(|mut s| s.execute([id]))
             .map(|_| ())
             .map_err(self.wrap("invalidating path"))
+    }
+
+    /// Calls `f(id, path, deriver)` for every row of `ValidPaths` in increasing id order
+    /// (the table's own order), in one statement: how a collector reads the whole store
+    /// without a query per path.
+    pub fn scan_valid_paths(
+        &self,
+        mut f: impl FnMut(i64, &str, Option<&str>),
+    ) -> Result<(), DbError> {
+        let step = "reading all valid paths";
+        let mut s = self
+            .conn
+            .prepare("select id, path, deriver from ValidPaths order by id")
+            .map_err(self.wrap(step))?;
+        let mut rows = s.query([]).map_err(self.wrap(step))?;
+        while let Some(r) = rows.next().map_err(self.wrap(step))? {
+            let id: i64 = r.get(0).map_err(self.wrap(step))?;
+            let path = r
+                .get_ref(1)
+                .and_then(|v| Ok(v.as_str()?))
+                .map_err(self.wrap(step))?;
+            let deriver = r
+                .get_ref(2)
+                .and_then(|v| Ok(v.as_str_or_null()?))
+                .map_err(self.wrap(step))?;
+            f(id, path, deriver);
+        }
+        Ok(())
+    }
+
+    /// Calls `f(referrer, reference)` for every row of `Refs`, ordered by referrer (the
+    /// order of the table's primary key, so SQLite reads it without sorting).
+    pub fn scan_references(&self, mut f: impl FnMut(i64, i64)) -> Result<(), DbError> {
+        let step = "reading all references";
+        let mut s = self
+            .conn
+            .prepare("select referrer, reference from Refs order by referrer")
+            .map_err(self.wrap(step))?;
+        let mut rows = s.query([]).map_err(self.wrap(step))?;
+        while let Some(r) = rows.next().map_err(self.wrap(step))? {
+            f(
+                r.get(0).map_err(self.wrap(step))?,
+                r.get(1).map_err(self.wrap(step))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Calls `f(drv, output path)` for every row of `DerivationOutputs`.
+    pub fn scan_derivation_outputs(&self, mut f: impl FnMut(i64, &str)) -> Result<(), DbError> {
+        let step = "reading all derivation outputs";
+        let mut s = self
+            .conn
+            .prepare("select drv, path from DerivationOutputs")
+            .map_err(self.wrap(step))?;
+        let mut rows = s.query([]).map_err(self.wrap(step))?;
+        while let Some(r) = rows.next().map_err(self.wrap(step))? {
+            let drv: i64 = r.get(0).map_err(self.wrap(step))?;
+            let path = r
+                .get_ref(1)
+                .and_then(|v| Ok(v.as_str()?))
+                .map_err(self.wrap(step))?;
+            f(drv, path);
+        }
+        Ok(())
     }
 
     /// Every valid path.

@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// A step of a deletion that failed, with the entry it failed on (which may lie deep
@@ -34,8 +34,21 @@ impl From<DeleteError> for io::Error {
 /// Removes whatever is at `path`: a file, a symlink or a whole directory tree. A path that
 /// does not exist is fine.
 pub fn delete_path(path: &Path) -> Result<(), DeleteError> {
+    delete_top(path, None)
+}
+
+/// [`delete_path`], also returning the bytes freed as Nix's collector counts them: the size
+/// of each file with one or two links (two: most likely shared only with `.links`, whose
+/// entry goes once it is the last link). Costs a stat per file.
+pub fn delete_path_counting(path: &Path) -> Result<u64, DeleteError> {
+    let mut freed = 0;
+    delete_top(path, Some(&mut freed))?;
+    Ok(freed)
+}
+
+fn delete_top(path: &Path, freed: Option<&mut u64>) -> Result<(), DeleteError> {
     match fs::symlink_metadata(path) {
-        Ok(m) => delete_entry(path, m.is_dir()),
+        Ok(m) => delete_entry(path, m.is_dir(), freed),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(DeleteError {
             step: "examining",
@@ -88,7 +101,7 @@ pub fn replace_path(path: &Path, replacement: &Path) -> Result<(), DeleteError> 
     Ok(())
 }
 
-fn delete_entry(path: &Path, is_dir: bool) -> Result<(), DeleteError> {
+fn delete_entry(path: &Path, is_dir: bool, freed: Option<&mut u64>) -> Result<(), DeleteError> {
     let fail = |step| {
         move |source| DeleteError {
             step,
@@ -101,6 +114,14 @@ fn delete_entry(path: &Path, is_dir: bool) -> Result<(), DeleteError> {
         r => r,
     };
     if !is_dir {
+        if let Some(freed) = freed {
+            match fs::symlink_metadata(path) {
+                Ok(m) if matches!(m.nlink(), 1 | 2) => *freed += m.size(),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(fail("examining")(e)),
+            }
+        }
         return gone_is_fine(fs::remove_file(path)).map_err(fail("removing"));
     }
     let mode = match fs::symlink_metadata(path) {
@@ -120,6 +141,7 @@ fn delete_entry(path: &Path, is_dir: bool) -> Result<(), DeleteError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(fail("reading directory")(e)),
     };
+    let mut freed = freed;
     for entry in entries {
         let entry = entry.map_err(fail("reading directory"))?;
         // The directory entry's type, without another stat (symlinks report themselves).
@@ -128,7 +150,7 @@ fn delete_entry(path: &Path, is_dir: bool) -> Result<(), DeleteError> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(fail("examining")(e)),
         };
-        delete_entry(&entry.path(), child_is_dir)?;
+        delete_entry(&entry.path(), child_is_dir, freed.as_deref_mut())?;
     }
     gone_is_fine(fs::remove_dir(path)).map_err(fail("removing directory"))
 }

@@ -361,6 +361,12 @@ impl LocalStore {
         self.lock_pool.as_ref()
     }
 
+    /// Runs `f` with the database to itself, for whole-store readers and writers (the
+    /// garbage collector) that work on rows and ids rather than one path at a time.
+    pub fn with_db<T>(&self, f: impl FnOnce(&Db) -> T) -> T {
+        f(&self.db())
+    }
+
     fn db(&self) -> std::sync::MutexGuard<'_, Db> {
         // A panic while holding the lock cannot leave the database half written (the
         // transaction rolls back), so a poisoned mutex is safe to keep using.

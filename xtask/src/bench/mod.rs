@@ -2,6 +2,7 @@
 //! tool in one run and prints ratios. Nothing here asserts a time.
 
 mod engine;
+mod gc;
 mod protocol;
 mod sandbox;
 mod store;
@@ -14,6 +15,7 @@ type Group = (&'static str, fn() -> Result<()>);
 const GROUPS: &[Group] = &[
     ("engine", engine::run),
     ("protocol", protocol::run),
+    ("gc", gc::run),
     ("sandbox", sandbox::run),
     ("store", store::run),
     ("substitute", substitute::run),

@@ -4,6 +4,7 @@ pub mod add;
 pub mod build_remote;
 pub mod copy;
 pub mod derivation;
+pub mod gc;
 pub mod hash;
 pub mod log;
 pub mod nar;
@@ -43,7 +44,8 @@ pub fn open_store() -> Result<LocalStore> {
 /// The name of a command that reads no setting, for refusing `--option` on it.
 fn reads_no_settings(command: &Command) -> Option<&'static str> {
     match command {
-        Command::Query(_) => Some("query"),
+        // --roots reads keep-outputs and keep-derivations; the other queries read nothing.
+        Command::Query(a) if !a.roots => Some("query"),
         Command::Log(_) => Some("log"),
         Command::Add(_) => Some("add"),
         Command::Derivation(_) => Some("derivation"),
@@ -52,6 +54,8 @@ fn reads_no_settings(command: &Command) -> Option<&'static str> {
         Command::Hash(_) => Some("hash"),
         Command::Verify(_) => Some("verify"),
         Command::Realise(_)
+        | Command::Query(_)
+        | Command::Gc(_)
         | Command::Substitute(_)
         | Command::Copy(_)
         | Command::Serve(_)
@@ -64,12 +68,13 @@ pub fn run(cli: Cli) -> Result<u8> {
     if let (Some(name), Some(setting)) = (reads_no_settings(&cli.command), cli.options.first()) {
         anyhow::bail!(
             "'nixb {name}' reads no settings, so '--option {setting} …' would have no effect; \
-             drop it (settings apply to realise, substitute, copy, serve and build-remote)"
+             drop it (settings apply to realise, gc, query --roots, substitute, copy, serve and \
+             build-remote)"
         );
     }
     match cli.command {
         Command::Realise(a) => realise::run(a, &cli.options),
-        Command::Query(a) => query::run(a),
+        Command::Query(a) => query::run(a, &cli.options),
         Command::Log(a) => log::run(a),
         Command::Add(a) => add::run(a),
         Command::Derivation(c) => derivation::run(c),
@@ -77,6 +82,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Restore(a) => nar::restore(a),
         Command::Hash(c) => hash::run(c),
         Command::Verify(a) => verify::run(a),
+        Command::Gc(a) => gc::run(a, &cli.options),
         Command::Substitute(a) => substitute::run(a, &cli.options),
         Command::Copy(a) => copy::run(a, &cli.options),
         Command::Serve(a) => serve::run(a, &cli.options),

@@ -33,12 +33,15 @@ pub struct QueryArgs {
     /// Print the paths that are valid; fail naming those that are not
     #[arg(long, group = "what")]
     pub valid: bool,
+    /// The garbage collector roots that keep each path alive, as 'link -> root'
+    #[arg(long, group = "what")]
+    pub roots: bool,
     /// Store paths (or symlinks into the store, such as ./result)
     #[arg(required = true)]
     pub paths: Vec<String>,
 }
 
-pub fn run(args: QueryArgs) -> Result<u8> {
+pub fn run(args: QueryArgs, options: &[String]) -> Result<u8> {
     let store = super::open_store()?;
     let dir = store.store_dir().clone();
     let paths: Vec<StorePath> = args
@@ -84,6 +87,25 @@ pub fn run(args: QueryArgs) -> Result<u8> {
         }
         return Ok(0);
     }
+    if args.roots {
+        let settings = super::settings(options)?;
+        let set: BTreeSet<StorePath> = paths.iter().cloned().collect();
+        let keepers = referrer_closure(
+            &store,
+            &set,
+            settings.keep_outputs,
+            settings.keep_derivations,
+        )?;
+        let roots = super::gc::find_all_roots(&store)?;
+        for (target, links) in &roots {
+            if keepers.contains(target) {
+                for link in links {
+                    println!("{link} -> {}", dir.print(target));
+                }
+            }
+        }
+        return Ok(0);
+    }
     if args.requisites {
         let set: BTreeSet<StorePath> = paths.iter().cloned().collect();
         for p in &set {
@@ -114,6 +136,37 @@ pub fn run(args: QueryArgs) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Everything that keeps `paths` alive, `paths` included: the closure under referrers,
+/// plus with `keep_outputs` the derivations that have a path as output, plus with
+/// `keep_derivations` the outputs of a derivation (Nix's reverse `computeFSClosure`).
+fn referrer_closure(
+    store: &nixb_store::local_store::LocalStore,
+    paths: &BTreeSet<StorePath>,
+    keep_outputs: bool,
+    keep_derivations: bool,
+) -> Result<BTreeSet<StorePath>> {
+    let mut seen = BTreeSet::new();
+    let mut todo: Vec<StorePath> = paths.iter().cloned().collect();
+    while let Some(p) = todo.pop() {
+        if !seen.insert(p.clone()) {
+            continue;
+        }
+        let mut next: Vec<StorePath> = store.query_referrers(&p)?.into_iter().collect();
+        if keep_outputs {
+            next.extend(store.query_valid_derivers(&p)?);
+        }
+        if keep_derivations && p.is_derivation() && store.is_valid_path(&p)? {
+            for o in store.query_derivation_outputs(&p)?.into_values() {
+                if store.is_valid_path(&o)? {
+                    next.push(o);
+                }
+            }
+        }
+        todo.extend(next.into_iter().filter(|n| !seen.contains(n)));
+    }
+    Ok(seen)
 }
 
 fn ensure_valid(store: &nixb_store::local_store::LocalStore, p: &StorePath) -> Result<()> {

@@ -73,6 +73,7 @@ pub fn run(args: RealiseArgs, options: &[String]) -> Result<u8> {
         })
         .collect::<Result<_>>()?;
 
+    super::gc::auto_gc(&store, &settings, &targets)?;
     let cfg = worker_config(&settings, &store, &args);
     let mode = if args.json {
         RenderMode::Json

@@ -1,0 +1,480 @@
+//! One collection: Nix 2.8's `collectGarbage`, on an in-memory graph.
+//!
+//! 1. Take `gc.lock` exclusively and start the `gc-socket` server ([`crate::server`]);
+//!    from then on permanent roots cannot be added and temporary roots arrive there.
+//! 2. Read the database into a [`Graph`], find the roots ([`crate::roots`]), and mark
+//!    everything reachable from them over liveness edges. What is left is dead: the
+//!    same set as Nix's per-path referrer walks, computed in one pass.
+//! 3. Delete dead paths in batches, referrers before their references: under the shared
+//!    state's lock, drop from the batch whatever a client has made a temporary root since
+//!    (with its closure) and mark the rest pending; delete the batch's database rows in
+//!    one transaction; then its files; then clear pending. The database row always goes
+//!    before the files, and a row only after every row referring to it (SQLite's foreign
+//!    keys refuse anything else), so a kill at any instant leaves every valid path present
+//!    and its closure valid; what is left on disk without a row is removed by the next run.
+//! 4. Remove store entries that are not valid (and are no temporary root), then unused
+//!    entries of `.links`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use nixb_store::local_store::LocalStore;
+use nixb_store::locks::{lock_file, open_lock_file, LockType};
+use nixb_store::{StoreDir, StorePath};
+
+use crate::delete::{delete_path, prune_links};
+use crate::graph::{EdgeKinds, Graph, Node};
+use crate::roots::{find_roots_no_temp, find_temp_roots, RootDirs};
+use crate::server::{RootsServer, SharedRoots};
+use crate::GcError;
+
+/// SQLite's page cache while deleting rows, in KiB.
+const GC_CACHE_KIB: u32 = 128 * 1024;
+
+/// What a collection does (Nix's `GCOptions::GCAction`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GcAction {
+    /// List the live paths, delete nothing.
+    ReturnLive,
+    /// List the dead paths, delete nothing.
+    ReturnDead,
+    /// Delete every dead path.
+    DeleteDead,
+    /// Delete these paths, which must be dead and not referred to by anything else.
+    DeleteSpecific(BTreeSet<StorePath>),
+}
+
+/// How to collect.
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    pub action: GcAction,
+    /// Do not look for roots other than temporary ones (`--ignore-liveness`).
+    pub ignore_liveness: bool,
+    /// Stop once more than this many bytes have been freed (0: delete nothing).
+    pub max_freed: u64,
+    /// `keep-outputs`: a live derivation keeps its outputs alive.
+    pub keep_outputs: bool,
+    /// `keep-derivations`: a live path keeps its deriver alive.
+    pub keep_derivations: bool,
+    /// Paths whose rows are deleted in one transaction.
+    pub batch_size: usize,
+    /// Collect the listed or deleted paths in [`GcResults::paths`] (they are reported as
+    /// events either way; a caller that prints them as they come can save the memory).
+    pub keep_paths: bool,
+}
+
+impl GcOptions {
+    pub fn new(action: GcAction) -> GcOptions {
+        GcOptions {
+            action,
+            ignore_liveness: false,
+            max_freed: u64::MAX,
+            keep_outputs: false,
+            keep_derivations: true,
+            batch_size: 4096,
+            keep_paths: true,
+        }
+    }
+}
+
+/// What a collection found or did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcResults {
+    /// Listed paths (live or dead) or, when deleting, the deleted ones (absolute); empty
+    /// unless [`GcOptions::keep_paths`].
+    pub paths: BTreeSet<String>,
+    /// How many paths were listed or deleted.
+    pub count: u64,
+    pub bytes_freed: u64,
+    /// Entries removed from `<store>/.links`.
+    pub links_pruned: u64,
+}
+
+/// What the collector reports as it goes; the caller renders it.
+#[derive(Debug)]
+pub enum GcEvent<'a> {
+    /// `gc.lock` is held by another collector; waiting for it.
+    WaitingForLock,
+    FindingRoots,
+    /// A live or dead path, with `ReturnLive`/`ReturnDead`, in sorted order.
+    Listed {
+        path: &'a str,
+    },
+    /// The graph is read and liveness computed: `dead` of `valid` paths are garbage.
+    Determined {
+        valid: usize,
+        dead: usize,
+    },
+    /// A path was deleted; `done` of `total` so far.
+    Deleted {
+        path: &'a str,
+        done: usize,
+        total: usize,
+        bytes_freed: u64,
+    },
+    /// More than `max_freed` bytes were freed.
+    LimitReached {
+        max_freed: u64,
+    },
+    PruningLinks,
+    /// A dead path that a row still refers to (a path registered during the collection)
+    /// is kept, with its closure.
+    KeptInUse {
+        path: &'a str,
+    },
+}
+
+/// Runs one collection on `store`.
+pub fn collect_garbage(
+    store: &LocalStore,
+    opts: &GcOptions,
+    events: &mut dyn FnMut(GcEvent<'_>),
+) -> Result<GcResults, GcError> {
+    let config = store.config();
+    let store_dir = config.store_dir.clone();
+    let mut kinds = EdgeKinds {
+        outputs: opts.keep_outputs,
+        derivers: opts.keep_derivations,
+    };
+    // As in Nix: deleting specific paths while ignoring liveness must not reach out to
+    // outputs or derivers of what is deleted.
+    if matches!(opts.action, GcAction::DeleteSpecific(_)) && opts.ignore_liveness {
+        kinds = EdgeKinds::default();
+    }
+
+    let lock_path = config.state_dir.join("gc.lock");
+    let gc_lock = open_lock_file(&lock_path, true)?.ok_or_else(|| GcError::Io {
+        step: "opening",
+        path: lock_path.clone(),
+        source: std::io::ErrorKind::NotFound.into(),
+    })?;
+    if !lock_file(&gc_lock, LockType::Write, false)? {
+        events(GcEvent::WaitingForLock);
+        lock_file(&gc_lock, LockType::Write, true)?;
+    }
+    let shared = Arc::new(SharedRoots::default());
+    let server = RootsServer::start(&config.state_dir, store_dir.clone(), shared.clone())?;
+
+    let result = collect_locked(store, &store_dir, opts, kinds, &shared, events);
+
+    // Stop taking roots before the lock goes, as Nix does: a client then finds the socket
+    // refusing and takes the lock shared.
+    drop(server);
+    let _ = lock_file(&gc_lock, LockType::None, false);
+    result
+}
+
+/// An entry of the store directory that is not a valid path.
+struct Stray {
+    name: String,
+    /// Its hash part when the name parses as a store path.
+    hash: Option<String>,
+}
+
+fn collect_locked(
+    store: &LocalStore,
+    store_dir: &StoreDir,
+    opts: &GcOptions,
+    kinds: EdgeKinds,
+    shared: &SharedRoots,
+    events: &mut dyn FnMut(GcEvent<'_>),
+) -> Result<GcResults, GcError> {
+    let config = store.config();
+    events(GcEvent::FindingRoots);
+    let graph = Graph::load(store, kinds)?;
+    let n = graph.len();
+    let dirs = RootDirs::new(store_dir.clone(), config.state_dir.clone());
+    let mut is_valid = |p: &StorePath| Ok(graph.lookup(p.base_name()).is_some());
+    let roots = if opts.ignore_liveness {
+        Default::default()
+    } else {
+        find_roots_no_temp(&dirs, true, &mut is_valid)?
+    };
+    let temp_roots = find_temp_roots(&dirs, true)?;
+
+    let mut alive = vec![false; n];
+    let mut start: Vec<Node> = roots
+        .keys()
+        .filter_map(|p| graph.lookup(p.base_name()))
+        .collect();
+    {
+        let mut s = shared.lock();
+        for p in temp_roots.keys() {
+            s.temp_roots.insert(p.hash_part().to_string());
+        }
+        s.new_roots.clear();
+        start.extend(s.temp_roots.iter().filter_map(|h| graph.lookup_hash(h)));
+    }
+    graph.mark_closure(start, kinds, &mut alive);
+
+    // The store directory, minus what the graph already knows.
+    let mut strays = Vec::new();
+    let store_path = store_dir.as_path();
+    let entries = std::fs::read_dir(store_path).map_err(|source| GcError::Io {
+        step: "reading directory",
+        path: store_path.to_path_buf(),
+        source,
+    })?;
+    for e in entries {
+        let e = e.map_err(|source| GcError::Io {
+            step: "reading directory",
+            path: store_path.to_path_buf(),
+            source,
+        })?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == ".links" || graph.lookup(&name).is_some() {
+            continue;
+        }
+        let hash = StorePath::from_base_name(&name)
+            .ok()
+            .map(|p| p.hash_part().to_string());
+        strays.push(Stray { name, hash });
+    }
+
+    let mut results = GcResults::default();
+    let print = |name: &str| format!("{}/{name}", store_dir.as_str());
+    let stray_is_temp_root = |s: &Stray| {
+        s.hash
+            .as_ref()
+            .is_some_and(|h| shared.lock().temp_roots.contains(h))
+    };
+
+    // Which valid paths are dead, and for DeleteSpecific which paths were asked for.
+    let mut dead: Vec<bool> = alive.iter().map(|a| !a).collect();
+    let mut refused: Vec<String> = Vec::new();
+    let mut specific_strays: Option<BTreeSet<String>> = None;
+    if let GcAction::DeleteSpecific(paths) = &opts.action {
+        let mut wanted = vec![false; n];
+        let mut wanted_names = BTreeSet::new();
+        for p in paths {
+            match graph.lookup(p.base_name()) {
+                Some(v) => wanted[v as usize] = true,
+                None => {
+                    wanted_names.insert(p.base_name().to_string());
+                }
+            }
+        }
+        // Whatever is not to be deleted keeps what it reaches.
+        let mut kept = alive.clone();
+        let outside: Vec<Node> = (0..n as Node).filter(|v| !wanted[*v as usize]).collect();
+        graph.mark_closure(outside, kinds, &mut kept);
+        for v in 0..n {
+            dead[v] = wanted[v] && !kept[v];
+            if wanted[v] && kept[v] {
+                refused.push(print(graph.name(v as Node)));
+            }
+        }
+        for s in &strays {
+            if wanted_names.contains(&s.name) && stray_is_temp_root(s) {
+                refused.push(print(&s.name));
+            }
+        }
+        specific_strays = Some(wanted_names);
+    }
+    let dead_count = dead.iter().filter(|d| **d).count();
+    events(GcEvent::Determined {
+        valid: n,
+        dead: dead_count,
+    });
+
+    if opts.max_freed == 0 {
+        return Ok(results);
+    }
+    let listing = match &opts.action {
+        GcAction::ReturnLive => Some(true),
+        GcAction::ReturnDead => Some(false),
+        GcAction::DeleteDead | GcAction::DeleteSpecific(_) => None,
+    };
+    if let Some(live) = listing {
+        // Names only (no printed copies) until each is handed out, in sorted order: on a
+        // store of a million paths a set of printed paths would outweigh the graph.
+        let mut names: Vec<&str> = (0..n)
+            .filter(|v| if live { alive[*v] } else { dead[*v] })
+            .map(|v| graph.name(v as Node))
+            .collect();
+        names.extend(
+            strays
+                .iter()
+                .filter(|s| stray_is_temp_root(s) == live)
+                .map(|s| s.name.as_str()),
+        );
+        names.sort_unstable();
+        for name in names {
+            let printed = print(name);
+            events(GcEvent::Listed { path: &printed });
+            results.count += 1;
+            if opts.keep_paths {
+                results.paths.insert(printed);
+            }
+        }
+        return Ok(results);
+    }
+
+    // Each batch rewrites index pages all over the file; with SQLite's default 2 MiB
+    // cache they spill into the log and are written again (most of the time of a full
+    // collection, before this).
+    store.with_db(|db| db.set_cache_size_kib(GC_CACHE_KIB))?;
+    let order = graph.referrers_first(&dead);
+    let total = order.len() + strays.len();
+    let batch_size = if opts.max_freed == u64::MAX {
+        opts.batch_size.max(1)
+    } else {
+        // Freed bytes are known only after the files go: keep the overshoot small.
+        opts.batch_size.clamp(1, 16)
+    };
+    let mut done = 0usize;
+    let mut limit_reached = false;
+    // `alive` from here on also holds what became alive during the collection.
+    for chunk in order.chunks(batch_size) {
+        let batch: Vec<Node> = {
+            let mut s = shared.lock();
+            let new: Vec<Node> = s
+                .new_roots
+                .drain(..)
+                .filter_map(|h| graph.lookup_hash(&h))
+                .collect();
+            graph.mark_closure(new, kinds, &mut alive);
+            let batch: Vec<Node> = chunk
+                .iter()
+                .copied()
+                .filter(|v| !alive[*v as usize])
+                .collect();
+            s.pending = batch
+                .iter()
+                .map(|v| graph.hash_part(*v).to_string())
+                .collect();
+            batch
+        };
+        let deleted = invalidate_batch(store, &graph, kinds, &batch, &mut alive, events)?;
+        for v in deleted {
+            let name = graph.name(v);
+            let freed = delete_path(&store_path.join(name))?;
+            results.bytes_freed += freed;
+            let printed = print(name);
+            done += 1;
+            events(GcEvent::Deleted {
+                path: &printed,
+                done,
+                total,
+                bytes_freed: results.bytes_freed,
+            });
+            results.count += 1;
+            if opts.keep_paths {
+                results.paths.insert(printed);
+            }
+        }
+        shared.finish_pending();
+        if results.bytes_freed > opts.max_freed {
+            limit_reached = true;
+            break;
+        }
+    }
+
+    // Entries without a row: leftovers of failed builds, of an earlier collection that
+    // was interrupted, or paths being added right now (those have a temporary root).
+    if !limit_reached {
+        for s in &strays {
+            if let Some(wanted) = &specific_strays {
+                if !wanted.contains(&s.name) {
+                    continue;
+                }
+            }
+            if let Some(h) = &s.hash {
+                let mut st = shared.lock();
+                if st.temp_roots.contains(h) {
+                    continue;
+                }
+                st.pending = std::iter::once(h.clone()).collect();
+            }
+            // Registered since the graph was read (its registrar should have made it a
+            // temporary root first; this catches one that did not).
+            let printed = print(&s.name);
+            let now_valid = s.hash.is_some() && store.with_db(|db| db.path_id(&printed))?.is_some();
+            if !now_valid {
+                let freed = delete_path(&store_path.join(&s.name));
+                shared.finish_pending();
+                results.bytes_freed += freed?;
+                done += 1;
+                events(GcEvent::Deleted {
+                    path: &printed,
+                    done,
+                    total,
+                    bytes_freed: results.bytes_freed,
+                });
+                results.count += 1;
+                if opts.keep_paths {
+                    results.paths.insert(printed);
+                }
+            } else {
+                shared.finish_pending();
+            }
+            if results.bytes_freed > opts.max_freed {
+                limit_reached = true;
+                break;
+            }
+        }
+    }
+    if limit_reached {
+        events(GcEvent::LimitReached {
+            max_freed: opts.max_freed,
+        });
+    }
+
+    events(GcEvent::PruningLinks);
+    results.links_pruned = prune_links(&store_path.join(".links"))?;
+
+    if let Some(first) = refused.first() {
+        return Err(GcError::StillAlive {
+            path: first.clone(),
+        });
+    }
+    Ok(results)
+}
+
+/// Deletes the rows of `batch` (in order) in one transaction and returns the nodes
+/// deleted. When the transaction fails because a row is still referred to (a path
+/// registered since the graph was read), falls back to one transaction per path and
+/// keeps those that cannot go, with their closure.
+fn invalidate_batch(
+    store: &LocalStore,
+    graph: &Graph,
+    kinds: EdgeKinds,
+    batch: &[Node],
+    alive: &mut [bool],
+    events: &mut dyn FnMut(GcEvent<'_>),
+) -> Result<Vec<Node>, GcError> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let all = store.with_db(|db| {
+        db.transaction("deleting dead paths", |db| {
+            for v in batch {
+                db.delete_path(graph.db_id(*v))?;
+            }
+            Ok::<(), nixb_store::db::DbError>(())
+        })
+    });
+    if all.is_ok() {
+        return Ok(batch.to_vec());
+    }
+    let mut deleted = Vec::new();
+    for v in batch {
+        if alive[*v as usize] {
+            continue;
+        }
+        let one = store.with_db(|db| {
+            db.transaction("deleting a dead path", |db| db.delete_path(graph.db_id(*v)))
+        });
+        match one {
+            Ok(()) => deleted.push(*v),
+            Err(e) => {
+                tracing::warn!("keeping {}: {e}", graph.name(*v));
+                events(GcEvent::KeptInUse {
+                    path: graph.name(*v),
+                });
+                graph.mark_closure([*v], kinds, alive);
+            }
+        }
+    }
+    Ok(deleted)
+}

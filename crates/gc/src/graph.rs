@@ -1,0 +1,361 @@
+//! The whole validity database as an in-memory graph, read in three statements (one per
+//! table) instead of a query per path.
+//!
+//! Nodes are the rows of `ValidPaths`, numbered `0..n` in the order SQLite returns them;
+//! a node's name is its base name `<hash>-<name>`, kept in one string arena. Edges are
+//! kept forward only, in compressed rows (`start[i]..start[i+1]` index into one array):
+//!
+//! ```text
+//! refs      referrer -> reference           (Refs, self references dropped)
+//! outputs   derivation -> output            (DerivationOutputs; only valid outputs)
+//! deriver   path -> its deriver             (ValidPaths.deriver; only when valid)
+//! ```
+//!
+//! Liveness follows *liveness edges*: references always, `outputs` with `keep-outputs`,
+//! `deriver` with `keep-derivations`, which is exactly the closure Nix computes for a
+//! root (`computeFSClosure` with `includeOutputs`/`includeDerivers`).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use nixb_store::local_store::LocalStore;
+use nixb_store::path::HASH_CHARS;
+
+use crate::GcError;
+
+/// A node number.
+pub type Node = u32;
+const NONE: Node = Node::MAX;
+
+/// Hashes a database row id with one multiplication: ids are distinct integers, and
+/// SipHash on ten million reference rows would cost more than reading them.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_i64(&mut self, n: i64) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap = HashMap<i64, Node, BuildHasherDefault<IdHasher>>;
+
+/// Which optional edges to load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EdgeKinds {
+    pub outputs: bool,
+    pub derivers: bool,
+}
+
+/// The reference graph of a store.
+#[derive(Debug, Default)]
+pub struct Graph {
+    names: String,
+    name_end: Vec<u32>,
+    db_id: Vec<i64>,
+    ref_start: Vec<u32>,
+    refs: Vec<Node>,
+    out_start: Vec<u32>,
+    outs: Vec<Node>,
+    deriver: Vec<Node>,
+    /// Nodes sorted by hash part, for lookups by path.
+    by_hash: Vec<Node>,
+}
+
+impl Graph {
+    /// Reads `ValidPaths`, `Refs` and (as `kinds` asks) `DerivationOutputs` and the
+    /// derivers.
+    pub fn load(store: &LocalStore, kinds: EdgeKinds) -> Result<Graph, GcError> {
+        let prefix = format!("{}/", store.store_dir().as_str());
+        store.with_db(|db| {
+            let mut g = Graph::default();
+            let mut ids = IdMap::default();
+            let mut bad: Option<String> = None;
+            let mut derivers: Vec<(Node, Box<str>)> = Vec::new();
+            db.scan_valid_paths(|id, path, deriver| {
+                let Some(base) = path.strip_prefix(&prefix).filter(|b| b.len() > HASH_CHARS) else {
+                    bad.get_or_insert_with(|| path.to_string());
+                    return;
+                };
+                let node = g.db_id.len() as Node;
+                g.names.push_str(base);
+                g.name_end.push(g.names.len() as u32);
+                g.db_id.push(id);
+                ids.insert(id, node);
+                if kinds.derivers {
+                    if let Some(d) = deriver.and_then(|d| d.strip_prefix(&prefix)) {
+                        derivers.push((node, d.into()));
+                    }
+                }
+            })?;
+            if let Some(path) = bad {
+                return Err(GcError::Corrupt {
+                    what: format!("valid path '{path}' is not in the store {prefix}"),
+                });
+            }
+            if g.names.len() >= u32::MAX as usize || g.db_id.len() >= NONE as usize {
+                return Err(GcError::Corrupt {
+                    what: "too many valid paths for one collection".into(),
+                });
+            }
+            let n = g.db_id.len();
+            g.by_hash = (0..n as Node).collect();
+            {
+                let (names, ends) = (&g.names, &g.name_end);
+                let hash = |i: Node| {
+                    let s = if i == 0 {
+                        0
+                    } else {
+                        ends[i as usize - 1] as usize
+                    };
+                    &names.as_bytes()[s..s + HASH_CHARS]
+                };
+                g.by_hash.sort_unstable_by(|a, b| hash(*a).cmp(hash(*b)));
+            }
+
+            // Refs come ordered by referrer id, and nodes are numbered in id order, so
+            // the rows are built as they stream in (no list of pairs at twice the size).
+            let mut missing = None;
+            let mut unordered = false;
+            g.ref_start.reserve(n + 1);
+            g.ref_start.push(0);
+            db.scan_references(|from, to| {
+                if from == to {
+                    return;
+                }
+                let (Some(f), Some(t)) = (ids.get(&from), ids.get(&to)) else {
+                    missing = Some((from, to));
+                    return;
+                };
+                if (*f as usize) + 1 < g.ref_start.len() {
+                    unordered = true;
+                    return;
+                }
+                while g.ref_start.len() <= *f as usize {
+                    g.ref_start.push(g.refs.len() as u32);
+                }
+                g.refs.push(*t);
+            })?;
+            if let Some((from, to)) = missing {
+                return Err(GcError::Corrupt {
+                    what: format!("reference {from} -> {to} names a row that does not exist"),
+                });
+            }
+            if unordered || g.refs.len() >= u32::MAX as usize {
+                return Err(GcError::Corrupt {
+                    what: "references did not come ordered by referrer".into(),
+                });
+            }
+            while g.ref_start.len() <= n {
+                g.ref_start.push(g.refs.len() as u32);
+            }
+            g.refs.shrink_to_fit();
+
+            if kinds.outputs {
+                let mut pairs = Vec::new();
+                db.scan_derivation_outputs(|drv, path| {
+                    if let (Some(d), Some(o)) = (
+                        ids.get(&drv),
+                        path.strip_prefix(&prefix).and_then(|b| g.lookup(b)),
+                    ) {
+                        pairs.push((*d, o));
+                    }
+                })?;
+                (g.out_start, g.outs) = compress(n, pairs);
+            }
+            if kinds.derivers {
+                g.deriver = vec![NONE; n];
+                for (node, d) in derivers {
+                    if let Some(dn) = g.lookup(&d) {
+                        g.deriver[node as usize] = dn;
+                    }
+                }
+            }
+            Ok(g)
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.db_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.db_id.is_empty()
+    }
+
+    /// `<hash>-<name>` of `n`.
+    pub fn name(&self, n: Node) -> &str {
+        let i = n as usize;
+        let s = if i == 0 {
+            0
+        } else {
+            self.name_end[i - 1] as usize
+        };
+        &self.names[s..self.name_end[i] as usize]
+    }
+
+    pub fn hash_part(&self, n: Node) -> &str {
+        &self.name(n)[..HASH_CHARS]
+    }
+
+    pub fn db_id(&self, n: Node) -> i64 {
+        self.db_id[n as usize]
+    }
+
+    /// The node whose hash part is `hash` (32 characters).
+    pub fn lookup_hash(&self, hash: &str) -> Option<Node> {
+        let i = self
+            .by_hash
+            .binary_search_by(|n| self.hash_part(*n).cmp(hash))
+            .ok()?;
+        Some(self.by_hash[i])
+    }
+
+    /// The node of base name `<hash>-<name>`.
+    pub fn lookup(&self, base: &str) -> Option<Node> {
+        let hash = base.get(..HASH_CHARS)?;
+        self.lookup_hash(hash).filter(|n| self.name(*n) == base)
+    }
+
+    /// What `n` refers to (itself excluded).
+    pub fn references(&self, n: Node) -> &[Node] {
+        row(&self.ref_start, &self.refs, n)
+    }
+
+    /// Calls `f` for every node that `n` keeps alive: its references, with `kinds.outputs`
+    /// the outputs of a derivation, with `kinds.derivers` its deriver.
+    pub fn for_each_kept(&self, n: Node, kinds: EdgeKinds, mut f: impl FnMut(Node)) {
+        for r in self.references(n) {
+            f(*r);
+        }
+        if kinds.outputs {
+            for o in row(&self.out_start, &self.outs, n) {
+                f(*o);
+            }
+        }
+        if kinds.derivers {
+            if let Some(d) = self.deriver.get(n as usize).filter(|d| **d != NONE) {
+                f(*d);
+            }
+        }
+    }
+
+    /// Marks in `mark` everything reachable from `start` over liveness edges, skipping
+    /// nodes for which `mark` is already set. Returns how many were newly marked.
+    pub fn mark_closure(
+        &self,
+        start: impl IntoIterator<Item = Node>,
+        kinds: EdgeKinds,
+        mark: &mut [bool],
+    ) -> usize {
+        let mut todo: Vec<Node> = Vec::new();
+        let mut count = 0;
+        for s in start {
+            if !mark[s as usize] {
+                mark[s as usize] = true;
+                count += 1;
+                todo.push(s);
+            }
+        }
+        while let Some(n) = todo.pop() {
+            self.for_each_kept(n, kinds, |m| {
+                if !mark[m as usize] {
+                    mark[m as usize] = true;
+                    count += 1;
+                    todo.push(m);
+                }
+            });
+        }
+        count
+    }
+
+    /// The nodes of `set` ordered so that every referrer comes before what it refers to
+    /// (deletion order). Nodes on a reference cycle, which a sound store does not have,
+    /// come last in any order.
+    pub fn referrers_first(&self, in_set: &[bool]) -> Vec<Node> {
+        let n = self.len();
+        let mut indegree = vec![0u32; n];
+        for v in 0..n {
+            if in_set[v] {
+                for r in self.references(v as Node) {
+                    if in_set[*r as usize] {
+                        indegree[*r as usize] += 1;
+                    }
+                }
+            }
+        }
+        let mut order: Vec<Node> = (0..n as Node)
+            .filter(|v| in_set[*v as usize] && indegree[*v as usize] == 0)
+            .collect();
+        let mut i = 0;
+        while i < order.len() {
+            let v = order[i];
+            for r in self.references(v) {
+                let r = *r as usize;
+                if in_set[r] {
+                    indegree[r] -= 1;
+                    if indegree[r] == 0 {
+                        order.push(r as Node);
+                    }
+                }
+            }
+            i += 1;
+        }
+        if order.len() < in_set.iter().filter(|x| **x).count() {
+            let mut placed = vec![false; n];
+            for v in &order {
+                placed[*v as usize] = true;
+            }
+            order.extend((0..n as Node).filter(|v| in_set[*v as usize] && !placed[*v as usize]));
+        }
+        order
+    }
+}
+
+fn row<'a>(start: &[u32], items: &'a [Node], n: Node) -> &'a [Node] {
+    let i = n as usize;
+    match (start.get(i), start.get(i + 1)) {
+        (Some(s), Some(e)) => &items[*s as usize..*e as usize],
+        _ => &[],
+    }
+}
+
+/// Compressed rows from `(from, to)` pairs over `n` nodes (counting sort by `from`).
+fn compress(n: usize, pairs: Vec<(Node, Node)>) -> (Vec<u32>, Vec<Node>) {
+    let mut start = vec![0u32; n + 1];
+    for (f, _) in &pairs {
+        start[*f as usize + 1] += 1;
+    }
+    for i in 0..n {
+        start[i + 1] += start[i];
+    }
+    let mut fill = start.clone();
+    let mut items = vec![0 as Node; pairs.len()];
+    for (f, t) in pairs {
+        let slot = &mut fill[f as usize];
+        items[*slot as usize] = t;
+        *slot += 1;
+    }
+    (start, items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compress_groups_by_source() {
+        let (s, i) = compress(3, vec![(2, 0), (0, 1), (2, 1), (0, 2)]);
+        assert_eq!(s, vec![0, 2, 2, 4]);
+        assert_eq!(&i[0..2], &[1, 2]);
+        assert_eq!(&i[2..4], &[0, 1]);
+    }
+}
