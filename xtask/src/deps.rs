@@ -14,6 +14,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     // Remote-build tests start sshd in network namespaces and reach it with ssh.
     ("openssh-server", "/usr/sbin/sshd"),
     ("openssh-client", "ssh-keygen"),
+    // The collector's oracle test holds a store path by a memory map alone (ctypes).
+    ("python3", "python3"),
+    // The rootless tests re-run test binaries as a uid without a passwd entry.
+    ("util-linux", "setpriv"),
 ];
 
 fn have(cmd: &str) -> bool {
