@@ -58,6 +58,9 @@ pub struct Settings {
     /// `builders-use-substitutes`: remote builders fetch inputs from their own substituters.
     pub builders_use_substitutes: bool,
     pub secret_key_files: Vec<String>,
+    /// `trusted-users` and `allowed-users` (read by `nixb daemon`).
+    pub trusted_users: Vec<String>,
+    pub allowed_users: Vec<String>,
     /// Warnings collected while loading (unknown names), for the cli to print.
     pub warnings: Vec<String>,
 }
@@ -95,6 +98,8 @@ impl Default for Settings {
             builders: Vec::new(),
             builders_use_substitutes: false,
             secret_key_files: Vec::new(),
+            trusted_users: vec!["root".to_string()],
+            allowed_users: vec!["*".to_string()],
             warnings: Vec::new(),
         }
     }
@@ -145,8 +150,6 @@ const KNOWN_IGNORED: &[&str] = &[
     "keep-env-derivations",
     "experimental-features",
     "extra-experimental-features",
-    "trusted-users",
-    "allowed-users",
     "trusted-substituters",
     "extra-trusted-substituters",
     "narinfo-cache-negative-ttl",
@@ -309,6 +312,8 @@ impl Settings {
                 self.builders_use_substitutes = parse_bool(value).with_context(ctx)?
             }
             "secret-key-files" => set_list(&mut self.secret_key_files),
+            "trusted-users" => set_list(&mut self.trusted_users),
+            "allowed-users" => set_list(&mut self.allowed_users),
             k if KNOWN_IGNORED.contains(&k) => {}
             _ => self
                 .warnings

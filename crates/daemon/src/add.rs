@@ -27,7 +27,11 @@ fn spool_err(source: io::Error) -> DaemonError {
 }
 
 /// Copies `r` into `out`, hashing what passes with each hasher; returns the byte count.
-fn copy_hashed(r: &mut impl Read, out: &mut impl Write, hashers: &mut [&mut Hasher]) -> Result<u64> {
+fn copy_hashed(
+    r: &mut impl Read,
+    out: &mut impl Write,
+    hashers: &mut [&mut Hasher],
+) -> Result<u64> {
     let mut buf = vec![0u8; 64 << 10];
     let mut n = 0u64;
     loop {
@@ -89,7 +93,16 @@ pub fn add_from_dump(
             let mut sha = Hasher::new(HashAlgo::Sha256);
             let mut ca = Hasher::new(algo);
             let size = copy_hashed(dump, &mut nar, &mut [&mut sha, &mut ca])?;
-            add_spooled_nar(store, name, true, ca.finish(), references, nar, sha.finish(), size)
+            add_spooled_nar(
+                store,
+                name,
+                true,
+                ca.finish(),
+                references,
+                nar,
+                sha.finish(),
+                size,
+            )
         }
         CaMethod::Flat(algo) => {
             let mut contents = spool_file(store)?;
@@ -149,7 +162,16 @@ fn add_flat_file(
         nar.write_all(b).map_err(nixb_store::nar::NarError::Sink)
     })
     .map_err(|e| DaemonError::Refused(format!("serialising '{name}': {e}")))?;
-    add_spooled_nar(store, name, false, ca_hash, references, nar, sha.finish(), size)
+    add_spooled_nar(
+        store,
+        name,
+        false,
+        ca_hash,
+        references,
+        nar,
+        sha.finish(),
+        size,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -256,10 +256,8 @@ pub(crate) fn build_paths_with_results<R: Read, W: Write>(
                     }
                     None => {
                         let mut r = BuildResult::new(BuildStatus::DependencyFailed);
-                        r.error_msg = format!(
-                            "a dependency of '{}' failed to build",
-                            dir.print(key)
-                        );
+                        r.error_msg =
+                            format!("a dependency of '{}' failed to build", dir.print(key));
                         r
                     }
                 }
@@ -287,7 +285,9 @@ pub(crate) fn build_derivation<R: Read, W: Write>(
         outputs: OutputsSpec::All,
     };
     let mut v = build_paths_with_results(s, conn, std::slice::from_ref(&t), mode)?;
-    Ok(v.pop().map(|k| k.result).unwrap_or_else(|| BuildResult::new(BuildStatus::MiscFailure)))
+    Ok(v.pop()
+        .map(|k| k.result)
+        .unwrap_or_else(|| BuildResult::new(BuildStatus::MiscFailure)))
 }
 
 fn outputs_valid(store: &nixb_store::local_store::LocalStore, t: &WireDerivedPath) -> Result<bool> {

@@ -127,7 +127,10 @@ pub(crate) fn from_wire_info(i: &WireValidPathInfo) -> ValidPathInfo {
     }
 }
 
-fn io_err(step: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DaemonError {
+fn io_err(
+    step: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> DaemonError {
     let path = path.display().to_string();
     move |source| DaemonError::Io { step, path, source }
 }
@@ -189,9 +192,13 @@ impl Session<'_> {
             Q::QueryValidDerivers(p) => {
                 A::Paths(store.query_valid_derivers(p)?.into_iter().collect())
             }
-            Q::QueryDerivationOutputs(drv) => {
-                A::Paths(store.read_derivation(drv)?.output_paths().into_values().collect())
-            }
+            Q::QueryDerivationOutputs(drv) => A::Paths(
+                store
+                    .read_derivation(drv)?
+                    .output_paths()
+                    .into_values()
+                    .collect(),
+            ),
             Q::QueryDerivationOutputNames(drv) => {
                 A::Strings(store.read_derivation(drv)?.outputs.into_keys().collect())
             }
@@ -259,7 +266,12 @@ impl Session<'_> {
             }
             Q::EnsurePath(p) => {
                 if !store.is_valid_path(p)? {
-                    build::realise(self, conn, &[WireDerivedPath::Opaque(p.clone())], WireBuildMode::Normal)?;
+                    build::realise(
+                        self,
+                        conn,
+                        &[WireDerivedPath::Opaque(p.clone())],
+                        WireBuildMode::Normal,
+                    )?;
                 }
                 A::One
             }
@@ -309,8 +321,7 @@ impl Session<'_> {
                 if *repair {
                     self.refuse_untrusted("repairing the store")?;
                     return Err(DaemonError::Refused(
-                        "repairing the store through the nixb daemon is not supported yet"
-                            .into(),
+                        "repairing the store through the nixb daemon is not supported yet".into(),
                     ));
                 }
                 let report = store.verify(*check_contents)?;
@@ -523,7 +534,9 @@ impl Session<'_> {
         let method = CaMethod::parse(&r.method);
         let mut framed = conn.framed();
         let added = match method {
-            Ok(method) => add::add_from_dump(self.store(), &r.name, method, &r.references, &mut framed),
+            Ok(method) => {
+                add::add_from_dump(self.store(), &r.name, method, &r.references, &mut framed)
+            }
             Err(e) => Err(e.into()),
         };
         // Whatever happened, read to the end marker so the connection stays in step.
@@ -542,7 +555,11 @@ impl Session<'_> {
         conn: &mut ServerConnection<R, W>,
         r: &AddToStoreOldRequest,
     ) -> Result<StorePath> {
-        let algo = if r.fixed { r.hash_algo.as_str() } else { "sha256" };
+        let algo = if r.fixed {
+            r.hash_algo.as_str()
+        } else {
+            "sha256"
+        };
         let method = if !r.fixed || r.recursive {
             format!("fixed:r:{algo}")
         } else {

@@ -116,7 +116,11 @@ mod tests {
         assert!(!matches("alice", None, &list(&["bob"])));
         assert!(matches("alice", None, &list(&["*"])));
         assert!(matches("alice", Some("wheel"), &list(&["@wheel"])));
-        assert!(!matches("alice", Some("users"), &list(&["@no-such-group-here"])));
+        assert!(!matches(
+            "alice",
+            Some("users"),
+            &list(&["@no-such-group-here"])
+        ));
         assert!(!matches("alice", None, &list(&[])));
     }
 
@@ -126,12 +130,24 @@ mod tests {
             trusted_users: vec![],
             allowed_users: list(&["4242"]),
         };
-        let root = Peer { uid: 0, gid: 0, pid: None };
+        let root = Peer {
+            uid: 0,
+            gid: 0,
+            pid: None,
+        };
         assert_eq!(cfg.access(&root), Access::Trusted);
         // A uid with no passwd entry is matched by its number, as Nix does.
-        let nobody = Peer { uid: 4242, gid: 4242, pid: None };
+        let nobody = Peer {
+            uid: 4242,
+            gid: 4242,
+            pid: None,
+        };
         assert_eq!(cfg.access(&nobody), Access::Untrusted);
-        let other = Peer { uid: 4243, gid: 4243, pid: None };
+        let other = Peer {
+            uid: 4243,
+            gid: 4243,
+            pid: None,
+        };
         assert_eq!(cfg.access(&other), Access::Refused);
         let star = TrustConfig {
             trusted_users: list(&["*"]),
