@@ -7,7 +7,7 @@
 //! clients never run two workers that race for the same outputs, at the price of one
 //! client waiting for another's builds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
 
 use nixb_goals::{BuildMode, Event, EventSink, FailureKind, Level, RealiseOutcome};
@@ -31,8 +31,13 @@ struct ClientSink<'a, R: Read, W: Write> {
     next_activity: &'a mut u64,
     /// Per running build: its activity and the unfinished last line of its log.
     builds: HashMap<StorePath, (u64, Vec<u8>)>,
+    /// The last lines of each build's log, for the error of a failed builder.
+    tails: HashMap<StorePath, VecDeque<Vec<u8>>>,
     gone: bool,
 }
+
+/// How many log lines a failed builder's error quotes (Nix's `log-lines` default).
+const LOG_TAIL: usize = 10;
 
 impl<R: Read, W: Write> ClientSink<'_, R, W> {
     fn send(&mut self, f: StderrFrame) {
@@ -41,7 +46,12 @@ impl<R: Read, W: Write> ClientSink<'_, R, W> {
         }
     }
 
-    fn log_line(&mut self, id: u64, line: &[u8]) {
+    fn log_line(&mut self, drv: &StorePath, id: u64, line: &[u8]) {
+        let tail = self.tails.entry(drv.clone()).or_default();
+        if tail.len() == LOG_TAIL {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_vec());
         self.send(StderrFrame::Result {
             id,
             kind: ResultType::BuildLogLine,
@@ -52,7 +62,7 @@ impl<R: Read, W: Write> ClientSink<'_, R, W> {
     fn stop(&mut self, drv: &StorePath) {
         if let Some((id, rest)) = self.builds.remove(drv) {
             if !rest.is_empty() {
-                self.log_line(id, &rest);
+                self.log_line(drv, id, &rest);
             }
             self.send(StderrFrame::StopActivity { id });
         }
@@ -90,7 +100,7 @@ impl<R: Read, W: Write> EventSink for ClientSink<'_, R, W> {
                 let mut start = 0;
                 while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
                     let line = pending[start..start + nl].to_vec();
-                    self.log_line(id, &line);
+                    self.log_line(&drv, id, &line);
                     start += nl + 1;
                 }
                 pending.drain(..start);
@@ -150,12 +160,34 @@ pub(crate) fn realise<R: Read, W: Write>(
         store_dir: daemon.store().store_dir().clone(),
         next_activity: &mut s.next_activity,
         builds: HashMap::new(),
+        tails: HashMap::new(),
         gone: false,
     };
-    let outcome = nixb_goals::realise(daemon.store(), &targets, &cfg, &mut sink)?;
+    let mut outcome = nixb_goals::realise(daemon.store(), &targets, &cfg, &mut sink)?;
     let running: Vec<StorePath> = sink.builds.keys().cloned().collect();
     for drv in running {
         sink.stop(&drv);
+    }
+    // As Nix words a failed builder for a client that does not show build logs in full:
+    // the last lines of the log, and where the rest is.
+    for f in &mut outcome.failures {
+        if f.kind != FailureKind::BuilderFailed {
+            continue;
+        }
+        let Some(tail) = sink.tails.get(&f.path).filter(|t| !t.is_empty()) else {
+            continue;
+        };
+        let mut msg = format!("{};\nlast {} log lines:\n", f.message, tail.len());
+        for line in tail {
+            msg.push_str("> ");
+            msg.push_str(&String::from_utf8_lossy(line));
+            msg.push('\n');
+        }
+        msg.push_str(&format!(
+            "For full logs, run 'nix log {}'.",
+            sink.store_dir.print(&f.path)
+        ));
+        f.message = msg;
     }
     Ok(outcome)
 }
