@@ -64,7 +64,7 @@ fn start_nixb(t: &TestStore) -> RunningDaemon {
 fn start_nix(t: &TestStore) -> RunningDaemon {
     // With no writable state directory yet, nix-daemon would take itself for a client
     // and forward every connection to its own socket.
-    nixb_tests::run_ok(&mut t.nix("nix-store").arg("--init"), None);
+    nixb_tests::run_ok(t.nix("nix-store").arg("--init"), None);
     let socket = socket_of(t);
     let mut cmd = t.nix("nix-daemon");
     cmd.env("NIX_DAEMON_SOCKET_PATH", &socket);
