@@ -32,6 +32,7 @@ fn help_texts() {
         "copy",
         "serve",
         "build-remote",
+        "daemon",
     ] {
         insta::assert_snapshot!(format!("nixb_{cmd}"), help(&[cmd, "--help"]));
     }
