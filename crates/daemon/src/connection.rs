@@ -80,6 +80,7 @@ pub(crate) fn serve<R: Read, W: Write>(daemon: &Daemon, r: R, w: W, trusted: boo
         match session.handle(&mut conn, &req) {
             Ok(Some(resp)) => conn.finish(&req, &resp)?,
             Ok(None) => {}
+            Err(e @ DaemonError::Broken(_)) => return Err(e),
             Err(e @ (DaemonError::Protocol(_) | DaemonError::Wire(_))) => {
                 let _ = conn.fail(&RemoteError::new(e.to_string()));
                 return Err(e);
@@ -236,7 +237,9 @@ impl Session<'_> {
             Q::NarFromPath(p) => {
                 self.valid_info(p)?;
                 conn.frame(&StderrFrame::Last)?;
-                nixb_serve::import::dump_nar(store, p, conn.writer())?;
+                // Past STDERR_LAST no error can be sent: a failed dump ends the connection.
+                nixb_serve::import::dump_nar(store, p, conn.writer())
+                    .map_err(|e| DaemonError::Broken(e.to_string()))?;
                 conn.writer().flush()?;
                 return Ok(None);
             }

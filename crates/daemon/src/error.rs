@@ -26,6 +26,10 @@ pub enum DaemonError {
     /// is what the client prints.
     #[error("{0}")]
     Refused(String),
+    /// The answer broke off after it had started (a NAR whose dump failed half-way):
+    /// nothing more can be said on this connection.
+    #[error("{0}")]
+    Broken(String),
     /// A build the client asked for failed; `status` is Nix's exit status for it.
     #[error("{message}")]
     Build { status: u64, message: String },
