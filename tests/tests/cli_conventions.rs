@@ -33,6 +33,7 @@ fn help_texts() {
         "serve",
         "build-remote",
         "gc",
+        "daemon",
     ] {
         insta::assert_snapshot!(format!("nixb_{cmd}"), help(&[cmd, "--help"]));
     }

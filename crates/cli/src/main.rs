@@ -94,6 +94,13 @@ Example (as the forced command of an SSH key, so that other machines can build h
 The engine runs it itself when `builders` is set; by hand:
   echo '1 x86_64-linux /nix/store/…-hello.drv ' | nixb build-remote x86_64-linux 0 0 0")]
     BuildRemote(commands::build_remote::BuildRemoteArgs),
+    /// Serve this store to Nix clients with the Nix daemon protocol (as `nix-daemon`)
+    #[command(after_help = "\
+Example (then `NIX_REMOTE=daemon nix-build ...` builds through nixb):
+  nixb daemon                      # on $NIX_STATE_DIR/daemon-socket/socket
+  nixb daemon --socket /tmp/nixb.sock
+  nixb daemon --stdio              # one connection on stdin/stdout (ssh-ng://)")]
+    Daemon(commands::daemon::DaemonArgs),
 }
 
 /// Flags shared by commands that print hashes.

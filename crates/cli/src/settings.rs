@@ -74,6 +74,9 @@ pub struct Settings {
     pub min_free: u64,
     /// `max-free`: how much free space that collection aims for.
     pub max_free: u64,
+    /// `trusted-users` and `allowed-users` (read by `nixb daemon`).
+    pub trusted_users: Vec<String>,
+    pub allowed_users: Vec<String>,
     /// Warnings collected while loading (unknown names), for the cli to print.
     pub warnings: Vec<String>,
 }
@@ -120,6 +123,8 @@ impl Default for Settings {
             keep_derivations: true,
             min_free: 0,
             max_free: u64::MAX,
+            trusted_users: vec!["root".to_string()],
+            allowed_users: vec!["*".to_string()],
             warnings: Vec::new(),
         }
     }
@@ -168,8 +173,6 @@ const KNOWN_IGNORED: &[&str] = &[
     "keep-env-derivations",
     "experimental-features",
     "extra-experimental-features",
-    "trusted-users",
-    "allowed-users",
     "trusted-substituters",
     "extra-trusted-substituters",
     "narinfo-cache-negative-ttl",
@@ -342,6 +345,8 @@ impl Settings {
             "keep-derivations" => self.keep_derivations = parse_bool(value).with_context(ctx)?,
             "min-free" => self.min_free = parse_num(value).with_context(ctx)?,
             "max-free" => self.max_free = parse_num(value).with_context(ctx)?,
+            "trusted-users" => set_list(&mut self.trusted_users),
+            "allowed-users" => set_list(&mut self.allowed_users),
             k if KNOWN_IGNORED.contains(&k) => {}
             _ => self
                 .warnings

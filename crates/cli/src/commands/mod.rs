@@ -3,6 +3,7 @@
 pub mod add;
 pub mod build_remote;
 pub mod copy;
+pub mod daemon;
 pub mod derivation;
 pub mod gc;
 pub mod hash;
@@ -59,6 +60,7 @@ fn reads_no_settings(command: &Command) -> Option<&'static str> {
         | Command::Substitute(_)
         | Command::Copy(_)
         | Command::Serve(_)
+        | Command::Daemon(_)
         | Command::BuildRemote(_) => None,
     }
 }
@@ -86,6 +88,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Substitute(a) => substitute::run(a, &cli.options),
         Command::Copy(a) => copy::run(a, &cli.options),
         Command::Serve(a) => serve::run(a, &cli.options),
+        Command::Daemon(a) => daemon::run(a, &cli.options),
         Command::BuildRemote(a) => build_remote::run(a, &cli.options),
     }
 }

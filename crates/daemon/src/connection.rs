@@ -1,0 +1,665 @@
+//! One client connection: the greeting, then each request mapped onto the store or the
+//! engine, its answer, or an error the client prints. An error inside an operation ends
+//! only that operation; a request that cannot be read (unknown operation, malformed field,
+//! data that broke off) ends the connection, as in Nix, because the stream is out of step.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use nixb_goals::WorkerConfig;
+use nixb_protocol::handshake::TrustedFlag;
+use nixb_protocol::ops::{
+    read_multiple_header, read_multiple_item, AddToStoreNarRequest, AddToStoreOldRequest,
+    AddToStoreRequest, CaMethod, DataTransfer,
+};
+use nixb_protocol::types::{
+    BuildMode as WireBuildMode, ClientSettings, DerivedPath as WireDerivedPath, Missing,
+    OutputsSpec, PathInfo, ValidPathInfo as WireValidPathInfo,
+};
+use nixb_protocol::wire::WireReader;
+use nixb_protocol::{RemoteError, Request, Response, ServerConnection, StderrFrame, Version};
+use nixb_store::local_store::ValidPathInfo;
+use nixb_store::{StoreDir, StorePath};
+
+use crate::add;
+use crate::build;
+use crate::error::{DaemonError, Result};
+use crate::Daemon;
+
+/// Settings a client that is not trusted may still set through `SetOptions` (Nix 2.8's
+/// list); every other override from such a client is ignored with a warning.
+const UNTRUSTED_SETTINGS: &[&str] = &[
+    "build-timeout",
+    "timeout",
+    "max-silent-time",
+    "build-max-silent-time",
+    "build-poll-interval",
+    "connect-timeout",
+];
+
+/// What one connection has negotiated and set.
+pub(crate) struct Session<'d> {
+    pub daemon: &'d Daemon,
+    pub trusted: bool,
+    pub worker: WorkerConfig,
+    /// Activity ids are per connection; the client keys its display by them.
+    pub next_activity: u64,
+}
+
+/// Serves one client until it disconnects.
+pub(crate) fn serve<R: Read, W: Write>(daemon: &Daemon, r: R, w: W, trusted: bool) -> Result<()> {
+    let info = nixb_protocol::ServerInfo {
+        version: Version::MAX,
+        nix_version: daemon.config().nix_version.clone(),
+        trusted: Some(if trusted {
+            TrustedFlag::Trusted
+        } else {
+            TrustedFlag::NotTrusted
+        }),
+        features: BTreeSet::new(),
+    };
+    let mut conn = ServerConnection::accept(r, w, daemon.store().store_dir().clone(), &info)?;
+    let mut session = Session {
+        daemon,
+        trusted,
+        worker: daemon.config().worker.clone(),
+        next_activity: 1,
+    };
+    loop {
+        let req = match conn.read_request() {
+            Ok(Some(req)) => req,
+            Ok(None) => return Ok(()),
+            Err(e) if e.is_eof() => return Ok(()),
+            Err(e) => {
+                // Out of step: say why, then hang up.
+                let _ = conn.fail(&RemoteError::new(e.to_string()));
+                return Err(e.into());
+            }
+        };
+        match session.handle(&mut conn, &req) {
+            Ok(Some(resp)) => conn.finish(&req, &resp)?,
+            Ok(None) => {}
+            Err(e @ DaemonError::Broken(_)) => return Err(e),
+            Err(e @ (DaemonError::Protocol(_) | DaemonError::Wire(_))) => {
+                let _ = conn.fail(&RemoteError::new(e.to_string()));
+                return Err(e);
+            }
+            Err(e) => {
+                let mut err = RemoteError::new(e.to_string());
+                if let DaemonError::Build { status, .. } = &e {
+                    err.status = *status;
+                }
+                conn.fail(&err)?;
+                // Tunnelled data that was not read to its end leaves the stream out of
+                // step; nothing tells where the next request starts.
+                if req.data(conn.ctx()) == DataTransfer::Tunnelled {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+fn to_wire_info(i: ValidPathInfo) -> PathInfo {
+    PathInfo {
+        deriver: i.deriver,
+        nar_hash: i.nar_hash,
+        references: i.references,
+        registration_time: u64::try_from(i.registration_time).unwrap_or(0),
+        nar_size: i.nar_size,
+        ultimate: i.ultimate,
+        sigs: i.sigs.into_iter().collect(),
+        ca: i.ca,
+    }
+}
+
+pub(crate) fn from_wire_info(i: &WireValidPathInfo) -> ValidPathInfo {
+    ValidPathInfo {
+        path: i.path.clone(),
+        nar_hash: i.info.nar_hash.clone(),
+        nar_size: i.info.nar_size,
+        deriver: i.info.deriver.clone(),
+        references: i.info.references.clone(),
+        registration_time: i64::try_from(i.info.registration_time).unwrap_or(0),
+        ultimate: i.info.ultimate,
+        sigs: i.info.sigs.iter().cloned().collect(),
+        ca: i.info.ca.clone(),
+    }
+}
+
+fn io_err(
+    step: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let path = path.display().to_string();
+    move |source| DaemonError::Io { step, path, source }
+}
+
+impl Session<'_> {
+    fn store(&self) -> &nixb_store::local_store::LocalStore {
+        self.daemon.store()
+    }
+
+    fn dir(&self) -> &StoreDir {
+        self.daemon.store().store_dir()
+    }
+
+    fn refuse_untrusted(&self, what: &str) -> Result<()> {
+        if self.trusted {
+            Ok(())
+        } else {
+            Err(DaemonError::Refused(format!(
+                "{what} is not allowed because you are not in 'trusted-users'"
+            )))
+        }
+    }
+
+    /// Answers one request; `None` when the answer has been sent already.
+    fn handle<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        req: &Request,
+    ) -> Result<Option<Response>> {
+        use Request as Q;
+        use Response as A;
+        let store = self.daemon.store();
+        Ok(Some(match req {
+            Q::SetOptions(s) => {
+                let warnings = self.set_options(s);
+                for w in warnings {
+                    conn.frame(&StderrFrame::Next(format!("warning: {w}\n").into_bytes()))?;
+                }
+                A::Nothing
+            }
+            Q::IsValidPath(p) => A::Bool(store.is_valid_path(p)?),
+            Q::QueryValidPaths { paths, .. } => {
+                let mut valid = BTreeSet::new();
+                for p in paths {
+                    if store.is_valid_path(p)? {
+                        valid.insert(p.clone());
+                    }
+                }
+                A::Paths(valid)
+            }
+            Q::QueryPathInfo(p) => A::PathInfo(store.query_path_info(p)?.map(to_wire_info)),
+            Q::QueryPathHash(p) => {
+                let i = self.valid_info(p)?;
+                A::Strings(vec![i.nar_hash.to_hex()])
+            }
+            Q::QueryReferences(p) => A::Paths(self.valid_info(p)?.references),
+            Q::QueryDeriver(p) => A::OptPath(self.valid_info(p)?.deriver),
+            Q::QueryReferrers(p) => A::Paths(store.query_referrers(p)?),
+            Q::QueryValidDerivers(p) => {
+                A::Paths(store.query_valid_derivers(p)?.into_iter().collect())
+            }
+            Q::QueryDerivationOutputs(drv) => A::Paths(
+                store
+                    .read_derivation(drv)?
+                    .output_paths()
+                    .into_values()
+                    .collect(),
+            ),
+            Q::QueryDerivationOutputNames(drv) => {
+                A::Strings(store.read_derivation(drv)?.outputs.into_keys().collect())
+            }
+            Q::QueryDerivationOutputMap(drv) => A::OutputMap(
+                store
+                    .read_derivation(drv)?
+                    .output_paths()
+                    .into_iter()
+                    .map(|(name, p)| (name, Some(p)))
+                    .collect(),
+            ),
+            Q::QueryPathFromHashPart(hash) => A::OptPath(self.path_from_hash_part(hash)?),
+            Q::QueryAllValidPaths => A::Paths(self.all_valid_paths()?),
+            Q::HasSubstitutes(_) => A::Bool(false),
+            Q::QuerySubstitutablePaths(_) => A::Paths(BTreeSet::new()),
+            Q::QuerySubstitutablePathInfo(_) | Q::QuerySubstitutablePathInfos(_) => {
+                A::SubstitutablePathInfos(BTreeMap::new())
+            }
+            Q::QueryMissing(targets) => A::Missing(self.query_missing(targets)?),
+            Q::AddToStore(r) => A::ValidPathInfo(self.add_to_store(conn, r)?),
+            Q::AddToStoreOld(r) => A::Path(self.add_to_store_old(conn, r)?),
+            Q::AddTextToStore {
+                name,
+                text,
+                references,
+            } => A::Path(store.add_text_to_store(name, text, references)?),
+            Q::AddToStoreNar(r) => {
+                self.add_to_store_nar(conn, r)?;
+                A::Nothing
+            }
+            Q::AddMultipleToStore { .. } => {
+                self.add_multiple_to_store(conn)?;
+                A::Nothing
+            }
+            Q::NarFromPath(p) => {
+                self.valid_info(p)?;
+                conn.frame(&StderrFrame::Last)?;
+                // Past STDERR_LAST no error can be sent: a failed dump ends the connection.
+                nixb_serve::import::dump_nar(store, p, conn.writer())
+                    .map_err(|e| DaemonError::Broken(e.to_string()))?;
+                conn.writer().flush()?;
+                return Ok(None);
+            }
+            Q::ExportPath { path, .. } => {
+                self.valid_info(path)?;
+                let paths = BTreeSet::from([path.clone()]);
+                let mut bytes = Vec::new();
+                {
+                    let mut w = nixb_protocol::wire::WireWriter::new(&mut bytes);
+                    nixb_serve::import::export_paths(store, &paths, &mut w)?;
+                    w.flush()?;
+                }
+                let mut sink = conn.tunnel_sink();
+                sink.write_all(&bytes)
+                    .and_then(|()| sink.flush())
+                    .map_err(|e| DaemonError::Socket {
+                        path: "client".into(),
+                        source: e,
+                    })?;
+                A::One
+            }
+            Q::ImportPaths => {
+                self.refuse_untrusted("importing paths without signatures")?;
+                let mut src = WireReader::new(conn.tunnel());
+                let paths = nixb_serve::import::import_paths(store, &mut src)?;
+                A::PathList(paths)
+            }
+            Q::EnsurePath(p) => {
+                if !store.is_valid_path(p)? {
+                    build::realise(
+                        self,
+                        conn,
+                        &[WireDerivedPath::Opaque(p.clone())],
+                        WireBuildMode::Normal,
+                    )?;
+                }
+                A::One
+            }
+            Q::BuildPaths { paths, mode } => {
+                self.check_build_mode(*mode)?;
+                build::build_paths(self, conn, paths, *mode)?;
+                A::One
+            }
+            Q::BuildPathsWithResults { paths, mode } => {
+                self.check_build_mode(*mode)?;
+                A::BuildResults(build::build_paths_with_results(self, conn, paths, *mode)?)
+            }
+            Q::BuildDerivation { drv_path, mode, .. } => {
+                self.check_build_mode(*mode)?;
+                // The derivation that is built is the one in the store: a client cannot
+                // have an arbitrary one built under a path of its choosing.
+                if !store.is_valid_path(drv_path)? {
+                    return Err(DaemonError::Refused(format!(
+                        "derivation '{}' is not in the store; building a derivation sent \
+                         over the connection is not supported yet",
+                        self.dir().print(drv_path)
+                    )));
+                }
+                A::BuildResult(build::build_derivation(self, conn, drv_path, *mode)?)
+            }
+            Q::AddTempRoot(p) => {
+                store.add_temp_root(p)?;
+                A::One
+            }
+            Q::AddIndirectRoot(link) => {
+                self.add_indirect_root(link)?;
+                A::One
+            }
+            // Nix 2.x answers this obsolete operation without doing anything: temporary
+            // roots reach a running collector through its socket.
+            Q::SyncWithGC => A::One,
+            Q::FindRoots | Q::CollectGarbage(_) | Q::AddPermRoot { .. } => {
+                return Err(DaemonError::Refused(format!(
+                    "{} through the nixb daemon is not supported yet",
+                    req.op().name()
+                )))
+            }
+            Q::VerifyStore {
+                check_contents,
+                repair,
+            } => {
+                if *repair {
+                    self.refuse_untrusted("repairing the store")?;
+                    return Err(DaemonError::Refused(
+                        "repairing the store through the nixb daemon is not supported yet".into(),
+                    ));
+                }
+                let report = store.verify(*check_contents)?;
+                for (p, _, _) in &report.hash_mismatches {
+                    conn.frame(&StderrFrame::Next(
+                        format!("error: path '{}' was modified! \n", self.dir().print(p))
+                            .into_bytes(),
+                    ))?;
+                }
+                A::Bool(!report.is_clean())
+            }
+            // Without the ca-derivations feature Nix answers an empty set.
+            Q::QueryRealisation(_) if conn.ctx().at_least(31) => A::Strings(Vec::new()),
+            Q::QueryRealisation(_) => A::Paths(BTreeSet::new()),
+            Q::AddBuildLog(_) => {
+                // Consumed either way, so the connection stays in step.
+                conn.framed().with_max_total(0).finish().ok();
+                return Err(DaemonError::Refused(
+                    "AddBuildLog through the nixb daemon is not supported yet".into(),
+                ));
+            }
+            Q::OptimiseStore | Q::AddSignatures { .. } | Q::RegisterDrvOutput { .. } => {
+                return Err(DaemonError::Refused(format!(
+                    "{} through the nixb daemon is not supported yet",
+                    req.op().name()
+                )))
+            }
+        }))
+    }
+
+    fn valid_info(&self, p: &StorePath) -> Result<ValidPathInfo> {
+        self.store().query_path_info(p)?.ok_or_else(|| {
+            DaemonError::Refused(format!("path '{}' is not valid", self.dir().print(p)))
+        })
+    }
+
+    fn check_build_mode(&self, mode: WireBuildMode) -> Result<()> {
+        if mode == WireBuildMode::Repair && !self.trusted {
+            return Err(DaemonError::Refused(
+                "repairing is not allowed because you are not in 'trusted-users'".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies a client's settings to this connection's worker config; returns the
+    /// warnings for overrides that were ignored.
+    fn set_options(&mut self, s: &ClientSettings) -> Vec<String> {
+        let w = &mut self.worker;
+        w.keep_failed = s.keep_failed;
+        w.keep_going = s.keep_going;
+        w.fallback = s.try_fallback;
+        if let Ok(n) = usize::try_from(s.max_build_jobs) {
+            w.max_jobs = n;
+        }
+        w.max_silent_time = (s.max_silent_time > 0).then(|| Duration::from_secs(s.max_silent_time));
+        if s.build_cores > 0 {
+            if let Ok(n) = usize::try_from(s.build_cores) {
+                w.cores = n;
+            }
+        }
+        w.use_substitutes = s.use_substitutes;
+        let mut warnings = Vec::new();
+        for (name, value) in &s.overrides {
+            if !self.trusted && !UNTRUSTED_SETTINGS.contains(&name.as_str()) {
+                warnings.push(format!(
+                    "ignoring the client-specified setting '{name}', because it is a \
+                     restricted setting and you are not a trusted user"
+                ));
+                continue;
+            }
+            let secs = || value.parse::<u64>().ok();
+            let w = &mut self.worker;
+            match name.as_str() {
+                "timeout" | "build-timeout" => {
+                    if let Some(t) = secs() {
+                        w.timeout = (t > 0).then(|| Duration::from_secs(t));
+                    }
+                }
+                "max-silent-time" | "build-max-silent-time" => {
+                    if let Some(t) = secs() {
+                        w.max_silent_time = (t > 0).then(|| Duration::from_secs(t));
+                    }
+                }
+                "max-jobs" | "build-max-jobs" => {
+                    if let Ok(n) = value.parse() {
+                        w.max_jobs = n;
+                    }
+                }
+                "cores" | "build-cores" => {
+                    if let Ok(n) = value.parse::<usize>() {
+                        if n > 0 {
+                            w.cores = n;
+                        }
+                    }
+                }
+                "keep-going" => w.keep_going = value == "true",
+                "keep-failed" => w.keep_failed = value == "true",
+                "fallback" => w.fallback = value == "true",
+                // Other settings keep the daemon's own values.
+                _ => {}
+            }
+        }
+        warnings
+    }
+
+    fn path_from_hash_part(&self, hash: &str) -> Result<Option<StorePath>> {
+        let prefix = format!("{hash}-");
+        let dir = self.dir().as_path();
+        for e in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
+            let e = e.map_err(io_err("listing", dir))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !name.starts_with(&prefix) || name.ends_with(".lock") {
+                continue;
+            }
+            if let Ok(p) = StorePath::from_base_name(name) {
+                if self.store().is_valid_path(&p)? {
+                    return Ok(Some(p));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Valid paths present in the store directory.
+    fn all_valid_paths(&self) -> Result<BTreeSet<StorePath>> {
+        let dir = self.dir().as_path();
+        let mut out = BTreeSet::new();
+        for e in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
+            let e = e.map_err(io_err("listing", dir))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Ok(p) = StorePath::from_base_name(name) {
+                if self.store().is_valid_path(&p)? {
+                    out.insert(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What building `targets` would take: every derivation with an invalid wanted
+    /// output (and, recursively, its inputs'), and paths that can be neither built nor
+    /// substituted. Substitution is not predicted in this version.
+    fn query_missing(&self, targets: &[WireDerivedPath]) -> Result<Missing> {
+        let store = self.store();
+        let mut m = Missing {
+            will_build: BTreeSet::new(),
+            will_substitute: BTreeSet::new(),
+            unknown: BTreeSet::new(),
+            download_size: 0,
+            nar_size: 0,
+        };
+        let mut todo: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for t in targets {
+            match t {
+                WireDerivedPath::Opaque(p) => todo.push((p.clone(), None)),
+                WireDerivedPath::Built { drv, outputs } => todo.push((
+                    drv.clone(),
+                    Some(match outputs {
+                        OutputsSpec::All => BTreeSet::new(),
+                        OutputsSpec::Names(n) => n.iter().cloned().collect(),
+                    }),
+                )),
+            }
+        }
+        while let Some((p, wanted)) = todo.pop() {
+            if !seen.insert((p.clone(), wanted.clone())) {
+                continue;
+            }
+            let Some(wanted) = wanted else {
+                if !store.is_valid_path(&p)? {
+                    m.unknown.insert(p);
+                }
+                continue;
+            };
+            if !store.is_valid_path(&p)? {
+                m.unknown.insert(p);
+                continue;
+            }
+            let drv = store.read_derivation(&p)?;
+            let mut missing = false;
+            for (name, out) in drv.output_paths() {
+                if (wanted.is_empty() || wanted.contains(&name)) && !store.is_valid_path(&out)? {
+                    missing = true;
+                }
+            }
+            if !missing {
+                continue;
+            }
+            m.will_build.insert(p.clone());
+            for (input, outs) in &drv.input_drvs {
+                todo.push((input.clone(), Some(outs.clone())));
+            }
+            for src in &drv.input_srcs {
+                todo.push((src.clone(), None));
+            }
+        }
+        Ok(m)
+    }
+
+    /// `AddToStore` from 1.25: the dump comes framed; nothing is read by path.
+    fn add_to_store<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        r: &AddToStoreRequest,
+    ) -> Result<WireValidPathInfo> {
+        let method = CaMethod::parse(&r.method);
+        let mut framed = conn.framed();
+        let added = match method {
+            Ok(method) => {
+                add::add_from_dump(self.store(), &r.name, method, &r.references, &mut framed)
+            }
+            Err(e) => Err(e.into()),
+        };
+        // Whatever happened, read to the end marker so the connection stays in step.
+        let drained = framed.finish();
+        let info = added?;
+        drained?;
+        Ok(WireValidPathInfo {
+            path: info.path.clone(),
+            info: to_wire_info(info),
+        })
+    }
+
+    /// `AddToStore` before 1.25: a plain NAR follows the request.
+    fn add_to_store_old<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        r: &AddToStoreOldRequest,
+    ) -> Result<StorePath> {
+        let algo = if r.fixed {
+            r.hash_algo.as_str()
+        } else {
+            "sha256"
+        };
+        let method = if !r.fixed || r.recursive {
+            format!("fixed:r:{algo}")
+        } else {
+            format!("fixed:{algo}")
+        };
+        let method = CaMethod::parse(&method)?;
+        let info = add::add_from_old_nar(self.store(), &r.base_name, method, conn.reader())?;
+        Ok(info.path)
+    }
+
+    fn add_to_store_nar<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        r: &AddToStoreNarRequest,
+    ) -> Result<()> {
+        let info = from_wire_info(&r.info);
+        let refusal = (!self.trusted).then(|| {
+            DaemonError::Refused(format!(
+                "cannot add path '{}' because it lacks a signature by a trusted key",
+                self.dir().print(&info.path)
+            ))
+        });
+        if conn.ctx().at_least(23) {
+            let mut framed = conn.framed().with_max_total(info.nar_size);
+            let added = match refusal {
+                Some(e) => Err(e),
+                None => nixb_serve::import::add_nar_to_store(self.store(), &info, &mut framed)
+                    .map(|_| ())
+                    .map_err(DaemonError::from),
+            };
+            let drained = framed.finish();
+            added?;
+            drained?;
+            Ok(())
+        } else {
+            if let Some(e) = refusal {
+                return Err(e);
+            }
+            let mut src = conn.tunnel();
+            nixb_serve::import::add_nar_to_store(self.store(), &info, &mut src)?;
+            Ok(())
+        }
+    }
+
+    fn add_multiple_to_store<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+    ) -> Result<()> {
+        let cx = conn.ctx().clone();
+        let trusted = self.trusted;
+        let store = self.daemon.store();
+        let mut framed = conn.framed();
+        let added = (|| -> Result<()> {
+            let mut r = WireReader::new(&mut framed);
+            let n = read_multiple_header(&mut r)?;
+            for _ in 0..n {
+                let info = read_multiple_item(&mut r, &cx)?;
+                let info = from_wire_info(&info);
+                if !trusted {
+                    return Err(DaemonError::Refused(format!(
+                        "cannot add path '{}' because it lacks a signature by a trusted key",
+                        cx.store_dir.print(&info.path)
+                    )));
+                }
+                nixb_serve::import::add_nar_to_store(store, &info, &mut r)?;
+            }
+            Ok(())
+        })();
+        let drained = framed.finish();
+        added?;
+        drained?;
+        Ok(())
+    }
+
+    /// Nix's indirect root: `gcroots/auto/<sha1 of the link, base32>` pointing at the
+    /// link the client made.
+    fn add_indirect_root(&self, link: &str) -> Result<()> {
+        let state = &self.store().config().state_dir;
+        let auto = state.join("gcroots").join("auto");
+        std::fs::create_dir_all(&auto).map_err(io_err("creating", &auto))?;
+        let hash = nixb_store::Hash::digest(nixb_store::HashAlgo::Sha1, link.as_bytes())
+            .encode(nixb_store::Encoding::Base32);
+        let root = auto.join(hash);
+        let tmp = auto.join(format!(".tmp-{}-{}", std::process::id(), fastrand_suffix()));
+        std::os::unix::fs::symlink(link, &tmp).map_err(io_err("creating", &tmp))?;
+        std::fs::rename(&tmp, &root).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err("renaming into", &root)(e)
+        })?;
+        Ok(())
+    }
+}
+
+/// A per-call suffix for temporary names (the thread id keeps concurrent calls apart).
+fn fastrand_suffix() -> String {
+    format!("{:?}", std::thread::current().id())
+        .chars()
+        .filter(|c| c.is_ascii_digit())
+        .collect()
+}

@@ -1,0 +1,94 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+mod add;
+mod build;
+mod connection;
+pub mod error;
+pub mod listen;
+pub mod trust;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Mutex, MutexGuard};
+
+use nixb_goals::WorkerConfig;
+use nixb_store::local_store::LocalStore;
+
+pub use error::{DaemonError, Result};
+pub use listen::Stopper;
+pub use trust::{Access, Peer, TrustConfig};
+
+/// What the daemon is configured with; the caller maps `nix.conf` onto it.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The engine's settings; each connection starts from a copy that its `SetOptions`
+    /// may change.
+    pub worker: WorkerConfig,
+    pub trust: TrustConfig,
+    /// Sent in the greeting (`nix store ping` prints it).
+    pub nix_version: String,
+}
+
+/// One store and one engine, shared by every connection.
+pub struct Daemon {
+    store: LocalStore,
+    config: DaemonConfig,
+    engine: Mutex<()>,
+}
+
+impl Daemon {
+    pub fn new(store: LocalStore, config: DaemonConfig) -> Daemon {
+        Daemon {
+            store,
+            config,
+            engine: Mutex::new(()),
+        }
+    }
+
+    pub fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    pub fn config(&self) -> &DaemonConfig {
+        &self.config
+    }
+
+    /// Held while the engine runs for one client.
+    fn build_lock(&self) -> MutexGuard<'_, ()> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves one connection whose trust the caller has decided (`--stdio`, where
+    /// whoever could start the daemon is trusted, as with `nix-daemon --stdio`). Returns
+    /// when the client disconnects; an error means the connection broke or went out of
+    /// step (the client has been told).
+    pub fn serve<R: Read, W: Write>(&self, r: R, w: W, trusted: bool) -> Result<()> {
+        connection::serve(self, r, w, trusted)
+    }
+
+    /// Serves one accepted socket connection, trusting the peer as `SO_PEERCRED`,
+    /// `trusted-users` and `allowed-users` say. A peer that may not connect is hung up
+    /// on before the greeting.
+    pub fn serve_unix(&self, stream: UnixStream) -> Result<()> {
+        let peer = Peer::of_socket(&stream).map_err(|source| DaemonError::Socket {
+            path: "peer credentials".into(),
+            source,
+        })?;
+        let trusted = match self.config.trust.access(&peer) {
+            Access::Trusted => true,
+            Access::Untrusted => false,
+            Access::Refused => {
+                return Err(DaemonError::Refused(format!(
+                    "user '{}' is not allowed to connect to the Nix daemon",
+                    peer.user_name()
+                )))
+            }
+        };
+        let reader = stream.try_clone().map_err(|source| DaemonError::Socket {
+            path: "client connection".into(),
+            source,
+        })?;
+        self.serve(reader, stream, trusted)
+    }
+}
