@@ -432,39 +432,12 @@ impl Session<'_> {
     }
 
     fn path_from_hash_part(&self, hash: &str) -> Result<Option<StorePath>> {
-        let prefix = format!("{hash}-");
-        let dir = self.dir().as_path();
-        for e in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
-            let e = e.map_err(io_err("listing", dir))?;
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if !name.starts_with(&prefix) || name.ends_with(".lock") {
-                continue;
-            }
-            if let Ok(p) = StorePath::from_base_name(name) {
-                if self.store().is_valid_path(&p)? {
-                    return Ok(Some(p));
-                }
-            }
-        }
-        Ok(None)
+        Ok(self.store().query_path_from_hash_part(hash)?)
     }
 
-    /// Valid paths present in the store directory.
+    /// Every valid path in the database, as Nix's daemon answers.
     fn all_valid_paths(&self) -> Result<BTreeSet<StorePath>> {
-        let dir = self.dir().as_path();
-        let mut out = BTreeSet::new();
-        for e in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
-            let e = e.map_err(io_err("listing", dir))?;
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Ok(p) = StorePath::from_base_name(name) {
-                if self.store().is_valid_path(&p)? {
-                    out.insert(p);
-                }
-            }
-        }
-        Ok(out)
+        Ok(self.store().query_all_valid_paths()?)
     }
 
     /// What building `targets` would take: every derivation with an invalid wanted

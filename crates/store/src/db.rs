@@ -250,6 +250,17 @@ impl Db {
             .map_err(self.wrap(&format!("looking up {path}")))
     }
 
+    /// The first valid path at or after `prefix` in the table's order, if it starts with
+    /// `prefix`: one index lookup, as Nix's `queryPathFromHashPart` does it.
+    pub fn path_with_prefix(&self, prefix: &str) -> Result<Option<String>, DbError> {
+        let found: Option<String> = self
+            .conn
+            .prepare_cached("select path from ValidPaths where path >= ?1 order by path limit 1")
+            .and_then(|mut s| s.query_row([prefix], |r| r.get(0)).optional())
+            .map_err(self.wrap(&format!("looking up paths starting with {prefix}")))?;
+        Ok(found.filter(|p| p.starts_with(prefix)))
+    }
+
     pub fn path_row(&self, path: &str) -> Result<Option<PathRow>, DbError> {
         self.conn
             .prepare_cached(

@@ -394,6 +394,52 @@ impl LocalStore {
             })
     }
 
+    /// Every valid path, from the database (whether or not it is on disk, as Nix's
+    /// `queryAllValidPaths`), in one statement.
+    pub fn query_all_valid_paths(&self) -> Result<BTreeSet<StorePath>, StoreError> {
+        let db = self.db();
+        let mut out = BTreeSet::new();
+        let mut bad = None;
+        db.scan_valid_paths(|_, path, _| match self.config.store_dir.parse(path) {
+            Ok(p) => {
+                out.insert(p);
+            }
+            Err(e) => {
+                bad.get_or_insert_with(|| (path.to_owned(), e.to_string()));
+            }
+        })?;
+        if let Some((path, reason)) = bad {
+            return Err(StoreError::Corrupt {
+                db: db.file().to_path_buf(),
+                path,
+                reason: format!("not a store path: {reason}"),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The valid path whose hash part is `hash_part`, if any (Nix's
+    /// `queryPathFromHashPart`). A `hash_part` that is not 32 characters of Nix base32
+    /// matches nothing.
+    pub fn query_path_from_hash_part(
+        &self,
+        hash_part: &str,
+    ) -> Result<Option<StorePath>, StoreError> {
+        let well_formed = hash_part.len() == 32
+            && hash_part
+                .bytes()
+                .all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b));
+        if !well_formed {
+            return Ok(None);
+        }
+        let prefix = format!("{}/{hash_part}-", self.config.store_dir.as_str());
+        let db = self.db();
+        match db.path_with_prefix(&prefix)? {
+            Some(found) => self.parse_stored(&db, &found, &found, "path").map(Some),
+            None => Ok(None),
+        }
+    }
+
     pub fn is_valid_path(&self, p: &StorePath) -> Result<bool, StoreError> {
         Ok(self.db().path_id(&self.print(p))?.is_some())
     }

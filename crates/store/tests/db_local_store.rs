@@ -604,3 +604,36 @@ fn path_locks_conflict_with_flock_1() {
             .is_some()
     );
 }
+
+/// All valid paths come from the database in one query, and a hash part finds exactly its
+/// path: not the next one in the table's order, and nothing for a malformed hash part.
+#[test]
+fn all_valid_paths_and_path_from_hash_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let (a, b) = (fake(1, "a"), fake(3, "b"));
+    s.register_valid_paths(&[info(&a, &[]), info(&b, &[&a])])
+        .unwrap();
+    assert_eq!(s.query_all_valid_paths().unwrap(), set(&[&a, &b]));
+    assert_eq!(
+        s.query_path_from_hash_part(a.hash_part()).unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(
+        s.query_path_from_hash_part(b.hash_part()).unwrap(),
+        Some(b.clone())
+    );
+    // A path not registered whose hash part sorts between a's and b's: the next row (b)
+    // must not be taken for it.
+    let between = fake(2, "c");
+    assert!(a.hash_part() < between.hash_part() && between.hash_part() < b.hash_part());
+    assert_eq!(
+        s.query_path_from_hash_part(between.hash_part()).unwrap(),
+        None
+    );
+    assert_eq!(
+        s.query_path_from_hash_part(&a.hash_part()[..31]).unwrap(),
+        None
+    );
+    assert_eq!(s.query_path_from_hash_part("e").unwrap(), None);
+}
