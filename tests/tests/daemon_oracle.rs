@@ -331,3 +331,78 @@ fn stdio_serves_one_connection() {
 fn nixb_store_dir(t: &TestStore) -> nixb_store::StoreDir {
     nixb_store::StoreDir::new(t.store_dir().to_str().unwrap()).unwrap()
 }
+
+/// A client of protocol 1.37 or later gets each build's CPU times in its BuildResult (Nix
+/// fills them from a cgroup; nixb from the builder's rusage, or its cgroup); a 1.34 client,
+/// whose BuildResult has no such fields, gets the same build without them.
+#[test]
+fn build_results_carry_cpu_times_from_1_37() {
+    use nixb_protocol::types::{BuildMode, DerivedPath, OutputsSpec};
+    let t = TestStore::new();
+    let system = format!("{}-linux", std::env::consts::ARCH);
+    // Busy for a while in user mode, then a little in the kernel.
+    let busy = |name: &str| {
+        let drv = serde_json::json!({
+            "outputs": { "out": { "path": "" } },
+            "inputSrcs": [], "inputDrvs": {}, "system": system, "builder": "/bin/sh",
+            "args": ["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; echo $i > $out"],
+            "env": { "name": name, "builder": "/bin/sh", "system": system, "out": "" },
+        });
+        nixb_tests::run_str(
+            t.nixb().args(["derivation", "add"]),
+            Some(drv.to_string().as_bytes()),
+        )
+    };
+    let store_dir = nixb_store_dir(&t);
+    for (minor, name) in [(37, "busy-new"), (34, "busy-old")] {
+        let drv = store_dir.parse(&busy(name)).unwrap();
+        let mut child = t
+            .nixb()
+            .args(["daemon", "--stdio"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+        let info = nixb_protocol::ClientInfo {
+            version: nixb_protocol::Version::new(1, minor),
+            features: Default::default(),
+        };
+        let mut c =
+            nixb_protocol::Client::connect(stdout, stdin, store_dir.clone(), &info).unwrap();
+        let started = std::time::Instant::now();
+        let r = c
+            .request(
+                &nixb_protocol::Request::BuildPathsWithResults {
+                    paths: vec![DerivedPath::Built {
+                        drv: drv.clone(),
+                        outputs: OutputsSpec::All,
+                    }],
+                    mode: BuildMode::Normal,
+                },
+                None,
+                &mut |_| {},
+            )
+            .unwrap();
+        let wall = started.elapsed();
+        let nixb_protocol::Response::BuildResults(results) = r else {
+            panic!("{r:?}")
+        };
+        let result = &results[0].result;
+        assert!(result.error_msg.is_empty(), "{result:?}");
+        if minor >= 37 {
+            let (user, system) = (result.cpu_user.unwrap(), result.cpu_system.unwrap());
+            // The loop takes tens of milliseconds of CPU at least, and no more than the
+            // request's wall time.
+            assert!(user + system > 10_000, "{result:?}");
+            assert!(
+                (user + system) as u128 <= wall.as_micros(),
+                "{result:?} in {wall:?}"
+            );
+        } else {
+            assert_eq!((result.cpu_user, result.cpu_system), (None, None));
+        }
+        drop(c);
+        assert!(child.wait().unwrap().success());
+    }
+}

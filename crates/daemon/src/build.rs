@@ -33,6 +33,8 @@ struct ClientSink<'a, R: Read, W: Write> {
     builds: HashMap<StorePath, (u64, Vec<u8>)>,
     /// The last lines of each build's log, for the error of a failed builder.
     tails: HashMap<StorePath, VecDeque<Vec<u8>>>,
+    /// What each builder used, for the build results' CPU times.
+    usage: HashMap<StorePath, nixb_goals::ResourceUsage>,
     gone: bool,
 }
 
@@ -106,6 +108,9 @@ impl<R: Read, W: Write> EventSink for ClientSink<'_, R, W> {
                 pending.drain(..start);
                 self.builds.insert(drv, (id, pending));
             }
+            Event::BuildResources { drv, usage } => {
+                self.usage.insert(drv, usage);
+            }
             Event::BuildSucceeded { drv } => self.stop(&drv),
             Event::BuildFailed { drv, .. } => self.stop(&drv),
             Event::Message { level, text } => {
@@ -161,6 +166,7 @@ pub(crate) fn realise<R: Read, W: Write>(
         next_activity: &mut s.next_activity,
         builds: HashMap::new(),
         tails: HashMap::new(),
+        usage: HashMap::new(),
         gone: false,
     };
     let mut outcome = nixb_goals::realise(daemon.store(), &targets, &cfg, &mut sink)?;
@@ -189,6 +195,9 @@ pub(crate) fn realise<R: Read, W: Write>(
         ));
         f.message = msg;
     }
+    let usage = std::mem::take(&mut sink.usage);
+    drop(sink);
+    s.build_usage = usage;
     Ok(outcome)
 }
 
@@ -297,6 +306,14 @@ pub(crate) fn build_paths_with_results<R: Read, W: Write>(
         };
         r.start_time = start;
         r.stop_time = stop;
+        // CPU times of a derivation built by this request (protocol 1.37 and later carry
+        // them; Nix fills them from its cgroup, nixb from the builder's rusage or cgroup).
+        if let WireDerivedPath::Built { drv, .. } = t {
+            if let Some(u) = s.build_usage.get(drv) {
+                r.cpu_user = Some(u.user.as_micros().try_into().unwrap_or(i64::MAX));
+                r.cpu_system = Some(u.system.as_micros().try_into().unwrap_or(i64::MAX));
+            }
+        }
         results.push(KeyedBuildResult {
             path: t.clone(),
             result: r,

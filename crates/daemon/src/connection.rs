@@ -45,6 +45,8 @@ pub(crate) struct Session<'d> {
     pub worker: WorkerConfig,
     /// Activity ids are per connection; the client keys its display by them.
     pub next_activity: u64,
+    /// What each builder of the last build request used (for BuildResult's CPU times).
+    pub build_usage: std::collections::HashMap<nixb_store::StorePath, nixb_goals::ResourceUsage>,
 }
 
 /// Serves one client until it disconnects.
@@ -65,6 +67,7 @@ pub(crate) fn serve<R: Read, W: Write>(daemon: &Daemon, r: R, w: W, trusted: boo
         trusted,
         worker: daemon.config().worker.clone(),
         next_activity: 1,
+        build_usage: Default::default(),
     };
     loop {
         let req = match conn.read_request() {
