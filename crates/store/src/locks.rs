@@ -371,9 +371,6 @@ impl LockFilePool {
         };
         st.dir_made = true;
         for e in entries.flatten() {
-            if st.spares.len() >= MAX_SPARES {
-                break;
-            }
             let name = e.path();
             let Ok(file) = OpenOptions::new()
                 .read(true)
@@ -387,7 +384,14 @@ impl LockFilePool {
             // close it at once, so that its owner's lease test keeps succeeding.
             let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
             if regular && nobody_else_has_open(&file) {
-                st.spares.push((name, file));
+                if st.spares.len() < MAX_SPARES {
+                    st.spares.push((name, file));
+                } else {
+                    // More than this process will use, left by processes that have exited:
+                    // the directory would otherwise only grow (say, where leases are
+                    // refused and nothing is ever taken back out of it).
+                    let _ = std::fs::remove_file(&name);
+                }
             }
         }
     }
@@ -741,6 +745,31 @@ mod tests {
         let next = LockFilePool::new(&pool_dir, dir.path()).unwrap();
         let _lb = pooled(&dir.path().join("b"), &next);
         assert_eq!(ino(&dir.path().join("b.lock")), a_ino);
+    }
+
+    /// Leftovers of exited processes beyond what one pool holds are deleted when a pool
+    /// first looks at the directory, so the directory cannot only grow; entries another
+    /// live process holds open stay.
+    #[test]
+    fn pool_directory_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool_dir = dir.path().join("pool");
+        std::fs::create_dir(&pool_dir).unwrap();
+        for i in 0..MAX_SPARES + 40 {
+            std::fs::write(pool_dir.join(format!("1-{i}")), "").unwrap();
+        }
+        // One held open elsewhere (another live process's spare).
+        let held = File::open(pool_dir.join("1-0")).unwrap();
+        let pool = LockFilePool::new(&pool_dir, dir.path()).unwrap();
+        let _l = pooled(&dir.path().join("x"), &pool);
+        let left: Vec<_> = std::fs::read_dir(&pool_dir).unwrap().flatten().collect();
+        // At most one pool's worth plus the held one (104 before).
+        assert!(left.len() <= MAX_SPARES + 1, "{} entries left", left.len());
+        assert!(
+            pool_dir.join("1-0").exists(),
+            "deleted a file someone holds open"
+        );
+        drop(held);
     }
 
     #[test]
