@@ -740,11 +740,19 @@ mod tests {
         let other = LockFilePool::new(&pool_dir, dir.path()).unwrap();
         let _lc = pooled(&dir.path().join("c"), &other);
         assert_ne!(ino(&dir.path().join("c.lock")), a_ino, "took a live spare");
-        // The first process exits; its spare is free for the next one.
+        // The first process exits; its spare is free for the next one. A lease is refused
+        // while any other process has the inode open, and a child that another test thread
+        // is spawning holds copies of all our descriptors until it execs; then the spare
+        // stays in the directory for a later pool, so a fresh pool tries again.
         drop(first);
-        let next = LockFilePool::new(&pool_dir, dir.path()).unwrap();
-        let _lb = pooled(&dir.path().join("b"), &next);
-        assert_eq!(ino(&dir.path().join("b.lock")), a_ino);
+        let b_lock = dir.path().join("b.lock");
+        let taken = (0..100).find_map(|_| {
+            let next = LockFilePool::new(&pool_dir, dir.path()).unwrap();
+            next.take(&b_lock)
+        });
+        let taken = taken.expect("the exited pool's spare was never free");
+        assert_eq!(taken.metadata().unwrap().ino(), a_ino);
+        assert_eq!(ino(&b_lock), a_ino);
     }
 
     /// Leftovers of exited processes beyond what one pool holds are deleted when a pool
@@ -763,8 +771,10 @@ mod tests {
         let pool = LockFilePool::new(&pool_dir, dir.path()).unwrap();
         let _l = pooled(&dir.path().join("x"), &pool);
         let left: Vec<_> = std::fs::read_dir(&pool_dir).unwrap().flatten().collect();
-        // At most one pool's worth plus the held one (104 before).
-        assert!(left.len() <= MAX_SPARES + 1, "{} entries left", left.len());
+        // One pool's worth plus the held one (104 before), with a little room for
+        // entries whose lease was refused for a moment because another test thread was
+        // spawning a child (which holds copies of our descriptors until it execs).
+        assert!(left.len() <= MAX_SPARES + 8, "{} entries left", left.len());
         assert!(
             pool_dir.join("1-0").exists(),
             "deleted a file someone holds open"
