@@ -493,38 +493,5 @@ fn every_test_passes_as_an_unprivileged_uid() {
         have_root();
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let listed = std::process::Command::new(&exe)
-        .args(["--list", "--format=terse"])
-        .output()
-        .unwrap();
-    let listed = String::from_utf8(listed.stdout).unwrap();
-    let expected = listed
-        .lines()
-        .filter_map(|l| l.strip_suffix(": test"))
-        .filter(|name| *name != ME)
-        .count();
-    let out = std::process::Command::new("setpriv")
-        .arg(format!("--reuid={UNPRIVILEGED_ID}"))
-        .arg(format!("--regid={UNPRIVILEGED_ID}"))
-        .arg("--clear-groups")
-        .arg(&exe)
-        .args(["--exact", "--test-threads=2", "--skip", ME])
-        .env(UNPRIVILEGED_RUN, "1")
-        // A TMPDIR of root's could not be written to.
-        .env_remove("TMPDIR")
-        .output()
-        .expect("running setpriv (util-linux)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the unprivileged re-run failed:\n{stdout}\n{stderr}"
-    );
-    let summary = format!("test result: ok. {expected} passed; 0 failed");
-    assert!(
-        stdout.contains(&summary),
-        "expected '{summary}' from the unprivileged re-run:\n{stdout}\n{stderr}"
-    );
-    assert!(!stderr.contains("skipping"), "{stderr}");
+    nixb_testsupport::rerun_unprivileged(UNPRIVILEGED_ID, (UNPRIVILEGED_RUN, "1"), &[ME]);
 }

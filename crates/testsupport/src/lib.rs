@@ -73,6 +73,54 @@ pub fn required(needs: &[Need]) -> bool {
     false
 }
 
+/// Re-runs the calling test binary as uid and gid `id`, which need no passwd entry
+/// (`setpriv --reuid --regid --clear-groups`, from util-linux), with `env` set, skipping
+/// the tests named in `skip`, and asserts that every other test passed and none was
+/// [`required`]-skipped: the pass count must be the count listed, and no `SKIPPED` line
+/// may appear. For suites that must also pass without root.
+pub fn rerun_unprivileged(id: u32, env: (&str, &str), skip: &[&str]) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let listed = Command::new(&exe)
+        .args(["--list", "--format=terse"])
+        .output()
+        .expect("listing the tests");
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let expected = listed
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|name| !skip.contains(name))
+        .count();
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={id}"))
+        .arg(format!("--regid={id}"))
+        .arg("--clear-groups")
+        .arg(&exe)
+        // Uncaptured, so that a guard's SKIPPED line reaches us even from a passing test.
+        .args(["--exact", "--test-threads=2", "--nocapture"])
+        .env(env.0, env.1)
+        // A TMPDIR of root's could not be written to.
+        .env_remove("TMPDIR");
+    for name in skip {
+        cmd.args(["--skip", name]);
+    }
+    let out = cmd.output().expect("running setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the unprivileged re-run failed:\n{stdout}\n{stderr}"
+    );
+    let summary = format!("test result: ok. {expected} passed; 0 failed");
+    assert!(
+        stdout.contains(&summary),
+        "expected '{summary}' from the unprivileged re-run:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("SKIPPED") && !stdout.contains("SKIPPED"),
+        "a test skipped itself in the unprivileged re-run:\n{stdout}\n{stderr}"
+    );
+}
+
 /// Returns from the calling test unless the machine has everything named (variants of
 /// [`Need`]: `require!(Nix)`, `require!(Root, Nix)`, `require!(Program("sshd"))`); see
 /// [`required`] for what happens when something is missing.
