@@ -75,111 +75,115 @@ impl Graph {
     /// derivers.
     pub fn load(store: &LocalStore, kinds: EdgeKinds) -> Result<Graph, GcError> {
         let prefix = format!("{}/", store.store_dir().as_str());
+        // One snapshot for all tables: builds may register paths meanwhile.
         store.with_db(|db| {
-            let mut g = Graph::default();
-            let mut ids = IdMap::default();
-            let mut bad: Option<String> = None;
-            let mut derivers: Vec<(Node, Box<str>)> = Vec::new();
-            db.scan_valid_paths(|id, path, deriver| {
-                let Some(base) = path.strip_prefix(&prefix).filter(|b| b.len() > HASH_CHARS) else {
-                    bad.get_or_insert_with(|| path.to_string());
-                    return;
-                };
-                let node = g.db_id.len() as Node;
-                g.names.push_str(base);
-                g.name_end.push(g.names.len() as u32);
-                g.db_id.push(id);
-                ids.insert(id, node);
-                if kinds.derivers {
-                    if let Some(d) = deriver.and_then(|d| d.strip_prefix(&prefix)) {
-                        derivers.push((node, d.into()));
-                    }
-                }
-            })?;
-            if let Some(path) = bad {
-                return Err(GcError::Corrupt {
-                    what: format!("valid path '{path}' is not in the store {prefix}"),
-                });
-            }
-            if g.names.len() >= u32::MAX as usize || g.db_id.len() >= NONE as usize {
-                return Err(GcError::Corrupt {
-                    what: "too many valid paths for one collection".into(),
-                });
-            }
-            let n = g.db_id.len();
-            g.by_hash = (0..n as Node).collect();
-            {
-                let (names, ends) = (&g.names, &g.name_end);
-                let hash = |i: Node| {
-                    let s = if i == 0 {
-                        0
-                    } else {
-                        ends[i as usize - 1] as usize
+            db.read_snapshot("reading the reference graph", |db| {
+                let mut g = Graph::default();
+                let mut ids = IdMap::default();
+                let mut bad: Option<String> = None;
+                let mut derivers: Vec<(Node, Box<str>)> = Vec::new();
+                db.scan_valid_paths(|id, path, deriver| {
+                    let Some(base) = path.strip_prefix(&prefix).filter(|b| b.len() > HASH_CHARS)
+                    else {
+                        bad.get_or_insert_with(|| path.to_string());
+                        return;
                     };
-                    &names.as_bytes()[s..s + HASH_CHARS]
-                };
-                g.by_hash.sort_unstable_by(|a, b| hash(*a).cmp(hash(*b)));
-            }
-
-            // Refs come ordered by referrer id, and nodes are numbered in id order, so
-            // the rows are built as they stream in (no list of pairs at twice the size).
-            let mut missing = None;
-            let mut unordered = false;
-            g.ref_start.reserve(n + 1);
-            g.ref_start.push(0);
-            db.scan_references(|from, to| {
-                if from == to {
-                    return;
-                }
-                let (Some(f), Some(t)) = (ids.get(&from), ids.get(&to)) else {
-                    missing = Some((from, to));
-                    return;
-                };
-                if (*f as usize) + 1 < g.ref_start.len() {
-                    unordered = true;
-                    return;
-                }
-                while g.ref_start.len() <= *f as usize {
-                    g.ref_start.push(g.refs.len() as u32);
-                }
-                g.refs.push(*t);
-            })?;
-            if let Some((from, to)) = missing {
-                return Err(GcError::Corrupt {
-                    what: format!("reference {from} -> {to} names a row that does not exist"),
-                });
-            }
-            if unordered || g.refs.len() >= u32::MAX as usize {
-                return Err(GcError::Corrupt {
-                    what: "references did not come ordered by referrer".into(),
-                });
-            }
-            while g.ref_start.len() <= n {
-                g.ref_start.push(g.refs.len() as u32);
-            }
-            g.refs.shrink_to_fit();
-
-            if kinds.outputs {
-                let mut pairs = Vec::new();
-                db.scan_derivation_outputs(|drv, path| {
-                    if let (Some(d), Some(o)) = (
-                        ids.get(&drv),
-                        path.strip_prefix(&prefix).and_then(|b| g.lookup(b)),
-                    ) {
-                        pairs.push((*d, o));
+                    let node = g.db_id.len() as Node;
+                    g.names.push_str(base);
+                    g.name_end.push(g.names.len() as u32);
+                    g.db_id.push(id);
+                    ids.insert(id, node);
+                    if kinds.derivers {
+                        if let Some(d) = deriver.and_then(|d| d.strip_prefix(&prefix)) {
+                            derivers.push((node, d.into()));
+                        }
                     }
                 })?;
-                (g.out_start, g.outs) = compress(n, pairs);
-            }
-            if kinds.derivers {
-                g.deriver = vec![NONE; n];
-                for (node, d) in derivers {
-                    if let Some(dn) = g.lookup(&d) {
-                        g.deriver[node as usize] = dn;
+                if let Some(path) = bad {
+                    return Err(GcError::Corrupt {
+                        what: format!("valid path '{path}' is not in the store {prefix}"),
+                    });
+                }
+                if g.names.len() >= u32::MAX as usize || g.db_id.len() >= NONE as usize {
+                    return Err(GcError::Corrupt {
+                        what: "too many valid paths for one collection".into(),
+                    });
+                }
+                let n = g.db_id.len();
+                g.by_hash = (0..n as Node).collect();
+                {
+                    let (names, ends) = (&g.names, &g.name_end);
+                    let hash = |i: Node| {
+                        let s = if i == 0 {
+                            0
+                        } else {
+                            ends[i as usize - 1] as usize
+                        };
+                        &names.as_bytes()[s..s + HASH_CHARS]
+                    };
+                    g.by_hash.sort_unstable_by(|a, b| hash(*a).cmp(hash(*b)));
+                }
+
+                // Refs come ordered by referrer id, and nodes are numbered in id order, so
+                // the rows are built as they stream in (no list of pairs at twice the size).
+                let mut missing = None;
+                let mut unordered = false;
+                g.ref_start.reserve(n + 1);
+                g.ref_start.push(0);
+                db.scan_references(|from, to| {
+                    if from == to {
+                        return;
+                    }
+                    let (Some(f), Some(t)) = (ids.get(&from), ids.get(&to)) else {
+                        missing = Some((from, to));
+                        return;
+                    };
+                    if (*f as usize) + 1 < g.ref_start.len() {
+                        unordered = true;
+                        return;
+                    }
+                    while g.ref_start.len() <= *f as usize {
+                        g.ref_start.push(g.refs.len() as u32);
+                    }
+                    g.refs.push(*t);
+                })?;
+                if let Some((from, to)) = missing {
+                    return Err(GcError::Corrupt {
+                        what: format!("reference {from} -> {to} names a row that does not exist"),
+                    });
+                }
+                if unordered || g.refs.len() >= u32::MAX as usize {
+                    return Err(GcError::Corrupt {
+                        what: "references did not come ordered by referrer".into(),
+                    });
+                }
+                while g.ref_start.len() <= n {
+                    g.ref_start.push(g.refs.len() as u32);
+                }
+                g.refs.shrink_to_fit();
+
+                if kinds.outputs {
+                    let mut pairs = Vec::new();
+                    db.scan_derivation_outputs(|drv, path| {
+                        if let (Some(d), Some(o)) = (
+                            ids.get(&drv),
+                            path.strip_prefix(&prefix).and_then(|b| g.lookup(b)),
+                        ) {
+                            pairs.push((*d, o));
+                        }
+                    })?;
+                    (g.out_start, g.outs) = compress(n, pairs);
+                }
+                if kinds.derivers {
+                    g.deriver = vec![NONE; n];
+                    for (node, d) in derivers {
+                        if let Some(dn) = g.lookup(&d) {
+                            g.deriver[node as usize] = dn;
+                        }
                     }
                 }
-            }
-            Ok(g)
+                Ok(g)
+            })
         })
     }
 

@@ -199,6 +199,26 @@ impl Db {
         self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
     }
 
+    /// Runs `f` in one read transaction, so that all its queries see one state of the
+    /// database (in WAL mode, a snapshot taken at the first read) even while other
+    /// processes register paths: a reader of several tables (a collector reading paths,
+    /// then references) would otherwise see references to rows it did not read.
+    pub fn read_snapshot<T, E>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Db) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<DbError>,
+    {
+        self.exec_cached("begin")
+            .map_err(|e| self.wrap(&format!("{what}: beginning a read transaction"))(e))?;
+        let r = f(self);
+        // Ending a transaction that wrote nothing releases the snapshot; it cannot lose data.
+        let _ = self.exec_cached(if r.is_ok() { "commit" } else { "rollback" });
+        r
+    }
+
     /// Runs `f` in one write transaction: everything it did is committed together, or
     /// rolled back when it returns an error. `begin immediate` takes the write lock at
     /// once, so two writers never deadlock trying to upgrade read locks; when the lock is
