@@ -3,15 +3,14 @@
 //! settings. The engine's events become that client's stderr frames: a `Build` activity
 //! per builder, its log lines as `BuildLogLine` results, messages as log lines.
 //!
-//! For now the engine runs one `realise` at a time for the whole daemon (a mutex): two
+//! The translation to frames is `activity::Activities`. For now the engine runs one `realise` at a time for the whole daemon (a mutex): two
 //! clients never run two workers that race for the same outputs, at the price of one
 //! client waiting for another's builds.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 
-use nixb_goals::{BuildMode, Event, EventSink, FailureKind, Level, RealiseOutcome};
-use nixb_protocol::stderr::{ActivityType, Field, ResultType, Verbosity};
+use nixb_goals::{BuildMode, Event, EventSink, FailureKind, RealiseOutcome};
 use nixb_protocol::types::{
     BuildMode as WireBuildMode, BuildResult, BuildStatus, DerivedPath as WireDerivedPath,
     KeyedBuildResult, OutputsSpec,
@@ -20,6 +19,7 @@ use nixb_protocol::{ServerConnection, StderrFrame};
 use nixb_store::derivation::{hash_derivation_modulo, Derivation, DrvHashCache};
 use nixb_store::{DerivedPath, StoreDir, StorePath};
 
+use crate::activity::Activities;
 use crate::connection::Session;
 use crate::error::{DaemonError, Result};
 
@@ -27,107 +27,18 @@ use crate::error::{DaemonError, Result};
 /// receiving frames; the run goes on (its results are still registered).
 struct ClientSink<'a, R: Read, W: Write> {
     conn: &'a mut ServerConnection<R, W>,
-    store_dir: StoreDir,
-    next_activity: &'a mut u64,
-    /// Per running build: its activity and the unfinished last line of its log.
-    builds: HashMap<StorePath, (u64, Vec<u8>)>,
-    /// The last lines of each build's log, for the error of a failed builder.
-    tails: HashMap<StorePath, VecDeque<Vec<u8>>>,
-    /// What each builder used, for the build results' CPU times.
-    usage: HashMap<StorePath, nixb_goals::ResourceUsage>,
+    activities: Activities,
     gone: bool,
-}
-
-/// How many log lines a failed builder's error quotes (Nix's `log-lines` default).
-const LOG_TAIL: usize = 10;
-
-impl<R: Read, W: Write> ClientSink<'_, R, W> {
-    fn send(&mut self, f: StderrFrame) {
-        if !self.gone && self.conn.frame(&f).is_err() {
-            self.gone = true;
-        }
-    }
-
-    fn log_line(&mut self, drv: &StorePath, id: u64, line: &[u8]) {
-        let tail = self.tails.entry(drv.clone()).or_default();
-        if tail.len() == LOG_TAIL {
-            tail.pop_front();
-        }
-        tail.push_back(line.to_vec());
-        self.send(StderrFrame::Result {
-            id,
-            kind: ResultType::BuildLogLine,
-            fields: vec![Field::String(line.to_vec())],
-        });
-    }
-
-    fn stop(&mut self, drv: &StorePath) {
-        if let Some((id, rest)) = self.builds.remove(drv) {
-            if !rest.is_empty() {
-                self.log_line(drv, id, &rest);
-            }
-            self.send(StderrFrame::StopActivity { id });
-        }
-    }
 }
 
 impl<R: Read, W: Write> EventSink for ClientSink<'_, R, W> {
     fn event(&mut self, e: Event) {
-        match e {
-            Event::BuildStarted { drv, .. } => {
-                let id = *self.next_activity;
-                *self.next_activity += 1;
-                let printed = self.store_dir.print(&drv);
-                self.send(StderrFrame::StartActivity {
-                    id,
-                    level: Verbosity::Info,
-                    kind: ActivityType::Build,
-                    text: format!("building '{printed}'"),
-                    // drv path, machine (empty: here), round, rounds.
-                    fields: vec![
-                        Field::string(printed),
-                        Field::string(""),
-                        Field::Int(1),
-                        Field::Int(1),
-                    ],
-                    parent: 0,
-                });
-                self.builds.insert(drv, (id, Vec::new()));
+        let (conn, gone) = (&mut *self.conn, &mut self.gone);
+        self.activities.translate(e, &mut |f| {
+            if !*gone && conn.frame(&f).is_err() {
+                *gone = true;
             }
-            Event::BuildLog { drv, chunk } => {
-                let Some((id, mut pending)) = self.builds.remove(&drv) else {
-                    return;
-                };
-                pending.extend_from_slice(&chunk);
-                let mut start = 0;
-                while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
-                    let line = pending[start..start + nl].to_vec();
-                    self.log_line(&drv, id, &line);
-                    start += nl + 1;
-                }
-                pending.drain(..start);
-                self.builds.insert(drv, (id, pending));
-            }
-            Event::BuildResources { drv, usage } => {
-                self.usage.insert(drv, usage);
-            }
-            Event::BuildSucceeded { drv } => self.stop(&drv),
-            Event::BuildFailed { drv, .. } => self.stop(&drv),
-            Event::Message { level, text } => {
-                let prefix = match level {
-                    Level::Error => "error: ",
-                    Level::Warn => "warning: ",
-                    Level::Info => "",
-                    Level::Debug => return,
-                };
-                self.send(StderrFrame::Next(format!("{prefix}{text}\n").into_bytes()));
-            }
-            Event::HookOutput { text, .. } => {
-                self.send(StderrFrame::Next(format!("{text}\n").into_bytes()));
-            }
-            Event::SubstituterLog { chunk, .. } => self.send(StderrFrame::Next(chunk)),
-            _ => {}
-        }
+        });
     }
 }
 
@@ -162,42 +73,25 @@ pub(crate) fn realise<R: Read, W: Write>(
     let _one_engine = daemon.build_lock();
     let mut sink = ClientSink {
         conn,
-        store_dir: daemon.store().store_dir().clone(),
-        next_activity: &mut s.next_activity,
-        builds: HashMap::new(),
-        tails: HashMap::new(),
-        usage: HashMap::new(),
+        activities: Activities::new(daemon.store().store_dir().clone(), s.next_activity),
         gone: false,
     };
     let mut outcome = nixb_goals::realise(daemon.store(), &targets, &cfg, &mut sink)?;
-    let running: Vec<StorePath> = sink.builds.keys().cloned().collect();
-    for drv in running {
-        sink.stop(&drv);
-    }
-    // As Nix words a failed builder for a client that does not show build logs in full:
-    // the last lines of the log, and where the rest is.
+    let ClientSink {
+        conn,
+        mut activities,
+        mut gone,
+    } = sink;
+    activities.finish(&mut |f| {
+        if !gone && conn.frame(&f).is_err() {
+            gone = true;
+        }
+    });
     for f in &mut outcome.failures {
-        if f.kind != FailureKind::BuilderFailed {
-            continue;
-        }
-        let Some(tail) = sink.tails.get(&f.path).filter(|t| !t.is_empty()) else {
-            continue;
-        };
-        let mut msg = format!("{};\nlast {} log lines:\n", f.message, tail.len());
-        for line in tail {
-            msg.push_str("> ");
-            msg.push_str(&String::from_utf8_lossy(line));
-            msg.push('\n');
-        }
-        msg.push_str(&format!(
-            "For full logs, run 'nix log {}'.",
-            sink.store_dir.print(&f.path)
-        ));
-        f.message = msg;
+        f.message = activities.failure_message(f);
     }
-    let usage = std::mem::take(&mut sink.usage);
-    drop(sink);
-    s.build_usage = usage;
+    s.next_activity = activities.next_id();
+    s.build_usage = activities.take_usage();
     Ok(outcome)
 }
 
