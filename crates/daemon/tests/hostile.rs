@@ -34,6 +34,7 @@ fn setup() -> Setup {
         worker: nixb_goals::WorkerConfig::new(root.path().join("log")),
         trust: TrustConfig::default(),
         nix_version: "nixb-test".into(),
+        gc: Default::default(),
     };
     Setup {
         _root: root,
