@@ -538,7 +538,16 @@ fn socket_activation_serves_the_socket_systemd_passes() {
     };
 
     // Another process's LISTEN_PID: refused, as nix-daemon refuses it.
-    let wrong = spawn("1").wait_with_output().unwrap();
+    let mut wrong = spawn("1");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while wrong.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = wrong.kill();
+            panic!("a daemon with another process's LISTEN_PID went on serving");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wrong = wrong.wait_with_output().unwrap();
     assert!(!wrong.status.success());
     assert!(
         err_str(&wrong).contains("unexpected systemd environment variables"),
@@ -567,4 +576,139 @@ fn socket_activation_serves_the_socket_systemd_passes() {
     assert!(d.stop().success());
     assert!(socket.exists(), "the socket belongs to systemd");
     drop(listener);
+}
+
+/// Runs a client as uid and gid 12345, which have no passwd entry (no host user made):
+/// `allowed-users = *` lets it in, `trusted-users = root` leaves it untrusted.
+fn as_untrusted(t: &TestStore, program: &str) -> Command {
+    let inner = client(t, program);
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=12345", "--regid=12345", "--clear-groups", "--"])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    c.env("HOME", t.root.path().join("untrusted-home")).env(
+        "XDG_CACHE_HOME",
+        t.root.path().join("untrusted-home/.cache"),
+    );
+    c
+}
+
+/// What an untrusted client saw.
+#[derive(Debug, PartialEq)]
+struct Untrusted {
+    roots: (Option<i32>, Vec<String>),
+    dead: (Option<i32>, Vec<String>),
+    sign: (Option<i32>, String),
+    repair: (Option<i32>, String),
+    import: Option<i32>,
+}
+
+/// An untrusted uid, as Nix 2.8's daemon treats it: runtime and temporary roots censored
+/// in `--print-roots`, collection allowed (a restricted setting given is ignored),
+/// signatures, repair and unsigned imports refused. The same through both daemons.
+#[test]
+fn an_untrusted_uid_is_treated_as_nix_daemon_treats_it() {
+    nixb_testsupport::require!(Nix, Root, Program("setpriv"));
+    let t = TestStore::with_conf(
+        "sandbox = false\nbuild-users-group =\nsubstituters =\nallowed-users = *\ntrusted-users = root\n",
+    );
+    let fixture = populate(&t);
+    // The uid must reach the socket, the store and its own home.
+    use std::os::unix::fs::PermissionsExt;
+    for d in [
+        t.root.path().to_path_buf(),
+        t.state_dir(),
+        t.root.path().join("files"),
+    ] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let home = t.root.path().join("untrusted-home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&fixture.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let export = t.root.path().join("files/export.nar");
+    let exported = run_ok(
+        t.nix("nix-store")
+            .arg("--export")
+            .arg(&fixture.outs["c-dead"]),
+        None,
+    );
+    std::fs::write(&export, &exported).unwrap();
+    let store_dir = nixb_store::StoreDir::new(t.store_dir().to_str().unwrap()).unwrap();
+    let held = store_dir.parse(&fixture.outs["d-dead2"]).unwrap();
+
+    let mut seen = Vec::new();
+    for which in [Which::Nix, Which::Nixb] {
+        let mut d = start(&t, which);
+        // A temporary root of another (trusted) connection, to be censored.
+        let mut c = protocol_client(&t);
+        c.request(
+            &nixb_protocol::Request::AddTempRoot(held.clone()),
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+        let roots = run(
+            as_untrusted(&t, "nix-store").args(["--gc", "--print-roots"]),
+            None,
+        );
+        let dead = run(
+            as_untrusted(&t, "nix-store").args([
+                "--gc",
+                "--print-dead",
+                "--option",
+                "keep-outputs",
+                "true",
+            ]),
+            None,
+        );
+        let sign = run(
+            as_untrusted(&t, "nix")
+                .args(["store", "sign", "-k"])
+                .arg(&fixture.key)
+                .arg(&fixture.outs["a-rooted"]),
+            None,
+        );
+        let repair = run(
+            as_untrusted(&t, "nix-store").args(["--verify", "--repair"]),
+            None,
+        );
+        let import = run(
+            as_untrusted(&t, "nix-store").arg("--import"),
+            Some(&exported),
+        );
+        drop(c);
+        d.stop();
+        seen.push(Untrusted {
+            roots: (roots.status.code(), sorted(&out_str(&roots))),
+            dead: (dead.status.code(), sorted(&out_str(&dead))),
+            sign: (sign.status.code(), error_of(&sign)),
+            repair: (repair.status.code(), error_of(&repair)),
+            import: import.status.code(),
+        });
+    }
+    let (expected, got) = (&seen[0], &seen[1]);
+    // The oracle's own answers, checked for what they must say.
+    assert!(
+        expected
+            .roots
+            .1
+            .contains(&format!("{{censored}} -> {}", fixture.outs["d-dead2"])),
+        "{expected:?}"
+    );
+    assert_eq!(expected.dead.0, Some(0));
+    assert!(
+        !expected.dead.1.contains(&fixture.outs["d-dead2"]),
+        "{expected:?}"
+    );
+    assert_eq!(expected.sign.0, Some(1));
+    assert!(expected.sign.1.contains("not privileged"), "{expected:?}");
+    assert_eq!(expected.repair.0, Some(1));
+    assert_ne!(expected.import, Some(0));
+    assert_eq!(got, expected);
 }

@@ -358,7 +358,11 @@ impl Session<'_> {
                 repair,
             } => {
                 if *repair {
-                    self.refuse_untrusted("repairing the store")?;
+                    if !self.trusted {
+                        return Err(DaemonError::Refused(
+                            "you are not privileged to repair paths".into(),
+                        ));
+                    }
                     return Err(DaemonError::Refused(
                         "repairing the store through the nixb daemon is not supported yet".into(),
                     ));
