@@ -99,7 +99,9 @@ The engine runs it itself when `builders` is set; by hand:
 Example (then `NIX_REMOTE=daemon nix-build ...` builds through nixb):
   nixb daemon                      # on $NIX_STATE_DIR/daemon-socket/socket
   nixb daemon --socket /tmp/nixb.sock
-  nixb daemon --stdio              # one connection on stdin/stdout (ssh-ng://)")]
+  nixb daemon --stdio              # one connection on stdin/stdout (ssh-ng://)
+Started by a systemd socket unit (LISTEN_FDS=1, LISTEN_PID), it serves the socket
+systemd passes as descriptor 3 and leaves that socket's file in place when it stops.")]
     Daemon(commands::daemon::DaemonArgs),
 }
 

@@ -47,7 +47,16 @@ pub(crate) struct Session<'d> {
     pub next_activity: u64,
     /// What each builder of the last build request used (for BuildResult's CPU times).
     pub build_usage: std::collections::HashMap<nixb_store::StorePath, nixb_goals::ResourceUsage>,
+    /// The client's verbosity (Nix's levels: 3 shows informational lines).
+    pub verbosity: u64,
+    /// This connection's temporary roots (`temproots/<pid>-<connection>`), created on
+    /// first use and removed when the connection ends, as a Nix daemon's per-connection
+    /// process takes its own with it.
+    pub temp_roots: Option<nixb_gc::TempRootsFile>,
 }
+
+/// Numbers the daemon's connections, for their temporary roots files.
+static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Serves one client until it disconnects.
 pub(crate) fn serve<R: Read, W: Write>(daemon: &Daemon, r: R, w: W, trusted: bool) -> Result<()> {
@@ -68,6 +77,8 @@ pub(crate) fn serve<R: Read, W: Write>(daemon: &Daemon, r: R, w: W, trusted: boo
         worker: daemon.config().worker.clone(),
         next_activity: 1,
         build_usage: Default::default(),
+        verbosity: 3,
+        temp_roots: None,
     };
     loop {
         let req = match conn.read_request() {
@@ -144,8 +155,25 @@ impl Session<'_> {
         self.daemon.store()
     }
 
-    fn dir(&self) -> &StoreDir {
+    pub(crate) fn dir(&self) -> &StoreDir {
         self.daemon.store().store_dir()
+    }
+
+    /// Protects `p` from every collector until this connection ends.
+    pub(crate) fn add_temp_root(&mut self, p: &StorePath) -> Result<()> {
+        if self.temp_roots.is_none() {
+            let config = self.daemon.store().config();
+            let n = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.temp_roots = Some(nixb_gc::TempRootsFile::create(
+                &config.state_dir,
+                config.store_dir.clone(),
+                &format!("{}-{n}", std::process::id()),
+            )?);
+        }
+        if let Some(roots) = &mut self.temp_roots {
+            roots.add(p)?;
+        }
+        Ok(())
     }
 
     fn refuse_untrusted(&self, what: &str) -> Result<()> {
@@ -304,7 +332,7 @@ impl Session<'_> {
                 A::BuildResult(build::build_derivation(self, conn, drv_path, *mode)?)
             }
             Q::AddTempRoot(p) => {
-                store.add_temp_root(p)?;
+                self.add_temp_root(p)?;
                 A::One
             }
             Q::AddIndirectRoot(link) => {
@@ -314,18 +342,27 @@ impl Session<'_> {
             // Nix 2.x answers this obsolete operation without doing anything: temporary
             // roots reach a running collector through its socket.
             Q::SyncWithGC => A::One,
-            Q::FindRoots | Q::CollectGarbage(_) | Q::AddPermRoot { .. } => {
-                return Err(DaemonError::Refused(format!(
-                    "{} through the nixb daemon is not supported yet",
-                    req.op().name()
-                )))
+            Q::FindRoots => A::Roots(self.find_roots()?),
+            Q::CollectGarbage(o) => A::GcResults(self.collect_garbage(conn, o)?),
+            Q::AddPermRoot { path, gc_root } => A::PermRoot(self.add_perm_root(path, gc_root)?),
+            Q::OptimiseStore => {
+                self.optimise_store(conn)?;
+                A::One
+            }
+            Q::AddSignatures { path, sigs } => {
+                self.add_signatures(path, sigs)?;
+                A::One
             }
             Q::VerifyStore {
                 check_contents,
                 repair,
             } => {
                 if *repair {
-                    self.refuse_untrusted("repairing the store")?;
+                    if !self.trusted {
+                        return Err(DaemonError::Refused(
+                            "you are not privileged to repair paths".into(),
+                        ));
+                    }
                     return Err(DaemonError::Refused(
                         "repairing the store through the nixb daemon is not supported yet".into(),
                     ));
@@ -349,7 +386,7 @@ impl Session<'_> {
                     "AddBuildLog through the nixb daemon is not supported yet".into(),
                 ));
             }
-            Q::OptimiseStore | Q::AddSignatures { .. } | Q::RegisterDrvOutput { .. } => {
+            Q::RegisterDrvOutput { .. } => {
                 return Err(DaemonError::Refused(format!(
                     "{} through the nixb daemon is not supported yet",
                     req.op().name()
@@ -390,6 +427,7 @@ impl Session<'_> {
             }
         }
         w.use_substitutes = s.use_substitutes;
+        self.verbosity = s.verbosity;
         let mut warnings = Vec::new();
         for (name, value) in &s.overrides {
             if !self.trusted && !UNTRUSTED_SETTINGS.contains(&name.as_str()) {
@@ -615,7 +653,7 @@ impl Session<'_> {
 
     /// Nix's indirect root: `gcroots/auto/<sha1 of the link, base32>` pointing at the
     /// link the client made.
-    fn add_indirect_root(&self, link: &str) -> Result<()> {
+    pub(crate) fn add_indirect_root(&self, link: &str) -> Result<()> {
         let state = &self.store().config().state_dir;
         let auto = state.join("gcroots").join("auto");
         std::fs::create_dir_all(&auto).map_err(io_err("creating", &auto))?;

@@ -16,6 +16,12 @@ pub enum DaemonError {
     Import(#[from] nixb_serve::ServeError),
     #[error(transparent)]
     Goals(#[from] nixb_goals::GoalsError),
+    #[error(transparent)]
+    Gc(#[from] nixb_gc::GcError),
+    #[error(transparent)]
+    Optimise(#[from] nixb_store::optimise::OptimiseError),
+    #[error(transparent)]
+    Db(#[from] nixb_store::db::DbError),
     #[error("{step} '{path}': {source}")]
     Io {
         step: &'static str,

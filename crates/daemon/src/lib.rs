@@ -6,6 +6,7 @@ mod add;
 mod build;
 mod connection;
 pub mod error;
+mod gc;
 pub mod listen;
 pub mod trust;
 
@@ -29,6 +30,25 @@ pub struct DaemonConfig {
     pub trust: TrustConfig,
     /// Sent in the greeting (`nix store ping` prints it).
     pub nix_version: String,
+    /// What `CollectGarbage` keeps alive.
+    pub gc: GcConfig,
+}
+
+/// The collector's settings (`keep-outputs`, `keep-derivations`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GcConfig {
+    pub keep_outputs: bool,
+    pub keep_derivations: bool,
+}
+
+impl Default for GcConfig {
+    /// Nix's defaults.
+    fn default() -> GcConfig {
+        GcConfig {
+            keep_outputs: false,
+            keep_derivations: true,
+        }
+    }
 }
 
 /// One store and one engine, shared by every connection.

@@ -18,13 +18,26 @@ use crate::Daemon;
 pub struct Stopper {
     stopped: Arc<AtomicBool>,
     socket: PathBuf,
+    /// Whether the socket file is ours to remove (not when systemd made it).
+    owned: bool,
 }
 
 impl Stopper {
+    /// For a socket bound by [`bind`], removed when the loop stops.
     pub fn new(socket: &Path) -> Stopper {
         Stopper {
             stopped: Arc::new(AtomicBool::new(false)),
             socket: socket.to_path_buf(),
+            owned: true,
+        }
+    }
+
+    /// For a socket passed by systemd ([`from_systemd`]): its file stays when the loop
+    /// stops, for the socket unit to hand to the next start.
+    pub fn for_activated(socket: &Path) -> Stopper {
+        Stopper {
+            owned: false,
+            ..Stopper::new(socket)
         }
     }
 
@@ -58,6 +71,48 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
     Ok(l)
+}
+
+/// Takes the listening socket that systemd passes (socket activation: `LISTEN_FDS=1`,
+/// `LISTEN_PID` our pid, the socket as descriptor 3), which the caller has checked for
+/// those variables. Refuses anything but a listening unix stream socket bound to a path;
+/// returns the listener and that path.
+pub fn from_systemd(fd: std::os::fd::OwnedFd) -> Result<(UnixListener, PathBuf)> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let err = |what: &str| DaemonError::Socket {
+        path: "descriptor 3 from systemd (LISTEN_FDS)".into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string()),
+    };
+    let sys = |e: nix::errno::Errno| DaemonError::Socket {
+        path: "descriptor 3 from systemd (LISTEN_FDS)".into(),
+        source: e.into(),
+    };
+    let kind = getsockopt(&fd, sockopt::SockType).map_err(|e| match e {
+        nix::errno::Errno::ENOTSOCK => err("not a socket"),
+        e => sys(e),
+    })?;
+    if kind != nix::sys::socket::SockType::Stream {
+        return Err(err("not a stream socket"));
+    }
+    if !getsockopt(&fd, sockopt::AcceptConn).map_err(sys)? {
+        return Err(err("not listening"));
+    }
+    // Not to be inherited by builders.
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(sys)?;
+    let listener = UnixListener::from(fd);
+    let addr = listener.local_addr().map_err(|e| DaemonError::Socket {
+        path: "descriptor 3 from systemd (LISTEN_FDS)".into(),
+        source: e,
+    })?;
+    let path = addr
+        .as_pathname()
+        .ok_or_else(|| err("not a unix socket bound to a path"))?
+        .to_path_buf();
+    Ok((listener, path))
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and so in every thread it
@@ -106,7 +161,9 @@ impl Daemon {
             // Out of threads: this client is dropped, the others go on.
             drop(spawned);
         }
-        let _ = std::fs::remove_file(&stopper.socket);
+        if stopper.owned {
+            let _ = std::fs::remove_file(&stopper.socket);
+        }
         Ok(())
     }
 }

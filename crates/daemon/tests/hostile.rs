@@ -34,6 +34,7 @@ fn setup() -> Setup {
         worker: nixb_goals::WorkerConfig::new(root.path().join("log")),
         trust: TrustConfig::default(),
         nix_version: "nixb-test".into(),
+        gc: Default::default(),
     };
     Setup {
         _root: root,
@@ -121,9 +122,16 @@ fn absurd_lengths_and_unknown_ops_end_only_their_connection() {
     assert!(good.is_valid_path(&p).unwrap());
     // An operation that is not supported yet is an error, and the connection goes on.
     let err = good
-        .request(&Request::FindRoots, None, &mut |_| {})
+        .request(
+            &Request::RegisterDrvOutput {
+                id_or_json: "{}".into(),
+                output_path: String::new(),
+            },
+            None,
+            &mut |_| {},
+        )
         .unwrap_err();
-    assert!(err.to_string().contains("FindRoots"), "{err}");
+    assert!(err.to_string().contains("RegisterDrvOutput"), "{err}");
     assert!(good.is_valid_path(&p).unwrap());
     drop(good);
 

@@ -6,11 +6,13 @@ pub mod delete;
 pub mod graph;
 pub mod roots;
 pub mod server;
+pub mod temproots;
 
 use std::path::PathBuf;
 
 pub use collect::{collect_garbage, GcAction, GcEvent, GcOptions, GcResults};
 pub use roots::{find_roots, print_roots, RootDirs, Roots};
+pub use temproots::TempRootsFile;
 
 /// Everything a collection can fail with.
 #[derive(Debug, thiserror::Error)]

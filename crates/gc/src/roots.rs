@@ -411,7 +411,15 @@ pub fn find_temp_roots(dirs: &RootDirs, censor: bool) -> Result<Roots, GcError> 
         let label = if censor {
             CENSORED.to_string()
         } else {
-            format!("{{temp:{name}}}")
+            // The owner's pid, as Nix reads it: the leading number of the name (a daemon
+            // connection's file is `<pid>-<connection>`).
+            let digits = name.len() - name.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            let pid = if digits == 0 {
+                &name[..]
+            } else {
+                &name[..digits]
+            };
+            format!("{{temp:{pid}}}")
         };
         // Only complete records (each ends with NUL) count, as in Nix.
         let mut records: Vec<&[u8]> = contents.split(|b| *b == 0).collect();
