@@ -443,7 +443,10 @@ fn collect_locked(
                     gone[*v as usize] = true;
                 }
                 shared.finish_pending_of(
-                    batch.iter().filter(|v| !gone[**v as usize]).map(|v| graph.hash_part(*v)),
+                    batch
+                        .iter()
+                        .filter(|v| !gone[**v as usize])
+                        .map(|v| graph.hash_part(*v)),
                 );
             }
             if overlap {

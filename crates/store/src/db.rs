@@ -182,7 +182,10 @@ impl Db {
     /// statement changing many rows under foreign keys and triggers writes as it goes
     /// (otherwise a file in the temporary directory, whatever file system that is on).
     pub fn keep_temp_files_in_memory(&self) -> Result<(), DbError> {
-        self.exec("pragma temp_store = memory", "keeping temporary files in memory")
+        self.exec(
+            "pragma temp_store = memory",
+            "keeping temporary files in memory",
+        )
     }
 
     pub fn file(&self) -> &Path {
@@ -671,8 +674,10 @@ mod tests {
         assert_eq!(count("select count(*) from ValidPaths"), 4);
         assert_eq!(count("select count(*) from Refs"), 4);
         // References first in the list, or last: both go.
-        db.transaction("test", |db| db.delete_paths(&[b, c])).unwrap();
-        db.transaction("test", |db| db.delete_paths(&[a, d])).unwrap();
+        db.transaction("test", |db| db.delete_paths(&[b, c]))
+            .unwrap();
+        db.transaction("test", |db| db.delete_paths(&[a, d]))
+            .unwrap();
         assert_eq!(count("select count(*) from ValidPaths"), 0);
         assert_eq!(count("select count(*) from Refs"), 0);
         assert_eq!(count("select count(*) from DerivationOutputs"), 0);
