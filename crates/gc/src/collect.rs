@@ -428,13 +428,10 @@ fn collect_locked(
                 batch
             };
             let t = std::time::Instant::now();
+            // On an error, the server clears what is still pending when it stops.
             let deleted = invalidate_batch(store, &graph, kinds, &batch, &mut alive, events);
             rows_time += t.elapsed();
-            let deleted = match deleted {
-                Ok(d) => d,
-                // The server clears what is still pending when it stops.
-                Err(e) => return Err(e),
-            };
+            let deleted = deleted?;
             // Nodes of the batch that were kept (referred to by a path registered
             // meanwhile) are pending no longer.
             if deleted.len() < batch.len() {
