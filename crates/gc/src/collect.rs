@@ -8,10 +8,12 @@
 //! 3. Delete dead paths in batches, referrers before their references: under the shared
 //!    state's lock, drop from the batch whatever a client has made a temporary root since
 //!    (with its closure) and mark the rest pending; delete the batch's database rows in
-//!    one transaction; then its files; then clear pending. The database row always goes
-//!    before the files, and a row only after every row referring to it (SQLite's foreign
-//!    keys refuse anything else), so a kill at any instant leaves every valid path present
-//!    and its closure valid; what is left on disk without a row is removed by the next run.
+//!    one transaction (a statement for the whole batch); then its files, on a second
+//!    thread while the next batch's rows go; then clear its paths from pending. The
+//!    database row always goes before the files, and a row only after every row referring
+//!    to it (SQLite's foreign keys refuse anything else), so a kill at any instant leaves
+//!    every valid path present and its closure valid; what is left on disk without a row
+//!    is removed by the next run.
 //! 4. Remove store entries that are not valid (and are no temporary root), then unused
 //!    entries of `.links`.
 
@@ -71,7 +73,7 @@ impl GcOptions {
             max_freed: u64::MAX,
             keep_outputs: false,
             keep_derivations: true,
-            batch_size: 4096,
+            batch_size: 16384,
             keep_paths: true,
         }
     }
@@ -181,8 +183,10 @@ fn collect_locked(
 ) -> Result<GcResults, GcError> {
     let config = store.config();
     events(GcEvent::FindingRoots);
+    let mut phase = Phase::start();
     let graph = Graph::load(store, kinds)?;
     let n = graph.len();
+    phase.done("reading the reference graph");
     let dirs = RootDirs::new(store_dir.clone(), config.state_dir.clone());
     let mut is_valid = |p: &StorePath| Ok(graph.lookup(p.base_name()).is_some());
     let roots = if opts.ignore_liveness {
@@ -191,6 +195,7 @@ fn collect_locked(
         find_roots_no_temp(&dirs, true, &mut is_valid)?
     };
     let temp_roots = find_temp_roots(&dirs, true)?;
+    phase.done("finding roots");
 
     let mut alive = vec![false; n];
     let mut start: Vec<Node> = roots
@@ -206,6 +211,7 @@ fn collect_locked(
         start.extend(s.temp_roots.iter().filter_map(|h| graph.lookup_hash(h)));
     }
     graph.mark_closure(start, kinds, &mut alive);
+    phase.done("marking live paths");
 
     // The store directory, minus what the graph already knows.
     let mut strays = Vec::new();
@@ -230,6 +236,7 @@ fn collect_locked(
             .map(|p| p.hash_part().to_string());
         strays.push(Stray { name, hash });
     }
+    phase.done("reading the store directory");
 
     let mut results = GcResults::default();
     let print = |name: &str| format!("{}/{name}", store_dir.as_str());
@@ -299,6 +306,7 @@ fn collect_locked(
                 .map(|s| s.name.as_str()),
         );
         names.sort_unstable();
+        phase.done("sorting the listing");
         for name in names {
             let printed = print(name);
             events(GcEvent::Listed { path: &printed });
@@ -307,14 +315,21 @@ fn collect_locked(
                 results.paths.insert(printed);
             }
         }
+        phase.done("printing the listing");
         return Ok(results);
     }
 
     // Each batch rewrites index pages all over the file; with SQLite's default 2 MiB
     // cache they spill into the log and are written again (most of the time of a full
     // collection, before this).
-    store.with_db(|db| db.set_cache_size_kib(GC_CACHE_KIB))?;
+    // Deleting a batch's rows in one statement writes a statement journal as it goes
+    // (a temporary file on disk by default, costing as much as the deletion itself).
+    store.with_db(|db| {
+        db.set_cache_size_kib(GC_CACHE_KIB)?;
+        db.keep_temp_files_in_memory()
+    })?;
     let order = graph.referrers_first(&dead);
+    phase.done("ordering dead paths");
     let total = order.len() + strays.len();
     let batch_size = if opts.max_freed == u64::MAX {
         opts.batch_size.max(1)
@@ -324,33 +339,17 @@ fn collect_locked(
     };
     let mut done = 0usize;
     let mut limit_reached = false;
-    // `alive` from here on also holds what became alive during the collection.
-    for chunk in order.chunks(batch_size) {
-        let batch: Vec<Node> = {
-            let mut s = shared.lock();
-            let new: Vec<Node> = s
-                .new_roots
-                .drain(..)
-                .filter_map(|h| graph.lookup_hash(&h))
-                .collect();
-            graph.mark_closure(new, kinds, &mut alive);
-            let batch: Vec<Node> = chunk
-                .iter()
-                .copied()
-                .filter(|v| !alive[*v as usize])
-                .collect();
-            s.pending = batch
-                .iter()
-                .map(|v| graph.hash_part(*v).to_string())
-                .collect();
-            batch
-        };
-        let deleted = invalidate_batch(store, &graph, kinds, &batch, &mut alive, events)?;
-        for v in deleted {
-            let name = graph.name(v);
-            let freed = delete_path(&store_path.join(name))?;
+    let mut rows_time = std::time::Duration::ZERO;
+    // A batch's files, once deleted: each node with the bytes it freed, and the error
+    // that stopped the deletion early.
+    type FilesDone = (Vec<(Node, u64)>, Option<GcError>);
+    let mut report = |(files, error): FilesDone,
+                      results: &mut GcResults,
+                      events: &mut dyn FnMut(GcEvent<'_>)|
+     -> Result<(), GcError> {
+        for (v, freed) in &files {
             results.bytes_freed += freed;
-            let printed = print(name);
+            let printed = print(graph.name(*v));
             done += 1;
             events(GcEvent::Deleted {
                 path: &printed,
@@ -363,12 +362,117 @@ fn collect_locked(
                 results.paths.insert(printed);
             }
         }
-        shared.finish_pending();
-        if results.bytes_freed > opts.max_freed {
-            limit_reached = true;
-            break;
+        shared.finish_pending_of(files.iter().map(|(v, _)| graph.hash_part(*v)));
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-    }
+    };
+    let delete_files = |batch: Vec<Node>| -> FilesDone {
+        let mut files = Vec::with_capacity(batch.len());
+        for v in batch {
+            match delete_path(&store_path.join(graph.name(v))) {
+                Ok(freed) => files.push((v, freed)),
+                Err(e) => return (files, Some(e)),
+            }
+        }
+        (files, None)
+    };
+    // Without a limit on the bytes freed, a batch's files are deleted on a second thread
+    // while the next batch's rows go. A batch's rows are committed before its files are
+    // handed over, and its paths stay pending (a client adding a root for one waits)
+    // until its files are gone.
+    let overlap = opts.max_freed == u64::MAX;
+    std::thread::scope(|scope| -> Result<(), GcError> {
+        let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<Vec<Node>>(1);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<FilesDone>();
+        if overlap {
+            let delete_files = &delete_files;
+            std::thread::Builder::new()
+                .name("gc-unlink".into())
+                .spawn_scoped(scope, move || {
+                    for batch in work_rx {
+                        let r = delete_files(batch);
+                        let failed = r.1.is_some();
+                        if done_tx.send(r).is_err() || failed {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|source| GcError::Io {
+                    step: "starting a thread to delete files",
+                    path: store_path.to_path_buf(),
+                    source,
+                })?;
+        } else {
+            drop((work_rx, done_tx));
+        }
+        let mut in_flight = 0usize;
+        // `alive` from here on also holds what became alive during the collection.
+        for chunk in order.chunks(batch_size) {
+            let batch: Vec<Node> = {
+                let mut s = shared.lock();
+                let new: Vec<Node> = s
+                    .new_roots
+                    .drain(..)
+                    .filter_map(|h| graph.lookup_hash(&h))
+                    .collect();
+                graph.mark_closure(new, kinds, &mut alive);
+                let batch: Vec<Node> = chunk
+                    .iter()
+                    .copied()
+                    .filter(|v| !alive[*v as usize])
+                    .collect();
+                s.pending
+                    .extend(batch.iter().map(|v| graph.hash_part(*v).to_string()));
+                batch
+            };
+            let t = std::time::Instant::now();
+            // On an error, the server clears what is still pending when it stops.
+            let deleted = invalidate_batch(store, &graph, kinds, &batch, &mut alive, events);
+            rows_time += t.elapsed();
+            let deleted = deleted?;
+            // Nodes of the batch that were kept (referred to by a path registered
+            // meanwhile) are pending no longer.
+            if deleted.len() < batch.len() {
+                let mut gone = vec![false; n];
+                for v in &deleted {
+                    gone[*v as usize] = true;
+                }
+                shared.finish_pending_of(
+                    batch
+                        .iter()
+                        .filter(|v| !gone[**v as usize])
+                        .map(|v| graph.hash_part(*v)),
+                );
+            }
+            if overlap {
+                if work_tx.send(deleted).is_err() {
+                    // The thread stopped on an error, which it sent first.
+                    break;
+                }
+                in_flight += 1;
+                while let Ok(r) = done_rx.try_recv() {
+                    in_flight -= 1;
+                    report(r, &mut results, events)?;
+                }
+            } else {
+                report(delete_files(deleted), &mut results, events)?;
+                if results.bytes_freed > opts.max_freed {
+                    limit_reached = true;
+                    break;
+                }
+            }
+        }
+        drop(work_tx);
+        while in_flight > 0 {
+            let Ok(r) = done_rx.recv() else { break };
+            in_flight -= 1;
+            report(r, &mut results, events)?;
+        }
+        Ok(())
+    })?;
+    tracing::debug!("deleting rows: {:.3} s", rows_time.as_secs_f64());
 
     // Entries without a row: leftovers of failed builds, of an earlier collection that
     // was interrupted, or paths being added right now (those have a temporary root).
@@ -414,6 +518,7 @@ fn collect_locked(
             }
         }
     }
+    phase.done("deleting dead paths");
     if limit_reached {
         events(GcEvent::LimitReached {
             max_freed: opts.max_freed,
@@ -422,6 +527,7 @@ fn collect_locked(
 
     events(GcEvent::PruningLinks);
     results.links_pruned = prune_links(&store_path.join(".links"))?;
+    phase.done("pruning links");
 
     if let Some(first) = refused.first() {
         return Err(GcError::StillAlive {
@@ -431,7 +537,7 @@ fn collect_locked(
     Ok(results)
 }
 
-/// Deletes the rows of `batch` (in order) in one transaction and returns the nodes
+/// Deletes the rows of `batch` together in one transaction and returns the nodes
 /// deleted. When the transaction fails because a row is still referred to (a path
 /// registered since the graph was read), falls back to one transaction per path and
 /// keeps those that cannot go, with their closure.
@@ -446,14 +552,8 @@ fn invalidate_batch(
     if batch.is_empty() {
         return Ok(Vec::new());
     }
-    let all = store.with_db(|db| {
-        db.transaction("deleting dead paths", |db| {
-            for v in batch {
-                db.delete_path(graph.db_id(*v))?;
-            }
-            Ok::<(), nixb_store::db::DbError>(())
-        })
-    });
+    let ids: Vec<i64> = batch.iter().map(|v| graph.db_id(*v)).collect();
+    let all = store.with_db(|db| db.transaction("deleting dead paths", |db| db.delete_paths(&ids)));
     if all.is_ok() {
         return Ok(batch.to_vec());
     }
@@ -477,4 +577,18 @@ fn invalidate_batch(
         }
     }
     Ok(deleted)
+}
+
+/// Time spent in each phase of a collection, logged at debug level (`NIXB_LOG=nixb_gc=debug`).
+struct Phase(std::time::Instant);
+
+impl Phase {
+    fn start() -> Phase {
+        Phase(std::time::Instant::now())
+    }
+
+    fn done(&mut self, what: &str) {
+        tracing::debug!("{what}: {:.3} s", self.0.elapsed().as_secs_f64());
+        self.0 = std::time::Instant::now();
+    }
 }

@@ -68,6 +68,17 @@ pub struct Graph {
     deriver: Vec<Node>,
     /// Nodes sorted by hash part, for lookups by path.
     by_hash: Vec<Node>,
+    /// The first 8 bytes of each of their hash parts, as a big-endian number: a binary
+    /// search over this array stays within a few cache lines, where one over `by_hash`
+    /// reads a name from a random place of `names` at every step.
+    hash_keys: Vec<u64>,
+}
+
+/// The sort key of a hash part (its first 8 characters, in the same order).
+fn hash_key(hash: &[u8]) -> u64 {
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&hash[..8]);
+    u64::from_be_bytes(k)
 }
 
 impl Graph {
@@ -110,19 +121,7 @@ impl Graph {
                     });
                 }
                 let n = g.db_id.len();
-                g.by_hash = (0..n as Node).collect();
-                {
-                    let (names, ends) = (&g.names, &g.name_end);
-                    let hash = |i: Node| {
-                        let s = if i == 0 {
-                            0
-                        } else {
-                            ends[i as usize - 1] as usize
-                        };
-                        &names.as_bytes()[s..s + HASH_CHARS]
-                    };
-                    g.by_hash.sort_unstable_by(|a, b| hash(*a).cmp(hash(*b)));
-                }
+                g.index_by_hash();
 
                 // Refs come ordered by referrer id, and nodes are numbered in id order, so
                 // the rows are built as they stream in (no list of pairs at twice the size).
@@ -187,6 +186,16 @@ impl Graph {
         })
     }
 
+    /// Sorts the nodes by hash part into `by_hash` and `hash_keys`.
+    fn index_by_hash(&mut self) {
+        let n = self.db_id.len();
+        let hash = |i: Node| self.hash_part(i).as_bytes();
+        let mut keyed: Vec<(u64, Node)> = (0..n as Node).map(|i| (hash_key(hash(i)), i)).collect();
+        keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| hash(a.1).cmp(hash(b.1))));
+        self.hash_keys = keyed.iter().map(|k| k.0).collect();
+        self.by_hash = keyed.into_iter().map(|k| k.1).collect();
+    }
+
     pub fn len(&self) -> usize {
         self.db_id.len()
     }
@@ -216,11 +225,17 @@ impl Graph {
 
     /// The node whose hash part is `hash` (32 characters).
     pub fn lookup_hash(&self, hash: &str) -> Option<Node> {
-        let i = self
-            .by_hash
-            .binary_search_by(|n| self.hash_part(*n).cmp(hash))
-            .ok()?;
-        Some(self.by_hash[i])
+        if hash.len() != HASH_CHARS {
+            return None;
+        }
+        let key = hash_key(hash.as_bytes());
+        let first = self.hash_keys.partition_point(|k| *k < key);
+        self.hash_keys[first..]
+            .iter()
+            .take_while(|k| **k == key)
+            .zip(&self.by_hash[first..])
+            .map(|(_, n)| *n)
+            .find(|n| self.hash_part(*n) == hash)
     }
 
     /// The node of base name `<hash>-<name>`.
@@ -354,6 +369,33 @@ fn compress(n: usize, pairs: Vec<(Node, Node)>) -> (Vec<u32>, Vec<Node>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookup_finds_every_name_among_shared_hash_prefixes() {
+        // Hash parts sharing their first 8 characters (the sort key) and more.
+        let names = [
+            "aaaaaaaa000000000000000000000000-a",
+            "aaaaaaaa00000000000000000000000z-b",
+            "0000000000000000000000000000000a-c",
+            "aaaaaaaa000000000000000000000001-d",
+            "zzzzzzzz000000000000000000000000-e",
+            "aaaaaaab000000000000000000000000-f",
+        ];
+        let mut g = Graph::default();
+        for (i, name) in names.iter().enumerate() {
+            g.names.push_str(name);
+            g.name_end.push(g.names.len() as u32);
+            g.db_id.push(i as i64);
+        }
+        g.index_by_hash();
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(g.lookup(name), Some(i as Node), "{name}");
+        }
+        assert_eq!(g.lookup("aaaaaaaa000000000000000000000002-d"), None);
+        assert_eq!(g.lookup("aaaaaaaa000000000000000000000001-x"), None);
+        assert_eq!(g.lookup_hash("aaaaaaaa"), None);
+        assert_eq!(g.lookup_hash("00000000000000000000000000000000"), None);
+    }
 
     #[test]
     fn compress_groups_by_source() {

@@ -58,6 +58,16 @@ impl SharedRoots {
         self.lock().pending.clear();
         self.wakeup.notify_all();
     }
+
+    /// Removes these hash parts from `pending` and wakes the clients waiting for them.
+    pub fn finish_pending_of<'a>(&self, hashes: impl IntoIterator<Item = &'a str>) {
+        let mut s = self.lock();
+        for h in hashes {
+            s.pending.remove(h);
+        }
+        drop(s);
+        self.wakeup.notify_all();
+    }
 }
 
 /// Open client connections and their threads, to shut down when the server stops.

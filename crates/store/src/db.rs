@@ -178,6 +178,16 @@ impl Db {
         )
     }
 
+    /// Keeps this connection's temporary files in memory: the statement journal, which a
+    /// statement changing many rows under foreign keys and triggers writes as it goes
+    /// (otherwise a file in the temporary directory, whatever file system that is on).
+    pub fn keep_temp_files_in_memory(&self) -> Result<(), DbError> {
+        self.exec(
+            "pragma temp_store = memory",
+            "keeping temporary files in memory",
+        )
+    }
+
     pub fn file(&self) -> &Path {
         &self.file
     }
@@ -419,6 +429,37 @@ impl Db {
             .map_err(self.wrap("invalidating path"))
     }
 
+    /// Deletes the rows of `ids` together, inside the caller's transaction: first the
+    /// references they make, then the rows (their derivation outputs go by cascade), one
+    /// statement each for the whole set. Fails with a foreign key error, deleting nothing
+    /// once the caller rolls back, while a row outside `ids` still refers to one of them.
+    pub fn delete_paths(&self, ids: &[i64]) -> Result<(), DbError> {
+        // The ids as a JSON array, which `json_each` turns into a table: one statement
+        // whatever the number of ids (bound parameters are limited to 32,766).
+        let mut list = String::with_capacity(ids.len() * 8 + 2);
+        list.push('[');
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                list.push(',');
+            }
+            list.push_str(&id.to_string());
+        }
+        list.push(']');
+        // With the outgoing references gone first, the `restrict` rule on
+        // `Refs.reference` (checked row by row, not at the end of the statement) only
+        // fires for a referrer outside the set, whatever order SQLite deletes the rows in.
+        for sql in [
+            "delete from Refs where referrer in (select value from json_each(?1))",
+            "delete from ValidPaths where id in (select value from json_each(?1))",
+        ] {
+            self.conn
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute([&list]))
+                .map_err(self.wrap("invalidating paths"))?;
+        }
+        Ok(())
+    }
+
     /// Calls `f(id, path, deriver)` for every row of `ValidPaths` in increasing id order
     /// (the table's own order), in one statement: how a collector reads the whole store
     /// without a query per path.
@@ -610,6 +651,37 @@ mod tests {
             .unwrap();
         assert_eq!((refs, outs), (0, 0));
         db.delete_path(a).unwrap();
+    }
+
+    #[test]
+    fn delete_paths_takes_a_set_in_any_order_but_not_a_referenced_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db.sqlite"), true).unwrap();
+        let count = |sql: &str| -> i64 { db.conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        // a <- b <- c, c refers to itself and has an output; d refers to a.
+        let a = db.insert_path(&row("/s/a")).unwrap();
+        let b = db.insert_path(&row("/s/b")).unwrap();
+        let c = db.insert_path(&row("/s/c")).unwrap();
+        let d = db.insert_path(&row("/s/d")).unwrap();
+        db.add_reference(b, a).unwrap();
+        db.add_reference(c, b).unwrap();
+        db.add_reference(c, c).unwrap();
+        db.add_reference(d, a).unwrap();
+        db.add_derivation_output(c, "out", "/s/o").unwrap();
+        // a is still referred to by d, outside the set: the whole transaction fails.
+        let r = db.transaction("test", |db| db.delete_paths(&[a, b, c]));
+        assert!(r.is_err(), "deleted a path that d still refers to");
+        assert_eq!(count("select count(*) from ValidPaths"), 4);
+        assert_eq!(count("select count(*) from Refs"), 4);
+        // References first in the list, or last: both go.
+        db.transaction("test", |db| db.delete_paths(&[b, c]))
+            .unwrap();
+        db.transaction("test", |db| db.delete_paths(&[a, d]))
+            .unwrap();
+        assert_eq!(count("select count(*) from ValidPaths"), 0);
+        assert_eq!(count("select count(*) from Refs"), 0);
+        assert_eq!(count("select count(*) from DerivationOutputs"), 0);
+        db.transaction("test", |db| db.delete_paths(&[])).unwrap();
     }
 
     #[test]

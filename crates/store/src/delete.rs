@@ -48,7 +48,7 @@ pub fn delete_path_counting(path: &Path) -> Result<u64, DeleteError> {
 
 fn delete_top(path: &Path, freed: Option<&mut u64>) -> Result<(), DeleteError> {
     match fs::symlink_metadata(path) {
-        Ok(m) => delete_entry(path, m.is_dir(), freed),
+        Ok(m) => delete_entry(path, m.is_dir(), Some(&m), freed),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(DeleteError {
             step: "examining",
@@ -101,7 +101,13 @@ pub fn replace_path(path: &Path, replacement: &Path) -> Result<(), DeleteError> 
     Ok(())
 }
 
-fn delete_entry(path: &Path, is_dir: bool, freed: Option<&mut u64>) -> Result<(), DeleteError> {
+/// Deletes `path`, whose type is known and whose metadata may be (`meta`, saving a stat).
+fn delete_entry(
+    path: &Path,
+    is_dir: bool,
+    meta: Option<&fs::Metadata>,
+    freed: Option<&mut u64>,
+) -> Result<(), DeleteError> {
     let fail = |step| {
         move |source| DeleteError {
             step,
@@ -115,19 +121,27 @@ fn delete_entry(path: &Path, is_dir: bool, freed: Option<&mut u64>) -> Result<()
     };
     if !is_dir {
         if let Some(freed) = freed {
-            match fs::symlink_metadata(path) {
-                Ok(m) if matches!(m.nlink(), 1 | 2) => *freed += m.size(),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(fail("examining")(e)),
+            let (nlink, size) = match meta {
+                Some(m) => (m.nlink(), m.size()),
+                None => match fs::symlink_metadata(path) {
+                    Ok(m) => (m.nlink(), m.size()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(fail("examining")(e)),
+                },
+            };
+            if matches!(nlink, 1 | 2) {
+                *freed += size;
             }
         }
         return gone_is_fine(fs::remove_file(path)).map_err(fail("removing"));
     }
-    let mode = match fs::symlink_metadata(path) {
-        Ok(m) => m.permissions().mode(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(fail("examining")(e)),
+    let mode = match meta {
+        Some(m) => m.permissions().mode(),
+        None => match fs::symlink_metadata(path) {
+            Ok(m) => m.permissions().mode(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(fail("examining")(e)),
+        },
     };
     if mode & 0o700 != 0o700 {
         gone_is_fine(fs::set_permissions(
@@ -150,7 +164,7 @@ fn delete_entry(path: &Path, is_dir: bool, freed: Option<&mut u64>) -> Result<()
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(fail("examining")(e)),
         };
-        delete_entry(&entry.path(), child_is_dir, freed.as_deref_mut())?;
+        delete_entry(&entry.path(), child_is_dir, None, freed.as_deref_mut())?;
     }
     gone_is_fine(fs::remove_dir(path)).map_err(fail("removing directory"))
 }
