@@ -103,7 +103,15 @@ impl<'a> Resources<'a> {
             slot_waiters: SlotWaiters::Nobody,
             locked_outputs: BTreeMap::new(),
             finishing_logs: VecDeque::new(),
-            build_dirs: BuildDirs::new(&cfg.build_dir_root, cfg.max_jobs.clamp(1, 64)),
+            // No spares: every build directory is deleted, the plain way.
+            build_dirs: BuildDirs::new(
+                &cfg.build_dir_root,
+                if nixb_store::bench_plain("build-dirs") {
+                    0
+                } else {
+                    cfg.max_jobs.clamp(1, 64)
+                },
+            ),
             lock_pool: store.lock_pool(),
             deferred_locks: Vec::new(),
             deferred_dirs: Vec::new(),

@@ -51,6 +51,26 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
+    /// A private store under `root`: `<root>/store`, `<root>/state` and `<root>/log`, the
+    /// layout of `nixb_testsupport::TestStore`. Fails when `<root>/store` is not a valid
+    /// store directory (not absolute or not UTF-8).
+    pub fn under(root: &Path) -> Result<StoreConfig, StoreError> {
+        let store = root.join("store");
+        let store_dir = store
+            .to_str()
+            .ok_or_else(|| format!("'{}' is not valid utf-8", store.display()))
+            .and_then(|s| StoreDir::new(s).map_err(|e| e.to_string()))
+            .map_err(|reason| StoreError::Setting {
+                setting: "store directory",
+                reason,
+            })?;
+        Ok(StoreConfig {
+            store_dir,
+            state_dir: root.join("state"),
+            log_dir: root.join("log"),
+        })
+    }
+
     /// `NIX_STORE_DIR` (default `/nix/store`), `NIX_STATE_DIR` (`/nix/var/nix`) and
     /// `NIX_LOG_DIR` (`/nix/var/log/nix`); an empty variable counts as unset.
     pub fn from_env() -> Result<StoreConfig, StoreError> {
@@ -333,10 +353,14 @@ impl LocalStore {
             }
         };
 
-        let lock_pool = LockFilePool::new(
-            &config.state_dir.join("nixb-lock-pool"),
-            config.store_dir.as_path(),
-        );
+        let lock_pool = if crate::bench_plain("lock-pool") {
+            None
+        } else {
+            LockFilePool::new(
+                &config.state_dir.join("nixb-lock-pool"),
+                config.store_dir.as_path(),
+            )
+        };
         Ok(LocalStore {
             config,
             db: Mutex::new(db),
