@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nixb_store::derivation::Derivation;
-use nixb_store::locks::{LockFilePool, PathLocks};
+use nixb_store::locks::PathLocks;
 use nixb_store::StorePath;
 
 use crate::build_dir::{BuildDir, BuildDirs};
@@ -65,8 +65,6 @@ pub(crate) struct Resources<'a> {
     finishing_logs: VecDeque<nixb_logs::FinishingLog>,
     /// Build directories, with emptied ones kept for reuse.
     build_dirs: BuildDirs,
-    /// The store's spare lock files, for output locks.
-    lock_pool: Option<Arc<LockFilePool>>,
     /// Output locks of finished builds and their emptied build directories, released and
     /// recycled just before the loop waits (see [`Services::release_later`]).
     deferred_locks: Vec<PathLocks>,
@@ -112,7 +110,6 @@ impl<'a> Resources<'a> {
                     cfg.max_jobs.clamp(1, 64)
                 },
             ),
-            lock_pool: store.lock_pool(),
             deferred_locks: Vec::new(),
             deferred_dirs: Vec::new(),
             netns_pool: None,
@@ -250,10 +247,6 @@ impl Services for Resources<'_> {
 
     fn is_locked_by_me(&self, path: &StorePath) -> bool {
         self.locked_outputs.values().any(|s| s.contains(path))
-    }
-
-    fn lock_pool(&self) -> Option<&Arc<LockFilePool>> {
-        self.lock_pool.as_ref()
     }
 
     fn kill_child(&mut self, id: GoalId) {

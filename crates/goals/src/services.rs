@@ -117,8 +117,6 @@ pub(crate) trait Services {
     fn nr_local_builds(&self) -> usize;
     /// Another goal of this run holds the lock of `path`.
     fn is_locked_by_me(&self, path: &StorePath) -> bool;
-    /// The store's spare lock files, for output locks.
-    fn lock_pool(&self) -> Option<&Arc<nixb_store::locks::LockFilePool>>;
     /// Kills goal `id`'s child (if any) and frees its build slot.
     fn kill_child(&mut self, id: GoalId);
     /// The build directories, with emptied ones kept for reuse.

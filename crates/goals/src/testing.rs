@@ -123,7 +123,7 @@ impl BuildStore for FakeStore {
 }
 
 /// Services that record the events and kills, with real build directories and no
-/// watchdog, network namespaces or lock pool.
+/// watchdog or network namespaces.
 pub(crate) struct FakeServices {
     store: Rc<FakeStore>,
     pub events: Vec<Event>,
@@ -148,9 +148,6 @@ impl Services for FakeServices {
     }
     fn is_locked_by_me(&self, path: &StorePath) -> bool {
         self.locked_by_me.contains(path)
-    }
-    fn lock_pool(&self) -> Option<&Arc<nixb_store::locks::LockFilePool>> {
-        None
     }
     fn kill_child(&mut self, _: GoalId) {
         self.kills += 1;

@@ -10,13 +10,13 @@
 //! copy, the deletion of the previous run's store and a `sync` come before.
 //!
 //! Mechanisms and the graph each is measured on:
-//! * `lock-pool`, `build-dirs`, `log-thread`: an unsandboxed chain of `NIXB_BENCH_DRVS`
+//! * `build-dirs`, `log-thread`: an unsandboxed chain of `NIXB_BENCH_DRVS`
 //!   (default 1000) trivial builds, where each build's own file-system work is on the path;
 //! * `lower-spin`, `lower-warm-up`: sandboxed layered builds (25 a layer, 3 inputs each,
 //!   `--max-jobs 2`, `NIXB_BENCH_DRVS` / 2), whose chroots have store inputs, so the
 //!   overlay's detached lower layer is used.
 //!
-//! `NIXB_BENCH_FS=ext4,xfs,btrfs,tmpfs` picks file systems, `NIXB_BENCH_TUNING=lock-pool,...`
+//! `NIXB_BENCH_FS=ext4,xfs,btrfs,tmpfs` picks file systems, `NIXB_BENCH_TUNING=log-thread,...`
 //! mechanisms, `NIXB_BENCH_ROUNDS` (default 7) the pairs. Images go to `/var/tmp` (not a
 //! tmpfs here) and are deleted at the end.
 //!
@@ -31,13 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::sys::resource::{getrusage, UsageWho};
 
-const MECHANISMS: &[&str] = &[
-    "lock-pool",
-    "build-dirs",
-    "log-thread",
-    "lower-spin",
-    "lower-warm-up",
-];
+const MECHANISMS: &[&str] = &["build-dirs", "log-thread", "lower-spin", "lower-warm-up"];
 const FILE_SYSTEMS: &[&str] = &["ext4", "xfs", "btrfs", "tmpfs"];
 
 fn list(var: &str, known: &[&str]) -> Result<Vec<String>> {
