@@ -63,10 +63,10 @@ pub(crate) struct Resources<'a> {
     locked_outputs: BTreeMap<GoalId, BTreeSet<StorePath>>,
     /// Compressed logs of finished builds whose writer threads are still finishing.
     finishing_logs: VecDeque<nixb_logs::FinishingLog>,
-    /// Build directories, with emptied ones kept for reuse.
+    /// Build directories.
     build_dirs: BuildDirs,
-    /// Output locks of finished builds and their emptied build directories, released and
-    /// recycled just before the loop waits (see [`Services::release_later`]).
+    /// Output locks of finished builds and their build directories, released and deleted
+    /// just before the loop waits (see [`Services::release_later`]).
     deferred_locks: Vec<PathLocks>,
     deferred_dirs: Vec<BuildDir>,
     /// Fresh network namespaces made ahead of time for sandboxed builds; started with the
@@ -101,15 +101,7 @@ impl<'a> Resources<'a> {
             slot_waiters: SlotWaiters::Nobody,
             locked_outputs: BTreeMap::new(),
             finishing_logs: VecDeque::new(),
-            // No spares: every build directory is deleted, the plain way.
-            build_dirs: BuildDirs::new(
-                &cfg.build_dir_root,
-                if nixb_store::bench_plain("build-dirs") {
-                    0
-                } else {
-                    cfg.max_jobs.clamp(1, 64)
-                },
-            ),
+            build_dirs: BuildDirs::new(&cfg.build_dir_root),
             deferred_locks: Vec::new(),
             deferred_dirs: Vec::new(),
             netns_pool: None,
@@ -199,12 +191,12 @@ impl<'a> Resources<'a> {
         }
     }
 
-    /// Releases the locks and recycles the directories handed over since the last call.
+    /// Releases the locks and deletes the directories handed over since the last call.
     pub fn run_deferred(&mut self) {
         // Dropping them releases the locks (deleting the lock files as set).
         self.deferred_locks.clear();
         for dir in std::mem::take(&mut self.deferred_dirs) {
-            if let Err(e) = self.build_dirs.recycle(dir) {
+            if let Err(e) = self.build_dirs.remove(dir) {
                 self.message(Level::Warn, e.to_string());
             }
         }
@@ -306,7 +298,7 @@ impl Services for Resources<'_> {
         self.deferred_locks.push(locks);
     }
 
-    fn recycle_later(&mut self, dir: BuildDir) {
+    fn remove_later(&mut self, dir: BuildDir) {
         self.deferred_dirs.push(dir);
     }
 

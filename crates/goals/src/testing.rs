@@ -165,7 +165,7 @@ impl Services for FakeServices {
         let _ = log.wait();
     }
     fn release_later(&mut self, _: nixb_store::locks::PathLocks) {}
-    fn recycle_later(&mut self, _: BuildDir) {}
+    fn remove_later(&mut self, _: BuildDir) {}
     fn hook(&mut self) -> &mut Option<HookInstance> {
         &mut self.hook
     }
@@ -237,7 +237,7 @@ impl Harness {
             nr_local_builds: 0,
             locked_by_me: BTreeSet::new(),
             kills: 0,
-            build_dirs: BuildDirs::new(&cfg.build_dir_root, 1),
+            build_dirs: BuildDirs::new(&cfg.build_dir_root),
             hook: None,
             queries: QueryPool::default(),
             builtin: BuiltinSubstituter::new(&cfg, dir),

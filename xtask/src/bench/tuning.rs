@@ -10,7 +10,7 @@
 //! copy, the deletion of the previous run's store and a `sync` come before.
 //!
 //! Mechanisms and the graph each is measured on:
-//! * `build-dirs`, `log-thread`: an unsandboxed chain of `NIXB_BENCH_DRVS`
+//! * `log-thread`: an unsandboxed chain of `NIXB_BENCH_DRVS`
 //!   (default 1000) trivial builds, where each build's own file-system work is on the path;
 //! * `lower-spin`, `lower-warm-up`: sandboxed layered builds (25 a layer, 3 inputs each,
 //!   `--max-jobs 2`, `NIXB_BENCH_DRVS` / 2), whose chroots have store inputs, so the
