@@ -13,41 +13,27 @@ use nixb_gc::server::{RootsServer, SharedRoots};
 use nixb_gc::{collect_garbage, GcAction, GcEvent, GcOptions};
 use nixb_store::local_store::{LocalStore, StoreConfig};
 use nixb_store::{StoreDir, StorePath};
+use nixb_testsupport::TestStore;
 
+/// A private store (`nixb_testsupport::TestStore`).
 struct Env {
-    _dir: tempfile::TempDir,
+    t: TestStore,
     root: PathBuf,
 }
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        std::fs::create_dir_all(root.join("etc")).unwrap();
-        std::fs::write(
-            root.join("etc/nix.conf"),
-            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
-        )
-        .unwrap();
-        Env { _dir: dir, root }
+        let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+        let root = t.root.path().to_path_buf();
+        Env { t, root }
     }
 
     fn config(&self) -> StoreConfig {
-        StoreConfig {
-            store_dir: StoreDir::new(self.root.join("store").to_str().unwrap()).unwrap(),
-            state_dir: self.root.join("state"),
-            log_dir: self.root.join("log"),
-        }
+        StoreConfig::under(&self.root).unwrap()
     }
 
     fn nix(&self, prog: &str) -> Command {
-        let mut c = Command::new(prog);
-        c.env("NIX_STORE_DIR", self.root.join("store"))
-            .env("NIX_STATE_DIR", self.root.join("state"))
-            .env("NIX_LOG_DIR", self.root.join("log"))
-            .env("NIX_CONF_DIR", self.root.join("etc"))
-            .env("HOME", self.root.join("home"));
-        c
+        self.t.nix(prog)
     }
 
     /// Adds files with a store that is then closed, so that nothing keeps them alive.

@@ -12,25 +12,7 @@
 //! finish   delete <dir> ; unlink the lock file ; unlock
 //! keep     chmod 0755 <dir> ; unlink the lock file ; unlock
 //! clean    for each *.nixb-lock we can flock: unlink it, then delete its <dir>
-//! recycle  empty <dir> ; keep it (and its locked lock file) as a spare
-//! reuse    link <spare>.nixb-lock to <new>.nixb-lock ; rename <spare> to <new> (no
-//!          replace) ; unlink <spare>.nixb-lock
 //! ```
-//!
-//! # Why directories are recycled
-//!
-//! Removing a directory frees its data block, and `rmdir` can then block for a long time
-//! compared with a short build; creating an inode gets slower with every inode deleted in
-//! the last minutes (ext4 without a journal skips recently freed inodes one by one). With
-//! builders that run for a millisecond that was the largest cost of a build after the fork
-//! (BENCHMARKS.md, "goals: recycled build directories"). [`BuildDirs`] therefore empties a finished build's directory and renames
-//! it for the next build: no inode is created or freed for the directory or its lock file.
-//! At every step of a reuse some lock file names each directory that exists, so a crash
-//! leaves nothing the next run's cleaning misses. Only directories still ours (owner, mode
-//! 0700) are reused; build-user builds chown theirs and get fresh ones. Reuse gives a build
-//! no less isolation than a fresh directory: unsandboxed, a leftover process of an earlier
-//! build could as well write to the next build's predictable path, and in the sandbox the
-//! PID namespace leaves no process behind.
 
 use std::fs::{self, File};
 use std::io;
@@ -153,132 +135,27 @@ impl BuildDir {
     }
 }
 
-impl BuildDir {
-    /// Moves this (empty) directory and its lock to a fresh `<root>/nix-build-<name>-<n>`,
-    /// holding the lock throughout. Gives the directory back when that fails.
-    fn rename_to(mut self, root: &Path, name: &str) -> Result<BuildDir, BuildDir> {
-        // Give up after a few hundred names taken by others; a fresh directory will do.
-        for _ in 0..256 {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = root.join(format!("{PREFIX}{name}-{n}"));
-            let mut lock_path = path.clone().into_os_string();
-            lock_path.push(LOCK_SUFFIX);
-            let lock_path = PathBuf::from(lock_path);
-            // A second name for the locked lock file first: the directory is named by a
-            // lock file under both its old and its new name.
-            match fs::hard_link(&self.lock_path, &lock_path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(_) => return Err(self),
-            }
-            match nixb_store::locks::rename_noreplace(&self.path, &path) {
-                Ok(()) => {}
-                Err(e) => {
-                    let _ = fs::remove_file(&lock_path);
-                    if e.kind() == io::ErrorKind::AlreadyExists {
-                        continue;
-                    }
-                    return Err(self);
-                }
-            }
-            // Only a name: if it stays, the next run's cleaning unlinks it.
-            let _ = fs::remove_file(&self.lock_path);
-            self.path = path;
-            self.lock_path = lock_path;
-            return Ok(self);
-        }
-        Err(self)
-    }
-}
-
-/// The build directories of one worker: hands out fresh ones, and keeps the emptied
-/// directories of finished builds for reuse (see the module documentation).
+/// The build directories of one worker, under one root.
 #[derive(Debug)]
 pub struct BuildDirs {
     root: PathBuf,
-    spares: Vec<BuildDir>,
-    max_spares: usize,
 }
 
 impl BuildDirs {
-    /// Directories under `root`, keeping at most `max_spares` empty ones (about the number
-    /// of builds that run at once).
-    pub fn new(root: &Path, max_spares: usize) -> BuildDirs {
+    pub fn new(root: &Path) -> BuildDirs {
         BuildDirs {
             root: root.to_path_buf(),
-            spares: Vec::new(),
-            max_spares,
         }
     }
 
     /// An empty directory `<root>/nix-build-<name>-<n>` with mode 0700, locked.
     pub fn create(&mut self, name: &str) -> Result<BuildDir, BuildDirError> {
-        while let Some(spare) = self.spares.pop() {
-            match spare.rename_to(&self.root, name) {
-                Ok(dir) => return Ok(dir),
-                // Dropping it deletes it.
-                Err(spare) => drop(spare),
-            }
-        }
         BuildDir::create(&self.root, name)
     }
 
-    /// Ends a build's use of `dir`: its contents are deleted and the directory is kept
-    /// for the next build, or deleted when it cannot be reused.
-    pub fn recycle(&mut self, dir: BuildDir) -> Result<(), BuildDirError> {
-        if self.spares.len() >= self.max_spares || !empty_and_reusable(dir.path()) {
-            return dir.remove();
-        }
-        self.spares.push(dir);
-        Ok(())
-    }
-
-    /// How many emptied directories are kept for reuse.
-    pub fn spare_count(&self) -> usize {
-        self.spares.len()
-    }
-}
-
-impl Drop for BuildDirs {
-    fn drop(&mut self) {
-        // Each removal blocks on the file system for a moment; overlap them.
-        let spares = std::mem::take(&mut self.spares);
-        if spares.len() <= 1 {
-            return;
-        }
-        std::thread::scope(|s| {
-            for d in spares {
-                if std::thread::Builder::new()
-                    .spawn_scoped(s, move || drop(d))
-                    .is_err()
-                {
-                    // No thread: the directory was dropped (and removed) right here.
-                }
-            }
-        });
-    }
-}
-
-/// Deletes what is inside `dir` and tells whether the directory itself may serve another
-/// build: still a directory owned by us with mode 0700 (a builder may have changed it).
-fn empty_and_reusable(dir: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = fs::read_dir(dir) else {
-        return false;
-    };
-    for e in entries {
-        let Ok(e) = e else { return false };
-        if delete_path(&e.path()).is_err() {
-            return false;
-        }
-    }
-    match fs::symlink_metadata(dir) {
-        Ok(m) => {
-            // SAFETY: geteuid cannot fail.
-            let euid = unsafe { libc::geteuid() };
-            m.is_dir() && m.uid() == euid && m.mode() & 0o7777 == 0o700
-        }
-        Err(_) => false,
+    /// Ends a build's use of `dir`: deletes it.
+    pub fn remove(&mut self, dir: BuildDir) -> Result<(), BuildDirError> {
+        dir.remove()
     }
 }
 
@@ -379,133 +256,5 @@ mod tests {
             0,
             "lock file left behind"
         );
-    }
-
-    fn ino(p: &Path) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        fs::symlink_metadata(p).unwrap().ino()
-    }
-
-    fn names(root: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        v.sort();
-        v
-    }
-
-    #[test]
-    fn recycled_directory_is_emptied_renamed_and_stays_locked() {
-        let root = tempfile::tempdir().unwrap();
-        let mut dirs = BuildDirs::new(root.path(), 2);
-        let a = dirs.create("a.drv").unwrap();
-        let a_path = a.path().to_path_buf();
-        let a_ino = ino(&a_path);
-        fs::create_dir(a_path.join("sub")).unwrap();
-        fs::write(a_path.join("sub/f"), "x").unwrap();
-        fs::set_permissions(a_path.join("sub"), fs::Permissions::from_mode(0o500)).unwrap();
-        dirs.recycle(a).unwrap();
-        assert_eq!(dirs.spare_count(), 1);
-
-        let b = dirs.create("b.drv").unwrap();
-        assert_eq!(dirs.spare_count(), 0);
-        let b_name = b.path().file_name().unwrap().to_str().unwrap().to_string();
-        assert!(b_name.starts_with("nix-build-b.drv-"), "{b_name}");
-        assert_eq!(ino(b.path()), a_ino, "the directory was not reused");
-        assert_eq!(fs::read_dir(b.path()).unwrap().count(), 0, "not emptied");
-        // Exactly the new directory and its lock file are left under root.
-        assert_eq!(
-            names(root.path()),
-            vec![b_name.clone(), format!("{b_name}.nixb-lock")]
-        );
-        // The lock is still held: a cleaner (another worker) must leave it alone.
-        assert!(clean_stale(root.path()).is_empty());
-        assert!(b.path().exists());
-
-        dirs.recycle(b).unwrap();
-        drop(dirs);
-        assert!(names(root.path()).is_empty(), "{:?}", names(root.path()));
-    }
-
-    #[test]
-    fn directories_changed_by_the_builder_or_beyond_the_cap_are_removed() {
-        let root = tempfile::tempdir().unwrap();
-        let mut dirs = BuildDirs::new(root.path(), 1);
-        let (a, b, c) = (
-            dirs.create("a.drv").unwrap(),
-            dirs.create("b.drv").unwrap(),
-            dirs.create("c.drv").unwrap(),
-        );
-        let (pa, pb, pc) = (
-            a.path().to_path_buf(),
-            b.path().to_path_buf(),
-            c.path().to_path_buf(),
-        );
-        // A builder made its top directory world-readable: not reused.
-        fs::set_permissions(&pa, fs::Permissions::from_mode(0o755)).unwrap();
-        dirs.recycle(a).unwrap();
-        assert!(!pa.exists());
-        dirs.recycle(b).unwrap();
-        assert!(pb.exists(), "kept as a spare");
-        dirs.recycle(c).unwrap();
-        assert!(!pc.exists(), "over the cap of one spare");
-        assert_eq!(dirs.spare_count(), 1);
-    }
-
-    #[test]
-    fn reuse_never_takes_a_name_someone_else_holds() {
-        let root = tempfile::tempdir().unwrap();
-        let mut dirs = BuildDirs::new(root.path(), 1);
-        let a = dirs.create("x.drv").unwrap();
-        dirs.recycle(a).unwrap();
-        // Names the counter will give next are taken by other processes: directories for
-        // some, lock files for others (other tests may take counter values meanwhile).
-        let n = COUNTER.load(Ordering::Relaxed);
-        let mut foreign = Vec::new();
-        for k in n..n + 40 {
-            let d = root.path().join(format!("nix-build-x.drv-{k}"));
-            if k % 2 == 0 {
-                fs::create_dir(&d).unwrap();
-                foreign.push(d);
-            } else {
-                let l = root.path().join(format!("nix-build-x.drv-{k}.nixb-lock"));
-                fs::write(&l, "").unwrap();
-                foreign.push(l);
-            }
-        }
-        let b = dirs.create("x.drv").unwrap();
-        assert!(!foreign.iter().any(|f| f.as_path() == b.path()));
-        for f in &foreign {
-            assert!(f.exists(), "{} was replaced", f.display());
-        }
-        for f in foreign.iter().filter(|f| f.is_dir()) {
-            assert_eq!(fs::read_dir(f).unwrap().count(), 0);
-        }
-    }
-
-    #[test]
-    fn a_reuse_interrupted_at_any_step_is_cleaned_by_the_next_run() {
-        // The on-disk states a crash can leave mid-reuse, with the lock released (the
-        // process is gone): both must be cleaned completely.
-        for renamed in [false, true] {
-            let root = tempfile::tempdir().unwrap();
-            let old = root.path().join("nix-build-a.drv-1");
-            let new = root.path().join("nix-build-b.drv-2");
-            let old_lock = root.path().join("nix-build-a.drv-1.nixb-lock");
-            let new_lock = root.path().join("nix-build-b.drv-2.nixb-lock");
-            fs::create_dir(&old).unwrap();
-            fs::write(&old_lock, "").unwrap();
-            fs::hard_link(&old_lock, &new_lock).unwrap();
-            if renamed {
-                fs::rename(&old, &new).unwrap();
-            }
-            clean_stale(root.path());
-            assert!(
-                names(root.path()).is_empty(),
-                "renamed={renamed}: {:?}",
-                names(root.path())
-            );
-        }
     }
 }

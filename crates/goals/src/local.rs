@@ -79,10 +79,6 @@ impl BuildStore for LocalStore {
         LocalStore::register_failed_path(self, p).map_err(fault)
     }
 
-    fn lock_pool(&self) -> Option<std::sync::Arc<nixb_store::locks::LockFilePool>> {
-        LocalStore::lock_pool(self).cloned()
-    }
-
     fn add_temp_root(&self, p: &StorePath) -> Result<(), StoreFault> {
         LocalStore::add_temp_root(self, p).map_err(fault)
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nixb_store::derivation::Derivation;
-use nixb_store::locks::{LockFilePool, PathLocks};
+use nixb_store::locks::PathLocks;
 use nixb_store::StorePath;
 
 use crate::build_dir::{BuildDir, BuildDirs};
@@ -63,12 +63,10 @@ pub(crate) struct Resources<'a> {
     locked_outputs: BTreeMap<GoalId, BTreeSet<StorePath>>,
     /// Compressed logs of finished builds whose writer threads are still finishing.
     finishing_logs: VecDeque<nixb_logs::FinishingLog>,
-    /// Build directories, with emptied ones kept for reuse.
+    /// Build directories.
     build_dirs: BuildDirs,
-    /// The store's spare lock files, for output locks.
-    lock_pool: Option<Arc<LockFilePool>>,
-    /// Output locks of finished builds and their emptied build directories, released and
-    /// recycled just before the loop waits (see [`Services::release_later`]).
+    /// Output locks of finished builds and their build directories, released and deleted
+    /// just before the loop waits (see [`Services::release_later`]).
     deferred_locks: Vec<PathLocks>,
     deferred_dirs: Vec<BuildDir>,
     /// Fresh network namespaces made ahead of time for sandboxed builds; started with the
@@ -103,8 +101,7 @@ impl<'a> Resources<'a> {
             slot_waiters: SlotWaiters::Nobody,
             locked_outputs: BTreeMap::new(),
             finishing_logs: VecDeque::new(),
-            build_dirs: BuildDirs::new(&cfg.build_dir_root, cfg.max_jobs.clamp(1, 64)),
-            lock_pool: store.lock_pool(),
+            build_dirs: BuildDirs::new(&cfg.build_dir_root),
             deferred_locks: Vec::new(),
             deferred_dirs: Vec::new(),
             netns_pool: None,
@@ -194,12 +191,12 @@ impl<'a> Resources<'a> {
         }
     }
 
-    /// Releases the locks and recycles the directories handed over since the last call.
+    /// Releases the locks and deletes the directories handed over since the last call.
     pub fn run_deferred(&mut self) {
         // Dropping them releases the locks (deleting the lock files as set).
         self.deferred_locks.clear();
         for dir in std::mem::take(&mut self.deferred_dirs) {
-            if let Err(e) = self.build_dirs.recycle(dir) {
+            if let Err(e) = self.build_dirs.remove(dir) {
                 self.message(Level::Warn, e.to_string());
             }
         }
@@ -242,10 +239,6 @@ impl Services for Resources<'_> {
 
     fn is_locked_by_me(&self, path: &StorePath) -> bool {
         self.locked_outputs.values().any(|s| s.contains(path))
-    }
-
-    fn lock_pool(&self) -> Option<&Arc<LockFilePool>> {
-        self.lock_pool.as_ref()
     }
 
     fn kill_child(&mut self, id: GoalId) {
@@ -305,7 +298,7 @@ impl Services for Resources<'_> {
         self.deferred_locks.push(locks);
     }
 
-    fn recycle_later(&mut self, dir: BuildDir) {
+    fn remove_later(&mut self, dir: BuildDir) {
         self.deferred_dirs.push(dir);
     }
 

@@ -117,11 +117,9 @@ pub(crate) trait Services {
     fn nr_local_builds(&self) -> usize;
     /// Another goal of this run holds the lock of `path`.
     fn is_locked_by_me(&self, path: &StorePath) -> bool;
-    /// The store's spare lock files, for output locks.
-    fn lock_pool(&self) -> Option<&Arc<nixb_store::locks::LockFilePool>>;
     /// Kills goal `id`'s child (if any) and frees its build slot.
     fn kill_child(&mut self, id: GoalId);
-    /// The build directories, with emptied ones kept for reuse.
+    /// The build directories.
     fn build_dirs(&mut self) -> &mut BuildDirs;
     /// Starts the watchdog if needed; the pipe a sandboxed builder announces itself on.
     fn ensure_watchdog(&mut self) -> Option<RawFd>;
@@ -131,8 +129,8 @@ pub(crate) trait Services {
     fn finish_log_later(&mut self, log: nixb_logs::FinishingLog);
     /// Releases output locks once the loop has nothing else to do.
     fn release_later(&mut self, locks: nixb_store::locks::PathLocks);
-    /// Empties a finished build's directory for reuse once the loop is idle.
-    fn recycle_later(&mut self, dir: BuildDir);
+    /// Deletes a finished build's directory once the loop is idle.
+    fn remove_later(&mut self, dir: BuildDir);
     /// The build hook waiting for its next request, if one was started.
     fn hook(&mut self) -> &mut Option<HookInstance>;
     /// The substituters' `--query` processes.

@@ -63,10 +63,6 @@ pub trait BuildStore {
     fn register_failed_path(&self, p: &StorePath) -> Result<(), StoreFault>;
     /// Protects `p` from the garbage collector while the worker runs.
     fn add_temp_root(&self, p: &StorePath) -> Result<(), StoreFault>;
-    /// Spare lock files to lock outputs with (see `nixb_store::locks::LockFilePool`).
-    fn lock_pool(&self) -> Option<std::sync::Arc<nixb_store::locks::LockFilePool>> {
-        None
-    }
     /// Registers a path a substituter produced (not built here, so not "ultimate"); an
     /// already valid path is replaced, as after a repair. Its references are valid.
     fn register_substitute(&self, info: &SubstitutedPath) -> Result<(), StoreFault> {

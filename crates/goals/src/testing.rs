@@ -123,7 +123,7 @@ impl BuildStore for FakeStore {
 }
 
 /// Services that record the events and kills, with real build directories and no
-/// watchdog, network namespaces or lock pool.
+/// watchdog or network namespaces.
 pub(crate) struct FakeServices {
     store: Rc<FakeStore>,
     pub events: Vec<Event>,
@@ -149,9 +149,6 @@ impl Services for FakeServices {
     fn is_locked_by_me(&self, path: &StorePath) -> bool {
         self.locked_by_me.contains(path)
     }
-    fn lock_pool(&self) -> Option<&Arc<nixb_store::locks::LockFilePool>> {
-        None
-    }
     fn kill_child(&mut self, _: GoalId) {
         self.kills += 1;
     }
@@ -168,7 +165,7 @@ impl Services for FakeServices {
         let _ = log.wait();
     }
     fn release_later(&mut self, _: nixb_store::locks::PathLocks) {}
-    fn recycle_later(&mut self, _: BuildDir) {}
+    fn remove_later(&mut self, _: BuildDir) {}
     fn hook(&mut self) -> &mut Option<HookInstance> {
         &mut self.hook
     }
@@ -240,7 +237,7 @@ impl Harness {
             nr_local_builds: 0,
             locked_by_me: BTreeSet::new(),
             kills: 0,
-            build_dirs: BuildDirs::new(&cfg.build_dir_root, 1),
+            build_dirs: BuildDirs::new(&cfg.build_dir_root),
             hook: None,
             queries: QueryPool::default(),
             builtin: BuiltinSubstituter::new(&cfg, dir),

@@ -51,7 +51,7 @@ const MAX_GROUPS: usize = 4096;
 /// The worker's end of the watchdog pipe. Dropping it (or dying) lets the watchdog act.
 pub(crate) struct Watchdog {
     pipe: Option<std::fs::File>,
-    pid: libc::pid_t,
+    pid: nix::unistd::Pid,
     /// `-` lines not sent yet (see the module documentation).
     reaped: String,
 }
@@ -85,19 +85,20 @@ impl Watchdog {
         let write_fd = write.as_raw_fd();
         // SAFETY: the child only runs `watchdog_main`, which makes raw syscalls on memory
         // allocated above and never returns.
-        let pid = unsafe { libc::fork() };
-        match pid {
-            -1 => Err(WatchdogError::Start {
+        match unsafe { nix::unistd::fork() } {
+            Err(errno) => Err(WatchdogError::Start {
                 step: "forking",
-                errno: nix::errno::Errno::last(),
+                errno,
             }),
             // SAFETY: in the forked child, which runs only `watchdog_main` (see the fork above).
-            0 => unsafe { watchdog_main(read_fd, write_fd, &mut state) },
-            pid => {
+            Ok(nix::unistd::ForkResult::Child) => unsafe {
+                watchdog_main(read_fd, write_fd, &mut state)
+            },
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
                 drop(read);
                 Ok(Watchdog {
                     pipe: Some(std::fs::File::from(write)),
-                    pid,
+                    pid: child,
                     reaped: String::new(),
                 })
             }
@@ -139,8 +140,8 @@ impl Drop for Watchdog {
             self.send("");
         }
         self.pipe = None;
-        // SAFETY: reaping our own child.
-        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
+        // Reaping our own child; it exits once the pipe is closed.
+        let _ = nix::sys::wait::waitpid(self.pid, None);
     }
 }
 

@@ -1277,6 +1277,7 @@ pub(crate) fn prepare(
             steps.push(Step::WaitForLower {
                 ready: &*maps.ready,
                 arrived: &*maps.arrived,
+                spins: crate::plan::wait_spins(),
                 what: "write the user namespace's id maps",
             });
             // Our ids (the parent's) are not mapped here, and no file can be made under an
@@ -1377,6 +1378,7 @@ pub(crate) fn prepare(
                     steps.push(Step::WaitForLower {
                         ready: l.ready_flag(),
                         arrived: l.arrived_flag(),
+                        spins: crate::plan::wait_spins(),
                         what: "make the store's mount points",
                     });
                     let fd = l.mount.as_ref().map_or(-1, |m| m.as_raw_fd());

@@ -130,6 +130,8 @@ pub(crate) enum Step {
     WaitForLower {
         ready: *const AtomicU32,
         arrived: *const AtomicU32,
+        /// How many times to look at `ready` before sleeping on it ([`wait_spins`]).
+        spins: u32,
         /// What the parent is doing meanwhile, for error messages.
         what: &'static str,
     },
@@ -418,6 +420,7 @@ impl Syscalls for Kernel {
                 Step::WaitForLower {
                     ready: word,
                     arrived,
+                    spins: max_spins,
                     ..
                 } => loop {
                     // Plain atomic stores and loads: no call, and only the parent's words
@@ -427,7 +430,7 @@ impl Syscalls for Kernel {
                     // usually a few tens of microseconds from done when we get here: spinning
                     // that long is cheaper than being woken from a futex, which on an idle
                     // (virtual) CPU costs about as much again.
-                    let mut spins = WAIT_SPINS;
+                    let mut spins = *max_spins;
                     let seen = loop {
                         let v = (**word).load(Ordering::Acquire);
                         if v != 0 || spins == 0 {
@@ -647,6 +650,15 @@ impl Syscalls for Kernel {
 /// the cost of a futex wake-up on an idle virtual CPU, and short enough not to hold back a
 /// parent that shares our CPU for long.
 const WAIT_SPINS: u32 = 2000;
+
+/// [`WAIT_SPINS`], or none when the benchmark switch turns the spin off (`lower-spin`).
+pub(crate) fn wait_spins() -> u32 {
+    if crate::bench_plain("lower-spin") {
+        0
+    } else {
+        WAIT_SPINS
+    }
+}
 
 /// The kernel's `struct sigaction` for `rt_sigaction(2)` (not libc's, whose mask is 128
 /// bytes): the restorer field exists where the architecture has `SA_RESTORER`.

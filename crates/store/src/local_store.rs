@@ -16,8 +16,6 @@
 //!                                       paths, each followed by a NUL, exclusively locked
 //!                                       while the process lives
 //! $NIX_STATE_DIR/gcroots, profiles      created empty, as Nix does
-//! $NIX_STATE_DIR/nixb-lock-pool/        released `.lock` files kept for reuse (nixb's
-//!                                       own; see `locks::LockFilePool`)
 //! ```
 //!
 //! What a row holds is in [`ValidPathInfo`]. The invariant kept here is Nix's: a path is
@@ -38,7 +36,7 @@ use crate::canon::{canonicalise_path_metadata, CanonError, InodesSeen};
 use crate::db::{Db, DbError, PathRow, SCHEMA_VERSION};
 use crate::derivation::{hash_derivation_modulo, Derivation, DrvError, DrvHashCache};
 use crate::hash::{Encoding, Hash, HashAlgo, Hasher};
-use crate::locks::{lock_file, open_lock_file, LockError, LockFilePool, LockType, PathLocks};
+use crate::locks::{lock_file, open_lock_file, LockError, LockType, PathLocks};
 use crate::nar::{dump_to_sink, hash_path, restore_path, NarError};
 use crate::path::{PathError, StoreDir, StorePath};
 
@@ -51,6 +49,26 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
+    /// A private store under `root`: `<root>/store`, `<root>/state` and `<root>/log`, the
+    /// layout of `nixb_testsupport::TestStore`. Fails when `<root>/store` is not a valid
+    /// store directory (not absolute or not UTF-8).
+    pub fn under(root: &Path) -> Result<StoreConfig, StoreError> {
+        let store = root.join("store");
+        let store_dir = store
+            .to_str()
+            .ok_or_else(|| format!("'{}' is not valid utf-8", store.display()))
+            .and_then(|s| StoreDir::new(s).map_err(|e| e.to_string()))
+            .map_err(|reason| StoreError::Setting {
+                setting: "store directory",
+                reason,
+            })?;
+        Ok(StoreConfig {
+            store_dir,
+            state_dir: root.join("state"),
+            log_dir: root.join("log"),
+        })
+    }
+
     /// `NIX_STORE_DIR` (default `/nix/store`), `NIX_STATE_DIR` (`/nix/var/nix`) and
     /// `NIX_LOG_DIR` (`/nix/var/log/nix`); an empty variable counts as unset.
     pub fn from_env() -> Result<StoreConfig, StoreError> {
@@ -246,9 +264,6 @@ pub struct LocalStore {
     /// `hashDerivationModulo` of derivations checked at registration, so registering a
     /// chain of derivations reads each input once.
     drv_hashes: Mutex<DrvHashCache>,
-    /// Spare lock files for the store's path locks (`None` when the state directory is
-    /// on another file system than the store).
-    lock_pool: Option<std::sync::Arc<LockFilePool>>,
 }
 
 impl Drop for LocalStore {
@@ -333,17 +348,20 @@ impl LocalStore {
             }
         };
 
-        let lock_pool = LockFilePool::new(
-            &config.state_dir.join("nixb-lock-pool"),
-            config.store_dir.as_path(),
-        );
+        // Earlier versions kept released lock files in this directory for reuse, which
+        // did not pay (BENCHMARKS.md, "tuning on real file systems"); what they left goes.
+        let retired_pool = config.state_dir.join("nixb-lock-pool");
+        if retired_pool.exists() {
+            if let Err(e) = crate::delete::delete_path(&retired_pool) {
+                tracing::warn!("{e}; it holds only spare lock files and may be deleted");
+            }
+        }
         Ok(LocalStore {
             config,
             db: Mutex::new(db),
             big_lock,
             temp_roots: Mutex::new(TempRoots::default()),
             drv_hashes: Mutex::new(DrvHashCache::new()),
-            lock_pool,
         })
     }
 
@@ -353,12 +371,6 @@ impl LocalStore {
 
     pub fn config(&self) -> &StoreConfig {
         &self.config
-    }
-
-    /// The pool to take path locks in this store with ([`PathLocks::lock_with_pool`]),
-    /// so that locking and deleting lock files frees and allocates no inodes.
-    pub fn lock_pool(&self) -> Option<&std::sync::Arc<LockFilePool>> {
-        self.lock_pool.as_ref()
     }
 
     /// Runs `f` with the database to itself, for whole-store readers and writers (the
@@ -773,12 +785,7 @@ impl LocalStore {
     /// Locks `dest` (waiting for another process that holds it) before a path is added.
     fn lock_for_adding(&self, dest: &Path) -> Result<PathLocks, StoreError> {
         let dest = dest.to_path_buf();
-        match PathLocks::lock_with_pool(
-            std::slice::from_ref(&dest),
-            true,
-            None,
-            self.lock_pool.as_ref(),
-        )? {
+        match PathLocks::lock(std::slice::from_ref(&dest), true, None)? {
             Some(locks) => Ok(locks),
             // Only a non-waiting lock can come back empty; kept as an error, not a panic.
             None => Err(StoreError::Io {

@@ -82,6 +82,21 @@ fn open_creates_nix_layout() {
     assert!(lock_file(&f, LockType::Write, false).unwrap());
 }
 
+/// Spare lock files an earlier nixb kept in `$NIX_STATE_DIR/nixb-lock-pool/` (which Nix
+/// knows nothing about) are deleted, read-only ones and all, when the store is opened.
+#[test]
+fn open_deletes_a_lock_pool_left_by_an_earlier_version() {
+    let d = tempfile::tempdir().unwrap();
+    let pool = d.path().join("state/nixb-lock-pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    std::fs::write(pool.join("1234-0"), "").unwrap();
+    std::fs::write(pool.join("1234-1"), "x").unwrap();
+    std::fs::set_permissions(pool.join("1234-1"), std::fs::Permissions::from_mode(0o400)).unwrap();
+    drop(open(d.path()));
+    assert!(!pool.exists(), "{} is still there", pool.display());
+    assert!(d.path().join("state/db/db.sqlite").exists());
+}
+
 #[test]
 fn refuses_unknown_schema_versions() {
     let dir = tempfile::tempdir().unwrap();

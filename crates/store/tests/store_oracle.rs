@@ -15,43 +15,28 @@ use nixb_store::derivation::{
 };
 use nixb_store::local_store::{LocalStore, StoreConfig, ValidPathInfo};
 use nixb_store::{HashAlgo, StoreDir, StorePath};
+use nixb_testsupport::TestStore;
 
-/// A private store: `<root>/store`, `<root>/state`, `<root>/log`, `<root>/etc/nix.conf`.
+/// A private store (`nixb_testsupport::TestStore`) with the few oracle calls these tests
+/// make.
 struct Env {
-    _dir: tempfile::TempDir,
+    t: TestStore,
     root: PathBuf,
 }
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        std::fs::create_dir_all(root.join("etc")).unwrap();
-        std::fs::write(
-            root.join("etc/nix.conf"),
-            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
-        )
-        .unwrap();
-        Env { _dir: dir, root }
+        let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+        let root = t.root.path().to_path_buf();
+        Env { t, root }
     }
 
     fn config(&self) -> StoreConfig {
-        StoreConfig {
-            store_dir: StoreDir::new(self.root.join("store").to_str().unwrap()).unwrap(),
-            state_dir: self.root.join("state"),
-            log_dir: self.root.join("log"),
-        }
+        StoreConfig::under(&self.root).unwrap()
     }
 
     fn cmd(&self, prog: &str) -> Command {
-        let mut c = Command::new(prog);
-        c.env("NIX_STORE_DIR", self.root.join("store"))
-            .env("NIX_STATE_DIR", self.root.join("state"))
-            .env("NIX_LOG_DIR", self.root.join("log"))
-            .env("NIX_CONF_DIR", self.root.join("etc"))
-            .env_remove("NIX_REMOTE")
-            .env("HOME", &self.root);
-        c
+        self.t.nix(prog)
     }
 
     /// Runs a Nix command; panics with its stderr when it fails. Returns (stdout, stderr).
@@ -349,7 +334,21 @@ fn nix_waits_for_an_output_lock_held_by_nixb() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(2000));
+    // Nix says when it finds the output lock taken: wait for that, not for a while.
+    let mut stderr = std::io::BufReader::new(nix.stderr.take().unwrap());
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        said.push_str(&line);
+        if line.contains("waiting for lock on") {
+            break;
+        }
+        assert!(
+            n != 0,
+            "nix-store ended its stderr without waiting for the output lock nixb holds: {said}"
+        );
+    }
     let early = nix.try_wait().unwrap();
     assert!(
         early.is_none(),
@@ -357,8 +356,9 @@ fn nix_waits_for_an_output_lock_held_by_nixb() {
     );
     assert!(!store.is_valid_path(&out).unwrap());
     drop(locks);
+    std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
     let o = nix.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{said}");
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), sd.print(&out));
     assert!(store.is_valid_path(&out).unwrap());
 }

@@ -4,6 +4,9 @@
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+pub mod store;
+pub use store::TestStore;
+
 /// Something a test needs of the machine it runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {

@@ -36,15 +36,10 @@ pub fn builders_spec(s: &crate::settings::Settings) -> String {
 
 /// The build log: fd 4 if the engine gave us one, else stderr.
 fn log_sink() -> Box<dyn Write + Send> {
-    // SAFETY: F_GETFD only asks whether descriptor 4 is open.
-    let open = unsafe { libc::fcntl(4, libc::F_GETFD) } != -1;
-    if open {
-        // SAFETY: dup gives a fresh descriptor that the File then owns alone.
-        let fd = unsafe { libc::dup(4) };
-        if fd != -1 {
-            // SAFETY: `fd` is the fresh descriptor dup just returned.
-            return Box::new(unsafe { File::from_raw_fd(fd) });
-        }
+    // A copy of descriptor 4 (close-on-exec), or EBADF when it is not open.
+    if let Ok(fd) = nix::fcntl::fcntl(4, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0)) {
+        // SAFETY: `fd` is the fresh descriptor fcntl just returned; the File owns it alone.
+        return Box::new(unsafe { File::from_raw_fd(fd) });
     }
     Box::new(std::io::stderr())
 }

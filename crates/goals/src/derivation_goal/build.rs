@@ -204,7 +204,7 @@ impl RunningBuild {
                     ),
                     Err(e) => cx.message(Level::Warn, e.to_string()),
                 }
-            } else if let Err(e) = cx.services.build_dirs().recycle(dir) {
+            } else if let Err(e) = cx.services.build_dirs().remove(dir) {
                 cx.message(Level::Warn, e.to_string());
             }
         }
@@ -212,13 +212,13 @@ impl RunningBuild {
     }
 
     /// A successful build: delete the directory and redirected leftovers. The directory
-    /// is emptied for reuse once the loop has nothing better to do (see
-    /// [`crate::services::Services::recycle_later`]).
+    /// is deleted once the loop has nothing better to do (see
+    /// [`crate::services::Services::remove_later`]).
     pub fn finish(mut self, cx: &mut Step<'_>) {
         let _ = self.close_log(cx);
         self.remove_chroot(cx);
         if let Some(dir) = self.dir.take() {
-            cx.services.recycle_later(dir);
+            cx.services.remove_later(dir);
         }
         self.remove_redirected(cx);
     }

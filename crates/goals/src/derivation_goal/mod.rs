@@ -479,7 +479,7 @@ impl DerivationGoal {
             .values()
             .map(|p| cx.store_dir().to_path(p))
             .collect();
-        let locks = PathLocks::lock_with_pool(&paths, false, None, cx.services.lock_pool())
+        let locks = PathLocks::lock(&paths, false, None)
             .map_err(|e| BuildError::misc("locking output paths", e))?;
         let Some(mut locks) = locks else {
             // Another process builds them; poll until it is done.
