@@ -172,7 +172,7 @@ fn idle_connections_cost_little_and_do_not_stop_the_daemon() {
     let rss = status("VmRSS:") << 10;
     eprintln!("resident with 1,000 idle connections: {rss} bytes");
     assert!(
-        rss < 4 * RSS_BOUND,
+        rss < 2 * RSS_BOUND,
         "{rss} bytes resident with 1,000 idle connections"
     );
 
