@@ -311,12 +311,12 @@ pub fn run() -> Result<()> {
     }
 
     println!(
-        "{:<34} {:>12} {:>12} {:>9}",
+        "{:<40} {:>12} {:>12} {:>9}",
         "", "nix-daemon", "nixb daemon", "nix/nixb"
     );
     let row = |what: &str, nix: f64, nixb: f64, unit: &str| {
         println!(
-            "{:<34} {:>9.2} {unit:<2} {:>9.2} {unit:<2} {:>8.2}x",
+            "{:<40} {:>9.2} {unit:<2} {:>9.2} {unit:<2} {:>8.2}x",
             what,
             nix,
             nixb,
