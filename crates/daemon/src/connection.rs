@@ -641,7 +641,11 @@ impl Session<'_> {
                         cx.store_dir.print(&info.path)
                     )));
                 }
+                // A NAR that runs past its declared size is cut off there, not written
+                // to the store in full before the size check refuses it.
+                r.set_limit(Some(info.nar_size));
                 nixb_serve::import::add_nar_to_store(store, &info, &mut r)?;
+                r.set_limit(None);
             }
             Ok(())
         })();

@@ -1,7 +1,8 @@
 //! Hostile and untrusted clients against an in-process daemon on a unix socket: absurd
 //! lengths and unknown operations get an error naming them and a hang-up, while another
 //! connection keeps being served; an untrusted client cannot import an unsigned NAR; a
-//! stop removes the socket. The expected values are worked out by hand.
+//! stop removes the socket; a client that stalls mid-frame or hangs up mid-operation
+//! leaves no half-written path behind. The expected values are worked out by hand.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -233,5 +234,206 @@ fn an_untrusted_clients_restricted_settings_are_ignored_with_a_warning() {
     drop(c);
     let _ = (&ours).flush();
     ours.shutdown(std::net::Shutdown::Both).unwrap();
+    server.join().unwrap().unwrap();
+}
+
+/// The NAR of a regular file holding `contents`.
+fn file_nar(contents: &[u8]) -> Vec<u8> {
+    let mut nar = Vec::new();
+    {
+        let mut w = WireWriter::new(&mut nar);
+        for s in ["nix-archive-1", "(", "type", "regular", "contents"] {
+            w.write_str(s, "nar").unwrap();
+        }
+        w.write_bytes(contents, "nar").unwrap();
+        w.write_str(")", "nar").unwrap();
+        w.flush().unwrap();
+    }
+    nar
+}
+
+fn nar_info(path: &nixb_store::StorePath, nar: &[u8]) -> ValidPathInfo {
+    ValidPathInfo {
+        path: path.clone(),
+        info: PathInfo {
+            deriver: None,
+            nar_hash: Hash::digest(HashAlgo::Sha256, nar),
+            references: BTreeSet::new(),
+            registration_time: 0,
+            nar_size: nar.len() as u64,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: None,
+        },
+    }
+}
+
+/// Polls (the daemon's thread gives no other sign) until `cond` holds.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Everything under `dir`, relative, sorted.
+fn listing(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries {
+            let e = e.unwrap();
+            let p = e.path();
+            // Freed lock files are pooled there for reuse.
+            if e.file_name() == "nixb-lock-pool" {
+                continue;
+            }
+            out.push(p.strip_prefix(root).unwrap().to_path_buf());
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn clients_that_stall_mid_frame_or_hang_up_mid_operation_leave_nothing_behind() {
+    let t = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("socket");
+    let listener = nixb_daemon::listen::bind(&sock).unwrap();
+    let stopper = Stopper::new(&sock);
+    let d = Arc::clone(&t.daemon);
+    let st = stopper.clone();
+    let server = std::thread::spawn(move || d.listen(listener, &st));
+    let store = t.daemon.store();
+    let state = store.config().state_dir.clone();
+    let path = |n: &str, c: char| {
+        t.store_dir
+            .parse(&format!(
+                "{}/{}-{n}",
+                t.store_dir.as_str(),
+                c.to_string().repeat(32)
+            ))
+            .unwrap()
+    };
+
+    let good_sock = UnixStream::connect(&sock).unwrap();
+    let mut good = connect(&good_sock, &t.store_dir);
+    let mut served = 0;
+    let mut serve = |good: &mut Client<UnixStream, UnixStream>| {
+        served += 1;
+        let r = good
+            .request(
+                &Request::AddTextToStore {
+                    name: format!("served-{served}"),
+                    text: b"served".to_vec(),
+                    references: BTreeSet::new(),
+                },
+                None,
+                &mut |_| {},
+            )
+            .unwrap();
+        let Response::Path(p) = r else {
+            panic!("{r:?}")
+        };
+        assert!(good.is_valid_path(&p).unwrap());
+    };
+    serve(&mut good);
+    let state_before = listing(&state);
+
+    // 1. AddToStoreNar whose one frame announces the whole NAR and carries half of it;
+    // then silence, with the connection open.
+    let contents = vec![b'x'; 100_000];
+    let nar = file_nar(&contents);
+    let stalled = path("stalled", 'c');
+    let s = UnixStream::connect(&sock).unwrap();
+    let c = connect(&s, &t.store_dir);
+    {
+        let mut w = WireWriter::new(s.try_clone().unwrap());
+        Request::AddToStoreNar(nixb_protocol::ops::AddToStoreNarRequest {
+            info: nar_info(&stalled, &nar),
+            repair: false,
+            dont_check_sigs: true,
+        })
+        .write(&mut w, c.ctx())
+        .unwrap();
+        w.write_u64(nar.len() as u64, "frame length").unwrap();
+        w.get_mut().write_all(&nar[..nar.len() / 2]).unwrap();
+        w.flush().unwrap();
+    }
+    let dest = t.store_dir.to_path(&stalled);
+    // The daemon is writing the path, unregistered, while the others are served.
+    wait_until("the stalled path is being restored", || dest.exists());
+    assert!(!good.is_valid_path(&stalled).unwrap());
+    serve(&mut good);
+    // The client hangs up: the half-written path goes.
+    drop(c);
+    drop(s);
+    wait_until("the stalled path is removed", || !dest.exists());
+    assert!(!good.is_valid_path(&stalled).unwrap());
+    assert_eq!(listing(&state), state_before, "state directory");
+    // Its lock is free: another client adds the same path whole.
+    good.add_to_store_nar(&nar_info(&stalled, &nar), &mut &nar[..], false, true)
+        .unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), contents);
+
+    // 2. AddMultipleToStore of two paths that breaks off inside the second's NAR.
+    let first = path("first", 'f');
+    let second = path("second", 'g');
+    let nar1 = file_nar(b"first");
+    let mut payload = Vec::new();
+    {
+        let mut w = WireWriter::new(&mut payload);
+        nixb_protocol::ops::write_multiple_header(&mut w, 2).unwrap();
+        nixb_protocol::ops::write_multiple_item(&mut w, good.ctx(), &nar_info(&first, &nar1))
+            .unwrap();
+        w.get_mut().write_all(&nar1).unwrap();
+        nixb_protocol::ops::write_multiple_item(&mut w, good.ctx(), &nar_info(&second, &nar))
+            .unwrap();
+        w.get_mut().write_all(&nar[..nar.len() / 2]).unwrap();
+        w.flush().unwrap();
+    }
+    let s = UnixStream::connect(&sock).unwrap();
+    let c = connect(&s, &t.store_dir);
+    {
+        let mut w = WireWriter::new(s.try_clone().unwrap());
+        Request::AddMultipleToStore {
+            repair: false,
+            dont_check_sigs: true,
+        }
+        .write(&mut w, c.ctx())
+        .unwrap();
+        w.write_u64(payload.len() as u64 + 4096, "frame length")
+            .unwrap();
+        w.get_mut().write_all(&payload).unwrap();
+        w.flush().unwrap();
+    }
+    let dest2 = t.store_dir.to_path(&second);
+    wait_until("the second path is being restored", || dest2.exists());
+    serve(&mut good);
+    drop(c);
+    drop(s);
+    wait_until("the second path is removed", || !dest2.exists());
+    assert!(!good.is_valid_path(&second).unwrap());
+    // The first path was complete before the break, and is valid and whole.
+    assert!(good.is_valid_path(&first).unwrap());
+    assert_eq!(
+        std::fs::read(t.store_dir.to_path(&first)).unwrap(),
+        b"first"
+    );
+    let report = store.verify(true).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(listing(&state), state_before, "state directory");
+    serve(&mut good);
+
+    drop(good);
+    stopper.stop();
     server.join().unwrap().unwrap();
 }

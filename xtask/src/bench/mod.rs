@@ -1,6 +1,7 @@
 //! `cargo xtask bench [GROUP...]`: each group measures nixb side by side with the reference
 //! tool in one run and prints ratios. Nothing here asserts a time.
 
+mod daemon;
 mod engine;
 mod gc;
 mod protocol;
@@ -15,6 +16,7 @@ type Group = (&'static str, fn() -> Result<()>);
 
 const GROUPS: &[Group] = &[
     ("engine", engine::run),
+    ("daemon", daemon::run),
     ("protocol", protocol::run),
     ("gc", gc::run),
     ("sandbox", sandbox::run),
