@@ -204,6 +204,15 @@ impl HeldUser {
         }
     }
 
+    /// The uids the build's files may be owned by: the build user's, or an automatic
+    /// block's (a `uid-range` builder may chown to any of them).
+    pub fn uids(&self) -> std::ops::RangeInclusive<u32> {
+        match &self.0 {
+            Held::Group(u) => u.uid..=u.uid,
+            Held::Auto(b) => b.first..=b.first + (b.count - 1),
+        }
+    }
+
     /// For a chroot build with automatically allocated uids: the user namespace mapping
     /// Nix's build user 1000:100 onto the block's first id, or with `uid_range` root and
     /// all 65536 ids onto the block (as Nix 2.12). `None` for a group member (the builder
@@ -453,30 +462,29 @@ fn reject(e: impl std::fmt::Display) -> Rejection {
 }
 
 /// Takes the output `p` out of the build to its place in the store. With `check`, the
-/// builder's files are first checked (not group/world-writable, owned by `uid`) and
-/// canonicalised; without it (a failed build, kept for debugging) they are only moved.
+/// builder's files are first checked (not group/world-writable, the top owned by the first
+/// of the build's `uids` and everything by one of them) and canonicalised; without it (a
+/// failed build, kept for debugging) they are only moved.
 pub(crate) fn extract_output(
     sd: &StoreDir,
     chroot: Option<&Path>,
     p: &StorePath,
     how: Extraction,
-    check: Option<Option<u32>>,
+    check: Option<Option<std::ops::RangeInclusive<u32>>>,
 ) -> Result<(), Rejection> {
     let src = built_location(sd, chroot, p);
     let dest = sd.to_path(p);
     if src.symlink_metadata().is_err() {
         return Ok(()); // not produced; registration reports it
     }
-    if let Some(uid) = check {
-        nixb_store::canon::check_suspicious(&src, uid).map_err(reject)?;
-        nixb_store::canon::canonicalise_path_metadata(&src, uid, &mut InodesSeen::new())
+    let checked = check.is_some();
+    if let Some(uids) = check {
+        nixb_store::canon::check_suspicious(&src, uids.as_ref().map(|u| *u.start()))
+            .map_err(reject)?;
+        nixb_store::canon::canonicalise_build_output(&src, uids, &mut InodesSeen::new())
             .map_err(reject)?;
     }
-    let how = if check.is_none() {
-        Extraction::Move
-    } else {
-        how
-    };
+    let how = if !checked { Extraction::Move } else { how };
     match how {
         Extraction::Move => {
             if src != dest {
