@@ -1,9 +1,12 @@
 //! `cargo xtask test-vm`: boot a throw-away QEMU VM as root and run the VM suites in it.
 //!
 //! ```text
-//! cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug]
+//! cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug] [--mode MODE]...
 //! cargo xtask test-vm --bench GROUP [...]
 //! ```
+//!
+//! `--mode MODE` (repeatable) runs the per-mode suites only in those of [`guest::MODES`]
+//! (the others still run once, in the default mode).
 //!
 //! `--bench GROUP` runs `cargo xtask bench GROUP` in the guest instead of the tests (with the
 //! host's `NIXB_BENCH_*` variables), for figures only a full root guest gives (e.g.
@@ -68,17 +71,20 @@ struct Options {
     accel: Option<bool>,
     debug: bool,
     bench: Option<String>,
+    modes: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
         packages: Vec::new(),
         filter: "vm_".into(),
-        timeout: Duration::from_secs(600),
+        // The per-mode suites run three times.
+        timeout: Duration::from_secs(1800),
         mem_mb: 1024,
         accel: None,
         debug: false,
         bench: None,
+        modes: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -101,8 +107,15 @@ fn parse(args: &[String]) -> Result<Options> {
             },
             "--debug" => o.debug = true,
             "--bench" => o.bench = Some(value("--bench")?.clone()),
+            "--mode" => {
+                let m = value("--mode")?;
+                if !guest::MODES.contains(&m.as_str()) {
+                    bail!("--mode {m}: expected one of {}", guest::MODES.join(", "));
+                }
+                o.modes.push(m.clone());
+            }
             other => bail!(
-                "test-vm: unknown argument '{other}' (usage: cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug] [--bench GROUP])"
+                "test-vm: unknown argument '{other}' (usage: cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug] [--bench GROUP] [--mode MODE]...)"
             ),
         }
     }
@@ -384,7 +397,11 @@ fn payload(
     let mut test_list = String::new();
     for t in tests {
         let modes = if PER_MODE_SUITES.contains(&t.name.as_str()) {
-            guest::MODES.join(",")
+            if opts.modes.is_empty() {
+                guest::MODES.join(",")
+            } else {
+                opts.modes.join(",")
+            }
         } else {
             guest::MODES[0].to_string()
         };

@@ -74,7 +74,10 @@ fn a_build_that_daemonises_leaves_nothing_running_with_use_cgroups() {
     // Build cgroups are removed off the worker's thread, and empty spares are made ahead.
     nixb_sandbox::settle_cgroups();
     let spares = nixb_sandbox::spare_cgroups();
-    assert!(spares.len() <= nixb_sandbox::SPARES, "{spares:?}");
+    for s in &spares {
+        let procs = std::fs::read_to_string(s.join("cgroup.procs")).unwrap();
+        assert_eq!(procs, "", "spare {} is in use", s.display());
+    }
     let ours = format!("nixb-{}-", std::process::id());
     let left: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
