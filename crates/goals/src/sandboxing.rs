@@ -169,7 +169,10 @@ pub(crate) struct HeldUser(Held);
 #[derive(Debug)]
 enum Held {
     Group(BuildUser),
-    Auto(AutoUidBlock),
+    /// A block, and the gid of `build-users-group` when it names a group: a builder without
+    /// a user namespace of its own (no chroot) runs with that gid, so that it can create its
+    /// outputs in the store, as Nix does.
+    Auto(AutoUidBlock, Option<u32>),
 }
 
 impl HeldUser {
@@ -177,7 +180,7 @@ impl HeldUser {
     pub fn uid(&self) -> u32 {
         match &self.0 {
             Held::Group(u) => u.uid,
-            Held::Auto(b) => b.first,
+            Held::Auto(b, _) => b.first,
         }
     }
 
@@ -185,7 +188,7 @@ impl HeldUser {
     pub fn gid(&self) -> u32 {
         match &self.0 {
             Held::Group(u) => u.gid,
-            Held::Auto(b) => b.first,
+            Held::Auto(b, _) => b.first,
         }
     }
 
@@ -196,9 +199,10 @@ impl HeldUser {
                 gid: u.gid,
                 supplementary: u.supplementary_gids.clone(),
             },
-            Held::Auto(b) => BuildUserIds {
+            // Used where the builder switches to them itself: without a user namespace.
+            Held::Auto(b, group) => BuildUserIds {
                 uid: b.first,
-                gid: b.first,
+                gid: group.unwrap_or(b.first),
                 supplementary: vec![],
             },
         }
@@ -209,7 +213,7 @@ impl HeldUser {
     pub fn uids(&self) -> std::ops::RangeInclusive<u32> {
         match &self.0 {
             Held::Group(u) => u.uid..=u.uid,
-            Held::Auto(b) => b.first..=b.first + (b.count - 1),
+            Held::Auto(b, _) => b.first..=b.first + (b.count - 1),
         }
     }
 
@@ -218,7 +222,7 @@ impl HeldUser {
     /// all 65536 ids onto the block (as Nix 2.12). `None` for a group member (the builder
     /// switches to it without a namespace of its own).
     pub fn user_namespace(&self, uid_range: bool) -> Option<UserNamespace> {
-        let Held::Auto(b) = &self.0 else {
+        let Held::Auto(b, _) = &self.0 else {
             return None;
         };
         Some(if uid_range {
@@ -239,7 +243,7 @@ impl HeldUser {
             Held::Group(u) => u
                 .kill_all_processes()
                 .map_err(|e| BuildError::misc(format!("build user '{}'", u.name), e)),
-            Held::Auto(b) => nixb_userpool::kill_user(b.first).map_err(|e| {
+            Held::Auto(b, _) => nixb_userpool::kill_user(b.first).map_err(|e| {
                 BuildError::misc(format!("automatically allocated uid {}", b.first), e)
             }),
         }
@@ -271,7 +275,25 @@ pub(crate) fn acquire_build_user(cfg: &WorkerConfig) -> Result<UserSlot, BuildEr
             id_count: cfg.id_count,
         };
         return match nixb_userpool::acquire_auto(&auto) {
-            Ok(Some(b)) => Ok(UserSlot::Got(HeldUser(Held::Auto(b)))),
+            Ok(Some(b)) => {
+                let group = match cfg.build_users_group.as_deref().filter(|g| !g.is_empty()) {
+                    Some(g) => Some(
+                        nix::unistd::Group::from_name(g)
+                            .map_err(|e| {
+                                BuildError::misc(format!("looking up the group '{g}'"), e)
+                            })?
+                            .ok_or_else(|| {
+                                BuildError::Misc(format!(
+                                    "the group '{g}' specified in 'build-users-group' does not exist"
+                                ))
+                            })?
+                            .gid
+                            .as_raw(),
+                    ),
+                    None => None,
+                };
+                Ok(UserSlot::Got(HeldUser(Held::Auto(b, group))))
+            }
             Ok(None) => Ok(UserSlot::Busy(
                 nixb_userpool::acquire_auto_or_fail(&auto)
                     .err()
@@ -321,7 +343,7 @@ pub(crate) fn prepare_for_user(
         }
         // Chroot builds write their outputs into the chroot directory, which the sandbox
         // gives to the block's first id; only the build directory is ours to hand over.
-        Held::Auto(b) => {
+        Held::Auto(b, _) => {
             user.kill_all_processes()?;
             std::os::unix::fs::chown(build_dir, Some(b.first), Some(b.first)).map_err(|e| {
                 BuildError::misc(
