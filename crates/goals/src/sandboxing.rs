@@ -171,7 +171,8 @@ enum Held {
     Group(BuildUser),
     /// A block, and the gid of `build-users-group` when it names a group: a builder without
     /// a user namespace of its own (no chroot) runs with that gid, so that it can create its
-    /// outputs in the store, as Nix does.
+    /// outputs in the store, as Nix does (without such a group it keeps the block's first
+    /// id, and the store's permissions decide).
     Auto(AutoUidBlock, Option<u32>),
 }
 
@@ -276,22 +277,14 @@ pub(crate) fn acquire_build_user(cfg: &WorkerConfig) -> Result<UserSlot, BuildEr
         };
         return match nixb_userpool::acquire_auto(&auto) {
             Ok(Some(b)) => {
-                let group = match cfg.build_users_group.as_deref().filter(|g| !g.is_empty()) {
-                    Some(g) => Some(
-                        nix::unistd::Group::from_name(g)
-                            .map_err(|e| {
-                                BuildError::misc(format!("looking up the group '{g}'"), e)
-                            })?
-                            .ok_or_else(|| {
-                                BuildError::Misc(format!(
-                                    "the group '{g}' specified in 'build-users-group' does not exist"
-                                ))
-                            })?
-                            .gid
-                            .as_raw(),
-                    ),
-                    None => None,
-                };
+                // Only a builder without a user namespace needs it, and a chroot build must
+                // not fail for a group it does not use: looked up here, not required.
+                let group = cfg
+                    .build_users_group
+                    .as_deref()
+                    .filter(|g| !g.is_empty())
+                    .and_then(|g| nix::unistd::Group::from_name(g).ok().flatten())
+                    .map(|g| g.gid.as_raw());
                 Ok(UserSlot::Got(HeldUser(Held::Auto(b, group))))
             }
             Ok(None) => Ok(UserSlot::Busy(
