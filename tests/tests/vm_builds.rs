@@ -163,8 +163,17 @@ fn within(got: u64, want: u64) -> bool {
 
 /// The `build-resources` event of `nixb realise --json`.
 fn resources(env: &Env, drv: &str) -> serde_json::Value {
-    let out = run(env.nixb().args(["realise", "--json", drv]));
-    env.check_after_build(&out);
+    let child = env
+        .nixb()
+        .args(["realise", "--json", drv])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    env.check_after_build(pid, &out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}\n{}", env.log(drv));
     stderr

@@ -167,23 +167,34 @@ impl Env {
         ))
     }
 
-    /// `nixb realise DRV`; under `use-cgroups`, also checks that the build had a cgroup
-    /// (no warning that it could not) and that no build's cgroup is left afterwards.
+    /// `nixb realise DRV`, checked as [`Env::check_after_build`] says.
     pub fn realise(&self, drv: &str) -> Output {
-        let out = run(self.nixb().args(["realise", drv]));
-        self.check_after_build(&out);
+        let child = self
+            .nixb()
+            .args(["realise", drv])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("running nixb realise {drv}: {e}"));
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        self.check_after_build(pid, &out);
         out
     }
 
-    pub fn check_after_build(&self, out: &Output) {
+    /// Under `use-cgroups`: the `nixb` process `pid` had a cgroup for its build (no warning
+    /// that it could not) and left none of its own behind (spares included).
+    pub fn check_after_build(&self, pid: u32, out: &Output) {
         if self.mode == Mode::UseCgroups {
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!stderr.contains("use-cgroups:"), "{stderr}");
-            assert_eq!(
-                build_cgroups(),
-                Vec::<String>::new(),
-                "a build's cgroup is left"
-            );
+            let ours = format!("nixb-{pid}-");
+            let left: Vec<String> = build_cgroups()
+                .into_iter()
+                .filter(|n| n.starts_with(&ours))
+                .collect();
+            assert_eq!(left, Vec::<String>::new(), "a build's cgroup is left");
         }
     }
 
