@@ -117,7 +117,7 @@ fn vm_a_uid_range_build_chowns_to_many_uids() {
         .collect();
     assert_eq!((map[0], map[2]), (0, 65536), "{map:?}");
     assert!(
-        map[1] >= AUTO_START_ID && (map[1] - AUTO_START_ID) % 65536 == 0,
+        map[1] >= AUTO_START_ID && (map[1] - AUTO_START_ID).is_multiple_of(65536),
         "{map:?}"
     );
     // ...whose chowns took effect inside (ls -ln: mode, links, uid, gid, ...).

@@ -439,6 +439,10 @@ pub(crate) fn chroot_spec(
         Network::Host
     } else {
         match plan.netns {
+            // A builder cloned into a user namespace of its own has no capability over a
+            // network namespace made outside it (setns fails with EPERM): it gets a fresh
+            // one, owned by its user namespace.
+            Some(_) if spec.user_namespace.is_some() => Network::Private,
             Some(fd) => Network::Prepared(fd),
             None => Network::Private,
         }
