@@ -335,8 +335,11 @@ fn vm_a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output()
         // SAFETY: a descriptor just received over SCM_RIGHTS, owned by nobody else.
         unsafe { OwnedFd::from_raw_fd(got.expect("a descriptor was passed")) }
     });
+    // Contents of its own: a fixed output's path depends only on its hash, and the suite
+    // runs once per mode on one store (an output already valid would not be built).
+    let contents = format!("good {}", nonce());
     let good = env.dir.path().join("good");
-    std::fs::write(&good, "good\n").unwrap();
+    std::fs::write(&good, &contents).unwrap();
     let good_hash = ok(Command::new("nix-hash")
         .args(["--type", "sha256", "--flat", "--base32"])
         .arg(&good))
@@ -348,7 +351,7 @@ fn vm_a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output()
          args = [ \"-c\" ''\n\
          import os, socket\n\
          out = os.environ[\"out\"]\n\
-         open(out, \"w\").write(\"good\\n\")\n\
+         open(out, \"w\").write(\"{contents}\")\n\
          fd = os.open(out, os.O_RDWR)\n\
          s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
          s.connect(\"\\0{name}\")\n\
@@ -368,7 +371,7 @@ fn vm_a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output()
     f.sync_all().unwrap();
     drop(f);
     // ...but reaches nothing registered.
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "good\n");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), contents);
     let verify = run(env.cmd("nix-store").args(["--verify", "--check-contents"]));
     let stderr = String::from_utf8_lossy(&verify.stderr);
     assert!(verify.status.success(), "nix-store --verify: {stderr}");
