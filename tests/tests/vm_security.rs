@@ -5,191 +5,23 @@
 //! builders are the guest's static busybox bound in as `/bin/sh`, or python3 with `/usr`
 //! bound in.
 //!
+//! The guest runs this suite once per isolation mode (`NIXB_VM_MODE`, see
+//! [`vm_common::Mode`]): with the group's build users, with `auto-allocate-uids` (a block of
+//! uids per build, the builder 1000:100 in a user namespace), and with `use-cgroups` (where
+//! every build must also have had its cgroup, removed afterwards).
+//!
 //! Each attack is an attempt the builder makes; the test asserts that it failed, and failed
 //! for the reason the isolation gives (the errno text in the build log, or the engine's
 //! rejection), and that nothing changed outside.
 
+mod vm_common;
+
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-const BUILD_UIDS: std::ops::RangeInclusive<u32> = 30001..=30008;
-
-fn in_vm() {
-    assert_eq!(
-        std::env::var("NIXB_IN_VM").as_deref(),
-        Ok("1"),
-        "VM tests need the guest that `cargo xtask test-vm` sets up (root, build users)"
-    );
-    assert!(nix::unistd::geteuid().is_root(), "VM tests run as root");
-}
-
-fn nixb_bin() -> PathBuf {
-    PathBuf::from(std::env::var_os("NIXB_BIN").expect("NIXB_BIN is set by the VM suite"))
-}
-
-fn nonce() -> String {
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    format!("{}-{}", t.as_nanos(), std::process::id())
-}
-
-/// A nix.conf directory (and a place for files) for one test.
-struct Env {
-    dir: tempfile::TempDir,
-    /// Extra environment (a private store for the pool test).
-    vars: Vec<(String, String)>,
-}
-
-impl Env {
-    fn new(extra_paths: &str, extra_conf: &str) -> Env {
-        in_vm();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("nix.conf"),
-            format!(
-                "sandbox = true\nbuild-users-group = nixbld\n\
-                 sandbox-paths = /bin/sh=/bin/busybox /bin/busybox {extra_paths}\n{extra_conf}"
-            ),
-        )
-        .unwrap();
-        Env {
-            dir,
-            vars: Vec::new(),
-        }
-    }
-
-    fn python() -> Env {
-        Env::new("/usr /lib? /lib64?", "")
-    }
-
-    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new(program);
-        c.env("NIX_CONF_DIR", self.dir.path())
-            .env("HOME", self.dir.path())
-            .env("XDG_CACHE_HOME", self.dir.path().join("cache"));
-        for (k, v) in &self.vars {
-            c.env(k, v);
-        }
-        c
-    }
-
-    fn nixb(&self) -> Command {
-        self.cmd(nixb_bin())
-    }
-
-    /// A derivation made by real `nix-instantiate` from `attrs` (Nix attribute text).
-    fn drv(&self, attrs: &str) -> String {
-        let f = self.dir.path().join(format!("d-{}.nix", nonce()));
-        std::fs::write(
-            &f,
-            format!(
-                "derivation ({{ system = builtins.currentSystem; nonce = \"{}\"; }} // {{ {attrs} }})",
-                nonce()
-            ),
-        )
-        .unwrap();
-        ok(self.cmd("nix-instantiate").arg(&f)).trim().to_string()
-    }
-
-    /// A busybox-shell derivation running `script` (Nix '' string contents).
-    fn sh(&self, name: &str, script: &str, more: &str) -> String {
-        self.drv(&format!(
-            "name = \"{name}\"; builder = \"/bin/sh\"; args = [ \"-c\" ''\n{script}\n'' ]; {more}"
-        ))
-    }
-
-    fn realise(&self, drv: &str) -> Output {
-        run(self.nixb().args(["realise", drv]))
-    }
-
-    fn log(&self, drv: &str) -> String {
-        String::from_utf8_lossy(&run(self.nixb().args(["log", drv])).stdout).into_owned()
-    }
-
-    fn output(&self, drv: &str) -> String {
-        ok(self.cmd("nix-store").args(["-q", "--outputs", drv]))
-            .trim()
-            .to_string()
-    }
-
-    /// Builds `drv`, asserting that the build failed permanently; returns log + stderr.
-    fn must_fail(&self, drv: &str) -> String {
-        let out = self.realise(drv);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(
-            out.status.code(),
-            Some(100),
-            "the build of {drv} was expected to fail\nstderr: {stderr}"
-        );
-        format!("{}\n{stderr}", self.log(drv))
-    }
-
-    fn must_build(&self, drv: &str) -> String {
-        let out = self.realise(drv);
-        assert!(
-            out.status.success(),
-            "building {drv}: {}\nstderr: {}\nlog: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.log(drv)
-        );
-        self.output(drv)
-    }
-}
-
-fn run(c: &mut Command) -> Output {
-    c.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {c:?}: {e}"))
-}
-
-fn ok(c: &mut Command) -> String {
-    let out = run(c);
-    assert!(
-        out.status.success(),
-        "{c:?}: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn assert_has(text: &str, what: &str) {
-    assert!(text.contains(what), "expected '{what}' in:\n{text}");
-}
-
-/// Some line of `text` contains every one of `parts` (busybox words its errors
-/// `cat: can't open '<path>': <errno text>`).
-fn assert_line(text: &str, parts: &[&str]) {
-    assert!(
-        text.lines().any(|l| parts.iter().all(|p| l.contains(p))),
-        "expected a line with {parts:?} in:\n{text}"
-    );
-}
-
-/// Pids of processes running as a build user.
-fn build_user_processes() -> Vec<(u32, u32)> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
-            continue;
-        };
-        let uid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|u| u.parse::<u32>().ok());
-        if let Some(uid) = uid.filter(|u| BUILD_UIDS.contains(u)) {
-            found.push((pid, uid));
-        }
-    }
-    found
-}
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use vm_common::*;
 
 #[test]
 fn vm_reading_an_undeclared_store_path_fails() {
@@ -283,7 +115,13 @@ fn vm_writing_outside_outputs_and_tmp_fails_or_stays_inside() {
     );
     let out = env.must_build(&drv);
     let log = env.log(&drv);
-    assert_line(&log, &["/etc/passwd", "Permission denied"]);
+    // A build user is refused by the mode; the namespace's user (auto-allocate-uids) owns
+    // the chroot's files and is refused by the read-only mount.
+    assert!(
+        log.lines().any(|l| l.contains("/etc/passwd")
+            && (l.contains("Permission denied") || l.contains("Read-only file system"))),
+        "{log}"
+    );
     // The build user is refused by the file's mode (0444 root) before the read-only bind
     // is even consulted; as root it would be "Read-only file system" (see goals' host tests).
     assert!(
@@ -314,7 +152,7 @@ fn vm_background_processes_are_killed() {
     );
     env.must_build(&drv);
     assert_eq!(
-        build_user_processes(),
+        processes_of(&env.mode.build_uids()),
         vec![],
         "a builder's process survived"
     );
@@ -327,7 +165,7 @@ fn vm_background_processes_are_killed() {
     );
     relaxed.must_build(&drv);
     assert_eq!(
-        build_user_processes(),
+        processes_of(&relaxed.mode.build_uids()),
         vec![],
         "a builder's process survived"
     );
@@ -425,21 +263,34 @@ fn vm_builders_do_not_run_as_root() {
     let env = Env::new("", "");
     let drv = env.sh(
         "whoami",
-        "id -u > $out; id -g >> $out; chown 0 $TMPDIR || echo REFUSED-CHOWN",
+        &format!(
+            "mkdir $out; id -u > $out/uid; id -g > $out/gid; ({WHO}) > $out/who\n\
+             cat /proc/self/cgroup > $out/cgroup; chown 0 $TMPDIR || echo REFUSED-CHOWN"
+        ),
         "",
     );
-    let out = env.must_build(&drv);
-    let ids: Vec<u32> = std::fs::read_to_string(out)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    let out = PathBuf::from(env.must_build(&drv));
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
+    let num = |f: &str| read(f).trim().parse::<u32>().unwrap();
+    let outside = outside_uid(&read("who"));
     assert!(
-        BUILD_UIDS.contains(&ids[0]),
-        "builder ran as uid {}",
-        ids[0]
+        env.mode.build_uids().contains(&outside),
+        "builder ran as uid {outside} outside"
     );
-    assert_eq!(ids[1], 30000);
+    match env.mode {
+        Mode::BuildUsers | Mode::UseCgroups => {
+            assert_eq!((num("uid"), num("gid")), (outside, GROUP_GID));
+        }
+        // Nix's sandbox build user, mapped onto the block's first id.
+        Mode::AutoAllocateUids => assert_eq!((num("uid"), num("gid")), (1000, 100)),
+    }
+    // In the build's own cgroup (no cgroup namespace), or in the caller's.
+    let cgroup = read("cgroup");
+    if env.mode == Mode::UseCgroups {
+        assert!(cgroup.starts_with("0::/nixb-"), "{cgroup}");
+    } else {
+        assert_eq!(cgroup, "0::/\n");
+    }
     assert_has(&env.log(&drv), "REFUSED-CHOWN");
 }
 
@@ -484,8 +335,11 @@ fn vm_a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output()
         // SAFETY: a descriptor just received over SCM_RIGHTS, owned by nobody else.
         unsafe { OwnedFd::from_raw_fd(got.expect("a descriptor was passed")) }
     });
+    // Contents of its own: a fixed output's path depends only on its hash, and the suite
+    // runs once per mode on one store (an output already valid would not be built).
+    let contents = format!("good {}", nonce());
     let good = env.dir.path().join("good");
-    std::fs::write(&good, "good\n").unwrap();
+    std::fs::write(&good, &contents).unwrap();
     let good_hash = ok(Command::new("nix-hash")
         .args(["--type", "sha256", "--flat", "--base32"])
         .arg(&good))
@@ -497,7 +351,7 @@ fn vm_a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output()
          args = [ \"-c\" ''\n\
          import os, socket\n\
          out = os.environ[\"out\"]\n\
-         open(out, \"w\").write(\"good\\n\")\n\
+         open(out, \"w\").write(\"{contents}\")\n\
          fd = os.open(out, os.O_RDWR)\n\
          s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
          s.connect(\"\\0{name}\")\n\
@@ -505,15 +359,19 @@ fn vm_a_descriptor_passed_out_of_a_fixed_output_build_cannot_change_the_output()
          s.recv(1)\n\
          print(\"passed\")\n'' ];"
     ));
-    let out = env.must_build(&drv);
-    assert_has(&env.log(&drv), "passed");
+    let built = env.realise(&drv);
+    let stderr = String::from_utf8_lossy(&built.stderr).into_owned();
+    assert!(built.status.success(), "{stderr}");
+    let out = env.output(&drv);
+    let log = env.log(&drv);
+    assert!(log.contains("passed"), "log: {log}\nstderr: {stderr}");
     let mut f = std::fs::File::from(receiver.join().unwrap());
     // The descriptor works (the attack is real)...
     f.write_all(b"EVIL\n").unwrap();
     f.sync_all().unwrap();
     drop(f);
     // ...but reaches nothing registered.
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "good\n");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), contents);
     let verify = run(env.cmd("nix-store").args(["--verify", "--check-contents"]));
     let stderr = String::from_utf8_lossy(&verify.stderr);
     assert!(verify.status.success(), "nix-store --verify: {stderr}");
@@ -530,8 +388,10 @@ fn spawn_realise(env: &Env, drv: &str) -> Child {
         .unwrap()
 }
 
-fn finish(c: Child) -> (String, String) {
+fn finish(env: &Env, c: Child) -> (String, String) {
+    let pid = c.id();
     let out = c.wait_with_output().unwrap();
+    env.check_after_build(pid, &out);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
@@ -547,19 +407,20 @@ fn finish(c: Child) -> (String, String) {
 #[test]
 fn vm_concurrent_builds_get_different_build_users() {
     let env = Env::new("", "");
-    let a = env.sh("who-a", "id -u > $out; sleep 2", "");
-    let b = env.sh("who-b", "id -u > $out; sleep 2", "");
+    let a = env.sh("who-a", &format!("({WHO}) > $out; sleep 2"), "");
+    let b = env.sh("who-b", &format!("({WHO}) > $out; sleep 2"), "");
     let (ca, cb) = (spawn_realise(&env, &a), spawn_realise(&env, &b));
-    let (oa, _) = finish(ca);
-    let (ob, _) = finish(cb);
-    let ua = std::fs::read_to_string(oa).unwrap();
-    let ub = std::fs::read_to_string(ob).unwrap();
+    let (oa, _) = finish(&env, ca);
+    let (ob, _) = finish(&env, cb);
+    let ua = outside_uid(&std::fs::read_to_string(oa).unwrap());
+    let ub = outside_uid(&std::fs::read_to_string(ob).unwrap());
     assert_ne!(ua, ub, "two concurrent builds shared a build user");
 }
 
 #[test]
 fn vm_a_third_build_waits_when_the_two_users_are_taken() {
-    // A group of two users, and a store whose group it is.
+    // Two build users (a group of two, or two blocks of automatically allocated uids), and
+    // a store of their own.
     let group = "nixbtwo:x:30300:nixbld6,nixbld7\n";
     let etc = std::fs::read_to_string("/etc/group").unwrap();
     if !etc.contains("nixbtwo:") {
@@ -570,41 +431,54 @@ fn vm_a_third_build_waits_when_the_two_users_are_taken() {
             .write_all(group.as_bytes())
             .unwrap();
     }
-    let mut env = Env::new("", "build-users-group = nixbtwo\nbuild-poll-interval = 1\n");
-    let root = env.dir.path().to_path_buf();
-    let store = root.join("store");
-    std::fs::create_dir_all(&store).unwrap();
-    std::os::unix::fs::chown(&store, Some(0), Some(30300)).unwrap();
-    std::fs::set_permissions(&store, std::os::unix::fs::PermissionsExt::from_mode(0o1775)).unwrap();
-    env.vars = vec![
-        ("NIX_STORE_DIR".into(), store.display().to_string()),
-        (
-            "NIX_STATE_DIR".into(),
-            root.join("state").display().to_string(),
+    let mode = Mode::current();
+    let (conf, users, busy) = match mode {
+        Mode::BuildUsers | Mode::UseCgroups => (
+            "build-users-group = nixbtwo\n".to_string(),
+            vec![30006, 30007],
+            "all build users are currently in use; consider creating additional users and \
+             adding them to the 'nixbtwo' group"
+                .to_string(),
         ),
-        ("NIX_LOG_DIR".into(), root.join("log").display().to_string()),
-    ];
+        Mode::AutoAllocateUids => (
+            format!("id-count = {}\n", 2 * 65536),
+            vec![AUTO_START_ID, AUTO_START_ID + 65536],
+            format!(
+                "all 2 blocks of automatically allocated uids (from {AUTO_START_ID}, \
+                 'id-count' 131072) are in use"
+            ),
+        ),
+    };
+    let mut env = Env::new("", &format!("{conf}build-poll-interval = 1\n"));
+    let root = env.dir.path().to_path_buf();
+    env.private_store(&root);
+    if mode != Mode::AutoAllocateUids {
+        std::os::unix::fs::chown(root.join("store"), Some(0), Some(30300)).unwrap();
+    }
     let drvs: Vec<String> = (0..3)
-        .map(|i| env.sh(&format!("slow-{i}"), "id -u > $out; sleep 3", ""))
+        .map(|i| {
+            env.sh(
+                &format!("slow-{i}"),
+                &format!("({WHO}) > $out; sleep 3"),
+                "",
+            )
+        })
         .collect();
     let mut children = Vec::new();
     for d in &drvs {
         children.push(spawn_realise(&env, d));
         std::thread::sleep(Duration::from_millis(700));
     }
-    let results: Vec<(String, String)> = children.into_iter().map(finish).collect();
+    let results: Vec<(String, String)> = children.into_iter().map(|c| finish(&env, c)).collect();
     let uids: Vec<u32> = results
         .iter()
-        .map(|(o, _)| std::fs::read_to_string(o).unwrap().trim().parse().unwrap())
+        .map(|(o, _)| outside_uid(&std::fs::read_to_string(o).unwrap()))
         .collect();
     assert_ne!(uids[0], uids[1]);
     for u in &uids {
-        assert!([30006, 30007].contains(u), "uid {u} is not in the group");
+        assert!(users.contains(u), "uid {u} is not one of {users:?}");
     }
-    assert_has(
-        &results[2].1,
-        "all build users are currently in use; consider creating additional users and adding them to the 'nixbtwo' group",
-    );
+    assert_has(&results[2].1, &busy);
 }
 
 #[test]

@@ -1,8 +1,16 @@
 //! `cargo xtask test-vm`: boot a throw-away QEMU VM as root and run the VM suites in it.
 //!
 //! ```text
-//! cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug]
+//! cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug] [--mode MODE]...
+//! cargo xtask test-vm --bench GROUP [...]
 //! ```
+//!
+//! `--mode MODE` (repeatable) runs the per-mode suites only in those of [`guest::MODES`]
+//! (the others still run once, in the default mode).
+//!
+//! `--bench GROUP` runs `cargo xtask bench GROUP` in the guest instead of the tests (with the
+//! host's `NIXB_BENCH_*` variables), for figures only a full root guest gives (e.g.
+//! `NIXB_BENCH_SANDBOX=cgroups`: cgroup v2 with every controller).
 //!
 //! `-p PKG` (repeatable) runs only that package's VM tests: only its tests are built, and
 //! neither `nixb` (unless PKG is `nixb-cli`) nor `tests/vm/*.sh`. Without it, everything.
@@ -15,9 +23,12 @@
 //!    virtio and 9p) and a per-run payload of a few small files (config, test list, suite).
 //!    The host's `/usr` and the workspace are shared read-only over 9p at their host paths,
 //!    so nothing large is packed per run.
-//! 3. In the guest ([`guest`]) create the build users and a store, run each selected
+//! 3. In the guest ([`guest`]) mount cgroup v2 with every controller enabled for the
+//!    cgroups below the root, make an ext4 file system on a RAM disk (`/disk`, for figures
+//!    that only a block device shows), create the build users and a store, run each selected
 //!    executable with the filter and `--test-threads=1` (VM tests share the build users),
-//!    then each `tests/vm/*.sh` with `sh`.
+//!    then each `tests/vm/*.sh` with `sh`. The executables in [`PER_MODE_SUITES`] run once
+//!    per isolation mode ([`guest::MODES`], passed as `NIXB_VM_MODE`).
 //! 4. The guest's exit status becomes ours ([`qemu`]: serial marker, `isa-debug-exit` as a
 //!    fallback; a timeout or a kernel panic is an error saying so). The console is streamed
 //!    to stderr and kept in `target/vm-cache/console.log`.
@@ -34,6 +45,24 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// Test targets run once per isolation mode of [`guest::MODES`] (the suite reads
+/// `NIXB_VM_MODE` and configures its builds accordingly); every other one runs once.
+const PER_MODE_SUITES: &[&str] = &["vm_security"];
+
+/// Modules the guest loads at boot, with their dependencies (from `modules.dep`): virtio and
+/// 9p for the shares, a RAM disk and ext4 for `/disk`.
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "brd",
+    "crc32c_generic",
+    "ext4",
+];
+
+/// Module parameters: one 512 MiB RAM disk (`rd_size` is in KiB; pages are taken as written).
+const MODULE_PARAMS: &[(&str, &str)] = &[("brd", "rd_nr=1 rd_size=524288")];
+
 struct Options {
     packages: Vec<String>,
     filter: String,
@@ -41,16 +70,21 @@ struct Options {
     mem_mb: u32,
     accel: Option<bool>,
     debug: bool,
+    bench: Option<String>,
+    modes: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
         packages: Vec::new(),
         filter: "vm_".into(),
-        timeout: Duration::from_secs(600),
+        // The per-mode suites run three times.
+        timeout: Duration::from_secs(1800),
         mem_mb: 1024,
         accel: None,
         debug: false,
+        bench: None,
+        modes: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -72,8 +106,16 @@ fn parse(args: &[String]) -> Result<Options> {
                 v => bail!("--accel {v}: expected kvm or tcg"),
             },
             "--debug" => o.debug = true,
+            "--bench" => o.bench = Some(value("--bench")?.clone()),
+            "--mode" => {
+                let m = value("--mode")?;
+                if !guest::MODES.contains(&m.as_str()) {
+                    bail!("--mode {m}: expected one of {}", guest::MODES.join(", "));
+                }
+                o.modes.push(m.clone());
+            }
             other => bail!(
-                "test-vm: unknown argument '{other}' (usage: cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug])"
+                "test-vm: unknown argument '{other}' (usage: cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug] [--bench GROUP] [--mode MODE]...)"
             ),
         }
     }
@@ -87,16 +129,18 @@ pub fn run(args: &[String]) -> Result<()> {
     let cache = ws.target_dir.join("vm-cache");
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
 
-    let whole = opts.packages.is_empty();
+    let whole = opts.packages.is_empty() && opts.bench.is_none();
     let nixb = if whole || opts.packages.iter().any(|p| p == "nixb-cli") {
         Some(artifacts::build_nixb(&ws)?)
     } else {
         None
     };
     let mut tests = Vec::new();
-    for exe in artifacts::build_tests(&ws, &opts.packages)? {
-        if artifacts::has_tests_matching(&exe.path, &opts.filter)? {
-            tests.push(exe);
+    if opts.bench.is_none() {
+        for exe in artifacts::build_tests(&ws, &opts.packages)? {
+            if artifacts::has_tests_matching(&exe.path, &opts.filter)? {
+                tests.push(exe);
+            }
         }
     }
     let scripts = if whole {
@@ -104,7 +148,7 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         Vec::new()
     };
-    if tests.is_empty() && scripts.is_empty() {
+    if tests.is_empty() && scripts.is_empty() && opts.bench.is_none() {
         bail!(
             "no VM tests found: no test matching '{}' and no tests/vm/*.sh",
             opts.filter
@@ -123,7 +167,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    let modules = kernel::resolve_modules(&kernel, &["virtio_pci", "9pnet_virtio", "9p"])?;
+    let modules = kernel::resolve_modules(&kernel, MODULES)?;
     let base = base_initramfs(&kernel, &modules, &cache)?;
 
     let mut shares = vec![ws.root.clone()];
@@ -197,7 +241,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 /// Bump when the base's layout changes in a way the cache key does not see.
-const BASE_LAYOUT: u32 = 1;
+const BASE_LAYOUT: u32 = 2;
 
 /// The cached first initramfs segment: busybox, `/init`, `/etc`, the modules.
 fn base_initramfs(kernel: &kernel::Kernel, modules: &[String], cache: &Path) -> Result<PathBuf> {
@@ -293,6 +337,11 @@ fn base_initramfs(kernel: &kernel::Kernel, modules: &[String], cache: &Path) -> 
             kernel::strip_signature(&ko),
         );
         list.push_str(name);
+        let stem = name.split(".ko").next().unwrap_or(name);
+        if let Some((_, params)) = MODULE_PARAMS.iter().find(|(m, _)| *m == stem) {
+            list.push(' ');
+            list.push_str(params);
+        }
         list.push('\n');
     }
     c.file("xtask-vm/modules", 0o644, list.as_bytes());
@@ -325,15 +374,42 @@ fn payload(
         }
     };
     let share_list: Vec<String> = shares.iter().map(|p| utf8(p)).collect::<Result<_>>()?;
-    let config = format!(
+    let mut config = format!(
         "SHARES={}\nFILTER={}\nNIXB_BIN={}\n",
         sh_quote(&share_list.join(" ")),
         sh_quote(&opts.filter),
         sh_quote(&nixb.map(utf8).transpose()?.unwrap_or_default())
     );
+    if let Some(group) = &opts.bench {
+        // This very program, which the guest sees at the same path over 9p.
+        let xtask = std::env::current_exe().context("finding the xtask executable")?;
+        config.push_str(&format!(
+            "BENCH={}\nXTASK_BIN={}\n",
+            sh_quote(group),
+            sh_quote(&utf8(&xtask)?)
+        ));
+        for (k, v) in std::env::vars() {
+            if k.starts_with("NIXB_BENCH_") {
+                config.push_str(&format!("export {k}={}\n", sh_quote(&v)));
+            }
+        }
+    }
     let mut test_list = String::new();
     for t in tests {
-        test_list.push_str(&format!("{}\t{}\n", utf8(&t.path)?, utf8(&t.package_dir)?));
+        let modes = if PER_MODE_SUITES.contains(&t.name.as_str()) {
+            if opts.modes.is_empty() {
+                guest::MODES.join(",")
+            } else {
+                opts.modes.join(",")
+            }
+        } else {
+            guest::MODES[0].to_string()
+        };
+        test_list.push_str(&format!(
+            "{}\t{}\t{modes}\n",
+            utf8(&t.path)?,
+            utf8(&t.package_dir)?
+        ));
     }
     let mut script_list = String::new();
     for s in scripts {

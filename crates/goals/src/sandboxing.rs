@@ -169,7 +169,11 @@ pub(crate) struct HeldUser(Held);
 #[derive(Debug)]
 enum Held {
     Group(BuildUser),
-    Auto(AutoUidBlock),
+    /// A block, and the gid of `build-users-group` when it names a group: a builder without
+    /// a user namespace of its own (no chroot) runs with that gid, so that it can create its
+    /// outputs in the store, as Nix does (without such a group it keeps the block's first
+    /// id, and the store's permissions decide).
+    Auto(AutoUidBlock, Option<u32>),
 }
 
 impl HeldUser {
@@ -177,7 +181,7 @@ impl HeldUser {
     pub fn uid(&self) -> u32 {
         match &self.0 {
             Held::Group(u) => u.uid,
-            Held::Auto(b) => b.first,
+            Held::Auto(b, _) => b.first,
         }
     }
 
@@ -185,7 +189,7 @@ impl HeldUser {
     pub fn gid(&self) -> u32 {
         match &self.0 {
             Held::Group(u) => u.gid,
-            Held::Auto(b) => b.first,
+            Held::Auto(b, _) => b.first,
         }
     }
 
@@ -196,11 +200,21 @@ impl HeldUser {
                 gid: u.gid,
                 supplementary: u.supplementary_gids.clone(),
             },
-            Held::Auto(b) => BuildUserIds {
+            // Used where the builder switches to them itself: without a user namespace.
+            Held::Auto(b, group) => BuildUserIds {
                 uid: b.first,
-                gid: b.first,
+                gid: group.unwrap_or(b.first),
                 supplementary: vec![],
             },
+        }
+    }
+
+    /// The uids the build's files may be owned by: the build user's, or an automatic
+    /// block's (a `uid-range` builder may chown to any of them).
+    pub fn uids(&self) -> std::ops::RangeInclusive<u32> {
+        match &self.0 {
+            Held::Group(u) => u.uid..=u.uid,
+            Held::Auto(b, _) => b.first..=b.first + (b.count - 1),
         }
     }
 
@@ -209,7 +223,7 @@ impl HeldUser {
     /// all 65536 ids onto the block (as Nix 2.12). `None` for a group member (the builder
     /// switches to it without a namespace of its own).
     pub fn user_namespace(&self, uid_range: bool) -> Option<UserNamespace> {
-        let Held::Auto(b) = &self.0 else {
+        let Held::Auto(b, _) = &self.0 else {
             return None;
         };
         Some(if uid_range {
@@ -230,7 +244,7 @@ impl HeldUser {
             Held::Group(u) => u
                 .kill_all_processes()
                 .map_err(|e| BuildError::misc(format!("build user '{}'", u.name), e)),
-            Held::Auto(b) => nixb_userpool::kill_user(b.first).map_err(|e| {
+            Held::Auto(b, _) => nixb_userpool::kill_user(b.first).map_err(|e| {
                 BuildError::misc(format!("automatically allocated uid {}", b.first), e)
             }),
         }
@@ -262,7 +276,17 @@ pub(crate) fn acquire_build_user(cfg: &WorkerConfig) -> Result<UserSlot, BuildEr
             id_count: cfg.id_count,
         };
         return match nixb_userpool::acquire_auto(&auto) {
-            Ok(Some(b)) => Ok(UserSlot::Got(HeldUser(Held::Auto(b)))),
+            Ok(Some(b)) => {
+                // Only a builder without a user namespace needs it, and a chroot build must
+                // not fail for a group it does not use: looked up here, not required.
+                let group = cfg
+                    .build_users_group
+                    .as_deref()
+                    .filter(|g| !g.is_empty())
+                    .and_then(|g| nix::unistd::Group::from_name(g).ok().flatten())
+                    .map(|g| g.gid.as_raw());
+                Ok(UserSlot::Got(HeldUser(Held::Auto(b, group))))
+            }
             Ok(None) => Ok(UserSlot::Busy(
                 nixb_userpool::acquire_auto_or_fail(&auto)
                     .err()
@@ -312,7 +336,7 @@ pub(crate) fn prepare_for_user(
         }
         // Chroot builds write their outputs into the chroot directory, which the sandbox
         // gives to the block's first id; only the build directory is ours to hand over.
-        Held::Auto(b) => {
+        Held::Auto(b, _) => {
             user.kill_all_processes()?;
             std::os::unix::fs::chown(build_dir, Some(b.first), Some(b.first)).map_err(|e| {
                 BuildError::misc(
@@ -415,6 +439,10 @@ pub(crate) fn chroot_spec(
         Network::Host
     } else {
         match plan.netns {
+            // A builder cloned into a user namespace of its own has no capability over a
+            // network namespace made outside it (setns fails with EPERM): it gets a fresh
+            // one, owned by its user namespace.
+            Some(_) if spec.user_namespace.is_some() => Network::Private,
             Some(fd) => Network::Prepared(fd),
             None => Network::Private,
         }
@@ -453,30 +481,29 @@ fn reject(e: impl std::fmt::Display) -> Rejection {
 }
 
 /// Takes the output `p` out of the build to its place in the store. With `check`, the
-/// builder's files are first checked (not group/world-writable, owned by `uid`) and
-/// canonicalised; without it (a failed build, kept for debugging) they are only moved.
+/// builder's files are first checked (not group/world-writable, the top owned by the first
+/// of the build's `uids` and everything by one of them) and canonicalised; without it (a
+/// failed build, kept for debugging) they are only moved.
 pub(crate) fn extract_output(
     sd: &StoreDir,
     chroot: Option<&Path>,
     p: &StorePath,
     how: Extraction,
-    check: Option<Option<u32>>,
+    check: Option<Option<std::ops::RangeInclusive<u32>>>,
 ) -> Result<(), Rejection> {
     let src = built_location(sd, chroot, p);
     let dest = sd.to_path(p);
     if src.symlink_metadata().is_err() {
         return Ok(()); // not produced; registration reports it
     }
-    if let Some(uid) = check {
-        nixb_store::canon::check_suspicious(&src, uid).map_err(reject)?;
-        nixb_store::canon::canonicalise_path_metadata(&src, uid, &mut InodesSeen::new())
+    let checked = check.is_some();
+    if let Some(uids) = check {
+        nixb_store::canon::check_suspicious(&src, uids.as_ref().map(|u| *u.start()))
+            .map_err(reject)?;
+        nixb_store::canon::canonicalise_build_output(&src, uids, &mut InodesSeen::new())
             .map_err(reject)?;
     }
-    let how = if check.is_none() {
-        Extraction::Move
-    } else {
-        how
-    };
+    let how = if !checked { Extraction::Move } else { how };
     match how {
         Extraction::Move => {
             if src != dest {

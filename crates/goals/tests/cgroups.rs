@@ -71,11 +71,18 @@ fn a_build_that_daemonises_leaves_nothing_running_with_use_cgroups() {
         !events.iter().any(|e| matches!(e, Event::Message { .. })),
         "{events:?}"
     );
+    // Build cgroups are removed off the worker's thread, and empty spares are made ahead.
+    nixb_sandbox::settle_cgroups();
+    let spares = nixb_sandbox::spare_cgroups();
+    for s in &spares {
+        let procs = std::fs::read_to_string(s.join("cgroup.procs")).unwrap();
+        assert_eq!(procs, "", "spare {} is in use", s.display());
+    }
     let ours = format!("nixb-{}-", std::process::id());
     let left: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&ours))
+        .filter(|n| n.starts_with(&ours) && !spares.contains(&dir.join(n)))
         .collect();
     assert!(left.is_empty(), "cgroups left behind: {left:?}");
 }

@@ -14,6 +14,13 @@
 //! left (a daemon that left the process group and the session), the cgroup's
 //! `cgroup.events` is watched until it says `populated 0`, and the directory is removed.
 //!
+//! Making and removing a cgroup are the dear steps (the kernel sets up and tears down every
+//! enabled controller's state), so neither is on a build's path: each [`CgroupRoot`] keeps
+//! [`SPARES`] cgroups made ahead by a helper thread, which also removes the cgroups of reaped
+//! builders. What is left of both when the process exits is removed by an `atexit` handler;
+//! a process killed outright leaves its empty spares, which the next [`CgroupRoot::open`] in
+//! the same directory removes.
+//!
 //! Where there is no cgroup v2 hierarchy, or this process may not make cgroups below its own
 //! (not root, no delegation), [`CgroupRoot::open`] says why and the caller keeps the
 //! process-group kill.
@@ -21,6 +28,7 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why builds cannot get cgroups here.
@@ -38,9 +46,200 @@ pub enum CgroupError {
 #[derive(Clone, Debug)]
 pub struct CgroupRoot {
     dir: PathBuf,
+    helper: Arc<Helper>,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// How many empty cgroups each root keeps ready.
+pub const SPARES: usize = 2;
+
+/// The helper thread's work, shared with [`CgroupRoot::create`], [`retire`] and the exit
+/// handler.
+#[derive(Debug)]
+struct Helper {
+    /// The process the helper thread runs in: a forked child has no such thread, and must
+    /// neither take nor remove its parent's spares.
+    pid: u32,
+    dir: PathBuf,
+    state: Mutex<HelperState>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct HelperState {
+    /// Made and unused.
+    ready: Vec<PathBuf>,
+    /// Emptied, to remove.
+    doomed: Vec<PathBuf>,
+    /// The thread is making or removing one right now.
+    busy: bool,
+    /// The process is exiting: make no more.
+    closed: bool,
+    /// Making failed once: stop trying ahead (create reports the error itself).
+    failing: bool,
+}
+
+/// Every root's helper, for the exit handler and for [`retire`].
+static HELPERS: Mutex<Vec<Arc<Helper>>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding it leaves plain data behind; go on with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn make(dir: &Path) -> Result<PathBuf, CgroupError> {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("nixb-{}-{n}", std::process::id()));
+    std::fs::create_dir(&path).map_err(|e| CgroupError::Create {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(path)
+}
+
+impl Helper {
+    fn run(&self) {
+        let mut st = lock(&self.state);
+        loop {
+            if st.closed {
+                return;
+            }
+            if let Some(dir) = st.doomed.pop() {
+                st.busy = true;
+                drop(st);
+                let _ = std::fs::remove_dir(&dir);
+                st = lock(&self.state);
+                st.busy = false;
+                self.wake.notify_all();
+                continue;
+            }
+            if st.ready.len() < SPARES && !st.failing {
+                st.busy = true;
+                drop(st);
+                let made = make(&self.dir);
+                st = lock(&self.state);
+                st.busy = false;
+                match made {
+                    Ok(p) if st.closed => {
+                        let _ = std::fs::remove_dir(&p);
+                    }
+                    Ok(p) => st.ready.push(p),
+                    Err(_) => st.failing = true,
+                }
+                self.wake.notify_all();
+                continue;
+            }
+            st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// At exit: stop the thread, wait for what it is doing, remove what is left.
+    fn close(&self) {
+        let mut st = lock(&self.state);
+        st.closed = true;
+        self.wake.notify_all();
+        while st.busy {
+            st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let mut left = std::mem::take(&mut st.ready);
+        left.append(&mut st.doomed);
+        drop(st);
+        for d in left {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+impl Helper {
+    fn ours(&self) -> bool {
+        self.pid == std::process::id()
+    }
+}
+
+extern "C" fn close_all_helpers() {
+    // try_lock: an exit from inside a holder of the list (it is held only briefly and never
+    // across a call that could exit) must not deadlock.
+    if let Ok(list) = HELPERS.try_lock() {
+        for h in list.iter().filter(|h| h.ours()) {
+            h.close();
+        }
+    }
+}
+
+/// Waits until the helpers are idle: every cgroup handed over for removal in this process
+/// removed, the spares made. For tests that look at the hierarchy right after a build
+/// (what is then left of this process's is [`spare_cgroups`]).
+pub fn settle_cgroups() {
+    let helpers: Vec<Arc<Helper>> = lock(&HELPERS).clone();
+    for h in helpers.iter().filter(|h| h.ours()) {
+        let mut st = lock(&h.state);
+        while !st.closed
+            && (st.busy || !st.doomed.is_empty() || (st.ready.len() < SPARES && !st.failing))
+        {
+            st = h.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// The spare cgroups made ahead in this process (empty, unused).
+pub fn spare_cgroups() -> Vec<PathBuf> {
+    let helpers: Vec<Arc<Helper>> = lock(&HELPERS).clone();
+    let mut out = Vec::new();
+    for h in helpers.iter().filter(|h| h.ours()) {
+        let st = lock(&h.state);
+        out.extend(st.ready.iter().cloned());
+    }
+    out
+}
+
+/// Hands the cgroup of a reaped builder (emptied, its figures read) to its root's helper for
+/// removal; removes it at once when it has none.
+pub(crate) fn retire(dir: PathBuf) {
+    let helper = dir.parent().and_then(|parent| {
+        lock(&HELPERS)
+            .iter()
+            .find(|h| h.dir == parent && h.ours())
+            .cloned()
+    });
+    match helper {
+        Some(h) => {
+            let mut st = lock(&h.state);
+            if st.closed {
+                drop(st);
+                let _ = std::fs::remove_dir(&dir);
+            } else {
+                st.doomed.push(dir);
+                h.wake.notify_all();
+            }
+        }
+        None => {
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
+/// Removes the empty `nixb-<pid>-<n>` cgroups in `dir` of processes that are gone (spares
+/// of a process killed outright). A cgroup with processes in it is never removed by rmdir.
+fn remove_stale(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("nixb-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
 
 impl CgroupRoot {
     /// This process's cgroup in the cgroup v2 hierarchy, if one is mounted and this process
@@ -56,10 +255,34 @@ impl CgroupRoot {
             .find_map(|l| l.strip_prefix("0::"))
             .ok_or(CgroupError::NoOwnCgroup)?;
         let dir = mount.join(rel.trim_start_matches('/'));
-        let root = CgroupRoot { dir };
-        let probe = root.create()?;
-        let _ = std::fs::remove_dir(&probe);
-        Ok(root)
+        remove_stale(&dir);
+        // The probe is the first spare.
+        let probe = make(&dir)?;
+        let helper = Arc::new(Helper {
+            pid: std::process::id(),
+            dir: dir.clone(),
+            state: Mutex::new(HelperState {
+                ready: vec![probe],
+                ..HelperState::default()
+            }),
+            wake: Condvar::new(),
+        });
+        static AT_EXIT: std::sync::Once = std::sync::Once::new();
+        AT_EXIT.call_once(|| {
+            // SAFETY: registering a handler that takes only Rust locks and makes syscalls.
+            unsafe { libc::atexit(close_all_helpers) };
+        });
+        lock(&HELPERS).push(helper.clone());
+        let h = helper.clone();
+        if std::thread::Builder::new()
+            .name("nixb-cgroups".into())
+            .spawn(move || h.run())
+            .is_err()
+        {
+            // No helper: create and retire make and remove inline.
+            lock(&helper.state).failing = true;
+        }
+        Ok(CgroupRoot { dir, helper })
     }
 
     /// The directory builds' cgroups are made in.
@@ -67,15 +290,23 @@ impl CgroupRoot {
         &self.dir
     }
 
-    /// A new, empty cgroup for one build.
+    /// A new, empty cgroup for one build: a spare made ahead when there is one (the helper
+    /// then makes the next), otherwise made now.
     pub fn create(&self) -> Result<PathBuf, CgroupError> {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("nixb-{}-{n}", std::process::id()));
-        std::fs::create_dir(&path).map_err(|e| CgroupError::Create {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        Ok(path)
+        if !self.helper.ours() {
+            return make(&self.dir);
+        }
+        let spare = {
+            let mut st = lock(&self.helper.state);
+            let spare = st.ready.pop();
+            st.failing = false;
+            self.helper.wake.notify_all();
+            spare
+        };
+        match spare {
+            Some(p) => Ok(p),
+            None => make(&self.dir),
+        }
     }
 }
 
@@ -136,10 +367,16 @@ fn field(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// The cgroup's figures. Bytes written are those the cgroup's writes sent to a device
+/// (`io.stat`'s `wbytes`) plus those still waiting in the page cache to be sent
+/// (`memory.stat`'s `file_dirty`): the kernel writes dirty pages back seconds after the
+/// build, so `wbytes` alone would miss most of what a short build wrote, while the
+/// rusage's figure counts at the dirtying too.
 pub(crate) fn read_usage(dir: &Path) -> CgroupUsage {
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let cpu = read("cpu.stat");
     let io = read("io.stat");
+    let dirty = read("memory.stat").and_then(|t| field(&t, "file_dirty"));
     let us = |k: &str| {
         cpu.as_deref()
             .and_then(|t| field(t, k))
@@ -149,8 +386,11 @@ pub(crate) fn read_usage(dir: &Path) -> CgroupUsage {
         user: us("user_usec"),
         system: us("system_usec"),
         peak_memory: read("memory.peak").and_then(|t| t.trim().parse().ok()),
-        read_bytes: io.as_deref().and_then(|t| field(t, "rbytes")),
-        written_bytes: io.as_deref().and_then(|t| field(t, "wbytes")),
+        read_bytes: io.as_deref().map(|t| field(t, "rbytes").unwrap_or(0)),
+        // An io.stat without lines: the cgroup sent nothing to any device yet.
+        written_bytes: io
+            .as_deref()
+            .map(|t| field(t, "wbytes").unwrap_or(0) + dirty.unwrap_or(0)),
     }
 }
 
@@ -161,18 +401,15 @@ pub(crate) fn kill(dir: &Path) -> bool {
 }
 
 /// Kills what is left in the cgroup, waits (on `cgroup.events`, up to `limit`) until it is
-/// empty, reads what it used (every process in it has then been charged), and removes it.
-/// The figures, and whether the cgroup is gone.
+/// empty, and reads what it used (every process in it has then been charged). The figures,
+/// and whether it is empty (then [`retire`] it).
 pub(crate) fn finish(dir: &Path, limit: Duration) -> (CgroupUsage, bool) {
     let deadline = Instant::now() + limit;
     if let Ok(f) = std::fs::File::open(dir.join("cgroup.events")) {
         let mut killed = false;
         loop {
-            let populated = std::fs::read_to_string(dir.join("cgroup.events"))
-                .map(|t| t.lines().any(|l| l == "populated 1"))
-                .unwrap_or(false);
             let now = Instant::now();
-            if !populated || now >= deadline {
+            if !populated(dir) || now >= deadline {
                 break;
             }
             // Only when something is left: the usual builder leaves nothing, and the write
@@ -197,11 +434,13 @@ pub(crate) fn finish(dir: &Path, limit: Duration) -> (CgroupUsage, bool) {
         kill(dir);
     }
     let usage = read_usage(dir);
-    let gone = match std::fs::remove_dir(dir) {
-        Ok(()) => true,
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-    };
-    (usage, gone)
+    (usage, !populated(dir))
+}
+
+fn populated(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .map(|t| t.lines().any(|l| l == "populated 1"))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -227,5 +466,29 @@ mod tests {
         assert_eq!(field(io, "rbytes"), Some(4097));
         assert_eq!(field(io, "wbytes"), Some(50_000_100));
         assert_eq!(field(io, "dbytes"), None);
+    }
+
+    #[test]
+    fn bytes_written_are_sent_plus_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |f: &str, t: &str| std::fs::write(dir.path().join(f), t).unwrap();
+        // No io controller: no figure (the rusage's is used).
+        put(
+            "memory.stat",
+            "anon 4096\nfile_dirty 3000\nfile_writeback 7\n",
+        );
+        assert_eq!(read_usage(dir.path()).written_bytes, None);
+        // Nothing sent yet: what waits in the page cache.
+        put("io.stat", "");
+        let u = read_usage(dir.path());
+        assert_eq!((u.written_bytes, u.read_bytes), (Some(3000), Some(0)));
+        put(
+            "io.stat",
+            "254:0 rbytes=10 wbytes=500 rios=1 wios=1 dbytes=0 dios=0\n",
+        );
+        let u = read_usage(dir.path());
+        assert_eq!((u.written_bytes, u.read_bytes), (Some(3500), Some(10)));
+        put("memory.peak", "209715200\n");
+        assert_eq!(read_usage(dir.path()).peak_memory, Some(209_715_200));
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
 
-pub use cgroup::{CgroupError, CgroupRoot};
+pub use cgroup::{settle_cgroups, spare_cgroups, CgroupError, CgroupRoot, SPARES};
 pub use chroot::{
     chroot_store_dir, nix_etc_files, nix_etc_files_userns, BindMount, ChrootSpec, Network,
     UserNamespace, SANDBOX_GID, SANDBOX_UID,
@@ -1291,7 +1291,12 @@ impl Builder {
         if let Some(dir) = self.cgroup.take() {
             // What is left (a daemon that left the group and session) dies now; then the
             // figures of everything that ran in the cgroup replace the rusage's.
-            let (cg, _removed) = cgroup::finish(&dir, CGROUP_DRAIN_LIMIT);
+            let (cg, empty) = cgroup::finish(&dir, CGROUP_DRAIN_LIMIT);
+            if empty {
+                // Removed off this thread. One that would not empty is left in place: rmdir
+                // cannot remove it, and its name says whose it was.
+                cgroup::retire(dir);
+            }
             usage.user = cg.user.unwrap_or(usage.user);
             usage.system = cg.system.unwrap_or(usage.system);
             usage.peak_memory = cg.peak_memory.unwrap_or(usage.peak_memory);

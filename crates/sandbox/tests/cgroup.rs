@@ -77,6 +77,8 @@ fn a_daemonising_grandchild_dies_with_its_builders_cgroup_which_is_removed() {
     let daemon = run_daemonising_builder(Some(cg.clone()));
     // `wait` returned only once the cgroup was empty: no polling needed here.
     assert!(!alive(daemon), "process {daemon} outlived its build");
+    // Removed off the waiting thread.
+    nixb_sandbox::settle_cgroups();
     assert!(!cg.exists(), "cgroup {} left behind", cg.display());
 }
 
@@ -110,6 +112,7 @@ fn kill_takes_the_whole_cgroup_and_usage_comes_from_it() {
     b.kill().unwrap();
     b.wait().unwrap();
     assert!(!alive(daemon));
+    nixb_sandbox::settle_cgroups();
     assert!(!cg.exists());
     let usage = b.resource_usage().unwrap();
     assert!(

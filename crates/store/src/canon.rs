@@ -7,8 +7,9 @@
 //! type         regular, directory or symlink; anything else is an error
 //! xattrs       removed (they could carry ACLs granting write access), except
 //!              security.selinux and system.nfs4_acl, which the kernel will not drop
-//! owner        must be `expected_uid` when one is given (the build user), otherwise
-//!              "wrong ownership"; then changed to the current effective uid/gid
+//! owner        must be `expected_uid` (the build user), or one of the build's block of
+//!              uids, when one is given, otherwise "wrong ownership"; then changed to the
+//!              current effective uid/gid
 //! mode         0444, or 0555 when the owner execute bit (S_IXUSR) was set, as Nix decides;
 //!              setuid, setgid, sticky and every write bit disappear; symlinks keep theirs
 //! mtime        1 second after the epoch (also on symlinks); atime left alone
@@ -28,6 +29,7 @@
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::io;
+use std::ops::RangeInclusive;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,13 @@ pub enum CanonError {
         path: PathBuf,
         found: u32,
         expected: u32,
+    },
+    #[error("wrong ownership of '{}' (owned by uid {found}, expected a uid from {first} to {last}, the build's)", path.display())]
+    WrongOwnershipRange {
+        path: PathBuf,
+        found: u32,
+        first: u32,
+        last: u32,
     },
     #[error("suspicious ownership or permission on '{}' ({reason}); rejecting this build output", path.display())]
     Suspicious { path: PathBuf, reason: String },
@@ -107,7 +116,18 @@ pub fn canonicalise_path_metadata(
     expected_uid: Option<u32>,
     seen: &mut InodesSeen,
 ) -> Result<(), CanonError> {
-    canonicalise(path, expected_uid, seen)?;
+    canonicalise_build_output(path, expected_uid.map(|u| u..=u), seen)
+}
+
+/// [`canonicalise_path_metadata`] for a build that had a block of uids (a `uid-range` build
+/// of `auto-allocate-uids` owns 65536 and may chown to any of them, as Nix allows): every
+/// file must be owned by one of `expected_uids`.
+pub fn canonicalise_build_output(
+    path: &Path,
+    expected_uids: Option<RangeInclusive<u32>>,
+    seen: &mut InodesSeen,
+) -> Result<(), CanonError> {
+    canonicalise(path, expected_uids.as_ref(), seen)?;
     // The top-level path must end up ours: a store path owned by someone else could be
     // replaced by them, since the store directory itself is group-writable.
     let st = std::fs::symlink_metadata(path).map_err(io_err("getting attributes of", path))?;
@@ -124,7 +144,7 @@ pub fn canonicalise_path_metadata(
 
 fn canonicalise(
     path: &Path,
-    expected_uid: Option<u32>,
+    expected_uids: Option<&RangeInclusive<u32>>,
     seen: &mut InodesSeen,
 ) -> Result<(), CanonError> {
     let st = std::fs::symlink_metadata(path).map_err(io_err("getting attributes of", path))?;
@@ -137,12 +157,23 @@ fn canonicalise(
     if !ft.is_dir() && seen.contains(st.dev(), st.ino()) {
         return Ok(());
     }
-    if let Some(uid) = expected_uid {
-        if st.uid() != uid {
-            return Err(CanonError::WrongOwnership {
-                path: path.to_path_buf(),
-                found: st.uid(),
-                expected: uid,
+    if let Some(ids) = expected_uids {
+        if !ids.contains(&st.uid()) {
+            let path = path.to_path_buf();
+            let found = st.uid();
+            return Err(if ids.start() == ids.end() {
+                CanonError::WrongOwnership {
+                    path,
+                    found,
+                    expected: *ids.start(),
+                }
+            } else {
+                CanonError::WrongOwnershipRange {
+                    path,
+                    found,
+                    first: *ids.start(),
+                    last: *ids.end(),
+                }
             });
         }
     }
@@ -201,7 +232,7 @@ fn canonicalise(
             names.push(e.map_err(io_err("reading directory", path))?.file_name());
         }
         for name in names {
-            canonicalise(&path.join(name), expected_uid, seen)?;
+            canonicalise(&path.join(name), expected_uids, seen)?;
         }
     }
     Ok(())

@@ -7,7 +7,9 @@ use std::fs;
 use std::os::unix::fs::{chown, symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use nixb_store::canon::{canonicalise_path_metadata, check_suspicious, CanonError, InodesSeen};
+use nixb_store::canon::{
+    canonicalise_build_output, canonicalise_path_metadata, check_suspicious, CanonError, InodesSeen,
+};
 use nixb_store::nar::hash_path;
 use nixb_store::optimise::{load_links_inodes, optimise_path, OptimiseStats};
 use nixb_store::{Encoding, HashAlgo};
@@ -123,6 +125,42 @@ fn ownership_is_checked_and_changed() {
         "{msg}"
     );
     assert_eq!(mode(&secret), 0o600, "the foreign file was modified");
+}
+
+#[test]
+fn a_block_of_uids_may_own_the_files_of_a_uid_range_build() {
+    nixb_testsupport::require!(Root);
+    let first = 872_415_232;
+    let block = first..=first + 65535;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    chown(&out, Some(first), Some(first)).unwrap();
+    for (name, id) in [("a", first + 1), ("b", first + 65535)] {
+        write_mode(&out.join(name), b"x", 0o644);
+        chown(out.join(name), Some(id), Some(id)).unwrap();
+    }
+    canonicalise_build_output(&out, Some(block.clone()), &mut InodesSeen::new()).unwrap();
+    for p in [out.clone(), out.join("a"), out.join("b")] {
+        let st = fs::symlink_metadata(&p).unwrap();
+        assert_eq!((st.uid(), st.gid()), (0, 0), "{}", p.display());
+    }
+    // One id past the block is someone else's.
+    let out2 = tmp.path().join("out2");
+    fs::create_dir(&out2).unwrap();
+    chown(&out2, Some(first), Some(first)).unwrap();
+    write_mode(&out2.join("c"), b"x", 0o644);
+    chown(out2.join("c"), Some(first + 65536), None).unwrap();
+    let err = canonicalise_build_output(&out2, Some(block), &mut InodesSeen::new()).unwrap_err();
+    assert!(
+        matches!(err, CanonError::WrongOwnershipRange { found, .. } if found == first + 65536),
+        "{err}"
+    );
+    assert_eq!(
+        mode(&out2.join("c")),
+        0o644,
+        "the foreign file was modified"
+    );
 }
 
 #[test]

@@ -16,6 +16,10 @@
 //! with no inputs and with the 100, against `unshare -U -r -p -m -n -i -u -f true` (the same
 //! namespaces, no mounts).
 //!
+//! `NIXB_BENCH_SANDBOX=cgroups` (root, cgroup v2; `cargo xtask test-vm --bench sandbox` runs
+//! it in the VM, whose cgroup v2 has every controller): what a cgroup per build costs, the same
+//! plain `/bin/true` builder started and reaped with and without one, interleaved.
+//!
 //! Then (`NIXB_BENCH_SANDBOX=builds` for this half only) the cost of creating a network
 //! namespace, and 1,000 trivial sandboxed derivations with `--max-jobs 2`, nixb against
 //! Nix 2.8 (`NIXB_BENCH_DRVS` to change the count).
@@ -28,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nixb_sandbox::{
-    spawn, spawn_traced, start, BindMount, BuildUserIds, ChrootSpec, Isolation, NetNsPool, Network,
-    Personality, SandboxSpec,
+    spawn, spawn_traced, start, BindMount, BuildUserIds, CgroupRoot, ChrootSpec, Isolation,
+    NetNsPool, Network, Personality, SandboxSpec,
 };
 
 const INPUTS: usize = 100;
@@ -228,6 +232,9 @@ pub fn run() -> Result<()> {
     let part = std::env::var("NIXB_BENCH_SANDBOX").unwrap_or_default();
     if part == "steps" {
         return step_times();
+    }
+    if part == "cgroups" {
+        return cgroup_cost();
     }
     if part != "builds" {
         spawn_latency()?;
@@ -690,6 +697,64 @@ fn rootless_latency() -> Result<()> {
     println!(
         "  {:<34} {:>7.3} / {:>7.3}",
         "unshare -U -r -p -m -n -i -u -f true", u.median, u.mean
+    );
+    Ok(())
+}
+
+/// Per-build cost of `use-cgroups`: a plain `/bin/true` builder (as nobody), started with
+/// `start` and reaped, with a cgroup made for it (as the engine makes one per build) and
+/// without, alternately. The time runs from before the cgroup is made to after the reaping
+/// (which, with a cgroup, waits for it to be empty, reads its figures and removes it).
+fn cgroup_cost() -> Result<()> {
+    let iters: usize = std::env::var("NIXB_BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let root = CgroupRoot::open().context("a cgroup per build cannot be made here")?;
+    let fx = Fixture::new()?;
+    let once = |cgroup: bool| -> Result<Duration> {
+        let mut s = spec(&fx, Isolation::Plain)?;
+        let t0 = Instant::now();
+        if cgroup {
+            s.cgroup = Some(root.create()?);
+        }
+        let mut b = start(s)?;
+        let st = b.wait()?;
+        let d = t0.elapsed();
+        if !st.success() {
+            bail!("/bin/true failed: {st:?}");
+        }
+        Ok(d)
+    };
+    let (mut with, mut without, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..iters + 5 {
+        // Alternating which goes first, so that neither always follows the other.
+        let (a, b) = if i % 2 == 0 {
+            let a = once(true)?;
+            (a, once(false)?)
+        } else {
+            let b = once(false)?;
+            (once(true)?, b)
+        };
+        if i >= 5 {
+            with.push(a);
+            without.push(b);
+            diff.push(a.as_secs_f64() - b.as_secs_f64());
+        }
+    }
+    diff.sort_by(f64::total_cmp);
+    let (w, wo) = (stats(with), stats(without));
+    println!(
+        "cgroup per build ({iters} pairs, plain /bin/true, start to reaped), ms median / mean:\n  \
+         with a cgroup     {:.3} / {:.3}\n  without           {:.3} / {:.3}\n  \
+         with/without      {:.3} (medians)\n  paired difference {:.3} median, {:.3} mean",
+        w.median,
+        w.mean,
+        wo.median,
+        wo.mean,
+        w.median / wo.median,
+        diff[diff.len() / 2] * 1000.0,
+        diff.iter().sum::<f64>() / diff.len() as f64 * 1000.0
     );
     Ok(())
 }

@@ -26,6 +26,8 @@ pub struct Workspace {
 pub struct TestExe {
     pub path: PathBuf,
     pub package_dir: PathBuf,
+    /// The test target's name (`vm_security` for `tests/vm_security.rs`).
+    pub name: String,
 }
 
 fn cargo() -> Command {
@@ -166,6 +168,7 @@ pub fn build_tests(ws: &Workspace, only: &[String]) -> Result<Vec<TestExe>> {
             exes.push(TestExe {
                 path: a.path,
                 package_dir,
+                name: a.bin_name,
             });
         }
     }

@@ -10,6 +10,12 @@
 //! then `isa-debug-exit` (QEMU exits with `rc << 1 | 1`, rc capped at 127), which is also
 //! the fastest way to stop the machine.
 
+/// The isolation modes a per-mode suite runs in, first the default (every other suite runs
+/// in it only). `NIXB_VM_MODE` tells the suite which: `build-users` (members of `nixbld`),
+/// `auto-allocate-uids` (blocks of uids, no users), `use-cgroups` (build users, and a cgroup
+/// per build).
+pub const MODES: &[&str] = &["build-users", "auto-allocate-uids", "use-cgroups"];
+
 /// Marker printed on the serial console with the suite's exit status.
 pub const EXIT_MARKER: &str = "@@NIXB-VM-EXIT=";
 
@@ -38,7 +44,10 @@ chmod 1777 /tmp
 ln -sf /proc/self/fd /dev/fd; ln -sf pts/ptmx /dev/ptmx 2>/dev/null
 hostname nixb-vm; ip link set lo up 2>/dev/null
 . /xtask-vm/config
-for m in $(cat /xtask-vm/modules); do insmod "/xtask-vm/modules.d/${m##*/}" || echo "xtask-vm: insmod $m failed"; done
+# One module a line, then its parameters.
+while read -r m params; do
+  insmod "/xtask-vm/modules.d/${m##*/}" $params || echo "xtask-vm: insmod $m failed"
+done < /xtask-vm/modules
 mkdir -p /usr
 if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose usr /usr; then
   for d in lib lib64 lib32 libx32; do [ -e /$d ] || [ ! -e /usr/$d ] || ln -s usr/$d /$d; done
@@ -62,10 +71,24 @@ poweroff -f
 "#;
 
 /// The nixb-specific part: build users, a store, then every VM test binary and script.
-/// `/xtask-vm/tests` has one `<executable>\t<package dir>` per line; `/xtask-vm/scripts`
-/// one script path per line.
+/// `/xtask-vm/tests` has one `<executable>\t<package dir>\t<modes, comma-separated>` per
+/// line; `/xtask-vm/scripts` one script path per line.
 pub const SUITE: &str = r#"
 . /xtask-vm/config
+
+# cgroup v2 with every controller the kernel has enabled for the cgroups below the root
+# (where builds get theirs: the suite runs in the root cgroup).
+mkdir -p /sys/fs/cgroup
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "xtask-vm: mounting cgroup2 failed"
+for c in $(cat /sys/fs/cgroup/cgroup.controllers); do
+  echo "+$c" > /sys/fs/cgroup/cgroup.subtree_control || echo "xtask-vm: enabling the $c controller failed"
+done
+
+# ext4 on the RAM disk, for what only a block device shows (bytes written).
+mkdir -p /disk
+if ! { mkfs.ext4 -q -F /dev/ram0 && mount -t ext4 /dev/ram0 /disk; }; then
+  echo "xtask-vm: making /disk (ext4 on /dev/ram0) failed"
+fi
 
 # Build users as nixb's VM tests expect them: group nixbld (30000) with nixbld1..8
 # (30001..30008); an empty group; an extra group holding nixbld2 (supplementary gids).
@@ -90,16 +113,24 @@ export NIX_STORE_DIR=/nix/store NIX_STATE_DIR=/nix/var/nix NIX_LOG_DIR=/nix/var/
 export TMPDIR=/tmp RUST_BACKTRACE=1
 [ -n "$NIXB_BIN" ] && export PATH="${NIXB_BIN%/*}:$PATH"
 
+if [ -n "$BENCH" ]; then
+  echo "xtask-vm: running xtask bench $BENCH"
+  "$XTASK_BIN" bench $BENCH
+  exit $?
+fi
+
 failed=""
 ran=0
 tab=$(printf '\t')
-while IFS="$tab" read -r exe dir; do
+while IFS="$tab" read -r exe dir modes; do
   [ -n "$exe" ] || continue
-  echo "xtask-vm: running ${exe##*/} (tests matching '$FILTER')"
-  ran=$((ran + 1))
-  if ! (cd "$dir" && CARGO_MANIFEST_DIR="$dir" "$exe" "$FILTER" --test-threads=1); then
-    failed="$failed ${exe##*/}"
-  fi
+  for mode in $(echo "$modes" | tr , ' '); do
+    echo "xtask-vm: running ${exe##*/} in mode $mode (tests matching '$FILTER')"
+    ran=$((ran + 1))
+    if ! (cd "$dir" && CARGO_MANIFEST_DIR="$dir" NIXB_VM_MODE="$mode" "$exe" "$FILTER" --test-threads=1); then
+      failed="$failed ${exe##*/}[$mode]"
+    fi
+  done
 done < /xtask-vm/tests
 while read -r s; do
   [ -n "$s" ] || continue

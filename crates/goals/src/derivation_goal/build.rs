@@ -152,14 +152,14 @@ impl RunningBuild {
         if self.chroot.is_none() && self.extraction == Extraction::Move && self.user.is_none() {
             return Ok(()); // unsandboxed as the caller: outputs are where the builder wrote them
         }
-        let uid = self.user.as_ref().map(HeldUser::uid);
+        let uids = self.user.as_ref().map(HeldUser::uids);
         for p in &self.builder_outputs {
             sandboxing::extract_output(
                 &self.store_dir,
                 self.chroot.as_deref(),
                 p,
                 self.extraction,
-                Some(uid),
+                Some(uids.clone()),
             )?;
         }
         Ok(())
