@@ -109,6 +109,7 @@ fn idle_connections_cost_little_and_do_not_stop_the_daemon() {
             worker: nixb_goals::WorkerConfig::new(root.path().join("log")),
             trust: TrustConfig::default(),
             nix_version: "nixb-test".into(),
+            gc: Default::default(),
         },
     ));
     let sock = root.path().join("socket");

@@ -215,6 +215,7 @@ fn nar_bombs_end_in_an_error_with_bounded_memory_and_nothing_left() {
             worker: nixb_goals::WorkerConfig::new(root.path().join("log")),
             trust: TrustConfig::default(),
             nix_version: "nixb-test".into(),
+            gc: Default::default(),
         },
     ));
     let sock = root.path().join("socket");

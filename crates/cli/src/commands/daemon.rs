@@ -77,8 +77,7 @@ fn systemd_socket() -> Result<Option<std::os::fd::OwnedFd>> {
             std::process::id()
         );
     }
-    // SAFETY: F_GETFD only asks whether descriptor 3 is open.
-    if unsafe { libc::fcntl(3, libc::F_GETFD) } == -1 {
+    if nix::fcntl::fcntl(3, nix::fcntl::FcntlArg::F_GETFD).is_err() {
         anyhow::bail!("LISTEN_FDS=1, but descriptor 3 (the socket from systemd) is not open");
     }
     // Builders and other children must not take the variables for their own.
