@@ -86,7 +86,11 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use nixb_daemon::activity::Activities;
 use nixb_goals::{Event, EventSink, FailureKind, Level};
+use nixb_protocol::stderr::{to_internal_json, ActivityType, Field, ResultType, Verbosity};
+use nixb_protocol::types::{BuildResult, BuildStatus};
+use nixb_protocol::StderrFrame;
 use nixb_store::{StoreDir, StorePath};
 
 /// How `realise` shows what the worker does.
@@ -98,6 +102,19 @@ pub enum RenderMode {
     Trace,
     /// One JSON object a line, for tools.
     Json,
+    /// Nix's structured log (`--log-format internal-json`): `@nix {...}` lines, the
+    /// activities a Nix daemon client would see.
+    InternalJson,
+}
+
+/// The activities `nix-store -r` wraps its builds in, which nix-output-monitor builds its
+/// tree from: `Realise`, `Builds` (with its progress) and `CopyPaths`.
+struct TopLevel {
+    realise: u64,
+    builds: u64,
+    copy_paths: u64,
+    /// The `Builds` progress last printed, so that an unchanged one is not repeated.
+    last_progress: [u64; 4],
 }
 
 /// Renders the worker's events on stderr.
@@ -119,13 +136,31 @@ pub struct EventRenderer {
     hook_failed: std::collections::HashSet<StorePath>,
     /// What each finished builder used, for the closing summary of `-v`.
     resources: Vec<(StorePath, nixb_goals::ResourceUsage)>,
+    /// `InternalJson`: the engine's events as Nix's activities (the daemon's translator).
+    activities: Option<Activities>,
+    /// `InternalJson`, local builds: the enclosing activities, once begun.
+    top: Option<TopLevel>,
+    /// `InternalJson`: error lines held until the activities are stopped, as Nix prints
+    /// a failed build's error after them.
+    pending_errors: Vec<String>,
+    /// A daemon's frames: its build activities by id, for their log lines.
+    remote_builds: HashMap<u64, StorePath>,
+    /// A daemon's frames: the id of its `Builds` activity, whose progress moves the bar.
+    remote_builds_activity: Option<u64>,
+}
+
+/// The base of this process's activity ids, as Nix numbers them (the pid in the high
+/// half), so that they do not collide with those of a daemon whose frames are shown too.
+fn activity_id_base() -> u64 {
+    u64::from(std::process::id()) << 32
 }
 
 impl EventRenderer {
-    pub fn new(mode: RenderMode, dir: StoreDir) -> EventRenderer {
+    /// `allow_bar: false` never shows the progress line (`--log-format raw`).
+    pub fn with_bar(mode: RenderMode, dir: StoreDir, allow_bar: bool) -> EventRenderer {
         let tty = std::io::stderr().is_terminal()
             && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
-        let bar = (mode == RenderMode::Human && tty && verbosity() >= 1).then(|| {
+        let bar = (allow_bar && mode == RenderMode::Human && tty && verbosity() >= 1).then(|| {
             let pb = ProgressBar::new_spinner();
             pb.set_style(
                 ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
@@ -134,6 +169,7 @@ impl EventRenderer {
             pb.enable_steady_tick(std::time::Duration::from_millis(120));
             pb
         });
+        let dir_for_activities = dir.clone();
         EventRenderer {
             mode,
             dir,
@@ -146,10 +182,107 @@ impl EventRenderer {
             partial: HashMap::new(),
             hook_failed: Default::default(),
             resources: Vec::new(),
+            activities: (mode == RenderMode::InternalJson)
+                .then(|| Activities::new(dir_for_activities, activity_id_base() + 4)),
+            top: None,
+            pending_errors: Vec::new(),
+            remote_builds: HashMap::new(),
+            remote_builds_activity: None,
         }
     }
 
+    /// Local builds in `InternalJson`: starts the activities `nix-store -r` wraps its
+    /// builds in (`Realise`, `Builds`, `CopyPaths`), with their first progress.
+    pub fn begin(&mut self) {
+        if self.mode != RenderMode::InternalJson || self.top.is_some() {
+            return;
+        }
+        let base = activity_id_base();
+        let top = TopLevel {
+            realise: base + 1,
+            builds: base + 2,
+            copy_paths: base + 3,
+            last_progress: [u64::MAX; 4],
+        };
+        for (id, kind) in [
+            (top.realise, ActivityType::Realise),
+            (top.builds, ActivityType::Builds),
+            (top.copy_paths, ActivityType::CopyPaths),
+        ] {
+            emit_json(&StderrFrame::StartActivity {
+                id,
+                level: Verbosity::Error,
+                kind,
+                text: String::new(),
+                fields: Vec::new(),
+                parent: 0,
+            });
+        }
+        emit_json(&StderrFrame::Result {
+            id: top.copy_paths,
+            kind: ResultType::Progress,
+            fields: vec![Field::Int(0); 4],
+        });
+        // What Nix's worker expects to download and copy: nothing it knows of yet.
+        for expected in [ActivityType::FileTransfer, ActivityType::CopyPath] {
+            emit_json(&StderrFrame::Result {
+                id: top.realise,
+                kind: ResultType::SetExpected,
+                fields: vec![Field::Int(expected.to_u64()), Field::Int(0)],
+            });
+        }
+        self.top = Some(top);
+        self.progress();
+    }
+
+    /// `InternalJson`: the `Builds` activity's progress (done, expected, running,
+    /// failed), when it changed.
+    fn progress(&mut self) {
+        let expected = self
+            .planned
+            .max(self.done + self.failed + self.running.len()) as u64;
+        let now = [
+            self.done as u64,
+            expected,
+            self.running.len() as u64,
+            self.failed as u64,
+        ];
+        if let Some(top) = &mut self.top {
+            if top.last_progress != now {
+                top.last_progress = now;
+                emit_json(&StderrFrame::Result {
+                    id: top.builds,
+                    kind: ResultType::Progress,
+                    fields: now.iter().map(|&n| Field::Int(n)).collect(),
+                });
+            }
+        }
+    }
+
+    /// An error as Nix's JSON logger prints it (`msg` with its coloured prefix, `raw_msg`
+    /// without, no position), held until the activities are stopped.
+    fn json_error(&mut self, msg: &str) {
+        let colored = format!("\u{1b}[31;1merror:\u{1b}[0m {msg}");
+        let line = format!(
+            "@nix {{\"action\":\"msg\",\"column\":null,\"file\":null,\"level\":0,\"line\":null,\"msg\":{},\"raw_msg\":{}}}",
+            serde_json::Value::String(colored),
+            serde_json::Value::String(msg.to_string())
+        );
+        self.pending_errors.push(line);
+    }
+
     pub fn finish(&mut self) {
+        if let Some(a) = &mut self.activities {
+            a.finish(&mut |f| emit_json(&f));
+        }
+        if let Some(top) = self.top.take() {
+            for id in [top.copy_paths, top.builds, top.realise] {
+                emit_json(&StderrFrame::StopActivity { id });
+            }
+        }
+        for line in std::mem::take(&mut self.pending_errors) {
+            eprintln!("{line}");
+        }
         let drvs: Vec<StorePath> = self.partial.keys().cloned().collect();
         for d in drvs {
             if let Some(rest) = self.partial.remove(&d) {
@@ -161,7 +294,7 @@ impl EventRenderer {
         if let Some(pb) = self.bar.take() {
             pb.finish_and_clear();
         }
-        if self.mode != RenderMode::Json && verbosity() >= 2 {
+        if !matches!(self.mode, RenderMode::Json | RenderMode::InternalJson) && verbosity() >= 2 {
             for (drv, u) in &self.resources {
                 eprintln!(
                     "resources of '{}': cpu {:.2}s user + {:.2}s system, peak memory {}, read {}, written {}",
@@ -268,8 +401,222 @@ fn kind_name(k: FailureKind) -> &'static str {
     }
 }
 
+impl EventRenderer {
+    /// `InternalJson`: the event as the daemon's translator frames it, with the
+    /// `Builds` progress around it and a failed build's error held for the end.
+    fn internal_json_event(&mut self, e: Event) {
+        match &e {
+            Event::BuildSucceeded { drv } => {
+                self.running.retain(|p| p != drv);
+                self.done += 1;
+                self.progress();
+            }
+            Event::BuildFailed { drv, reason, .. } => {
+                self.running.retain(|p| p != drv);
+                self.failed += 1;
+                self.json_error(&reason.clone());
+                self.progress();
+            }
+            _ => {}
+        }
+        let after = match &e {
+            Event::BuildPlanned { .. } => {
+                self.planned += 1;
+                true
+            }
+            Event::BuildStarted { drv, .. } => {
+                self.running.push(drv.clone());
+                true
+            }
+            _ => false,
+        };
+        if let Some(a) = &mut self.activities {
+            a.translate(e, &mut |f| emit_json(&f));
+        }
+        if after {
+            self.progress();
+        }
+    }
+
+    /// One frame of a daemon's stderr channel (client mode), shown in this renderer's
+    /// mode: as it is in `InternalJson` (as Nix's client passes a daemon's activities
+    /// on); otherwise build activities, their log lines and the daemon's messages as the
+    /// engine's own events are shown.
+    pub fn frame(&mut self, f: &StderrFrame) {
+        if self.mode == RenderMode::InternalJson {
+            emit_json(f);
+            return;
+        }
+        match f {
+            StderrFrame::Next(text) => {
+                let text = String::from_utf8_lossy(text);
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                if self.mode == RenderMode::Json {
+                    self.json(
+                        serde_json::json!({"event": "message", "level": "info", "text": text}),
+                    );
+                } else if verbosity() >= 1 {
+                    self.say(text);
+                }
+            }
+            StderrFrame::StartActivity {
+                id,
+                level,
+                kind,
+                text,
+                fields,
+                ..
+            } => {
+                if *kind == ActivityType::Builds {
+                    self.remote_builds_activity = Some(*id);
+                }
+                let drv = match (kind, fields.first()) {
+                    (ActivityType::Build, Some(Field::String(p))) => {
+                        self.dir.parse(&String::from_utf8_lossy(p)).ok()
+                    }
+                    _ => None,
+                };
+                if let Some(drv) = drv {
+                    let d = self.dir.print(&drv);
+                    match self.mode {
+                        RenderMode::Json => self.json(serde_json::json!({
+                            "event": "build-started", "drv": d,
+                        })),
+                        mode => {
+                            if verbosity() >= 1 && self.bar.is_none() {
+                                self.say(&format!("building '{d}'..."));
+                            }
+                            if mode == RenderMode::Trace {
+                                self.say(&format!("@ build-started {d} -"));
+                            }
+                        }
+                    }
+                    self.running.push(drv.clone());
+                    self.remote_builds.insert(*id, drv);
+                    self.update_bar();
+                } else if !text.is_empty()
+                    && self.mode != RenderMode::Json
+                    && (*level as u8) <= nix_verbosity()
+                    && self.bar.is_none()
+                {
+                    // As Nix's plain logger shows an activity it starts.
+                    self.say(&format!("{text}..."));
+                }
+            }
+            StderrFrame::Result { id, kind, fields } => match kind {
+                ResultType::BuildLogLine | ResultType::PostBuildLogLine => {
+                    if let (Some(drv), Some(Field::String(line))) =
+                        (self.remote_builds.get(id), fields.first())
+                    {
+                        self.line(drv, line);
+                    }
+                }
+                ResultType::Progress if Some(*id) == self.remote_builds_activity => {
+                    if let [Field::Int(done), Field::Int(expected), _, Field::Int(failed)] =
+                        fields.as_slice()
+                    {
+                        self.done = *done as usize;
+                        self.planned = *expected as usize;
+                        self.failed = *failed as usize;
+                        self.update_bar();
+                    }
+                }
+                _ => {}
+            },
+            StderrFrame::StopActivity { id } => {
+                if let Some(drv) = self.remote_builds.remove(id) {
+                    self.running.retain(|p| p != &drv);
+                    self.update_bar();
+                }
+            }
+            StderrFrame::Read(_) | StderrFrame::Write(_) | StderrFrame::Last => {}
+            StderrFrame::Error(e) => self.say(&format!("error: {}", e.message)),
+        }
+    }
+
+    /// What a daemon answered for one target of a build (client mode): a failure's
+    /// message in every mode; in `Json` and `Trace` also the target's success or
+    /// failure (a daemon says so only for the targets, not for what they depend on).
+    pub fn remote_result(&mut self, target: &str, drv: Option<&StorePath>, r: &BuildResult) {
+        let ok = r.status.is_success();
+        let d = drv.map(|p| self.dir.print(p));
+        match self.mode {
+            RenderMode::InternalJson => {
+                if !ok {
+                    self.json_error(&r.error_msg);
+                    for line in std::mem::take(&mut self.pending_errors) {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+            RenderMode::Json => {
+                if ok {
+                    if let Some(d) = d {
+                        self.json(serde_json::json!({"event": "build-succeeded", "drv": d}));
+                    }
+                } else {
+                    self.json(serde_json::json!({
+                        "event": "build-failed", "drv": d.unwrap_or_else(|| target.to_string()),
+                        "kind": status_kind(r.status), "reason": r.error_msg,
+                        "permanent": !matches!(r.status, BuildStatus::TransientFailure),
+                    }));
+                }
+            }
+            mode => {
+                if !ok {
+                    self.say(&format!("error: {}", r.error_msg));
+                }
+                if mode == RenderMode::Trace {
+                    if let Some(d) = d {
+                        if ok {
+                            if r.status == BuildStatus::Built {
+                                self.say(&format!("@ build-succeeded {d} -"));
+                            }
+                        } else {
+                            self.say(&format!("@ build-failed {d} - 1 {}", r.error_msg));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `kind` of `--json`'s build-failed event for a daemon's build status.
+fn status_kind(s: BuildStatus) -> &'static str {
+    match s {
+        BuildStatus::TimedOut => "timed-out",
+        BuildStatus::LogLimitExceeded => "log-limit-exceeded",
+        BuildStatus::OutputRejected => "hash-mismatch",
+        BuildStatus::NotDeterministic => "not-deterministic",
+        BuildStatus::CachedFailure => "cached-failure",
+        BuildStatus::DependencyFailed => "dependency-failed",
+        BuildStatus::PermanentFailure => "builder-failed",
+        _ => "setup-failed",
+    }
+}
+
+/// Nix's verbosity level for nixb's (`-q` errors only; normal = info; each `-v` one more).
+pub fn nix_verbosity() -> u8 {
+    match verbosity() {
+        0 => 0,
+        v => (v + 2).min(7),
+    }
+}
+
+/// Prints the frame as a line of Nix's structured log, if it is log output.
+fn emit_json(f: &StderrFrame) {
+    if let Some(line) = to_internal_json(f) {
+        eprintln!("{line}");
+    }
+}
+
 impl EventSink for EventRenderer {
     fn event(&mut self, e: Event) {
+        if self.mode == RenderMode::InternalJson {
+            self.internal_json_event(e);
+            return;
+        }
         match e {
             Event::BuildStarted {
                 drv,
@@ -327,7 +674,7 @@ impl EventSink for EventRenderer {
                         "@ build-resources {d} {user_us} {system_us} {} {} {}",
                         u.peak_memory, u.read_bytes, u.written_bytes
                     )),
-                    RenderMode::Human => {}
+                    RenderMode::Human | RenderMode::InternalJson => {}
                 }
                 self.resources.push((drv, u));
             }
@@ -343,7 +690,7 @@ impl EventSink for EventRenderer {
                         self.json(serde_json::json!({"event": "build-succeeded", "drv": d}))
                     }
                     RenderMode::Trace => self.say(&format!("@ build-succeeded {d} -")),
-                    RenderMode::Human => {}
+                    RenderMode::Human | RenderMode::InternalJson => {}
                 }
                 self.update_bar();
             }
@@ -388,7 +735,7 @@ impl EventSink for EventRenderer {
                     RenderMode::Trace => {
                         self.say(&format!("@ substituter-started {p} {substituter}"))
                     }
-                    RenderMode::Human => {}
+                    RenderMode::Human | RenderMode::InternalJson => {}
                 }
             }
             Event::SubstituterLog { path, chunk } => match self.mode {
@@ -420,7 +767,7 @@ impl EventSink for EventRenderer {
                         self.json(serde_json::json!({"event": "substituter-succeeded", "path": p}))
                     }
                     RenderMode::Trace => self.say(&format!("@ substituter-succeeded {p}")),
-                    RenderMode::Human => {}
+                    RenderMode::Human | RenderMode::InternalJson => {}
                 }
             }
             Event::SubstituterFailed {
@@ -434,7 +781,7 @@ impl EventSink for EventRenderer {
                         "event": "substituter-failed", "path": p, "status": status, "message": message,
                     })),
                     RenderMode::Trace => self.say(&format!("@ substituter-failed {p} {status} {message}")),
-                    RenderMode::Human => {}
+                    RenderMode::Human | RenderMode::InternalJson => {}
                 }
             }
             Event::HookOutput { drv, text } => match self.mode {
@@ -457,7 +804,7 @@ impl EventSink for EventRenderer {
                         self.say(&format!("@ hook-failed {d} - {status} {message}"));
                         self.hook_failed.insert(drv);
                     }
-                    RenderMode::Human => {}
+                    RenderMode::Human | RenderMode::InternalJson => {}
                 }
             }
             Event::BuildPlanned { drv } => {

@@ -1,9 +1,15 @@
 //! `nixb add PATH...`: as `nix-store --add`.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use nixb_protocol::ops::AddToStoreOldRequest;
+use nixb_protocol::{Request, Response};
+use nixb_store::StorePath;
+
+use crate::remote::{op_error, Remote, StoreUri};
 
 #[derive(Args)]
 pub struct AddArgs {
@@ -12,7 +18,15 @@ pub struct AddArgs {
     pub paths: Vec<PathBuf>,
 }
 
-pub fn run(args: AddArgs) -> Result<u8> {
+pub fn run(args: AddArgs, store: &StoreUri) -> Result<u8> {
+    if let StoreUri::Daemon { socket, origin } = store {
+        let mut remote = Remote::connect_plain(socket, origin)?;
+        for p in &args.paths {
+            let added = add_remote(&mut remote, p)?;
+            println!("{}", remote.dir.print(&added));
+        }
+        return Ok(0);
+    }
     let store = super::open_store()?;
     for p in &args.paths {
         let added = store
@@ -21,4 +35,56 @@ pub fn run(args: AddArgs) -> Result<u8> {
         println!("{}", store.store_dir().print(&added));
     }
     Ok(0)
+}
+
+/// Adds `src` through the daemon by its NAR, streamed from a second thread:
+/// `AddToStore` with `fixed:r:sha256` from 1.25, the old `AddToStore` before.
+fn add_remote(remote: &mut Remote, src: &Path) -> Result<StorePath> {
+    let name = src
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| {
+            format!(
+                "{} has no utf-8 file name to name its store path",
+                src.display()
+            )
+        })?
+        .to_string();
+    std::fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
+    let (mut reader, mut writer) =
+        std::io::pipe().context("making a pipe for the NAR to send to the daemon")?;
+    let path = src.to_path_buf();
+    let dumper = std::thread::spawn(move || nixb_store::nar::dump_path(&path, &mut writer));
+    let answer = if remote.client.ctx().version.at_least(25) {
+        remote
+            .client
+            .add_to_store(&name, "fixed:r:sha256", &BTreeSet::new(), &mut reader)
+            .map(|v| v.path)
+    } else {
+        // Nix's own client of that time: "fixed" 0 for a recursive SHA-256 addition.
+        let req = Request::AddToStoreOld(AddToStoreOldRequest {
+            base_name: name.clone(),
+            fixed: false,
+            recursive: true,
+            hash_algo: "sha256".into(),
+        });
+        remote
+            .client
+            .request(&req, Some(&mut reader), &mut |_| {})
+            .and_then(|r| match r {
+                Response::Path(p) => Ok(p),
+                r => Err(nixb_protocol::ProtocolError::Field {
+                    what: "AddToStore answer",
+                    value: format!("{r:?}"),
+                    reason: "not a store path".into(),
+                }),
+            })
+    };
+    // Unblocks a dumper still writing when the exchange failed early.
+    drop(reader);
+    let dumped = dumper
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread serialising {} panicked", src.display()))?;
+    dumped.with_context(|| format!("serialising {} to add it to the store", src.display()))?;
+    answer.map_err(|e| op_error(remote, &format!("add {}", src.display()), e))
 }

@@ -18,6 +18,7 @@ pub mod verify;
 use anyhow::{Context, Result};
 use nixb_store::local_store::{LocalStore, StoreConfig};
 
+use crate::remote::StoreUri;
 use crate::settings::Settings;
 use crate::{render, Cli, Command};
 
@@ -65,7 +66,62 @@ fn reads_no_settings(command: &Command) -> Option<&'static str> {
     }
 }
 
+/// How a command stands to `--store` / `NIX_REMOTE`.
+enum StoreUse {
+    /// Works on the store directly or through a daemon.
+    Either,
+    /// Works on the store directly only: refused when a daemon is chosen, by the flag or
+    /// by `NIX_REMOTE`, rather than going around the daemon.
+    Direct(&'static str),
+    /// Serves or helps the store here, or touches no store: `NIX_REMOTE` does not apply
+    /// (as for `nix-daemon`), and `--store` naming a daemon is refused.
+    Own(&'static str),
+}
+
+fn store_use(command: &Command) -> StoreUse {
+    match command {
+        Command::Query(a) if a.roots => StoreUse::Direct("query --roots"),
+        Command::Realise(_) | Command::Query(_) | Command::Log(_) | Command::Add(_) => {
+            StoreUse::Either
+        }
+        Command::Derivation(_) => StoreUse::Direct("derivation"),
+        Command::Dump(_) => StoreUse::Direct("dump"),
+        Command::Verify(_) => StoreUse::Direct("verify"),
+        Command::Gc(_) => StoreUse::Direct("gc"),
+        Command::Copy(_) => StoreUse::Direct("copy"),
+        Command::Restore(_) => StoreUse::Own("restore"),
+        Command::Hash(_) => StoreUse::Own("hash"),
+        Command::Substitute(_) => StoreUse::Own("substitute"),
+        Command::Serve(_) => StoreUse::Own("serve"),
+        Command::Daemon(_) => StoreUse::Own("daemon"),
+        Command::BuildRemote(_) => StoreUse::Own("build-remote"),
+    }
+}
+
+/// The store the command works on, or why it cannot work on the one chosen.
+fn chosen_store(cli: &Cli) -> Result<StoreUri> {
+    let uri = match store_use(&cli.command) {
+        StoreUse::Own(_) => match &cli.store {
+            Some(v) => StoreUri::parse(v, &format!("--store '{v}'"))?,
+            None => StoreUri::Local,
+        },
+        _ => StoreUri::resolve(cli.store.as_deref())?,
+    };
+    match (store_use(&cli.command), &uri) {
+        (StoreUse::Direct(name) | StoreUse::Own(name), StoreUri::Daemon { origin, .. }) => {
+            anyhow::bail!(
+                "'nixb {name}' works on the store directly and not through a daemon, but \
+                 {origin} chooses one; run it without --store and with NIX_REMOTE unset or \
+                 'local', as a user who may open the store (realise, query, add and log \
+                 work through a daemon)"
+            )
+        }
+        _ => Ok(uri),
+    }
+}
+
 pub fn run(cli: Cli) -> Result<u8> {
+    let store = chosen_store(&cli)?;
     // An override that nothing reads would be silently ignored: say so instead.
     if let (Some(name), Some(setting)) = (reads_no_settings(&cli.command), cli.options.first()) {
         anyhow::bail!(
@@ -75,10 +131,10 @@ pub fn run(cli: Cli) -> Result<u8> {
         );
     }
     match cli.command {
-        Command::Realise(a) => realise::run(a, &cli.options),
-        Command::Query(a) => query::run(a, &cli.options),
-        Command::Log(a) => log::run(a),
-        Command::Add(a) => add::run(a),
+        Command::Realise(a) => realise::run(a, &cli.options, &store),
+        Command::Query(a) => query::run(a, &cli.options, &store),
+        Command::Log(a) => log::run(a, &store),
+        Command::Add(a) => add::run(a, &store),
         Command::Derivation(c) => derivation::run(c),
         Command::Dump(a) => nar::dump(a),
         Command::Restore(a) => nar::restore(a),
@@ -96,7 +152,11 @@ pub fn run(cli: Cli) -> Result<u8> {
 /// Parses a command-line argument as a store path, following a symlink into the store
 /// (as Nix does for `./result`) when it is not one literally.
 pub fn parse_store_path(store: &LocalStore, arg: &str) -> Result<nixb_store::StorePath> {
-    let dir = store.store_dir();
+    parse_store_path_in(store.store_dir(), arg)
+}
+
+/// [`parse_store_path`] in the store directory `dir` (a daemon's store, client mode).
+pub fn parse_store_path_in(dir: &nixb_store::StoreDir, arg: &str) -> Result<nixb_store::StorePath> {
     if let Ok(p) = dir.parse(arg) {
         return Ok(p);
     }

@@ -4,7 +4,11 @@ use std::collections::BTreeSet;
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args};
+use nixb_protocol::types::PathInfo;
+use nixb_protocol::{Request, Response};
 use nixb_store::StorePath;
+
+use crate::remote::{op_error, Remote, StoreUri};
 
 #[derive(Args)]
 #[command(group(ArgGroup::new("what").required(true).multiple(false)))]
@@ -41,7 +45,10 @@ pub struct QueryArgs {
     pub paths: Vec<String>,
 }
 
-pub fn run(args: QueryArgs, options: &[String]) -> Result<u8> {
+pub fn run(args: QueryArgs, options: &[String], store: &StoreUri) -> Result<u8> {
+    if let StoreUri::Daemon { socket, origin } = store {
+        return run_remote(&args, &mut Remote::connect_plain(socket, origin)?);
+    }
     let store = super::open_store()?;
     let dir = store.store_dir().clone();
     let paths: Vec<StorePath> = args
@@ -174,4 +181,155 @@ fn ensure_valid(store: &nixb_store::local_store::LocalStore, p: &StorePath) -> R
         bail!("path '{}' is not valid", store.store_dir().print(p));
     }
     Ok(())
+}
+
+/// The same questions asked of a daemon: `QueryValidPaths`, `QueryDerivationOutputMap`,
+/// `QueryReferrers` and `QueryPathInfo` (the closure walked here, as Nix's client does).
+fn run_remote(args: &QueryArgs, remote: &mut Remote) -> Result<u8> {
+    let dir = remote.dir.clone();
+    let mut conn = RemoteQueries {
+        remote,
+        dir: dir.clone(),
+    };
+    let paths: Vec<StorePath> = args
+        .paths
+        .iter()
+        .map(|p| super::parse_store_path_in(&dir, p))
+        .collect::<Result<_>>()?;
+    let print_set = |set: BTreeSet<StorePath>| {
+        for p in set {
+            println!("{}", dir.print(&p));
+        }
+    };
+    if args.valid {
+        let valid = conn.valid_paths(&paths.iter().cloned().collect())?;
+        let mut invalid = Vec::new();
+        for p in &paths {
+            if valid.contains(p) {
+                println!("{}", dir.print(p));
+            } else {
+                invalid.push(dir.print(p));
+            }
+        }
+        if !invalid.is_empty() {
+            bail!("not valid: {}", invalid.join(", "));
+        }
+        return Ok(0);
+    }
+    if args.outputs {
+        for p in &paths {
+            if p.is_derivation() {
+                for (name, out) in conn.output_map(p)? {
+                    match out {
+                        Some(o) => println!("{}", dir.print(&o)),
+                        None => bail!(
+                            "derivation {} has no path for its output '{name}'",
+                            dir.print(p)
+                        ),
+                    }
+                }
+            } else {
+                println!("{}", dir.print(p));
+            }
+        }
+        return Ok(0);
+    }
+    if args.requisites {
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<StorePath> = paths.clone();
+        while let Some(p) = todo.pop() {
+            if seen.contains(&p) {
+                continue;
+            }
+            let info = conn.info(&p)?;
+            todo.extend(info.references.into_iter().filter(|r| !seen.contains(r)));
+            seen.insert(p);
+        }
+        print_set(seen);
+        return Ok(0);
+    }
+    for p in &paths {
+        if args.referrers {
+            print_set(conn.referrers(p)?);
+            continue;
+        }
+        let info = conn.info(p)?;
+        if args.references {
+            print_set(info.references);
+        } else if args.hash {
+            println!("{}", info.nar_hash.to_base32_typed());
+        } else if args.size {
+            println!("{}", info.nar_size);
+        } else if args.deriver {
+            match &info.deriver {
+                Some(d) => println!("{}", dir.print(d)),
+                None => println!("unknown-deriver"),
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// The queries `run_remote` asks, each with its error worded as Nix's client words it.
+struct RemoteQueries<'a> {
+    remote: &'a mut Remote,
+    dir: nixb_store::StoreDir,
+}
+
+impl RemoteQueries<'_> {
+    fn ask(&mut self, req: Request, what: &str) -> Result<Response> {
+        let answer = self.remote.client.request(&req, None, &mut |_| {});
+        answer.map_err(|e| op_error(self.remote, what, e))
+    }
+
+    fn info(&mut self, p: &StorePath) -> Result<PathInfo> {
+        let printed = self.dir.print(p);
+        match self.ask(
+            Request::QueryPathInfo(p.clone()),
+            &format!("describe {printed}"),
+        )? {
+            Response::PathInfo(Some(i)) => Ok(i),
+            Response::PathInfo(None) => bail!("path '{printed}' is not valid"),
+            r => bail!("the daemon answered {r:?} when asked to describe {printed}"),
+        }
+    }
+
+    fn valid_paths(&mut self, paths: &BTreeSet<StorePath>) -> Result<BTreeSet<StorePath>> {
+        let req = Request::QueryValidPaths {
+            paths: paths.clone(),
+            substitute: false,
+        };
+        match self.ask(req, "check which paths are valid")? {
+            Response::Paths(p) => Ok(p),
+            r => bail!("the daemon answered {r:?} when asked which paths are valid"),
+        }
+    }
+
+    fn referrers(&mut self, p: &StorePath) -> Result<BTreeSet<StorePath>> {
+        let printed = self.dir.print(p);
+        match self.ask(
+            Request::QueryReferrers(p.clone()),
+            &format!("list the referrers of {printed}"),
+        )? {
+            Response::Paths(p) => Ok(p),
+            r => bail!("the daemon answered {r:?} when asked for the referrers of {printed}"),
+        }
+    }
+
+    fn output_map(
+        &mut self,
+        p: &StorePath,
+    ) -> Result<std::collections::BTreeMap<String, Option<StorePath>>> {
+        let printed = self.dir.print(p);
+        match self
+            .ask(
+                Request::QueryDerivationOutputMap(p.clone()),
+                &format!("list the outputs of {printed}"),
+            )
+            .with_context(|| format!("reading derivation {printed}"))?
+        {
+            Response::OutputMap(m) => Ok(m),
+            r => bail!("the daemon answered {r:?} when asked for the outputs of {printed}"),
+        }
+    }
 }

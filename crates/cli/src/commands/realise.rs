@@ -2,13 +2,38 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use clap::Args;
-use nixb_goals::{BuildMode, HookCommand, Substituter, SubstituterCommand, WorkerConfig};
-use nixb_store::DerivedPath;
+use std::collections::BTreeMap;
+use std::path::Path;
 
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use nixb_goals::{BuildMode, HookCommand, Substituter, SubstituterCommand, WorkerConfig};
+use nixb_protocol::types::{
+    BuildMode as WireBuildMode, BuildResult, BuildStatus, ClientSettings,
+    DerivedPath as WireDerivedPath, KeyedBuildResult, OutputsSpec,
+};
+use nixb_protocol::{Request, Response};
+use nixb_store::{DerivedPath, StoreDir, StorePath};
+
+use crate::remote::{Remote, StoreUri};
 use crate::render::{EventRenderer, RenderMode};
 use crate::settings::Settings;
+
+/// Nix's `--log-format` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Plain lines: what is built, the builders' output, errors
+    Raw,
+    /// The same as raw (realise always shows the builders' output, as nix-store -r)
+    RawWithLogs,
+    /// Nix's structured log: one `@nix {...}` line per activity start, result and stop
+    /// (what nix-output-monitor reads)
+    InternalJson,
+    /// Plain lines under a progress line when stderr is a terminal (the default)
+    Bar,
+    /// The same as bar
+    BarWithLogs,
+}
 
 #[derive(Args)]
 pub struct RealiseArgs {
@@ -48,11 +73,29 @@ pub struct RealiseArgs {
     /// Build from source when substituting a derivation's outputs fails (setting `fallback`)
     #[arg(long)]
     pub fallback: bool,
+    /// How progress is shown on stderr, as Nix's --log-format
+    #[arg(long, value_enum, value_name = "FORMAT", conflicts_with_all = ["json", "print_build_trace"])]
+    pub log_format: Option<LogFormat>,
 }
 
-pub fn run(args: RealiseArgs, options: &[String]) -> Result<u8> {
+/// The renderer's mode, and whether it may show a progress line.
+fn render_mode(args: &RealiseArgs) -> (RenderMode, bool) {
+    match args.log_format {
+        Some(LogFormat::InternalJson) => (RenderMode::InternalJson, false),
+        Some(LogFormat::Raw | LogFormat::RawWithLogs) => (RenderMode::Human, false),
+        Some(LogFormat::Bar | LogFormat::BarWithLogs) => (RenderMode::Human, true),
+        None if args.json => (RenderMode::Json, false),
+        None if args.print_build_trace => (RenderMode::Trace, true),
+        None => (RenderMode::Human, true),
+    }
+}
+
+pub fn run(args: RealiseArgs, options: &[String], store: &StoreUri) -> Result<u8> {
     let mut settings = super::settings(options)?;
     apply_flags(&mut settings, &args)?;
+    if let StoreUri::Daemon { socket, origin } = store {
+        return run_remote(&args, options, &settings, socket, origin);
+    }
     let store = super::open_store()?;
     let dir = store.store_dir().clone();
     let targets: Vec<DerivedPath> = args
@@ -75,14 +118,9 @@ pub fn run(args: RealiseArgs, options: &[String]) -> Result<u8> {
 
     super::gc::auto_gc(&store, &settings, &targets)?;
     let cfg = worker_config(&settings, &store, &args);
-    let mode = if args.json {
-        RenderMode::Json
-    } else if args.print_build_trace {
-        RenderMode::Trace
-    } else {
-        RenderMode::Human
-    };
-    let mut renderer = EventRenderer::new(mode, dir.clone());
+    let (mode, bar) = render_mode(&args);
+    let mut renderer = EventRenderer::with_bar(mode, dir.clone(), bar);
+    renderer.begin();
     let outcome = nixb_goals::realise(&store, &targets, &cfg, &mut renderer)?;
     renderer.finish();
     for (_, outputs) in &outcome.outputs {
@@ -91,6 +129,213 @@ pub fn run(args: RealiseArgs, options: &[String]) -> Result<u8> {
         }
     }
     Ok(u8::try_from(outcome.exit_status).unwrap_or(1))
+}
+
+/// `realise` through a daemon: `BuildPathsWithResults` (`BuildPaths` before 1.34), the
+/// daemon's stderr frames shown as the engine's events are, then each realised target's
+/// outputs, as the daemon's store lists them.
+fn run_remote(
+    args: &RealiseArgs,
+    options: &[String],
+    settings: &Settings,
+    socket: &Path,
+    origin: &str,
+) -> Result<u8> {
+    let dir = crate::remote::store_dir()?;
+    let targets: Vec<WireDerivedPath> = args
+        .targets
+        .iter()
+        .map(|t| remote_target(&dir, t))
+        .collect::<Result<_>>()?;
+    let (mode, bar) = render_mode(args);
+    let mut renderer = EventRenderer::with_bar(mode, dir.clone(), bar);
+    let mut remote = Remote::connect(
+        socket,
+        origin,
+        &client_settings(settings, args, options),
+        &mut |f| renderer.frame(f),
+    )?;
+    let build_mode = if args.check {
+        WireBuildMode::Check
+    } else if args.repair {
+        WireBuildMode::Repair
+    } else {
+        WireBuildMode::Normal
+    };
+    let results = if remote.client.ctx().version.at_least(34) {
+        remote
+            .client
+            .build_paths_with_results(&targets, build_mode, &mut |f| renderer.frame(f))
+            .map_err(|e| crate::remote::op_error(&remote, "build", e))?
+    } else {
+        // All or nothing: a failure is the operation's error, its status Nix's (the
+        // daemon sends one before 1.26; after, a failure is a build's, 100).
+        match remote
+            .client
+            .build_paths(&targets, build_mode, &mut |f| renderer.frame(f))
+        {
+            Ok(()) => targets
+                .iter()
+                .map(|t| KeyedBuildResult {
+                    path: t.clone(),
+                    result: BuildResult::new(BuildStatus::Built),
+                })
+                .collect(),
+            Err(e) => match crate::remote::remote_error(&e) {
+                Some(r) => {
+                    let mut failed = BuildResult::new(BuildStatus::MiscFailure);
+                    failed.error_msg = r.message.clone();
+                    renderer.remote_result("", None, &failed);
+                    renderer.finish();
+                    let status = if remote.client.ctx().version.at_least(26) {
+                        100
+                    } else {
+                        r.status
+                    };
+                    return Ok(u8::try_from(status).unwrap_or(1).max(1));
+                }
+                None => return Err(crate::remote::op_error(&remote, "build", e)),
+            },
+        }
+    };
+    for r in &results {
+        let drv = match &r.path {
+            WireDerivedPath::Built { drv, .. } => Some(drv),
+            WireDerivedPath::Opaque(_) => None,
+        };
+        let target = r.path.to_wire(remote.client.ctx()).unwrap_or_default();
+        renderer.remote_result(&target, drv, &r.result);
+    }
+    renderer.finish();
+    let by_target: BTreeMap<&WireDerivedPath, &BuildResult> =
+        results.iter().map(|r| (&r.path, &r.result)).collect();
+    for t in &targets {
+        if !by_target.get(t).is_some_and(|r| r.status.is_success()) {
+            continue;
+        }
+        for p in target_outputs(&mut remote, t)? {
+            println!("{}", dir.print(&p));
+        }
+    }
+    Ok(remote_exit_status(results.iter().map(|r| r.result.status)))
+}
+
+/// A command-line target as the daemon takes it: `DRV` (every output), `DRV!OUT,…`, or
+/// a store path (a symlink into the store stands for its target).
+fn remote_target(dir: &StoreDir, t: &str) -> Result<WireDerivedPath> {
+    let (path, outputs) = match t.split_once('!') {
+        Some((p, o)) => (p, Some(o)),
+        None => (t, None),
+    };
+    let p = super::parse_store_path_in(dir, path)?;
+    Ok(match outputs {
+        Some(o) => {
+            let names: Vec<String> = o.split(',').map(str::to_string).collect();
+            if names.iter().any(|n| n.is_empty()) {
+                anyhow::bail!("argument '{t}': an output name is empty");
+            }
+            WireDerivedPath::Built {
+                drv: p,
+                outputs: OutputsSpec::Names(names),
+            }
+        }
+        None if p.is_derivation() => WireDerivedPath::Built {
+            drv: p,
+            outputs: OutputsSpec::All,
+        },
+        None => WireDerivedPath::Opaque(p),
+    })
+}
+
+/// The paths a realised target stands for: itself, or the wanted outputs of the
+/// derivation as the daemon's store maps them (in output-name order, as a local
+/// realise prints them).
+fn target_outputs(remote: &mut Remote, t: &WireDerivedPath) -> Result<Vec<StorePath>> {
+    let (drv, wanted) = match t {
+        WireDerivedPath::Opaque(p) => return Ok(vec![p.clone()]),
+        WireDerivedPath::Built { drv, outputs } => (drv, outputs),
+    };
+    let printed = remote.dir.print(drv);
+    let map = match remote
+        .client
+        .request(
+            &Request::QueryDerivationOutputMap(drv.clone()),
+            None,
+            &mut |_| {},
+        )
+        .map_err(|e| {
+            crate::remote::op_error(remote, &format!("list the outputs of {printed}"), e)
+        })? {
+        Response::OutputMap(m) => m,
+        r => anyhow::bail!("the daemon answered {r:?} when asked for the outputs of {printed}"),
+    };
+    let mut paths = Vec::new();
+    for (name, path) in map {
+        if let OutputsSpec::Names(n) = wanted {
+            if !n.contains(&name) {
+                continue;
+            }
+        }
+        paths.push(path.with_context(|| {
+            format!("the daemon knows no path for output '{name}' of {printed}")
+        })?);
+    }
+    Ok(paths)
+}
+
+/// Nix's exit status for these results: 0 when all succeeded; for build failures 100,
+/// plus 1 if one timed out, 2 for a fixed-output hash mismatch, 4 for a `--check`
+/// mismatch; 1 for any other failure.
+fn remote_exit_status(statuses: impl Iterator<Item = BuildStatus>) -> u8 {
+    let (mut build_failure, mut other, mut bits) = (false, false, 0u8);
+    for s in statuses {
+        match s {
+            BuildStatus::TimedOut => bits |= 1,
+            BuildStatus::OutputRejected => bits |= 2,
+            BuildStatus::NotDeterministic => bits |= 4,
+            BuildStatus::PermanentFailure
+            | BuildStatus::CachedFailure
+            | BuildStatus::DependencyFailed
+            | BuildStatus::LogLimitExceeded => build_failure = true,
+            s if s.is_success() => {}
+            _ => other = true,
+        }
+    }
+    if build_failure || bits != 0 {
+        100 + bits
+    } else if other {
+        1
+    } else {
+        0
+    }
+}
+
+/// What `SetOptions` tells the daemon: the settings Nix's client sends in their own
+/// fields, and `--option` pairs (and `--timeout`) as overrides.
+fn client_settings(s: &Settings, a: &RealiseArgs, options: &[String]) -> ClientSettings {
+    let mut overrides = BTreeMap::new();
+    for pair in options.chunks(2) {
+        if let [name, value] = pair {
+            overrides.insert(name.clone(), value.clone());
+        }
+    }
+    if let Some(t) = a.timeout {
+        overrides.insert("timeout".into(), t.to_string());
+    }
+    ClientSettings {
+        keep_failed: s.keep_failed,
+        keep_going: s.keep_going,
+        try_fallback: s.fallback,
+        verbosity: u64::from(crate::render::nix_verbosity()),
+        max_build_jobs: s.max_jobs as u64,
+        max_silent_time: s.max_silent_time.map_or(0, |d| d.as_secs()),
+        // lvlError: show the builders' output, as nix-store -r does.
+        build_verbosity: 0,
+        build_cores: s.cores as u64,
+        use_substitutes: s.use_substitutes,
+        overrides,
+        ..ClientSettings::default()
+    }
 }
 
 fn apply_flags(s: &mut Settings, a: &RealiseArgs) -> Result<()> {
