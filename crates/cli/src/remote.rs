@@ -164,7 +164,7 @@ pub fn remote_error(e: &nixb_protocol::ProtocolError) -> Option<&nixb_protocol::
 /// failure of the exchange with what was being asked.
 pub fn op_error(remote: &Remote, what: &str, e: nixb_protocol::ProtocolError) -> anyhow::Error {
     match remote_error(&e) {
-        Some(r) => anyhow::anyhow!("{}", r.message),
+        Some(r) => anyhow::anyhow!("{}", crate::render::daemon_text(&r.message)),
         None => anyhow::Error::new(e).context(remote.ctx(what)),
     }
 }

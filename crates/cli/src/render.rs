@@ -530,7 +530,7 @@ impl EventRenderer {
                 }
             }
             StderrFrame::Read(_) | StderrFrame::Write(_) | StderrFrame::Last => {}
-            StderrFrame::Error(e) => self.say(&format!("error: {}", e.message)),
+            StderrFrame::Error(e) => self.say(&format!("error: {}", daemon_text(&e.message))),
         }
     }
 
@@ -557,14 +557,14 @@ impl EventRenderer {
                 } else {
                     self.json(serde_json::json!({
                         "event": "build-failed", "drv": d.unwrap_or_else(|| target.to_string()),
-                        "kind": status_kind(r.status), "reason": r.error_msg,
+                        "kind": status_kind(r.status), "reason": strip_ansi(&r.error_msg),
                         "permanent": !matches!(r.status, BuildStatus::TransientFailure),
                     }));
                 }
             }
             mode => {
                 if !ok {
-                    self.say(&format!("error: {}", r.error_msg));
+                    self.say(&format!("error: {}", daemon_text(&r.error_msg)));
                 }
                 if mode == RenderMode::Trace {
                     if let Some(d) = d {
@@ -573,7 +573,8 @@ impl EventRenderer {
                                 self.say(&format!("@ build-succeeded {d} -"));
                             }
                         } else {
-                            self.say(&format!("@ build-failed {d} - 1 {}", r.error_msg));
+                            let msg = strip_ansi(&r.error_msg);
+                            self.say(&format!("@ build-failed {d} - 1 {msg}"));
                         }
                     }
                 }
@@ -593,6 +594,48 @@ fn status_kind(s: BuildStatus) -> &'static str {
         BuildStatus::DependencyFailed => "dependency-failed",
         BuildStatus::PermanentFailure => "builder-failed",
         _ => "setup-failed",
+    }
+}
+
+/// Whether stderr shows colours, as Nix decides (a terminal, `TERM` not `dumb`, no
+/// `NO_COLOR`): Nix's messages carry ANSI colour codes, which it strips otherwise.
+pub fn ansi_ok() -> bool {
+    std::io::stderr().is_terminal()
+        && std::env::var_os("TERM").is_some_and(|t| t != "dumb")
+        && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// `s` without ANSI escape sequences (`ESC [ … final byte`, and two-byte `ESC x`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('[') => {
+                // Parameters and intermediates up to the final byte (@ to ~).
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            Some(_) | None => {}
+        }
+    }
+    out
+}
+
+/// A daemon's message as it is shown on stderr: its colours only where Nix would show
+/// them.
+pub fn daemon_text(s: &str) -> String {
+    if ansi_ok() {
+        s.to_string()
+    } else {
+        strip_ansi(s)
     }
 }
 
@@ -853,4 +896,19 @@ impl EventSink for EventRenderer {
 
 fn memchr(b: u8, s: &[u8]) -> Option<usize> {
     s.iter().position(|&c| c == b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ansi_colours_are_stripped_as_nix_strips_them() {
+        assert_eq!(
+            strip_ansi("\u{1b}[31;1merror:\u{1b}[0m builder for '\u{1b}[35;1m/s/x.drv\u{1b}[0m'"),
+            "error: builder for '/s/x.drv'"
+        );
+        assert_eq!(strip_ansi("plain ☃ text"), "plain ☃ text");
+        assert_eq!(strip_ansi("cut \u{1b}[3"), "cut ");
+    }
 }

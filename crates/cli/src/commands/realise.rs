@@ -499,3 +499,25 @@ fn hook_command(s: &Settings) -> Option<HookCommand> {
         ],
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nix's `Worker::exitStatus`: 0x60 | 0x04 for a build failure, | 0x01 timed out,
+    /// | 0x02 hash mismatch, | 0x08 check mismatch; 1 for other failures.
+    #[test]
+    fn exit_status_of_daemon_results_is_nix_s() {
+        use BuildStatus::*;
+        let status = |s: &[BuildStatus]| remote_exit_status(s.iter().copied());
+        assert_eq!(status(&[Built, AlreadyValid, Substituted]), 0);
+        assert_eq!(status(&[Built, PermanentFailure]), 0x60 | 0x04);
+        assert_eq!(status(&[DependencyFailed]), 100);
+        assert_eq!(status(&[TimedOut]), 101);
+        assert_eq!(status(&[OutputRejected, Built]), 102);
+        assert_eq!(status(&[TimedOut, OutputRejected]), 103);
+        assert_eq!(status(&[NotDeterministic]), 104);
+        assert_eq!(status(&[MiscFailure]), 1);
+        assert_eq!(status(&[MiscFailure, PermanentFailure]), 100);
+    }
+}
