@@ -350,37 +350,25 @@ fn log_format_rejects_unknown_values_naming_the_accepted_ones() {
     }
 }
 
-/// What one daemon answered through nixb's client, and through Nix's for comparison.
-struct Answers {
-    realise_out: String,
-    realise_code: Option<i32>,
-    realise_err: String,
-}
-
 /// Builds, queries, adds and reads logs through the daemon on `socket`, comparing each
 /// answer of `nixb --store` with real Nix 2.8's client through the same daemon, and the
 /// outputs with `expected_outputs` (a local `nixb realise`'s).
 fn through_daemon(
     t: &TestStore,
     socket: &Path,
+    tag: &str,
     drv: &str,
     expected_outputs: &str,
     dependent: &str,
     failing: &str,
-) -> Answers {
+) {
     let realise = run(nixb_client(t, socket).arg("realise").arg(drv), None);
-    let answers = Answers {
-        realise_out: stdout(&realise),
-        realise_code: realise.status.code(),
-        realise_err: stderr(&realise),
-    };
-    assert_eq!(answers.realise_code, Some(0), "{}", answers.realise_err);
-    assert_eq!(answers.realise_out, expected_outputs);
+    let realise_err = stderr(&realise);
+    assert_eq!(realise.status.code(), Some(0), "{realise_err}");
+    assert_eq!(stdout(&realise), expected_outputs);
     assert!(
-        answers.realise_err.contains("building the first line")
-            && answers.realise_err.contains("a second line"),
-        "the builder's log is shown: {}",
-        answers.realise_err
+        realise_err.contains("building the first line") && realise_err.contains("a second line"),
+        "the builder's log is shown: {realise_err}"
     );
 
     // NIX_REMOTE=unix://… and NIX_REMOTE=daemon with NIX_DAEMON_SOCKET_PATH choose the
@@ -497,6 +485,46 @@ fn through_daemon(
         "{err}"
     );
     assert!(!err.contains('\u{1b}'), "colours on a pipe: {err:?}");
+
+    // --log-format internal-json passes the daemon's activities on as Nix's client does:
+    // two derivations alike but for their names, one built by each client.
+    let fresh = |name: &str| {
+        let expr = format!(
+            r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";
+                 args = [ "-c" "echo one; echo two >&2; echo x > $out" ]; }}"#
+        );
+        instantiate(t, &format!("{name}.nix"), &expr)
+    };
+    let (theirs_drv, ours_drv) = (
+        fresh(&format!("fresh-{tag}-a")),
+        fresh(&format!("fresh-{tag}-b")),
+    );
+    let theirs = run(
+        nix_client(t, "nix-store", socket)
+            .args(["-r", "--log-format", "internal-json"])
+            .arg(&theirs_drv),
+        None,
+    );
+    let ours = run(
+        nixb_client(t, socket)
+            .args(["realise", "--log-format", "internal-json"])
+            .arg(&ours_drv),
+        None,
+    );
+    assert!(theirs.status.success(), "{}", stderr(&theirs));
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    let unname = |lines: Vec<Value>, drv: &str| -> Vec<Value> {
+        lines
+            .iter()
+            .map(|l| serde_json::from_str(&l.to_string().replace(drv, "DRV")).unwrap())
+            .collect()
+    };
+    let expected = unname(build_activity(&structured(&theirs)), &theirs_drv);
+    assert_eq!(expected.len(), 4, "{expected:#?}");
+    assert_eq!(
+        unname(build_activity(&structured(&ours)), &ours_drv),
+        expected
+    );
     answers
 }
 
@@ -523,7 +551,7 @@ fn realise_query_add_log_through_nixb_and_nix_daemons() {
 
     let socket: PathBuf = t.root.path().join("nix-daemon.sock");
     let daemon = start_nix_daemon(&t, &socket);
-    through_daemon(&t, &socket, &drv, &expected, &dependent, &failing);
+    through_daemon(&t, &socket, "nix", &drv, &expected, &dependent, &failing);
     drop(daemon);
 
     // nix-daemon's temporary roots die with it; nixb's daemon starts on a store whose
@@ -535,7 +563,7 @@ fn realise_query_add_log_through_nixb_and_nix_daemons() {
     delete(&t, &format!("{expected}\n{dep_out}"));
     let socket: PathBuf = t.root.path().join("nixb-daemon.sock");
     let daemon = start_nixb_daemon(&t, &socket);
-    through_daemon(&t, &socket, &drv, &expected, &dependent, &failing);
+    through_daemon(&t, &socket, "nixb", &drv, &expected, &dependent, &failing);
     drop(daemon);
 }
 

@@ -27,10 +27,8 @@ pub struct Cli {
     /// settings)
     #[arg(long = "option", global = true, num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
     pub options: Vec<String>,
-    /// The store to use: 'local' (open it directly, the default), 'daemon' (the daemon's
-    /// socket: NIX_DAEMON_SOCKET_PATH, else $NIX_STATE_DIR/daemon-socket/socket) or
-    /// 'unix://PATH'; NIX_REMOTE when not given. realise, query, add and log work through
-    /// a daemon (nixb's or Nix's); gc, verify, derivation, dump, copy and query --roots
+    /// The store: 'local', 'daemon' or 'unix://PATH' (a daemon's socket, nixb's or Nix's);
+    /// NIX_REMOTE if not given. realise, query, add and log work through a daemon; the others
     /// refuse one
     #[arg(long, global = true, value_name = "URI")]
     pub store: Option<String>,
