@@ -525,7 +525,6 @@ fn through_daemon(
         unname(build_activity(&structured(&ours)), &ours_drv),
         expected
     );
-    answers
 }
 
 fn store_dir(t: &TestStore) -> String {
