@@ -474,6 +474,36 @@ fn through_daemon(
     assert_eq!(ours.stdout, theirs.stdout);
     assert!(stdout(&ours).contains("building the first line"));
 
+    // The roots that keep a path alive, one of them made here.
+    let gcroots = t.state_dir().join("gcroots");
+    std::fs::create_dir_all(&gcroots).unwrap();
+    let root = gcroots.join(format!("client-test-{tag}"));
+    std::os::unix::fs::symlink(&out, &root).unwrap();
+    let ours = run(
+        nixb_client(t, socket).args(["query", "--roots"]).arg(&out),
+        None,
+    );
+    let theirs = run(
+        nix_client(t, "nix-store", socket)
+            .args(["-q", "--roots"])
+            .arg(&out),
+        None,
+    );
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    assert!(theirs.status.success(), "{}", stderr(&theirs));
+    let sorted = |o: &Output| {
+        let mut v: Vec<String> = stdout(o).lines().map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(&ours), sorted(&theirs));
+    assert!(
+        stdout(&ours).contains(&format!("{} -> {out}", root.display())),
+        "{}",
+        stdout(&ours)
+    );
+    std::fs::remove_file(&root).unwrap();
+
     // A failed build: Nix's exit status for it, and the builder's error.
     let fail = run(nixb_client(t, socket).arg("realise").arg(failing), None);
     assert_eq!(fail.status.code(), Some(100), "{}", stderr(&fail));

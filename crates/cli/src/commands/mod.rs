@@ -80,7 +80,6 @@ enum StoreUse {
 
 fn store_use(command: &Command) -> StoreUse {
     match command {
-        Command::Query(a) if a.roots => StoreUse::Direct("query --roots"),
         Command::Realise(_) | Command::Query(_) | Command::Log(_) | Command::Add(_) => {
             StoreUse::Either
         }

@@ -1,6 +1,6 @@
 //! `nixb query`: one question about each path, answered from the validity database.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args};
@@ -47,7 +47,14 @@ pub struct QueryArgs {
 
 pub fn run(args: QueryArgs, options: &[String], store: &StoreUri) -> Result<u8> {
     if let StoreUri::Daemon { socket, origin } = store {
-        return run_remote(&args, &mut Remote::connect_plain(socket, origin)?);
+        // --roots reads keep-outputs and keep-derivations, as locally.
+        let keep = if args.roots {
+            let s = super::settings(options)?;
+            (s.keep_outputs, s.keep_derivations)
+        } else {
+            (false, true)
+        };
+        return run_remote(&args, &mut Remote::connect_plain(socket, origin)?, keep);
     }
     let store = super::open_store()?;
     let dir = store.store_dir().clone();
@@ -184,8 +191,10 @@ fn ensure_valid(store: &nixb_store::local_store::LocalStore, p: &StorePath) -> R
 }
 
 /// The same questions asked of a daemon: `QueryValidPaths`, `QueryDerivationOutputMap`,
-/// `QueryReferrers` and `QueryPathInfo` (the closure walked here, as Nix's client does).
-fn run_remote(args: &QueryArgs, remote: &mut Remote) -> Result<u8> {
+/// `QueryReferrers` and `QueryPathInfo` (the closure walked here, as Nix's client does);
+/// for `--roots`, `FindRoots` and the referrer closure walked here with
+/// `(keep-outputs, keep-derivations)` as `keep` says.
+fn run_remote(args: &QueryArgs, remote: &mut Remote, keep: (bool, bool)) -> Result<u8> {
     let dir = remote.dir.clone();
     let mut conn = RemoteQueries {
         remote,
@@ -230,6 +239,18 @@ fn run_remote(args: &QueryArgs, remote: &mut Remote) -> Result<u8> {
                 }
             } else {
                 println!("{}", dir.print(p));
+            }
+        }
+        return Ok(0);
+    }
+    if args.roots {
+        let roots = conn.roots()?;
+        let keepers = conn.referrer_closure(&paths, keep.0, keep.1)?;
+        for (target, links) in &roots {
+            if keepers.contains(target) {
+                for link in links {
+                    println!("{link} -> {}", dir.print(target));
+                }
             }
         }
         return Ok(0);
@@ -316,10 +337,63 @@ impl RemoteQueries<'_> {
         }
     }
 
-    fn output_map(
+    /// `FindRoots`: each root's target with the links that lead to it.
+    fn roots(&mut self) -> Result<BTreeMap<StorePath, BTreeSet<String>>> {
+        match self.ask(Request::FindRoots, "find the garbage collector roots")? {
+            Response::Roots(v) => {
+                let mut roots: BTreeMap<StorePath, BTreeSet<String>> = BTreeMap::new();
+                for (link, target) in v {
+                    roots.entry(target).or_default().insert(link);
+                }
+                Ok(roots)
+            }
+            r => bail!("the daemon answered {r:?} when asked for the roots"),
+        }
+    }
+
+    /// What keeps `paths` alive, as the local `referrer_closure` computes it, asked of
+    /// the daemon.
+    fn referrer_closure(
         &mut self,
-        p: &StorePath,
-    ) -> Result<std::collections::BTreeMap<String, Option<StorePath>>> {
+        paths: &[StorePath],
+        keep_outputs: bool,
+        keep_derivations: bool,
+    ) -> Result<BTreeSet<StorePath>> {
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<StorePath> = paths.to_vec();
+        while let Some(p) = todo.pop() {
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            let mut next: Vec<StorePath> = self.referrers(&p)?.into_iter().collect();
+            if keep_outputs {
+                let printed = self.dir.print(&p);
+                match self.ask(
+                    Request::QueryValidDerivers(p.clone()),
+                    &format!("list the derivers of {printed}"),
+                )? {
+                    Response::Paths(d) => next.extend(d),
+                    r => {
+                        bail!("the daemon answered {r:?} when asked for the derivers of {printed}")
+                    }
+                }
+            }
+            let valid = |q: &mut Self, x: &StorePath| -> Result<bool> {
+                Ok(q.valid_paths(&BTreeSet::from([x.clone()]))?.contains(x))
+            };
+            if keep_derivations && p.is_derivation() && valid(self, &p)? {
+                for o in self.output_map(&p)?.into_values().flatten() {
+                    if valid(self, &o)? {
+                        next.push(o);
+                    }
+                }
+            }
+            todo.extend(next.into_iter().filter(|n| !seen.contains(n)));
+        }
+        Ok(seen)
+    }
+
+    fn output_map(&mut self, p: &StorePath) -> Result<BTreeMap<String, Option<StorePath>>> {
         let printed = self.dir.print(p);
         match self
             .ask(
