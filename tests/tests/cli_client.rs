@@ -555,6 +555,30 @@ fn through_daemon(
         unname(build_activity(&structured(&ours)), &ours_drv),
         expected
     );
+
+    // --json: the daemon's build shown as the engine's own events are.
+    let json_drv = fresh(&format!("fresh-{tag}-c"));
+    let out = run(
+        nixb_client(t, socket)
+            .args(["realise", "--json"])
+            .arg(&json_drv),
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events: Vec<Value> = stderr(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let has = |e: Value| events.iter().any(|x| *x == e);
+    let want = [
+        serde_json::json!({"event": "build-started", "drv": json_drv}),
+        serde_json::json!({"event": "log", "drv": json_drv, "line": "one"}),
+        serde_json::json!({"event": "log", "drv": json_drv, "line": "two"}),
+        serde_json::json!({"event": "build-succeeded", "drv": json_drv}),
+    ];
+    for e in want {
+        assert!(has(e.clone()), "{e} missing from {events:#?}");
+    }
 }
 
 fn store_dir(t: &TestStore) -> String {
