@@ -503,6 +503,118 @@ fn hook_command(s: &Settings) -> Option<HookCommand> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nixb_protocol::handshake::ServerInfo;
+    use nixb_protocol::{RemoteError, ServerConnection, Version};
+    use std::os::unix::net::UnixListener;
+
+    /// A daemon of protocol 1.33 (before `BuildPathsWithResults`) on `socket` for one
+    /// connection: answers `SetOptions`, then `BuildPaths` with `build` (an error, or
+    /// success and the output map `outputs`), and returns the requests it read.
+    fn old_daemon(
+        socket: &Path,
+        build: Result<(), String>,
+        outputs: BTreeMap<String, Option<StorePath>>,
+    ) -> std::thread::JoinHandle<Vec<Request>> {
+        let listener = UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let info = ServerInfo {
+                version: Version::new(1, 33),
+                nix_version: "old".into(),
+                trusted: None,
+                features: Default::default(),
+            };
+            let dir = crate::remote::store_dir().unwrap();
+            let mut conn =
+                ServerConnection::accept(stream.try_clone().unwrap(), stream, dir, &info).unwrap();
+            let mut seen = Vec::new();
+            while let Some(req) = conn.read_request().unwrap() {
+                seen.push(req.clone());
+                match &req {
+                    Request::SetOptions(_) => conn.finish(&req, &Response::Nothing).unwrap(),
+                    Request::BuildPaths { .. } => match &build {
+                        Ok(()) => conn.finish(&req, &Response::One).unwrap(),
+                        Err(msg) => conn.fail(&RemoteError::new(msg.clone())).unwrap(),
+                    },
+                    Request::QueryDerivationOutputMap(_) => conn
+                        .finish(&req, &Response::OutputMap(outputs.clone()))
+                        .unwrap(),
+                    other => panic!("unexpected request {other:?}"),
+                }
+            }
+            seen
+        })
+    }
+
+    fn args(target: String) -> RealiseArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            a: RealiseArgs,
+        }
+        Wrap::parse_from(["realise", &target]).a
+    }
+
+    /// Below 1.34 the build goes through `BuildPaths`: its error is the build's failure
+    /// (status 100 from 1.26, where the error carries no status), and on success the
+    /// outputs are asked for with `QueryDerivationOutputMap`.
+    #[test]
+    fn daemons_before_1_34_build_with_build_paths() {
+        let dir = crate::remote::store_dir().unwrap();
+        let drv = dir
+            .parse(&format!(
+                "{}/0c7n2dq0zp8f7j3y4dn9wz5d2w8w6gqz-x.drv",
+                dir.as_str()
+            ))
+            .unwrap();
+        let out = dir
+            .parse(&format!(
+                "{}/1c7n2dq0zp8f7j3y4dn9wz5d2w8w6gqz-x",
+                dir.as_str()
+            ))
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        for (i, build) in [Err("builder failed".to_string()), Ok(())]
+            .into_iter()
+            .enumerate()
+        {
+            let socket = tmp.path().join(format!("s{i}"));
+            let ok = build.is_ok();
+            let server = old_daemon(
+                &socket,
+                build,
+                BTreeMap::from([("out".to_string(), Some(out.clone()))]),
+            );
+            let code = run_remote(
+                &args(dir.print(&drv)),
+                &[],
+                &Settings::default(),
+                &socket,
+                "test",
+            )
+            .unwrap();
+            let seen = server.join().unwrap();
+            assert!(matches!(seen[0], Request::SetOptions(_)), "{seen:?}");
+            assert_eq!(
+                seen[1],
+                Request::BuildPaths {
+                    paths: vec![WireDerivedPath::Built {
+                        drv: drv.clone(),
+                        outputs: OutputsSpec::All
+                    }],
+                    mode: WireBuildMode::Normal,
+                }
+            );
+            if ok {
+                assert_eq!(code, 0);
+                assert_eq!(seen[2], Request::QueryDerivationOutputMap(drv.clone()));
+            } else {
+                assert_eq!(code, 100);
+                assert_eq!(seen.len(), 2, "{seen:?}");
+            }
+        }
+    }
 
     /// Nix's `Worker::exitStatus`: 0x60 | 0x04 for a build failure, | 0x01 timed out,
     /// | 0x02 hash mismatch, | 0x08 check mismatch; 1 for other failures.
