@@ -88,3 +88,75 @@ fn add_remote(remote: &mut Remote, src: &Path) -> Result<StorePath> {
     dumped.with_context(|| format!("serialising {} to add it to the store", src.display()))?;
     answer.map_err(|e| op_error(remote, &format!("add {}", src.display()), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixb_protocol::handshake::ServerInfo;
+    use nixb_protocol::{ServerConnection, Version};
+    use std::os::unix::net::UnixListener;
+
+    /// Below 1.25 a path is added with the old `AddToStore`: "fixed" 0, recursive, sha256,
+    /// and the NAR itself after the request (what Nix 2.3's client sends).
+    #[test]
+    fn daemons_before_1_25_get_the_old_add_to_store() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("added");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("f"), "contents\n").unwrap();
+        let socket = tmp.path().join("s");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let dir = crate::remote::store_dir().unwrap();
+        let answer = dir
+            .parse(&format!(
+                "{}/0c7n2dq0zp8f7j3y4dn9wz5d2w8w6gqz-added",
+                dir.as_str()
+            ))
+            .unwrap();
+        let reply = answer.clone();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let info = ServerInfo {
+                version: Version::new(1, 24),
+                nix_version: "old".into(),
+                trusted: None,
+                features: Default::default(),
+            };
+            let dir = crate::remote::store_dir().unwrap();
+            let mut conn =
+                ServerConnection::accept(stream.try_clone().unwrap(), stream, dir, &info).unwrap();
+            let mut seen = Vec::new();
+            while let Some(req) = conn.read_request().unwrap() {
+                match &req {
+                    Request::SetOptions(_) => conn.finish(&req, &Response::Nothing).unwrap(),
+                    Request::AddToStoreOld(_) => {
+                        let mut nar = Vec::new();
+                        nixb_protocol::nar::copy_nar(conn.reader(), &mut nar).unwrap();
+                        conn.finish(&req, &Response::Path(reply.clone())).unwrap();
+                        seen.push((req.clone(), nar));
+                    }
+                    other => panic!("unexpected request {other:?}"),
+                }
+            }
+            seen
+        });
+        let mut remote = Remote::connect_plain(&socket, "test").unwrap();
+        assert_eq!(add_remote(&mut remote, &src).unwrap(), answer);
+        drop(remote);
+        let seen = server.join().unwrap();
+        let mut expected_nar = Vec::new();
+        nixb_store::nar::dump_path(&src, &mut expected_nar).unwrap();
+        assert_eq!(
+            seen,
+            vec![(
+                Request::AddToStoreOld(AddToStoreOldRequest {
+                    base_name: "added".into(),
+                    fixed: false,
+                    recursive: true,
+                    hash_algo: "sha256".into(),
+                }),
+                expected_nar
+            )]
+        );
+    }
+}
