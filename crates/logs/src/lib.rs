@@ -5,18 +5,9 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-pub mod pending;
 pub mod sink;
 
-pub use pending::PendingLog;
 pub use sink::{FinishingLog, LimitState, LogSink, QueueStats, DEFAULT_MEMORY_CAP};
-
-/// Whether the benchmark switch `NIXB_BENCH_PLAIN` (a comma-separated list of mechanism
-/// names, read only by `cargo xtask bench tuning`) turns `name` off, for an A/B of a
-/// tuning against the plain way. Unset, every mechanism is on.
-pub(crate) fn bench_plain(name: &str) -> bool {
-    std::env::var("NIXB_BENCH_PLAIN").is_ok_and(|v| v.split(',').any(|m| m.trim() == name))
-}
 
 /// Log settings, mapped by the caller from nix.conf.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -476,45 +476,34 @@ fn empty_compressed_log_is_the_empty_bzip2_stream() {
     assert_eq!(read_log(dir.path(), DRV).unwrap(), b"late\n");
 }
 
-/// A log created in the background is the same log, its errors are the same errors, and
-/// one whose build never started is still a complete (empty) log.
+/// A sink names its file, logs not kept have no file, and creation errors name what is
+/// at fault.
 #[test]
-fn background_creation_gives_the_same_log_and_errors() {
+fn creation_names_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     for compress in [false, true] {
-        let c = cfg(dir.path(), compress);
-        let pending = LogSink::create_in_background(&c, DRV);
-        // Named before it exists, as the sink will name it.
-        let named = pending.path().map(Path::to_path_buf);
-        let mut sink = pending.wait().unwrap();
+        let mut sink = LogSink::create(&cfg(dir.path(), compress), DRV).unwrap();
         assert_eq!(
             sink.path(),
             Some(log_path(dir.path(), DRV, compress).as_path())
         );
-        assert_eq!(named.as_deref(), sink.path());
         assert_eq!(sink.write(b"hello\n").unwrap(), LimitState::Within);
         sink.finish().unwrap();
         assert_eq!(read_log(dir.path(), DRV).unwrap(), b"hello\n");
         fs::remove_file(log_path(dir.path(), DRV, compress)).unwrap();
     }
 
-    // Never waited for: the build did not start, the log is complete and empty (a valid
-    // bzip2 stream, not a zero-byte file).
-    drop(LogSink::create_in_background(&cfg(dir.path(), true), DRV));
-    let p = log_path(dir.path(), DRV, true);
-    assert!(fs::metadata(&p).unwrap().len() > 0);
-    assert_eq!(read_log(dir.path(), DRV).unwrap(), b"");
-
     // Logs not kept: no file, and no name for one.
     let unkept = LogConfig {
         keep: false,
         ..cfg(dir.path(), true)
     };
-    let pending = LogSink::create_in_background(&unkept, "yy-other.drv");
-    assert_eq!(pending.path(), None);
-    assert_eq!(pending.wait().unwrap().path(), None);
+    assert_eq!(
+        LogSink::create(&unkept, "yy-other.drv").unwrap().path(),
+        None
+    );
 
-    let bad = LogSink::create_in_background(&cfg(dir.path(), true), "x").wait();
+    let bad = LogSink::create(&cfg(dir.path(), true), "x");
     assert!(
         matches!(bad, Err(LogError::BadName { .. })),
         "{:?}",
@@ -523,33 +512,9 @@ fn background_creation_gives_the_same_log_and_errors() {
     // The log directory is a file: the creation error names the directory.
     let blocked = dir.path().join("blocked");
     fs::write(&blocked, "").unwrap();
-    let e = LogSink::create_in_background(&cfg(&blocked, false), DRV)
-        .wait()
-        .err()
-        .unwrap();
+    let e = LogSink::create(&cfg(&blocked, false), DRV).err().unwrap();
     assert!(matches!(e, LogError::Create { .. }), "{e}");
     assert!(e.to_string().contains("blocked"), "{e}");
-}
-
-/// Waiting after the helper has finished, while it runs, or before it starts all give the
-/// sink (an earlier version lost a finished result and waited forever).
-#[test]
-fn background_creation_waited_for_at_any_moment() {
-    let dir = tempfile::tempdir().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let d = dir.path().to_path_buf();
-    std::thread::spawn(move || {
-        for i in 0..60u64 {
-            let pending = LogSink::create_in_background(&cfg(&d, false), DRV);
-            // 0, 1, 2 ms: before, around and after the helper's work.
-            std::thread::sleep(Duration::from_micros((i % 3) * 1000));
-            let sink = pending.wait().unwrap();
-            sink.finish().unwrap();
-        }
-        tx.send(()).unwrap();
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("waiting for a log created in the background hung");
 }
 
 /// Nice values of this process's threads named `name` (from /proc/self/task/*/stat).

@@ -181,7 +181,6 @@ pub(crate) struct ParentIdMaps {
     pub gid_map: String,
     /// 0 while the parent works, 1 when the maps are written, 2 if that failed.
     ready: Box<AtomicU32>,
-    arrived: Box<AtomicU32>,
     released: bool,
 }
 
@@ -453,15 +452,6 @@ pub(crate) struct DetachedLower {
     entries: Vec<(CString, LowerEntry)>,
     /// 0 while the parent works, 1 when the mount points are there, 2 if making them failed.
     ready: Box<AtomicU32>,
-    /// Set to 1 by the child when it reaches its [`Step::WaitForLower`]: it ran beside us.
-    arrived: Box<AtomicU32>,
-    /// Set to 1 by the child once the overlay is mounted ([`Step::Notify`]): the parent may
-    /// then look the store inputs up in it (see [`DetachedLower::warm_up`]).
-    mounted: Box<AtomicU32>,
-    /// The store inputs' names relative to the store directory, last first.
-    warm_names: Vec<CString>,
-    /// The store directory's place on the host, `<root>/<store dir>` (for `/proc/<pid>/root`).
-    store_inside: PathBuf,
     /// The store directory as the builder sees it, for error messages.
     store_dir: PathBuf,
 }
@@ -533,11 +523,6 @@ impl DetachedLower {
         &*self.ready
     }
 
-    /// The word the child's [`Step::WaitForLower`] sets on arrival.
-    pub fn arrived_flag(&self) -> *const AtomicU32 {
-        &*self.arrived
-    }
-
     /// Makes the mount points (the parent, after the clone), then lets the child go on; on
     /// failure the child is told to stop (it exits naming its waiting step, and the caller
     /// reports this error instead).
@@ -581,74 +566,6 @@ impl DetachedLower {
             }
         }
         Ok(())
-    }
-
-    /// The word the child's [`Step::Notify`] sets once the overlay is mounted.
-    pub fn mounted_flag(&self) -> *const AtomicU32 {
-        &*self.mounted
-    }
-
-    /// Looks up each store input's mount point in the child's overlay, last first, while the
-    /// child binds them first first: the bulk of a bind onto the overlay is that first lookup
-    /// (`ovl_lookup` in the upper and the lower layer, an inode hash lookup), and a dentry we
-    /// looked up is found in the cache by the child's bind, which is then several times
-    /// cheaper (BENCHMARKS.md, "sandbox: figures behind the README's design choices"). The
-    /// two meet about halfway.
-    ///
-    /// Only worth it with a CPU each: on a shared one these lookups would just take turns
-    /// with the child's binds, at a higher cost. So only when the child got to its waiting
-    /// step before we were done with the mount points (it ran beside us), and waiting for the
-    /// overlay by spinning, not sleeping (a futex wake-up would put us on the child's CPU).
-    /// Only a cache warm-up: whatever fails here (the child is late or gone, no `/proc`) just
-    /// stops it, and the child looks up what is left itself. Reaches the child's mount
-    /// namespace through `/proc/<pid>/root`: the child is ours and unreaped, so the pid is its
-    /// own. Returns whether it looked anything up.
-    pub fn warm_up(&self, child: libc::pid_t) -> bool {
-        if self.arrived.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        // The overlay mount is one step away (a fraction of a millisecond: BENCHMARKS.md,
-        // "sandbox: figures behind the README's design choices"); give up after 2 ms.
-        let start = std::time::Instant::now();
-        let mut spins = 0u32;
-        while self.mounted.load(Ordering::Acquire) == 0 {
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(64) && start.elapsed() > std::time::Duration::from_millis(2) {
-                return false;
-            }
-        }
-        let mut path = format!("/proc/{child}/root").into_bytes();
-        path.extend_from_slice(self.store_inside.as_os_str().as_bytes());
-        let Ok(path) = CString::new(path) else {
-            return false;
-        };
-        // SAFETY: a C string we own; the result is checked.
-        let fd = unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd == -1 {
-            return false;
-        }
-        // SAFETY: a descriptor open just returned.
-        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: fstatat fills the zeroed struct; names and descriptor are ours.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        for name in &self.warm_names {
-            // SAFETY: each name is NUL-terminated, `dir` is open and `st` writable.
-            unsafe {
-                libc::fstatat(
-                    dir.as_raw_fd(),
-                    name.as_ptr(),
-                    &mut st,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            };
-        }
-        true
     }
 
     /// Wakes the child's [`Step::WaitForLower`] (idempotent) and closes our descriptor of the
@@ -1271,13 +1188,10 @@ pub(crate) fn prepare(
                 uid_map: format!("{} {} {}\n", ns.inside_uid, ns.outside_uid, ns.count),
                 gid_map: format!("{} {} {}\n", ns.inside_gid, ns.outside_gid, ns.count),
                 ready: Box::new(AtomicU32::new(0)),
-                arrived: Box::new(AtomicU32::new(0)),
                 released: false,
             };
             steps.push(Step::WaitForLower {
                 ready: &*maps.ready,
-                arrived: &*maps.arrived,
-                spins: crate::plan::wait_spins(),
                 what: "write the user namespace's id maps",
             });
             // Our ids (the parent's) are not mapped here, and no file can be made under an
@@ -1321,15 +1235,6 @@ pub(crate) fn prepare(
             mount: Some(m),
             entries: skel.split_off_under(&store_key, &store_targets)?,
             ready: Box::new(AtomicU32::new(0)),
-            arrived: Box::new(AtomicU32::new(0)),
-            mounted: Box::new(AtomicU32::new(0)),
-            warm_names: present
-                .iter()
-                .rev()
-                .filter(|p| p.in_store)
-                .filter_map(|p| CString::new(&p.key[store_key_dir.len()..]).ok())
-                .collect(),
-            store_inside: store_inside.clone(),
             store_dir: spec.store_dir.clone(),
         }),
         None => None,
@@ -1377,8 +1282,6 @@ pub(crate) fn prepare(
                 Some(l) => {
                     steps.push(Step::WaitForLower {
                         ready: l.ready_flag(),
-                        arrived: l.arrived_flag(),
-                        spins: crate::plan::wait_spins(),
                         what: "make the store's mount points",
                     });
                     let fd = l.mount.as_ref().map_or(-1, |m| m.as_raw_fd());
@@ -1406,9 +1309,6 @@ pub(crate) fn prepare(
                 libc::MS_NOSUID | libc::MS_NODEV,
                 Some(&data),
             )?);
-            if let Some(l) = &lower {
-                steps.push(Step::Notify(l.mounted_flag()));
-            }
         } else {
             // "." is the working directory: <root> on disk, under the tmpfs.
             steps.push(mount(

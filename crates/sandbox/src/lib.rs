@@ -30,13 +30,6 @@ pub use netns::NetNsPool;
 use plan::{Exec, Kernel, Step, SETUP_FAILED_EXIT};
 pub use userns::{user_namespaces_available, UserNamespaceUnavailable};
 
-/// Whether the benchmark switch `NIXB_BENCH_PLAIN` (a comma-separated list of mechanism
-/// names, read only by `cargo xtask bench tuning`) turns `name` off, for an A/B of a
-/// tuning against the plain way. Unset, every mechanism is on.
-pub(crate) fn bench_plain(name: &str) -> bool {
-    std::env::var("NIXB_BENCH_PLAIN").is_ok_and(|v| v.split(',').any(|m| m.trim() == name))
-}
-
 /// Everything needed to start one builder.
 pub struct SandboxSpec {
     /// Executed as is (no `PATH` search).
@@ -896,15 +889,6 @@ fn spawn_prepared(
             drop(stack);
             drop(args);
             return (Err((None, e)), Some(prepared));
-        }
-        // Then, once the child has mounted the overlay, look its mount points up from here
-        // while it binds (a cache warm-up that nothing depends on; see `warm_up`).
-        let t = std::time::Instant::now();
-        if !bench_plain("lower-warm-up") && lower.warm_up(pid.as_raw()) {
-            parent_steps.push((
-                "parent: looking up the mount points in the overlay".into(),
-                t.elapsed(),
-            ));
         }
     }
     if !sync {

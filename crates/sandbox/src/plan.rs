@@ -125,19 +125,12 @@ pub(crate) enum Step {
     },
     /// Wait until the parent has made the mount points in the overlay's detached lower layer
     /// (`chroot::DetachedLower`): a futex on this word of the parent's, 1 when done, 2 when
-    /// the parent failed (then ECANCELED; the parent reports its own error). Sets `arrived`
-    /// to 1 first, which tells the parent that we ran beside it.
+    /// the parent failed (then ECANCELED; the parent reports its own error).
     WaitForLower {
         ready: *const AtomicU32,
-        arrived: *const AtomicU32,
-        /// How many times to look at `ready` before sleeping on it ([`wait_spins`]).
-        spins: u32,
         /// What the parent is doing meanwhile, for error messages.
         what: &'static str,
     },
-    /// Set a word of the parent's to 1 (the overlay is mounted: the parent may look the store
-    /// inputs up in it, `chroot::DetachedLower::warm_up`, which spins on it). Cannot fail.
-    Notify(*const AtomicU32),
     /// `chdir(root); pivot_root(".", "."); umount2(".", MNT_DETACH); chdir("/")`.
     PivotRoot(CString),
     /// Own session and process group: no controlling terminal, no terminal signals, and the
@@ -219,7 +212,6 @@ impl Step {
                 if *read_only { "read-only" } else { "writable" }
             ),
             Step::WaitForLower { what, .. } => format!("waiting for the parent to {what}"),
-            Step::Notify(_) => "telling the parent the overlay is mounted".into(),
             Step::PivotRoot(r) => format!("pivoting the root to {}", s(r)),
             Step::Setsid => "creating a new session".into(),
             Step::Dup2 { what, .. } => (*what).into(),
@@ -417,29 +409,9 @@ impl Syscalls for Kernel {
                         ),
                     )
                 }
-                Step::WaitForLower {
-                    ready: word,
-                    arrived,
-                    spins: max_spins,
-                    ..
-                } => loop {
-                    // Plain atomic stores and loads: no call, and only the parent's words
-                    // written, which is what they are for.
-                    (**arrived).store(1, Ordering::Release);
-                    // An atomic load is a plain load here: no call, no write. The parent is
-                    // usually a few tens of microseconds from done when we get here: spinning
-                    // that long is cheaper than being woken from a futex, which on an idle
-                    // (virtual) CPU costs about as much again.
-                    let mut spins = *max_spins;
-                    let seen = loop {
-                        let v = (**word).load(Ordering::Acquire);
-                        if v != 0 || spins == 0 {
-                            break v;
-                        }
-                        spins -= 1;
-                        std::hint::spin_loop();
-                    };
-                    match seen {
+                Step::WaitForLower { ready: word, .. } => loop {
+                    // An atomic load is a plain load here: no call, no write.
+                    match (**word).load(Ordering::Acquire) {
                         1 => break Ok(()),
                         2 => break Err(Errno::ECANCELED),
                         _ => {}
@@ -454,12 +426,6 @@ impl Syscalls for Kernel {
                         Err(e) => break Err(e),
                     }
                 },
-                Step::Notify(word) => {
-                    // An atomic store is a plain store: it writes the parent's word, which is
-                    // what it is for, and nothing else.
-                    (**word).store(1, Ordering::Release);
-                    Ok(())
-                }
                 Step::PivotRoot(root) => {
                     // pivot_root(".", ".") stacks the old root on top of the new one; detaching
                     // it then leaves only the new root, with no path back to the host tree
@@ -642,21 +608,6 @@ impl Syscalls for Kernel {
                 }
             }
         }
-    }
-}
-
-/// How many times [`Step::WaitForLower`] looks at the parent's word before it sleeps: a
-/// `pause` takes 10 to 140 cycles depending on the CPU, so this is some 10 to 100 us: about
-/// the cost of a futex wake-up on an idle virtual CPU, and short enough not to hold back a
-/// parent that shares our CPU for long.
-const WAIT_SPINS: u32 = 2000;
-
-/// [`WAIT_SPINS`], or none when the benchmark switch turns the spin off (`lower-spin`).
-pub(crate) fn wait_spins() -> u32 {
-    if crate::bench_plain("lower-spin") {
-        0
-    } else {
-        WAIT_SPINS
     }
 }
 

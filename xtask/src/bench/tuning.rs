@@ -1,28 +1,23 @@
-//! Bench group `tuning`: each disk-specific mechanism of nixb against the plain way, with
-//! the store, state, log and build directories on a file system of each kind. Needs root
-//! (loop mounts) and `mkfs.ext4`, `mkfs.xfs`, `mkfs.btrfs`.
+//! Bench group `tuning`: this tree's nixb against another build of it
+//! (`NIXB_BENCH_VS=<path>`), with the store, state, log and build directories on a file
+//! system of each kind. Needs root (loop mounts) and `mkfs.ext4`, `mkfs.xfs`, `mkfs.btrfs`.
 //!
 //! For each file system a fresh 2 GiB image (`mkfs.ext4` with its default journal,
-//! `mkfs.xfs`, `mkfs.btrfs`; loop-mounted) or a tmpfs is mounted, and for each mechanism
-//! the same graph is realised from a fresh copy of one instantiated store, tuned (A) and
-//! plain (B: `NIXB_BENCH_PLAIN=<mechanism>`) in turn, A B A B ..., and the ratio plain/tuned
-//! taken pair by pair (above 1: the mechanism helps). Only `nixb realise` is timed; the
-//! copy, the deletion of the previous run's store and a `sync` come before.
+//! `mkfs.xfs`, `mkfs.btrfs`; loop-mounted) or a tmpfs is mounted, and each graph (a chain of
+//! `NIXB_BENCH_DRVS` (default 1000) trivial builds, a layered graph of as many, and sandboxed
+//! layered builds of half as many, 25 a layer, 3 inputs each, `--max-jobs 2`) is realised
+//! from a fresh copy of one instantiated store by this tree's nixb (A) and the other (B) in
+//! turn, A B A B ..., the ratio B/A taken pair by pair (above 1: this tree is faster). Only
+//! `nixb realise` is timed; the copy, the deletion of the previous run's store and a `sync`
+//! come before.
 //!
-//! Mechanisms and the graph each is measured on:
-//! * `log-thread`: an unsandboxed chain of `NIXB_BENCH_DRVS`
-//!   (default 1000) trivial builds, where each build's own file-system work is on the path;
-//! * `lower-spin`, `lower-warm-up`: sandboxed layered builds (25 a layer, 3 inputs each,
-//!   `--max-jobs 2`, `NIXB_BENCH_DRVS` / 2), whose chroots have store inputs, so the
-//!   overlay's detached lower layer is used.
+//! `NIXB_BENCH_FS=ext4,xfs,btrfs,tmpfs` picks file systems, `NIXB_BENCH_ROUNDS` (default 7)
+//! the pairs. Images go to `/var/tmp` (not a tmpfs here) and are deleted at the end.
 //!
-//! `NIXB_BENCH_FS=ext4,xfs,btrfs,tmpfs` picks file systems, `NIXB_BENCH_TUNING=log-thread,...`
-//! mechanisms, `NIXB_BENCH_ROUNDS` (default 7) the pairs. Images go to `/var/tmp` (not a
-//! tmpfs here) and are deleted at the end.
-//!
-//! `NIXB_BENCH_VS=<path of another nixb>` compares this tree's nixb (A) with that one (B)
-//! instead, every mechanism on, on a chain, a layered graph and sandboxed layered builds:
-//! how a change of the engine shows on each file system.
+//! The disk-specific mechanisms this bench once switched off one by one (a lock-file pool,
+//! recycled build directories, log files made on a helper thread, a spin and a cache
+//! warm-up in the sandbox's lower layer) were measured here and removed: BENCHMARKS.md,
+//! "tuning on real file systems".
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,7 +26,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::sys::resource::{getrusage, UsageWho};
 
-const MECHANISMS: &[&str] = &["build-dirs", "log-thread", "lower-spin", "lower-warm-up"];
 const FILE_SYSTEMS: &[&str] = &["ext4", "xfs", "btrfs", "tmpfs"];
 
 fn list(var: &str, known: &[&str]) -> Result<Vec<String>> {
@@ -181,7 +175,7 @@ impl Graph {
     }
 
     /// Realises the graph in a fresh copy; returns wall and CPU (user + system) time.
-    fn realise(&self, nixb: &Path, plain: Option<&str>) -> Result<(Duration, Duration)> {
+    fn realise(&self, nixb: &Path) -> Result<(Duration, Duration)> {
         run_cmd(Command::new("rm").arg("-rf").arg(&self.run))?;
         run_cmd(
             Command::new("cp")
@@ -192,9 +186,6 @@ impl Graph {
         run_cmd(&mut Command::new("sync"))?;
         let mut c = Command::new(nixb);
         store_env(&mut c, &self.run);
-        if let Some(m) = plain {
-            c.env("NIXB_BENCH_PLAIN", m);
-        }
         c.args(["realise", &self.drv, "--max-jobs", "2"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -213,7 +204,7 @@ impl Graph {
         if !out.status.success() {
             bail!(
                 "nixb realise ({}) failed: {}",
-                plain.unwrap_or("tuned"),
+                nixb.display(),
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
@@ -263,12 +254,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// One side of a pair: a nixb binary and the mechanism it runs without.
-struct Side<'a> {
-    nixb: &'a Path,
-    plain: Option<&'a str>,
-}
-
 /// Realises `graph` with A and B in turn, `rounds` pairs after one warm-up run each, and
 /// prints the row.
 fn pairs(
@@ -276,18 +261,18 @@ fn pairs(
     what: &str,
     graph: &Graph,
     label: &str,
-    a: Side,
-    b: Side,
+    a: &Path,
+    b: &Path,
     rounds: usize,
 ) -> Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (mut aw, mut bw, mut ac, mut bc, mut ratios, mut cratios) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    graph.realise(a.nixb, a.plain)?;
-    graph.realise(b.nixb, b.plain)?;
+    graph.realise(a)?;
+    graph.realise(b)?;
     for _ in 0..rounds {
-        let (a_wall, a_cpu) = graph.realise(a.nixb, a.plain)?;
-        let (b_wall, b_cpu) = graph.realise(b.nixb, b.plain)?;
+        let (a_wall, a_cpu) = graph.realise(a)?;
+        let (b_wall, b_cpu) = graph.realise(b)?;
         ratios.push(ms(b_wall) / ms(a_wall));
         cratios.push(ms(b_cpu) / ms(a_cpu));
         aw.push(ms(a_wall));
@@ -328,38 +313,30 @@ pub fn run() -> Result<()> {
         bail!("bench tuning mounts file systems: run it as root");
     }
     let systems = list("NIXB_BENCH_FS", FILE_SYSTEMS)?;
-    let mechanisms = list("NIXB_BENCH_TUNING", MECHANISMS)?;
     let rounds = env_number("NIXB_BENCH_ROUNDS", 7)?;
     let n = env_number("NIXB_BENCH_DRVS", 1000)?;
-    // Another build of nixb to compare with, instead of the mechanisms.
-    let other = std::env::var_os("NIXB_BENCH_VS").map(PathBuf::from);
-    if let Some(o) = &other {
-        if !o.is_file() {
-            bail!("NIXB_BENCH_VS={}: no such file", o.display());
-        }
+    let Some(other) = std::env::var_os("NIXB_BENCH_VS").map(PathBuf::from) else {
+        bail!("bench tuning needs NIXB_BENCH_VS=<path of another nixb> to compare with");
+    };
+    if !other.is_file() {
+        bail!("NIXB_BENCH_VS={}: no such file", other.display());
     }
     let busybox = ["/usr/bin/busybox", "/bin/busybox"]
         .into_iter()
         .find(|p| Path::new(p).exists());
-    let sandboxed = other.is_some() || mechanisms.iter().any(|m| m.starts_with("lower-"));
-    if sandboxed && busybox.is_none() {
+    if busybox.is_none() {
         bail!("sandboxed builds need a static busybox as the sandboxed /bin/sh");
     }
     let nixb = crate::build_nixb_release(&crate::workspace_root())?;
     let base = std::env::temp_dir().join(format!("nixb-bench-tuning-{}", std::process::id()));
-    match &other {
-        None => println!(
-            "{rounds} pairs each, tuned (A) and NIXB_BENCH_PLAIN=<mechanism> (B) in turn; ms are medians"
-        ),
-        Some(o) => println!(
-            "{rounds} pairs each, this tree's nixb (A) and {} (B) in turn; ms are medians",
-            o.display()
-        ),
-    }
+    println!(
+        "{rounds} pairs each, this tree's nixb (A) and {} (B) in turn; ms are medians",
+        other.display()
+    );
     println!(
         "{:<6} {:<14} {:<16} {:>9} {:>9} {:>9} {:>9} {:>8} {:>13} {:>8}",
         "fs",
-        "mechanism",
+        "compare",
         "graph",
         "A wall",
         "B wall",
@@ -377,72 +354,29 @@ pub fn run() -> Result<()> {
     let layered_n = (n / 2).max(50) / 25 * 25 + 1;
     for fs in &systems {
         let mount = Mount::new(fs, &base)?;
-        if let Some(o) = &other {
-            let a = || Side {
-                nixb: &nixb,
-                plain: None,
-            };
-            let b = || Side {
-                nixb: o,
-                plain: None,
-            };
-            for (shape, expr, conf) in [
-                ("chain", chain(n), plain_conf),
-                ("layered", layered(n), plain_conf),
-                ("layered sbx", layered(n / 2), sbx_conf.as_str()),
-            ] {
-                let graph = Graph::new(&mount.dir, "vs", &expr, conf)?;
-                let count = if shape == "chain" {
-                    n
-                } else if shape == "layered" {
-                    n.max(50) / 25 * 25 + 1
-                } else {
-                    layered_n
-                };
-                pairs(
-                    fs,
-                    "vs",
-                    &graph,
-                    &format!("{shape} {count}"),
-                    a(),
-                    b(),
-                    rounds,
-                )?;
-            }
-            continue;
-        }
-        let mut unsandboxed: Option<Graph> = None;
-        let mut sandboxed: Option<Graph> = None;
-        for m in &mechanisms {
-            let (graph, label) = if m.starts_with("lower-") {
-                if sandboxed.is_none() {
-                    sandboxed = Some(Graph::new(
-                        &mount.dir,
-                        "layered",
-                        &layered(n / 2),
-                        &sbx_conf,
-                    )?);
-                }
-                (sandboxed.as_ref(), format!("layered {layered_n} sbx"))
+        for (shape, expr, conf) in [
+            ("chain", chain(n), plain_conf),
+            ("layered", layered(n), plain_conf),
+            ("layered sbx", layered(n / 2), sbx_conf.as_str()),
+        ] {
+            let graph = Graph::new(&mount.dir, "vs", &expr, conf)?;
+            let count = if shape == "chain" {
+                n
+            } else if shape == "layered" {
+                n.max(50) / 25 * 25 + 1
             } else {
-                if unsandboxed.is_none() {
-                    unsandboxed = Some(Graph::new(&mount.dir, "chain", &chain(n), plain_conf)?);
-                }
-                (unsandboxed.as_ref(), format!("chain {n}"))
+                layered_n
             };
-            let graph = graph.context("graph made above")?;
-            let a = Side {
-                nixb: &nixb,
-                plain: None,
-            };
-            let b = Side {
-                nixb: &nixb,
-                plain: Some(m),
-            };
-            pairs(fs, m, graph, &label, a, b, rounds)?;
+            pairs(
+                fs,
+                "vs",
+                &graph,
+                &format!("{shape} {count}"),
+                &nixb,
+                &other,
+                rounds,
+            )?;
         }
-        drop(unsandboxed);
-        drop(sandboxed);
         drop(mount);
     }
     let _ = std::fs::remove_dir(&base);

@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
-use nixb_logs::{LimitState, LogSink, PendingLog};
+use nixb_logs::{LimitState, LogSink};
 use nixb_sandbox::{BuildUserIds, Isolation, Personality, SandboxSpec};
 use nixb_store::canon::InodesSeen;
 use nixb_store::{Encoding, Hash, HashAlgo, StoreDir, StorePath};
@@ -39,13 +39,9 @@ use super::plan::{can_build_locally, required_system_features, BuildPlan};
 /// What a started build holds until it is done.
 pub(crate) struct RunningBuild {
     pub dir: Option<BuildDir>,
-    /// The log file while a helper thread creates it: the builder does not wait for it
-    /// (see `start_builder`); it is taken at the first output or at the end.
-    pending_log: Option<PendingLog>,
-    /// Why the log file could not be created, with the derivation named: the build fails.
+    /// Why the log file could not be created, with the derivation named: the build fails
+    /// at the builder's first output or its end, and nothing is registered.
     log_create_error: Option<String>,
-    /// What a failure to create the log is reported as (`creating the build log of ...`).
-    log_context: String,
     log: Option<LogSink>,
     log_error: Option<String>,
     /// Hash part of a real output → hash part of its redirected path.
@@ -72,34 +68,20 @@ impl RunningBuild {
     /// max-build-log-size and the builder must die, `Err` when the log file could not be
     /// created (the build fails: its output would be lost).
     pub fn log_chunk(&mut self, chunk: &[u8]) -> Result<Option<u64>, String> {
-        self.take_pending_log();
         if let Some(e) = &self.log_create_error {
             return Err(e.clone());
         }
         Ok(write_log_chunk(&mut self.log, &mut self.log_error, chunk))
     }
 
-    /// Waits for the log file's creation if it is still pending (running it here if the
-    /// helper has not started it).
-    fn take_pending_log(&mut self) {
-        if let Some(p) = self.pending_log.take() {
-            match p.wait() {
-                Ok(sink) => self.log = Some(sink),
-                Err(e) => self.log_create_error = Some(format!("{}: {e}", self.log_context)),
-            }
-        }
-    }
-
     /// The error of creating the log file, if that failed; taken once.
     pub fn take_log_create_error(&mut self) -> Option<String> {
-        self.take_pending_log();
         self.log_create_error.take()
     }
 
     /// Ends the log. A compressed log finishes on its writer thread while the worker goes
     /// on (see [`crate::services::Services::finish_log_later`]); errors of earlier writes are returned here.
     pub fn close_log(&mut self, cx: &mut Step<'_>) -> Result<(), String> {
-        self.take_pending_log();
         if let Some(sink) = self.log.take() {
             cx.services.finish_log_later(sink.finish_in_background());
         }
@@ -366,14 +348,19 @@ pub(crate) fn start_builder(
         }
     }
 
-    // The log file is created on a helper thread, and the builder does not wait for it:
-    // the worker takes it at the builder's first output (or its end), by when the helper
-    // has long made it. Making the file allocates inodes, which on a file system busy with
-    // recently freed ones took up to a third of the worker's time when it waited here. A
-    // log that cannot be created still fails the build, once the builder is done (or at
-    // its first output), and its outputs are not registered.
-    let pending_log = LogSink::create_in_background(&cx.cfg.log, g.drv_path.base_name());
-    let log_file = pending_log.path().map(Path::to_path_buf);
+    // A log that cannot be created fails the build at the builder's first output (or its
+    // end), as a write error does, and its outputs are not registered.
+    let (log, log_create_error) = match LogSink::create(&cx.cfg.log, g.drv_path.base_name()) {
+        Ok(sink) => (Some(sink), None),
+        Err(e) => (
+            None,
+            Some(format!(
+                "creating the build log of {}: {e}",
+                quoted(&sd, &g.drv_path)
+            )),
+        ),
+    };
+    let log_file = log.as_ref().and_then(LogSink::path).map(Path::to_path_buf);
 
     let dir = cx
         .services
@@ -395,10 +382,8 @@ pub(crate) fn start_builder(
         .to_string();
     let mut build = RunningBuild {
         dir: Some(dir),
-        pending_log: Some(pending_log),
-        log_create_error: None,
-        log_context: format!("creating the build log of {}", quoted(&sd, &g.drv_path)),
-        log: None,
+        log_create_error,
+        log,
         log_error: None,
         rewrites_to_tmp: Vec::new(),
         rewrites_from_tmp: Vec::new(),
