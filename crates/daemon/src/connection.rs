@@ -261,8 +261,10 @@ impl Session<'_> {
                 self.add_to_store_nar(conn, r)?;
                 A::Nothing
             }
-            Q::AddMultipleToStore { .. } => {
-                self.add_multiple_to_store(conn)?;
+            Q::AddMultipleToStore {
+                dont_check_sigs, ..
+            } => {
+                self.add_multiple_to_store(conn, *dont_check_sigs)?;
                 A::Nothing
             }
             Q::NarFromPath(p) => {
@@ -357,34 +359,34 @@ impl Session<'_> {
                 check_contents,
                 repair,
             } => {
-                if *repair {
-                    if !self.trusted {
-                        return Err(DaemonError::Refused(
-                            "you are not privileged to repair paths".into(),
-                        ));
-                    }
+                if *repair && !self.trusted {
                     return Err(DaemonError::Refused(
-                        "repairing the store through the nixb daemon is not supported yet".into(),
+                        "you are not privileged to repair paths".into(),
                     ));
                 }
-                let report = store.verify(*check_contents)?;
-                for (p, _, _) in &report.hash_mismatches {
-                    conn.frame(&StderrFrame::Next(
-                        format!("error: path '{}' was modified! \n", self.dir().print(p))
-                            .into_bytes(),
-                    ))?;
-                }
-                A::Bool(!report.is_clean())
+                A::Bool(self.verify_store(conn, *check_contents, *repair)?)
             }
             // Without the ca-derivations feature Nix answers an empty set.
             Q::QueryRealisation(_) if conn.ctx().at_least(31) => A::Strings(Vec::new()),
             Q::QueryRealisation(_) => A::Paths(BTreeSet::new()),
-            Q::AddBuildLog(_) => {
-                // Consumed either way, so the connection stays in step.
-                conn.framed().with_max_total(0).finish().ok();
-                return Err(DaemonError::Refused(
-                    "AddBuildLog through the nixb daemon is not supported yet".into(),
-                ));
+            Q::AddBuildLog(drv) => {
+                let log_dir = self.worker.log.log_dir.clone();
+                let trusted = self.trusted;
+                let printed = self.dir().print(drv);
+                // The log is read to its end marker whatever happens, so the connection
+                // stays in step.
+                let mut framed = conn.framed();
+                let added = if trusted {
+                    add::add_build_log(&log_dir, drv, &printed, &mut framed)
+                } else {
+                    Err(DaemonError::Refused(
+                        "you are not privileged to add logs".into(),
+                    ))
+                };
+                let drained = framed.finish();
+                added?;
+                drained?;
+                A::One
             }
             Q::RegisterDrvOutput { .. } => {
                 return Err(DaemonError::Refused(format!(
@@ -393,6 +395,96 @@ impl Session<'_> {
                 )))
             }
         }))
+    }
+
+    /// Why a path a client sends may not be added, as Nix's daemon decides: only a
+    /// trusted client may waive the signature check; a checked path needs a valid
+    /// signature by a trusted key or a content address (unless `require-sigs` is off).
+    fn signature_refusal(
+        &self,
+        info: &ValidPathInfo,
+        dont_check_sigs: bool,
+    ) -> Option<DaemonError> {
+        let check = !(self.trusted && dont_check_sigs);
+        let cache = &self.daemon.config().worker.cache_options;
+        (check && !add::has_valid_signature(self.store(), cache, info)).then(|| {
+            DaemonError::Refused(format!(
+                "cannot add path '{}' because it lacks a valid signature",
+                self.dir().print(&info.path)
+            ))
+        })
+    }
+
+    /// `VerifyStore`: Nix's progress lines and one line per modified path; with `repair`,
+    /// each modified path is rebuilt from its deriver (there are no substitutes to
+    /// fetch it from). True when errors remain.
+    fn verify_store<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        check_contents: bool,
+        repair: bool,
+    ) -> Result<bool> {
+        let info_line = |conn: &mut ServerConnection<R, W>, verbosity: u64, text: &str| {
+            // Nix's lvlInfo (3): shown unless the client asked for less.
+            if verbosity >= 3 {
+                conn.frame(&StderrFrame::Next(format!("{text}\n").into_bytes()))
+            } else {
+                Ok(())
+            }
+        };
+        info_line(conn, self.verbosity, "reading the Nix store...")?;
+        info_line(conn, self.verbosity, "checking path existence...")?;
+        let report = self.store().verify(check_contents)?;
+        if check_contents {
+            info_line(conn, self.verbosity, "checking link hashes...")?;
+            info_line(conn, self.verbosity, "checking store hashes...")?;
+        }
+        let mut errors = !report.missing.is_empty()
+            || !report.broken_references.is_empty()
+            || !report.unreadable.is_empty();
+        let mismatched: BTreeSet<&StorePath> =
+            report.hash_mismatches.iter().map(|(p, _, _)| p).collect();
+        if report
+            .size_mismatches
+            .iter()
+            .any(|(p, _, _)| !mismatched.contains(p))
+        {
+            errors = true;
+        }
+        for (p, expected, got) in &report.hash_mismatches {
+            conn.frame(&StderrFrame::Next(
+                format!(
+                    "path '{}' was modified! expected hash '{}', got '{}'\n",
+                    self.dir().print(p),
+                    expected.to_base32_typed(),
+                    got.to_base32_typed()
+                )
+                .into_bytes(),
+            ))?;
+            if !repair {
+                errors = true;
+                continue;
+            }
+            let deriver = self.store().query_path_info(p)?.and_then(|i| i.deriver);
+            let deriver = match deriver {
+                Some(d) if self.store().is_valid_path(&d)? => d,
+                _ => {
+                    return Err(DaemonError::Refused(format!(
+                        "cannot repair path '{}'",
+                        self.dir().print(p)
+                    )))
+                }
+            };
+            let target = WireDerivedPath::Built {
+                drv: deriver,
+                outputs: OutputsSpec::All,
+            };
+            let outcome = build::realise(self, conn, &[target], WireBuildMode::Repair)?;
+            if outcome.exit_status != 0 {
+                errors = true;
+            }
+        }
+        Ok(errors)
     }
 
     fn valid_info(&self, p: &StorePath) -> Result<ValidPathInfo> {
@@ -593,12 +685,7 @@ impl Session<'_> {
         r: &AddToStoreNarRequest,
     ) -> Result<()> {
         let info = from_wire_info(&r.info);
-        let refusal = (!self.trusted).then(|| {
-            DaemonError::Refused(format!(
-                "cannot add path '{}' because it lacks a signature by a trusted key",
-                self.dir().print(&info.path)
-            ))
-        });
+        let refusal = self.signature_refusal(&info, r.dont_check_sigs);
         if conn.ctx().at_least(23) {
             let mut framed = conn.framed().with_max_total(info.nar_size);
             let added = match refusal {
@@ -624,10 +711,11 @@ impl Session<'_> {
     fn add_multiple_to_store<R: Read, W: Write>(
         &mut self,
         conn: &mut ServerConnection<R, W>,
+        dont_check_sigs: bool,
     ) -> Result<()> {
         let cx = conn.ctx().clone();
-        let trusted = self.trusted;
         let store = self.daemon.store();
+        let this = &*self;
         let mut framed = conn.framed();
         let added = (|| -> Result<()> {
             let mut r = WireReader::new(&mut framed);
@@ -635,11 +723,8 @@ impl Session<'_> {
             for _ in 0..n {
                 let info = read_multiple_item(&mut r, &cx)?;
                 let info = from_wire_info(&info);
-                if !trusted {
-                    return Err(DaemonError::Refused(format!(
-                        "cannot add path '{}' because it lacks a signature by a trusted key",
-                        cx.store_dir.print(&info.path)
-                    )));
+                if let Some(e) = this.signature_refusal(&info, dont_check_sigs) {
+                    return Err(e);
                 }
                 // A NAR that runs past its declared size is cut off there, not written
                 // to the store in full before the size check refuses it.
