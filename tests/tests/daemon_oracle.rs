@@ -812,7 +812,162 @@ fn more_nix_clients_see_the_same_through_nixb_daemon_as_through_nix_daemon() {
     assert_eq!(by_name("nix-store -l").stdout, "uses-building");
 
     assert_eq!(got.len(), expected.len());
-    for (g, e) in got.iter().zip(&expected) {
-        assert_eq!(g, e, "step '{}' differs", e.name);
+    let differing: Vec<String> = got
+        .iter()
+        .zip(&expected)
+        .filter(|(g, e)| g != e)
+        .map(|(g, e)| format!("step '{}':\n  nixb: {g:?}\n  nix:  {e:?}", e.name))
+        .collect();
+    assert!(differing.is_empty(), "{}", differing.join("\n"));
+}
+
+/// What an untrusted uid may add and do, as Nix 2.8's daemon decides: a content-addressed
+/// path or one signed by a key in `trusted-public-keys` goes in, an unsigned input-addressed
+/// one does not even with `--no-check-sigs`; repairing and adding build logs are refused.
+fn scenario_untrusted(t: &TestStore) -> Vec<Step> {
+    let graph = t.file("graph.nix", GRAPH);
+    let files = t.root.path().join("files");
+    let plain = format!("file://{}", files.join("cache").display());
+    let signed = format!(
+        "file://{}?secret-key={}",
+        files.join("signed").display(),
+        files.join("key").display()
+    );
+    let nix = |args: &[&str]| {
+        let mut c = client(t, "nix");
+        c.args(args);
+        c
+    };
+    let untrusted = |args: &[&str]| nixb_tests::as_untrusted(t, &nix(args));
+
+    // Set up as root: a content-addressed path and a built one, in an unsigned and a
+    // signed cache, then gone from the store; the build log in the unsigned cache.
+    let added = nixb_tests::run_str(
+        client(t, "nix-store")
+            .arg("--add")
+            .arg(t.file("added.txt", "added\n")),
+        None,
+    );
+    let drv = out_str(&run(
+        client(t, "nix-instantiate")
+            .arg(&graph)
+            .args(["-A", "uses"]),
+        None,
+    ));
+    let built = nixb_tests::run_str(client(t, "nix-store").arg("-r").arg(&drv), None);
+    nixb_tests::run_ok(&mut nix(&["copy", "--to", &plain, &added, &built]), None);
+    nixb_tests::run_ok(&mut nix(&["copy", "--to", &signed, &built]), None);
+    nixb_tests::run_ok(&mut nix(&["store", "copy-log", "--to", &plain, &drv]), None);
+    nixb_tests::run_ok(
+        client(t, "nix-store")
+            .arg("--delete")
+            .arg(&added)
+            .arg(&built),
+        None,
+    );
+
+    let plain_from = plain.clone();
+    let signed_from = format!("file://{}", files.join("signed").display());
+    let remote = format!("unix://{}", socket_of(t).display());
+    let mut steps = Vec::new();
+    let o = run(
+        &mut untrusted(&["copy", "--from", &plain_from, &added]),
+        None,
+    );
+    steps.push(step("content-addressed", &o, Keep::All));
+    let o = run(
+        &mut untrusted(&["copy", "--no-check-sigs", "--from", &plain_from, &built]),
+        None,
+    );
+    steps.push(step("unsigned, --no-check-sigs", &o, Keep::All));
+    let o = run(
+        &mut untrusted(&["copy", "--from", &signed_from, &built]),
+        None,
+    );
+    steps.push(step("signed by a trusted key", &o, Keep::All));
+    let o = run(
+        &mut nixb_tests::as_untrusted(t, client(t, "nix-store").args(["-r", "--repair"]).arg(&drv)),
+        None,
+    );
+    steps.push(step("-r --repair", &o, Keep::All));
+    let o = run(
+        &mut untrusted(&[
+            "store",
+            "copy-log",
+            "--from",
+            &plain_from,
+            "--to",
+            &remote,
+            &drv,
+        ]),
+        None,
+    );
+    steps.push(step(
+        "copy-log (AddBuildLog)",
+        &o,
+        Keep::StderrLinesWith("error"),
+    ));
+    let o = run(
+        client(t, "nix-store")
+            .arg("--check-validity")
+            .arg(&added)
+            .arg(&built),
+        None,
+    );
+    steps.push(step("valid afterwards", &o, Keep::All));
+    steps
+}
+
+#[test]
+fn an_untrusted_uid_adds_and_repairs_as_through_nix_daemon() {
+    nixb_testsupport::require!(Nix, Root, Program("setpriv"));
+    let t = TestStore::new();
+    let key = t.root.path().join("files/key");
+    let secret = nixb_tests::run_ok(
+        t.nix("nix")
+            .args(["key", "generate-secret", "--key-name", "test-1"]),
+        None,
+    );
+    std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+    std::fs::write(&key, &secret).unwrap();
+    let public = nixb_tests::run_str(
+        t.nix("nix").args(["key", "convert-secret-to-public"]),
+        Some(&secret),
+    );
+    std::fs::write(
+        t.root.path().join("etc/nix.conf"),
+        format!(
+            "sandbox = false\nbuild-users-group =\nsubstituters =\nallowed-users = *\n\
+             trusted-users = root\ntrusted-public-keys = {public}\n"
+        ),
+    )
+    .unwrap();
+
+    let mut seen = Vec::new();
+    for nixb in [false, true] {
+        let mut d = if nixb { start_nixb(&t) } else { start_nix(&t) };
+        nixb_tests::open_to_untrusted(&t);
+        seen.push(scenario_untrusted(&t));
+        d.stop();
+        drop(d);
+        wipe(&t);
+        for sub in ["cache", "signed"] {
+            let _ = std::fs::remove_dir_all(t.root.path().join("files").join(sub));
+        }
     }
+    let (expected, got) = (&seen[0], &seen[1]);
+    // The oracle's own answers, checked for what they must say.
+    let code = |name: &str| expected.iter().find(|s| s.name == name).unwrap().code;
+    assert_eq!(code("content-addressed"), Some(0), "{expected:?}");
+    assert_eq!(code("unsigned, --no-check-sigs"), Some(1), "{expected:?}");
+    assert_eq!(code("signed by a trusted key"), Some(0), "{expected:?}");
+    assert_eq!(code("-r --repair"), Some(1), "{expected:?}");
+    assert_eq!(code("copy-log (AddBuildLog)"), Some(1), "{expected:?}");
+    let differing: Vec<String> = got
+        .iter()
+        .zip(expected)
+        .filter(|(g, e)| g != e)
+        .map(|(g, e)| format!("step '{}':\n  nixb: {g:?}\n  nix:  {e:?}", e.name))
+        .collect();
+    assert!(differing.is_empty(), "{}", differing.join("\n"));
 }
