@@ -759,6 +759,37 @@ fn scenario_more(t: &TestStore) -> Vec<Step> {
     steps.push(step("copy-log --from (AddBuildLog)", &o, Keep::All));
     let o = run(client(t, "nix-store").arg("-l").arg(&uses_drv), None);
     steps.push(step("nix-store -l", &o, Keep::All));
+
+    // Paths gone from disk: one nothing refers to (removed from the database), one that
+    // a valid path refers to (an error).
+    let fixed_path = steps
+        .iter()
+        .find(|s| s.name == "--add-fixed")
+        .map(|s| s.stdout.clone())
+        .unwrap_or_default();
+    let lib = multi_outs
+        .lines()
+        .find(|l| l.ends_with("-lib"))
+        .unwrap_or_default()
+        .to_string();
+    for gone in [&fixed_path, &lib] {
+        let _ = Command::new("chmod")
+            .arg("-R")
+            .arg("u+w")
+            .arg(gone)
+            .status();
+        std::fs::remove_file(gone).unwrap();
+    }
+    let o = run(client(t, "nix-store").arg("--verify"), None);
+    steps.push(step("--verify, paths gone", &o, Keep::All));
+    let o = run(
+        client(t, "nix-store")
+            .arg("--check-validity")
+            .arg(&fixed_path)
+            .arg(&lib),
+        None,
+    );
+    steps.push(step("valid after --verify", &o, Keep::All));
     steps
 }
 
@@ -810,6 +841,12 @@ fn more_nix_clients_see_the_same_through_nixb_daemon_as_through_nix_daemon() {
     assert_eq!(by_name("repaired by -r --repair").stdout, "l\n");
     assert_eq!(by_name("repaired by --verify --repair").stdout, "l\n");
     assert_eq!(by_name("nix-store -l").stdout, "uses-building");
+    assert!(by_name("--verify, paths gone")
+        .stderr
+        .contains("disappeared, removing from database"));
+    assert!(by_name("--verify, paths gone")
+        .stderr
+        .contains("disappeared, but it still has valid referrers!"));
 
     assert_eq!(got.len(), expected.len());
     let differing: Vec<String> = got

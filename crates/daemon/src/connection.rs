@@ -415,33 +415,33 @@ impl Session<'_> {
         })
     }
 
-    /// `VerifyStore`: Nix's progress lines and one line per modified path; with `repair`,
-    /// each modified path is rebuilt from its deriver (there are no substitutes to
-    /// fetch it from). True when errors remain.
+    /// `VerifyStore`, as Nix's `verifyStore` goes: a valid path gone from disk is
+    /// removed from the database when nothing valid refers to it (else it is an error);
+    /// with `check_contents`, one line per modified path. With `repair`, each modified or
+    /// still-referred missing path is rebuilt from its deriver (there are no substitutes
+    /// to fetch it from). True when errors remain.
     fn verify_store<R: Read, W: Write>(
         &mut self,
         conn: &mut ServerConnection<R, W>,
         check_contents: bool,
         repair: bool,
     ) -> Result<bool> {
-        let info_line = |conn: &mut ServerConnection<R, W>, verbosity: u64, text: &str| {
-            // Nix's lvlInfo (3): shown unless the client asked for less.
-            if verbosity >= 3 {
-                conn.frame(&StderrFrame::Next(format!("{text}\n").into_bytes()))
-            } else {
-                Ok(())
-            }
-        };
-        info_line(conn, self.verbosity, "reading the Nix store...")?;
-        info_line(conn, self.verbosity, "checking path existence...")?;
+        self.info_line(conn, "reading the Nix store...")?;
+        let mut errors = false;
+        self.info_line(conn, "checking path existence...")?;
+        let all = self.store().query_all_valid_paths()?;
+        let mut done = BTreeSet::new();
+        let mut present = BTreeSet::new();
+        for p in &all {
+            self.verify_existence(conn, p, &mut done, &mut present, repair, &mut errors)?;
+        }
+        // What is missing now is what was reported above.
         let report = self.store().verify(check_contents)?;
         if check_contents {
-            info_line(conn, self.verbosity, "checking link hashes...")?;
-            info_line(conn, self.verbosity, "checking store hashes...")?;
+            self.info_line(conn, "checking link hashes...")?;
+            self.info_line(conn, "checking store hashes...")?;
         }
-        let mut errors = !report.missing.is_empty()
-            || !report.broken_references.is_empty()
-            || !report.unreadable.is_empty();
+        errors |= !report.broken_references.is_empty() || !report.unreadable.is_empty();
         let mismatched: BTreeSet<&StorePath> =
             report.hash_mismatches.iter().map(|(p, _, _)| p).collect();
         if report
@@ -452,39 +452,120 @@ impl Session<'_> {
             errors = true;
         }
         for (p, expected, got) in &report.hash_mismatches {
-            conn.frame(&StderrFrame::Next(
-                format!(
-                    "path '{}' was modified! expected hash '{}', got '{}'\n",
+            self.line(
+                conn,
+                &format!(
+                    "path '{}' was modified! expected hash '{}', got '{}'",
                     self.dir().print(p),
                     expected.to_base32_typed(),
                     got.to_base32_typed()
-                )
-                .into_bytes(),
-            ))?;
+                ),
+            )?;
             if !repair {
                 errors = true;
-                continue;
-            }
-            let deriver = self.store().query_path_info(p)?.and_then(|i| i.deriver);
-            let deriver = match deriver {
-                Some(d) if self.store().is_valid_path(&d)? => d,
-                _ => {
-                    return Err(DaemonError::Refused(format!(
-                        "cannot repair path '{}'",
-                        self.dir().print(p)
-                    )))
-                }
-            };
-            let target = WireDerivedPath::Built {
-                drv: deriver,
-                outputs: OutputsSpec::All,
-            };
-            let outcome = build::realise(self, conn, &[target], WireBuildMode::Repair)?;
-            if outcome.exit_status != 0 {
+            } else if !self.repair_path(conn, p)? {
                 errors = true;
             }
         }
         Ok(errors)
+    }
+
+    /// Nix's `verifyPath`: a path missing from disk is invalidated once every referrer
+    /// has been found missing (and invalidated) too.
+    fn verify_existence<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        p: &StorePath,
+        done: &mut BTreeSet<StorePath>,
+        present: &mut BTreeSet<StorePath>,
+        repair: bool,
+        errors: &mut bool,
+    ) -> Result<()> {
+        if !done.insert(p.clone()) {
+            return Ok(());
+        }
+        if std::fs::symlink_metadata(self.dir().to_path(p)).is_ok() {
+            present.insert(p.clone());
+            return Ok(());
+        }
+        let mut can_invalidate = true;
+        for r in self.store().query_referrers(p)? {
+            if r != *p {
+                self.verify_existence(conn, &r, done, present, repair, errors)?;
+                if present.contains(&r) {
+                    can_invalidate = false;
+                }
+            }
+        }
+        let printed = self.dir().print(p);
+        if can_invalidate {
+            self.info_line(
+                conn,
+                &format!("path '{printed}' disappeared, removing from database..."),
+            )?;
+            self.store().invalidate_path(p)?;
+        } else {
+            self.line(
+                conn,
+                &format!("path '{printed}' disappeared, but it still has valid referrers!"),
+            )?;
+            if !repair {
+                *errors = true;
+            } else {
+                match self.repair_path(conn, p) {
+                    Ok(true) => {}
+                    Ok(false) => *errors = true,
+                    Err(e) => {
+                        self.line(conn, &format!("warning: {e}"))?;
+                        *errors = true;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Nix's `repairPath` without substituters: rebuilds `p`'s deriver in repair mode.
+    /// False when that build failed; an error when there is no valid deriver.
+    fn repair_path<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        p: &StorePath,
+    ) -> Result<bool> {
+        let deriver = self.store().query_path_info(p)?.and_then(|i| i.deriver);
+        let deriver = match deriver {
+            Some(d) if self.store().is_valid_path(&d)? => d,
+            _ => {
+                return Err(DaemonError::Refused(format!(
+                    "cannot repair path '{}'",
+                    self.dir().print(p)
+                )))
+            }
+        };
+        let target = WireDerivedPath::Built {
+            drv: deriver,
+            outputs: OutputsSpec::All,
+        };
+        let outcome = build::realise(self, conn, &[target], WireBuildMode::Repair)?;
+        Ok(outcome.exit_status == 0)
+    }
+
+    /// A line the client prints whatever its verbosity (Nix's `printError`).
+    fn line<R: Read, W: Write>(&self, conn: &mut ServerConnection<R, W>, text: &str) -> Result<()> {
+        conn.frame(&StderrFrame::Next(format!("{text}\n").into_bytes()))?;
+        Ok(())
+    }
+
+    /// A line at Nix's `lvlInfo` (3): shown unless the client asked for less.
+    fn info_line<R: Read, W: Write>(
+        &self,
+        conn: &mut ServerConnection<R, W>,
+        text: &str,
+    ) -> Result<()> {
+        if self.verbosity >= 3 {
+            self.line(conn, text)?;
+        }
+        Ok(())
     }
 
     fn valid_info(&self, p: &StorePath) -> Result<ValidPathInfo> {
