@@ -461,9 +461,8 @@ impl Session<'_> {
                     got.to_base32_typed()
                 ),
             )?;
-            if !repair {
-                errors = true;
-            } else if !self.repair_path(conn, p)? {
+            // Short-circuits: without `repair` nothing is rebuilt.
+            if !repair || !self.repair_path(conn, p)? {
                 errors = true;
             }
         }
