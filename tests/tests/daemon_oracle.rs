@@ -263,6 +263,7 @@ fn nix_clients_see_the_same_through_nixb_daemon_as_through_nix_daemon() {
     let mut nixb_daemon = start_nixb(&t);
     let got = scenario(&t);
     let status = nixb_daemon.stop();
+    wipe(&t);
 
     // The oracle's own answers, checked for what they must say.
     assert_eq!(expected.realise_code, Some(0));
@@ -518,6 +519,33 @@ fn links_listing(dir: &Path) -> String {
     out.join("\n")
 }
 
+/// Waits until the daemon has dropped the temporary roots of the connections that have
+/// ended: every `temproots` file empty or gone. A client's connection ends a moment after
+/// the client exits (Nix's per-connection process exits and removes its file; nixb's daemon
+/// empties its file once no connection is left), so a collection started right after a
+/// build could still see the build's roots.
+fn settle(t: &TestStore) {
+    let dir = t.state_dir().join("temproots");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if held.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "temporary roots still held: {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Makes a store path's single file writable and overwrites it.
 fn corrupt(path: &str) {
     use std::os::unix::fs::PermissionsExt;
@@ -639,6 +667,7 @@ fn scenario_more(t: &TestStore) -> Vec<Step> {
     let export = run(client(t, "nix-store").arg("--export").arg(&uses), None);
     steps.push(step("--export", &export, Keep::BinaryOut));
     // Nothing holds the path once its builder's connection is gone.
+    settle(t);
     let o = run(client(t, "nix-store").arg("--delete").arg(&uses), None);
     steps.push(step("--delete", &o, Keep::All));
     let o = run(client(t, "nix-store").arg("--import"), Some(&export.stdout));
@@ -658,6 +687,7 @@ fn scenario_more(t: &TestStore) -> Vec<Step> {
         stdout: tree_listing(&files.join("cache")),
         stderr: String::new(),
     });
+    settle(t);
     let o = run(client(t, "nix-store").arg("--delete").arg(&uses), None);
     steps.push(step("--delete again", &o, Keep::All));
     // Unsigned, and the client asks for signatures to be checked.
@@ -808,6 +838,8 @@ fn more_nix_clients_see_the_same_through_nixb_daemon_as_through_nix_daemon() {
     let mut nixb_daemon = start_nixb(&t);
     let got = scenario_more(&t);
     assert!(nixb_daemon.stop().success());
+    // Read-only store paths would keep the temp dir from being removed.
+    wipe(&t);
 
     // The oracle's own answers, checked for what they must say.
     let by_name = |name: &str| expected.iter().find(|s| s.name == name).unwrap();
@@ -895,6 +927,7 @@ fn scenario_untrusted(t: &TestStore) -> Vec<Step> {
     nixb_tests::run_ok(&mut nix(&["copy", "--to", &plain, &added, &built]), None);
     nixb_tests::run_ok(&mut nix(&["copy", "--to", &signed, &built]), None);
     nixb_tests::run_ok(&mut nix(&["store", "copy-log", "--to", &plain, &drv]), None);
+    settle(t);
     nixb_tests::run_ok(
         client(t, "nix-store")
             .arg("--delete")
