@@ -8,3 +8,42 @@
 #![forbid(unsafe_code)]
 
 pub use nixb_testsupport::store::{nixb_binary, run, run_ok, run_str, TestStore};
+
+/// Runs `inner` (program, arguments and environment) as uid and gid `12345`, which have
+/// no passwd entry, so no host user is made: a client that `allowed-users = *` lets in
+/// and `trusted-users = root` leaves untrusted. Its `HOME` is `<test root>/untrusted-home`,
+/// which [`open_to_untrusted`] prepares.
+pub fn as_untrusted(t: &TestStore, inner: &std::process::Command) -> std::process::Command {
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=12345", "--regid=12345", "--clear-groups", "--"])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    let home = t.root.path().join("untrusted-home");
+    c.env("XDG_CACHE_HOME", home.join(".cache"))
+        .env("HOME", home);
+    c
+}
+
+/// Lets the uid of [`as_untrusted`] reach the test store's socket, store and files, and
+/// gives it a writable home.
+pub fn open_to_untrusted(t: &TestStore) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()))
+    };
+    let files = t.root.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::create_dir_all(t.state_dir()).unwrap();
+    for d in [t.root.path().to_path_buf(), t.state_dir(), files] {
+        mode(&d, 0o755);
+    }
+    let home = t.root.path().join("untrusted-home");
+    std::fs::create_dir_all(&home).unwrap();
+    mode(&home, 0o777);
+}

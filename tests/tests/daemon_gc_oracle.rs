@@ -578,24 +578,9 @@ fn socket_activation_serves_the_socket_systemd_passes() {
     drop(listener);
 }
 
-/// Runs a client as uid and gid 12345, which have no passwd entry (no host user made):
-/// `allowed-users = *` lets it in, `trusted-users = root` leaves it untrusted.
+/// A client of the test store's daemon as an untrusted uid.
 fn as_untrusted(t: &TestStore, program: &str) -> Command {
-    let inner = client(t, program);
-    let mut c = Command::new("setpriv");
-    c.args(["--reuid=12345", "--regid=12345", "--clear-groups", "--"])
-        .arg(inner.get_program())
-        .args(inner.get_args());
-    for (k, v) in inner.get_envs() {
-        if let Some(v) = v {
-            c.env(k, v);
-        }
-    }
-    c.env("HOME", t.root.path().join("untrusted-home")).env(
-        "XDG_CACHE_HOME",
-        t.root.path().join("untrusted-home/.cache"),
-    );
-    c
+    nixb_tests::as_untrusted(t, &client(t, program))
 }
 
 /// What an untrusted client saw.
@@ -619,17 +604,8 @@ fn an_untrusted_uid_is_treated_as_nix_daemon_treats_it() {
     );
     let fixture = populate(&t);
     // The uid must reach the socket, the store and its own home.
+    nixb_tests::open_to_untrusted(&t);
     use std::os::unix::fs::PermissionsExt;
-    for d in [
-        t.root.path().to_path_buf(),
-        t.state_dir(),
-        t.root.path().join("files"),
-    ] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let home = t.root.path().join("untrusted-home");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::set_permissions(&fixture.key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let export = t.root.path().join("files/export.nar");
     let exported = run_ok(

@@ -263,6 +263,7 @@ fn nix_clients_see_the_same_through_nixb_daemon_as_through_nix_daemon() {
     let mut nixb_daemon = start_nixb(&t);
     let got = scenario(&t);
     let status = nixb_daemon.stop();
+    wipe(&t);
 
     // The oracle's own answers, checked for what they must say.
     assert_eq!(expected.realise_code, Some(0));
@@ -405,4 +406,638 @@ fn build_results_carry_cpu_times_from_1_37() {
         drop(c);
         assert!(child.wait().unwrap().success());
     }
+}
+
+/// A graph whose dependency has three outputs (one used), a failing derivation, and
+/// derivations for `nix-shell` (no stdenv: nix-shell sources `$stdenv/setup` only where
+/// there is one, and takes its shell from `NIX_BUILD_SHELL`).
+const GRAPH: &str = r#"
+rec {
+  multi = derivation { name = "multi"; system = builtins.currentSystem; builder = "/bin/sh";
+    outputs = [ "out" "lib" "dev" ];
+    args = [ "-c" "echo multi-building; echo o > $out; echo l > $lib; /bin/mkdir $dev; echo $lib > $dev/lib-path; /bin/ln -s lib-path $dev/link" ]; };
+  uses = derivation { name = "uses-lib"; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "echo uses-building; read x < ${multi.lib}; echo $x > $out" ]; };
+  fails = derivation { name = "dep-fails"; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "echo failing-now; exit 4" ]; };
+  shell = derivation { name = "shell-env"; system = builtins.currentSystem; builder = "/bin/sh";
+    dep = uses; greeting = "hi"; args = [ "-c" "exit 1" ]; };
+  badshell = derivation { name = "bad-shell"; system = builtins.currentSystem; builder = "/bin/sh";
+    dep = fails; args = [ "-c" "exit 1" ]; };
+}
+"#;
+
+/// One client command as seen: exit code, stdout, stderr (normalised where the step
+/// says so).
+#[derive(Debug, PartialEq)]
+struct Step {
+    name: &'static str,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// How a step's output is compared.
+enum Keep {
+    /// stdout and stderr as they are.
+    All,
+    /// stdout as its length and sha256 (a NAR, an export), stderr as it is.
+    BinaryOut,
+    /// stdout, and only the stderr lines containing this (the rest is the engine's own
+    /// progress, worded differently by nixb's engine).
+    StderrLinesWith(&'static str),
+}
+
+fn step(name: &'static str, o: &Output, keep: Keep) -> Step {
+    let stderr = err_str(o);
+    let (stdout, stderr) = match keep {
+        Keep::All => (out_str(o), stderr),
+        Keep::BinaryOut => {
+            let h = nixb_store::Hash::digest(nixb_store::HashAlgo::Sha256, &o.stdout);
+            (
+                format!("{} bytes, {}", o.stdout.len(), h.to_base32_typed()),
+                stderr,
+            )
+        }
+        Keep::StderrLinesWith(s) => (
+            out_str(o),
+            stderr
+                .lines()
+                .filter(|l| l.contains(s))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+    };
+    Step {
+        name,
+        code: o.status.code(),
+        stdout,
+        stderr,
+    }
+}
+
+/// Every file under `dir`, relative, with its sha256.
+fn tree_listing(dir: &Path) -> String {
+    fn walk(root: &Path, d: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(d) else {
+            return;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let h = nixb_store::Hash::digest(
+                    nixb_store::HashAlgo::Sha256,
+                    std::fs::read(&p).unwrap(),
+                );
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                out.push(format!("{rel} {}", h.to_base32_typed()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out.join("\n")
+}
+
+/// The names under `dir` and where each symlink points.
+fn links_listing(dir: &Path) -> String {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            match std::fs::read_link(&p) {
+                Ok(target) => format!("{name} -> {}", target.display()),
+                Err(_) => name,
+            }
+        })
+        .collect();
+    out.sort();
+    out.join("\n")
+}
+
+/// Waits until the daemon has dropped the temporary roots of the connections that have
+/// ended: every `temproots` file empty or gone. A client's connection ends a moment after
+/// the client exits (Nix's per-connection process exits and removes its file; nixb's daemon
+/// empties its file once no connection is left), so a collection started right after a
+/// build could still see the build's roots.
+fn settle(t: &TestStore) {
+    let dir = t.state_dir().join("temproots");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if held.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "temporary roots still held: {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Makes a store path's single file writable and overwrites it.
+fn corrupt(path: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(path, "corrupted\n").unwrap();
+}
+
+/// The second scenario: multi-output graphs with `nix build -L` and `nix-build`, `nix
+/// store ping`, `nix-store --dump`, `--add-fixed`, `--export` / `--import`, `--verify
+/// --check-contents`, `nix copy` to and from a binary cache (with and without signature
+/// checking), `nix-shell --run`, `nix-env --set` into a profile, corruption found and
+/// repaired (`--verify --check-contents --repair`, `-r --repair`), and build logs sent with
+/// `nix store copy-log` (AddBuildLog).
+fn scenario_more(t: &TestStore) -> Vec<Step> {
+    let graph = t.file("graph.nix", GRAPH);
+    let files = t.root.path().join("files");
+    let cache = format!("file://{}", files.join("cache").display());
+    let mut steps = Vec::new();
+    let nix = |args: &[&str]| {
+        let mut c = client(t, "nix");
+        c.args(args);
+        c
+    };
+    let shell = |attr: &str, cmd: &str| {
+        let mut c = client(t, "nix-shell");
+        c.env("NIX_BUILD_SHELL", "bash")
+            .arg(&graph)
+            .args(["-A", attr, "--run", cmd]);
+        c
+    };
+
+    // Two builders, log lines prefixed with each one's name; the dependency's three
+    // outputs all registered though one is used.
+    let o = run(
+        client(t, "nix")
+            .args(["build", "-L", "--no-link", "--json", "-f"])
+            .arg(&graph)
+            .arg("uses"),
+        None,
+    );
+    steps.push(step("nix build -L", &o, Keep::All));
+    let o = run(
+        client(t, "nix-build")
+            .arg(&graph)
+            .args(["-A", "multi", "-o"])
+            .arg(files.join("result")),
+        None,
+    );
+    steps.push(step("nix-build multi-output", &o, Keep::All));
+    let multi_drv = out_str(&run(
+        client(t, "nix-instantiate")
+            .arg(&graph)
+            .args(["-A", "multi"]),
+        None,
+    ));
+    let o = run(
+        client(t, "nix-store")
+            .args(["-q", "--outputs"])
+            .arg(&multi_drv),
+        None,
+    );
+    steps.push(step("outputs", &o, Keep::All));
+    let multi_outs = out_str(&o);
+    let dev = multi_outs
+        .lines()
+        .find(|l| l.ends_with("-dev"))
+        .unwrap_or_default()
+        .to_string();
+
+    let o = run(&mut nix(&["store", "ping"]), None);
+    let mut ping = step("nix store ping", &o, Keep::All);
+    // The daemon's own version string differs by design.
+    ping.stderr = ping
+        .stderr
+        .lines()
+        .map(|l| {
+            if l.starts_with("Version: ") {
+                "Version: <daemon>"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    steps.push(ping);
+
+    let o = run(client(t, "nix-store").arg("--dump").arg(&dev), None);
+    steps.push(step("--dump", &o, Keep::BinaryOut));
+
+    let fixed = t.file("fixed.txt", "fixed\n");
+    t.file("fdir/a", "a\n");
+    let o = run(
+        client(t, "nix-store")
+            .args(["--add-fixed", "sha256"])
+            .arg(&fixed),
+        None,
+    );
+    steps.push(step("--add-fixed", &o, Keep::All));
+    let o = run(
+        client(t, "nix-store")
+            .args(["--add-fixed", "--recursive", "sha1"])
+            .arg(files.join("fdir")),
+        None,
+    );
+    steps.push(step("--add-fixed --recursive", &o, Keep::All));
+
+    let uses_drv = out_str(&run(
+        client(t, "nix-instantiate")
+            .arg(&graph)
+            .args(["-A", "uses"]),
+        None,
+    ));
+    let uses = out_str(&run(
+        client(t, "nix-store")
+            .args(["-q", "--outputs"])
+            .arg(&uses_drv),
+        None,
+    ));
+    let export = run(client(t, "nix-store").arg("--export").arg(&uses), None);
+    steps.push(step("--export", &export, Keep::BinaryOut));
+    // Nothing holds the path once its builder's connection is gone.
+    settle(t);
+    let o = run(client(t, "nix-store").arg("--delete").arg(&uses), None);
+    steps.push(step("--delete", &o, Keep::All));
+    let o = run(client(t, "nix-store").arg("--import"), Some(&export.stdout));
+    steps.push(step("--import", &o, Keep::All));
+    let o = run(
+        client(t, "nix-store").args(["--verify", "--check-contents"]),
+        None,
+    );
+    steps.push(step("--verify --check-contents", &o, Keep::All));
+
+    // nix copy both ways: from the daemon's store into a binary cache, then back.
+    let o = run(&mut nix(&["copy", "--to", &cache, &uses]), None);
+    steps.push(step("nix copy --to", &o, Keep::All));
+    steps.push(Step {
+        name: "the binary cache",
+        code: None,
+        stdout: tree_listing(&files.join("cache")),
+        stderr: String::new(),
+    });
+    settle(t);
+    let o = run(client(t, "nix-store").arg("--delete").arg(&uses), None);
+    steps.push(step("--delete again", &o, Keep::All));
+    // Unsigned, and the client asks for signatures to be checked.
+    let o = run(&mut nix(&["copy", "--from", &cache, &uses]), None);
+    steps.push(step("nix copy --from, unsigned", &o, Keep::All));
+    let o = run(
+        &mut nix(&["copy", "--no-check-sigs", "--from", &cache, &uses]),
+        None,
+    );
+    steps.push(step("nix copy --from --no-check-sigs", &o, Keep::All));
+    let o = run(
+        client(t, "nix-store")
+            .args(["-q", "--hash", "--references"])
+            .arg(&uses),
+        None,
+    );
+    steps.push(step("copied back", &o, Keep::All));
+
+    let o = run(&mut shell("shell", "echo $greeting; cat $dep"), None);
+    steps.push(step("nix-shell --run", &o, Keep::All));
+    let o = run(&mut shell("shell", "exit 7"), None);
+    steps.push(step("nix-shell --run exit 7", &o, Keep::All));
+    let o = run(&mut shell("badshell", "true"), None);
+    steps.push(step("nix-shell, input fails", &o, Keep::All));
+
+    let o = run(
+        client(t, "nix-env")
+            .arg("-p")
+            .arg(files.join("profile"))
+            .arg("--set")
+            .arg(&uses),
+        None,
+    );
+    steps.push(step("nix-env --set", &o, Keep::All));
+    steps.push(Step {
+        name: "profile links",
+        code: None,
+        stdout: links_listing(&files),
+        stderr: String::new(),
+    });
+
+    // Corruption: found by --check-contents, repaired from the deriver by a trusted client.
+    corrupt(&uses);
+    let o = run(
+        client(t, "nix-store").args(["--verify", "--check-contents"]),
+        None,
+    );
+    steps.push(step("--verify finds corruption", &o, Keep::All));
+    let o = run(
+        client(t, "nix-store")
+            .args(["-r", "--repair"])
+            .arg(&uses_drv),
+        None,
+    );
+    steps.push(step("-r --repair", &o, Keep::StderrLinesWith("error")));
+    steps.push(Step {
+        name: "repaired by -r --repair",
+        code: None,
+        stdout: std::fs::read_to_string(&uses).unwrap(),
+        stderr: String::new(),
+    });
+    corrupt(&uses);
+    let o = run(
+        client(t, "nix-store").args(["--verify", "--check-contents", "--repair"]),
+        None,
+    );
+    steps.push(step(
+        "--verify --repair",
+        &o,
+        Keep::StderrLinesWith("modified"),
+    ));
+    steps.push(Step {
+        name: "repaired by --verify --repair",
+        code: None,
+        stdout: std::fs::read_to_string(&uses).unwrap(),
+        stderr: String::new(),
+    });
+
+    // AddBuildLog: the log goes to the cache, is lost here, and comes back.
+    let o = run(
+        &mut nix(&["store", "copy-log", "--to", &cache, &uses_drv]),
+        None,
+    );
+    steps.push(step("copy-log --to", &o, Keep::All));
+    let base = Path::new(&uses_drv).file_name().unwrap().to_str().unwrap();
+    let log_file = t
+        .log_dir()
+        .join("drvs")
+        .join(&base[..2])
+        .join(format!("{}.bz2", &base[2..]));
+    std::fs::remove_file(&log_file).unwrap();
+    let remote = format!("unix://{}", socket_of(t).display());
+    let o = run(
+        &mut nix(&[
+            "store", "copy-log", "--from", &cache, "--to", &remote, &uses_drv,
+        ]),
+        None,
+    );
+    steps.push(step("copy-log --from (AddBuildLog)", &o, Keep::All));
+    let o = run(client(t, "nix-store").arg("-l").arg(&uses_drv), None);
+    steps.push(step("nix-store -l", &o, Keep::All));
+
+    // Paths gone from disk: one nothing refers to (removed from the database), one that
+    // a valid path refers to (an error).
+    let fixed_path = steps
+        .iter()
+        .find(|s| s.name == "--add-fixed")
+        .map(|s| s.stdout.clone())
+        .unwrap_or_default();
+    let lib = multi_outs
+        .lines()
+        .find(|l| l.ends_with("-lib"))
+        .unwrap_or_default()
+        .to_string();
+    for gone in [&fixed_path, &lib] {
+        let _ = Command::new("chmod")
+            .arg("-R")
+            .arg("u+w")
+            .arg(gone)
+            .status();
+        std::fs::remove_file(gone).unwrap();
+    }
+    let o = run(client(t, "nix-store").arg("--verify"), None);
+    steps.push(step("--verify, paths gone", &o, Keep::All));
+    let o = run(
+        client(t, "nix-store")
+            .arg("--check-validity")
+            .arg(&fixed_path)
+            .arg(&lib),
+        None,
+    );
+    steps.push(step("valid after --verify", &o, Keep::All));
+    steps
+}
+
+#[test]
+fn more_nix_clients_see_the_same_through_nixb_daemon_as_through_nix_daemon() {
+    nixb_testsupport::require!(Nix);
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+
+    let mut nix_daemon = start_nix(&t);
+    let expected = scenario_more(&t);
+    nix_daemon.stop();
+    drop(nix_daemon);
+    wipe(&t);
+    std::fs::remove_dir_all(t.root.path().join("files")).unwrap();
+
+    let mut nixb_daemon = start_nixb(&t);
+    let got = scenario_more(&t);
+    assert!(nixb_daemon.stop().success());
+    // Read-only store paths would keep the temp dir from being removed.
+    wipe(&t);
+
+    // The oracle's own answers, checked for what they must say.
+    let by_name = |name: &str| expected.iter().find(|s| s.name == name).unwrap();
+    for ok in [
+        "nix build -L",
+        "nix-build multi-output",
+        "--import",
+        "nix copy --from --no-check-sigs",
+        "nix-shell --run",
+        "-r --repair",
+        "--verify --repair",
+        "copy-log --from (AddBuildLog)",
+    ] {
+        assert_eq!(by_name(ok).code, Some(0), "{:?}", by_name(ok));
+    }
+    assert!(by_name("nix build -L")
+        .stderr
+        .contains("multi> multi-building"));
+    assert!(by_name("nix build -L")
+        .stderr
+        .contains("uses-lib> uses-building"));
+    assert_eq!(by_name("outputs").stdout.lines().count(), 3);
+    assert_eq!(by_name("nix copy --from, unsigned").code, Some(1));
+    assert!(by_name("nix copy --from, unsigned")
+        .stderr
+        .contains("lacks a valid signature"));
+    assert_eq!(by_name("nix-shell --run").stdout, "hi\nl");
+    assert_eq!(by_name("nix-shell --run exit 7").code, Some(7));
+    assert_eq!(by_name("nix-shell, input fails").code, Some(1));
+    assert_eq!(by_name("--verify finds corruption").code, Some(1));
+    assert_eq!(by_name("repaired by -r --repair").stdout, "l\n");
+    assert_eq!(by_name("repaired by --verify --repair").stdout, "l\n");
+    assert_eq!(by_name("nix-store -l").stdout, "uses-building");
+    assert!(by_name("--verify, paths gone")
+        .stderr
+        .contains("disappeared, removing from database"));
+    assert!(by_name("--verify, paths gone")
+        .stderr
+        .contains("disappeared, but it still has valid referrers!"));
+
+    assert_eq!(got.len(), expected.len());
+    let differing: Vec<String> = got
+        .iter()
+        .zip(&expected)
+        .filter(|(g, e)| g != e)
+        .map(|(g, e)| format!("step '{}':\n  nixb: {g:?}\n  nix:  {e:?}", e.name))
+        .collect();
+    assert!(differing.is_empty(), "{}", differing.join("\n"));
+}
+
+/// What an untrusted uid may add and do, as Nix 2.8's daemon decides: a content-addressed
+/// path or one signed by a key in `trusted-public-keys` goes in, an unsigned input-addressed
+/// one does not even with `--no-check-sigs`; repairing and adding build logs are refused.
+fn scenario_untrusted(t: &TestStore) -> Vec<Step> {
+    let graph = t.file("graph.nix", GRAPH);
+    let files = t.root.path().join("files");
+    let plain = format!("file://{}", files.join("cache").display());
+    let signed = format!(
+        "file://{}?secret-key={}",
+        files.join("signed").display(),
+        files.join("key").display()
+    );
+    let nix = |args: &[&str]| {
+        let mut c = client(t, "nix");
+        c.args(args);
+        c
+    };
+    let untrusted = |args: &[&str]| nixb_tests::as_untrusted(t, &nix(args));
+
+    // Set up as root: a content-addressed path and a built one, in an unsigned and a
+    // signed cache, then gone from the store; the build log in the unsigned cache.
+    let added = nixb_tests::run_str(
+        client(t, "nix-store")
+            .arg("--add")
+            .arg(t.file("added.txt", "added\n")),
+        None,
+    );
+    let drv = out_str(&run(
+        client(t, "nix-instantiate")
+            .arg(&graph)
+            .args(["-A", "uses"]),
+        None,
+    ));
+    let built = nixb_tests::run_str(client(t, "nix-store").arg("-r").arg(&drv), None);
+    nixb_tests::run_ok(&mut nix(&["copy", "--to", &plain, &added, &built]), None);
+    nixb_tests::run_ok(&mut nix(&["copy", "--to", &signed, &built]), None);
+    nixb_tests::run_ok(&mut nix(&["store", "copy-log", "--to", &plain, &drv]), None);
+    settle(t);
+    nixb_tests::run_ok(
+        client(t, "nix-store")
+            .arg("--delete")
+            .arg(&added)
+            .arg(&built),
+        None,
+    );
+
+    let plain_from = plain.clone();
+    let signed_from = format!("file://{}", files.join("signed").display());
+    let remote = format!("unix://{}", socket_of(t).display());
+    let mut steps = Vec::new();
+    let o = run(
+        &mut untrusted(&["copy", "--from", &plain_from, &added]),
+        None,
+    );
+    steps.push(step("content-addressed", &o, Keep::All));
+    let o = run(
+        &mut untrusted(&["copy", "--no-check-sigs", "--from", &plain_from, &built]),
+        None,
+    );
+    steps.push(step("unsigned, --no-check-sigs", &o, Keep::All));
+    let o = run(
+        &mut untrusted(&["copy", "--from", &signed_from, &built]),
+        None,
+    );
+    steps.push(step("signed by a trusted key", &o, Keep::All));
+    let o = run(
+        &mut nixb_tests::as_untrusted(t, client(t, "nix-store").args(["-r", "--repair"]).arg(&drv)),
+        None,
+    );
+    steps.push(step("-r --repair", &o, Keep::All));
+    let o = run(
+        &mut untrusted(&[
+            "store",
+            "copy-log",
+            "--from",
+            &plain_from,
+            "--to",
+            &remote,
+            &drv,
+        ]),
+        None,
+    );
+    steps.push(step(
+        "copy-log (AddBuildLog)",
+        &o,
+        Keep::StderrLinesWith("error"),
+    ));
+    let o = run(
+        client(t, "nix-store")
+            .arg("--check-validity")
+            .arg(&added)
+            .arg(&built),
+        None,
+    );
+    steps.push(step("valid afterwards", &o, Keep::All));
+    steps
+}
+
+#[test]
+fn an_untrusted_uid_adds_and_repairs_as_through_nix_daemon() {
+    nixb_testsupport::require!(Nix, Root, Program("setpriv"));
+    let t = TestStore::new();
+    let key = t.root.path().join("files/key");
+    let secret = nixb_tests::run_ok(
+        t.nix("nix")
+            .args(["key", "generate-secret", "--key-name", "test-1"]),
+        None,
+    );
+    std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+    std::fs::write(&key, &secret).unwrap();
+    let public = nixb_tests::run_str(
+        t.nix("nix").args(["key", "convert-secret-to-public"]),
+        Some(&secret),
+    );
+    std::fs::write(
+        t.root.path().join("etc/nix.conf"),
+        format!(
+            "sandbox = false\nbuild-users-group =\nsubstituters =\nallowed-users = *\n\
+             trusted-users = root\ntrusted-public-keys = {public}\n"
+        ),
+    )
+    .unwrap();
+
+    let mut seen = Vec::new();
+    for nixb in [false, true] {
+        let mut d = if nixb { start_nixb(&t) } else { start_nix(&t) };
+        nixb_tests::open_to_untrusted(&t);
+        seen.push(scenario_untrusted(&t));
+        d.stop();
+        drop(d);
+        wipe(&t);
+        for sub in ["cache", "signed"] {
+            let _ = std::fs::remove_dir_all(t.root.path().join("files").join(sub));
+        }
+    }
+    let (expected, got) = (&seen[0], &seen[1]);
+    // The oracle's own answers, checked for what they must say.
+    let code = |name: &str| expected.iter().find(|s| s.name == name).unwrap().code;
+    assert_eq!(code("content-addressed"), Some(0), "{expected:?}");
+    assert_eq!(code("unsigned, --no-check-sigs"), Some(1), "{expected:?}");
+    assert_eq!(code("signed by a trusted key"), Some(0), "{expected:?}");
+    assert_eq!(code("-r --repair"), Some(1), "{expected:?}");
+    assert_eq!(code("copy-log (AddBuildLog)"), Some(1), "{expected:?}");
+    let differing: Vec<String> = got
+        .iter()
+        .zip(expected)
+        .filter(|(g, e)| g != e)
+        .map(|(g, e)| format!("step '{}':\n  nixb: {g:?}\n  nix:  {e:?}", e.name))
+        .collect();
+    assert!(differing.is_empty(), "{}", differing.join("\n"));
 }

@@ -217,3 +217,116 @@ fn valid_info(store: &LocalStore, p: &StorePath) -> Result<ValidPathInfo> {
         ))
     })
 }
+
+/// Whether a path a client sends may be added without being trusted on its word, as Nix's
+/// `LocalStore::addToStore` decides with signature checking on: `require-sigs` off, a
+/// content address that yields the path itself, or a signature that one of
+/// `trusted-public-keys` verifies.
+pub(crate) fn has_valid_signature(
+    store: &LocalStore,
+    cache: &nixb_binarycache::CacheOptions,
+    info: &ValidPathInfo,
+) -> bool {
+    if !cache.require_sigs || is_content_addressed(store, info) {
+        return true;
+    }
+    let dir = store.store_dir();
+    let fingerprint = nixb_binarycache::narinfo::fingerprint(
+        dir,
+        &info.path,
+        &info.nar_hash,
+        info.nar_size,
+        &info.references,
+    );
+    cache.trusted_keys.count_valid(&fingerprint, &info.sigs) > 0
+}
+
+/// `ValidPathInfo::isContentAddressed`: the path is where its `ca` field puts it.
+fn is_content_addressed(store: &LocalStore, info: &ValidPathInfo) -> bool {
+    let Some(ca) = &info.ca else {
+        return false;
+    };
+    let dir = store.store_dir();
+    let name = info.path.name();
+    let self_ref = info.references.contains(&info.path);
+    let others: Vec<&StorePath> = info
+        .references
+        .iter()
+        .filter(|r| **r != info.path)
+        .collect();
+    let computed = if let Some(h) = ca.strip_prefix("text:") {
+        let Ok(hash) = Hash::parse_typed(h) else {
+            return false;
+        };
+        let mut ty = String::from("text");
+        let mut refs: Vec<String> = others.iter().map(|r| dir.print(r)).collect();
+        refs.sort();
+        for r in refs {
+            ty.push(':');
+            ty.push_str(&r);
+        }
+        if self_ref {
+            return false;
+        }
+        dir.make_store_path(&ty, &hash, name)
+    } else if let Some(h) = ca.strip_prefix("fixed:") {
+        let (recursive, h) = match h.strip_prefix("r:") {
+            Some(rest) => (true, rest),
+            None => (false, h),
+        };
+        let Ok(hash) = Hash::parse_typed(h) else {
+            return false;
+        };
+        if recursive && hash.algo() == HashAlgo::Sha256 {
+            dir.make_source_path(name, &hash, others.iter().copied(), self_ref)
+        } else if info.references.is_empty() {
+            dir.make_fixed_output_path(recursive, &hash, name)
+        } else {
+            return false;
+        }
+    } else {
+        return false;
+    };
+    computed.is_ok_and(|p| p == info.path)
+}
+
+/// `AddBuildLog`: stores a derivation's log where Nix keeps it
+/// (`<log dir>/drvs/<2 chars>/<rest>.bz2`), bzip2-compressed through a temporary file
+/// renamed into place. A log that is there already is kept, as Nix keeps it.
+pub(crate) fn add_build_log(
+    log_dir: &std::path::Path,
+    drv: &StorePath,
+    printed: &str,
+    log: &mut impl Read,
+) -> Result<()> {
+    if !drv.is_derivation() {
+        return Err(DaemonError::Refused(format!(
+            "cannot add a build log for '{printed}': it is not a derivation"
+        )));
+    }
+    let path = nixb_logs::log_path(log_dir, drv.base_name(), true);
+    if path.exists() {
+        return Ok(());
+    }
+    let io = |step: &'static str, p: &std::path::Path| {
+        let path = p.display().to_string();
+        move |source| DaemonError::Io { step, path, source }
+    };
+    let dir = path.parent().unwrap_or(log_dir);
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-log-")
+        .tempfile_in(dir)
+        .map_err(io("creating a temporary file in", dir))?;
+    // Readable by every user, as Nix writes logs (clients read them directly).
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(io("setting permissions of", tmp.path()))?;
+    let mut enc = bzip2::write::BzEncoder::new(tmp, bzip2::Compression::default());
+    std::io::copy(log, &mut enc).map_err(io("writing", &path))?;
+    let tmp = enc.finish().map_err(io("writing", &path))?;
+    tmp.persist(&path)
+        .map_err(|e| io("renaming into", &path)(e.error))?;
+    Ok(())
+}

@@ -261,8 +261,10 @@ impl Session<'_> {
                 self.add_to_store_nar(conn, r)?;
                 A::Nothing
             }
-            Q::AddMultipleToStore { .. } => {
-                self.add_multiple_to_store(conn)?;
+            Q::AddMultipleToStore {
+                dont_check_sigs, ..
+            } => {
+                self.add_multiple_to_store(conn, *dont_check_sigs)?;
                 A::Nothing
             }
             Q::NarFromPath(p) => {
@@ -357,34 +359,34 @@ impl Session<'_> {
                 check_contents,
                 repair,
             } => {
-                if *repair {
-                    if !self.trusted {
-                        return Err(DaemonError::Refused(
-                            "you are not privileged to repair paths".into(),
-                        ));
-                    }
+                if *repair && !self.trusted {
                     return Err(DaemonError::Refused(
-                        "repairing the store through the nixb daemon is not supported yet".into(),
+                        "you are not privileged to repair paths".into(),
                     ));
                 }
-                let report = store.verify(*check_contents)?;
-                for (p, _, _) in &report.hash_mismatches {
-                    conn.frame(&StderrFrame::Next(
-                        format!("error: path '{}' was modified! \n", self.dir().print(p))
-                            .into_bytes(),
-                    ))?;
-                }
-                A::Bool(!report.is_clean())
+                A::Bool(self.verify_store(conn, *check_contents, *repair)?)
             }
             // Without the ca-derivations feature Nix answers an empty set.
             Q::QueryRealisation(_) if conn.ctx().at_least(31) => A::Strings(Vec::new()),
             Q::QueryRealisation(_) => A::Paths(BTreeSet::new()),
-            Q::AddBuildLog(_) => {
-                // Consumed either way, so the connection stays in step.
-                conn.framed().with_max_total(0).finish().ok();
-                return Err(DaemonError::Refused(
-                    "AddBuildLog through the nixb daemon is not supported yet".into(),
-                ));
+            Q::AddBuildLog(drv) => {
+                let log_dir = self.worker.log.log_dir.clone();
+                let trusted = self.trusted;
+                let printed = self.dir().print(drv);
+                // The log is read to its end marker whatever happens, so the connection
+                // stays in step.
+                let mut framed = conn.framed();
+                let added = if trusted {
+                    add::add_build_log(&log_dir, drv, &printed, &mut framed)
+                } else {
+                    Err(DaemonError::Refused(
+                        "you are not privileged to add logs".into(),
+                    ))
+                };
+                let drained = framed.finish();
+                added?;
+                drained?;
+                A::One
             }
             Q::RegisterDrvOutput { .. } => {
                 return Err(DaemonError::Refused(format!(
@@ -393,6 +395,176 @@ impl Session<'_> {
                 )))
             }
         }))
+    }
+
+    /// Why a path a client sends may not be added, as Nix's daemon decides: only a
+    /// trusted client may waive the signature check; a checked path needs a valid
+    /// signature by a trusted key or a content address (unless `require-sigs` is off).
+    fn signature_refusal(
+        &self,
+        info: &ValidPathInfo,
+        dont_check_sigs: bool,
+    ) -> Option<DaemonError> {
+        let check = !(self.trusted && dont_check_sigs);
+        let cache = &self.daemon.config().worker.cache_options;
+        (check && !add::has_valid_signature(self.store(), cache, info)).then(|| {
+            DaemonError::Refused(format!(
+                "cannot add path '{}' because it lacks a valid signature",
+                self.dir().print(&info.path)
+            ))
+        })
+    }
+
+    /// `VerifyStore`, as Nix's `verifyStore` goes: a valid path gone from disk is
+    /// removed from the database when nothing valid refers to it (else it is an error);
+    /// with `check_contents`, one line per modified path. With `repair`, each modified or
+    /// still-referred missing path is rebuilt from its deriver (there are no substitutes
+    /// to fetch it from). True when errors remain.
+    fn verify_store<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        check_contents: bool,
+        repair: bool,
+    ) -> Result<bool> {
+        self.info_line(conn, "reading the Nix store...")?;
+        let mut errors = false;
+        self.info_line(conn, "checking path existence...")?;
+        let all = self.store().query_all_valid_paths()?;
+        let mut done = BTreeSet::new();
+        let mut present = BTreeSet::new();
+        for p in &all {
+            self.verify_existence(conn, p, &mut done, &mut present, repair, &mut errors)?;
+        }
+        // What is missing now is what was reported above.
+        let report = self.store().verify(check_contents)?;
+        if check_contents {
+            self.info_line(conn, "checking link hashes...")?;
+            self.info_line(conn, "checking store hashes...")?;
+        }
+        errors |= !report.broken_references.is_empty() || !report.unreadable.is_empty();
+        let mismatched: BTreeSet<&StorePath> =
+            report.hash_mismatches.iter().map(|(p, _, _)| p).collect();
+        if report
+            .size_mismatches
+            .iter()
+            .any(|(p, _, _)| !mismatched.contains(p))
+        {
+            errors = true;
+        }
+        for (p, expected, got) in &report.hash_mismatches {
+            self.line(
+                conn,
+                &format!(
+                    "path '{}' was modified! expected hash '{}', got '{}'",
+                    self.dir().print(p),
+                    expected.to_base32_typed(),
+                    got.to_base32_typed()
+                ),
+            )?;
+            // Short-circuits: without `repair` nothing is rebuilt.
+            if !repair || !self.repair_path(conn, p)? {
+                errors = true;
+            }
+        }
+        Ok(errors)
+    }
+
+    /// Nix's `verifyPath`: a path missing from disk is invalidated once every referrer
+    /// has been found missing (and invalidated) too.
+    fn verify_existence<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        p: &StorePath,
+        done: &mut BTreeSet<StorePath>,
+        present: &mut BTreeSet<StorePath>,
+        repair: bool,
+        errors: &mut bool,
+    ) -> Result<()> {
+        if !done.insert(p.clone()) {
+            return Ok(());
+        }
+        if std::fs::symlink_metadata(self.dir().to_path(p)).is_ok() {
+            present.insert(p.clone());
+            return Ok(());
+        }
+        let mut can_invalidate = true;
+        for r in self.store().query_referrers(p)? {
+            if r != *p {
+                self.verify_existence(conn, &r, done, present, repair, errors)?;
+                if present.contains(&r) {
+                    can_invalidate = false;
+                }
+            }
+        }
+        let printed = self.dir().print(p);
+        if can_invalidate {
+            self.info_line(
+                conn,
+                &format!("path '{printed}' disappeared, removing from database..."),
+            )?;
+            self.store().invalidate_path(p)?;
+        } else {
+            self.line(
+                conn,
+                &format!("path '{printed}' disappeared, but it still has valid referrers!"),
+            )?;
+            if !repair {
+                *errors = true;
+            } else {
+                match self.repair_path(conn, p) {
+                    Ok(true) => {}
+                    Ok(false) => *errors = true,
+                    Err(e) => {
+                        self.line(conn, &format!("warning: {e}"))?;
+                        *errors = true;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Nix's `repairPath` without substituters: rebuilds `p`'s deriver in repair mode.
+    /// False when that build failed; an error when there is no valid deriver.
+    fn repair_path<R: Read, W: Write>(
+        &mut self,
+        conn: &mut ServerConnection<R, W>,
+        p: &StorePath,
+    ) -> Result<bool> {
+        let deriver = self.store().query_path_info(p)?.and_then(|i| i.deriver);
+        let deriver = match deriver {
+            Some(d) if self.store().is_valid_path(&d)? => d,
+            _ => {
+                return Err(DaemonError::Refused(format!(
+                    "cannot repair path '{}'",
+                    self.dir().print(p)
+                )))
+            }
+        };
+        let target = WireDerivedPath::Built {
+            drv: deriver,
+            outputs: OutputsSpec::All,
+        };
+        let outcome = build::realise(self, conn, &[target], WireBuildMode::Repair)?;
+        Ok(outcome.exit_status == 0)
+    }
+
+    /// A line the client prints whatever its verbosity (Nix's `printError`).
+    fn line<R: Read, W: Write>(&self, conn: &mut ServerConnection<R, W>, text: &str) -> Result<()> {
+        conn.frame(&StderrFrame::Next(format!("{text}\n").into_bytes()))?;
+        Ok(())
+    }
+
+    /// A line at Nix's `lvlInfo` (3): shown unless the client asked for less.
+    fn info_line<R: Read, W: Write>(
+        &self,
+        conn: &mut ServerConnection<R, W>,
+        text: &str,
+    ) -> Result<()> {
+        if self.verbosity >= 3 {
+            self.line(conn, text)?;
+        }
+        Ok(())
     }
 
     fn valid_info(&self, p: &StorePath) -> Result<ValidPathInfo> {
@@ -593,12 +765,7 @@ impl Session<'_> {
         r: &AddToStoreNarRequest,
     ) -> Result<()> {
         let info = from_wire_info(&r.info);
-        let refusal = (!self.trusted).then(|| {
-            DaemonError::Refused(format!(
-                "cannot add path '{}' because it lacks a signature by a trusted key",
-                self.dir().print(&info.path)
-            ))
-        });
+        let refusal = self.signature_refusal(&info, r.dont_check_sigs);
         if conn.ctx().at_least(23) {
             let mut framed = conn.framed().with_max_total(info.nar_size);
             let added = match refusal {
@@ -624,10 +791,11 @@ impl Session<'_> {
     fn add_multiple_to_store<R: Read, W: Write>(
         &mut self,
         conn: &mut ServerConnection<R, W>,
+        dont_check_sigs: bool,
     ) -> Result<()> {
         let cx = conn.ctx().clone();
-        let trusted = self.trusted;
         let store = self.daemon.store();
+        let this = &*self;
         let mut framed = conn.framed();
         let added = (|| -> Result<()> {
             let mut r = WireReader::new(&mut framed);
@@ -635,11 +803,8 @@ impl Session<'_> {
             for _ in 0..n {
                 let info = read_multiple_item(&mut r, &cx)?;
                 let info = from_wire_info(&info);
-                if !trusted {
-                    return Err(DaemonError::Refused(format!(
-                        "cannot add path '{}' because it lacks a signature by a trusted key",
-                        cx.store_dir.print(&info.path)
-                    )));
+                if let Some(e) = this.signature_refusal(&info, dont_check_sigs) {
+                    return Err(e);
                 }
                 // A NAR that runs past its declared size is cut off there, not written
                 // to the store in full before the size check refuses it.

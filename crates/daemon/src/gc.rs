@@ -158,11 +158,10 @@ impl Session<'_> {
             let path = p.display().to_string();
             move |source| DaemonError::Io { step, path, source }
         };
-        let entries = match std::fs::read_dir(&links) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0.0),
-            Err(e) => return Err(io("opening directory", &links)(e)),
-        };
+        // A Nix store always has `.links` (Nix makes it when it opens the store), and its
+        // own size counts in the figure.
+        std::fs::create_dir_all(&links).map_err(io("creating", &links))?;
+        let entries = std::fs::read_dir(&links).map_err(io("opening directory", &links))?;
         let (mut actual, mut unshared) = (0i64, 0i64);
         for e in entries {
             let e = e.map_err(io("reading directory", &links))?;

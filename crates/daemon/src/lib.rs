@@ -56,6 +56,9 @@ pub struct Daemon {
     store: LocalStore,
     config: DaemonConfig,
     engine: Mutex<()>,
+    /// Connections being served; when the last one ends, the temporary roots the store
+    /// and the engine took on their behalf are released.
+    active: Mutex<usize>,
 }
 
 impl Daemon {
@@ -64,6 +67,7 @@ impl Daemon {
             store,
             config,
             engine: Mutex::new(()),
+            active: Mutex::new(0),
         }
     }
 
@@ -85,7 +89,11 @@ impl Daemon {
     /// when the client disconnects; an error means the connection broke or went out of
     /// step (the client has been told).
     pub fn serve<R: Read, W: Write>(&self, r: R, w: W, trusted: bool) -> Result<()> {
-        connection::serve(self, r, w, trusted)
+        let active = Active::enter(self);
+        let served = connection::serve(self, r, w, trusted);
+        let released = active.leave();
+        served?;
+        released
     }
 
     /// Serves one accepted socket connection, trusting the peer as `SO_PEERCRED`,
@@ -111,5 +119,47 @@ impl Daemon {
             source,
         })?;
         self.serve(reader, stream, trusted)
+    }
+}
+
+/// One connection being served. The engine and the store record temporary roots for the
+/// whole process (the paths a connection built or added, until it is done with them);
+/// Nix's daemon drops them when the connection's process exits. Here they are dropped
+/// when no connection is left: never earlier than Nix would, and so a path built through
+/// the daemon can be collected once its clients are gone.
+struct Active<'d> {
+    daemon: &'d Daemon,
+    left: bool,
+}
+
+impl<'d> Active<'d> {
+    fn enter(daemon: &'d Daemon) -> Active<'d> {
+        *daemon.active.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        Active {
+            daemon,
+            left: false,
+        }
+    }
+
+    /// The connection is done; the last one out releases the roots.
+    fn leave(mut self) -> Result<()> {
+        self.left = true;
+        let mut n = self.daemon.active.lock().unwrap_or_else(|p| p.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            // Under the count's lock: a connection starting now waits until this is done.
+            self.daemon.store.release_temp_roots()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Active<'_> {
+    /// A connection that unwound without leaving still counts down (its roots are kept
+    /// until a later connection releases them).
+    fn drop(&mut self) {
+        if !self.left {
+            *self.daemon.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        }
     }
 }

@@ -192,7 +192,7 @@ fn an_untrusted_client_cannot_import_an_unsigned_nar() {
         .unwrap_err();
     // The client names the operation, then Nix's message.
     let expected = format!(
-        "cannot add path '{}' because it lacks a signature by a trusted key",
+        "cannot add path '{}' because it lacks a valid signature",
         t.store_dir.print(&path)
     );
     assert!(err.to_string().ends_with(&expected), "{err}");

@@ -541,7 +541,18 @@ impl Request {
                     dont_check_sigs,
                 }
             }
-            Op::AddBuildLog => Q::AddBuildLog(path(r)?),
+            // The derivation's base name (`<hash>-<name>.drv`), not its full path: Nix
+            // sends `StorePath::to_string()` here.
+            Op::AddBuildLog => {
+                let base = r.read_string_max("derivation", MAX_PATH_LEN)?;
+                Q::AddBuildLog(StorePath::from_base_name(&base).map_err(|source| {
+                    ProtocolError::Path {
+                        what: "derivation",
+                        value: base.clone(),
+                        source,
+                    }
+                })?)
+            }
             Op::AddPermRoot => {
                 let path = path(r)?;
                 let gc_root = r.read_string_max("gc root", MAX_PATH_LEN)?;
@@ -613,8 +624,8 @@ impl Request {
             | Q::QueryDerivationOutputNames(p)
             | Q::QueryValidDerivers(p)
             | Q::NarFromPath(p)
-            | Q::QueryDerivationOutputMap(p)
-            | Q::AddBuildLog(p) => path(w, p)?,
+            | Q::QueryDerivationOutputMap(p) => path(w, p)?,
+            Q::AddBuildLog(p) => w.write_str(p.base_name(), "derivation")?,
             Q::AddToStore(a) => {
                 w.write_str(&a.name, "name")?;
                 w.write_str(&a.method, "content address method")?;

@@ -866,6 +866,20 @@ impl LocalStore {
         })
     }
 
+    /// Drops every temporary root this process holds: its `temproots/<pid>` file is
+    /// emptied (and stays locked, so collectors keep treating the process as alive). For
+    /// a long-running process such as a daemon once nothing it serves needs them, as a
+    /// Nix daemon's per-connection process takes its roots with it when it exits.
+    pub fn release_temp_roots(&self) -> Result<(), StoreError> {
+        let mut roots = self.temp_roots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(file) = &roots.file {
+            let path = self.temp_roots_path();
+            file.set_len(0).map_err(io_err("emptying", &path))?;
+        }
+        roots.added.clear();
+        Ok(())
+    }
+
     /// Protects `p` from a garbage collector (Nix's or ours) until this process exits,
     /// through `temproots/<pid>` as Nix 2.x keeps it. While a collector runs it holds
     /// `gc.lock` exclusively and reads new roots from its socket instead, so then the
