@@ -169,11 +169,12 @@ pub(crate) struct HeldUser(Held);
 #[derive(Debug)]
 enum Held {
     Group(BuildUser),
-    /// A block, and the gid of `build-users-group` when it names a group: a builder without
+    /// A block, and the gid of `build-users-group`, or why there is none: a builder without
     /// a user namespace of its own (no chroot) runs with that gid, so that it can create its
-    /// outputs in the store, as Nix does (without such a group it keeps the block's first
-    /// id, and the store's permissions decide).
-    Auto(AutoUidBlock, Option<u32>),
+    /// outputs in the store, and cannot be started without it, as in Nix (2.12 and later;
+    /// 2.8 has no `auto-allocate-uids` and needs the group for every build). A chroot build
+    /// does not use the group.
+    Auto(AutoUidBlock, Result<u32, String>),
 }
 
 impl HeldUser {
@@ -193,18 +194,27 @@ impl HeldUser {
         }
     }
 
-    pub fn ids(&self) -> BuildUserIds {
+    /// The ids a builder without a user namespace of its own switches to. For a block of
+    /// automatically allocated uids that is the block's first uid with the gid of
+    /// `build-users-group`, an error when that group does not exist.
+    pub fn ids(&self) -> Result<BuildUserIds, BuildError> {
         match &self.0 {
-            Held::Group(u) => BuildUserIds {
+            Held::Group(u) => Ok(BuildUserIds {
                 uid: u.uid,
                 gid: u.gid,
                 supplementary: u.supplementary_gids.clone(),
-            },
-            // Used where the builder switches to them itself: without a user namespace.
-            Held::Auto(b, group) => BuildUserIds {
-                uid: b.first,
-                gid: group.unwrap_or(b.first),
-                supplementary: vec![],
+            }),
+            Held::Auto(b, group) => match group {
+                Ok(gid) => Ok(BuildUserIds {
+                    uid: b.first,
+                    gid: *gid,
+                    supplementary: vec![],
+                }),
+                Err(e) => Err(BuildError::Misc(format!(
+                    "{e} (with 'auto-allocate-uids', a build without a sandbox runs as uid {} \
+                     with the gid of 'build-users-group')",
+                    b.first
+                ))),
             },
         }
     }
@@ -278,13 +288,17 @@ pub(crate) fn acquire_build_user(cfg: &WorkerConfig) -> Result<UserSlot, BuildEr
         return match nixb_userpool::acquire_auto(&auto) {
             Ok(Some(b)) => {
                 // Only a builder without a user namespace needs it, and a chroot build must
-                // not fail for a group it does not use: looked up here, not required.
-                let group = cfg
-                    .build_users_group
-                    .as_deref()
-                    .filter(|g| !g.is_empty())
-                    .and_then(|g| nix::unistd::Group::from_name(g).ok().flatten())
-                    .map(|g| g.gid.as_raw());
+                // not fail for a group it does not use: looked up here, required by `ids`.
+                let name = cfg.build_users_group.clone().unwrap_or_default();
+                let group = match nix::unistd::Group::from_name(&name) {
+                    Ok(Some(g)) if !name.is_empty() => Ok(g.gid.as_raw()),
+                    Ok(_) => Err(nixb_userpool::UserPoolError::GroupNotFound { group: name }),
+                    Err(source) => Err(nixb_userpool::UserPoolError::GroupLookup {
+                        group: name,
+                        source,
+                    }),
+                };
+                let group = group.map_err(|e| e.to_string());
                 Ok(UserSlot::Got(HeldUser(Held::Auto(b, group))))
             }
             Ok(None) => Ok(UserSlot::Busy(

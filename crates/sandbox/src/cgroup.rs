@@ -6,8 +6,10 @@
 //!                                                           [`CgroupRoot::create`]
 //! ```
 //!
-//! The builder enters its cgroup itself, as the first step of its plan (it writes `0` to
-//! `cgroup.procs`), so it is there before it can fork. Nothing it starts can leave: a
+//! The builder is born in its cgroup (`clone3` with `CLONE_INTO_CGROUP`, Linux 5.7, x86_64);
+//! on older kernels, or where a seccomp filter hides `clone3`, it enters the cgroup itself as
+//! the first step of its plan (it writes `0` to `cgroup.procs`), so it is there before it can
+//! fork ([`CgroupEntry`] says which way a builder took). Nothing it starts can leave: a
 //! process can only be moved by someone with write access to the common ancestor's
 //! `cgroup.procs`, which the builder (a build user, or a namespace's mapped caller without
 //! capabilities) does not have. After the builder is reaped, `cgroup.kill` takes whatever is
@@ -27,7 +29,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +42,63 @@ pub enum CgroupError {
     NoOwnCgroup,
     #[error("cannot create cgroup {path}: {reason} (cgroup v2 not delegated to this user?)")]
     Create { path: PathBuf, reason: String },
+}
+
+/// How a builder got into its cgroup ([`crate::Builder::cgroup_entry`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupEntry {
+    /// Born in it: `clone3(CLONE_INTO_CGROUP)`.
+    Clone3,
+    /// It wrote its pid to the cgroup's `cgroup.procs` as its first step. `refused` is what
+    /// the kernel answered `clone3(CLONE_INTO_CGROUP)` with in this process (`ENOSYS`: no
+    /// `clone3`; `E2BIG` or `EINVAL`: no such flag, before Linux 5.7); `None` where it was not
+    /// asked (not x86_64, or turned off by [`set_clone_into_cgroup`]).
+    Procs { refused: Option<nix::errno::Errno> },
+}
+
+impl std::fmt::Display for CgroupEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CgroupEntry::Clone3 => write!(f, "born in it by clone3(CLONE_INTO_CGROUP)"),
+            CgroupEntry::Procs { refused: Some(e) } => write!(
+                f,
+                "moved in by its own write to cgroup.procs (clone3(CLONE_INTO_CGROUP): {e})"
+            ),
+            CgroupEntry::Procs { refused: None } => {
+                write!(f, "moved in by its own write to cgroup.procs")
+            }
+        }
+    }
+}
+
+/// Whether builders are cloned into their cgroups: 0 yes, -1 turned off
+/// ([`set_clone_into_cgroup`]), otherwise the errno the kernel refused the flag with.
+static CLONE_INTO: AtomicI32 = AtomicI32::new(0);
+
+/// Whether to ask for `clone3(CLONE_INTO_CGROUP)`; otherwise what the kernel answered before.
+pub(crate) fn clone_into_allowed() -> Result<(), Option<nix::errno::Errno>> {
+    if !crate::sys::CLONE3_AVAILABLE {
+        return Err(None);
+    }
+    match CLONE_INTO.load(Ordering::Relaxed) {
+        0 => Ok(()),
+        -1 => Err(None),
+        e => Err(Some(nix::errno::Errno::from_raw(e))),
+    }
+}
+
+/// The kernel has no `clone3` or no `CLONE_INTO_CGROUP`: do not ask again in this process.
+pub(crate) fn clone_into_refused(e: nix::errno::Errno) {
+    let _ = CLONE_INTO.compare_exchange(0, e as i32, Ordering::Relaxed, Ordering::Relaxed);
+}
+
+/// Whether builders may be born in their cgroups (`clone3(CLONE_INTO_CGROUP)`, the default)
+/// or must move themselves in by writing `cgroup.procs`, as where the kernel lacks the flag.
+/// Process-wide; for `cargo xtask bench sandbox`, which measures both, and for the tests of
+/// the fallback.
+#[doc(hidden)]
+pub fn set_clone_into_cgroup(allowed: bool) {
+    CLONE_INTO.store(if allowed { 0 } else { -1 }, Ordering::Relaxed);
 }
 
 /// This process's own cgroup v2 directory, below which each build gets one.
@@ -376,7 +435,12 @@ pub(crate) fn read_usage(dir: &Path) -> CgroupUsage {
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let cpu = read("cpu.stat");
     let io = read("io.stat");
-    let dirty = read("memory.stat").and_then(|t| field(&t, "file_dirty"));
+    // memory.stat is long and the dearest of these to make: only for the bytes written,
+    // which need io.stat too.
+    let dirty = io
+        .as_ref()
+        .and_then(|_| read("memory.stat"))
+        .and_then(|t| field(&t, "file_dirty"));
     let us = |k: &str| {
         cpu.as_deref()
             .and_then(|t| field(t, k))
@@ -404,20 +468,19 @@ pub(crate) fn kill(dir: &Path) -> bool {
 /// empty, and reads what it used (every process in it has then been charged). The figures,
 /// and whether it is empty (then [`retire`] it).
 pub(crate) fn finish(dir: &Path, limit: Duration) -> (CgroupUsage, bool) {
+    // The usual builder leaves nothing: one look at cgroup.events says so, and then there is
+    // nothing to kill, watch or look at again (an empty cgroup that nobody can move a
+    // process into stays empty).
+    if !populated(dir) {
+        return (read_usage(dir), true);
+    }
     let deadline = Instant::now() + limit;
     if let Ok(f) = std::fs::File::open(dir.join("cgroup.events")) {
-        let mut killed = false;
+        kill(dir);
         loop {
             let now = Instant::now();
             if !populated(dir) || now >= deadline {
                 break;
-            }
-            // Only when something is left: the usual builder leaves nothing, and the write
-            // is one of the dearer calls here.
-            if !killed {
-                kill(dir);
-                killed = true;
-                continue;
             }
             // The kernel signals a change of cgroup.events with POLLPRI.
             let mut pfd = libc::pollfd {

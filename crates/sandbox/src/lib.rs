@@ -21,7 +21,10 @@ use std::time::Duration;
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
 
-pub use cgroup::{settle_cgroups, spare_cgroups, CgroupError, CgroupRoot, SPARES};
+pub use cgroup::{
+    set_clone_into_cgroup, settle_cgroups, spare_cgroups, CgroupEntry, CgroupError, CgroupRoot,
+    SPARES,
+};
 pub use chroot::{
     chroot_store_dir, nix_etc_files, nix_etc_files_userns, BindMount, ChrootSpec, Network,
     UserNamespace, SANDBOX_GID, SANDBOX_UID,
@@ -68,9 +71,10 @@ pub struct SandboxSpec {
     /// that fails (the reader is gone: `EPIPE`) is ignored and the builder runs on.
     pub announce: Option<RawFd>,
     /// An empty cgroup v2 directory for this build (from [`CgroupRoot::create`]): the child
-    /// moves itself into it first of all, [`Builder::kill`] kills everything in it, and once
-    /// the builder is reaped what is left is killed, its figures read and the directory
-    /// removed.
+    /// is born in it (`clone3` with `CLONE_INTO_CGROUP`) or, where the kernel has no such
+    /// flag, moves itself into it first of all ([`Builder::cgroup_entry`] says which);
+    /// [`Builder::kill`] kills everything in it, and once the builder is reaped what is left
+    /// is killed, its figures read and the directory removed.
     pub cgroup: Option<PathBuf>,
 }
 
@@ -250,7 +254,8 @@ struct Prepared {
     detached_lower: bool,
     /// [`SandboxSpec::announce`].
     announce: Option<RawFd>,
-    /// [`SandboxSpec::cgroup`].
+    /// [`SandboxSpec::cgroup`]; `plan[0]` is then the write to its `cgroup.procs`, which a
+    /// child born in the cgroup skips.
     cgroup: Option<PathBuf>,
     // Held only so that the pointers and descriptors in `plan` stay valid.
     _chroot: Option<chroot::Prepared>,
@@ -357,6 +362,9 @@ struct ChildArgs {
     /// (`CLONE_PARENT_SETTID`) before the child first runs: the child's own `getpid` would say
     /// 1 in a new PID namespace.
     pid: std::sync::atomic::AtomicI32,
+    /// How many steps at the start of the plan the clone did already (1: the cgroup step, for
+    /// a child born in its cgroup). Failures are still reported by their index in the plan.
+    skip: usize,
 }
 
 /// Runs each step through `inner` and stores the CLOCK_MONOTONIC time after step `i` in
@@ -396,20 +404,25 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     announce(args);
     // SAFETY: the parent's plan, alive and unchanged as said above.
     let plan = unsafe { std::slice::from_raw_parts(args.plan, args.plan_len) };
+    let skip = args.skip.min(plan.len());
     let result = if args.trace.is_null() {
-        plan::run_plan(&mut Kernel::default(), plan)
+        plan::run_plan(&mut Kernel::default(), &plan[skip..])
     } else {
-        // SAFETY: slot 0 of the parent's mapping: when the child started running.
-        unsafe { args.trace.write_volatile(monotonic_ns()) };
+        let now = monotonic_ns();
+        // Slot 0: when the child started running; the skipped steps took none of its time.
+        for k in 0..=skip {
+            // SAFETY: slots 0..=skip of the parent's mapping, which has one per step plus one.
+            unsafe { args.trace.add(k).write_volatile(now) };
+        }
         let mut traced = Traced {
             inner: Kernel::default(),
             slots: args.trace,
-            next: 0,
+            next: skip,
         };
-        plan::run_plan(&mut traced, plan)
+        plan::run_plan(&mut traced, &plan[skip..])
     };
     let (index, errno) = match result {
-        Err(failure) => failure,
+        Err((i, e)) => (i + skip, e),
         // The plan ends in an exec, so getting here means the plan was empty.
         Ok(()) => (plan.len(), Errno::EINVAL),
     };
@@ -758,13 +771,14 @@ fn spawn_prepared(
             return (Err((None, e)), Some(prepared));
         }
     }
-    let args = Box::new(ChildArgs {
+    let mut args = Box::new(ChildArgs {
         plan: prepared.plan.as_ptr(),
         plan_len: prepared.plan.len(),
         err_fd: err_write.as_raw_fd(),
         trace: trace.map_or(std::ptr::null_mut(), |t| t.ptr),
         announce: prepared.announce.unwrap_or(-1),
         pid: std::sync::atomic::AtomicI32::new(0),
+        skip: 0,
     });
     let stack = match stack::ChildStack::new(CHILD_STACK) {
         Ok(s) => s,
@@ -809,33 +823,52 @@ fn spawn_prepared(
     } else {
         0
     };
-    // SAFETY: as above; child_main never returns into the parent's code (it execs or exits).
-    let pid = unsafe {
-        libc::clone(
-            child_main,
-            top as *mut libc::c_void,
-            prepared.clone_flags
-                | libc::CLONE_VM
-                | vfork
-                | libc::CLONE_PARENT_SETTID
-                | libc::SIGCHLD,
-            &*args as *const ChildArgs as *mut libc::c_void,
-            // The kernel stores the new pid here (as this namespace numbers it) before the
-            // child is first woken, so the child reads it in `announce` (C probe on 6.18: 2000
-            // clones each with and without CLONE_NEWPID, the child's first read always equal to
-            // clone's return; its getpid says 1 in the new namespace).
-            args.pid.as_ptr(),
-        )
+    let flags = prepared.clone_flags | libc::CLONE_VM | vfork | libc::CLONE_PARENT_SETTID;
+    let cloned = match &prepared.cgroup {
+        Some(dir) => clone_into_cgroup(dir, flags, &mut args, &stack),
+        None => Cloned::NotTried(None),
     };
-    let clone_errno = Errno::last();
+    let (pid, cgroup_entry) = match cloned {
+        Cloned::Born(pid) => (Ok(pid), Some(CgroupEntry::Clone3)),
+        Cloned::Failed(e) => (Err(e), None),
+        Cloned::NotTried(refused) => {
+            args.skip = 0;
+            // SAFETY: as above; child_main never returns into the parent's code (it execs or
+            // exits).
+            let pid = unsafe {
+                libc::clone(
+                    child_main,
+                    top as *mut libc::c_void,
+                    flags | libc::SIGCHLD,
+                    &*args as *const ChildArgs as *mut libc::c_void,
+                    // The kernel stores the new pid here (as this namespace numbers it) before
+                    // the child is first woken, so the child reads it in `announce` (C probe
+                    // on 6.18: 2000 clones each with and without CLONE_NEWPID, the child's
+                    // first read always equal to clone's return; its getpid says 1 in the new
+                    // namespace).
+                    args.pid.as_ptr(),
+                )
+            };
+            let pid = if pid == -1 {
+                Err(SandboxError::Process {
+                    step: "cloning the builder process".into(),
+                    errno: Errno::last(),
+                })
+            } else {
+                Ok(pid)
+            };
+            let entry = prepared
+                .cgroup
+                .as_ref()
+                .map(|_| CgroupEntry::Procs { refused });
+            (pid, entry)
+        }
+    };
     restore_signal_mask(blocked);
-    if pid == -1 {
-        let e = SandboxError::Process {
-            step: "cloning the builder process".into(),
-            errno: clone_errno,
-        };
-        return (Err((None, e)), Some(prepared));
-    }
+    let pid = match pid {
+        Ok(pid) => pid,
+        Err(e) => return (Err((None, e)), Some(prepared)),
+    };
     let pid = Pid::from_raw(pid);
     // Our copy of the write end must go, or we would never see EOF.
     drop(err_write);
@@ -860,6 +893,7 @@ fn spawn_prepared(
         work_dir: prepared._chroot.as_ref().and_then(|c| c.work_dir.clone()),
         usage: None,
         cgroup: prepared.cgroup.clone(),
+        cgroup_entry,
     };
     if let Some(maps) = prepared._chroot.as_mut().and_then(|c| c.id_maps.as_mut()) {
         // The child waits for these first of all.
@@ -927,6 +961,71 @@ fn spawn_prepared(
     drop(stack);
     drop(args);
     (result, Some(prepared))
+}
+
+/// What [`clone_into_cgroup`] did.
+enum Cloned {
+    /// The child was born in its cgroup; its pid.
+    Born(libc::pid_t),
+    /// Not tried, or the kernel has no such clone (the errno it answered, when it was asked):
+    /// the caller clones the old way and the child writes `cgroup.procs` itself.
+    NotTried(Option<Errno>),
+    /// The kernel refused the clone for another reason; no child.
+    Failed(SandboxError),
+}
+
+/// Clones the child straight into its cgroup `dir` with `clone3(CLONE_INTO_CGROUP)` (Linux
+/// 5.7), so that it skips the plan's first step, the write to `cgroup.procs`: the kernel then
+/// charges the child to the cgroup from its birth, and no write has to move it (a move takes
+/// a lock every fork and exit in the system waits for). Where the kernel answers that it has
+/// no `clone3` (`ENOSYS`: before 5.3, or a seccomp filter that hides it) or no such flag
+/// (`E2BIG` or `EINVAL`: before 5.7), this process stops asking and its builders enter their
+/// cgroups the old way; [`Builder::cgroup_entry`] says which way a builder took, and why.
+fn clone_into_cgroup(
+    dir: &Path,
+    flags: libc::c_int,
+    args: &mut ChildArgs,
+    stack: &stack::ChildStack,
+) -> Cloned {
+    if let Err(refused) = cgroup::clone_into_allowed() {
+        return Cloned::NotTried(refused);
+    }
+    let cgroup = match std::fs::File::open(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            return Cloned::Failed(SandboxError::Process {
+                step: format!("opening the build's cgroup {}", dir.display()),
+                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            })
+        }
+    };
+    args.skip = 1;
+    let lowest = stack.lowest() as u64;
+    let ca = sys::CloneArgs {
+        flags: flags as u32 as u64 | sys::CLONE_INTO_CGROUP,
+        // Stored by the kernel before the child first runs, as with clone's CLONE_PARENT_SETTID.
+        parent_tid: args.pid.as_ptr() as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: lowest,
+        stack_size: stack.top() as u64 - lowest,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..sys::CloneArgs::default()
+    };
+    // SAFETY: the stack is a mapping of ours whose top is 16-aligned; `args`, the plan and the
+    // stack stay alive and unchanged until the child has exec'd or exited (see
+    // `spawn_prepared`, which holds them); child_main never returns into our code.
+    let r = unsafe { sys::clone3(&ca, child_main, args as *mut ChildArgs as *mut libc::c_void) };
+    match r {
+        Ok(pid) => Cloned::Born(pid),
+        Err(e @ (Errno::ENOSYS | Errno::E2BIG | Errno::EINVAL)) => {
+            cgroup::clone_into_refused(e);
+            Cloned::NotTried(Some(e))
+        }
+        Err(errno) => Cloned::Failed(SandboxError::Process {
+            step: format!("cloning the builder process into cgroup {}", dir.display()),
+            errno,
+        }),
+    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), SandboxError> {
@@ -1125,6 +1224,8 @@ pub struct Builder {
     usage: Option<ResourceUsage>,
     /// Its cgroup, until it has been emptied and removed after the reaping.
     cgroup: Option<PathBuf>,
+    /// How it got into its cgroup, when it has one.
+    cgroup_entry: Option<CgroupEntry>,
 }
 
 impl AsFd for Builder {
@@ -1151,6 +1252,7 @@ impl Builder {
             work_dir: None,
             usage: None,
             cgroup: None,
+            cgroup_entry: None,
         })
     }
 
@@ -1300,6 +1402,11 @@ impl Builder {
             let _ = chroot::remove_overlay_work_dir(&w);
         }
         self.outcome(s)
+    }
+
+    /// How the builder got into its cgroup ([`SandboxSpec::cgroup`]); `None` without one.
+    pub fn cgroup_entry(&self) -> Option<CgroupEntry> {
+        self.cgroup_entry
     }
 
     /// What the builder and the descendants it waited for used, once it has been reaped

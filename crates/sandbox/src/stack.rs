@@ -49,8 +49,7 @@ impl ChildStack {
     }
 
     /// The lowest usable byte (just above the guard page).
-    #[cfg(test)]
-    fn lowest(&self) -> *mut u8 {
+    pub(crate) fn lowest(&self) -> *mut u8 {
         self.base.as_ptr().wrapping_add(rustix::param::page_size())
     }
 }

@@ -106,6 +106,100 @@ pub(crate) unsafe fn sys(nr: libc::c_long, a: [usize; 6]) -> Result<usize, Errno
     }
 }
 
+/// `struct clone_args` as Linux 5.7 defines it (`CLONE_ARGS_SIZE_VER2`, 88 bytes): what
+/// `clone3(2)` takes. Pointers and descriptors go in as `u64`.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    /// The lowest byte of the child's stack; the kernel starts it at `stack + stack_size`.
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    /// A descriptor of the cgroup v2 directory the child is born in (`CLONE_INTO_CGROUP`).
+    pub cgroup: u64,
+}
+
+/// `clone3`'s flag (Linux 5.7): the child starts in the cgroup [`CloneArgs::cgroup`] names.
+pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Whether [`clone3`] exists here: x86_64 only (elsewhere the builder enters its cgroup by
+/// writing `cgroup.procs`, as on kernels without the flag).
+pub(crate) const CLONE3_AVAILABLE: bool = cfg!(target_arch = "x86_64");
+
+/// `clone3(2)`: the child runs `f(arg)` on the stack `args` gives it and exits with what `f`
+/// returns (`f` is expected to exec or exit itself); the parent gets the child's pid. libc has
+/// no wrapper: after the system call the child is on a stack of its own and must not return
+/// into this function's caller, so the call, the branch and the child's call of `f` are one
+/// block of assembly, as in libc's `clone`.
+///
+/// # Safety
+/// As for `clone(2)` with these flags: `args.stack`/`args.stack_size` must describe a
+/// mapping `f` may use as its whole stack (its top 16-aligned), every pointer in `args` must
+/// be valid, and with `CLONE_VM` everything `f` reads must stay alive and unchanged until the
+/// child has exec'd or exited.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn clone3(
+    args: &CloneArgs,
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> Result<libc::pid_t, Errno> {
+    let ret: isize;
+    // SAFETY: the system call as the caller promised. In the parent only rax (the result),
+    // rcx and r11 (clobbered by `syscall`) change. The child starts with the parent's
+    // registers but rax = 0 and rsp = the top of its own stack (16-aligned, so the `call`
+    // leaves f's frame aligned as the ABI wants); it never comes back to the label: f execs
+    // or exits, and should it return, exit(2) ends the child with its value.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "mov edi, eax",
+            "mov eax, {exit}",
+            "syscall",
+            "ud2",
+            "2:",
+            exit = const libc::SYS_exit,
+            inlateout("rax") libc::SYS_clone3 as isize => ret,
+            in("rdi") args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") f,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    if (-4095..0).contains(&ret) {
+        Err(Errno::from_raw(-ret as i32))
+    } else {
+        Ok(ret as libc::pid_t)
+    }
+}
+
+/// See the x86_64 version; never called where [`CLONE3_AVAILABLE`] is false.
+///
+/// # Safety
+/// None needed: it makes no call.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn clone3(
+    _args: &CloneArgs,
+    _f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    _arg: *mut libc::c_void,
+) -> Result<libc::pid_t, Errno> {
+    Err(Errno::ENOSYS)
+}
+
 /// Argument helpers: everything goes into a register as a `usize`.
 pub(crate) fn p<T>(ptr: *const T) -> usize {
     ptr as usize

@@ -120,3 +120,69 @@ fn kill_takes_the_whole_cgroup_and_usage_comes_from_it() {
         "{usage:?}"
     );
 }
+
+/// The kernel's version as (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Runs a builder in a new cgroup that prints its own `/proc/self/cgroup`; how it got there
+/// and what it printed.
+fn entry_and_own_cgroup(root: &CgroupRoot) -> (Option<nixb_sandbox::CgroupEntry>, String, PathBuf) {
+    let cg = root.create().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let mut b = start(sh(
+        "cat /proc/self/cgroup",
+        dir.path().to_path_buf(),
+        w,
+        Some(cg.clone()),
+    ))
+    .unwrap();
+    let mut out = String::new();
+    std::fs::File::from(r).read_to_string(&mut out).unwrap();
+    assert!(b.wait().unwrap().success(), "{out}");
+    (b.cgroup_entry(), out, cg)
+}
+
+#[test]
+fn builders_are_born_in_their_cgroup_or_move_in_where_clone3_is_off() {
+    let Some(root) = cgroup_root() else {
+        return;
+    };
+    let in_it = |out: &str, cg: &std::path::Path| {
+        let name = cg.file_name().unwrap().to_str().unwrap();
+        out.lines()
+            .any(|l| l.starts_with("0::") && l.ends_with(&format!("/{name}")))
+    };
+    let (entry, out, cg) = entry_and_own_cgroup(&root);
+    assert!(in_it(&out, &cg), "not in {}: {out}", cg.display());
+    // CLONE_INTO_CGROUP is Linux 5.7's; nixb asks for it on x86_64.
+    if cfg!(target_arch = "x86_64") && kernel_version() >= (5, 7) {
+        assert_eq!(entry, Some(nixb_sandbox::CgroupEntry::Clone3));
+    } else {
+        assert!(
+            matches!(entry, Some(nixb_sandbox::CgroupEntry::Procs { .. })),
+            "{entry:?}"
+        );
+    }
+    // The way of kernels without the flag: the child's own write to cgroup.procs.
+    nixb_sandbox::set_clone_into_cgroup(false);
+    let (entry, out, cg) = entry_and_own_cgroup(&root);
+    nixb_sandbox::set_clone_into_cgroup(true);
+    assert!(in_it(&out, &cg), "not in {}: {out}", cg.display());
+    assert_eq!(
+        entry,
+        Some(nixb_sandbox::CgroupEntry::Procs { refused: None })
+    );
+    // Without a cgroup, no entry.
+    let dir = tempfile::tempdir().unwrap();
+    let (_r, w) = nix::unistd::pipe().unwrap();
+    let mut b = start(sh("true", dir.path().to_path_buf(), w, None)).unwrap();
+    b.wait().unwrap();
+    assert_eq!(b.cgroup_entry(), None);
+}

@@ -18,7 +18,8 @@
 //!
 //! `NIXB_BENCH_SANDBOX=cgroups` (root, cgroup v2; `cargo xtask test-vm --bench sandbox` runs
 //! it in the VM, whose cgroup v2 has every controller): what a cgroup per build costs, the same
-//! plain `/bin/true` builder started and reaped with and without one, interleaved.
+//! plain `/bin/true` builder started and reaped without one, born in one
+//! (`clone3(CLONE_INTO_CGROUP)`) and moving itself into one (`cgroup.procs`), interleaved.
 //!
 //! Then (`NIXB_BENCH_SANDBOX=builds` for this half only) the cost of creating a network
 //! namespace, and 1,000 trivial sandboxed derivations with `--max-jobs 2`, nixb against
@@ -702,59 +703,137 @@ fn rootless_latency() -> Result<()> {
 }
 
 /// Per-build cost of `use-cgroups`: a plain `/bin/true` builder (as nobody), started with
-/// `start` and reaped, with a cgroup made for it (as the engine makes one per build) and
-/// without, alternately. The time runs from before the cgroup is made to after the reaping
-/// (which, with a cgroup, waits for it to be empty, reads its figures and removes it).
+/// `start` and reaped, without a cgroup, with one it is born in (`clone3(CLONE_INTO_CGROUP)`)
+/// and with one it moves itself into (its write to `cgroup.procs`, the way of kernels without
+/// the flag), the three in turn, in a rotating order. The time runs from before the cgroup is
+/// taken (as the engine takes one per build) to after the reaping (which, with a cgroup, looks
+/// whether it is empty and reads its figures; its removal is the helper thread's), split at
+/// the return of `start` (the clone, into the cgroup for clone3; the child's setup, with its
+/// write to `cgroup.procs`, runs after). With `NIXB_BENCH_SETTLE=1` each run first waits for
+/// the cgroup helper thread to be idle, outside the timed span: what is left is the cost on
+/// the build's own path (on one CPU, as in the VM, the helper's making and removing of
+/// cgroups otherwise falls into whichever run is timed then). In the VM only,
+/// `NIXB_BENCH_CONTROLLERS="cpu memory ..."` first leaves only those controllers enabled for
+/// the cgroups below the root, to see what each one costs.
 fn cgroup_cost() -> Result<()> {
+    let settle = std::env::var("NIXB_BENCH_SETTLE").is_ok_and(|v| v == "1");
+    if let Ok(keep) = std::env::var("NIXB_BENCH_CONTROLLERS") {
+        if std::env::var("NIXB_IN_VM").as_deref() != Ok("1") {
+            bail!("NIXB_BENCH_CONTROLLERS changes the root cgroup: only in the VM (cargo xtask test-vm --bench sandbox)");
+        }
+        let control = Path::new("/sys/fs/cgroup/cgroup.subtree_control");
+        let on = std::fs::read_to_string(control)
+            .with_context(|| format!("reading {}", control.display()))?;
+        for c in on.split_whitespace() {
+            if !keep.split_whitespace().any(|k| k == c) {
+                std::fs::write(control, format!("-{c}"))
+                    .with_context(|| format!("turning {c} off in {}", control.display()))?;
+            }
+        }
+        println!(
+            "controllers below the root: {}",
+            std::fs::read_to_string(control)?.trim()
+        );
+    }
     let iters: usize = std::env::var("NIXB_BENCH_ITERS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     let root = CgroupRoot::open().context("a cgroup per build cannot be made here")?;
     let fx = Fixture::new()?;
-    let once = |cgroup: bool| -> Result<Duration> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Way {
+        None,
+        Clone3,
+        Procs,
+    }
+    // (start to reaped, start to the return of `start`)
+    let once = |way: Way| -> Result<(Duration, Duration)> {
+        nixb_sandbox::set_clone_into_cgroup(way != Way::Procs);
         let mut s = spec(&fx, Isolation::Plain)?;
+        if settle {
+            nixb_sandbox::settle_cgroups();
+        }
         let t0 = Instant::now();
-        if cgroup {
+        if way != Way::None {
             s.cgroup = Some(root.create()?);
         }
         let mut b = start(s)?;
+        let t1 = Instant::now();
         let st = b.wait()?;
-        let d = t0.elapsed();
+        let t2 = Instant::now();
         if !st.success() {
             bail!("/bin/true failed: {st:?}");
         }
-        Ok(d)
-    };
-    let (mut with, mut without, mut diff) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..iters + 5 {
-        // Alternating which goes first, so that neither always follows the other.
-        let (a, b) = if i % 2 == 0 {
-            let a = once(true)?;
-            (a, once(false)?)
-        } else {
-            let b = once(false)?;
-            (once(true)?, b)
+        let entry = b.cgroup_entry();
+        let want = match way {
+            Way::None => None,
+            Way::Clone3 => Some(nixb_sandbox::CgroupEntry::Clone3),
+            Way::Procs => Some(nixb_sandbox::CgroupEntry::Procs { refused: None }),
         };
+        if entry != want {
+            bail!("the builder entered its cgroup another way than measured: {entry:?}");
+        }
+        Ok((t2 - t0, t1 - t0))
+    };
+    let ways = [Way::None, Way::Clone3, Way::Procs];
+    let mut total: [Vec<Duration>; 3] = Default::default();
+    let mut reap: [Vec<Duration>; 3] = Default::default();
+    let mut diff: [Vec<f64>; 2] = Default::default();
+    for i in 0..iters + 5 {
+        let mut got = [(Duration::ZERO, Duration::ZERO); 3];
+        // Each of the three first, second and third in turn.
+        for k in 0..3 {
+            let w = (i + k) % 3;
+            got[w] = once(ways[w])?;
+        }
         if i >= 5 {
-            with.push(a);
-            without.push(b);
-            diff.push(a.as_secs_f64() - b.as_secs_f64());
+            for w in 0..3 {
+                total[w].push(got[w].0);
+                reap[w].push(got[w].1);
+            }
+            for w in 1..3 {
+                diff[w - 1].push(got[w].0.as_secs_f64() - got[0].0.as_secs_f64());
+            }
         }
     }
-    diff.sort_by(f64::total_cmp);
-    let (w, wo) = (stats(with), stats(without));
+    nixb_sandbox::set_clone_into_cgroup(true);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] * 1000.0
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64 * 1000.0;
     println!(
-        "cgroup per build ({iters} pairs, plain /bin/true, start to reaped), ms median / mean:\n  \
-         with a cgroup     {:.3} / {:.3}\n  without           {:.3} / {:.3}\n  \
-         with/without      {:.3} (medians)\n  paired difference {:.3} median, {:.3} mean",
-        w.median,
-        w.mean,
-        wo.median,
-        wo.mean,
-        w.median / wo.median,
-        diff[diff.len() / 2] * 1000.0,
-        diff.iter().sum::<f64>() / diff.len() as f64 * 1000.0
+        "cgroup per build ({iters} triples, plain /bin/true{}), ms median / mean:\n  \
+         {:<28} {:>15} {:>17} {:>21}",
+        if settle { ", helper idle" } else { "" },
+        "",
+        "start to reaped",
+        "of which start()",
+        "minus none, paired"
     );
+    let names = [
+        "no cgroup",
+        "born in it (clone3)",
+        "moves in (cgroup.procs)",
+    ];
+    for w in 0..3 {
+        let t = stats(total[w].clone());
+        let r = stats(reap[w].clone());
+        let d = if w == 0 {
+            String::new()
+        } else {
+            let v = &mut diff[w - 1];
+            let m = mean(v);
+            format!("{:.3} / {:.3}", median(v), m)
+        };
+        println!(
+            "  {:<28} {:>15} {:>17} {:>21}",
+            names[w],
+            format!("{:.3} / {:.3}", t.median, t.mean),
+            format!("{:.3} / {:.3}", r.median, r.mean),
+            d
+        );
+    }
     Ok(())
 }

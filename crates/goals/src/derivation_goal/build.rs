@@ -531,7 +531,11 @@ pub(crate) fn start_builder(
         platform: drv.platform.clone(),
         system: cx.cfg.system.clone(),
         impersonate_linux_26: cx.cfg.impersonate_linux_26,
-        user: build.user.as_ref().map(HeldUser::ids),
+        user: match (&isolation, &build.user) {
+            // The namespace's maps make the builder its user; no switch of its own.
+            (Isolation::Chroot(c), Some(_)) if c.user_namespace.is_some() => None,
+            (_, user) => user.as_ref().map(HeldUser::ids).transpose()?,
+        },
         isolation,
     };
     let outputs: Vec<StorePath> = g.missing_paths.iter().cloned().collect();
@@ -540,10 +544,6 @@ pub(crate) fn start_builder(
     // meanwhile; a step that fails later comes back from the builder's wait as the error of
     // its exit status, naming the step.
     let mut spec = builder_spec(inv, write);
-    if matches!(&spec.isolation, Isolation::Chroot(c) if c.user_namespace.is_some()) {
-        // The namespace's maps make the builder its user; no switch of its own.
-        spec.user = None;
-    }
     spec.cgroup = sandboxing::build_cgroup(cx.cfg).unwrap_or_else(|warning| {
         cx.message(Level::Warn, warning);
         None
@@ -551,7 +551,15 @@ pub(crate) fn start_builder(
     // The builder announces itself to the watchdog before the clone returns here.
     spec.announce = cx.services.ensure_watchdog();
     let builder = match nixb_sandbox::start(spec) {
-        Ok(b) => b,
+        Ok(b) => {
+            if let Some(entry) = b.cgroup_entry() {
+                cx.message(
+                    Level::Debug,
+                    format!("builder {} of {}: {entry}", b.pid, quoted(&sd, &g.drv_path)),
+                );
+            }
+            b
+        }
         Err(e) => {
             let msg = format!(
                 "failed to set up the build environment for {}: {e}",
