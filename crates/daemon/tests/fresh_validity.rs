@@ -4,32 +4,16 @@
 //! kept from an earlier request (the connection asked, and was told "not valid", before).
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 mod common;
 
 use common::{connect_to, TestDaemon};
 
-fn nix_store(t: &TestDaemon) -> Command {
-    let mut c = Command::new("nix-store");
-    for (k, d) in [
-        ("NIX_STORE_DIR", "store"),
-        ("NIX_STATE_DIR", "state"),
-        ("NIX_LOG_DIR", "log"),
-        ("NIX_CONF_DIR", "etc"),
-        ("HOME", "home"),
-    ] {
-        c.env(k, t.root.path().join(d));
-    }
-    c.env_remove("NIX_REMOTE");
-    c
-}
-
 #[test]
 fn a_path_real_nix_registers_meanwhile_is_seen_at_the_next_request() {
     nixb_testsupport::require!(Nix);
     let t = TestDaemon::new();
-    std::fs::create_dir_all(t.root.path().join("etc")).unwrap();
     let listening = t.listen();
     let mut c = connect_to(&listening.sock, &t.store_dir);
 
@@ -60,13 +44,15 @@ fn a_path_real_nix_registers_meanwhile_is_seen_at_the_next_request() {
         top = t.store_dir.print(&top)
     );
     nixb_testsupport::store::run_ok(
-        nix_store(&t)
+        t.store
+            .nix("nix-store")
             .arg("--register-validity")
             .stdin(Stdio::piped()),
         Some(input.as_bytes()),
     );
     let nix_hash = nixb_testsupport::store::run_str(
-        nix_store(&t)
+        t.store
+            .nix("nix-store")
             .args(["-q", "--hash"])
             .arg(t.store_dir.to_path(&top)),
         None,

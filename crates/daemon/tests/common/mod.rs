@@ -19,9 +19,10 @@ use nixb_store::StoreDir;
 /// The version the test clients offer (Nix 2.8's).
 pub const V: Version = Version::new(1, 34);
 
-/// A daemon on a store under a temporary directory (removed when this is dropped).
+/// A daemon on a store under a temporary directory (removed when this is dropped), laid
+/// out as `nixb_testsupport`'s stores are, so real Nix can be pointed at it.
 pub struct TestDaemon {
-    pub root: tempfile::TempDir,
+    pub store: nixb_testsupport::store::TestStore,
     pub store_dir: StoreDir,
     pub daemon: Arc<Daemon>,
 }
@@ -36,22 +37,22 @@ pub struct Listening {
 impl TestDaemon {
     /// A fresh store with the default trust settings (only root trusted).
     pub fn new() -> TestDaemon {
-        let root = tempfile::tempdir().unwrap();
-        let store_dir = StoreDir::new(root.path().join("store").to_str().unwrap()).unwrap();
+        let dirs = nixb_testsupport::store::TestStore::new();
+        let store_dir = StoreDir::new(dirs.store_dir().to_str().unwrap()).unwrap();
         let store = LocalStore::open(StoreConfig {
             store_dir: store_dir.clone(),
-            state_dir: root.path().join("state"),
-            log_dir: root.path().join("log"),
+            state_dir: dirs.state_dir(),
+            log_dir: dirs.log_dir(),
         })
         .unwrap();
         let config = DaemonConfig {
-            worker: nixb_goals::WorkerConfig::new(root.path().join("log")),
+            worker: nixb_goals::WorkerConfig::new(dirs.log_dir()),
             trust: TrustConfig::default(),
             nix_version: "nixb-test".into(),
             gc: Default::default(),
         };
         TestDaemon {
-            root,
+            store: dirs,
             store_dir,
             daemon: Arc::new(Daemon::new(store, config)),
         }
@@ -63,7 +64,7 @@ impl TestDaemon {
 
     /// Binds `<root>/socket` and accepts connections on a thread of its own.
     pub fn listen(&self) -> Listening {
-        let sock = self.root.path().join("socket");
+        let sock = self.store.root.path().join("socket");
         let listener = nixb_daemon::listen::bind(&sock).unwrap();
         let stopper = Stopper::new(&sock);
         let d = Arc::clone(&self.daemon);
