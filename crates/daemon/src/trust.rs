@@ -70,9 +70,8 @@ pub enum Access {
 
 impl TrustConfig {
     /// Root is always trusted; everyone else as the two lists say. Root's connections
-    /// look up no name: that reads the user and group databases (`/etc/passwd`,
-    /// `/etc/group`, or whatever NSS is configured with), which costs more than the rest
-    /// of a greeting.
+    /// look up no name: a lookup reads the user and group databases (`/etc/passwd`,
+    /// `/etc/group`, or whatever NSS is configured with) on every connection.
     pub fn access(&self, peer: &Peer) -> Access {
         if peer.uid == 0 {
             return Access::Trusted;
