@@ -9,56 +9,14 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use nixb_daemon::{Daemon, DaemonConfig, Stopper, TrustConfig};
 use nixb_protocol::types::{PathInfo, ValidPathInfo};
 use nixb_protocol::wire::{WireReader, WireWriter};
-use nixb_protocol::{Client, ClientInfo, Request, Response, StderrFrame, Version};
-use nixb_store::local_store::{LocalStore, StoreConfig};
+use nixb_protocol::{Client, Request, Response, StderrFrame};
 use nixb_store::{Hash, HashAlgo, StoreDir};
 
-struct Setup {
-    _root: tempfile::TempDir,
-    store_dir: StoreDir,
-    daemon: Arc<Daemon>,
-}
+mod common;
 
-fn setup() -> Setup {
-    let root = tempfile::tempdir().unwrap();
-    let store_dir = StoreDir::new(root.path().join("store").to_str().unwrap()).unwrap();
-    let store = LocalStore::open(StoreConfig {
-        store_dir: store_dir.clone(),
-        state_dir: root.path().join("state"),
-        log_dir: root.path().join("log"),
-    })
-    .unwrap();
-    let config = DaemonConfig {
-        worker: nixb_goals::WorkerConfig::new(root.path().join("log")),
-        trust: TrustConfig::default(),
-        nix_version: "nixb-test".into(),
-        gc: Default::default(),
-    };
-    Setup {
-        _root: root,
-        store_dir,
-        daemon: Arc::new(Daemon::new(store, config)),
-    }
-}
-
-const V: Version = Version::new(1, 34);
-
-fn connect(s: &UnixStream, store_dir: &StoreDir) -> Client<UnixStream, UnixStream> {
-    let info = ClientInfo {
-        version: V,
-        features: BTreeSet::new(),
-    };
-    Client::connect(
-        s.try_clone().unwrap(),
-        s.try_clone().unwrap(),
-        store_dir.clone(),
-        &info,
-    )
-    .unwrap()
-}
+use common::{connect, listing, TestDaemon, V};
 
 /// Sends `words` raw after the greeting and returns the daemon's error frame; then the
 /// daemon must hang up.
@@ -84,14 +42,9 @@ fn raw_attack(sock: &std::path::Path, store_dir: &StoreDir, words: &[u64]) -> St
 
 #[test]
 fn absurd_lengths_and_unknown_ops_end_only_their_connection() {
-    let t = setup();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("socket");
-    let listener = nixb_daemon::listen::bind(&sock).unwrap();
-    let stopper = Stopper::new(&sock);
-    let d = Arc::clone(&t.daemon);
-    let st = stopper.clone();
-    let server = std::thread::spawn(move || d.listen(listener, &st));
+    let t = TestDaemon::new();
+    let listening = t.listen();
+    let sock = listening.sock.clone();
 
     // A well-behaved client, connected before the attacks.
     let good = UnixStream::connect(&sock).unwrap();
@@ -136,14 +89,13 @@ fn absurd_lengths_and_unknown_ops_end_only_their_connection() {
     assert!(good.is_valid_path(&p).unwrap());
     drop(good);
 
-    stopper.stop();
-    server.join().unwrap().unwrap();
+    listening.stop();
     assert!(!sock.exists(), "the socket was not removed");
 }
 
 #[test]
 fn an_untrusted_client_cannot_import_an_unsigned_nar() {
-    let t = setup();
+    let t = TestDaemon::new();
     let (ours, theirs) = UnixStream::pair().unwrap();
     let d = Arc::clone(&t.daemon);
     let server = std::thread::spawn(move || d.serve(theirs.try_clone().unwrap(), theirs, false));
@@ -206,7 +158,7 @@ fn an_untrusted_client_cannot_import_an_unsigned_nar() {
 
 #[test]
 fn an_untrusted_clients_restricted_settings_are_ignored_with_a_warning() {
-    let t = setup();
+    let t = TestDaemon::new();
     let (ours, theirs) = UnixStream::pair().unwrap();
     let d = Arc::clone(&t.daemon);
     let server = std::thread::spawn(move || d.serve(theirs.try_clone().unwrap(), theirs, false));
@@ -277,41 +229,11 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-/// Everything under `dir`, relative, sorted.
-fn listing(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries {
-            let e = e.unwrap();
-            let p = e.path();
-            // Freed lock files are pooled there for reuse.
-            if e.file_name() == "nixb-lock-pool" {
-                continue;
-            }
-            out.push(p.strip_prefix(root).unwrap().to_path_buf());
-            if e.file_type().unwrap().is_dir() {
-                walk(root, &p, out);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
-
 #[test]
 fn clients_that_stall_mid_frame_or_hang_up_mid_operation_leave_nothing_behind() {
-    let t = setup();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("socket");
-    let listener = nixb_daemon::listen::bind(&sock).unwrap();
-    let stopper = Stopper::new(&sock);
-    let d = Arc::clone(&t.daemon);
-    let st = stopper.clone();
-    let server = std::thread::spawn(move || d.listen(listener, &st));
+    let t = TestDaemon::new();
+    let listening = t.listen();
+    let sock = listening.sock.clone();
     let store = t.daemon.store();
     let state = store.config().state_dir.clone();
     let path = |n: &str, c: char| {
@@ -434,6 +356,5 @@ fn clients_that_stall_mid_frame_or_hang_up_mid_operation_leave_nothing_behind() 
     serve(&mut good);
 
     drop(good);
-    stopper.stop();
-    server.join().unwrap().unwrap();
+    listening.stop();
 }

@@ -7,14 +7,15 @@
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nixb_daemon::{Daemon, DaemonConfig, Stopper, TrustConfig};
 use nixb_protocol::types::ClientSettings;
-use nixb_protocol::{Client, ClientInfo, Request, Response, Version};
-use nixb_store::local_store::{LocalStore, StoreConfig};
+use nixb_protocol::{Client, Request, Response};
 use nixb_store::StoreDir;
+
+mod common;
+
+use common::{connect_to, TestDaemon};
 
 const RSS_BOUND: u64 = 64 << 20;
 
@@ -33,12 +34,7 @@ fn status(field: &str) -> u64 {
 }
 
 fn greet(sock: &Path, store_dir: &StoreDir) -> Client<UnixStream, UnixStream> {
-    let s = UnixStream::connect(sock).unwrap();
-    let info = ClientInfo {
-        version: Version::new(1, 34),
-        features: BTreeSet::new(),
-    };
-    let mut c = Client::connect(s.try_clone().unwrap(), s, store_dir.clone(), &info).unwrap();
+    let mut c = connect_to(sock, store_dir);
     c.set_options(&ClientSettings::default()).unwrap();
     c
 }
@@ -95,31 +91,10 @@ fn idle_connections_cost_little_and_do_not_stop_the_daemon() {
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, want)
         .expect("raising RLIMIT_NOFILE to 4096 (needs root when the hard limit is lower)");
 
-    let root = tempfile::tempdir().unwrap();
-    let store_dir = StoreDir::new(root.path().join("store").to_str().unwrap()).unwrap();
-    let store = LocalStore::open(StoreConfig {
-        store_dir: store_dir.clone(),
-        state_dir: root.path().join("state"),
-        log_dir: root.path().join("log"),
-    })
-    .unwrap();
-    let daemon = Arc::new(Daemon::new(
-        store,
-        DaemonConfig {
-            worker: nixb_goals::WorkerConfig::new(root.path().join("log")),
-            trust: TrustConfig::default(),
-            nix_version: "nixb-test".into(),
-            gc: Default::default(),
-        },
-    ));
-    let sock = root.path().join("socket");
-    let listener = nixb_daemon::listen::bind(&sock).unwrap();
-    let stopper = Stopper::new(&sock);
-    let server = {
-        let d = Arc::clone(&daemon);
-        let st = stopper.clone();
-        std::thread::spawn(move || d.listen(listener, &st))
-    };
+    let t = TestDaemon::new();
+    let store_dir = t.store_dir.clone();
+    let listening = t.listen();
+    let sock = listening.sock.clone();
 
     // One client through real operations first, so that what every later client
     // shares (the database connection, the allocator's arenas) is in place.
@@ -179,6 +154,5 @@ fn idle_connections_cost_little_and_do_not_stop_the_daemon() {
 
     drop(bare);
     drop(greeted);
-    stopper.stop();
-    server.join().unwrap().unwrap();
+    listening.stop();
 }

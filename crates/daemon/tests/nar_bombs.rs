@@ -12,15 +12,15 @@
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use nixb_daemon::{Daemon, DaemonConfig, Stopper, TrustConfig};
 use nixb_protocol::types::{PathInfo, ValidPathInfo};
 use nixb_protocol::wire::WireWriter;
-use nixb_protocol::{Client, ClientInfo, Request, Response, Version};
-use nixb_store::local_store::{LocalStore, StoreConfig};
-use nixb_store::{Hash, HashAlgo, StoreDir, StorePath};
+use nixb_protocol::{Client, Request, Response};
+use nixb_store::{Hash, HashAlgo, StorePath};
+
+mod common;
+
+use common::{connect_to, listing, TestDaemon};
 
 /// What each bomb streams: well above the memory bound below, so a daemon that held a
 /// bomb in memory would break the bound.
@@ -136,40 +136,6 @@ fn status_kib(field: &str) -> u64 {
         .unwrap()
 }
 
-/// Everything under `dir`, relative, sorted.
-fn listing(dir: &Path) -> Vec<PathBuf> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries {
-            let e = e.unwrap();
-            let p = e.path();
-            // Freed lock files are pooled there for reuse.
-            if e.file_name() == "nixb-lock-pool" {
-                continue;
-            }
-            out.push(p.strip_prefix(root).unwrap().to_path_buf());
-            if e.file_type().unwrap().is_dir() {
-                walk(root, &p, out);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
-
-fn connect(sock: &Path, store_dir: &StoreDir) -> Client<UnixStream, UnixStream> {
-    let s = UnixStream::connect(sock).unwrap();
-    let info = ClientInfo {
-        version: Version::new(1, 34),
-        features: BTreeSet::new(),
-    };
-    Client::connect(s.try_clone().unwrap(), s, store_dir.clone(), &info).unwrap()
-}
-
 fn info_for(path: &StorePath, nar_size: u64) -> ValidPathInfo {
     ValidPathInfo {
         path: path.clone(),
@@ -200,36 +166,15 @@ fn multiple(c: &Client<UnixStream, UnixStream>, info: &ValidPathInfo, nar: impl 
 
 #[test]
 fn nar_bombs_end_in_an_error_with_bounded_memory_and_nothing_left() {
-    let root = tempfile::tempdir().unwrap();
-    let store_dir = StoreDir::new(root.path().join("store").to_str().unwrap()).unwrap();
-    let state = root.path().join("state");
-    let store = LocalStore::open(StoreConfig {
-        store_dir: store_dir.clone(),
-        state_dir: state.clone(),
-        log_dir: root.path().join("log"),
-    })
-    .unwrap();
-    let daemon = Arc::new(Daemon::new(
-        store,
-        DaemonConfig {
-            worker: nixb_goals::WorkerConfig::new(root.path().join("log")),
-            trust: TrustConfig::default(),
-            nix_version: "nixb-test".into(),
-            gc: Default::default(),
-        },
-    ));
-    let sock = root.path().join("socket");
-    let listener = nixb_daemon::listen::bind(&sock).unwrap();
-    let stopper = Stopper::new(&sock);
-    let server = {
-        let d = Arc::clone(&daemon);
-        let st = stopper.clone();
-        std::thread::spawn(move || d.listen(listener, &st))
-    };
+    let t = TestDaemon::new();
+    let store_dir = t.store_dir.clone();
+    let state = t.state_dir();
+    let listening = t.listen();
+    let sock = listening.sock.clone();
 
     // The bystander: connected first, served after every bomb. Its first add also makes
     // the files every add leaves for good (temporary roots, the database's journal).
-    let mut good = connect(&sock, &store_dir);
+    let mut good = connect_to(&sock, &store_dir);
     let mut bystander_adds = 0;
     let mut bystander = |good: &mut Client<UnixStream, UnixStream>| {
         bystander_adds += 1;
@@ -268,7 +213,7 @@ fn nar_bombs_end_in_an_error_with_bounded_memory_and_nothing_left() {
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let rss_start = status_kib("VmHWM:") << 10;
 
-    let mut attacker = connect(&sock, &store_dir);
+    let mut attacker = connect_to(&sock, &store_dir);
     let mut check = |what: &str,
                      err: nixb_protocol::ProtocolError,
                      expect: &str,
@@ -292,7 +237,7 @@ fn nar_bombs_end_in_an_error_with_bounded_memory_and_nothing_left() {
             .collect();
         assert_eq!(on_disk, expected, "{what}: store directory");
         assert_eq!(
-            daemon.store().query_all_valid_paths().unwrap(),
+            t.daemon.store().query_all_valid_paths().unwrap(),
             expected_paths,
             "{what}: database"
         );
@@ -416,6 +361,5 @@ fn nar_bombs_end_in_an_error_with_bounded_memory_and_nothing_left() {
 
     drop(attacker);
     drop(good);
-    stopper.stop();
-    server.join().unwrap().unwrap();
+    listening.stop();
 }

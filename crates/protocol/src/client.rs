@@ -10,7 +10,7 @@
 //! tests, tools and nixb's own queries.
 
 use std::collections::BTreeSet;
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 
 use nixb_store::{StoreDir, StorePath};
 
@@ -29,7 +29,8 @@ use crate::wire::{WireReader, WireWriter};
 pub type FrameSink<'a> = &'a mut dyn FnMut(&StderrFrame);
 
 pub struct Client<R: Read, W: Write> {
-    r: WireReader<R>,
+    /// Buffered, as the server's side: an answer is taken in one `read`, not one per field.
+    r: WireReader<BufReader<R>>,
     w: WireWriter<W>,
     cx: Ctx,
     handshake: Handshake,
@@ -45,7 +46,7 @@ impl<R: Read, W: Write> Client<R, W> {
         store_dir: StoreDir,
         info: &ClientInfo,
     ) -> Result<Client<R, W>> {
-        let mut r = WireReader::new(reader);
+        let mut r = WireReader::new(BufReader::with_capacity(crate::server::READ_BUFFER, reader));
         let mut w = WireWriter::new(writer);
         let handshake = client_handshake(&mut r, &mut w, info)?;
         let cx = Ctx {

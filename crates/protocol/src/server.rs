@@ -10,8 +10,13 @@
 //! A request that cannot be read (an unknown operation, a malformed field) leaves the
 //! stream out of step: answer it with [`ServerConnection::fail`] and close the
 //! connection, as Nix's daemon does.
+//!
+//! Both directions are buffered: a request is taken from the socket in one `read` (not
+//! one per field), and an answer, with the `STDERR_LAST` before it, leaves in one
+//! `write`. Everything the client sends is read through this connection, so the bytes
+//! of a following request that the buffer took early are never lost.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 
 use nixb_store::StoreDir;
 
@@ -26,8 +31,12 @@ use crate::wire::{WireReader, WireWriter};
 /// Most bytes asked for in one `STDERR_READ` (Nix asks for what its buffer holds).
 pub const TUNNEL_CHUNK: u64 = 32 << 10;
 
+/// The read buffer of a connection (Nix's daemon reads through a 32 KiB one). Only the
+/// pages a read fills become resident, so an idle connection costs one page of it.
+pub const READ_BUFFER: usize = 32 << 10;
+
 pub struct ServerConnection<R: Read, W: Write> {
-    r: WireReader<R>,
+    r: WireReader<BufReader<R>>,
     w: WireWriter<W>,
     cx: Ctx,
     handshake: Handshake,
@@ -41,7 +50,7 @@ impl<R: Read, W: Write> ServerConnection<R, W> {
         store_dir: StoreDir,
         info: &ServerInfo,
     ) -> Result<ServerConnection<R, W>> {
-        let mut r = WireReader::new(reader);
+        let mut r = WireReader::new(BufReader::with_capacity(READ_BUFFER, reader));
         let mut w = WireWriter::new(writer);
         let handshake = server_handshake(&mut r, &mut w, info)?;
         StderrFrame::Last.write(&mut w, handshake.version)?;
@@ -101,7 +110,7 @@ impl<R: Read, W: Write> ServerConnection<R, W> {
     }
 
     /// The framed data that follows the current request.
-    pub fn framed(&mut self) -> FramedReader<'_, R> {
+    pub fn framed(&mut self) -> FramedReader<'_, BufReader<R>> {
         FramedReader::new(&mut self.r)
     }
 
@@ -133,8 +142,9 @@ impl<R: Read, W: Write> ServerConnection<R, W> {
         Ok(n)
     }
 
-    /// The raw stream from the client (a plain NAR after `AddToStore` before 1.25).
-    pub fn reader(&mut self) -> &mut WireReader<R> {
+    /// The raw stream from the client (a plain NAR after `AddToStore` before 1.25), through
+    /// the connection's buffer.
+    pub fn reader(&mut self) -> &mut WireReader<BufReader<R>> {
         &mut self.r
     }
 

@@ -316,6 +316,55 @@ impl Db {
             .map_err(self.wrap(&format!("reading path info of {path}")))
     }
 
+    /// The row of `path` and the paths it refers to, in one statement: one read of the
+    /// database's state (a reference cannot go missing between two queries), and one
+    /// round of SQLite's locking instead of two. What `QueryPathInfo` costs a daemon.
+    pub fn path_row_with_references(
+        &self,
+        path: &str,
+    ) -> Result<Option<(PathRow, Vec<String>)>, DbError> {
+        let read = || -> rusqlite::Result<Option<(PathRow, Vec<String>)>> {
+            let mut s = self.conn.prepare_cached(
+                "select v.id, v.path, v.hash, v.registrationTime, v.deriver, v.narSize, \
+                 v.ultimate, v.sigs, v.ca, r.path \
+                 from ValidPaths v left join Refs on Refs.referrer = v.id \
+                 left join ValidPaths r on r.id = Refs.reference \
+                 where v.path = ?1",
+            )?;
+            let mut rows = s.query([path])?;
+            let mut found: Option<(PathRow, Vec<String>)> = None;
+            while let Some(row) = rows.next()? {
+                let refs = match &mut found {
+                    Some((_, refs)) => refs,
+                    empty => {
+                        &mut empty
+                            .insert((
+                                PathRow {
+                                    id: row.get(0)?,
+                                    path: row.get(1)?,
+                                    hash: row.get(2)?,
+                                    registration_time: row.get(3)?,
+                                    deriver: row.get(4)?,
+                                    nar_size: row.get(5)?,
+                                    ultimate: row.get::<_, Option<i64>>(6)?.unwrap_or(0) != 0,
+                                    sigs: row.get(7)?,
+                                    ca: row.get(8)?,
+                                },
+                                Vec::new(),
+                            ))
+                            .1
+                    }
+                };
+                // A path without references has one row, with no referenced path.
+                if let Some(r) = row.get::<_, Option<String>>(9)? {
+                    refs.push(r);
+                }
+            }
+            Ok(found)
+        };
+        read().map_err(self.wrap(&format!("reading path info of {path}")))
+    }
+
     /// Inserts a new row (the `id` of `row` is ignored) and returns its id.
     pub fn insert_path(&self, row: &PathRow) -> Result<i64, DbError> {
         self.conn
@@ -625,6 +674,39 @@ mod tests {
         let db = Db::open(&f, false).unwrap();
         assert_eq!(db.path_id("/s/a").unwrap(), Some(id));
         assert!(Db::open(&dir.path().join("absent.sqlite"), false).is_err());
+    }
+
+    #[test]
+    fn path_row_with_references_reads_the_row_and_every_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db.sqlite"), true).unwrap();
+        let a = db.insert_path(&row("/s/a")).unwrap();
+        let b = db.insert_path(&row("/s/b")).unwrap();
+        let mut c_row = row("/s/c");
+        c_row.deriver = Some("/s/c.drv".into());
+        c_row.sigs = Some("k:1 k:2".into());
+        c_row.ultimate = true;
+        let c = db.insert_path(&c_row).unwrap();
+        db.add_reference(c, a).unwrap();
+        db.add_reference(c, b).unwrap();
+        db.add_reference(c, c).unwrap();
+
+        // No references: one row, and an empty list.
+        let (got, refs) = db.path_row_with_references("/s/a").unwrap().unwrap();
+        assert_eq!(
+            got,
+            PathRow {
+                id: a,
+                ..row("/s/a")
+            }
+        );
+        assert!(refs.is_empty(), "{refs:?}");
+        // Three references (one to itself), each once, with the row's own columns.
+        let (got, mut refs) = db.path_row_with_references("/s/c").unwrap().unwrap();
+        assert_eq!(got, PathRow { id: c, ..c_row });
+        refs.sort();
+        assert_eq!(refs, ["/s/a", "/s/b", "/s/c"]);
+        assert_eq!(db.path_row_with_references("/s/absent").unwrap(), None);
     }
 
     #[test]

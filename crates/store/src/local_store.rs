@@ -459,7 +459,7 @@ impl LocalStore {
     pub fn query_path_info(&self, p: &StorePath) -> Result<Option<ValidPathInfo>, StoreError> {
         let db = self.db();
         let printed = self.print(p);
-        let Some(row) = db.path_row(&printed)? else {
+        let Some((row, row_refs)) = db.path_row_with_references(&printed)? else {
             return Ok(None);
         };
         let corrupt = |reason: String| StoreError::Corrupt {
@@ -474,8 +474,8 @@ impl LocalStore {
             _ => None,
         };
         let mut references = BTreeSet::new();
-        for r in db.references(row.id)? {
-            references.insert(self.parse_stored(&db, &printed, &r, "reference")?);
+        for r in &row_refs {
+            references.insert(self.parse_stored(&db, &printed, r, "reference")?);
         }
         let nar_size = match row.nar_size {
             None => 0,

@@ -29,32 +29,11 @@ use nixb_protocol::types::ClientSettings;
 use nixb_protocol::{Client, ClientInfo, Version};
 use nixb_store::StoreDir;
 
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
+use super::{env_number, median, run_checked};
 
 /// A graph of `n` trivial derivations whose names start with `tag`.
 fn graph(tag: &str, n: usize) -> String {
-    format!(
-        r#"let
-  mk = name: deps: derivation {{
-    inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
-    args = [ "-c" "echo $name > $out" ]; }};
-  mod = a: b: a - b * (builtins.div a b);
-  width = 25; layers = ({n} + width - 1) / width;
-  layer = l: if l == 0 then builtins.genList (i: mk "{tag}l0n${{toString i}}" [ ]) width
-    else let below = layer (l - 1); in
-      builtins.genList (i: mk "{tag}l${{toString l}}n${{toString i}}" [
-        (builtins.elemAt below i)
-        (builtins.elemAt below (mod (i * 7 + 3) width))
-        (builtins.elemAt below (mod (i * 13 + 5) width))
-      ]) width;
-in layer (layers - 1)
-"#
-    )
+    super::layered_graph(tag, n.div_ceil(25), false)
 }
 
 /// A private store and the daemon serving it.
@@ -94,16 +73,8 @@ impl Side {
     /// A command with this store's environment, talking to the store directly.
     fn local(&self, program: &Path) -> Command {
         let mut c = Command::new(program);
-        for (k, d) in [
-            ("NIX_STORE_DIR", "store"),
-            ("NIX_STATE_DIR", "state"),
-            ("NIX_LOG_DIR", "log"),
-            ("NIX_CONF_DIR", "etc"),
-            ("HOME", "home"),
-            ("XDG_CACHE_HOME", "home/.cache"),
-        ] {
-            c.env(k, self.root.join(d));
-        }
+        super::store_env(&mut c, &self.root);
+        c.env("XDG_CACHE_HOME", self.root.join("home/.cache"));
         c.env_remove("NIX_REMOTE");
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -124,7 +95,7 @@ impl Side {
     fn start(&mut self, nixb: &Path) -> Result<()> {
         let child = if self.name == "nix" {
             // With no writable state yet, nix-daemon takes itself for a client.
-            check(self.local(Path::new("nix-store")).arg("--init"))?;
+            run_checked(self.local(Path::new("nix-store")).arg("--init"))?;
             self.local(Path::new("nix-daemon"))
                 .env("NIX_DAEMON_SOCKET_PATH", self.socket())
                 .spawn()
@@ -158,23 +129,8 @@ impl Side {
     fn instantiate(&self, expr: &str, file: &str) -> Result<Vec<String>> {
         let f = self.root.join(file);
         std::fs::write(&f, expr)?;
-        let out = self
-            .local(Path::new("nix-instantiate"))
-            .arg(&f)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .context("running nix-instantiate")?;
-        if !out.status.success() {
-            bail!(
-                "nix-instantiate failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect())
+        let out = super::instantiate(self.local(Path::new("nix-instantiate")).arg(&f))?;
+        Ok(out.lines().map(str::to_string).collect())
     }
 
     /// Registers a closure of `n` small paths (directly, before the daemon starts);
@@ -229,30 +185,15 @@ impl Drop for Side {
     }
 }
 
-fn check(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .stderr(Stdio::piped())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 fn timed(cmd: &mut Command) -> Result<Duration> {
     let t = Instant::now();
-    check(cmd)?;
+    run_checked(cmd)?;
     Ok(t.elapsed())
 }
 
-fn median(mut v: Vec<Duration>) -> f64 {
-    v.sort();
-    v[v.len() / 2].as_secs_f64() * 1e3
+/// The median of `v`, in milliseconds.
+fn median_ms(v: Vec<Duration>) -> f64 {
+    median(v.iter().map(|d| d.as_secs_f64() * 1e3).collect())
 }
 
 /// Sum of the proportional set sizes (KiB) of `pid` and its descendants.
@@ -293,9 +234,9 @@ fn greet(sock: &Path, store: &StoreDir) -> Result<Client<UnixStream, UnixStream>
 pub fn run() -> Result<()> {
     let root = crate::workspace_root();
     let nixb = crate::build_nixb_release(&root)?;
-    let drvs = env_num("NIXB_BENCH_DAEMON_DRVS", 1000);
-    let paths = env_num("NIXB_BENCH_DAEMON_PATHS", 10_000);
-    let conns = env_num("NIXB_BENCH_DAEMON_CONNS", 500);
+    let drvs = env_number("NIXB_BENCH_DAEMON_DRVS", 1000)?;
+    let paths = env_number("NIXB_BENCH_DAEMON_PATHS", 10_000)?;
+    let conns = env_number("NIXB_BENCH_DAEMON_CONNS", 500)?;
     let build8: Vec<usize> = std::env::var("NIXB_BENCH_DAEMON_BUILD8")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
@@ -359,8 +300,8 @@ pub fn run() -> Result<()> {
         let [a, b] = t;
         row(
             &format!("{what}, {paths} paths"),
-            median(b),
-            median(a),
+            median_ms(b),
+            median_ms(a),
             "ms",
         );
     }
@@ -377,7 +318,7 @@ pub fn run() -> Result<()> {
         }
     }
     let [a, b] = t;
-    row("handshake + SetOptions", median(b), median(a), "ms");
+    row("handshake + SetOptions", median_ms(b), median_ms(a), "ms");
 
     // Memory with 100 greeted idle clients.
     let mut pss = Vec::new();

@@ -38,20 +38,7 @@ fn expr(shape: &str, n: usize) -> String {
             n - 1
         ),
         // layers of 25, each node depending on 3 nodes of the layer below
-        "layered" => format!(
-            r#"let
-      mod = a: b: a - b * (builtins.div a b);
-      width = 25; layers = {} / width;
-      layer = l: if l == 0 then builtins.genList (i: mk "l0n${{toString i}}" [ ]) width
-        else let below = layer (l - 1); in
-          builtins.genList (i: mk "l${{toString l}}n${{toString i}}" [
-            (builtins.elemAt below i)
-            (builtins.elemAt below (mod (i * 7 + 3) width))
-            (builtins.elemAt below (mod (i * 13 + 5) width))
-          ]) width;
-    in mk "top" (layer (layers - 1))"#,
-            n
-        ),
+        "layered" => return super::layered_graph("", n / 25, true),
         _ => unreachable!("unknown shape"),
     };
     format!("let {mk} in {body}\n")
@@ -75,15 +62,7 @@ impl Store {
 
     fn cmd(&self, program: &Path) -> Command {
         let mut c = Command::new(program);
-        for (k, d) in [
-            ("NIX_STORE_DIR", "store"),
-            ("NIX_STATE_DIR", "state"),
-            ("NIX_LOG_DIR", "log"),
-            ("NIX_CONF_DIR", "etc"),
-            ("HOME", "home"),
-        ] {
-            c.env(k, self.root.join(d));
-        }
+        super::store_env(&mut c, &self.root);
         c.stdout(Stdio::null()).stderr(Stdio::null());
         c
     }
@@ -91,20 +70,8 @@ impl Store {
     fn instantiate(&self, expr: &str) -> Result<String> {
         let f = self.root.join("graph.nix");
         std::fs::write(&f, expr)?;
-        let out = self
-            .cmd(Path::new("nix-instantiate"))
-            .arg(&f)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .context("running nix-instantiate")?;
-        if !out.status.success() {
-            bail!(
-                "nix-instantiate failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let out = super::instantiate(self.cmd(Path::new("nix-instantiate")).arg(&f))?;
+        Ok(out.trim().to_string())
     }
 }
 

@@ -25,6 +25,8 @@ use nixb_store::db::PathRow;
 use nixb_store::local_store::{LocalStore, StoreConfig};
 use nixb_store::{StoreDir, StorePath};
 
+use super::median;
+
 const PATHS: usize = 100_000;
 const BIG: usize = 1_000_000;
 const ROUNDS: usize = 3;
@@ -190,11 +192,6 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
         bail!("cp -a {} {} failed", from.display(), to.display());
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 pub fn run() -> Result<()> {

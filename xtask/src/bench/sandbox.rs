@@ -305,17 +305,7 @@ fn sandboxed_builds() -> Result<()> {
         std::fs::create_dir_all(dir.join("etc"))?;
         std::fs::write(dir.join("etc/nix.conf"), &conf)?;
         std::fs::write(dir.join("graph.nix"), &expr)?;
-        let env = |c: &mut Command| {
-            for (k, d) in [
-                ("NIX_STORE_DIR", "store"),
-                ("NIX_STATE_DIR", "state"),
-                ("NIX_LOG_DIR", "log"),
-                ("NIX_CONF_DIR", "etc"),
-                ("HOME", "home"),
-            ] {
-                c.env(k, dir.join(d));
-            }
-        };
+        let env = |c: &mut Command| super::store_env(c, &dir);
         let mut c = Command::new("nix-instantiate");
         env(&mut c);
         let out = c

@@ -55,15 +55,7 @@ struct Env {
 impl Env {
     fn cmd(&self, program: &Path) -> Command {
         let mut c = Command::new(program);
-        for (k, d) in [
-            ("NIX_STORE_DIR", "store"),
-            ("NIX_STATE_DIR", "state"),
-            ("NIX_LOG_DIR", "log"),
-            ("NIX_CONF_DIR", "etc"),
-            ("HOME", "home"),
-        ] {
-            c.env(k, self.root.join(d));
-        }
+        super::store_env(&mut c, &self.root);
         c.env_remove("NIX_REMOTE");
         c
     }

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::sys::resource::{getrusage, UsageWho};
 
+use super::{env_number, median};
+
 const FILE_SYSTEMS: &[&str] = &["ext4", "xfs", "btrfs", "tmpfs"];
 
 fn list(var: &str, known: &[&str]) -> Result<Vec<String>> {
@@ -46,19 +48,7 @@ fn list(var: &str, known: &[&str]) -> Result<Vec<String>> {
 }
 
 fn run_cmd(c: &mut Command) -> Result<()> {
-    let out = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .with_context(|| format!("running {c:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{c:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    super::run_checked(c.stdout(Stdio::null()))
 }
 
 /// A mounted file system, unmounted (and its image deleted) on drop.
@@ -135,16 +125,8 @@ struct Graph {
 }
 
 fn store_env(c: &mut Command, root: &Path) {
-    for (k, d) in [
-        ("NIX_STORE_DIR", "store"),
-        ("NIX_STATE_DIR", "state"),
-        ("NIX_LOG_DIR", "log"),
-        ("NIX_CONF_DIR", "etc"),
-        ("HOME", "home"),
-        ("TMPDIR", "tmp"),
-    ] {
-        c.env(k, root.join(d));
-    }
+    super::store_env(c, root);
+    c.env("TMPDIR", root.join("tmp"));
     c.env_remove("NIXB_BENCH_PLAIN");
 }
 
@@ -230,28 +212,7 @@ fn chain(n: usize) -> String {
 }
 
 fn layered(n: usize) -> String {
-    format!(
-        r#"let
-  mk = name: deps: derivation {{ inherit name deps; system = builtins.currentSystem;
-    builder = "/bin/sh"; args = [ "-c" "echo $name > $out" ]; }};
-  mod = a: b: a - b * (builtins.div a b);
-  width = 25; layers = {} / width;
-  layer = l: if l == 0 then builtins.genList (i: mk "l0n${{toString i}}" [ ]) width
-    else let below = layer (l - 1); in
-      builtins.genList (i: mk "l${{toString l}}n${{toString i}}" [
-        (builtins.elemAt below i)
-        (builtins.elemAt below (mod (i * 7 + 3) width))
-        (builtins.elemAt below (mod (i * 13 + 5) width))
-      ]) width;
-in mk "top" (layer (layers - 1))
-"#,
-        n.max(50)
-    )
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    super::layered_graph("", n.max(50) / 25, true)
 }
 
 /// Realises `graph` with A and B in turn, `rounds` pairs after one warm-up run each, and
@@ -297,15 +258,6 @@ fn pairs(
         median(cratios),
     );
     Ok(())
-}
-
-fn env_number(var: &str, default: usize) -> Result<usize> {
-    match std::env::var(var) {
-        Ok(v) => v
-            .parse()
-            .with_context(|| format!("{var}={v}: not a number")),
-        Err(_) => Ok(default),
-    }
 }
 
 pub fn run() -> Result<()> {
