@@ -24,7 +24,7 @@ use nixb_store::local_store::LocalStore;
 use nixb_store::locks::{lock_file, open_lock_file, LockType};
 use nixb_store::{StoreDir, StorePath};
 
-use crate::delete::{delete_path, prune_links};
+use crate::delete::{delete_path, delete_store_entry, prune_links};
 use crate::graph::{EdgeKinds, Graph, Node};
 use crate::roots::{find_roots_no_temp, find_temp_roots, RootDirs};
 use crate::server::{RootsServer, SharedRoots};
@@ -361,8 +361,8 @@ fn collect_locked(
     // that stopped the deletion early.
     type FilesDone = (Vec<(Node, u64)>, Option<GcError>);
     let report = |(files, error): FilesDone,
-                      results: &mut GcResults,
-                      events: &mut dyn FnMut(GcEvent<'_>)|
+                  results: &mut GcResults,
+                  events: &mut dyn FnMut(GcEvent<'_>)|
      -> Result<(), GcError> {
         for (v, freed) in &files {
             results.bytes_freed += freed;
@@ -385,10 +385,16 @@ fn collect_locked(
             None => Ok(()),
         }
     };
+    // Files are removed relative to the store directory, open once.
+    let store_fd = std::fs::File::open(store_path).map_err(|source| GcError::Io {
+        step: "opening directory",
+        path: store_path.to_path_buf(),
+        source,
+    })?;
     let delete_files = |batch: Vec<Node>| -> FilesDone {
         let mut files = Vec::with_capacity(batch.len());
         for v in batch {
-            match delete_path(&store_path.join(graph.name(v))) {
+            match delete_store_entry(&store_fd, store_path, graph.name(v)) {
                 Ok(freed) => files.push((v, freed)),
                 Err(e) => return (files, Some(e)),
             }

@@ -495,7 +495,13 @@ mod tests {
     fn nix_topo_order_is_reversed_post_order_in_name_order() {
         // Names start with their hash parts; what matters is their order: "a..." < "b...".
         let h = |c: char, name: &str| format!("{}-{name}", c.to_string().repeat(32));
-        let (a, b, c, d, e) = (h('a', "a"), h('b', "b"), h('c', "c"), h('d', "d"), h('e', "e"));
+        let (a, b, c, d, e) = (
+            h('a', "a"),
+            h('b', "b"),
+            h('c', "c"),
+            h('d', "d"),
+            h('e', "e"),
+        );
         // d -> b -> a, c -> a, e -> d, e refers to itself; a path outside the group (x)
         // is not followed.
         let x = h('0', "x");

@@ -506,7 +506,10 @@ impl Db {
             step,
         )?;
         self.conn
-            .set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, on)
+            .set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER,
+                on,
+            )
             .map(|_| ())
             .map_err(self.wrap(step))
     }
@@ -525,15 +528,19 @@ impl Db {
         let step = "reading the schema";
         let mut s = self
             .conn
-            .prepare_cached("select type, name from sqlite_master where type in ('table', 'trigger')")
+            .prepare_cached(
+                "select type, name from sqlite_master where type in ('table', 'trigger')",
+            )
             .map_err(self.wrap(step))?;
         let rows = s
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .map_err(self.wrap(step))?;
-        Ok(rows
-            .iter()
-            .all(|(t, n)| KNOWN.iter().any(|(kt, kn)| t == kt && n.eq_ignore_ascii_case(kn))))
+        Ok(rows.iter().all(|(t, n)| {
+            KNOWN
+                .iter()
+                .any(|(kt, kn)| t == kt && n.eq_ignore_ascii_case(kn))
+        }))
     }
 
     /// The deletion of [`Db::invalidate_paths`] with foreign keys and triggers off; `list`
@@ -555,7 +562,10 @@ impl Db {
                 "select referrer, reference from Refs \
                  where reference in (select value from json_each(?1)) limit 1",
             )
-            .and_then(|mut s| s.query_row([list], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .and_then(|mut s| {
+                s.query_row([list], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
             .map_err(self.wrap("checking for references into the deleted paths"))?;
         if let Some((referrer, reference)) = blocked {
             return Err(DbError {

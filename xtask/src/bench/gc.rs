@@ -318,7 +318,10 @@ fn measure(dir: &Path, nixb: &Path, nix_store: &Path) -> Result<()> {
         a.push(r1);
         b.push(r2);
     }
-    println!("{}", row(&format!("full collection, {paths} paths"), &a, &b));
+    println!(
+        "{}",
+        row(&format!("full collection, {paths} paths"), &a, &b)
+    );
     let _ = std::fs::remove_dir_all(&work.root);
     let _ = Command::new("chmod")
         .arg("-R")
@@ -342,13 +345,23 @@ fn measure(dir: &Path, nixb: &Path, nix_store: &Path) -> Result<()> {
     for _ in 0..ROUNDS {
         a.push(timed(&big_store, nixb, &["gc", "--print-dead"])?);
     }
-    println!("{}", row(&format!("print-dead, {big} paths (rows only)"), &a, &[]));
+    println!(
+        "{}",
+        row(&format!("print-dead, {big} paths (rows only)"), &a, &[])
+    );
     let mut a = vec![];
     for _ in 0..ROUNDS {
         copy_tree(&big_template, &big_store.root)?;
         a.push(timed(&big_store, nixb, &["gc"])?);
     }
-    println!("{}", row(&format!("full collection, {big} paths (rows only)"), &a, &[]));
+    println!(
+        "{}",
+        row(
+            &format!("full collection, {big} paths (rows only)"),
+            &a,
+            &[]
+        )
+    );
     Ok(())
 }
 
