@@ -24,7 +24,7 @@ use nixb_store::local_store::LocalStore;
 use nixb_store::locks::{lock_file, open_lock_file, LockType};
 use nixb_store::{StoreDir, StorePath};
 
-use crate::delete::{delete_path, prune_links};
+use crate::delete::{delete_path, delete_store_entry, prune_links};
 use crate::graph::{EdgeKinds, Graph, Node};
 use crate::roots::{find_roots_no_temp, find_temp_roots, RootDirs};
 use crate::server::{RootsServer, SharedRoots};
@@ -215,6 +215,10 @@ fn collect_locked(
 
     // The store directory, minus what the graph already knows.
     let mut strays = Vec::new();
+    // With a limit on the bytes freed, which paths go depends on the order: Nix 2.8's is
+    // the store directory's.
+    let nix_order = opts.max_freed != u64::MAX && matches!(opts.action, GcAction::DeleteDead);
+    let mut dir_order: Vec<Entry> = Vec::new();
     let store_path = store_dir.as_path();
     let entries = std::fs::read_dir(store_path).map_err(|source| GcError::Io {
         step: "reading directory",
@@ -228,8 +232,17 @@ fn collect_locked(
             source,
         })?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name == ".links" || graph.lookup(&name).is_some() {
+        if name == ".links" {
             continue;
+        }
+        if let Some(v) = graph.lookup(&name) {
+            if nix_order {
+                dir_order.push(Entry::Valid(v));
+            }
+            continue;
+        }
+        if nix_order {
+            dir_order.push(Entry::Stray(strays.len()));
         }
         let hash = StorePath::from_base_name(&name)
             .ok()
@@ -328,32 +341,36 @@ fn collect_locked(
         db.set_cache_size_kib(GC_CACHE_KIB)?;
         db.keep_temp_files_in_memory()
     })?;
-    let order = graph.referrers_first(&dead);
+    let order = if nix_order {
+        Vec::new()
+    } else {
+        graph.referrers_first(&dead)
+    };
     phase.done("ordering dead paths");
-    let total = order.len() + strays.len();
+    let total = dead_count + strays.len();
     let batch_size = if opts.max_freed == u64::MAX {
         opts.batch_size.max(1)
     } else {
         // Freed bytes are known only after the files go: keep the overshoot small.
         opts.batch_size.clamp(1, 16)
     };
-    let mut done = 0usize;
+    let done = std::cell::Cell::new(0usize);
     let mut limit_reached = false;
     let mut rows_time = std::time::Duration::ZERO;
     // A batch's files, once deleted: each node with the bytes it freed, and the error
     // that stopped the deletion early.
     type FilesDone = (Vec<(Node, u64)>, Option<GcError>);
-    let mut report = |(files, error): FilesDone,
-                      results: &mut GcResults,
-                      events: &mut dyn FnMut(GcEvent<'_>)|
+    let report = |(files, error): FilesDone,
+                  results: &mut GcResults,
+                  events: &mut dyn FnMut(GcEvent<'_>)|
      -> Result<(), GcError> {
         for (v, freed) in &files {
             results.bytes_freed += freed;
             let printed = print(graph.name(*v));
-            done += 1;
+            done.set(done.get() + 1);
             events(GcEvent::Deleted {
                 path: &printed,
-                done,
+                done: done.get(),
                 total,
                 bytes_freed: results.bytes_freed,
             });
@@ -368,10 +385,16 @@ fn collect_locked(
             None => Ok(()),
         }
     };
+    // Files are removed relative to the store directory, open once.
+    let store_fd = std::fs::File::open(store_path).map_err(|source| GcError::Io {
+        step: "opening directory",
+        path: store_path.to_path_buf(),
+        source,
+    })?;
     let delete_files = |batch: Vec<Node>| -> FilesDone {
         let mut files = Vec::with_capacity(batch.len());
         for v in batch {
-            match delete_path(&store_path.join(graph.name(v))) {
+            match delete_store_entry(&store_fd, store_path, graph.name(v)) {
                 Ok(freed) => files.push((v, freed)),
                 Err(e) => return (files, Some(e)),
             }
@@ -382,7 +405,68 @@ fn collect_locked(
     // while the next batch's rows go. A batch's rows are committed before its files are
     // handed over, and its paths stay pending (a client adding a root for one waits)
     // until its files are gone.
+    // Entries without a row: leftovers of failed builds, of an earlier collection that
+    // was interrupted, or paths being added right now (those have a temporary root).
+    // Returns whether the limit on the bytes freed is reached.
+    let delete_stray = |s: &Stray,
+                        results: &mut GcResults,
+                        events: &mut dyn FnMut(GcEvent<'_>)|
+     -> Result<bool, GcError> {
+        if let Some(wanted) = &specific_strays {
+            if !wanted.contains(&s.name) {
+                return Ok(false);
+            }
+        }
+        if let Some(h) = &s.hash {
+            let mut st = shared.lock();
+            if st.temp_roots.contains(h) {
+                return Ok(false);
+            }
+            st.pending = std::iter::once(h.clone()).collect();
+        }
+        // Registered since the graph was read (its registrar should have made it a
+        // temporary root first; this catches one that did not).
+        let printed = print(&s.name);
+        let now_valid = s.hash.is_some() && store.with_db(|db| db.path_id(&printed))?.is_some();
+        if !now_valid {
+            let freed = delete_path(&store_path.join(&s.name));
+            shared.finish_pending();
+            results.bytes_freed += freed?;
+            done.set(done.get() + 1);
+            events(GcEvent::Deleted {
+                path: &printed,
+                done: done.get(),
+                total,
+                bytes_freed: results.bytes_freed,
+            });
+            results.count += 1;
+            if opts.keep_paths {
+                results.paths.insert(printed);
+            }
+        } else {
+            shared.finish_pending();
+        }
+        Ok(results.bytes_freed > opts.max_freed)
+    };
     let overlap = opts.max_freed == u64::MAX;
+    if nix_order {
+        limit_reached = delete_in_directory_order(
+            &DirOrder {
+                store,
+                graph: &graph,
+                kinds,
+                shared,
+                entries: &dir_order,
+                dead: &dead,
+                max_freed: opts.max_freed,
+            },
+            &mut alive,
+            &|v, results, events| report(delete_files(vec![v]), results, events),
+            &|i, results, events| delete_stray(&strays[i], results, events),
+            &mut results,
+            events,
+        )?;
+    }
     std::thread::scope(|scope| -> Result<(), GcError> {
         let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<Vec<Node>>(1);
         let (done_tx, done_rx) = std::sync::mpsc::channel::<FilesDone>();
@@ -474,45 +558,9 @@ fn collect_locked(
     })?;
     tracing::debug!("deleting rows: {:.3} s", rows_time.as_secs_f64());
 
-    // Entries without a row: leftovers of failed builds, of an earlier collection that
-    // was interrupted, or paths being added right now (those have a temporary root).
-    if !limit_reached {
+    if !nix_order && !limit_reached {
         for s in &strays {
-            if let Some(wanted) = &specific_strays {
-                if !wanted.contains(&s.name) {
-                    continue;
-                }
-            }
-            if let Some(h) = &s.hash {
-                let mut st = shared.lock();
-                if st.temp_roots.contains(h) {
-                    continue;
-                }
-                st.pending = std::iter::once(h.clone()).collect();
-            }
-            // Registered since the graph was read (its registrar should have made it a
-            // temporary root first; this catches one that did not).
-            let printed = print(&s.name);
-            let now_valid = s.hash.is_some() && store.with_db(|db| db.path_id(&printed))?.is_some();
-            if !now_valid {
-                let freed = delete_path(&store_path.join(&s.name));
-                shared.finish_pending();
-                results.bytes_freed += freed?;
-                done += 1;
-                events(GcEvent::Deleted {
-                    path: &printed,
-                    done,
-                    total,
-                    bytes_freed: results.bytes_freed,
-                });
-                results.count += 1;
-                if opts.keep_paths {
-                    results.paths.insert(printed);
-                }
-            } else {
-                shared.finish_pending();
-            }
-            if results.bytes_freed > opts.max_freed {
+            if delete_stray(s, &mut results, events)? {
                 limit_reached = true;
                 break;
             }
@@ -537,6 +585,120 @@ fn collect_locked(
     Ok(results)
 }
 
+/// An entry of the store directory, in the order `readdir` gave it.
+enum Entry {
+    Valid(Node),
+    /// An index into the strays.
+    Stray(usize),
+}
+
+/// What [`delete_in_directory_order`] works on.
+struct DirOrder<'a> {
+    store: &'a LocalStore,
+    graph: &'a Graph,
+    kinds: EdgeKinds,
+    shared: &'a SharedRoots,
+    entries: &'a [Entry],
+    dead: &'a [bool],
+    max_freed: u64,
+}
+
+type DeleteNode<'a> =
+    dyn Fn(Node, &mut GcResults, &mut dyn FnMut(GcEvent<'_>)) -> Result<(), GcError> + 'a;
+type DeleteStray<'a> =
+    dyn Fn(usize, &mut GcResults, &mut dyn FnMut(GcEvent<'_>)) -> Result<bool, GcError> + 'a;
+
+/// Deletion with a limit on the bytes freed, in Nix 2.8's order, so that the same paths
+/// go: the store directory's entries in `readdir` order; for a dead valid path, the group
+/// of paths that keep it alive (its referrers, and with `keep-outputs`/`keep-derivations`
+/// the derivations and outputs that keep it), transitively, not yet deleted, deleted
+/// together in Nix's topological order ([`Graph::nix_topo_order`]); a stray entry alone.
+/// The limit is checked after every path. Each path's row goes in a transaction of its
+/// own before its files. Returns whether the limit was reached.
+fn delete_in_directory_order(
+    d: &DirOrder<'_>,
+    alive: &mut [bool],
+    delete_files: &DeleteNode<'_>,
+    delete_stray: &DeleteStray<'_>,
+    results: &mut GcResults,
+    events: &mut dyn FnMut(GcEvent<'_>),
+) -> Result<bool, GcError> {
+    let g = d.graph;
+    let kept_by = g.kept_by(d.kinds);
+    let mut gone = vec![false; g.len()];
+    // Roots that clients added since liveness was computed, with their closures.
+    let take_new_roots = |s: &mut crate::server::Shared, alive: &mut [bool]| {
+        let new: Vec<Node> = s
+            .new_roots
+            .drain(..)
+            .filter_map(|h| g.lookup_hash(&h))
+            .collect();
+        g.mark_closure(new, d.kinds, alive);
+    };
+    for entry in d.entries {
+        let v = match *entry {
+            Entry::Stray(i) => {
+                if delete_stray(i, results, events)? {
+                    return Ok(true);
+                }
+                continue;
+            }
+            Entry::Valid(v) => v,
+        };
+        if !d.dead[v as usize] || gone[v as usize] {
+            continue;
+        }
+        take_new_roots(&mut d.shared.lock(), alive);
+        let mut group = vec![v];
+        let mut in_group = std::collections::HashSet::from([v]);
+        let mut i = 0;
+        while i < group.len() {
+            for &r in kept_by.of(group[i]) {
+                if !gone[r as usize] && in_group.insert(r) {
+                    group.push(r);
+                }
+            }
+            i += 1;
+        }
+        // Something in the group became alive: so did everything it refers to, as in
+        // Nix, which then leaves the whole group.
+        if group.iter().any(|u| alive[*u as usize]) {
+            continue;
+        }
+        for u in g.nix_topo_order(&group) {
+            let hash = g.hash_part(u);
+            {
+                // Checked and marked pending under one lock: a client adding a root for
+                // it from now on waits until its files are gone.
+                let mut s = d.shared.lock();
+                take_new_roots(&mut s, alive);
+                if alive[u as usize] {
+                    continue;
+                }
+                s.pending.insert(hash.to_string());
+            }
+            let deleted = match invalidate_batch(d.store, g, d.kinds, &[u], alive, events) {
+                Ok(deleted) => deleted,
+                Err(e) => {
+                    d.shared.finish_pending_of([hash]);
+                    return Err(e);
+                }
+            };
+            if deleted.is_empty() {
+                d.shared.finish_pending_of([hash]);
+                continue;
+            }
+            gone[u as usize] = true;
+            // Clears the path from pending once its files are gone.
+            delete_files(u, results, events)?;
+            if results.bytes_freed > d.max_freed {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Deletes the rows of `batch` together in one transaction and returns the nodes
 /// deleted. When the transaction fails because a row is still referred to (a path
 /// registered since the graph was read), falls back to one transaction per path and
@@ -553,7 +715,7 @@ fn invalidate_batch(
         return Ok(Vec::new());
     }
     let ids: Vec<i64> = batch.iter().map(|v| graph.db_id(*v)).collect();
-    let all = store.with_db(|db| db.transaction("deleting dead paths", |db| db.delete_paths(&ids)));
+    let all = store.with_db(|db| db.invalidate_paths("deleting dead paths", &ids));
     if all.is_ok() {
         return Ok(batch.to_vec());
     }

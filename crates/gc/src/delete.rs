@@ -19,6 +19,20 @@ pub fn delete_path(path: &Path) -> Result<u64, GcError> {
     })
 }
 
+/// [`delete_path`] for the entry `name` of the store directory, open as `dir` at
+/// `dir_path` ([`nixb_store::delete::delete_entry_counting`]).
+pub fn delete_store_entry(
+    dir: &std::fs::File,
+    dir_path: &Path,
+    name: &str,
+) -> Result<u64, GcError> {
+    nixb_store::delete::delete_entry_counting(dir, dir_path, name).map_err(|e| GcError::Io {
+        step: e.step,
+        path: e.path,
+        source: e.source,
+    })
+}
+
 /// Removes the entries of `<store>/.links` that nothing else links to any more (link
 /// count 1). Returns how many were removed.
 pub fn prune_links(links_dir: &Path) -> Result<u64, GcError> {

@@ -339,6 +339,83 @@ impl Graph {
     }
 }
 
+/// The liveness edges reversed: for each node, the nodes that keep it alive (its
+/// referrers; with `keep-outputs` the derivations listing it as an output; with
+/// `keep-derivations` the paths it is the deriver of). Whatever reaches a dead node
+/// over these is dead too.
+#[derive(Debug, Default)]
+pub struct KeptBy {
+    start: Vec<u32>,
+    from: Vec<Node>,
+}
+
+impl KeptBy {
+    pub fn of(&self, n: Node) -> &[Node] {
+        row(&self.start, &self.from, n)
+    }
+}
+
+impl Graph {
+    /// [`KeptBy`] for `kinds`.
+    pub fn kept_by(&self, kinds: EdgeKinds) -> KeptBy {
+        let mut pairs = Vec::new();
+        for v in 0..self.len() as Node {
+            self.for_each_kept(v, kinds, |m| pairs.push((m, v)));
+        }
+        let (start, from) = compress(self.len(), pairs);
+        KeptBy { start, from }
+    }
+
+    /// `items` in the order Nix 2.8 deletes a group of paths in (its `topoSortPaths`):
+    /// a depth-first walk over references within the group, starting from each item in
+    /// name order and visiting references in name order, reversed post-order. Every
+    /// referrer comes before what it refers to.
+    pub fn nix_topo_order(&self, items: &[Node]) -> Vec<Node> {
+        let mut items: Vec<Node> = items.to_vec();
+        items.sort_unstable_by(|a, b| self.name(*a).cmp(self.name(*b)));
+        items.dedup();
+        let in_items = |v: Node| {
+            items
+                .binary_search_by(|x| self.name(*x).cmp(self.name(v)))
+                .is_ok()
+        };
+        let mut visited = std::collections::HashSet::new();
+        let mut sorted = Vec::with_capacity(items.len());
+        // (node, its references in the group in name order, next to visit)
+        let mut stack: Vec<(Node, Vec<Node>, usize)> = Vec::new();
+        let children = |v: Node| {
+            let mut c: Vec<Node> = self
+                .references(v)
+                .iter()
+                .copied()
+                .filter(|r| *r != v && in_items(*r))
+                .collect();
+            c.sort_unstable_by(|a, b| self.name(*a).cmp(self.name(*b)));
+            c.dedup();
+            c
+        };
+        for &i in &items {
+            if !visited.insert(i) {
+                continue;
+            }
+            stack.push((i, children(i), 0));
+            while let Some((v, kids, next)) = stack.last_mut() {
+                if let Some(&k) = kids.get(*next) {
+                    *next += 1;
+                    if visited.insert(k) {
+                        stack.push((k, children(k), 0));
+                    }
+                } else {
+                    sorted.push(*v);
+                    stack.pop();
+                }
+            }
+        }
+        sorted.reverse();
+        sorted
+    }
+}
+
 fn row<'a>(start: &[u32], items: &'a [Node], n: Node) -> &'a [Node] {
     let i = n as usize;
     match (start.get(i), start.get(i + 1)) {
@@ -395,6 +472,69 @@ mod tests {
         assert_eq!(g.lookup("aaaaaaaa000000000000000000000001-x"), None);
         assert_eq!(g.lookup_hash("aaaaaaaa"), None);
         assert_eq!(g.lookup_hash("00000000000000000000000000000000"), None);
+    }
+
+    /// A graph of named nodes with references, numbered in the order given.
+    fn graph_of(nodes: &[(&str, &[usize])]) -> Graph {
+        let mut g = Graph::default();
+        let mut pairs = Vec::new();
+        for (i, (name, refs)) in nodes.iter().enumerate() {
+            g.names.push_str(name);
+            g.name_end.push(g.names.len() as u32);
+            g.db_id.push(i as i64 + 1);
+            for r in *refs {
+                pairs.push((i as Node, *r as Node));
+            }
+        }
+        (g.ref_start, g.refs) = compress(nodes.len(), pairs);
+        g.index_by_hash();
+        g
+    }
+
+    #[test]
+    fn nix_topo_order_is_reversed_post_order_in_name_order() {
+        // Names start with their hash parts; what matters is their order: "a..." < "b...".
+        let h = |c: char, name: &str| format!("{}-{name}", c.to_string().repeat(32));
+        let (a, b, c, d, e) = (
+            h('a', "a"),
+            h('b', "b"),
+            h('c', "c"),
+            h('d', "d"),
+            h('e', "e"),
+        );
+        // d -> b -> a, c -> a, e -> d, e refers to itself; a path outside the group (x)
+        // is not followed.
+        let x = h('0', "x");
+        let g = graph_of(&[
+            (&a, &[]),
+            (&b, &[0]),
+            (&c, &[0, 5]),
+            (&d, &[1]),
+            (&e, &[3, 4]),
+            (&x, &[]),
+        ]);
+        let order: Vec<&str> = g
+            .nix_topo_order(&[4, 3, 2, 1, 0])
+            .into_iter()
+            .map(|v| g.name(v))
+            .collect();
+        // From a: [a]; from b: [a b]... post-order a, b, c, d, e; reversed.
+        assert_eq!(order, vec![&e[..], &d, &c, &b, &a]);
+        // A reference to a later name is walked into first: a -> z gives post-order
+        // z, a, then b: reversed b, a, z (not a, b, z nor b, z, a).
+        let z = h('z', "z");
+        let g = graph_of(&[(&a, &[2]), (&b, &[]), (&z, &[])]);
+        assert_eq!(g.nix_topo_order(&[2, 1, 0]), vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn kept_by_reverses_the_liveness_edges() {
+        let h = |c: char| format!("{}-{c}", c.to_string().repeat(32));
+        let g = graph_of(&[(&h('a'), &[]), (&h('b'), &[0]), (&h('c'), &[0, 1])]);
+        let k = g.kept_by(EdgeKinds::default());
+        assert_eq!(k.of(0), &[1, 2]);
+        assert_eq!(k.of(1), &[2]);
+        assert!(k.of(2).is_empty());
     }
 
     #[test]

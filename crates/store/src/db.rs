@@ -483,17 +483,7 @@ impl Db {
     /// statement each for the whole set. Fails with a foreign key error, deleting nothing
     /// once the caller rolls back, while a row outside `ids` still refers to one of them.
     pub fn delete_paths(&self, ids: &[i64]) -> Result<(), DbError> {
-        // The ids as a JSON array, which `json_each` turns into a table: one statement
-        // whatever the number of ids (bound parameters are limited to 32,766).
-        let mut list = String::with_capacity(ids.len() * 8 + 2);
-        list.push('[');
-        for (i, id) in ids.iter().enumerate() {
-            if i > 0 {
-                list.push(',');
-            }
-            list.push_str(&id.to_string());
-        }
-        list.push(']');
+        let list = json_ids(ids);
         // With the outgoing references gone first, the `restrict` rule on
         // `Refs.reference` (checked row by row, not at the end of the statement) only
         // fires for a referrer outside the set, whatever order SQLite deletes the rows in.
@@ -507,6 +497,139 @@ impl Db {
                 .map_err(self.wrap("invalidating paths"))?;
         }
         Ok(())
+    }
+
+    /// Deletes the rows of `ids` together in one transaction of its own, as
+    /// [`Db::delete_paths`] does, for a collector deleting thousands of rows at once.
+    ///
+    /// On a database of exactly Nix's schema (plus nixb's own tables), the work that
+    /// foreign keys and the `DeleteSelfRefs` trigger would do row by row (a trigger
+    /// program and three index lookups for every deleted path) is done by four
+    /// statements over the whole set instead, with both switched off on this connection
+    /// for the transaction: the set's references, then a check that nothing outside the
+    /// set still refers into it (the `restrict` rule: the transaction fails and deletes
+    /// nothing if so), then their derivation outputs (the cascade), then the rows. The
+    /// outcome is the enforced one in every case; a crash rolls it back as a whole. A
+    /// database with other tables or triggers (Nix's content-addressed derivations add
+    /// some) takes the enforced path, so that no cascade of theirs is missed.
+    pub fn invalidate_paths(&self, what: &str, ids: &[i64]) -> Result<(), DbError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let list = json_ids(ids);
+        if let Err(e) = self.set_enforcement(false) {
+            let _ = self.set_enforcement(true);
+            return Err(e);
+        }
+        let by_hand = self.transaction(what, |db| {
+            // Read under the write lock, so no table can appear before the commit.
+            if !db.schema_is_nix_own()? {
+                return Ok(false);
+            }
+            db.delete_path_set_by_hand(&list)?;
+            Ok(true)
+        });
+        // Whatever happened, the connection enforces the rules again before it is used
+        // for anything else.
+        self.set_enforcement(true)?;
+        if by_hand? {
+            return Ok(());
+        }
+        self.transaction(what, |db| db.delete_paths(ids))
+    }
+
+    /// Switches foreign keys and triggers on or off on this connection (outside a
+    /// transaction; both settings expire the prepared statements that depend on them).
+    fn set_enforcement(&self, on: bool) -> Result<(), DbError> {
+        let step = if on {
+            "enforcing foreign keys and triggers again"
+        } else {
+            "suspending foreign keys and triggers"
+        };
+        self.exec(
+            if on {
+                "pragma foreign_keys = 1"
+            } else {
+                "pragma foreign_keys = 0"
+            },
+            step,
+        )?;
+        self.conn
+            .set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER,
+                on,
+            )
+            .map(|_| ())
+            .map_err(self.wrap(step))
+    }
+
+    /// Whether the database holds exactly the tables and triggers of Nix's schema 10 and
+    /// nixb's own tables, whose rules [`Db::delete_path_set_by_hand`] carries out.
+    fn schema_is_nix_own(&self) -> Result<bool, DbError> {
+        const KNOWN: &[(&str, &str)] = &[
+            ("table", "ValidPaths"),
+            ("table", "Refs"),
+            ("table", "DerivationOutputs"),
+            ("table", "FailedPaths"),
+            ("table", "sqlite_sequence"),
+            ("trigger", "DeleteSelfRefs"),
+        ];
+        let step = "reading the schema";
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "select type, name from sqlite_master where type in ('table', 'trigger')",
+            )
+            .map_err(self.wrap(step))?;
+        let rows = s
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(self.wrap(step))?;
+        Ok(rows.iter().all(|(t, n)| {
+            KNOWN
+                .iter()
+                .any(|(kt, kn)| t == kt && n.eq_ignore_ascii_case(kn))
+        }))
+    }
+
+    /// The deletion of [`Db::invalidate_paths`] with foreign keys and triggers off; `list`
+    /// is the ids as a JSON array.
+    fn delete_path_set_by_hand(&self, list: &str) -> Result<(), DbError> {
+        let run = |sql: &str| {
+            self.conn
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute([list]))
+                .map(|_| ())
+                .map_err(self.wrap("invalidating paths"))
+        };
+        // Every reference the set makes, self references included (the trigger's job).
+        run("delete from Refs where referrer in (select value from json_each(?1))")?;
+        // What is left pointing into the set comes from outside it: `restrict`.
+        let blocked: Option<(i64, i64)> = self
+            .conn
+            .prepare_cached(
+                "select referrer, reference from Refs \
+                 where reference in (select value from json_each(?1)) limit 1",
+            )
+            .and_then(|mut s| {
+                s.query_row([list], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(self.wrap("checking for references into the deleted paths"))?;
+        if let Some((referrer, reference)) = blocked {
+            return Err(DbError {
+                db: self.file.clone(),
+                step: format!(
+                    "invalidating paths: row {reference} of ValidPaths is still referred to by row {referrer}"
+                ),
+                source: rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY),
+                    Some("FOREIGN KEY constraint failed".into()),
+                ),
+            });
+        }
+        run("delete from DerivationOutputs where drv in (select value from json_each(?1))")?;
+        run("delete from ValidPaths where id in (select value from json_each(?1))")
     }
 
     /// Calls `f(id, path, deriver)` for every row of `ValidPaths` in increasing id order
@@ -615,6 +738,22 @@ impl Db {
             .map_err(self.wrap(step))?;
         Ok(rows)
     }
+}
+
+/// The ids as a JSON array, which `json_each` turns into a table: one statement whatever
+/// the number of ids (bound parameters are limited to 32,766).
+fn json_ids(ids: &[i64]) -> String {
+    use std::fmt::Write;
+    let mut list = String::with_capacity(ids.len() * 8 + 2);
+    list.push('[');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        let _ = write!(list, "{id}");
+    }
+    list.push(']');
+    list
 }
 
 fn is_busy(e: &rusqlite::Error) -> bool {
@@ -764,6 +903,70 @@ mod tests {
         assert_eq!(count("select count(*) from Refs"), 0);
         assert_eq!(count("select count(*) from DerivationOutputs"), 0);
         db.transaction("test", |db| db.delete_paths(&[])).unwrap();
+    }
+
+    /// The set-based deletion without foreign keys and triggers leaves what the enforced
+    /// one leaves, refuses what it refuses, and a database with a table of its own
+    /// (here one with a cascade, as Nix's `Realisations`) gets the enforced deletion.
+    #[test]
+    fn invalidate_paths_keeps_the_rules_of_the_schema() {
+        for extra_table in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Db::open(&dir.path().join("db.sqlite"), true).unwrap();
+            if extra_table {
+                db.exec(
+                    "create table Realisations (id integer primary key, outputPath integer not null, \
+                     foreign key (outputPath) references ValidPaths(id) on delete cascade)",
+                    "test",
+                )
+                .unwrap();
+            }
+            let count = |sql: &str| -> i64 { db.conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+            // a <- b <- c, c refers to itself and has an output; d refers to a.
+            let a = db.insert_path(&row("/s/a")).unwrap();
+            let b = db.insert_path(&row("/s/b")).unwrap();
+            let c = db.insert_path(&row("/s/c")).unwrap();
+            let d = db.insert_path(&row("/s/d")).unwrap();
+            db.add_reference(b, a).unwrap();
+            db.add_reference(c, b).unwrap();
+            db.add_reference(c, c).unwrap();
+            db.add_reference(d, a).unwrap();
+            db.add_derivation_output(c, "out", "/s/o").unwrap();
+            if extra_table {
+                db.exec(
+                    &format!("insert into Realisations (outputPath) values ({c})"),
+                    "test",
+                )
+                .unwrap();
+            }
+            let e = db.invalidate_paths("test", &[a, b, c]).unwrap_err();
+            assert!(
+                matches!(&e.source, rusqlite::Error::SqliteFailure(f, Some(m))
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation && m.contains("FOREIGN KEY")),
+                "{e}"
+            );
+            assert_eq!(count("select count(*) from ValidPaths"), 4);
+            assert_eq!(count("select count(*) from Refs"), 4);
+            assert_eq!(count("select count(*) from DerivationOutputs"), 1);
+            db.invalidate_paths("test", &[c, b]).unwrap();
+            assert_eq!(count("select count(*) from ValidPaths"), 2);
+            assert_eq!(count("select count(*) from Refs"), 1);
+            assert_eq!(count("select count(*) from DerivationOutputs"), 0);
+            if extra_table {
+                assert_eq!(count("select count(*) from Realisations"), 0);
+            }
+            // The connection enforces the rules again afterwards: a referenced row
+            // cannot go, and the trigger still removes a self reference.
+            assert!(db.delete_path(a).is_err());
+            assert_eq!(count("pragma foreign_keys"), 1);
+            let e2 = db.insert_path(&row("/s/e")).unwrap();
+            db.add_reference(e2, e2).unwrap();
+            db.delete_path(e2).unwrap();
+            db.invalidate_paths("test", &[a, d]).unwrap();
+            assert_eq!(count("select count(*) from ValidPaths"), 0);
+            assert_eq!(count("select count(*) from Refs"), 0);
+            db.invalidate_paths("test", &[]).unwrap();
+        }
     }
 
     #[test]

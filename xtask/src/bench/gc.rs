@@ -8,13 +8,20 @@
 //! print-dead nixb gc --print-dead   vs  nix-store --gc --print-dead   (same output checked)
 //! collect    nixb gc                vs  nix-store --gc                (store restored
 //!            before each run, outside the timing; the same paths left checked)
-//! scale      nixb gc --print-dead on 1,000,000 registered paths (rows only, no files:
-//!            the collector's memory is the graph's), peak RSS and time vs 100,000
+//! scale      nixb gc --print-dead and nixb gc on 1,000,000 registered paths (rows
+//!            only, no files: the collector's memory is the graph's), peak RSS and
+//!            time vs 100,000
 //! ```
 //!
 //! The store lives on /dev/shm when it exists, so that the figures are the collectors'
 //! work rather than a shared disk's. Rows are written straight into the database (no
-//! NAR hashing: neither collector reads hashes). Each job runs under `/usr/bin/time -f %M`.
+//! NAR hashing: neither collector reads hashes). Each job runs under `/usr/bin/time`,
+//! which reports its peak RSS and CPU time (user + system, the steadier figure on a
+//! shared machine; wall time is shown too). Medians of `ROUNDS` runs.
+//!
+//! `NIXB_BENCH_GC_PATHS` (default 100000) and `NIXB_BENCH_GC_BIG` (default 1000000, 0
+//! to skip the scale rows) change the sizes; `NIXB_BENCH_GC_NIXB` names a nixb binary
+//! to measure instead of this tree's release build (an earlier commit's, for an A/B).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,6 +37,15 @@ use super::median;
 const PATHS: usize = 100_000;
 const BIG: usize = 1_000_000;
 const ROUNDS: usize = 3;
+
+fn size_from_env(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{name}={v:?} is not a number of paths")),
+        Err(_) => Ok(default),
+    }
+}
 
 struct Store {
     root: PathBuf,
@@ -49,7 +65,7 @@ impl Store {
     fn command(&self, program: &Path, args: &[&str], rss_file: &Path) -> Command {
         let mut c = Command::new("/usr/bin/time");
         c.arg("-f")
-            .arg("%M")
+            .arg("%M %U %S")
             .arg("-o")
             .arg(rss_file)
             .arg(program)
@@ -64,15 +80,24 @@ impl Store {
     }
 }
 
-/// Seconds, peak RSS in MiB, stdout.
-fn timed(store: &Store, program: &Path, args: &[&str]) -> Result<(f64, f64, String)> {
+/// One run of a collector.
+struct Run {
+    wall: f64,
+    /// User + system seconds.
+    cpu: f64,
+    /// Peak RSS in MiB.
+    rss: f64,
+    stdout: String,
+}
+
+fn timed(store: &Store, program: &Path, args: &[&str]) -> Result<Run> {
     let rss = store.root.join("rss.txt");
     let start = Instant::now();
     let out = store
         .command(program, args, &rss)
         .output()
         .with_context(|| format!("running {} {args:?}", program.display()))?;
-    let secs = start.elapsed().as_secs_f64();
+    let wall = start.elapsed().as_secs_f64();
     if !out.status.success() {
         bail!(
             "{} {args:?} failed: {}",
@@ -80,18 +105,39 @@ fn timed(store: &Store, program: &Path, args: &[&str]) -> Result<(f64, f64, Stri
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let kb: f64 = std::fs::read_to_string(&rss)?
+    let report = std::fs::read_to_string(&rss)?;
+    let fields: Vec<f64> = report
         .lines()
         .last()
         .unwrap_or("")
-        .trim()
-        .parse()
-        .context("reading peak RSS")?;
-    Ok((
-        secs,
-        kb / 1024.0,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    ))
+        .split_whitespace()
+        .map(|f| f.parse::<f64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading /usr/bin/time's report {report:?}"))?;
+    let [kb, user, sys] = fields[..] else {
+        bail!("/usr/bin/time reported {report:?}, not 'KiB user sys'");
+    };
+    Ok(Run {
+        wall,
+        cpu: user + sys,
+        rss: kb / 1024.0,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    })
+}
+
+/// Medians of both collectors' runs, as one table row.
+fn row(what: &str, nixb: &[Run], nix: &[Run]) -> String {
+    let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    let (cpu_a, wall_a, rss_a) = (m(nixb, |r| r.cpu), m(nixb, |r| r.wall), m(nixb, |r| r.rss));
+    if nix.is_empty() {
+        return format!("| {what} | {cpu_a:.2} | - | - | {wall_a:.2} | - | - | {rss_a:.0} / - |");
+    }
+    let (cpu_b, wall_b, rss_b) = (m(nix, |r| r.cpu), m(nix, |r| r.wall), m(nix, |r| r.rss));
+    format!(
+        "| {what} | {cpu_a:.2} | {cpu_b:.2} | {:.1}x | {wall_a:.2} | {wall_b:.2} | {:.1}x | {rss_a:.0} / {rss_b:.0} |",
+        cpu_b / cpu_a,
+        wall_b / wall_a
+    )
 }
 
 /// Writes `n` paths (files too when `files`) and the gcroots of the live ones.
@@ -199,7 +245,11 @@ pub fn run() -> Result<()> {
     if !Path::new("/usr/bin/time").exists() {
         bail!("/usr/bin/time is needed to read peak RSS (Debian package 'time')");
     }
-    let nixb = crate::build_nixb_release(&root)?;
+    // Another build of nixb (an earlier commit's, for an A/B) instead of this tree's.
+    let nixb = match std::env::var_os("NIXB_BENCH_GC_NIXB") {
+        Some(p) => PathBuf::from(p),
+        None => crate::build_nixb_release(&root)?,
+    };
     let nix_store = PathBuf::from("nix-store");
     let base = if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
@@ -220,6 +270,8 @@ pub fn run() -> Result<()> {
 }
 
 fn measure(dir: &Path, nixb: &Path, nix_store: &Path) -> Result<()> {
+    let paths = size_from_env("NIXB_BENCH_GC_PATHS", PATHS)?;
+    let big = size_from_env("NIXB_BENCH_GC_BIG", BIG)?;
     // Store paths embed the store directory: generate where the collectors run, and keep
     // a copy to restore from.
     let work = Store {
@@ -227,58 +279,45 @@ fn measure(dir: &Path, nixb: &Path, nix_store: &Path) -> Result<()> {
     };
     let template = dir.join("template");
     let t = Instant::now();
-    generate(&work.root, PATHS, true)?;
+    generate(&work.root, paths, true)?;
     eprintln!(
-        "generated {PATHS} paths in {:.1} s under {}",
+        "generated {paths} paths in {:.1} s under {}",
         t.elapsed().as_secs_f64(),
         dir.display()
     );
     copy_tree(&work.root, &template)?;
 
-    println!("| measurement | nixb (s) | nix-store (s) | nix/nixb | nixb peak RSS (MiB) | nix peak RSS (MiB) |");
-    println!("|---|---|---|---|---|---|");
-    let (mut a, mut b, mut ra, mut rb) = (vec![], vec![], vec![], vec![]);
+    println!("| measurement | nixb CPU (s) | nix-store CPU (s) | CPU ratio | nixb wall (s) | nix-store wall (s) | wall ratio | peak RSS nixb / nix (MiB) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let (mut a, mut b) = (vec![], vec![]);
     for _ in 0..ROUNDS {
-        let (s1, r1, o1) = timed(&work, nixb, &["gc", "--print-dead"])?;
-        let (s2, r2, o2) = timed(&work, nix_store, &["--gc", "--print-dead"])?;
-        if o1 != o2 {
+        let r1 = timed(&work, nixb, &["gc", "--print-dead"])?;
+        let r2 = timed(&work, nix_store, &["--gc", "--print-dead"])?;
+        if r1.stdout != r2.stdout {
             bail!("nixb gc --print-dead and nix-store --gc --print-dead disagree");
         }
-        a.push(s1);
-        b.push(s2);
-        ra.push(r1);
-        rb.push(r2);
+        a.push(r1);
+        b.push(r2);
     }
-    let (ma, mb) = (median(a), median(b));
-    println!(
-        "| print-dead, {PATHS} paths | {ma:.2} | {mb:.2} | {:.1}x | {:.0} | {:.0} |",
-        mb / ma,
-        median(ra),
-        median(rb)
-    );
+    println!("{}", row(&format!("print-dead, {paths} paths"), &a, &b));
 
-    let (mut a, mut b, mut ra, mut rb) = (vec![], vec![], vec![], vec![]);
+    let (mut a, mut b) = (vec![], vec![]);
     for _ in 0..ROUNDS {
         copy_tree(&template, &work.root)?;
-        let (s1, r1, _) = timed(&work, nixb, &["gc"])?;
+        let r1 = timed(&work, nixb, &["gc"])?;
         let left_nixb = entries(&work.root.join("store"))?;
         copy_tree(&template, &work.root)?;
-        let (s2, r2, _) = timed(&work, nix_store, &["--gc"])?;
+        let r2 = timed(&work, nix_store, &["--gc"])?;
         let left_nix = entries(&work.root.join("store"))?;
         if left_nixb != left_nix {
             bail!("nixb gc and nix-store --gc left different stores");
         }
-        a.push(s1);
-        b.push(s2);
-        ra.push(r1);
-        rb.push(r2);
+        a.push(r1);
+        b.push(r2);
     }
-    let (ma, mb) = (median(a), median(b));
     println!(
-        "| full collection, {PATHS} paths | {ma:.2} | {mb:.2} | {:.1}x | {:.0} | {:.0} |",
-        mb / ma,
-        median(ra),
-        median(rb)
+        "{}",
+        row(&format!("full collection, {paths} paths"), &a, &b)
     );
     let _ = std::fs::remove_dir_all(&work.root);
     let _ = Command::new("chmod")
@@ -287,23 +326,38 @@ fn measure(dir: &Path, nixb: &Path, nix_store: &Path) -> Result<()> {
         .arg(&template)
         .status();
     let _ = std::fs::remove_dir_all(&template);
+    if big == 0 {
+        return Ok(());
+    }
 
-    let big = Store {
+    let big_store = Store {
         root: dir.join("big"),
     };
+    let big_template = dir.join("big-template");
     let t = Instant::now();
-    generate(&big.root, BIG, false)?;
-    eprintln!("generated {BIG} rows in {:.1} s", t.elapsed().as_secs_f64());
-    let (mut a, mut ra) = (vec![], vec![]);
+    generate(&big_store.root, big, false)?;
+    eprintln!("generated {big} rows in {:.1} s", t.elapsed().as_secs_f64());
+    copy_tree(&big_store.root, &big_template)?;
+    let mut a = vec![];
     for _ in 0..ROUNDS {
-        let (s, r, _) = timed(&big, nixb, &["gc", "--print-dead"])?;
-        a.push(s);
-        ra.push(r);
+        a.push(timed(&big_store, nixb, &["gc", "--print-dead"])?);
     }
     println!(
-        "| print-dead, {BIG} paths (rows only) | {:.2} | - | - | {:.0} | - |",
-        median(a),
-        median(ra)
+        "{}",
+        row(&format!("print-dead, {big} paths (rows only)"), &a, &[])
+    );
+    let mut a = vec![];
+    for _ in 0..ROUNDS {
+        copy_tree(&big_template, &big_store.root)?;
+        a.push(timed(&big_store, nixb, &["gc"])?);
+    }
+    println!(
+        "{}",
+        row(
+            &format!("full collection, {big} paths (rows only)"),
+            &a,
+            &[]
+        )
     );
     Ok(())
 }
