@@ -12,9 +12,9 @@ pub mod trust;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use nixb_goals::WorkerConfig;
+use nixb_goals::{Engine, WorkerConfig};
 use nixb_store::local_store::LocalStore;
 
 pub use error::{DaemonError, Result};
@@ -53,17 +53,18 @@ impl Default for GcConfig {
 
 /// One store and one engine, shared by every connection.
 pub struct Daemon {
-    store: LocalStore,
+    store: Arc<LocalStore>,
     config: DaemonConfig,
-    engine: Mutex<()>,
+    /// Started with the first build; dropping the daemon stops it (killing its builds).
+    engine: Mutex<Option<Arc<Engine>>>,
 }
 
 impl Daemon {
     pub fn new(store: LocalStore, config: DaemonConfig) -> Daemon {
         Daemon {
-            store,
+            store: Arc::new(store),
             config,
-            engine: Mutex::new(()),
+            engine: Mutex::new(None),
         }
     }
 
@@ -75,9 +76,17 @@ impl Daemon {
         &self.config
     }
 
-    /// Held while the engine runs for one client.
-    fn build_lock(&self) -> MutexGuard<'_, ()> {
-        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    /// The engine every connection's builds run on: one scheduler, so a derivation two
+    /// clients want is built once and `max-jobs` holds for the daemon as a whole.
+    fn engine(&self) -> Result<Arc<Engine>> {
+        let mut slot = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = &*slot {
+            return Ok(Arc::clone(e));
+        }
+        let store: Arc<dyn nixb_goals::BuildStore + Send + Sync> = self.store.clone();
+        let e = Arc::new(Engine::start(store, self.config.worker.clone())?);
+        *slot = Some(Arc::clone(&e));
+        Ok(e)
     }
 
     /// Serves one connection whose trust the caller has decided (`--stdio`, where
@@ -85,7 +94,7 @@ impl Daemon {
     /// when the client disconnects; an error means the connection broke or went out of
     /// step (the client has been told).
     pub fn serve<R: Read, W: Write>(&self, r: R, w: W, trusted: bool) -> Result<()> {
-        connection::serve(self, r, w, trusted)
+        connection::serve(self, r, w, trusted, None)
     }
 
     /// Serves one accepted socket connection, trusting the peer as `SO_PEERCRED`,
@@ -110,6 +119,12 @@ impl Daemon {
             path: "client connection".into(),
             source,
         })?;
-        self.serve(reader, stream, trusted)
+        // Polled for a hang-up while the client's builds run: a client that goes away
+        // cancels what only it wanted.
+        let hangup = stream.try_clone().map_err(|source| DaemonError::Socket {
+            path: "client connection".into(),
+            source,
+        })?;
+        connection::serve(self, reader, stream, trusted, Some(hangup))
     }
 }
