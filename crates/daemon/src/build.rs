@@ -92,7 +92,11 @@ pub(crate) fn realise<R: Read, W: Write>(
     wake_rx.set_nonblocking(true).map_err(io("setting up"))?;
     wake_tx.set_nonblocking(true).map_err(io("setting up"))?;
     let (tx, events) = mpsc::channel();
-    let mut job = engine.submit(targets, options, Box::new(ForwardSink { tx, wake: wake_tx }));
+    let mut job = engine.submit(
+        targets,
+        options,
+        Box::new(ForwardSink { tx, wake: wake_tx }),
+    );
     let mut activities = Activities::new(daemon.store().store_dir().clone(), s.next_activity);
     let mut gone = false;
     // Cleared if the client sends something while it waits (then only a failed write
@@ -137,7 +141,10 @@ pub(crate) fn realise<R: Read, W: Write>(
                 })
             }
         }
-        let readable = fds.get(1).and_then(|p| p.revents()).is_some_and(|r| !r.is_empty());
+        let readable = fds
+            .get(1)
+            .and_then(|p| p.revents())
+            .is_some_and(|r| !r.is_empty());
         drop(fds);
         if readable {
             // End-of-file (or an error) means the client left; data means it sent
@@ -149,9 +156,7 @@ pub(crate) fn realise<R: Read, W: Write>(
                 .as_ref()
                 .map(|h| recv(h.as_raw_fd(), &mut [0u8; 1], flags));
             match peeked {
-                None | Some(Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)) => {
-                    continue
-                }
+                None | Some(Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)) => continue,
                 Some(Ok(n)) if n > 0 => {
                     watch = false;
                     continue;

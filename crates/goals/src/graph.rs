@@ -312,8 +312,7 @@ impl Graph {
             self.waitee_done(w, id, result);
         }
         self.remove(id);
-        if self.nodes[id.0].top && result == ExitCode::Failed && !self.keep_going && !self.shared
-        {
+        if self.nodes[id.0].top && result == ExitCode::Failed && !self.keep_going && !self.shared {
             self.stopped = true;
         }
         // Anything waiting for "some goal to finish" gets another chance.

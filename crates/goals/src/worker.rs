@@ -277,7 +277,6 @@ impl<'a> Worker<'a> {
             && self.graph.live_goals().is_empty()
     }
 
-
     /// Drops everything the worker keeps for `id` except its goal value.
     fn forget(&mut self, id: GoalId) {
         if let Some((is_drv, key)) = self.dedup_keys.get_mut(id.0).and_then(Option::take) {
@@ -309,7 +308,12 @@ impl<'a> Worker<'a> {
     }
 
     /// `client` asks for `target`, built in `mode`; returns its top goal.
-    pub fn add_target(&mut self, client: ClientId, target: &DerivedPath, mode: BuildMode) -> GoalId {
+    pub fn add_target(
+        &mut self,
+        client: ClientId,
+        target: &DerivedPath,
+        mode: BuildMode,
+    ) -> GoalId {
         let id = match target {
             DerivedPath::Built { drv, outputs } => {
                 let wanted: BTreeSet<String> = outputs.iter().cloned().collect();
@@ -959,9 +963,80 @@ impl<'a> Worker<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
     use super::*;
-    use crate::event::VecSink;
     use crate::testing::Harness;
+
+    /// A client's sink the test reads after the run.
+    #[derive(Clone, Default)]
+    struct Events(Rc<RefCell<Vec<Event>>>);
+
+    impl EventSink for Events {
+        fn event(&mut self, e: Event) {
+            self.0.borrow_mut().push(e);
+        }
+    }
+
+    impl Events {
+        fn started(&self) -> Vec<StorePath> {
+            self.0
+                .borrow()
+                .iter()
+                .filter_map(|e| match e {
+                    Event::BuildStarted { drv, .. } => Some(drv.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn built(drv: &StorePath) -> DerivedPath {
+        DerivedPath::Built {
+            drv: drv.clone(),
+            outputs: vec![],
+        }
+    }
+
+    /// A harness without substitution, where each derivation added by `drv` is valid.
+    fn harness() -> Harness {
+        let mut h = Harness::new();
+        h.cfg.use_substitutes = false;
+        h.cfg.max_jobs = 4;
+        h
+    }
+
+    /// Adds derivation `name` (hash part `c`) running `script`, needing `inputs`; returns
+    /// its path and its output's.
+    fn drv(
+        h: &Harness,
+        c: char,
+        name: &str,
+        script: &str,
+        inputs: &[&StorePath],
+    ) -> (StorePath, StorePath) {
+        let d = h.path(c, &format!("{name}.drv"));
+        // Output hash parts from another part of the alphabet than the derivations'.
+        let o = h.path(char::from(c as u8 + 10), name);
+        let ins: Vec<(StorePath, &str)> = inputs.iter().map(|p| ((*p).clone(), "out")).collect();
+        h.add_drv(&d, &o, script, &ins, &[]);
+        h.make_valid(&d, &[]);
+        (d, o)
+    }
+
+    /// A builder script that waits a minute (builders get no `PATH`), then succeeds.
+    fn slow_script() -> String {
+        let sleep = ["/bin/sleep", "/usr/bin/sleep"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("a sleep program");
+        format!("{sleep} 60; echo > $out")
+    }
+
+    fn is_valid(h: &Harness, p: &StorePath) -> bool {
+        h.store.valid.borrow().contains_key(p)
+    }
 
     /// Two clients of one scheduler: the failure of one's goal is not the other's.
     #[test]
@@ -974,13 +1049,11 @@ mod tests {
         h.make_valid(&x_out, &[]);
         // y's .drv is missing and no substituter has it.
         let y = h.path('c', "y.drv");
-        let mut sink = VecSink::default();
-        let mut w = Worker::new(&*h.store, &h.cfg, &mut sink);
-        let (a, b) = (w.add_client(), w.add_client());
-        let gx = w.make_derivation_goal(&x, &BTreeSet::new(), BuildMode::Normal);
-        let gy = w.make_derivation_goal(&y, &BTreeSet::new(), BuildMode::Normal);
-        w.add_top_goal(a, gx);
-        w.add_top_goal(b, gy);
+        let mut w = Worker::new(&*h.store, &h.cfg);
+        let a = w.add_client(Box::new(Events::default()), true);
+        let b = w.add_client(Box::new(Events::default()), true);
+        let gx = w.add_target(a, &built(&x), BuildMode::Normal);
+        let gy = w.add_target(b, &built(&y), BuildMode::Normal);
         w.run().unwrap();
         assert_eq!(w.graph.exit_code(gx), ExitCode::Success);
         assert_eq!(w.graph.exit_code(gy), ExitCode::Failed);
@@ -988,5 +1061,142 @@ mod tests {
         let failures = w.take_outcome(b).into_failures();
         assert_eq!(failures.len(), 1);
         assert_eq!(failures[0].path, y);
+    }
+
+    /// A derivation both clients need is one goal, built once; each client sees the
+    /// builds of its own closure only, and gets the outputs it asked for.
+    #[test]
+    fn a_shared_goal_is_built_once_and_each_client_sees_its_own_builds() {
+        let h = harness();
+        let log = h.tmp.path().join("built");
+        let log = log.display();
+        let (s, s_out) = drv(
+            &h,
+            'a',
+            "s",
+            &format!("echo s >> {log}; echo s > $out"),
+            &[],
+        );
+        let script = |n: &str| format!("echo {n} >> {log}; echo {n} > $out");
+        let (x, x_out) = drv(&h, 'b', "x", &script("x"), &[&s]);
+        let (y, y_out) = drv(&h, 'c', "y", &script("y"), &[&s]);
+        let (ea, eb) = (Events::default(), Events::default());
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let a = w.add_client(Box::new(ea.clone()), false);
+        let b = w.add_client(Box::new(eb.clone()), false);
+        w.add_target(a, &built(&x), BuildMode::Normal);
+        w.add_target(b, &built(&y), BuildMode::Normal);
+        w.run().unwrap();
+
+        let mut lines: Vec<String> = std::fs::read_to_string(h.tmp.path().join("built"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        assert_eq!(lines, ["s", "x", "y"], "each derivation built once");
+        let mut a_saw = ea.started();
+        a_saw.sort();
+        assert_eq!(a_saw, [s.clone(), x.clone()]);
+        let mut b_saw = eb.started();
+        b_saw.sort();
+        assert_eq!(b_saw, [s.clone(), y.clone()]);
+
+        let mut finished = w.take_finished();
+        finished.sort();
+        assert_eq!(finished, [a, b]);
+        let oa = w.client_outcome(a).unwrap();
+        let ob = w.client_outcome(b).unwrap();
+        assert_eq!((oa.exit_status, ob.exit_status), (0, 0));
+        assert_eq!(oa.outputs[0].1["out"], x_out);
+        assert_eq!(ob.outputs[0].1["out"], y_out);
+        assert!(is_valid(&h, &s_out));
+    }
+
+    fn alive(pid: nix::unistd::Pid) -> bool {
+        nix::sys::signal::kill(pid, None).is_ok()
+    }
+
+    /// A client that leaves stops the build only it wanted (builder killed, build
+    /// directory removed, nothing registered); the build another client shares goes on.
+    #[test]
+    fn a_client_that_leaves_stops_only_what_no_one_else_wants() {
+        let h = harness();
+        let (x, x_out) = drv(&h, 'a', "x", &slow_script(), &[]);
+        let (s, s_out) = drv(&h, 'b', "s", "echo s > $out", &[]);
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let a = w.add_client(Box::new(Events::default()), false);
+        let b = w.add_client(Box::new(Events::default()), false);
+        let gx = w.add_target(a, &built(&x), BuildMode::Normal);
+        let gs = w.add_target(a, &built(&s), BuildMode::Normal);
+        assert_eq!(w.add_target(b, &built(&s), BuildMode::Normal), gs);
+        w.run_ready();
+        let x_pid = w
+            .res
+            .children
+            .get(&gx)
+            .expect("x's builder runs")
+            .builder
+            .pid;
+        assert!(w.res.children.contains_key(&gs), "s's builder runs");
+        let build_dirs = || {
+            let entries = std::fs::read_dir(&h.cfg.build_dir_root).unwrap();
+            entries
+                .filter(|e| e.as_ref().unwrap().path().is_dir())
+                .count()
+        };
+        assert_eq!(build_dirs(), 2);
+
+        w.remove_client(a);
+        assert!(!alive(x_pid), "x's builder was killed");
+        assert!(!w.graph.is_alive(gx));
+        assert!(w.graph.is_alive(gs), "b still wants s");
+        w.run().unwrap();
+        assert_eq!(w.graph.exit_code(gs), ExitCode::Success);
+        assert!(is_valid(&h, &s_out));
+        assert!(!is_valid(&h, &x_out), "nothing registered for x");
+        assert_eq!(build_dirs(), 0, "build directories removed");
+        assert_eq!(w.take_finished(), [b]);
+        assert_eq!(w.client_outcome(b).unwrap().exit_status, 0);
+    }
+
+    /// Keep-going is per client: a failure ends the request of a client without it
+    /// (stopping what only that client wanted), while a client with it gets its other
+    /// outputs and the failure.
+    #[test]
+    fn keep_going_is_per_client() {
+        let h = harness();
+        let (bad, _) = drv(&h, 'a', "bad", "exit 1", &[]);
+        let (slow, slow_out) = drv(&h, 'b', "slow", &slow_script(), &[]);
+        let (ok, ok_out) = drv(&h, 'c', "ok", "echo ok > $out", &[]);
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let quitter = w.add_client(Box::new(Events::default()), false);
+        let keeper = w.add_client(Box::new(Events::default()), true);
+        w.add_target(quitter, &built(&bad), BuildMode::Normal);
+        let gslow = w.add_target(quitter, &built(&slow), BuildMode::Normal);
+        w.add_target(keeper, &built(&bad), BuildMode::Normal);
+        w.add_target(keeper, &built(&ok), BuildMode::Normal);
+        w.run_ready();
+        let slow_pid = w
+            .res
+            .children
+            .get(&gslow)
+            .expect("slow's builder runs")
+            .builder
+            .pid;
+        w.run().unwrap();
+        assert!(!alive(slow_pid), "the quitter's own build was stopped");
+        assert!(!is_valid(&h, &slow_out));
+
+        let q = w.client_outcome(quitter).unwrap();
+        assert_eq!(q.exit_status, 100);
+        assert!(q.outputs.is_empty());
+        assert_eq!(q.failures.len(), 1);
+        assert_eq!(q.failures[0].path, bad);
+        let k = w.client_outcome(keeper).unwrap();
+        assert_eq!(k.exit_status, 100);
+        assert_eq!(k.outputs.len(), 1);
+        assert_eq!(k.outputs[0].1["out"], ok_out);
+        assert_eq!(k.failures.len(), 1);
     }
 }
