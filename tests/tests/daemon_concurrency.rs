@@ -283,9 +283,14 @@ fn a_client_that_hangs_up_stops_its_own_build_and_no_other() {
         "the lonely builder went on after its client left"
     );
     let valid = nixb_tests::run(
-        s.t.nix("nix-store").arg("--check-validity").arg(&lonely_out),
+        s.t.nix("nix-store")
+            .arg("--check-validity")
+            .arg(&lonely_out),
         None,
     );
     assert!(!valid.status.success(), "the cancelled output is valid");
-    assert!(!Path::new(&lonely_out).exists(), "the cancelled output is on disk");
+    assert!(
+        !Path::new(&lonely_out).exists(),
+        "the cancelled output is on disk"
+    );
 }
