@@ -247,8 +247,13 @@ impl<'a> Worker<'a> {
         self.destroy_orphans();
     }
 
-    /// The clients whose request ended since the last call.
+    /// The clients whose request ended since the last call. The logs of finished builds
+    /// are complete by then (as at the end of a `realise`), so a client reading one
+    /// right after its request sees all of it.
     pub fn take_finished(&mut self) -> Vec<ClientId> {
+        if !self.finished.is_empty() {
+            self.res.finish_all_logs();
+        }
         std::mem::take(&mut self.finished)
     }
 
