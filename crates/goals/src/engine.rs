@@ -263,6 +263,7 @@ fn serve(w: &mut Worker<'_>, rx: &mpsc::Receiver<Msg>, wake: &UnixStream) -> Ser
                     for t in &targets {
                         w.add_target(client, t, options.build_mode);
                     }
+                    w.targets_added(client);
                     active.insert(job, Active { client, reply });
                     by_client.insert(client, job);
                 }

@@ -333,6 +333,17 @@ impl<'a> Worker<'a> {
         id
     }
 
+    /// Every target of `client` has been added: a request with nothing to do (no
+    /// targets) ends at once.
+    pub fn targets_added(&mut self, client: ClientId) {
+        if let Some(st) = self.clients.get_mut(client.0) {
+            if st.pending == 0 && !st.ended {
+                st.ended = true;
+                self.finished.push(client);
+            }
+        }
+    }
+
     /// `client` asks for goal `id`: the run goes on until it is done.
     pub fn add_top_goal(&mut self, client: ClientId, id: GoalId) {
         self.graph.set_top(id);

@@ -109,6 +109,20 @@ fn two_requests_share_one_build() {
     );
 }
 
+/// A request for nothing is answered at once, with nothing.
+#[test]
+fn an_empty_request_is_done_at_once() {
+    let s = setup();
+    let (sk, _) = sink();
+    let r = s
+        .engine
+        .submit(Vec::new(), RequestOptions::default(), sk)
+        .wait()
+        .unwrap();
+    assert_eq!(r.exit_status, 0);
+    assert!(r.outputs.is_empty() && r.failures.is_empty());
+}
+
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !matches!(
