@@ -50,27 +50,13 @@ impl Activities {
     /// The frames `e` stands for, handed to `out` in order.
     pub fn translate(&mut self, e: Event, out: &mut dyn FnMut(StderrFrame)) {
         match e {
-            Event::BuildStarted { drv, .. } => {
-                let id = self.next_id;
-                self.next_id += 1;
-                let printed = self.store_dir.print(&drv);
-                out(StderrFrame::StartActivity {
-                    id,
-                    level: Verbosity::Info,
-                    kind: ActivityType::Build,
-                    text: format!("building '{printed}'"),
-                    // drv path, machine (empty: here), round, rounds.
-                    fields: vec![
-                        Field::string(printed),
-                        Field::string(""),
-                        Field::Int(1),
-                        Field::Int(1),
-                    ],
-                    parent: 0,
-                });
-                self.builds.insert(drv, (id, Vec::new()));
-            }
+            Event::BuildStarted { drv, .. } => self.start(drv, out),
             Event::BuildLog { drv, chunk } => {
+                // A client that joined a build already running (another client's) sees
+                // it from its first log chunk on.
+                if !self.builds.contains_key(&drv) {
+                    self.start(drv.clone(), out);
+                }
                 let Some((id, mut pending)) = self.builds.remove(&drv) else {
                     return;
                 };
@@ -103,6 +89,28 @@ impl Activities {
             Event::SubstituterLog { chunk, .. } => out(StderrFrame::Next(chunk)),
             _ => {}
         }
+    }
+
+    /// Starts the `Build` activity of `drv`.
+    fn start(&mut self, drv: StorePath, out: &mut dyn FnMut(StderrFrame)) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let printed = self.store_dir.print(&drv);
+        out(StderrFrame::StartActivity {
+            id,
+            level: Verbosity::Info,
+            kind: ActivityType::Build,
+            text: format!("building '{printed}'"),
+            // drv path, machine (empty: here), round, rounds.
+            fields: vec![
+                Field::string(printed),
+                Field::string(""),
+                Field::Int(1),
+                Field::Int(1),
+            ],
+            parent: 0,
+        });
+        self.builds.insert(drv, (id, Vec::new()));
     }
 
     /// Ends the activities of builds still running (the engine stopped before they
@@ -236,6 +244,35 @@ mod tests {
             ]
         );
         assert_eq!(a.next_id(), 8);
+    }
+
+    /// A client that joins another client's running build is shown it from its first log
+    /// chunk on, as an activity of its own.
+    #[test]
+    fn a_build_joined_while_it_runs_starts_with_its_first_log_chunk() {
+        let mut a = Activities::new(dir(), 3);
+        let lines = run(
+            &mut a,
+            vec![
+                Event::BuildLog {
+                    drv: drv(),
+                    chunk: b"later\n".to_vec(),
+                },
+                Event::BuildSucceeded { drv: drv() },
+            ],
+        );
+        let p = "/nix/store/0c7n2dq0zp8f7j3y4dn9wz5d2w8w6gqz-x.drv";
+        assert_eq!(
+            lines,
+            vec![
+                format!(
+                    "@nix {{\"action\":\"start\",\"fields\":[\"{p}\",\"\",1,1],\"id\":3,\
+                     \"level\":3,\"text\":\"building '{p}'\",\"type\":105}}"
+                ),
+                "@nix {\"action\":\"result\",\"fields\":[\"later\"],\"id\":3,\"type\":101}".into(),
+                "@nix {\"action\":\"stop\",\"id\":3}".into(),
+            ]
+        );
     }
 
     #[test]

@@ -1,16 +1,25 @@
 //! Builds a client asks for (`BuildPaths`, `BuildPathsWithResults`, `BuildDerivation`,
-//! `EnsurePath`), run by the engine (`nixb_goals::realise`) with the connection's
-//! settings. The engine's events become that client's stderr frames: a `Build` activity
-//! per builder, its log lines as `BuildLogLine` results, messages as log lines.
+//! `EnsurePath`), run by the daemon's one engine ([`nixb_goals::Engine`]) with the
+//! connection's build mode and keep-going; every other setting is the daemon's, so
+//! `max-jobs` and `cores` hold for all clients together. A derivation two clients want is
+//! built once and both see its build.
 //!
-//! The translation to frames is `activity::Activities`. For now the engine runs one `realise` at a time for the whole daemon (a mutex): two
-//! clients never run two workers that race for the same outputs, at the price of one
-//! client waiting for another's builds.
+//! The engine's events for this client come over a channel to the connection's thread,
+//! which turns them into stderr frames (`activity::Activities`: a `Build` activity per
+//! builder, its log lines as `BuildLogLine` results, messages as log lines) while it waits
+//! for the request: the engine never blocks on a slow client's socket. A client that hangs
+//! up (seen by polling its socket: the client sends nothing while its build runs, so
+//! readable means end-of-file; or a frame that cannot be written)
+//! cancels its request: what only it wanted is stopped, shared builds go on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
 
-use nixb_goals::{BuildMode, Event, EventSink, FailureKind, RealiseOutcome};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nixb_goals::{BuildMode, Event, EventSink, FailureKind, RealiseOutcome, RequestOptions};
 use nixb_protocol::types::{
     BuildMode as WireBuildMode, BuildResult, BuildStatus, DerivedPath as WireDerivedPath,
     KeyedBuildResult, OutputsSpec,
@@ -23,22 +32,20 @@ use crate::activity::Activities;
 use crate::connection::Session;
 use crate::error::{DaemonError, Result};
 
-/// Forwards the engine's events to one client. A client that has gone away stops
-/// receiving frames; the run goes on (its results are still registered).
-struct ClientSink<'a, R: Read, W: Write> {
-    conn: &'a mut ServerConnection<R, W>,
-    activities: Activities,
-    gone: bool,
+/// The engine's end of a request's events: each goes into the channel, and a byte on the
+/// socket wakes the connection thread. Dropped by the engine when the request is done,
+/// which the connection thread sees as end-of-file.
+struct ForwardSink {
+    tx: mpsc::Sender<Event>,
+    wake: UnixStream,
 }
 
-impl<R: Read, W: Write> EventSink for ClientSink<'_, R, W> {
+impl EventSink for ForwardSink {
     fn event(&mut self, e: Event) {
-        let (conn, gone) = (&mut *self.conn, &mut self.gone);
-        self.activities.translate(e, &mut |f| {
-            if !*gone && conn.frame(&f).is_err() {
-                *gone = true;
-            }
-        });
+        if self.tx.send(e).is_ok() {
+            // A full socket already holds a wake-up; the reader drains the channel after it.
+            let _ = (&self.wake).write(&[1]);
+        }
     }
 }
 
@@ -55,7 +62,8 @@ fn engine_target(t: &WireDerivedPath) -> DerivedPath {
     }
 }
 
-/// Runs the engine on `targets` for this client.
+/// Runs the engine on `targets` for this client, forwarding its events as frames until
+/// the request is done.
 pub(crate) fn realise<R: Read, W: Write>(
     s: &mut Session<'_>,
     conn: &mut ServerConnection<R, W>,
@@ -63,25 +71,105 @@ pub(crate) fn realise<R: Read, W: Write>(
     mode: WireBuildMode,
 ) -> Result<RealiseOutcome> {
     let targets: Vec<DerivedPath> = targets.iter().map(engine_target).collect();
-    let mut cfg = s.worker.clone();
-    cfg.build_mode = match mode {
-        WireBuildMode::Normal => BuildMode::Normal,
-        WireBuildMode::Repair => BuildMode::Repair,
-        WireBuildMode::Check => BuildMode::Check,
+    let options = RequestOptions {
+        build_mode: match mode {
+            WireBuildMode::Normal => BuildMode::Normal,
+            WireBuildMode::Repair => BuildMode::Repair,
+            WireBuildMode::Check => BuildMode::Check,
+        },
+        keep_going: s.worker.keep_going,
     };
     let daemon = s.daemon;
-    let _one_engine = daemon.build_lock();
-    let mut sink = ClientSink {
-        conn,
-        activities: Activities::new(daemon.store().store_dir().clone(), s.next_activity),
-        gone: false,
+    let engine = daemon.engine()?;
+    let io = |step: &'static str| {
+        move |source| DaemonError::Io {
+            step,
+            path: "event channel".into(),
+            source,
+        }
     };
-    let mut outcome = nixb_goals::realise(daemon.store(), &targets, &cfg, &mut sink)?;
-    let ClientSink {
-        conn,
-        mut activities,
-        mut gone,
-    } = sink;
+    let (wake_rx, wake_tx) = UnixStream::pair().map_err(io("creating"))?;
+    wake_rx.set_nonblocking(true).map_err(io("setting up"))?;
+    wake_tx.set_nonblocking(true).map_err(io("setting up"))?;
+    let (tx, events) = mpsc::channel();
+    let mut job = engine.submit(
+        targets,
+        options,
+        Box::new(ForwardSink { tx, wake: wake_tx }),
+    );
+    let mut activities = Activities::new(daemon.store().store_dir().clone(), s.next_activity);
+    let mut gone = false;
+    // Cleared if the client sends something while it waits (then only a failed write
+    // tells that it left).
+    let mut watch = s.hangup.is_some();
+    let mut forward = |activities: &mut Activities, gone: &mut bool| {
+        for e in events.try_iter() {
+            activities.translate(e, &mut |f| {
+                if !*gone && conn.frame(&f).is_err() {
+                    *gone = true;
+                }
+            });
+        }
+    };
+    let result = loop {
+        // The wake-ups first, then the channel (see `ForwardSink`).
+        let mut buf = [0u8; 256];
+        while matches!((&wake_rx).read(&mut buf), Ok(n) if n > 0) {}
+        forward(&mut activities, &mut gone);
+        if gone {
+            job.cancel();
+            return Err(DaemonError::Broken(
+                "the client went away during the build".into(),
+            ));
+        }
+        if let Some(r) = job.try_wait() {
+            // Events sent before the reply are in the channel by now.
+            forward(&mut activities, &mut gone);
+            break r;
+        }
+        let mut fds = vec![PollFd::new(wake_rx.as_fd(), PollFlags::POLLIN)];
+        if let (Some(h), true) = (&s.hangup, watch) {
+            fds.push(PollFd::new(h.as_fd(), PollFlags::POLLIN));
+        }
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                return Err(DaemonError::Io {
+                    step: "waiting for",
+                    path: "the build and the client".into(),
+                    source: e.into(),
+                })
+            }
+        }
+        let readable = fds
+            .get(1)
+            .and_then(|p| p.revents())
+            .is_some_and(|r| !r.is_empty());
+        drop(fds);
+        if readable {
+            // End-of-file (or an error) means the client left; data means it sent
+            // something early, which the next request reads.
+            use nix::sys::socket::{recv, MsgFlags};
+            let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+            let peeked = s
+                .hangup
+                .as_ref()
+                .map(|h| recv(h.as_raw_fd(), &mut [0u8; 1], flags));
+            match peeked {
+                None | Some(Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)) => continue,
+                Some(Ok(n)) if n > 0 => {
+                    watch = false;
+                    continue;
+                }
+                Some(_) => {}
+            }
+            job.cancel();
+            return Err(DaemonError::Broken(
+                "the client hung up during the build".into(),
+            ));
+        }
+    };
+    let mut outcome = result?;
     activities.finish(&mut |f| {
         if !gone && conn.frame(&f).is_err() {
             gone = true;

@@ -53,13 +53,22 @@ pub(crate) struct Session<'d> {
     /// first use and removed when the connection ends, as a Nix daemon's per-connection
     /// process takes its own with it.
     pub temp_roots: Option<nixb_gc::TempRootsFile>,
+    /// The client's socket, polled for a hang-up while its builds run (none for
+    /// `--stdio`).
+    pub hangup: Option<std::os::unix::net::UnixStream>,
 }
 
 /// Numbers the daemon's connections, for their temporary roots files.
 static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Serves one client until it disconnects.
-pub(crate) fn serve<R: Read, W: Write>(daemon: &Daemon, r: R, w: W, trusted: bool) -> Result<()> {
+pub(crate) fn serve<R: Read, W: Write>(
+    daemon: &Daemon,
+    r: R,
+    w: W,
+    trusted: bool,
+    hangup: Option<std::os::unix::net::UnixStream>,
+) -> Result<()> {
     let info = nixb_protocol::ServerInfo {
         version: Version::MAX,
         nix_version: daemon.config().nix_version.clone(),
@@ -79,6 +88,7 @@ pub(crate) fn serve<R: Read, W: Write>(daemon: &Daemon, r: R, w: W, trusted: boo
         build_usage: Default::default(),
         verbosity: 3,
         temp_roots: None,
+        hangup,
     };
     loop {
         let req = match conn.read_request() {

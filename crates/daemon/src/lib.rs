@@ -12,9 +12,9 @@ pub mod trust;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use nixb_goals::WorkerConfig;
+use nixb_goals::{Engine, WorkerConfig};
 use nixb_store::local_store::LocalStore;
 
 pub use error::{DaemonError, Result};
@@ -53,9 +53,10 @@ impl Default for GcConfig {
 
 /// One store and one engine, shared by every connection.
 pub struct Daemon {
-    store: LocalStore,
+    store: Arc<LocalStore>,
     config: DaemonConfig,
-    engine: Mutex<()>,
+    /// Started with the first build; dropping the daemon stops it (killing its builds).
+    engine: Mutex<Option<Arc<Engine>>>,
     /// Connections being served; when the last one ends, the temporary roots the store
     /// and the engine took on their behalf are released.
     active: Mutex<usize>,
@@ -64,9 +65,9 @@ pub struct Daemon {
 impl Daemon {
     pub fn new(store: LocalStore, config: DaemonConfig) -> Daemon {
         Daemon {
-            store,
+            store: Arc::new(store),
             config,
-            engine: Mutex::new(()),
+            engine: Mutex::new(None),
             active: Mutex::new(0),
         }
     }
@@ -79,9 +80,17 @@ impl Daemon {
         &self.config
     }
 
-    /// Held while the engine runs for one client.
-    fn build_lock(&self) -> MutexGuard<'_, ()> {
-        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    /// The engine every connection's builds run on: one scheduler, so a derivation two
+    /// clients want is built once and `max-jobs` holds for the daemon as a whole.
+    fn engine(&self) -> Result<Arc<Engine>> {
+        let mut slot = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = &*slot {
+            return Ok(Arc::clone(e));
+        }
+        let store: Arc<dyn nixb_goals::BuildStore + Send + Sync> = self.store.clone();
+        let e = Arc::new(Engine::start(store, self.config.worker.clone())?);
+        *slot = Some(Arc::clone(&e));
+        Ok(e)
     }
 
     /// Serves one connection whose trust the caller has decided (`--stdio`, where
@@ -89,8 +98,19 @@ impl Daemon {
     /// when the client disconnects; an error means the connection broke or went out of
     /// step (the client has been told).
     pub fn serve<R: Read, W: Write>(&self, r: R, w: W, trusted: bool) -> Result<()> {
+        self.serve_with(r, w, trusted, None)
+    }
+
+    /// [`Daemon::serve`], with the socket to poll for a hang-up while builds run.
+    fn serve_with<R: Read, W: Write>(
+        &self,
+        r: R,
+        w: W,
+        trusted: bool,
+        hangup: Option<std::os::unix::net::UnixStream>,
+    ) -> Result<()> {
         let active = Active::enter(self);
-        let served = connection::serve(self, r, w, trusted);
+        let served = connection::serve(self, r, w, trusted, hangup);
         let released = active.leave();
         served?;
         released
@@ -118,7 +138,13 @@ impl Daemon {
             path: "client connection".into(),
             source,
         })?;
-        self.serve(reader, stream, trusted)
+        // Polled for a hang-up while the client's builds run: a client that goes away
+        // cancels what only it wanted.
+        let hangup = stream.try_clone().map_err(|source| DaemonError::Socket {
+            path: "client connection".into(),
+            source,
+        })?;
+        self.serve_with(reader, stream, trusted, Some(hangup))
     }
 }
 

@@ -33,6 +33,12 @@ pub enum GoalsError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    /// The shared engine ([`crate::Engine`]) stopped (shut down, or its thread died)
+    /// before the request was done.
+    #[error("the build engine stopped before the request was done")]
+    EngineStopped,
+    #[error("starting the build engine's thread: {0}")]
+    EngineThread(std::io::Error),
 }
 
 /// Why one goal failed; becomes an [`crate::Event::BuildFailed`] and a [`crate::Failure`].

@@ -52,6 +52,9 @@ struct Node {
     awake: bool,
     /// In the build slot queue (same convention as `awake`).
     wants_slot: bool,
+    /// Some client that needs this goal wants keep-going: a failed input does not make
+    /// it stop waiting for the others (see [`Graph::set_keep_going`]).
+    keep_going: bool,
 }
 
 /// Failure counters of a goal's finished waitees since they were last reset.
@@ -85,6 +88,9 @@ pub struct Graph {
     stopped: bool,
     /// `stopped` has been acted on: every live goal was made an orphan candidate.
     stop_collected: bool,
+    /// Shared by several clients ([`Graph::new_shared`]): a failed top goal never stops
+    /// the whole graph; the scheduler ends the requests of the clients concerned.
+    shared: bool,
 }
 
 impl Graph {
@@ -101,7 +107,59 @@ impl Graph {
             orphan_candidates: Vec::new(),
             stopped: false,
             stop_collected: false,
+            shared: false,
         }
+    }
+
+    /// A graph serving several clients, each with its own keep-going: a failed input
+    /// wakes its waiter at once unless the waiter is marked [`Graph::set_keep_going`],
+    /// and a failed top goal stops nothing by itself.
+    pub fn new_shared() -> Graph {
+        Graph {
+            shared: true,
+            ..Graph::new(false)
+        }
+    }
+
+    /// Some client needing `id` wants keep-going (only meaningful in a shared graph).
+    pub fn set_keep_going(&mut self, id: GoalId) -> bool {
+        match self.nodes.get_mut(id.0) {
+            Some(n) if !n.keep_going => {
+                n.keep_going = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// No client asks for `id` any more: it lives on only while some goal waits for it.
+    pub fn unset_top(&mut self, id: GoalId) {
+        let n = &mut self.nodes[id.0];
+        if n.top {
+            n.top = false;
+            if !n.dead {
+                self.nr_live_top -= 1;
+                self.orphan_candidates.push(id);
+            }
+        }
+    }
+
+    /// The goals `id` waits for.
+    pub fn waitees(&self, id: GoalId) -> Vec<GoalId> {
+        self.nodes
+            .get(id.0)
+            .map(|n| n.waitees.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The number of goals ever added.
+    pub fn nr_goals(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The goals waiting for a while (a lock of another process).
+    pub fn a_while_waiters(&self) -> Vec<GoalId> {
+        self.waiting_for_a_while.iter().copied().collect()
     }
 
     /// A new goal, awake so that its first state runs.
@@ -230,7 +288,8 @@ impl Graph {
             return;
         }
         self.count_result(waiter, result);
-        let fail_fast = result == ExitCode::Failed && !self.keep_going;
+        let fail_fast =
+            result == ExitCode::Failed && !self.keep_going && !self.nodes[waiter.0].keep_going;
         if self.nodes[waiter.0].waitees.is_empty() || fail_fast {
             // Without keep-going one failed input dooms the waiter: stop waiting for the
             // rest, which may leave some of them orphaned.
@@ -253,7 +312,7 @@ impl Graph {
             self.waitee_done(w, id, result);
         }
         self.remove(id);
-        if self.nodes[id.0].top && result == ExitCode::Failed && !self.keep_going {
+        if self.nodes[id.0].top && result == ExitCode::Failed && !self.keep_going && !self.shared {
             self.stopped = true;
         }
         // Anything waiting for "some goal to finish" gets another chance.

@@ -4,6 +4,7 @@ pub mod build_dir;
 mod builtin_substituter;
 pub mod config;
 mod derivation_goal;
+mod engine;
 pub mod env;
 mod error;
 pub mod event;
@@ -14,6 +15,7 @@ mod local;
 mod outcome;
 pub mod refcheck;
 mod resources;
+mod route;
 pub mod sandboxing;
 mod services;
 pub mod store;
@@ -24,13 +26,14 @@ mod testing;
 mod watchdog;
 mod worker;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use nixb_store::{DerivedPath, StorePath};
 
 pub use config::{
     BuildMode, HookCommand, SandboxMode, Substituter, SubstituterCommand, WorkerConfig,
 };
+pub use engine::{Engine, Job, RequestOptions};
 pub use error::GoalsError;
 pub use event::{Event, EventSink, FailureKind, Level, NullSink, VecSink};
 pub use graph::ExitCode;
@@ -70,81 +73,11 @@ pub fn realise(
         });
     }
 
-    let mut w = worker::Worker::new(store, cfg, sink);
-    let client = w.add_client();
-    let mut top = Vec::new();
+    let mut w = worker::Worker::new(store, cfg);
+    let client = w.add_client(Box::new(route::BorrowedSink(sink)), cfg.keep_going);
     for t in targets {
-        let id = match t {
-            DerivedPath::Built { drv, outputs } => {
-                let wanted: BTreeSet<String> = outputs.iter().cloned().collect();
-                w.make_derivation_goal(drv, &wanted, cfg.build_mode)
-            }
-            DerivedPath::Opaque(p) => {
-                w.make_substitution_goal(p, cfg.build_mode == BuildMode::Repair)
-            }
-        };
-        w.add_top_goal(client, id);
-        top.push(id);
+        w.add_target(client, t, cfg.build_mode);
     }
     w.run()?;
-
-    let mut outputs = Vec::new();
-    let mut failed = false;
-    for (t, id) in targets.iter().zip(&top) {
-        match (t, w.graph.exit_code(*id)) {
-            (
-                DerivedPath::Built {
-                    drv,
-                    outputs: wanted,
-                },
-                ExitCode::Success,
-            ) => {
-                let all = w.derivation(drv)?.output_paths();
-                let chosen = all
-                    .into_iter()
-                    .filter(|(name, _)| wanted.is_empty() || wanted.contains(name))
-                    .collect();
-                outputs.push((t.clone(), chosen));
-            }
-            (DerivedPath::Opaque(p), ExitCode::Success) => {
-                outputs.push((t.clone(), BTreeMap::from([(String::new(), p.clone())])));
-            }
-            (
-                DerivedPath::Opaque(p),
-                ExitCode::NoSubstituters | ExitCode::IncompleteClosure | ExitCode::Failed,
-            ) => {
-                failed = true;
-                let message = format!(
-                    "path '{}' does not exist and cannot be created",
-                    store.store_dir().print(p)
-                );
-                w.emit(Event::Message {
-                    level: Level::Error,
-                    text: message.clone(),
-                });
-                w.record_failure(
-                    client,
-                    Failure {
-                        path: p.clone(),
-                        kind: FailureKind::SetupFailed,
-                        message,
-                    },
-                    false,
-                );
-            }
-            _ => failed = true,
-        }
-    }
-    let outcome = w.take_outcome(client);
-    let exit_status = if failed {
-        outcome.failing_exit_status()
-    } else {
-        0
-    };
-    let failures = outcome.into_failures();
-    Ok(RealiseOutcome {
-        exit_status,
-        outputs,
-        failures,
-    })
+    w.client_outcome(client)
 }

@@ -1,4 +1,4 @@
-//! The worker's shared resources, which goals use through [`Services`]: the event sink,
+//! The worker's shared resources, which goals use through [`Services`]: the clients' sinks,
 //! parsed derivations, the running children and the build slots they take, output locks
 //! held by goals of this run, build directories, logs finishing in the background, the
 //! watchdog, prepared network namespaces, the build hook and the substituters.
@@ -17,9 +17,10 @@ use nixb_store::StorePath;
 use crate::build_dir::{BuildDir, BuildDirs};
 use crate::builtin_substituter::BuiltinSubstituter;
 use crate::config::WorkerConfig;
-use crate::event::{Event, EventSink, Level};
+use crate::event::{Event, Level};
 use crate::graph::GoalId;
 use crate::hook_instance::HookInstance;
+use crate::route::Router;
 use crate::services::Services;
 use crate::store::{BuildStore, StoreFault};
 use crate::substituter_query::QueryPool;
@@ -50,7 +51,8 @@ pub(crate) enum SlotWaiters {
 pub(crate) struct Resources<'a> {
     store: &'a dyn BuildStore,
     cfg: &'a WorkerConfig,
-    sink: &'a mut dyn EventSink,
+    /// The clients' sinks, and which goal's events go to which client.
+    pub router: Router<'a>,
     /// Derivations parsed so far, by path (see [`Services::derivation`]).
     drv_cache: HashMap<StorePath, Arc<Derivation>>,
     pub children: BTreeMap<GoalId, Child>,
@@ -86,15 +88,11 @@ pub(crate) struct Resources<'a> {
 }
 
 impl<'a> Resources<'a> {
-    pub fn new(
-        store: &'a dyn BuildStore,
-        cfg: &'a WorkerConfig,
-        sink: &'a mut dyn EventSink,
-    ) -> Resources<'a> {
+    pub fn new(store: &'a dyn BuildStore, cfg: &'a WorkerConfig) -> Resources<'a> {
         Resources {
             store,
             cfg,
-            sink,
+            router: Router::new(),
             drv_cache: HashMap::new(),
             children: BTreeMap::new(),
             nr_local_builds: 0,
@@ -113,7 +111,7 @@ impl<'a> Resources<'a> {
     }
 
     pub fn message(&mut self, level: Level, text: String) {
-        self.sink.event(Event::Message { level, text });
+        self.router.emit(Event::Message { level, text });
     }
 
     /// Which slot waiters a child that ended since the last call wants woken.
@@ -217,7 +215,7 @@ impl<'a> Resources<'a> {
 
 impl Services for Resources<'_> {
     fn emit(&mut self, event: Event) {
-        self.sink.event(event);
+        self.router.emit(event);
     }
 
     /// A `.drv` cannot change once valid (its path is its contents' hash), while the graph

@@ -16,32 +16,47 @@
 //! the log pipe alone ends nothing (a builder may close stdout and go on), and a background
 //! process that keeps the pipe open does not keep the build alive.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::os::fd::{AsFd, AsRawFd};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nixb_store::derivation::Derivation;
-use nixb_store::StorePath;
+use nixb_store::{DerivedPath, StorePath};
 
 use crate::config::{BuildMode, WorkerConfig};
 use crate::derivation_goal::DerivationGoal;
 use crate::error::GoalsError;
-use crate::event::{Event, EventSink, FailureKind};
+use crate::event::{Event, EventSink, FailureKind, Level};
 use crate::graph::{ExitCode, GoalId, Graph, WaiteeCounts};
 use crate::outcome::{Failure, Outcome};
 use crate::resources::{Resources, SlotWaiters};
+use crate::route::ClientId;
 use crate::services::{ChildError, ChildStatus, Request, Services, Step, SubGoal};
 use crate::store::{BuildStore, StoreFault};
 use crate::substitution_goal::SubstitutionGoal;
+use crate::RealiseOutcome;
 
-/// One caller's request: the top goals it asked for and its own outcome. Several clients
-/// share one scheduler (and every goal two of them need); a failure goes to the outcome of
-/// each client whose top goals wait for the failed goal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct ClientId(usize);
+/// What the scheduler keeps for one client (see [`ClientId`]): a failure goes to the
+/// outcome of each client whose top goals wait for the failed goal.
+#[derive(Default)]
+struct ClientState {
+    outcome: Outcome,
+    keep_going: bool,
+    /// What the client asked for, in order, and the top goal of each.
+    targets: Vec<(DerivedPath, GoalId)>,
+    /// Its top goals, once each.
+    tops: BTreeSet<GoalId>,
+    /// Top goals not done yet.
+    pending: usize,
+    /// Its request has ended (all its top goals done, or ended early); it is in
+    /// `finished` until the caller takes it.
+    ended: bool,
+    /// Stopped by a failure without keep-going: tops not done count as failed.
+    stopped: bool,
+}
 
 pub(crate) enum Goal {
     Derivation(Box<DerivationGoal>),
@@ -66,8 +81,12 @@ pub(crate) struct Worker<'a> {
     /// to check and register the outputs only once the freed build slots have gone to
     /// waiting goals (see [`Worker::run`]).
     exited_builds: VecDeque<GoalId>,
-    /// Each client's failures and the exit-status bits they set, by `ClientId`.
-    outcomes: Vec<Outcome>,
+    /// Each client's targets, failures and the exit-status bits they set, by `ClientId`.
+    clients: Vec<ClientState>,
+    /// Clients whose request ended since the caller last looked.
+    finished: Vec<ClientId>,
+    /// Serving several clients, each with its own keep-going ([`Worker::new_shared`]).
+    shared: bool,
     /// The clients that asked for each top goal.
     clients_of_top: HashMap<GoalId, Vec<ClientId>>,
     /// What goals use: children, slots, logs, directories, hook, substituters. After the
@@ -76,15 +95,28 @@ pub(crate) struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
-    pub fn new(
+    /// A scheduler for one run of one caller: `cfg.keep_going` holds for the whole graph.
+    pub fn new(store: &'a dyn BuildStore, cfg: &'a WorkerConfig) -> Worker<'a> {
+        Worker::with_graph(store, cfg, Graph::new(cfg.keep_going), false)
+    }
+
+    /// A scheduler serving several clients at once, each with its own keep-going: a
+    /// failure ends the requests of the clients without keep-going that need the failed
+    /// goal, and stops only what no other client needs.
+    pub fn new_shared(store: &'a dyn BuildStore, cfg: &'a WorkerConfig) -> Worker<'a> {
+        Worker::with_graph(store, cfg, Graph::new_shared(), true)
+    }
+
+    fn with_graph(
         store: &'a dyn BuildStore,
         cfg: &'a WorkerConfig,
-        sink: &'a mut dyn EventSink,
+        graph: Graph,
+        shared: bool,
     ) -> Worker<'a> {
         Worker {
             store,
             cfg,
-            graph: Graph::new(cfg.keep_going),
+            graph,
             goals: Vec::new(),
             derivation_goals: HashMap::new(),
             substitution_goals: HashMap::new(),
@@ -92,9 +124,11 @@ impl<'a> Worker<'a> {
             last_woken_up: None,
             read_buf: Vec::new(),
             exited_builds: VecDeque::new(),
-            outcomes: Vec::new(),
+            clients: Vec::new(),
+            finished: Vec::new(),
+            shared,
             clients_of_top: HashMap::new(),
-            res: Resources::new(store, cfg, sink),
+            res: Resources::new(store, cfg),
         }
     }
 
@@ -103,8 +137,9 @@ impl<'a> Worker<'a> {
         self.res.derivation(drv)
     }
 
-    pub fn emit(&mut self, e: Event) {
-        self.res.emit(e);
+    /// Reports `e` to the clients of goal `id`.
+    fn emit_for(&mut self, id: GoalId, e: Event) {
+        self.res.router.emit_for(id, e);
     }
 
     fn insert_goal(&mut self, goal: Goal) -> GoalId {
@@ -154,10 +189,97 @@ impl<'a> Worker<'a> {
         id
     }
 
-    /// Finishes goal `id`: tells its waiters and forgets it.
+    /// Finishes goal `id`: tells its waiters and forgets it. The requests of clients
+    /// whose last top goal it was end; so do, in a shared scheduler, those of clients
+    /// without keep-going for which it failed.
     fn am_done(&mut self, id: GoalId, result: ExitCode) {
         self.forget(id);
         self.graph.am_done(id, result);
+        let Some(clients) = self.clients_of_top.get(&id).cloned() else {
+            return;
+        };
+        for c in clients {
+            let st = &mut self.clients[c.0];
+            if st.ended {
+                continue;
+            }
+            st.pending = st.pending.saturating_sub(1);
+            let stop = self.shared && result == ExitCode::Failed && !st.keep_going;
+            if stop {
+                st.stopped = true;
+                self.end_client(c);
+            } else if st.pending == 0 {
+                st.ended = true;
+                self.finished.push(c);
+            }
+        }
+    }
+
+    /// Ends the request of `c` now: its top goals not done are no longer its, and goals
+    /// nobody else needs are destroyed with the next collection of orphans (their
+    /// builders killed, their build directories removed, nothing registered).
+    fn end_client(&mut self, c: ClientId) {
+        let Some(st) = self.clients.get_mut(c.0) else {
+            return;
+        };
+        let tops = std::mem::take(&mut st.tops);
+        if !st.ended {
+            st.ended = true;
+            self.finished.push(c);
+        }
+        for top in tops {
+            if let Some(cs) = self.clients_of_top.get_mut(&top) {
+                cs.retain(|x| *x != c);
+                if cs.is_empty() {
+                    self.clients_of_top.remove(&top);
+                    self.graph.unset_top(top);
+                }
+            }
+        }
+    }
+
+    /// `c` has left (or no longer wants what it asked for): its request ends, what only
+    /// it needed is stopped, and it receives no more events.
+    pub fn remove_client(&mut self, c: ClientId) {
+        self.end_client(c);
+        self.finished.retain(|x| *x != c);
+        self.res.router.remove_client(c);
+        self.destroy_orphans();
+    }
+
+    /// The clients whose request ended since the last call. The logs of finished builds
+    /// are complete by then (as at the end of a `realise`), so a client reading one
+    /// right after its request sees all of it.
+    pub fn take_finished(&mut self) -> Vec<ClientId> {
+        if !self.finished.is_empty() {
+            self.res.finish_all_logs();
+        }
+        std::mem::take(&mut self.finished)
+    }
+
+    /// Ends the request of every client still waiting (the engine cannot go on for
+    /// them); returns them.
+    pub fn end_all_clients(&mut self) -> Vec<ClientId> {
+        let waiting: Vec<ClientId> = (0..self.clients.len())
+            .map(ClientId)
+            .filter(|c| !self.clients[c.0].ended)
+            .collect();
+        for &c in &waiting {
+            self.end_client(c);
+        }
+        self.finished.retain(|c| !waiting.contains(c));
+        self.destroy_orphans();
+        waiting
+    }
+
+    /// No client waits and no goal or child is left: the scheduler can be replaced by a
+    /// fresh one without anyone noticing.
+    pub fn is_idle(&self) -> bool {
+        self.clients.iter().all(|c| c.ended)
+            && self.finished.is_empty()
+            && !self.graph.has_top_goals()
+            && self.res.children.is_empty()
+            && self.graph.live_goals().is_empty()
     }
 
     /// Drops everything the worker keeps for `id` except its goal value.
@@ -177,10 +299,49 @@ impl<'a> Worker<'a> {
         self.child_terminated(id);
     }
 
-    /// A new client, with an empty outcome.
-    pub fn add_client(&mut self) -> ClientId {
-        self.outcomes.push(Outcome::default());
-        ClientId(self.outcomes.len() - 1)
+    /// A new client, with an empty outcome; `sink` receives the events of the goals its
+    /// requests need. `keep_going` matters in a shared scheduler only (otherwise the
+    /// settings' `keep-going` holds for everyone).
+    pub fn add_client(&mut self, sink: Box<dyn EventSink + 'a>, keep_going: bool) -> ClientId {
+        let c = self.res.router.add_client(sink);
+        debug_assert_eq!(c.0, self.clients.len());
+        self.clients.push(ClientState {
+            keep_going,
+            ..ClientState::default()
+        });
+        c
+    }
+
+    /// `client` asks for `target`, built in `mode`; returns its top goal.
+    pub fn add_target(
+        &mut self,
+        client: ClientId,
+        target: &DerivedPath,
+        mode: BuildMode,
+    ) -> GoalId {
+        let id = match target {
+            DerivedPath::Built { drv, outputs } => {
+                let wanted: BTreeSet<String> = outputs.iter().cloned().collect();
+                self.make_derivation_goal(drv, &wanted, mode)
+            }
+            DerivedPath::Opaque(p) => self.make_substitution_goal(p, mode == BuildMode::Repair),
+        };
+        if let Some(st) = self.clients.get_mut(client.0) {
+            st.targets.push((target.clone(), id));
+        }
+        self.add_top_goal(client, id);
+        id
+    }
+
+    /// Every target of `client` has been added: a request with nothing to do (no
+    /// targets) ends at once.
+    pub fn targets_added(&mut self, client: ClientId) {
+        if let Some(st) = self.clients.get_mut(client.0) {
+            if st.pending == 0 && !st.ended {
+                st.ended = true;
+                self.finished.push(client);
+            }
+        }
     }
 
     /// `client` asks for goal `id`: the run goes on until it is done.
@@ -190,22 +351,125 @@ impl<'a> Worker<'a> {
         if !clients.contains(&client) {
             clients.push(client);
         }
+        if let Some(st) = self.clients.get_mut(client.0) {
+            if st.tops.insert(id) {
+                st.pending += 1;
+            }
+            let keep_going = st.keep_going;
+            self.spread_interest(&[client], keep_going, id);
+        }
+    }
+
+    /// Makes `clients` interested in goal `root` and everything it waits for, marking
+    /// them keep-going if one of the clients is. Stops where a goal has them already:
+    /// what it waits for has them too.
+    fn spread_interest(&mut self, clients: &[ClientId], keep_going: bool, root: GoalId) {
+        let mut todo = vec![root];
+        while let Some(g) = todo.pop() {
+            let mut added = false;
+            for &c in clients {
+                added |= self.res.router.add_interest(g, c);
+            }
+            if self.shared && keep_going {
+                added |= self.graph.set_keep_going(g);
+            }
+            if added {
+                todo.extend(self.graph.waitees(g));
+            }
+        }
     }
 
     /// The outcome of `client` so far, leaving it empty.
+    #[cfg(test)]
     pub fn take_outcome(&mut self, client: ClientId) -> Outcome {
-        self.outcomes
+        self.clients
             .get_mut(client.0)
-            .map(std::mem::take)
+            .map(|c| std::mem::take(&mut c.outcome))
             .unwrap_or_default()
     }
 
     /// Records a failure in the outcome of `client`; `permanent` marks a build that would
     /// fail again.
     pub fn record_failure(&mut self, client: ClientId, f: Failure, permanent: bool) {
-        if let Some(o) = self.outcomes.get_mut(client.0) {
-            o.record(f, permanent);
+        if let Some(c) = self.clients.get_mut(client.0) {
+            c.outcome.record(f, permanent);
         }
+    }
+
+    /// What `client`'s request achieved: the outputs of its targets, its failures and
+    /// Nix's exit status for them. A target that cannot be had is reported to the client
+    /// here (as `realise` always did).
+    pub fn client_outcome(&mut self, client: ClientId) -> Result<RealiseOutcome, GoalsError> {
+        let Some(st) = self.clients.get_mut(client.0) else {
+            return Err(GoalsError::Internal(format!("no client {}", client.0)));
+        };
+        let targets = std::mem::take(&mut st.targets);
+        let stopped = st.stopped;
+        let mut outputs = Vec::new();
+        let mut failed = stopped;
+        for (t, id) in &targets {
+            match (t, self.graph.exit_code(*id)) {
+                (
+                    DerivedPath::Built {
+                        drv,
+                        outputs: wanted,
+                    },
+                    ExitCode::Success,
+                ) => {
+                    let all = self.derivation(drv)?.output_paths();
+                    let chosen = all
+                        .into_iter()
+                        .filter(|(name, _)| wanted.is_empty() || wanted.contains(name))
+                        .collect();
+                    outputs.push((t.clone(), chosen));
+                }
+                (DerivedPath::Opaque(p), ExitCode::Success) => {
+                    outputs.push((t.clone(), BTreeMap::from([(String::new(), p.clone())])));
+                }
+                (
+                    DerivedPath::Opaque(p),
+                    ExitCode::NoSubstituters | ExitCode::IncompleteClosure | ExitCode::Failed,
+                ) => {
+                    failed = true;
+                    let message = format!(
+                        "path '{}' does not exist and cannot be created",
+                        self.store.store_dir().print(p)
+                    );
+                    self.res.router.emit_to(
+                        client,
+                        Event::Message {
+                            level: Level::Error,
+                            text: message.clone(),
+                        },
+                    );
+                    self.record_failure(
+                        client,
+                        Failure {
+                            path: p.clone(),
+                            kind: FailureKind::SetupFailed,
+                            message,
+                        },
+                        false,
+                    );
+                }
+                _ => failed = true,
+            }
+        }
+        let outcome = self
+            .clients
+            .get_mut(client.0)
+            .map(|c| std::mem::take(&mut c.outcome))
+            .unwrap_or_default();
+        let exit_status = if failed {
+            outcome.failing_exit_status()
+        } else {
+            0
+        };
+        Ok(RealiseOutcome {
+            exit_status,
+            outputs,
+            failures: outcome.into_failures(),
+        })
     }
 
     /// Records the failure of goal `id` for every client whose top goals wait for it.
@@ -216,10 +480,11 @@ impl<'a> Worker<'a> {
                 clients.extend(cs.iter().copied());
             }
         }
-        if clients.is_empty() {
+        if clients.is_empty() && !self.shared {
             // Every live goal serves some top goal; should one not, its failure is
-            // everyone's rather than no one's.
-            clients.extend((0..self.outcomes.len()).map(ClientId));
+            // everyone's rather than no one's. (In a shared scheduler it served clients
+            // that have left.)
+            clients.extend((0..self.clients.len()).map(ClientId));
         }
         for c in clients {
             self.record_failure(c, f.clone(), permanent);
@@ -253,6 +518,12 @@ impl<'a> Worker<'a> {
                         }
                     };
                     self.graph.add_waitee(id, g);
+                    let clients = self.res.router.interest(id).to_vec();
+                    let keep_going = self.shared
+                        && clients
+                            .iter()
+                            .any(|c| self.clients.get(c.0).is_some_and(|s| s.keep_going));
+                    self.spread_interest(&clients, keep_going, g);
                 }
                 Request::WakeUp => self.graph.wake_up(id),
                 Request::WaitForBuildSlot => {
@@ -288,6 +559,53 @@ impl<'a> Worker<'a> {
     /// keep-going).
     pub fn run(&mut self) -> Result<(), GoalsError> {
         loop {
+            self.run_ready();
+            if !self.graph.has_top_goals() {
+                break;
+            }
+            self.res.run_deferred();
+            if self.must_wait() {
+                self.wait_for_input(None)?;
+            } else if !self.graph.has_awake() {
+                return Err(self.stuck());
+            }
+        }
+        self.teardown();
+        Ok(())
+    }
+
+    /// Whether the loop has something to wait for: a child, a lock poll, a download.
+    pub fn must_wait(&self) -> bool {
+        !self.res.children.is_empty()
+            || self.graph.has_waiting_for_a_while()
+            || self.res.builtin_subst.busy()
+    }
+
+    /// Top goals are left, nothing is awake and nothing is to be waited for: why.
+    pub fn stuck(&self) -> GoalsError {
+        if self.cfg.max_jobs == 0 && self.graph.has_waiting_for_slot() {
+            GoalsError::NoBuildSlots {
+                remote: self.cfg.build_hook.is_some(),
+            }
+        } else {
+            GoalsError::Internal("no goal can make progress".into())
+        }
+    }
+
+    /// Whether top goals are left.
+    pub fn has_top_goals(&self) -> bool {
+        self.graph.has_top_goals()
+    }
+
+    /// Releases deferred locks and deletes deferred build directories.
+    pub fn run_deferred(&mut self) {
+        self.res.run_deferred();
+    }
+
+    /// Runs awake goals, hands out free slots and finishes exited builds until nothing
+    /// is left to do without waiting.
+    pub fn run_ready(&mut self) {
+        {
             while self.graph.has_top_goals() {
                 // Awake goals first, then freed slots to waiting goals (their builders
                 // start), and only then the post-processing of builds that exited, one at
@@ -305,26 +623,8 @@ impl<'a> Worker<'a> {
                     }
                 }
             }
-            if !self.graph.has_top_goals() {
-                break;
-            }
-            self.res.run_deferred();
-            if !self.res.children.is_empty()
-                || self.graph.has_waiting_for_a_while()
-                || self.res.builtin_subst.busy()
-            {
-                self.wait_for_input()?;
-            } else if !self.graph.has_awake() {
-                if self.cfg.max_jobs == 0 && self.graph.has_waiting_for_slot() {
-                    return Err(GoalsError::NoBuildSlots {
-                        remote: self.cfg.build_hook.is_some(),
-                    });
-                }
-                return Err(GoalsError::Internal("no goal can make progress".into()));
-            }
         }
-        self.teardown();
-        Ok(())
+        self.destroy_orphans();
     }
 
     /// Wakes as many goals waiting for a build slot as there are free slots; true if it
@@ -351,7 +651,7 @@ impl<'a> Worker<'a> {
     }
 
     /// Destroys every goal still alive (after a stop without keep-going), killing builders.
-    fn teardown(&mut self) {
+    pub fn teardown(&mut self) {
         self.graph.collect_orphans();
         for id in self.graph.live_goals() {
             self.forget(id);
@@ -389,9 +689,11 @@ impl<'a> Worker<'a> {
         let Some(mut goal) = self.goals.get_mut(id.0).and_then(Option::take) else {
             return;
         };
+        self.res.router.current = Some(id);
         let mut step = Step::new(id, self.store, self.cfg, &mut self.res, counts);
         f(&mut goal, &mut step);
         let requests = step.into_requests();
+        self.res.router.current = None;
         self.wake_slot_waiters_if_asked();
         self.act_on(id, requests);
         if self.graph.is_alive(id) {
@@ -465,11 +767,16 @@ impl<'a> Worker<'a> {
         nearest
     }
 
-    fn wait_for_input(&mut self) -> Result<(), GoalsError> {
+    /// Waits for a child's output or exit, a deadline, a download, or `extra` becoming
+    /// readable (the shared engine's wake-up for new requests), and acts on what came.
+    pub fn wait_for_input(&mut self, extra: Option<BorrowedFd<'_>>) -> Result<(), GoalsError> {
         let now = Instant::now();
         if self.graph.has_waiting_for_a_while() {
             if self.last_woken_up.is_none() {
-                self.res.emit(Event::WaitingForLocks);
+                let waiters = self.graph.a_while_waiters();
+                self.res
+                    .router
+                    .emit_for_any(&waiters, Event::WaitingForLocks);
                 self.last_woken_up = Some(now);
             }
         } else {
@@ -508,6 +815,9 @@ impl<'a> Worker<'a> {
                 .collect();
             // Last: the built-in substituter's wake-up pipe, when it has jobs out.
             if let Some(fd) = self.res.builtin_subst.wake_fd() {
+                pfds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            if let Some(fd) = extra {
                 pfds.push(PollFd::new(fd, PollFlags::POLLIN));
             }
             match nix::poll::poll(&mut pfds, timeout) {
@@ -618,7 +928,7 @@ impl<'a> Worker<'a> {
             .and_then(|c| c.builder.resource_usage());
         if let (Some(usage), Some(Some(Goal::Derivation(g)))) = (usage, self.goals.get(id.0)) {
             let drv = g.drv_path().clone();
-            self.emit(Event::BuildResources { drv, usage });
+            self.emit_for(id, Event::BuildResources { drv, usage });
         }
         self.drain_log(id);
         self.child_exited(id, status);
@@ -669,9 +979,80 @@ impl<'a> Worker<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
     use super::*;
-    use crate::event::VecSink;
     use crate::testing::Harness;
+
+    /// A client's sink the test reads after the run.
+    #[derive(Clone, Default)]
+    struct Events(Rc<RefCell<Vec<Event>>>);
+
+    impl EventSink for Events {
+        fn event(&mut self, e: Event) {
+            self.0.borrow_mut().push(e);
+        }
+    }
+
+    impl Events {
+        fn started(&self) -> Vec<StorePath> {
+            self.0
+                .borrow()
+                .iter()
+                .filter_map(|e| match e {
+                    Event::BuildStarted { drv, .. } => Some(drv.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn built(drv: &StorePath) -> DerivedPath {
+        DerivedPath::Built {
+            drv: drv.clone(),
+            outputs: vec![],
+        }
+    }
+
+    /// A harness without substitution, where each derivation added by `drv` is valid.
+    fn harness() -> Harness {
+        let mut h = Harness::new();
+        h.cfg.use_substitutes = false;
+        h.cfg.max_jobs = 4;
+        h
+    }
+
+    /// Adds derivation `name` (hash part `c`) running `script`, needing `inputs`; returns
+    /// its path and its output's.
+    fn drv(
+        h: &Harness,
+        c: char,
+        name: &str,
+        script: &str,
+        inputs: &[&StorePath],
+    ) -> (StorePath, StorePath) {
+        let d = h.path(c, &format!("{name}.drv"));
+        // Output hash parts from another part of the alphabet than the derivations'.
+        let o = h.path(char::from(c as u8 + 10), name);
+        let ins: Vec<(StorePath, &str)> = inputs.iter().map(|p| ((*p).clone(), "out")).collect();
+        h.add_drv(&d, &o, script, &ins, &[]);
+        h.make_valid(&d, &[]);
+        (d, o)
+    }
+
+    /// A builder script that waits a minute (builders get no `PATH`), then succeeds.
+    fn slow_script() -> String {
+        let sleep = ["/bin/sleep", "/usr/bin/sleep"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("a sleep program");
+        format!("{sleep} 60; echo > $out")
+    }
+
+    fn is_valid(h: &Harness, p: &StorePath) -> bool {
+        h.store.valid.borrow().contains_key(p)
+    }
 
     /// Two clients of one scheduler: the failure of one's goal is not the other's.
     #[test]
@@ -684,13 +1065,11 @@ mod tests {
         h.make_valid(&x_out, &[]);
         // y's .drv is missing and no substituter has it.
         let y = h.path('c', "y.drv");
-        let mut sink = VecSink::default();
-        let mut w = Worker::new(&*h.store, &h.cfg, &mut sink);
-        let (a, b) = (w.add_client(), w.add_client());
-        let gx = w.make_derivation_goal(&x, &BTreeSet::new(), BuildMode::Normal);
-        let gy = w.make_derivation_goal(&y, &BTreeSet::new(), BuildMode::Normal);
-        w.add_top_goal(a, gx);
-        w.add_top_goal(b, gy);
+        let mut w = Worker::new(&*h.store, &h.cfg);
+        let a = w.add_client(Box::new(Events::default()), true);
+        let b = w.add_client(Box::new(Events::default()), true);
+        let gx = w.add_target(a, &built(&x), BuildMode::Normal);
+        let gy = w.add_target(b, &built(&y), BuildMode::Normal);
         w.run().unwrap();
         assert_eq!(w.graph.exit_code(gx), ExitCode::Success);
         assert_eq!(w.graph.exit_code(gy), ExitCode::Failed);
@@ -698,5 +1077,142 @@ mod tests {
         let failures = w.take_outcome(b).into_failures();
         assert_eq!(failures.len(), 1);
         assert_eq!(failures[0].path, y);
+    }
+
+    /// A derivation both clients need is one goal, built once; each client sees the
+    /// builds of its own closure only, and gets the outputs it asked for.
+    #[test]
+    fn a_shared_goal_is_built_once_and_each_client_sees_its_own_builds() {
+        let h = harness();
+        let log = h.tmp.path().join("built");
+        let log = log.display();
+        let (s, s_out) = drv(
+            &h,
+            'a',
+            "s",
+            &format!("echo s >> {log}; echo s > $out"),
+            &[],
+        );
+        let script = |n: &str| format!("echo {n} >> {log}; echo {n} > $out");
+        let (x, x_out) = drv(&h, 'b', "x", &script("x"), &[&s]);
+        let (y, y_out) = drv(&h, 'c', "y", &script("y"), &[&s]);
+        let (ea, eb) = (Events::default(), Events::default());
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let a = w.add_client(Box::new(ea.clone()), false);
+        let b = w.add_client(Box::new(eb.clone()), false);
+        w.add_target(a, &built(&x), BuildMode::Normal);
+        w.add_target(b, &built(&y), BuildMode::Normal);
+        w.run().unwrap();
+
+        let mut lines: Vec<String> = std::fs::read_to_string(h.tmp.path().join("built"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        assert_eq!(lines, ["s", "x", "y"], "each derivation built once");
+        let mut a_saw = ea.started();
+        a_saw.sort();
+        assert_eq!(a_saw, [s.clone(), x.clone()]);
+        let mut b_saw = eb.started();
+        b_saw.sort();
+        assert_eq!(b_saw, [s.clone(), y.clone()]);
+
+        let mut finished = w.take_finished();
+        finished.sort();
+        assert_eq!(finished, [a, b]);
+        let oa = w.client_outcome(a).unwrap();
+        let ob = w.client_outcome(b).unwrap();
+        assert_eq!((oa.exit_status, ob.exit_status), (0, 0));
+        assert_eq!(oa.outputs[0].1["out"], x_out);
+        assert_eq!(ob.outputs[0].1["out"], y_out);
+        assert!(is_valid(&h, &s_out));
+    }
+
+    fn alive(pid: nix::unistd::Pid) -> bool {
+        nix::sys::signal::kill(pid, None).is_ok()
+    }
+
+    /// A client that leaves stops the build only it wanted (builder killed, build
+    /// directory removed, nothing registered); the build another client shares goes on.
+    #[test]
+    fn a_client_that_leaves_stops_only_what_no_one_else_wants() {
+        let h = harness();
+        let (x, x_out) = drv(&h, 'a', "x", &slow_script(), &[]);
+        let (s, s_out) = drv(&h, 'b', "s", "echo s > $out", &[]);
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let a = w.add_client(Box::new(Events::default()), false);
+        let b = w.add_client(Box::new(Events::default()), false);
+        let gx = w.add_target(a, &built(&x), BuildMode::Normal);
+        let gs = w.add_target(a, &built(&s), BuildMode::Normal);
+        assert_eq!(w.add_target(b, &built(&s), BuildMode::Normal), gs);
+        w.run_ready();
+        let x_pid = w
+            .res
+            .children
+            .get(&gx)
+            .expect("x's builder runs")
+            .builder
+            .pid;
+        assert!(w.res.children.contains_key(&gs), "s's builder runs");
+        let build_dirs = || {
+            let entries = std::fs::read_dir(&h.cfg.build_dir_root).unwrap();
+            entries
+                .filter(|e| e.as_ref().unwrap().path().is_dir())
+                .count()
+        };
+        assert_eq!(build_dirs(), 2);
+
+        w.remove_client(a);
+        assert!(!alive(x_pid), "x's builder was killed");
+        assert!(!w.graph.is_alive(gx));
+        assert!(w.graph.is_alive(gs), "b still wants s");
+        w.run().unwrap();
+        assert_eq!(w.graph.exit_code(gs), ExitCode::Success);
+        assert!(is_valid(&h, &s_out));
+        assert!(!is_valid(&h, &x_out), "nothing registered for x");
+        assert_eq!(build_dirs(), 0, "build directories removed");
+        assert_eq!(w.take_finished(), [b]);
+        assert_eq!(w.client_outcome(b).unwrap().exit_status, 0);
+    }
+
+    /// Keep-going is per client: a failure ends the request of a client without it
+    /// (stopping what only that client wanted), while a client with it gets its other
+    /// outputs and the failure.
+    #[test]
+    fn keep_going_is_per_client() {
+        let h = harness();
+        let (bad, _) = drv(&h, 'a', "bad", "exit 1", &[]);
+        let (slow, slow_out) = drv(&h, 'b', "slow", &slow_script(), &[]);
+        let (ok, ok_out) = drv(&h, 'c', "ok", "echo ok > $out", &[]);
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let quitter = w.add_client(Box::new(Events::default()), false);
+        let keeper = w.add_client(Box::new(Events::default()), true);
+        w.add_target(quitter, &built(&bad), BuildMode::Normal);
+        let gslow = w.add_target(quitter, &built(&slow), BuildMode::Normal);
+        w.add_target(keeper, &built(&bad), BuildMode::Normal);
+        w.add_target(keeper, &built(&ok), BuildMode::Normal);
+        w.run_ready();
+        let slow_pid = w
+            .res
+            .children
+            .get(&gslow)
+            .expect("slow's builder runs")
+            .builder
+            .pid;
+        w.run().unwrap();
+        assert!(!alive(slow_pid), "the quitter's own build was stopped");
+        assert!(!is_valid(&h, &slow_out));
+
+        let q = w.client_outcome(quitter).unwrap();
+        assert_eq!(q.exit_status, 100);
+        assert!(q.outputs.is_empty());
+        assert_eq!(q.failures.len(), 1);
+        assert_eq!(q.failures[0].path, bad);
+        let k = w.client_outcome(keeper).unwrap();
+        assert_eq!(k.exit_status, 100);
+        assert_eq!(k.outputs.len(), 1);
+        assert_eq!(k.outputs[0].1["out"], ok_out);
+        assert_eq!(k.failures.len(), 1);
     }
 }
