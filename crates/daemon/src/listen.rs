@@ -9,12 +9,14 @@
 //! (`nix-store`, `nix build`) are then greeted without a thread start each.
 
 use std::collections::VecDeque;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::error::{DaemonError, Result};
@@ -52,7 +54,8 @@ impl Stopper {
         self.stopped.load(Ordering::SeqCst)
     }
 
-    /// Stops accepting; the loop wakes up through a connection of our own.
+    /// Stops accepting; the loop wakes up through a connection of our own, or within
+    /// [`STOP_CHECK_MS`] when the socket file is gone and nothing can connect.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         let _ = UnixStream::connect(&self.socket);
@@ -149,6 +152,11 @@ pub fn stop_on_signals(stopper: Stopper) -> Result<()> {
     Ok(())
 }
 
+/// How often the accept loop looks at its [`Stopper`] while no client connects: the stop's
+/// own connection wakes it at once, but a socket file someone deleted cannot be connected
+/// to, and SIGTERM must still stop the daemon.
+const STOP_CHECK_MS: u16 = 500;
+
 /// How long a connection's thread waits for another connection before it exits.
 const SPARE_WAIT: Duration = Duration::from_secs(30);
 /// Most threads kept waiting at once; more exit when their client goes.
@@ -237,11 +245,32 @@ impl Daemon {
     /// open are left to finish or to end with the process.
     pub fn listen(self: &Arc<Self>, listener: UnixListener, stopper: &Stopper) -> Result<()> {
         let spares = Arc::new(Spares::default());
-        for conn in listener.incoming() {
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| DaemonError::Socket {
+                path: stopper.socket.display().to_string(),
+                source,
+            })?;
+        loop {
             if stopper.is_stopped() {
                 break;
             }
-            let Ok(conn) = conn else { continue };
+            let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, PollTimeout::from(STOP_CHECK_MS)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(DaemonError::Socket {
+                        path: stopper.socket.display().to_string(),
+                        source: e.into(),
+                    })
+                }
+            }
+            // Accepted sockets do not inherit the listener's O_NONBLOCK (accept4 without
+            // SOCK_NONBLOCK); a connection gone between the poll and here is WouldBlock.
+            let Ok((conn, _)) = listener.accept() else {
+                continue;
+            };
             let Some(conn) = spares.hand_over(conn) else {
                 continue;
             };

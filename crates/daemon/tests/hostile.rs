@@ -358,3 +358,19 @@ fn clients_that_stall_mid_frame_or_hang_up_mid_operation_leave_nothing_behind() 
     drop(good);
     listening.stop();
 }
+
+/// SIGTERM's stop still ends the accept loop when someone deleted the socket file, so the
+/// stop's own connection cannot reach it.
+#[test]
+fn the_accept_loop_stops_after_its_socket_file_was_deleted() {
+    let d = TestDaemon::new();
+    let listening = d.listen();
+    std::fs::remove_file(&listening.sock).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        listening.stop();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the accept loop did not stop after its socket file was deleted");
+}
