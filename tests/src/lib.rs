@@ -47,3 +47,54 @@ pub fn open_to_untrusted(t: &TestStore) {
     std::fs::create_dir_all(&home).unwrap();
     mode(&home, 0o777);
 }
+
+/// A daemon process (nixb's or Nix's) serving a test store on a socket, stopped with
+/// SIGTERM on drop.
+pub struct RunningDaemon {
+    child: std::process::Child,
+}
+
+impl RunningDaemon {
+    /// Starts `cmd` and waits until `socket` accepts a connection (polled: a daemon gives
+    /// no other sign); panics if the daemon exits first or never listens.
+    pub fn start(mut cmd: std::process::Command, socket: &std::path::Path) -> RunningDaemon {
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the daemon");
+        let mut d = RunningDaemon { child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Some(status) = d.child.try_wait().unwrap() {
+                panic!("the daemon exited early: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon never listened on {}",
+                socket.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// A daemon already started and listening (as one handed a socket by systemd).
+    pub fn adopt(child: std::process::Child) -> RunningDaemon {
+        RunningDaemon { child }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for RunningDaemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop();
+        }
+    }
+}

@@ -3,49 +3,11 @@
 //! `add` and `log` talk to a daemon, nixb's and real `nix-daemon` 2.8, on private stores,
 //! with real Nix 2.8's client through the same daemon as the oracle.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
-use nixb_tests::{run, run_ok, run_str, TestStore};
+use nixb_tests::{run, run_ok, run_str, RunningDaemon, TestStore};
 use serde_json::Value;
-
-/// A daemon serving the test store on a socket, stopped with SIGTERM on drop.
-struct RunningDaemon {
-    child: Child,
-}
-
-impl RunningDaemon {
-    fn start(mut cmd: Command, socket: &Path) -> RunningDaemon {
-        let child = cmd
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("starting the daemon");
-        let mut d = RunningDaemon { child };
-        // Ready once the socket accepts a connection (polled: the daemon gives no other
-        // sign).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while UnixStream::connect(socket).is_err() {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                panic!("the daemon exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "the daemon never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-}
-
-impl Drop for RunningDaemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn conf() -> &'static str {
     // No substituters: the oracle would otherwise spend its time on cache.nixos.org.

@@ -9,49 +9,10 @@
 use std::collections::BTreeSet;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use nixb_tests::{run, run_ok, run_str, TestStore};
-
-/// A daemon process serving the test store on `socket`, stopped with SIGTERM on drop.
-struct RunningDaemon {
-    child: Child,
-}
-
-impl RunningDaemon {
-    fn start(mut cmd: Command, socket: &Path) -> RunningDaemon {
-        let child = cmd
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("starting the daemon");
-        let mut d = RunningDaemon { child };
-        // Ready once the socket accepts a connection.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while UnixStream::connect(socket).is_err() {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                panic!("the daemon exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "the daemon never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for RunningDaemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.stop();
-        }
-    }
-}
+use nixb_tests::{run, run_ok, run_str, RunningDaemon, TestStore};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Which {
@@ -558,7 +519,7 @@ fn socket_activation_serves_the_socket_systemd_passes() {
         err_str(&wrong)
     );
 
-    let mut d = RunningDaemon { child: spawn("$$") };
+    let mut d = RunningDaemon::adopt(spawn("$$"));
     let file = t.file("via-systemd.txt", "through the activated socket\n");
     let added = run_str(client(&t, "nix-store").arg("--add").arg(&file), None);
     // Where real Nix puts the file: its NAR hash, as `nix-store --add` hashes it.

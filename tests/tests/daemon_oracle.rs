@@ -3,52 +3,11 @@
 //! wiped store, through `nixb daemon`; the clients' outputs, exit codes and error lines
 //! must agree (registration times aside).
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use nixb_tests::{run, TestStore};
-
-/// A daemon process serving the test store on `socket`, stopped with SIGTERM on drop.
-struct RunningDaemon {
-    child: Child,
-}
-
-impl RunningDaemon {
-    fn start(mut cmd: Command, socket: &Path) -> RunningDaemon {
-        let child = cmd
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("starting the daemon");
-        let mut d = RunningDaemon { child };
-        // Ready once the socket accepts a connection.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while UnixStream::connect(socket).is_err() {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                panic!("the daemon exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "the daemon never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for RunningDaemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.stop();
-        }
-    }
-}
+use nixb_tests::{run, RunningDaemon, TestStore};
 
 fn socket_of(t: &TestStore) -> PathBuf {
     t.root.path().join("daemon.sock")
