@@ -304,3 +304,88 @@ fn hostile_nar_restore_is_refused_and_names_the_destination() {
     assert!(!t.root.path().join("unpack/pwned").exists());
     assert!(!t.root.path().join("pwned").exists());
 }
+
+/// Adds a derivation of the builtin builder `builder` with `env` and `inputs` as sources.
+fn add_builtin_drv(t: &TestStore, builder: &str, inputs: &[&str], env: &[(&str, &str)]) -> String {
+    let mut e = serde_json::Map::new();
+    e.insert("name".into(), json!("user-environment"));
+    e.insert("builder".into(), json!(builder));
+    e.insert("system".into(), json!("builtin"));
+    e.insert("out".into(), json!(""));
+    for (k, v) in env {
+        e.insert((*k).into(), json!(v));
+    }
+    let drv = json!({
+        "outputs": { "out": { "path": "" } },
+        "inputSrcs": inputs,
+        "inputDrvs": {},
+        "system": "builtin",
+        "builder": builder,
+        "args": [],
+        "env": e,
+    });
+    run_str(
+        t.nixb().args(["derivation", "add"]),
+        Some(drv.to_string().as_bytes()),
+    )
+}
+
+#[test]
+fn builtin_buildenv_links_inputs_and_refuses_other_paths() {
+    let t = TestStore::new();
+    let pkg = t.root.path().join("hello");
+    std::fs::create_dir_all(pkg.join("bin")).unwrap();
+    std::fs::write(pkg.join("bin/hello"), "hi\n").unwrap();
+    let manifest = t.root.path().join("manifest");
+    std::fs::write(&manifest, "[ ]\n").unwrap();
+    let pkg = run_str(t.nixb().arg("add").arg(&pkg), None);
+    let manifest = run_str(t.nixb().arg("add").arg(&manifest), None);
+    let derivations = format!("1 5 1 {pkg}");
+    let env = [
+        ("derivations", derivations.as_str()),
+        ("manifest", &manifest),
+    ];
+    let drv = add_builtin_drv(&t, "builtin:buildenv", &[&pkg, &manifest], &env);
+    // Under `sandbox = true` as well: the builtin runs outside the chroot.
+    let o = run(
+        t.nixb()
+            .args(["realise", "--option", "sandbox", "true", &drv]),
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    let out = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert_eq!(
+        std::fs::read_link(out.join("bin")).unwrap(),
+        std::path::Path::new(&pkg).join("bin")
+    );
+    assert_eq!(
+        std::fs::read_link(out.join("manifest.nix")).unwrap(),
+        std::path::Path::new(&manifest)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("bin/hello")).unwrap(),
+        "hi\n"
+    );
+
+    // A path the derivation does not have as an input is refused before anything runs.
+    let sneaky = add_builtin_drv(&t, "builtin:buildenv", &[&manifest], &env);
+    let o = run(t.nixb().args(["realise", &sneaky]), None);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(100), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "builtin:buildenv would read '{pkg}', which is not an input of the derivation"
+        )),
+        "{stderr}"
+    );
+
+    let unknown = add_builtin_drv(&t, "builtin:frobnicate", &[], &[]);
+    let o = run(t.nixb().args(["realise", &unknown]), None);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(100), "{stderr}");
+    assert!(
+        stderr.contains("unsupported builtin builder 'frobnicate'"),
+        "{stderr}"
+    );
+}

@@ -405,6 +405,8 @@ enum Keep {
     /// stdout, and only the stderr lines containing this (the rest is the engine's own
     /// progress, worded differently by nixb's engine).
     StderrLinesWith(&'static str),
+    /// stdout, and the stderr lines sorted: independent builds may start in either order.
+    UnorderedStderr,
 }
 
 fn step(name: &'static str, o: &Output, keep: Keep) -> Step {
@@ -417,6 +419,11 @@ fn step(name: &'static str, o: &Output, keep: Keep) -> Step {
                 format!("{} bytes, {}", o.stdout.len(), h.to_base32_typed()),
                 stderr,
             )
+        }
+        Keep::UnorderedStderr => {
+            let mut lines: Vec<&str> = stderr.lines().collect();
+            lines.sort_unstable();
+            (out_str(o), lines.join("\n"))
         }
         Keep::StderrLinesWith(s) => (
             out_str(o),
@@ -992,6 +999,144 @@ fn an_untrusted_uid_adds_and_repairs_as_through_nix_daemon() {
     assert_eq!(code("signed by a trusted key"), Some(0), "{expected:?}");
     assert_eq!(code("-r --repair"), Some(1), "{expected:?}");
     assert_eq!(code("copy-log (AddBuildLog)"), Some(1), "{expected:?}");
+    let differing: Vec<String> = got
+        .iter()
+        .zip(expected)
+        .filter(|(g, e)| g != e)
+        .map(|(g, e)| format!("step '{}':\n  nixb: {g:?}\n  nix:  {e:?}", e.name))
+        .collect();
+    assert!(differing.is_empty(), "{}", differing.join("\n"));
+}
+
+/// Packages for `nix-env -i`: files that collide (`bin/tool`), a priority that settles a
+/// collision (`b`), a package whose propagated package comes along (`c` brings `d`), two
+/// outputs installed together (`m`), and one that conflicts at equal priority (`e`).
+const PROFILE_PACKAGES: &str = r#"
+let
+  pkg = name: files: extra: derivation ({
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" ''
+      for f in ${files}; do mkdir -p $out/''${f%/*}; echo "${name} $f" > $out/$f; done
+      ${extra}
+    '' ];
+  });
+in rec {
+  a = pkg "a" "bin/a bin/tool share/man/man1/a.1 share/.hidden nix-support/setup-hook share/info/dir" "";
+  b = pkg "b" "bin/b bin/tool share/man/man1/b.1 lib/libb" "" // { meta.priority = 3; };
+  d = pkg "d" "bin/d bin/tool share/doc/d" "";
+  c = pkg "c" "bin/c" "mkdir -p $out/nix-support; echo ${d} > $out/nix-support/propagated-user-env-packages";
+  e = pkg "e" "bin/a" "";
+  m = derivation {
+    name = "m";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    outputs = [ "out" "man" ];
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" "mkdir -p $out/bin $man/share/man/man1; echo m > $out/bin/m; echo m > $man/share/man/man1/m.1" ];
+  } // { meta.outputsToInstall = [ "out" "man" ]; };
+}
+"#;
+
+/// Every entry under `dir`, relative: directories with a `/`, symlinks with their target.
+fn profile_tree(dir: &Path) -> String {
+    fn walk(root: &Path, d: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            match std::fs::read_link(&p) {
+                Ok(target) => out.push(format!("{rel} -> {}", target.display())),
+                Err(_) if p.is_dir() => {
+                    out.push(format!("{rel}/"));
+                    walk(root, &p, out);
+                }
+                Err(_) => out.push(rel),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out.join("\n")
+}
+
+/// `nix-env -i` into a profile (the `builtin:buildenv` user environment), a query, a
+/// conflict at equal priority, and an uninstall.
+fn scenario_profiles(t: &TestStore) -> Vec<Step> {
+    let pkgs = t.file("packages.nix", PROFILE_PACKAGES);
+    let profile = t.root.path().join("files/profile");
+    std::fs::create_dir_all(profile.parent().unwrap()).unwrap();
+    let nix_env = || {
+        let mut c = client(t, "nix-env");
+        c.arg("-p").arg(&profile).arg("-f").arg(&pkgs);
+        c
+    };
+    let generation = |name: &'static str| {
+        let target = std::fs::canonicalize(&profile).unwrap();
+        let dump = run(client(t, "nix-store").arg("--dump").arg(&target), None);
+        vec![
+            Step {
+                name,
+                code: None,
+                stdout: format!("{}\n{}", target.display(), profile_tree(&target)),
+                stderr: String::new(),
+            },
+            step(name, &dump, Keep::BinaryOut),
+        ]
+    };
+    let mut steps = Vec::new();
+    let o = run(nix_env().args(["-iA", "a", "b", "c", "m"]), None);
+    steps.push(step("nix-env -i", &o, Keep::UnorderedStderr));
+    steps.extend(generation("the profile"));
+    let o = run(nix_env().arg("-q"), None);
+    steps.push(step("nix-env -q", &o, Keep::All));
+    let o = run(nix_env().args(["-iA", "e"]), None);
+    steps.push(step("nix-env -i, conflict", &o, Keep::All));
+    let o = run(nix_env().args(["-e", "b"]), None);
+    steps.push(step("nix-env -e", &o, Keep::All));
+    steps.extend(generation("after uninstalling"));
+    steps
+}
+
+#[test]
+fn nix_env_installs_the_same_profiles_through_nixb_daemon_as_through_nix_daemon() {
+    nixb_testsupport::require!(Nix);
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+    let mut seen = Vec::new();
+    for nixb in [false, true] {
+        let mut d = if nixb { start_nixb(&t) } else { start_nix(&t) };
+        seen.push(scenario_profiles(&t));
+        d.stop();
+        drop(d);
+        wipe(&t);
+        let _ = std::fs::remove_dir_all(t.root.path().join("files"));
+    }
+    let (expected, got) = (&seen[0], &seen[1]);
+    // The oracle's own answers, checked for what they must say.
+    let by_name = |name: &str| expected.iter().find(|s| s.name == name).unwrap();
+    assert_eq!(by_name("nix-env -i").code, Some(0), "{expected:?}");
+    let tree = &by_name("the profile").stdout;
+    for line in [
+        "bin/",
+        "bin/d -> ",
+        "share/man/man1/m.1 -> ",
+        "manifest.nix -> ",
+    ] {
+        assert!(tree.contains(line), "{line} missing from {tree}");
+    }
+    assert!(tree.contains("-b/bin/tool"), "{tree}");
+    assert!(
+        !tree.contains("setup-hook") && !tree.contains(".hidden"),
+        "{tree}"
+    );
+    assert_eq!(
+        by_name("nix-env -i, conflict").code,
+        Some(1),
+        "{expected:?}"
+    );
+    assert!(by_name("after uninstalling").stdout.contains("-a/bin/tool"));
     let differing: Vec<String> = got
         .iter()
         .zip(expected)

@@ -129,6 +129,16 @@ pub struct HashFormat {
 }
 
 fn main() -> ExitCode {
+    // A builder of a `builtin:` derivation (started by the worker, never by hand): no
+    // command line of nixb's own, the derivation's environment only.
+    let mut args = std::env::args_os();
+    if args
+        .nth(1)
+        .is_some_and(|a| a == nixb_goals::builtins::BUILTIN_ARG)
+    {
+        let name = args.next().map(|n| n.to_string_lossy().into_owned());
+        return ExitCode::from(nixb_goals::builtins::main(name.as_deref()));
+    }
     let cli = Cli::parse();
     render::init(cli.verbose, cli.quiet);
     match commands::run(cli) {

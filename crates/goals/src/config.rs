@@ -112,6 +112,10 @@ pub struct WorkerConfig {
     /// `build-hook` / `NIX_BUILD_HOOK`: the program offered every build that may go
     /// elsewhere. `None`: every build is local.
     pub build_hook: Option<HookCommand>,
+    /// The nixb executable that runs `builtin:` builders (`builtin:buildenv`, which
+    /// `nix-env` uses for profiles), as `<program> __nixb-builtin <name>`; see
+    /// [`crate::builtins`]. `None`: such derivations fail, saying so.
+    pub builtin_builder: Option<PathBuf>,
 }
 
 /// One entry of `substituters`.
@@ -202,6 +206,7 @@ impl WorkerConfig {
             substitution_jobs: default_substitution_jobs(),
             fallback: false,
             build_hook: None,
+            builtin_builder: None,
         }
     }
 }

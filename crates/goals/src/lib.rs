@@ -2,6 +2,7 @@
 
 pub mod build_dir;
 mod builtin_substituter;
+pub mod builtins;
 pub mod config;
 mod derivation_goal;
 mod engine;

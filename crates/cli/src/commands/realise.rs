@@ -426,6 +426,8 @@ pub fn settings_worker_config(
     cfg.impersonate_linux_26 = s.impersonate_linux_26;
     cfg.state_dir = store.config().state_dir.clone();
     cfg.fallback = s.fallback;
+    // Builtin builders run in this very executable (see `nixb_goals::builtins`).
+    cfg.builtin_builder = std::env::current_exe().ok();
     cfg.substituters = substituters(s);
     cfg.cache_options = match super::substitute::cache_options(s) {
         Ok(o) => o,

@@ -21,6 +21,7 @@ use std::process::ExitStatus;
 use nixb_logs::{LimitState, LogSink};
 use nixb_sandbox::{BuildUserIds, Isolation, Personality, SandboxSpec};
 use nixb_store::canon::InodesSeen;
+use nixb_store::derivation::Derivation;
 use nixb_store::{Encoding, Hash, HashAlgo, StoreDir, StorePath};
 
 use crate::build_dir::{delete_path, BuildDir};
@@ -316,7 +317,7 @@ pub(crate) fn start_builder(
     // Not the derivation's fault but this machine's: like Nix, an error (exit 1) rather
     // than a permanent build failure, and nothing goes into the failed-path cache.
     let required = required_system_features(drv);
-    if !can_build_locally(&drv.platform, &cx.cfg.system) {
+    if !can_build_locally(drv, &cx.cfg.system) {
         return Err(BuildError::Misc(format!(
             "a '{}' is required to build {}, but I am a '{}'",
             drv.platform,
@@ -336,11 +337,20 @@ pub(crate) fn start_builder(
         )));
     }
 
+    // A builtin builder runs in a nixb executable, outside the chroot (see `crate::builtins`).
+    let builtin = match crate::builtins::builtin_name(&drv.builder) {
+        Some(name) => Some(builtin_program(g, cx, drv, name)?),
+        None => None,
+    };
+
     let mut chroot = sandboxing::use_chroot(
         cx.cfg.sandbox,
         drv.env.get("__noChroot").is_some_and(|v| v == "1"),
         &sd.print(&g.drv_path),
     )?;
+    if builtin.is_some() {
+        chroot = false;
+    }
     if chroot {
         if let Some(warning) = sandboxing::sandbox_unavailable(cx.cfg, &sd.print(&g.drv_path))? {
             cx.message(Level::Warn, warning);
@@ -415,7 +425,7 @@ pub(crate) fn start_builder(
 
     // Unsandboxed, HOME is the host's file system: make sure the promise that it does not
     // exist holds.
-    if !chroot && cx.cfg.homeless_shelter.exists() {
+    if !chroot && builtin.is_none() && cx.cfg.homeless_shelter.exists() {
         return Err(BuildError::Misc(format!(
             "home directory '{}' exists; please remove it to assure purity of builds without sandboxing",
             cx.cfg.homeless_shelter.display()
@@ -523,8 +533,12 @@ pub(crate) fn start_builder(
         Isolation::Plain
     };
 
+    let (program, args) = match builtin {
+        Some((exe, name)) => (exe, vec![crate::builtins::BUILTIN_ARG.to_owned(), name]),
+        None => (PathBuf::from(&drv.builder), args),
+    };
     let inv = BuilderInvocation {
-        program: PathBuf::from(&drv.builder),
+        program,
         args,
         env,
         build_dir: build_dir.clone(),
@@ -578,6 +592,42 @@ pub(crate) fn start_builder(
         log_file,
     });
     Ok(build)
+}
+
+/// The executable and name of the builtin builder `name` of `drv`, after checking that it
+/// exists, that this worker can run it, and that it reads nothing but inputs of `drv` (the
+/// promise the chroot, which it runs outside of, would otherwise keep).
+fn builtin_program(
+    g: &BuildPlan,
+    cx: &Step<'_>,
+    drv: &Derivation,
+    name: &str,
+) -> Result<(PathBuf, String), BuildError> {
+    let sd = cx.store_dir();
+    let which = quoted(sd, &g.drv_path);
+    if !crate::builtins::KNOWN.contains(&name) {
+        return Err(BuildError::Build(format!(
+            "{which}: unsupported builtin builder '{name}' (nixb has builtin:{})",
+            crate::builtins::KNOWN.join(", builtin:")
+        )));
+    }
+    let exe = cx.cfg.builtin_builder.clone().ok_or_else(|| {
+        BuildError::Misc(format!(
+            "{which} has the builder 'builtin:{name}', which runs in a nixb executable, and \
+             none was given to this worker (WorkerConfig::builtin_builder)"
+        ))
+    })?;
+    let paths = crate::builtins::paths_read(name, &drv.env)
+        .map_err(|e| BuildError::Build(format!("{which}: builtin:{name}: {e}")))?;
+    for p in paths {
+        let input = sd.parse(&p).ok().filter(|sp| g.input_paths.contains(sp));
+        if input.is_none() {
+            return Err(BuildError::Build(format!(
+                "{which}: builtin:{name} would read '{p}', which is not an input of the derivation"
+            )));
+        }
+    }
+    Ok((exe, name.to_owned()))
 }
 
 /// Writes each `exportReferencesGraph` file into the build directory.

@@ -742,7 +742,7 @@ impl DerivationGoal {
     fn will_build_locally(&self, cx: &Step<'_>) -> Result<bool, BuildError> {
         let drv = self.plan.drv()?;
         Ok(drv.env.get("preferLocalBuild").is_some_and(|v| v == "1")
-            && can_build_locally(&drv.platform, &cx.cfg.system))
+            && can_build_locally(drv, &cx.cfg.system))
     }
 }
 

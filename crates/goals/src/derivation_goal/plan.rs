@@ -72,7 +72,10 @@ pub(crate) fn required_system_features(drv: &Derivation) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// Whether this machine can run builders for `platform`.
-pub(crate) fn can_build_locally(platform: &str, system: &str) -> bool {
-    platform == system || (platform == "i686-linux" && system == "x86_64-linux")
+/// Whether this machine can run `drv`'s builder: one for its own platform, for i686 on
+/// x86_64, or a builtin builder (whatever its platform, usually `builtin`).
+pub(crate) fn can_build_locally(drv: &Derivation, system: &str) -> bool {
+    drv.platform == system
+        || (drv.platform == "i686-linux" && system == "x86_64-linux")
+        || crate::builtins::builtin_name(&drv.builder).is_some()
 }
