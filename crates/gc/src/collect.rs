@@ -18,6 +18,7 @@
 //!    entries of `.links`.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 
 use nixb_store::local_store::LocalStore;
@@ -31,7 +32,7 @@ use crate::server::{RootsServer, SharedRoots};
 use crate::GcError;
 
 /// SQLite's page cache while deleting rows, in KiB.
-const GC_CACHE_KIB: u32 = 128 * 1024;
+const GC_CACHE_KIB: u32 = 32 * 1024;
 
 /// What a collection does (Nix's `GCOptions::GCAction`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,7 +74,7 @@ impl GcOptions {
             max_freed: u64::MAX,
             keep_outputs: false,
             keep_derivations: true,
-            batch_size: 16384,
+            batch_size: 65536,
             keep_paths: true,
         }
     }
@@ -184,6 +185,11 @@ fn collect_locked(
     let config = store.config();
     events(GcEvent::FindingRoots);
     let mut phase = Phase::start();
+    // The store directory is listed on a second thread while the graph is read. Listing
+    // it first rather than last can only leave out a path that appears meanwhile, which
+    // is then not a candidate for deletion at all (valid paths come from the graph).
+    let list_path = store_dir.as_path().to_path_buf();
+    let listing = std::thread::spawn(move || list_directory(&list_path));
     let graph = Graph::load(store, kinds)?;
     let n = graph.len();
     phase.done("reading the reference graph");
@@ -220,18 +226,10 @@ fn collect_locked(
     let nix_order = opts.max_freed != u64::MAX && matches!(opts.action, GcAction::DeleteDead);
     let mut dir_order: Vec<Entry> = Vec::new();
     let store_path = store_dir.as_path();
-    let entries = std::fs::read_dir(store_path).map_err(|source| GcError::Io {
-        step: "reading directory",
-        path: store_path.to_path_buf(),
-        source,
-    })?;
-    for e in entries {
-        let e = e.map_err(|source| GcError::Io {
-            step: "reading directory",
-            path: store_path.to_path_buf(),
-            source,
-        })?;
-        let name = e.file_name().to_string_lossy().into_owned();
+    let entries = listing.join().map_err(|_| GcError::Corrupt {
+        what: "the thread listing the store directory panicked".into(),
+    })??;
+    for name in entries {
         if name == ".links" {
             continue;
         }
@@ -697,6 +695,20 @@ fn delete_in_directory_order(
         }
     }
     Ok(false)
+}
+
+/// The names in the store directory `dir`, in the directory's order.
+fn list_directory(dir: &Path) -> Result<Vec<String>, GcError> {
+    let io = |source| GcError::Io {
+        step: "reading directory",
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io)? {
+        names.push(e.map_err(io)?.file_name().to_string_lossy().into_owned());
+    }
+    Ok(names)
 }
 
 /// Deletes the rows of `batch` together in one transaction and returns the nodes

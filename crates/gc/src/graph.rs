@@ -15,9 +15,6 @@
 //! `deriver` with `keep-derivations`, which is exactly the closure Nix computes for a
 //! root (`computeFSClosure` with `includeOutputs`/`includeDerivers`).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use nixb_store::local_store::LocalStore;
 use nixb_store::path::HASH_CHARS;
 
@@ -27,26 +24,44 @@ use crate::GcError;
 pub type Node = u32;
 const NONE: Node = Node::MAX;
 
-/// Hashes a database row id with one multiplication: ids are distinct integers, and
-/// SipHash on ten million reference rows would cost more than reading them.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_i64(&mut self, n: i64) {
-        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
+/// Row id to node. Nodes are numbered in id order, so the ids are the sorted `db_id`; ids
+/// of a store are mostly dense (autoincrement, with gaps where paths were deleted), so a
+/// table indexed by `id - first` costs 4 bytes a slot, a quarter of a hash map's entry, and
+/// one load a look-up. Where the gaps make the table more than four times as long as the
+/// store, a binary search over `db_id` needs nothing more.
+enum IdIndex {
+    Dense { first: i64, table: Vec<Node> },
+    Sorted,
 }
 
-type IdMap = HashMap<i64, Node, BuildHasherDefault<IdHasher>>;
+impl IdIndex {
+    fn new(db_id: &[i64]) -> IdIndex {
+        let (Some(&first), Some(&last)) = (db_id.first(), db_id.last()) else {
+            return IdIndex::Sorted;
+        };
+        let span = u64::try_from(last - first)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        if span > 4 * db_id.len() as u64 + 1024 {
+            return IdIndex::Sorted;
+        }
+        let mut table = vec![NONE; span as usize];
+        for (node, id) in db_id.iter().enumerate() {
+            table[(id - first) as usize] = node as Node;
+        }
+        IdIndex::Dense { first, table }
+    }
+
+    fn get(&self, db_id: &[i64], id: i64) -> Option<Node> {
+        match self {
+            IdIndex::Dense { first, table } => {
+                let slot = usize::try_from(id.checked_sub(*first)?).ok()?;
+                table.get(slot).copied().filter(|n| *n != NONE)
+            }
+            IdIndex::Sorted => db_id.binary_search(&id).ok().map(|n| n as Node),
+        }
+    }
+}
 
 /// Which optional edges to load.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -90,25 +105,18 @@ impl Graph {
         store.with_db(|db| {
             db.read_snapshot("reading the reference graph", |db| {
                 let mut g = Graph::default();
-                let mut ids = IdMap::default();
                 let mut bad: Option<String> = None;
-                let mut derivers: Vec<(Node, Box<str>)> = Vec::new();
-                db.scan_valid_paths(|id, path, deriver| {
+                let mut unsorted = false;
+                db.scan_valid_paths(|id, path, _| {
                     let Some(base) = path.strip_prefix(&prefix).filter(|b| b.len() > HASH_CHARS)
                     else {
                         bad.get_or_insert_with(|| path.to_string());
                         return;
                     };
-                    let node = g.db_id.len() as Node;
+                    unsorted |= g.db_id.last().is_some_and(|last| *last >= id);
                     g.names.push_str(base);
                     g.name_end.push(g.names.len() as u32);
                     g.db_id.push(id);
-                    ids.insert(id, node);
-                    if kinds.derivers {
-                        if let Some(d) = deriver.and_then(|d| d.strip_prefix(&prefix)) {
-                            derivers.push((node, d.into()));
-                        }
-                    }
                 })?;
                 if let Some(path) = bad {
                     return Err(GcError::Corrupt {
@@ -120,8 +128,14 @@ impl Graph {
                         what: "too many valid paths for one collection".into(),
                     });
                 }
+                if unsorted {
+                    return Err(GcError::Corrupt {
+                        what: "valid paths did not come ordered by id".into(),
+                    });
+                }
                 let n = g.db_id.len();
                 g.index_by_hash();
+                let ids = IdIndex::new(&g.db_id);
 
                 // Refs come ordered by referrer id, and nodes are numbered in id order, so
                 // the rows are built as they stream in (no list of pairs at twice the size).
@@ -129,22 +143,23 @@ impl Graph {
                 let mut unordered = false;
                 g.ref_start.reserve(n + 1);
                 g.ref_start.push(0);
+                let (db_id, ref_start, refs) = (&g.db_id, &mut g.ref_start, &mut g.refs);
                 db.scan_references(|from, to| {
                     if from == to {
                         return;
                     }
-                    let (Some(f), Some(t)) = (ids.get(&from), ids.get(&to)) else {
+                    let (Some(f), Some(t)) = (ids.get(db_id, from), ids.get(db_id, to)) else {
                         missing = Some((from, to));
                         return;
                     };
-                    if (*f as usize) + 1 < g.ref_start.len() {
+                    if (f as usize) + 1 < ref_start.len() {
                         unordered = true;
                         return;
                     }
-                    while g.ref_start.len() <= *f as usize {
-                        g.ref_start.push(g.refs.len() as u32);
+                    while ref_start.len() <= f as usize {
+                        ref_start.push(refs.len() as u32);
                     }
-                    g.refs.push(*t);
+                    refs.push(t);
                 })?;
                 if let Some((from, to)) = missing {
                     return Err(GcError::Corrupt {
@@ -165,21 +180,32 @@ impl Graph {
                     let mut pairs = Vec::new();
                     db.scan_derivation_outputs(|drv, path| {
                         if let (Some(d), Some(o)) = (
-                            ids.get(&drv),
+                            ids.get(&g.db_id, drv),
                             path.strip_prefix(&prefix).and_then(|b| g.lookup(b)),
                         ) {
-                            pairs.push((*d, o));
+                            pairs.push((d, o));
                         }
                     })?;
                     (g.out_start, g.outs) = compress(n, pairs);
                 }
                 if kinds.derivers {
-                    g.deriver = vec![NONE; n];
-                    for (node, d) in derivers {
-                        if let Some(dn) = g.lookup(&d) {
-                            g.deriver[node as usize] = dn;
+                    // A second pass over the same snapshot, now that names can be looked up:
+                    // holding every deriver's name until then would cost more memory than
+                    // the graph itself on a large store.
+                    let mut deriver = vec![NONE; n];
+                    let mut node = 0usize;
+                    db.scan_valid_paths(|_, _, d| {
+                        if let Some(dn) = d
+                            .and_then(|d| d.strip_prefix(&prefix))
+                            .and_then(|d| g.lookup(d))
+                        {
+                            if let Some(slot) = deriver.get_mut(node) {
+                                *slot = dn;
+                            }
                         }
-                    }
+                        node += 1;
+                    })?;
+                    g.deriver = deriver;
                 }
                 Ok(g)
             })
