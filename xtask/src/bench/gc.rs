@@ -8,9 +8,9 @@
 //! print-dead nixb gc --print-dead   vs  nix-store --gc --print-dead   (same output checked)
 //! collect    nixb gc                vs  nix-store --gc                (store restored
 //!            before each run, outside the timing; the same paths left checked)
-//! scale      nixb gc --print-dead and nixb gc on 1,000,000 registered paths (rows
-//!            only, no files: the collector's memory is the graph's), peak RSS and
-//!            time vs 100,000
+//! scale      nixb gc --print-dead and nixb gc on 100,000 and on 1,000,000 registered
+//!            paths (rows only, no files: the collector's memory is the graph's), peak
+//!            RSS and time at both sizes
 //! ```
 //!
 //! The store lives on /dev/shm when it exists, so that the figures are the collectors'
@@ -231,8 +231,10 @@ fn generate(root: &Path, n: usize, files: bool) -> Result<()> {
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    let _ = Command::new("chmod").arg("-R").arg("u+w").arg(to).status();
-    let _ = std::fs::remove_dir_all(to);
+    if to.exists() {
+        let _ = Command::new("chmod").arg("-R").arg("u+w").arg(to).status();
+        let _ = std::fs::remove_dir_all(to);
+    }
     let st = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
     if !st.success() {
         bail!("cp -a {} {} failed", from.display(), to.display());
@@ -330,35 +332,51 @@ fn measure(dir: &Path, nixb: &Path, nix_store: &Path) -> Result<()> {
         return Ok(());
     }
 
-    let big_store = Store {
-        root: dir.join("big"),
+    // Rows only at both sizes, so that the two scale rows compare like with like.
+    for size in [paths, big] {
+        scale_rows(dir, nixb, size)?;
+    }
+    Ok(())
+}
+
+/// print-dead and a full collection on a store of `size` rows without files.
+fn scale_rows(dir: &Path, nixb: &Path, size: usize) -> Result<()> {
+    let store = Store {
+        root: dir.join("rows"),
     };
-    let big_template = dir.join("big-template");
+    let template = dir.join("rows-template");
     let t = Instant::now();
-    generate(&big_store.root, big, false)?;
-    eprintln!("generated {big} rows in {:.1} s", t.elapsed().as_secs_f64());
-    copy_tree(&big_store.root, &big_template)?;
+    generate(&store.root, size, false)?;
+    eprintln!(
+        "generated {size} rows in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    copy_tree(&store.root, &template)?;
     let mut a = vec![];
     for _ in 0..ROUNDS {
-        a.push(timed(&big_store, nixb, &["gc", "--print-dead"])?);
+        a.push(timed(&store, nixb, &["gc", "--print-dead"])?);
     }
     println!(
         "{}",
-        row(&format!("print-dead, {big} paths (rows only)"), &a, &[])
+        row(&format!("print-dead, {size} paths (rows only)"), &a, &[])
     );
     let mut a = vec![];
     for _ in 0..ROUNDS {
-        copy_tree(&big_template, &big_store.root)?;
-        a.push(timed(&big_store, nixb, &["gc"])?);
+        copy_tree(&template, &store.root)?;
+        a.push(timed(&store, nixb, &["gc"])?);
     }
     println!(
         "{}",
         row(
-            &format!("full collection, {big} paths (rows only)"),
+            &format!("full collection, {size} paths (rows only)"),
             &a,
             &[]
         )
     );
+    for d in [&store.root, &template] {
+        let _ = Command::new("chmod").arg("-R").arg("u+w").arg(d).status();
+        let _ = std::fs::remove_dir_all(d);
+    }
     Ok(())
 }
 

@@ -12,7 +12,8 @@
 //! come before.
 //!
 //! `NIXB_BENCH_FS=ext4,xfs,btrfs,tmpfs` picks file systems, `NIXB_BENCH_ROUNDS` (default 7)
-//! the pairs. Images go to `/var/tmp` (not a tmpfs here) and are deleted at the end.
+//! the pairs, `NIXB_BENCH_NIXB=<path>` a build to take as A instead of this tree's (to
+//! compare two older builds, as when bisecting). Images go to `/var/tmp` (not a tmpfs here) and are deleted at the end.
 //!
 //! The disk-specific mechanisms this bench once switched off one by one (a lock-file pool,
 //! recycled build directories, log files made on a helper thread, a spin and a cache
@@ -279,10 +280,15 @@ pub fn run() -> Result<()> {
     if busybox.is_none() {
         bail!("sandboxed builds need a static busybox as the sandboxed /bin/sh");
     }
-    let nixb = crate::build_nixb_release(&crate::workspace_root())?;
+    let nixb = match std::env::var_os("NIXB_BENCH_NIXB").map(PathBuf::from) {
+        Some(p) if p.is_file() => p,
+        Some(p) => bail!("NIXB_BENCH_NIXB={}: no such file", p.display()),
+        None => crate::build_nixb_release(&crate::workspace_root())?,
+    };
     let base = std::env::temp_dir().join(format!("nixb-bench-tuning-{}", std::process::id()));
     println!(
-        "{rounds} pairs each, this tree's nixb (A) and {} (B) in turn; ms are medians",
+        "{rounds} pairs each, {} (A) and {} (B) in turn; ms are medians",
+        nixb.display(),
         other.display()
     );
     println!(
