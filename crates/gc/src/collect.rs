@@ -31,8 +31,18 @@ use crate::roots::{find_roots_no_temp, find_temp_roots, RootDirs};
 use crate::server::{RootsServer, SharedRoots};
 use crate::GcError;
 
-/// SQLite's page cache while deleting rows, in KiB.
-const GC_CACHE_KIB: u32 = 32 * 1024;
+/// SQLite's page cache while deleting rows, in KiB, for a store of `paths` valid paths: as
+/// much as 128 MiB (every batch touches index pages all over the file, and what the cache
+/// cannot hold is written to the log again), less on stores whose graph is large, so that
+/// graph and cache together stay within about 150 MiB (the graph takes about 110 bytes a
+/// path); at least 16 MiB.
+fn gc_cache_kib(paths: usize) -> u32 {
+    const BUDGET_KIB: u64 = 150 * 1024;
+    let graph_kib = (paths as u64).saturating_mul(110) / 1024;
+    BUDGET_KIB
+        .saturating_sub(graph_kib)
+        .clamp(16 * 1024, 128 * 1024) as u32
+}
 
 /// What a collection does (Nix's `GCOptions::GCAction`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,7 +69,8 @@ pub struct GcOptions {
     pub keep_outputs: bool,
     /// `keep-derivations`: a live path keeps its deriver alive.
     pub keep_derivations: bool,
-    /// Paths whose rows are deleted in one transaction.
+    /// Paths whose rows are deleted in one transaction; 0 (the default) chooses by the
+    /// number of dead paths (see [`auto_batch_size`]).
     pub batch_size: usize,
     /// Collect the listed or deleted paths in [`GcResults::paths`] (they are reported as
     /// events either way; a caller that prints them as they come can save the memory).
@@ -74,7 +85,7 @@ impl GcOptions {
             max_freed: u64::MAX,
             keep_outputs: false,
             keep_derivations: true,
-            batch_size: 65536,
+            batch_size: 0,
             keep_paths: true,
         }
     }
@@ -336,7 +347,7 @@ fn collect_locked(
     // Deleting a batch's rows in one statement writes a statement journal as it goes
     // (a temporary file on disk by default, costing as much as the deletion itself).
     store.with_db(|db| {
-        db.set_cache_size_kib(GC_CACHE_KIB)?;
+        db.set_cache_size_kib(gc_cache_kib(n))?;
         db.keep_temp_files_in_memory()
     })?;
     let order = if nix_order {
@@ -346,11 +357,15 @@ fn collect_locked(
     };
     phase.done("ordering dead paths");
     let total = dead_count + strays.len();
+    let batch_size = match opts.batch_size {
+        0 => auto_batch_size(total),
+        b => b,
+    };
     let batch_size = if opts.max_freed == u64::MAX {
-        opts.batch_size.max(1)
+        batch_size
     } else {
         // Freed bytes are known only after the files go: keep the overshoot small.
-        opts.batch_size.clamp(1, 16)
+        batch_size.clamp(1, 16)
     };
     let done = std::cell::Cell::new(0usize);
     let mut limit_reached = false;
@@ -695,6 +710,15 @@ fn delete_in_directory_order(
         }
     }
     Ok(false)
+}
+
+/// Rows a transaction deletes when the caller does not say, for `dead` paths to delete:
+/// an eighth of them, so that the files of one batch go on the second thread while the
+/// rows of the next go (two batches would barely overlap), but at least 16,384, and at
+/// most 65,536 (bigger batches pass over the same index pages fewer times on large
+/// stores, and hold the write lock longer).
+pub fn auto_batch_size(dead: usize) -> usize {
+    (dead / 8).clamp(16_384, 65_536)
 }
 
 /// The names in the store directory `dir`, in the directory's order.
