@@ -1,8 +1,9 @@
-//! Collections while builds run, in loops, both ways round: `nixb gc` while `nixb realise`
-//! and real `nix-store -r` build, and `nix-store --gc` while `nixb realise` builds. The
-//! derivations are rooted (as `nix-instantiate --add-root` does); their outputs are not, so
-//! every collection deletes the previous round's outputs while the next round builds them
-//! again. No build may fail, and after the loops the store must verify clean.
+//! Collections while builds and substitutions run, in loops, both ways round: `nixb gc`
+//! and `nix-store --gc` while `nixb realise` and real `nix-store -r` build one pair of
+//! chains and substitute another from a binary cache. The derivations are rooted (as
+//! `nix-instantiate --add-root` does); their outputs are not, so every collection deletes
+//! the previous round's outputs while the next round builds or substitutes them again. No
+//! build or substitution may fail, and after the loops the store must verify clean.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,8 +14,12 @@ use nixb_tests::{run, run_str, TestStore};
 
 const ROUNDS: usize = 4;
 
+/// Four chains: two to build (`nixb`, `nix`), two to substitute (`sub-nixb`, `sub-nix`),
+/// whose builders refuse to run once the file `$GC_TEST_NOBUILD` (read at instantiation)
+/// exists, so that they can only come from the cache then.
 const EXPR: &str = r#"
 let
+  nobuild = builtins.getEnv "GC_TEST_NOBUILD";
   mk = name: deps: derivation {
     inherit name deps;
     PATH = "/bin:/usr/bin";
@@ -22,12 +27,13 @@ let
     builder = "/bin/sh";
     src = builtins.toFile "src-${name}" "source of ${name}";
     args = [ "-c" ''
+      case $name in *sub-*) if test -e ${nobuild}; then echo must be substituted; exit 1; fi;; esac
       mkdir $out; cat $src > $out/file
       i=0; for d in $deps; do test -e $d/file; ln -s $d $out/dep$i; i=$((i+1)); done
     '' ];
   };
   chain = tag: let a = mk "a-${tag}" []; b = mk "b-${tag}" [ a ]; in mk "c-${tag}" [ a b ];
-in [ (chain "nixb") (chain "nix") ]
+in [ (chain "nixb") (chain "nix") (chain "sub-nixb") (chain "sub-nix") ]
 "#;
 
 fn gc_loop(
@@ -64,8 +70,10 @@ fn collections_during_builds_never_break_a_build() {
     let expr = t.file("chains.nix", EXPR);
     let roots = t.state_dir().join("gcroots");
     std::fs::create_dir_all(&roots).unwrap();
+    let nobuild = t.root.path().join("nobuild");
     let drvs = run_str(
         t.nix("nix-instantiate")
+            .env("GC_TEST_NOBUILD", &nobuild)
             .arg("--add-root")
             .arg(roots.join("drv"))
             .arg("--indirect")
@@ -80,9 +88,43 @@ fn collections_during_builds_never_break_a_build() {
                 .unwrap_or_else(|_| l.to_string())
         })
         .collect();
-    assert_eq!(drvs.len(), 2, "{drvs:?}");
+    assert_eq!(drvs.len(), 4, "{drvs:?}");
     // Builds go through the output of the last derivation of each chain.
     let (ours, theirs) = (drvs[0].clone(), drvs[1].clone());
+    let (ours_sub, theirs_sub) = (drvs[2].clone(), drvs[3].clone());
+
+    // The substituted chains, built once, go to a binary cache; from then on their
+    // builders refuse to run.
+    let cache = format!("file://{}", t.root.path().join("cache").display());
+    for d in [&ours_sub, &theirs_sub] {
+        let out = run_str(t.nix("nix-store").args(["-r", d]), None);
+        let copy = run(
+            t.nix("nix")
+                .args([
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "copy",
+                    "--to",
+                ])
+                .arg(&cache)
+                .arg(out.trim()),
+            None,
+        );
+        assert!(
+            copy.status.success(),
+            "nix copy: {}",
+            String::from_utf8_lossy(&copy.stderr)
+        );
+    }
+    std::fs::write(&nobuild, "").unwrap();
+    let from_cache = [
+        "--option",
+        "substituters",
+        cache.as_str(),
+        "--option",
+        "require-sigs",
+        "false",
+    ];
 
     for collector in ["nixb", "nix-store"] {
         let stop = Arc::new(AtomicBool::new(false));
@@ -114,6 +156,27 @@ fn collections_during_builds_never_break_a_build() {
             assert!(
                 out.status.success(),
                 "round {round} under {collector}: nix-store -r failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = run(
+                t.nixb().arg("realise").args(from_cache).arg(&ours_sub),
+                None,
+            );
+            assert!(
+                out.status.success(),
+                "round {round} under {collector}: nixb realise from the cache failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = run(
+                t.nix("nix-store")
+                    .arg("-r")
+                    .args(from_cache)
+                    .arg(&theirs_sub),
+                None,
+            );
+            assert!(
+                out.status.success(),
+                "round {round} under {collector}: nix-store -r from the cache failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
