@@ -68,7 +68,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let t = TestStore::with_conf(&format!(
-        "sandbox = false\nbuild-users-group =\nmax-jobs = {MAX_JOBS}\n"
+        "sandbox = false\nbuild-users-group =\nsubstituters =\nmax-jobs = {MAX_JOBS}\n"
     ));
     let marks = t.root.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
@@ -289,6 +289,88 @@ fn a_client_that_hangs_up_stops_its_own_build_and_no_other() {
         None,
     );
     assert!(!valid.status.success(), "the cancelled output is valid");
+    assert!(
+        !Path::new(&lonely_out).exists(),
+        "the cancelled output is on disk"
+    );
+}
+
+/// The client's writing end of `nixb daemon --stdio`'s standard input, which the test can
+/// close while the client waits for a reply on another thread.
+#[derive(Clone)]
+struct Closeable(std::sync::Arc<std::sync::Mutex<Option<std::process::ChildStdin>>>);
+
+impl std::io::Write for Closeable {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.lock().unwrap().as_mut() {
+            Some(w) => w.write(buf),
+            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.0.lock().unwrap().as_mut() {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[test]
+fn a_stdio_client_that_hangs_up_stops_its_build() {
+    nixb_testsupport::require!(Nix);
+    let s = setup();
+    let lonely = instantiate(&s, "lonely.nix", LONELY).remove(0);
+    let lonely_out = output_of(&s, &lonely);
+    // On pipes, as a parent process or `ssh` without a socket gives them.
+    let mut daemon =
+        s.t.nixb()
+            .args(["daemon", "--stdio"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting nixb daemon --stdio");
+    let input = Closeable(std::sync::Arc::new(std::sync::Mutex::new(
+        daemon.stdin.take(),
+    )));
+    let output = daemon.stdout.take().unwrap();
+    let store_dir = nixb_store::StoreDir::new(s.t.store_dir().to_str().unwrap()).unwrap();
+    let info = nixb_protocol::ClientInfo {
+        version: nixb_protocol::Version::new(1, 34),
+        features: Default::default(),
+    };
+    let mut client =
+        nixb_protocol::Client::connect(output, input.clone(), store_dir.clone(), &info).unwrap();
+    let drv = store_dir.parse(&lonely).unwrap();
+    let waiting = std::thread::spawn(move || {
+        client.build_paths(
+            &[nixb_protocol::types::DerivedPath::Built {
+                drv,
+                outputs: nixb_protocol::types::OutputsSpec::All,
+            }],
+            nixb_protocol::types::BuildMode::Normal,
+            &mut |_| {},
+        )
+    });
+    let pid = wait_for_file(&s.marks.join("lonely-started"), "the lonely build's start");
+    let builder = Pid::from_raw(pid.trim().parse().expect("the builder's pid"));
+
+    // The client closes its end mid-build: the builder is killed and the daemon ends.
+    input.0.lock().unwrap().take();
+    let deadline = Instant::now() + WATCHDOG;
+    while alive(builder) {
+        assert!(
+            Instant::now() < deadline,
+            "the builder of a stdio client that hung up still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_with_watchdog(&mut daemon, "the stdio daemon's end");
+    assert!(
+        waiting.join().unwrap().is_err(),
+        "the build was reported done"
+    );
+    std::fs::write(s.marks.join("release"), "").unwrap();
+    assert!(!s.marks.join("lonely-finished").exists());
     assert!(
         !Path::new(&lonely_out).exists(),
         "the cancelled output is on disk"

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 
@@ -31,6 +31,7 @@ use nixb_store::{DerivedPath, StoreDir, StorePath};
 use crate::activity::Activities;
 use crate::connection::Session;
 use crate::error::{DaemonError, Result};
+use crate::hangup::HangupState;
 
 /// The engine's end of a request's events: each goes into the channel, and a byte on the
 /// socket wakes the connection thread. Dropped by the engine when the request is done,
@@ -129,7 +130,7 @@ pub(crate) fn realise<R: Read, W: Write>(
         }
         let mut fds = vec![PollFd::new(wake_rx.as_fd(), PollFlags::POLLIN)];
         if let (Some(h), true) = (&s.hangup, watch) {
-            fds.push(PollFd::new(h.as_fd(), PollFlags::POLLIN));
+            fds.push(PollFd::new(h.fd(), PollFlags::POLLIN));
         }
         match nix::poll::poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -141,27 +142,20 @@ pub(crate) fn realise<R: Read, W: Write>(
                 })
             }
         }
-        let readable = fds
+        let fds_revents = fds
             .get(1)
             .and_then(|p| p.revents())
-            .is_some_and(|r| !r.is_empty());
+            .unwrap_or(PollFlags::empty());
+        let readable = !fds_revents.is_empty();
         drop(fds);
         if readable {
-            // End-of-file (or an error) means the client left; data means it sent
-            // something early, which the next request reads.
-            use nix::sys::socket::{recv, MsgFlags};
-            let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
-            let peeked = s
-                .hangup
-                .as_ref()
-                .map(|h| recv(h.as_raw_fd(), &mut [0u8; 1], flags));
-            match peeked {
-                None | Some(Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)) => continue,
-                Some(Ok(n)) if n > 0 => {
+            match s.hangup.as_ref().map(|h| h.state(fds_revents)) {
+                None | Some(HangupState::Unknown) => continue,
+                Some(HangupState::SentData) => {
                     watch = false;
                     continue;
                 }
-                Some(_) => {}
+                Some(HangupState::Gone) => {}
             }
             job.cancel();
             return Err(DaemonError::Broken(

@@ -53,9 +53,8 @@ pub(crate) struct Session<'d> {
     /// first use and removed when the connection ends, as a Nix daemon's per-connection
     /// process takes its own with it.
     pub temp_roots: Option<nixb_gc::TempRootsFile>,
-    /// The client's socket, polled for a hang-up while its builds run (none for
-    /// `--stdio`).
-    pub hangup: Option<std::os::unix::net::UnixStream>,
+    /// The client's end, polled for a hang-up while its builds run.
+    pub hangup: Option<crate::hangup::Hangup>,
 }
 
 /// Numbers the daemon's connections, for their temporary roots files.
@@ -67,7 +66,7 @@ pub(crate) fn serve<R: Read, W: Write>(
     r: R,
     w: W,
     trusted: bool,
-    hangup: Option<std::os::unix::net::UnixStream>,
+    hangup: Option<crate::hangup::Hangup>,
 ) -> Result<()> {
     let info = nixb_protocol::ServerInfo {
         version: Version::MAX,

@@ -7,6 +7,7 @@ mod build;
 mod connection;
 pub mod error;
 mod gc;
+pub mod hangup;
 pub mod listen;
 pub mod trust;
 
@@ -101,13 +102,14 @@ impl Daemon {
         self.serve_with(r, w, trusted, None)
     }
 
-    /// [`Daemon::serve`], with the socket to poll for a hang-up while builds run.
-    fn serve_with<R: Read, W: Write>(
+    /// [`Daemon::serve`], with the client's end to poll for a hang-up while builds run
+    /// (for `--stdio`: a duplicate of standard input).
+    pub fn serve_with<R: Read, W: Write>(
         &self,
         r: R,
         w: W,
         trusted: bool,
-        hangup: Option<std::os::unix::net::UnixStream>,
+        hangup: Option<hangup::Hangup>,
     ) -> Result<()> {
         let active = Active::enter(self);
         let served = connection::serve(self, r, w, trusted, hangup);
@@ -144,7 +146,12 @@ impl Daemon {
             path: "client connection".into(),
             source,
         })?;
-        self.serve_with(reader, stream, trusted, Some(hangup))
+        self.serve_with(
+            reader,
+            stream,
+            trusted,
+            Some(hangup::Hangup::Socket(hangup)),
+        )
     }
 }
 

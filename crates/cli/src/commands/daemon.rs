@@ -43,8 +43,17 @@ pub fn run(args: DaemonArgs, options: &[String]) -> Result<u8> {
     };
     let daemon = Arc::new(Daemon::new(store, config));
     if args.stdio {
+        // Standard input, polled while builds run: a client that goes away cancels them.
+        let watch = std::os::fd::AsFd::as_fd(&std::io::stdin())
+            .try_clone_to_owned()
+            .context("duplicating standard input")?;
         daemon
-            .serve(std::io::stdin().lock(), std::io::stdout().lock(), true)
+            .serve_with(
+                std::io::stdin().lock(),
+                std::io::stdout().lock(),
+                true,
+                Some(nixb_daemon::hangup::Hangup::of(watch)),
+            )
             .context("serving the connection on stdin/stdout")?;
         return Ok(0);
     }
