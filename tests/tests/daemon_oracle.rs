@@ -776,6 +776,27 @@ fn scenario_more(t: &TestStore) -> Vec<Step> {
             .status();
         std::fs::remove_file(gone).unwrap();
     }
+    // The client's own time limits, sent with SetOptions.
+    let silent = t.file(
+        "silent.nix",
+        r#"derivation { name = "silent"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/sleep 30; echo > $out" ]; }"#,
+    );
+    let silent_drv = out_str(&run(client(t, "nix-instantiate").arg(&silent), None));
+    let o = run(
+        client(t, "nix-store")
+            .args(["-r", "--option", "max-silent-time", "1"])
+            .arg(&silent_drv),
+        None,
+    );
+    steps.push(step("client's max-silent-time", &o, Keep::All));
+    let o = run(
+        client(t, "nix-store")
+            .args(["-r", "--option", "timeout", "1"])
+            .arg(&silent_drv),
+        None,
+    );
+    steps.push(step("client's timeout", &o, Keep::All));
+
     let o = run(client(t, "nix-store").arg("--verify"), None);
     steps.push(step("--verify, paths gone", &o, Keep::All));
     let o = run(
@@ -834,6 +855,15 @@ fn more_nix_clients_see_the_same_through_nixb_daemon_as_through_nix_daemon() {
         .contains("lacks a valid signature"));
     assert_eq!(by_name("nix-shell --run").stdout, "hi\nl");
     assert_eq!(by_name("nix-shell --run exit 7").code, Some(7));
+    // Through a daemon, Nix 2.8's client reports a timed-out build as an error (exit 1).
+    assert_eq!(by_name("client's max-silent-time").code, Some(1));
+    assert!(by_name("client's max-silent-time")
+        .stderr
+        .contains("timed out after 1 seconds of silence"));
+    assert_eq!(by_name("client's timeout").code, Some(1));
+    assert!(by_name("client's timeout")
+        .stderr
+        .contains("timed out after 1 seconds"));
     assert_eq!(by_name("nix-shell, input fails").code, Some(1));
     assert_eq!(by_name("--verify finds corruption").code, Some(1));
     assert_eq!(by_name("repaired by -r --repair").stdout, "l\n");

@@ -71,6 +71,7 @@ pub(crate) fn realise<R: Read, W: Write>(
     targets: &[WireDerivedPath],
     mode: WireBuildMode,
 ) -> Result<RealiseOutcome> {
+    let targets_wire = targets;
     let targets: Vec<DerivedPath> = targets.iter().map(engine_target).collect();
     let options = RequestOptions {
         build_mode: match mode {
@@ -79,6 +80,8 @@ pub(crate) fn realise<R: Read, W: Write>(
             WireBuildMode::Check => BuildMode::Check,
         },
         keep_going: s.worker.keep_going,
+        max_silent_time: s.worker.max_silent_time,
+        timeout: s.worker.timeout,
     };
     let daemon = s.daemon;
     let engine = daemon.engine()?;
@@ -169,12 +172,43 @@ pub(crate) fn realise<R: Read, W: Write>(
             gone = true;
         }
     });
+    let dir = daemon.store().store_dir().clone();
     for f in &mut outcome.failures {
-        f.message = activities.failure_message(f);
+        f.message = goal_named_as_nix2(&dir, targets_wire, activities.failure_message(f), &f.path);
     }
     s.next_activity = activities.next_id();
     s.build_usage = activities.take_usage();
     Ok(outcome)
+}
+
+/// A message about the goal of `drv` in the words of Nix 2.x, whose clients show it: the
+/// engine names a goal `building of '<drv>'` (the original's words), Nix 2.x `building of
+/// '<drv>!<outputs>' from .drv file`, with the outputs the request wanted (`*` for all, and
+/// for a dependency, whose wanted outputs the request does not say).
+fn goal_named_as_nix2(
+    dir: &StoreDir,
+    targets: &[WireDerivedPath],
+    message: String,
+    drv: &StorePath,
+) -> String {
+    let old = format!("building of '{}' ", dir.print(drv));
+    let Some(rest) = message.strip_prefix(&old) else {
+        return message;
+    };
+    let outputs = targets
+        .iter()
+        .find_map(|t| match t {
+            WireDerivedPath::Built { drv: d, outputs } if d == drv => Some(match outputs {
+                OutputsSpec::All => "*".to_string(),
+                OutputsSpec::Names(n) => n.join(","),
+            }),
+            _ => None,
+        })
+        .unwrap_or_else(|| "*".to_string());
+    format!(
+        "building of '{}!{outputs}' from .drv file {rest}",
+        dir.print(drv)
+    )
 }
 
 /// `BuildPaths`: all or nothing, a failure is the operation's error.

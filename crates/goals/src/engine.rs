@@ -43,6 +43,12 @@ pub struct RequestOptions {
     /// Without keep-going, the first failure among the goals this request needs ends it
     /// (stopping what only it needed); other requests go on either way.
     pub keep_going: bool,
+    /// `max-silent-time` and `timeout` for this request's builds (`None`: no limit). A
+    /// build several requests need gets the most permissive of their limits, each limit
+    /// on its own (no limit beats any), so that no request's limit cuts short a build
+    /// another request waits for without one.
+    pub max_silent_time: Option<std::time::Duration>,
+    pub timeout: Option<std::time::Duration>,
 }
 
 type Reply = Result<RealiseOutcome, GoalsError>;
@@ -260,6 +266,7 @@ fn serve(w: &mut Worker<'_>, rx: &mpsc::Receiver<Msg>, wake: &UnixStream) -> Ser
                 }) => {
                     used = true;
                     let client = w.add_client(sink, options.keep_going);
+                    w.set_client_limits(client, options.max_silent_time, options.timeout);
                     for t in &targets {
                         w.add_target(client, t, options.build_mode);
                     }

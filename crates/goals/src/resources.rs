@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nixb_store::derivation::Derivation;
 use nixb_store::locks::PathLocks;
@@ -32,7 +32,10 @@ pub(crate) struct Child {
     pub builder: nixb_sandbox::Builder,
     /// Read side of the log pipe (non-blocking); `None` after end-of-file.
     pub log: Option<OwnedFd>,
-    pub respect_timeouts: bool,
+    /// Killed after this long without output (`max-silent-time`), or this long in all
+    /// (`timeout`); `None`: no limit (a child that does not respect timeouts has none).
+    pub max_silent_time: Option<Duration>,
+    pub timeout: Option<Duration>,
     pub in_build_slot: bool,
     pub last_output: Instant,
     pub started: Instant,
@@ -125,8 +128,9 @@ impl<'a> Resources<'a> {
         builder: nixb_sandbox::Builder,
         log: OwnedFd,
         in_build_slot: bool,
-        respect_timeouts: bool,
+        limits: Option<(Option<Duration>, Option<Duration>)>,
     ) {
+        let (max_silent_time, timeout) = limits.unwrap_or((None, None));
         let now = Instant::now();
         self.ensure_watchdog();
         if let Some(wd) = self.watchdog.as_mut() {
@@ -138,7 +142,8 @@ impl<'a> Resources<'a> {
             Child {
                 builder,
                 log: Some(log),
-                respect_timeouts,
+                max_silent_time,
+                timeout,
                 in_build_slot,
                 last_output: now,
                 started: now,

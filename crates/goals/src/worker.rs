@@ -56,6 +56,9 @@ struct ClientState {
     ended: bool,
     /// Stopped by a failure without keep-going: tops not done count as failed.
     stopped: bool,
+    /// Its `max-silent-time` and `timeout` (shared scheduler only).
+    max_silent_time: Option<Duration>,
+    timeout: Option<Duration>,
 }
 
 pub(crate) enum Goal {
@@ -312,6 +315,43 @@ impl<'a> Worker<'a> {
         c
     }
 
+    /// The time limits of `client`'s builds, in a shared scheduler (see
+    /// [`crate::RequestOptions`]); otherwise the settings' hold for every build.
+    pub fn set_client_limits(
+        &mut self,
+        client: ClientId,
+        max_silent_time: Option<Duration>,
+        timeout: Option<Duration>,
+    ) {
+        if let Some(st) = self.clients.get_mut(client.0) {
+            st.max_silent_time = max_silent_time;
+            st.timeout = timeout;
+        }
+    }
+
+    /// The time limits of goal `id`'s builder: the settings', or in a shared scheduler the
+    /// most permissive of the interested clients' (no limit beats any).
+    fn limits_of(&self, id: GoalId) -> (Option<Duration>, Option<Duration>) {
+        if !self.shared {
+            return (self.cfg.max_silent_time, self.cfg.timeout);
+        }
+        fn looser(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+            Some(a?.max(b?))
+        }
+        let mut limits: Option<(Option<Duration>, Option<Duration>)> = None;
+        for c in self.res.router.interest(id) {
+            let Some(st) = self.clients.get(c.0).filter(|st| !st.ended) else {
+                continue;
+            };
+            let mine = (st.max_silent_time, st.timeout);
+            limits = Some(match limits {
+                None => mine,
+                Some((s, t)) => (looser(s, mine.0), looser(t, mine.1)),
+            });
+        }
+        limits.unwrap_or((self.cfg.max_silent_time, self.cfg.timeout))
+    }
+
     /// `client` asks for `target`, built in `mode`; returns its top goal.
     pub fn add_target(
         &mut self,
@@ -540,9 +580,16 @@ impl<'a> Worker<'a> {
                     log,
                     in_build_slot,
                     respect_timeouts,
-                } => self
-                    .res
-                    .child_started(id, builder, log, in_build_slot, respect_timeouts),
+                } => {
+                    let limits = self.limits_of(id);
+                    self.res.child_started(
+                        id,
+                        builder,
+                        log,
+                        in_build_slot,
+                        respect_timeouts.then_some(limits),
+                    )
+                }
                 Request::LockedOutputs(paths) => self.res.set_locked_outputs(id, paths),
                 Request::UnlockedOutputs => self.res.clear_locked_outputs(id),
                 Request::Failed { failure, permanent } => {
@@ -752,11 +799,11 @@ impl<'a> Worker<'a> {
     fn nearest_deadline(&self, now: Instant) -> Option<Instant> {
         let mut nearest: Option<Instant> = None;
         let mut consider = |t: Instant| nearest = Some(nearest.map_or(t, |n| n.min(t)));
-        for c in self.res.children.values().filter(|c| c.respect_timeouts) {
-            if let Some(d) = self.cfg.max_silent_time {
+        for c in self.res.children.values() {
+            if let Some(d) = c.max_silent_time {
                 consider(c.last_output + d);
             }
-            if let Some(d) = self.cfg.timeout {
+            if let Some(d) = c.timeout {
                 consider(c.started + d);
             }
         }
@@ -851,17 +898,14 @@ impl<'a> Worker<'a> {
             let Some(c) = self.res.children.get(&id) else {
                 continue;
             };
-            if !c.respect_timeouts {
-                continue;
-            }
-            if let Some(d) = self.cfg.max_silent_time {
+            if let Some(d) = c.max_silent_time {
                 if after.duration_since(c.last_output) >= d {
                     let msg = format!("timed out after {} seconds of silence", d.as_secs());
                     self.cancel(id, FailureKind::TimedOut, msg);
                     continue;
                 }
             }
-            if let Some(d) = self.cfg.timeout {
+            if let Some(d) = c.timeout {
                 if after.duration_since(c.started) >= d {
                     let msg = format!("timed out after {} seconds", d.as_secs());
                     self.cancel(id, FailureKind::TimedOut, msg);
@@ -1174,6 +1218,28 @@ mod tests {
         assert_eq!(build_dirs(), 0, "build directories removed");
         assert_eq!(w.take_finished(), [b]);
         assert_eq!(w.client_outcome(b).unwrap().exit_status, 0);
+    }
+
+    /// Time limits are per client: a build only a client with a limit wants gets that
+    /// limit, a build two clients want gets the looser one (none beats any).
+    #[test]
+    fn time_limits_are_per_client_and_shared_builds_take_the_loosest() {
+        let h = harness();
+        let (alone, _) = drv(&h, 'a', "alone", &slow_script(), &[]);
+        let (shared, _) = drv(&h, 'b', "shared", &slow_script(), &[]);
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let strict = w.add_client(Box::new(Events::default()), true);
+        let loose = w.add_client(Box::new(Events::default()), true);
+        let second = Duration::from_secs(1);
+        w.set_client_limits(strict, Some(second), Some(2 * second));
+        w.set_client_limits(loose, None, Some(5 * second));
+        let galone = w.add_target(strict, &built(&alone), BuildMode::Normal);
+        let gshared = w.add_target(strict, &built(&shared), BuildMode::Normal);
+        w.add_target(loose, &built(&shared), BuildMode::Normal);
+        assert_eq!(w.limits_of(galone), (Some(second), Some(2 * second)));
+        assert_eq!(w.limits_of(gshared), (None, Some(5 * second)));
+        w.remove_client(strict);
+        w.remove_client(loose);
     }
 
     /// Keep-going is per client: a failure ends the request of a client without it
