@@ -1175,3 +1175,121 @@ fn nix_env_installs_the_same_profiles_through_nixb_daemon_as_through_nix_daemon(
         .collect();
     assert!(differing.is_empty(), "{}", differing.join("\n"));
 }
+
+/// `nix copy` straight from one daemon to another, nixb's to Nix's and back: two stores at
+/// the same store path, the Nix daemon in a mount namespace of its own where its store
+/// directory is mounted over that path. Nix's client reads the source store's files itself
+/// (a `unix://` store is a local file system store to it), so it runs where the source
+/// store is mounted: in the Nix daemon's namespace when copying from it. Each copy must
+/// arrive valid with the source's NAR hashes and references, and pass the receiving
+/// daemon's `--verify --check-contents`.
+#[test]
+fn nix_copy_between_a_nixb_daemon_and_a_nix_daemon_both_ways() {
+    nixb_testsupport::require!(Nix, Root, Program("unshare"), Program("nsenter"));
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+    let nixb_socket = socket_of(&t);
+    let mut nixb_daemon = start_nixb(&t);
+
+    // The Nix daemon's own store, state and log directories; the store mounted at the
+    // shared store path inside its namespace only.
+    let other = t.root.path().join("other");
+    for d in ["store", "state", "log"] {
+        std::fs::create_dir_all(other.join(d)).unwrap();
+    }
+    let nix_socket = t.root.path().join("nix-daemon.sock");
+    let script = format!(
+        "mount --bind '{}' '{}' && NIX_STORE_DIR='{}' nix-store --init && exec nix-daemon",
+        other.join("store").display(),
+        t.store_dir().display(),
+        t.store_dir().display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .envs(t.env())
+        .env("NIX_STATE_DIR", other.join("state"))
+        .env("NIX_LOG_DIR", other.join("log"))
+        .env("NIX_DAEMON_SOCKET_PATH", &nix_socket);
+    let mut nix_daemon = RunningDaemon::start(cmd, &nix_socket);
+
+    let at = |socket: &Path, program: &str| {
+        let mut c = t.nix(program);
+        c.env("NIX_REMOTE", format!("unix://{}", socket.display()));
+        c
+    };
+    let uri = |socket: &Path| format!("unix://{}", socket.display());
+    let expr = |tag: &str| {
+        format!(
+            r#"let dep = derivation {{ name = "dep-{tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo {tag} > $out" ]; }};
+in derivation {{ name = "top-{tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "read x < ${{dep}}; echo $x ${{dep}} > $out" ]; }}"#
+        )
+    };
+    // What a daemon says about a path and its closure, for comparison across daemons.
+    let describe = |socket: &Path, path: &str| -> String {
+        let q = |args: &[&str], paths: &[&str]| {
+            nixb_tests::run_str(at(socket, "nix-store").args(args).args(paths), None)
+        };
+        let closure = q(&["-q", "--requisites"], &[path]);
+        let all: Vec<&str> = closure.lines().collect();
+        [
+            closure.clone(),
+            q(&["-q", "--hash"], &all),
+            q(&["-q", "--size"], &all),
+            q(&["-q", "--references"], &[path]),
+        ]
+        .join("\n")
+    };
+
+    let nix_ns = nix_daemon.pid().to_string();
+    for (from, to, tag) in [
+        (&nixb_socket, &nix_socket, "a"),
+        (&nix_socket, &nixb_socket, "b"),
+    ] {
+        let file = t.file(&format!("{tag}.nix"), &expr(tag));
+        let built =
+            nixb_tests::run_str(at(from, "nix-build").arg("--no-out-link").arg(&file), None);
+        let mut copy = if from == &nix_socket {
+            let mut c = t.nix("nsenter");
+            c.args(["--mount", "--target", &nix_ns, "nix"])
+                .args(["--extra-experimental-features", "nix-command"]);
+            c
+        } else {
+            t.nix("nix")
+        };
+        let o = run(
+            copy.args([
+                "copy",
+                "--no-check-sigs",
+                "--from",
+                &uri(from),
+                "--to",
+                &uri(to),
+            ])
+            .arg(&built),
+            None,
+        );
+        assert!(o.status.success(), "nix copy {tag}: {}", err_str(&o));
+        assert_eq!(describe(to, &built), describe(from, &built), "copy {tag}");
+        let o = run(
+            at(to, "nix-store").args(["--verify", "--check-contents"]),
+            None,
+        );
+        assert!(
+            o.status.success() && !err_str(&o).contains("error"),
+            "verify after copy {tag}: {}",
+            err_str(&o)
+        );
+        let contents = std::fs::read_to_string(&built);
+        assert!(
+            contents.is_ok_and(|c| c.starts_with(tag)),
+            "copy {tag} is not the built output"
+        );
+    }
+    nix_daemon.stop();
+    assert!(nixb_daemon.stop().success());
+    wipe(&t);
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(&other)
+        .status();
+}
