@@ -1127,6 +1127,64 @@ fn scenario_profiles(t: &TestStore) -> Vec<Step> {
     let o = run(nix_env().args(["-e", "b"]), None);
     steps.push(step("nix-env -e", &o, Keep::All));
     steps.extend(generation("after uninstalling"));
+
+    // builtin:fetchurl through <nix/fetchurl.nix>: a plain file, an executable one, and a
+    // NAR unpacked.
+    let blob = t.file("fetch/blob.txt", "fetched\n");
+    let tool = t.file("fetch/tool.sh", "#!/bin/sh\necho tool\n");
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    t.file("fetch/tree/f", "in the tree\n");
+    let tree = blob.parent().unwrap().join("tree");
+    let nar = nixb_tests::run(t.nix("nix-store").arg("--dump").arg(&tree), None).stdout;
+    let nar_file = blob.parent().unwrap().join("tree.nar");
+    std::fs::write(&nar_file, nar).unwrap();
+    let hash = |flat: bool, p: &Path| {
+        let mut c = t.nix("nix-hash");
+        c.args(["--type", "sha256", "--base32"]);
+        if flat {
+            c.arg("--flat");
+        }
+        nixb_tests::run_str(c.arg(p), None)
+    };
+    let fetches = t.file(
+        "fetches.nix",
+        &format!(
+            r#"{{
+  plain = import <nix/fetchurl.nix> {{ url = "file://{}"; sha256 = "{}"; }};
+  exec = import <nix/fetchurl.nix> {{ url = "file://{}"; sha256 = "{}"; executable = true; }};
+  unpacked = import <nix/fetchurl.nix> {{ url = "file://{}"; sha256 = "{}"; unpack = true; }};
+  wrong = import <nix/fetchurl.nix> {{ url = "file://{}"; sha256 = "{}"; }};
+}}"#,
+            blob.display(),
+            hash(true, &blob),
+            tool.display(),
+            hash(false, &tool),
+            nar_file.display(),
+            hash(false, &tree),
+            tool.display(),
+            hash(true, &blob),
+        ),
+    );
+    for attr in ["plain", "exec", "unpacked", "wrong"] {
+        let o = run(
+            client(t, "nix-build")
+                .arg("--no-out-link")
+                .arg(&fetches)
+                .args(["-A", attr]),
+            None,
+        );
+        let name = match attr {
+            "plain" => "fetchurl",
+            "exec" => "fetchurl, executable",
+            "unpacked" => "fetchurl, unpack",
+            _ => "fetchurl, wrong hash",
+        };
+        steps.push(step(name, &o, Keep::StderrLinesWith("error")));
+        if o.status.success() {
+            let dump = run(client(t, "nix-store").arg("--dump").arg(out_str(&o)), None);
+            steps.push(step(name, &dump, Keep::BinaryOut));
+        }
+    }
     steps
 }
 
@@ -1167,6 +1225,14 @@ fn nix_env_installs_the_same_profiles_through_nixb_daemon_as_through_nix_daemon(
         "{expected:?}"
     );
     assert!(by_name("after uninstalling").stdout.contains("-a/bin/tool"));
+    for ok in ["fetchurl", "fetchurl, executable", "fetchurl, unpack"] {
+        assert_eq!(by_name(ok).code, Some(0), "{expected:?}");
+    }
+    assert_eq!(
+        by_name("fetchurl, wrong hash").code,
+        Some(1),
+        "{expected:?}"
+    );
     let differing: Vec<String> = got
         .iter()
         .zip(expected)

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod fetch;
 pub mod narinfo;
 pub mod protocol;
 pub mod signing;

@@ -1,4 +1,6 @@
-//! Builders that Nix runs inside its own process (`builder = "builtin:<name>"`).
+//! Builders that Nix runs inside its own process (`builder = "builtin:<name>"`):
+//! `builtin:buildenv` (user environments for `nix-env`) and `builtin:fetchurl`
+//! (`<nix/fetchurl.nix>`).
 //!
 //! nixb runs them in a nixb executable started as the builder (`<exe> __nixb-builtin
 //! <name>`, see [`WorkerConfig::builtin_builder`](crate::WorkerConfig)), so a builtin build
@@ -10,6 +12,7 @@
 //! A derivation of a builtin builder has the platform `builtin` and builds on any machine.
 
 pub mod buildenv;
+pub mod fetchurl;
 
 use std::collections::BTreeMap;
 
@@ -19,7 +22,7 @@ pub const BUILTIN_ARG: &str = "__nixb-builtin";
 const PREFIX: &str = "builtin:";
 
 /// The builtin builders nixb has.
-pub const KNOWN: &[&str] = &["buildenv"];
+pub const KNOWN: &[&str] = &["buildenv", "fetchurl"];
 
 /// `Some(name)` when `builder` is `builtin:<name>`.
 pub fn builtin_name(builder: &str) -> Option<&str> {
@@ -51,6 +54,7 @@ pub fn main(name: Option<&str>) -> u8 {
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let result = match name {
         Some("buildenv") => buildenv::run(&env),
+        Some("fetchurl") => fetchurl::run(&env),
         Some(other) => Err(format!("unsupported builtin builder '{other}'")),
         None => Err(format!(
             "'{BUILTIN_ARG}' needs the name of a builtin builder ({})",
