@@ -55,7 +55,7 @@ impl Stopper {
     }
 
     /// Stops accepting; the loop wakes up through a connection of our own, or within
-    /// [`STOP_CHECK_MS`] when the socket file is gone and nothing can connect.
+    /// half a second when the socket file is gone and nothing can connect.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         let _ = UnixStream::connect(&self.socket);
