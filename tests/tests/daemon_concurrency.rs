@@ -189,6 +189,15 @@ fn alive(pid: Pid) -> bool {
     }
 }
 
+/// Waits until `pid` has exited; `what` names it when it never does.
+fn wait_until_gone(pid: Pid, what: &str) {
+    let deadline = Instant::now() + WATCHDOG;
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn counts(marks: &Path) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for name in std::fs::read_to_string(marks.join("built"))
@@ -263,14 +272,7 @@ fn a_client_that_hangs_up_stops_its_own_build_and_no_other() {
     let other = realise(&s, &tops[1]);
     quitter.kill().unwrap();
     quitter.wait().unwrap();
-    let deadline = Instant::now() + WATCHDOG;
-    while alive(builder) {
-        assert!(
-            Instant::now() < deadline,
-            "the builder of a client that hung up still runs"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_gone(builder, "the builder of a client that hung up still runs");
     // Released now, a builder still running would finish and write its mark.
     std::fs::write(s.marks.join("release"), "").unwrap();
     let (status, out, err) = finish(other, "the client after the hang-up");
@@ -356,14 +358,10 @@ fn a_stdio_client_that_hangs_up_stops_its_build() {
 
     // The client closes its end mid-build: the builder is killed and the daemon ends.
     input.0.lock().unwrap().take();
-    let deadline = Instant::now() + WATCHDOG;
-    while alive(builder) {
-        assert!(
-            Instant::now() < deadline,
-            "the builder of a stdio client that hung up still runs"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_gone(
+        builder,
+        "the builder of a stdio client that hung up still runs",
+    );
     wait_with_watchdog(&mut daemon, "the stdio daemon's end");
     assert!(
         waiting.join().unwrap().is_err(),

@@ -782,20 +782,18 @@ fn scenario_more(t: &TestStore) -> Vec<Step> {
         r#"derivation { name = "silent"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/sleep 30; echo > $out" ]; }"#,
     );
     let silent_drv = out_str(&run(client(t, "nix-instantiate").arg(&silent), None));
-    let o = run(
-        client(t, "nix-store")
-            .args(["-r", "--option", "max-silent-time", "1"])
-            .arg(&silent_drv),
-        None,
-    );
-    steps.push(step("client's max-silent-time", &o, Keep::All));
-    let o = run(
-        client(t, "nix-store")
-            .args(["-r", "--option", "timeout", "1"])
-            .arg(&silent_drv),
-        None,
-    );
-    steps.push(step("client's timeout", &o, Keep::All));
+    for (setting, name) in [
+        ("max-silent-time", "client's max-silent-time"),
+        ("timeout", "client's timeout"),
+    ] {
+        let o = run(
+            client(t, "nix-store")
+                .args(["-r", "--option", setting, "1"])
+                .arg(&silent_drv),
+            None,
+        );
+        steps.push(step(name, &o, Keep::All));
+    }
 
     let o = run(client(t, "nix-store").arg("--verify"), None);
     steps.push(step("--verify, paths gone", &o, Keep::All));
