@@ -442,6 +442,18 @@ fn step(name: &'static str, o: &Output, keep: Keep) -> Step {
     }
 }
 
+/// The steps nixb's daemon gave are those Nix's gave, one by one; the differing ones listed.
+fn assert_same_steps(got: &[Step], expected: &[Step]) {
+    assert_eq!(got.len(), expected.len(), "number of steps");
+    let differing: Vec<String> = got
+        .iter()
+        .zip(expected)
+        .filter(|(g, e)| g != e)
+        .map(|(g, e)| format!("step '{}':\n  nixb: {g:?}\n  nix:  {e:?}", e.name))
+        .collect();
+    assert!(differing.is_empty(), "{}", differing.join("\n"));
+}
+
 /// Every file under `dir`, relative, with its sha256.
 fn tree_listing(dir: &Path) -> String {
     fn walk(root: &Path, d: &Path, out: &mut Vec<String>) {
@@ -874,14 +886,7 @@ fn more_nix_clients_see_the_same_through_nixb_daemon_as_through_nix_daemon() {
         .stderr
         .contains("disappeared, but it still has valid referrers!"));
 
-    assert_eq!(got.len(), expected.len());
-    let differing: Vec<String> = got
-        .iter()
-        .zip(&expected)
-        .filter(|(g, e)| g != e)
-        .map(|(g, e)| format!("step '{}':\n  nixb: {g:?}\n  nix:  {e:?}", e.name))
-        .collect();
-    assert!(differing.is_empty(), "{}", differing.join("\n"));
+    assert_same_steps(&got, &expected);
 }
 
 /// What an untrusted uid may add and do, as Nix 2.8's daemon decides: a content-addressed
@@ -1027,13 +1032,7 @@ fn an_untrusted_uid_adds_and_repairs_as_through_nix_daemon() {
     assert_eq!(code("signed by a trusted key"), Some(0), "{expected:?}");
     assert_eq!(code("-r --repair"), Some(1), "{expected:?}");
     assert_eq!(code("copy-log (AddBuildLog)"), Some(1), "{expected:?}");
-    let differing: Vec<String> = got
-        .iter()
-        .zip(expected)
-        .filter(|(g, e)| g != e)
-        .map(|(g, e)| format!("step '{}':\n  nixb: {g:?}\n  nix:  {e:?}", e.name))
-        .collect();
-    assert!(differing.is_empty(), "{}", differing.join("\n"));
+    assert_same_steps(got, expected);
 }
 
 /// Packages for `nix-env -i`: files that collide (`bin/tool`), a priority that settles a
@@ -1231,13 +1230,7 @@ fn nix_env_installs_the_same_profiles_through_nixb_daemon_as_through_nix_daemon(
         Some(1),
         "{expected:?}"
     );
-    let differing: Vec<String> = got
-        .iter()
-        .zip(expected)
-        .filter(|(g, e)| g != e)
-        .map(|(g, e)| format!("step '{}':\n  nixb: {g:?}\n  nix:  {e:?}", e.name))
-        .collect();
-    assert!(differing.is_empty(), "{}", differing.join("\n"));
+    assert_same_steps(got, expected);
 }
 
 /// `nix copy` straight from one daemon to another, nixb's to Nix's and back: two stores at
