@@ -592,7 +592,8 @@ impl Session<'_> {
     }
 
     /// Applies a client's settings to this connection's worker config; returns the
-    /// warnings for overrides that were ignored.
+    /// warnings for what was ignored: restricted overrides of an untrusted client, and a
+    /// `max-jobs` above the daemon's.
     fn set_options(&mut self, s: &ClientSettings) -> Vec<String> {
         let w = &mut self.worker;
         w.keep_failed = s.keep_failed;
@@ -610,6 +611,7 @@ impl Session<'_> {
         w.use_substitutes = s.use_substitutes;
         self.verbosity = s.verbosity;
         let mut warnings = Vec::new();
+        let mut asked_jobs = usize::try_from(s.max_build_jobs).ok();
         for (name, value) in &s.overrides {
             if !self.trusted && !UNTRUSTED_SETTINGS.contains(&name.as_str()) {
                 warnings.push(format!(
@@ -634,6 +636,7 @@ impl Session<'_> {
                 "max-jobs" | "build-max-jobs" => {
                     if let Ok(n) = value.parse() {
                         w.max_jobs = n;
+                        asked_jobs = Some(n);
                     }
                 }
                 "cores" | "build-cores" => {
@@ -649,6 +652,21 @@ impl Session<'_> {
                 // Other settings keep the daemon's own values.
                 _ => {}
             }
+        }
+        // The engine is shared: its slots are the daemon's to set, not a client's (unlike
+        // `nix-daemon`, whose per-connection engine takes a trusted client's value). Say
+        // so rather than build more slowly than the client asked without a word.
+        let machine = self.daemon.config().worker.max_jobs;
+        if let Some(n) = asked_jobs.filter(|&n| n > machine) {
+            let limit = match machine {
+                0 => "builds nothing locally".to_string(),
+                1 => "runs at most 1 build at a time for all its clients".to_string(),
+                m => format!("runs at most {m} builds at a time for all its clients"),
+            };
+            warnings.push(format!(
+                "the daemon {limit} ('max-jobs' in the daemon's nix.conf); the client's \
+                 max-jobs {n} does not raise that"
+            ));
         }
         warnings
     }

@@ -156,18 +156,13 @@ fn an_untrusted_client_cannot_import_an_unsigned_nar() {
     server.join().unwrap().unwrap();
 }
 
-#[test]
-fn an_untrusted_clients_restricted_settings_are_ignored_with_a_warning() {
+/// The `NEXT` lines a client with `trusted` gets for `SetOptions(settings)`.
+fn set_options_lines(trusted: bool, settings: nixb_protocol::types::ClientSettings) -> Vec<String> {
     let t = TestDaemon::new();
     let (ours, theirs) = UnixStream::pair().unwrap();
     let d = Arc::clone(&t.daemon);
-    let server = std::thread::spawn(move || d.serve(theirs.try_clone().unwrap(), theirs, false));
+    let server = std::thread::spawn(move || d.serve(theirs.try_clone().unwrap(), theirs, trusted));
     let mut c = connect(&ours, &t.store_dir);
-    let mut settings = nixb_protocol::types::ClientSettings::default();
-    settings.overrides.insert("sandbox".into(), "false".into());
-    settings
-        .overrides
-        .insert("max-silent-time".into(), "10".into());
     let mut lines = Vec::new();
     c.request(&Request::SetOptions(settings), None, &mut |f| {
         if let StderrFrame::Next(l) = f {
@@ -175,18 +170,50 @@ fn an_untrusted_clients_restricted_settings_are_ignored_with_a_warning() {
         }
     })
     .unwrap();
+    drop(c);
+    let _ = (&ours).flush();
+    ours.shutdown(std::net::Shutdown::Both).unwrap();
+    server.join().unwrap().unwrap();
+    lines
+}
+
+#[test]
+fn an_untrusted_clients_restricted_settings_are_ignored_with_a_warning() {
+    let mut settings = nixb_protocol::types::ClientSettings::default();
+    settings.overrides.insert("sandbox".into(), "false".into());
+    settings
+        .overrides
+        .insert("max-silent-time".into(), "10".into());
     // Nix 2.8's words; max-silent-time is one an untrusted user may set.
     assert_eq!(
-        lines,
+        set_options_lines(false, settings),
         [
             "warning: ignoring the client-specified setting 'sandbox', because it is a \
           restricted setting and you are not a trusted user\n"
         ]
     );
-    drop(c);
-    let _ = (&ours).flush();
-    ours.shutdown(std::net::Shutdown::Both).unwrap();
-    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_client_asking_for_more_jobs_than_the_daemon_runs_is_told() {
+    // The test daemon runs one build at a time (Nix's default max-jobs).
+    let mut settings = nixb_protocol::types::ClientSettings {
+        max_build_jobs: 1,
+        ..Default::default()
+    };
+    assert_eq!(
+        set_options_lines(true, settings.clone()),
+        Vec::<String>::new()
+    );
+    settings.max_build_jobs = 4;
+    let expected = "warning: the daemon runs at most 1 build at a time for all its clients \
+                    ('max-jobs' in the daemon's nix.conf); the client's max-jobs 4 does not \
+                    raise that\n";
+    assert_eq!(set_options_lines(true, settings.clone()), [expected]);
+    // The same through the settings overrides, which win over the field.
+    settings.max_build_jobs = 1;
+    settings.overrides.insert("max-jobs".into(), "4".into());
+    assert_eq!(set_options_lines(true, settings), [expected]);
 }
 
 /// The NAR of a regular file holding `contents`.

@@ -4,15 +4,18 @@
 //!
 //! - `build`: `nix-store -r --max-jobs 2` of a freshly instantiated graph of N trivial
 //!   `/bin/sh` derivations (layers of 25, each node on 3 of the layer below), once each;
+//!   both daemons' `nix.conf` say `max-jobs = 2` too (nixb's daemon runs its own
+//!   `max-jobs` for all clients together, a client's does not raise it);
 //! - `path-info -r` / `-q --requisites`: a registered closure of P paths (each path
 //!   references the one before and the one at half its index), median of several runs;
 //! - `handshake`: a connection's greeting and `SetOptions` by nixb's protocol client,
 //!   median over many connections, the two daemons alternating;
 //! - `rss idle`: the daemon's memory with 100 greeted idle clients; `rss 8 building`:
 //!   its peak while 8 clients each build a graph of their own of B derivations, at two
-//!   graph sizes. Nix's daemon forks a process per connection, so its figure is the sum
-//!   over its process tree; proportional set sizes (PSS, shared pages divided among
-//!   their sharers) are summed so that pages shared with the parent count once.
+//!   graph sizes (and, for nixb, its exact peak `VmHWM`). Nix's daemon forks a process
+//!   per connection, so its figure is the sum over its process tree; proportional set
+//!   sizes (PSS, shared pages divided among their sharers) are summed so that pages
+//!   shared with the parent count once.
 //!
 //! Sizes: `NIXB_BENCH_DAEMON_DRVS` (default 1000), `NIXB_BENCH_DAEMON_PATHS` (10000),
 //! `NIXB_BENCH_DAEMON_CONNS` (500), `NIXB_BENCH_DAEMON_BUILD8` (`25,100`). Nothing here
@@ -51,7 +54,9 @@ impl Side {
         std::fs::create_dir_all(root.join("etc"))?;
         std::fs::write(
             root.join("etc/nix.conf"),
-            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+            // max-jobs as the clients ask: nixb's daemon holds its own for all clients
+            // (a client's does not raise it), Nix's takes each trusted client's.
+            "max-jobs = 2\nsandbox = false\nbuild-users-group =\nsubstituters =\n",
         )?;
         Ok(Side {
             name,
@@ -220,6 +225,18 @@ fn tree_pss_kib(pid: u32) -> u64 {
     total
 }
 
+/// The peak resident set (`VmHWM`, KiB) of process `pid` alone.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn greet(sock: &Path, store: &StoreDir) -> Result<Client<UnixStream, UnixStream>> {
     let s = UnixStream::connect(sock)?;
     let info = ClientInfo {
@@ -336,15 +353,22 @@ pub fn run() -> Result<()> {
     for &n in &build8 {
         let mut peak = Vec::new();
         let mut wall = Vec::new();
+        let mut hwm = 0.0;
         for s in &sides {
+            // Every graph instantiated first, so that the 8 clients start together.
+            let graphs = (0..8)
+                .map(|k| s.instantiate(&graph(&format!("c{k}n{n}"), n), &format!("c{k}n{n}.nix")))
+                .collect::<Result<Vec<_>>>()?;
+            // nixb's daemon is one process: its exact peak, counted from here (writing 5
+            // to clear_refs resets VmHWM), beside the sampled PSS of the table.
+            let _ = std::fs::write(format!("/proc/{}/clear_refs", s.pid()), "5");
+            let start = Instant::now();
             let mut clients = Vec::new();
-            for k in 0..8 {
-                let d = s.instantiate(&graph(&format!("c{k}n{n}"), n), &format!("c{k}n{n}.nix"))?;
+            for d in &graphs {
                 let mut c = s.client("nix-store");
-                c.args(["-r", "--max-jobs", "2"]).args(&d);
+                c.args(["-r", "--max-jobs", "2"]).args(d);
                 clients.push(c.spawn().context("starting a building client")?);
             }
-            let start = Instant::now();
             let mut max = 0;
             loop {
                 max = max.max(tree_pss_kib(s.pid()));
@@ -367,6 +391,9 @@ pub fn run() -> Result<()> {
             }
             wall.push(start.elapsed().as_secs_f64() * 1e3);
             peak.push(max as f64 / 1024.0);
+            if s.name == "nixb" {
+                hwm = vm_hwm_kib(s.pid()) as f64 / 1024.0;
+            }
         }
         row(
             &format!("peak PSS, 8 clients x {n} drvs"),
@@ -379,6 +406,12 @@ pub fn run() -> Result<()> {
             wall[1],
             wall[0],
             "ms",
+        );
+        println!(
+            "{:<40} {:>12} {:>9.2} MiB",
+            format!("  nixb daemon VmHWM, 8 x {n} drvs"),
+            "",
+            hwm
         );
     }
     drop(sides);
