@@ -73,7 +73,13 @@ impl Activities {
             Event::BuildResources { drv, usage } => {
                 self.usage.insert(drv, usage);
             }
-            Event::BuildSucceeded { drv } | Event::BuildFailed { drv, .. } => self.stop(&drv, out),
+            Event::BuildSucceeded { drv } => {
+                self.stop(&drv, out);
+                // Only a failure quotes the log's last lines: a long request's successful
+                // builds keep nothing.
+                self.tails.remove(&drv);
+            }
+            Event::BuildFailed { drv, .. } => self.stop(&drv, out),
             Event::Message { level, text } => {
                 let prefix = match level {
                     Level::Error => "error: ",

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::{OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use nixb_store::derivation::Derivation;
@@ -51,13 +51,26 @@ pub(crate) enum SlotWaiters {
     All,
 }
 
+/// An output's name and its path (`None` for a floating content-addressed one).
+type OutputPath = (String, Option<StorePath>);
+
+/// The smallest size at which the derivation cache is swept of dead entries.
+const DRV_CACHE_SWEEP_MIN: usize = 1024;
+
 pub(crate) struct Resources<'a> {
     store: &'a dyn BuildStore,
     cfg: &'a WorkerConfig,
     /// The clients' sinks, and which goal's events go to which client.
     pub router: Router<'a>,
-    /// Derivations parsed so far, by path (see [`Services::derivation`]).
-    drv_cache: HashMap<StorePath, Arc<Derivation>>,
+    /// Parsed derivations, by path, while some goal holds them (see
+    /// [`Services::derivation`]): a goal waiting for its inputs lets go of its own, so
+    /// that what a wide graph keeps per pending derivation stays small.
+    drv_cache: HashMap<StorePath, Weak<Derivation>>,
+    /// `drv_cache` is swept of dead entries when it reaches this many.
+    drv_cache_sweep_at: usize,
+    /// The output paths of every derivation read, for the life of the worker: what a
+    /// goal asks of its inputs' derivations, a few dozen bytes each.
+    drv_outputs: HashMap<StorePath, Box<[OutputPath]>>,
     pub children: BTreeMap<GoalId, Child>,
     nr_local_builds: usize,
     /// Set when a freed slot should wake every goal waiting for one; taken by the
@@ -91,12 +104,22 @@ pub(crate) struct Resources<'a> {
 }
 
 impl<'a> Resources<'a> {
+    /// The outputs of the derivation at `drv` and their paths, read once per run.
+    pub fn outputs_of(&mut self, drv: &StorePath) -> Result<&[OutputPath], StoreFault> {
+        if !self.drv_outputs.contains_key(drv) {
+            Services::derivation(self, drv)?;
+        }
+        Ok(self.drv_outputs.get(drv).map_or(&[], |o| &o[..]))
+    }
+
     pub fn new(store: &'a dyn BuildStore, cfg: &'a WorkerConfig) -> Resources<'a> {
         Resources {
             store,
             cfg,
             router: Router::new(),
             drv_cache: HashMap::new(),
+            drv_cache_sweep_at: DRV_CACHE_SWEEP_MIN,
+            drv_outputs: HashMap::new(),
             children: BTreeMap::new(),
             nr_local_builds: 0,
             slot_waiters: SlotWaiters::Nobody,
@@ -225,15 +248,40 @@ impl Services for Resources<'_> {
 
     /// A `.drv` cannot change once valid (its path is its contents' hash), while the graph
     /// names each one several times: its own goal, and every dependent working out its
-    /// input closure. Failures are not remembered, since a substitution goal may make the
-    /// derivation valid later.
+    /// input closure. The parsed derivation is shared while some goal holds it; its
+    /// outputs are kept for the run, which is all a dependent asks. Failures are not
+    /// remembered, since a substitution goal may make the derivation valid later.
     fn derivation(&mut self, drv: &StorePath) -> Result<Arc<Derivation>, StoreFault> {
-        if let Some(d) = self.drv_cache.get(drv) {
-            return Ok(Arc::clone(d));
+        if let Some(d) = self.drv_cache.get(drv).and_then(Weak::upgrade) {
+            return Ok(d);
         }
         let d = Arc::new(self.store.read_derivation(drv)?);
-        self.drv_cache.insert(drv.clone(), Arc::clone(&d));
+        if self.drv_cache.len() >= self.drv_cache_sweep_at {
+            self.drv_cache.retain(|_, w| w.strong_count() > 0);
+            self.drv_cache_sweep_at = (2 * self.drv_cache.len()).max(DRV_CACHE_SWEEP_MIN);
+        }
+        self.drv_cache.insert(drv.clone(), Arc::downgrade(&d));
+        if !self.drv_outputs.contains_key(drv) {
+            let outputs = d
+                .outputs
+                .iter()
+                .map(|(name, o)| (name.clone(), o.path.clone()))
+                .collect();
+            self.drv_outputs.insert(drv.clone(), outputs);
+        }
         Ok(d)
+    }
+
+    fn derivation_output(
+        &mut self,
+        drv: &StorePath,
+        output: &str,
+    ) -> Result<Option<StorePath>, StoreFault> {
+        Ok(self
+            .outputs_of(drv)?
+            .iter()
+            .find(|(name, _)| name == output)
+            .and_then(|(_, p)| p.clone()))
     }
 
     fn nr_local_builds(&self) -> usize {

@@ -111,8 +111,15 @@ pub(crate) enum Request {
 pub(crate) trait Services {
     /// Reports an event to the caller's sink.
     fn emit(&mut self, event: Event);
-    /// The derivation at `drv`, read and parsed once per run.
+    /// The derivation at `drv`, read and parsed once while some goal holds it.
     fn derivation(&mut self, drv: &StorePath) -> Result<Arc<Derivation>, StoreFault>;
+    /// The path of output `output` of the derivation at `drv` (`None`: it has no such
+    /// output, or the output has no path), read once per run.
+    fn derivation_output(
+        &mut self,
+        drv: &StorePath,
+        output: &str,
+    ) -> Result<Option<StorePath>, StoreFault>;
     /// Builders running in local build slots.
     fn nr_local_builds(&self) -> usize;
     /// Another goal of this run holds the lock of `path`.
@@ -191,6 +198,14 @@ impl<'s> Step<'s> {
 
     pub fn derivation(&mut self, drv: &StorePath) -> Result<Arc<Derivation>, StoreFault> {
         self.services.derivation(drv)
+    }
+
+    pub fn derivation_output(
+        &mut self,
+        drv: &StorePath,
+        output: &str,
+    ) -> Result<Option<StorePath>, StoreFault> {
+        self.services.derivation_output(drv, output)
     }
 
     pub fn nr_local_builds(&self) -> usize {

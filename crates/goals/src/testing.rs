@@ -143,6 +143,14 @@ impl Services for FakeServices {
     fn derivation(&mut self, drv: &StorePath) -> Result<Arc<Derivation>, StoreFault> {
         self.store.read_derivation(drv).map(Arc::new)
     }
+    fn derivation_output(
+        &mut self,
+        drv: &StorePath,
+        output: &str,
+    ) -> Result<Option<StorePath>, StoreFault> {
+        let d = self.store.read_derivation(drv)?;
+        Ok(d.outputs.get(output).and_then(|o| o.path.clone()))
+    }
     fn nr_local_builds(&self) -> usize {
         self.nr_local_builds
     }

@@ -18,12 +18,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nixb_store::derivation::Derivation;
 use nixb_store::{DerivedPath, StorePath};
 
 use crate::config::{BuildMode, WorkerConfig};
@@ -35,7 +33,7 @@ use crate::outcome::{Failure, Outcome};
 use crate::resources::{Resources, SlotWaiters};
 use crate::route::ClientId;
 use crate::services::{ChildError, ChildStatus, Request, Services, Step, SubGoal};
-use crate::store::{BuildStore, StoreFault};
+use crate::store::BuildStore;
 use crate::substitution_goal::SubstitutionGoal;
 use crate::RealiseOutcome;
 
@@ -133,11 +131,6 @@ impl<'a> Worker<'a> {
             clients_of_top: HashMap::new(),
             res: Resources::new(store, cfg),
         }
-    }
-
-    /// The derivation at `drv`, read and parsed once per worker.
-    pub fn derivation(&mut self, drv: &StorePath) -> Result<Arc<Derivation>, StoreFault> {
-        self.res.derivation(drv)
     }
 
     /// Reports `e` to the clients of goal `id`.
@@ -456,10 +449,12 @@ impl<'a> Worker<'a> {
                     },
                     ExitCode::Success,
                 ) => {
-                    let all = self.derivation(drv)?.output_paths();
-                    let chosen = all
-                        .into_iter()
+                    let chosen = self
+                        .res
+                        .outputs_of(drv)?
+                        .iter()
                         .filter(|(name, _)| wanted.is_empty() || wanted.contains(name))
+                        .filter_map(|(name, p)| Some((name.clone(), p.clone()?)))
                         .collect();
                     outputs.push((t.clone(), chosen));
                 }

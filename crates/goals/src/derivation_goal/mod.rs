@@ -63,9 +63,10 @@ pub(crate) struct DerivationGoal {
     retry_substitution: bool,
     state: State,
     output_locks: Option<PathLocks>,
-    build: Option<RunningBuild>,
+    /// Boxed, as the hook's: a goal spends most of its life waiting, without either.
+    build: Option<Box<RunningBuild>>,
     /// The build hook took this build (its process is the goal's child).
-    hook_build: Option<HookBuild>,
+    hook_build: Option<Box<HookBuild>>,
     exit: Option<crate::services::ChildStatus>,
     /// Told the user once that every build user is busy.
     reported_users_busy: bool,
@@ -345,6 +346,9 @@ impl DerivationGoal {
         if !cx.has_waitees() {
             return self.inputs_realised(cx);
         }
+        // Waiting may take long and a wide graph has many goals waiting: the derivation
+        // is read again when the inputs are there (the worker's cache lets go of it).
+        self.plan.drv = None;
         Ok(())
     }
 
@@ -422,12 +426,14 @@ impl DerivationGoal {
         }
 
         self.plan.all_paths = self.plan.outputs.values().cloned().collect();
+        if self.plan.drv.is_none() {
+            self.plan.drv = Some(cx.derivation(&self.plan.drv_path)?);
+        }
         let drv = self.plan.drv()?;
         let mut roots = BTreeSet::new();
         for (in_drv_path, wanted) in &drv.input_drvs {
-            let in_drv = cx.derivation(in_drv_path)?;
             for o in wanted {
-                match in_drv.outputs.get(o).and_then(|x| x.path.clone()) {
+                match cx.derivation_output(in_drv_path, o)? {
                     Some(p) => {
                         roots.insert(p);
                     }
@@ -541,7 +547,7 @@ impl DerivationGoal {
         if !build_locally {
             match hook::try_build_hook(&self.plan, cx)? {
                 HookReply::Accept(hb) => {
-                    self.hook_build = Some(*hb);
+                    self.hook_build = Some(hb);
                     cx.set_locked_outputs(self.plan.outputs.values().cloned().collect());
                     self.output_locks = Some(locks);
                     self.state = State::BuildDone;
@@ -585,7 +591,7 @@ impl DerivationGoal {
         self.output_locks = Some(locks);
         match build::start_builder(&self.plan, cx, user) {
             Ok(b) => {
-                self.build = Some(b);
+                self.build = Some(Box::new(b));
                 self.state = State::BuildDone;
                 Ok(())
             }
@@ -641,7 +647,7 @@ impl DerivationGoal {
             .take()
             .unwrap_or_else(|| Err("builder status unknown".into()));
         if let Some(hb) = self.hook_build.take() {
-            match hook::build_done(&self.plan, cx, hb, status)? {
+            match hook::build_done(&self.plan, cx, *hb, status)? {
                 HookResult::Built => {
                     if let Some(mut locks) = self.output_locks.take() {
                         locks.set_deletion(true);
