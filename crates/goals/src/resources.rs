@@ -54,6 +54,9 @@ pub(crate) enum SlotWaiters {
 /// An output's name and its path (`None` for a floating content-addressed one).
 type OutputPath = (String, Option<StorePath>);
 
+/// At most this many derivations' outputs are remembered (a few MiB).
+const DRV_OUTPUTS_MAX: usize = 65_536;
+
 /// The smallest size at which the derivation cache is swept of dead entries.
 const DRV_CACHE_SWEEP_MIN: usize = 1024;
 
@@ -68,8 +71,8 @@ pub(crate) struct Resources<'a> {
     drv_cache: HashMap<StorePath, Weak<Derivation>>,
     /// `drv_cache` is swept of dead entries when it reaches this many.
     drv_cache_sweep_at: usize,
-    /// The output paths of every derivation read, for the life of the worker: what a
-    /// goal asks of its inputs' derivations, a few dozen bytes each.
+    /// The output paths of the derivations read (up to [`DRV_OUTPUTS_MAX`]): what a goal
+    /// asks of its inputs' derivations, a few dozen bytes each.
     drv_outputs: HashMap<StorePath, Box<[OutputPath]>>,
     pub children: BTreeMap<GoalId, Child>,
     nr_local_builds: usize,
@@ -104,7 +107,8 @@ pub(crate) struct Resources<'a> {
 }
 
 impl<'a> Resources<'a> {
-    /// The outputs of the derivation at `drv` and their paths, read once per run.
+    /// The outputs of the derivation at `drv` and their paths, read once per run (of up
+    /// to [`DRV_OUTPUTS_MAX`] derivations).
     pub fn outputs_of(&mut self, drv: &StorePath) -> Result<&[OutputPath], StoreFault> {
         if !self.drv_outputs.contains_key(drv) {
             Services::derivation(self, drv)?;
@@ -262,6 +266,11 @@ impl Services for Resources<'_> {
         }
         self.drv_cache.insert(drv.clone(), Arc::downgrade(&d));
         if !self.drv_outputs.contains_key(drv) {
+            // A daemon's worker may never go idle: a bound instead of a life-long table
+            // (forgetting costs a dependent one more read).
+            if self.drv_outputs.len() >= DRV_OUTPUTS_MAX {
+                self.drv_outputs.clear();
+            }
             let outputs = d
                 .outputs
                 .iter()

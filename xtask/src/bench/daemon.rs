@@ -201,11 +201,32 @@ fn median_ms(v: Vec<Duration>) -> f64 {
     median(v.iter().map(|d| d.as_secs_f64() * 1e3).collect())
 }
 
-/// Sum of the proportional set sizes (KiB) of `pid` and its descendants.
+/// Whether processes `a` and `b` share one address space (`kcmp(KCMP_VM)`).
+fn same_memory(a: u32, b: u32) -> bool {
+    const KCMP_VM: libc::c_long = 1;
+    // SAFETY: kcmp reads nothing of ours; it compares two processes' kernel objects.
+    unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            a as libc::c_long,
+            b as libc::c_long,
+            KCMP_VM,
+            0,
+            0,
+        ) == 0
+    }
+}
+
+/// Sum of the proportional set sizes (KiB) of `pid` and its descendants. A child still
+/// sharing its parent's memory (cloned with `CLONE_VM`, as nixb starts builders, until it
+/// execs) reports the parent's pages as its own: it is not counted again.
 fn tree_pss_kib(pid: u32) -> u64 {
     let mut total = 0;
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {
+        if p != pid && same_memory(pid, p) {
+            continue;
+        }
         if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")) {
             total += s
                 .lines()
