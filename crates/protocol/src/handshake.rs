@@ -12,6 +12,9 @@
 //! v >= 1.35: daemon -> u64(0 unknown | 1 trusted | 2 not trusted)
 //! ```
 //!
+//! The daemon writes its last two fields (and closes the start-up channel) without
+//! waiting for the client's obsolete ones, which it reads afterwards.
+//!
 //! After this the daemon opens a stderr channel for start-up messages and closes it with
 //! `STDERR_LAST` (see [`crate::server`] and [`crate::client`]).
 
@@ -144,6 +147,30 @@ pub fn server_handshake<R: Read, W: Write>(
     w: &mut WireWriter<W>,
     info: &ServerInfo,
 ) -> Result<Handshake> {
+    server_side(r, w, info, false)
+}
+
+/// The daemon's side with the start-up stderr channel opened and closed at once
+/// (`STDERR_LAST`), as [`crate::ServerConnection::accept`] wants it.
+pub(crate) fn server_greeting<R: Read, W: Write>(
+    r: &mut WireReader<R>,
+    w: &mut WireWriter<W>,
+    info: &ServerInfo,
+) -> Result<Handshake> {
+    server_side(r, w, info, true)
+}
+
+/// What the daemon says never depends on the client's obsolete fields (cpu affinity,
+/// reserveSpace), so it says all of it, start-up channel included when `close_startup`,
+/// before reading them: the client, which sends them before it reads anything, then
+/// finds its answer waiting. At 1.38 that saves the greeting a round trip (the feature
+/// exchange comes between the versions and those fields).
+fn server_side<R: Read, W: Write>(
+    r: &mut WireReader<R>,
+    w: &mut WireWriter<W>,
+    info: &ServerInfo,
+    close_startup: bool,
+) -> Result<Handshake> {
     let magic = r.read_u64("client magic")?;
     if magic != WORKER_MAGIC_1 {
         return Err(ProtocolError::BadMagic {
@@ -162,21 +189,24 @@ pub fn server_handshake<R: Read, W: Write>(
     if version.at_least(38) {
         let theirs = read_features(r)?;
         write_features(w, &info.features)?;
-        w.flush()?;
         features = theirs.intersection(&info.features).cloned().collect();
-    }
-    let mut cpu_affinity = None;
-    if version.at_least(14) && r.read_bool("cpu affinity flag")? {
-        cpu_affinity = Some(r.read_u64("cpu affinity")?);
-    }
-    if version.at_least(11) {
-        r.read_u64("reserve space")?;
     }
     if version.at_least(33) {
         w.write_str(&info.nix_version, "daemon nix version")?;
     }
     if version.at_least(35) {
         TrustedFlag::write(info.trusted, w)?;
+    }
+    if close_startup {
+        crate::StderrFrame::Last.write(w, version)?;
+    }
+    w.flush()?;
+    let mut cpu_affinity = None;
+    if version.at_least(14) && r.read_bool("cpu affinity flag")? {
+        cpu_affinity = Some(r.read_u64("cpu affinity")?);
+    }
+    if version.at_least(11) {
+        r.read_u64("reserve space")?;
     }
     Ok(Handshake {
         version,

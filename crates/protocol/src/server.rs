@@ -22,7 +22,7 @@ use nixb_store::StoreDir;
 
 use crate::error::{ProtocolError, Result};
 use crate::framed::FramedReader;
-use crate::handshake::{server_handshake, Handshake, ServerInfo};
+use crate::handshake::{server_greeting, Handshake, ServerInfo};
 use crate::ops::{Op, Request, Response};
 use crate::stderr::{RemoteError, StderrFrame};
 use crate::types::Ctx;
@@ -52,9 +52,7 @@ impl<R: Read, W: Write> ServerConnection<R, W> {
     ) -> Result<ServerConnection<R, W>> {
         let mut r = WireReader::new(BufReader::with_capacity(READ_BUFFER, reader));
         let mut w = WireWriter::new(writer);
-        let handshake = server_handshake(&mut r, &mut w, info)?;
-        StderrFrame::Last.write(&mut w, handshake.version)?;
-        w.flush()?;
+        let handshake = server_greeting(&mut r, &mut w, info)?;
         let cx = Ctx {
             version: handshake.version,
             features: handshake.features.clone(),

@@ -179,3 +179,50 @@ fn a_framed_upload_is_bounded_and_an_error_keeps_the_connection() {
         );
     }
 }
+
+/// At 1.38 the daemon answers the feature exchange with everything else it has to say
+/// (its Nix version, the trust flag, the end of the start-up channel) before it reads the
+/// client's obsolete fields: a client that has sent only its features already finds all
+/// of it, so the greeting takes one round trip less.
+#[test]
+fn the_daemon_says_all_it_has_before_reading_the_obsolete_fields() {
+    use nixb_protocol::handshake::{WORKER_MAGIC_1, WORKER_MAGIC_2};
+    use nixb_protocol::wire::{WireReader, WireWriter};
+
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        let info = ServerInfo {
+            version: Version::MAX,
+            nix_version: "nixb-test".into(),
+            trusted: Some(nixb_protocol::TrustedFlag::Trusted),
+            features: BTreeSet::new(),
+        };
+        let sd = StoreDir::new("/nix/store").unwrap();
+        ServerConnection::accept(a.try_clone().unwrap(), a, sd, &info)
+            .map(|c| c.handshake().clone())
+    });
+    b.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut w = WireWriter::new(b.try_clone().unwrap());
+    let mut r = WireReader::new(b.try_clone().unwrap());
+    w.write_u64(WORKER_MAGIC_1, "magic").unwrap();
+    w.write_u64(Version::MAX.to_wire(), "version").unwrap();
+    w.flush().unwrap();
+    assert_eq!(r.read_u64("magic").unwrap(), WORKER_MAGIC_2);
+    assert_eq!(r.read_u64("version").unwrap(), Version::MAX.to_wire());
+    w.write_u64(0, "no features").unwrap();
+    w.flush().unwrap();
+    // Nothing more sent: all of this must already be on its way.
+    assert_eq!(r.read_u64("daemon features").unwrap(), 0);
+    assert_eq!(r.read_string("nix version").unwrap(), "nixb-test");
+    assert_eq!(r.read_u64("trusted").unwrap(), 1);
+    assert_eq!(r.read_u64("stderr last").unwrap(), 0x616c7473);
+    // Now the obsolete fields: cpu affinity 1 with cpu 3, reserveSpace.
+    for n in [1, 3, 0] {
+        w.write_u64(n, "obsolete").unwrap();
+    }
+    w.flush().unwrap();
+    let hs = server.join().unwrap().unwrap();
+    assert_eq!(hs.cpu_affinity, Some(3));
+    assert_eq!(hs.version, Version::MAX);
+}
