@@ -388,6 +388,30 @@ fn spawn_realise(env: &Env, drv: &str) -> Child {
         .unwrap()
 }
 
+/// Waits (up to a minute) until the build log of `drv` exists under `log_dir`, that is,
+/// until its builder was started.
+fn wait_for_build_log(log_dir: &Path, drv: &str) {
+    let base = Path::new(drv).file_name().unwrap().to_str().unwrap();
+    let dir = log_dir.join("drvs").join(&base[..2]);
+    let start = std::time::Instant::now();
+    loop {
+        let found = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&base[2..]));
+        if found {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no build log of {drv} in {} after a minute",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn finish(env: &Env, c: Child) -> (String, String) {
     let pid = c.id();
     let out = c.wait_with_output().unwrap();
@@ -459,15 +483,21 @@ fn vm_a_third_build_waits_when_the_two_users_are_taken() {
         .map(|i| {
             env.sh(
                 &format!("slow-{i}"),
-                &format!("({WHO}) > $out; sleep 3"),
+                &format!("({WHO}) > $out; sleep 6"),
                 "",
             )
         })
         .collect();
+    // Each realise is started once the one before has its builder running (its log file
+    // is created after its uid was taken), so the third finds both uids in use however
+    // slowly the machine starts processes; a fixed pause did not always suffice under
+    // emulation.
     let mut children = Vec::new();
-    for d in &drvs {
+    for (i, d) in drvs.iter().enumerate() {
         children.push(spawn_realise(&env, d));
-        std::thread::sleep(Duration::from_millis(700));
+        if i < 2 {
+            wait_for_build_log(&root.join("log"), d);
+        }
     }
     let results: Vec<(String, String)> = children.into_iter().map(|c| finish(&env, c)).collect();
     let uids: Vec<u32> = results
