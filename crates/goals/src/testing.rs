@@ -321,8 +321,19 @@ impl Harness {
     /// Writes an executable shell script into the temporary directory.
     pub fn script(&self, name: &str, text: &str) -> PathBuf {
         let p = self.tmp.path().join(name);
-        std::fs::write(&p, format!("#!/bin/sh\n{text}")).expect("writing a script");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Written here and copied into place by `cp`: a file this process had open for
+        // writing may still be open in a child another test's thread has just forked
+        // (until that child execs), and executing it then fails with ETXTBSY. The copy's
+        // only writer is `cp`, which has exited by the time the script runs.
+        let draft = self.tmp.path().join(format!("{name}.draft"));
+        std::fs::write(&draft, format!("#!/bin/sh\n{text}")).expect("writing a script");
+        std::fs::set_permissions(&draft, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let copied = std::process::Command::new("cp")
+            .arg(&draft)
+            .arg(&p)
+            .status()
+            .expect("running cp");
+        assert!(copied.success(), "cp {} {}", draft.display(), p.display());
         p
     }
 
