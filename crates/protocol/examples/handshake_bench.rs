@@ -54,16 +54,25 @@ fn main() {
     let store = StoreDir::new(r.join("store").to_str().unwrap()).unwrap();
 
     // Real nix-daemon, listening on $NIX_STATE_DIR/daemon-socket/socket.
-    let mut daemon = Command::new("nix-daemon")
-        .env("NIX_STORE_DIR", r.join("store"))
-        .env("NIX_STATE_DIR", r.join("state"))
-        .env("NIX_LOG_DIR", r.join("log"))
-        .env("NIX_CONF_DIR", r.join("etc"))
-        .env_remove("NIX_REMOTE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting nix-daemon");
+    let nix = |program: &str| {
+        let mut c = Command::new(program);
+        c.env("NIX_STORE_DIR", r.join("store"))
+            .env("NIX_STATE_DIR", r.join("state"))
+            .env("NIX_LOG_DIR", r.join("log"))
+            .env("NIX_CONF_DIR", r.join("etc"))
+            .env_remove("NIX_REMOTE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    };
+    // Without writable state yet, a connection's process of nix-daemon may take itself
+    // for a client of the daemon and drop the connection.
+    let init = nix("nix-store")
+        .arg("--init")
+        .status()
+        .expect("nix-store --init");
+    assert!(init.success(), "nix-store --init failed");
+    let mut daemon = nix("nix-daemon").spawn().expect("starting nix-daemon");
     let nix_sock = r.join("state/daemon-socket/socket");
     let started = Instant::now();
     while UnixStream::connect(&nix_sock).is_err() {
