@@ -37,8 +37,9 @@ use crate::RealiseOutcome;
 /// What one request may choose for itself; every other setting is the engine's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RequestOptions {
-    /// Normal, check or repair (a goal already running for another request keeps its
-    /// mode).
+    /// Normal, check or repair. A check or repair of a derivation another request is
+    /// building normally is a goal of its own (it waits for that build's output locks),
+    /// not that request's build; the derivations it needs are shared as usual.
     pub build_mode: BuildMode,
     /// Without keep-going, the first failure among the goals this request needs ends it
     /// (stopping what only it needed); other requests go on either way.

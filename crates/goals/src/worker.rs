@@ -59,6 +59,12 @@ struct ClientState {
     timeout: Option<Duration>,
 }
 
+/// A goal's key in the worker's dedup maps.
+enum DedupKey {
+    Derivation(StorePath, BuildMode),
+    Substitution(StorePath),
+}
+
 pub(crate) enum Goal {
     Derivation(Box<DerivationGoal>),
     Substitution(Box<SubstitutionGoal>),
@@ -70,11 +76,13 @@ pub(crate) struct Worker<'a> {
     cfg: &'a WorkerConfig,
     pub graph: Graph,
     goals: Vec<Option<Goal>>,
-    derivation_goals: HashMap<StorePath, GoalId>,
+    /// By derivation and, in a shared scheduler, build mode (see
+    /// [`Worker::make_derivation_goal`]).
+    derivation_goals: HashMap<(StorePath, BuildMode), GoalId>,
     substitution_goals: HashMap<StorePath, GoalId>,
-    /// For each goal id, the key it has in `derivation_goals` or `substitution_goals`
-    /// (`true` = derivation), so that forgetting a goal is a lookup, not a scan.
-    dedup_keys: Vec<Option<(bool, StorePath)>>,
+    /// For each goal id, the key it has in `derivation_goals` or `substitution_goals`,
+    /// so that forgetting a goal is a lookup, not a scan.
+    dedup_keys: Vec<Option<DedupKey>>,
     last_woken_up: Option<Instant>,
     /// Buffer for reading log pipes, allocated once.
     read_buf: Vec<u8>,
@@ -147,14 +155,23 @@ impl<'a> Worker<'a> {
     }
 
     /// The goal building `drv` (shared by everyone who needs it), wanting at least `wanted`
-    /// outputs (empty = all).
+    /// outputs (empty = all). In one caller's run a goal keeps the mode it was made with,
+    /// as the original's does; in a shared scheduler a request for `--check` or `--repair`
+    /// gets its own goal rather than another request's normal build (whose success says
+    /// nothing of a check): it waits for that build's output locks and then does what it
+    /// was asked, or finds the outputs not yet valid and says so, as a separate Nix
+    /// daemon process would.
     pub fn make_derivation_goal(
         &mut self,
         drv: &StorePath,
         wanted: &BTreeSet<String>,
         mode: BuildMode,
     ) -> GoalId {
-        if let Some(&id) = self.derivation_goals.get(drv) {
+        let key = (
+            drv.clone(),
+            if self.shared { mode } else { BuildMode::Normal },
+        );
+        if let Some(&id) = self.derivation_goals.get(&key) {
             if let Some(Some(Goal::Derivation(g))) = self.goals.get_mut(id.0) {
                 g.add_wanted_outputs(wanted);
                 return id;
@@ -167,8 +184,8 @@ impl<'a> Worker<'a> {
             wanted.clone(),
             mode,
         ))));
-        self.derivation_goals.insert(drv.clone(), id);
-        self.dedup_keys[id.0] = Some((true, drv.clone()));
+        self.derivation_goals.insert(key.clone(), id);
+        self.dedup_keys[id.0] = Some(DedupKey::Derivation(key.0, key.1));
         id
     }
 
@@ -181,7 +198,7 @@ impl<'a> Worker<'a> {
             repair,
         ))));
         self.substitution_goals.insert(path.clone(), id);
-        self.dedup_keys[id.0] = Some((false, path.clone()));
+        self.dedup_keys[id.0] = Some(DedupKey::Substitution(path.clone()));
         id
     }
 
@@ -280,16 +297,20 @@ impl<'a> Worker<'a> {
 
     /// Drops everything the worker keeps for `id` except its goal value.
     fn forget(&mut self, id: GoalId) {
-        if let Some((is_drv, key)) = self.dedup_keys.get_mut(id.0).and_then(Option::take) {
-            let map = if is_drv {
-                &mut self.derivation_goals
-            } else {
-                &mut self.substitution_goals
-            };
-            // A newer goal may have taken the key (see `make_derivation_goal`).
-            if map.get(&key) == Some(&id) {
-                map.remove(&key);
+        // A newer goal may have taken the key (see `make_derivation_goal`).
+        match self.dedup_keys.get_mut(id.0).and_then(Option::take) {
+            Some(DedupKey::Derivation(drv, mode)) => {
+                let key = (drv, mode);
+                if self.derivation_goals.get(&key) == Some(&id) {
+                    self.derivation_goals.remove(&key);
+                }
             }
+            Some(DedupKey::Substitution(path))
+                if self.substitution_goals.get(&path) == Some(&id) =>
+            {
+                self.substitution_goals.remove(&path);
+            }
+            _ => {}
         }
         self.res.clear_locked_outputs(id);
         self.child_terminated(id);
@@ -1166,6 +1187,46 @@ mod tests {
         assert_eq!(oa.outputs[0].1["out"], x_out);
         assert_eq!(ob.outputs[0].1["out"], y_out);
         assert!(is_valid(&h, &s_out));
+    }
+
+    /// In a shared scheduler a `--check` request does not take another request's normal
+    /// goal for its own: it checks. A builder whose output differs each time then fails
+    /// the check for that client only; the client asking for a normal build, whose
+    /// outputs are valid, is done at once.
+    #[test]
+    fn a_check_beside_a_normal_request_checks() {
+        let h = harness();
+        let log = h.tmp.path().join("built");
+        let (x, x_out) = drv(
+            &h,
+            'a',
+            "x",
+            &format!(
+                "echo x >> {}; read u < /proc/sys/kernel/random/uuid; echo $u > $out",
+                log.display()
+            ),
+            &[],
+        );
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let first = w.add_client(Box::new(Events::default()), false);
+        w.add_target(first, &built(&x), BuildMode::Normal);
+        w.run().unwrap();
+        assert_eq!(w.client_outcome(first).unwrap().exit_status, 0);
+        assert!(is_valid(&h, &x_out));
+
+        let (a, b) = (
+            w.add_client(Box::new(Events::default()), false),
+            w.add_client(Box::new(Events::default()), false),
+        );
+        w.add_target(a, &built(&x), BuildMode::Normal);
+        w.add_target(b, &built(&x), BuildMode::Check);
+        w.run().unwrap();
+        let built = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(built, "x\nx\n", "built once, then once more for the check");
+        assert_eq!(w.client_outcome(a).unwrap().exit_status, 0);
+        let ob = w.client_outcome(b).unwrap();
+        assert_eq!(ob.exit_status, 104, "{:?}", ob.failures);
+        assert_eq!(ob.failures[0].kind, FailureKind::NotDeterministic);
     }
 
     fn alive(pid: nix::unistd::Pid) -> bool {
