@@ -227,13 +227,7 @@ fn tree_pss_kib(pid: u32) -> u64 {
         if p != pid && same_memory(pid, p) {
             continue;
         }
-        if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")) {
-            total += s
-                .lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0);
-        }
+        total += proc_kib(&format!("/proc/{p}/smaps_rollup"), "Pss:");
         let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
             .into_iter()
             .flatten();
@@ -246,16 +240,22 @@ fn tree_pss_kib(pid: u32) -> u64 {
     total
 }
 
-/// The peak resident set (`VmHWM`, KiB) of process `pid` alone.
-fn vm_hwm_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// The value (KiB) of the `key` line (`Pss:`, `VmHWM:`) of the `/proc` file `file`; 0
+/// when the process or the line is gone.
+fn proc_kib(file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(file)
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The peak resident set (`VmHWM`, KiB) of process `pid` alone.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    proc_kib(&format!("/proc/{pid}/status"), "VmHWM:")
 }
 
 fn greet(sock: &Path, store: &StoreDir) -> Result<Client<UnixStream, UnixStream>> {
