@@ -461,6 +461,52 @@ fn a_connections_temporary_roots_last_as_long_as_the_connection() {
     );
 }
 
+/// What a build through the daemon protects goes with the connection that asked for it,
+/// not with the daemon's last connection: once `nix-store -r` has ended, its derivation
+/// and output are dead to real Nix's collector while another client stays connected.
+/// The same through `nix-daemon`, whose per-connection process takes them with it.
+#[test]
+fn a_builds_roots_go_with_its_connection_while_others_stay() {
+    nixb_testsupport::require!(Nix);
+    let t = TestStore::with_conf("sandbox = false\nbuild-users-group =\nsubstituters =\n");
+    let expr = t.file(
+        "one.nix",
+        r#"derivation {
+  name = "rooted-while-wanted";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo built > $out" ];
+}"#,
+    );
+    let drv = run_str(t.nix("nix-instantiate").arg(&expr), None);
+    let out = run_str(t.nix("nix-store").args(["-q", "--outputs", &drv]), None);
+
+    let mut seen = Vec::new();
+    for which in [Which::Nix, Which::Nixb] {
+        let mut d = start(&t, which);
+        let bystander = protocol_client(&t);
+        let built = run_str(client(&t, "nix-store").args(["-r", &drv]), None);
+        assert_eq!(built, out, "{which:?}");
+        // A connection's end is seen by the daemon a moment after its client exits.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let released = loop {
+            let dead = nix_dead(&t);
+            if dead.contains(&out) && dead.contains(&drv) {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        drop(bystander);
+        assert!(d.stop().success() || which == Which::Nix);
+        run_ok(t.nix("nix-store").args(["--delete", &out]), None);
+        seen.push((which, released));
+    }
+    assert_eq!(seen, vec![(Which::Nix, true), (Which::Nixb, true)]);
+}
+
 /// Started by a systemd socket unit: the socket comes as descriptor 3 with `LISTEN_FDS=1`
 /// and `LISTEN_PID`; clients reach the daemon through it, and on SIGTERM the daemon
 /// leaves the socket's file to systemd. A `LISTEN_PID` of another process is refused.

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nixb_goals::{BuildMode, Event, EventSink, FailureKind, RealiseOutcome, RequestOptions};
@@ -26,6 +26,7 @@ use nixb_protocol::types::{
 };
 use nixb_protocol::{ServerConnection, StderrFrame};
 use nixb_store::derivation::{hash_derivation_modulo, Derivation, DrvHashCache};
+use nixb_store::temproots::RootsOwner;
 use nixb_store::{DerivedPath, StoreDir, StorePath};
 
 use crate::activity::Activities;
@@ -35,10 +36,12 @@ use crate::hangup::HangupState;
 
 /// The engine's end of a request's events: each goes into the channel, and a byte on the
 /// socket wakes the connection thread. Dropped by the engine when the request is done,
-/// which the connection thread sees as end-of-file.
+/// which the connection thread sees as end-of-file. The paths the request's goals use are
+/// the connection's temporary roots, released when it ends (not when the daemon idles).
 struct ForwardSink {
     tx: mpsc::Sender<Event>,
     wake: UnixStream,
+    roots: Arc<RootsOwner>,
 }
 
 impl EventSink for ForwardSink {
@@ -47,6 +50,10 @@ impl EventSink for ForwardSink {
             // A full socket already holds a wake-up; the reader drains the channel after it.
             let _ = (&self.wake).write(&[1]);
         }
+    }
+
+    fn keep_temp_root(&mut self, p: &StorePath) -> Option<Result<(), String>> {
+        Some(self.roots.add(p).map_err(|e| e.to_string()))
     }
 }
 
@@ -99,7 +106,11 @@ pub(crate) fn realise<R: Read, W: Write>(
     let mut job = engine.submit(
         targets,
         options,
-        Box::new(ForwardSink { tx, wake: wake_tx }),
+        Box::new(ForwardSink {
+            tx,
+            wake: wake_tx,
+            roots: s.temp_roots.clone(),
+        }),
     );
     let mut activities = Activities::new(daemon.store().store_dir().clone(), s.next_activity);
     let mut gone = false;

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nixb_goals::WorkerConfig;
@@ -20,6 +21,7 @@ use nixb_protocol::types::{
 use nixb_protocol::wire::WireReader;
 use nixb_protocol::{RemoteError, Request, Response, ServerConnection, StderrFrame, Version};
 use nixb_store::local_store::ValidPathInfo;
+use nixb_store::temproots::RootsOwner;
 use nixb_store::{StoreDir, StorePath};
 
 use crate::add;
@@ -51,8 +53,9 @@ pub(crate) struct Session<'d> {
     pub verbosity: u64,
     /// This connection's temporary roots (`temproots/<pid>-<connection>`), created on
     /// first use and removed when the connection ends, as a Nix daemon's per-connection
-    /// process takes its own with it.
-    pub temp_roots: Option<nixb_gc::TempRootsFile>,
+    /// process takes its own with it: those of `AddTempRoot`, of the paths it adds, and
+    /// (through its requests' event sinks) of the goals that build for it.
+    pub temp_roots: Arc<RootsOwner>,
     /// The client's end, polled for a hang-up while its builds run.
     pub hangup: Option<crate::hangup::Hangup>,
 }
@@ -79,6 +82,14 @@ pub(crate) fn serve<R: Read, W: Write>(
         features: BTreeSet::new(),
     };
     let mut conn = ServerConnection::accept(r, w, daemon.store().store_dir().clone(), &info)?;
+    let config = daemon.store().config();
+    let temp_roots = Arc::new(RootsOwner::new(
+        &config.state_dir,
+        config.store_dir.clone(),
+        CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+    ));
+    // What the store roots while serving this connection is the connection's.
+    let _roots = daemon.store().roots_of_this_thread(temp_roots.clone());
     let mut session = Session {
         daemon,
         trusted,
@@ -86,7 +97,7 @@ pub(crate) fn serve<R: Read, W: Write>(
         next_activity: 1,
         build_usage: Default::default(),
         verbosity: 3,
-        temp_roots: None,
+        temp_roots,
         hangup,
     };
     loop {
@@ -170,19 +181,7 @@ impl Session<'_> {
 
     /// Protects `p` from every collector until this connection ends.
     pub(crate) fn add_temp_root(&mut self, p: &StorePath) -> Result<()> {
-        if self.temp_roots.is_none() {
-            let config = self.daemon.store().config();
-            let n = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.temp_roots = Some(nixb_gc::TempRootsFile::create(
-                &config.state_dir,
-                config.store_dir.clone(),
-                &format!("{}-{n}", std::process::id()),
-            )?);
-        }
-        if let Some(roots) = &mut self.temp_roots {
-            roots.add(p)?;
-        }
-        Ok(())
+        Ok(self.temp_roots.add(p)?)
     }
 
     fn refuse_untrusted(&self, what: &str) -> Result<()> {

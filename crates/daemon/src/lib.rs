@@ -155,11 +155,11 @@ impl Daemon {
     }
 }
 
-/// One connection being served. The engine and the store record temporary roots for the
-/// whole process (the paths a connection built or added, until it is done with them);
-/// Nix's daemon drops them when the connection's process exits. Here they are dropped
-/// when no connection is left: never earlier than Nix would, and so a path built through
-/// the daemon can be collected once its clients are gone.
+/// One connection being served. A connection's temporary roots are its own, released
+/// when it ends (see `Session::temp_roots`): those it adds, those of the paths added for
+/// it, and those the engine's goals take while building for it. What the process roots
+/// for itself (a goal's paths once no connection wants the goal) is dropped when no
+/// connection is left: never earlier than Nix would.
 struct Active<'d> {
     daemon: &'d Daemon,
     left: bool,

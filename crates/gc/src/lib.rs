@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 pub use collect::{collect_garbage, GcAction, GcEvent, GcOptions, GcResults};
 pub use roots::{find_roots, print_roots, RootDirs, Roots};
-pub use temproots::TempRootsFile;
+pub use temproots::{RootsOwner, TempRootsFile};
 
 /// Everything a collection can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -103,9 +103,18 @@ pub enum Event {
     Message { level: Level, text: String },
 }
 
-/// Receives the worker's events.
+/// Receives the worker's events: a client's end of the scheduler.
 pub trait EventSink {
     fn event(&mut self, e: Event);
+
+    /// Protects `p` from garbage collectors for as long as this client needs it, for a
+    /// client that keeps temporary roots of its own (a daemon connection: until the
+    /// connection ends). Called for the paths the goals this client needs are using, and
+    /// again for those a goal had taken before the client needed it. `None`: the client
+    /// keeps no roots, and the store's own (the process's) hold them.
+    fn keep_temp_root(&mut self, _p: &StorePath) -> Option<Result<(), String>> {
+        None
+    }
 }
 
 /// Collects events into a vector (handy for tests and for callers that render later).

@@ -20,7 +20,7 @@ use crate::config::WorkerConfig;
 use crate::event::{Event, Level};
 use crate::graph::GoalId;
 use crate::hook_instance::HookInstance;
-use crate::route::Router;
+use crate::route::{ClientId, Router};
 use crate::services::Services;
 use crate::store::{BuildStore, StoreFault};
 use crate::substituter_query::QueryPool;
@@ -239,6 +239,35 @@ impl<'a> Resources<'a> {
         }
     }
 
+    /// Client `c` has become interested in goal `g`: it keeps the temporary roots `g` has
+    /// taken, or the process does.
+    pub fn keep_roots_for(&mut self, g: GoalId, c: ClientId) {
+        let (missed, errors) = self.router.keep_roots_of(g, c);
+        if let Some(p) = missed.first() {
+            self.warn_unkept(p, errors);
+        }
+        for p in missed {
+            if let Err(e) = self.store.add_temp_root(&p) {
+                let printed = self.store.store_dir().print(&p);
+                self.message(
+                    Level::Warn,
+                    format!("cannot protect '{printed}' from garbage collection: {e}"),
+                );
+            }
+        }
+    }
+
+    /// Warns of the clients that failed to keep `p` (the process keeps it instead).
+    fn warn_unkept(&mut self, p: &StorePath, errors: Vec<String>) {
+        for e in errors {
+            let printed = self.store.store_dir().print(p);
+            self.message(
+                Level::Warn,
+                format!("a client could not keep '{printed}' as a temporary root: {e}"),
+            );
+        }
+    }
+
     /// Stops the build hook waiting for requests.
     pub fn drop_hook(&mut self) {
         self.hook = None;
@@ -291,6 +320,16 @@ impl Services for Resources<'_> {
             .iter()
             .find(|(name, _)| name == output)
             .and_then(|(_, p)| p.clone()))
+    }
+
+    fn add_temp_root(&mut self, p: &StorePath) -> Result<(), StoreFault> {
+        let (kept, errors) = self.router.keep_temp_root(p);
+        self.warn_unkept(p, errors);
+        if kept {
+            Ok(())
+        } else {
+            self.store.add_temp_root(p)
+        }
     }
 
     fn nr_local_builds(&self) -> usize {

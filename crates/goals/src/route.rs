@@ -6,6 +6,15 @@
 //!
 //! Events emitted while no goal is being run (the scheduler's own warnings) go to every
 //! client.
+//!
+//! Temporary roots follow the same lines: a path a goal protects from garbage collectors
+//! is kept by each interested client that keeps roots of its own (a daemon connection,
+//! whose roots go when it ends), and by a client that becomes interested later as well;
+//! the caller roots it for the whole process when some interested client keeps none.
+
+use std::collections::HashMap;
+
+use nixb_store::StorePath;
 
 use crate::event::{Event, EventSink};
 use crate::graph::GoalId;
@@ -22,6 +31,9 @@ pub(crate) struct Router<'a> {
     interest: Vec<Vec<ClientId>>,
     /// Each client's sink, by client index; `None` once the client has left.
     sinks: Vec<Option<Box<dyn EventSink + 'a>>>,
+    /// The temporary roots clients keep for each goal not done yet, to be kept by the
+    /// clients that become interested in it later.
+    roots: HashMap<GoalId, Vec<StorePath>>,
 }
 
 impl<'a> Router<'a> {
@@ -30,6 +42,7 @@ impl<'a> Router<'a> {
             current: None,
             interest: Vec::new(),
             sinks: Vec::new(),
+            roots: HashMap::new(),
         }
     }
 
@@ -62,6 +75,67 @@ impl<'a> Router<'a> {
             set.push(c);
             true
         }
+    }
+
+    /// Has the clients interested in the goal being run keep `p` as a temporary root.
+    /// False when the process must root it itself: no goal is being run, no interested
+    /// client is there, or one of them keeps no roots or failed to (its error is returned
+    /// for a warning).
+    pub fn keep_temp_root(&mut self, p: &StorePath) -> (bool, Vec<String>) {
+        let Some(g) = self.current else {
+            return (false, Vec::new());
+        };
+        let clients = self.interest(g).to_vec();
+        let (kept, errors) = self.keep_for(&clients, p);
+        if kept.iter().any(|&k| k) {
+            let roots = self.roots.entry(g).or_default();
+            if !roots.contains(p) {
+                roots.push(p.clone());
+            }
+        }
+        (!kept.is_empty() && kept.iter().all(|&k| k), errors)
+    }
+
+    /// Has client `c`, just become interested in goal `g`, keep the roots `g` has taken;
+    /// returns those it did not keep (the process must root them) and its errors.
+    pub fn keep_roots_of(&mut self, g: GoalId, c: ClientId) -> (Vec<StorePath>, Vec<String>) {
+        let roots = self.roots.get(&g).cloned().unwrap_or_default();
+        let mut missed = Vec::new();
+        let mut errors = Vec::new();
+        for p in roots {
+            let (kept, mut errs) = self.keep_for(&[c], &p);
+            errors.append(&mut errs);
+            // A client that has left needs nothing kept.
+            if kept.first() == Some(&false) {
+                missed.push(p);
+            }
+        }
+        (missed, errors)
+    }
+
+    /// Whether each live client of `clients` kept `p`, and the errors of those that failed.
+    fn keep_for(&mut self, clients: &[ClientId], p: &StorePath) -> (Vec<bool>, Vec<String>) {
+        let mut kept = Vec::new();
+        let mut errors = Vec::new();
+        for c in clients {
+            let Some(Some(sink)) = self.sinks.get_mut(c.0) else {
+                continue;
+            };
+            kept.push(match sink.keep_temp_root(p) {
+                Some(Ok(())) => true,
+                Some(Err(e)) => {
+                    errors.push(e);
+                    false
+                }
+                None => false,
+            });
+        }
+        (kept, errors)
+    }
+
+    /// Goal `g` is done: a client that needs its paths now takes them on its own.
+    pub fn forget_roots(&mut self, g: GoalId) {
+        self.roots.remove(&g);
     }
 
     /// Routes `e` by the goal being run (see the module doc).
@@ -128,5 +202,9 @@ pub(crate) struct BorrowedSink<'s>(pub &'s mut dyn EventSink);
 impl EventSink for BorrowedSink<'_> {
     fn event(&mut self, e: Event) {
         self.0.event(e);
+    }
+
+    fn keep_temp_root(&mut self, p: &StorePath) -> Option<Result<(), String>> {
+        self.0.keep_temp_root(p)
     }
 }

@@ -120,6 +120,10 @@ pub(crate) trait Services {
         drv: &StorePath,
         output: &str,
     ) -> Result<Option<StorePath>, StoreFault>;
+    /// Protects `p` from garbage collectors while the clients that need the goal taking
+    /// the step need it (see [`crate::EventSink::keep_temp_root`]), or else while the
+    /// process runs.
+    fn add_temp_root(&mut self, p: &StorePath) -> Result<(), StoreFault>;
     /// Builders running in local build slots.
     fn nr_local_builds(&self) -> usize;
     /// Another goal of this run holds the lock of `path`.
@@ -206,6 +210,12 @@ impl<'s> Step<'s> {
         output: &str,
     ) -> Result<Option<StorePath>, StoreFault> {
         self.services.derivation_output(drv, output)
+    }
+
+    /// Protects `p` from garbage collectors while this goal's clients need it. A failure
+    /// leaves `p` unprotected; the goal decides whether that matters.
+    pub fn add_temp_root(&mut self, p: &StorePath) -> Result<(), StoreFault> {
+        self.services.add_temp_root(p)
     }
 
     pub fn nr_local_builds(&self) -> usize {

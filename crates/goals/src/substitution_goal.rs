@@ -147,7 +147,7 @@ impl SubstitutionGoal {
     }
 
     fn init(&mut self, cx: &mut Step<'_>) {
-        let _ = cx.store.add_temp_root(&self.path);
+        let _ = cx.add_temp_root(&self.path);
         match cx.store.is_valid_path(&self.path) {
             Ok(true) if !self.repair => return cx.am_done(ExitCode::Success),
             Ok(_) => {}

@@ -31,6 +31,8 @@ pub(crate) struct FakeStore {
     pub drvs: RefCell<BTreeMap<StorePath, Derivation>>,
     pub failed: RefCell<BTreeSet<StorePath>>,
     pub registered: RefCell<Vec<NewOutput>>,
+    /// The paths rooted for the whole process, in order.
+    pub temp_roots: RefCell<Vec<StorePath>>,
 }
 
 impl BuildStore for FakeStore {
@@ -103,7 +105,8 @@ impl BuildStore for FakeStore {
         Ok(())
     }
 
-    fn add_temp_root(&self, _: &StorePath) -> Result<(), StoreFault> {
+    fn add_temp_root(&self, p: &StorePath) -> Result<(), StoreFault> {
+        self.temp_roots.borrow_mut().push(p.clone());
         Ok(())
     }
 
@@ -130,6 +133,8 @@ pub(crate) struct FakeServices {
     pub nr_local_builds: usize,
     pub locked_by_me: BTreeSet<StorePath>,
     pub kills: usize,
+    /// The temporary roots taken, in order.
+    pub temp_roots: Vec<StorePath>,
     build_dirs: BuildDirs,
     hook: Option<HookInstance>,
     queries: QueryPool,
@@ -139,6 +144,10 @@ pub(crate) struct FakeServices {
 impl Services for FakeServices {
     fn emit(&mut self, event: Event) {
         self.events.push(event);
+    }
+    fn add_temp_root(&mut self, p: &StorePath) -> Result<(), StoreFault> {
+        self.temp_roots.push(p.clone());
+        Ok(())
     }
     fn derivation(&mut self, drv: &StorePath) -> Result<Arc<Derivation>, StoreFault> {
         self.store.read_derivation(drv).map(Arc::new)
@@ -238,6 +247,7 @@ impl Harness {
             drvs: RefCell::default(),
             failed: RefCell::default(),
             registered: RefCell::default(),
+            temp_roots: RefCell::default(),
         });
         let services = FakeServices {
             store: Rc::clone(&store),
@@ -245,6 +255,7 @@ impl Harness {
             nr_local_builds: 0,
             locked_by_me: BTreeSet::new(),
             kills: 0,
+            temp_roots: Vec::new(),
             build_dirs: BuildDirs::new(&cfg.build_dir_root),
             hook: None,
             queries: QueryPool::default(),

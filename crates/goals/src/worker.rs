@@ -313,6 +313,7 @@ impl<'a> Worker<'a> {
             _ => {}
         }
         self.res.clear_locked_outputs(id);
+        self.res.router.forget_roots(id);
         self.child_terminated(id);
     }
 
@@ -422,7 +423,10 @@ impl<'a> Worker<'a> {
         while let Some(g) = todo.pop() {
             let mut added = false;
             for &c in clients {
-                added |= self.res.router.add_interest(g, c);
+                if self.res.router.add_interest(g, c) {
+                    added = true;
+                    self.res.keep_roots_for(g, c);
+                }
             }
             if self.shared && keep_going {
                 added |= self.graph.set_keep_going(g);
@@ -1227,6 +1231,51 @@ mod tests {
         let ob = w.client_outcome(b).unwrap();
         assert_eq!(ob.exit_status, 104, "{:?}", ob.failures);
         assert_eq!(ob.failures[0].kind, FailureKind::NotDeterministic);
+    }
+
+    /// A client that keeps temporary roots of its own, as a daemon connection does.
+    #[derive(Clone, Default)]
+    struct Keeper(Rc<RefCell<BTreeSet<StorePath>>>);
+
+    impl EventSink for Keeper {
+        fn event(&mut self, _: Event) {}
+
+        fn keep_temp_root(&mut self, p: &StorePath) -> Option<Result<(), String>> {
+            self.0.borrow_mut().insert(p.clone());
+            Some(Ok(()))
+        }
+    }
+
+    /// The paths a goal protects are kept by the clients that need it, through its
+    /// dependents too; a client that comes to need a running goal is given the roots it
+    /// took before; a client that keeps no roots has the process root them. Nothing of
+    /// a request whose clients keep roots is rooted for the process.
+    #[test]
+    fn temporary_roots_are_kept_by_the_clients_that_need_them() {
+        let h = harness();
+        let (x, x_out) = drv(&h, 'a', "x", &slow_script(), &[]);
+        let (y, y_out) = drv(&h, 'b', "y", "echo y > $out", &[&x]);
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let (ka, kb) = (Keeper::default(), Keeper::default());
+        let a = w.add_client(Box::new(ka.clone()), false);
+        let b = w.add_client(Box::new(kb.clone()), false);
+        let n = w.add_client(Box::new(Events::default()), false);
+        let gy = w.add_target(a, &built(&y), BuildMode::Normal);
+        w.run_ready();
+        let gx = w.graph.waitees(gy)[0];
+        assert!(w.res.children.contains_key(&gx), "x's builder runs");
+        let set = |ps: &[&StorePath]| ps.iter().map(|p| (*p).clone()).collect::<BTreeSet<_>>();
+        assert_eq!(*ka.0.borrow(), set(&[&x, &x_out, &y, &y_out]));
+        assert!(kb.0.borrow().is_empty());
+        assert!(h.store.temp_roots.borrow().is_empty());
+
+        assert_eq!(w.add_target(b, &built(&x), BuildMode::Normal), gx);
+        assert_eq!(*kb.0.borrow(), set(&[&x, &x_out]));
+        assert!(h.store.temp_roots.borrow().is_empty());
+
+        assert_eq!(w.add_target(n, &built(&x), BuildMode::Normal), gx);
+        let process: BTreeSet<StorePath> = h.store.temp_roots.borrow().iter().cloned().collect();
+        assert_eq!(process, set(&[&x, &x_out]));
     }
 
     fn alive(pid: nix::unistd::Pid) -> bool {

@@ -11,6 +11,7 @@ pub mod nar;
 pub mod optimise;
 pub mod path;
 pub mod refscan;
+pub mod temproots;
 
 pub use hash::{Encoding, Hash, HashAlgo, Hasher};
 pub use path::{DerivedPath, StoreDir, StorePath};

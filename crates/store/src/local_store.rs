@@ -26,11 +26,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::canon::{canonicalise_path_metadata, CanonError, InodesSeen};
 use crate::db::{Db, DbError, PathRow, SCHEMA_VERSION};
@@ -39,6 +38,7 @@ use crate::hash::{Encoding, Hash, HashAlgo, Hasher};
 use crate::locks::{lock_file, open_lock_file, LockError, LockType, PathLocks};
 use crate::nar::{dump_to_sink, hash_path, restore_path, NarError};
 use crate::path::{PathError, StoreDir, StorePath};
+use crate::temproots::{RootsOwner, TempRootsFile};
 
 /// Where the store and its state live.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -244,12 +244,14 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// This process's temporary roots: the file, the open `gc.lock`, and what is recorded.
+/// Where the temporary roots taken through a store go: the process's own file, unless the
+/// calling thread acts for an owner of its own (see [`LocalStore::roots_of_this_thread`]).
 #[derive(Default)]
 struct TempRoots {
-    file: Option<File>,
-    gc_lock: Option<File>,
-    added: std::collections::HashSet<String>,
+    /// `temproots/<pid>`, created with the first root.
+    process: Option<TempRootsFile>,
+    /// The threads acting for an owner of their own, and that owner.
+    threads: Vec<(std::thread::ThreadId, Arc<RootsOwner>)>,
 }
 
 /// An open local store. One per process is the intended use; it is `Send` and `Sync`
@@ -259,7 +261,8 @@ pub struct LocalStore {
     db: Mutex<Db>,
     /// Held with a shared lock for as long as the store is open (see the module doc).
     big_lock: File,
-    /// This process's temporary roots file, created on first use.
+    /// Temporary roots: this process's file, created on first use, and the threads that
+    /// take roots for an owner of their own.
     temp_roots: Mutex<TempRoots>,
     /// `hashDerivationModulo` of derivations checked at registration, so registering a
     /// chain of derivations reads each input once.
@@ -271,10 +274,6 @@ impl Drop for LocalStore {
         // As for path locks: release the shared big lock now, not when the last copy of
         // the descriptor (possibly in a child forked by another thread) is closed.
         let _ = lock_file(&self.big_lock, LockType::None, false);
-        let roots = self.temp_roots.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(file) = &roots.file {
-            let _ = lock_file(file, LockType::None, false);
-        }
     }
 }
 
@@ -866,119 +865,51 @@ impl LocalStore {
         })
     }
 
-    /// Drops every temporary root this process holds: its `temproots/<pid>` file is
+    /// Drops every temporary root this process holds in its own file: `temproots/<pid>` is
     /// emptied (and stays locked, so collectors keep treating the process as alive). For
     /// a long-running process such as a daemon once nothing it serves needs them, as a
-    /// Nix daemon's per-connection process takes its roots with it when it exits.
+    /// Nix daemon's per-connection process takes its roots with it when it exits. The
+    /// roots of the owners of [`LocalStore::roots_of_this_thread`] are theirs.
     pub fn release_temp_roots(&self) -> Result<(), StoreError> {
         let mut roots = self.temp_roots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(file) = &roots.file {
-            let path = self.temp_roots_path();
-            file.set_len(0).map_err(io_err("emptying", &path))?;
+        match &mut roots.process {
+            Some(file) => file.clear(),
+            None => Ok(()),
         }
-        roots.added.clear();
-        Ok(())
     }
 
     /// Protects `p` from a garbage collector (Nix's or ours) until this process exits,
-    /// through `temproots/<pid>` as Nix 2.x keeps it. While a collector runs it holds
-    /// `gc.lock` exclusively and reads new roots from its socket instead, so then the
-    /// root is also sent there and acknowledged before this returns.
+    /// through `temproots/<pid>` as Nix 2.x keeps it (see [`crate::temproots`]); or, on a
+    /// thread acting for an owner of its own, until that owner is dropped.
     pub fn add_temp_root(&self, p: &StorePath) -> Result<(), StoreError> {
         let mut roots = self.temp_roots.lock().unwrap_or_else(|e| e.into_inner());
-        let printed = self.print(p);
-        // A root stays in the file until the process exits, and any collector that starts
-        // later reads the file: recording a path once is enough.
-        if roots.added.contains(&printed) {
-            return Ok(());
+        let me = std::thread::current().id();
+        if let Some((_, owner)) = roots.threads.iter().find(|(t, _)| *t == me) {
+            let owner = Arc::clone(owner);
+            // Another thread's roots need not wait for this owner's file.
+            drop(roots);
+            return owner.add(p);
         }
-        if roots.file.is_none() {
-            roots.file = Some(self.create_temp_roots_file()?);
-        }
-        let gc_lock_path = self.config.state_dir.join("gc.lock");
-        if roots.gc_lock.is_none() {
-            // Kept open (as Nix keeps it) rather than opened for every root.
-            roots.gc_lock =
-                Some(
-                    open_lock_file(&gc_lock_path, true)?.ok_or_else(|| StoreError::Io {
-                        step: "opening",
-                        path: gc_lock_path.clone(),
-                        source: io::ErrorKind::NotFound.into(),
-                    })?,
-                );
-        }
-        let TempRoots {
-            file,
-            gc_lock,
-            added,
-        } = &mut *roots;
-        let (Some(file), Some(gc_lock)) = (file.as_mut(), gc_lock.as_ref()) else {
-            return Err(StoreError::NotValid(printed));
+        let file = match roots.process.take() {
+            Some(f) => f,
+            None => TempRootsFile::create(
+                &self.config.state_dir,
+                self.config.store_dir.clone(),
+                &std::process::id().to_string(),
+            )?,
         };
-        let socket = self.config.state_dir.join("gc-socket").join("socket");
-        let mut attempts = 0u32;
-        let mut locked = false;
-        while !locked {
-            if lock_file(gc_lock, LockType::Read, false)? {
-                locked = true;
-                continue;
-            }
-            match send_to_collector(&socket, &printed) {
-                Ok(()) => break,
-                // The collector may be starting up or just finishing: try the lock again.
-                Err(reason) => {
-                    attempts += 1;
-                    if attempts > 6000 {
-                        return Err(StoreError::GcSocket { socket, reason });
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-        let roots_path = self.temp_roots_path();
-        let mut record = printed.clone().into_bytes();
-        record.push(0);
-        let written = file
-            .write_all(&record)
-            .map_err(io_err("writing temporary root to", &roots_path));
-        if locked {
-            lock_file(gc_lock, LockType::None, false)?;
-        }
-        written?;
-        added.insert(printed);
-        Ok(())
+        roots.process.insert(file).add(p)
     }
 
-    fn temp_roots_path(&self) -> PathBuf {
-        self.config
-            .state_dir
-            .join("temproots")
-            .join(std::process::id().to_string())
-    }
-
-    fn create_temp_roots_file(&self) -> Result<File, StoreError> {
-        let path = self.temp_roots_path();
-        loop {
-            // A file with our pid is left over from a dead process that had it before.
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("removing stale", &path)(e)),
-            }
-            let f = OpenOptions::new()
-                .read(true)
-                .append(true)
-                .create(true)
-                .open(&path)
-                .map_err(io_err("creating temporary roots file", &path))?;
-            lock_file(&f, LockType::Write, true)?;
-            let len = f.metadata().map_err(io_err("statting", &path))?.len();
-            // A collector that found the file unlocked deletes it after writing into it;
-            // a non-empty file we just created means that happened in between.
-            if len == 0 {
-                return Ok(f);
-            }
-        }
+    /// Until the returned guard is dropped, the temporary roots this thread takes through
+    /// the store (adding paths, importing them) are `owner`'s instead of the process's:
+    /// for a daemon connection, whose roots go when it ends.
+    pub fn roots_of_this_thread(&self, owner: Arc<RootsOwner>) -> ThreadRoots<'_> {
+        let me = std::thread::current().id();
+        let mut roots = self.temp_roots.lock().unwrap_or_else(|e| e.into_inner());
+        roots.threads.retain(|(t, _)| *t != me);
+        roots.threads.push((me, owner));
+        ThreadRoots { store: self }
     }
 
     /// Checks every valid path: present on disk, references valid, and with
@@ -1113,17 +1044,22 @@ fn check_acyclic(infos: &[ValidPathInfo], store: &StoreDir) -> Result<(), StoreE
     Ok(())
 }
 
-fn send_to_collector(socket: &Path, path: &str) -> Result<(), String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("connecting: {e}"))?;
-    s.write_all(format!("{path}\n").as_bytes())
-        .map_err(|e| format!("sending root: {e}"))?;
-    let mut ack = [0u8; 1];
-    s.read_exact(&mut ack)
-        .map_err(|e| format!("reading acknowledgement: {e}"))?;
-    if ack[0] != b'1' {
-        return Err(format!("unexpected acknowledgement byte {}", ack[0]));
+/// A thread's temporary roots going to an owner of its own (see
+/// [`LocalStore::roots_of_this_thread`]); dropping it sends them to the process's file again.
+pub struct ThreadRoots<'s> {
+    store: &'s LocalStore,
+}
+
+impl Drop for ThreadRoots<'_> {
+    fn drop(&mut self) {
+        let me = std::thread::current().id();
+        let mut roots = self
+            .store
+            .temp_roots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        roots.threads.retain(|(t, _)| *t != me);
     }
-    Ok(())
 }
 
 /// [`crate::delete::delete_path`] with the store's error type.

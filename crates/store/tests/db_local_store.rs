@@ -575,6 +575,48 @@ fn temp_root_goes_to_a_running_collector() {
     );
 }
 
+/// A thread acting for an owner of its own (a daemon connection) roots paths in the
+/// owner's file, `temproots/<pid>-<n>`, which goes with the owner; other threads, and the
+/// same thread once its guard is dropped, root them in the process's file.
+#[test]
+fn a_threads_roots_go_to_its_owner_and_with_it() {
+    use nixb_store::temproots::RootsOwner;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let state = dir.path().join("state");
+    let (a, b, c) = (fake(1, "a"), fake(2, "b"), fake(3, "c"));
+    let owner = Arc::new(RootsOwner::new(&state, s.store_dir().clone(), 7));
+    let owners_file = state
+        .join("temproots")
+        .join(format!("{}-7", std::process::id()));
+    let process_file = state.join("temproots").join(std::process::id().to_string());
+    let guard = s.roots_of_this_thread(owner.clone());
+    s.add_temp_root(&a).unwrap();
+    std::thread::scope(|sc| {
+        sc.spawn(|| s.add_temp_root(&b).unwrap());
+    });
+    drop(guard);
+    s.add_temp_root(&c).unwrap();
+    let printed = |ps: &[&StorePath]| {
+        ps.iter()
+            .map(|p| format!("{}\0", s.store_dir().print(p)))
+            .collect::<String>()
+    };
+    assert_eq!(owner.path().as_deref(), Some(owners_file.as_path()));
+    assert_eq!(
+        std::fs::read_to_string(&owners_file).unwrap(),
+        printed(&[&a])
+    );
+    assert_eq!(
+        std::fs::read_to_string(&process_file).unwrap(),
+        printed(&[&b, &c])
+    );
+    drop(owner);
+    assert!(!owners_file.exists());
+    assert!(process_file.exists());
+}
+
 /// The output locks are BSD flock locks, the kind Nix 2.x takes: util-linux's flock(1)
 /// (an independent process using flock(2)) must conflict with them both ways.
 #[test]

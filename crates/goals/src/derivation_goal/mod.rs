@@ -197,7 +197,7 @@ impl DerivationGoal {
         // find it valid (it also asks without repairing), at the cost of a goal, a wake-up
         // and a second query per derivation. The temp root comes first, as that goal's does,
         // so that a collector cannot take the path between the check and its use.
-        let _ = cx.store.add_temp_root(&self.plan.drv_path);
+        let _ = cx.add_temp_root(&self.plan.drv_path);
         if cx.store.is_valid_path(&self.plan.drv_path) == Ok(true) {
             self.state = State::HaveDerivation;
             return self.have_derivation(cx);
@@ -220,7 +220,7 @@ impl DerivationGoal {
             return Ok(());
         }
         cx.reset_waitee_counts();
-        let _ = cx.store.add_temp_root(&self.plan.drv_path);
+        let _ = cx.add_temp_root(&self.plan.drv_path);
         if self.plan.drv.is_none() {
             let drv = cx.derivation(&self.plan.drv_path)?;
             self.plan.fixed_output = drv.is_fixed_output();
@@ -246,7 +246,7 @@ impl DerivationGoal {
             }
         }
         for p in self.plan.outputs.values() {
-            let _ = cx.store.add_temp_root(p);
+            let _ = cx.add_temp_root(p);
         }
 
         let invalid = self.check_path_validity(cx, false, self.plan.mode == BuildMode::Repair)?;
