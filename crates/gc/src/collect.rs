@@ -13,7 +13,9 @@
 //!    database row always goes before the files, and a row only after every row referring
 //!    to it (SQLite's foreign keys refuse anything else), so a kill at any instant leaves
 //!    every valid path present and its closure valid; what is left on disk without a row
-//!    is removed by the next run.
+//!    is removed by the next run. When at least half the store is dead, every dead row
+//!    goes in one transaction that keeps the rest instead (see `delete_all_dead`), then
+//!    the files, batch by batch on the second thread.
 //! 4. Remove store entries that are not valid (and are no temporary root), then unused
 //!    entries of `.links`.
 
@@ -36,6 +38,9 @@ use crate::GcError;
 /// cannot hold is written to the log again), less on stores whose graph is large, so that
 /// graph and cache together stay within about 150 MiB (the graph takes about 110 bytes a
 /// path); at least 16 MiB.
+/// The page cache of a collection that deletes every dead row at once.
+const AT_ONCE_CACHE_KIB: u32 = 8 * 1024;
+
 fn gc_cache_kib(paths: usize) -> u32 {
     const BUDGET_KIB: u64 = 150 * 1024;
     let graph_kib = (paths as u64).saturating_mul(110) / 1024;
@@ -346,16 +351,19 @@ fn collect_locked(
     // collection, before this).
     // Deleting a batch's rows in one statement writes a statement journal as it goes
     // (a temporary file on disk by default, costing as much as the deletion itself).
+    // Most of the store is dead: its rows go at once, by keeping the rest (see
+    // `delete_all_dead`), unless the caller chose a batch size. That reads and writes
+    // each page about once, so a small cache does.
+    let overlap = opts.max_freed == u64::MAX;
+    let at_once = overlap && !nix_order && opts.batch_size == 0 && dead_count >= n - dead_count;
     store.with_db(|db| {
-        db.set_cache_size_kib(gc_cache_kib(n))?;
+        db.set_cache_size_kib(if at_once {
+            AT_ONCE_CACHE_KIB
+        } else {
+            gc_cache_kib(n)
+        })?;
         db.keep_temp_files_in_memory()
     })?;
-    let order = if nix_order {
-        Vec::new()
-    } else {
-        graph.referrers_first(&dead)
-    };
-    phase.done("ordering dead paths");
     let total = dead_count + strays.len();
     let batch_size = match opts.batch_size {
         0 => auto_batch_size(total),
@@ -435,7 +443,8 @@ fn collect_locked(
             if st.temp_roots.contains(h) {
                 return Ok(false);
             }
-            st.pending = std::iter::once(h.clone()).collect();
+            st.pending.clear();
+            st.pending.insert(h);
         }
         // Registered since the graph was read (its registrar should have made it a
         // temporary root first; this catches one that did not).
@@ -461,7 +470,7 @@ fn collect_locked(
         }
         Ok(results.bytes_freed > opts.max_freed)
     };
-    let overlap = opts.max_freed == u64::MAX;
+
     if nix_order {
         limit_reached = delete_in_directory_order(
             &DirOrder {
@@ -505,6 +514,32 @@ fn collect_locked(
             drop((work_rx, done_tx));
         }
         let mut in_flight = 0usize;
+        let mut rows_left = true;
+        if at_once && dead_count > 0 {
+            let t = std::time::Instant::now();
+            let deleted = delete_all_dead(store, &graph, kinds, shared, &dead, &mut alive);
+            rows_time += t.elapsed();
+            if let Some(deleted) = deleted? {
+                rows_left = false;
+                for chunk in deleted.chunks(batch_size) {
+                    if work_tx.send(chunk.to_vec()).is_err() {
+                        break;
+                    }
+                    in_flight += 1;
+                    while let Ok(r) = done_rx.try_recv() {
+                        in_flight -= 1;
+                        report(r, &mut results, events)?;
+                    }
+                }
+            }
+        }
+        let order = if nix_order || !rows_left {
+            Vec::new()
+        } else {
+            let order = graph.referrers_first(&dead);
+            phase.done("ordering dead paths");
+            order
+        };
         // `alive` from here on also holds what became alive during the collection.
         for chunk in order.chunks(batch_size) {
             let batch: Vec<Node> = {
@@ -520,8 +555,9 @@ fn collect_locked(
                     .copied()
                     .filter(|v| !alive[*v as usize])
                     .collect();
-                s.pending
-                    .extend(batch.iter().map(|v| graph.hash_part(*v).to_string()));
+                for v in &batch {
+                    s.pending.insert(graph.hash_part(*v));
+                }
                 batch
             };
             let t = std::time::Instant::now();
@@ -688,7 +724,7 @@ fn delete_in_directory_order(
                 if alive[u as usize] {
                     continue;
                 }
-                s.pending.insert(hash.to_string());
+                s.pending.insert(hash);
             }
             let deleted = match invalidate_batch(d.store, g, d.kinds, &[u], alive, events) {
                 Ok(deleted) => deleted,
@@ -710,6 +746,62 @@ fn delete_in_directory_order(
         }
     }
     Ok(false)
+}
+
+/// Deletes the rows of every dead path in one transaction that keeps the rest of the
+/// store ([`nixb_store::db::Db::keep_only_paths`]): for a collection that deletes most of
+/// the store, where deleting row by row costs index seeks per row and reference that grow
+/// with the store. Roots clients added meanwhile are taken first, with their closures,
+/// and every path to delete is pending until its files are gone. Returns the nodes whose
+/// rows went, or `None` (nothing deleted, nothing pending) where the database refuses
+/// (another schema, or a path registered since the graph was read refers to a dead one):
+/// the caller then goes batch by batch.
+fn delete_all_dead(
+    store: &LocalStore,
+    graph: &Graph,
+    kinds: EdgeKinds,
+    shared: &SharedRoots,
+    dead: &[bool],
+    alive: &mut [bool],
+) -> Result<Option<Vec<Node>>, GcError> {
+    let deleting: Vec<Node> = {
+        let mut s = shared.lock();
+        let new: Vec<Node> = s
+            .new_roots
+            .drain(..)
+            .filter_map(|h| graph.lookup_hash(&h))
+            .collect();
+        graph.mark_closure(new, kinds, alive);
+        let deleting: Vec<Node> = (0..graph.len() as Node)
+            .filter(|v| dead[*v as usize] && !alive[*v as usize])
+            .collect();
+        for v in &deleting {
+            s.pending.insert(graph.hash_part(*v));
+        }
+        deleting
+    };
+    let mut goes = vec![false; graph.len()];
+    for v in &deleting {
+        goes[*v as usize] = true;
+    }
+    let keep: Vec<i64> = (0..graph.len() as Node)
+        .filter(|v| !goes[*v as usize])
+        .map(|v| graph.db_id(v))
+        .collect();
+    drop(goes);
+    let done =
+        store.with_db(|db| db.keep_only_paths("deleting dead paths", &keep, graph.max_db_id()));
+    match done {
+        Ok(true) => Ok(Some(deleting)),
+        Ok(false) => {
+            shared.finish_pending();
+            Ok(None)
+        }
+        Err(e) => {
+            shared.finish_pending();
+            Err(e.into())
+        }
+    }
 }
 
 /// Rows a transaction deletes when the caller does not say, for `dead` paths to delete:

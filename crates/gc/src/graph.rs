@@ -249,6 +249,12 @@ impl Graph {
         self.db_id[n as usize]
     }
 
+    /// The highest row id read (0 for an empty store): a row above it was registered
+    /// after the graph was read.
+    pub fn max_db_id(&self) -> i64 {
+        self.db_id.iter().copied().max().unwrap_or(0)
+    }
+
     /// The node whose hash part is `hash` (32 characters).
     pub fn lookup_hash(&self, hash: &str) -> Option<Node> {
         if hash.len() != HASH_CHARS {

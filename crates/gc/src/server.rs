@@ -35,8 +35,50 @@ pub struct Shared {
     pub temp_roots: HashSet<String>,
     /// Roots received over the socket that the collector has not looked at yet.
     pub new_roots: Vec<String>,
-    /// Hash parts of the paths being deleted right now.
-    pub pending: HashSet<String>,
+    /// The paths being deleted right now.
+    pub pending: Pending,
+}
+
+/// A set of paths by hash part, kept as 64-bit digests of it: a collection that deletes
+/// most of a million-path store at once holds them all, and 8 bytes a path is what that
+/// costs. Two hash parts with one digest only make a client wait for the other path's
+/// deletion as well.
+#[derive(Debug, Default)]
+pub struct Pending(HashSet<u64>);
+
+impl Pending {
+    fn key(hash: &str) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // Deterministic (fixed keys); hash parts are uniformly random already.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        hash.hash(&mut h);
+        h.finish()
+    }
+
+    pub fn insert(&mut self, hash: &str) {
+        self.0.insert(Self::key(hash));
+    }
+
+    pub fn remove(&mut self, hash: &str) {
+        self.0.remove(&Self::key(hash));
+    }
+
+    pub fn contains(&self, hash: &str) -> bool {
+        self.0.contains(&Self::key(hash))
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+        self.0.shrink_to_fit();
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// The shared state and the condition variable that wakes clients waiting on `pending`.

@@ -59,7 +59,7 @@ fn server_holds_the_ack_while_the_path_is_pending() {
     let shared = Arc::new(SharedRoots::default());
     let server = RootsServer::start(d.path(), store_dir, shared.clone()).unwrap();
     let hash = "0123456789abcdfghijklmnpqrsvwxyz";
-    shared.lock().pending.insert(hash.to_string());
+    shared.lock().pending.insert(hash);
     let mut c = UnixStream::connect(d.path().join("gc-socket/socket")).unwrap();
     c.write_all(format!("/nix/store/{hash}-foo\n").as_bytes())
         .unwrap();
@@ -86,15 +86,22 @@ fn server_holds_the_ack_while_the_path_is_pending() {
     drop(server);
 }
 
+/// In batches and with every row at once (all three paths are dead).
 #[test]
 fn temp_root_added_during_a_nixb_collection_is_honoured() {
+    for batch_size in [1, 0] {
+        temp_root_added_during_a_collection_is_honoured(batch_size);
+    }
+}
+
+fn temp_root_added_during_a_collection_is_honoured(batch_size: usize) {
     let env = Env::new();
     let dead = env.add_dead(&["a", "b", "c"]);
     let store = LocalStore::open(env.config()).unwrap();
     let dir = store.store_dir().clone();
     let nix = nixb_testsupport::required(&[nixb_testsupport::Need::Nix]);
     let mut opts = GcOptions::new(GcAction::DeleteDead);
-    opts.batch_size = 1;
+    opts.batch_size = batch_size;
     let mut saw_determined = false;
     let result = collect_garbage(&store, &opts, &mut |e| {
         if let GcEvent::Determined { dead: n, .. } = e {
@@ -170,4 +177,47 @@ fn nixb_temp_root_added_during_nix_store_gc_is_honoured() {
     assert!(dir.to_path(&dead[0]).exists());
     assert!(!client.is_valid_path(&dead[1]).unwrap());
     assert!(!dir.to_path(&dead[1]).exists());
+}
+
+/// A path registered while a collection runs that refers to a dead path (by a client that
+/// took no temporary root for it) keeps that path, whether the rows go in batches or all
+/// at once: that deletion then refuses, deleting nothing, and the batches keep the path.
+#[test]
+fn a_path_registered_meanwhile_keeps_the_dead_path_it_refers_to() {
+    for batch_size in [1, 0] {
+        let env = Env::new();
+        let dead = env.add_dead(&["a", "b", "c"]);
+        let store = LocalStore::open(env.config()).unwrap();
+        let dir = store.store_dir().clone();
+        let late = dir
+            .parse(&format!("{}/{}-late", dir.as_str(), "x".repeat(32)))
+            .unwrap();
+        let mut opts = GcOptions::new(GcAction::DeleteDead);
+        opts.batch_size = batch_size;
+        let result = collect_garbage(&store, &opts, &mut |e| {
+            if let GcEvent::Determined { dead: n, .. } = e {
+                assert_eq!(n, 3);
+                let client = LocalStore::open(env.config()).unwrap();
+                let file = dir.to_path(&late);
+                std::fs::write(&file, dir.print(&dead[0])).unwrap();
+                let (hash, size) =
+                    nixb_store::nar::hash_path(&file, nixb_store::HashAlgo::Sha256).unwrap();
+                let mut info =
+                    nixb_store::local_store::ValidPathInfo::new(late.clone(), hash, size);
+                info.references.insert(dead[0].clone());
+                client.register_valid_paths(&[info]).unwrap();
+            }
+        })
+        .unwrap();
+        let deleted: Vec<String> = result.paths.into_iter().collect();
+        let mut expected = vec![dir.print(&dead[1]), dir.print(&dead[2])];
+        expected.sort();
+        assert_eq!(deleted, expected, "batch size {batch_size}");
+        for p in [&dead[0], &late] {
+            assert!(store.is_valid_path(p).unwrap(), "batch size {batch_size}");
+            assert!(dir.to_path(p).exists());
+        }
+        let report = store.verify(true).unwrap();
+        assert!(report.is_clean(), "batch size {batch_size}: {report:?}");
+    }
 }

@@ -538,6 +538,98 @@ impl Db {
         self.transaction(what, |db| db.delete_paths(ids))
     }
 
+    /// Deletes every row of `ValidPaths` with an id up to `max_id` except those of `keep`,
+    /// with their references and derivation outputs, in one transaction; rows above
+    /// `max_id` (registered since the caller read the table: ids only grow) are kept too.
+    /// For a collector deleting most of the store: the kept rows are copied aside, the
+    /// three tables emptied (SQLite frees their pages without visiting the rows, with
+    /// foreign keys and triggers off as in [`Db::invalidate_paths`]) and the kept rows
+    /// put back, ids unchanged; the cost follows the kept rows and the table sizes, where
+    /// deleting rows one by one costs index seeks per deleted row and reference.
+    ///
+    /// Deletes nothing and returns false where the database is not exactly Nix's schema
+    /// (plus nixb's tables), or where a kept row refers to one that would go (the
+    /// `restrict` rule): the caller then deletes row by row.
+    pub fn keep_only_paths(&self, what: &str, keep: &[i64], max_id: i64) -> Result<bool, DbError> {
+        if let Err(e) = self.set_enforcement(false) {
+            let _ = self.set_enforcement(true);
+            return Err(e);
+        }
+        let done = self.transaction(what, |db| {
+            if !db.schema_is_nix_own()? {
+                return Ok(false);
+            }
+            db.keep_only_by_hand(keep, max_id)
+        });
+        let _ = self.exec(
+            "drop table if exists temp.gc_keep; drop table if exists temp.gc_paths; \
+             drop table if exists temp.gc_refs; drop table if exists temp.gc_outputs",
+            "dropping the collector's temporary tables",
+        );
+        self.set_enforcement(true)?;
+        done
+    }
+
+    /// The work of [`Db::keep_only_paths`], inside its transaction.
+    fn keep_only_by_hand(&self, keep: &[i64], max_id: i64) -> Result<bool, DbError> {
+        let step = "copying the rows to keep";
+        self.exec(
+            "create temp table gc_keep (id integer primary key not null)",
+            step,
+        )?;
+        {
+            let mut insert = self
+                .conn
+                .prepare_cached("insert into temp.gc_keep (id) values (?1)")
+                .map_err(self.wrap(step))?;
+            for id in keep {
+                insert.execute([id]).map_err(self.wrap(step))?;
+            }
+        }
+        let kept =
+            |column: &str| format!("({column} > ?1 or {column} in (select id from temp.gc_keep))");
+        let copy = |table: &str, copy: &str, column: &str| {
+            self.conn
+                .execute(
+                    &format!(
+                        "create temp table {copy} as select * from main.{table} where {}",
+                        kept(column)
+                    ),
+                    [max_id],
+                )
+                .map(|_| ())
+                .map_err(self.wrap(step))
+        };
+        copy("ValidPaths", "gc_paths", "id")?;
+        copy("Refs", "gc_refs", "referrer")?;
+        copy("DerivationOutputs", "gc_outputs", "drv")?;
+        let blocked: Option<i64> = self
+            .conn
+            .query_row(
+                &format!(
+                    "select reference from temp.gc_refs where not {} limit 1",
+                    kept("reference")
+                ),
+                [max_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.wrap("checking for references into the deleted paths"))?;
+        if blocked.is_some() {
+            // Nothing of the store's tables has changed: committing is as good as not.
+            return Ok(false);
+        }
+        self.exec(
+            "delete from main.Refs; delete from main.DerivationOutputs; \
+             delete from main.ValidPaths; \
+             insert into main.ValidPaths select * from temp.gc_paths; \
+             insert into main.Refs select * from temp.gc_refs; \
+             insert into main.DerivationOutputs select * from temp.gc_outputs",
+            "putting the kept rows back",
+        )?;
+        Ok(true)
+    }
+
     /// Switches foreign keys and triggers on or off on this connection (outside a
     /// transaction; both settings expire the prepared statements that depend on them).
     fn set_enforcement(&self, on: bool) -> Result<(), DbError> {
@@ -967,6 +1059,85 @@ mod tests {
             assert_eq!(count("select count(*) from Refs"), 0);
             db.invalidate_paths("test", &[]).unwrap();
         }
+    }
+
+    /// Keeping a set of rows deletes every other row up to the id given, with its
+    /// references and derivation outputs, and leaves the kept rows as they were (ids, the
+    /// autoincrement sequence, references between them); rows above that id are kept as
+    /// if listed. A kept row referring to a row that would go stops it: nothing changes.
+    /// Another schema is not touched either.
+    #[test]
+    fn keeping_some_rows_deletes_the_rest_and_keeps_the_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db.sqlite"), true).unwrap();
+        let count = |sql: &str| -> i64 { db.conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        let rows = |db: &Db| -> Vec<(i64, String, String)> {
+            let mut s = db
+                .conn
+                .prepare("select id, path, hash from ValidPaths order by id")
+                .unwrap();
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        // a <- b <- c (c also refers to itself and has an output), d -> a; e comes later.
+        let a = db.insert_path(&row("/s/a")).unwrap();
+        let b = db.insert_path(&row("/s/b")).unwrap();
+        let c = db.insert_path(&row("/s/c")).unwrap();
+        let d = db.insert_path(&row("/s/d")).unwrap();
+        db.add_reference(b, a).unwrap();
+        db.add_reference(c, b).unwrap();
+        db.add_reference(c, c).unwrap();
+        db.add_reference(d, a).unwrap();
+        db.add_derivation_output(c, "out", "/s/o").unwrap();
+        db.add_derivation_output(d, "out", "/s/p").unwrap();
+        let e = db.insert_path(&row("/s/e")).unwrap();
+        db.add_reference(e, a).unwrap();
+        let before = rows(&db);
+
+        // d and e are kept, but d refers to a, which would go.
+        assert!(!db.keep_only_paths("test", &[d], d).unwrap());
+        assert_eq!(rows(&db), before);
+        assert_eq!(count("select count(*) from Refs"), 5);
+        assert_eq!(count("select count(*) from DerivationOutputs"), 2);
+
+        // Keep a and d (and e, registered "later"): b and c go.
+        assert!(db.keep_only_paths("test", &[a, d], d).unwrap());
+        let expected: Vec<_> = before
+            .iter()
+            .filter(|(id, _, _)| [a, d, e].contains(id))
+            .cloned()
+            .collect();
+        assert_eq!(rows(&db), expected);
+        assert_eq!(count("select count(*) from Refs"), 2);
+        assert_eq!(
+            count("select count(*) from Refs where reference = 1 and referrer in (4, 5)"),
+            2
+        );
+        assert_eq!(count("select count(*) from DerivationOutputs"), 1);
+        assert_eq!(count("select drv from DerivationOutputs"), d);
+        assert_eq!(count("select count(*) from pragma_foreign_key_check"), 0);
+        assert_eq!(
+            count("select seq from sqlite_sequence where name = 'ValidPaths'"),
+            e
+        );
+        // The rules hold again, and no temporary table is left.
+        assert_eq!(count("pragma foreign_keys"), 1);
+        assert!(db.delete_path(a).is_err());
+        assert_eq!(count("select count(*) from temp.sqlite_master"), 0);
+        let f = db.insert_path(&row("/s/f")).unwrap();
+        assert!(f > e, "ids are not reused");
+
+        // Another schema: left to the row by row deletion.
+        db.exec(
+            "create table Realisations (id integer primary key, outputPath integer not null, \
+             foreign key (outputPath) references ValidPaths(id) on delete cascade)",
+            "test",
+        )
+        .unwrap();
+        assert!(!db.keep_only_paths("test", &[], f).unwrap());
+        assert_eq!(count("select count(*) from ValidPaths"), 4);
     }
 
     #[test]

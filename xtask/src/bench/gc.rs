@@ -22,6 +22,9 @@
 //! `NIXB_BENCH_GC_PATHS` (default 100000) and `NIXB_BENCH_GC_BIG` (default 1000000, 0
 //! to skip the scale rows) change the sizes; `NIXB_BENCH_GC_NIXB` names a nixb binary
 //! to measure instead of this tree's release build (an earlier commit's, for an A/B).
+//! `NIXB_BENCH_GC_GENERATE=DIR` only writes a rows-only store of `NIXB_BENCH_GC_BIG` paths
+//! under DIR (`store/`, `state/`, `etc/nix.conf`) and keeps it, for profiling a
+//! collection by hand.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -243,6 +246,16 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 
 pub fn run() -> Result<()> {
+    if let Some(dir) = std::env::var_os("NIXB_BENCH_GC_GENERATE") {
+        let size = size_from_env("NIXB_BENCH_GC_BIG", BIG)?;
+        let dir = PathBuf::from(dir);
+        if dir.exists() {
+            bail!("{} exists already: name a new directory", dir.display());
+        }
+        generate(&dir, size, false)?;
+        eprintln!("generated {size} rows under {}", dir.display());
+        return Ok(());
+    }
     let root = crate::workspace_root();
     if !Path::new("/usr/bin/time").exists() {
         bail!("/usr/bin/time is needed to read peak RSS (Debian package 'time')");
