@@ -389,3 +389,49 @@ fn builtin_buildenv_links_inputs_and_refuses_other_paths() {
         "{stderr}"
     );
 }
+
+#[test]
+fn builtin_unpack_channel_unpacks_an_input_and_refuses_other_paths() {
+    let t = TestStore::new();
+    let dir = t.root.path().join("src");
+    std::fs::create_dir_all(dir.join("nixpkgs-unstable/lib")).unwrap();
+    std::fs::write(dir.join("nixpkgs-unstable/lib/default.nix"), "{ }\n").unwrap();
+    let tarball = t.root.path().join("nixexprs.tar.xz");
+    let status = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&dir)
+        .arg("-cJf")
+        .arg(&tarball)
+        .arg("nixpkgs-unstable")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let src = run_str(t.nixb().arg("add").arg(&tarball), None);
+    let env = [("channelName", "nixpkgs"), ("src", src.as_str())];
+    let drv = add_builtin_drv(&t, "builtin:unpack-channel", &[&src], &env);
+    // Under `sandbox = true` as well: the builtin runs outside the chroot.
+    let o = run(
+        t.nixb()
+            .args(["realise", "--option", "sandbox", "true", &drv]),
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    let out = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert_eq!(
+        std::fs::read_to_string(out.join("nixpkgs/lib/default.nix")).unwrap(),
+        "{ }\n"
+    );
+
+    // A tarball the derivation does not have as an input is refused before anything runs.
+    let sneaky = add_builtin_drv(&t, "builtin:unpack-channel", &[], &env);
+    let o = run(t.nixb().args(["realise", &sneaky]), None);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(100), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "builtin:unpack-channel would read '{src}', which is not an input of the derivation"
+        )),
+        "{stderr}"
+    );
+}

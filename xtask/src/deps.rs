@@ -9,6 +9,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "busybox"),
     ("cpio", "cpio"),
     ("xz-utils", "xz"),
+    // The unpack-channel oracle test has GNU tar make bzip2-compressed channel tarballs.
+    ("bzip2", "bzip2"),
     ("bubblewrap", "bwrap"),
     ("iproute2", "ip"),
     // Remote-build tests start sshd in network namespaces and reach it with ssh.

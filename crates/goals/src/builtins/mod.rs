@@ -1,6 +1,7 @@
 //! Builders that Nix runs inside its own process (`builder = "builtin:<name>"`):
-//! `builtin:buildenv` (user environments for `nix-env`) and `builtin:fetchurl`
-//! (`<nix/fetchurl.nix>`).
+//! `builtin:buildenv` (user environments for `nix-env`), `builtin:fetchurl`
+//! (`<nix/fetchurl.nix>`) and `builtin:unpack-channel` (`<nix/unpack-channel.nix>`, the
+//! channel tarballs of `nix-channel --update`).
 //!
 //! nixb runs them in a nixb executable started as the builder (`<exe> __nixb-builtin
 //! <name>`, see [`WorkerConfig::builtin_builder`](crate::WorkerConfig)), so a builtin build
@@ -13,6 +14,7 @@
 
 pub mod buildenv;
 pub mod fetchurl;
+pub mod unpack_channel;
 
 use std::collections::BTreeMap;
 
@@ -22,7 +24,7 @@ pub const BUILTIN_ARG: &str = "__nixb-builtin";
 const PREFIX: &str = "builtin:";
 
 /// The builtin builders nixb has.
-pub const KNOWN: &[&str] = &["buildenv", "fetchurl"];
+pub const KNOWN: &[&str] = &["buildenv", "fetchurl", "unpack-channel"];
 
 /// `Some(name)` when `builder` is `builtin:<name>`.
 pub fn builtin_name(builder: &str) -> Option<&str> {
@@ -37,6 +39,7 @@ pub fn paths_read(name: &str, env: &BTreeMap<String, String>) -> Result<Vec<Stri
             .into_iter()
             .map(|p| p.path)
             .collect()),
+        "unpack-channel" => Ok(vec![attr(env, "src")?.to_owned()]),
         _ => Ok(Vec::new()),
     }
 }
@@ -55,6 +58,7 @@ pub fn main(name: Option<&str>) -> u8 {
     let result = match name {
         Some("buildenv") => buildenv::run(&env),
         Some("fetchurl") => fetchurl::run(&env),
+        Some("unpack-channel") => unpack_channel::run(&env),
         Some(other) => Err(format!("unsupported builtin builder '{other}'")),
         None => Err(format!(
             "'{BUILTIN_ARG}' needs the name of a builtin builder ({})",
