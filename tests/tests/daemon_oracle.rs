@@ -1182,6 +1182,69 @@ fn scenario_profiles(t: &TestStore) -> Vec<Step> {
             steps.push(step(name, &dump, Keep::BinaryOut));
         }
     }
+
+    // nix-channel: the channel's tarball (xz) is unpacked by builtin:unpack-channel
+    // (<nix/unpack-channel.nix>, built through the daemon) into the channels profile.
+    let files = t.root.path().join("files");
+    t.file("chan-src/mychan-1/default.nix", "{ }: { answer = 42; }\n");
+    t.file("chan-src/mychan-1/lib/util.nix", "x: x\n");
+    let tarball = files.join("mychan.tar.xz");
+    nixb_tests::run_ok(
+        // The same bytes for both daemons' runs: the same tarball path and derivation.
+        Command::new("tar")
+            .args([
+                "--sort=name",
+                "--mtime=@1",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+            ])
+            .arg("-cJf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(files.join("chan-src"))
+            .arg("mychan-1"),
+        None,
+    );
+    let home = files.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let channel = |args: &[&str]| {
+        let mut c = client(t, "nix-channel");
+        c.env("HOME", &home).env("USER", "root").args(args);
+        c
+    };
+    let url = format!("file://{}", tarball.display());
+    let o = run(&mut channel(&["--add", &url, "mychan"]), None);
+    steps.push(step("nix-channel --add", &o, Keep::All));
+    let o = run(&mut channel(&["--update"]), None);
+    steps.push(step(
+        "nix-channel --update",
+        &o,
+        Keep::StderrLinesWith("error"),
+    ));
+    let channels = t.state_dir().join("profiles/per-user/root/channels");
+    if let Ok(target) = std::fs::canonicalize(&channels) {
+        let dump = run(client(t, "nix-store").arg("--dump").arg(&target), None);
+        steps.push(Step {
+            name: "the channels profile",
+            code: None,
+            stdout: format!("{}\n{}", target.display(), profile_tree(&target)),
+            stderr: String::new(),
+        });
+        steps.push(step("the channels profile", &dump, Keep::BinaryOut));
+        // The unpacked channel itself: `<out>/mychan`, the tarball's one top directory
+        // renamed.
+        let unpacked = std::fs::canonicalize(target.join("mychan")).unwrap();
+        let out = unpacked.parent().unwrap();
+        let dump = run(client(t, "nix-store").arg("--dump").arg(out), None);
+        steps.push(Step {
+            name: "the channel",
+            code: None,
+            stdout: format!("{}\n{}", out.display(), profile_tree(out)),
+            stderr: String::new(),
+        });
+        steps.push(step("the channel", &dump, Keep::BinaryOut));
+    }
     steps
 }
 
@@ -1222,6 +1285,15 @@ fn nix_env_installs_the_same_profiles_through_nixb_daemon_as_through_nix_daemon(
         "{expected:?}"
     );
     assert!(by_name("after uninstalling").stdout.contains("-a/bin/tool"));
+    assert_eq!(
+        by_name("nix-channel --update").code,
+        Some(0),
+        "{expected:?}"
+    );
+    let channel = &by_name("the channel").stdout;
+    for line in ["\nmychan/\n", "mychan/default.nix", "mychan/lib/util.nix"] {
+        assert!(channel.contains(line), "{line} missing from {channel}");
+    }
     for ok in ["fetchurl", "fetchurl, executable", "fetchurl, unpack"] {
         assert_eq!(by_name(ok).code, Some(0), "{expected:?}");
     }

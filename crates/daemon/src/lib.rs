@@ -136,6 +136,8 @@ impl Daemon {
                 )))
             }
         };
+        // As Nix's daemon: the user's profile directories exist once it has connected.
+        self.store.create_user(&peer.user_name(), peer.uid)?;
         let reader = stream.try_clone().map_err(|source| DaemonError::Socket {
             path: "client connection".into(),
             source,

@@ -865,6 +865,29 @@ impl LocalStore {
         })
     }
 
+    /// Makes `profiles/per-user/<name>` and `gcroots/per-user/<name>` (mode 0755, owned
+    /// by `uid`), where a user's profiles and their roots go: what Nix's daemon does for
+    /// every user that connects, so that `nix-env` and `nix-channel` find their profile
+    /// directory. Directories that exist already are left as they are.
+    pub fn create_user(&self, name: &str, uid: u32) -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt;
+        for top in ["profiles", "gcroots"] {
+            let per_user = self.config.state_dir.join(top).join("per-user");
+            let dir = per_user.join(name);
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            std::fs::create_dir_all(&dir).map_err(io_err("creating directory", &dir))?;
+            for d in [&per_user, &dir] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                    .map_err(io_err("setting the permissions of", d))?;
+            }
+            std::os::unix::fs::chown(&dir, Some(uid), None)
+                .map_err(io_err("changing the owner of", &dir))?;
+        }
+        Ok(())
+    }
+
     /// Drops every temporary root this process holds in its own file: `temproots/<pid>` is
     /// emptied (and stays locked, so collectors keep treating the process as alive). For
     /// a long-running process such as a daemon once nothing it serves needs them, as a
