@@ -330,6 +330,27 @@ fn add_builtin_drv(t: &TestStore, builder: &str, inputs: &[&str], env: &[(&str, 
     )
 }
 
+/// Realises `drv` under `sandbox = true` (a builtin runs outside the chroot even so),
+/// which must succeed; its output.
+fn realise_sandboxed(t: &TestStore, drv: &str) -> std::path::PathBuf {
+    let o = run(
+        t.nixb()
+            .args(["realise", "--option", "sandbox", "true", drv]),
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
+/// Realises `drv`, which must fail with exit code 100; its stderr.
+fn realise_refused(t: &TestStore, drv: &str) -> String {
+    let o = run(t.nixb().args(["realise", drv]), None);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(100), "{stderr}");
+    stderr
+}
+
 #[test]
 fn builtin_buildenv_links_inputs_and_refuses_other_paths() {
     let t = TestStore::new();
@@ -346,15 +367,7 @@ fn builtin_buildenv_links_inputs_and_refuses_other_paths() {
         ("manifest", &manifest),
     ];
     let drv = add_builtin_drv(&t, "builtin:buildenv", &[&pkg, &manifest], &env);
-    // Under `sandbox = true` as well: the builtin runs outside the chroot.
-    let o = run(
-        t.nixb()
-            .args(["realise", "--option", "sandbox", "true", &drv]),
-        None,
-    );
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{stderr}");
-    let out = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let out = realise_sandboxed(&t, &drv);
     assert_eq!(
         std::fs::read_link(out.join("bin")).unwrap(),
         std::path::Path::new(&pkg).join("bin")
@@ -370,9 +383,7 @@ fn builtin_buildenv_links_inputs_and_refuses_other_paths() {
 
     // A path the derivation does not have as an input is refused before anything runs.
     let sneaky = add_builtin_drv(&t, "builtin:buildenv", &[&manifest], &env);
-    let o = run(t.nixb().args(["realise", &sneaky]), None);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(100), "{stderr}");
+    let stderr = realise_refused(&t, &sneaky);
     assert!(
         stderr.contains(&format!(
             "builtin:buildenv would read '{pkg}', which is not an input of the derivation"
@@ -381,9 +392,7 @@ fn builtin_buildenv_links_inputs_and_refuses_other_paths() {
     );
 
     let unknown = add_builtin_drv(&t, "builtin:frobnicate", &[], &[]);
-    let o = run(t.nixb().args(["realise", &unknown]), None);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(100), "{stderr}");
+    let stderr = realise_refused(&t, &unknown);
     assert!(
         stderr.contains("unsupported builtin builder 'frobnicate'"),
         "{stderr}"
@@ -409,15 +418,7 @@ fn builtin_unpack_channel_unpacks_an_input_and_refuses_other_paths() {
     let src = run_str(t.nixb().arg("add").arg(&tarball), None);
     let env = [("channelName", "nixpkgs"), ("src", src.as_str())];
     let drv = add_builtin_drv(&t, "builtin:unpack-channel", &[&src], &env);
-    // Under `sandbox = true` as well: the builtin runs outside the chroot.
-    let o = run(
-        t.nixb()
-            .args(["realise", "--option", "sandbox", "true", &drv]),
-        None,
-    );
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{stderr}");
-    let out = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let out = realise_sandboxed(&t, &drv);
     assert_eq!(
         std::fs::read_to_string(out.join("nixpkgs/lib/default.nix")).unwrap(),
         "{ }\n"
@@ -425,9 +426,7 @@ fn builtin_unpack_channel_unpacks_an_input_and_refuses_other_paths() {
 
     // A tarball the derivation does not have as an input is refused before anything runs.
     let sneaky = add_builtin_drv(&t, "builtin:unpack-channel", &[], &env);
-    let o = run(t.nixb().args(["realise", &sneaky]), None);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(100), "{stderr}");
+    let stderr = realise_refused(&t, &sneaky);
     assert!(
         stderr.contains(&format!(
             "builtin:unpack-channel would read '{src}', which is not an input of the derivation"

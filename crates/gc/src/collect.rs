@@ -544,12 +544,7 @@ fn collect_locked(
         for chunk in order.chunks(batch_size) {
             let batch: Vec<Node> = {
                 let mut s = shared.lock();
-                let new: Vec<Node> = s
-                    .new_roots
-                    .drain(..)
-                    .filter_map(|h| graph.lookup_hash(&h))
-                    .collect();
-                graph.mark_closure(new, kinds, &mut alive);
+                take_new_roots(&mut s, &graph, kinds, &mut alive);
                 let batch: Vec<Node> = chunk
                     .iter()
                     .copied()
@@ -675,15 +670,6 @@ fn delete_in_directory_order(
     let g = d.graph;
     let kept_by = g.kept_by(d.kinds);
     let mut gone = vec![false; g.len()];
-    // Roots that clients added since liveness was computed, with their closures.
-    let take_new_roots = |s: &mut crate::server::Shared, alive: &mut [bool]| {
-        let new: Vec<Node> = s
-            .new_roots
-            .drain(..)
-            .filter_map(|h| g.lookup_hash(&h))
-            .collect();
-        g.mark_closure(new, d.kinds, alive);
-    };
     for entry in d.entries {
         let v = match *entry {
             Entry::Stray(i) => {
@@ -697,7 +683,7 @@ fn delete_in_directory_order(
         if !d.dead[v as usize] || gone[v as usize] {
             continue;
         }
-        take_new_roots(&mut d.shared.lock(), alive);
+        take_new_roots(&mut d.shared.lock(), g, d.kinds, alive);
         let mut group = vec![v];
         let mut in_group = std::collections::HashSet::from([v]);
         let mut i = 0;
@@ -720,7 +706,7 @@ fn delete_in_directory_order(
                 // Checked and marked pending under one lock: a client adding a root for
                 // it from now on waits until its files are gone.
                 let mut s = d.shared.lock();
-                take_new_roots(&mut s, alive);
+                take_new_roots(&mut s, g, d.kinds, alive);
                 if alive[u as usize] {
                     continue;
                 }
@@ -748,6 +734,21 @@ fn delete_in_directory_order(
     Ok(false)
 }
 
+/// Marks alive the roots clients added since liveness was computed, with their closures.
+fn take_new_roots(
+    s: &mut crate::server::Shared,
+    graph: &Graph,
+    kinds: EdgeKinds,
+    alive: &mut [bool],
+) {
+    let new: Vec<Node> = s
+        .new_roots
+        .drain(..)
+        .filter_map(|h| graph.lookup_hash(&h))
+        .collect();
+    graph.mark_closure(new, kinds, alive);
+}
+
 /// Deletes the rows of every dead path in one transaction that keeps the rest of the
 /// store ([`nixb_store::db::Db::keep_only_paths`]): for a collection that deletes most of
 /// the store, where deleting row by row costs index seeks per row and reference that grow
@@ -766,12 +767,7 @@ fn delete_all_dead(
 ) -> Result<Option<Vec<Node>>, GcError> {
     let deleting: Vec<Node> = {
         let mut s = shared.lock();
-        let new: Vec<Node> = s
-            .new_roots
-            .drain(..)
-            .filter_map(|h| graph.lookup_hash(&h))
-            .collect();
-        graph.mark_closure(new, kinds, alive);
+        take_new_roots(&mut s, graph, kinds, alive);
         let deleting: Vec<Node> = (0..graph.len() as Node)
             .filter(|v| dead[*v as usize] && !alive[*v as usize])
             .collect();

@@ -966,21 +966,25 @@ mod tests {
         db.delete_path(a).unwrap();
     }
 
+    /// Four rows: a <- b <- c, c also referring to itself and the deriver of an output
+    /// `/s/o`; d refers to a.
+    fn sample_rows(db: &Db) -> [i64; 4] {
+        let [a, b, c, d] =
+            ["/s/a", "/s/b", "/s/c", "/s/d"].map(|p| db.insert_path(&row(p)).unwrap());
+        for (referrer, reference) in [(b, a), (c, b), (c, c), (d, a)] {
+            db.add_reference(referrer, reference).unwrap();
+        }
+        db.add_derivation_output(c, "out", "/s/o").unwrap();
+        [a, b, c, d]
+    }
+
     #[test]
     fn delete_paths_takes_a_set_in_any_order_but_not_a_referenced_path() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("db.sqlite"), true).unwrap();
         let count = |sql: &str| -> i64 { db.conn.query_row(sql, [], |r| r.get(0)).unwrap() };
         // a <- b <- c, c refers to itself and has an output; d refers to a.
-        let a = db.insert_path(&row("/s/a")).unwrap();
-        let b = db.insert_path(&row("/s/b")).unwrap();
-        let c = db.insert_path(&row("/s/c")).unwrap();
-        let d = db.insert_path(&row("/s/d")).unwrap();
-        db.add_reference(b, a).unwrap();
-        db.add_reference(c, b).unwrap();
-        db.add_reference(c, c).unwrap();
-        db.add_reference(d, a).unwrap();
-        db.add_derivation_output(c, "out", "/s/o").unwrap();
+        let [a, b, c, d] = sample_rows(&db);
         // a is still referred to by d, outside the set: the whole transaction fails.
         let r = db.transaction("test", |db| db.delete_paths(&[a, b, c]));
         assert!(r.is_err(), "deleted a path that d still refers to");
@@ -1015,15 +1019,7 @@ mod tests {
             }
             let count = |sql: &str| -> i64 { db.conn.query_row(sql, [], |r| r.get(0)).unwrap() };
             // a <- b <- c, c refers to itself and has an output; d refers to a.
-            let a = db.insert_path(&row("/s/a")).unwrap();
-            let b = db.insert_path(&row("/s/b")).unwrap();
-            let c = db.insert_path(&row("/s/c")).unwrap();
-            let d = db.insert_path(&row("/s/d")).unwrap();
-            db.add_reference(b, a).unwrap();
-            db.add_reference(c, b).unwrap();
-            db.add_reference(c, c).unwrap();
-            db.add_reference(d, a).unwrap();
-            db.add_derivation_output(c, "out", "/s/o").unwrap();
+            let [a, b, c, d] = sample_rows(&db);
             if extra_table {
                 db.exec(
                     &format!("insert into Realisations (outputPath) values ({c})"),
@@ -1081,16 +1077,8 @@ mod tests {
                 .collect::<Result<_, _>>()
                 .unwrap()
         };
-        // a <- b <- c (c also refers to itself and has an output), d -> a; e comes later.
-        let a = db.insert_path(&row("/s/a")).unwrap();
-        let b = db.insert_path(&row("/s/b")).unwrap();
-        let c = db.insert_path(&row("/s/c")).unwrap();
-        let d = db.insert_path(&row("/s/d")).unwrap();
-        db.add_reference(b, a).unwrap();
-        db.add_reference(c, b).unwrap();
-        db.add_reference(c, c).unwrap();
-        db.add_reference(d, a).unwrap();
-        db.add_derivation_output(c, "out", "/s/o").unwrap();
+        // The sample (b and c to go), d with an output too, and e, come later, -> a.
+        let [a, _, _, d] = sample_rows(&db);
         db.add_derivation_output(d, "out", "/s/p").unwrap();
         let e = db.insert_path(&row("/s/e")).unwrap();
         db.add_reference(e, a).unwrap();
