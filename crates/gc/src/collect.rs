@@ -13,9 +13,9 @@
 //!    database row always goes before the files, and a row only after every row referring
 //!    to it (SQLite's foreign keys refuse anything else), so a kill at any instant leaves
 //!    every valid path present and its closure valid; what is left on disk without a row
-//!    is removed by the next run. When at least half the store is dead, every dead row
-//!    goes in one transaction that keeps the rest instead (see `delete_all_dead`), then
-//!    the files, batch by batch on the second thread.
+//!    is removed by the next run. When at least half the store is dead (and the rest is
+//!    not large), every dead row goes in one transaction that keeps the rest instead (see
+//!    `delete_all_dead`), then the files, batch by batch on the second thread.
 //! 4. Remove store entries that are not valid (and are no temporary root), then unused
 //!    entries of `.links`.
 
@@ -33,14 +33,19 @@ use crate::roots::{find_roots_no_temp, find_temp_roots, RootDirs};
 use crate::server::{RootsServer, SharedRoots};
 use crate::GcError;
 
+/// The page cache of a collection that deletes every dead row at once, in KiB.
+const AT_ONCE_CACHE_KIB: u32 = 8 * 1024;
+
+/// The most rows a collection keeps while deleting every dead row at once: the kept rows
+/// are copied to temporary tables in memory (a few hundred bytes a row), so past this many
+/// the batches, whose memory does not grow with what is kept, go instead.
+const AT_ONCE_MAX_KEPT: usize = 200_000;
+
 /// SQLite's page cache while deleting rows, in KiB, for a store of `paths` valid paths: as
 /// much as 128 MiB (every batch touches index pages all over the file, and what the cache
 /// cannot hold is written to the log again), less on stores whose graph is large, so that
 /// graph and cache together stay within about 150 MiB (the graph takes about 110 bytes a
 /// path); at least 16 MiB.
-/// The page cache of a collection that deletes every dead row at once.
-const AT_ONCE_CACHE_KIB: u32 = 8 * 1024;
-
 fn gc_cache_kib(paths: usize) -> u32 {
     const BUDGET_KIB: u64 = 150 * 1024;
     let graph_kib = (paths as u64).saturating_mul(110) / 1024;
@@ -352,10 +357,15 @@ fn collect_locked(
     // Deleting a batch's rows in one statement writes a statement journal as it goes
     // (a temporary file on disk by default, costing as much as the deletion itself).
     // Most of the store is dead: its rows go at once, by keeping the rest (see
-    // `delete_all_dead`), unless the caller chose a batch size. That reads and writes
-    // each page about once, so a small cache does.
+    // `delete_all_dead`), unless the caller chose a batch size or the rest is large. That
+    // reads and writes each page about once, so a small cache does.
     let overlap = opts.max_freed == u64::MAX;
-    let at_once = overlap && !nix_order && opts.batch_size == 0 && dead_count >= n - dead_count;
+    let kept = n - dead_count;
+    let at_once = overlap
+        && !nix_order
+        && opts.batch_size == 0
+        && dead_count >= kept
+        && kept <= AT_ONCE_MAX_KEPT;
     store.with_db(|db| {
         db.set_cache_size_kib(if at_once {
             AT_ONCE_CACHE_KIB
