@@ -133,9 +133,19 @@ impl<'a> Router<'a> {
         (kept, errors)
     }
 
-    /// Goal `g` is done: a client that needs its paths now takes them on its own.
-    pub fn forget_roots(&mut self, g: GoalId) {
+    /// No goal's roots are remembered.
+    #[cfg(test)]
+    pub fn has_no_roots(&self) -> bool {
+        self.roots.is_empty()
+    }
+
+    /// Goal `g` is gone (done or destroyed): it emits nothing more, and a client that
+    /// needs its paths now takes them on its own. Only its empty slot stays.
+    pub fn forget_goal(&mut self, g: GoalId) {
         self.roots.remove(&g);
+        if let Some(set) = self.interest.get_mut(g.0) {
+            *set = Vec::new();
+        }
     }
 
     /// Routes `e` by the goal being run (see the module doc).

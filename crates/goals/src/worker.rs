@@ -208,7 +208,8 @@ impl<'a> Worker<'a> {
     fn am_done(&mut self, id: GoalId, result: ExitCode) {
         self.forget(id);
         self.graph.am_done(id, result);
-        let Some(clients) = self.clients_of_top.get(&id).cloned() else {
+        // A goal done is never a top goal again (a request for it makes a new one).
+        let Some(clients) = self.clients_of_top.remove(&id) else {
             return;
         };
         for c in clients {
@@ -313,7 +314,7 @@ impl<'a> Worker<'a> {
             _ => {}
         }
         self.res.clear_locked_outputs(id);
-        self.res.router.forget_roots(id);
+        self.res.router.forget_goal(id);
         self.child_terminated(id);
     }
 
@@ -462,6 +463,8 @@ impl<'a> Worker<'a> {
             return Err(GoalsError::Internal(format!("no client {}", client.0)));
         };
         let targets = std::mem::take(&mut st.targets);
+        // The request has ended: its top goals are done or no longer its.
+        st.tops = BTreeSet::new();
         let stopped = st.stopped;
         let mut outputs = Vec::new();
         let mut failed = stopped;
@@ -1231,6 +1234,36 @@ mod tests {
         let ob = w.client_outcome(b).unwrap();
         assert_eq!(ob.exit_status, 104, "{:?}", ob.failures);
         assert_eq!(ob.failures[0].kind, FailureKind::NotDeterministic);
+    }
+
+    /// A scheduler that never goes idle (a daemon's) keeps no more than an empty slot for
+    /// a finished goal or request: no routing, no top-goal entry, no roots.
+    #[test]
+    fn a_finished_request_leaves_only_empty_slots() {
+        let h = harness();
+        let (x, _) = drv(&h, 'a', "x", "echo x > $out", &[]);
+        let (y, _) = drv(&h, 'b', "y", "echo y > $out", &[&x]);
+        let mut w = Worker::new_shared(&*h.store, &h.cfg);
+        let (k, c) = (
+            Keeper::default(),
+            w.add_client(Box::new(Events::default()), false),
+        );
+        let kc = w.add_client(Box::new(k.clone()), false);
+        w.add_target(c, &built(&y), BuildMode::Normal);
+        w.add_target(kc, &built(&y), BuildMode::Normal);
+        w.run().unwrap();
+        for client in [c, kc] {
+            assert_eq!(w.client_outcome(client).unwrap().exit_status, 0);
+            assert!(w.clients[client.0].tops.is_empty());
+        }
+        assert!(!k.0.borrow().is_empty(), "roots were kept while building");
+        assert!(w.clients_of_top.is_empty());
+        assert!(w.graph.live_goals().is_empty());
+        for g in 0..w.goals.len() {
+            assert!(w.res.router.interest(GoalId(g)).is_empty(), "goal {g}");
+            assert!(w.goals[g].is_none());
+        }
+        assert!(w.res.router.has_no_roots());
     }
 
     /// A client that keeps temporary roots of its own, as a daemon connection does.
