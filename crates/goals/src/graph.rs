@@ -18,7 +18,7 @@
 //! or some live goal waits for it. A goal nobody waits for any more is *orphaned* and the
 //! worker destroys it (killing its builder) without reporting it as done.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// Names a goal inside one worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,10 +43,7 @@ struct Node {
     nr_failed: u32,
     nr_no_substituters: u32,
     nr_incomplete_closure: u32,
-    exit: Option<ExitCode>,
     top: bool,
-    /// Destroyed (done or orphaned): ignore any reference to it.
-    dead: bool,
     /// In the awake queue (the queue may also hold stale entries of goals no longer awake;
     /// this flag is what counts).
     awake: bool,
@@ -71,7 +68,11 @@ pub struct WaiteeCounts {
 /// still meant; entries whose flag is off are skipped when they come up.
 #[derive(Debug)]
 pub struct Graph {
-    nodes: Vec<Node>,
+    /// The live goals: a goal's node goes when it is done or destroyed, and ids are never
+    /// given out again, so a stale id (in a queue, in another goal's past) finds nothing.
+    nodes: HashMap<GoalId, Node>,
+    /// The id the next goal gets.
+    next_id: usize,
     keep_going: bool,
     awake: VecDeque<GoalId>,
     /// Goals waiting for a build slot, first come first served.
@@ -96,7 +97,8 @@ pub struct Graph {
 impl Graph {
     pub fn new(keep_going: bool) -> Graph {
         Graph {
-            nodes: Vec::new(),
+            nodes: HashMap::new(),
+            next_id: 0,
             keep_going,
             awake: VecDeque::new(),
             wanting_to_build: VecDeque::new(),
@@ -123,7 +125,7 @@ impl Graph {
 
     /// Some client needing `id` wants keep-going (only meaningful in a shared graph).
     pub fn set_keep_going(&mut self, id: GoalId) -> bool {
-        match self.nodes.get_mut(id.0) {
+        match self.nodes.get_mut(&id) {
             Some(n) if !n.keep_going => {
                 n.keep_going = true;
                 true
@@ -134,10 +136,9 @@ impl Graph {
 
     /// No client asks for `id` any more: it lives on only while some goal waits for it.
     pub fn unset_top(&mut self, id: GoalId) {
-        let n = &mut self.nodes[id.0];
-        if n.top {
-            n.top = false;
-            if !n.dead {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if n.top {
+                n.top = false;
                 self.nr_live_top -= 1;
                 self.orphan_candidates.push(id);
             }
@@ -147,14 +148,14 @@ impl Graph {
     /// The goals `id` waits for.
     pub fn waitees(&self, id: GoalId) -> Vec<GoalId> {
         self.nodes
-            .get(id.0)
+            .get(&id)
             .map(|n| n.waitees.iter().copied().collect())
             .unwrap_or_default()
     }
 
     /// The number of goals ever added.
     pub fn nr_goals(&self) -> usize {
-        self.nodes.len()
+        self.next_id
     }
 
     /// The goals waiting for a while (a lock of another process).
@@ -164,11 +165,9 @@ impl Graph {
 
     /// A new goal, awake so that its first state runs.
     pub fn add_goal(&mut self) -> GoalId {
-        let id = GoalId(self.nodes.len());
-        self.nodes.push(Node {
-            exit: Some(ExitCode::Busy),
-            ..Node::default()
-        });
+        let id = GoalId(self.next_id);
+        self.next_id += 1;
+        self.nodes.insert(id, Node::default());
         // Nobody waits for it yet: an orphan unless someone does by the next collection.
         self.orphan_candidates.push(id);
         self.wake_up(id);
@@ -176,19 +175,16 @@ impl Graph {
     }
 
     pub fn set_top(&mut self, id: GoalId) {
-        let n = &mut self.nodes[id.0];
-        if !n.top && !n.dead {
-            self.nr_live_top += 1;
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if !n.top {
+                self.nr_live_top += 1;
+            }
+            n.top = true;
         }
-        n.top = true;
     }
 
     pub fn is_alive(&self, id: GoalId) -> bool {
-        self.nodes.get(id.0).is_some_and(|n| !n.dead)
-    }
-
-    pub fn exit_code(&self, id: GoalId) -> ExitCode {
-        self.nodes[id.0].exit.unwrap_or(ExitCode::Busy)
+        self.nodes.contains_key(&id)
     }
 
     /// True while some top goal is unfinished and no top goal failed without keep-going.
@@ -197,19 +193,22 @@ impl Graph {
     }
 
     pub fn waitee_counts(&self, id: GoalId) -> WaiteeCounts {
-        let n = &self.nodes[id.0];
-        WaiteeCounts {
-            failed: n.nr_failed,
-            no_substituters: n.nr_no_substituters,
-            incomplete_closure: n.nr_incomplete_closure,
-        }
+        self.nodes
+            .get(&id)
+            .map(|n| WaiteeCounts {
+                failed: n.nr_failed,
+                no_substituters: n.nr_no_substituters,
+                incomplete_closure: n.nr_incomplete_closure,
+            })
+            .unwrap_or_default()
     }
 
     pub fn reset_waitee_counts(&mut self, id: GoalId) {
-        let n = &mut self.nodes[id.0];
-        n.nr_failed = 0;
-        n.nr_no_substituters = 0;
-        n.nr_incomplete_closure = 0;
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.nr_failed = 0;
+            n.nr_no_substituters = 0;
+            n.nr_incomplete_closure = 0;
+        }
     }
 
     /// The counts of `id`, which start again from zero: a goal is handed them when it
@@ -221,7 +220,7 @@ impl Graph {
     }
 
     pub fn has_waitees(&self, id: GoalId) -> bool {
-        !self.nodes[id.0].waitees.is_empty()
+        self.nodes.get(&id).is_some_and(|n| !n.waitees.is_empty())
     }
 
     /// The top goals that wait for `id`, directly or through other goals (`id` itself if it
@@ -234,7 +233,9 @@ impl Graph {
             if !seen.insert(g) {
                 continue;
             }
-            let n = &self.nodes[g.0];
+            let Some(n) = self.nodes.get(&g) else {
+                continue;
+            };
             if n.top {
                 tops.insert(g);
             }
@@ -243,24 +244,27 @@ impl Graph {
         tops
     }
 
-    /// `waiter` now waits for `waitee`. Waiting for a goal that is already finished
-    /// counts as if it finished now (the original never hands out finished goals, since
-    /// they leave the dedup maps; this keeps the graph safe either way).
+    /// `waiter` now waits for `waitee`. Finished goals are never handed out (they leave
+    /// the dedup maps as they finish); should one be, waiting for it counts as a failure,
+    /// since what it ended as is no longer known.
     pub fn add_waitee(&mut self, waiter: GoalId, waitee: GoalId) {
-        if waiter == waitee {
+        if waiter == waitee || !self.is_alive(waiter) {
             return;
         }
-        if !self.is_alive(waitee) {
-            let result = self.exit_code(waitee);
-            self.count_result(waiter, result);
+        let Some(w) = self.nodes.get_mut(&waitee) else {
+            self.count_result(waiter, ExitCode::Failed);
             return;
+        };
+        w.waiters.insert(waiter);
+        if let Some(n) = self.nodes.get_mut(&waiter) {
+            n.waitees.insert(waitee);
         }
-        self.nodes[waiter.0].waitees.insert(waitee);
-        self.nodes[waitee.0].waiters.insert(waiter);
     }
 
     fn count_result(&mut self, waiter: GoalId, result: ExitCode) {
-        let n = &mut self.nodes[waiter.0];
+        let Some(n) = self.nodes.get_mut(&waiter) else {
+            return;
+        };
         if matches!(
             result,
             ExitCode::Failed | ExitCode::NoSubstituters | ExitCode::IncompleteClosure
@@ -277,23 +281,32 @@ impl Graph {
 
     /// `waitee` no longer counts `waiter` among its waiters.
     fn drop_waiter(&mut self, waitee: GoalId, waiter: GoalId) {
-        let n = &mut self.nodes[waitee.0];
-        if n.waiters.remove(&waiter) && n.waiters.is_empty() {
-            self.orphan_candidates.push(waitee);
+        if let Some(n) = self.nodes.get_mut(&waitee) {
+            if n.waiters.remove(&waiter) && n.waiters.is_empty() {
+                self.orphan_candidates.push(waitee);
+            }
         }
     }
 
     fn waitee_done(&mut self, waiter: GoalId, waitee: GoalId, result: ExitCode) {
-        if !self.is_alive(waiter) || !self.nodes[waiter.0].waitees.remove(&waitee) {
+        let keep_going = self.keep_going;
+        let Some(n) = self.nodes.get_mut(&waiter) else {
+            return;
+        };
+        if !n.waitees.remove(&waitee) {
             return;
         }
+        let fail_fast = result == ExitCode::Failed && !keep_going && !n.keep_going;
+        let wake = n.waitees.is_empty() || fail_fast;
         self.count_result(waiter, result);
-        let fail_fast =
-            result == ExitCode::Failed && !self.keep_going && !self.nodes[waiter.0].keep_going;
-        if self.nodes[waiter.0].waitees.is_empty() || fail_fast {
+        if wake {
             // Without keep-going one failed input dooms the waiter: stop waiting for the
             // rest, which may leave some of them orphaned.
-            let rest = std::mem::take(&mut self.nodes[waiter.0].waitees);
+            let rest = self
+                .nodes
+                .get_mut(&waiter)
+                .map(|n| std::mem::take(&mut n.waitees))
+                .unwrap_or_default();
             for w in rest {
                 self.drop_waiter(w, waiter);
             }
@@ -303,16 +316,16 @@ impl Graph {
 
     /// Records that `id` finished with `result`, tells its waiters and forgets it.
     pub fn am_done(&mut self, id: GoalId, result: ExitCode) {
-        if !self.is_alive(id) {
+        let Some(n) = self.nodes.get_mut(&id) else {
             return;
-        }
-        self.nodes[id.0].exit = Some(result);
-        let waiters = std::mem::take(&mut self.nodes[id.0].waiters);
+        };
+        let top = n.top;
+        let waiters = std::mem::take(&mut n.waiters);
         for w in waiters {
             self.waitee_done(w, id, result);
         }
         self.remove(id);
-        if self.nodes[id.0].top && result == ExitCode::Failed && !self.keep_going && !self.shared {
+        if top && result == ExitCode::Failed && !self.keep_going && !self.shared {
             self.stopped = true;
         }
         // Anything waiting for "some goal to finish" gets another chance.
@@ -323,20 +336,16 @@ impl Graph {
     }
 
     fn remove(&mut self, id: GoalId) {
-        let n = &mut self.nodes[id.0];
-        if n.dead {
+        let Some(n) = self.nodes.remove(&id) else {
             return;
-        }
-        n.dead = true;
-        n.awake = false;
+        };
         if n.top {
             self.nr_live_top -= 1;
         }
-        if std::mem::take(&mut n.wants_slot) {
+        if n.wants_slot {
             self.nr_wanting_to_build -= 1;
         }
-        let waitees = std::mem::take(&mut n.waitees);
-        for w in waitees {
+        for w in n.waitees {
             self.drop_waiter(w, id);
         }
         self.waiting_for_any.remove(&id);
@@ -344,8 +353,9 @@ impl Graph {
     }
 
     fn is_orphan(&self, g: GoalId) -> bool {
-        let n = &self.nodes[g.0];
-        !n.dead && (!n.top || self.stopped) && n.waiters.is_empty()
+        self.nodes
+            .get(&g)
+            .is_some_and(|n| (!n.top || self.stopped) && n.waiters.is_empty())
     }
 
     /// Live goals nobody needs any more (not top, no waiters), found transitively: each is
@@ -354,8 +364,7 @@ impl Graph {
         if self.stopped && !self.stop_collected {
             // Top goals count as orphans from now on; look at every goal once.
             self.stop_collected = true;
-            self.orphan_candidates
-                .extend((0..self.nodes.len()).map(GoalId));
+            self.orphan_candidates.extend(self.nodes.keys().copied());
         }
         let mut out = Vec::new();
         while let Some(g) = self.orphan_candidates.pop() {
@@ -370,15 +379,14 @@ impl Graph {
 
     /// Every live goal, for tearing the worker down.
     pub fn live_goals(&self) -> Vec<GoalId> {
-        (0..self.nodes.len())
-            .map(GoalId)
-            .filter(|g| !self.nodes[g.0].dead)
-            .collect()
+        let mut live: Vec<GoalId> = self.nodes.keys().copied().collect();
+        live.sort_unstable();
+        live
     }
 
     pub fn wake_up(&mut self, id: GoalId) {
-        if let Some(n) = self.nodes.get_mut(id.0) {
-            if !n.dead && !n.awake {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if !n.awake {
                 n.awake = true;
                 self.awake.push_back(id);
             }
@@ -389,10 +397,11 @@ impl Graph {
     pub fn take_awake(&mut self) -> Vec<GoalId> {
         let mut out = Vec::with_capacity(self.awake.len());
         for id in self.awake.drain(..) {
-            let n = &mut self.nodes[id.0];
-            if n.awake {
-                n.awake = false;
-                out.push(id);
+            if let Some(n) = self.nodes.get_mut(&id) {
+                if n.awake {
+                    n.awake = false;
+                    out.push(id);
+                }
             }
         }
         out
@@ -404,8 +413,10 @@ impl Graph {
     }
 
     pub fn wait_for_build_slot(&mut self, id: GoalId) {
-        let n = &mut self.nodes[id.0];
-        if !n.dead && !n.wants_slot {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        if !n.wants_slot {
             n.wants_slot = true;
             self.nr_wanting_to_build += 1;
             self.wanting_to_build.push_back(id);
@@ -422,7 +433,9 @@ impl Graph {
             let Some(id) = self.wanting_to_build.pop_front() else {
                 break;
             };
-            let node = &mut self.nodes[id.0];
+            let Some(node) = self.nodes.get_mut(&id) else {
+                continue; // a goal gone since
+            };
             if !std::mem::take(&mut node.wants_slot) {
                 continue; // stale entry
             }
@@ -601,12 +614,16 @@ mod tests {
         assert_eq!(g.take_awake(), vec![w]);
     }
 
+    /// A finished goal's node is gone with what it ended as: waiting for it (which the
+    /// worker never asks, finished goals leaving its dedup maps) counts as a failure, never
+    /// as a success nobody saw.
     #[test]
-    fn waiting_for_a_finished_goal_counts_its_result() {
+    fn waiting_for_a_finished_goal_counts_as_a_failure() {
         let mut g = Graph::new(true);
         let (t, done) = (g.add_goal(), g.add_goal());
         g.set_top(t);
-        g.am_done(done, ExitCode::Failed);
+        g.am_done(done, ExitCode::Success);
+        assert!(!g.is_alive(done));
         g.add_waitee(t, done);
         assert_eq!(g.waitee_counts(t).failed, 1);
         assert!(!g.has_waitees(t));

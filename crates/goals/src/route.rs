@@ -1,8 +1,9 @@
 //! Which client sees which event. Every client of the scheduler has its own sink; a goal
 //! is of interest to the clients whose top goals need it (directly or through other
 //! goals), and an event a goal emits goes to those clients only. Interest is spread by the
-//! scheduler as goals start waiting for sub-goals; it is never taken back (a client that
-//! has left has no sink, so stale interest costs nothing).
+//! scheduler as goals start waiting for sub-goals; it is not taken back while the goal
+//! lives (a client that has left has no sink, so stale interest costs nothing) and goes
+//! with the goal.
 //!
 //! Events emitted while no goal is being run (the scheduler's own warnings) go to every
 //! client.
@@ -27,10 +28,12 @@ pub(crate) struct ClientId(pub usize);
 pub(crate) struct Router<'a> {
     /// The goal whose step is being taken, if any: what `emit` routes by.
     pub current: Option<GoalId>,
-    /// The clients interested in each goal, by goal index.
-    interest: Vec<Vec<ClientId>>,
-    /// Each client's sink, by client index; `None` once the client has left.
-    sinks: Vec<Option<Box<dyn EventSink + 'a>>>,
+    /// The clients interested in each goal not gone yet.
+    interest: HashMap<GoalId, Vec<ClientId>>,
+    /// Each client's sink, until the client leaves.
+    sinks: HashMap<ClientId, Box<dyn EventSink + 'a>>,
+    /// The id the next client gets (ids are never given out twice).
+    next_client: usize,
     /// The temporary roots clients keep for each goal not done yet, to be kept by the
     /// clients that become interested in it later.
     roots: HashMap<GoalId, Vec<StorePath>>,
@@ -40,35 +43,33 @@ impl<'a> Router<'a> {
     pub fn new() -> Router<'a> {
         Router {
             current: None,
-            interest: Vec::new(),
-            sinks: Vec::new(),
+            interest: HashMap::new(),
+            sinks: HashMap::new(),
+            next_client: 0,
             roots: HashMap::new(),
         }
     }
 
     pub fn add_client(&mut self, sink: Box<dyn EventSink + 'a>) -> ClientId {
-        self.sinks.push(Some(sink));
-        ClientId(self.sinks.len() - 1)
+        let c = ClientId(self.next_client);
+        self.next_client += 1;
+        self.sinks.insert(c, sink);
+        c
     }
 
     /// Drops the sink of `c`: it receives nothing more.
     pub fn remove_client(&mut self, c: ClientId) {
-        if let Some(s) = self.sinks.get_mut(c.0) {
-            *s = None;
-        }
+        self.sinks.remove(&c);
     }
 
     /// The clients interested in goal `g`.
     pub fn interest(&self, g: GoalId) -> &[ClientId] {
-        self.interest.get(g.0).map_or(&[], Vec::as_slice)
+        self.interest.get(&g).map_or(&[], Vec::as_slice)
     }
 
     /// Adds `c` to the clients interested in `g`; false if it was there already.
     pub fn add_interest(&mut self, g: GoalId, c: ClientId) -> bool {
-        if self.interest.len() <= g.0 {
-            self.interest.resize_with(g.0 + 1, Vec::new);
-        }
-        let set = &mut self.interest[g.0];
+        let set = self.interest.entry(g).or_default();
         if set.contains(&c) {
             false
         } else {
@@ -118,7 +119,7 @@ impl<'a> Router<'a> {
         let mut kept = Vec::new();
         let mut errors = Vec::new();
         for c in clients {
-            let Some(Some(sink)) = self.sinks.get_mut(c.0) else {
+            let Some(sink) = self.sinks.get_mut(c) else {
                 continue;
             };
             kept.push(match sink.keep_temp_root(p) {
@@ -133,19 +134,17 @@ impl<'a> Router<'a> {
         (kept, errors)
     }
 
-    /// No goal's roots are remembered.
+    /// Nothing is held: no client, no goal's interest or roots.
     #[cfg(test)]
-    pub fn has_no_roots(&self) -> bool {
-        self.roots.is_empty()
+    pub fn is_empty(&self) -> bool {
+        self.sinks.is_empty() && self.interest.is_empty() && self.roots.is_empty()
     }
 
     /// Goal `g` is gone (done or destroyed): it emits nothing more, and a client that
     /// needs its paths now takes them on its own. Only its empty slot stays.
     pub fn forget_goal(&mut self, g: GoalId) {
         self.roots.remove(&g);
-        if let Some(set) = self.interest.get_mut(g.0) {
-            *set = Vec::new();
-        }
+        self.interest.remove(&g);
     }
 
     /// Routes `e` by the goal being run (see the module doc).
@@ -180,27 +179,28 @@ impl<'a> Router<'a> {
 
     /// Hands `e` to every client still there.
     pub fn broadcast(&mut self, e: Event) {
-        let clients: Vec<ClientId> = (0..self.sinks.len()).map(ClientId).collect();
+        let mut clients: Vec<ClientId> = self.sinks.keys().copied().collect();
+        clients.sort_unstable();
         self.deliver(&clients, e);
     }
 
     /// Hands `e` to each of `clients` that is still there, cloning it for all but the
     /// last.
     fn deliver(&mut self, clients: &[ClientId], e: Event) {
-        let live: Vec<usize> = clients
+        let live: Vec<ClientId> = clients
             .iter()
-            .map(|c| c.0)
-            .filter(|&i| self.sinks.get(i).is_some_and(Option::is_some))
+            .copied()
+            .filter(|c| self.sinks.contains_key(c))
             .collect();
-        let Some((&last, rest)) = live.split_last() else {
+        let Some((last, rest)) = live.split_last() else {
             return;
         };
-        for &i in rest {
-            if let Some(Some(s)) = self.sinks.get_mut(i) {
+        for c in rest {
+            if let Some(s) = self.sinks.get_mut(c) {
                 s.event(e.clone());
             }
         }
-        if let Some(Some(s)) = self.sinks.get_mut(last) {
+        if let Some(s) = self.sinks.get_mut(last) {
             s.event(e);
         }
     }
