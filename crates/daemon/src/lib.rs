@@ -58,9 +58,12 @@ pub struct Daemon {
     config: DaemonConfig,
     /// Started with the first build; dropping the daemon stops it (killing its builds).
     engine: Mutex<Option<Arc<Engine>>>,
-    /// Connections being served; when the last one ends, the temporary roots the store
-    /// and the engine took on their behalf are released.
+    /// Connections being served; when the last one ends, the temporary roots the process
+    /// holds for itself are released (see `Active`).
     active: Mutex<usize>,
+    /// The user names of the uids that connected: the name is looked up (in the passwd
+    /// database, which may mean reading a file) once per uid, not per connection.
+    user_names: Mutex<std::collections::HashMap<u32, String>>,
 }
 
 impl Daemon {
@@ -70,6 +73,7 @@ impl Daemon {
             config,
             engine: Mutex::new(None),
             active: Mutex::new(0),
+            user_names: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -137,7 +141,14 @@ impl Daemon {
             }
         };
         // As Nix's daemon: the user's profile directories exist once it has connected.
-        self.store.create_user(&peer.user_name(), peer.uid)?;
+        let name = self
+            .user_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer.uid)
+            .or_insert_with(|| peer.user_name())
+            .clone();
+        self.store.create_user(&name, peer.uid)?;
         let reader = stream.try_clone().map_err(|source| DaemonError::Socket {
             path: "client connection".into(),
             source,
