@@ -517,25 +517,39 @@ impl Db {
             return Ok(());
         }
         let list = json_ids(ids);
+        let by_hand = self.with_rules_suspended(what, |db| {
+            db.delete_path_set_by_hand(&list)?;
+            Ok(true)
+        })?;
+        if by_hand {
+            return Ok(());
+        }
+        self.transaction(what, |db| db.delete_paths(ids))
+    }
+
+    /// Runs `f` in one transaction with foreign keys and triggers off on this connection,
+    /// on a database of exactly Nix's schema (plus nixb's tables), whose rules `f` carries
+    /// out itself; on any other schema `f` is not run and the answer is false. Whatever
+    /// happened, the connection enforces the rules again before it is used for anything
+    /// else.
+    fn with_rules_suspended(
+        &self,
+        what: &str,
+        mut f: impl FnMut(&Db) -> Result<bool, DbError>,
+    ) -> Result<bool, DbError> {
         if let Err(e) = self.set_enforcement(false) {
             let _ = self.set_enforcement(true);
             return Err(e);
         }
-        let by_hand = self.transaction(what, |db| {
+        let done = self.transaction(what, |db| {
             // Read under the write lock, so no table can appear before the commit.
             if !db.schema_is_nix_own()? {
                 return Ok(false);
             }
-            db.delete_path_set_by_hand(&list)?;
-            Ok(true)
+            f(db)
         });
-        // Whatever happened, the connection enforces the rules again before it is used
-        // for anything else.
         self.set_enforcement(true)?;
-        if by_hand? {
-            return Ok(());
-        }
-        self.transaction(what, |db| db.delete_paths(ids))
+        done
     }
 
     /// Deletes every row of `ValidPaths` with an id up to `max_id` except those of `keep`,
@@ -551,22 +565,12 @@ impl Db {
     /// (plus nixb's tables), or where a kept row refers to one that would go (the
     /// `restrict` rule): the caller then deletes row by row.
     pub fn keep_only_paths(&self, what: &str, keep: &[i64], max_id: i64) -> Result<bool, DbError> {
-        if let Err(e) = self.set_enforcement(false) {
-            let _ = self.set_enforcement(true);
-            return Err(e);
-        }
-        let done = self.transaction(what, |db| {
-            if !db.schema_is_nix_own()? {
-                return Ok(false);
-            }
-            db.keep_only_by_hand(keep, max_id)
-        });
+        let done = self.with_rules_suspended(what, |db| db.keep_only_by_hand(keep, max_id));
         let _ = self.exec(
             "drop table if exists temp.gc_keep; drop table if exists temp.gc_paths; \
              drop table if exists temp.gc_refs; drop table if exists temp.gc_outputs",
             "dropping the collector's temporary tables",
         );
-        self.set_enforcement(true)?;
         done
     }
 

@@ -3,8 +3,8 @@
 //!
 //! The format and the locking are Nix 2.x's: `<state>/temproots/<name>` holds store paths,
 //! each followed by NUL, and is locked exclusively while its owner lives, so that a
-//! collector that can lock it knows the owner is gone. A collector reads the leading
-//! number of the name as the owner's pid. Adding a root takes `gc.lock` shared for the
+//! collector that can lock it knows the owner is gone. A collector takes the number the
+//! name starts with for the owner's pid. Adding a root takes `gc.lock` shared for the
 //! moment of the write; while a collector holds it exclusively, the root goes to the
 //! collector's socket (`<state>/gc-socket/socket`) and is acknowledged first.
 //!
