@@ -8,8 +8,10 @@
 //!   `max-jobs` for all clients together, a client's does not raise it);
 //! - `path-info -r` / `-q --requisites`: a registered closure of P paths (each path
 //!   references the one before and the one at half its index), median of several runs;
+//!   beside them the same client against a socket that answers from memory and does
+//!   nothing else ([`MemoryResponder`]): the best any daemon could do with this client;
 //! - `handshake`: a connection's greeting and `SetOptions` by nixb's protocol client,
-//!   median over many connections, the two daemons alternating;
+//!   median over many connections, the two daemons alternating in blocks;
 //! - `rss idle`: the daemon's memory with 100 greeted idle clients; `rss 8 building`:
 //!   its peak while 8 clients each build a graph of their own of B derivations, at two
 //!   graph sizes (and, for nixb, its exact peak `VmHWM`). Nix's daemon forks a process
@@ -190,6 +192,94 @@ impl Drop for Side {
     }
 }
 
+/// A socket answering the greeting, `SetOptions`, `QueryPathInfo`, `IsValidPath`,
+/// `QueryValidPaths`, and with "nothing to do" `QueryMissing`, `BuildPaths`, `EnsurePath`
+/// and `AddTempRoot` (what the query clients send), from a table in memory and doing
+/// nothing else: the
+/// least a daemon could cost, so that a query row's ratio can be set against the best any
+/// daemon could reach with the same client.
+struct MemoryResponder {
+    socket: PathBuf,
+}
+
+impl MemoryResponder {
+    /// Reads the closure of `top` from `side`'s daemon and serves it.
+    fn start(side: &Side, top: &str) -> Result<MemoryResponder> {
+        use nixb_protocol::{Request, Response, ServerConnection, ServerInfo};
+        use std::collections::HashMap;
+
+        let store = side.store_dir()?;
+        let mut c = greet(&side.socket(), &store)?;
+        let mut infos = HashMap::new();
+        let mut todo = vec![store.parse(top)?];
+        while let Some(p) = todo.pop() {
+            if infos.contains_key(&p) {
+                continue;
+            }
+            let info = c
+                .query_path_info(&p)?
+                .with_context(|| format!("{} is not valid", store.print(&p)))?;
+            todo.extend(info.references.iter().cloned());
+            infos.insert(p, info);
+        }
+        drop(c);
+        let socket = side.root.join("memory-socket");
+        let _ = std::fs::remove_file(&socket);
+        let listener = std::os::unix::net::UnixListener::bind(&socket)?;
+        let info = ServerInfo {
+            version: Version::MAX,
+            nix_version: "memory".into(),
+            trusted: None,
+            features: BTreeSet::new(),
+        };
+        let infos = std::sync::Arc::new(infos);
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                let (infos, info, store) = (infos.clone(), info.clone(), store.clone());
+                std::thread::spawn(move || -> Result<()> {
+                    let mut conn = ServerConnection::accept(s.try_clone()?, s, store, &info)?;
+                    while let Some(req) = conn.read_request()? {
+                        let resp = match &req {
+                            Request::SetOptions(_) => Response::Nothing,
+                            // Every path asked for is in the closure read above.
+                            Request::AddTempRoot(_)
+                            | Request::EnsurePath(_)
+                            | Request::BuildPaths { .. } => Response::One,
+                            Request::QueryMissing(_) => {
+                                Response::Missing(nixb_protocol::types::Missing::default())
+                            }
+                            Request::QueryPathInfo(p) => Response::PathInfo(infos.get(p).cloned()),
+                            Request::IsValidPath(p) => Response::Bool(infos.contains_key(p)),
+                            Request::QueryValidPaths { paths, .. } => Response::Paths(
+                                paths
+                                    .iter()
+                                    .filter(|p| infos.contains_key(p))
+                                    .cloned()
+                                    .collect(),
+                            ),
+                            other => {
+                                let e = format!("not served here: {:?}", other.op());
+                                conn.fail(&nixb_protocol::RemoteError::new(e))?;
+                                return Ok(());
+                            }
+                        };
+                        conn.finish(&req, &resp)?;
+                    }
+                    Ok(())
+                });
+            }
+        });
+        Ok(MemoryResponder { socket })
+    }
+}
+
+impl Drop for MemoryResponder {
+    fn drop(&mut self) {
+        // The accepting thread stays blocked in accept until the process exits.
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
 fn timed(cmd: &mut Command) -> Result<Duration> {
     let t = Instant::now();
     run_checked(cmd)?;
@@ -317,6 +407,10 @@ pub fn run() -> Result<()> {
         "ms",
     );
 
+    // What the query rows could be at best with these clients: a responder that answers
+    // from memory (the path infos read from nixb's daemon first) and does nothing else.
+    let floor = MemoryResponder::start(&sides[0], &top[0])?;
+
     // Queries: alternating, median of 5.
     for (what, args) in [
         ("nix path-info -r", &["path-info", "-r"][..]),
@@ -328,21 +422,34 @@ pub fn run() -> Result<()> {
             "nix-store"
         };
         let mut t = [Vec::new(), Vec::new()];
+        let mut at_best = Vec::new();
         for _ in 0..5 {
             for (i, s) in sides.iter().enumerate() {
                 let mut c = s.client(program);
                 c.args(args).arg(&top[i]);
                 t[i].push(timed(&mut c)?);
             }
+            let mut c = sides[0].local(Path::new(program));
+            c.env("NIX_REMOTE", format!("unix://{}", floor.socket.display()));
+            if program == "nix" {
+                c.args(["--extra-experimental-features", "nix-command"]);
+            }
+            c.args(args).arg(&top[0]);
+            at_best.push(timed(&mut c)?);
         }
         let [a, b] = t;
-        row(
-            &format!("{what}, {paths} paths"),
-            median_ms(b),
-            median_ms(a),
-            "ms",
+        let nix = median_ms(b);
+        row(&format!("{what}, {paths} paths"), nix, median_ms(a), "ms");
+        let best = median_ms(at_best);
+        println!(
+            "{:<40} {:>12} {:>9.2} ms {:>8.2}x   (answers from memory: the client's floor)",
+            "  the same, at best",
+            "",
+            best,
+            nix / best
         );
     }
+    drop(floor);
 
     // Handshake + SetOptions, the daemons alternating in blocks of 50 connections; after
     // each switch a pause lets the other daemon finish closing its last connection (Nix's
