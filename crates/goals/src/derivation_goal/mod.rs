@@ -233,6 +233,7 @@ impl DerivationGoal {
                 })?;
                 self.plan.outputs.insert(name.clone(), path);
             }
+            self.plan.outputs.shrink_to_fit();
             self.plan.drv = Some(drv);
         }
         for o in &self.wanted {

@@ -194,12 +194,13 @@ pub(crate) fn register_outputs(
         .iter()
         .map(|i| (i.path.clone(), i.references.clone()))
         .collect();
+    let outputs = g.outputs.to_map();
     for info in &infos {
         let closure = || closure_with(cx, &new_refs, &info.path);
         refcheck::check_output(
             &sd,
             &drv.env,
-            &g.outputs,
+            &outputs,
             &info.path,
             &info.references,
             &closure,
