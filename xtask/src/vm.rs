@@ -1,7 +1,7 @@
 //! `cargo xtask test-vm`: boot a throw-away QEMU VM as root and run the VM suites in it.
 //!
 //! ```text
-//! cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug] [--mode MODE]...
+//! cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--cpus N] [--accel kvm|tcg] [--debug] [--mode MODE]...
 //! cargo xtask test-vm --bench GROUP [...]
 //! ```
 //!
@@ -68,6 +68,7 @@ struct Options {
     filter: String,
     timeout: Duration,
     mem_mb: u32,
+    cpus: u32,
     accel: Option<bool>,
     debug: bool,
     bench: Option<String>,
@@ -81,6 +82,7 @@ fn parse(args: &[String]) -> Result<Options> {
         // The per-mode suites run three times.
         timeout: Duration::from_secs(1800),
         mem_mb: 1024,
+        cpus: 1,
         accel: None,
         debug: false,
         bench: None,
@@ -100,6 +102,13 @@ fn parse(args: &[String]) -> Result<Options> {
                 let v = value("--mem")?;
                 o.mem_mb = v.parse().with_context(|| format!("--mem {v}: not a number of MiB"))?;
             }
+            "--cpus" => {
+                let v = value("--cpus")?;
+                o.cpus = v.parse().with_context(|| format!("--cpus {v}: not a number of CPUs"))?;
+                if o.cpus == 0 {
+                    bail!("--cpus 0: the guest needs at least one CPU");
+                }
+            }
             "--accel" => match value("--accel")?.as_str() {
                 "kvm" => o.accel = Some(true),
                 "tcg" => o.accel = Some(false),
@@ -115,7 +124,7 @@ fn parse(args: &[String]) -> Result<Options> {
                 o.modes.push(m.clone());
             }
             other => bail!(
-                "test-vm: unknown argument '{other}' (usage: cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--accel kvm|tcg] [--debug] [--bench GROUP] [--mode MODE]...)"
+                "test-vm: unknown argument '{other}' (usage: cargo xtask test-vm [-p PKG]... [--filter STR] [--timeout SECS] [--mem MB] [--cpus N] [--accel kvm|tcg] [--debug] [--bench GROUP] [--mode MODE]...)"
             ),
         }
     }
@@ -196,6 +205,7 @@ pub fn run(args: &[String]) -> Result<()> {
         initrd: initrd.clone(),
         kvm,
         mem_mb: opts.mem_mb,
+        cpus: opts.cpus,
         shares,
         debug: opts.debug,
         timeout: opts.timeout,

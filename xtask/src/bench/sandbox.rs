@@ -692,6 +692,60 @@ fn rootless_latency() -> Result<()> {
     Ok(())
 }
 
+/// What the parts of a cgroup's life cost alone, medians in ms over `iters` rounds, helper
+/// idle: its making and removal (`mkdir` + `rmdir` of an empty one, the helper's work), and
+/// the reading of the files a reaped build's figures come from (on a cgroup a builder ran
+/// in). The rest of a cgroup's cost is the kernel's at the clone into it and the exit.
+fn cgroup_parts(root: &CgroupRoot, iters: usize) -> Result<[(&'static str, f64); 2]> {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] * 1000.0
+    };
+    nixb_sandbox::settle_cgroups();
+    let mut make_remove = Vec::new();
+    for i in 0..iters {
+        let dir = root
+            .dir()
+            .join(format!("nixb-bench-{}-{i}", std::process::id()));
+        let t = Instant::now();
+        std::fs::create_dir(&dir).with_context(|| format!("making {}", dir.display()))?;
+        std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        make_remove.push(t.elapsed().as_secs_f64());
+    }
+    // A cgroup something ran in (this process, for a moment), so that its files have
+    // figures to print.
+    let used = root
+        .dir()
+        .join(format!("nixb-bench-{}-used", std::process::id()));
+    std::fs::create_dir(&used).with_context(|| format!("making {}", used.display()))?;
+    std::fs::write(used.join("cgroup.procs"), std::process::id().to_string())?;
+    let _ = std::hint::black_box(std::fs::read("/bin/true")?);
+    std::fs::write(
+        root.dir().join("cgroup.procs"),
+        std::process::id().to_string(),
+    )?;
+    let files = [
+        "cgroup.events",
+        "cpu.stat",
+        "io.stat",
+        "memory.stat",
+        "memory.peak",
+    ];
+    let mut reads = Vec::new();
+    for _ in 0..iters {
+        let t = Instant::now();
+        for f in files {
+            let _ = std::hint::black_box(std::fs::read_to_string(used.join(f)));
+        }
+        reads.push(t.elapsed().as_secs_f64());
+    }
+    std::fs::remove_dir(&used).with_context(|| format!("removing {}", used.display()))?;
+    Ok([
+        ("mkdir + rmdir of an empty cgroup", median(make_remove)),
+        ("reading the 5 figure files", median(reads)),
+    ])
+}
+
 /// Per-build cost of `use-cgroups`: a plain `/bin/true` builder (as nobody), started with
 /// `start` and reaped, without a cgroup, with one it is born in (`clone3(CLONE_INTO_CGROUP)`)
 /// and with one it moves itself into (its write to `cgroup.procs`, the way of kernels without
@@ -788,6 +842,7 @@ fn cgroup_cost() -> Result<()> {
         }
     }
     nixb_sandbox::set_clone_into_cgroup(true);
+    let parts = cgroup_parts(&root, iters)?;
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2] * 1000.0
@@ -824,6 +879,9 @@ fn cgroup_cost() -> Result<()> {
             format!("{:.3} / {:.3}", r.median, r.mean),
             d
         );
+    }
+    for (what, ms) in parts {
+        println!("  {what:<40} {ms:>8.3} (median, alone)");
     }
     Ok(())
 }

@@ -14,6 +14,8 @@ pub struct Machine {
     pub initrd: PathBuf,
     pub kvm: bool,
     pub mem_mb: u32,
+    /// Virtual CPUs (`-smp`); under TCG each is a host thread of its own.
+    pub cpus: u32,
     /// Host directories shared read-only, in the order the guest mounts them (`ws<i>`).
     pub shares: Vec<PathBuf>,
     pub debug: bool,
@@ -38,7 +40,8 @@ pub fn run(m: &Machine) -> Result<i32> {
         append.push_str(&extra);
     }
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "pc", "-m", &m.mem_mb.to_string(), "-smp", "1"]);
+    cmd.args(["-M", "pc", "-m", &m.mem_mb.to_string()]);
+    cmd.args(["-smp", &m.cpus.to_string()]);
     if m.kvm {
         cmd.args(["-accel", "kvm", "-cpu", "host"]);
     } else {
