@@ -694,8 +694,8 @@ fn rootless_latency() -> Result<()> {
 
 /// What the parts of a cgroup's life cost alone, medians in ms over `iters` rounds, helper
 /// idle: its making and removal (`mkdir` + `rmdir` of an empty one, the helper's work), and
-/// the reading of the files a reaped build's figures come from (on a cgroup a builder ran
-/// in). The rest of a cgroup's cost is the kernel's at the clone into it and the exit.
+/// the reading of the files a reaped build's figures come from (on a cgroup that has held a
+/// process). The rest of a cgroup's cost is the kernel's at the clone into it and the exit.
 fn cgroup_parts(root: &CgroupRoot, iters: usize) -> Result<[(&'static str, f64); 2]> {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
