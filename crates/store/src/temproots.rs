@@ -40,9 +40,19 @@ pub struct TempRootsFile {
     gc_lock: File,
     socket: PathBuf,
     store_dir: StoreDir,
-    /// The paths written since the file was created or emptied: a root is recorded once.
-    added: HashSet<String>,
+    /// The hash parts of the paths written since the file was created or emptied, so that
+    /// a root is recorded once: 32 bytes a path, and at most [`ADDED_MAX`] of them (a
+    /// daemon connection may live for days and root millions of paths). Past that the set
+    /// starts again, and a path rooted anew is written again: harmless, a root named twice
+    /// in the file is one root.
+    added: HashSet<[u8; 32]>,
 }
+
+/// How many hash parts a [`TempRootsFile`] remembers (2 MiB or so at the most).
+#[cfg(not(test))]
+const ADDED_MAX: usize = 1 << 16;
+#[cfg(test)]
+const ADDED_MAX: usize = 4;
 
 fn io_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.to_path_buf();
@@ -99,10 +109,13 @@ impl TempRootsFile {
 
     /// Protects `p` from every collector until this file is dropped or emptied.
     pub fn add(&mut self, p: &StorePath) -> Result<(), StoreError> {
-        let printed = self.store_dir.print(p);
-        if self.added.contains(&printed) {
+        // A store path's hash part is 32 base-32 characters; anything else is never
+        // remembered, only written.
+        let key = <[u8; 32]>::try_from(p.hash_part().as_bytes()).ok();
+        if key.is_some_and(|k| self.added.contains(&k)) {
             return Ok(());
         }
+        let printed = self.store_dir.print(p);
         let mut attempts = 0u32;
         let locked = loop {
             if lock_file(&self.gc_lock, LockType::Read, false)? {
@@ -124,7 +137,7 @@ impl TempRootsFile {
                 }
             }
         };
-        let mut record = printed.clone().into_bytes();
+        let mut record = printed.into_bytes();
         record.push(0);
         let written = self
             .file
@@ -134,7 +147,12 @@ impl TempRootsFile {
             lock_file(&self.gc_lock, LockType::None, false)?;
         }
         written?;
-        self.added.insert(printed);
+        if let Some(k) = key {
+            if self.added.len() >= ADDED_MAX {
+                self.added.clear();
+            }
+            self.added.insert(k);
+        }
         Ok(())
     }
 
@@ -215,5 +233,42 @@ impl RootsOwner {
     pub fn path(&self) -> Option<PathBuf> {
         let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         file.as_ref().map(|f| f.path().to_path_buf())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_is_written_once_until_the_remembered_ones_start_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store_dir = StoreDir::new(tmp.path().join("store").to_str().unwrap()).unwrap();
+        let state = tmp.path().join("state");
+        let path = |i: usize| StorePath::from_base_name(&format!("{:0>32}-p{i}", i)).unwrap();
+        let mut f = TempRootsFile::create(&state, store_dir.clone(), "4242-1").unwrap();
+        let records = || -> Vec<String> {
+            let raw = std::fs::read_to_string(state.join("temproots/4242-1")).unwrap();
+            raw.split_terminator('\0').map(str::to_string).collect()
+        };
+        for i in [0, 1, 0, 2, 1, 3] {
+            f.add(&path(i)).unwrap();
+        }
+        let printed: Vec<String> = (0..4).map(|i| store_dir.print(&path(i))).collect();
+        assert_eq!(records(), printed);
+        assert_eq!(f.added.len(), ADDED_MAX);
+        // A fifth path: the set starts again with it alone, so path 0 is written again.
+        f.add(&path(4)).unwrap();
+        f.add(&path(0)).unwrap();
+        f.add(&path(4)).unwrap();
+        assert_eq!(f.added.len(), 2);
+        let mut want = printed.clone();
+        want.push(store_dir.print(&path(4)));
+        want.push(printed[0].clone());
+        assert_eq!(records(), want);
+        // Emptied: every root goes, and the next is written again.
+        f.clear().unwrap();
+        f.add(&path(4)).unwrap();
+        assert_eq!(records(), vec![store_dir.print(&path(4))]);
     }
 }
