@@ -25,8 +25,12 @@ use common::{connect_to, listing, TestDaemon};
 /// What each bomb streams: well above the memory bound below, so a daemon that held a
 /// bomb in memory would break the bound.
 const BOMB: u64 = 48 << 20;
-/// How far the process's peak RSS may rise over the whole run.
-const MEMORY_BOUND: u64 = 24 << 20;
+/// How far the process's peak RSS may rise over the whole run. The rise includes this
+/// test's own work beside the daemon's (the bystander's adds, the directory listings and
+/// database reads after every bomb): 18-21 MiB in a usual run, now and then about 5 MiB
+/// more. A daemon that held one bomb in memory would add at least `BOMB` to that.
+const MEMORY_BOUND: u64 = 32 << 20;
+const _: () = assert!(MEMORY_BOUND < BOMB);
 
 /// A NAR string: length, bytes, zero padding to 8.
 fn nar_str(out: &mut Vec<u8>, s: &[u8]) {
