@@ -12,6 +12,8 @@
 //! wanting to build                    FIFO; the worker wakes as many as there are free slots
 //! waiting for any goal                woken when any goal finishes (an output lock of ours)
 //! waiting for a while                 woken every build-poll-interval (a lock of another process)
+//! deferred waitees                    sub-goals the worker has not made yet (it holds only so
+//!                                     many goals at once): counted, so the waiter sleeps on
 //! ```
 //!
 //! Lifetimes follow the original's strong/weak pointers: a goal lives while it is a top goal
@@ -52,6 +54,11 @@ struct Node {
     /// Some client that needs this goal wants keep-going: a failed input does not make
     /// it stop waiting for the others (see [`Graph::set_keep_going`]).
     keep_going: bool,
+    /// Waitees the worker has yet to make ([`Graph::defer`]).
+    deferred: u32,
+    /// Bumped whenever the goal stops waiting for its deferred waitees (a failed input
+    /// woke it): a deferral made before names an older epoch and is no longer awaited.
+    defer_epoch: u32,
 }
 
 /// Failure counters of a goal's finished waitees since they were last reset.
@@ -261,6 +268,34 @@ impl Graph {
         }
     }
 
+    /// `waiter` is to wait for a goal the worker has not made yet: it sleeps until that
+    /// goal is made ([`Graph::deferral_made`]) and done, as if it were a waitee already.
+    /// Returns the epoch to name the deferral by; `None` for a goal that is gone.
+    pub fn defer(&mut self, waiter: GoalId) -> Option<u32> {
+        let n = self.nodes.get_mut(&waiter)?;
+        n.deferred += 1;
+        Some(n.defer_epoch)
+    }
+
+    /// Whether `waiter` still waits for a goal deferred in `epoch`: it is alive and no
+    /// failed input has ended its waiting since.
+    pub fn deferral_awaited(&self, waiter: GoalId, epoch: u32) -> bool {
+        self.nodes
+            .get(&waiter)
+            .is_some_and(|n| n.deferred > 0 && n.defer_epoch == epoch)
+    }
+
+    /// The worker has made (and linked with [`Graph::add_waitee`]) a goal it deferred for
+    /// `waiter`. Should that have left the waiter nothing to wait for (the goal was the
+    /// waiter itself), it wakes.
+    pub fn deferral_made(&mut self, waiter: GoalId) {
+        let Some(n) = self.nodes.get_mut(&waiter) else {
+            return;
+        };
+        n.deferred = n.deferred.saturating_sub(1);
+        self.wake_if_done_waiting(waiter, false);
+    }
+
     fn count_result(&mut self, waiter: GoalId, result: ExitCode) {
         let Some(n) = self.nodes.get_mut(&waiter) else {
             return;
@@ -297,15 +332,46 @@ impl Graph {
             return;
         }
         let fail_fast = result == ExitCode::Failed && !keep_going && !n.keep_going;
-        let wake = n.waitees.is_empty() || fail_fast;
         self.count_result(waiter, result);
-        if wake {
+        self.wake_if_done_waiting(waiter, fail_fast);
+    }
+
+    /// `waiter` needs a goal known to have failed already (the worker does not make it
+    /// again): counted as a failed waitee. Whether the waiter wakes is decided by
+    /// [`Graph::wake_after_failed_inputs`], once all it asked for in the same step is
+    /// known: with keep-going it goes on waiting for the others.
+    pub fn input_failed(&mut self, waiter: GoalId) {
+        self.count_result(waiter, ExitCode::Failed);
+    }
+
+    /// Wakes `waiter`, which had inputs fail ([`Graph::input_failed`]), if it waits for
+    /// nothing else or has no keep-going.
+    pub fn wake_after_failed_inputs(&mut self, waiter: GoalId) {
+        let Some(n) = self.nodes.get(&waiter) else {
+            return;
+        };
+        let fail_fast = !self.keep_going && !n.keep_going;
+        self.wake_if_done_waiting(waiter, fail_fast);
+    }
+
+    /// Wakes `waiter` if it waits for nothing more, or at once on `fail_fast`.
+    fn wake_if_done_waiting(&mut self, waiter: GoalId, fail_fast: bool) {
+        let Some(n) = self.nodes.get(&waiter) else {
+            return;
+        };
+        if (n.waitees.is_empty() && n.deferred == 0) || fail_fast {
             // Without keep-going one failed input dooms the waiter: stop waiting for the
-            // rest, which may leave some of them orphaned.
+            // rest, which may leave some of them orphaned, and for those not made yet.
             let rest = self
                 .nodes
                 .get_mut(&waiter)
-                .map(|n| std::mem::take(&mut n.waitees))
+                .map(|n| {
+                    if n.deferred > 0 {
+                        n.deferred = 0;
+                        n.defer_epoch = n.defer_epoch.wrapping_add(1);
+                    }
+                    std::mem::take(&mut n.waitees)
+                })
                 .unwrap_or_default();
             for w in rest {
                 self.drop_waiter(w, waiter);

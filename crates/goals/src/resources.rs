@@ -54,8 +54,11 @@ pub(crate) enum SlotWaiters {
 /// An output's name and its path (`None` for a floating content-addressed one).
 type OutputPath = (String, Option<StorePath>);
 
-/// At most this many derivations' outputs are remembered (a few MiB).
-const DRV_OUTPUTS_MAX: usize = 65_536;
+/// At most this many derivations' outputs are remembered (about a MiB). A dependent asks
+/// for its inputs' outputs soon after they are built, and the worker holds at most about
+/// [`crate::worker::GOAL_BUDGET`] goals, so what is asked for is near the work; a table
+/// as large as the graph would grow with it.
+const DRV_OUTPUTS_MAX: usize = 4096;
 
 /// The smallest size at which the derivation cache is swept of dead entries.
 const DRV_CACHE_SWEEP_MIN: usize = 1024;

@@ -16,7 +16,7 @@
 //! the log pipe alone ends nothing (a builder may close stdout and go on), and a background
 //! process that keeps the pipe open does not keep the build alive.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,10 @@ struct ClientState {
     ended: bool,
     /// Stopped by a failure without keep-going: tops not done count as failed.
     stopped: bool,
+    /// The derivations (and build modes) whose goals failed during its request: goals
+    /// made later in the request that need one count it as failed rather than building it
+    /// again (with deferred sub-goals, a goal can be asked for after it finished).
+    failed_drvs: HashSet<(StorePath, BuildMode)>,
     /// Its `max-silent-time` and `timeout` (shared scheduler only).
     max_silent_time: Option<Duration>,
     timeout: Option<Duration>,
@@ -66,6 +70,23 @@ enum DedupKey {
     Derivation(StorePath, BuildMode),
     Substitution(StorePath),
 }
+
+/// A sub-goal asked for while the worker held [`GOAL_BUDGET`] goals: made later, when
+/// goals have finished or the machine would otherwise idle (see [`Worker::make_deferred`]).
+struct Deferred {
+    waiter: GoalId,
+    /// The waiter's deferral epoch (see [`Graph::defer`]).
+    epoch: u32,
+    sub: SubGoal,
+}
+
+/// How many goals the worker holds before it defers new sub-goals. A goal costs a few
+/// hundred bytes to a few KiB while it waits; without a bound a request for a graph of n
+/// derivations holds n goals at once, and a daemon building for many clients holds all
+/// their graphs. Bounded, the worker makes sub-goals depth first beyond this many (the
+/// newest deferred first), so what it holds follows the builds that can run, not the size
+/// of the graph. Graphs smaller than this never see a difference.
+pub(crate) const GOAL_BUDGET: usize = 256;
 
 pub(crate) enum Goal {
     Derivation(Box<DerivationGoal>),
@@ -104,6 +125,14 @@ pub(crate) struct Worker<'a> {
     shared: bool,
     /// The clients that asked for each top goal.
     clients_of_top: HashMap<GoalId, Vec<ClientId>>,
+    /// Sub-goals not made yet, newest last; entries whose waiter no longer waits are
+    /// dropped as they come up.
+    deferred: Vec<Deferred>,
+    /// [`GOAL_BUDGET`], smaller in tests.
+    goal_budget: usize,
+    /// The most goals held at once.
+    #[cfg(test)]
+    peak_goals: usize,
     /// What goals use: children, slots, logs, directories, hook, substituters. After the
     /// goals, so that goals are dropped before the children and the watchdog.
     pub res: Resources<'a>,
@@ -143,6 +172,10 @@ impl<'a> Worker<'a> {
             finished: Vec::new(),
             shared,
             clients_of_top: HashMap::new(),
+            deferred: Vec::new(),
+            goal_budget: GOAL_BUDGET,
+            #[cfg(test)]
+            peak_goals: 0,
             res: Resources::new(store, cfg),
         }
     }
@@ -155,6 +188,10 @@ impl<'a> Worker<'a> {
     fn insert_goal(&mut self, goal: Goal) -> GoalId {
         let id = self.graph.add_goal();
         self.goals.insert(id, goal);
+        #[cfg(test)]
+        {
+            self.peak_goals = self.peak_goals.max(self.goals.len());
+        }
         id
     }
 
@@ -212,6 +249,15 @@ impl<'a> Worker<'a> {
     /// whose last top goal it was end; so do, in a shared scheduler, those of clients
     /// without keep-going for which it failed.
     fn am_done(&mut self, id: GoalId, result: ExitCode) {
+        if result == ExitCode::Failed {
+            if let Some(DedupKey::Derivation(drv, mode)) = self.dedup_keys.get(&id) {
+                for c in self.res.router.interest(id) {
+                    if let Some(st) = self.clients.get_mut(c) {
+                        st.failed_drvs.insert((drv.clone(), *mode));
+                    }
+                }
+            }
+        }
         self.forget(id);
         self.graph.am_done(id, result);
         // A goal done is never a top goal again (a request for it makes a new one).
@@ -585,24 +631,28 @@ impl<'a> Worker<'a> {
 
     /// Acts on what goal `id` asked for in a step, in order.
     fn act_on(&mut self, id: GoalId, requests: Vec<Request>) {
+        // Where this step's deferred sub-goals start: they are made in the order asked.
+        let mut deferred_from = None;
+        let mut inputs_failed = false;
         for r in requests {
             match r {
                 Request::WaitFor(sub) => {
-                    let g = match sub {
-                        SubGoal::Derivation { drv, wanted, mode } => {
-                            self.make_derivation_goal(&drv, &wanted, mode)
-                        }
-                        SubGoal::Substitution { path, repair } => {
-                            self.make_substitution_goal(&path, repair)
-                        }
-                    };
-                    self.graph.add_waitee(id, g);
-                    let clients = self.res.router.interest(id).to_vec();
-                    let keep_going = self.shared
-                        && clients
-                            .iter()
-                            .any(|c| self.clients.get(c).is_some_and(|s| s.keep_going));
-                    self.spread_interest(&clients, keep_going, g);
+                    if let Some(g) = self.existing_goal(&sub) {
+                        self.wait_for(id, g);
+                    } else if self.failed_for_all_clients_of(id, &sub) {
+                        self.graph.input_failed(id);
+                        inputs_failed = true;
+                    } else if self.goals.len() < self.goal_budget {
+                        let g = self.make_goal(sub);
+                        self.wait_for(id, g);
+                    } else if let Some(epoch) = self.graph.defer(id) {
+                        deferred_from.get_or_insert(self.deferred.len());
+                        self.deferred.push(Deferred {
+                            waiter: id,
+                            epoch,
+                            sub,
+                        });
+                    }
                 }
                 Request::WakeUp => self.graph.wake_up(id),
                 Request::WaitForBuildSlot => {
@@ -637,6 +687,140 @@ impl<'a> Worker<'a> {
                 Request::Done(result) => self.am_done(id, result),
             }
         }
+        if let Some(from) = deferred_from {
+            self.deferred[from..].reverse();
+        }
+        if inputs_failed {
+            self.graph.wake_after_failed_inputs(id);
+        }
+    }
+
+    /// The live goal for `sub`, if there is one (a derivation goal then also wants the
+    /// outputs `sub` wants).
+    fn existing_goal(&mut self, sub: &SubGoal) -> Option<GoalId> {
+        match sub {
+            SubGoal::Derivation { drv, wanted, mode } => {
+                let key = (
+                    drv.clone(),
+                    if self.shared {
+                        *mode
+                    } else {
+                        BuildMode::Normal
+                    },
+                );
+                let id = *self.derivation_goals.get(&key)?;
+                match self.goals.get_mut(&id)? {
+                    Goal::Derivation(g) => {
+                        g.add_wanted_outputs(wanted);
+                        Some(id)
+                    }
+                    Goal::Substitution(_) => None,
+                }
+            }
+            SubGoal::Substitution { path, .. } => self.substitution_goals.get(path).copied(),
+        }
+    }
+
+    /// Whether `sub` is a derivation whose goal failed in the request of every client
+    /// that needs `waiter` (and some client does).
+    fn failed_for_all_clients_of(&self, waiter: GoalId, sub: &SubGoal) -> bool {
+        let SubGoal::Derivation { drv, mode, .. } = sub else {
+            return false;
+        };
+        let clients = self.res.router.interest(waiter);
+        let failed = |c: &ClientId| {
+            self.clients
+                .get(c)
+                .is_some_and(|st| !st.failed_drvs.is_empty())
+        };
+        if clients.is_empty() || !clients.iter().all(failed) {
+            return false;
+        }
+        let key = (
+            drv.clone(),
+            if self.shared {
+                *mode
+            } else {
+                BuildMode::Normal
+            },
+        );
+        clients.iter().all(|c| {
+            self.clients
+                .get(c)
+                .is_some_and(|st| st.failed_drvs.contains(&key))
+        })
+    }
+
+    fn make_goal(&mut self, sub: SubGoal) -> GoalId {
+        match sub {
+            SubGoal::Derivation { drv, wanted, mode } => {
+                self.make_derivation_goal(&drv, &wanted, mode)
+            }
+            SubGoal::Substitution { path, repair } => self.make_substitution_goal(&path, repair),
+        }
+    }
+
+    /// `waiter` waits for `g`, and whoever needs the waiter needs `g`.
+    fn wait_for(&mut self, waiter: GoalId, g: GoalId) {
+        self.graph.add_waitee(waiter, g);
+        let clients = self.res.router.interest(waiter).to_vec();
+        let keep_going = self.shared
+            && clients
+                .iter()
+                .any(|c| self.clients.get(c).is_some_and(|s| s.keep_going));
+        self.spread_interest(&clients, keep_going, g);
+    }
+
+    /// Makes deferred sub-goals, newest first: any that is running already, as many as
+    /// fit under the goal budget, and beyond it one, when the machine would otherwise
+    /// idle (see [`Worker::may_explore`]): the goal made then runs, and asks for its own
+    /// inputs, which come next, so that a path down to something buildable is found one
+    /// goal at a time. True if it made or joined any.
+    fn make_deferred(&mut self) -> bool {
+        let mut made = false;
+        while let Some(d) = self.deferred.pop() {
+            if !self.graph.deferral_awaited(d.waiter, d.epoch) {
+                continue;
+            }
+            let g = match self.existing_goal(&d.sub) {
+                Some(g) => g,
+                None if self.failed_for_all_clients_of(d.waiter, &d.sub) => {
+                    self.graph.input_failed(d.waiter);
+                    self.graph.deferral_made(d.waiter);
+                    self.graph.wake_after_failed_inputs(d.waiter);
+                    made = true;
+                    continue;
+                }
+                None if self.goals.len() < self.goal_budget || (!made && self.may_explore()) => {
+                    self.make_goal(d.sub)
+                }
+                None => {
+                    self.deferred.push(d);
+                    break;
+                }
+            };
+            self.wait_for(d.waiter, g);
+            self.graph.deferral_made(d.waiter);
+            made = true;
+        }
+        made
+    }
+
+    /// Whether to make a goal beyond the budget. Nothing is awake and no goal waits for a
+    /// build slot; then, if nothing at all runs, always (whatever is left can only go on
+    /// through a goal not made yet, which is how the worker never stalls); if a slot is
+    /// free while builds run, up to twice the budget (goals made then may only wait for
+    /// running ones, and filling the slot must not grow the worker without bound).
+    fn may_explore(&self) -> bool {
+        if self.graph.has_awake()
+            || !self.exited_builds.is_empty()
+            || self.graph.has_waiting_for_slot()
+        {
+            return false;
+        }
+        self.res.children.is_empty()
+            || (self.res.nr_local_builds() < self.cfg.max_jobs
+                && self.goals.len() < 2 * self.goal_budget)
     }
 
     // --- the loop -----------------------------------------------------------------------
@@ -698,7 +882,11 @@ impl<'a> Worker<'a> {
                 // a time: a slot never idles while the worker checks and registers the
                 // outputs of the build that left it, and a build that makes dependents
                 // ready lets them start before the next exited build is looked at.
-                if !self.graph.has_awake() && !self.hand_out_slots() && !self.wake_exited_build() {
+                if !self.graph.has_awake()
+                    && !self.hand_out_slots()
+                    && !self.wake_exited_build()
+                    && !self.make_deferred()
+                {
                     break;
                 }
                 for id in self.graph.take_awake() {
@@ -747,6 +935,7 @@ impl<'a> Worker<'a> {
             self.child_terminated(id);
         }
         self.goals.clear();
+        self.deferred.clear();
         self.res.drop_hook();
         self.res.run_deferred();
         self.res.finish_all_logs();
@@ -1433,5 +1622,163 @@ mod tests {
         assert_eq!(k.outputs.len(), 1);
         assert_eq!(k.outputs[0].1["out"], ok_out);
         assert_eq!(k.failures.len(), 1);
+    }
+
+    /// A graph of `layers` layers of `width` derivations, each past the first needing
+    /// three of the layer below; every builder appends its name to `log`. Returns the
+    /// derivations and their outputs, layer by layer, the last layer the top.
+    fn layered(
+        h: &Harness,
+        layers: usize,
+        width: usize,
+        log: &std::path::Path,
+        fails: Option<(usize, usize)>,
+    ) -> Vec<Vec<(StorePath, StorePath)>> {
+        const DIGITS: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+        let path = |kind: char, n: usize, name: &str| {
+            let mut hash = String::from(kind);
+            for k in (0..31).rev() {
+                hash.push(DIGITS[(n >> (5 * k).min(63)) & 31] as char);
+            }
+            StorePath::from_base_name(&format!("{hash}-{name}")).unwrap()
+        };
+        let mut graph: Vec<Vec<(StorePath, StorePath)>> = Vec::new();
+        for l in 0..layers {
+            let mut layer = Vec::new();
+            for i in 0..width {
+                let name = format!("l{l}n{i}");
+                let (d, o) = (
+                    path('d', l * width + i, &format!("{name}.drv")),
+                    path('f', l * width + i, &name),
+                );
+                let ins: Vec<(StorePath, &str)> = match l {
+                    0 => vec![],
+                    _ => [i, (i + 1) % width, (i + 3) % width]
+                        .into_iter()
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .map(|j| (graph[l - 1][j].0.clone(), "out"))
+                        .collect(),
+                };
+                let end = if fails == Some((l, i)) {
+                    "exit 1"
+                } else {
+                    "echo > $out"
+                };
+                let script = format!("echo {name} >> {}; {end}", log.display());
+                h.add_drv(&d, &o, &script, &ins, &[]);
+                h.make_valid(&d, &[]);
+                layer.push((d, o));
+            }
+            graph.push(layer);
+        }
+        graph
+    }
+
+    fn built_lines(log: &std::path::Path) -> Vec<String> {
+        let mut lines: Vec<String> = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// A graph larger than the goal budget is built whole, each derivation once, while
+    /// the worker holds far fewer goals than the graph has derivations (without the
+    /// budget it holds them all at once).
+    #[test]
+    fn a_graph_larger_than_the_goal_budget_is_built_holding_few_goals() {
+        let (layers, width, budget) = (10, 6, 4);
+        let mut peaks = Vec::new();
+        for bounded in [true, false] {
+            let mut h = harness();
+            h.cfg.max_jobs = 2;
+            let log = h.tmp.path().join("built");
+            let graph = layered(&h, layers, width, &log, None);
+            let mut w = Worker::new(&*h.store, &h.cfg);
+            if bounded {
+                w.goal_budget = budget;
+            }
+            let c = w.add_client(Box::new(Events::default()), false);
+            for (d, _) in &graph[layers - 1] {
+                w.add_target(c, &built(d), BuildMode::Normal);
+            }
+            w.run().unwrap();
+            let outcome = w.client_outcome(c).unwrap();
+            assert_eq!(outcome.exit_status, 0, "{:?}", outcome.failures);
+            assert_eq!(outcome.outputs.len(), width);
+            let lines = built_lines(&log);
+            let mut once = lines.clone();
+            once.dedup();
+            assert_eq!(once, lines, "each derivation built once");
+            assert_eq!(lines.len(), layers * width);
+            assert!(graph.iter().flatten().all(|(_, o)| is_valid(&h, o)));
+            assert!(w.deferred.is_empty());
+            peaks.push(w.peak_goals);
+        }
+        // The tops, twice the budget (filling a free slot), a path down the graph.
+        let bound = width + 2 * budget + layers;
+        assert!(peaks[0] <= bound, "bounded: {} goals at once", peaks[0]);
+        // (Less the one goal out of its slot while it asks for its inputs.)
+        assert!(peaks[1] >= layers * width - 1, "unbounded: {}", peaks[1]);
+    }
+
+    /// Deferred sub-goals keep the semantics of failure: with keep-going everything that
+    /// does not need the failed build is built; without, the run stops and ends.
+    #[test]
+    fn a_failure_in_a_graph_beyond_the_goal_budget_ends_as_without_it() {
+        let (layers, width) = (6, 4);
+        for keep_going in [true, false] {
+            let mut h = harness();
+            h.cfg.max_jobs = 2;
+            let log = h.tmp.path().join("built");
+            let graph = layered(&h, layers, width, &log, Some((2, 1)));
+            let mut w = Worker::new_shared(&*h.store, &h.cfg);
+            w.goal_budget = 3;
+            let c = w.add_client(Box::new(Events::default()), keep_going);
+            for (d, _) in &graph[layers - 1] {
+                w.add_target(c, &built(d), BuildMode::Normal);
+            }
+            w.run().unwrap();
+            let outcome = w.client_outcome(c).unwrap();
+            assert_eq!(outcome.exit_status, 100, "keep-going {keep_going}");
+            let lines = built_lines(&log);
+            // What needs l2n1: the l3 nodes taking it as i, i+1 or i+3, and all above.
+            let needs_bad = |l: usize, i: usize| l > 2 && (l > 3 || [1, 0, 2].contains(&i));
+            let nodes = (0..layers).flat_map(|l| (0..width).map(move |i| (l, i)));
+            let buildable: Vec<String> = nodes
+                .clone()
+                .filter(|&(l, i)| !needs_bad(l, i))
+                .map(|(l, i)| format!("l{l}n{i}"))
+                .collect();
+            let builder_failures: Vec<&StorePath> = outcome
+                .failures
+                .iter()
+                .filter(|f| f.kind == FailureKind::BuilderFailed)
+                .map(|f| &f.path)
+                .collect();
+            assert_eq!(builder_failures, [&graph[2][1].0]);
+            if keep_going {
+                let mut want = buildable.clone();
+                want.sort();
+                assert_eq!(lines, want, "l2n1 tried once, all else that can be built");
+                let mut failed: Vec<&StorePath> =
+                    outcome.failures.iter().map(|f| &f.path).collect();
+                failed.sort();
+                let mut doomed: Vec<&StorePath> = nodes
+                    .filter(|&(l, i)| needs_bad(l, i) || (l, i) == (2, 1))
+                    .map(|(l, i)| &graph[l][i].0)
+                    .collect();
+                doomed.sort();
+                assert_eq!(failed, doomed, "each failure reported once");
+            } else {
+                assert!(lines.len() < buildable.len(), "stopped early: {lines:?}");
+                assert!(lines.iter().all(|l| buildable.contains(l)));
+            }
+            w.remove_client(c);
+            assert!(w.graph.live_goals().is_empty() && w.goals.is_empty());
+        }
     }
 }
