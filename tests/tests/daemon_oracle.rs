@@ -555,6 +555,19 @@ fn scenario_more(t: &TestStore) -> Vec<Step> {
         c
     };
 
+    // What a build would do (`QueryMissing`): the whole graph first, and once the inputs
+    // are built, the last derivation alone.
+    let dry_run = || {
+        let mut c = client(t, "nix-build");
+        c.arg("--dry-run").arg(&graph).args(["-A", "shell"]);
+        c
+    };
+    steps.push(step(
+        "nix-build --dry-run",
+        &run(&mut dry_run(), None),
+        Keep::All,
+    ));
+
     // Two builders, log lines prefixed with each one's name; the dependency's three
     // outputs all registered though one is used.
     let o = run(
@@ -565,6 +578,8 @@ fn scenario_more(t: &TestStore) -> Vec<Step> {
         None,
     );
     steps.push(step("nix build -L", &o, Keep::All));
+    let o = run(&mut dry_run(), None);
+    steps.push(step("nix-build --dry-run, inputs built", &o, Keep::All));
     let o = run(
         client(t, "nix-build")
             .arg(&graph)

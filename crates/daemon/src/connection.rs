@@ -3,7 +3,7 @@
 //! only that operation; a request that cannot be read (unknown operation, malformed field,
 //! data that broke off) ends the connection, as in Nix, because the stream is out of step.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
@@ -691,8 +691,13 @@ impl Session<'_> {
             download_size: 0,
             nar_size: 0,
         };
+        // What is still to look at: a path, or a derivation with the outputs wanted of it
+        // (empty: all). What was looked at is kept by path, with the outputs looked at for
+        // a derivation: a request's closure can be large, and a set of (path, outputs)
+        // pairs would hold a copy of the output names for every edge of the graph.
         let mut todo: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
-        let mut seen = BTreeSet::new();
+        let mut seen_paths: HashSet<StorePath> = HashSet::new();
+        let mut seen_drvs: HashMap<StorePath, LookedAt> = HashMap::new();
         for t in targets {
             match t {
                 WireDerivedPath::Opaque(p) => todo.push((p.clone(), None)),
@@ -706,15 +711,22 @@ impl Session<'_> {
             }
         }
         while let Some((p, wanted)) = todo.pop() {
-            if !seen.insert((p.clone(), wanted.clone())) {
-                continue;
-            }
             let Some(wanted) = wanted else {
-                if !store.is_valid_path(&p)? {
-                    m.unknown.insert(p);
+                if !seen_paths.contains(&p) {
+                    if !store.is_valid_path(&p)? {
+                        m.unknown.insert(p.clone());
+                    }
+                    seen_paths.insert(p);
                 }
                 continue;
             };
+            match seen_drvs.get_mut(&p) {
+                Some(looked) if looked.covers(&wanted) => continue,
+                Some(looked) => looked.add(&wanted),
+                None => {
+                    seen_drvs.insert(p.clone(), LookedAt::new(&wanted));
+                }
+            }
             if !store.is_valid_path(&p)? {
                 m.unknown.insert(p);
                 continue;
@@ -729,12 +741,12 @@ impl Session<'_> {
             if !missing {
                 continue;
             }
-            m.will_build.insert(p.clone());
-            for (input, outs) in &drv.input_drvs {
-                todo.push((input.clone(), Some(outs.clone())));
+            m.will_build.insert(p);
+            for (input, outs) in drv.input_drvs {
+                todo.push((input, Some(outs)));
             }
-            for src in &drv.input_srcs {
-                todo.push((src.clone(), None));
+            for src in drv.input_srcs {
+                todo.push((src, None));
             }
         }
         Ok(m)
@@ -871,4 +883,42 @@ fn fastrand_suffix() -> String {
         .chars()
         .filter(|c| c.is_ascii_digit())
         .collect()
+}
+
+/// The outputs of a derivation that `QueryMissing` has looked at: all, or these.
+enum LookedAt {
+    All,
+    Names(Vec<String>),
+}
+
+impl LookedAt {
+    /// Outputs `wanted` (empty: all) looked at.
+    fn new(wanted: &BTreeSet<String>) -> LookedAt {
+        if wanted.is_empty() {
+            LookedAt::All
+        } else {
+            LookedAt::Names(wanted.iter().cloned().collect())
+        }
+    }
+
+    fn covers(&self, wanted: &BTreeSet<String>) -> bool {
+        match self {
+            LookedAt::All => true,
+            LookedAt::Names(n) => !wanted.is_empty() && wanted.iter().all(|w| n.contains(w)),
+        }
+    }
+
+    fn add(&mut self, wanted: &BTreeSet<String>) {
+        match self {
+            LookedAt::All => {}
+            LookedAt::Names(_) if wanted.is_empty() => *self = LookedAt::All,
+            LookedAt::Names(n) => {
+                for w in wanted {
+                    if !n.contains(w) {
+                        n.push(w.clone());
+                    }
+                }
+            }
+        }
+    }
 }
