@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! loop:
-//!   call every awake goal (a goal's call may wake others; repeat until none is awake)
+//!   call every awake goal (a goal's call may wake others; repeat until none is awake);
+//!   when none is: hand free slots to waiting goals, finish exited builds, make deferred
+//!   sub-goals (see `GOAL_BUDGET`)
 //!   stop when no top goal is left (or one failed without keep-going)
 //!   poll(log pipes + exit pidfds of all builders, timeout = nearest deadline of
 //!        max-silent-time / timeout / the next lock poll)
