@@ -210,18 +210,10 @@ impl<'a> Worker<'a> {
         wanted: &BTreeSet<String>,
         mode: BuildMode,
     ) -> GoalId {
-        let key = (
-            drv.clone(),
-            if self.shared { mode } else { BuildMode::Normal },
-        );
-        if let Some(&id) = self.derivation_goals.get(&key) {
-            if let Some(Goal::Derivation(g)) = self.goals.get_mut(&id) {
-                g.add_wanted_outputs(wanted);
-                return id;
-            }
-            // The goal is running right now (taken out of its slot): it is the caller
-            // itself, which cannot depend on itself; fall through to a fresh goal.
+        if let Some(id) = self.live_derivation_goal(drv, wanted, mode) {
+            return id;
         }
+        let key = self.derivation_key(drv, mode);
         let id = self.insert_goal(Goal::Derivation(Box::new(DerivationGoal::new(
             drv.clone(),
             wanted.clone(),
@@ -231,6 +223,33 @@ impl<'a> Worker<'a> {
         self.dedup_keys
             .insert(id, DedupKey::Derivation(key.0, key.1));
         id
+    }
+
+    /// A derivation goal's key in `derivation_goals`.
+    fn derivation_key(&self, drv: &StorePath, mode: BuildMode) -> (StorePath, BuildMode) {
+        (
+            drv.clone(),
+            if self.shared { mode } else { BuildMode::Normal },
+        )
+    }
+
+    /// The live goal building `drv` in `mode`, now wanting `wanted` too. A goal taken out
+    /// of its slot (running right now) is not returned: it is the caller itself, which
+    /// cannot depend on itself, and gets a fresh goal.
+    fn live_derivation_goal(
+        &mut self,
+        drv: &StorePath,
+        wanted: &BTreeSet<String>,
+        mode: BuildMode,
+    ) -> Option<GoalId> {
+        let id = *self.derivation_goals.get(&self.derivation_key(drv, mode))?;
+        match self.goals.get_mut(&id)? {
+            Goal::Derivation(g) => {
+                g.add_wanted_outputs(wanted);
+                Some(id)
+            }
+            Goal::Substitution(_) => None,
+        }
     }
 
     pub fn make_substitution_goal(&mut self, path: &StorePath, repair: bool) -> GoalId {
@@ -702,22 +721,7 @@ impl<'a> Worker<'a> {
     fn existing_goal(&mut self, sub: &SubGoal) -> Option<GoalId> {
         match sub {
             SubGoal::Derivation { drv, wanted, mode } => {
-                let key = (
-                    drv.clone(),
-                    if self.shared {
-                        *mode
-                    } else {
-                        BuildMode::Normal
-                    },
-                );
-                let id = *self.derivation_goals.get(&key)?;
-                match self.goals.get_mut(&id)? {
-                    Goal::Derivation(g) => {
-                        g.add_wanted_outputs(wanted);
-                        Some(id)
-                    }
-                    Goal::Substitution(_) => None,
-                }
+                self.live_derivation_goal(drv, wanted, *mode)
             }
             SubGoal::Substitution { path, .. } => self.substitution_goals.get(path).copied(),
         }
@@ -738,14 +742,7 @@ impl<'a> Worker<'a> {
         if clients.is_empty() || !clients.iter().all(failed) {
             return false;
         }
-        let key = (
-            drv.clone(),
-            if self.shared {
-                *mode
-            } else {
-                BuildMode::Normal
-            },
-        );
+        let key = self.derivation_key(drv, *mode);
         clients.iter().all(|c| {
             self.clients
                 .get(c)
