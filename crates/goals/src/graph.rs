@@ -13,7 +13,8 @@
 //! waiting for any goal                woken when any goal finishes (an output lock of ours)
 //! waiting for a while                 woken every build-poll-interval (a lock of another process)
 //! deferred waitees                    sub-goals the worker has not made yet (it holds only so
-//!                                     many goals at once): counted, so the waiter sleeps on
+//!                                     many goals at once): counted on the waiter, which
+//!                                     sleeps until they are made and done
 //! ```
 //!
 //! Lifetimes follow the original's strong/weak pointers: a goal lives while it is a top goal
@@ -596,6 +597,71 @@ mod tests {
         orphans.sort();
         assert_eq!(orphans, vec![b, c]);
         assert!(g.is_alive(top));
+    }
+
+    #[test]
+    fn a_deferred_waitee_counts_until_made_and_done() {
+        let mut g = Graph::new(false);
+        let top = g.add_goal();
+        g.set_top(top);
+        let a = g.add_goal();
+        g.add_waitee(top, a);
+        let epoch = g.defer(top).unwrap();
+        g.take_awake();
+        g.am_done(a, ExitCode::Success);
+        assert!(!g.has_awake(), "the deferred waitee is still to come");
+        assert!(g.deferral_awaited(top, epoch));
+        let b = g.add_goal();
+        g.add_waitee(top, b);
+        g.deferral_made(top);
+        assert!(!g.deferral_awaited(top, epoch));
+        assert_eq!(g.take_awake(), vec![b]);
+        g.am_done(b, ExitCode::Success);
+        assert_eq!(g.take_awake(), vec![top]);
+    }
+
+    #[test]
+    fn a_failure_without_keep_going_ends_the_wait_for_deferred_waitees() {
+        let mut g = Graph::new(false);
+        let top = g.add_goal();
+        g.set_top(top);
+        let a = g.add_goal();
+        g.add_waitee(top, a);
+        let epoch = g.defer(top).unwrap();
+        g.take_awake();
+        g.am_done(a, ExitCode::Failed);
+        assert_eq!(g.take_awake(), vec![top]);
+        assert!(!g.deferral_awaited(top, epoch), "no longer awaited");
+        // A later deferral of the same goal is a new one.
+        let again = g.defer(top).unwrap();
+        assert!(again != epoch && g.deferral_awaited(top, again));
+        assert!(!g.deferral_awaited(top, epoch));
+    }
+
+    #[test]
+    fn a_known_failed_input_wakes_only_once_the_others_are_done_with_keep_going() {
+        let mut g = Graph::new(true);
+        let top = g.add_goal();
+        g.set_top(top);
+        let a = g.add_goal();
+        g.add_waitee(top, a);
+        g.take_awake();
+        g.input_failed(top);
+        g.wake_after_failed_inputs(top);
+        assert!(!g.has_awake(), "a is still running");
+        g.am_done(a, ExitCode::Success);
+        assert_eq!(g.take_awake(), vec![top]);
+        assert_eq!(g.waitee_counts(top).failed, 1);
+
+        let mut g = Graph::new(false);
+        let top = g.add_goal();
+        g.set_top(top);
+        let a = g.add_goal();
+        g.add_waitee(top, a);
+        g.take_awake();
+        g.input_failed(top);
+        g.wake_after_failed_inputs(top);
+        assert_eq!(g.take_awake(), vec![top], "without keep-going at once");
     }
 
     #[test]
