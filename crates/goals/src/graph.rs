@@ -599,15 +599,21 @@ mod tests {
         assert!(g.is_alive(top));
     }
 
-    #[test]
-    fn a_deferred_waitee_counts_until_made_and_done() {
-        let mut g = Graph::new(false);
+    /// A graph whose top goal waits for one goal `a`, nothing awake: (graph, top, a).
+    fn top_waiting_for_one(keep_going: bool) -> (Graph, GoalId, GoalId) {
+        let mut g = Graph::new(keep_going);
         let top = g.add_goal();
         g.set_top(top);
         let a = g.add_goal();
         g.add_waitee(top, a);
-        let epoch = g.defer(top).unwrap();
         g.take_awake();
+        (g, top, a)
+    }
+
+    #[test]
+    fn a_deferred_waitee_counts_until_made_and_done() {
+        let (mut g, top, a) = top_waiting_for_one(false);
+        let epoch = g.defer(top).unwrap();
         g.am_done(a, ExitCode::Success);
         assert!(!g.has_awake(), "the deferred waitee is still to come");
         assert!(g.deferral_awaited(top, epoch));
@@ -622,13 +628,8 @@ mod tests {
 
     #[test]
     fn a_failure_without_keep_going_ends_the_wait_for_deferred_waitees() {
-        let mut g = Graph::new(false);
-        let top = g.add_goal();
-        g.set_top(top);
-        let a = g.add_goal();
-        g.add_waitee(top, a);
+        let (mut g, top, a) = top_waiting_for_one(false);
         let epoch = g.defer(top).unwrap();
-        g.take_awake();
         g.am_done(a, ExitCode::Failed);
         assert_eq!(g.take_awake(), vec![top]);
         assert!(!g.deferral_awaited(top, epoch), "no longer awaited");
@@ -640,12 +641,7 @@ mod tests {
 
     #[test]
     fn a_known_failed_input_wakes_only_once_the_others_are_done_with_keep_going() {
-        let mut g = Graph::new(true);
-        let top = g.add_goal();
-        g.set_top(top);
-        let a = g.add_goal();
-        g.add_waitee(top, a);
-        g.take_awake();
+        let (mut g, top, a) = top_waiting_for_one(true);
         g.input_failed(top);
         g.wake_after_failed_inputs(top);
         assert!(!g.has_awake(), "a is still running");
@@ -653,12 +649,7 @@ mod tests {
         assert_eq!(g.take_awake(), vec![top]);
         assert_eq!(g.waitee_counts(top).failed, 1);
 
-        let mut g = Graph::new(false);
-        let top = g.add_goal();
-        g.set_top(top);
-        let a = g.add_goal();
-        g.add_waitee(top, a);
-        g.take_awake();
+        let (mut g, top, _) = top_waiting_for_one(false);
         g.input_failed(top);
         g.wake_after_failed_inputs(top);
         assert_eq!(g.take_awake(), vec![top], "without keep-going at once");
